@@ -1,0 +1,88 @@
+"""What the server knows about a call: who made it, what it asks, how it ended.
+
+The server builds these; the policy (``_authz``) judges a ``Call`` and the
+audit trail (``_audit``) records an ``AuditEvent``. Neither ever sees the
+payload itself, only its SHA-256.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+from ._names import KeyName
+
+
+class Operation(enum.StrEnum):
+    SIGN = "sign"
+    VERIFY = "verify"
+    JWKS = "jwks"  # public keys: /v1/jwks, /v1/kids/{kid}
+    LIST = "list"  # read key descriptions
+    CREATE = "create"
+    ROTATE = "rotate"
+    PROMOTE = "promote"
+    RETIRE = "retire"
+    DESTROY = "destroy"
+    HEALTH = "health"  # /v1/health, /v1/ready, /v1/openapi.json: never refused
+
+    @property
+    def is_admin(self) -> bool:
+        return self in _ADMIN
+
+    @property
+    def fails_closed(self) -> bool:
+        """Whether an unwritable audit record refuses the operation."""
+        return self is Operation.SIGN or self in _ADMIN
+
+
+_ADMIN = frozenset(
+    {Operation.CREATE, Operation.ROTATE, Operation.PROMOTE, Operation.RETIRE, Operation.DESTROY}
+)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The caller, as the kernel reports it (SO_PEERCRED), never as it claims."""
+
+    pid: int
+    uid: int
+    gid: int
+    unit: str | None = None  # systemd unit from the peer's cgroup, when known
+    user: str | None = None
+    groups: tuple[int, ...] = ()  # supplementary gids, when known
+
+
+@dataclass(frozen=True)
+class Call:
+    peer: Peer
+    operation: Operation
+    tenant: str | None  # None: the call spans tenants (e.g. list all keys)
+    key: KeyName | None = None
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    time: float  # unix seconds
+    request_id: str
+    peer: Peer
+    operation: str
+    outcome: str  # "ok" or the error code
+    tenant: str | None = None
+    key: str | None = None
+    kid: str | None = None
+    payload_sha256: tuple[str, ...] = ()  # one per signed/verified item
+    reason: str | None = None  # safe message for refusals
+    status: int = 200
+
+
+class Gate(Protocol):
+    """Decides whether a call may proceed; raises PermissionDenied or RateLimited."""
+
+    def authorize(self, call: Call) -> None: ...
+
+
+class AuditSink(Protocol):
+    """Writes one record durably or raises AuditUnavailable within its deadline."""
+
+    async def record(self, event: AuditEvent) -> None: ...

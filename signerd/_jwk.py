@@ -1,0 +1,43 @@
+"""Ed25519 public keys in their wire forms: RFC 8037 OKP JWK and PEM."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+ED25519_PUBLIC_LEN = 32
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    pad = "=" * (-len(text) % 4)
+    return base64.urlsafe_b64decode(text + pad)
+
+
+def to_jwk(kid: str, raw: bytes) -> dict[str, str]:
+    return {"kty": "OKP", "crv": "Ed25519", "x": b64url(raw), "kid": kid, "alg": "EdDSA", "use": "sig"}
+
+
+def from_jwk(jwk: dict[str, Any]) -> tuple[str, Ed25519PublicKey]:
+    """Parse an OKP Ed25519 JWK; raise ValueError when it is not one."""
+    if jwk.get("kty") != "OKP" or jwk.get("crv") != "Ed25519":
+        raise ValueError("not an OKP Ed25519 JWK")
+    kid, x = jwk.get("kid"), jwk.get("x")
+    if not isinstance(kid, str) or not isinstance(x, str):
+        raise ValueError("JWK lacks kid or x")
+    raw = b64url_decode(x)
+    if len(raw) != ED25519_PUBLIC_LEN:
+        raise ValueError("JWK x is not 32 bytes")
+    return kid, Ed25519PublicKey.from_public_bytes(raw)
+
+
+def to_pem(raw: bytes) -> str:
+    key = Ed25519PublicKey.from_public_bytes(raw)
+    pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return pem.decode("ascii")
