@@ -1,0 +1,200 @@
+"""The TOML configuration: parsed once, validated, every error naming its key.
+
+``config/signerd.example.toml`` explains every key. Backend, audit and policy
+tables are validated by their own modules; a failure there is reported with
+the table's path in front of the module's message.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._keyservice import Settings
+from ._names import KeyName, valid_part
+from ._server import Limits
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    socket: str
+    socket_mode: int
+    socket_group: str | None
+    log_level: str
+    limits: Limits
+    settings: Settings
+    default_backend: str
+    tenant_backends: Mapping[str, str]
+    backends: Mapping[str, Mapping[str, Any]]
+    bootstrap: tuple[KeyName, ...]
+    audit: Mapping[str, Any]
+    policy: Mapping[str, Any] = field(default_factory=dict)
+
+
+_TOP = {"server", "keys", "backends", "tenants", "audit", "policy"}
+_SERVER = {"socket", "socket_mode", "socket_group", "max_body_bytes", "max_batch_items", "log_level"}
+_KEYS = {
+    "default_backend",
+    "bootstrap",
+    "backend_timeout",
+    "max_batch",
+    "max_in_flight",
+    "refresh_interval",
+    "unknown_kid_refresh",
+    "retain_verify_only",
+}
+_LOG_LEVELS = {"debug", "info", "warning", "error"}
+
+
+def _table(doc: Mapping[str, Any], name: str, allowed: set[str] | None) -> Mapping[str, Any]:
+    value = doc.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: must be a table")
+    if allowed is not None:
+        for key in value:
+            if key not in allowed:
+                raise ConfigError(f"{name}.{key}: unknown key")
+    return value
+
+
+def _get(table: Mapping[str, Any], path: str, key: str, kind: type, default: Any) -> Any:
+    value = table.get(key, default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{path}.{key}: must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _positive(path: str, value: float, *, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{path}: must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+
+
+def load(path: str) -> Config:
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse(doc, path=path)
+
+
+def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
+    for key in doc:
+        if key not in _TOP:
+            raise ConfigError(f"{key}: unknown top-level key (known: {', '.join(sorted(_TOP))})")
+    base = os.path.dirname(os.path.abspath(path)) if path != "<config>" else os.getcwd()
+
+    server = _table(doc, "server", _SERVER)
+    socket_path = _get(server, "server", "socket", str, "/run/signerd/signerd.sock")
+    mode_text = _get(server, "server", "socket_mode", str, "0660")
+    try:
+        socket_mode = int(mode_text, 8)
+    except ValueError as exc:
+        raise ConfigError(f"server.socket_mode: must be an octal string like '0660', got {mode_text!r}") from exc
+    if socket_mode & 0o007:
+        raise ConfigError(f"server.socket_mode: must not grant anything to others, got {mode_text!r}")
+    group = server.get("socket_group")
+    if group is not None and not isinstance(group, str):
+        raise ConfigError("server.socket_group: must be a group name")
+    log_level = _get(server, "server", "log_level", str, "info")
+    if log_level not in _LOG_LEVELS:
+        raise ConfigError(f"server.log_level: one of {sorted(_LOG_LEVELS)}, got {log_level!r}")
+    limits = Limits(
+        max_body_bytes=_get(server, "server", "max_body_bytes", int, Limits.max_body_bytes),
+        max_batch_items=_get(server, "server", "max_batch_items", int, Limits.max_batch_items),
+    )
+    _positive("server.max_body_bytes", limits.max_body_bytes)
+    _positive("server.max_batch_items", limits.max_batch_items)
+
+    keys = _table(doc, "keys", _KEYS)
+    d = Settings()
+    settings = Settings(
+        backend_timeout=_get(keys, "keys", "backend_timeout", float, d.backend_timeout),
+        max_batch=_get(keys, "keys", "max_batch", int, d.max_batch),
+        max_in_flight=_get(keys, "keys", "max_in_flight", int, d.max_in_flight),
+        refresh_interval=_get(keys, "keys", "refresh_interval", float, d.refresh_interval),
+        unknown_kid_refresh=_get(keys, "keys", "unknown_kid_refresh", float, d.unknown_kid_refresh),
+        retain_verify_only=_get(keys, "keys", "retain_verify_only", int, d.retain_verify_only),
+    )
+    _positive("keys.backend_timeout", settings.backend_timeout)
+    _positive("keys.max_batch", settings.max_batch)
+    _positive("keys.max_in_flight", settings.max_in_flight)
+    _positive("keys.refresh_interval", settings.refresh_interval, zero_ok=True)
+    _positive("keys.unknown_kid_refresh", settings.unknown_kid_refresh, zero_ok=True)
+    _positive("keys.retain_verify_only", settings.retain_verify_only, zero_ok=True)
+
+    backends = _table(doc, "backends", None)
+    if not backends:
+        raise ConfigError("backends: at least one backend table is required, e.g. [backends.hsm]")
+    resolved: dict[str, dict[str, Any]] = {}
+    for name, table in backends.items():
+        if not valid_part(name):
+            raise ConfigError(f"backends.{name}: backend names are [a-z0-9][a-z0-9_-]*")
+        if not isinstance(table, dict) or not isinstance(table.get("type"), str):
+            raise ConfigError(f"backends.{name}.type: required (one of pkcs11, vault)")
+        resolved[name] = {k: _relative(base, v) if k.endswith(("_file", "module")) else v for k, v in table.items()}
+    default_backend = _get(keys, "keys", "default_backend", str, next(iter(backends)))
+    if default_backend not in backends:
+        raise ConfigError(f"keys.default_backend: no backend named {default_backend!r}")
+
+    tenants = _table(doc, "tenants", None)
+    routes: dict[str, str] = {}
+    for tenant, table in tenants.items():
+        if not valid_part(tenant):
+            raise ConfigError(f"tenants.{tenant}: not a valid tenant name")
+        if not isinstance(table, dict) or set(table) - {"backend"}:
+            raise ConfigError(f"tenants.{tenant}: only 'backend' may be set")
+        target = table.get("backend", default_backend)
+        if target not in backends:
+            raise ConfigError(f"tenants.{tenant}.backend: no backend named {target!r}")
+        routes[tenant] = target
+
+    boot = keys.get("bootstrap", [])
+    if not isinstance(boot, list):
+        raise ConfigError("keys.bootstrap: must be a list of TENANT/NAME")
+    bootstrap: list[KeyName] = []
+    for i, item in enumerate(boot):
+        try:
+            bootstrap.append(KeyName.parse(item))
+        except Exception as exc:
+            raise ConfigError(f"keys.bootstrap[{i}]: not a key name TENANT/NAME: {item!r}") from exc
+
+    audit = dict(_table(doc, "audit", None))
+    if "path" not in audit:
+        raise ConfigError("audit.path: required (the audit trail file)")
+    audit["path"] = _relative(base, audit["path"])
+
+    return Config(
+        path=os.path.abspath(path) if path != "<config>" else path,
+        socket=_relative(base, socket_path),
+        socket_mode=socket_mode,
+        socket_group=group,
+        log_level=log_level,
+        limits=limits,
+        settings=settings,
+        default_backend=default_backend,
+        tenant_backends=routes,
+        backends=resolved,
+        bootstrap=tuple(bootstrap),
+        audit=audit,
+        policy=_table(doc, "policy", None),
+    )
+
+
+def _relative(base: str, value: Any) -> Any:
+    """Relative paths in the configuration are relative to the file itself."""
+    if isinstance(value, str) and value and not os.path.isabs(value) and not value.startswith("pkcs11:"):
+        return os.path.normpath(os.path.join(base, value))
+    return value

@@ -1,0 +1,333 @@
+"""The key service: one keyring over one or more backends, for the server.
+
+It owns an executor per backend (backends block; the event loop never does),
+caches each kid's public key (a kid's key never changes, so verify never
+needs a backend round trip), decides which state changes are allowed, checks
+every signature against the public key before it leaves, and coalesces
+concurrent sign requests into batch calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from ._backend import Backend, Destroyer, KeyInfo, KeyVersion, VersionState
+from ._coalesce import Coalescer
+from ._names import KeyName, parse_kid
+from .errors import (
+    BackendError,
+    BackendUnavailable,
+    ConfirmationRequired,
+    DestroyedKid,
+    InvalidSignature,
+    InvalidState,
+    KeyExists,
+    NotSupported,
+    RetiredKid,
+    SignerdError,
+    UnknownKey,
+    UnknownKid,
+    UnknownVersion,
+)
+
+log = logging.getLogger("signerd.keys")
+_T = TypeVar("_T")
+
+#: states whose kid verifies and is published in the JWKS
+PUBLISHED = frozenset({VersionState.PENDING, VersionState.ACTIVE, VersionState.VERIFY_ONLY})
+
+
+@dataclass(frozen=True)
+class Settings:
+    backend_timeout: float = 5.0  # seconds a backend call may take before 503
+    max_batch: int = 64  # items per coalesced backend sign call
+    max_in_flight: int = 2  # concurrent batches per key version
+    refresh_interval: float = 30.0  # seconds between keyring re-reads (0: never)
+    unknown_kid_refresh: float = 1.0  # at most one re-read per key per this many seconds
+    retain_verify_only: int = 0  # keep this many verify-only versions, retire older (0: all)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    key: KeyName
+    version: KeyVersion
+    public: Ed25519PublicKey
+
+
+_Group = tuple[KeyName, int]
+
+
+class KeyService:
+    def __init__(
+        self,
+        backends: Mapping[str, Backend],
+        *,
+        default_backend: str,
+        tenant_backends: Mapping[str, str] | None = None,
+        settings: Settings | None = None,
+    ) -> None:
+        if default_backend not in backends:
+            raise ValueError(f"default backend {default_backend!r} is not configured")
+        self._backends = dict(backends)
+        self._default = default_backend
+        self._routes = dict(tenant_backends or {})
+        self.settings = settings or Settings()
+        self._executors = {
+            name: ThreadPoolExecutor(max_workers=b.max_concurrency, thread_name_prefix=f"signerd-{name}")
+            for name, b in self._backends.items()
+        }
+        self._keys: dict[KeyName, KeyInfo] = {}
+        self._kids: dict[str, _Entry] = {}
+        self._refreshed: dict[KeyName, float] = {}
+        self._admin_locks: dict[KeyName, asyncio.Lock] = {}
+        self._coalescer: Coalescer[_Group] = Coalescer(
+            self._sign_batch, max_batch=self.settings.max_batch, max_in_flight=self.settings.max_in_flight
+        )
+        self._refresher: asyncio.Task[None] | None = None
+
+    # --- plumbing ---------------------------------------------------------
+
+    def backend_name(self, tenant: str) -> str:
+        return self._routes.get(tenant, self._default)
+
+    async def _run(self, backend: str, fn: Callable[[], _T]) -> _T:
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executors[backend], fn)
+        try:
+            return await asyncio.wait_for(future, self.settings.backend_timeout)
+        except TimeoutError as exc:
+            log.error("signerd.backend_timeout backend=%s", backend)
+            raise BackendUnavailable("the key backend did not answer in time") from exc
+
+    async def _on(self, key: KeyName, call: Callable[[Backend], _T]) -> _T:
+        name = self.backend_name(key.tenant)
+        backend = self._backends[name]
+        return await self._run(name, lambda: call(backend))
+
+    def _store(self, info: KeyInfo) -> KeyInfo:
+        old = self._keys.get(info.key)
+        self._keys[info.key] = info
+        self._refreshed[info.key] = time.monotonic()
+        if old is not None:
+            for v in old.versions:
+                self._kids.pop(v.kid, None)
+        for v in info.versions:
+            self._kids[v.kid] = _Entry(info.key, v, Ed25519PublicKey.from_public_bytes(v.public_key))
+        return info
+
+    def _forget(self, key: KeyName) -> None:
+        old = self._keys.pop(key, None)
+        if old is not None:
+            for v in old.versions:
+                self._kids.pop(v.kid, None)
+
+    # --- lifecycle of the service -------------------------------------------
+
+    async def start(self, bootstrap: Sequence[KeyName] = ()) -> None:
+        await self.refresh_all()
+        for key in bootstrap:
+            if key not in self._keys:
+                try:
+                    await self.create(key)
+                    log.info("signerd.key_bootstrapped key=%s", key)
+                except KeyExists:
+                    await self.describe(key)
+        if self.settings.refresh_interval > 0:
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.refresh_interval)
+            try:
+                await self.refresh_all()
+            except SignerdError as exc:
+                log.warning("signerd.refresh_failed code=%s", exc.code)
+
+    async def refresh_all(self) -> None:
+        for name, backend in self._backends.items():
+            infos = await self._run(name, backend.list_keys)
+            seen = set()
+            for info in infos:
+                if self.backend_name(info.key.tenant) == name:
+                    self._store(info)
+                    seen.add(info.key)
+            for key in [k for k in self._keys if self.backend_name(k.tenant) == name and k not in seen]:
+                self._forget(key)
+
+    async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
+        await self._coalescer.aclose()
+        for name, backend in self._backends.items():
+            try:
+                await self._run(name, backend.close)
+            except SignerdError:
+                log.warning("signerd.backend_close_failed backend=%s", name)
+        for executor in self._executors.values():
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    async def ready(self) -> None:
+        for name, backend in self._backends.items():
+            await self._run(name, backend.check)
+
+    # --- reading ------------------------------------------------------------
+
+    async def describe(self, key: KeyName) -> KeyInfo:
+        """Read the key from its backend (the store is the truth) and update the cache."""
+        try:
+            return self._store(await self._on(key, lambda b: b.describe(key)))
+        except UnknownKey:
+            self._forget(key)
+            raise
+
+    async def list_keys(self, tenant: str | None = None) -> list[KeyInfo]:
+        await self.refresh_all()
+        return [info for key, info in sorted(self._keys.items()) if tenant is None or key.tenant == tenant]
+
+    def published(self, tenant: str | None = None) -> list[KeyVersion]:
+        """Versions whose public keys are published (pending, active, verify-only), from the cache."""
+        return [
+            e.version
+            for e in sorted(self._kids.values(), key=lambda e: (e.key, e.version.version))
+            if e.version.state in PUBLISHED and (tenant is None or e.key.tenant == tenant)
+        ]
+
+    async def lookup_kid(self, kid: str) -> tuple[KeyName, KeyVersion]:
+        entry = await self._entry(kid)
+        return entry.key, entry.version
+
+    async def _entry(self, kid: str) -> _Entry:
+        entry = self._kids.get(kid)
+        if entry is not None:
+            return entry
+        key, _ = parse_kid(kid)
+        last = self._refreshed.get(key, 0.0)
+        if time.monotonic() - last >= self.settings.unknown_kid_refresh:
+            try:
+                await self.describe(key)
+            except UnknownKey:
+                self._refreshed[key] = time.monotonic()
+        entry = self._kids.get(kid)
+        if entry is None:
+            raise UnknownKid()
+        return entry
+
+    # --- signing and verifying ----------------------------------------------
+
+    async def sign(self, key: KeyName, data: bytes) -> tuple[str, bytes]:
+        info = self._keys.get(key)
+        if info is None:
+            info = await self.describe(key)
+        active = info.active
+        if active is None:
+            raise InvalidState("key has no active version")
+        signature = await self._coalescer.submit((key, active.version), data)
+        return active.kid, signature
+
+    async def _sign_batch(self, group: _Group, items: Sequence[bytes]) -> list[bytes | SignerdError]:
+        key, version = group
+        entry = self._kids[key.kid(version)]
+
+        def run(backend: Backend) -> list[bytes | SignerdError]:
+            results = backend.sign(key, version, items)
+            checked: list[bytes | SignerdError] = []
+            for data, result in zip(items, results, strict=True):
+                if isinstance(result, bytes):
+                    try:
+                        entry.public.verify(result, data)
+                    except _CryptoInvalidSignature:
+                        log.error("signerd.signature_check_failed kid=%s", entry.version.kid)
+                        result = BackendError("the backend produced a signature that does not verify")
+                checked.append(result)
+            return checked
+
+        return await self._on(key, run)
+
+    async def verify(self, kid: str, data: bytes, signature: bytes) -> tuple[KeyName, KeyVersion]:
+        """Return the key and version when the signature is valid; raise otherwise."""
+        entry = await self._entry(kid)
+        state = entry.version.state
+        if state is VersionState.RETIRED:
+            raise RetiredKid()
+        if state is VersionState.DESTROYED:
+            raise DestroyedKid()
+        try:
+            entry.public.verify(signature, data)
+        except _CryptoInvalidSignature as exc:
+            raise InvalidSignature() from exc
+        return entry.key, entry.version
+
+    # --- administration -----------------------------------------------------
+
+    def _admin_lock(self, key: KeyName) -> asyncio.Lock:
+        return self._admin_locks.setdefault(key, asyncio.Lock())
+
+    async def create(self, key: KeyName) -> KeyInfo:
+        async with self._admin_lock(key):
+            return self._store(await self._on(key, lambda b: b.create(key)))
+
+    async def rotate(self, key: KeyName, *, pending: bool = False) -> tuple[KeyInfo, KeyVersion]:
+        async with self._admin_lock(key):
+            info = self._store(await self._on(key, lambda b: b.rotate(key, pending=pending)))
+            info = await self._apply_retention(info)
+            return info, info.versions[-1]
+
+    async def promote(self, key: KeyName, version: int) -> KeyInfo:
+        async with self._admin_lock(key):
+            current = await self.describe(key)
+            _require(current, version, {VersionState.PENDING}, "only a pending version can be promoted")
+            info = self._store(await self._on(key, lambda b: b.set_state(key, version, VersionState.ACTIVE)))
+            return await self._apply_retention(info)
+
+    async def retire(self, key: KeyName, version: int) -> KeyInfo:
+        async with self._admin_lock(key):
+            current = await self.describe(key)
+            allowed = {VersionState.PENDING, VersionState.VERIFY_ONLY}
+            _require(current, version, allowed, "only a pending or verify-only version can be retired")
+            return self._store(await self._on(key, lambda b: b.set_state(key, version, VersionState.RETIRED)))
+
+    async def destroy(self, key: KeyName, version: int, confirm: str | None) -> KeyInfo:
+        if confirm != key.kid(version):
+            raise ConfirmationRequired()
+        async with self._admin_lock(key):
+            current = await self.describe(key)
+            _require(current, version, {VersionState.RETIRED}, "only a retired version can be destroyed")
+
+            def run(backend: Backend) -> KeyInfo:
+                if not isinstance(backend, Destroyer):
+                    raise NotSupported("this backend cannot destroy key versions")
+                return backend.destroy(key, version)
+
+            return self._store(await self._on(key, run))
+
+    async def _apply_retention(self, info: KeyInfo) -> KeyInfo:
+        keep = self.settings.retain_verify_only
+        if keep <= 0:
+            return info
+        verify_only = [v for v in info.versions if v.state is VersionState.VERIFY_ONLY]
+        for old in verify_only[: max(0, len(verify_only) - keep)]:
+            log.info("signerd.retention_retire kid=%s", old.kid)
+            number = old.version
+            info = self._store(
+                await self._on(info.key, lambda b, n=number: b.set_state(info.key, n, VersionState.RETIRED))
+            )
+        return info
+
+
+def _require(info: KeyInfo, version: int, states: set[VersionState], message: str) -> KeyVersion:
+    found = info.version(version)
+    if found is None:
+        raise UnknownVersion()
+    if found.state not in states:
+        raise InvalidState(message)
+    return found
