@@ -1,0 +1,404 @@
+"""Python clients for signerd: ``Client`` (sync, standard library) and ``AsyncClient`` (aiohttp).
+
+Both speak the v1 wire protocol (``docs/protocol.md``) over the daemon's Unix
+socket with keep-alive connections, take a timeout per call (the client's
+default, or ``timeout=`` on any method), and return frozen dataclasses::
+
+    with Client("/run/signerd/signerd.sock") as signer:
+        sig = signer.sign("acme/feedback", payload)   # Signature(kid, signature)
+        signer.verify(sig.kid, payload, sig.signature)  # raises unless valid
+
+Errors are the classes of ``signerd.errors``:
+
+- an error answer from the daemon raises the class of its wire code
+  (``error_for_code``), with the daemon's message and ``request_id``;
+- ``ConnectionFailed`` (a ``BackendUnavailable``, so retryable): the socket
+  cannot be reached or the connection broke mid-call; ``RequestTimeout``
+  (a ``ConnectionFailed``): no complete answer within the timeout. Neither
+  is a wire code; their ``code`` stays ``backend_unavailable``;
+- an answer outside the protocol raises ``InternalError``.
+
+Verification fails closed: ``verify`` and ``verify_local`` return only for a
+valid signature, and raise ``InvalidSignature``, ``UnknownKid``,
+``RetiredKid`` or ``DestroyedKid`` (all ``VerificationError``) otherwise.
+
+Reads, ``sign`` and ``verify`` are sent a second time, once, when a reused
+idle connection turns out to be broken; create, rotate, promote, retire and
+destroy are never sent twice.
+
+``verify_local`` checks signatures in-process against public keys from
+``/v1/jwks?tenant=T`` (the tenant is part of the kid), cached per tenant:
+
+- the tenant's JWKS is fetched on first use and again when older than
+  ``jwks_ttl`` seconds, so a retired kid stops verifying locally within
+  ``jwks_ttl``;
+- a kid that is not in the cache fetches the JWKS again, once (at most once
+  per ``jwks_refetch_interval`` per tenant, so a stream of made-up kids
+  cannot make the daemon serve a JWKS per message);
+- the JWKS lists only pending, active and verify-only versions, so a kid
+  still missing is looked up with ``/v1/kids/{kid}``: one small request that
+  raises ``UnknownKid`` for a kid signerd does not know and ``RetiredKid`` or
+  ``DestroyedKid`` for those states, exactly as the daemon's own verify does,
+  and that supplies the key of a version published since the last fetch.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Sequence
+from types import TracebackType
+from typing import TypeVar
+
+from cryptography.exceptions import InvalidSignature as _BadSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from ._backend import VersionState
+from ._http import (
+    DEFAULT_TIMEOUT,
+    AsyncTransport,
+    ConnectionFailed,
+    KeyDescription,
+    KeyVersion,
+    KidInfo,
+    Op,
+    RequestTimeout,
+    Signature,
+    SyncTransport,
+    VerifyResult,
+    default_socket_path,
+    op_create,
+    op_get_key,
+    op_jwks,
+    op_kid,
+    op_list,
+    op_rotate,
+    op_sign,
+    op_sign_batch,
+    op_status,
+    op_verify,
+    op_version,
+)
+from ._jwk import from_jwk
+from ._names import parse_kid
+from .errors import DestroyedKid, InternalError, InvalidSignature, RetiredKid, SignerdError
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "ConnectionFailed",
+    "KeyDescription",
+    "KeyVersion",
+    "KidInfo",
+    "RequestTimeout",
+    "Signature",
+    "VerifyResult",
+    "VersionState",
+    "default_socket_path",
+]
+
+T = TypeVar("T")
+
+
+# --- the JWKS cache behind verify_local ---
+
+
+class _KeyCache:
+    """Public keys per tenant from /v1/jwks, with fetch times; thread-safe."""
+
+    def __init__(self, ttl: float, refetch_interval: float) -> None:
+        self._ttl = ttl
+        self._refetch_interval = refetch_interval
+        self._keys: dict[str, dict[str, Ed25519PublicKey]] = {}
+        self._fetched_at: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def lookup(self, tenant: str, kid: str) -> tuple[Ed25519PublicKey | None, bool]:
+        """The cached key (None when absent, or when the tenant's JWKS is stale) and
+        whether a fetch is due."""
+        now = time.monotonic()
+        with self._lock:
+            fetched = self._fetched_at.get(tenant)
+            if fetched is None or now - fetched >= self._ttl:
+                return None, True
+            key = self._keys[tenant].get(kid)
+            return key, key is None and now - fetched >= self._refetch_interval
+
+    def get(self, tenant: str, kid: str) -> Ed25519PublicKey | None:
+        with self._lock:
+            return self._keys.get(tenant, {}).get(kid)
+
+    def replace(self, tenant: str, jwks: list[dict[str, str]]) -> None:
+        keys: dict[str, Ed25519PublicKey] = {}
+        for jwk in jwks:
+            try:
+                kid, public = from_jwk(jwk)
+            except ValueError:
+                continue
+            keys[kid] = public
+        with self._lock:
+            self._keys[tenant] = keys
+            self._fetched_at[tenant] = time.monotonic()
+
+    def admit(self, tenant: str, info: KidInfo) -> Ed25519PublicKey:
+        """The key of a kid the JWKS did not list, when its state still verifies."""
+        if info.state is VersionState.RETIRED:
+            raise RetiredKid()
+        if info.state is VersionState.DESTROYED:
+            raise DestroyedKid()
+        try:
+            kid, public = from_jwk(info.jwk)
+        except ValueError:
+            raise InternalError("answer outside the protocol: jwk") from None
+        if kid != info.kid:
+            raise InternalError("answer outside the protocol: jwk kid")
+        with self._lock:
+            self._keys.setdefault(tenant, {})[kid] = public
+        return public
+
+
+def _check(public: Ed25519PublicKey, data: bytes, signature: bytes) -> None:
+    try:
+        public.verify(signature, data)
+    except _BadSignature:
+        raise InvalidSignature() from None
+
+
+# --- the clients ---
+
+
+class Client:
+    """Sync signerd client. Thread-safe: each concurrent call uses its own pooled connection.
+
+    ``close()`` closes the idle connections; the client stays usable.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        jwks_ttl: float = 300.0,
+        jwks_refetch_interval: float = 1.0,
+    ) -> None:
+        self.socket_path = (
+            os.fspath(socket_path) if socket_path is not None else default_socket_path()
+        )
+        self.timeout = timeout
+        self._transport = SyncTransport(self.socket_path)
+        self._cache = _KeyCache(jwks_ttl, jwks_refetch_interval)
+
+    def _run(self, op: Op[T], timeout: float | None) -> T:
+        doc, request_id = self._transport.request(
+            op.method,
+            op.path,
+            op.encoded(),
+            timeout=self.timeout if timeout is None else timeout,
+            retry_safe=op.retry_safe,
+        )
+        return op.parse(doc, request_id)
+
+    def create_key(self, key: str, *, timeout: float | None = None) -> KeyDescription:
+        """Create ``TENANT/NAME`` with version 1 active."""
+        return self._run(op_create(key), timeout)
+
+    def list_keys(
+        self, tenant: str | None = None, *, timeout: float | None = None
+    ) -> list[KeyDescription]:
+        return self._run(op_list(tenant), timeout)
+
+    def get_key(self, key: str, *, timeout: float | None = None) -> KeyDescription:
+        return self._run(op_get_key(key), timeout)
+
+    def rotate(
+        self, key: str, pending: bool = False, *, timeout: float | None = None
+    ) -> tuple[str, KeyDescription]:
+        """Add the next version (active, or pending when ``pending``); return its kid."""
+        return self._run(op_rotate(key, pending), timeout)
+
+    def promote(self, key: str, version: int, *, timeout: float | None = None) -> KeyDescription:
+        return self._run(op_version(key, version, "promote", {}), timeout)
+
+    def retire(self, key: str, version: int, *, timeout: float | None = None) -> KeyDescription:
+        return self._run(op_version(key, version, "retire", {}), timeout)
+
+    def destroy(
+        self, key: str, version: int, confirm: str, *, timeout: float | None = None
+    ) -> KeyDescription:
+        """Remove a retired version's private key for good; ``confirm`` must be its kid."""
+        return self._run(op_version(key, version, "destroy", {"confirm": confirm}), timeout)
+
+    def sign(self, key: str, data: bytes, *, timeout: float | None = None) -> Signature:
+        return self._run(op_sign(key, data), timeout)
+
+    def sign_batch(
+        self, items: Sequence[tuple[str, bytes]], *, timeout: float | None = None
+    ) -> list[Signature | SignerdError]:
+        """Sign (key, data) pairs in one request; a failed item is its error, in place."""
+        if not items:
+            return []
+        return self._run(op_sign_batch(items), timeout)
+
+    def verify(
+        self, kid: str, data: bytes, signature: bytes, *, timeout: float | None = None
+    ) -> VerifyResult:
+        """Return only for a valid signature; raise a VerificationError otherwise."""
+        return self._run(op_verify(kid, data, signature), timeout)
+
+    def jwks(
+        self, tenant: str | None = None, *, timeout: float | None = None
+    ) -> list[dict[str, str]]:
+        return self._run(op_jwks(tenant), timeout)
+
+    def kid_info(self, kid: str, *, timeout: float | None = None) -> KidInfo:
+        return self._run(op_kid(kid), timeout)
+
+    def health(self, *, timeout: float | None = None) -> str:
+        return self._run(op_status("/v1/health"), timeout)
+
+    def ready(self, *, timeout: float | None = None) -> str:
+        """``"ready"``, or raises BackendUnavailable when the token is not usable."""
+        return self._run(op_status("/v1/ready"), timeout)
+
+    def verify_local(
+        self, kid: str, data: bytes, signature: bytes, *, timeout: float | None = None
+    ) -> None:
+        """Verify in-process from the cached JWKS; raise a VerificationError unless valid."""
+        tenant = parse_kid(kid)[0].tenant
+        public, fetch = self._cache.lookup(tenant, kid)
+        if fetch:
+            self._cache.replace(tenant, self.jwks(tenant, timeout=timeout))
+            public = self._cache.get(tenant, kid)
+        if public is None:
+            public = self._cache.admit(tenant, self.kid_info(kid, timeout=timeout))
+        _check(public, data, signature)
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """The same API as ``Client``, awaitable, on aiohttp. Use as ``async with AsyncClient(...)``."""
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        jwks_ttl: float = 300.0,
+        jwks_refetch_interval: float = 1.0,
+    ) -> None:
+        self.socket_path = (
+            os.fspath(socket_path) if socket_path is not None else default_socket_path()
+        )
+        self.timeout = timeout
+        self._transport = AsyncTransport(self.socket_path)
+        self._cache = _KeyCache(jwks_ttl, jwks_refetch_interval)
+
+    async def _run(self, op: Op[T], timeout: float | None) -> T:
+        doc, request_id = await self._transport.request(
+            op.method,
+            op.path,
+            op.encoded(),
+            timeout=self.timeout if timeout is None else timeout,
+            retry_safe=op.retry_safe,
+        )
+        return op.parse(doc, request_id)
+
+    async def create_key(self, key: str, *, timeout: float | None = None) -> KeyDescription:
+        return await self._run(op_create(key), timeout)
+
+    async def list_keys(
+        self, tenant: str | None = None, *, timeout: float | None = None
+    ) -> list[KeyDescription]:
+        return await self._run(op_list(tenant), timeout)
+
+    async def get_key(self, key: str, *, timeout: float | None = None) -> KeyDescription:
+        return await self._run(op_get_key(key), timeout)
+
+    async def rotate(
+        self, key: str, pending: bool = False, *, timeout: float | None = None
+    ) -> tuple[str, KeyDescription]:
+        return await self._run(op_rotate(key, pending), timeout)
+
+    async def promote(
+        self, key: str, version: int, *, timeout: float | None = None
+    ) -> KeyDescription:
+        return await self._run(op_version(key, version, "promote", {}), timeout)
+
+    async def retire(
+        self, key: str, version: int, *, timeout: float | None = None
+    ) -> KeyDescription:
+        return await self._run(op_version(key, version, "retire", {}), timeout)
+
+    async def destroy(
+        self, key: str, version: int, confirm: str, *, timeout: float | None = None
+    ) -> KeyDescription:
+        return await self._run(op_version(key, version, "destroy", {"confirm": confirm}), timeout)
+
+    async def sign(self, key: str, data: bytes, *, timeout: float | None = None) -> Signature:
+        return await self._run(op_sign(key, data), timeout)
+
+    async def sign_batch(
+        self, items: Sequence[tuple[str, bytes]], *, timeout: float | None = None
+    ) -> list[Signature | SignerdError]:
+        if not items:
+            return []
+        return await self._run(op_sign_batch(items), timeout)
+
+    async def verify(
+        self, kid: str, data: bytes, signature: bytes, *, timeout: float | None = None
+    ) -> VerifyResult:
+        return await self._run(op_verify(kid, data, signature), timeout)
+
+    async def jwks(
+        self, tenant: str | None = None, *, timeout: float | None = None
+    ) -> list[dict[str, str]]:
+        return await self._run(op_jwks(tenant), timeout)
+
+    async def kid_info(self, kid: str, *, timeout: float | None = None) -> KidInfo:
+        return await self._run(op_kid(kid), timeout)
+
+    async def health(self, *, timeout: float | None = None) -> str:
+        return await self._run(op_status("/v1/health"), timeout)
+
+    async def ready(self, *, timeout: float | None = None) -> str:
+        return await self._run(op_status("/v1/ready"), timeout)
+
+    async def verify_local(
+        self, kid: str, data: bytes, signature: bytes, *, timeout: float | None = None
+    ) -> None:
+        tenant = parse_kid(kid)[0].tenant
+        public, fetch = self._cache.lookup(tenant, kid)
+        if fetch:
+            self._cache.replace(tenant, await self.jwks(tenant, timeout=timeout))
+            public = self._cache.get(tenant, kid)
+        if public is None:
+            public = self._cache.admit(tenant, await self.kid_info(kid, timeout=timeout))
+        _check(public, data, signature)
+
+    async def close(self) -> None:
+        await self._transport.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
