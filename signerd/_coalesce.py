@@ -46,43 +46,60 @@ class Coalescer(Generic[G]):
         queue = self._queues.setdefault(group, _Queue())
         queue.waiting.append((item, future))
         if queue.in_flight < self._max_in_flight:
+            # This caller leads a batch itself (no task, no extra hop when idle);
+            # whatever queues up meanwhile is drained by a task afterwards.
             queue.in_flight += 1
-            task = asyncio.get_running_loop().create_task(self._drain(group, queue))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            try:
+                await self._run_batch(group, queue)
+            finally:
+                if queue.waiting:
+                    task = asyncio.get_running_loop().create_task(self._drain(group, queue))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                else:
+                    self._release(group, queue)
         return await future
 
     async def _drain(self, group: G, queue: _Queue) -> None:
         try:
             while queue.waiting:
-                batch = [queue.waiting.popleft() for _ in range(min(self._max_batch, len(queue.waiting)))]
-                batch = [(item, fut) for item, fut in batch if not fut.cancelled()]
-                if not batch:
-                    continue
-                self.batches += 1
-                self.items += len(batch)
-                try:
-                    results = await self._run(group, [item for item, _ in batch])
-                    if len(results) != len(batch):
-                        raise InternalError("backend answered a batch with the wrong number of results")
-                except BaseException as exc:  # every waiter gets the batch's error
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc if isinstance(exc, Exception) else InternalError())
-                    if not isinstance(exc, Exception):
-                        raise
-                    continue
-                for (_, fut), result in zip(batch, results, strict=True):
-                    if fut.done():
-                        continue
-                    if isinstance(result, SignerdError):
-                        fut.set_exception(result)
-                    else:
-                        fut.set_result(result)
+                await self._run_batch(group, queue)
         finally:
-            queue.in_flight -= 1
-            if queue.in_flight == 0 and not queue.waiting:
-                self._queues.pop(group, None)
+            self._release(group, queue)
+
+    def _release(self, group: G, queue: _Queue) -> None:
+        queue.in_flight -= 1
+        if queue.in_flight == 0 and not queue.waiting:
+            self._queues.pop(group, None)
+
+    async def _run_batch(self, group: G, queue: _Queue) -> None:
+        batch = [queue.waiting.popleft() for _ in range(min(self._max_batch, len(queue.waiting)))]
+        batch = [(item, fut) for item, fut in batch if not fut.cancelled()]
+        if not batch:
+            return
+        self.batches += 1
+        self.items += len(batch)
+        try:
+            results = await self._run(group, [item for item, _ in batch])
+            if len(results) != len(batch):
+                raise InternalError("backend answered a batch with the wrong number of results")
+        except Exception as exc:  # every waiter of this batch gets its error
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        except BaseException:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(InternalError("signing was interrupted"))
+            raise
+        for (_, fut), result in zip(batch, results, strict=True):
+            if fut.done():
+                continue
+            if isinstance(result, SignerdError):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
 
     async def aclose(self) -> None:
         for task in list(self._tasks):

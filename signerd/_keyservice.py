@@ -101,9 +101,9 @@ class KeyService:
 
     async def _run(self, backend: str, fn: Callable[[], _T]) -> _T:
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executors[backend], fn)
         try:
-            return await asyncio.wait_for(future, self.settings.backend_timeout)
+            async with asyncio.timeout(self.settings.backend_timeout):
+                return await loop.run_in_executor(self._executors[backend], fn)
         except TimeoutError as exc:
             log.error("signerd.backend_timeout backend=%s", backend)
             raise BackendUnavailable("the key backend did not answer in time") from exc
