@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_readme_tables_every_code_with_its_status() -> None:
     """Each code appears once in the README error table with its HTTP status; no extra codes."""
-    rows = re.findall(r"^\| `([a-z_]+)` \| (\d{3}) \|", (ROOT / "README.md").read_text(), re.M)
+    rows = re.findall(r"^\| `([a-z0-9_]+)` \| (\d{3}) \|", (ROOT / "README.md").read_text(), re.M)
     assert {code: int(status) for code, status in rows} == {c: cls.status for c, cls in CODES.items()}
     assert len(rows) == len(CODES)
 
