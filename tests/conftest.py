@@ -203,3 +203,20 @@ def fresh_daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
     d = start_daemon(tmp_path / "d")
     yield d
     d.stop()
+
+
+@pytest.fixture(scope="session")
+def openbao_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One real `bao server -dev` on a loopback port for the session."""
+    from ._openbao import dev_server
+
+    with dev_server(tmp_path_factory.mktemp("openbao")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def openbao_backend_config(openbao_dev: Any) -> dict[str, Any]:
+    """A vault backend configuration table pointing at the session's OpenBao."""
+    from ._openbao import vault_backend_config
+
+    return vault_backend_config(openbao_dev)
