@@ -1,0 +1,80 @@
+"""Configuration: the example parses, and every validation error names its key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from signerd._config import ConfigError, load, parse
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _base() -> dict[str, Any]:
+    return {
+        "server": {"socket": "/tmp/x.sock"},
+        "backends": {"hsm": {"type": "pkcs11"}},
+        "audit": {"path": "/tmp/a.jsonl"},
+    }
+
+
+def test_example_configuration_parses() -> None:
+    """config/signerd.example.toml is valid and routes tenants to their backend."""
+    config = load(str(ROOT / "config" / "signerd.example.toml"))
+    assert config.default_backend == "hsm"
+    assert config.tenant_backends == {"globex": "vault"}
+    assert config.socket_mode == 0o660
+    assert [str(k) for k in config.bootstrap] == ["acme/telemetry", "acme/feedback"]
+
+
+def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
+    """socket, audit.path and *_file keys resolve against the configuration's directory."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[server]\nsocket = "run/s.sock"\n[backends.hsm]\ntype = "pkcs11"\npin_file = "pin"\n'
+        '[audit]\npath = "log/a.jsonl"\n'
+    )
+    config = load(str(path))
+    assert config.socket == str(tmp_path / "run" / "s.sock")
+    assert config.backends["hsm"]["pin_file"] == str(tmp_path / "pin")
+    assert config.audit["path"] == str(tmp_path / "log" / "a.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda d: d.update(nonsense=1), "nonsense"),
+        (lambda d: d["server"].update(socket_mode="0666"), "server.socket_mode"),
+        (lambda d: d["server"].update(socket_mode="rw"), "server.socket_mode"),
+        (lambda d: d["server"].update(max_body_bytes=0), "server.max_body_bytes"),
+        (lambda d: d["server"].update(log_level="loud"), "server.log_level"),
+        (lambda d: d["server"].update(colour="blue"), "server.colour"),
+        (lambda d: d.update(keys={"backend_timeout": "soon"}), "keys.backend_timeout"),
+        (lambda d: d.update(keys={"default_backend": "nope"}), "keys.default_backend"),
+        (lambda d: d.update(keys={"bootstrap": ["Bad Name"]}), "keys.bootstrap[0]"),
+        (lambda d: d.update(keys={"max_batch": 0}), "keys.max_batch"),
+        (lambda d: d.update(backends={}), "backends"),
+        (lambda d: d["backends"].update(x={"module": "m"}), "backends.x.type"),
+        (lambda d: d.update(tenants={"acme": {"backend": "nope"}}), "tenants.acme.backend"),
+        (lambda d: d.update(audit={}), "audit.path"),
+    ],
+)
+def test_errors_name_the_key(change: Any, named: str) -> None:
+    """A wrong value is a ConfigError whose message starts with the key's path."""
+    doc = _base()
+    change(doc)
+    with pytest.raises(ConfigError) as info:
+        parse(doc)
+    assert str(info.value).startswith(named), str(info.value)
+
+
+def test_unreadable_or_invalid_file(tmp_path: Path) -> None:
+    """A missing file or broken TOML is a ConfigError that names the file."""
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(str(tmp_path / "missing.toml"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\n")
+    with pytest.raises(ConfigError, match="bad.toml"):
+        load(str(bad))
