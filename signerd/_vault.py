@@ -73,6 +73,10 @@ log = logging.getLogger("signerd.vault")
 _CAS_ATTEMPTS = 5
 
 
+class _ForeignKey(BackendError):
+    """A transit key under signerd's name that is not an Ed25519 key."""
+
+
 @dataclass(frozen=True)
 class _Transit:
     """What transit says about one key."""
@@ -150,7 +154,7 @@ class VaultBackend:
             data = answer["data"]
             if data["type"] != "ed25519":
                 log.error("signerd.vault.key key=%s type=%s is not ed25519", key, data["type"])
-                raise BackendError("the Vault key is not an Ed25519 key")
+                raise _ForeignKey("the Vault key is not an Ed25519 key")
             keys = {
                 int(v): (_raw_public_key(k["public_key"]), _unix(k["creation_time"]))
                 for v, k in data["keys"].items()
@@ -244,8 +248,8 @@ class VaultBackend:
         for key in sorted(found):
             try:
                 infos.append(self.describe(key))
-            except UnknownKey:
-                continue  # deleted since the listing
+            except (UnknownKey, _ForeignKey):
+                continue  # deleted since the listing, or not a signing key of ours
         return infos
 
     def describe(self, key: KeyName) -> KeyInfo:

@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,9 +144,10 @@ class BaoServer:
     # --- the process ---
 
     def _spawn(self, args: list[str]) -> None:
-        env = {
-            k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))
-        } | {"HOME": str(self.workdir), "BAO_DISABLE_MLOCK": "true"}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))} | {
+            "HOME": str(self.workdir),
+            "BAO_DISABLE_MLOCK": "true",
+        }
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [bao_binary(), *args],
@@ -174,7 +176,9 @@ class BaoServer:
             except requests.RequestException:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"OpenBao did not answer in {START_TIMEOUT}s:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"OpenBao did not answer in {START_TIMEOUT}s:\n{self.log_tail()}"
+                )
             time.sleep(0.1)
 
     def stop(self) -> None:
@@ -269,12 +273,13 @@ class FileServer(BaoServer):
 
     unseal_key = ""
 
-    def start(self) -> None:
-        """Start the process (sealed, as a real server starts) and unseal it."""
+    def start(self, *, unseal: bool = True) -> None:
+        """Start the process again (it starts sealed, as a real server does)."""
         self._session = requests.Session()
         self._spawn(["server", f"-config={self.workdir / 'bao.hcl'}"])
         self.wait_answering()
-        self.unseal()
+        if unseal:
+            self.unseal()
 
     def seal(self) -> None:
         self.api("PUT", "sys/seal")
@@ -335,6 +340,7 @@ def vault_backend_config(
     with os.fdopen(fd, "w") as f:
         f.write((token if token is not None else server.root_token) + "\n")
     cfg: dict[str, Any] = {
+        "type": "vault",
         "addr": server.addr,
         "token_file": name,
         "mount": "transit",
@@ -345,3 +351,119 @@ def vault_backend_config(
         cfg["ca_file"] = str(server.ca_file)
     cfg.update(overrides)
     return {k: v for k, v in cfg.items() if v is not None}
+
+
+class FaultProxy:
+    """A loopback TCP proxy in front of a server, able to lose one request or answer.
+
+    - ``drop_request(marker)``: the next request whose head contains ``marker``
+      is not forwarded; its connection is closed.
+    - ``drop_answer(marker)``: the next such request is forwarded and done by
+      the server, but its answer is swallowed and the connection closed.
+    - ``rewrite(old, new)``: answers have ``old`` replaced by ``new`` (same length).
+    """
+
+    def __init__(self, upstream: str) -> None:
+        parsed = upstream.split("://", 1)[1]
+        host, _, port = parsed.partition(":")
+        self._upstream = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.addr = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._lock = threading.Lock()
+        self._drop_request: bytes | None = None
+        self._drop_answer: bytes | None = None
+        self._rewrite: tuple[bytes, bytes] | None = None
+        self.forwarded: list[bytes] = []  # request lines the server received
+        self.dropped: list[bytes] = []
+        self._closing = False
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def drop_request(self, marker: bytes) -> None:
+        with self._lock:
+            self._drop_request = marker
+
+    def drop_answer(self, marker: bytes) -> None:
+        with self._lock:
+            self._drop_answer = marker
+
+    def rewrite(self, old: bytes, new: bytes) -> None:
+        assert len(old) == len(new)
+        with self._lock:
+            self._rewrite = (old, new)
+
+    def close(self) -> None:
+        self._closing = True
+        self._listener.close()
+        with self._lock:
+            for s in self._sockets:
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def __enter__(self) -> FaultProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _accept(self) -> None:
+        while not self._closing:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self._upstream, timeout=10)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._sockets += [client, upstream]
+            state = {"swallow": False}
+            threading.Thread(target=self._up, args=(client, upstream, state), daemon=True).start()
+            threading.Thread(target=self._down, args=(client, upstream, state), daemon=True).start()
+
+    def _up(self, client: socket.socket, upstream: socket.socket, state: dict[str, bool]) -> None:
+        try:
+            while chunk := client.recv(65536):
+                head = chunk.split(b"\r\n", 1)[0]
+                with self._lock:
+                    if self._drop_request and self._drop_request in head:
+                        self._drop_request = None
+                        self.dropped.append(head)
+                        break
+                    if self._drop_answer and self._drop_answer in head:
+                        self._drop_answer = None
+                        self.dropped.append(head)
+                        state["swallow"] = True
+                    if head.split(b" ")[0] in _METHODS:
+                        self.forwarded.append(head)
+                upstream.sendall(chunk)
+        except OSError:
+            pass
+        _close(client, upstream)
+
+    def _down(self, client: socket.socket, upstream: socket.socket, state: dict[str, bool]) -> None:
+        try:
+            while chunk := upstream.recv(65536):
+                if state["swallow"]:
+                    break
+                with self._lock:
+                    if self._rewrite:
+                        chunk = chunk.replace(*self._rewrite)
+                client.sendall(chunk)
+        except OSError:
+            pass
+        _close(client, upstream)
+
+
+_METHODS = {b"GET", b"POST", b"PUT", b"LIST", b"DELETE", b"PATCH", b"HEAD"}
+
+
+def _close(*sockets: socket.socket) -> None:
+    for s in sockets:
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            s.close()
