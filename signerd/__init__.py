@@ -5,8 +5,6 @@ This package exports the client API only: ``Client`` (sync), ``AsyncClient``
 and the operator CLI (``signerctl``) live in their own modules.
 """
 
-from __future__ import annotations
-
 from .client import (
     AsyncClient,
     Client,

@@ -1,0 +1,412 @@
+"""signerctl: operate signerd from a shell.
+
+::
+
+    signerctl [--socket PATH] [--json] [--timeout SECONDS] COMMAND ...
+
+    keys list [--tenant T]            keys show KEY           keys create KEY
+    keys rotate KEY [--pending]       keys promote KEY VERSION
+    keys retire KEY VERSION           keys destroy KEY VERSION --confirm KID
+    sign KEY [--data-file F | --data-b64 B]          (else data from stdin)
+    verify KID --signature B64 [--data-file F | --data-b64 B]
+    jwks [--tenant T]    kid KID    health    ready    audit verify FILE
+
+``--socket`` defaults to ``$SIGNERD_SOCKET``, else ``/run/signerd/signerd.sock``.
+``--json`` prints the answer as JSON on stdout (the wire forms: ``signerctl
+--json jwks`` is a JWKS document); otherwise plain tables. An error prints
+``signerctl: CODE: MESSAGE (request ID)`` on stderr (and, with ``--json``,
+the error envelope on stdout). signerctl never prints the data it signs or
+verifies.
+
+Exit codes (``sysexits.h``), by wire code or local condition:
+
+===  ==============  =====================================================
+ 0   EX_OK           success; ``verify``: the signature is valid;
+                     ``audit verify``: the trail is intact
+64   EX_USAGE        bad arguments; no data given and stdin is a terminal
+65   EX_DATAERR      invalid_signature, unknown_kid, retired_kid,
+                     destroyed_kid, invalid_key_name, invalid_base64,
+                     confirmation_required, invalid_state,
+                     payload_too_large; an audit trail that does not verify
+66   EX_NOINPUT      unknown_key, unknown_version; a file that cannot be read
+69   EX_UNAVAILABLE  backend_unavailable, backend_sealed, audit_unavailable,
+                     not_supported; connection_failed (signerd unreachable)
+70   EX_SOFTWARE     internal_error; an answer outside the protocol
+73   EX_CANTCREAT    key_exists
+75   EX_TEMPFAIL     rate_limited, backend_error; request_timeout (no answer
+                     within ``--timeout``)
+76   EX_PROTOCOL     malformed_json, invalid_request, unsupported_media_type,
+                     method_not_allowed, not_found (signerctl and signerd
+                     disagree on the protocol)
+77   EX_NOPERM       permission_denied
+===  ==============  =====================================================
+
+``connection_failed`` and ``request_timeout`` are signerctl's own labels:
+they never come from the daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from ._http import DEFAULT_SOCKET
+from .client import (
+    Client,
+    ConnectionFailed,
+    KeyDescription,
+    RequestTimeout,
+    default_socket_path,
+)
+from .errors import InvalidBase64, SignerdError
+
+EXIT_FOR_CODE: dict[str, int] = {
+    "invalid_signature": os.EX_DATAERR,
+    "unknown_kid": os.EX_DATAERR,
+    "retired_kid": os.EX_DATAERR,
+    "destroyed_kid": os.EX_DATAERR,
+    "invalid_key_name": os.EX_DATAERR,
+    "invalid_base64": os.EX_DATAERR,
+    "confirmation_required": os.EX_DATAERR,
+    "invalid_state": os.EX_DATAERR,
+    "payload_too_large": os.EX_DATAERR,
+    "unknown_key": os.EX_NOINPUT,
+    "unknown_version": os.EX_NOINPUT,
+    "backend_unavailable": os.EX_UNAVAILABLE,
+    "backend_sealed": os.EX_UNAVAILABLE,
+    "audit_unavailable": os.EX_UNAVAILABLE,
+    "not_supported": os.EX_UNAVAILABLE,
+    "internal_error": os.EX_SOFTWARE,
+    "key_exists": os.EX_CANTCREAT,
+    "rate_limited": os.EX_TEMPFAIL,
+    "backend_error": os.EX_TEMPFAIL,
+    "malformed_json": os.EX_PROTOCOL,
+    "invalid_request": os.EX_PROTOCOL,
+    "unsupported_media_type": os.EX_PROTOCOL,
+    "method_not_allowed": os.EX_PROTOCOL,
+    "not_found": os.EX_PROTOCOL,
+    "permission_denied": os.EX_NOPERM,
+}
+
+Command = Callable[[Client, argparse.Namespace], Any]
+
+
+class Failure(Exception):
+    """A local failure: a label for the error line, and the exit code."""
+
+    def __init__(self, exit_code: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.code = code
+        self.message = message
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _AuditBroken(Exception):
+    """An audit file that does not verify: its report, as JSON and as text."""
+
+    def __init__(self, doc: Any, text: str) -> None:
+        super().__init__(text)
+        self.doc = doc
+        self.text = text
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise _UsageError(message)
+
+
+# --- output ---
+
+
+def _plain(value: Any) -> Any:
+    """Results as JSON values, in their wire forms (bytes as standard base64)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _when(ts: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _describe(desc: KeyDescription) -> str:
+    head = f"key         {desc.key}\nactive kid  {desc.active_kid or '-'}\n\n"
+    rows = [["VERSION", "KID", "STATE", "CREATED"]]
+    rows += [[str(v.version), v.kid, v.state.value, _when(v.created_at)] for v in desc.versions]
+    return head + _table(rows)
+
+
+# --- input ---
+
+
+def _b64_arg(text: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidBase64(f"{what} is not valid standard base64") from None
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        if path == "-":
+            return sys.stdin.buffer.read()
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise Failure(os.EX_NOINPUT, "no_input", f"cannot read {path}: {exc.strerror}") from None
+
+
+def _data(args: argparse.Namespace) -> bytes:
+    if args.data_b64 is not None:
+        return _b64_arg(args.data_b64, "--data-b64")
+    if args.data_file is not None:
+        return _read_file(args.data_file)
+    if sys.stdin is None or sys.stdin.isatty():
+        raise Failure(
+            os.EX_USAGE, "usage", "no data: give --data-file, --data-b64 or pipe it on stdin"
+        )
+    return sys.stdin.buffer.read()
+
+
+# --- commands: each returns (JSON value, human text) ---
+
+
+def _keys_list(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    keys = c.list_keys(a.tenant)
+    rows = [["KEY", "ACTIVE KID", "VERSIONS"]]
+    rows += [[d.key, d.active_kid or "-", str(len(d.versions))] for d in keys]
+    return {"keys": _plain(keys)}, _table(rows) if keys else "no keys"
+
+
+def _keys_show(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    desc = c.get_key(a.key)
+    return _plain(desc), _describe(desc)
+
+
+def _keys_create(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    desc = c.create_key(a.key)
+    return _plain(desc), _describe(desc)
+
+
+def _keys_rotate(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    kid, desc = c.rotate(a.key, pending=a.pending)
+    label = "new pending kid" if a.pending else "new active kid"
+    return {"kid": kid, "key": _plain(desc)}, f"{label}: {kid}\n\n{_describe(desc)}"
+
+
+def _keys_promote(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    desc = c.promote(a.key, a.version)
+    return _plain(desc), _describe(desc)
+
+
+def _keys_retire(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    desc = c.retire(a.key, a.version)
+    return _plain(desc), _describe(desc)
+
+
+def _keys_destroy(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    desc = c.destroy(a.key, a.version, a.confirm)
+    return _plain(desc), _describe(desc)
+
+
+def _sign(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    sig = c.sign(a.key, _data(a))
+    return _plain(sig), f"kid        {sig.kid}\nsignature  {_plain(sig.signature)}"
+
+
+def _verify(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    signature = _b64_arg(a.signature, "--signature")
+    result = c.verify(a.kid, _data(a), signature)
+    return _plain(result), f"valid: {result.kid} (key {result.key}, {result.state.value})"
+
+
+def _jwks(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    keys = c.jwks(a.tenant)
+    rows = [["KID", "ALG", "X"]] + [
+        [k.get("kid", ""), k.get("alg", ""), k.get("x", "")] for k in keys
+    ]
+    return {"keys": keys}, _table(rows) if keys else "no keys"
+
+
+def _kid(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    info = c.kid_info(a.kid)
+    rows = [["kid", info.kid], ["key", info.key], ["version", str(info.version)]]
+    rows.append(["state", info.state.value])
+    return _plain(info), _table(rows) + "\n\n" + info.pem.rstrip()
+
+
+def _health(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    status = c.health()
+    return {"status": status}, status
+
+
+def _ready(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    status = c.ready()
+    return {"status": status}, status
+
+
+def _audit_verify(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    if not os.path.isfile(a.file) or not os.access(a.file, os.R_OK):
+        raise Failure(os.EX_NOINPUT, "no_input", f"cannot read {a.file}")
+    try:
+        from ._audit import verify_file
+    except ImportError:
+        raise Failure(
+            os.EX_SOFTWARE, "internal_error", "audit verification is unavailable"
+        ) from None
+    try:
+        report = verify_file(a.file)
+    except OSError as exc:
+        raise Failure(os.EX_NOINPUT, "no_input", f"cannot read {a.file}: {exc.strerror}") from None
+    doc = _plain(report)
+    if report.ok:
+        return doc, f"ok: {report.records} records, chain intact"
+    text = f"broken at line {report.first_bad_line}: {report.problem}"
+    raise _AuditBroken(doc, text)
+
+
+# --- the parser ---
+
+
+def _data_options(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--data-file", metavar="FILE", help="read the data from FILE ('-': stdin)")
+    group.add_argument("--data-b64", metavar="B64", help="the data, standard base64")
+
+
+def _timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError("must be > 0 and <= 3600 seconds")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="signerctl", description="Operate signerd over its Unix socket.")
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        help=f"signerd's socket (default: $SIGNERD_SOCKET, else {DEFAULT_SOCKET})",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON on stdout")
+    parser.add_argument("--timeout", type=_timeout, default=10.0, metavar="SECONDS")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(parent: Any, name: str, run: Command, help_text: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help_text)
+        p.set_defaults(run=run)
+        return p
+
+    keys = sub.add_parser("keys", help="list, show, create and manage keys and versions")
+    ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    command(ksub, "list", _keys_list, "list keys").add_argument("--tenant")
+    command(ksub, "show", _keys_show, "show a key's versions").add_argument("key", metavar="KEY")
+    command(ksub, "create", _keys_create, "create TENANT/NAME").add_argument("key", metavar="KEY")
+    p = command(ksub, "rotate", _keys_rotate, "add the next version")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("--pending", action="store_true", help="publish it as pending, not signing yet")
+    for name, run, help_text in (
+        ("promote", _keys_promote, "make a pending version active"),
+        ("retire", _keys_retire, "stop a version from verifying"),
+        ("destroy", _keys_destroy, "remove a retired version's private key for good"),
+    ):
+        p = command(ksub, name, run, help_text)
+        p.add_argument("key", metavar="KEY")
+        p.add_argument("version", metavar="VERSION", type=int)
+        if name == "destroy":
+            p.add_argument(
+                "--confirm", metavar="KID", required=True, help="the kid being destroyed"
+            )
+
+    p = command(sub, "sign", _sign, "sign data with a key's active version")
+    p.add_argument("key", metavar="KEY")
+    _data_options(p)
+    p = command(sub, "verify", _verify, "verify a signature (exit 0 only when valid)")
+    p.add_argument("kid", metavar="KID")
+    p.add_argument("--signature", metavar="B64", required=True)
+    _data_options(p)
+    command(sub, "jwks", _jwks, "public keys as RFC 8037 JWKs").add_argument("--tenant")
+    command(sub, "kid", _kid, "what signerd knows of a kid").add_argument("kid", metavar="KID")
+    command(sub, "health", _health, "whether signerd answers")
+    command(sub, "ready", _ready, "whether signerd can sign (token reachable)")
+    audit = sub.add_parser("audit", help="audit trail tools")
+    asub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    p = command(asub, "verify", _audit_verify, "check an audit file's hash chain")
+    p.add_argument("file", metavar="FILE")
+    return parser
+
+
+# --- main ---
+
+
+def _fail(
+    args: argparse.Namespace, code: str, message: str, request_id: str | None, exit_code: int
+) -> int:
+    suffix = f" (request {request_id})" if request_id else ""
+    print(f"signerctl: {code}: {message}{suffix}", file=sys.stderr)
+    if args.json:
+        error = {"code": code, "message": message, "request_id": request_id}
+        print(json.dumps({"error": error}, indent=2))
+    return exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        print(f"signerctl: usage: {exc}", file=sys.stderr)
+        return os.EX_USAGE
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else os.EX_USAGE
+    try:
+        with Client(args.socket or default_socket_path(), timeout=args.timeout) as client:
+            doc, text = args.run(client, args)
+        print(json.dumps(doc, indent=2) if args.json else text)
+        return os.EX_OK
+    except RequestTimeout as exc:
+        return _fail(args, "request_timeout", exc.message, None, os.EX_TEMPFAIL)
+    except ConnectionFailed as exc:
+        return _fail(args, "connection_failed", exc.message, None, os.EX_UNAVAILABLE)
+    except SignerdError as exc:
+        exit_code = EXIT_FOR_CODE.get(exc.code, os.EX_SOFTWARE)
+        return _fail(args, exc.code, exc.message, exc.request_id, exit_code)
+    except Failure as exc:
+        return _fail(args, exc.code, exc.message, None, exc.exit_code)
+    except _AuditBroken as exc:
+        print(json.dumps(exc.doc, indent=2) if args.json else exc.text)
+        return os.EX_DATAERR
+    except BrokenPipeError:
+        return os.EX_IOERR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

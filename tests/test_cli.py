@@ -1,0 +1,283 @@
+"""signerctl against a real signerd on a real SoftHSM token: output, exit codes, no data leaks."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from signerd import errors
+from signerd._jwk import from_jwk
+from signerd.cli import EXIT_FOR_CODE, main
+
+from .conftest import ROOT, DaemonProcess, unique
+
+
+class Ctl:
+    """signerctl in-process against one daemon: exit code, stdout, stderr."""
+
+    def __init__(self, daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]) -> None:
+        self.socket = str(daemon.socket_path)
+        self.capsys = capsys
+
+    def __call__(self, *argv: str) -> tuple[int, str, str]:
+        self.capsys.readouterr()
+        code = main(["--socket", self.socket, "--timeout", "30", *argv])
+        out, err = self.capsys.readouterr()
+        return code, out, err
+
+    def ok(self, *argv: str) -> str:
+        code, out, err = self(*argv)
+        assert code == os.EX_OK, err
+        assert err == ""
+        return out
+
+    def json(self, *argv: str) -> Any:
+        return json.loads(self.ok("--json", *argv))
+
+
+def run_ctl(
+    *argv: str, stdin: bytes | int | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """signerctl as its own process, for stdin, the environment and the exit status."""
+    full_env = {**os.environ, **(env or {})}
+    kwargs: dict[str, Any] = {"stdin": stdin} if isinstance(stdin, int) else {"input": stdin}
+    return subprocess.run(
+        [sys.executable, "-m", "signerd.cli", *argv],
+        capture_output=True,
+        env=full_env,
+        cwd=str(ROOT),
+        timeout=60,
+        check=False,
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def ctl(daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]) -> Ctl:
+    return Ctl(daemon, capsys)
+
+
+@pytest.fixture
+def key(ctl: Ctl) -> str:
+    name = f"{unique('ctl')}/feedback"
+    ctl.ok("keys", "create", name)
+    return name
+
+
+def kid_of(key: str, version: int) -> str:
+    tenant, name = key.split("/")
+    return f"{tenant}.{name}.v{version}"
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_every_wire_code_has_an_exit_code() -> None:
+    """The exit-code table covers exactly the closed set of wire codes."""
+    assert set(EXIT_FOR_CODE) == set(errors.CODES)
+    assert set(EXIT_FOR_CODE.values()) <= {
+        os.EX_DATAERR, os.EX_NOINPUT, os.EX_UNAVAILABLE, os.EX_SOFTWARE, os.EX_CANTCREAT,
+        os.EX_TEMPFAIL, os.EX_PROTOCOL, os.EX_NOPERM,
+    }  # fmt: skip
+
+
+def test_operator_lifecycle(ctl: Ctl, key: str) -> None:
+    """create, show, sign, rotate, retire, destroy and kid, with the exit code of each refusal."""
+    out = ctl.ok("keys", "show", key)
+    assert kid_of(key, 1) in out and "active" in out
+    signed = ctl.json("sign", key, "--data-b64", b64(b"hello"))
+    assert signed["kid"] == kid_of(key, 1) and len(base64.b64decode(signed["signature"])) == 64
+    assert "valid: " + kid_of(key, 1) in ctl.ok(
+        "verify", kid_of(key, 1), "--signature", signed["signature"], "--data-b64", b64(b"hello")
+    )
+    out = ctl.ok("keys", "rotate", key)
+    assert f"new active kid: {kid_of(key, 2)}" in out
+    rotated = ctl.json("keys", "rotate", key, "--pending")
+    assert rotated["kid"] == kid_of(key, 3)
+    assert [v["state"] for v in rotated["key"]["versions"]] == ["verify-only", "active", "pending"]
+    assert ctl.json("keys", "promote", key, "3")["active_kid"] == kid_of(key, 3)
+    ctl.ok("keys", "retire", key, "1")
+    code, out, err = ctl(
+        "verify", kid_of(key, 1), "--signature", signed["signature"], "--data-b64", b64(b"hello")
+    )
+    assert code == os.EX_DATAERR and out == ""
+    assert err.startswith("signerctl: retired_kid: ") and "(request " in err
+    code, _, err = ctl("keys", "destroy", key, "1", "--confirm", kid_of(key, 2))
+    assert code == os.EX_DATAERR and "confirmation_required" in err
+    ctl.ok("keys", "destroy", key, "1", "--confirm", kid_of(key, 1))
+    code, _, err = ctl(
+        "verify", kid_of(key, 1), "--signature", signed["signature"], "--data-b64", b64(b"hello")
+    )
+    assert code == os.EX_DATAERR and "destroyed_kid" in err
+    info = ctl.json("kid", kid_of(key, 1))
+    assert info["state"] == "destroyed" and info["version"] == 1
+    assert "-----BEGIN PUBLIC KEY-----" in ctl.ok("kid", kid_of(key, 1))
+
+
+@pytest.mark.parametrize(
+    ("argv", "exit_code", "code"),
+    [
+        (["keys", "show", "{tenant}/absent"], os.EX_NOINPUT, "unknown_key"),
+        (["keys", "create", "{key}"], os.EX_CANTCREAT, "key_exists"),
+        (["keys", "create", "Bad/Name"], os.EX_DATAERR, "invalid_key_name"),
+        (["keys", "retire", "{key}", "1"], os.EX_DATAERR, "invalid_state"),
+        (["keys", "promote", "{key}", "9"], os.EX_NOINPUT, "unknown_version"),
+        (["sign", "{tenant}/absent", "--data-b64", "aGk="], os.EX_NOINPUT, "unknown_key"),
+        (["sign", "{key}", "--data-b64", "not base64!"], os.EX_DATAERR, "invalid_base64"),
+        (
+            ["verify", "{kid}", "--signature", "{zero}", "--data-b64", "aGk="],
+            os.EX_DATAERR,
+            "invalid_signature",
+        ),
+        (
+            ["verify", "{tenant}.x.v1", "--signature", "{zero}", "--data-b64", "aGk="],
+            os.EX_DATAERR,
+            "unknown_kid",
+        ),
+        (["sign", "{key}", "--data-file", "/nonexistent/data"], os.EX_NOINPUT, "no_input"),
+        (["kid", "not-a-kid"], os.EX_DATAERR, "unknown_kid"),
+    ],
+)
+def test_refusals_map_to_sysexits(
+    ctl: Ctl, key: str, argv: list[str], exit_code: int, code: str
+) -> None:
+    """Each refusal exits with its sysexits code and names its error code on stderr."""
+    tenant = key.split("/")[0]
+    fill = {"key": key, "tenant": tenant, "kid": kid_of(key, 1), "zero": b64(bytes(64))}
+    filled = [a.format(**fill) for a in argv]
+    got, out, err = ctl(*filled)
+    assert (got, out) == (exit_code, "")
+    assert err.startswith(f"signerctl: {code}: "), err
+
+
+def test_json_error_envelope_on_stdout(ctl: Ctl, key: str) -> None:
+    """With --json an error also prints the error envelope on stdout."""
+    code, out, err = ctl("--json", "keys", "show", f"{key}-absent")
+    assert code == os.EX_NOINPUT
+    envelope = json.loads(out)["error"]
+    assert envelope["code"] == "unknown_key" and envelope["request_id"]
+    assert envelope["request_id"] in err
+
+
+def test_unreachable_daemon_is_unavailable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No daemon behind --socket exits EX_UNAVAILABLE with connection_failed."""
+    code = main(["--socket", str(tmp_path / "none.sock"), "health"])
+    assert code == os.EX_UNAVAILABLE
+    assert capsys.readouterr().err.startswith("signerctl: connection_failed: ")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["keys"],
+        ["keys", "promote", "a/b", "one"],
+        ["keys", "destroy", "a/b", "1"],
+        ["--timeout", "0", "health"],
+        ["sign", "a/b", "--data-file", "f", "--data-b64", "aGk="],
+        ["verify", "a.b.v1"],
+        ["frobnicate"],
+    ],
+)
+def test_bad_arguments_exit_usage(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Missing or malformed arguments exit EX_USAGE without contacting anything."""
+    assert main(argv) == os.EX_USAGE
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_sign_and_verify_from_stdin_never_echo_the_data(daemon: DaemonProcess, key: str) -> None:
+    """Data piped on stdin is signed and verified; neither output carries it."""
+    secret = b"customer-4711 card 4111111111111111"
+    env = {"SIGNERD_SOCKET": str(daemon.socket_path)}
+    signed = run_ctl("--json", "sign", key, stdin=secret, env=env)
+    assert signed.returncode == os.EX_OK, signed.stderr
+    sig = json.loads(signed.stdout)["signature"]
+    verified = run_ctl("verify", kid_of(key, 1), "--signature", sig, stdin=secret, env=env)
+    assert verified.returncode == os.EX_OK, verified.stderr
+    refused = run_ctl("verify", kid_of(key, 1), "--signature", sig, stdin=secret + b"!", env=env)
+    assert refused.returncode == os.EX_DATAERR
+    for proc in (signed, verified, refused):
+        for needle in (secret, b64(secret).encode(), b"4111111111111111"):
+            assert needle not in proc.stdout + proc.stderr
+
+
+def test_data_file_and_env_socket(daemon: DaemonProcess, key: str, tmp_path: Path) -> None:
+    """--data-file signs a file's bytes; the socket comes from $SIGNERD_SOCKET."""
+    data = tmp_path / "payload.bin"
+    data.write_bytes(bytes(range(256)))
+    env = {"SIGNERD_SOCKET": str(daemon.socket_path)}
+    signed = run_ctl("--json", "sign", key, "--data-file", str(data), env=env)
+    assert signed.returncode == os.EX_OK, signed.stderr
+    sig = json.loads(signed.stdout)
+    checked = run_ctl(
+        "--json",
+        "verify",
+        sig["kid"],
+        "--signature",
+        sig["signature"],
+        "--data-file",
+        str(data),
+        env=env,
+    )
+    assert checked.returncode == os.EX_OK
+    assert json.loads(checked.stdout) == {"kid": sig["kid"], "key": key, "state": "active"}
+
+
+def test_no_data_on_a_terminal_is_a_usage_error(daemon: DaemonProcess, key: str) -> None:
+    """sign with no data option and a terminal on stdin exits EX_USAGE instead of waiting."""
+    master, slave = os.openpty()
+    try:
+        proc = run_ctl("--socket", str(daemon.socket_path), "sign", key, stdin=slave)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert proc.returncode == os.EX_USAGE
+    assert b"no data" in proc.stderr
+
+
+def test_json_jwks_is_a_jwks_document(ctl: Ctl, key: str) -> None:
+    """--json jwks prints a JWKS whose keys parse as Ed25519 OKP JWKs of the tenant."""
+    doc = ctl.json("jwks", "--tenant", key.split("/")[0])
+    assert [from_jwk(j)[0] for j in doc["keys"]] == [kid_of(key, 1)]
+    assert kid_of(key, 1) in ctl.ok("jwks", "--tenant", key.split("/")[0])
+
+
+def test_list_health_ready(ctl: Ctl, key: str) -> None:
+    """keys list shows the tenant's keys; health and ready answer."""
+    tenant = key.split("/")[0]
+    out = ctl.ok("keys", "list", "--tenant", tenant)
+    assert key in out and kid_of(key, 1) in out
+    assert [k["key"] for k in ctl.json("keys", "list", "--tenant", tenant)["keys"]] == [key]
+    assert ctl.ok("health").strip() == "ok"
+    assert ctl.json("ready") == {"status": "ready"}
+
+
+def test_audit_verify_checks_the_daemon_trail(
+    ctl: Ctl, daemon: DaemonProcess, key: str, tmp_path: Path
+) -> None:
+    """audit verify passes the daemon's own trail and fails a copy with one record altered."""
+    ctl.ok("sign", key, "--data-b64", b64(b"audited"))
+    report = ctl.json("audit", "verify", str(daemon.audit_path))
+    assert report["ok"] is True and report["records"] > 0
+    lines = daemon.audit_path.read_text().splitlines()
+    assert len(lines) >= 2
+    record = json.loads(lines[1])
+    record["outcome"] = "tampered" if record.get("outcome") != "tampered" else "ok"
+    lines[1] = json.dumps(record)
+    forged = tmp_path / "forged.jsonl"
+    forged.write_text("\n".join(lines) + "\n")
+    code, out, _ = ctl("audit", "verify", str(forged))
+    assert code == os.EX_DATAERR
+    assert "broken at line" in out
+    code, _, err = ctl("audit", "verify", str(tmp_path / "missing.jsonl"))
+    assert code == os.EX_NOINPUT and err.startswith("signerctl: no_input: ")

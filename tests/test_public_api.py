@@ -1,0 +1,104 @@
+"""The package's public surface: what ``import signerd`` offers, and nothing else."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import signerd
+from signerd import client, errors
+
+EXPECTED = [
+    "AsyncClient",
+    "AuditUnavailable",
+    "BackendError",
+    "BackendSealed",
+    "BackendUnavailable",
+    "Client",
+    "ConfirmationRequired",
+    "ConnectionFailed",
+    "DestroyedKid",
+    "InternalError",
+    "InvalidBase64",
+    "InvalidKeyName",
+    "InvalidRequest",
+    "InvalidSignature",
+    "InvalidState",
+    "KeyDescription",
+    "KeyExists",
+    "KeyVersion",
+    "KidInfo",
+    "MalformedJson",
+    "MethodNotAllowed",
+    "NotFound",
+    "NotSupported",
+    "PayloadTooLarge",
+    "PermissionDenied",
+    "RateLimited",
+    "RequestTimeout",
+    "RetiredKid",
+    "Signature",
+    "SignerdError",
+    "UnknownKey",
+    "UnknownKid",
+    "UnknownVersion",
+    "UnsupportedMediaType",
+    "VerificationError",
+    "VerifyResult",
+    "VersionState",
+]
+
+
+def test_all_is_pinned() -> None:
+    """signerd.__all__ is exactly the client API, sorted; changing it is a deliberate act."""
+    assert signerd.__all__ == EXPECTED
+
+
+def test_every_exported_name_exists_and_nothing_else_is_public() -> None:
+    """Each name in __all__ resolves; the package exposes no other public name but its modules."""
+    for name in signerd.__all__:
+        assert getattr(signerd, name) is not None
+    public = {n for n in vars(signerd) if not n.startswith("_")}
+    modules = {n for n in public if inspect.ismodule(getattr(signerd, n))}
+    assert public - modules == set(EXPECTED)
+
+
+def test_every_wire_error_class_is_exported() -> None:
+    """Every class a wire code maps to can be caught as signerd.<Class>."""
+    for cls in errors.CODES.values():
+        assert getattr(signerd, cls.__name__) is cls
+
+
+def test_client_errors_are_signerd_errors() -> None:
+    """Connection failures are retryable BackendUnavailable errors, caught with SignerdError."""
+    assert issubclass(signerd.ConnectionFailed, errors.BackendUnavailable)
+    assert issubclass(signerd.RequestTimeout, signerd.ConnectionFailed)
+    assert signerd.ConnectionFailed.retryable
+    assert signerd.ConnectionFailed.code not in {
+        c for c in errors.CODES if c != "backend_unavailable"
+    }
+    assert errors.CODES["backend_unavailable"] is errors.BackendUnavailable
+
+
+def test_results_are_frozen_dataclasses() -> None:
+    """Every result type is a frozen dataclass."""
+    for cls in (
+        client.KeyDescription,
+        client.KeyVersion,
+        client.KidInfo,
+        client.Signature,
+        client.VerifyResult,
+    ):
+        assert dataclasses.is_dataclass(cls)
+        assert cls.__dataclass_params__.frozen  # type: ignore[attr-defined]
+
+
+def test_sync_and_async_clients_offer_the_same_methods() -> None:
+    """AsyncClient has every public method of Client, with the same parameters, as coroutines."""
+    sync = {n: f for n, f in vars(client.Client).items() if not n.startswith("_") and callable(f)}
+    for name, func in sync.items():
+        other = getattr(client.AsyncClient, name)
+        assert inspect.iscoroutinefunction(other), name
+        assert (
+            inspect.signature(other).parameters.keys() == inspect.signature(func).parameters.keys()
+        )
