@@ -27,7 +27,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote
@@ -73,9 +73,8 @@ def default_socket_path() -> str:
     return os.environ.get("SIGNERD_SOCKET") or DEFAULT_SOCKET
 
 
-def decode_answer(status: int, headers: Mapping[str, str], body: bytes) -> tuple[Any, str | None]:
+def decode_answer(status: int, request_id: str | None, body: bytes) -> tuple[Any, str | None]:
     """The JSON body and request id of a 2xx answer; the typed error of an error envelope."""
-    request_id = headers.get("X-Request-Id")
     try:
         doc = json.loads(body) if body else None
     except ValueError:
@@ -380,7 +379,9 @@ class SyncTransport:
             conn = self._checkout()
             reused = conn.sock is not None
             try:
-                status, headers, data = self._exchange(conn, method, path, body, deadline, timeout)
+                status, request_id, data = self._exchange(
+                    conn, method, path, body, deadline, timeout
+                )
             except TimeoutError as exc:
                 conn.close()
                 raise _late(timeout) from exc
@@ -393,7 +394,7 @@ class SyncTransport:
                     continue
                 raise _unreachable(self.socket_path, exc) from exc
             self._checkin(conn)
-            return decode_answer(status, headers, data)
+            return decode_answer(status, request_id, data)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _exchange(
@@ -404,7 +405,7 @@ class SyncTransport:
         body: bytes | None,
         deadline: float,
         timeout: float,
-    ) -> tuple[int, dict[str, str], bytes]:
+    ) -> tuple[int, str | None, bytes]:
         conn.timeout = _remaining(deadline, timeout)
         if conn.sock is None:
             self.connections_opened += 1
@@ -424,7 +425,7 @@ class SyncTransport:
             chunks.append(chunk)
         if resp.will_close:
             conn.close()
-        return resp.status, {k: v for k, v in resp.getheaders()}, b"".join(chunks)
+        return resp.status, resp.getheader("X-Request-Id"), b"".join(chunks)
 
     def _checkout(self) -> UnixHTTPConnection:
         with self._lock:
@@ -491,7 +492,7 @@ class AsyncTransport:
                     method, path, data=body, headers=headers, timeout=client_timeout
                 ) as resp:
                     data = await resp.read()
-                    return decode_answer(resp.status, resp.headers, data)
+                    return decode_answer(resp.status, resp.headers.get("X-Request-Id"), data)
             except TimeoutError as exc:
                 raise _late(timeout) from exc
             except aiohttp.ClientConnectorError as exc:
