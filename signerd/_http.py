@@ -365,22 +365,15 @@ class SyncTransport:
         self._pid = os.getpid()
         self.connections_opened = 0  # how many sockets this transport has opened
 
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: bytes | None,
-        *,
-        timeout: float,
-        retry_safe: bool,
-    ) -> tuple[Any, str | None]:
+    def run(self, op: Op[T], timeout: float) -> T:
         deadline = time.monotonic() + timeout
+        body = op.encoded()
         for attempt in (1, 2):
             conn = self._checkout()
             reused = conn.sock is not None
             try:
                 status, request_id, data = self._exchange(
-                    conn, method, path, body, deadline, timeout
+                    conn, op.method, op.path, body, deadline, timeout
                 )
             except TimeoutError as exc:
                 conn.close()
@@ -390,11 +383,11 @@ class SyncTransport:
                 raise
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
-                if attempt == 1 and reused and retry_safe:
+                if attempt == 1 and reused and op.retry_safe:
                     continue
                 raise _unreachable(self.socket_path, exc) from exc
             self._checkin(conn)
-            return decode_answer(status, request_id, data)
+            return op.parse(*decode_answer(status, request_id, data))
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _exchange(
@@ -470,29 +463,23 @@ class AsyncTransport:
             )
         return self._session
 
-    async def request(
-        self,
-        method: str,
-        path: str,
-        body: bytes | None,
-        *,
-        timeout: float,
-        retry_safe: bool,
-    ) -> tuple[Any, str | None]:
+    async def run(self, op: Op[T], timeout: float) -> T:
         session = self._get_session()
+        body = op.encoded()
         headers = _headers(body)
         client_timeout = aiohttp.ClientTimeout(total=timeout)
         deadline = time.monotonic() + timeout
         # aiohttp itself resends a GET once when a reused connection was closed;
         # a retry-safe POST (sign, verify) gets the same single retry here.
-        attempts = 2 if retry_safe and method != "GET" else 1
+        attempts = 2 if op.retry_safe and op.method != "GET" else 1
         for attempt in range(1, attempts + 1):
             try:
                 async with session.request(
-                    method, path, data=body, headers=headers, timeout=client_timeout
+                    op.method, op.path, data=body, headers=headers, timeout=client_timeout
                 ) as resp:
                     data = await resp.read()
-                    return decode_answer(resp.status, resp.headers.get("X-Request-Id"), data)
+                    request_id = resp.headers.get("X-Request-Id")
+                return op.parse(*decode_answer(resp.status, request_id, data))
             except TimeoutError as exc:
                 raise _late(timeout) from exc
             except aiohttp.ClientConnectorError as exc:

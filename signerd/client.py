@@ -190,14 +190,7 @@ class Client:
         self._cache = _KeyCache(jwks_ttl, jwks_refetch_interval)
 
     def _run(self, op: Op[T], timeout: float | None) -> T:
-        doc, request_id = self._transport.request(
-            op.method,
-            op.path,
-            op.encoded(),
-            timeout=self.timeout if timeout is None else timeout,
-            retry_safe=op.retry_safe,
-        )
-        return op.parse(doc, request_id)
+        return self._transport.run(op, self.timeout if timeout is None else timeout)
 
     def create_key(self, key: str, *, timeout: float | None = None) -> KeyDescription:
         """Create ``TENANT/NAME`` with version 1 active."""
@@ -308,14 +301,7 @@ class AsyncClient:
         self._cache = _KeyCache(jwks_ttl, jwks_refetch_interval)
 
     async def _run(self, op: Op[T], timeout: float | None) -> T:
-        doc, request_id = await self._transport.request(
-            op.method,
-            op.path,
-            op.encoded(),
-            timeout=self.timeout if timeout is None else timeout,
-            retry_safe=op.retry_safe,
-        )
-        return op.parse(doc, request_id)
+        return await self._transport.run(op, self.timeout if timeout is None else timeout)
 
     async def create_key(self, key: str, *, timeout: float | None = None) -> KeyDescription:
         return await self._run(op_create(key), timeout)
