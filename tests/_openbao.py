@@ -2,7 +2,8 @@
 
 - ``dev_server()``: ``bao server -dev`` (in memory, unsealed, root token) on
   free loopback ports, with transit at ``transit/`` and KV v2 at ``secret/``.
-- ``file_server(tmp_path)``: a non-dev server with file storage, initialised
+- ``file_server(tmp_path)``: a non-dev server storing on disk (integrated raft
+  storage: OpenBao 2 has no "file" backend any more), initialised
   (one key share) and unsealed here; it can be sealed, unsealed, stopped,
   paused and started again, for fault tests.
 - ``vault_backend_config(server, **overrides)``: the backend's configuration
@@ -15,6 +16,7 @@ Both context managers are usable from session-scoped fixtures. A missing
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -269,9 +271,24 @@ def _wait_for_file(server: BaoServer, path: Path) -> None:
 
 
 class FileServer(BaoServer):
-    """A non-dev server with file storage: survives restarts, can be sealed."""
+    """A non-dev server storing on disk: survives restarts, can be sealed."""
 
     unseal_key = ""
+
+    @property
+    def audit_log(self) -> Path:
+        """OpenBao's own audit log (JSON lines), declared in the server config."""
+        return self.workdir / "audit.log"
+
+    def audited_requests(self, path: str) -> int:
+        """How many requests for ``path`` OpenBao has received, from its audit log."""
+        count = 0
+        if self.audit_log.exists():
+            for line in self.audit_log.read_text().splitlines():
+                entry = json.loads(line)
+                if entry.get("type") == "request" and entry["request"].get("path") == path:
+                    count += 1
+        return count
 
     def start(self, *, unseal: bool = True) -> None:
         """Start the process again (it starts sealed, as a real server does)."""
@@ -297,7 +314,7 @@ class FileServer(BaoServer):
 
 @contextlib.contextmanager
 def file_server(tmp_path: Path) -> Iterator[FileServer]:
-    """A file-storage server under ``tmp_path``, initialised, unsealed, engines on."""
+    """An on-disk (raft) server under ``tmp_path``, initialised, unsealed, engines on."""
     work = tmp_path / "bao-file"
     work.mkdir(parents=True, exist_ok=True)
     port = free_port_pair()
@@ -305,18 +322,23 @@ def file_server(tmp_path: Path) -> Iterator[FileServer]:
     (work / "data").mkdir(exist_ok=True)
     (work / "bao.hcl").write_text(
         f"""
-storage "file" {{
-  path = "{work / "data"}"
+storage "raft" {{
+  path    = "{work / "data"}"
+  node_id = "signerd-test"
 }}
 listener "tcp" {{
   address         = "127.0.0.1:{port}"
   cluster_address = "127.0.0.1:{port + 1}"
   tls_disable     = true
 }}
-api_addr      = "http://127.0.0.1:{port}"
-cluster_addr  = "https://127.0.0.1:{port + 1}"
-disable_mlock = true
-ui            = false
+audit "file" "audit" {{
+  options = {{
+    file_path = "{work / "audit.log"}"
+  }}
+}}
+api_addr     = "http://127.0.0.1:{port}"
+cluster_addr = "http://127.0.0.1:{port + 1}"
+ui           = false
 """
     )
     try:
