@@ -86,6 +86,23 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+#: (method, path, handler method name): the v1 routes, also checked against openapi.json
+ROUTES: tuple[tuple[str, str, str], ...] = (
+    ("GET", "/v1/health", "health"),
+    ("GET", "/v1/ready", "ready"),
+    ("GET", "/v1/openapi.json", "openapi"),
+    ("POST", "/v1/keys", "create_key"),
+    ("GET", "/v1/keys", "list_keys"),
+    ("GET", "/v1/keys/{tenant}/{name}", "get_key"),
+    ("POST", "/v1/keys/{tenant}/{name}/rotate", "rotate"),
+    ("POST", "/v1/keys/{tenant}/{name}/versions/{version}/{action}", "version_action"),
+    ("POST", "/v1/sign", "sign"),
+    ("POST", "/v1/verify", "verify"),
+    ("GET", "/v1/jwks", "jwks"),
+    ("GET", "/v1/kids/{kid}", "kid"),
+)
+
+
 class Server:
     def __init__(
         self,
@@ -108,19 +125,8 @@ class Server:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=self.limits.max_body_bytes)
-        r = app.router
-        r.add_get("/v1/health", self.health)
-        r.add_get("/v1/ready", self.ready)
-        r.add_get("/v1/openapi.json", self.openapi)
-        r.add_post("/v1/keys", self.create_key)
-        r.add_get("/v1/keys", self.list_keys)
-        r.add_get("/v1/keys/{tenant}/{name}", self.get_key)
-        r.add_post("/v1/keys/{tenant}/{name}/rotate", self.rotate)
-        r.add_post("/v1/keys/{tenant}/{name}/versions/{version}/{action}", self.version_action)
-        r.add_post("/v1/sign", self.sign)
-        r.add_post("/v1/verify", self.verify)
-        r.add_get("/v1/jwks", self.jwks)
-        r.add_get("/v1/kids/{kid}", self.kid)
+        for method, path, handler in ROUTES:
+            app.router.add_route(method, path, getattr(self, handler))
         return app
 
     def peer(self, request: web.Request) -> Peer:
