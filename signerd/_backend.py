@@ -98,7 +98,9 @@ class Backend(Protocol):
         """
         ...
 
-    def sign(self, key: KeyName, version: int, items: Sequence[bytes]) -> list[bytes | SignerdError]:
+    def sign(
+        self, key: KeyName, version: int, items: Sequence[bytes]
+    ) -> list[bytes | SignerdError]:
         """Sign each item with one named version; per-item errors in place."""
         ...
 

@@ -40,7 +40,14 @@ class Config:
 
 
 _TOP = {"server", "keys", "backends", "tenants", "audit", "policy"}
-_SERVER = {"socket", "socket_mode", "socket_group", "max_body_bytes", "max_batch_items", "log_level"}
+_SERVER = {
+    "socket",
+    "socket_mode",
+    "socket_group",
+    "max_body_bytes",
+    "max_batch_items",
+    "log_level",
+}
 _KEYS = {
     "default_backend",
     "bootstrap",
@@ -102,9 +109,13 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
     try:
         socket_mode = int(mode_text, 8)
     except ValueError as exc:
-        raise ConfigError(f"server.socket_mode: must be an octal string like '0660', got {mode_text!r}") from exc
+        raise ConfigError(
+            f"server.socket_mode: must be an octal string like '0660', got {mode_text!r}"
+        ) from exc
     if socket_mode & 0o007:
-        raise ConfigError(f"server.socket_mode: must not grant anything to others, got {mode_text!r}")
+        raise ConfigError(
+            f"server.socket_mode: must not grant anything to others, got {mode_text!r}"
+        )
     group = server.get("socket_group")
     if group is not None and not isinstance(group, str):
         raise ConfigError("server.socket_group: must be a group name")
@@ -144,7 +155,10 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
             raise ConfigError(f"backends.{name}: backend names are [a-z0-9][a-z0-9_-]*")
         if not isinstance(table, dict) or not isinstance(table.get("type"), str):
             raise ConfigError(f"backends.{name}.type: required (one of pkcs11, vault)")
-        resolved[name] = {k: _relative(base, v) if k.endswith(("_file", "module")) else v for k, v in table.items()}
+        resolved[name] = {
+            k: _relative(base, v) if k.endswith(("_file", "module")) else v
+            for k, v in table.items()
+        }
     default_backend = _get(keys, "keys", "default_backend", str, next(iter(backends)))
     if default_backend not in backends:
         raise ConfigError(f"keys.default_backend: no backend named {default_backend!r}")
@@ -195,6 +209,11 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
 
 def _relative(base: str, value: Any) -> Any:
     """Relative paths in the configuration are relative to the file itself."""
-    if isinstance(value, str) and value and not os.path.isabs(value) and not value.startswith("pkcs11:"):
+    if (
+        isinstance(value, str)
+        and value
+        and not os.path.isabs(value)
+        and not value.startswith("pkcs11:")
+    ):
         return os.path.normpath(os.path.join(base, value))
     return value

@@ -167,7 +167,9 @@ def setup_logging(level: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="signerd", description="Ed25519 signing daemon")
-    parser.add_argument("--config", "-c", default=os.environ.get("SIGNERD_CONFIG", "/etc/signerd/signerd.toml"))
+    parser.add_argument(
+        "--config", "-c", default=os.environ.get("SIGNERD_CONFIG", "/etc/signerd/signerd.toml")
+    )
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
     args = parser.parse_args(argv)
     try:

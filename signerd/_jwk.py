@@ -21,7 +21,14 @@ def b64url_decode(text: str) -> bytes:
 
 
 def to_jwk(kid: str, raw: bytes) -> dict[str, str]:
-    return {"kty": "OKP", "crv": "Ed25519", "x": b64url(raw), "kid": kid, "alg": "EdDSA", "use": "sig"}
+    return {
+        "kty": "OKP",
+        "crv": "Ed25519",
+        "x": b64url(raw),
+        "kid": kid,
+        "alg": "EdDSA",
+        "use": "sig",
+    }
 
 
 def from_jwk(jwk: dict[str, Any]) -> tuple[str, Ed25519PublicKey]:
@@ -39,5 +46,7 @@ def from_jwk(jwk: dict[str, Any]) -> tuple[str, Ed25519PublicKey]:
 
 def to_pem(raw: bytes) -> str:
     key = Ed25519PublicKey.from_public_bytes(raw)
-    pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    pem = key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     return pem.decode("ascii")

@@ -82,7 +82,9 @@ class KeyService:
         self._routes = dict(tenant_backends or {})
         self.settings = settings or Settings()
         self._executors = {
-            name: ThreadPoolExecutor(max_workers=b.max_concurrency, thread_name_prefix=f"signerd-{name}")
+            name: ThreadPoolExecutor(
+                max_workers=b.max_concurrency, thread_name_prefix=f"signerd-{name}"
+            )
             for name, b in self._backends.items()
         }
         self._keys: dict[KeyName, KeyInfo] = {}
@@ -90,7 +92,9 @@ class KeyService:
         self._refreshed: dict[KeyName, float] = {}
         self._admin_locks: dict[KeyName, asyncio.Lock] = {}
         self._coalescer: Coalescer[_Group] = Coalescer(
-            self._sign_batch, max_batch=self.settings.max_batch, max_in_flight=self.settings.max_in_flight
+            self._sign_batch,
+            max_batch=self.settings.max_batch,
+            max_in_flight=self.settings.max_in_flight,
         )
         self._refresher: asyncio.Task[None] | None = None
 
@@ -121,7 +125,9 @@ class KeyService:
             for v in old.versions:
                 self._kids.pop(v.kid, None)
         for v in info.versions:
-            self._kids[v.kid] = _Entry(info.key, v, Ed25519PublicKey.from_public_bytes(v.public_key))
+            self._kids[v.kid] = _Entry(
+                info.key, v, Ed25519PublicKey.from_public_bytes(v.public_key)
+            )
         return info
 
     def _forget(self, key: KeyName) -> None:
@@ -160,7 +166,9 @@ class KeyService:
                 if self.backend_name(info.key.tenant) == name:
                     self._store(info)
                     seen.add(info.key)
-            for key in [k for k in self._keys if self.backend_name(k.tenant) == name and k not in seen]:
+            for key in [
+                k for k in self._keys if self.backend_name(k.tenant) == name and k not in seen
+            ]:
                 self._forget(key)
 
     async def close(self) -> None:
@@ -192,7 +200,11 @@ class KeyService:
 
     async def list_keys(self, tenant: str | None = None) -> list[KeyInfo]:
         await self.refresh_all()
-        return [info for key, info in sorted(self._keys.items()) if tenant is None or key.tenant == tenant]
+        return [
+            info
+            for key, info in sorted(self._keys.items())
+            if tenant is None or key.tenant == tenant
+        ]
 
     def published(self, tenant: str | None = None) -> list[KeyVersion]:
         """Versions whose public keys are published (pending, active, verify-only), from the cache."""
@@ -234,7 +246,9 @@ class KeyService:
         signature = await self._coalescer.submit((key, active.version), data)
         return active.kid, signature
 
-    async def _sign_batch(self, group: _Group, items: Sequence[bytes]) -> list[bytes | SignerdError]:
+    async def _sign_batch(
+        self, group: _Group, items: Sequence[bytes]
+    ) -> list[bytes | SignerdError]:
         key, version = group
         entry = self._kids[key.kid(version)]
 
@@ -247,7 +261,9 @@ class KeyService:
                         entry.public.verify(result, data)
                     except _CryptoInvalidSignature:
                         log.error("signerd.signature_check_failed kid=%s", entry.version.kid)
-                        result = BackendError("the backend produced a signature that does not verify")
+                        result = BackendError(
+                            "the backend produced a signature that does not verify"
+                        )
                 checked.append(result)
             return checked
 
@@ -285,23 +301,33 @@ class KeyService:
     async def promote(self, key: KeyName, version: int) -> KeyInfo:
         async with self._admin_lock(key):
             current = await self.describe(key)
-            _require(current, version, {VersionState.PENDING}, "only a pending version can be promoted")
-            info = self._store(await self._on(key, lambda b: b.set_state(key, version, VersionState.ACTIVE)))
+            _require(
+                current, version, {VersionState.PENDING}, "only a pending version can be promoted"
+            )
+            info = self._store(
+                await self._on(key, lambda b: b.set_state(key, version, VersionState.ACTIVE))
+            )
             return await self._apply_retention(info)
 
     async def retire(self, key: KeyName, version: int) -> KeyInfo:
         async with self._admin_lock(key):
             current = await self.describe(key)
             allowed = {VersionState.PENDING, VersionState.VERIFY_ONLY}
-            _require(current, version, allowed, "only a pending or verify-only version can be retired")
-            return self._store(await self._on(key, lambda b: b.set_state(key, version, VersionState.RETIRED)))
+            _require(
+                current, version, allowed, "only a pending or verify-only version can be retired"
+            )
+            return self._store(
+                await self._on(key, lambda b: b.set_state(key, version, VersionState.RETIRED))
+            )
 
     async def destroy(self, key: KeyName, version: int, confirm: str | None) -> KeyInfo:
         if confirm != key.kid(version):
             raise ConfirmationRequired()
         async with self._admin_lock(key):
             current = await self.describe(key)
-            _require(current, version, {VersionState.RETIRED}, "only a retired version can be destroyed")
+            _require(
+                current, version, {VersionState.RETIRED}, "only a retired version can be destroyed"
+            )
 
             def run(backend: Backend) -> KeyInfo:
                 if not isinstance(backend, Destroyer):
@@ -314,14 +340,16 @@ class KeyService:
         keep = self.settings.retain_verify_only
         if keep <= 0:
             return info
-        verify_only = [v for v in info.versions if v.state is VersionState.VERIFY_ONLY]
-        for old in verify_only[: max(0, len(verify_only) - keep)]:
-            log.info("signerd.retention_retire kid=%s", old.kid)
-            number = old.version
-            info = self._store(
-                await self._on(info.key, lambda b, n=number: b.set_state(info.key, n, VersionState.RETIRED))
-            )
+        key = info.key
+        verify_only = [v.version for v in info.versions if v.state is VersionState.VERIFY_ONLY]
+        for number in verify_only[: max(0, len(verify_only) - keep)]:
+            log.info("signerd.retention_retire kid=%s", key.kid(number))
+            info = self._store(await self._on(key, _retire_call(key, number)))
         return info
+
+
+def _retire_call(key: KeyName, version: int) -> Callable[[Backend], KeyInfo]:
+    return lambda backend: backend.set_state(key, version, VersionState.RETIRED)
 
 
 def _require(info: KeyInfo, version: int, states: set[VersionState], message: str) -> KeyVersion:

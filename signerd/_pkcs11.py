@@ -176,7 +176,9 @@ class _Meta:
         body = {
             "format": _META_FORMAT,
             "seq": self.seq,
-            "versions": {str(v): {"state": s.value, "created_at": c} for v, (s, c) in self.versions.items()},
+            "versions": {
+                str(v): {"state": s.value, "created_at": c} for v, (s, c) in self.versions.items()
+            },
         }
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
@@ -186,14 +188,19 @@ class _Meta:
         if body.get("format") != _META_FORMAT:
             raise ValueError("unknown metadata format")
         versions = {
-            int(v): (VersionState(d["state"]), int(d["created_at"])) for v, d in body["versions"].items()
+            int(v): (VersionState(d["state"]), int(d["created_at"]))
+            for v, d in body["versions"].items()
         }
         return cls(seq=int(body["seq"]), versions=versions)
 
-    def with_states(self, changes: Mapping[int, VersionState], created_at: int | None = None) -> _Meta:
+    def with_states(
+        self, changes: Mapping[int, VersionState], created_at: int | None = None
+    ) -> _Meta:
         versions = dict(self.versions)
         for version, state in changes.items():
-            created = versions[version][1] if version in versions else (created_at or int(time.time()))
+            created = (
+                versions[version][1] if version in versions else (created_at or int(time.time()))
+            )
             versions[version] = (state, created)
         return _Meta(seq=self.seq + 1, versions=versions)
 
@@ -229,7 +236,7 @@ class Pkcs11Backend:
         return session
 
     def _find_token(self, lib: Any) -> Any:
-        kwargs: dict[str, str] = {}
+        kwargs: dict[str, str | bytes] = {}
         if self._config.token_label:
             kwargs["token_label"] = self._config.token_label
         if self._config.token_serial:
@@ -270,7 +277,11 @@ class Pkcs11Backend:
                 except SignerdError:
                     raise
                 except _CONNECTION_ERRORS as exc:
-                    log.warning("signerd.pkcs11.token_error error=%s attempt=%d", type(exc).__name__, attempt)
+                    log.warning(
+                        "signerd.pkcs11.token_error error=%s attempt=%d",
+                        type(exc).__name__,
+                        attempt,
+                    )
                     self._reset()
                     if attempt == 2:
                         raise BackendUnavailable() from exc
@@ -285,8 +296,13 @@ class Pkcs11Backend:
 
     # --- reading --------------------------------------------------------
 
-    def _meta_objects(self, session: Any, key: KeyName | None) -> Iterator[tuple[KeyName, int, Any, _Meta]]:
-        template: dict[Attribute, Any] = {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: APPLICATION}
+    def _meta_objects(
+        self, session: Any, key: KeyName | None
+    ) -> Iterator[tuple[KeyName, int, Any, _Meta]]:
+        template: dict[Attribute, Any] = {
+            Attribute.CLASS: ObjectClass.DATA,
+            Attribute.APPLICATION: APPLICATION,
+        }
         if key is not None:
             template[Attribute.LABEL] = _meta_label(key)
         for obj in session.get_objects(template):
@@ -415,7 +431,9 @@ class Pkcs11Backend:
             meta, old = self._current_meta(session, key)
             if version not in meta.versions:
                 raise UnknownVersion()
-            changes = _promotion(meta, version) if state is VersionState.ACTIVE else {version: state}
+            changes = (
+                _promotion(meta, version) if state is VersionState.ACTIVE else {version: state}
+            )
             new = meta.with_states(changes)
             self._write_meta(session, key, new, old)
             return self._info(session, key, new)
@@ -428,7 +446,11 @@ class Pkcs11Backend:
             if version not in meta.versions:
                 raise UnknownVersion()
             kid = key.kid(version)
-            for obj in list(session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: kid})):
+            for obj in list(
+                session.get_objects(
+                    {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: kid}
+                )
+            ):
                 obj.destroy()
             self._private.pop(kid, None)
             new = meta.with_states({version: VersionState.DESTROYED})
@@ -439,7 +461,9 @@ class Pkcs11Backend:
 
     # --- signing --------------------------------------------------------
 
-    def sign(self, key: KeyName, version: int, items: Sequence[bytes]) -> list[bytes | SignerdError]:
+    def sign(
+        self, key: KeyName, version: int, items: Sequence[bytes]
+    ) -> list[bytes | SignerdError]:
         kid = key.kid(version)
 
         def run(session: Any) -> list[bytes | SignerdError]:
@@ -457,7 +481,9 @@ class Pkcs11Backend:
     def check(self) -> None:
         def run(session: Any) -> None:
             # A cheap round trip that needs a live, logged-in session.
-            for _ in session.get_objects({Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: APPLICATION}):
+            for _ in session.get_objects(
+                {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: APPLICATION}
+            ):
                 break
 
         self._call(run)
@@ -477,8 +503,16 @@ class Pkcs11Backend:
     def private_key_attributes(self, kid: str) -> dict[str, Any]:
         """The security attributes of a version's private key, read back from the token."""
         parse_kid(kid)
-        attrs = (Attribute.TOKEN, Attribute.PRIVATE, Attribute.SENSITIVE, Attribute.EXTRACTABLE,
-                 Attribute.KEY_TYPE, Attribute.LOCAL, Attribute.NEVER_EXTRACTABLE, Attribute.ALWAYS_SENSITIVE)
+        attrs = (
+            Attribute.TOKEN,
+            Attribute.PRIVATE,
+            Attribute.SENSITIVE,
+            Attribute.EXTRACTABLE,
+            Attribute.KEY_TYPE,
+            Attribute.LOCAL,
+            Attribute.NEVER_EXTRACTABLE,
+            Attribute.ALWAYS_SENSITIVE,
+        )
 
         def run(session: Any) -> dict[str, Any]:
             obj = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=kid)
@@ -489,7 +523,10 @@ class Pkcs11Backend:
 
 def _promotion(meta: _Meta, version: int) -> dict[int, VersionState]:
     """Make version active and the current active verify-only, as one change."""
-    changes = {v: VersionState.VERIFY_ONLY for v, (s, _) in meta.versions.items() if s is VersionState.ACTIVE}
+    changes = {
+        v: VersionState.VERIFY_ONLY
+        for v, (s, _) in meta.versions.items()
+        if s is VersionState.ACTIVE
+    }
     changes[version] = VersionState.ACTIVE
     return changes
-

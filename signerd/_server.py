@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from ._calls import AuditEvent, AuditSink, Call, Gate, Operation, Peer
+from ._jwk import to_jwk
 from ._keyservice import KeyService
 from ._names import KeyName, parse_kid
 from ._wire import (
@@ -51,7 +52,6 @@ from .errors import (
     UnknownVersion,
     UnsupportedMediaType,
 )
-from ._jwk import to_jwk
 
 log = logging.getLogger("signerd.server")
 
@@ -124,7 +124,9 @@ class Server:
     # --- application --------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._middleware], client_max_size=self.limits.max_body_bytes)
+        app = web.Application(
+            middlewares=[self._middleware], client_max_size=self.limits.max_body_bytes
+        )
         for method, path, handler in ROUTES:
             app.router.add_route(method, path, getattr(self, handler))
         return app
@@ -166,7 +168,9 @@ class Server:
             response = self._error(rid, InternalError())
             await self._record(request, audit, "internal_error", 500, None)
         response.headers["X-Request-Id"] = rid
-        log.debug("signerd.request id=%s path=%s took=%.6f", rid, request.path, time.time() - started)
+        log.debug(
+            "signerd.request id=%s path=%s took=%.6f", rid, request.path, time.time() - started
+        )
         return response
 
     def _error(self, rid: str, exc: SignerdError) -> web.Response:
@@ -217,13 +221,17 @@ class Server:
 
     # --- helpers --------------------------------------------------------------
 
-    async def _body(self, request: web.Request, allowed: set[str], required: set[str]) -> dict[str, Any]:
+    async def _body(
+        self, request: web.Request, allowed: set[str], required: set[str]
+    ) -> dict[str, Any]:
         if request.content_type != "application/json" and (request.can_read_body or required):
             raise UnsupportedMediaType()
         raw = await request.read()
         return parse_object(raw, allowed, required)
 
-    def _authorize(self, request: web.Request, op: Operation, key: KeyName | None, tenant: str | None) -> None:
+    def _authorize(
+        self, request: web.Request, op: Operation, key: KeyName | None, tenant: str | None
+    ) -> None:
         audit: _Audit = request["audit"]
         audit.operation, audit.tenant = op, tenant
         if key is not None:
@@ -265,7 +273,9 @@ class Server:
         self._authorize(request, Operation.LIST, None, tenant)
         peer = request["peer"]
         infos = [
-            i for i in await self.keys.list_keys(tenant) if self.gate.visible(peer, Operation.LIST, i.key)
+            i
+            for i in await self.keys.list_keys(tenant)
+            if self.gate.visible(peer, Operation.LIST, i.key)
         ]
         return web.json_response({"keys": [key_json(i) for i in infos]})
 
@@ -288,7 +298,11 @@ class Server:
 
     async def version_action(self, request: web.Request) -> web.Response:
         action = request.match_info["action"]
-        ops = {"promote": Operation.PROMOTE, "retire": Operation.RETIRE, "destroy": Operation.DESTROY}
+        ops = {
+            "promote": Operation.PROMOTE,
+            "retire": Operation.RETIRE,
+            "destroy": Operation.DESTROY,
+        }
         if action not in ops:
             raise NotFound()
         op = ops[action]
@@ -419,4 +433,3 @@ def _from_http(exc: web.HTTPException) -> SignerdError:
     if exc.status == 409:
         return InvalidState()
     return InvalidRequest(exc.reason)
-

@@ -247,7 +247,9 @@ def _all_codes() -> dict[str, type[SignerdError]]:
 CODES: dict[str, type[SignerdError]] = _all_codes()
 
 
-def error_for_code(code: str, message: str | None = None, request_id: str | None = None) -> SignerdError:
+def error_for_code(
+    code: str, message: str | None = None, request_id: str | None = None
+) -> SignerdError:
     """The exception for a wire code; an unknown code becomes InternalError."""
     cls = CODES.get(code, InternalError)
     return cls(message, request_id=request_id)

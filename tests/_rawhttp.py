@@ -53,7 +53,9 @@ def request(
     try:
         hdrs = {"Content-Type": "application/json"}
         hdrs.update(headers or {})
-        payload = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        payload = (
+            raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        )
         conn.request(method, url, body=payload, headers=hdrs)
         resp = conn.getresponse()
         return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())

@@ -30,7 +30,9 @@ _counter = itertools.count(1)
 
 def _make_token_dir() -> Path:
     if shutil.which("softhsm2-util") is None or not os.path.exists(SOFTHSM_MODULE):
-        raise RuntimeError("SoftHSM2 is not installed (apt-get install softhsm2); tests need the real token")
+        raise RuntimeError(
+            "SoftHSM2 is not installed (apt-get install softhsm2); tests need the real token"
+        )
     base = Path(tempfile.mkdtemp(prefix="signerd-test-"))
     out = subprocess.run(
         [str(ROOT / "softhsm" / "make-token.sh"), str(base / "softhsm"), TOKEN_LABEL],
@@ -62,7 +64,12 @@ def tenant() -> str:
 
 
 def pkcs11_backend_config(token_label: str = TOKEN_LABEL) -> dict[str, Any]:
-    return {"type": "pkcs11", "module": SOFTHSM_MODULE, "token_label": token_label, "pin_file": str(PIN_FILE)}
+    return {
+        "type": "pkcs11",
+        "module": SOFTHSM_MODULE,
+        "token_label": token_label,
+        "pin_file": str(PIN_FILE),
+    }
 
 
 def policy_allow_all(uid: int | None = None) -> dict[str, Any]:
@@ -73,7 +80,17 @@ def policy_allow_all(uid: int | None = None) -> dict[str, Any]:
                 "name": "test-admin",
                 "uids": [os.getuid() if uid is None else uid],
                 "tenants": ["*"],
-                "operations": ["sign", "verify", "jwks", "list", "create", "rotate", "promote", "retire", "destroy"],
+                "operations": [
+                    "sign",
+                    "verify",
+                    "jwks",
+                    "list",
+                    "create",
+                    "rotate",
+                    "promote",
+                    "retire",
+                    "destroy",
+                ],
             }
         ]
     }
@@ -98,7 +115,9 @@ def to_toml(doc: dict[str, Any]) -> str:
     lines: list[str] = []
 
     def table(prefix: str, body: dict[str, Any]) -> None:
-        scalars = {k: v for k, v in body.items() if not isinstance(v, dict) and not _is_table_array(v)}
+        scalars = {
+            k: v for k, v in body.items() if not isinstance(v, dict) and not _is_table_array(v)
+        }
         if prefix:
             lines.append(f"[{prefix}]")
         lines.extend(f"{k} = {toml_value(v)}" for k, v in scalars.items())

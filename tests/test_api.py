@@ -51,22 +51,40 @@ def test_full_lifecycle_over_http(api: Api, key: str) -> None:
     s1 = api.ok("POST", "/v1/sign", {"key": key, "data": b64(b"hello")})
     assert s1["kid"] == f"{tenant}.{name}.v1"
     rotated = api.ok("POST", f"/v1/keys/{key}/rotate", {})
-    assert rotated["kid"] == f"{tenant}.{name}.v2" and rotated["key"]["active_kid"] == rotated["kid"]
+    assert (
+        rotated["kid"] == f"{tenant}.{name}.v2" and rotated["key"]["active_kid"] == rotated["kid"]
+    )
     s2 = api.ok("POST", "/v1/sign", {"key": key, "data": b64(b"hello")})
     assert s2["kid"] == rotated["kid"]
-    v = api.ok("POST", "/v1/verify", {"kid": s1["kid"], "data": b64(b"hello"), "signature": s1["signature"]})
+    v = api.ok(
+        "POST",
+        "/v1/verify",
+        {"kid": s1["kid"], "data": b64(b"hello"), "signature": s1["signature"]},
+    )
     assert v == {"kid": s1["kid"], "key": key, "state": "verify-only"}
-    api.ok("POST", "/v1/verify", {"kid": s2["kid"], "data": b64(b"hello"), "signature": s2["signature"]})
+    api.ok(
+        "POST",
+        "/v1/verify",
+        {"kid": s2["kid"], "data": b64(b"hello"), "signature": s2["signature"]},
+    )
 
     api.ok("POST", f"/v1/keys/{key}/versions/1/retire", {})
-    r = api("POST", "/v1/verify", {"kid": s1["kid"], "data": b64(b"hello"), "signature": s1["signature"]})
+    r = api(
+        "POST",
+        "/v1/verify",
+        {"kid": s1["kid"], "data": b64(b"hello"), "signature": s1["signature"]},
+    )
     assert (r.status, r.code) == (401, "retired_kid")
 
     r = api("POST", f"/v1/keys/{key}/versions/1/destroy", {})
     assert (r.status, r.code) == (400, "confirmation_required")
     desc = api.ok("POST", f"/v1/keys/{key}/versions/1/destroy", {"confirm": s1["kid"]})
     assert desc["versions"][0]["state"] == "destroyed"
-    r = api("POST", "/v1/verify", {"kid": s1["kid"], "data": b64(b"hello"), "signature": s1["signature"]})
+    r = api(
+        "POST",
+        "/v1/verify",
+        {"kid": s1["kid"], "data": b64(b"hello"), "signature": s1["signature"]},
+    )
     assert (r.status, r.code) == (401, "destroyed_kid")
     info = api.ok("GET", f"/v1/kids/{s1['kid']}")
     assert info["state"] == "destroyed" and info["pem"].startswith("-----BEGIN PUBLIC KEY-----")
@@ -91,7 +109,12 @@ def test_jwks_is_rfc8037_and_verifies_signatures(api: Api, key: str) -> None:
     signed = api.ok("POST", "/v1/sign", {"key": key, "data": b64(b"jwks")})
     jwks = api.ok("GET", f"/v1/jwks?tenant={tenant}")["keys"]
     (jwk,) = [k for k in jwks if k["kid"] == signed["kid"]]
-    assert {k: jwk[k] for k in ("kty", "crv", "alg", "use")} == {"kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig"}
+    assert {k: jwk[k] for k in ("kty", "crv", "alg", "use")} == {
+        "kty": "OKP",
+        "crv": "Ed25519",
+        "alg": "EdDSA",
+        "use": "sig",
+    }
     _, public = from_jwk(jwk)
     assert isinstance(public, Ed25519PublicKey)
     public.verify(base64.b64decode(signed["signature"]), b"jwks")
@@ -106,7 +129,11 @@ def test_batch_sign_answers_item_by_item(api: Api, key: str) -> None:
     assert len(results) == 6
     assert results[2]["error"]["code"] == "unknown_key"
     for i, r in enumerate(results[:2] + results[3:]):
-        v = api.ok("POST", "/v1/verify", {"kid": r["kid"], "data": b64(f"m{i}".encode()), "signature": r["signature"]})
+        v = api.ok(
+            "POST",
+            "/v1/verify",
+            {"kid": r["kid"], "data": b64(f"m{i}".encode()), "signature": r["signature"]},
+        )
         assert v["key"] == key
 
 
@@ -119,7 +146,14 @@ def test_list_and_describe(api: Api, key: str) -> None:
 
 
 BAD_INPUTS = [
-    ("POST", "/v1/sign", b'{"key": "a/b", "data": "YQ==", "key": "c/d"}', {}, 400, "malformed_json"),
+    (
+        "POST",
+        "/v1/sign",
+        b'{"key": "a/b", "data": "YQ==", "key": "c/d"}',
+        {},
+        400,
+        "malformed_json",
+    ),
     ("POST", "/v1/sign", b'{"key": "a/b", "data": NaN}', {}, 400, "malformed_json"),
     ("POST", "/v1/sign", b"{not json", {}, 400, "malformed_json"),
     ("POST", "/v1/sign", b'{"key": "a/b", "data": "YQ==", "extra": 1}', {}, 400, "invalid_request"),
@@ -133,9 +167,30 @@ BAD_INPUTS = [
     ("POST", "/v1/sign", b'{"key": "nobody/here", "data": "YQ=="}', {}, 404, "unknown_key"),
     ("POST", "/v1/sign", b'{"items": []}', {}, 400, "invalid_request"),
     ("POST", "/v1/sign", b'{"items": [{"key": "a/b"}]}', {}, 400, "invalid_request"),
-    ("POST", "/v1/sign", b'{"key": "a/b", "data": "YQ=="}', {"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
-    ("POST", "/v1/verify", b'{"kid": "x", "data": "YQ==", "signature": "YQ=="}', {}, 401, "unknown_kid"),
-    ("POST", "/v1/verify", b'{"kid": "no.such.v1", "data": "YQ==", "signature": "YQ=="}', {}, 401, "unknown_kid"),
+    (
+        "POST",
+        "/v1/sign",
+        b'{"key": "a/b", "data": "YQ=="}',
+        {"Content-Type": "text/plain"},
+        415,
+        "unsupported_media_type",
+    ),
+    (
+        "POST",
+        "/v1/verify",
+        b'{"kid": "x", "data": "YQ==", "signature": "YQ=="}',
+        {},
+        401,
+        "unknown_kid",
+    ),
+    (
+        "POST",
+        "/v1/verify",
+        b'{"kid": "no.such.v1", "data": "YQ==", "signature": "YQ=="}',
+        {},
+        401,
+        "unknown_kid",
+    ),
     ("POST", "/v1/keys", b'{"key": "bad name"}', {}, 400, "invalid_key_name"),
     ("GET", "/v1/keys/nobody/here", None, {}, 404, "unknown_key"),
     ("GET", "/v1/keys/UP/x", None, {}, 400, "invalid_key_name"),
@@ -151,7 +206,13 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize(("method", "url", "raw", "headers", "status", "code"), BAD_INPUTS)
 def test_bad_input_gets_its_code(
-    api: Api, method: str, url: str, raw: bytes | None, headers: dict[str, str], status: int, code: str
+    api: Api,
+    method: str,
+    url: str,
+    raw: bytes | None,
+    headers: dict[str, str],
+    status: int,
+    code: str,
 ) -> None:
     """Each kind of bad input answers its own 4xx code in the error envelope with a request id."""
     reply = api(method, url, raw=raw, headers=headers)
@@ -178,14 +239,19 @@ def test_batch_over_the_limit_is_refused(api: Api, key: str) -> None:
 def test_invalid_signature_is_401(api: Api, key: str) -> None:
     """A signature over other data answers invalid_signature, never valid:false."""
     s = api.ok("POST", "/v1/sign", {"key": key, "data": b64(b"one")})
-    reply = api("POST", "/v1/verify", {"kid": s["kid"], "data": b64(b"two"), "signature": s["signature"]})
+    reply = api(
+        "POST", "/v1/verify", {"kid": s["kid"], "data": b64(b"two"), "signature": s["signature"]}
+    )
     assert (reply.status, reply.code) == (401, "invalid_signature")
 
 
 def test_request_ids(api: Api) -> None:
     """Every response has X-Request-Id; a well-formed caller id is kept, a bad one replaced."""
     assert api("GET", "/v1/health").headers["x-request-id"]
-    assert api("GET", "/v1/health", headers={"X-Request-Id": "gw-123"}).headers["x-request-id"] == "gw-123"
+    assert (
+        api("GET", "/v1/health", headers={"X-Request-Id": "gw-123"}).headers["x-request-id"]
+        == "gw-123"
+    )
     bad = api("GET", "/v1/health", headers={"X-Request-Id": "x" * 200}).headers["x-request-id"]
     assert bad != "x" * 200 and len(bad) == 32
 
@@ -199,7 +265,11 @@ def test_health_ready_openapi(api: Api) -> None:
     from signerd._server import ROUTES
 
     documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
-    expanded = {(m, p.replace("{action}", a)) for m, p, _ in ROUTES for a in ("promote", "retire", "destroy")}
+    expanded = {
+        (m, p.replace("{action}", a))
+        for m, p, _ in ROUTES
+        for a in ("promote", "retire", "destroy")
+    }
     assert expanded == documented
 
 
@@ -207,7 +277,13 @@ def test_random_bodies_never_500(api: Api, key: str) -> None:
     """Random and mutated bodies on every POST route answer a typed 4xx, never a 5xx."""
     rng = random.Random(1234)
     valid = json.dumps({"key": key, "data": "YQ=="}).encode()
-    urls = ["/v1/sign", "/v1/verify", "/v1/keys", f"/v1/keys/{key}/rotate", f"/v1/keys/{key}/versions/1/retire"]
+    urls = [
+        "/v1/sign",
+        "/v1/verify",
+        "/v1/keys",
+        f"/v1/keys/{key}/rotate",
+        f"/v1/keys/{key}/versions/1/retire",
+    ]
     for _ in range(300):
         kind = rng.randrange(3)
         if kind == 0:
@@ -218,7 +294,9 @@ def test_random_bodies_never_500(api: Api, key: str) -> None:
                 raw[rng.randrange(len(raw))] = rng.randrange(32, 127)
             raw = bytes(raw)
         else:
-            raw = json.dumps(rng.choice([None, 1, "s", [], {"key": 1}, {"items": [1]}, {"kid": [], "data": {}}])).encode()
+            raw = json.dumps(
+                rng.choice([None, 1, "s", [], {"key": 1}, {"items": [1]}, {"kid": [], "data": {}}])
+            ).encode()
         reply = api("POST", rng.choice(urls), raw=raw)
         assert reply.status < 500, (raw, reply.body)
         assert reply.code is not None or reply.status == 200

@@ -58,7 +58,9 @@ def _verifies(public: bytes, signature: bytes, data: bytes) -> bool:
 def test_create_makes_version_one_active(backend: Backend, key: KeyName) -> None:
     """create gives exactly one version, v1, active, with a 32-byte public key and its kid."""
     info = backend.create(key)
-    assert [(v.version, v.state, v.kid) for v in info.versions] == [(1, VersionState.ACTIVE, key.kid(1))]
+    assert [(v.version, v.state, v.kid) for v in info.versions] == [
+        (1, VersionState.ACTIVE, key.kid(1))
+    ]
     assert len(info.versions[0].public_key) == 32
     assert info.versions[0].created_at > 1_700_000_000
 

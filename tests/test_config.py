@@ -76,5 +76,5 @@ def test_unreadable_or_invalid_file(tmp_path: Path) -> None:
         load(str(tmp_path / "missing.toml"))
     bad = tmp_path / "bad.toml"
     bad.write_text("[server\n")
-    with pytest.raises(ConfigError, match="bad.toml"):
+    with pytest.raises(ConfigError, match=r"bad\.toml"):
         load(str(bad))

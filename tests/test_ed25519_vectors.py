@@ -48,7 +48,11 @@ def test_rfc8032_vectors_verify_through_jwk(public: str, message: str, signature
 def test_pem_round_trips() -> None:
     """The PEM form carries the same 32-byte key."""
     raw = bytes.fromhex(VECTORS[0][0])
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_public_key
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        PublicFormat,
+        load_pem_public_key,
+    )
 
     loaded = load_pem_public_key(to_pem(raw).encode())
     assert isinstance(loaded, Ed25519PublicKey)

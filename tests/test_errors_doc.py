@@ -14,14 +14,18 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_readme_tables_every_code_with_its_status() -> None:
     """Each code appears once in the README error table with its HTTP status; no extra codes."""
     rows = re.findall(r"^\| `([a-z0-9_]+)` \| (\d{3}) \|", (ROOT / "README.md").read_text(), re.M)
-    assert {code: int(status) for code, status in rows} == {c: cls.status for c, cls in CODES.items()}
+    assert {code: int(status) for code, status in rows} == {
+        c: cls.status for c, cls in CODES.items()
+    }
     assert len(rows) == len(CODES)
 
 
 def test_openapi_enumerates_every_code() -> None:
     """The OpenAPI Error schema lists exactly the codes."""
     doc = json.loads((ROOT / "signerd" / "openapi.json").read_text())
-    enum = doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"]
+    enum = doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"][
+        "enum"
+    ]
     assert sorted(enum) == sorted(CODES)
 
 

@@ -102,7 +102,11 @@ async def test_lifecycle_rules(svc: KeyService, key: KeyName) -> None:
     with pytest.raises(UnknownVersion):
         await svc.retire(key, 5)
     info, pending = await svc.rotate(key, pending=True)
-    assert pending.state is VersionState.PENDING and info.active is not None and info.active.version == 1
+    assert (
+        pending.state is VersionState.PENDING
+        and info.active is not None
+        and info.active.version == 1
+    )
     kid, _ = await svc.sign(key, b"x")
     assert kid == key.kid(1), "a pending version never signs"
     info = await svc.promote(key, 2)

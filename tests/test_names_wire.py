@@ -17,7 +17,21 @@ def test_valid_key_names_parse(text: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "acme", "acme/", "/x", "Acme/x", "acme/x/y", "acme/-x", "_a/b", "a.b/c", "a/b c", "x" * 64 + "/y", 7, None],
+    [
+        "",
+        "acme",
+        "acme/",
+        "/x",
+        "Acme/x",
+        "acme/x/y",
+        "acme/-x",
+        "_a/b",
+        "a.b/c",
+        "a/b c",
+        "x" * 64 + "/y",
+        7,
+        None,
+    ],
 )
 def test_invalid_key_names_are_refused(text: object) -> None:
     """Anything else is invalid_key_name."""
@@ -34,7 +48,10 @@ def test_kid_round_trips_and_is_url_and_pipe_safe() -> None:
     assert set(kid) <= set("abcdefghijklmnopqrstuvwxyz0123456789_.-")
 
 
-@pytest.mark.parametrize("kid", ["acme.feedback", "acme.feedback.v0", "acme.feedback.v01", "a.b.c.v1", "a/b.v1", "A.b.v1", 5])
+@pytest.mark.parametrize(
+    "kid",
+    ["acme.feedback", "acme.feedback.v0", "acme.feedback.v01", "a.b.c.v1", "a/b.v1", "A.b.v1", 5],
+)
 def test_malformed_kids_are_unknown(kid: object) -> None:
     """A malformed kid is unknown_kid, never a crash."""
     with pytest.raises(UnknownKid):

@@ -32,7 +32,13 @@ class _Conn(http.client.HTTPConnection):
         self.sock.connect(self._path)
 
 
-def _caller(path: str, key: str, until: float, out: Counter[str], samples: list[tuple[bytes, dict[str, str]]]) -> None:
+def _caller(
+    path: str,
+    key: str,
+    until: float,
+    out: Counter[str],
+    samples: list[tuple[bytes, dict[str, str]]],
+) -> None:
     conn = _Conn(path)
     n = 0
     while time.monotonic() < until:
@@ -40,7 +46,9 @@ def _caller(path: str, key: str, until: float, out: Counter[str], samples: list[
         n += 1
         try:
             conn.request(
-                "POST", "/v1/sign", body=json.dumps({"key": key, "data": base64.b64encode(data).decode()}),
+                "POST",
+                "/v1/sign",
+                body=json.dumps({"key": key, "data": base64.b64encode(data).decode()}),
                 headers={"Content-Type": "application/json"},
             )
             resp = conn.getresponse()
@@ -59,11 +67,16 @@ def _caller(path: str, key: str, until: float, out: Counter[str], samples: list[
     conn.close()
 
 
-def _process(path: str, key: str, threads: int, seconds: float) -> tuple[dict[str, int], list[tuple[bytes, dict[str, str]]]]:
+def _process(
+    path: str, key: str, threads: int, seconds: float
+) -> tuple[dict[str, int], list[tuple[bytes, dict[str, str]]]]:
     until = time.monotonic() + seconds
     out: Counter[str] = Counter()
     samples: list[tuple[bytes, dict[str, str]]] = []
-    workers = [threading.Thread(target=_caller, args=(path, key, until, out, samples)) for _ in range(threads)]
+    workers = [
+        threading.Thread(target=_caller, args=(path, key, until, out, samples))
+        for _ in range(threads)
+    ]
     for w in workers:
         w.start()
     for w in workers:
@@ -87,7 +100,8 @@ def test_32_callers_for_60s_no_crash_no_error(tmp_path: object) -> None:
         samples: list[tuple[bytes, dict[str, str]]] = []
         with concurrent.futures.ProcessPoolExecutor(PROCESSES) as pool:
             futures = [
-                pool.submit(_process, str(d.socket_path), key, CALLERS // PROCESSES, SECONDS) for _ in range(PROCESSES)
+                pool.submit(_process, str(d.socket_path), key, CALLERS // PROCESSES, SECONDS)
+                for _ in range(PROCESSES)
             ]
             for f in futures:
                 counts, s = f.result(timeout=SECONDS + 120)
@@ -97,11 +111,20 @@ def test_32_callers_for_60s_no_crash_no_error(tmp_path: object) -> None:
         assert set(totals) == {"ok"}, totals
         assert totals["ok"] > CALLERS * 10
         for data, body in samples[:50]:
-            reply = request(str(d.socket_path), "POST", "/v1/verify", {
-                "kid": body["kid"], "data": base64.b64encode(data).decode(), "signature": body["signature"],
-            })
+            reply = request(
+                str(d.socket_path),
+                "POST",
+                "/v1/verify",
+                {
+                    "kid": body["kid"],
+                    "data": base64.b64encode(data).decode(),
+                    "signature": body["signature"],
+                },
+            )
             assert reply.status == 200, reply.body
-        print(f"stress: {totals['ok']} signatures in {SECONDS:.0f}s = {totals['ok'] / SECONDS:.0f}/s")
+        print(
+            f"stress: {totals['ok']} signatures in {SECONDS:.0f}s = {totals['ok'] / SECONDS:.0f}/s"
+        )
     finally:
         assert d.stop() == 0, d.log_text()[-3000:]
         assert "Segmentation" not in d.log_text()
