@@ -53,8 +53,8 @@ from ._vault_auth import (
     NotFoundInVault,
     Transport,
     VaultSettings,
-    answer_lost,
     build_transport,
+    connection_failed,
     parse_settings,
 )
 from .errors import (
@@ -100,10 +100,10 @@ class _Meta:
     archived: Mapping[int, tuple[bytes, int]] = field(default_factory=dict)
     cas: int = 0  # KV version the record was read at (0: no record)
 
-    def to_json(self, floor: int) -> Json:
+    def to_json(self) -> Json:
         return {
             "format": 1,
-            "retired": sorted(v for v in self.retired if v >= floor),
+            "retired": sorted(self.retired),
             "archived": {
                 str(v): {"public_key": base64.b64encode(pk).decode("ascii"), "created_at": ts}
                 for v, (pk, ts) in sorted(self.archived.items())
@@ -153,7 +153,7 @@ class VaultBackend:
         try:
             data = answer["data"]
             if data["type"] != "ed25519":
-                log.error("signerd.vault.key key=%s type=%s is not ed25519", key, data["type"])
+                log.error("signerd.vault.foreign_key key=%s type=%s", key, data["type"])
                 raise _ForeignKey("the Vault key is not an Ed25519 key")
             keys = {
                 int(v): (_raw_public_key(k["public_key"]), _unix(k["creation_time"]))
@@ -169,11 +169,11 @@ class VaultBackend:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise _malformed("transit key", exc) from exc
 
-    def _read_meta(self, key: KeyName) -> _Meta:
+    def _read_meta(self, key: KeyName, *, for_write: bool = False) -> _Meta:
         try:
             answer = self.transport.request("GET", self._meta_path(key))
         except NotFoundInVault:
-            return _Meta(cas=self._meta_version(key))
+            return _Meta(cas=self._meta_version(key) if for_write else 0)
         try:
             data = answer["data"]["data"] or {}
             return _Meta(
@@ -188,7 +188,7 @@ class VaultBackend:
             raise _malformed("metadata record", exc) from exc
 
     def _meta_version(self, key: KeyName) -> int:
-        """The record's current KV version when its latest version is deleted."""
+        """The record's KV version for check-and-set when its data cannot be read."""
         try:
             answer = self.transport.request("GET", self._meta_path(key, "metadata"))
             return int(answer["data"]["current_version"])
@@ -210,19 +210,18 @@ class VaultBackend:
         except NotFoundInVault as exc:
             raise UnknownKey() from exc
 
-    def _update_meta(self, key: KeyName, change: Callable[[_Meta], _Meta], floor: int) -> None:
+    def _update_meta(self, key: KeyName, change: Callable[[_Meta], _Meta]) -> None:
         """Read-modify-write the metadata record with check-and-set."""
         for _ in range(_CAS_ATTEMPTS):
-            meta = self._read_meta(key)
-            new = change(meta)
-            body = {"options": {"cas": meta.cas}, "data": new.to_json(floor)}
+            meta = self._read_meta(key, for_write=True)
+            body = {"options": {"cas": meta.cas}, "data": change(meta).to_json()}
             try:
                 self.transport.request("POST", self._meta_path(key), body)
                 return
             except BackendError as exc:
                 if "check-and-set" not in str(getattr(exc.__cause__, "errors", "")):
                     raise
-                log.info("signerd.vault.meta key=%s concurrent update; retrying", key)
+                log.info("signerd.vault.record_conflict key=%s", key)
             except NotFoundInVault as exc:
                 raise BackendError("the Vault metadata mount is missing") from exc
         raise BackendError("the key's metadata record keeps changing")
@@ -268,7 +267,7 @@ class VaultBackend:
         meta = self._read_meta(key)
         if meta.retired or meta.archived:
             # left over from an earlier key of the same name deleted outside signerd
-            self._update_meta(key, lambda m: _Meta(cas=m.cas), floor=1)
+            self._update_meta(key, lambda m: _Meta(cas=m.cas))
         info = self.describe(key)
         log.info("signerd.vault.create key=%s", key)
         return info
@@ -309,11 +308,11 @@ class VaultBackend:
             except BackendUnavailable as exc:
                 latest = self._read_transit(key).latest
                 if latest > before:
-                    log.info("signerd.vault.rotate key=%s answer lost; rotation done", key)
+                    log.info("signerd.vault.rotate_answer_lost key=%s done=yes", key)
                     return latest
-                if attempt == 2 or not answer_lost(exc):
+                if attempt == 2 or not connection_failed(exc.__cause__):
                     raise
-                log.info("signerd.vault.rotate key=%s answer lost; not done, retrying", key)
+                log.info("signerd.vault.rotate_answer_lost key=%s done=no retry=yes", key)
                 continue
             data = answer.get("data") or {}
             if "latest_version" in data:
@@ -345,11 +344,7 @@ class VaultBackend:
         if version == transit.min_decryption and version < transit.active:
             self._raise_floor(key, transit, meta, version)
             return
-        self._update_meta(
-            key,
-            lambda m: replace(m, retired=m.retired | {version}),
-            floor=transit.min_decryption,
-        )
+        self._update_meta(key, lambda m: replace(m, retired=m.retired | {version}))
 
     def _raise_floor(self, key: KeyName, transit: _Transit, meta: _Meta, version: int) -> int:
         """Retire ``version`` (== min_decryption_version) by raising the floor past it.
@@ -368,7 +363,7 @@ class VaultBackend:
         def archive(m: _Meta) -> _Meta:
             return replace(m, archived={**m.archived, **moving})
 
-        self._update_meta(key, archive, floor=transit.min_decryption)
+        self._update_meta(key, archive)
         self._config(key, min_decryption_version=floor)
         return floor
 
@@ -394,11 +389,6 @@ class VaultBackend:
         if transit.min_encryption == 0:
             # trim needs an explicit pin; pin the version that is active anyway
             self._config(key, min_encryption_version=transit.latest)
-        if version not in self._read_meta(key).archived and version in transit.keys:
-            keep = {version: transit.keys[version]}
-            self._update_meta(
-                key, lambda m: replace(m, archived={**m.archived, **keep}), transit.min_decryption
-            )
         try:
             self.transport.request(
                 "POST", self._key_path(key, "/trim"), {"min_available_version": version + 1}
@@ -434,7 +424,14 @@ class VaultBackend:
                 raise ValueError(f"{len(results)} results for {len(items)} items")
         except (KeyError, TypeError, ValueError) as exc:
             raise _malformed("sign answer", exc) from exc
-        return [_signature(result, version, key) for result in results]
+        causes: list[str] = []
+        signed = [_signature(result, version, causes) for result in results]
+        if causes:
+            log.warning(
+                "signerd.vault.sign_refused key=%s version=%s failed=%s of=%s cause=%s",
+                *(key, version, len(causes), len(items), causes[0]),
+            )
+        return signed
 
     def check(self) -> None:
         try:
@@ -466,7 +463,7 @@ def _describe(key: KeyName, transit: _Transit, meta: _Meta) -> KeyInfo:
             state = VersionState.VERIFY_ONLY
         public_key, created_at = transit.keys.get(v) or meta.archived.get(v) or (b"", 0)
         if not public_key:
-            log.warning("signerd.vault.describe key=%s version=%s public key not kept", key, v)
+            log.warning("signerd.vault.public_key_missing key=%s version=%s", key, v)
         versions.append(KeyVersion(v, key.kid(v), state, public_key, created_at))
     return KeyInfo(key, tuple(versions))
 
@@ -490,22 +487,22 @@ def _sign_refusal(exc: BackendError) -> SignerdError:
     return _classify(" ".join(getattr(exc.__cause__, "errors", None) or ())) or exc
 
 
-def _signature(result: Any, version: int, key: KeyName) -> bytes | SignerdError:
-    """One signature from a sign answer, or the item's error in place."""
+def _signature(result: Any, version: int, causes: list[str]) -> bytes | SignerdError:
+    """One signature from a sign answer, or the item's error in place (cause noted)."""
     try:
         if result.get("error"):
-            log.warning("signerd.vault.sign key=%s item error=%s", key, result["error"])
+            causes.append(str(result["error"]))
             return _classify(str(result["error"])) or BackendError("Vault refused to sign")
         prefix, tag, encoded = str(result["signature"]).split(":")
         if prefix != "vault" or tag != f"v{version}":
-            log.error("signerd.vault.sign key=%s asked v%s, Vault signed %s", key, version, tag)
+            causes.append(f"asked for v{version}, Vault signed with {tag[:12]}")
             return BackendError("Vault signed with another key version")
         signature = base64.b64decode(encoded, validate=True)
         if len(signature) != 64:
             raise ValueError(f"signature of {len(signature)} bytes")
         return signature
     except (AttributeError, KeyError, TypeError, ValueError, binascii.Error) as exc:
-        log.error("signerd.vault.sign key=%s malformed signature: %s", key, exc)
+        causes.append(f"malformed signature: {type(exc).__name__}")
         return BackendError("Vault answered a malformed signature")
 
 
@@ -527,7 +524,7 @@ def _unix(text: Any) -> int:
 
 
 def _malformed(what: str, exc: BaseException) -> BackendError:
-    log.error("signerd.vault.answer malformed %s: %s: %s", what, type(exc).__name__, exc)
+    log.error("signerd.vault.malformed_answer what=%s cause=%s: %s", what, type(exc).__name__, exc)
     return BackendError("Vault answered something signerd does not understand")
 
 

@@ -28,7 +28,7 @@ import hvac
 import hvac.exceptions
 import requests
 
-from ._names import _PART_RE
+from ._names import valid_part
 from .errors import BackendError, BackendSealed, BackendUnavailable, SignerdError
 
 log = logging.getLogger("signerd.vault")
@@ -69,7 +69,7 @@ def translate(exc: BaseException, what: str) -> SignerdError:
         err = BackendUnavailable("Vault refused signerd's token")
     else:
         err = BackendError("Vault answered an unexpected error")
-    log.warning("signerd.vault.%s code=%s cause=%s", what, err.code, _describe(exc))
+    log.warning("signerd.vault.%s_failed code=%s cause=%s", what, err.code, _describe(exc))
     return err
 
 
@@ -77,11 +77,11 @@ def _describe(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
 
 
-def _retryable(exc: BaseException) -> bool:
-    """A transport failure worth one more try for an idempotent request.
+def connection_failed(exc: BaseException | None) -> bool:
+    """A refused or dropped connection: worth one more try when that is safe.
 
-    Timeouts are not retried (the deadline is spent); refused and dropped
-    connections are (a kept-alive connection can die with a Vault restart).
+    Timeouts are not (the deadline is spent), nor are TLS failures; a
+    kept-alive connection can die with a Vault restart.
     """
     return isinstance(exc, requests.exceptions.ConnectionError) and not isinstance(
         exc, requests.exceptions.Timeout | requests.exceptions.SSLError
@@ -108,7 +108,7 @@ def _read_secret(path: Path, what: str) -> str:
     try:
         text = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
-        log.error("signerd.vault.secret_file key=%s cause=%s", what, exc.strerror)
+        log.error("signerd.vault.secret_unreadable key=%s cause=%s", what, exc.strerror)
         raise BackendUnavailable(f"cannot read the Vault {what}") from exc
     if not text:
         raise BackendUnavailable(f"the Vault {what} is empty")
@@ -126,7 +126,10 @@ class TokenFile:
         token = _read_secret(self.path, "token_file")
         client.adapter.token = token
         data = client.adapter.request("GET", "v1/auth/token/lookup-self")["data"]
-        return Lease(token, float(data.get("ttl") or 0), bool(data.get("renewable")))
+        ttl = float(data.get("ttl") or 0)
+        if ttl == 0 and data.get("expire_time"):
+            ttl = 1.0  # expiring within the second (a TTL of 0 means "never")
+        return Lease(token, ttl, bool(data.get("renewable")))
 
 
 @dataclass(frozen=True)
@@ -209,7 +212,7 @@ class Auth:
             self._refresh_at = time.monotonic() + _RETRY_DELAY
             return
         except Exception as exc:
-            err = _login_error(exc, self._source.kind)
+            err = _login_error(exc)
             if raising:
                 raise err from exc
             self._refresh_at = time.monotonic() + _RETRY_DELAY
@@ -238,17 +241,17 @@ class Auth:
             auth = self._client.adapter.request("POST", "v1/auth/token/renew-self", json={})["auth"]
             ttl = float(auth.get("lease_duration") or 0)
         except hvac.exceptions.Forbidden:
-            log.warning("signerd.vault.renew refused; logging in again")
+            log.warning("signerd.vault.renew_refused source=%s", self._source.kind)
             self._login_locked(raising=False)
             return
         except Exception as exc:
-            log.warning("signerd.vault.renew failed cause=%s", _describe(exc))
+            log.warning("signerd.vault.renew_failed cause=%s", _describe(exc))
             self._refresh_at = time.monotonic() + _RETRY_DELAY
             return
         self._schedule(ttl)
         if ttl + 1 < self._full_ttl:
             # the renewal was capped by the max TTL: get a fresh token now
-            log.info("signerd.vault.renew capped ttl=%s; logging in again", int(ttl))
+            log.info("signerd.vault.renew_capped ttl=%s", int(ttl))
             self._login_locked(raising=False)
 
     def _schedule(self, ttl: float) -> None:
@@ -257,7 +260,7 @@ class Auth:
             self._refresh_at = self._expires_at = math.inf
             return
         self._expires_at = now + ttl
-        self._refresh_at = now + ttl * 2 / 3
+        self._refresh_at = now + max(ttl * 2 / 3, min(_RETRY_DELAY, ttl))
         if self._thread is None:
             self._thread = threading.Thread(
                 target=self._run, name="signerd-vault-auth", daemon=True
@@ -278,14 +281,9 @@ class Auth:
                     self._refresh_locked()
 
 
-def _login_error(exc: BaseException, kind: str) -> SignerdError:
-    if isinstance(exc, hvac.exceptions.VaultError | requests.RequestException):
-        err = translate(exc, "login")
-        if isinstance(err, BackendUnavailable):
-            return err
-        return BackendUnavailable("Vault login failed")
-    log.warning("signerd.vault.login source=%s failed cause=%s", kind, _describe(exc))
-    return BackendUnavailable("Vault login failed")
+def _login_error(exc: BaseException) -> SignerdError:
+    err = translate(exc, "login")
+    return err if isinstance(err, BackendUnavailable) else BackendUnavailable("Vault login failed")
 
 
 class Transport:
@@ -335,7 +333,7 @@ class Transport:
                 relogged = True
                 continue
             except requests.RequestException as exc:
-                if retry and not retried and _retryable(exc):
+                if retry and not retried and connection_failed(exc):
                     log.info("signerd.vault.retry path=%s cause=%s", path, type(exc).__name__)
                     retried = True
                     continue
@@ -346,9 +344,7 @@ class Transport:
                 return answer
             if answer.status_code == 204:
                 return {}
-            log.warning(
-                "signerd.vault.request path=%s status=%s not JSON", path, answer.status_code
-            )
+            log.warning("signerd.vault.not_json path=%s status=%s", path, answer.status_code)
             raise BackendError("Vault answered an unexpected error")
 
     def close(self) -> None:
@@ -357,28 +353,6 @@ class Transport:
             for client in self._clients:
                 client.adapter.close()
             self._clients.clear()
-
-
-def answer_lost(err: SignerdError) -> bool:
-    """Whether the request may have been done by Vault with its answer lost."""
-    cause = err.__cause__
-    return isinstance(cause, requests.exceptions.ConnectionError) and not isinstance(
-        cause, requests.exceptions.Timeout | requests.exceptions.SSLError
-    )
-
-
-def make_client_factory(
-    addr: str, *, namespace: str | None, ca_file: str | None, timeout: float
-) -> ClientFactory:
-    def make() -> Any:
-        return hvac.Client(
-            url=addr,
-            namespace=namespace,
-            verify=ca_file if ca_file else True,
-            timeout=timeout,
-        )
-
-    return make
 
 
 # --- settings ---
@@ -428,7 +402,7 @@ def parse_settings(cfg: Mapping[str, Any]) -> VaultSettings:
     ):
         raise ValueError(f"addr: must be http(s)://host[:port], got {addr!r}")
     if url.scheme == "http" and url.hostname not in ("127.0.0.1", "::1", "localhost"):
-        log.warning("signerd.vault.config addr=%s is plain HTTP; use https in production", addr)
+        log.warning("signerd.vault.plain_http addr=%s (use https in production)", addr)
     ca_file = _optional_file(cfg, "ca_file")
     if ca_file and url.scheme != "https":
         raise ValueError("ca_file: only used with an https:// addr")
@@ -462,7 +436,7 @@ def parse_settings(cfg: Mapping[str, Any]) -> VaultSettings:
     if not isinstance(tenant_mounts, Mapping):
         raise ValueError('tenant_mounts: must be a table of tenant = "mount"')
     for tenant, mount in tenant_mounts.items():
-        if not isinstance(tenant, str) or not _PART_RE.match(tenant):
+        if not isinstance(tenant, str) or not valid_part(tenant):
             raise ValueError(f"tenant_mounts: {tenant!r} is not a tenant name")
         if not isinstance(mount, str) or not _MOUNT_RE.match(mount):
             raise ValueError(f"tenant_mounts.{tenant}: not a mount path: {mount!r}")
@@ -519,10 +493,16 @@ def _optional_file(cfg: Mapping[str, Any], key: str) -> str | None:
 
 
 def build_transport(settings: VaultSettings) -> Transport:
-    make = make_client_factory(
-        settings.addr,
-        namespace=settings.namespace,
-        ca_file=settings.ca_file,
-        timeout=settings.timeout,
-    )
+    def make() -> Any:
+        client = hvac.Client(
+            url=settings.addr,
+            namespace=settings.namespace,
+            verify=settings.ca_file or True,
+            timeout=settings.timeout,
+        )
+        # Vault is reached directly: no proxy or CA bundle from the environment
+        # (and no scan of os.environ on every request, a quarter of a sign's cost)
+        client.adapter.session.trust_env = False
+        return client
+
     return Transport(make, Auth(settings.source, make))

@@ -340,11 +340,12 @@ def test_version_prefix_is_checked(bao: BaoServer, make: Any, key: KeyName) -> N
 
 
 def test_signature_parsing() -> None:
-    """Malformed signature answers become per-item BackendErrors; a good one decodes."""
-    key = KeyName("acme", "k")
+    """Malformed signature answers become per-item BackendErrors with a noted cause."""
     good = "vault:v3:" + base64.b64encode(bytes(64)).decode()
-    assert _signature({"signature": good}, 3, key) == bytes(64)
-    for bad in (
+    causes: list[str] = []
+    assert _signature({"signature": good}, 3, causes) == bytes(64)
+    assert causes == []
+    bad_answers = (
         {"signature": good.replace("v3", "v2")},
         {"signature": "vault:v3:!!"},
         {"signature": "vault:v3:" + base64.b64encode(bytes(10)).decode()},
@@ -352,14 +353,12 @@ def test_signature_parsing() -> None:
         {},
         None,
         {"error": "something odd"},
-    ):
-        assert isinstance(_signature(bad, 3, key), BackendError), bad
-    assert isinstance(
-        _signature(
-            {"error": "requested version for signing is less than the minimum encryption"}, 3, key
-        ),
-        InvalidState,
     )
+    for bad in bad_answers:
+        assert isinstance(_signature(bad, 3, causes), BackendError), bad
+    assert len(causes) == len(bad_answers)
+    refused = {"error": "requested version for signing is less than the minimum encryption"}
+    assert isinstance(_signature(refused, 3, causes), InvalidState)
 
 
 def test_batch_sign_answers_item_by_item(backend: VaultBackend, key: KeyName) -> None:
@@ -588,3 +587,19 @@ def test_https_with_ca_file(tmp_path: Path, key: KeyName) -> None:
 def test_check_healthy(backend: VaultBackend) -> None:
     """check() passes against a reachable, unsealed Vault with a valid token."""
     backend.check()
+
+
+def test_from_config_does_not_connect(bao: BaoServer, key: KeyName) -> None:
+    """Building the backend needs no Vault; the first call to a dead address is unavailable."""
+    from ._openbao import free_port_pair
+
+    backend = from_config(vault_backend_config(bao, addr=f"http://127.0.0.1:{free_port_pair()}"))
+    try:
+        start = time.monotonic()
+        with pytest.raises(BackendUnavailable):
+            backend.describe(key)
+        with pytest.raises(BackendUnavailable):
+            backend.check()
+        assert time.monotonic() - start < 5
+    finally:
+        backend.close()
