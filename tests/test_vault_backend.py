@@ -25,7 +25,7 @@ from signerd.errors import (
     UnknownVersion,
 )
 
-from ._openbao import BaoServer, FaultProxy, dev_server, vault_backend_config
+from ._openbao import BaoServer, FaultProxy, dev_server, free_port_pair, vault_backend_config
 from .conftest import unique
 
 A, V, P, R, D = (
@@ -591,8 +591,6 @@ def test_check_healthy(backend: VaultBackend) -> None:
 
 def test_from_config_does_not_connect(bao: BaoServer, key: KeyName) -> None:
     """Building the backend needs no Vault; the first call to a dead address is unavailable."""
-    from ._openbao import free_port_pair
-
     backend = from_config(vault_backend_config(bao, addr=f"http://127.0.0.1:{free_port_pair()}"))
     try:
         start = time.monotonic()
