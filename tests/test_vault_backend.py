@@ -560,6 +560,7 @@ def test_namespace(bao: BaoServer, make: Any, key: KeyName) -> None:
     bao.enable_transit("transit", namespace=ns)
     bao.api("POST", "sys/mounts/secret", {"type": "kv", "options": {"version": "2"}}, namespace=ns)
     backend = make(namespace=ns)
+    backend.check()
     backend.create(key)
     backend.rotate(key, pending=True)
     assert states(backend.describe(key)) == [A, P]
