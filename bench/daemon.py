@@ -1,0 +1,293 @@
+"""signerd as the harness sees it: its configuration, its load targets, and the
+rotation-under-load and footprint scenarios."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from collections.abc import Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+from .load import Op, Run, drive
+from .refs import b64, message
+from .services import ServiceError, start_daemon
+from .wire import HttpConnection, WireError
+
+OPERATIONS = ["sign", "verify", "jwks", "list", "create", "rotate", "promote", "retire", "destroy"]
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def _section(header: str, table: Mapping[str, Any]) -> str:
+    return f"{header}\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in table.items()) + "\n"
+
+
+def write_config(
+    tmp: Path,
+    name: str,
+    backend: Mapping[str, Any],
+    bootstrap: list[str],
+    keys: Mapping[str, Any] | None = None,
+) -> tuple[Path, str]:
+    """A signerd configuration with one backend and a policy letting this uid do everything."""
+    sock = str(tmp / f"{name}.sock")
+    text = _section("[server]", {"socket": sock, "socket_mode": "0600", "log_level": "warning"})
+    text += _section("[keys]", {"default_backend": "main", "bootstrap": bootstrap, **(keys or {})})
+    text += _section("[backends.main]", backend)
+    text += _section("[audit]", {"path": str(tmp / f"{name}-audit.jsonl")})
+    text += _section(
+        "[[policy.rules]]",
+        {"name": "bench", "uids": [os.getuid()], "tenants": ["*"], "operations": OPERATIONS},
+    )
+    path = tmp / f"{name}.toml"
+    path.write_text(text)
+    return path, sock
+
+
+def _check(status: int, answer: bytes) -> Any:
+    if status != 200:
+        try:
+            code = json.loads(answer)["error"]["code"]
+        except (ValueError, KeyError, TypeError):
+            code = answer[:80].decode(errors="replace")
+        raise WireError(f"HTTP {status} {code}")
+    return json.loads(answer)
+
+
+# --- load targets ---
+
+
+@dataclass(frozen=True)
+class SignerdSign:
+    """POST /v1/sign over a raw keep-alive connection (one signature, or a batch of ``batch``)."""
+
+    socket: str
+    key: str
+    batch: int = 0
+
+    def open(self) -> Op:
+        conn = HttpConnection(self.socket)
+        key, batch = self.key, self.batch
+
+        def op(i: int) -> object:
+            if batch:
+                items = [{"key": key, "data": b64(message(i * batch + j))} for j in range(batch)]
+                doc = _check(
+                    *conn.request("POST", "/v1/sign", json.dumps({"items": items}).encode())
+                )
+                results = doc["results"]
+                if len(results) != batch or not all("signature" in r for r in results):
+                    raise WireError("batch item failed")
+                return None
+            body = json.dumps({"key": key, "data": b64(message(i))}).encode()
+            doc = _check(*conn.request("POST", "/v1/sign", body))
+            return (doc["kid"], i, doc["signature"])
+
+        return op
+
+
+@dataclass(frozen=True)
+class ClientSign:
+    """``signerd.client.Client.sign``: what a gateway using the shipped client pays."""
+
+    socket: str
+    key: str
+
+    def open(self) -> Op:
+        from signerd.client import Client
+
+        client = Client(self.socket)
+        return lambda i: client.sign(self.key, message(i))
+
+
+def _fresh_signature(socket: str, key: str) -> tuple[str, bytes, bytes]:
+    conn = HttpConnection(socket)
+    data = message(42)
+    try:
+        doc = conn.json("POST", "/v1/sign", {"key": key, "data": b64(data)})
+    finally:
+        conn.close()
+    return doc["kid"], data, base64.b64decode(doc["signature"])
+
+
+@dataclass(frozen=True)
+class ServerVerify:
+    """POST /v1/verify of a valid signature over a raw keep-alive connection."""
+
+    socket: str
+    key: str
+
+    def open(self) -> Op:
+        kid, data, signature = _fresh_signature(self.socket, self.key)
+        body = json.dumps({"kid": kid, "data": b64(data), "signature": b64(signature)}).encode()
+        conn = HttpConnection(self.socket)
+        return lambda i: _check(*conn.request("POST", "/v1/verify", body))
+
+
+@dataclass(frozen=True)
+class LocalVerify:
+    """``Client.verify_local``: in-process verify against the client's cached JWKS."""
+
+    socket: str
+    key: str
+
+    def open(self) -> Op:
+        from signerd.client import Client
+
+        kid, data, signature = _fresh_signature(self.socket, self.key)
+        client = Client(self.socket)
+        return lambda i: client.verify_local(kid, data, signature)
+
+
+# --- rotation under load ---
+
+
+@dataclass
+class RotationResult:
+    run: Run
+    steady: tuple[int, int]
+    rotating: tuple[int, int]
+    rotations: list[tuple[int, int, str | None]] = field(default_factory=list)
+    kids_seen: int = 0
+    samples_checked: int = 0
+    bad_samples: int = 0
+
+    def overlapping(self) -> list[int]:
+        """Latencies of the requests that were in flight while a rotate call ran."""
+        spans = [(s, e) for s, e, _ in self.rotations]
+        out: list[int] = []
+        for r in self.run.results:
+            for start, lat in zip(r.starts, r.latencies, strict=True):
+                end = start + lat
+                if any(start < e and end > s for s, e in spans):
+                    out.append(lat)
+        return out
+
+    def errors_in(self, window: tuple[int, int]) -> int:
+        return sum(1 for r in self.run.results for t in r.error_times if window[0] <= t < window[1])
+
+
+def rotation_under_load(
+    sock: str, key: str, callers: int, procs: int, steady: float, rotating: float, warmup: float
+) -> RotationResult:
+    """``callers`` sign for ``steady`` seconds, then go on while ``key`` rotates every second."""
+    tenant, name = key.split("/")
+    rotations: list[tuple[int, int, str | None]] = []
+
+    def rotate_every_second(t0: int, duration: float) -> None:
+        conn = HttpConnection(sock)
+        due = t0 + int(steady * 1e9)
+        end = t0 + int(duration * 1e9) - 500_000_000
+        try:
+            while due < end:
+                time.sleep(max(0.0, (due - time.perf_counter_ns()) / 1e9))
+                start = time.perf_counter_ns()
+                error = None
+                try:
+                    _check(*conn.request("POST", f"/v1/keys/{tenant}/{name}/rotate", b"{}"))
+                except Exception as exc:
+                    error = f"rotate: {exc}"
+                rotations.append((start, time.perf_counter_ns(), error))
+                due += 1_000_000_000
+        finally:
+            conn.close()
+
+    run = drive(
+        SignerdSign(sock, key),
+        callers,
+        steady + rotating,
+        warmup,
+        procs=procs,
+        keep_every=20,
+        during=rotate_every_second,
+    )
+    t1 = run.t0 + int(steady * 1e9)
+    result = RotationResult(
+        run, (run.t0, t1), (t1, run.t0 + int((steady + rotating) * 1e9) + 10**9)
+    )
+    result.rotations = rotations
+    _check_samples(sock, result)
+    return result
+
+
+def _check_samples(sock: str, result: RotationResult) -> None:
+    """Verify a sample of the signatures returned under load against their kids' public keys."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    conn = HttpConnection(sock)
+    keys: dict[str, Ed25519PublicKey] = {}
+    try:
+        for sample in result.run.samples():
+            kid, i, signature = cast(tuple[str, int, str], sample)
+            if kid not in keys:
+                jwk = conn.json("GET", f"/v1/kids/{kid}")["jwk"]
+                raw = base64.urlsafe_b64decode(jwk["x"] + "=" * (-len(jwk["x"]) % 4))
+                keys[kid] = Ed25519PublicKey.from_public_bytes(raw)
+            result.samples_checked += 1
+            try:
+                keys[kid].verify(base64.b64decode(signature), message(i))
+            except InvalidSignature:
+                result.bad_samples += 1
+    finally:
+        conn.close()
+    result.kids_seen = len(keys)
+
+
+# --- footprint ---
+
+
+@dataclass
+class Footprint:
+    versions: int
+    create_seconds: float
+    ready_seconds: float
+    rss_bytes: int
+
+
+def footprint(
+    stack: ExitStack, tmp: Path, backend: Mapping[str, Any], keys: int, versions: int
+) -> Footprint:
+    """Load ``keys`` x ``versions`` versions through the API, restart, time ready and read RSS."""
+    config, sock = write_config(tmp, "footprint", backend, [], {"retain_verify_only": 0})
+    log = tmp / "footprint.log"
+    with ExitStack() as first:
+        daemon = start_daemon(first, config, sock, log)
+        conn = HttpConnection(sock)
+        started = time.perf_counter()
+        for k in range(keys):
+            conn.json("POST", "/v1/keys", {"key": f"fp/k{k:02d}"}, expect=201)
+            for _ in range(versions - 1):
+                conn.json("POST", f"/v1/keys/fp/k{k:02d}/rotate", {})
+        create_seconds = time.perf_counter() - started
+        conn.close()
+        daemon.stop()
+    daemon = start_daemon(stack, config, sock, log)
+    try:
+        conn = HttpConnection(sock)
+        listed = conn.json("GET", "/v1/keys?tenant=fp")["keys"]
+        loaded = sum(len(k["versions"]) for k in listed)
+        if loaded != keys * versions:
+            raise ServiceError(f"expected {keys * versions} versions after restart, found {loaded}")
+        for k in range(keys):
+            conn.json("POST", "/v1/sign", {"key": f"fp/k{k:02d}", "data": b64(message(k))})
+        conn.json("GET", "/v1/jwks?tenant=fp")
+        conn.close()
+        return Footprint(loaded, create_seconds, daemon.ready_seconds, daemon.rss_bytes())
+    finally:
+        daemon.stop()

