@@ -1,0 +1,153 @@
+"""The listening Unix socket: private directory, fixed mode and group, no surprises.
+
+``bind_unix_socket`` refuses to start on anything it does not own: a path that
+is a symlink, a file that is not a socket, a socket another process listens on,
+or a directory that other users can write to. A socket file nobody listens on
+(left by a crash) is replaced. The socket is bound under a temporary name,
+given its mode and group, and only then renamed into place, so a client never
+finds it with looser permissions; the rename also replaces a stale socket in
+one step. Abstract sockets (no file, no permissions) are never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import grp
+import os
+import socket
+import stat
+import weakref
+
+__all__ = ["SocketError", "bind_unix_socket", "unlink_own_socket"]
+
+_SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
+
+# device and inode of the file each listening socket was bound to
+_BOUND: weakref.WeakKeyDictionary[socket.socket, tuple[int, int]] = weakref.WeakKeyDictionary()
+
+
+class SocketError(ValueError):
+    """The socket path cannot be used safely; signerd does not start."""
+
+
+def bind_unix_socket(
+    path: str,
+    *,
+    mode: int = 0o660,
+    group: str | int | None = None,
+    dir_mode: int = 0o750,
+) -> socket.socket:
+    """Bind, set mode and group, and listen on a Unix socket at ``path``."""
+    if not path or path.startswith("\0") or "\0" in path:
+        raise SocketError("socket path must be a file system path (abstract sockets are refused)")
+    gid = _group_id(group)
+    directory = os.path.dirname(os.path.abspath(path))
+    temp = os.path.join(directory, f".{os.getpid()}.sock.tmp")
+    if max(len(os.fsencode(path)), len(os.fsencode(temp))) > _SUN_PATH_MAX:
+        raise SocketError(f"socket path is too long for a Unix socket: {path}")
+    _ensure_directory(directory, dir_mode, gid)
+    _check_existing(path)
+
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temp)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(temp)
+        os.chmod(temp, mode)
+        if gid is not None:
+            os.chown(temp, -1, gid)
+        sock.listen(socket.SOMAXCONN)
+        _check_existing(path)  # again, right before replacing it
+        os.rename(temp, path)
+        st = os.lstat(path)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    _BOUND[sock] = (st.st_dev, st.st_ino)
+    return sock
+
+
+def unlink_own_socket(path: str, sock: socket.socket) -> bool:
+    """Remove ``path`` if it is still the file ``sock`` was bound to; say whether it was."""
+    ident = _BOUND.get(sock)
+    if ident is None:
+        return False
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISSOCK(st.st_mode) or (st.st_dev, st.st_ino) != ident:
+        return False
+    os.unlink(path)
+    return True
+
+
+def _group_id(group: str | int | None) -> int | None:
+    if group is None:
+        return None
+    if isinstance(group, bool) or (isinstance(group, int) and group < 0):
+        raise SocketError(f"invalid socket group: {group!r}")
+    if isinstance(group, int):
+        return group
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise SocketError(f"socket group does not exist: {group!r}") from None
+
+
+def _ensure_directory(directory: str, dir_mode: int, gid: int | None) -> None:
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        parent = os.path.dirname(directory)
+        os.makedirs(parent, exist_ok=True)
+        os.mkdir(directory, 0o700)
+        if gid is not None:
+            os.chown(directory, -1, gid)
+        os.chmod(directory, dir_mode)
+        st = os.lstat(directory)
+    if stat.S_ISLNK(st.st_mode):
+        raise SocketError(f"socket directory is a symlink: {directory}")
+    if not stat.S_ISDIR(st.st_mode):
+        raise SocketError(f"socket directory is not a directory: {directory}")
+    if st.st_mode & stat.S_IWOTH:
+        raise SocketError(f"socket directory is writable by other users: {directory}")
+
+
+def _check_existing(path: str) -> None:
+    """Return if ``path`` is free or a stale socket of ours (then remove it); else refuse."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise SocketError(f"socket path is a symlink: {path}")
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketError(f"socket path exists and is not a socket: {path}")
+    if st.st_uid != os.geteuid():
+        raise SocketError(f"socket path belongs to another user (uid {st.st_uid}): {path}")
+    if _listening(path):
+        raise SocketError(f"another process is listening on {path}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _listening(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except BlockingIOError:
+        return True  # EAGAIN: the backlog is full, so someone listens
+    except OSError as exc:
+        if exc.errno == errno.ECONNREFUSED:
+            return False
+        raise SocketError(f"cannot probe existing socket {path}: {exc.strerror}") from exc
+    finally:
+        probe.close()
+    return True
