@@ -55,6 +55,7 @@ def build_policy(config: Config) -> Policy:
 
 
 def build_audit(config: Config) -> AuditTrail:
+    os.makedirs(os.path.dirname(str(config.audit["path"])), mode=0o750, exist_ok=True)
     try:
         return audit_from_config(config.audit)
     except ValueError as exc:
