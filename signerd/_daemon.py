@@ -30,7 +30,7 @@ from ._config import Config, ConfigError, load
 from ._keyservice import KeyService
 from ._peer import peer_of
 from ._server import Server
-from ._sockets import bind_unix_socket, unlink_own_socket
+from ._sockets import SocketError, bind_unix_socket, unlink_own_socket
 from .errors import SignerdError
 
 log = logging.getLogger("signerd")
@@ -187,6 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"signerd: configuration error: {exc}", file=sys.stderr)
         return os.EX_CONFIG
+    except SocketError as exc:
+        print(f"signerd: cannot listen: {exc}", file=sys.stderr)
+        return os.EX_CANTCREAT
     except SignerdError as exc:
         print(f"signerd: cannot start: {exc.code}: {exc.message}", file=sys.stderr)
         return os.EX_UNAVAILABLE

@@ -243,7 +243,15 @@ class KeyService:
         active = info.active
         if active is None:
             raise InvalidState("key has no active version")
-        signature = await self._coalescer.submit((key, active.version), data)
+        try:
+            signature = await self._coalescer.submit((key, active.version), data)
+        except (InvalidState, UnknownVersion):
+            # Another daemon rotated or retired under us: learn the keyring again, once.
+            fresh = (await self.describe(key)).active
+            if fresh is None or fresh.version == active.version:
+                raise
+            active = fresh
+            signature = await self._coalescer.submit((key, active.version), data)
         return active.kid, signature
 
     async def _sign_batch(

@@ -182,3 +182,19 @@ async def test_bootstrap_creates_missing_keys(key: KeyName) -> None:
         assert await again.describe(key) == first
     finally:
         await again.close()
+
+
+async def test_sign_follows_a_rotation_made_elsewhere(svc: KeyService, key: KeyName) -> None:
+    """When another daemon destroyed the cached active version, sign re-reads and uses the new one."""
+    await svc.create(key)
+    other = _service()
+    await other.start()
+    try:
+        await other.rotate(key)
+        await other.retire(key, 1)
+        await other.destroy(key, 1, confirm=key.kid(1))
+    finally:
+        await other.close()
+    kid, sig = await svc.sign(key, b"after")
+    assert kid == key.kid(2)
+    await svc.verify(kid, b"after", sig)
