@@ -10,6 +10,7 @@ concurrent sign requests into batch calls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -90,6 +91,7 @@ class KeyService:
         self._keys: dict[KeyName, KeyInfo] = {}
         self._kids: dict[str, _Entry] = {}
         self._refreshed: dict[KeyName, float] = {}
+        self._unknown_key_refresh = 0.0
         self._admin_locks: dict[KeyName, asyncio.Lock] = {}
         self._coalescer: Coalescer[_Group] = Coalescer(
             self._sign_batch,
@@ -131,6 +133,7 @@ class KeyService:
         return info
 
     def _forget(self, key: KeyName) -> None:
+        self._refreshed.pop(key, None)
         old = self._keys.pop(key, None)
         if old is not None:
             for v in old.versions:
@@ -223,12 +226,18 @@ class KeyService:
         if entry is not None:
             return entry
         key, _ = parse_kid(kid)
-        last = self._refreshed.get(key, 0.0)
-        if time.monotonic() - last >= self.settings.unknown_kid_refresh:
-            try:
+        now = time.monotonic()
+        if key in self._keys:
+            due = now - self._refreshed.get(key, 0.0) >= self.settings.unknown_kid_refresh
+        else:
+            # Kids of keys we do not know: one shared re-read slot per interval, so
+            # a stream of made-up kids costs the backend at most one call per interval.
+            due = now - self._unknown_key_refresh >= self.settings.unknown_kid_refresh
+            if due:
+                self._unknown_key_refresh = now
+        if due:
+            with contextlib.suppress(UnknownKey):
                 await self.describe(key)
-            except UnknownKey:
-                self._refreshed[key] = time.monotonic()
         entry = self._kids.get(kid)
         if entry is None:
             raise UnknownKid()
