@@ -329,6 +329,13 @@ class Pkcs11Backend:
             self._public[kid] = raw
         return raw
 
+    def _prefetch_public(self, session: Any, kids: set[str]) -> None:
+        """Read many public keys in one pass over the token (one search, not one per kid)."""
+        for obj in session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY}):
+            label = obj[Attribute.LABEL]
+            if label in kids:
+                self._public[label] = raw_public_key(obj[Attribute.EC_POINT])
+
     def _info(self, session: Any, key: KeyName, meta: _Meta) -> KeyInfo:
         versions = tuple(
             KeyVersion(
@@ -348,6 +355,9 @@ class Pkcs11Backend:
             for name, seq, _, meta in self._meta_objects(session, None):
                 if name not in latest or latest[name].seq < seq:
                     latest[name] = meta
+            wanted = {k.kid(v) for k, m in latest.items() for v in m.versions} - set(self._public)
+            if wanted:
+                self._prefetch_public(session, wanted)
             return [self._info(session, k, m) for k, m in sorted(latest.items())]
 
         return self._call(run)
