@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
+import multiprocessing
 import os
+import pwd
 import time
 from collections.abc import Mapping
 from contextlib import ExitStack
@@ -15,7 +17,7 @@ from typing import Any, cast
 
 from .load import Op, Run, drive
 from .refs import b64, message
-from .services import ServiceError, start_daemon
+from .services import ServiceError, Token, start_daemon
 from .wire import HttpConnection, WireError
 
 OPERATIONS = ["sign", "verify", "jwks", "list", "create", "rotate", "promote", "retire", "destroy"]
@@ -52,7 +54,12 @@ def write_config(
     text += _section("[audit]", {"path": str(tmp / f"{name}-audit.jsonl")})
     text += _section(
         "[[policy.rules]]",
-        {"name": "bench", "uids": [os.getuid()], "tenants": ["*"], "operations": OPERATIONS},
+        {
+            "name": "bench",
+            "users": [pwd.getpwuid(os.getuid()).pw_name],
+            "tenants": ["*"],
+            "operations": OPERATIONS,
+        },
     )
     path = tmp / f"{name}.toml"
     path.write_text(text)
@@ -255,39 +262,111 @@ def _check_samples(sock: str, result: RotationResult) -> None:
 @dataclass
 class Footprint:
     versions: int
-    create_seconds: float
+    seed_seconds: float
     ready_seconds: float
     rss_bytes: int
+    rotate_ms: float  # one rotation through the API with all those versions on the token
+
+
+def seed_token(module: str, label: str, pin: str, keys: int, versions: int) -> None:
+    """Write ``keys`` keys of ``versions`` versions straight onto the token, in signerd's layout.
+
+    Going through the API would take minutes: every rotation searches the
+    token, and SoftHSM's search reads every object. The layout (key pairs
+    labelled with their kid, one metadata object per key) comes from
+    ``signerd._pkcs11`` itself, and the daemon must then list every version.
+    """
+    import pkcs11
+    from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+    from pkcs11.util.ec import encode_named_curve_parameters
+
+    from signerd._backend import VersionState
+    from signerd._names import KeyName
+    from signerd._pkcs11 import APPLICATION, ED25519_OID, _Meta, _meta_label
+
+    session = pkcs11.lib(module).get_token(token_label=label).open(user_pin=pin, rw=True)
+    params = session.create_domain_parameters(
+        KeyType.EC_EDWARDS,
+        {Attribute.EC_PARAMS: encode_named_curve_parameters(ED25519_OID)},
+        local=True,
+    )
+    now = int(time.time())
+    for k in range(keys):
+        key = KeyName("fp", f"k{k:02d}")
+        for v in range(1, versions + 1):
+            params.generate_keypair(
+                mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
+                store=True,
+                label=key.kid(v),
+                id=key.kid(v).encode(),
+                public_template={Attribute.VERIFY: True, Attribute.PRIVATE: False},
+                private_template={
+                    Attribute.SIGN: True,
+                    Attribute.PRIVATE: True,
+                    Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: False,
+                },
+            )
+        states = {
+            v: (VersionState.ACTIVE if v == versions else VersionState.VERIFY_ONLY, now)
+            for v in range(1, versions + 1)
+        }
+        session.create_object(
+            {
+                Attribute.CLASS: ObjectClass.DATA,
+                Attribute.TOKEN: True,
+                Attribute.PRIVATE: True,
+                Attribute.MODIFIABLE: False,
+                Attribute.APPLICATION: APPLICATION,
+                Attribute.LABEL: _meta_label(key),
+                Attribute.VALUE: _Meta(seq=1, versions=states).encode(),
+            }
+        )
+    session.close()
 
 
 def footprint(
-    stack: ExitStack, tmp: Path, backend: Mapping[str, Any], keys: int, versions: int
+    stack: ExitStack, tmp: Path, token: Token, keys: int, versions: int, ready_limit: float = 300
 ) -> Footprint:
-    """Load ``keys`` x ``versions`` versions through the API, restart, time ready and read RSS."""
-    config, sock = write_config(tmp, "footprint", backend, [], {"retain_verify_only": 0})
-    log = tmp / "footprint.log"
-    with ExitStack() as first:
-        daemon = start_daemon(first, config, sock, log)
-        conn = HttpConnection(sock)
-        started = time.perf_counter()
-        for k in range(keys):
-            conn.json("POST", "/v1/keys", {"key": f"fp/k{k:02d}"}, expect=201)
-            for _ in range(versions - 1):
-                conn.json("POST", f"/v1/keys/fp/k{k:02d}/rotate", {})
-        create_seconds = time.perf_counter() - started
-        conn.close()
-        daemon.stop()
-    daemon = start_daemon(stack, config, sock, log)
+    """Seed ``keys`` x ``versions`` versions, start signerd, time ready, read RSS."""
+    started = time.perf_counter()
+    ctx = multiprocessing.get_context("spawn")  # keep PKCS#11 out of the harness process
+    seeder = ctx.Process(
+        target=seed_token, args=(token.module, token.label, token.pin, keys, versions)
+    )
+    seeder.start()
+    seeder.join(timeout=300)
+    if seeder.is_alive():
+        seeder.kill()
+        seeder.join()
+    if seeder.exitcode != 0:
+        raise ServiceError(f"seeding the token failed (exit code {seeder.exitcode})")
+    seed_seconds = time.perf_counter() - started
+    backend = {
+        "type": "pkcs11",
+        "module": token.module,
+        "token_label": token.label,
+        "pin_file": str(token.pin_file),
+    }
+    # Keep every version verify-only, and let loading them take as long as it takes:
+    # the point is to measure it.
+    settings = {"retain_verify_only": 0, "backend_timeout": float(ready_limit)}
+    config, sock = write_config(tmp, "footprint", backend, [], settings)
+    daemon = start_daemon(stack, config, sock, tmp / "footprint.log", timeout=ready_limit)
     try:
         conn = HttpConnection(sock)
         listed = conn.json("GET", "/v1/keys?tenant=fp")["keys"]
         loaded = sum(len(k["versions"]) for k in listed)
         if loaded != keys * versions:
-            raise ServiceError(f"expected {keys * versions} versions after restart, found {loaded}")
+            raise ServiceError(f"seeded {keys * versions} versions, signerd lists {loaded}")
         for k in range(keys):
             conn.json("POST", "/v1/sign", {"key": f"fp/k{k:02d}", "data": b64(message(k))})
         conn.json("GET", "/v1/jwks?tenant=fp")
+        rss = daemon.rss_bytes()
+        t = time.perf_counter()
+        conn.json("POST", "/v1/keys/fp/k00/rotate", {})
+        rotate_ms = (time.perf_counter() - t) * 1000
         conn.close()
-        return Footprint(loaded, create_seconds, daemon.ready_seconds, daemon.rss_bytes())
+        return Footprint(loaded, seed_seconds, daemon.ready_seconds, rss, rotate_ms)
     finally:
         daemon.stop()

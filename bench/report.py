@@ -167,7 +167,7 @@ def _num(value: float | None, unit: str = "") -> str:
 
 def _target_text(o: Outcome) -> str:
     if o.op is None or o.limit is None:
-        return f"x {o.ref}" if o.ref else ""
+        return f"x {o.ref}" if o.ref else o.label
     what = o.label
     return f"{o.op} {o.limit:g}{'x ' + str(o.ref) if o.ref else ''} ({what})"
 
@@ -187,6 +187,7 @@ def table(rows: list[Row], outcomes: list[Outcome]) -> str:
             )
             continue
         if row.unit:
+            cells[1] = ""
             cells += ["", "", f"{row.value:.3g} {row.unit}", ""]
         else:
             cells += [
@@ -231,12 +232,17 @@ CHART_PANELS: tuple[tuple[str, Callable[[Row], bool]], ...] = (
 )
 
 
+def _tick(value: float, _pos: object) -> str:
+    return f"{value / 1000:g} ms" if value >= 1000 else f"{value:g} µs"
+
+
 def write_chart(path: Path, rows: list[Row], latencies: dict[str, list[int]], title: str) -> None:
     """Latency CDFs on a log axis, one panel per kind of path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     fig, axes = plt.subplots(1, len(CHART_PANELS), figsize=(18, 6.5), sharey=True)
     for ax, (name, wanted) in zip(axes, CHART_PANELS, strict=True):
@@ -250,6 +256,9 @@ def write_chart(path: Path, rows: list[Row], latencies: dict[str, list[int]], ti
             ys = [i * step / len(values) for i in range(len(xs) - 1)] + [1.0]
             ax.plot(xs, ys, label=f"{r.path} (p50 {_num(r.p50_us, 'us')})", linewidth=1.6)
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(_tick))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(name)
         ax.set_xlabel("latency per request (µs, log scale)")
         ax.axhline(0.5, color="grey", linewidth=0.5, linestyle=":")

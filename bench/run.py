@@ -16,7 +16,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from . import daemon as sd
@@ -40,7 +40,9 @@ class Profile:
     footprint_versions: int
 
 
-QUICK = Profile("quick", 0.3, 1.5, 2, 2.0, 4.0, 10, 100)
+# --quick seeds 100 versions, not 1,000 (seeding SoftHSM's file store takes 15-45 s per
+# 1,000 here), so its footprint numbers are reported for information only.
+QUICK = Profile("quick", 0.3, 1.5, 2, 2.0, 4.0, 10, 10)
 FULL = Profile("full", 1.0, 8.0, 2, 8.0, 20.0, 10, 100)
 
 CHECKS = [
@@ -70,8 +72,23 @@ CHECKS = [
     Check("rotation-during", "errors", None, "", "<=", 0, "failed requests"),
     Check("rotation-during", "p99_us", "rotation-steady", "p99_us", "<=", 3.0, "p99"),
     Check("footprint-rss", "value", None, "", "<=", 80, "MB with 1,000 versions"),
-    Check("footprint-ready", "value", None, "", "<", 2.0, "seconds to ready"),
+    Check("footprint-ready", "value", None, "", "<", 2.0, "s to ready, 1,000 versions"),
 ]
+
+
+def checks_for(profile: Profile) -> list[Check]:
+    """The checks; footprint limits apply only when 1,000 versions were loaded."""
+    versions = profile.footprint_keys * profile.footprint_versions
+    if versions == 1000:
+        return CHECKS
+    out = []
+    for c in CHECKS:
+        if c.path.startswith("footprint-"):
+            unit = "MB" if c.path == "footprint-rss" else "s to ready"
+            c = replace(c, op=None, limit=None, label=f"{unit} with {versions} versions")
+        out.append(c)
+    return out
+
 
 # Every path, in the order of the table.
 PATHS = [
@@ -279,17 +296,17 @@ class Bench:
         ]
         with self.section(paths), ExitStack() as stack:
             self.log(
-                f"footprint: creating {p.footprint_keys} keys x {p.footprint_versions} versions"
+                f"footprint: seeding {p.footprint_keys} keys x {p.footprint_versions} versions"
             )
             token = init_token(tmp, softhsm_conf(tmp), "bench-fp")
-            backend = {
-                "type": "pkcs11",
-                "module": token.module,
-                "token_label": token.label,
-                "pin_file": str(token.pin_file),
+            fp = sd.footprint(stack, tmp, token, p.footprint_keys, p.footprint_versions)
+            notes = {
+                "versions": fp.versions,
+                "seed_seconds": round(fp.seed_seconds, 2),
+                "rotate_ms_with_all_versions_on_token": round(fp.rotate_ms, 1),
+                "config": "keys.retain_verify_only = 0 (every version stays loaded); "
+                "keys.backend_timeout = 300 (default 5) so that a slow load is measured",
             }
-            fp = sd.footprint(stack, tmp, backend, p.footprint_keys, p.footprint_versions)
-            notes = {"versions": fp.versions, "create_seconds": round(fp.create_seconds, 2)}
             self.add(Row(*paths[0], value=fp.rss_bytes / MB, unit="MB", notes=notes))
             self.add(Row(*paths[1], value=fp.ready_seconds, unit="s", notes=notes))
 
@@ -336,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.rows[path] = Row(path, "", failure="not run")
     rows = sorted(bench.rows.values(), key=lambda r: PATHS.index(r.path) if r.path in PATHS else 99)
     by_path = {r.path: r for r in rows}
-    outcomes = [evaluate(c, by_path) for c in CHECKS]
+    outcomes = [evaluate(c, by_path) for c in checks_for(profile)]
     meta = {
         "profile": asdict(profile),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
