@@ -377,13 +377,11 @@ class AuditTrail:
         if not sink.regular or ident == sink.ident:
             return
         sink.dangling.clear()
-        had_chain = sink.ident is not None or sink.seq > 0
         sink.ident, sink.good_end = ident, 0
+        sink.rotated_from = sink.prev if sink.seq > 0 else None  # the chain moves here
         if st.st_size > 0:
-            self._load_tail(st.st_size)
-        elif had_chain:
-            sink.rotated_from = sink.prev
-            log.info("signerd.audit_reopened path=%s seq=%d", self.path, sink.seq)
+            self._load_tail(st.st_size)  # unless the file has a chain of its own
+        log.info("signerd.audit_opened path=%s seq=%d", self.path, sink.seq)
 
     def _load_tail(self, size: int) -> None:
         """Continue the chain from the last record already in the file."""

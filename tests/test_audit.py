@@ -457,6 +457,22 @@ async def test_reopen_after_rotation_continues_the_chain(tmp_path: Path) -> None
     assert not swapped.ok and swapped.path == str(rotated)
 
 
+async def test_reopen_into_a_file_with_foreign_bytes(tmp_path: Path) -> None:
+    """If the new file already holds non-record bytes, the chain moves in and names them."""
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail(str(path))
+    await trail.record(event(0))
+    path.rename(tmp_path / "old.jsonl")
+    path.write_bytes(b"not an audit record\n")
+    trail.reopen()
+    await trail.record(event(1))
+    await trail.aclose()
+    (rec,) = records(path)
+    assert rec["seq"] == 2 and rec["rotated_from"] == rec["prev"]
+    assert rec["discarded"]["bytes"] == len(b"not an audit record\n")
+    assert verify_files([str(tmp_path / "old.jsonl"), str(path)]).ok
+
+
 async def test_renamed_file_without_reopen_is_left_alone(tmp_path: Path) -> None:
     """A file renamed away (no SIGHUP) is noticed before the next write, which goes to a new file."""
     path = tmp_path / "audit.jsonl"
