@@ -370,7 +370,11 @@ class AuditTrail:
     def _open(self) -> None:
         sink = self._sink
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC
-        fd = os.open(self.path, flags, 0o640)  # O_NONBLOCK: a FIFO without reader fails now
+        try:
+            fd = os.open(self.path, flags, 0o640)  # O_NONBLOCK: a FIFO without reader fails now
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), 0o750, exist_ok=True)
+            fd = os.open(self.path, flags, 0o640)
         st = os.fstat(fd)
         sink.fd, sink.regular = fd, stat.S_ISREG(st.st_mode)
         ident = (st.st_dev, st.st_ino)

@@ -107,6 +107,16 @@ async def test_records_chain_from_genesis_and_verify(tmp_path: Path) -> None:
     assert verify_file(str(path)).records == 5
 
 
+async def test_missing_directory_is_created(tmp_path: Path) -> None:
+    """The audit file's directory is created (0750) when it does not exist yet."""
+    path = tmp_path / "log" / "signerd" / "audit.jsonl"
+    trail = AuditTrail(str(path))
+    await trail.record(event(0))
+    await trail.aclose()
+    assert (path.parent.stat().st_mode & 0o777) == 0o750
+    assert verify_file(str(path)).ok
+
+
 async def test_record_holds_only_event_fields(tmp_path: Path) -> None:
     """A record has exactly the event's fields (peer, op, tenant, key, kid, payload hash, outcome)."""
     path = tmp_path / "audit.jsonl"
