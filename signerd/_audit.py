@@ -125,7 +125,7 @@ class _Walker:
         self.pending_problem: str | None = None
 
     def feed(self, line: bytes, lineno: int) -> None:
-        problem, seq = self._check(line, lineno)
+        problem, seq = self._check(line)
         if problem is None:
             self.prev, self.seq, self.prev_line = _line_hash(line), seq, lineno
             self.file_start = False
@@ -138,7 +138,7 @@ class _Walker:
             self.pending_line, self.pending_problem = lineno, problem
         self.pending += line
 
-    def _check(self, line: bytes, lineno: int) -> tuple[str | None, int]:
+    def _check(self, line: bytes) -> tuple[str | None, int]:
         if not line.endswith(b"\n"):
             return "unterminated record at the end of the file (a write that failed?)", 0
         try:
@@ -313,7 +313,7 @@ class AuditTrail:
             if lines and self._journal is not None:
                 with self._cond:
                     self._busy_since = time.monotonic()  # a stuck journal is a stuck writer
-                self._to_journal(batch, lines)
+                self._to_journal(lines)
                 with self._cond:
                     self._busy_since = None
         self._close_fd()
@@ -451,11 +451,11 @@ class AuditTrail:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
-    def _to_journal(self, batch: list[_Job], lines: list[bytes]) -> None:
+    def _to_journal(self, lines: list[bytes]) -> None:
         assert self._journal is not None
         try:
-            for job, line in zip(batch, lines, strict=True):
-                self._journal(**_journal_fields(job.event, job.seq, _line_hash(line)))
+            for line in lines:
+                self._journal(**_journal_fields(line))
         except Exception as exc:  # the file is the record of truth; say so once
             if not self._journal_failing:
                 log.warning("signerd.audit_journal_failed error=%s", exc)
@@ -507,32 +507,28 @@ def _encode(event: AuditEvent, seq: int, prev: str, marks: Mapping[str, object])
     return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def _journal_fields(event: AuditEvent, seq: int, digest: str) -> dict[str, str]:
-    status = event.status
-    priority = 6 if status < 400 else 4 if status in (401, 403, 429) else 5 if status < 500 else 3
+def _journal_fields(line: bytes) -> dict[str, str]:
+    """A record as journal fields: SIGNERD_SEQ, SIGNERD_PEER_UID, ..., and its own hash."""
+    record = json.loads(line)
+    peer = record.pop("peer")
+    record.update({f"peer_{name}": value for name, value in peer.items()})
+    status = record["status"]
     fields = {
-        "MESSAGE": f"signerd audit {event.operation} {event.outcome}",
-        "PRIORITY": str(priority),
+        "MESSAGE": f"signerd audit {record['operation']} {record['outcome']}",
+        "PRIORITY": "6"
+        if status < 400
+        else "4"
+        if status in (401, 403, 429)
+        else "5"
+        if status < 500
+        else "3",
         "SYSLOG_IDENTIFIER": "signerd",
-        "SIGNERD_AUDIT_SEQ": str(seq),
-        "SIGNERD_AUDIT_HASH": digest,
-        "SIGNERD_REQUEST_ID": event.request_id,
-        "SIGNERD_OPERATION": event.operation,
-        "SIGNERD_OUTCOME": event.outcome,
-        "SIGNERD_STATUS": str(status),
-        "SIGNERD_PEER_PID": str(event.peer.pid),
-        "SIGNERD_PEER_UID": str(event.peer.uid),
-        "SIGNERD_PEER_GID": str(event.peer.gid),
+        "SIGNERD_HASH": _line_hash(line),  # anchors the file's chain outside the file
     }
-    optional = {
-        "SIGNERD_PEER_UNIT": event.peer.unit,
-        "SIGNERD_TENANT": event.tenant,
-        "SIGNERD_KEY": event.key,
-        "SIGNERD_KID": event.kid,
-        "SIGNERD_REASON": event.reason,
-        "SIGNERD_PAYLOAD_SHA256": " ".join(event.payload_sha256) or None,
-    }
-    fields.update({k: v for k, v in optional.items() if v is not None})
+    for name, value in record.items():
+        text = " ".join(map(str, value)) if isinstance(value, list) else value
+        if text is not None and text != "":
+            fields[f"SIGNERD_{name.upper()}"] = str(text)
     return fields
 
 

@@ -711,8 +711,11 @@ def test_journald_gets_structured_fields(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     fields = json.loads(out.stdout)
     line = path.read_bytes().splitlines()[0]
-    assert fields["SIGNERD_AUDIT_HASH"] == hashlib.sha256(line).hexdigest()
-    assert fields["SIGNERD_AUDIT_SEQ"] == "1"
+    assert fields["SIGNERD_HASH"] == hashlib.sha256(line).hexdigest()
+    assert fields["SIGNERD_SEQ"] == "1"
+    assert fields["SIGNERD_PREV"] == GENESIS
+    assert fields["SIGNERD_PAYLOAD_SHA256"] == "ab" * 32
+    assert fields["PRIORITY"] == "6"
     assert fields["SIGNERD_OPERATION"] == "sign"
     assert fields["SIGNERD_PEER_UID"] == "1001"
     assert fields["SIGNERD_PEER_UNIT"] == "gateway.service"
