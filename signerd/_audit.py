@@ -222,6 +222,7 @@ class AuditTrail:
         self._reopen = False
         self._sink = _Sink()
         self._journal_failing = False
+        self._last_complaint = 0.0
 
     async def record(self, event: AuditEvent) -> None:
         """Write one record durably, or raise AuditUnavailable within write_timeout."""
@@ -299,8 +300,15 @@ class AuditTrail:
                 try:
                     lines = self._write_batch(batch)
                 except Exception as exc:  # OSError mostly; never let the writer die
-                    log.error("signerd.audit_write_failed error=%s path=%s", exc, self.path)
                     self._close_fd()
+                    now = time.monotonic()
+                    if now - self._last_complaint > 10.0:  # one line per streak, then 1/10 s
+                        self._last_complaint = now
+                        log.error("signerd.audit_write_failed error=%s path=%s", exc, self.path)
+                else:
+                    if self._last_complaint:
+                        log.warning("signerd.audit_recovered path=%s", self.path)
+                    self._last_complaint = 0.0
             with self._cond:
                 self._busy_since = None
                 for job in batch:
