@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     bench = Bench(profile)
     started = time.time()
+    load_before = os.getloadavg()
     bench.run_all()
     for path in PATHS:
         if path not in bench.rows:
@@ -363,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "platform": platform.platform(),
         },
+        "load_average_before_after": [round(x, 2) for x in (*load_before, *os.getloadavg())],
         "layout": "callers are threads with one keep-alive connection each; one caller runs "
         f"in one worker process, concurrent callers are spread over {profile.procs} "
         "worker processes (spawned); the daemons and servers run in their own processes",
