@@ -8,7 +8,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 VAR := $(CURDIR)/var
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := softhsm2 openssh-client
 export SOFTHSM2_CONF := $(VAR)/softhsm/softhsm2.conf
 
 .PHONY: run test bench check system deps dev-token clean
@@ -17,6 +16,8 @@ system:
 	@missing=""; \
 	command -v softhsm2-util >/dev/null || missing="$$missing softhsm2"; \
 	command -v ssh-agent >/dev/null || missing="$$missing openssh-client"; \
+	command -v pkg-config >/dev/null || missing="$$missing pkg-config"; \
+	pkg-config --exists libsystemd 2>/dev/null || missing="$$missing libsystemd-dev"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
@@ -26,7 +27,7 @@ system:
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[pkcs11,vault,test,bench]'
+	$(PY) -m pip install -q -e '.[pkcs11,vault,systemd,test,bench]'
 	touch $@
 
 deps: system $(VENV)/.installed
@@ -40,11 +41,12 @@ run: dev-token
 	@echo "signerd: socket $(VAR)/run/signerd.sock (Ctrl-C stops it)"
 	exec $(PY) -m signerd --config $(VAR)/signerd.toml
 
-test: deps
+test: check
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q tests
 
 check: deps
 	$(VENV)/bin/ruff check signerd tests bench
+	$(VENV)/bin/ruff format --check signerd tests bench
 	$(VENV)/bin/mypy
 
 bench: deps

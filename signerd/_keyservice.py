@@ -43,6 +43,9 @@ from .errors import (
 log = logging.getLogger("signerd.keys")
 _T = TypeVar("_T")
 
+#: seconds the first read of the whole keyring may take at start-up
+STARTUP_TIMEOUT = 60.0
+
 #: states whose kid verifies and is published in the JWKS
 PUBLISHED = frozenset({VersionState.PENDING, VersionState.ACTIVE, VersionState.VERIFY_ONLY})
 
@@ -105,10 +108,10 @@ class KeyService:
     def backend_name(self, tenant: str) -> str:
         return self._routes.get(tenant, self._default)
 
-    async def _run(self, backend: str, fn: Callable[[], _T]) -> _T:
+    async def _run(self, backend: str, fn: Callable[[], _T], timeout: float | None = None) -> _T:
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self.settings.backend_timeout):
+            async with asyncio.timeout(timeout or self.settings.backend_timeout):
                 return await loop.run_in_executor(self._executors[backend], fn)
         except TimeoutError as exc:
             log.error("signerd.backend_timeout backend=%s", backend)
@@ -142,7 +145,8 @@ class KeyService:
     # --- lifecycle of the service -------------------------------------------
 
     async def start(self, bootstrap: Sequence[KeyName] = ()) -> None:
-        await self.refresh_all()
+        # Reading a large keyring the first time may take longer than one request may.
+        await self.refresh_all(timeout=max(STARTUP_TIMEOUT, self.settings.backend_timeout))
         for key in bootstrap:
             if key not in self._keys:
                 try:
@@ -161,9 +165,9 @@ class KeyService:
             except SignerdError as exc:
                 log.warning("signerd.refresh_failed code=%s", exc.code)
 
-    async def refresh_all(self) -> None:
+    async def refresh_all(self, timeout: float | None = None) -> None:
         for name, backend in self._backends.items():
-            infos = await self._run(name, backend.list_keys)
+            infos = await self._run(name, backend.list_keys, timeout)
             seen = set()
             for info in infos:
                 if self.backend_name(info.key.tenant) == name:

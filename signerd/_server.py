@@ -155,7 +155,7 @@ class Server:
         try:
             request["peer"] = self.peer(request)
             response = await handler(request)
-            await self._record(request, audit, "ok", 200, None)
+            await self._record(request, audit, "ok", response.status, None)
         except web.HTTPException as exc:
             error = _from_http(exc)
             response = self._error(rid, error)
