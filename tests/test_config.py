@@ -26,7 +26,7 @@ def test_example_configuration_parses() -> None:
     assert config.default_backend == "hsm"
     assert config.tenant_backends == {"globex": "vault"}
     assert config.socket_mode == 0o660
-    assert [str(k) for k in config.bootstrap] == ["acme/telemetry", "acme/feedback"]
+    assert [str(k) for k in config.bootstrap] == ["acme/telemetry-ingest", "acme/feedback"]
 
 
 def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
