@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -22,7 +23,16 @@ from pathlib import Path
 from . import daemon as sd
 from . import refs
 from .load import Target, drive
-from .report import Check, Row, evaluate, row_from_run, table, write_chart, write_json
+from .report import (
+    Check,
+    Row,
+    evaluate,
+    percentile,
+    row_from_run,
+    table,
+    write_chart,
+    write_json,
+)
 from .services import REPO, init_token, softhsm_conf, start_agent, start_daemon, start_openbao
 
 MB = 1024 * 1024
@@ -279,7 +289,7 @@ class Bench:
             "bad_samples": result.bad_samples,
             "requests_overlapping_a_rotate_call": len(overlap),
             "p99_us_overlapping_a_rotate_call": (
-                overlap[max(0, int(len(overlap) * 0.99) - 1)] / 1000 if overlap else None
+                percentile(overlap, 99) / 1000 if overlap else None
             ),
         }
         if len(result.rotations) < 2 or result.kids_seen < 2:
@@ -329,6 +339,10 @@ def _guard(part: Callable[[], None], log: Callable[[str], None]) -> None:
         log("part failed:\n" + traceback.format_exc())
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
@@ -344,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     profile = QUICK if args.quick else FULL
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)  # so that every server gets stopped
     args.out.mkdir(parents=True, exist_ok=True)
     bench = Bench(profile)
     started = time.time()
