@@ -11,12 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.run import CHECKS, PATHS
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 600  # --quick takes under 2 minutes; this leaves room for a loaded machine
 
 
+@pytest.mark.timeout(TIMEOUT + 120)
 def test_quick_run_measures_every_path_and_writes_json_and_chart(tmp_path: Path) -> None:
     """`python -m bench.run --quick` exits 0 and writes a JSON and a PNG with a number for every path."""
     proc = subprocess.Popen(
@@ -34,6 +37,10 @@ def test_quick_run_measures_every_path_and_writes_json_and_chart(tmp_path: Path)
         raise AssertionError(
             f"bench.run --quick took over {TIMEOUT} s:\n{stderr[-4000:]}"
         ) from None
+    finally:
+        if proc.poll() is None:  # interrupted some other way: still stop it and its servers
+            proc.terminate()
+            proc.wait(timeout=60)
     assert proc.returncode == 0, stdout[-4000:] + stderr[-4000:]
 
     doc = json.loads((tmp_path / "results.json").read_text())
