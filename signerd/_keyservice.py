@@ -271,7 +271,9 @@ class KeyService:
         self, group: _Group, items: Sequence[bytes]
     ) -> list[bytes | SignerdError]:
         key, version = group
-        entry = self._kids[key.kid(version)]
+        entry = self._kids.get(key.kid(version))
+        if entry is None:  # forgotten by a refresh meanwhile; sign() re-reads and retries
+            raise UnknownVersion()
 
         def run(backend: Backend) -> list[bytes | SignerdError]:
             results = backend.sign(key, version, items)

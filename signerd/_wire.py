@@ -14,7 +14,6 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from ._backend import KeyInfo, KeyVersion
@@ -146,9 +145,3 @@ def kid_json(key: KeyName, v: KeyVersion) -> dict[str, Any]:
         "jwk": to_jwk(v.kid, v.public_key),
         "pem": to_pem(v.public_key),
     }
-
-
-@dataclass(frozen=True)
-class SignItem:
-    key: KeyName
-    data: bytes
