@@ -146,7 +146,7 @@ async def serve(config: Config) -> None:
     log.info(
         "signerd.ready socket=%s keys=%d took=%.3f",
         config.socket,
-        len(await daemon.keys.list_keys()),
+        daemon.keys.key_count,
         time.monotonic() - started,
     )
     _notify("READY=1")

@@ -165,8 +165,11 @@ class KeyService:
             except SignerdError as exc:
                 log.warning("signerd.refresh_failed code=%s", exc.code)
 
-    async def refresh_all(self, timeout: float | None = None) -> None:
+    async def refresh_all(self, timeout: float | None = None, only: str | None = None) -> None:
+        """Re-read the keyring from every backend (or only the named one)."""
         for name, backend in self._backends.items():
+            if only is not None and name != only:
+                continue
             infos = await self._run(name, backend.list_keys, timeout)
             seen = set()
             for info in infos:
@@ -205,8 +208,13 @@ class KeyService:
             self._forget(key)
             raise
 
+    @property
+    def key_count(self) -> int:
+        """Keys in the cache (no backend call)."""
+        return len(self._keys)
+
     async def list_keys(self, tenant: str | None = None) -> list[KeyInfo]:
-        await self.refresh_all()
+        await self.refresh_all(only=None if tenant is None else self.backend_name(tenant))
         return [
             info
             for key, info in sorted(self._keys.items())
