@@ -1,10 +1,8 @@
 """The audit trail: one hash-chained JSON line per request, written or refused.
 
-Each record carries ``seq`` and ``prev``, the SHA-256 (hex) of the previous
-record's line without its newline; the first record ever has ``seq`` 1 and
-``prev`` of 64 zeros. A file that continues the chain of another one (after
-log rotation) starts with a record whose ``rotated_from`` equals its ``prev``.
-On start-up the chain continues from the last record already in the file.
+The chain's format and its verification live in ``_chain``; the anchors kept
+outside the file and the payload key in ``_anchor``. On start-up the chain
+continues from the last record already in the file.
 
 Writes happen in one writer thread, in batches (one write and one fsync for
 all the records that queued up meanwhile). ``record`` waits at most
@@ -18,8 +16,13 @@ file may be append-only); the next write accounts for them instead. Complete
 records among them that still chain stay in the chain and are listed in the
 next record's ``unacknowledged`` (the caller was refused); anything else is
 named by the next record's ``discarded`` (byte count and SHA-256), so that
-``verify_file`` can tell a failed write from an edit. Records whose caller
-gave up while they were being written are listed in ``unacknowledged`` too.
+verification can tell a failed write from an edit. Records whose caller gave
+up while they were being written are listed in ``unacknowledged`` too.
+
+The same thread writes the anchors: every ``anchor_interval`` seconds when the
+head moved, before leaving a file (rotation by rename, SIGHUP), at shutdown,
+and at once when the live file shrank under it (copytruncate or tampering),
+which is logged as the security event ``signerd.audit_truncated``.
 """
 
 from __future__ import annotations
@@ -30,18 +33,31 @@ import hashlib
 import importlib
 import json
 import logging
-import math
 import os
+import secrets
 import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
+from ._anchor import Anchor, AnchorLog, load_key, load_or_create_key
 from ._calls import AuditEvent
+from ._chain import (
+    GENESIS,
+    MAX_REGION,
+    VerifyReport,
+    Walker,
+    _encode,
+    _journal_fields,
+    line_hash,
+    split_lines,
+    verify_file,
+    verify_files,
+    verify_set,
+)
 from .errors import AuditUnavailable
 
 __all__ = [
@@ -51,32 +67,29 @@ __all__ = [
     "audit_from_config",
     "verify_file",
     "verify_files",
+    "verify_set",
 ]
 
 log = logging.getLogger("signerd.audit")
 
-GENESIS = "0" * 64
 _MAX_BATCH = 256
 _TAIL_WINDOW = 1 << 20  # how far back start-up looks for the last record
-_MAX_REGION = 64 << 20  # unaccounted bytes a writer or verifier will hold
+_KNOWN = ("path", "journald", "write_timeout", "fsync", "anchor", "anchor_interval", "key")
 
 JournalSend = Callable[..., object]
 
 
-@dataclass(frozen=True)
-class VerifyReport:
-    ok: bool
-    records: int
-    first_bad_line: int | None = None
-    problem: str | None = None
-    path: str | None = None  # the file the problem is in, for verify_files
+def _path_setting(table: Mapping[str, Any], name: str, default: str) -> str:
+    value = table.get(name, default)
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise ValueError(f"audit.{name}: must be a file path, got {value!r}")
+    return value
 
 
 def audit_from_config(table: Mapping[str, Any]) -> AuditTrail:
     """Build an AuditTrail from the ``[audit]`` table; ValueError names the bad key."""
-    known = ("path", "journald", "write_timeout", "fsync")
     for name in table:
-        if name not in known:
+        if name not in _KNOWN:
             raise ValueError(f"audit: unknown key {name!r}")
     path = table.get("path")
     if not isinstance(path, str) or not path or "\0" in path:
@@ -84,6 +97,22 @@ def audit_from_config(table: Mapping[str, Any]) -> AuditTrail:
     timeout = table.get("write_timeout", 0.5)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 30:
         raise ValueError(f"audit.write_timeout: must be seconds in (0, 30], got {timeout!r}")
+    interval = table.get("anchor_interval", 10)
+    if (
+        isinstance(interval, bool)
+        or not isinstance(interval, int | float)
+        or not 0.05 <= interval <= 3600
+    ):
+        raise ValueError(
+            f"audit.anchor_interval: must be seconds in [0.05, 3600], got {interval!r}"
+        )
+    anchor = _path_setting(table, "anchor", path + ".anchor")
+    key = _path_setting(table, "key", os.path.join(os.path.dirname(path), "audit.key"))
+    if os.path.exists(key):  # created on first use when missing; a bad one is a config error
+        try:
+            load_key(key)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"audit.key: {exc}") from None
     flags = {}
     for name, default in (("journald", False), ("fsync", True)):
         value = table.get(name, default)
@@ -99,78 +128,15 @@ def audit_from_config(table: Mapping[str, Any]) -> AuditTrail:
                 "audit.journald: needs systemd-python (pip install 'signerd[systemd]')"
             ) from None
         send = journal.send
-    return AuditTrail(path, write_timeout=float(timeout), fsync=flags["fsync"], journal_send=send)
-
-
-def _line_hash(line: bytes) -> str:
-    return hashlib.sha256(line.rstrip(b"\n")).hexdigest()
-
-
-class _Walker:
-    """Follows a chain line by line; the writer's recovery and the verifier share it.
-
-    A line that does not continue the chain is held as unaccounted; a later
-    record that continues the chain must name exactly those bytes in its
-    ``discarded`` field, else they stay unaccounted (and the file is bad).
-    """
-
-    def __init__(self, prev: str | None, seq: int, *, file_start: bool) -> None:
-        self.prev, self.seq = prev, seq  # prev None: predecessor unknown
-        self.file_start = file_start  # the next record is the first of its file
-        self.prev_line: int | None = None
-        self.records = 0
-        self.accepted: list[int] = []
-        self.pending = bytearray()
-        self.pending_line: int | None = None
-        self.pending_problem: str | None = None
-
-    def feed(self, line: bytes, lineno: int) -> None:
-        problem, seq = self._check(line)
-        if problem is None:
-            self.prev, self.seq, self.prev_line = _line_hash(line), seq, lineno
-            self.file_start = False
-            self.records += 1
-            self.accepted.append(seq)
-            self.pending.clear()
-            self.pending_line = self.pending_problem = None
-            return
-        if self.pending_line is None:
-            self.pending_line, self.pending_problem = lineno, problem
-        self.pending += line
-
-    def _check(self, line: bytes) -> tuple[str | None, int]:
-        if not line.endswith(b"\n"):
-            return "unterminated record at the end of the file (a write that failed?)", 0
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            return "not a JSON record", 0
-        if not isinstance(rec, dict) or type(rec.get("seq")) is not int:
-            return "not an audit record", 0
-        seq, prev = rec["seq"], rec.get("prev")
-        starts = (seq == 1 and prev == GENESIS) or rec.get("rotated_from") == prev
-        if self.file_start and not starts:
-            return f"the chain does not start here (seq {seq}): earlier records were removed", 0
-        if self.prev is None:
-            pass
-        elif seq != self.seq + 1:
-            return (
-                f"seq {seq} where {self.seq + 1} was expected: records were deleted, "
-                "inserted or reordered here"
-            ), 0
-        elif prev != self.prev:
-            before = (
-                f"line {self.prev_line}" if self.prev_line else "the previous file's last record"
-            )
-            return f"prev is not the hash of {before}: it was edited, or a record was inserted", 0
-        discarded = rec.get("discarded")
-        if self.pending:
-            want = {"bytes": len(self.pending), "sha256": hashlib.sha256(self.pending).hexdigest()}
-            if discarded != want:
-                return "record does not account for the unaccounted lines before it", 0
-        elif discarded is not None:
-            return "record names discarded bytes that are not there", 0
-        return None, seq
+    return AuditTrail(
+        path,
+        write_timeout=float(timeout),
+        fsync=flags["fsync"],
+        journal_send=send,
+        anchor_path=anchor,
+        anchor_interval=float(interval),
+        key_path=key,
+    )
 
 
 @dataclass(eq=False)
@@ -197,6 +163,8 @@ class _Sink:
     rotated_from: str | None = None  # set when the chain moved to a new file
     unacked: list[int] = field(default_factory=list)
     dangling: bytearray = field(default_factory=bytearray)  # unacknowledged bytes, non-files
+    first: tuple[int, str] | None = None  # the file's first record: seq, hash
+    anchored: tuple[int, str] | None = None  # the head the last anchor named
 
 
 class AuditTrail:
@@ -209,11 +177,27 @@ class AuditTrail:
         write_timeout: float = 0.5,
         fsync: bool = True,
         journal_send: JournalSend | None = None,
+        anchor_path: str | None = None,
+        anchor_interval: float = 10.0,
+        key_path: str | None = None,
+        hmac_key: bytes | None = None,
     ) -> None:
+        """``anchor_path`` None: no anchors. No ``key_path`` nor ``hmac_key``: a key for this
+        process only (payload_hmac values then cannot be checked later; for tests)."""
         self.path = path
         self.write_timeout = write_timeout
         self._fsync = fsync
         self._journal = journal_send
+        self.chain = os.path.basename(path)
+        self.boot = secrets.token_hex(8)  # with seq, makes record_id unique across restarts
+        self.anchor_path, self.anchor_interval = anchor_path, anchor_interval
+        self._anchors = AnchorLog(anchor_path) if anchor_path is not None else None
+        self._anchor_failing = False
+        self._next_anchor = time.monotonic() + anchor_interval
+        self.key_path = key_path
+        self._key: bytes | None = (
+            hmac_key if hmac_key is not None or key_path else secrets.token_bytes(32)
+        )
         self._cond = threading.Condition()
         self._queue: deque[_Job] = deque()
         self._thread: threading.Thread | None = None
@@ -285,7 +269,10 @@ class AuditTrail:
         while True:
             with self._cond:
                 while not self._queue and not self._closed and not self._reopen:
-                    self._cond.wait()
+                    wait = self._next_anchor - time.monotonic() if self._anchors else None
+                    if wait is not None and wait <= 0:
+                        break
+                    self._cond.wait(wait)
                 reopen, self._reopen = self._reopen, False
                 if not self._queue and self._closed:
                     break
@@ -293,7 +280,11 @@ class AuditTrail:
                 for job in batch:
                     job.state = "writing"
                 self._busy_since = time.monotonic()
+            if self._anchors is not None and time.monotonic() >= self._next_anchor:
+                self._next_anchor = time.monotonic() + self.anchor_interval
+                self._tick()
             if reopen:
+                self._anchor("rotated")  # the old file's last head, before leaving it
                 self._close_fd()
             lines: list[bytes] = []
             if batch:
@@ -324,19 +315,23 @@ class AuditTrail:
                 self._to_journal(lines)
                 with self._cond:
                     self._busy_since = None
+        self._anchor("shutdown")
         self._close_fd()
+        if self._anchors is not None:
+            self._anchors.close()
 
     def _write_batch(self, batch: list[_Job]) -> list[bytes]:
         sink = self._sink
         if sink.fd is not None and sink.regular and self._path_moved():
+            self._anchor("rotated")
             self._close_fd()
         if sink.fd is None:
             self._open()
         assert sink.fd is not None
         region, base = self._unaccounted()
         prefix = b"\n" if region and not region.endswith(b"\n") else b""
-        walker = _Walker(sink.prev, sink.seq, file_start=base - len(region) == 0)
-        for lineno, line in enumerate(_split_lines(region + prefix), 1):
+        walker = Walker(sink.prev, sink.seq, file_start=base - len(region) == 0)
+        for lineno, line in enumerate(split_lines(region + prefix), 1):
             walker.feed(line, lineno)
         assert walker.prev is not None
         marks: dict[str, object] = {}
@@ -352,13 +347,15 @@ class AuditTrail:
             marks["rotated_from"] = sink.rotated_from
         prev, seq = walker.prev, walker.seq
         out = bytearray(prefix)
-        lines = []
+        lines: list[bytes] = []
+        first_hash = ""
         for job in batch:
             seq += 1
-            line = _encode(job.event, seq, prev, marks)
+            line = _encode(job.event, seq, prev, marks, f"{self.boot}-{seq}", self._key)
             marks = {}
-            prev, job.seq = _line_hash(line), seq
+            prev, job.seq = line_hash(line), seq
             lines.append(line)
+            first_hash = first_hash or prev
             out += line + b"\n"
         written = 0
         try:
@@ -371,12 +368,20 @@ class AuditTrail:
                 sink.dangling += out[:written]
             raise
         sink.prev, sink.seq, sink.good_end = prev, seq, base + len(out)
+        if sink.first is None:
+            sink.first = walker.first[::2] if walker.first else (seq - len(lines) + 1, first_hash)
         sink.rotated_from, sink.unacked = None, []
         sink.dangling.clear()
         return lines
 
     def _open(self) -> None:
         sink = self._sink
+        if self._key is None:
+            assert self.key_path is not None
+            try:
+                self._key = load_or_create_key(self.key_path)
+            except ValueError as exc:
+                raise OSError(f"audit key: {exc}") from None
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC
         try:
             fd = os.open(self.path, flags, 0o640)  # O_NONBLOCK: a FIFO without reader fails now
@@ -389,10 +394,11 @@ class AuditTrail:
         if not sink.regular or ident == sink.ident:
             return
         sink.dangling.clear()
-        sink.ident, sink.good_end = ident, 0
+        sink.ident, sink.good_end, sink.first = ident, 0, None
         sink.rotated_from = sink.prev if sink.seq > 0 else None  # the chain moves here
         if st.st_size > 0:
             self._load_tail(st.st_size)  # unless the file has a chain of its own
+            sink.first = self._first_record()
         log.info("signerd.audit_opened path=%s seq=%d", self.path, sink.seq)
 
     def _load_tail(self, size: int) -> None:
@@ -408,7 +414,7 @@ class AuditTrail:
                 if line.endswith(b"\n") and isinstance(rec, dict) and type(rec.get("seq")) is int:
                     sink = self._sink
                     sink.prev, sink.seq, sink.good_end = (
-                        _line_hash(line),
+                        line_hash(line),
                         rec["seq"],
                         start + offset,
                     )
@@ -425,9 +431,9 @@ class AuditTrail:
             return bytes(sink.dangling), 0
         assert sink.fd is not None
         size = os.fstat(sink.fd).st_size
-        if size < sink.good_end:  # truncated under us (copytruncate): a new file, in effect
-            sink.good_end, sink.rotated_from = 0, sink.prev
-        if size - sink.good_end > _MAX_REGION:
+        if size < sink.good_end:  # truncated under us: a new file, in effect
+            self._shrank(size)
+        if size - sink.good_end > MAX_REGION:
             raise OSError(f"{size - sink.good_end} unaccounted bytes at the end of {self.path}")
         return self._read(sink.good_end, size - sink.good_end), size
 
@@ -453,6 +459,71 @@ class AuditTrail:
             return True
         return (st.st_dev, st.st_ino) != self._sink.ident
 
+    def _first_record(self) -> tuple[int, str] | None:
+        """The seq and hash of the first record in the open file, if it starts with one."""
+        for line in split_lines(self._read(0, _TAIL_WINDOW)):
+            with contextlib.suppress(ValueError):
+                rec = json.loads(line)
+                if line.endswith(b"\n") and isinstance(rec, dict) and type(rec.get("seq")) is int:
+                    return rec["seq"], line_hash(line)
+        return None
+
+    def _tick(self) -> None:
+        """On the anchor schedule: notice a live file that shrank, anchor a head that moved."""
+        sink = self._sink
+        if sink.fd is not None and sink.regular:
+            try:
+                size = os.fstat(sink.fd).st_size
+            except OSError:
+                size = sink.good_end
+            if size < sink.good_end:
+                self._shrank(size)
+                return
+        self._anchor("schedule")
+
+    def _shrank(self, size: int) -> None:
+        """The live file lost bytes under us: a security event, never a silent rotation."""
+        sink = self._sink
+        log.critical(
+            "signerd.audit_truncated path=%s size=%d expected=%d head_seq=%d first_seq=%s "
+            "detail=the live audit file shrank (copytruncate or tampering); records may be lost",
+            self.path,
+            size,
+            sink.good_end,
+            sink.seq,
+            sink.first[0] if sink.first else "-",
+        )
+        self._anchor("truncated")
+        sink.good_end, sink.rotated_from, sink.first = 0, sink.prev, None
+
+    def _anchor(self, kind: str) -> None:
+        """Write an anchor of the head (unless it is anchored already); log a failure once."""
+        sink = self._sink
+        if self._anchors is None or sink.seq == 0 or sink.first is None:
+            return
+        if (sink.seq, sink.prev) == sink.anchored and kind != "truncated":
+            return
+        dev, ino = sink.ident or (0, 0)
+        first_seq, first_hash = sink.first
+        anchor = Anchor(
+            self.chain, kind, time.time(), sink.seq, sink.prev, first_seq, first_hash,
+            self.boot, dev, ino,
+        )  # fmt: skip
+        try:
+            self._anchors.append(anchor)
+        except OSError as exc:
+            if not self._anchor_failing:
+                log.error("signerd.audit_anchor_failed error=%s path=%s", exc, self.anchor_path)
+            self._anchor_failing = True
+            return
+        if self._anchor_failing:
+            log.warning("signerd.audit_anchor_recovered path=%s", self.anchor_path)
+        self._anchor_failing = False
+        sink.anchored = (sink.seq, sink.prev)
+        if self._journal is not None:
+            with contextlib.suppress(Exception):  # the anchor file is what verify reads
+                self._journal(**anchor.journal_fields())
+
     def _close_fd(self) -> None:
         fd, self._sink.fd = self._sink.fd, None
         if fd is not None:
@@ -472,104 +543,6 @@ class AuditTrail:
             self._journal_failing = False
 
 
-def _split_lines(data: bytes) -> list[bytes]:
-    """Lines with their b"\\n", split the way reading the file in binary splits them."""
-    lines = [part + b"\n" for part in data.split(b"\n")]
-    lines[-1] = lines[-1][:-1]
-    return lines if lines[-1] else lines[:-1]
-
-
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
-
-
-def _encode(event: AuditEvent, seq: int, prev: str, marks: Mapping[str, object]) -> bytes:
-    peer = event.peer
-    when = event.time if math.isfinite(event.time) else 0.0
-    record: dict[str, object] = {
-        "v": 1,
-        "seq": seq,
-        "prev": prev,
-        "time": round(when, 6),
-        "ts": datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds")[:-6] + "Z",
-        "request_id": event.request_id,
-        "peer": {
-            "pid": peer.pid,
-            "uid": peer.uid,
-            "gid": peer.gid,
-            "groups": list(peer.groups),
-            "user": peer.user,
-            "unit": peer.unit,
-        },
-        "operation": event.operation,
-        "tenant": event.tenant,
-        "key": event.key,
-        "kid": event.kid,
-        "payload_sha256": list(event.payload_sha256),
-        "outcome": event.outcome,
-        "status": event.status,
-        "reason": event.reason,
-        **marks,
-    }
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-
-
-def _journal_fields(line: bytes) -> dict[str, str]:
-    """A record as journal fields: SIGNERD_SEQ, SIGNERD_PEER_UID, ..., and its own hash."""
-    record = json.loads(line)
-    peer = record.pop("peer")
-    record.update({f"peer_{name}": value for name, value in peer.items()})
-    status = record["status"]
-    fields = {
-        "MESSAGE": f"signerd audit {record['operation']} {record['outcome']}",
-        "PRIORITY": "6"
-        if status < 400
-        else "4"
-        if status in (401, 403, 429)
-        else "5"
-        if status < 500
-        else "3",
-        "SYSLOG_IDENTIFIER": "signerd",
-        "SIGNERD_HASH": _line_hash(line),  # anchors the file's chain outside the file
-    }
-    for name, value in record.items():
-        text = " ".join(map(str, value)) if isinstance(value, list) else value
-        if text is not None and text != "":
-            fields[f"SIGNERD_{name.upper()}"] = str(text)
-    return fields
-
-
-def verify_file(path: str) -> VerifyReport:
-    """Check one audit file's chain; say where it first breaks."""
-    return verify_files([path])
-
-
-def verify_files(paths: Sequence[str]) -> VerifyReport:
-    """Check audit files that follow each other (oldest first), and the links between them."""
-    total = 0
-    walker: _Walker | None = None
-    for path in paths:
-        if walker is None:
-            walker = _Walker(None, 0, file_start=True)
-        else:  # the next file continues the chain, starting with a rotated_from record
-            walker = _Walker(walker.prev, walker.seq, file_start=True)
-        try:
-            with open(path, "rb") as handle:
-                bad = _walk(walker, handle)
-        except OSError as exc:
-            return VerifyReport(False, total, None, f"cannot read: {exc.strerror}", path)
-        total += walker.records
-        if bad is not None:
-            return VerifyReport(False, total, bad[0], bad[1], path)
-    return VerifyReport(True, total, None, None, paths[-1] if paths else None)
-
-
-def _walk(walker: _Walker, lines: Iterable[bytes]) -> tuple[int, str] | None:
-    for lineno, line in enumerate(lines, 1):
-        walker.feed(line, lineno)
-        if len(walker.pending) > _MAX_REGION:
-            break
-    if walker.pending_line is not None:
-        return walker.pending_line, walker.pending_problem or "unaccounted bytes"
-    return None

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import hmac
 import itertools
 import json
 import os
@@ -120,20 +121,23 @@ async def test_missing_directory_is_created(tmp_path: Path) -> None:
 async def test_record_holds_only_event_fields(tmp_path: Path) -> None:
     """A record has exactly the event's fields (peer, op, tenant, key, kid, payload hash, outcome)."""
     path = tmp_path / "audit.jsonl"
-    trail = AuditTrail(str(path))
+    key = bytes(range(32))
+    trail = AuditTrail(str(path), hmac_key=key)
     ev = event(7, outcome="permission_denied", status=403, reason="caller may not sign")
     await trail.record(ev)
     await trail.aclose()
     (rec,) = records(path)
     assert set(rec) == {
-        "v", "seq", "prev", "time", "ts", "request_id", "peer", "operation", "tenant", "key",
-        "kid", "payload_sha256", "outcome", "status", "reason",
+        "v", "seq", "record_id", "prev", "time", "ts", "request_id", "peer", "operation",
+        "tenant", "key", "kid", "payload_hmac", "outcome", "status", "reason",
     }  # fmt: skip
     assert rec["peer"] == {
         "pid": 4242, "uid": 1001, "gid": 1001, "groups": [50], "user": "gateway",
         "unit": "gateway.service",
     }  # fmt: skip
-    assert rec["payload_sha256"] == list(ev.payload_sha256)
+    digest = bytes.fromhex(ev.payload_sha256[0])
+    assert rec["payload_hmac"] == [hmac.new(key, digest, hashlib.sha256).hexdigest()]
+    assert rec["record_id"] == f"{trail.boot}-1" and rec["v"] == 2
     assert (rec["outcome"], rec["status"], rec["reason"]) == (
         "permission_denied",
         403,
@@ -680,7 +684,7 @@ JOURNAL_CHILD = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     from signerd._audit import audit_from_config
     from signerd._calls import AuditEvent, Peer
-    trail = audit_from_config({"path": sys.argv[2], "journald": True})
+    trail = audit_from_config({"path": sys.argv[2], "journald": True, "anchor_interval": 3600})
     peer = Peer(pid=7, uid=1001, gid=1001, unit="gateway.service")
     ev = AuditEvent(time=1.0, request_id="rq1", peer=peer, operation="sign", outcome="ok",
                     tenant="acme", key="acme/feedback", kid="acme.feedback.v1",
@@ -714,7 +718,9 @@ def test_journald_gets_structured_fields(tmp_path: Path) -> None:
     assert fields["SIGNERD_HASH"] == hashlib.sha256(line).hexdigest()
     assert fields["SIGNERD_SEQ"] == "1"
     assert fields["SIGNERD_PREV"] == GENESIS
-    assert fields["SIGNERD_PAYLOAD_SHA256"] == "ab" * 32
+    key = bytes.fromhex((tmp_path / "audit.key").read_text())
+    want = hmac.new(key, bytes.fromhex("ab" * 32), hashlib.sha256).hexdigest()
+    assert fields["SIGNERD_PAYLOAD_HMAC"] == want
     assert fields["PRIORITY"] == "6"
     assert fields["SIGNERD_OPERATION"] == "sign"
     assert fields["SIGNERD_PEER_UID"] == "1001"
