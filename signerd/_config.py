@@ -188,7 +188,9 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
     audit = dict(_table(doc, "audit", None))
     if "path" not in audit:
         raise ConfigError("audit.path: required (the audit trail file)")
-    audit["path"] = _relative(base, audit["path"])
+    for name in ("path", "anchor", "key"):  # the anchor file and the payload key: [audit]
+        if name in audit:
+            audit[name] = _relative(base, audit[name])
 
     return Config(
         path=os.path.abspath(path) if path != "<config>" else path,

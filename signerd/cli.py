@@ -9,7 +9,9 @@
     keys retire KEY VERSION           keys destroy KEY VERSION --confirm KID
     sign KEY [--data-file F | --data-b64 B]          (else data from stdin)
     verify KID --signature B64 [--data-file F | --data-b64 B]
-    jwks [--tenant T]    kid KID    health    ready    audit verify FILE
+    jwks [--tenant T]    kid KID    health    ready
+    audit verify PATH... [--anchor FILE]... [--no-anchor]
+    audit payload-hash --key FILE [--data-file F | --sha256 HEX]  (else payload from stdin)
 
 ``--socket`` defaults to ``$SIGNERD_SOCKET``, else ``/run/signerd/signerd.sock``.
 ``--json`` prints the answer as JSON on stdout (the wire forms: ``signerctl
@@ -51,8 +53,11 @@ import argparse
 import base64
 import binascii
 import dataclasses
+import glob
+import hashlib
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -270,24 +275,95 @@ def _ready(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
     return {"status": status}, status
 
 
+def _audit_inputs(args: Sequence[str]) -> list[str]:
+    """Files named, the audit files in directories named, and what globs match."""
+    found: list[str] = []
+    for arg in args:
+        if os.path.isdir(arg):
+            for name in sorted(os.listdir(arg)):
+                full = os.path.join(arg, name)
+                if ".jsonl" in name and not name.endswith(".anchor") and os.path.isfile(full):
+                    found.append(full)
+        elif not os.path.exists(arg) and any(c in arg for c in "*?["):
+            found.extend(p for p in sorted(glob.glob(arg)) if not p.endswith(".anchor"))
+        else:
+            found.append(arg)
+    for path in found:
+        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+            raise Failure(os.EX_NOINPUT, "no_input", f"cannot read {path}")
+    if not found:
+        raise Failure(os.EX_NOINPUT, "no_input", "no audit file matches")
+    return list(dict.fromkeys(found))
+
+
+def _audit_anchors(a: argparse.Namespace) -> tuple[list[Any], list[str]]:
+    """The anchors to check against: --anchor files, else FILE.anchor and DIR/*.anchor."""
+    if a.no_anchor:
+        return [], []
+    paths = list(a.anchor or ())
+    if not paths:
+        for arg in a.paths:
+            if os.path.isdir(arg):
+                paths += sorted(glob.glob(os.path.join(glob.escape(arg), "*.anchor")))
+            elif os.path.isfile(arg + ".anchor"):
+                paths.append(arg + ".anchor")
+    from ._anchor import read_anchors
+
+    anchors, notes = [], []
+    for path in dict.fromkeys(paths):
+        try:
+            got, bad = read_anchors(path)
+        except OSError as exc:
+            raise Failure(
+                os.EX_NOINPUT, "no_input", f"cannot read {path}: {exc.strerror}"
+            ) from None
+        anchors += got
+        notes += [f"{path} line {n}: not an anchor" for n in bad[:5]]
+    return anchors, notes
+
+
 def _audit_verify(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
-    if not os.path.isfile(a.file) or not os.access(a.file, os.R_OK):
-        raise Failure(os.EX_NOINPUT, "no_input", f"cannot read {a.file}")
+    from ._chain import verify_file, verify_set
+
+    anchors, notes = _audit_anchors(a)  # read before the trail: each names a written head
+    files = _audit_inputs(a.paths)
     try:
-        from ._audit import verify_file
-    except ImportError:
-        raise Failure(
-            os.EX_SOFTWARE, "internal_error", "audit verification is unavailable"
-        ) from None
-    try:
-        report = verify_file(a.file)
+        if len(files) == 1 and not anchors and not a.anchor:
+            report = verify_file(files[0])  # one file, nothing to check it against: as before
+        else:
+            report = verify_set(files, anchors)
     except OSError as exc:
-        raise Failure(os.EX_NOINPUT, "no_input", f"cannot read {a.file}: {exc.strerror}") from None
+        raise Failure(os.EX_NOINPUT, "no_input", f"cannot read: {exc.strerror}") from None
+    report = dataclasses.replace(report, notes=report.notes + tuple(notes))
     doc = _plain(report)
-    if report.ok:
-        return doc, f"ok: {report.records} records, chain intact"
-    text = f"broken at line {report.first_bad_line}: {report.problem}"
-    raise _AuditBroken(doc, text)
+    where = f"{report.path}: " if report.path and len(files) > 1 else ""
+    if not report.ok and report.first_bad_line is not None:
+        raise _AuditBroken(doc, f"{where}broken at line {report.first_bad_line}: {report.problem}")
+    if not report.ok:
+        raise _AuditBroken(doc, f"incomplete: {report.problem}")
+    text = f"ok: {report.records} records, chain intact"
+    if report.anchors:
+        text += f"; anchored at seq {report.head_seq} ({report.anchors} anchors checked)"
+    return doc, "\n".join([text, *(f"note: {n}" for n in report.notes)])
+
+
+def _audit_payload_hash(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    from ._anchor import load_key, payload_hmac
+
+    try:
+        key = load_key(a.key)
+    except OSError as exc:
+        raise Failure(os.EX_NOINPUT, "no_input", f"cannot read {a.key}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise Failure(os.EX_DATAERR, "invalid_key", str(exc)) from None
+    if a.sha256 is not None:
+        if not re.fullmatch(r"[0-9a-f]{64}", a.sha256):
+            raise Failure(os.EX_USAGE, "usage", "--sha256: 64 lowercase hex digits")
+        digest = a.sha256
+    else:
+        digest = hashlib.sha256(_data(a)).hexdigest()
+    value = payload_hmac(key, digest)
+    return {"payload_sha256": digest, "payload_hmac": value}, value
 
 
 # --- the parser ---
@@ -359,8 +435,29 @@ def build_parser() -> argparse.ArgumentParser:
     command(sub, "ready", _ready, "whether signerd can sign (token reachable)")
     audit = sub.add_parser("audit", help="audit trail tools")
     asub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
-    p = command(asub, "verify", _audit_verify, "check an audit file's hash chain")
-    p.add_argument("file", metavar="FILE")
+    p = command(asub, "verify", _audit_verify, "check audit files' hash chains and anchors")
+    p.add_argument(
+        "paths", metavar="PATH", nargs="+", help="audit files, directories or globs (any order)"
+    )
+    p.add_argument(
+        "--anchor",
+        metavar="FILE",
+        action="append",
+        help="anchor file to check against (repeatable; default FILE.anchor, DIR/*.anchor)",
+    )
+    p.add_argument("--no-anchor", action="store_true", help="check the chains only")
+    p = command(
+        asub, "payload-hash", _audit_payload_hash, "a payload's payload_hmac, to find it in a trail"
+    )
+    p.add_argument("--key", metavar="FILE", required=True, help="the trail's key (audit.key)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--data-file", metavar="FILE", help="read the payload from FILE ('-': stdin)"
+    )
+    group.add_argument(
+        "--sha256", metavar="HEX", help="the payload's SHA-256, if that is all you have"
+    )
+    p.set_defaults(data_b64=None)
     return parser
 
 

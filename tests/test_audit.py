@@ -24,12 +24,12 @@ import pytest
 from signerd._audit import (
     GENESIS,
     AuditTrail,
-    _encode,
     audit_from_config,
     verify_file,
     verify_files,
 )
 from signerd._calls import AuditEvent, Peer
+from signerd._chain import _encode
 from signerd.errors import AuditUnavailable
 
 pytestmark = pytest.mark.timeout(60)
