@@ -20,21 +20,27 @@ import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
 import stat
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 __all__ = [
     "Anchor",
     "AnchorLog",
+    "Anchorer",
     "load_key",
     "load_or_create_key",
     "payload_hmac",
     "read_anchors",
 ]
+
+log = logging.getLogger("signerd.audit")
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _KEY_TEXT = re.compile(r"[0-9a-f]{64,128}")
@@ -180,6 +186,50 @@ class AnchorLog:
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+class Anchorer:
+    """Writes one chain's anchors: to the anchor file, and to journald when that is on."""
+
+    def __init__(
+        self, path: str, chain: str, boot: str, journal_send: Callable[..., object] | None
+    ) -> None:
+        self.path, self.chain, self.boot = path, chain, boot
+        self._log = AnchorLog(path)
+        self._journal = journal_send
+        self._failing = False
+        self.anchored: tuple[int, str] | None = None  # the head the last anchor named
+
+    def anchor(
+        self,
+        kind: str,
+        seq: int,
+        head: str,
+        first: tuple[int, str] | None,
+        ident: tuple[int, int] | None,
+    ) -> None:
+        """Anchor the head unless it is anchored already (a truncation always); log a failure
+        once per streak: anchors are checkpoints, a failing one never refuses a request."""
+        if seq == 0 or first is None or ((seq, head) == self.anchored and kind != "truncated"):
+            return
+        dev, ino = ident or (0, 0)
+        anchor = Anchor(self.chain, kind, time.time(), seq, head, *first, self.boot, dev, ino)
+        try:
+            self._log.append(anchor)
+        except OSError as exc:
+            if not self._failing:
+                log.error("signerd.audit_anchor_failed error=%s path=%s", exc, self.path)
+            self._failing = True
+            return
+        if self._failing:
+            log.warning("signerd.audit_anchor_recovered path=%s", self.path)
+        self._failing, self.anchored = False, (seq, head)
+        if self._journal is not None:
+            with contextlib.suppress(Exception):  # the anchor file is what verify reads
+                self._journal(**anchor.journal_fields())
+
+    def close(self) -> None:
+        self._log.close()
 
 
 def load_key(path: str) -> bytes:

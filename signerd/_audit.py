@@ -43,7 +43,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._anchor import Anchor, AnchorLog, load_key, load_or_create_key
+from ._anchor import Anchorer, load_key, load_or_create_key
 from ._calls import AuditEvent
 from ._chain import (
     GENESIS,
@@ -56,7 +56,6 @@ from ._chain import (
     split_lines,
     verify_file,
     verify_files,
-    verify_set,
 )
 from .errors import AuditUnavailable
 
@@ -67,7 +66,6 @@ __all__ = [
     "audit_from_config",
     "verify_file",
     "verify_files",
-    "verify_set",
 ]
 
 log = logging.getLogger("signerd.audit")
@@ -164,7 +162,6 @@ class _Sink:
     unacked: list[int] = field(default_factory=list)
     dangling: bytearray = field(default_factory=bytearray)  # unacknowledged bytes, non-files
     first: tuple[int, str] | None = None  # the file's first record: seq, hash
-    anchored: tuple[int, str] | None = None  # the head the last anchor named
 
 
 class AuditTrail:
@@ -191,8 +188,11 @@ class AuditTrail:
         self.chain = os.path.basename(path)
         self.boot = secrets.token_hex(8)  # with seq, makes record_id unique across restarts
         self.anchor_path, self.anchor_interval = anchor_path, anchor_interval
-        self._anchors = AnchorLog(anchor_path) if anchor_path is not None else None
-        self._anchor_failing = False
+        self._anchors = (
+            Anchorer(anchor_path, self.chain, self.boot, journal_send)
+            if anchor_path is not None
+            else None
+        )
         self._next_anchor = time.monotonic() + anchor_interval
         self.key_path = key_path
         self._key: bytes | None = (
@@ -269,7 +269,9 @@ class AuditTrail:
         while True:
             with self._cond:
                 while not self._queue and not self._closed and not self._reopen:
-                    wait = self._next_anchor - time.monotonic() if self._anchors else None
+                    wait = (
+                        self._next_anchor - time.monotonic() if self._anchors is not None else None
+                    )
                     if wait is not None and wait <= 0:
                         break
                     self._cond.wait(wait)
@@ -497,32 +499,9 @@ class AuditTrail:
         sink.good_end, sink.rotated_from, sink.first = 0, sink.prev, None
 
     def _anchor(self, kind: str) -> None:
-        """Write an anchor of the head (unless it is anchored already); log a failure once."""
-        sink = self._sink
-        if self._anchors is None or sink.seq == 0 or sink.first is None:
-            return
-        if (sink.seq, sink.prev) == sink.anchored and kind != "truncated":
-            return
-        dev, ino = sink.ident or (0, 0)
-        first_seq, first_hash = sink.first
-        anchor = Anchor(
-            self.chain, kind, time.time(), sink.seq, sink.prev, first_seq, first_hash,
-            self.boot, dev, ino,
-        )  # fmt: skip
-        try:
-            self._anchors.append(anchor)
-        except OSError as exc:
-            if not self._anchor_failing:
-                log.error("signerd.audit_anchor_failed error=%s path=%s", exc, self.anchor_path)
-            self._anchor_failing = True
-            return
-        if self._anchor_failing:
-            log.warning("signerd.audit_anchor_recovered path=%s", self.anchor_path)
-        self._anchor_failing = False
-        sink.anchored = (sink.seq, sink.prev)
-        if self._journal is not None:
-            with contextlib.suppress(Exception):  # the anchor file is what verify reads
-                self._journal(**anchor.journal_fields())
+        if self._anchors is not None:
+            sink = self._sink
+            self._anchors.anchor(kind, sink.seq, sink.prev, sink.first, sink.ident)
 
     def _close_fd(self) -> None:
         fd, self._sink.fd = self._sink.fd, None

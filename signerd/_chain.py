@@ -5,11 +5,8 @@ record's line without its newline; the first record ever has ``seq`` 1 and
 ``prev`` of 64 zeros. A file that continues the chain of another one (after
 log rotation) starts with a record whose ``rotated_from`` equals its ``prev``.
 
-``verify_file`` and ``verify_files`` check chains alone. ``verify_set`` also
-checks a set of files (any order, one or several chains, e.g. one per worker)
-against the anchors the daemon wrote elsewhere (``_anchor``): every anchored
-head must be in the set, at its seq and with its hash, so a removed, edited or
-rewritten tail, an emptied file and a missing file are reported.
+``verify_file`` and ``verify_files`` check chains alone; ``_verify`` checks a
+set of files against the anchors the daemon wrote elsewhere.
 """
 
 from __future__ import annotations
@@ -18,14 +15,14 @@ import hashlib
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from ._anchor import Anchor, payload_hmac
+from ._anchor import payload_hmac
 from ._calls import AuditEvent
 
-__all__ = ["GENESIS", "VerifyReport", "verify_file", "verify_files", "verify_set"]
+__all__ = ["GENESIS", "VerifyReport", "Walker", "verify_file", "verify_files"]
 
 GENESIS = "0" * 64
 MAX_REGION = 64 << 20  # unaccounted bytes a writer or verifier will hold
@@ -213,7 +210,7 @@ def verify_files(paths: Sequence[str]) -> VerifyReport:
             walker = Walker(walker.prev, walker.seq, file_start=True)
         try:
             with open(path, "rb") as handle:
-                bad = _walk(walker, handle)
+                bad = walk(walker, handle)
         except OSError as exc:
             return VerifyReport(False, total, None, f"cannot read: {exc.strerror}", path)
         total += walker.records
@@ -222,7 +219,7 @@ def verify_files(paths: Sequence[str]) -> VerifyReport:
     return VerifyReport(True, total, None, None, paths[-1] if paths else None)
 
 
-def _walk(
+def walk(
     walker: Walker, lines: Iterable[bytes], keep: frozenset[int] = frozenset(), found: Any = None
 ) -> tuple[int, str] | None:
     """Feed every line; keep the hashes of records at the seqs in ``keep`` in ``found``."""
@@ -235,159 +232,3 @@ def _walk(
     if walker.pending_line is not None:
         return walker.pending_line, walker.pending_problem or "unaccounted bytes"
     return None
-
-
-@dataclass
-class _File:
-    path: str
-    records: int
-    first: tuple[int, str, str] | None  # seq, prev, own hash
-    last: tuple[int, str] | None  # seq, own hash
-    hashes: dict[int, str]  # own hash of the records at anchored seqs
-    next: _File | None = None
-    linked: bool = False  # some file's last record is this one's predecessor
-
-
-@dataclass
-class _Group:
-    """Files that follow each other by hash: one stretch of one chain."""
-
-    files: list[_File] = field(default_factory=list)
-
-    @property
-    def first_seq(self) -> int:
-        return self.files[0].first[0] if self.files[0].first else 0
-
-    @property
-    def last_seq(self) -> int:
-        return max((f.last[0] for f in self.files if f.last), default=0)
-
-    def hash_at(self, seq: int) -> str | None:
-        for f in self.files:
-            if seq in f.hashes:
-                return f.hashes[seq]
-        return None
-
-
-def verify_set(paths: Sequence[str], anchors: Sequence[Anchor]) -> VerifyReport:
-    """Check each file's chain, how the files link, and that the set holds every anchored head."""
-    keep = frozenset(a.seq for a in anchors)
-    files: list[_File] = []
-    total = 0
-    for path in sorted(set(paths)):
-        walker = Walker(None, 0, file_start=True)
-        found: dict[int, str] = {}
-        try:
-            with open(path, "rb") as handle:
-                bad = _walk(walker, handle, keep, found)
-        except OSError as exc:
-            return VerifyReport(False, total, None, f"cannot read: {exc.strerror}", path)
-        total += walker.records
-        if bad is not None:
-            return VerifyReport(False, total, bad[0], bad[1], path)
-        last = (walker.seq, walker.prev) if walker.first and walker.prev else None
-        files.append(_File(path, walker.records, walker.first, last, found))
-    if not anchors:
-        note = "no anchor given: a missing tail or a missing file cannot be seen"
-        return VerifyReport(
-            True, total, None, None, files[-1].path if files else None, notes=(note,)
-        )
-    return _anchored(files, total, anchors)
-
-
-def _groups(files: list[_File]) -> list[_Group]:
-    by_last = {(f.last[0], f.last[1]): f for f in files if f.last}
-    for f in files:
-        if f.first is None or f.first[1] == GENESIS:
-            continue
-        before = by_last.get((f.first[0] - 1, f.first[1]))
-        if before is not None and before is not f and before.next is None:
-            before.next, f.linked = f, True
-    groups = []
-    for f in files:
-        if f.linked or f.first is None:
-            continue
-        group, cur = _Group(), f  # type: _Group, _File | None
-        while cur is not None and cur not in group.files:
-            group.files.append(cur)
-            cur = cur.next
-        groups.append(group)
-    return groups
-
-
-def _anchored(files: list[_File], total: int, anchors: Sequence[Anchor]) -> VerifyReport:
-    groups = _groups(files)
-    owner: dict[tuple[int, str], _Group] = {}
-    for g in groups:
-        for f in g.files:
-            if f.first is not None:
-                owner[(f.first[0], f.first[2])] = g
-    chains: dict[str, list[Anchor]] = {}
-    for a in anchors:
-        chains.setdefault(a.chain, []).append(a)
-    notes: list[str] = []
-    claimed: set[int] = set()
-    head_seq = None
-    for chain, mine in sorted(chains.items()):
-        mine.sort(key=lambda a: (a.seq, a.time))
-        latest = mine[-1]
-        head_seq = latest.seq if head_seq is None else max(head_seq, latest.seq)
-        found: dict[int, _Group] = {}
-        for a in mine:
-            hit = owner.get((a.first_seq, a.first_hash))
-            if hit is not None:
-                found[id(hit)] = hit
-        stretch = sorted(found.values(), key=lambda g: g.first_seq)
-        claimed.update(found)
-        if len(stretch) > 1:
-            early, late = stretch[0], stretch[1]
-            return _bad(
-                total,
-                f"chain {chain}: records seq {early.last_seq + 1} to {late.first_seq - 1} are "
-                "missing "
-                "(a file of the set is missing)",
-                mine,
-                latest.seq,
-            )
-        start = stretch[0].first_seq if stretch else None
-        for a in mine:
-            required = (
-                a is latest or a.kind == "truncated" or (start is not None and a.seq >= start)
-            )
-            if not required:
-                continue
-            group = owner.get((a.first_seq, a.first_hash))
-            if group is None and stretch:
-                group = stretch[0]
-            got = group.hash_at(a.seq) if group is not None else None
-            if got == a.head:
-                continue
-            return _bad(total, _missing(chain, a, group, got), mine, latest.seq)
-    for g in groups:
-        if id(g) not in claimed:
-            notes.append(f"{g.files[0].path}: no anchor names this file's chain")
-    path = files[-1].path if files else None
-    return VerifyReport(True, total, None, None, path, len(anchors), head_seq, tuple(notes))
-
-
-def _missing(chain: str, a: Anchor, group: _Group | None, got: str | None) -> str:
-    when = f"chain {chain}: the anchor of {a.ts} ({a.kind}) names record seq {a.seq}"
-    if a.kind == "truncated":
-        return (
-            f"{when}, but the file was truncated while live (copytruncate?) and records seq "
-            f"{a.first_seq} to {a.seq} are not in the set"
-        )
-    if group is None:
-        return f"{when}, but no file of the set holds this chain (emptied, rewritten or missing)"
-    if got is None and a.seq > group.last_seq:
-        return (
-            f"{when}, but the set ends at seq {group.last_seq}: the tail is missing "
-            "(records removed, or the newest file is not in the set)"
-        )
-    if got is None:
-        return f"{when}, which is not in the set"
-    return f"{when}, and that record differs: the trail was edited or rewritten"
-
-
-def _bad(total: int, problem: str, mine: list[Anchor], head: int) -> VerifyReport:
-    return VerifyReport(False, total, None, problem, None, len(mine), head)

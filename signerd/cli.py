@@ -53,7 +53,6 @@ import argparse
 import base64
 import binascii
 import dataclasses
-import glob
 import hashlib
 import json
 import os
@@ -275,65 +274,20 @@ def _ready(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
     return {"status": status}, status
 
 
-def _audit_inputs(args: Sequence[str]) -> list[str]:
-    """Files named, the audit files in directories named, and what globs match."""
-    found: list[str] = []
-    for arg in args:
-        if os.path.isdir(arg):
-            for name in sorted(os.listdir(arg)):
-                full = os.path.join(arg, name)
-                if ".jsonl" in name and not name.endswith(".anchor") and os.path.isfile(full):
-                    found.append(full)
-        elif not os.path.exists(arg) and any(c in arg for c in "*?["):
-            found.extend(p for p in sorted(glob.glob(arg)) if not p.endswith(".anchor"))
-        else:
-            found.append(arg)
-    for path in found:
-        if not os.path.isfile(path) or not os.access(path, os.R_OK):
-            raise Failure(os.EX_NOINPUT, "no_input", f"cannot read {path}")
-    if not found:
-        raise Failure(os.EX_NOINPUT, "no_input", "no audit file matches")
-    return list(dict.fromkeys(found))
-
-
-def _audit_anchors(a: argparse.Namespace) -> tuple[list[Any], list[str]]:
-    """The anchors to check against: --anchor files, else FILE.anchor and DIR/*.anchor."""
-    if a.no_anchor:
-        return [], []
-    paths = list(a.anchor or ())
-    if not paths:
-        for arg in a.paths:
-            if os.path.isdir(arg):
-                paths += sorted(glob.glob(os.path.join(glob.escape(arg), "*.anchor")))
-            elif os.path.isfile(arg + ".anchor"):
-                paths.append(arg + ".anchor")
-    from ._anchor import read_anchors
-
-    anchors, notes = [], []
-    for path in dict.fromkeys(paths):
-        try:
-            got, bad = read_anchors(path)
-        except OSError as exc:
-            raise Failure(
-                os.EX_NOINPUT, "no_input", f"cannot read {path}: {exc.strerror}"
-            ) from None
-        anchors += got
-        notes += [f"{path} line {n}: not an anchor" for n in bad[:5]]
-    return anchors, notes
-
-
 def _audit_verify(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
-    from ._chain import verify_file, verify_set
+    from ._chain import verify_file
+    from ._verify import audit_files, find_anchors, verify_set
 
-    anchors, notes = _audit_anchors(a)  # read before the trail: each names a written head
-    files = _audit_inputs(a.paths)
-    try:
+    try:  # the anchors before the trail: each one names a head already written
+        anchors, notes = ([], []) if a.no_anchor else find_anchors(a.paths, a.anchor or ())
+        files = audit_files(a.paths)
         if len(files) == 1 and not anchors and not a.anchor:
             report = verify_file(files[0])  # one file, nothing to check it against: as before
         else:
             report = verify_set(files, anchors)
     except OSError as exc:
-        raise Failure(os.EX_NOINPUT, "no_input", f"cannot read: {exc.strerror}") from None
+        where = f" {exc.filename}" if exc.filename else ""
+        raise Failure(os.EX_NOINPUT, "no_input", f"cannot read{where}: {exc.strerror}") from None
     report = dataclasses.replace(report, notes=report.notes + tuple(notes))
     doc = _plain(report)
     where = f"{report.path}: " if report.path and len(files) > 1 else ""
