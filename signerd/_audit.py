@@ -66,6 +66,7 @@ __all__ = [
     "audit_from_config",
     "verify_file",
     "verify_files",
+    "worker_path",
 ]
 
 log = logging.getLogger("signerd.audit")
@@ -84,8 +85,18 @@ def _path_setting(table: Mapping[str, Any], name: str, default: str) -> str:
     return value
 
 
-def audit_from_config(table: Mapping[str, Any]) -> AuditTrail:
-    """Build an AuditTrail from the ``[audit]`` table; ValueError names the bad key."""
+def worker_path(path: str, worker: int) -> str:
+    """``audit.jsonl`` -> ``audit.w0.jsonl``: the trail (its own chain) of one worker process."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.w{worker}{ext}"
+
+
+def audit_from_config(table: Mapping[str, Any], *, worker: int | None = None) -> AuditTrail:
+    """Build an AuditTrail from the ``[audit]`` table; ValueError names the bad key.
+
+    With ``worker``, the trail is that worker's own file (``worker_path``) and, unless
+    ``anchor`` is set, its own anchor file; the payload key is shared by all workers.
+    """
     for name in table:
         if name not in _KNOWN:
             raise ValueError(f"audit: unknown key {name!r}")
@@ -104,8 +115,10 @@ def audit_from_config(table: Mapping[str, Any]) -> AuditTrail:
         raise ValueError(
             f"audit.anchor_interval: must be seconds in [0.05, 3600], got {interval!r}"
         )
-    anchor = _path_setting(table, "anchor", path + ".anchor")
     key = _path_setting(table, "key", os.path.join(os.path.dirname(path), "audit.key"))
+    if worker is not None:
+        path = worker_path(path, worker)
+    anchor = _path_setting(table, "anchor", path + ".anchor")
     if os.path.exists(key):  # created on first use when missing; a bad one is a config error
         try:
             load_key(key)

@@ -693,15 +693,14 @@ JOURNAL_CHILD = textwrap.dedent(
         await trail.record(ev)
         await trail.aclose()
     asyncio.run(main())
-    data = sink.recv(65536)
-    fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-    print(json.dumps(fields))
+    got = [sink.recv(65536).decode() for _ in range(2)]  # the record, then the shutdown anchor
+    print(json.dumps([dict(x.split("=", 1) for x in d.splitlines() if "=" in x) for d in got]))
     """
 )
 
 
 def test_journald_gets_structured_fields(tmp_path: Path) -> None:
-    """With journald = true each record also goes to the journal socket with SIGNERD_* fields.
+    """With journald = true each record and each anchor also go to the journal (SIGNERD_*).
 
     Runs in a private mount namespace where /run/systemd/journal/socket is the test's own.
     """
@@ -713,7 +712,7 @@ def test_journald_gets_structured_fields(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    fields = json.loads(out.stdout)
+    fields, anchor = json.loads(out.stdout)
     line = path.read_bytes().splitlines()[0]
     assert fields["SIGNERD_HASH"] == hashlib.sha256(line).hexdigest()
     assert fields["SIGNERD_SEQ"] == "1"
@@ -727,3 +726,7 @@ def test_journald_gets_structured_fields(tmp_path: Path) -> None:
     assert fields["SIGNERD_PEER_UNIT"] == "gateway.service"
     assert fields["SIGNERD_KID"] == "acme.feedback.v1"
     assert fields["SYSLOG_IDENTIFIER"] == "signerd"
+    assert fields["SIGNERD_RECORD_ID"].endswith("-1")
+    assert (anchor["SIGNERD_ANCHOR"], anchor["SIGNERD_ANCHOR_SEQ"]) == ("shutdown", "1")
+    assert anchor["SIGNERD_ANCHOR_HEAD"] == fields["SIGNERD_HASH"]
+    assert anchor["SIGNERD_ANCHOR_CHAIN"] == "audit.jsonl"

@@ -254,6 +254,23 @@ async def test_multi_writer_set_with_one_file_missing(tmp_path: Path, verify: Ve
     assert code == os.EX_OK and "10 records" in out
 
 
+async def test_workers_from_config_keep_their_own_chains(tmp_path: Path, verify: Verify) -> None:
+    """Workers get audit.wN.jsonl with their own anchors and one shared key; the directory
+    verifies as a set, and fails when one worker's file is missing."""
+    table = {"path": str(tmp_path / "audit.jsonl")}
+    trails = [audit_from_config(table, worker=n) for n in (0, 1)]
+    assert [t.path for t in trails] == [str(tmp_path / f"audit.w{n}.jsonl") for n in (0, 1)]
+    assert {t.key_path for t in trails} == {str(tmp_path / "audit.key")}
+    for n, t in enumerate(trails):
+        await t.record(event(n))
+        await t.aclose()
+    assert anchors(tmp_path / "audit.w1.jsonl")[0]["chain"] == "audit.w1.jsonl"
+    assert verify(str(tmp_path))[0] == os.EX_OK
+    (tmp_path / "audit.w1.jsonl").unlink()
+    code, out = verify(str(tmp_path))
+    assert code == os.EX_DATAERR and "chain audit.w1.jsonl" in out
+
+
 # --- keyed payload hashes and unique records ------------------------------------------------
 
 
