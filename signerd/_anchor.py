@@ -163,6 +163,8 @@ class AnchorLog:
         if self._fd is None:
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
             self._fd = os.open(self.path, flags, 0o640)
+            if self._torn():
+                os.write(self._fd, b"\n")  # end a line torn by a crash: this one stays whole
         data = anchor.line()
         try:
             if os.write(self._fd, data) != len(data):
@@ -172,6 +174,16 @@ class AnchorLog:
         except OSError:
             self.close()
             raise
+
+    def _torn(self) -> bool:
+        """Whether the file ends in a line without its newline (a crash mid-write)."""
+        assert self._fd is not None
+        st = os.fstat(self._fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+            return False
+        with open(f"/proc/self/fd/{self._fd}", "rb") as handle:
+            handle.seek(st.st_size - 1)
+            return handle.read(1) != b"\n"
 
     def _moved(self) -> bool:
         assert self._fd is not None
