@@ -17,6 +17,7 @@ can still check one (``signerctl audit payload-hash --key FILE < payload``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -45,6 +46,7 @@ log = logging.getLogger("signerd.audit")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _KEY_TEXT = re.compile(r"[0-9a-f]{64,128}")
 _MAX_ANCHOR_LINE = 4096
+_LATEST_WINDOW = 256 << 10  # how far back start-up looks for the chain's last anchor
 KINDS = ("schedule", "rotated", "truncated", "shutdown")
 
 
@@ -225,7 +227,25 @@ class Anchorer:
         if seq == 0 or first is None or ((seq, head) == self.anchored and kind != "truncated"):
             return
         dev, ino = ident or (0, 0)
-        anchor = Anchor(self.chain, kind, time.time(), seq, head, *first, self.boot, dev, ino)
+        self._write(Anchor(self.chain, kind, time.time(), seq, head, *first, self.boot, dev, ino))
+
+    def lost(self, last: Anchor) -> None:
+        """Anchor again, as ``truncated``, a head the file no longer holds."""
+        self._write(dataclasses.replace(last, kind="truncated", time=time.time(), boot=self.boot))
+
+    def latest(self) -> Anchor | None:
+        """This chain's newest anchor among the last lines of the anchor file, if any."""
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(max(0, handle.seek(0, os.SEEK_END) - _LATEST_WINDOW))
+                lines = handle.read(_LATEST_WINDOW).splitlines()
+        except OSError:
+            return None
+        mine = [a for line in lines if (a := _parse(line)) is not None and a.chain == self.chain]
+        return max(mine, key=lambda a: a.seq, default=None)
+
+    def _write(self, anchor: Anchor) -> None:
+        seq, head = anchor.seq, anchor.head
         try:
             self._log.append(anchor)
         except OSError as exc:

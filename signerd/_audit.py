@@ -218,6 +218,7 @@ class AuditTrail:
         self._closed = False
         self._reopen = False
         self._sink = _Sink()
+        self._started = False  # whether the file was opened once (start-up checks done)
         self._journal_failing = False
         self._last_complaint = 0.0
 
@@ -295,9 +296,6 @@ class AuditTrail:
                 for job in batch:
                     job.state = "writing"
                 self._busy_since = time.monotonic()
-            if self._anchors is not None and time.monotonic() >= self._next_anchor:
-                self._next_anchor = time.monotonic() + self.anchor_interval
-                self._tick()
             if reopen:
                 self._anchor("rotated")  # the old file's last head, before leaving it
                 self._close_fd()
@@ -328,6 +326,13 @@ class AuditTrail:
                 with self._cond:
                     self._busy_since = time.monotonic()  # a stuck journal is a stuck writer
                 self._to_journal(lines)
+                with self._cond:
+                    self._busy_since = None
+            if self._anchors is not None and time.monotonic() >= self._next_anchor:
+                with self._cond:  # after the batch is answered: no caller waits for an anchor
+                    self._busy_since = time.monotonic()
+                self._next_anchor = time.monotonic() + self.anchor_interval
+                self._tick()
                 with self._cond:
                     self._busy_since = None
         self._anchor("shutdown")
@@ -414,7 +419,28 @@ class AuditTrail:
         if st.st_size > 0:
             self._load_tail(st.st_size)  # unless the file has a chain of its own
             sink.first = self._first_record()
+        if not self._started:
+            self._started = True
+            self._behind_anchor()
         log.info("signerd.audit_opened path=%s seq=%d", self.path, sink.seq)
+
+    def _behind_anchor(self) -> None:
+        """At start: a file that lacks the head its last anchor names lost records meanwhile."""
+        sink = self._sink
+        last = self._anchors.latest() if self._anchors is not None else None
+        if last is None or last.seq < sink.seq or (last.seq, last.head) == (sink.seq, sink.prev):
+            return
+        log.critical(
+            "signerd.audit_truncated path=%s head_seq=%d anchored_seq=%d detail=the file does not "
+            "end with the last anchored record (records lost or edited while signerd was "
+            "stopped, or the file was rotated then); the chain continues from the anchor",
+            self.path,
+            sink.seq,
+            last.seq,
+        )
+        assert self._anchors is not None
+        self._anchors.lost(last)
+        sink.prev, sink.seq, sink.rotated_from = last.head, last.seq, last.head
 
     def _load_tail(self, size: int) -> None:
         """Continue the chain from the last record already in the file."""

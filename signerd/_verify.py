@@ -166,8 +166,8 @@ def _missing(chain: str, a: Anchor, group: _Group | None, got: str | None) -> st
     when = f"chain {chain}: the anchor of {a.ts} ({a.kind}) names record seq {a.seq}"
     if a.kind == "truncated":
         return (
-            f"{when}, but the file was truncated while live (copytruncate?) and records seq "
-            f"{a.first_seq} to {a.seq} are not in the set"
+            f"{when}, but signerd found records cut from its file there (copytruncate, or lost "
+            f"while it was stopped) and seq {a.first_seq} to {a.seq} are not in the set"
         )
     if group is None:
         return f"{when}, but no file of the set holds this chain (emptied, rewritten or missing)"

@@ -208,9 +208,42 @@ async def test_live_truncation_is_a_security_event(
     kinds = [(a["anchor"], a["seq"], a["file"]["first_seq"]) for a in anchors(path)]
     assert kinds == [("truncated", 3, 1), ("shutdown", 4, 4)]
     code, out = verify(str(path))
-    assert code == os.EX_DATAERR and "truncated while live" in out and "seq 1 to 3" in out
+    assert code == os.EX_DATAERR and "records cut from its file" in out and "seq 1 to 3" in out
     code, out = verify("--anchor", f"{path}.anchor", str(copy), str(path))
     assert code == os.EX_OK, out
+
+
+async def test_restart_on_a_file_emptied_while_stopped(
+    tmp_path: Path, verify: Verify, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A trail that starts on a file lacking its last anchored head logs it, anchors the loss
+    as truncated and continues the seq from the anchor; verify reports the lost records."""
+    path = tmp_path / "audit.jsonl"
+    await write(path, 3)
+    path.write_bytes(b"")
+    with caplog.at_level(logging.CRITICAL, logger="signerd.audit"):
+        await write(path, 1, start=3)
+    assert any("signerd.audit_truncated" in r.getMessage() for r in caplog.records)
+    (rec,) = [json.loads(line) for line in path.read_bytes().splitlines()]
+    assert rec["seq"] == 4 and rec["rotated_from"] == rec["prev"] == anchors(path)[0]["head"]
+    assert [(a["anchor"], a["seq"]) for a in anchors(path)] == [
+        ("shutdown", 3), ("truncated", 3), ("shutdown", 4),
+    ]  # fmt: skip
+    assert verify("--no-anchor", str(path))[0] == os.EX_OK
+    code, out = verify(str(path))
+    assert code == os.EX_DATAERR and "records cut from its file" in out and "seq 1 to 3" in out
+
+
+async def test_restart_on_an_intact_file_logs_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restart on the file as it was left is no event: no critical line, no truncated anchor."""
+    path = tmp_path / "audit.jsonl"
+    await write(path, 2)
+    with caplog.at_level(logging.INFO, logger="signerd.audit"):
+        await write(path, 2, start=2)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [a["anchor"] for a in anchors(path)] == ["shutdown", "shutdown"]
 
 
 async def test_rotation_by_rename_is_followed(tmp_path: Path, verify: Verify) -> None:
@@ -426,7 +459,7 @@ def test_daemon_logs_a_live_file_that_shrinks(tmp_path: Path, verify: Verify) ->
     got, _ = read_anchors(f"{d.audit_path}.anchor")
     assert "truncated" in [a.kind for a in got]
     code, out = verify(str(d.audit_path))
-    assert code == os.EX_DATAERR and "truncated while live" in out
+    assert code == os.EX_DATAERR and "records cut from its file" in out
 
 
 def test_daemon_sighup_rotation_set_verifies(tmp_path: Path, verify: Verify) -> None:
