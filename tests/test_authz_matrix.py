@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import hmac
 import json
 import os
 import shutil
@@ -493,4 +494,5 @@ def test_audit_fault_refuses_signing(tmp_path: Path, fault: str) -> None:
                 assert rec["seq"] in unacked, rec  # landed late; marked as refused
         text = b"".join(f.read_bytes() for f in files) + d.log_path.read_bytes()
         assert secret not in text and b64(secret).encode() not in text
-        assert hashlib.sha256(data).hexdigest().encode() in text  # the hash is what is kept
+        key = bytes.fromhex((path.parent / "audit.key").read_text())  # the keyed hash is kept
+        assert hmac.new(key, hashlib.sha256(data).digest(), "sha256").hexdigest().encode() in text
