@@ -193,8 +193,7 @@ async def test_anchor_written_on_schedule_only_when_the_head_moved(tmp_path: Pat
 async def test_live_truncation_is_a_security_event(
     tmp_path: Path, verify: Verify, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A live file cut to zero is logged critical and anchored as truncated; verify reports it,
-    unless the copy (copytruncate) is in the set."""
+    """A live file cut to zero is logged, anchored as truncated and reported unless its copy is in the set."""
     path, copy = tmp_path / "audit.jsonl", tmp_path / "audit.jsonl.1"
     t = trail(path)
     for i in range(3):
@@ -216,8 +215,7 @@ async def test_live_truncation_is_a_security_event(
 async def test_restart_on_a_file_emptied_while_stopped(
     tmp_path: Path, verify: Verify, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A trail that starts on a file lacking its last anchored head logs it, anchors the loss
-    as truncated and continues the seq from the anchor; verify reports the lost records."""
+    """A start on a file lacking its anchored head is logged, anchored as lost, and verify reports it."""
     path = tmp_path / "audit.jsonl"
     await write(path, 3)
     path.write_bytes(b"")
@@ -247,8 +245,7 @@ async def test_restart_on_an_intact_file_logs_nothing(
 
 
 async def test_rotation_by_rename_is_followed(tmp_path: Path, verify: Verify) -> None:
-    """Rename + reopen anchors the old file's head; the set verifies, the live file alone too,
-    and the old file without its successor is an incomplete set."""
+    """Rename + reopen anchors the old head; the set verifies, the old file without its successor does not."""
     path, old = tmp_path / "audit.jsonl", tmp_path / "audit.jsonl.1"
     t = trail(path)
     for i in range(3):
@@ -267,8 +264,7 @@ async def test_rotation_by_rename_is_followed(tmp_path: Path, verify: Verify) ->
 
 
 async def test_multi_writer_set_with_one_file_missing(tmp_path: Path, verify: Verify) -> None:
-    """Per-worker chains verify as a set; a worker's file, a middle or newest rotation missing
-    fails it; the oldest rotation removed (retention) does not."""
+    """A missing worker file, middle or newest rotation fails the set; the oldest rotation may go."""
     w0, w1 = tmp_path / "audit.w0.jsonl", tmp_path / "audit.w1.jsonl"
     t0, t1 = trail(w0), trail(w1)
     for n in range(3):  # w0: .2 (seq 1-2), .1 (3-4), live (5-6)
@@ -302,8 +298,7 @@ async def test_multi_writer_set_with_one_file_missing(tmp_path: Path, verify: Ve
 
 
 async def test_workers_from_config_keep_their_own_chains(tmp_path: Path, verify: Verify) -> None:
-    """Workers get audit.wN.jsonl with their own anchors and one shared key; the directory
-    verifies as a set, and fails when one worker's file is missing."""
+    """Workers keep audit.wN.jsonl chains, own anchors, one key; the directory verifies as a set."""
     table = {"path": str(tmp_path / "audit.jsonl")}
     trails = [audit_from_config(table, worker=n) for n in (0, 1)]
     assert [t.path for t in trails] == [str(tmp_path / f"audit.w{n}.jsonl") for n in (0, 1)]
@@ -324,8 +319,7 @@ async def test_workers_from_config_keep_their_own_chains(tmp_path: Path, verify:
 async def test_payload_hmac_and_the_auditor_check(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Records carry HMAC(key, SHA-256(payload)), never the bare SHA-256; payload-hash with the
-    key file prints the value to look for; the key file is created 0600."""
+    """Records keep HMAC(key, SHA-256(payload)); payload-hash with the 0600 key file prints that value."""
     path = tmp_path / "audit.jsonl"
     t = audit_from_config({"path": str(path)})
     await t.record(event(0, payload=b"yes"))
@@ -445,8 +439,7 @@ def test_daemon_anchors_at_shutdown(tmp_path: Path, verify: Verify) -> None:
 
 
 def test_daemon_logs_a_live_file_that_shrinks(tmp_path: Path, verify: Verify) -> None:
-    """Truncating the live trail is noticed on the schedule (no request needed), logged as
-    signerd.audit_truncated and anchored; signing continues; verify reports the loss."""
+    """A daemon logs and anchors its live trail shrinking (no request needed) and keeps signing."""
     d = start_daemon(tmp_path / "d", audit={"anchor_interval": 0.2})
     try:
         sign_some(d, 2)
