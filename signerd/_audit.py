@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -43,7 +42,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._anchor import Anchorer, load_key, load_or_create_key
+from ._anchor import Anchorer, load_or_create_key
+from ._auditconf import audit_settings, worker_path
 from ._calls import AuditEvent
 from ._chain import (
     GENESIS,
@@ -73,22 +73,7 @@ log = logging.getLogger("signerd.audit")
 
 _MAX_BATCH = 256
 _TAIL_WINDOW = 1 << 20  # how far back start-up looks for the last record
-_KNOWN = ("path", "journald", "write_timeout", "fsync", "anchor", "anchor_interval", "key")
-
 JournalSend = Callable[..., object]
-
-
-def _path_setting(table: Mapping[str, Any], name: str, default: str) -> str:
-    value = table.get(name, default)
-    if not isinstance(value, str) or not value or "\0" in value:
-        raise ValueError(f"audit.{name}: must be a file path, got {value!r}")
-    return value
-
-
-def worker_path(path: str, worker: int) -> str:
-    """``audit.jsonl`` -> ``audit.w0.jsonl``: the trail (its own chain) of one worker process."""
-    root, ext = os.path.splitext(path)
-    return f"{root}.w{worker}{ext}"
 
 
 def audit_from_config(table: Mapping[str, Any], *, worker: int | None = None) -> AuditTrail:
@@ -97,56 +82,15 @@ def audit_from_config(table: Mapping[str, Any], *, worker: int | None = None) ->
     With ``worker``, the trail is that worker's own file (``worker_path``) and, unless
     ``anchor`` is set, its own anchor file; the payload key is shared by all workers.
     """
-    for name in table:
-        if name not in _KNOWN:
-            raise ValueError(f"audit: unknown key {name!r}")
-    path = table.get("path")
-    if not isinstance(path, str) or not path or "\0" in path:
-        raise ValueError("audit.path: required, the file the audit trail is appended to")
-    timeout = table.get("write_timeout", 0.5)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 30:
-        raise ValueError(f"audit.write_timeout: must be seconds in (0, 30], got {timeout!r}")
-    interval = table.get("anchor_interval", 10)
-    if (
-        isinstance(interval, bool)
-        or not isinstance(interval, int | float)
-        or not 0.05 <= interval <= 3600
-    ):
-        raise ValueError(
-            f"audit.anchor_interval: must be seconds in [0.05, 3600], got {interval!r}"
-        )
-    key = _path_setting(table, "key", os.path.join(os.path.dirname(path), "audit.key"))
-    if worker is not None:
-        path = worker_path(path, worker)
-    anchor = _path_setting(table, "anchor", path + ".anchor")
-    if os.path.exists(key):  # created on first use when missing; a bad one is a config error
-        try:
-            load_key(key)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"audit.key: {exc}") from None
-    flags = {}
-    for name, default in (("journald", False), ("fsync", True)):
-        value = table.get(name, default)
-        if not isinstance(value, bool):
-            raise ValueError(f"audit.{name}: must be true or false, got {value!r}")
-        flags[name] = value
-    send: JournalSend | None = None
-    if flags["journald"]:
-        try:
-            journal = importlib.import_module("systemd.journal")
-        except ImportError:
-            raise ValueError(
-                "audit.journald: needs systemd-python (pip install 'signerd[systemd]')"
-            ) from None
-        send = journal.send
+    s = audit_settings(table, worker=worker)
     return AuditTrail(
-        path,
-        write_timeout=float(timeout),
-        fsync=flags["fsync"],
-        journal_send=send,
-        anchor_path=anchor,
-        anchor_interval=float(interval),
-        key_path=key,
+        s.path,
+        write_timeout=s.write_timeout,
+        fsync=s.fsync,
+        journal_send=s.journal_send,
+        anchor_path=s.anchor,
+        anchor_interval=s.anchor_interval,
+        key_path=s.key,
     )
 
 

@@ -20,10 +20,11 @@ import pytest
 from signerd._anchor import read_anchors
 from signerd._audit import GENESIS, AuditTrail, audit_from_config
 from signerd._calls import AuditEvent, Peer
+from signerd._config import load
 from signerd.cli import main
 from signerd.client import Client
 
-from .conftest import DaemonProcess, start_daemon, unique
+from .conftest import DaemonProcess, daemon_config, start_daemon, to_toml, unique
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -343,6 +344,38 @@ async def test_payload_hmac_and_the_auditor_check(
     await t2.record(event(0, payload=b"yes"))
     await t2.aclose()
     assert value not in (tmp_path / "other" / "audit.jsonl").read_text()  # a key per trail
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"anchor_interval": 0}, r"audit\.anchor_interval: must be seconds"),
+        ({"anchor_interval": "10"}, r"audit\.anchor_interval: must be seconds"),
+        ({"anchor_interval": True}, r"audit\.anchor_interval: must be seconds"),
+        ({"anchor": ""}, r"audit\.anchor: must be a file path"),
+        ({"key": 5}, r"audit\.key: must be a file path"),
+    ],
+)
+def test_anchor_and_key_settings_are_checked(table: dict[str, Any], message: str) -> None:
+    """Invalid anchor, anchor_interval or key settings raise ValueError naming the key."""
+    with pytest.raises(ValueError, match=message):
+        audit_from_config({"path": "/nonexistent/audit.jsonl", **table})
+
+
+def test_anchor_and_key_defaults(tmp_path: Path) -> None:
+    """Defaults: anchors every 10 s to <path>.anchor, the key in audit.key beside the trail."""
+    t = audit_from_config({"path": str(tmp_path / "audit.jsonl")})
+    assert (t.anchor_path, t.anchor_interval) == (f"{tmp_path}/audit.jsonl.anchor", 10.0)
+    assert t.key_path == f"{tmp_path}/audit.key" and not Path(t.key_path).exists()
+
+
+def test_relative_anchor_and_key_paths_follow_the_config_file(tmp_path: Path) -> None:
+    """Relative audit.anchor and audit.key are relative to the configuration file, like path."""
+    doc = daemon_config(tmp_path, audit={"anchor": "a/trail.anchor", "key": "k/audit.key"})
+    (tmp_path / "signerd.toml").write_text(to_toml(doc))
+    config = load(str(tmp_path / "signerd.toml"))
+    assert config.audit["anchor"] == str(tmp_path / "a" / "trail.anchor")
+    assert config.audit["key"] == str(tmp_path / "k" / "audit.key")
 
 
 def test_key_file_open_to_others_is_a_config_error(tmp_path: Path) -> None:
