@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import hmac
 import json
@@ -302,10 +303,17 @@ def load_or_create_key(path: str) -> bytes:
     return key
 
 
+@functools.lru_cache(maxsize=8)
+def _keyed(key: bytes) -> hmac.HMAC:
+    return hmac.new(key, digestmod=hashlib.sha256)
+
+
 def payload_hmac(key: bytes, sha256_hex: str) -> str:
     """HMAC-SHA256 under the trail's key of a payload's SHA-256 digest (given as hex)."""
     try:
         digest = bytes.fromhex(sha256_hex)
     except ValueError:
         digest = sha256_hex.encode()
-    return hmac.new(key, digest, hashlib.sha256).hexdigest()
+    mac = _keyed(key).copy()  # the key's pads hashed once, not once per payload
+    mac.update(digest)
+    return mac.hexdigest()
