@@ -74,6 +74,7 @@ class Counters:
     key_reads: int = 0  # single-key reads (describe)
     shared_rereads: int = 0  # listings made for unknown names or kids, shared by all asking
     recoveries: int = 0  # listings that lacked known keys (recover, read again)
+    ready_checks: int = 0  # readiness round trips (answers are reused for READY_TTL)
     forgotten: list[str] = field(default_factory=list)  # keys proven gone
 
 
@@ -335,11 +336,12 @@ class KeyService:
         c = self.counters
         log.info(
             "signerd.keys.counters keyring_reads=%d key_reads=%d shared_rereads=%d "
-            "recoveries=%d forgotten=%d",
+            "recoveries=%d ready_checks=%d forgotten=%d",
             c.keyring_reads,
             c.key_reads,
             c.shared_rereads,
             c.recoveries,
+            c.ready_checks,
             len(c.forgotten),
         )
 
@@ -356,6 +358,7 @@ class KeyService:
         await asyncio.shield(task)
 
     async def _check_ready(self) -> None:
+        self.counters.ready_checks += 1
         for name, backend in self._backends.items():
             if name in self._suspects:
                 raise BackendUnavailable("the keyring is being re-read after a failed read")
