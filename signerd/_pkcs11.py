@@ -169,7 +169,7 @@ def _meta_label(key: KeyName) -> str:
     return f"signerd/{key.tenant}/{key.name}"
 
 
-def _key_of_label(label: str) -> KeyName | None:
+def key_of_label(label: str) -> KeyName | None:
     parts = label.split("/")
     if len(parts) != 3 or parts[0] != "signerd":
         return None
@@ -363,7 +363,7 @@ class Pkcs11Backend:
             template[Attribute.LABEL] = _meta_label(key)
         for obj in session.get_objects(template):
             label = obj[Attribute.LABEL]
-            name = _key_of_label(label) if isinstance(label, str) else None
+            name = key_of_label(label) if isinstance(label, str) else None
             if name is None:
                 if isinstance(label, str) and label.startswith("signerd/"):
                     self._report(label, "invalid_name")
@@ -628,7 +628,11 @@ class Pkcs11Backend:
                 except p11e.PKCS11Error:
                     log.debug("signerd.pkcs11.session_close_failed", exc_info=True)
 
-    # --- for tests and audits ---------------------------------------------
+    # --- for maintenance, tests and audits ----------------------------------
+
+    def on_token(self, fn: Callable[[Any], _T]) -> _T:
+        """Run fn(session) on the token, with this backend's lock, login and error translation."""
+        return self._call(fn)
 
     def private_key_attributes(self, kid: str) -> dict[str, Any]:
         """The security attributes of a version's private key, read back from the token."""

@@ -202,3 +202,125 @@ def test_a_key_whose_metadata_alone_vanished_is_kept(busy_daemon: DaemonProcess)
     _remove_key_objects(key, 1)  # now the store positively says so: forgotten, ready again
     _wait("ready again", lambda: plain("GET", "/v1/ready").status == 200)
     assert _kids(plain, tenant) == {f"{tenant}.whole.v1"}
+
+
+def _meta_json(version: int = 1) -> bytes:
+    body = {"format": 1, "seq": 1, "versions": {str(version): {"state": "active", "created_at": 1}}}
+    return json.dumps(body).encode()
+
+
+def _plant(tenant: str) -> tuple[str, str]:
+    """Write, behind signerd's back, a key named `feedback\\n` (with a key pair) and undecodable metadata."""
+    from pkcs11 import Attribute, ObjectClass
+
+    bad_name = f"signerd/{tenant}/feedback\n"
+    bad_json = f"signerd/{tenant}/badjson"
+    backend = from_config(pkcs11_backend_config())
+
+    def run(session: Any) -> None:
+        for label, value in ((bad_name, _meta_json()), (bad_json, b"{not json")):
+            session.create_object(
+                {
+                    Attribute.CLASS: ObjectClass.DATA,
+                    Attribute.TOKEN: True,
+                    Attribute.PRIVATE: True,
+                    Attribute.APPLICATION: "signerd",
+                    Attribute.LABEL: label,
+                    Attribute.VALUE: value,
+                }
+            )
+        backend._generate(session, KeyName(tenant, "feedback\n"), 1)
+
+    try:
+        backend.on_token(run)
+    finally:
+        backend.close()
+    return bad_name, bad_json
+
+
+def _labels_on_token(prefix: str) -> list[str]:
+    from pkcs11 import Attribute
+
+    backend = from_config(pkcs11_backend_config())
+    try:
+        return backend.on_token(
+            lambda s: sorted(
+                str(o[Attribute.LABEL])
+                for o in s.get_objects({})
+                if str(o[Attribute.LABEL]).startswith(prefix)
+                or str(o[Attribute.LABEL]).startswith(f"signerd/{prefix}")
+            )
+        )
+    finally:
+        backend.close()
+
+
+def test_malformed_objects_are_skipped_and_logged_once(busy_daemon: DaemonProcess) -> None:
+    """A key named `feedback\\n` and undecodable metadata on the token never fail JWKS or listing."""
+    from signerd._pkcs11 import label_digest
+
+    d = busy_daemon
+    plain = lambda *a: request(str(d.socket_path), *a)  # noqa: E731
+    tenant = unique("mf")
+    assert plain("POST", "/v1/keys", {"key": f"{tenant}/good"}).status == 201
+    bad_name, bad_json = _plant(tenant)
+    time.sleep(1.5)  # three periodic listings meet the planted objects
+    assert plain("GET", "/v1/jwks").status == 200
+    assert _kids(plain, tenant) == {f"{tenant}.good.v1"}
+    listed = plain("GET", f"/v1/keys?tenant={tenant}")
+    assert listed.status == 200, listed.body
+    assert [k["key"] for k in listed.json["keys"]] == [f"{tenant}/good"]
+    assert plain("GET", "/v1/ready").status == 200
+    log = d.log_text()
+    for label in (bad_name, bad_json):
+        assert log.count(f"label_sha256={label_digest(label)}") == 1, label
+    assert "feedback\n" not in log
+    _remove_labels([bad_name, bad_json, f"{tenant}.feedback\n.v1"])
+
+
+def test_purge_invalid_removes_only_keys_with_invalid_names(tmp_path: Path) -> None:
+    """`signerctl keys purge-invalid` removes the invalid key's objects, says what, and keeps the rest."""
+    import sys
+
+    from .conftest import ROOT, daemon_config, to_toml
+
+    tenant = unique("pg")
+    backend = from_config(pkcs11_backend_config())
+    try:
+        backend.create(KeyName(tenant, "good"))
+    finally:
+        backend.close()
+    _, bad_json = _plant(tenant)
+    config = tmp_path / "signerd.toml"
+    config.write_text(to_toml(daemon_config(tmp_path)))
+
+    def signerctl(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [
+            sys.executable,
+            "-m",
+            "signerd.cli",
+            "keys",
+            "purge-invalid",
+            "--config",
+            str(config),
+        ]
+        return subprocess.run(
+            [*cmd, *args], capture_output=True, text=True, timeout=60, cwd=str(ROOT)
+        )
+
+    before = _labels_on_token(tenant)
+    dry = signerctl("--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert len([x for x in dry.stdout.splitlines() if tenant in x]) == 3, dry.stdout
+    assert _labels_on_token(tenant) == before
+    done = signerctl()
+    assert done.returncode == 0, done.stderr
+    assert len([x for x in done.stdout.splitlines() if tenant in x]) == 3, done.stdout
+    assert repr(f"{tenant}.feedback\n.v1") in done.stdout  # shown escaped to the operator
+    assert done.stderr.count("signerd.maint.purged") >= 3, done.stderr
+    assert _labels_on_token(tenant) == sorted(
+        [bad_json, f"signerd/{tenant}/good", f"{tenant}.good.v1", f"{tenant}.good.v1"]
+    )
+    again = signerctl()
+    assert again.returncode == 0 and tenant not in again.stdout, again.stdout
+    _remove_labels([bad_json])
