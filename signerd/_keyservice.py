@@ -13,16 +13,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import TypeVar
 
 from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ._backend import Backend, Destroyer, KeyInfo, KeyVersion, Recoverable, VersionState
+from ._backend import Backend, Destroyer, KeyInfo, KeyVersion, VersionState
 from ._coalesce import Coalescer
+from ._maint import KeyringUpkeep
 from ._names import KeyName, parse_kid
 from .errors import (
     BackendError,
@@ -46,12 +47,6 @@ _T = TypeVar("_T")
 #: seconds the first read of the whole keyring may take at start-up
 STARTUP_TIMEOUT = 60.0
 
-#: seconds a readiness answer is reused (so /v1/ready is not a token round trip per call)
-READY_TTL = 1.0
-
-#: seconds between attempts to re-read a keyring that could not be read consistently
-HEAL_FIRST, HEAL_MAX = 0.5, 10.0
-
 #: states whose kid verifies and is published in the JWKS
 PUBLISHED = frozenset({VersionState.PENDING, VersionState.ACTIVE, VersionState.VERIFY_ONLY})
 
@@ -66,18 +61,6 @@ class Settings:
     retain_verify_only: int = 0  # keep this many verify-only versions, retire older (0: all)
 
 
-@dataclass
-class Counters:
-    """Backend reads made by the key service (logged at close; read by tests)."""
-
-    keyring_reads: int = 0  # whole-keyring listings
-    key_reads: int = 0  # single-key reads (describe)
-    shared_rereads: int = 0  # listings made for unknown names or kids, shared by all asking
-    recoveries: int = 0  # listings that lacked known keys (recover, read again)
-    ready_checks: int = 0  # readiness round trips (answers are reused for READY_TTL)
-    forgotten: list[str] = field(default_factory=list)  # keys proven gone
-
-
 @dataclass(frozen=True)
 class _Entry:
     key: KeyName
@@ -88,7 +71,7 @@ class _Entry:
 _Group = tuple[KeyName, int]
 
 
-class KeyService:
+class KeyService(KeyringUpkeep):
     def __init__(
         self,
         backends: Mapping[str, Backend],
@@ -112,14 +95,7 @@ class KeyService:
         self._keys: dict[KeyName, KeyInfo] = {}
         self._kids: dict[str, _Entry] = {}
         self._refreshed: dict[KeyName, float] = {}
-        self.counters = Counters()
-        self._reread_locks: dict[str, asyncio.Lock] = {}
-        self._next_reread: dict[str, asyncio.Task[None]] = {}  # a shared re-read not started yet
-        self._last_shared: dict[str, float] = {}
-        self._suspects: set[str] = set()  # backends whose keyring could not be read consistently
-        self._healers: dict[str, asyncio.Task[None]] = {}
-        self._ready_task: asyncio.Task[None] | None = None
-        self._ready_at = 0.0
+        self._init_upkeep()
         self._admin_locks: dict[KeyName, asyncio.Lock] = {}
         self._coalescer: Coalescer[_Group] = Coalescer(
             self._sign_batch,
@@ -146,11 +122,6 @@ class KeyService:
         name = self.backend_name(key.tenant)
         backend = self._backends[name]
         return await self._run(name, lambda: call(backend))
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(coro)
-        task.add_done_callback(_consume)
-        return task
 
     def _store(self, info: KeyInfo) -> KeyInfo:
         old = self._keys.get(info.key)
@@ -201,127 +172,10 @@ class KeyService:
             if only is None or name == only:
                 await self._reread(name, timeout)
 
-    async def _reread(self, name: str, timeout: float | None = None) -> None:
-        """Re-read one backend's keyring; never forget a key on an error's word.
-
-        A listing that lacks keys we know is suspect: the backend starts again
-        (PKCS#11: library re-initialised, new login) and is read again; keys
-        still missing are forgotten only when the backend proves them gone.
-        Otherwise the cache is kept, the backend is marked suspect (not ready)
-        and BackendUnavailable raised; a background task keeps re-reading.
-        """
-        async with self._reread_locks.setdefault(name, asyncio.Lock()):
-            backend = self._backends[name]
-            gone: frozenset[KeyName] = frozenset()
-            try:
-                listed = await self._listing(name, timeout)
-                missing = self._known(name) - listed.keys()
-                if missing:
-                    self.counters.recoveries += 1
-                    log.warning(
-                        "signerd.keyring_suspect backend=%s missing=%d listed=%d",
-                        name,
-                        len(missing),
-                        len(listed),
-                    )
-                    if isinstance(backend, Recoverable):
-                        await self._run(name, backend.recover, timeout)
-                    listed = await self._listing(name, timeout)
-                    missing = self._known(name) - listed.keys()
-                if missing:
-                    known = [self._keys[k] for k in sorted(missing)]
-                    gone = await self._run(
-                        name, lambda: _confirm_absent(backend, known, sorted(listed)), timeout
-                    )
-            except SignerdError:
-                self._mark_suspect(name)
-                raise
-            for info in listed.values():
-                self._store(info)
-            for key in sorted(gone):
-                log.warning("signerd.key_gone key=%s backend=%s", key, name)
-                self.counters.forgotten.append(str(key))
-                self._forget(key)
-            if missing - gone:
-                self._mark_suspect(name)
-                raise BackendUnavailable("the keyring could not be read consistently")
-            if name in self._suspects:
-                self._suspects.discard(name)
-                log.warning("signerd.keyring_recovered backend=%s keys=%d", name, len(listed))
-
-    async def _listing(self, name: str, timeout: float | None) -> dict[KeyName, KeyInfo]:
-        self.counters.keyring_reads += 1
-        infos = await self._run(name, self._backends[name].list_keys, timeout)
-        return {i.key: i for i in infos if self.backend_name(i.key.tenant) == name}
-
-    def _known(self, name: str) -> set[KeyName]:
-        return {k for k in self._keys if self.backend_name(k.tenant) == name}
-
-    def _mark_suspect(self, name: str) -> None:
-        if name not in self._suspects:
-            self._suspects.add(name)
-            log.error(
-                "signerd.keyring_kept backend=%s keys=%d (re-reading until consistent)",
-                name,
-                len(self._known(name)),
-            )
-        healer = self._healers.get(name)
-        if healer is None or healer.done():
-            self._healers[name] = self._spawn(self._heal(name))
-
-    async def _heal(self, name: str) -> None:
-        delay = HEAL_FIRST
-        while name in self._suspects:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, HEAL_MAX)
-            try:
-                await self._reread(name)
-            except SignerdError as exc:
-                log.info("signerd.keyring_still_suspect backend=%s code=%s", name, exc.code)
-
-    async def _shared_reread(self, name: str) -> None:
-        """Wait for a re-read of the keyring that starts after this call.
-
-        At most one starts per ``unknown_kid_refresh`` seconds, shared by every
-        caller waiting for it: a stream of made-up key names or kids costs the
-        backend one listing per interval, never one search per request.
-        """
-        task = self._next_reread.get(name)
-        if task is None:
-            last = self._last_shared.get(name)
-            now = time.monotonic()
-            delay = (
-                0.0 if last is None else max(0.0, last + self.settings.unknown_kid_refresh - now)
-            )
-            task = self._spawn(self._scheduled_reread(name, delay))
-            self._next_reread[name] = task
-        await asyncio.shield(task)
-
-    async def _scheduled_reread(self, name: str, delay: float) -> None:
-        try:
-            await asyncio.sleep(delay)
-        finally:
-            self._next_reread.pop(name, None)  # callers from now on wait for the next one
-        self._last_shared[name] = time.monotonic()
-        self.counters.shared_rereads += 1
-        await self._reread(name)
-
-    async def _cached(self, key: KeyName) -> KeyInfo:
-        """The key from the cache; an unknown name waits for the next shared re-read."""
-        info = self._keys.get(key)
-        if info is None:
-            await self._shared_reread(self.backend_name(key.tenant))
-            info = self._keys.get(key)
-            if info is None:
-                raise UnknownKey()
-        return info
-
     async def close(self) -> None:
-        tasks = [*self._healers.values(), *self._next_reread.values()]
+        tasks = self._upkeep_tasks()
         if self._refresher is not None:
             tasks.append(self._refresher)
-        if self._ready_task is not None:
-            tasks.append(self._ready_task)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -333,36 +187,7 @@ class KeyService:
                 log.warning("signerd.backend_close_failed backend=%s", name)
         for executor in self._executors.values():
             executor.shutdown(wait=False, cancel_futures=True)
-        c = self.counters
-        log.info(
-            "signerd.keys.counters keyring_reads=%d key_reads=%d shared_rereads=%d "
-            "recoveries=%d ready_checks=%d forgotten=%d",
-            c.keyring_reads,
-            c.key_reads,
-            c.shared_rereads,
-            c.recoveries,
-            c.ready_checks,
-            len(c.forgotten),
-        )
-
-    async def ready(self) -> None:
-        """Raise unless every backend answers and every keyring reads consistently.
-
-        The answer is reused for READY_TTL seconds and shared by concurrent
-        callers, so readiness probes cost at most one round trip per second.
-        """
-        task = self._ready_task
-        if task is None or (task.done() and time.monotonic() - self._ready_at >= READY_TTL):
-            self._ready_at = time.monotonic()
-            task = self._ready_task = self._spawn(self._check_ready())
-        await asyncio.shield(task)
-
-    async def _check_ready(self) -> None:
-        self.counters.ready_checks += 1
-        for name, backend in self._backends.items():
-            if name in self._suspects:
-                raise BackendUnavailable("the keyring is being re-read after a failed read")
-            await self._run(name, backend.check)
+        self._log_counters()
 
     # --- reading ------------------------------------------------------------
 
@@ -576,23 +401,3 @@ def _require(info: KeyInfo, version: int, states: set[VersionState], message: st
     if found.state not in states:
         raise InvalidState(message)
     return found
-
-
-def _consume(task: asyncio.Task[None]) -> None:
-    """Retrieve a background task's outcome (its waiters, if any, saw it already)."""
-    if not task.cancelled():
-        task.exception()
-
-
-def _confirm_absent(
-    backend: Backend, missing: Sequence[KeyInfo], present: Sequence[KeyName]
-) -> frozenset[KeyName]:
-    if isinstance(backend, Recoverable):
-        return backend.confirm_absent(missing, present)
-    gone = set()
-    for info in missing:
-        try:
-            backend.describe(info.key)
-        except UnknownKey:
-            gone.add(info.key)
-    return frozenset(gone)
