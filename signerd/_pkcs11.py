@@ -428,7 +428,8 @@ class Pkcs11Backend:
                 except (BackendUnavailable, BackendError):
                     # A version without a readable public key: skip the key, never the answer.
                     self._report(_meta_label(k), "unreadable_public_key")
-            self._listed = len(infos)
+            if infos:  # an empty listing may be a token that cannot open its files
+                self._listed = len(infos)
             return infos
 
         return self._call(run)
