@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -324,3 +325,58 @@ def test_purge_invalid_removes_only_keys_with_invalid_names(tmp_path: Path) -> N
     again = signerctl()
     assert again.returncode == 0 and tenant not in again.stdout, again.stdout
     _remove_labels([bad_json])
+
+
+class _Blind:
+    """A real SoftHSM backend whose next listings come back empty, as a starved SoftHSM's do."""
+
+    def __init__(self) -> None:
+        self.inner = from_config(pkcs11_backend_config())
+        self.max_concurrency = 1
+        self.blind = 0  # listings still to answer with nothing
+        self.recovered = 0
+
+    def list_keys(self) -> list[Any]:
+        if self.blind:
+            self.blind -= 1
+            return []
+        return self.inner.list_keys()
+
+    def recover(self) -> None:
+        self.recovered += 1
+        self.inner.recover()
+
+    def confirm_absent(self, missing: Any, present: Any) -> frozenset[KeyName]:
+        return self.inner.confirm_absent(missing, present)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_an_empty_listing_is_re_read_after_a_reset_and_never_believed() -> None:
+    """One empty listing: reset and re-read, nothing lost; two in a row: cache kept, not ready, then healed."""
+    from signerd._keyservice import KeyService, Settings
+    from signerd.errors import BackendUnavailable
+
+    blind = _Blind()
+    svc = KeyService({"hsm": blind}, default_backend="hsm", settings=Settings(refresh_interval=0))  # type: ignore[dict-item]
+    await svc.start()
+    try:
+        key = KeyName(unique("kb"), "feedback")
+        await svc.create(key)
+        before = {v.kid for v in svc.published()}
+        blind.blind = 1
+        await svc.refresh_all()
+        assert blind.recovered == 1 and svc.counters.recoveries == 1
+        assert {v.kid for v in svc.published()} == before
+        await svc.ready()
+        blind.blind = 2
+        with pytest.raises(BackendUnavailable):
+            await svc.refresh_all()
+        assert {v.kid for v in svc.published()} == before
+        assert svc.counters.forgotten == []
+        await asyncio.sleep(1.1)  # the ready answer ages out; the background re-read heals
+        await svc.ready()
+        assert (await svc.sign(key, b"x"))[0] == key.kid(1)
+    finally:
+        await svc.close()
