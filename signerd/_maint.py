@@ -177,7 +177,7 @@ class KeyringUpkeep:
         if name not in self._suspects:
             self._suspects.add(name)
             log.error(
-                "signerd.keyring_kept backend=%s keys=%d (re-reading until consistent)",
+                "signerd.keyring_kept backend=%s keys=%d",
                 name,
                 len(self._known(name)),
             )
