@@ -110,7 +110,7 @@ def test_fd_starvation_keeps_the_keyring_and_recovers_without_restart(
         with starved(d.proc.pid):
             _touch_token(unique("kt"))
             # The periodic refresh is the first to meet the starved token: SoftHSM lists nothing.
-            time.sleep(1.5)
+            _wait("the empty listing met", lambda: "signerd.keyring_suspect" in d.log_text())
             deadline = time.monotonic() + 2.0
             signs: list[int] = []
             while time.monotonic() < deadline:
