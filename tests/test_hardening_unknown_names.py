@@ -61,7 +61,7 @@ def test_a_flood_of_random_names_costs_one_reread_per_interval(tmp_path: Path) -
             t.start()
         for t in threads:
             t.join(timeout=60)
-        assert len(answers) >= 2 * FLOODERS, len(answers)
+        assert len(answers) >= FLOODERS, len(answers)
         assert set(answers) == {(404, "unknown_key")}
         assert honest_answers and set(honest_answers) == {200}
     finally:
