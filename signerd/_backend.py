@@ -118,6 +118,31 @@ class Destroyer(Protocol):
     def destroy(self, key: KeyName, version: int) -> KeyInfo: ...
 
 
+@runtime_checkable
+class Recoverable(Protocol):
+    """Optional: start the connection to the store again, and prove keys gone.
+
+    The key service never forgets a key because a listing lacks it. It calls
+    ``recover`` and reads again; keys still missing are forgotten only when
+    ``confirm_absent`` returns them. A backend without this protocol proves a
+    key gone when ``describe`` raises UnknownKey for it.
+    """
+
+    def recover(self) -> None:
+        """Drop sessions and connections and set them up again (PKCS#11: re-initialise, log in)."""
+        ...
+
+    def confirm_absent(
+        self, missing: Sequence[KeyInfo], present: Sequence[KeyName]
+    ) -> frozenset[KeyName]:
+        """Of the keys missing from a listing, those the store positively says are gone.
+
+        Raise BackendUnavailable when the store cannot be trusted right now.
+        ``present`` are keys the same listing returned (evidence the store reads).
+        """
+        ...
+
+
 BackendFactory = Callable[[Mapping[str, Any]], Backend]
 
 #: backend type name -> "module:factory"; imported only when configured

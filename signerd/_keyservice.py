@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ._backend import Backend, Destroyer, KeyInfo, KeyVersion, VersionState
 from ._coalesce import Coalescer
+from ._maint import KeyringUpkeep
 from ._names import KeyName, parse_kid
 from .errors import (
     BackendError,
@@ -70,7 +71,7 @@ class _Entry:
 _Group = tuple[KeyName, int]
 
 
-class KeyService:
+class KeyService(KeyringUpkeep):
     def __init__(
         self,
         backends: Mapping[str, Backend],
@@ -94,7 +95,7 @@ class KeyService:
         self._keys: dict[KeyName, KeyInfo] = {}
         self._kids: dict[str, _Entry] = {}
         self._refreshed: dict[KeyName, float] = {}
-        self._unknown_key_refresh = 0.0
+        self._init_upkeep()
         self._admin_locks: dict[KeyName, asyncio.Lock] = {}
         self._coalescer: Coalescer[_Group] = Coalescer(
             self._sign_batch,
@@ -167,24 +168,17 @@ class KeyService:
 
     async def refresh_all(self, timeout: float | None = None, only: str | None = None) -> None:
         """Re-read the keyring from every backend (or only the named one)."""
-        for name, backend in self._backends.items():
-            if only is not None and name != only:
-                continue
-            infos = await self._run(name, backend.list_keys, timeout)
-            seen = set()
-            for info in infos:
-                if self.backend_name(info.key.tenant) == name:
-                    self._store(info)
-                    seen.add(info.key)
-            for key in [
-                k for k in self._keys if self.backend_name(k.tenant) == name and k not in seen
-            ]:
-                self._forget(key)
+        for name in self._backends:
+            if only is None or name == only:
+                await self._reread(name, timeout)
 
     async def close(self) -> None:
+        tasks = self._upkeep_tasks()
         if self._refresher is not None:
-            self._refresher.cancel()
-            await asyncio.gather(self._refresher, return_exceptions=True)
+            tasks.append(self._refresher)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self._coalescer.aclose()
         for name, backend in self._backends.items():
             try:
@@ -193,20 +187,31 @@ class KeyService:
                 log.warning("signerd.backend_close_failed backend=%s", name)
         for executor in self._executors.values():
             executor.shutdown(wait=False, cancel_futures=True)
-
-    async def ready(self) -> None:
-        for name, backend in self._backends.items():
-            await self._run(name, backend.check)
+        self._log_counters()
 
     # --- reading ------------------------------------------------------------
 
     async def describe(self, key: KeyName) -> KeyInfo:
-        """Read the key from its backend (the store is the truth) and update the cache."""
+        """Read a known key from its backend (the store is the truth) and update the cache.
+
+        A name not in the cache waits for the shared re-read (no search per
+        request). A known key the backend no longer finds is forgotten only
+        when a careful re-read of the keyring proves it gone.
+        """
+        if key not in self._keys:
+            return await self._cached(key)
+        self.counters.key_reads += 1
         try:
             return self._store(await self._on(key, lambda b: b.describe(key)))
         except UnknownKey:
-            self._forget(key)
-            raise
+            name = self.backend_name(key.tenant)
+            if name in self._suspects:
+                raise BackendUnavailable("the keyring is being re-read") from None
+            await self._reread(name)
+            info = self._keys.get(key)
+            if info is None:
+                raise
+            return info
 
     @property
     def key_count(self) -> int:
@@ -240,16 +245,15 @@ class KeyService:
         key, _ = parse_kid(kid)
         now = time.monotonic()
         if key in self._keys:
-            due = now - self._refreshed.get(key, 0.0) >= self.settings.unknown_kid_refresh
+            # A new version of a key we know: at most one read of it per interval.
+            if now - self._refreshed.get(key, 0.0) >= self.settings.unknown_kid_refresh:
+                self._refreshed[key] = now
+                with contextlib.suppress(UnknownKey):
+                    await self.describe(key)
         else:
-            # Kids of keys we do not know: one shared re-read slot per interval, so
-            # a stream of made-up kids costs the backend at most one call per interval.
-            due = now - self._unknown_key_refresh >= self.settings.unknown_kid_refresh
-            if due:
-                self._unknown_key_refresh = now
-        if due:
+            # Kids of keys we do not know wait for the shared re-read.
             with contextlib.suppress(UnknownKey):
-                await self.describe(key)
+                await self._cached(key)
         entry = self._kids.get(kid)
         if entry is None:
             raise UnknownKid()
@@ -258,17 +262,24 @@ class KeyService:
     # --- signing and verifying ----------------------------------------------
 
     async def sign(self, key: KeyName, data: bytes) -> tuple[str, bytes]:
-        info = self._keys.get(key)
-        if info is None:
-            info = await self.describe(key)
+        info = await self._cached(key)
         active = info.active
         if active is None:
             raise InvalidState("key has no active version")
         try:
             signature = await self._coalescer.submit((key, active.version), data)
-        except (InvalidState, UnknownVersion):
+        except (InvalidState, UnknownVersion) as exc:
             # Another daemon rotated or retired under us: learn the keyring again, once.
             fresh = (await self.describe(key)).active
+            if (
+                fresh is not None
+                and fresh.version == active.version
+                and (isinstance(exc, UnknownVersion))
+            ):
+                # The active version is still listed but its key cannot be found:
+                # the token is not reading well, which is not the caller's 404.
+                log.error("signerd.active_key_unreadable kid=%s", active.kid)
+                raise BackendUnavailable("the active version cannot be read now") from exc
             if fresh is None or fresh.version == active.version:
                 raise
             active = fresh

@@ -19,6 +19,7 @@ threads inside the library at once crash the process.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -52,11 +53,14 @@ ED25519_OID = "1.3.101.112"
 _META_FORMAT = 1
 _T = TypeVar("_T")
 
-# Errors after which the session (or the whole library) must be set up again.
+# Errors after which the session (or the whole library) must be set up again:
+# lost sessions and tokens, and resource errors (device, memory, general failures).
 _CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     p11e.DeviceError,
     p11e.DeviceRemoved,
     p11e.DeviceMemory,
+    p11e.HostMemory,
+    p11e.FunctionFailed,
     p11e.SessionClosed,
     p11e.SessionHandleInvalid,
     p11e.TokenNotPresent,
@@ -69,6 +73,13 @@ _CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     p11e.KeyHandleInvalid,
     p11e.CryptokiNotInitialized if hasattr(p11e, "CryptokiNotInitialized") else p11e.GeneralError,
 )
+
+# Errors of this process, not of the token (EMFILE, ENOMEM): also worth a fresh start.
+_RESOURCE_ERRORS: tuple[type[Exception], ...] = (OSError, MemoryError)
+
+#: file descriptors that must be free for the token to be trusted (SoftHSM opens
+#: an object file and its lock file per object it reads)
+_FD_HEADROOM = 8
 
 _MODULE_LOCKS: dict[str, threading.Lock] = {}
 _MODULE_LOCKS_GUARD = threading.Lock()
@@ -158,13 +169,39 @@ def _meta_label(key: KeyName) -> str:
     return f"signerd/{key.tenant}/{key.name}"
 
 
-def _key_of_label(label: str) -> KeyName | None:
+def key_of_label(label: str) -> KeyName | None:
     parts = label.split("/")
     if len(parts) != 3 or parts[0] != "signerd":
         return None
-    if not (valid_part(parts[1]) and valid_part(parts[2])):
+    if not all(valid_part(p) and p.isprintable() for p in parts[1:]):
         return None
     return KeyName(parts[1], parts[2])
+
+
+def label_digest(label: object) -> str:
+    """A short, log-safe fingerprint of a token object's label (never the label itself)."""
+    raw = (
+        label.encode("utf-8", "surrogateescape") if isinstance(label, str) else repr(label).encode()
+    )
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def resources_available() -> None:
+    """Raise BackendUnavailable unless this process can open files now.
+
+    SoftHSM answers a search with no objects, and no error, when it cannot open
+    its object files; an empty listing then says nothing about the keyring.
+    """
+    fds: list[int] = []
+    try:
+        for _ in range(_FD_HEADROOM):
+            fds.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as exc:
+        log.error("signerd.pkcs11.no_file_descriptors errno=%s", exc.errno)
+        raise BackendUnavailable("the daemon cannot open files (resource limit)") from exc
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -216,6 +253,8 @@ class Pkcs11Backend:
         self._session: Any = None
         self._private: dict[str, Any] = {}  # kid -> private key object (valid for this session)
         self._public: dict[str, bytes] = {}  # kid -> raw public key (never changes)
+        self._reported: set[str] = set()  # malformed objects already logged (by digest)
+        self._listed = 0  # keys in the last listing; a token that then shows none is suspect
 
     # --- connection -----------------------------------------------------
 
@@ -266,17 +305,27 @@ class Pkcs11Backend:
     def _call(self, fn: Callable[[Any], _T]) -> _T:
         """Run fn(session) under the module lock, translating token errors.
 
-        A connection-class error resets the session and retries once on a
-        fresh one (with a new login), which is how signerd recovers from a
-        token that vanished and came back.
+        A connection-class or resource error resets the session and the
+        library and retries once on a fresh one (with a new login), which is
+        how signerd recovers from a token that vanished and came back, or from
+        a moment without file descriptors or memory.
         """
         with self._lock:
             for attempt in (1, 2):
                 try:
-                    return fn(self._connect())
+                    session = self._connect()
+                except SignerdError:
+                    self._reset()
+                    raise
+                except Exception as exc:  # library load, C_Initialize, login: all "not now"
+                    log.warning("signerd.pkcs11.connect_failed error=%s", type(exc).__name__)
+                    self._reset()
+                    raise BackendUnavailable() from exc
+                try:
+                    return fn(session)
                 except SignerdError:
                     raise
-                except _CONNECTION_ERRORS as exc:
+                except (*_CONNECTION_ERRORS, *_RESOURCE_ERRORS) as exc:
                     log.warning(
                         "signerd.pkcs11.token_error error=%s attempt=%d",
                         type(exc).__name__,
@@ -294,6 +343,13 @@ class Pkcs11Backend:
                     raise BackendError() from exc
             raise AssertionError("unreachable")
 
+    def _report(self, label: object, reason: str) -> None:
+        """Log a malformed object once per process (by a digest of its label, never the label)."""
+        digest = label_digest(label)
+        if f"{digest}:{reason}" not in self._reported:
+            self._reported.add(f"{digest}:{reason}")
+            log.warning("signerd.pkcs11.skip_malformed label_sha256=%s reason=%s", digest, reason)
+
     # --- reading --------------------------------------------------------
 
     def _meta_objects(
@@ -306,13 +362,17 @@ class Pkcs11Backend:
         if key is not None:
             template[Attribute.LABEL] = _meta_label(key)
         for obj in session.get_objects(template):
-            name = _key_of_label(obj[Attribute.LABEL])
+            label = obj[Attribute.LABEL]
+            name = key_of_label(label) if isinstance(label, str) else None
             if name is None:
+                if isinstance(label, str) and label.startswith("signerd/"):
+                    self._report(label, "invalid_name")
                 continue
             try:
                 meta = _Meta.decode(obj[Attribute.VALUE])
-            except (ValueError, KeyError, TypeError) as exc:
-                raise BackendError("unreadable key metadata on the token") from exc
+            except (ValueError, KeyError, TypeError, AttributeError):
+                self._report(label, "unreadable_metadata")
+                continue
             yield name, meta.seq, obj, meta
 
     def _current_meta(self, session: Any, key: KeyName) -> tuple[_Meta, list[Any]]:
@@ -324,7 +384,10 @@ class Pkcs11Backend:
     def _public_key(self, session: Any, kid: str) -> bytes:
         raw = self._public.get(kid)
         if raw is None:
-            obj = session.get_key(object_class=ObjectClass.PUBLIC_KEY, label=kid)
+            try:
+                obj = session.get_key(object_class=ObjectClass.PUBLIC_KEY, label=kid)
+            except p11e.NoSuchKey as exc:
+                raise BackendUnavailable("a version's public key cannot be read") from exc
             raw = raw_public_key(obj[Attribute.EC_POINT])
             self._public[kid] = raw
         return raw
@@ -358,7 +421,16 @@ class Pkcs11Backend:
             wanted = {k.kid(v) for k, m in latest.items() for v in m.versions} - set(self._public)
             if wanted:
                 self._prefetch_public(session, wanted)
-            return [self._info(session, k, m) for k, m in sorted(latest.items())]
+            infos = []
+            for k, m in sorted(latest.items()):
+                try:
+                    infos.append(self._info(session, k, m))
+                except (BackendUnavailable, BackendError):
+                    # A version without a readable public key: skip the key, never the answer.
+                    self._report(_meta_label(k), "unreadable_public_key")
+            if infos:  # an empty listing may be a token that cannot open its files
+                self._listed = len(infos)
+            return infos
 
         return self._call(run)
 
@@ -490,13 +562,62 @@ class Pkcs11Backend:
 
     def check(self) -> None:
         def run(session: Any) -> None:
-            # A cheap round trip that needs a live, logged-in session.
+            # A cheap round trip that needs a live, logged-in session; a token that
+            # listed keys before and now shows none cannot open its files.
             for _ in session.get_objects(
                 {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: APPLICATION}
             ):
-                break
+                return
+            if self._listed:
+                raise BackendUnavailable("the token shows none of its keys")
 
+        resources_available()
         self._call(run)
+
+    # --- recovery ---------------------------------------------------------
+
+    def recover(self) -> None:
+        """Start again from nothing: close the session, re-initialise the library, log in."""
+        with self._lock:
+            self._reset()
+        self._call(lambda session: None)
+
+    def confirm_absent(
+        self, missing: Sequence[KeyInfo], present: Sequence[KeyName]
+    ) -> frozenset[KeyName]:
+        """Of keys missing from a listing, those the token positively says are gone.
+
+        Proof needs a token that reads well now: files can be opened, a key
+        that is still listed reads back (its metadata and public key), and
+        nothing labelled with the missing key's name or any of its kids is
+        left. SoftHSM answers searches with nothing when it cannot open its
+        files, so an empty or shrunken listing alone proves nothing.
+        """
+        resources_available()
+        if not present:
+            return frozenset()
+
+        def run(session: Any) -> frozenset[KeyName]:
+            control = present[0]
+            meta = self._current_meta(session, control)[0]  # UnknownKey: not healthy
+            for version in meta.versions:
+                kid = control.kid(version)
+                if not any(True for _ in session.get_objects({Attribute.LABEL: kid})):
+                    raise BackendUnavailable("a listed key's objects cannot be read")
+            gone = set()
+            for info in missing:
+                labels = [_meta_label(info.key)] + [v.kid for v in info.versions]
+                if not any(
+                    any(True for _ in session.get_objects({Attribute.LABEL: label}))
+                    for label in labels
+                ):
+                    gone.add(info.key)
+            return frozenset(gone)
+
+        try:
+            return self._call(run)
+        except UnknownKey as exc:
+            raise BackendUnavailable("a listed key cannot be read back") from exc
 
     def close(self) -> None:
         with self._lock:
@@ -508,7 +629,11 @@ class Pkcs11Backend:
                 except p11e.PKCS11Error:
                     log.debug("signerd.pkcs11.session_close_failed", exc_info=True)
 
-    # --- for tests and audits ---------------------------------------------
+    # --- for maintenance, tests and audits ----------------------------------
+
+    def on_token(self, fn: Callable[[Any], _T]) -> _T:
+        """Run fn(session) on the token, with this backend's lock, login and error translation."""
+        return self._call(fn)
 
     def private_key_attributes(self, kid: str) -> dict[str, Any]:
         """The security attributes of a version's private key, read back from the token."""

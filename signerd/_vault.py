@@ -118,6 +118,7 @@ class VaultBackend:
         self.settings = settings
         self.transport = transport
         self.max_concurrency = settings.max_concurrency
+        self._reported: set[str] = set()  # keys skipped from listings, logged once each
 
     # --- names and paths ---
 
@@ -139,7 +140,7 @@ class VaultBackend:
         if not transit_name.startswith(prefix):
             return None
         tenant, dot, name = transit_name[len(prefix) :].partition(".")
-        if not dot or not valid_part(tenant) or not valid_part(name):
+        if not dot or not all(valid_part(p) and p.isprintable() for p in (tenant, name)):
             return None
         return KeyName(tenant, name)
 
@@ -249,6 +250,13 @@ class VaultBackend:
                 infos.append(self.describe(key))
             except (UnknownKey, _ForeignKey):
                 continue  # deleted since the listing, or not a signing key of ours
+            except BackendError:
+                # One unreadable key never fails the whole listing (the key service
+                # keeps a known key that a listing lacks until it is proven gone).
+                if str(key) not in self._reported:
+                    self._reported.add(str(key))
+                    log.warning("signerd.vault.skip_unreadable key=%s", key)
+                continue
         return infos
 
     def describe(self, key: KeyName) -> KeyInfo:

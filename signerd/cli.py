@@ -320,6 +320,27 @@ def _audit_payload_hash(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
     return {"payload_sha256": digest, "payload_hmac": value}, value
 
 
+def _keys_purge_invalid(a: argparse.Namespace) -> int:
+    """Offline: remove keys with invalid names from each PKCS#11 token of a configuration."""
+    from ._config import ConfigError, load
+    from ._maint import purge_invalid
+
+    try:
+        removed = purge_invalid(load(a.config), dry_run=a.dry_run)
+    except ConfigError as exc:
+        return _fail(a, "invalid_config", str(exc), None, os.EX_CONFIG)
+    except SignerdError as exc:
+        return _fail(a, exc.code, exc.message, None, EXIT_FOR_CODE.get(exc.code, os.EX_SOFTWARE))
+    verb = "would remove" if a.dry_run else "removed"
+    if a.json:
+        print(json.dumps({"dry_run": a.dry_run, "objects": [_plain(r) for r in removed]}, indent=2))
+    else:
+        for r in removed:
+            print(f"{verb} {r.backend} {r.object_class} {r.label} label_sha256={r.label_sha256}")
+        print(f"{verb} {len(removed)} object(s)")
+    return os.EX_OK
+
+
 # --- the parser ---
 
 
@@ -375,6 +396,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--confirm", metavar="KID", required=True, help="the kid being destroyed"
             )
+
+    p = ksub.add_parser(
+        "purge-invalid",
+        help="offline: remove keys whose names are invalid from the token (uses the configured PIN)",
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="signerd's configuration file")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    p.set_defaults(offline=_keys_purge_invalid)
 
     p = command(sub, "sign", _sign, "sign data with a key's active version")
     p.add_argument("key", metavar="KEY")
@@ -438,6 +467,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return os.EX_USAGE
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else os.EX_USAGE
+    offline = getattr(args, "offline", None)
+    if offline is not None:  # acts on the token itself, not through the daemon
+        return int(offline(args))
     try:
         with Client(args.socket or default_socket_path(), timeout=args.timeout) as client:
             doc, text = args.run(client, args)
