@@ -34,6 +34,7 @@ deps: system $(VENV)/.installed
 
 dev-token: deps
 	@mkdir -p $(VAR)/run $(VAR)/log
+	@chmod 0750 $(VAR)/run  # signerd refuses a socket directory others can write to
 	@softhsm/make-token.sh $(VAR)/softhsm signerd-dev >/dev/null
 	@sed -e "s#@VAR@#$(VAR)#g" -e "s#@UID@#$$(id -u)#g" config/dev.toml.in > $(VAR)/signerd.toml
 
