@@ -16,6 +16,7 @@ system:
 	@missing=""; \
 	command -v softhsm2-util >/dev/null || missing="$$missing softhsm2"; \
 	command -v ssh-agent >/dev/null || missing="$$missing openssh-client"; \
+	command -v strace >/dev/null || missing="$$missing strace"; \
 	command -v pkg-config >/dev/null || missing="$$missing pkg-config"; \
 	pkg-config --exists libsystemd 2>/dev/null || missing="$$missing libsystemd-dev"; \
 	if [ -n "$$missing" ]; then \
