@@ -158,6 +158,8 @@ class Server:
         except web.HTTPException as exc:
             error = _from_http(exc)
             response = self._error(rid, error)
+            if "Allow" in exc.headers:  # 405 keeps the methods the path has (RFC 9110)
+                response.headers["Allow"] = exc.headers["Allow"]
             await self._record(request, audit, error.code, error.status, None)
         except SignerdError as exc:
             response = self._error(rid, exc)
