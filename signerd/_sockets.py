@@ -128,7 +128,11 @@ def _ensure_directory(directory: str, dir_mode: int, gid: int | None) -> None:
     for path in (directory, os.path.realpath(directory)):
         parent = os.path.dirname(path)
         while True:
-            _check_private(parent, os.stat(parent), "directory above the socket")
+            try:
+                st = os.stat(parent)
+            except OSError as exc:
+                raise SocketError(f"cannot check directory {parent}: {exc.strerror}") from exc
+            _check_private(parent, st, "directory above the socket")
             if parent == os.path.dirname(parent):
                 break
             parent = os.path.dirname(parent)
