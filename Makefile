@@ -16,6 +16,7 @@ system:
 	@missing=""; \
 	command -v softhsm2-util >/dev/null || missing="$$missing softhsm2"; \
 	command -v ssh-agent >/dev/null || missing="$$missing openssh-client"; \
+	command -v strace >/dev/null || missing="$$missing strace"; \
 	command -v pkg-config >/dev/null || missing="$$missing pkg-config"; \
 	pkg-config --exists libsystemd 2>/dev/null || missing="$$missing libsystemd-dev"; \
 	if [ -n "$$missing" ]; then \
@@ -34,6 +35,7 @@ deps: system $(VENV)/.installed
 
 dev-token: deps
 	@mkdir -p $(VAR)/run $(VAR)/log
+	@chmod 0750 $(VAR)/run  # signerd refuses a socket directory others can write to
 	@softhsm/make-token.sh $(VAR)/softhsm signerd-dev >/dev/null
 	@sed -e "s#@VAR@#$(VAR)#g" -e "s#@UID@#$$(id -u)#g" config/dev.toml.in > $(VAR)/signerd.toml
 

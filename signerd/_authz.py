@@ -67,8 +67,8 @@ _RULE_KEYS = (
     "rate",
     "burst",
 )
-_UNIT_PATTERN = re.compile(r"^[A-Za-z0-9:_.\\@*?\[\]-]{1,255}$")
-_KEY_PATTERN = re.compile(r"^[a-z0-9_*?\[\]!-]{1,63}$")
+_UNIT_PATTERN = re.compile(r"[A-Za-z0-9:_.\\@*?\[\]-]{1,255}")
+_KEY_PATTERN = re.compile(r"[a-z0-9_*?\[\]!-]{1,63}")
 _MAX_BUCKETS = 4096
 
 
@@ -249,7 +249,7 @@ def _rule(where: str, index: int, raw: object) -> Rule:
     if "units" in raw:
         units = tuple(_strings(f"{where}.units", raw["units"]))
         for unit in units:
-            if not _UNIT_PATTERN.match(unit):
+            if not _UNIT_PATTERN.fullmatch(unit):
                 raise ValueError(f"{where}.units: not a systemd unit name or pattern: {unit!r}")
 
     if "tenants" not in raw:
@@ -269,7 +269,7 @@ def _rule(where: str, index: int, raw: object) -> Rule:
                 f"{where}.keys: {pattern!r}: patterns match the NAME part only; "
                 "put the tenant in 'tenants'"
             )
-        if not _KEY_PATTERN.match(pattern):
+        if not _KEY_PATTERN.fullmatch(pattern):
             raise ValueError(f"{where}.keys: not a key name pattern: {pattern!r}")
 
     if "operations" not in raw:

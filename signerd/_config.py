@@ -8,6 +8,7 @@ the table's path in front of the module's message.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ _KEYS = {
     "retain_verify_only",
 }
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
+_MODE_RE = re.compile(r"0?[0-7]{3}")  # ASCII octal permission bits: no 0o, no "_", no setuid
 
 
 def _table(doc: Mapping[str, Any], name: str, allowed: set[str] | None) -> Mapping[str, Any]:
@@ -106,12 +108,11 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
     server = _table(doc, "server", _SERVER)
     socket_path = _get(server, "server", "socket", str, "/run/signerd/signerd.sock")
     mode_text = _get(server, "server", "socket_mode", str, "0660")
-    try:
-        socket_mode = int(mode_text, 8)
-    except ValueError as exc:
+    if _MODE_RE.fullmatch(mode_text) is None:
         raise ConfigError(
             f"server.socket_mode: must be an octal string like '0660', got {mode_text!r}"
-        ) from exc
+        )
+    socket_mode = int(mode_text, 8)
     if socket_mode & 0o007:
         raise ConfigError(
             f"server.socket_mode: must not grant anything to others, got {mode_text!r}"

@@ -36,7 +36,7 @@ _UCRED = struct.Struct("3i")
 _MAX_GROUPS_BYTES = 1024  # the socket module's getsockopt limit: 256 groups
 
 # systemd unit names that can hold processes; the character set of unit_name_is_valid()
-_UNIT_RE = re.compile(r"^[A-Za-z0-9:_.\\@-]{1,255}\.(service|scope)$")
+_UNIT_RE = re.compile(r"[A-Za-z0-9:_.\\@-]{1,255}\.(service|scope)")
 
 
 def peer_of(sock: socket.socket) -> Peer:
@@ -92,7 +92,7 @@ def unit_from_cgroup(text: str) -> str | None:
     for component in path.strip("/").split("/"):
         if component.endswith(".slice"):
             continue
-        return component if _UNIT_RE.match(component) else None
+        return component if _UNIT_RE.fullmatch(component) else None
     return None
 
 

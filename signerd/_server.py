@@ -28,7 +28,7 @@ from aiohttp import web
 from ._calls import AuditEvent, AuditSink, Call, Gate, Operation, Peer
 from ._jwk import to_jwk
 from ._keyservice import KeyService
-from ._names import KeyName, parse_kid
+from ._names import KeyName, parse_kid, parse_version
 from ._wire import (
     b64decode,
     b64encode,
@@ -49,7 +49,6 @@ from .errors import (
     PayloadTooLarge,
     PermissionDenied,
     SignerdError,
-    UnknownVersion,
     UnsupportedMediaType,
 )
 
@@ -159,6 +158,8 @@ class Server:
         except web.HTTPException as exc:
             error = _from_http(exc)
             response = self._error(rid, error)
+            if "Allow" in exc.headers:  # 405 keeps the methods the path has (RFC 9110)
+                response.headers["Allow"] = exc.headers["Allow"]
             await self._record(request, audit, error.code, error.status, None)
         except SignerdError as exc:
             response = self._error(rid, exc)
@@ -416,9 +417,7 @@ class Server:
 
 
 def _version(text: str) -> int:
-    if not text.isdigit() or text.startswith("0") or len(text) > 9:
-        raise UnknownVersion()
-    return int(text)
+    return parse_version(text)
 
 
 def _from_http(exc: web.HTTPException) -> SignerdError:

@@ -2,7 +2,12 @@
 
 ``bind_unix_socket`` refuses to start on anything it does not own: a path that
 is a symlink, a file that is not a socket, a socket another process listens on,
-or a directory that other users can write to. A socket file nobody listens on
+or a directory that anyone but its owner can write to. Whoever can write to the
+socket's directory (or to any directory above it) can rename the socket away
+and listen in its place, receiving callers' sign requests; so the directory and
+every directory on the way to it must belong to root or to signerd's user and
+must not be group- or world-writable, unless it is sticky and owned by root
+(like ``/tmp``: others cannot rename what they do not own there). A socket file nobody listens on
 (left by a crash) is replaced. The socket is bound under a temporary name,
 given its mode and group, and only then renamed into place, so a client never
 finds it with looser permissions; the rename also replaces a stale socket in
@@ -22,6 +27,7 @@ import weakref
 __all__ = ["SocketError", "bind_unix_socket", "unlink_own_socket"]
 
 _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
+_SHARED_WRITE = stat.S_IWGRP | stat.S_IWOTH
 
 # device and inode of the file each listening socket was bound to
 _BOUND: weakref.WeakKeyDictionary[socket.socket, tuple[int, int]] = weakref.WeakKeyDictionary()
@@ -42,6 +48,10 @@ def bind_unix_socket(
     if not path or path.startswith("\0") or "\0" in path:
         raise SocketError("socket path must be a file system path (abstract sockets are refused)")
     gid = _group_id(group)
+    if dir_mode & _SHARED_WRITE:
+        raise SocketError(
+            f"socket directory mode must not be group- or world-writable: {dir_mode:o}"
+        )
     directory = os.path.dirname(os.path.abspath(path))
     temp = os.path.join(directory, f".{os.getpid()}.sock.tmp")
     if max(len(os.fsencode(path)), len(os.fsencode(temp))) > _SUN_PATH_MAX:
@@ -113,8 +123,28 @@ def _ensure_directory(directory: str, dir_mode: int, gid: int | None) -> None:
         raise SocketError(f"socket directory is a symlink: {directory}")
     if not stat.S_ISDIR(st.st_mode):
         raise SocketError(f"socket directory is not a directory: {directory}")
-    if st.st_mode & stat.S_IWOTH:
-        raise SocketError(f"socket directory is writable by other users: {directory}")
+    _check_private(directory, st)
+    # every directory above it, as written and as resolved: renaming any of them swaps the socket
+    for path in (directory, os.path.realpath(directory)):
+        parent = os.path.dirname(path)
+        while True:
+            try:
+                st = os.stat(parent)
+            except OSError as exc:
+                raise SocketError(f"cannot check directory {parent}: {exc.strerror}") from exc
+            _check_private(parent, st, "directory above the socket")
+            if parent == os.path.dirname(parent):
+                break
+            parent = os.path.dirname(parent)
+
+
+def _check_private(directory: str, st: os.stat_result, what: str = "socket directory") -> None:
+    """Refuse a directory that someone other than root or us could rename entries in."""
+    if st.st_uid not in (0, os.geteuid()):
+        raise SocketError(f"{what} belongs to another user (uid {st.st_uid}): {directory}")
+    if st.st_mode & _SHARED_WRITE and not (st.st_mode & stat.S_ISVTX and st.st_uid == 0):
+        who = "other users" if st.st_mode & stat.S_IWOTH else "its group"
+        raise SocketError(f"{what} is writable by {who}: {directory}")
 
 
 def _check_existing(path: str) -> None:

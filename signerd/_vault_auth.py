@@ -357,8 +357,8 @@ class Transport:
 
 # --- settings ---
 
-_MOUNT_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
-_PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]{0,64}$")
+_MOUNT_RE = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
+_PREFIX_RE = re.compile(r"[A-Za-z0-9_-]{0,64}")
 # fmt: off
 _KNOWN = frozenset({
     "type", "addr", "namespace", "ca_file", "token_file", "approle_role_id_file",
@@ -407,7 +407,7 @@ def parse_settings(cfg: Mapping[str, Any]) -> VaultSettings:
     if ca_file and url.scheme != "https":
         raise ValueError("ca_file: only used with an https:// addr")
     namespace = _string(cfg, "namespace", "") or None
-    if namespace is not None and not _MOUNT_RE.match(namespace.strip("/")):
+    if namespace is not None and not _MOUNT_RE.fullmatch(namespace.strip("/")):
         raise ValueError(f"namespace: not a Vault namespace path: {namespace!r}")
     token_file = _optional_file(cfg, "token_file")
     role_file = _optional_file(cfg, "approle_role_id_file")
@@ -438,10 +438,10 @@ def parse_settings(cfg: Mapping[str, Any]) -> VaultSettings:
     for tenant, mount in tenant_mounts.items():
         if not isinstance(tenant, str) or not valid_part(tenant):
             raise ValueError(f"tenant_mounts: {tenant!r} is not a tenant name")
-        if not isinstance(mount, str) or not _MOUNT_RE.match(mount):
+        if not isinstance(mount, str) or not _MOUNT_RE.fullmatch(mount):
             raise ValueError(f"tenant_mounts.{tenant}: not a mount path: {mount!r}")
     key_prefix = _string(cfg, "key_prefix", "signerd-")
-    if not _PREFIX_RE.match(key_prefix):
+    if not _PREFIX_RE.fullmatch(key_prefix):
         raise ValueError(f"key_prefix: must match [A-Za-z0-9_-]{{0,64}}, got {key_prefix!r}")
     timeout = cfg.get("timeout", 5)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 300:
@@ -478,7 +478,7 @@ def _string(cfg: Mapping[str, Any], key: str, default: str | None) -> str:
 
 def _mount(cfg: Mapping[str, Any], key: str, default: str) -> str:
     value = _string(cfg, key, default).strip("/")
-    if not _MOUNT_RE.match(value):
+    if not _MOUNT_RE.fullmatch(value):
         raise ValueError(f"{key}: not a mount path: {value!r}")
     return value
 

@@ -22,7 +22,7 @@ from ._names import KeyName
 from .errors import InvalidBase64, InvalidRequest, MalformedJson
 
 MAX_SAFE_INT = 2**53 - 1
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -116,7 +116,7 @@ def b64encode(data: bytes) -> str:
 
 
 def request_id_from(header: str | None, fresh: str) -> str:
-    if header and _REQUEST_ID_RE.match(header):
+    if header and _REQUEST_ID_RE.fullmatch(header):
         return header
     return fresh
 

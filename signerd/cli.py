@@ -346,8 +346,17 @@ def _keys_purge_invalid(a: argparse.Namespace) -> int:
 
 def _data_options(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--data-file", metavar="FILE", help="read the data from FILE ('-': stdin)")
-    group.add_argument("--data-b64", metavar="B64", help="the data, standard base64")
+    group.add_argument(
+        "--data-file",
+        metavar="FILE",
+        help="read the data from FILE ('-': stdin); with neither option the data is read from stdin",
+    )
+    group.add_argument(
+        "--data-b64",
+        metavar="B64",
+        help="the data, standard base64; NOTE: arguments are visible to every local user "
+        "(ps, /proc/PID/cmdline), so prefer stdin or --data-file for anything not public",
+    )
 
 
 def _timeout(text: str) -> float:

@@ -82,7 +82,7 @@ def test_refuses_unsafe_directory(tmp_path: Path, kind: str) -> None:
         directory.symlink_to(tmp_path / "elsewhere")
     elif kind == "other-writable":
         directory.mkdir()
-        directory.chmod(0o1777)
+        directory.chmod(0o777)
     else:
         directory.write_text("")
     with pytest.raises(SocketError, match="socket directory"):
