@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -139,7 +140,7 @@ def test_workers_initialise_one_after_another(start: Callable[..., Echo]) -> Non
     times = sorted(
         (float((echo.dir / f"start-{p}").read_text().split()[0]), p) for p in echo.pids()
     )
-    for (_, before), (started, _) in zip(times, times[1:], strict=False):
+    for (_, before), (started, _) in itertools.pairwise(times):
         ready_at = float((echo.dir / f"ready-{before}").read_text().split()[0])
         assert started >= ready_at
 

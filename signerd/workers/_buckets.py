@@ -98,8 +98,13 @@ class SharedBuckets:
                 m[at : at + _DIGEST] = digest
                 tokens = cap
             else:
+                # ``now`` was read before the mutex: another process may have counted
+                # to a later instant already, and the stamp must never go back
                 tokens, stamp = _VALUES.unpack_from(m, at + _DIGEST)
-                tokens = min(cap, tokens + max(0.0, now - stamp) * rate)
+                if now > stamp:
+                    tokens = min(cap, tokens + (now - stamp) * rate)
+                else:
+                    tokens, now = min(cap, tokens), stamp
             allowed = tokens >= 1.0
             if allowed:
                 tokens -= 1.0
