@@ -80,6 +80,9 @@ async def serve(
                 text = line.decode().strip()
                 if text == "who":
                     answer = f"{pid} {index}"
+                elif text == "freeze":  # a token call that never returns, in the loop
+                    time.sleep(3600)
+                    answer = "thawed"
                 elif text.startswith("notify "):
                     answer = "sent" if channel.send(text[7:]) else "dropped"
                 else:
@@ -91,6 +94,7 @@ async def serve(
 
     server = await asyncio.start_unix_server(handle, sock=listen)
     channel.ready()
+    channel.heartbeat(0.1)
     await stop.wait()
     server.close()
     return 0
@@ -109,6 +113,7 @@ def main() -> int:
         backoff_initial=0.05,
         backoff_max=0.2,
         start_limit=3,
+        heartbeat_timeout=1.0,
     )
     supervisor = Supervisor(
         EchoConfig(workers),

@@ -252,3 +252,20 @@ def test_workers_die_with_the_supervisor(start: Callable[..., Echo]) -> None:
     echo.proc.kill()
     echo.proc.wait(timeout=5)
     _wait(lambda: not any(_alive(p) for p in workers), timeout=5)
+
+
+def test_a_worker_whose_loop_is_stuck_is_killed_and_replaced(start: Callable[..., Echo]) -> None:
+    """A worker whose event loop stops turning (no heartbeat for 1 s) is SIGKILLed and restarted."""
+    echo = start(2)
+    first = echo.pids()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(echo.sock)
+        s.sendall(b"who\n")
+        frozen = int(s.recv(100).split()[0])
+        s.sendall(b"freeze\n")
+        _wait(lambda: not _alive(frozen), timeout=5)
+        assert s.recv(100) == b""  # killed, never answered
+    _wait(lambda: len(echo.pids() - first) == 1, timeout=5)
+    assert "signerd.worker_unresponsive" in echo.log()
+    assert echo.ask("ping") == "ping"

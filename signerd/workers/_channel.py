@@ -8,6 +8,9 @@ short ASCII body:
   supervisor may start the next one.
 - ``M`` + text (both ways): a notification. A worker sends it to the
   supervisor, which passes it on to every other worker at once.
+- ``H`` (worker to supervisor): a heartbeat, sent from the worker's event
+  loop once it called ``heartbeat()``; a worker whose loop stops beating
+  (a token call that never returns, inside the loop) is killed and replaced.
 
 Notifications are short, printable, validated text (``keyring-changed
 acme/feedback``); nothing a caller sent belongs in one.
@@ -30,6 +33,8 @@ log = logging.getLogger("signerd.workers")
 MAX_MESSAGE = 256
 READY = b"R"
 MESSAGE = b"M"
+HEARTBEAT = b"H"
+RECV_BUFFER = MAX_MESSAGE + 2  # one byte more than a packet may have: a longer one shows
 _TEXT = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 
 
@@ -40,7 +45,7 @@ def valid_message(text: str) -> bool:
 
 def decode(packet: bytes) -> str | None:
     """The text of an ``M`` packet, or None for anything malformed."""
-    if packet[:1] != MESSAGE:
+    if packet[:1] != MESSAGE or len(packet) > MAX_MESSAGE + 1:
         return None
     try:
         text = packet[1:].decode("ascii")
@@ -69,6 +74,7 @@ class WorkerChannel:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._announced = False
+        self._beat: asyncio.TimerHandle | None = None
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -81,6 +87,25 @@ class WorkerChannel:
             return
         self._announced = True
         self._sock.sendall(READY)
+
+    def heartbeat(self, interval: float = 1.0) -> None:
+        """Beat every ``interval`` seconds from the running loop, until the channel closes.
+
+        The supervisor kills a worker whose beats stop for its
+        ``heartbeat_timeout``: a loop that no longer turns serves nobody.
+        """
+        loop = asyncio.get_running_loop()
+
+        def beat() -> None:
+            if self._sock.fileno() < 0:
+                return
+            with contextlib.suppress(OSError):  # a full pipe: the next beat will do
+                self._sock.send(HEARTBEAT, socket.MSG_DONTWAIT)
+            self._beat = loop.call_later(interval, beat)
+
+        if self._beat is not None:
+            self._beat.cancel()
+        beat()
 
     def send(self, text: str) -> bool:
         """Send a notification for every other worker; False when it could not be sent.
@@ -125,6 +150,9 @@ class WorkerChannel:
         return self._closed
 
     def close(self) -> None:
+        if self._beat is not None:
+            self._beat.cancel()
+            self._beat = None
         if self._loop is not None and not self._loop.is_closed():
             with contextlib.suppress(ValueError, OSError):
                 self._loop.remove_reader(self._sock.fileno())
@@ -144,7 +172,7 @@ class WorkerChannel:
     def _readable(self) -> None:
         while True:
             try:
-                packet = self._sock.recv(MAX_MESSAGE + 1)
+                packet = self._sock.recv(RECV_BUFFER)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:

@@ -19,6 +19,8 @@ nothing of HTTP or keys. It
   and SIGKILL whatever is left after ``graceful_timeout`` (a second signal
   kills at once);
 - relays a worker's notification to all the others at once;
+- kills (SIGKILL) and replaces a worker whose heartbeats, once begun, stop
+  for ``heartbeat_timeout`` seconds: its event loop is stuck;
 - makes the kernel send each worker SIGTERM when the supervisor dies
   (``PR_SET_PDEATHSIG``).
 
@@ -45,7 +47,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Protocol
 
-from ._channel import MAX_MESSAGE, MESSAGE, READY, WorkerChannel, decode
+from ._channel import HEARTBEAT, MESSAGE, READY, RECV_BUFFER, WorkerChannel, decode
 
 __all__ = ["Supervisor", "SupervisorTiming", "WorkerMain", "set_parent_death_signal"]
 
@@ -70,6 +72,7 @@ class SupervisorTiming:
     backoff_initial: float = 0.1  # first delay before restarting a failed slot
     backoff_max: float = 10.0
     start_limit: int = 5  # failed starts in a row in one slot before giving up
+    heartbeat_timeout: float = 30.0  # a beating worker silent this long is killed (0: never)
 
 
 def set_parent_death_signal(signum: int) -> None:
@@ -88,6 +91,8 @@ class _Worker:
     started: float
     ready_at: float | None = None
     reload_pending: bool = False
+    beat_at: float | None = None  # last heartbeat; None: the worker sends none
+    killed: bool = False
 
 
 class Supervisor:
@@ -178,6 +183,7 @@ class Supervisor:
         if starting is not None and now - starting.started > self.timing.start_timeout:
             log.error("signerd.worker_start_timeout index=%d pid=%d", starting.index, starting.pid)
             self._kill(starting.pid, signal.SIGKILL)
+        self._check_heartbeats(now)
         if self._stopping:
             if now >= self._deadline and self._by_pid:
                 log.error("signerd.workers_killed count=%d", len(self._by_pid))
@@ -192,7 +198,7 @@ class Supervisor:
 
     def _timeout(self) -> float:
         now = time.monotonic()
-        until = [now + 1.0]
+        until = [now + min(1.0, self.timing.heartbeat_timeout or 1.0)]
         if self._stopping:
             until.append(self._deadline)
         elif self._starting is not None:
@@ -254,7 +260,7 @@ class Supervisor:
     def _read(self, worker: _Worker) -> None:
         while True:
             try:
-                packet = worker.sock.recv(MAX_MESSAGE + 1)
+                packet = worker.sock.recv(RECV_BUFFER)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -262,7 +268,9 @@ class Supervisor:
             if not packet:  # the worker closed its end or died: reaping will tell
                 self._forget_pipe(worker)
                 return
-            if packet == READY:
+            if packet == HEARTBEAT:
+                worker.beat_at = time.monotonic()
+            elif packet == READY:
                 self._ready(worker)
             elif (text := decode(packet)) is not None:
                 self._broadcast(worker, text)
@@ -288,6 +296,21 @@ class Supervisor:
             self._announced = True
             if self._on_ready is not None:
                 self._on_ready()
+
+    def _check_heartbeats(self, now: float) -> None:
+        limit = self.timing.heartbeat_timeout
+        if limit <= 0:
+            return
+        for worker in list(self._by_pid.values()):
+            if worker.beat_at is not None and not worker.killed and now - worker.beat_at > limit:
+                log.error(
+                    "signerd.worker_unresponsive index=%d pid=%d silent=%.1f",
+                    worker.index,
+                    worker.pid,
+                    now - worker.beat_at,
+                )
+                worker.killed = True
+                self._kill(worker.pid, signal.SIGKILL)
 
     def _broadcast(self, sender: _Worker, text: str) -> None:
         packet = MESSAGE + text.encode("ascii")
