@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from signerd._config import ConfigError, default_workers, parse
-from signerd.workers import AdminLock, LockTimeout, SharedBuckets
+from signerd.workers import AdminLock, LockTimeout, SharedBuckets, runtime_path
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -165,6 +165,17 @@ def test_admin_lock_used_before_a_fork_still_excludes_the_child(tmp_path: Path) 
     os.waitpid(holder, 0)
     asyncio.run(once())
     lock.close()
+
+
+def test_runtime_path_prefers_systemds_runtime_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock lives in $RUNTIME_DIRECTORY (first entry) when systemd sets it, else beside the socket."""
+    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
+    assert (
+        runtime_path("/run/signerd/signerd.sock", "admin.lock")
+        == "/run/signerd/.signerd-admin.lock"
+    )
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/sd-a:/run/sd-b")
+    assert runtime_path("/srv/s.sock", "admin.lock") == "/run/sd-a/.signerd-admin.lock"
 
 
 # --- shared rate-limit buckets ---

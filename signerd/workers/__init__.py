@@ -8,7 +8,7 @@
 
 from ._buckets import SharedBuckets
 from ._channel import WorkerChannel
-from ._lock import AdminLock, LockTimeout
+from ._lock import AdminLock, LockTimeout, runtime_path
 from ._supervisor import Supervisor, SupervisorTiming, WorkerMain, set_parent_death_signal
 
 __all__ = [
@@ -19,5 +19,6 @@ __all__ = [
     "SupervisorTiming",
     "WorkerChannel",
     "WorkerMain",
+    "runtime_path",
     "set_parent_death_signal",
 ]

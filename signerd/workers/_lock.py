@@ -20,10 +20,19 @@ import os
 import time
 from collections.abc import AsyncIterator
 
-__all__ = ["AdminLock", "LockTimeout"]
+__all__ = ["AdminLock", "LockTimeout", "runtime_path"]
 
 _POLL_FIRST = 0.001
 _POLL_MAX = 0.02
+
+
+def runtime_path(socket_path: str, name: str) -> str:
+    """``.signerd-NAME`` in the runtime directory: systemd's $RUNTIME_DIRECTORY (its first
+    entry), else the directory of the socket, which signerd creates 0750 and owns."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return os.path.join(
+        runtime or os.path.dirname(os.path.abspath(socket_path)), f".signerd-{name}"
+    )
 
 
 class LockTimeout(TimeoutError):
