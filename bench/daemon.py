@@ -271,7 +271,14 @@ class Footprint:
 
 
 def seed_token(
-    module: str, label: str, pin: str, keys: int, versions: int, tenant: str = "fp"
+    module: str,
+    label: str,
+    pin: str,
+    keys: int,
+    versions: int,
+    tenant: str = "fp",
+    share: tuple[int, int] = (0, 1),
+    opened: Any = None,
 ) -> None:
     """Write ``keys`` keys of ``versions`` versions straight onto the token, in signerd's layout.
 
@@ -289,13 +296,16 @@ def seed_token(
     from signerd._pkcs11 import APPLICATION, ED25519_OID, _Meta, _meta_label
 
     session = pkcs11.lib(module).get_token(token_label=label).open(user_pin=pin, rw=True)
+    if opened is not None:
+        opened.set()  # the next seeder may initialise the library now
+    part, parts = share
     params = session.create_domain_parameters(
         KeyType.EC_EDWARDS,
         {Attribute.EC_PARAMS: encode_named_curve_parameters(ED25519_OID)},
         local=True,
     )
     now = int(time.time())
-    for k in range(keys):
+    for k in range(part, keys, parts):
         key = KeyName(tenant, f"k{k:02d}")
         for v in range(1, versions + 1):
             params.generate_keypair(
@@ -344,17 +354,7 @@ def footprint(
     """Add ``keys`` x ``versions`` versions in ``tenant`` (``total`` on the token then), start
     signerd, time ready, sign ``signs`` times in sequence with ``sign_key``, read RSS."""
     started = time.perf_counter()
-    ctx = multiprocessing.get_context("spawn")  # keep PKCS#11 out of the harness process
-    seeder = ctx.Process(
-        target=seed_token, args=(token.module, token.label, token.pin, keys, versions, tenant)
-    )
-    seeder.start()
-    seeder.join(timeout=1800)
-    if seeder.is_alive():
-        seeder.kill()
-        seeder.join()
-    if seeder.exitcode != 0:
-        raise ServiceError(f"seeding the token failed (exit code {seeder.exitcode})")
+    _seed(token, tenant, keys, versions)
     seed_seconds = time.perf_counter() - started
     backend = {
         "type": "pkcs11",
@@ -385,6 +385,34 @@ def footprint(
         return Footprint(total, seed_seconds, daemon.ready_seconds, rss, procs, rotate_ms, sign_ns)
     finally:
         daemon.stop()
+
+
+def _seed(token: Token, tenant: str, keys: int, versions: int, timeout: float = 1800) -> None:
+    """Seed with one process per CPU (at most one per key), each with its own session.
+
+    They initialise the library one after another: two processes initialising
+    SoftHSM at the same instant once saw no token.
+    """
+    ctx = multiprocessing.get_context("spawn")  # keep PKCS#11 out of the harness process
+    parts = max(1, min(keys, os.cpu_count() or 1))
+    seeders = []
+    deadline = time.monotonic() + timeout
+    for part in range(parts):
+        opened = ctx.Event()
+        args = (token.module, token.label, token.pin, keys, versions, tenant)
+        seeder = ctx.Process(target=seed_token, args=(*args, (part, parts), opened))
+        seeder.start()
+        seeders.append(seeder)
+        while not opened.wait(0.05) and seeder.is_alive() and time.monotonic() < deadline:
+            pass
+    for seeder in seeders:
+        seeder.join(timeout=max(1.0, deadline - time.monotonic()))
+        if seeder.is_alive():
+            seeder.kill()
+            seeder.join()
+    codes = [s.exitcode for s in seeders]
+    if any(code != 0 for code in codes):
+        raise ServiceError(f"seeding the token failed (exit codes {codes})")
 
 
 def _sign_in_sequence(conn: HttpConnection, key: str, count: int) -> list[int]:

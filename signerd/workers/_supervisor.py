@@ -215,7 +215,17 @@ class Supervisor:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # out of processes or memory: try again later
+            mine.close()
+            theirs.close()
+            self._failures[index] += 1
+            self._due[index] = time.monotonic() + self.timing.backoff_max
+            log.error("signerd.worker_fork_failed index=%d error=%s", index, exc.strerror)
+            if self._failures[index] >= self.timing.start_limit:
+                self._stop(1)
+            return
         if pid == 0:  # the worker
             code = 1
             try:
