@@ -83,6 +83,10 @@ async def serve(
                 elif text == "freeze":  # a token call that never returns, in the loop
                     time.sleep(3600)
                     answer = "thawed"
+                elif text == "take":  # one token of a bucket every worker shares
+                    assert channel.buckets is not None
+                    took = channel.buckets.take(("echo", 0, None), 0.001, 5, time.monotonic())
+                    answer = "yes" if took else "no"
                 elif text.startswith("notify "):
                     answer = "sent" if channel.send(text[7:]) else "dropped"
                 else:

@@ -269,3 +269,16 @@ def test_a_worker_whose_loop_is_stuck_is_killed_and_replaced(start: Callable[...
     _wait(lambda: len(echo.pids() - first) == 1, timeout=5)
     assert "signerd.worker_unresponsive" in echo.log()
     assert echo.ask("ping") == "ping"
+
+
+def test_workers_share_the_supervisors_rate_limit_table(start: Callable[..., Echo]) -> None:
+    """A bucket of burst 5 gives 5 tokens in all, whichever workers the takes land on."""
+    echo = start(2)
+    answers: dict[int, list[str]] = {}
+    for _ in range(400):
+        who, took = echo.talk(["who", "take"])
+        answers.setdefault(int(who.split()[0]), []).append(took)
+        if len(answers) == 2 and sum(len(a) for a in answers.values()) >= 20:
+            break
+    assert len(answers) == 2, answers.keys()
+    assert sum(a.count("yes") for a in answers.values()) == 5

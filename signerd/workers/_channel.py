@@ -26,6 +26,8 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from ._buckets import SharedBuckets
+
 __all__ = ["MAX_MESSAGE", "WorkerChannel", "valid_message"]
 
 log = logging.getLogger("signerd.workers")
@@ -60,14 +62,19 @@ class WorkerChannel:
     ``index`` is the worker's slot (0 .. workers-1; a restarted worker keeps
     its slot, so per-worker files can be named by it). ``config`` is the
     supervisor's configuration at the time of the fork (fresh after a
-    reload). ``shared`` holds whatever the supervisor set up before forking
-    for all workers (the shared rate-limit table, for instance).
+    reload). ``buckets`` is the rate-limit table every worker shares.
     """
 
-    def __init__(self, index: int, sock: socket.socket, config: Any, shared: Any = None) -> None:
+    def __init__(
+        self,
+        index: int,
+        sock: socket.socket,
+        config: Any,
+        buckets: SharedBuckets | None = None,
+    ) -> None:
         self.index = index
         self.config = config
-        self.shared = shared
+        self.buckets = buckets
         self._sock = sock
         self._callbacks: list[Callable[[str], None]] = []
         self._queues: list[asyncio.Queue[str | None]] = []

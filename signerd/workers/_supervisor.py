@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Protocol
 
+from ._buckets import SharedBuckets
 from ._channel import HEARTBEAT, MESSAGE, READY, RECV_BUFFER, WorkerChannel, decode
 
 __all__ = ["Supervisor", "SupervisorTiming", "WorkerMain", "set_parent_death_signal"]
@@ -106,7 +107,7 @@ class Supervisor:
         workers: int | None = None,
         *,
         timing: SupervisorTiming | None = None,
-        shared: Any = None,
+        buckets: SharedBuckets | None = None,
         reload_config: Callable[[Any], Any] | None = None,
         on_ready: Callable[[], None] | None = None,
     ) -> None:
@@ -115,7 +116,8 @@ class Supervisor:
         if self.workers < 1:
             raise ValueError("workers: at least 1")
         self.timing = timing or SupervisorTiming()
-        self.shared = shared
+        # made here, before any fork, so that every worker maps the same pages
+        self.buckets = buckets if buckets is not None else SharedBuckets()
         self._listen = listen_sock
         self._main = worker_main
         self._reload_config = reload_config
@@ -264,7 +266,7 @@ class Supervisor:
         for other in self._by_pid.values():
             other.sock.close()
         self._by_pid.clear()
-        channel = WorkerChannel(index, sock, self.config, self.shared)
+        channel = WorkerChannel(index, sock, self.config, self.buckets)
         return int(self._main(index, self._listen, channel))
 
     def _read(self, worker: _Worker) -> None:
