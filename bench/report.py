@@ -332,7 +332,9 @@ def _scaling_panel(ax: Any, rows: list[Row], scaling: Scaling) -> None:
     if ticks:
         ax.xaxis.set_major_locator(FixedLocator(sorted(ticks)))
     ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.set_ylim(bottom=0)
+    top = max([v for points in scaling.values() for v in points.values()] or [1.0])
+    floors = [by_path[r].throughput or 0.0 for r in ("inproc-softhsm",) if r in by_path]
+    ax.set_ylim(0, 1.3 * max([top, *floors]))  # room for the legend above the lines
     ax.set_title("throughput against concurrent callers")
     ax.set_xlabel("callers (log scale)")
     ax.set_ylabel("signatures per second")
