@@ -180,11 +180,14 @@ def test_sighup_reaches_every_worker_and_restarts_get_the_new_config(
     assert (echo.dir / f"start-{new}").read_text().split()[2] == "1"
 
 
-def test_sigterm_stops_every_worker_and_exits_zero(start: Callable[..., Echo]) -> None:
-    """SIGTERM: every worker stops gracefully, the supervisor exits 0 and nothing is left running."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_stops_every_worker_and_exits_zero(
+    start: Callable[..., Echo], signum: signal.Signals
+) -> None:
+    """SIGTERM or SIGINT: every worker stops gracefully, the supervisor exits 0, nothing is left."""
     echo = start(3)
     workers = echo.live_workers()
-    echo.proc.send_signal(signal.SIGTERM)
+    echo.proc.send_signal(signum)
     assert echo.proc.wait(timeout=5) == 0
     assert not any(_alive(p) for p in workers)
     assert not os.path.exists(f"/proc/{echo.proc.pid}")

@@ -307,7 +307,10 @@ class Supervisor:
         if not self._announced and not self._stopping:
             self._announced = True
             if self._on_ready is not None:
-                self._on_ready()
+                try:
+                    self._on_ready()
+                except Exception:
+                    log.exception("signerd.supervisor_on_ready_failed")
 
     def _check_heartbeats(self, now: float) -> None:
         limit = self.timing.heartbeat_timeout
