@@ -261,14 +261,25 @@ def _check_samples(sock: str, result: RotationResult) -> None:
 
 @dataclass
 class Footprint:
-    versions: int
+    versions: int  # key versions on the token (all tenants) when signerd started
     seed_seconds: float
     ready_seconds: float
-    rss_bytes: int
+    rss_bytes: int  # signerd and all its processes together
+    processes: int
     rotate_ms: float  # one rotation through the API with all those versions on the token
+    sign_ns: list[int]  # one caller signing in sequence with the first stage's key
 
 
-def seed_token(module: str, label: str, pin: str, keys: int, versions: int) -> None:
+def seed_token(
+    module: str,
+    label: str,
+    pin: str,
+    keys: int,
+    versions: int,
+    tenant: str = "fp",
+    share: tuple[int, int] = (0, 1),
+    opened: Any = None,
+) -> None:
     """Write ``keys`` keys of ``versions`` versions straight onto the token, in signerd's layout.
 
     Going through the API would take minutes: every rotation searches the
@@ -285,14 +296,17 @@ def seed_token(module: str, label: str, pin: str, keys: int, versions: int) -> N
     from signerd._pkcs11 import APPLICATION, ED25519_OID, _Meta, _meta_label
 
     session = pkcs11.lib(module).get_token(token_label=label).open(user_pin=pin, rw=True)
+    if opened is not None:
+        opened.set()  # the next seeder may initialise the library now
+    part, parts = share
     params = session.create_domain_parameters(
         KeyType.EC_EDWARDS,
         {Attribute.EC_PARAMS: encode_named_curve_parameters(ED25519_OID)},
         local=True,
     )
     now = int(time.time())
-    for k in range(keys):
-        key = KeyName("fp", f"k{k:02d}")
+    for k in range(part, keys, parts):
+        key = KeyName(tenant, f"k{k:02d}")
         for v in range(1, versions + 1):
             params.generate_keypair(
                 mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
@@ -326,21 +340,21 @@ def seed_token(module: str, label: str, pin: str, keys: int, versions: int) -> N
 
 
 def footprint(
-    stack: ExitStack, tmp: Path, token: Token, keys: int, versions: int, ready_limit: float = 300
+    stack: ExitStack,
+    tmp: Path,
+    token: Token,
+    tenant: str,
+    keys: int,
+    versions: int,
+    total: int,
+    sign_key: str,
+    signs: int,
+    ready_limit: float = 300,
 ) -> Footprint:
-    """Seed ``keys`` x ``versions`` versions, start signerd, time ready, read RSS."""
+    """Add ``keys`` x ``versions`` versions in ``tenant`` (``total`` on the token then), start
+    signerd, time ready, sign ``signs`` times in sequence with ``sign_key``, read RSS."""
     started = time.perf_counter()
-    ctx = multiprocessing.get_context("spawn")  # keep PKCS#11 out of the harness process
-    seeder = ctx.Process(
-        target=seed_token, args=(token.module, token.label, token.pin, keys, versions)
-    )
-    seeder.start()
-    seeder.join(timeout=300)
-    if seeder.is_alive():
-        seeder.kill()
-        seeder.join()
-    if seeder.exitcode != 0:
-        raise ServiceError(f"seeding the token failed (exit code {seeder.exitcode})")
+    _seed(token, tenant, keys, versions)
     seed_seconds = time.perf_counter() - started
     backend = {
         "type": "pkcs11",
@@ -351,22 +365,64 @@ def footprint(
     # Keep every version verify-only, and let loading them take as long as it takes:
     # the point is to measure it.
     settings = {"retain_verify_only": 0, "backend_timeout": float(ready_limit)}
-    config, sock = write_config(tmp, "footprint", backend, [], settings)
-    daemon = start_daemon(stack, config, sock, tmp / "footprint.log", timeout=ready_limit)
+    config, sock = write_config(tmp, f"footprint-{tenant}", backend, [], settings)
+    daemon = start_daemon(stack, config, sock, tmp / f"footprint-{tenant}.log", timeout=ready_limit)
     try:
         conn = HttpConnection(sock)
-        listed = conn.json("GET", "/v1/keys?tenant=fp")["keys"]
+        listed = conn.json("GET", f"/v1/keys?tenant={tenant}")["keys"]
         loaded = sum(len(k["versions"]) for k in listed)
         if loaded != keys * versions:
             raise ServiceError(f"seeded {keys * versions} versions, signerd lists {loaded}")
         for k in range(keys):
-            conn.json("POST", "/v1/sign", {"key": f"fp/k{k:02d}", "data": b64(message(k))})
-        conn.json("GET", "/v1/jwks?tenant=fp")
-        rss = daemon.rss_bytes()
+            conn.json("POST", "/v1/sign", {"key": f"{tenant}/k{k:02d}", "data": b64(message(k))})
+        conn.json("GET", f"/v1/jwks?tenant={tenant}")
+        sign_ns = _sign_in_sequence(conn, sign_key, signs)
+        rss, procs = daemon.rss_bytes(), daemon.processes()
         t = time.perf_counter()
-        conn.json("POST", "/v1/keys/fp/k00/rotate", {})
+        conn.json("POST", f"/v1/keys/{tenant}/k00/rotate", {})
         rotate_ms = (time.perf_counter() - t) * 1000
         conn.close()
-        return Footprint(loaded, seed_seconds, daemon.ready_seconds, rss, rotate_ms)
+        return Footprint(total, seed_seconds, daemon.ready_seconds, rss, procs, rotate_ms, sign_ns)
     finally:
         daemon.stop()
+
+
+def _seed(token: Token, tenant: str, keys: int, versions: int, timeout: float = 1800) -> None:
+    """Seed with one process per CPU (at most one per key), each with its own session.
+
+    They initialise the library one after another: two processes initialising
+    SoftHSM at the same instant once saw no token.
+    """
+    ctx = multiprocessing.get_context("spawn")  # keep PKCS#11 out of the harness process
+    parts = max(1, min(keys, os.cpu_count() or 1))
+    seeders = []
+    deadline = time.monotonic() + timeout
+    for part in range(parts):
+        opened = ctx.Event()
+        args = (token.module, token.label, token.pin, keys, versions, tenant)
+        seeder = ctx.Process(target=seed_token, args=(*args, (part, parts), opened))
+        seeder.start()
+        seeders.append(seeder)
+        while not opened.wait(0.05) and seeder.is_alive() and time.monotonic() < deadline:
+            pass
+    for seeder in seeders:
+        seeder.join(timeout=max(1.0, deadline - time.monotonic()))
+        if seeder.is_alive():
+            seeder.kill()
+            seeder.join()
+    codes = [s.exitcode for s in seeders]
+    if any(code != 0 for code in codes):
+        raise ServiceError(f"seeding the token failed (exit codes {codes})")
+
+
+def _sign_in_sequence(conn: HttpConnection, key: str, count: int) -> list[int]:
+    """Latencies (ns) of ``count`` signs in a row, after a tenth as many to warm up."""
+    out: list[int] = []
+    perf = time.perf_counter_ns
+    for i in range(count // 10 + count):
+        body = json.dumps({"key": key, "data": b64(message(i))}).encode()
+        t = perf()
+        _check(*conn.request("POST", "/v1/sign", body))
+        if i >= count // 10:
+            out.append(perf() - t)
+    return out

@@ -96,6 +96,71 @@ class SoftHSMSign:
         return op
 
 
+AUDIT_LINE = 300  # bytes: about one signerd audit record
+
+
+@dataclass(frozen=True)
+class SoftHSMFloor:
+    """The floor of a sign request: SoftHSM2 sign, then what signerd adds in the same process.
+
+    ``check``: verify the signature with ``cryptography`` against the public
+    key read from the token. ``audit_dir``: append a 300-byte line to a file
+    there and fsync it (one record, one fsync, as an uncontended audit trail).
+    One thread, one token session, no server.
+    """
+
+    module: str
+    token_label: str
+    pin: str
+    check: bool = True
+    audit_dir: str | None = None
+
+    def open(self) -> Op:
+        import pkcs11
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+        from pkcs11 import Attribute, KeyType, Mechanism
+        from pkcs11.util.ec import encode_named_curve_parameters
+
+        lib = pkcs11.lib(self.module)
+        session = lib.get_token(token_label=self.token_label).open(user_pin=self.pin, rw=True)
+        label = "bench-floor-" + os.urandom(4).hex()
+        public: Any
+        private: Any
+        public, private = session.generate_keypair(
+            KeyType.EC_EDWARDS,
+            mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
+            store=True,
+            label=label,
+            public_template={Attribute.EC_PARAMS: encode_named_curve_parameters("1.3.101.112")},
+            private_template={
+                Attribute.PRIVATE: True,
+                Attribute.SENSITIVE: True,
+                Attribute.EXTRACTABLE: False,
+            },
+        )
+        point = bytes(public[Attribute.EC_POINT])
+        raw = point[2:] if len(point) == 34 else point
+        verifier = Ed25519PublicKey.from_public_bytes(raw)
+        check = self.check
+        fd = -1
+        if self.audit_dir is not None:
+            path = os.path.join(self.audit_dir, f"floor-{os.getpid()}-{label}.log")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        line = b"x" * (AUDIT_LINE - 1) + b"\n"
+
+        def op(i: int) -> object:
+            data = message(i)
+            signature = private.sign(data, mechanism=Mechanism.EDDSA)
+            if check:
+                verifier.verify(signature, data)  # raises InvalidSignature
+            if fd >= 0:
+                os.write(fd, line)
+                os.fsync(fd)
+            return session
+
+        return op
+
+
 @dataclass(frozen=True)
 class AgentSign:
     """OpenSSH ssh-agent holding an Ed25519 key, over its Unix socket."""

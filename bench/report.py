@@ -95,6 +95,23 @@ def row_from_run(
     return row
 
 
+def row_from_latencies(path: str, what: str, latencies_ns: list[int]) -> Row:
+    """One caller's operations in sequence: throughput is one over the mean latency."""
+    values = sorted(latencies_ns)
+    row = Row(path, what, ops=len(values))
+    if not values:
+        row.failure = "no operation succeeded"
+        return row
+    us = [v / 1000 for v in values]
+    row.p50_us = percentile(us, 50)
+    row.p99_us = percentile(us, 99)
+    row.mean_us = sum(us) / len(us)
+    row.percentiles_us = {f"p{q:g}": percentile(us, q) for q in PERCENTILES}
+    row.percentiles_us["max"] = us[-1]
+    row.throughput = 1e6 / row.mean_us
+    return row
+
+
 @dataclass(frozen=True)
 class Check:
     """``path.metric`` against ``ref.ref_metric`` (a ratio) or against a fixed limit."""
@@ -236,16 +253,26 @@ def _tick(value: float, _pos: object) -> str:
     return f"{value / 1000:g} ms" if value >= 1000 else f"{value:g} µs"
 
 
-def write_chart(path: Path, rows: list[Row], latencies: dict[str, list[int]], title: str) -> None:
-    """Latency CDFs on a log axis, one panel per kind of path."""
+Scaling = dict[str, dict[int, float]]  # series -> callers -> signatures per second
+
+
+def write_chart(
+    path: Path,
+    rows: list[Row],
+    latencies: dict[str, list[int]],
+    title: str,
+    scaling: Scaling | None = None,
+) -> None:
+    """Latency CDFs on a log axis, one panel per kind of path, and throughput against callers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    fig, axes = plt.subplots(1, len(CHART_PANELS), figsize=(18, 6.5), sharey=True)
-    for ax, (name, wanted) in zip(axes, CHART_PANELS, strict=True):
+    fig, grid = plt.subplots(2, 2, figsize=(16, 12))
+    axes = list(grid.flat)
+    for ax, (name, wanted) in zip(axes, CHART_PANELS, strict=False):
         shown = [
             r for r in rows if not r.unit and not r.failure and wanted(r) and latencies.get(r.path)
         ]
@@ -266,13 +293,51 @@ def write_chart(path: Path, rows: list[Row], latencies: dict[str, list[int]], ti
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(name)
         ax.set_xlabel("latency per request (log scale)")
+        ax.set_ylabel("fraction of requests at or below")
         ax.axhline(0.5, color="grey", linewidth=0.5, linestyle=":")
         ax.axhline(0.99, color="grey", linewidth=0.5, linestyle=":")
         ax.grid(True, which="both", alpha=0.25)
         if shown:
             ax.legend(fontsize=8, loc="lower right")
-    axes[0].set_ylabel("fraction of requests at or below")
+    _scaling_panel(axes[3], rows, scaling or {})
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _scaling_panel(ax: Any, rows: list[Row], scaling: Scaling) -> None:
+    """Signatures per second against concurrent callers (1 to 64), with the in-process floors."""
+    from matplotlib.ticker import FixedLocator, ScalarFormatter
+
+    ticks: set[int] = set()
+    for series, points in sorted(scaling.items()):
+        if not points:
+            continue
+        xs = sorted(points)
+        ticks.update(xs)
+        ax.plot(xs, [points[x] for x in xs], marker="o", linewidth=1.6, label=series)
+    by_path = {r.path: r for r in rows}
+    for ref, style in (("inproc-softhsm", "--"), ("inproc-floor", ":")):
+        r = by_path.get(ref)
+        if r is not None and r.throughput and not r.failure:
+            ax.axhline(
+                r.throughput,
+                color="grey",
+                linestyle=style,
+                linewidth=1.2,
+                label=f"{ref}, one thread ({r.throughput:,.0f}/s)",
+            )
+    ax.set_xscale("log", base=2)
+    if ticks:
+        ax.xaxis.set_major_locator(FixedLocator(sorted(ticks)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    top = max([v for points in scaling.values() for v in points.values()] or [1.0])
+    floors = [by_path[r].throughput or 0.0 for r in ("inproc-softhsm",) if r in by_path]
+    ax.set_ylim(0, 1.3 * max([top, *floors]))  # room for the legend above the lines
+    ax.set_title("throughput against concurrent callers")
+    ax.set_xlabel("callers (log scale)")
+    ax.set_ylabel("signatures per second")
+    ax.grid(True, which="both", alpha=0.25)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="upper left")

@@ -276,13 +276,44 @@ class Daemon:
         return self.proc.pid
 
     def rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise ServiceError("VmRSS not found")
+        """Resident memory of signerd and every process under it (supervisor and workers)."""
+        return sum(rss_bytes(pid) for pid in process_tree(self.proc.pid))
+
+    def processes(self) -> int:
+        return len(process_tree(self.proc.pid))
 
     def stop(self) -> None:
         _stop(self.proc, grace=10)
+
+
+def rss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return 0  # gone meanwhile
+    raise ServiceError("VmRSS not found")
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants, from the parent pids in /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
 
 
 def start_daemon(

@@ -38,6 +38,7 @@ class Config:
     bootstrap: tuple[KeyName, ...]
     audit: Mapping[str, Any]
     policy: Mapping[str, Any] = field(default_factory=dict)
+    workers: int = field(default_factory=lambda: default_workers())
 
 
 _TOP = {"server", "keys", "backends", "tenants", "audit", "policy"}
@@ -48,6 +49,7 @@ _SERVER = {
     "max_body_bytes",
     "max_batch_items",
     "log_level",
+    "workers",
 }
 _KEYS = {
     "default_backend",
@@ -61,6 +63,12 @@ _KEYS = {
 }
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
 _MODE_RE = re.compile(r"0?[0-7]{3}")  # ASCII octal permission bits: no 0o, no "_", no setuid
+_MAX_WORKERS = 64
+
+
+def default_workers() -> int:
+    """``server.workers`` when not set: the CPUs this process may run on, at least 2."""
+    return max(2, len(os.sched_getaffinity(0)))
 
 
 def _table(doc: Mapping[str, Any], name: str, allowed: set[str] | None) -> Mapping[str, Any]:
@@ -129,6 +137,9 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
     )
     _positive("server.max_body_bytes", limits.max_body_bytes)
     _positive("server.max_batch_items", limits.max_batch_items)
+    workers = _get(server, "server", "workers", int, default_workers())
+    if not 1 <= workers <= _MAX_WORKERS:
+        raise ConfigError(f"server.workers: must be 1 to {_MAX_WORKERS}, got {workers!r}")
 
     keys = _table(doc, "keys", _KEYS)
     d = Settings()
@@ -207,6 +218,7 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
         bootstrap=tuple(bootstrap),
         audit=audit,
         policy=_table(doc, "policy", None),
+        workers=workers,
     )
 
 

@@ -1,0 +1,36 @@
+"""Several worker processes on one listening socket, and what they share.
+
+- ``Supervisor``: the pre-fork supervisor (start, restart, reload, stop).
+- ``WorkerChannel``: a worker's pipe to the supervisor (initialised, notifications).
+- ``AdminLock``: admin operations one at a time across the workers.
+- ``SharedBuckets``: rate-limit token buckets shared by the workers.
+
+Wiring, in ``signerd`` itself: the main process loads the configuration, binds
+(or receives from systemd) the listening socket, and runs
+``Supervisor(config, sock, worker_main, reload_config=..., on_ready=...).run()``
+as its exit status, without touching a backend library. ``worker_main`` builds
+the backends, the key service and the policy (its limiter on
+``channel.buckets``), calls ``channel.ready()`` once the keyring is loaded,
+serves ``sock`` (never unlinking it: the socket is the supervisor's), takes
+``AdminLock(runtime_path(config.socket, "admin.lock"))`` around admin
+operations and sends ``keyring-changed TENANT/NAME`` after them, re-reading a
+key when another worker's notice arrives, and keeps ``channel.heartbeat()``
+beating from its event loop.
+"""
+
+from ._buckets import SharedBuckets
+from ._channel import WorkerChannel
+from ._lock import AdminLock, LockTimeout, runtime_path
+from ._supervisor import Supervisor, SupervisorTiming, WorkerMain, set_parent_death_signal
+
+__all__ = [
+    "AdminLock",
+    "LockTimeout",
+    "SharedBuckets",
+    "Supervisor",
+    "SupervisorTiming",
+    "WorkerChannel",
+    "WorkerMain",
+    "runtime_path",
+    "set_parent_death_signal",
+]
