@@ -39,6 +39,8 @@ from .errors import SignerdError
 
 log = logging.getLogger("signerd")
 
+STATUS_INTERVAL = 15.0  # seconds between backend checks for systemd's STATUS= line
+
 
 def build_backends(config: Config) -> dict[str, Backend]:
     backends: dict[str, Backend] = {}
@@ -159,13 +161,28 @@ async def serve(config: Config) -> None:
     )
     watchdog.start()
     _notify("READY=1", f"STATUS=serving {daemon.keys.key_count} keys")
+    status = loop.create_task(_status_loop(daemon)) if os.environ.get("NOTIFY_SOCKET") else None
     try:
         await stop.wait()
     finally:
         _notify("STOPPING=1", "STATUS=stopping: finishing requests in flight")
         log.info("signerd.stopping")
+        if status is not None:
+            status.cancel()
         await watchdog.stop()
         await daemon.stop()
+
+
+async def _status_loop(daemon: Daemon, interval: float = STATUS_INTERVAL) -> None:
+    """Keep systemd's STATUS= current: serving N keys, or which backend check fails."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await daemon.keys.ready()
+        except SignerdError as exc:
+            _notify(f"STATUS=backend down: {exc.code} (serving what does not need it)")
+        else:
+            _notify(f"STATUS=serving {daemon.keys.key_count} keys")
 
 
 def _monotonic_usec() -> str:
