@@ -225,7 +225,7 @@ def test_activated_socket_is_served(tmp_path: Path, notify_socket: socket.socket
         while not listen.exists():
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.05)
-        listen.chmod(0o660)  # what SocketMode=0660 does (systemd-socket-activate makes it 0666)
+        listen.chmod(0o660)  # what SocketMode=0660 does (systemd-socket-activate follows the umask)
         client = Client(str(listen), timeout=30)
         assert client.health() == "ok"
         messages = "\n".join(_drain(notify_socket))
@@ -297,7 +297,7 @@ def test_request_events_on_stderr_only_at_debug(caplog: pytest.LogCaptureFixture
 
 
 def test_activated_socket_open_to_others_is_refused(tmp_path: Path) -> None:
-    """A passed socket file that others may connect to (0666) is refused like a bound one would be."""
+    """A passed socket file with bits for others (umask 022) is refused like a bound one would be."""
     run = tmp_path / "run"
     run.mkdir(mode=0o750)
     config, doc = _write_config(tmp_path)
@@ -308,7 +308,7 @@ def test_activated_socket_open_to_others_is_refused(tmp_path: Path) -> None:
         while not listen.exists():
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert listen.stat().st_mode & 0o777 == 0o666
+        assert listen.stat().st_mode & 0o007  # the umask (022) leaves bits for others
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
             probe.connect(str(listen))
         assert proc.wait(timeout=30) == 73
