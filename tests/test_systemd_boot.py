@@ -178,8 +178,9 @@ def test_socket_listens_first_and_activates(box: Container) -> None:
     assert mode[1] == "750 signerd signerd-clients"
     sig = _sign(box)
     assert sig["kid"].startswith("acme.feedback.v")
-    props = box.show("signerd.service", "ActiveState", "MainPID", "TriggeredBy")
+    props = box.show("signerd.service", "ActiveState", "MainPID", "TriggeredBy", "StatusText")
     assert props["ActiveState"] == "active" and props["MainPID"] != "0"
+    assert props["StatusText"] == "serving 2 keys", props
     assert "signerd.socket" in props["TriggeredBy"]
     assert "activated=yes" in box.journal("-u", "signerd.service")
 
@@ -283,8 +284,9 @@ def test_wrong_pin_exits_78_without_restart_loop(box: Container) -> None:
             60,
             "failed",
         )
-        first = box.show("signerd.service", "ExecMainStatus", "NRestarts", "Result")
+        first = box.show("signerd.service", "ExecMainStatus", "NRestarts", "Result", "StatusText")
         assert first["ExecMainStatus"] == "78" and first["Result"] == "exit-code"
+        assert first["StatusText"].startswith("failed: configuration error"), first
         time.sleep(4)
         assert box.show("signerd.service", "NRestarts", "ActiveState") == {
             "NRestarts": first["NRestarts"],
