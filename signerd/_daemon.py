@@ -34,7 +34,14 @@ from ._keyservice import KeyService
 from ._peer import peer_of
 from ._server import Server
 from ._sockets import SocketError, bind_unix_socket, unlink_own_socket
-from ._systemd import Watchdog, activated_socket, notify, setup_logging, watchdog_interval
+from ._systemd import (
+    ActivationError,
+    Watchdog,
+    activated_socket,
+    notify,
+    setup_logging,
+    watchdog_interval,
+)
 from .errors import SignerdError
 
 log = logging.getLogger("signerd")
@@ -239,6 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(config.log_level)
         asyncio.run(serve(config))
     except ConfigError as exc:
+        _fail(f"configuration error: {exc}")
+        return os.EX_CONFIG
+    except ActivationError as exc:
         _fail(f"configuration error: {exc}")
         return os.EX_CONFIG
     except SocketError as exc:

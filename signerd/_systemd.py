@@ -37,6 +37,7 @@ from typing import Any
 from ._sockets import SocketError
 
 __all__ = [
+    "ActivationError",
     "Watchdog",
     "activated_socket",
     "credential_path",
@@ -54,6 +55,10 @@ _CREDENTIAL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,254}")
 # fields a log record may carry to the journal (journald accepts only these)
 _FIELD_RE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 _FD_NAMES = ("signerd", "signerd.socket")
+
+
+class ActivationError(SocketError):
+    """The socket systemd passed does not fit the configuration (a configuration error: 78)."""
 
 
 # --- sd_notify -------------------------------------------------------------
@@ -123,7 +128,7 @@ def _listen_fds() -> dict[int, str]:
     try:
         daemon = importlib.import_module("systemd.daemon")
     except ImportError:
-        raise SocketError(
+        raise ActivationError(
             "systemd passed a socket ($LISTEN_FDS) but systemd-python is not installed"
             " (pip install 'signerd[systemd]')"
         ) from None
@@ -150,7 +155,7 @@ def activated_socket(path: str, *, mode: int, group: str | None) -> socket.socke
         if fd != chosen:
             os.close(fd)
     if chosen is None:
-        raise SocketError(f"none of the passed sockets is named {' or '.join(_FD_NAMES)}")
+        raise ActivationError(f"none of the passed sockets is named {' or '.join(_FD_NAMES)}")
     sock = socket.socket(fileno=chosen)
     try:
         _check_activated(sock, path, mode, group)
@@ -164,20 +169,22 @@ def activated_socket(path: str, *, mode: int, group: str | None) -> socket.socke
 
 def _check_activated(sock: socket.socket, path: str, mode: int, group: str | None) -> None:
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-        raise SocketError("the passed socket is not a Unix stream socket (ListenStream=PATH)")
+        raise ActivationError("the passed socket is not a Unix stream socket (ListenStream=PATH)")
     if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-        raise SocketError("the passed socket is not listening")
+        raise ActivationError("the passed socket is not listening")
     bound = sock.getsockname()
     if not isinstance(bound, str) or bound != path:
-        raise SocketError(
+        raise ActivationError(
             f"the passed socket is bound to {bound!r}, the configuration says {path}"
             " (server.socket must equal ListenStream=)"
         )
     st = os.lstat(path)
     if not stat.S_ISSOCK(st.st_mode) or st.st_mode & 0o007:
-        raise SocketError(f"socket {path} grants access to others (SocketMode= must end in 0)")
+        raise ActivationError(f"socket {path} grants access to others (SocketMode= must end in 0)")
     if os.lstat(os.path.dirname(path)).st_mode & stat.S_IWOTH:
-        raise SocketError(f"socket directory is writable by other users: {os.path.dirname(path)}")
+        raise ActivationError(
+            f"socket directory is writable by other users: {os.path.dirname(path)}"
+        )
     if st.st_mode & 0o777 != mode:
         log.warning(
             "signerd.socket_mode_differs socket=%s mode=%04o configured=%04o",
@@ -189,9 +196,9 @@ def _check_activated(sock: socket.socket, path: str, mode: int, group: str | Non
         try:
             gid = grp.getgrnam(group).gr_gid
         except KeyError:
-            raise SocketError(f"socket group does not exist: {group!r}") from None
+            raise ActivationError(f"socket group does not exist: {group!r}") from None
         if st.st_gid != gid:
-            raise SocketError(f"socket {path} is not in group {group} (SocketGroup=)")
+            raise ActivationError(f"socket {path} is not in group {group} (SocketGroup=)")
 
 
 # --- credentials -----------------------------------------------------------

@@ -237,7 +237,7 @@ def test_activated_socket_is_served(tmp_path: Path, notify_socket: socket.socket
 
 
 def test_activated_socket_at_another_path_is_refused(tmp_path: Path) -> None:
-    """A passed socket whose path is not server.socket is refused: exit 73 naming ListenStream=."""
+    """A passed socket whose path is not server.socket is a configuration error: exit 78 naming ListenStream=."""
     run = tmp_path / "run"
     run.mkdir(mode=0o750)
     config, _ = _write_config(tmp_path)
@@ -250,7 +250,7 @@ def test_activated_socket_at_another_path_is_refused(tmp_path: Path) -> None:
             time.sleep(0.05)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
             probe.connect(str(other))
-        assert proc.wait(timeout=30) == 73
+        assert proc.wait(timeout=30) == 78
     finally:
         out = _stop(proc)
     assert "server.socket must equal ListenStream=" in out, out
@@ -311,7 +311,7 @@ def test_activated_socket_open_to_others_is_refused(tmp_path: Path) -> None:
         assert listen.stat().st_mode & 0o007  # the umask (022) leaves bits for others
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
             probe.connect(str(listen))
-        assert proc.wait(timeout=30) == 73
+        assert proc.wait(timeout=30) == 78
     finally:
         out = _stop(proc)
     assert "grants access to others" in out, out
