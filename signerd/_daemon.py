@@ -153,8 +153,10 @@ async def serve(config: Config) -> None:
 
     def reload() -> None:
         _notify("RELOADING=1", "STATUS=reloading the policy", _monotonic_usec())
+        before = daemon.server.gate
         daemon.reload()
-        _notify("READY=1", f"STATUS=serving {daemon.keys.key_count} keys (reloaded)")
+        outcome = "reloaded" if daemon.server.gate is not before else "reload refused, see the log"
+        _notify("READY=1", f"STATUS=serving {daemon.keys.key_count} keys ({outcome})")
 
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)

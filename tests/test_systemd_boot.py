@@ -244,6 +244,19 @@ def test_reload_applies_policy_while_8_callers_sign(box: Container) -> None:
     assert box.run("runuser", "-u", "gateway", "--", *verify).returncode == 0
     log = box.journal("-u", "signerd.service")
     assert "signerd.policy_reloaded" in log and "Reloaded signerd" in log
+    assert box.show("signerd.service", "StatusText")["StatusText"].endswith("(reloaded)")
+    box.write(
+        "/etc/signerd/signerd.toml", _config(verify=True) + "\n[[policy.rules]]\nname = 1\n", 0o640
+    )
+    box.run("systemctl", "reload", "signerd.service")
+    status = box.show("signerd.service", "StatusText", "ActiveState")
+    assert (
+        status["StatusText"].endswith("(reload refused, see the log)")
+        and status["ActiveState"] == "active"
+    )
+    assert "signerd.reload_refused" in box.journal("-u", "signerd.service")
+    assert box.run("runuser", "-u", "gateway", "--", *verify).returncode == 0
+    box.write("/etc/signerd/signerd.toml", _config(verify=True), 0o640)
 
 
 def test_kill_9_restarts_and_queued_requests_are_answered(box: Container) -> None:
