@@ -21,7 +21,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -151,12 +151,19 @@ async def serve(config: Config) -> None:
     stop = asyncio.Event()
     watchdog = Watchdog(watchdog_interval())
 
+    note = ""  # the last reload's outcome, kept in STATUS= until the next one
+
+    def serving() -> str:
+        return f"STATUS=serving {daemon.keys.key_count} keys{note}"
+
     def reload() -> None:
+        nonlocal note
         _notify("RELOADING=1", "STATUS=reloading the policy", _monotonic_usec())
         before = daemon.server.gate
         daemon.reload()
-        outcome = "reloaded" if daemon.server.gate is not before else "reload refused, see the log"
-        _notify("READY=1", f"STATUS=serving {daemon.keys.key_count} keys ({outcome})")
+        applied = daemon.server.gate is not before
+        note = " (reloaded)" if applied else " (reload refused, see the log)"
+        _notify("READY=1", serving())
 
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -169,8 +176,9 @@ async def serve(config: Config) -> None:
         "yes" if sock is not None else "no",
     )
     watchdog.start()
-    _notify("READY=1", f"STATUS=serving {daemon.keys.key_count} keys")
-    status = loop.create_task(_status_loop(daemon)) if os.environ.get("NOTIFY_SOCKET") else None
+    _notify("READY=1", serving())
+    under_systemd = bool(os.environ.get("NOTIFY_SOCKET"))
+    status = loop.create_task(_status_loop(daemon, serving)) if under_systemd else None
     try:
         await stop.wait()
     finally:
@@ -182,7 +190,9 @@ async def serve(config: Config) -> None:
         await daemon.stop()
 
 
-async def _status_loop(daemon: Daemon, interval: float = STATUS_INTERVAL) -> None:
+async def _status_loop(
+    daemon: Daemon, serving: Callable[[], str], interval: float = STATUS_INTERVAL
+) -> None:
     """Keep systemd's STATUS= current: serving N keys, or which backend check fails."""
     while True:
         await asyncio.sleep(interval)
@@ -191,7 +201,7 @@ async def _status_loop(daemon: Daemon, interval: float = STATUS_INTERVAL) -> Non
         except SignerdError as exc:
             _notify(f"STATUS=backend down: {exc.code} (serving what does not need it)")
         else:
-            _notify(f"STATUS=serving {daemon.keys.key_count} keys")
+            _notify(serving())
 
 
 def _monotonic_usec() -> str:
