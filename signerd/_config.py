@@ -2,7 +2,8 @@
 
 ``config/signerd.example.toml`` explains every key. Backend, audit and policy
 tables are validated by their own modules; a failure there is reported with
-the table's path in front of the module's message.
+the table's path in front of the module's message. A ``*_file`` value
+``credential:NAME`` names a systemd credential (``$CREDENTIALS_DIRECTORY/NAME``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from typing import Any
 from ._keyservice import Settings
 from ._names import KeyName, valid_part
 from ._server import Limits
+from ._systemd import credential_path
+
+CREDENTIAL_PREFIX = "credential:"
 
 
 class ConfigError(ValueError):
@@ -168,7 +172,9 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
         if not isinstance(table, dict) or not isinstance(table.get("type"), str):
             raise ConfigError(f"backends.{name}.type: required (one of pkcs11, vault)")
         resolved[name] = {
-            k: _relative(base, v) if k.endswith(("_file", "module")) else v
+            k: _secret_file(f"backends.{name}.{k}", base, v)
+            if k.endswith(("_file", "module"))
+            else v
             for k, v in table.items()
         }
     default_backend = _get(keys, "keys", "default_backend", str, next(iter(backends)))
@@ -220,6 +226,20 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
         policy=_table(doc, "policy", None),
         workers=workers,
     )
+
+
+def _secret_file(key: str, base: str, value: Any) -> Any:
+    """A ``*_file`` value: ``credential:NAME`` is the file NAME in $CREDENTIALS_DIRECTORY.
+
+    systemd's ``LoadCredential=NAME:/etc/signerd/credentials/NAME`` puts the
+    secret there, readable only by the service; other values are paths.
+    """
+    if isinstance(value, str) and value.startswith(CREDENTIAL_PREFIX):
+        try:
+            return credential_path(value[len(CREDENTIAL_PREFIX) :])
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from exc
+    return _relative(base, value)
 
 
 def _relative(base: str, value: Any) -> Any:

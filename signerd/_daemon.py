@@ -5,7 +5,10 @@
 SIGTERM/SIGINT stop it gracefully (in-flight requests finish). SIGHUP reloads
 the policy from the configuration file (an invalid policy is refused and the
 old one kept) and reopens the audit file (log rotation), without dropping
-connections. Under systemd, READY=1 / STOPPING=1 go to $NOTIFY_SOCKET.
+connections. Under systemd (see ``_systemd``) it takes the activated socket,
+tells systemd STATUS=, READY=1, RELOADING=1 and STOPPING=1, pings the watchdog
+from the event loop and logs to the journal. Configuration errors, including
+credentials the backend refuses at start (a wrong PIN), exit 78 (EX_CONFIG).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -31,9 +34,19 @@ from ._keyservice import KeyService
 from ._peer import peer_of
 from ._server import Server
 from ._sockets import SocketError, bind_unix_socket, unlink_own_socket
+from ._systemd import (
+    ActivationError,
+    Watchdog,
+    activated_socket,
+    notify,
+    setup_logging,
+    watchdog_interval,
+)
 from .errors import SignerdError
 
 log = logging.getLogger("signerd")
+
+STATUS_INTERVAL = 15.0  # seconds between backend checks for systemd's STATUS= line
 
 
 def build_backends(config: Config) -> dict[str, Backend]:
@@ -73,7 +86,8 @@ class Daemon:
     sock: socket.socket
 
     @classmethod
-    async def start(cls, config: Config) -> Daemon:
+    async def start(cls, config: Config, sock: socket.socket | None = None) -> Daemon:
+        """Start serving on ``sock`` (the activated socket), or on one bound here when None."""
         policy = build_policy(config)
         audit = build_audit(config)
         keys = KeyService(
@@ -88,7 +102,10 @@ class Daemon:
             await keys.close()
             raise
         server = Server(keys, gate=policy, audit=audit, peer_lookup=peer_of, limits=config.limits)
-        sock = bind_unix_socket(config.socket, mode=config.socket_mode, group=config.socket_group)
+        if sock is None:
+            sock = bind_unix_socket(
+                config.socket, mode=config.socket_mode, group=config.socket_group
+            )
         runner = web.AppRunner(server.app(), access_log=None, handle_signals=False)
         await runner.setup()
         await web.SockSite(runner, sock).start()
@@ -120,50 +137,106 @@ class Daemon:
             await audit.aclose()
 
 
-def _notify(message: str) -> None:
-    """sd_notify without a dependency: one datagram to $NOTIFY_SOCKET."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-        try:
-            s.connect(path)
-            s.sendall(message.encode())
-        except OSError:
-            log.warning("signerd.notify_failed")
+def _notify(*lines: str) -> None:
+    """sd_notify lines to $NOTIFY_SOCKET (nothing without systemd)."""
+    notify(*lines)
 
 
 async def serve(config: Config) -> None:
     started = time.monotonic()
-    daemon = await Daemon.start(config)
+    _notify("STATUS=starting: opening the audit trail and logging in to the backends")
+    sock = activated_socket(config.socket, mode=config.socket_mode, group=config.socket_group)
+    daemon = await Daemon.start(config, sock)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    watchdog = Watchdog(watchdog_interval())
+
+    note = ""  # the last reload's outcome, kept in STATUS= until the next one
+
+    def serving() -> str:
+        return f"STATUS=serving {daemon.keys.key_count} keys{note}"
+
+    def reload() -> None:
+        nonlocal note
+        _notify("RELOADING=1", "STATUS=reloading the policy", _monotonic_usec())
+        before = daemon.server.gate
+        daemon.reload()
+        applied = daemon.server.gate is not before
+        note = " (reloaded)" if applied else " (reload refused, see the log)"
+        _notify("READY=1", serving())
+
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, daemon.reload)
+    loop.add_signal_handler(signal.SIGHUP, reload)
     log.info(
-        "signerd.ready socket=%s keys=%d took=%.3f",
+        "signerd.ready socket=%s keys=%d took=%.3f activated=%s",
         config.socket,
         daemon.keys.key_count,
         time.monotonic() - started,
+        "yes" if sock is not None else "no",
     )
-    _notify("READY=1")
+    watchdog.start()
+    _notify("READY=1", serving())
+    under_systemd = bool(os.environ.get("NOTIFY_SOCKET"))
+    status = loop.create_task(_status_loop(daemon, serving)) if under_systemd else None
     try:
         await stop.wait()
     finally:
-        _notify("STOPPING=1")
+        _notify("STOPPING=1", "STATUS=stopping: finishing requests in flight")
         log.info("signerd.stopping")
+        if status is not None:
+            status.cancel()
+        await watchdog.stop()
         await daemon.stop()
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+async def _status_loop(
+    daemon: Daemon, serving: Callable[[], str], interval: float = STATUS_INTERVAL
+) -> None:
+    """Keep systemd's STATUS= current: serving N keys, or which backend check fails."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await daemon.keys.ready()
+        except SignerdError as exc:
+            _notify(f"STATUS=backend down: {exc.code} (serving what does not need it)")
+        else:
+            _notify(serving())
+
+
+def _monotonic_usec() -> str:
+    """MONOTONIC_USEC= for RELOADING=1 (systemd 253+ matches it to the reload; older ignore it)."""
+    return f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
+
+
+def _credentials_refused(exc: BaseException) -> str | None:
+    """Why a start-up failure is the configuration's fault (a refused PIN/token), or None."""
+    refused: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionError)
+    try:
+        import pkcs11.exceptions as p11e
+
+        refused += (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange, p11e.PinLocked)
+        refused += (p11e.PinExpired, p11e.NoSuchToken)
+    except ImportError:
+        pass
+    try:
+        import hvac.exceptions as hve
+
+        refused += (hve.Forbidden, hve.Unauthorized)
+    except ImportError:
+        pass
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, refused):
+            return type(cause).__name__
+        cause = cause.__cause__
+    return None
+
+
+def _fail(line: str) -> None:
+    """The one line saying why signerd did not start: stderr (the journal) and STATUS=."""
+    print(f"signerd: {line}", file=sys.stderr, flush=True)
+    _notify(f"STATUS=failed: {line}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -185,16 +258,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(config.log_level)
         asyncio.run(serve(config))
     except ConfigError as exc:
-        print(f"signerd: configuration error: {exc}", file=sys.stderr)
+        _fail(f"configuration error: {exc}")
+        return os.EX_CONFIG
+    except ActivationError as exc:
+        _fail(f"configuration error: {exc}")
         return os.EX_CONFIG
     except SocketError as exc:
-        print(f"signerd: cannot listen: {exc}", file=sys.stderr)
+        _fail(f"cannot listen: {exc}")
         return os.EX_CANTCREAT
     except SignerdError as exc:
-        print(f"signerd: cannot start: {exc.code}: {exc.message}", file=sys.stderr)
+        cause = _credentials_refused(exc)
+        if cause is not None:
+            _fail(f"configuration error: {exc.message} ({cause}); not retrying")
+            return os.EX_CONFIG
+        _fail(f"cannot start: {exc.code}: {exc.message}")
         return os.EX_UNAVAILABLE
     except OSError as exc:
-        print(f"signerd: cannot start: {exc}", file=sys.stderr)
+        _fail(f"cannot start: {exc}")
         return os.EX_OSERR
     return os.EX_OK
 

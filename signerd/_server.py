@@ -29,6 +29,7 @@ from ._calls import AuditEvent, AuditSink, Call, Gate, Operation, Peer
 from ._jwk import to_jwk
 from ._keyservice import KeyService
 from ._names import KeyName, parse_kid, parse_version
+from ._systemd import log_request
 from ._wire import (
     b64decode,
     b64encode,
@@ -147,31 +148,29 @@ class Server:
     async def _middleware(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        started = time.time()
         rid = request_id_from(request.headers.get("X-Request-Id"), uuid.uuid4().hex)
         request["rid"] = rid
         audit = request["audit"] = _Audit()
         try:
             request["peer"] = self.peer(request)
             response = await handler(request)
+            outcome = "ok"
             await self._record(request, audit, "ok", response.status, None)
         except web.HTTPException as exc:
             error = _from_http(exc)
-            response = self._error(rid, error)
+            response, outcome = self._error(rid, error), error.code
             if "Allow" in exc.headers:  # 405 keeps the methods the path has (RFC 9110)
                 response.headers["Allow"] = exc.headers["Allow"]
             await self._record(request, audit, error.code, error.status, None)
         except SignerdError as exc:
-            response = self._error(rid, exc)
+            response, outcome = self._error(rid, exc), exc.code
             await self._record(request, audit, exc.code, exc.status, exc.message)
         except Exception:
             log.exception("signerd.internal_error request_id=%s", rid)
-            response = self._error(rid, InternalError())
+            response, outcome = self._error(rid, InternalError()), "internal_error"
             await self._record(request, audit, "internal_error", 500, None)
         response.headers["X-Request-Id"] = rid
-        log.debug(
-            "signerd.request id=%s path=%s took=%.6f", rid, request.path, time.time() - started
-        )
+        log_request(rid, audit.operation.value, outcome, response.status)
         return response
 
     def _error(self, rid: str, exc: SignerdError) -> web.Response:

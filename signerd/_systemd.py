@@ -1,0 +1,321 @@
+"""signerd under systemd: readiness, watchdog, the activated socket, credentials, the journal.
+
+Everything here is inert without systemd: ``notify`` does nothing when
+``$NOTIFY_SOCKET`` is unset, ``activated_socket`` returns None when
+``$LISTEN_FDS`` is unset (signerd then binds its own socket), and logging
+stays plain lines on stderr unless stderr is the journal (``$JOURNAL_STREAM``).
+
+- ``notify(...)``: sd_notify(3) lines (``READY=1``, ``RELOADING=1``,
+  ``STATUS=...``, ``WATCHDOG=1``, ``STOPPING=1``), one datagram, no dependency.
+- ``Watchdog``: a task on the event loop that sends ``WATCHDOG=1`` every half
+  ``$WATCHDOG_USEC``. Because the ping runs on the loop itself, a loop that is
+  blocked stops pinging and systemd kills and restarts the service.
+- ``activated_socket``: the socket systemd passed (``systemd.daemon``
+  ``listen_fds_with_names``), checked against the same rules signerd applies
+  to a socket it binds (path, no access for others, group).
+- ``credential_path``: a file in ``$CREDENTIALS_DIRECTORY`` (``LoadCredential=``).
+- ``setup_logging`` and ``log_request``: structured journal events
+  (``REQUEST_ID``, ``OPERATION``, ``OUTCOME``, ``STATUS``) when stderr is
+  the journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import importlib
+import logging
+import os
+import re
+import socket
+import stat
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from ._sockets import SocketError
+
+__all__ = [
+    "ActivationError",
+    "Watchdog",
+    "activated_socket",
+    "credential_path",
+    "log_request",
+    "notify",
+    "setup_logging",
+    "under_journal",
+]
+
+log = logging.getLogger("signerd")
+request_log = logging.getLogger("signerd.request")
+
+# systemd's own rule for credential names, narrowed to what a file name can safely be
+_CREDENTIAL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,254}")
+# fields a log record may carry to the journal (journald accepts only these)
+_FIELD_RE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+_FD_NAMES = ("signerd", "signerd.socket")
+
+
+class ActivationError(SocketError):
+    """The socket systemd passed does not fit the configuration (a configuration error: 78)."""
+
+
+# --- sd_notify -------------------------------------------------------------
+
+
+def notify(*lines: str) -> bool:
+    """Send sd_notify lines to ``$NOTIFY_SOCKET``; False when there is none or it failed."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    message = "\n".join(line.replace("\n", " ") for line in lines).encode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        try:
+            s.connect(path)
+            s.sendall(message)
+        except OSError as exc:
+            log.warning("signerd.notify_failed error=%s", exc.strerror)
+            return False
+    return True
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between pings (half ``$WATCHDOG_USEC``), or None when no watchdog is asked for."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not re.fullmatch(r"[1-9][0-9]{0,15}", usec):
+        return None
+    if pid and pid != str(os.getpid()):
+        return None  # meant for another process (a parent that exec'd us differently)
+    return int(usec) / 2e6
+
+
+class Watchdog:
+    """``WATCHDOG=1`` from the event loop itself, so a stalled loop stops the pings."""
+
+    def __init__(self, interval: float | None) -> None:
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.interval is None or self._task is not None:
+            return
+        self._task = asyncio.get_running_loop().create_task(self._run(self.interval))
+        log.info("signerd.watchdog interval=%.3f", self.interval)
+
+    async def _run(self, interval: float) -> None:
+        while True:
+            notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+# --- socket activation -----------------------------------------------------
+
+
+def _listen_fds() -> dict[int, str]:
+    if not os.environ.get("LISTEN_FDS"):
+        return {}
+    try:
+        daemon = importlib.import_module("systemd.daemon")
+    except ImportError:
+        raise ActivationError(
+            "systemd passed a socket ($LISTEN_FDS) but systemd-python is not installed"
+            " (pip install 'signerd[systemd]')"
+        ) from None
+    fds: dict[int, str] = daemon.listen_fds_with_names(True)
+    return fds
+
+
+def activated_socket(path: str, *, mode: int, group: str | None) -> socket.socket | None:
+    """The listening socket systemd passed for ``path``, or None when none was passed.
+
+    With several sockets the one named ``signerd`` (``FileDescriptorName=``) or
+    ``signerd.socket`` is taken; the others are closed. The socket must be a
+    listening Unix stream socket bound to ``path`` whose file grants nothing to
+    others and, when ``server.socket_group`` is set, belongs to that group.
+    """
+    fds = _listen_fds()
+    if not fds:
+        return None
+    chosen = next(iter(fds)) if len(fds) == 1 else None
+    for fd, name in fds.items():
+        if chosen is None and name in _FD_NAMES:
+            chosen = fd
+    for fd in fds:
+        if fd != chosen:
+            os.close(fd)
+    if chosen is None:
+        raise ActivationError(f"none of the passed sockets is named {' or '.join(_FD_NAMES)}")
+    sock = socket.socket(fileno=chosen)
+    try:
+        _check_activated(sock, path, mode, group)
+    except BaseException:
+        sock.close()
+        raise
+    sock.set_inheritable(False)
+    log.info("signerd.socket_activated socket=%s", path)
+    return sock
+
+
+def _check_activated(sock: socket.socket, path: str, mode: int, group: str | None) -> None:
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        raise ActivationError("the passed socket is not a Unix stream socket (ListenStream=PATH)")
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise ActivationError("the passed socket is not listening")
+    bound = sock.getsockname()
+    if not isinstance(bound, str) or bound != path:
+        raise ActivationError(
+            f"the passed socket is bound to {bound!r}, the configuration says {path}"
+            " (server.socket must equal ListenStream=)"
+        )
+    st = os.lstat(path)
+    if not stat.S_ISSOCK(st.st_mode) or st.st_mode & 0o007:
+        raise ActivationError(f"socket {path} grants access to others (SocketMode= must end in 0)")
+    if os.lstat(os.path.dirname(path)).st_mode & stat.S_IWOTH:
+        raise ActivationError(
+            f"socket directory is writable by other users: {os.path.dirname(path)}"
+        )
+    if st.st_mode & 0o777 != mode:
+        log.warning(
+            "signerd.socket_mode_differs socket=%s mode=%04o configured=%04o",
+            path,
+            st.st_mode & 0o777,
+            mode,
+        )
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ActivationError(f"socket group does not exist: {group!r}") from None
+        if st.st_gid != gid:
+            raise ActivationError(f"socket {path} is not in group {group} (SocketGroup=)")
+
+
+# --- credentials -----------------------------------------------------------
+
+
+def credential_path(name: str) -> str:
+    """The file of credential ``name`` in ``$CREDENTIALS_DIRECTORY``; ValueError if none."""
+    if not _CREDENTIAL_RE.fullmatch(name) or name in (".", ".."):
+        raise ValueError("not a credential name ([A-Za-z0-9][A-Za-z0-9_.@-]*)")
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory or not os.path.isabs(directory):
+        raise ValueError(
+            f"credential {name!r} needs $CREDENTIALS_DIRECTORY (LoadCredential= in the unit)"
+        )
+    return os.path.join(directory, name)
+
+
+# --- logging ---------------------------------------------------------------
+
+
+def under_journal() -> bool:
+    """True when stderr is connected to journald (systemd sets ``$JOURNAL_STREAM``)."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    m = re.fullmatch(r"([0-9]+):([0-9]+)", stream)
+    if m is None:
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (int(m[1]), int(m[2]))
+
+
+class JournalHandler(logging.Handler):
+    """One journal entry per record; upper-case record attributes become fields."""
+
+    def __init__(self, send: Callable[..., Any], identifier: str = "signerd") -> None:
+        super().__init__()
+        self._send = send
+        self._identifier = identifier
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields = {
+                k: str(v) for k, v in record.__dict__.items() if _FIELD_RE.fullmatch(k) is not None
+            }
+            self._send(
+                self.format(record),
+                PRIORITY=str(_priority(record.levelno)),
+                SYSLOG_IDENTIFIER=self._identifier,
+                LOGGER=record.name,
+                **fields,
+            )
+        except Exception:
+            self.handleError(record)
+
+
+def _priority(levelno: int) -> int:
+    if levelno >= logging.CRITICAL:
+        return 2
+    if levelno >= logging.ERROR:
+        return 3
+    if levelno >= logging.WARNING:
+        return 4
+    if levelno >= logging.INFO:
+        return 6
+    return 7
+
+
+_journal_events = False
+
+
+def setup_logging(level: str) -> None:
+    """Journal events when stderr is the journal and systemd-python is there; else stderr lines."""
+    global _journal_events
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    handler: logging.Handler
+    journal = None
+    if under_journal():
+        with contextlib.suppress(ImportError):
+            journal = importlib.import_module("systemd.journal")
+    _journal_events = journal is not None
+    if journal is not None:
+        handler = JournalHandler(journal.send)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper()))
+
+
+def log_request(rid: str, operation: str, outcome: str, status: int) -> None:
+    """One event per answered request: REQUEST_ID, OPERATION, OUTCOME, STATUS.
+
+    ``rid`` is the validated request id, ``operation`` a route name
+    (``sign``, ``keys.rotate``, ...), ``outcome`` ``ok`` or an error code from
+    the closed set, ``status`` the HTTP status. In the journal always (at info);
+    on stderr only at debug level, so a busy daemon does not flood it.
+    """
+    level = logging.INFO if _journal_events else logging.DEBUG
+    if not request_log.isEnabledFor(level):
+        return
+    request_log.log(
+        level,
+        "signerd.request rid=%s op=%s outcome=%s status=%d",
+        rid,
+        operation,
+        outcome,
+        status,
+        extra={
+            "REQUEST_ID": rid,
+            "OPERATION": operation,
+            "OUTCOME": outcome,
+            "STATUS": status,
+            "MESSAGE_ID": "5b1b4e3c2f0a4f0e9d7c6a5b4c3d2e1f",
+        },
+    )
