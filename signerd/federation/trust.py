@@ -23,6 +23,7 @@ import binascii
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import threading
@@ -36,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .._jwk import b64url, to_jwk
 from ..errors import (
+    BackendUnavailable,
     InvalidRequest,
     InvalidState,
     KeyExists,
@@ -50,6 +52,7 @@ __all__ = ["PeerKey", "TrustedKeys", "jwk_public", "pem_public", "valid_peer_kid
 _PEER_KID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _JWK_MEMBERS = frozenset({"kty", "crv", "x", "kid", "alg", "use", "key_ops"})
 FILE_NAME = "trusted-keys.json"
+log = logging.getLogger("signerd.federation.trust")
 
 
 def valid_peer_kid(kid: object) -> bool:
@@ -134,12 +137,21 @@ class TrustedKeys:
         self._stamp: tuple[int, int, int] | None = None
         self._verifiers: dict[tuple[str, str, bytes], Ed25519PublicKey] = {}
         self._lock = threading.Lock()
-        self._reload()
+        with contextlib.suppress(BackendUnavailable):  # logged; lookups answer 503 meanwhile
+            self._reload()
 
     # --- reading ---------------------------------------------------------------
 
     def _reload(self) -> None:
-        """Re-read the file when it changed (inode, size, mtime)."""
+        """Re-read the file when it changed (inode, size, mtime); 503 when it is unreadable."""
+        try:
+            self._read()
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self._stamp = None
+            log.error("signerd.trusted_keys_unreadable error=%s", type(exc).__name__)
+            raise BackendUnavailable("the trusted key store cannot be read") from exc
+
+    def _read(self) -> None:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
@@ -151,8 +163,10 @@ class TrustedKeys:
         with open(self.path, "rb") as fh:
             doc = json.loads(fh.read())
         stored: dict[tuple[str, str], PeerKey] = {}
-        for rec in doc.get("keys", []):
+        for rec in doc["keys"]:
             raw = base64.urlsafe_b64decode(str(rec["x"]) + "=")
+            if len(raw) != 32 or rec["state"] not in ("active", "retired"):
+                raise ValueError("not a trusted key record")
             key = PeerKey(
                 tenant=str(rec["tenant"]),
                 kid=str(rec["kid"]),
