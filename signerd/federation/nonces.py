@@ -84,6 +84,7 @@ class SqliteNonceStore:
         self._count = 0
         self._last_purge = 0.0
         self._last_count = 0.0
+        self._last_full_log = 0.0
         self.commits = 0  # for tests and the benchmark: how many commits served the adds
         self._thread = threading.Thread(target=self._run, name="signerd-nonces", daemon=True)
         self._thread.start()
@@ -193,7 +194,9 @@ class SqliteNonceStore:
                 row = conn.execute("SELECT expires FROM nonces WHERE k = ?", (job.key,)).fetchone()
                 if row is not None and row[0] > now:
                     return "replayed"
-                log.error("signerd.nonce_store_full max_entries=%d", self.max_entries)
+                if time.monotonic() - self._last_full_log >= _PURGE_EVERY:  # once a second
+                    self._last_full_log = time.monotonic()
+                    log.error("signerd.nonce_store_full max_entries=%d", self.max_entries)
                 return "full"
         try:
             conn.execute("INSERT INTO nonces (k, expires) VALUES (?, ?)", (job.key, expires))
