@@ -384,3 +384,27 @@ def test_signed_telemetry_input_is_exact(api: Api, tenant: str) -> None:
         base64.b64decode(s["signature"]),
         f"{s['timestamp']}.{s['nonce']}.".encode() + b"\x00raw\xff",
     )
+
+
+def test_trust_is_audited_like_an_admin_operation(fed: DaemonProcess, api: Api) -> None:
+    """Adding a trusted key writes an attempt record, then the outcome, under operation trust."""
+    tenant = unique("ta")
+    p = Producer.new("p-audited")
+    rid = f"trust-{tenant}"
+    reply = api(
+        "POST",
+        "/v1/trusted-keys",
+        {"tenant": tenant, "kid": p.kid, "jwk": p.jwk()},
+        headers={"X-Request-Id": rid},
+    )
+    assert reply.status == 201, reply.body
+    deadline = time.monotonic() + 10
+    mine: list[dict[str, Any]] = []
+    while time.monotonic() < deadline and len(mine) < 2:
+        lines = [json.loads(x) for x in fed.audit_path.read_text().splitlines()]
+        mine = [r for r in lines if r["request_id"] == rid]
+        time.sleep(0.05)
+    assert [(r["operation"], r["outcome"], r["tenant"], r["kid"]) for r in mine] == [
+        ("trust", "attempt", tenant, p.kid),
+        ("trust", "ok", tenant, p.kid),
+    ]
