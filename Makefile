@@ -19,6 +19,7 @@ system:
 	command -v ssh-agent >/dev/null || missing="$$missing openssh-client"; \
 	command -v strace >/dev/null || missing="$$missing strace"; \
 	command -v pkg-config >/dev/null || missing="$$missing pkg-config"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	pkg-config --exists libsystemd 2>/dev/null || missing="$$missing libsystemd-dev"; \
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	command -v systemd-nspawn >/dev/null || missing="$$missing systemd-container"; \
@@ -32,7 +33,7 @@ system:
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[pkcs11,vault,systemd,test,bench]'
+	$(PY) -m pip install -q -e '.[pkcs11,vault,systemd,redis,test,bench]'
 	touch $@
 
 deps: system $(VENV)/.installed

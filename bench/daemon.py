@@ -20,7 +20,18 @@ from .refs import b64, message
 from .services import ServiceError, Token, start_daemon
 from .wire import HttpConnection, WireError
 
-OPERATIONS = ["sign", "verify", "jwks", "list", "create", "rotate", "promote", "retire", "destroy"]
+OPERATIONS = [
+    "sign",
+    "verify",
+    "jwks",
+    "list",
+    "create",
+    "rotate",
+    "promote",
+    "retire",
+    "destroy",
+    "trust",
+]
 
 
 def _toml(value: Any) -> str:

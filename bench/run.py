@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from . import daemon as sd
+from . import federation as fed
 from . import refs
 from .load import Target, drive
 from .report import (
@@ -102,6 +103,11 @@ CHECKS = [
     ),
     Check("signerd-verify", "p50_us", "inproc-verify", "p50_us", "<=", 2.5, "p50"),
     Check("client-verify-local", "p50_us", "inproc-verify", "p50_us", None, None, "p50"),
+    *(
+        Check(f"signerd-fed-{s}{n}", m, f"inproc-fed-{s}{n}", m, None, None, label)
+        for s in ("sqlite", "redis")
+        for n, m, label in (("", "p50_us", "p50"), ("-32", "throughput", "throughput"))
+    ),
     Check("rotation-during", "errors", None, "", "<=", 0, "failed requests"),
     Check("rotation-during", "p99_us", "rotation-steady", "p99_us", "<=", 3.0, "p99"),
     Check("footprint-rss", "value", None, "", "<=", 120, "MB, all processes, 1,000 versions"),
@@ -154,6 +160,14 @@ PATHS = [
     "inproc-verify",
     "signerd-verify",
     "client-verify-local",
+    "inproc-fed-sqlite",
+    "signerd-fed-sqlite",
+    "inproc-fed-sqlite-32",
+    "signerd-fed-sqlite-32",
+    "inproc-fed-redis",
+    "signerd-fed-redis",
+    "inproc-fed-redis-32",
+    "signerd-fed-redis-32",
     "rotation-steady",
     "rotation-during",
     "footprint-rss",
@@ -389,6 +403,43 @@ class Bench:
         self.add(steady, run.latencies(result.steady))
         self.add(during, run.latencies(result.rotating))
 
+    def federation(self, tmp: Path) -> None:
+        """Telemetry verify with each nonce store: signerd vs in process with the same store."""
+        what = {
+            "inproc": "telemetry verify in process + {store} nonce store",
+            "signerd": "signerd /v1/telemetry/verify, {store} nonce store",
+        }
+        paths = [
+            (f"{side}-fed-{store}{n}", what[side].format(store=store) + label)
+            for store in ("sqlite", "redis")
+            for n, label in (("", ", one caller"), ("-32", ", 32 callers"))
+            for side in ("inproc", "signerd")
+        ]
+        with self.section(paths), ExitStack() as stack:
+            redis = fed.start_redis(stack, tmp)
+            token = init_token(tmp, softhsm_conf(tmp), "bench-fed")
+            backend = {
+                "type": "pkcs11",
+                "module": token.module,
+                "token_label": token.label,
+                "pin_file": str(token.pin_file),
+            }
+            for store in ("sqlite", "redis"):
+                config, sock = sd.write_config(tmp, f"signerd-fed-{store}", backend, [])
+                with config.open("a") as fh:
+                    fh.write(fed.federation_toml(tmp / f"fed-{store}", store, redis.url))
+                start_daemon(stack, config, sock, tmp / f"signerd-fed-{store}.log")
+                fed.trust_producer(sock)
+                where = str(tmp / "fed-ref-nonces.sqlite3") if store == "sqlite" else redis.url
+                ref = fed.InprocTelemetryVerify(store, where)
+                server = fed.SignerdTelemetryVerify(sock)
+                for (path, label), target in zip(
+                    [p for p in paths if f"-{store}" in p[0]],
+                    (ref, server, ref, server),
+                    strict=True,
+                ):
+                    self.measure(path, label, target, callers=32 if path.endswith("-32") else 1)
+
     def footprint(self, tmp: Path) -> None:
         p = self.p
         small, mid, large = totals(p)
@@ -453,6 +504,7 @@ class Bench:
                 lambda: self.references(stack, tmp),
                 lambda: self.openbao(tmp),
                 lambda: self.signerd_hsm(tmp),
+                lambda: self.federation(tmp),
                 lambda: self.footprint(tmp),
             ):
                 _guard(part, self.log)

@@ -21,6 +21,7 @@ from ._server import Limits
 from ._systemd import credential_path
 
 CREDENTIAL_PREFIX = "credential:"
+from .federation.settings import FederationSettings, parse_federation
 
 
 class ConfigError(ValueError):
@@ -43,9 +44,10 @@ class Config:
     audit: Mapping[str, Any]
     policy: Mapping[str, Any] = field(default_factory=dict)
     workers: int = field(default_factory=lambda: default_workers())
+    federation: FederationSettings = field(default_factory=FederationSettings)
 
 
-_TOP = {"server", "keys", "backends", "tenants", "audit", "policy"}
+_TOP = {"server", "keys", "backends", "tenants", "audit", "policy", "federation"}
 _SERVER = {
     "socket",
     "socket_mode",
@@ -210,6 +212,11 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
         if name in audit:
             audit[name] = _relative(base, audit[name])
 
+    try:
+        federation = parse_federation(_table(doc, "federation", None), base)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
     return Config(
         path=os.path.abspath(path) if path != "<config>" else path,
         socket=_relative(base, socket_path),
@@ -225,6 +232,7 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
         audit=audit,
         policy=_table(doc, "policy", None),
         workers=workers,
+        federation=federation,
     )
 
 

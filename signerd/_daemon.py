@@ -43,6 +43,7 @@ from ._systemd import (
     watchdog_interval,
 )
 from .errors import SignerdError
+from .federation.routes import Federation, attach, federation_of
 
 log = logging.getLogger("signerd")
 
@@ -102,6 +103,10 @@ class Daemon:
             await keys.close()
             raise
         server = Server(keys, gate=policy, audit=audit, peer_lookup=peer_of, limits=config.limits)
+        federation = Federation.from_settings(
+            server, config.federation, max_body_bytes=config.limits.max_body_bytes
+        )
+        attach(server, federation)
         if sock is None:
             sock = bind_unix_socket(
                 config.socket, mode=config.socket_mode, group=config.socket_group
@@ -132,6 +137,9 @@ class Daemon:
         await self.runner.cleanup()
         unlink_own_socket(self.config.socket, self.sock)
         await self.keys.close()
+        federation = federation_of(self.server)
+        if federation is not None:
+            await federation.close()
         audit = self.server.audit
         if isinstance(audit, AuditTrail):
             await audit.aclose()

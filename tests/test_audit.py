@@ -130,7 +130,9 @@ async def test_record_holds_only_event_fields(tmp_path: Path) -> None:
     assert set(rec) == {
         "v", "seq", "record_id", "prev", "time", "ts", "request_id", "peer", "operation",
         "tenant", "key", "kid", "payload_hmac", "outcome", "status", "reason",
+        "security",  # permission_denied is a security event (signerd/_calls.py)
     }  # fmt: skip
+    assert rec["security"] is True
     assert rec["peer"] == {
         "pid": 4242, "uid": 1001, "gid": 1001, "groups": [50], "user": "gateway",
         "unit": "gateway.service",
