@@ -19,9 +19,9 @@ from ._keyservice import Settings
 from ._names import KeyName, valid_part
 from ._server import Limits
 from ._systemd import credential_path
+from .federation.settings import FederationSettings, parse_federation
 
 CREDENTIAL_PREFIX = "credential:"
-from .federation.settings import FederationSettings, parse_federation
 
 
 class ConfigError(ValueError):
