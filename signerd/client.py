@@ -80,6 +80,16 @@ from ._http import (
     op_verify,
     op_version,
 )
+from ._http_fed import (
+    FeedbackEnvelope,
+    FeedbackVerified,
+    TelemetrySignature,
+    TelemetryVerified,
+    op_feedback_sign,
+    op_feedback_verify,
+    op_telemetry_sign,
+    op_telemetry_verify,
+)
 from ._jwk import from_jwk
 from ._names import parse_kid
 from .errors import DestroyedKid, InternalError, InvalidSignature, RetiredKid, SignerdError
@@ -88,11 +98,15 @@ __all__ = [
     "AsyncClient",
     "Client",
     "ConnectionFailed",
+    "FeedbackEnvelope",
+    "FeedbackVerified",
     "KeyDescription",
     "KeyVersion",
     "KidInfo",
     "RequestTimeout",
     "Signature",
+    "TelemetrySignature",
+    "TelemetryVerified",
     "VerifyResult",
     "VersionState",
     "default_socket_path",
@@ -254,10 +268,48 @@ class Client:
         """``"ready"``, or raises BackendUnavailable when the token is not usable."""
         return self._run(op_status("/v1/ready"), timeout)
 
-    def verify_local(
-        self, kid: str, data: bytes, signature: bytes, *, timeout: float | None = None
-    ) -> None:
-        """Verify in-process from the cached JWKS; raise a VerificationError unless valid."""
+    # --- federation envelopes (docs/federation.md) ---
+
+    def telemetry_sign(
+        self, key: str, body: bytes, *, timeout: float | None = None
+    ) -> TelemetrySignature:
+        """Sign ``timestamp.nonce.body``; signerd picks the timestamp and the nonce."""
+        return self._run(op_telemetry_sign(key, body), timeout)
+
+    def telemetry_verify(
+        self,
+        tenant: str,
+        kid: str,
+        timestamp: int | str,
+        nonce: str,
+        body: bytes,
+        signature: bytes,
+        *,
+        attestation: str | None = None,
+        timeout: float | None = None,
+    ) -> TelemetryVerified:
+        """Return only for fresh, valid telemetry of ``tenant`` (its nonce is then spent)."""
+        op = op_telemetry_verify(tenant, kid, timestamp, nonce, body, signature, attestation)
+        return self._run(op, timeout)
+
+    def feedback_sign(
+        self, key: str, schema: str, data: object, *, timeout: float | None = None
+    ) -> FeedbackEnvelope:
+        return self._run(op_feedback_sign(key, schema, data), timeout)
+
+    def feedback_verify(
+        self,
+        envelope: FeedbackEnvelope | dict[str, object],
+        schema: str,
+        *,
+        attestation: str | None = None,
+        timeout: float | None = None,
+    ) -> FeedbackVerified:
+        """Return only for fresh, valid feedback of ``schema`` (its nonce is then spent)."""
+        return self._run(op_feedback_verify(envelope, schema, attestation), timeout)
+
+    def public_key(self, kid: str, *, timeout: float | None = None) -> Ed25519PublicKey:
+        """The public key of one of signerd's kids, from the JWKS cache behind ``verify_local``."""
         tenant = parse_kid(kid)[0].tenant
         public, fetch = self._cache.lookup(tenant, kid)
         if fetch:
@@ -265,7 +317,13 @@ class Client:
             public = self._cache.get(tenant, kid)
         if public is None:
             public = self._cache.admit(tenant, self.kid_info(kid, timeout=timeout))
-        _check(public, data, signature)
+        return public
+
+    def verify_local(
+        self, kid: str, data: bytes, signature: bytes, *, timeout: float | None = None
+    ) -> None:
+        """Verify in-process from the cached JWKS; raise a VerificationError unless valid."""
+        _check(self.public_key(kid, timeout=timeout), data, signature)
 
     def close(self) -> None:
         self._transport.close()
@@ -363,9 +421,48 @@ class AsyncClient:
     async def ready(self, *, timeout: float | None = None) -> str:
         return await self._run(op_status("/v1/ready"), timeout)
 
-    async def verify_local(
-        self, kid: str, data: bytes, signature: bytes, *, timeout: float | None = None
-    ) -> None:
+    # --- federation envelopes (docs/federation.md) ---
+
+    async def telemetry_sign(
+        self, key: str, body: bytes, *, timeout: float | None = None
+    ) -> TelemetrySignature:
+        """Sign ``timestamp.nonce.body``; signerd picks the timestamp and the nonce."""
+        return await self._run(op_telemetry_sign(key, body), timeout)
+
+    async def telemetry_verify(
+        self,
+        tenant: str,
+        kid: str,
+        timestamp: int | str,
+        nonce: str,
+        body: bytes,
+        signature: bytes,
+        *,
+        attestation: str | None = None,
+        timeout: float | None = None,
+    ) -> TelemetryVerified:
+        """Return only for fresh, valid telemetry of ``tenant`` (its nonce is then spent)."""
+        op = op_telemetry_verify(tenant, kid, timestamp, nonce, body, signature, attestation)
+        return await self._run(op, timeout)
+
+    async def feedback_sign(
+        self, key: str, schema: str, data: object, *, timeout: float | None = None
+    ) -> FeedbackEnvelope:
+        return await self._run(op_feedback_sign(key, schema, data), timeout)
+
+    async def feedback_verify(
+        self,
+        envelope: FeedbackEnvelope | dict[str, object],
+        schema: str,
+        *,
+        attestation: str | None = None,
+        timeout: float | None = None,
+    ) -> FeedbackVerified:
+        """Return only for fresh, valid feedback of ``schema`` (its nonce is then spent)."""
+        return await self._run(op_feedback_verify(envelope, schema, attestation), timeout)
+
+    async def public_key(self, kid: str, *, timeout: float | None = None) -> Ed25519PublicKey:
+        """The public key of one of signerd's kids, from the JWKS cache behind ``verify_local``."""
         tenant = parse_kid(kid)[0].tenant
         public, fetch = self._cache.lookup(tenant, kid)
         if fetch:
@@ -373,7 +470,13 @@ class AsyncClient:
             public = self._cache.get(tenant, kid)
         if public is None:
             public = self._cache.admit(tenant, await self.kid_info(kid, timeout=timeout))
-        _check(public, data, signature)
+        return public
+
+    async def verify_local(
+        self, kid: str, data: bytes, signature: bytes, *, timeout: float | None = None
+    ) -> None:
+        """Verify in-process from the cached JWKS; raise a VerificationError unless valid."""
+        _check(await self.public_key(kid, timeout=timeout), data, signature)
 
     async def close(self) -> None:
         await self._transport.close()
