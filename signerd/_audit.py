@@ -510,6 +510,7 @@ def _encode(event: AuditEvent, seq: int, prev: str, marks: Mapping[str, object])
         "outcome": event.outcome,
         "status": event.status,
         "reason": event.reason,
+        **({"security": True} if event.security else {}),
         **marks,
     }
     return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
@@ -523,7 +524,9 @@ def _journal_fields(line: bytes) -> dict[str, str]:
     status = record["status"]
     fields = {
         "MESSAGE": f"signerd audit {record['operation']} {record['outcome']}",
-        "PRIORITY": "6"
+        "PRIORITY": "4"
+        if record.get("security")
+        else "6"
         if status < 400
         else "4"
         if status in (401, 403, 429)

@@ -24,6 +24,7 @@ class Operation(enum.StrEnum):
     PROMOTE = "promote"
     RETIRE = "retire"
     DESTROY = "destroy"
+    TRUST = "trust"  # add and retire trusted peer keys (federation)
     HEALTH = "health"  # /v1/health, /v1/ready, /v1/openapi.json: never refused
 
     @property
@@ -37,7 +38,29 @@ class Operation(enum.StrEnum):
 
 
 _ADMIN = frozenset(
-    {Operation.CREATE, Operation.ROTATE, Operation.PROMOTE, Operation.RETIRE, Operation.DESTROY}
+    {
+        Operation.CREATE,
+        Operation.ROTATE,
+        Operation.PROMOTE,
+        Operation.RETIRE,
+        Operation.DESTROY,
+        Operation.TRUST,
+    }
+)
+
+#: refusals for signature, mapping and replay: security events (journald warning priority)
+SECURITY_OUTCOMES = frozenset(
+    {
+        "invalid_signature",
+        "unknown_kid",
+        "retired_kid",
+        "destroyed_kid",
+        "stale_timestamp",
+        "permission_denied",
+        "tenant_mismatch",
+        "attestation_mismatch",
+        "replayed_nonce",
+    }
 )
 
 
@@ -74,6 +97,11 @@ class AuditEvent:
     payload_sha256: tuple[str, ...] = ()  # one per signed/verified item
     reason: str | None = None  # safe message for refusals
     status: int = 200
+
+    @property
+    def security(self) -> bool:
+        """Whether this record is a security event (a signature, mapping or replay refusal)."""
+        return self.outcome in SECURITY_OUTCOMES
 
 
 class Gate(Protocol):

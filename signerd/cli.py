@@ -27,10 +27,12 @@ Exit codes (``sysexits.h``), by wire code or local condition:
 65   EX_DATAERR      invalid_signature, unknown_kid, retired_kid,
                      destroyed_kid, invalid_key_name, invalid_base64,
                      confirmation_required, invalid_state,
-                     payload_too_large; an audit trail that does not verify
+                     payload_too_large, stale_timestamp, schema_mismatch,
+                     attestation_mismatch, replayed_nonce; an audit trail
+                     that does not verify
 66   EX_NOINPUT      unknown_key, unknown_version; a file that cannot be read
 69   EX_UNAVAILABLE  backend_unavailable, backend_sealed, audit_unavailable,
-                     not_supported; connection_failed (signerd unreachable)
+                     nonce_store_unavailable, not_supported; connection_failed (signerd unreachable)
 70   EX_SOFTWARE     internal_error; an answer outside the protocol
 73   EX_CANTCREAT    key_exists
 75   EX_TEMPFAIL     rate_limited, backend_error; request_timeout (no answer
@@ -38,7 +40,7 @@ Exit codes (``sysexits.h``), by wire code or local condition:
 76   EX_PROTOCOL     malformed_json, invalid_request, unsupported_media_type,
                      method_not_allowed, not_found (signerctl and signerd
                      disagree on the protocol)
-77   EX_NOPERM       permission_denied
+77   EX_NOPERM       permission_denied, tenant_mismatch
 ===  ==============  =====================================================
 
 ``connection_failed`` and ``request_timeout`` are signerctl's own labels:
@@ -73,6 +75,10 @@ EXIT_FOR_CODE: dict[str, int] = {
     "unknown_kid": os.EX_DATAERR,
     "retired_kid": os.EX_DATAERR,
     "destroyed_kid": os.EX_DATAERR,
+    "stale_timestamp": os.EX_DATAERR,
+    "schema_mismatch": os.EX_DATAERR,
+    "attestation_mismatch": os.EX_DATAERR,
+    "replayed_nonce": os.EX_DATAERR,
     "invalid_key_name": os.EX_DATAERR,
     "invalid_base64": os.EX_DATAERR,
     "confirmation_required": os.EX_DATAERR,
@@ -83,6 +89,7 @@ EXIT_FOR_CODE: dict[str, int] = {
     "backend_unavailable": os.EX_UNAVAILABLE,
     "backend_sealed": os.EX_UNAVAILABLE,
     "audit_unavailable": os.EX_UNAVAILABLE,
+    "nonce_store_unavailable": os.EX_UNAVAILABLE,
     "not_supported": os.EX_UNAVAILABLE,
     "internal_error": os.EX_SOFTWARE,
     "key_exists": os.EX_CANTCREAT,
@@ -94,6 +101,7 @@ EXIT_FOR_CODE: dict[str, int] = {
     "method_not_allowed": os.EX_PROTOCOL,
     "not_found": os.EX_PROTOCOL,
     "permission_denied": os.EX_NOPERM,
+    "tenant_mismatch": os.EX_NOPERM,
 }
 
 Command = Callable[[Client, argparse.Namespace], Any]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 __all__ = [
+    "AttestationMismatch",
     "AuditUnavailable",
     "BackendError",
     "BackendSealed",
@@ -26,13 +27,18 @@ __all__ = [
     "KeyExists",
     "MalformedJson",
     "MethodNotAllowed",
+    "NonceStoreUnavailable",
     "NotFound",
     "NotSupported",
     "PayloadTooLarge",
     "PermissionDenied",
     "RateLimited",
+    "ReplayedNonce",
     "RetiredKid",
+    "SchemaMismatch",
     "SignerdError",
+    "StaleTimestamp",
+    "TenantMismatch",
     "UnknownKey",
     "UnknownKid",
     "UnknownVersion",
@@ -128,10 +134,28 @@ class DestroyedKid(VerificationError):
     default_message = "kid was destroyed and no longer verifies"
 
 
+class StaleTimestamp(VerificationError):
+    code = "stale_timestamp"
+    status = 401
+    default_message = "timestamp is outside the allowed clock skew"
+
+
 class PermissionDenied(SignerdError):
     code = "permission_denied"
     status = 403
     default_message = "caller is not allowed to do this"
+
+
+class TenantMismatch(SignerdError):
+    code = "tenant_mismatch"
+    status = 403
+    default_message = "the kid does not belong to the envelope's tenant"
+
+
+class AttestationMismatch(SignerdError):
+    code = "attestation_mismatch"
+    status = 403
+    default_message = "the envelope does not carry the expected attestation hash"
 
 
 class NotFound(SignerdError):
@@ -170,6 +194,12 @@ class InvalidState(SignerdError):
     default_message = "version is not in a state that allows this"
 
 
+class ReplayedNonce(SignerdError):
+    code = "replayed_nonce"
+    status = 409
+    default_message = "nonce was already used with this key"
+
+
 class PayloadTooLarge(SignerdError):
     code = "payload_too_large"
     status = 413
@@ -180,6 +210,12 @@ class UnsupportedMediaType(SignerdError):
     code = "unsupported_media_type"
     status = 415
     default_message = "request body must be application/json"
+
+
+class SchemaMismatch(SignerdError):
+    code = "schema_mismatch"
+    status = 422
+    default_message = "envelope schema is not the expected one"
 
 
 class RateLimited(SignerdError):
@@ -230,6 +266,13 @@ class AuditUnavailable(SignerdError):
     status = 503
     retryable = True
     default_message = "the audit trail cannot be written; operation refused"
+
+
+class NonceStoreUnavailable(SignerdError):
+    code = "nonce_store_unavailable"
+    status = 503
+    retryable = True
+    default_message = "the nonce store is unavailable or full; envelope not accepted"
 
 
 def _all_codes() -> dict[str, type[SignerdError]]:
