@@ -155,8 +155,8 @@ def _feedback_verified(doc: Any, rid: str | None = None) -> FeedbackVerified:
 
 
 def op_telemetry_sign(key: str, body: bytes) -> Op[TelemetrySignature]:
-    return Op("POST", "/v1/telemetry/sign", {"key": key, "body": _enc(body)},
-              _telemetry_signature, True)  # fmt: skip
+    body_json = {"key": key, "body": _enc(body)}
+    return Op("POST", "/v1/telemetry/sign", body_json, _telemetry_signature, True)
 
 
 def op_telemetry_verify(

@@ -41,7 +41,9 @@ from ._status import Refusal, refusal_for
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
-TELEMETRY: web.RequestKey[TelemetryVerified] = web.RequestKey("signerd.telemetry", TelemetryVerified)
+TELEMETRY: web.RequestKey[TelemetryVerified] = web.RequestKey(
+    "signerd.telemetry", TelemetryVerified
+)
 SERVICE_IDENTITY: web.RequestKey[str] = web.RequestKey("signerd.service_identity", str)
 
 

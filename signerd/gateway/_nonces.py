@@ -21,7 +21,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from ..errors import error_for_code
+from ..errors import NonceStoreUnavailable, ReplayedNonce
 
 
 class NonceMemory:
@@ -68,7 +68,7 @@ class NonceMemory:
             now = self._clock()
             self._expire(now)
             if key in self._expiry:
-                raise error_for_code("replayed_nonce", "nonce was already used")
+                raise ReplayedNonce()
             if len(self._expiry) >= self.max_entries:
-                raise error_for_code("nonce_store_unavailable", "nonce memory is full")
+                raise NonceStoreUnavailable("nonce memory is full")
             self._expiry[key] = now + self.ttl

@@ -40,9 +40,7 @@ STATUS_FOR_CODE: dict[str, int] = {
 class Refusal(Exception):
     """A gateway's refusal: the HTTP status, a code, a safe message, signerd's request id."""
 
-    def __init__(
-        self, status: int, code: str, message: str, request_id: str | None = None
-    ) -> None:
+    def __init__(self, status: int, code: str, message: str, request_id: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
