@@ -38,7 +38,7 @@ def fingerprint(der: bytes) -> str:
 
 def normalise_fingerprint(text: str) -> str:
     """Accept ``AB:CD:...``, ``sha256:abcd...`` or plain hex; raise ValueError otherwise."""
-    value = text.strip().lower()
+    value = text.lower()
     value = value.removeprefix("sha256:").replace(":", "")
     if not _FINGERPRINT_RE.fullmatch(value):
         raise ValueError("a certificate fingerprint is 64 hex digits (SHA-256 of the DER)")
