@@ -10,27 +10,25 @@ which fails closed.
 
 from __future__ import annotations
 
-import base64
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._http import Op, _b64, _enc, _field
-from .errors import InternalError, InvalidRequest
+from ._names import valid_part
+from .errors import InternalError, InvalidKeyName, InvalidRequest, UnknownKid
 
-_DECIMAL_RE = re.compile(r"0|[1-9][0-9]{0,15}")
+_PEER_KID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_DECIMAL_RE = re.compile(r"0|[1-9][0-9]{0,11}")
 
 
 def decimal_seconds(value: object) -> int:
-    """A timestamp as the envelopes carry it (integer, or its decimal text); ValueError otherwise."""
-    if isinstance(value, bool):
-        raise ValueError("timestamp is not an integer")
-    if isinstance(value, int) and 0 <= value < 10**16:
-        return value
+    """A timestamp as the envelopes carry it: whole Unix seconds as a decimal string (no sign,
+    no leading zero); ValueError otherwise. The string and the integer map one to one."""
     if isinstance(value, str) and _DECIMAL_RE.fullmatch(value):
         return int(value)
-    raise ValueError("timestamp is not a decimal integer of whole seconds")
+    raise ValueError("timestamp is not a decimal string of whole seconds")
 
 
 def _seconds(doc: Any, name: str) -> int:
@@ -68,8 +66,8 @@ class TelemetryVerified:
 
     kid: str
     tenant: str
+    source: str = "keyring"  # "keyring" (one of signerd's keys) or "trusted_peer"
     key: str | None = None  # TENANT/NAME when the kid is one of signerd's own
-    peer: str | None = None  # set when the kid is a trusted peer key
     request_id: str | None = None
 
 
@@ -96,10 +94,20 @@ class FeedbackVerified:
 
     kid: str
     tenant: str
-    schema: str | None = None
+    source: str = "keyring"
     key: str | None = None
-    peer: str | None = None
     request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class TrustedKey:
+    """A trusted peer key: a producer's (or gateway's) public key, valid for one tenant."""
+
+    tenant: str
+    kid: str
+    state: str  # "active" or "retired"
+    source: str  # "config" or "api"
+    jwk: dict[str, str]
 
 
 # --- parsing answers ---
@@ -118,10 +126,25 @@ def _telemetry_verified(doc: Any, rid: str | None = None) -> TelemetryVerified:
     return TelemetryVerified(
         kid=_field(doc, "kid", str),
         tenant=_field(doc, "tenant", str),
+        source=_field(doc, "source", str),
         key=_optional_str(doc, "key"),
-        peer=_optional_str(doc, "peer"),
         request_id=rid,
     )
+
+
+def _trusted_key(doc: Any, _rid: str | None = None) -> TrustedKey:
+    jwk = _field(doc, "jwk", dict)
+    return TrustedKey(
+        tenant=_field(doc, "tenant", str),
+        kid=_field(doc, "kid", str),
+        state=_field(doc, "state", str),
+        source=_field(doc, "source", str),
+        jwk={str(k): str(v) for k, v in jwk.items()},
+    )
+
+
+def _trusted_keys(doc: Any, _rid: str | None = None) -> list[TrustedKey]:
+    return [_trusted_key(item) for item in _field(doc, "keys", list)]
 
 
 def feedback_envelope(doc: Any, _rid: str | None = None) -> FeedbackEnvelope:
@@ -144,9 +167,8 @@ def _feedback_verified(doc: Any, rid: str | None = None) -> FeedbackVerified:
     return FeedbackVerified(
         kid=_field(doc, "kid", str),
         tenant=_field(doc, "tenant", str),
-        schema=_optional_str(doc, "schema"),
+        source=_field(doc, "source", str),
         key=_optional_str(doc, "key"),
-        peer=_optional_str(doc, "peer"),
         request_id=rid,
     )
 
@@ -168,14 +190,19 @@ def op_telemetry_verify(
     signature: bytes,
     attestation: str | None = None,
 ) -> Op[TelemetryVerified]:
+    text = (
+        str(timestamp)
+        if isinstance(timestamp, int) and not isinstance(timestamp, bool)
+        else timestamp
+    )
     try:
-        seconds = decimal_seconds(timestamp)
+        decimal_seconds(text)
     except ValueError:
         raise InvalidRequest("timestamp must be whole unix seconds") from None
     req: dict[str, Any] = {
         "tenant": tenant,
         "kid": kid,
-        "timestamp": seconds,
+        "timestamp": text,
         "nonce": nonce,
         "body": _enc(body),
         "signature": _enc(signature),
@@ -200,5 +227,24 @@ def op_feedback_verify(
     return Op("POST", "/v1/feedback/verify", req, _feedback_verified, True)
 
 
-def signature_b64(signature: bytes) -> str:
-    return base64.b64encode(signature).decode("ascii")
+def _tenant_path(tenant: str) -> str:
+    if not valid_part(tenant):
+        raise InvalidKeyName("tenant must match [a-z0-9][a-z0-9_-]{0,62}")
+    return tenant
+
+
+def op_trust_add(tenant: str, kid: str, jwk: Mapping[str, str]) -> Op[TrustedKey]:
+    body = {"tenant": _tenant_path(tenant), "kid": kid, "jwk": dict(jwk)}
+    return Op("POST", "/v1/trusted-keys", body, _trusted_key, False)
+
+
+def op_trust_list(tenant: str | None) -> Op[list[TrustedKey]]:
+    query = "" if tenant is None else f"?tenant={_tenant_path(tenant)}"
+    return Op("GET", "/v1/trusted-keys" + query, None, _trusted_keys, True)
+
+
+def op_trust_retire(tenant: str, kid: str) -> Op[TrustedKey]:
+    if not _PEER_KID_RE.fullmatch(kid) or kid in {".", ".."}:
+        raise UnknownKid()
+    path = f"/v1/trusted-keys/{_tenant_path(tenant)}/{kid}/retire"
+    return Op("POST", path, {}, _trusted_key, False)

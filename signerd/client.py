@@ -85,10 +85,14 @@ from ._http_fed import (
     FeedbackVerified,
     TelemetrySignature,
     TelemetryVerified,
+    TrustedKey,
     op_feedback_sign,
     op_feedback_verify,
     op_telemetry_sign,
     op_telemetry_verify,
+    op_trust_add,
+    op_trust_list,
+    op_trust_retire,
 )
 from ._jwk import from_jwk
 from ._names import parse_kid
@@ -107,6 +111,7 @@ __all__ = [
     "Signature",
     "TelemetrySignature",
     "TelemetryVerified",
+    "TrustedKey",
     "VerifyResult",
     "VersionState",
     "default_socket_path",
@@ -308,6 +313,22 @@ class Client:
         """Return only for fresh, valid feedback of ``schema`` (its nonce is then spent)."""
         return self._run(op_feedback_verify(envelope, schema, attestation), timeout)
 
+    def trust_key(
+        self, tenant: str, kid: str, jwk: dict[str, str], *, timeout: float | None = None
+    ) -> TrustedKey:
+        """Trust a peer's public key (RFC 8037 JWK) under the peer's ``kid`` for ``tenant``."""
+        return self._run(op_trust_add(tenant, kid, jwk), timeout)
+
+    def trusted_keys(
+        self, tenant: str | None = None, *, timeout: float | None = None
+    ) -> list[TrustedKey]:
+        return self._run(op_trust_list(tenant), timeout)
+
+    def retire_trusted_key(
+        self, tenant: str, kid: str, *, timeout: float | None = None
+    ) -> TrustedKey:
+        return self._run(op_trust_retire(tenant, kid), timeout)
+
     def public_key(self, kid: str, *, timeout: float | None = None) -> Ed25519PublicKey:
         """The public key of one of signerd's kids, from the JWKS cache behind ``verify_local``."""
         tenant = parse_kid(kid)[0].tenant
@@ -355,6 +376,8 @@ class AsyncClient:
             os.fspath(socket_path) if socket_path is not None else default_socket_path()
         )
         self.timeout = timeout
+        self.jwks_ttl = jwks_ttl
+        self.jwks_refetch_interval = jwks_refetch_interval
         self._transport = AsyncTransport(self.socket_path)
         self._cache = _KeyCache(jwks_ttl, jwks_refetch_interval)
 
@@ -460,6 +483,22 @@ class AsyncClient:
     ) -> FeedbackVerified:
         """Return only for fresh, valid feedback of ``schema`` (its nonce is then spent)."""
         return await self._run(op_feedback_verify(envelope, schema, attestation), timeout)
+
+    async def trust_key(
+        self, tenant: str, kid: str, jwk: dict[str, str], *, timeout: float | None = None
+    ) -> TrustedKey:
+        """Trust a peer's public key (RFC 8037 JWK) under the peer's ``kid`` for ``tenant``."""
+        return await self._run(op_trust_add(tenant, kid, jwk), timeout)
+
+    async def trusted_keys(
+        self, tenant: str | None = None, *, timeout: float | None = None
+    ) -> list[TrustedKey]:
+        return await self._run(op_trust_list(tenant), timeout)
+
+    async def retire_trusted_key(
+        self, tenant: str, kid: str, *, timeout: float | None = None
+    ) -> TrustedKey:
+        return await self._run(op_trust_retire(tenant, kid), timeout)
 
     async def public_key(self, kid: str, *, timeout: float | None = None) -> Ed25519PublicKey:
         """The public key of one of signerd's kids, from the JWKS cache behind ``verify_local``."""

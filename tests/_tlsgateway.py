@@ -82,14 +82,14 @@ class StubSignerd:
         )  # fmt: skip
         if self.error is not None:
             raise self.error
-        return TelemetryVerified(kid=kid, tenant=tenant, key="acme/telemetry")
+        return TelemetryVerified(kid=kid, tenant=tenant, source="trusted_peer")
 
     async def feedback_sign(self, key: str, schema: str, data: Any, *,
                             timeout: float | None = None) -> FeedbackEnvelope:  # fmt: skip
         self.calls.append({"key": key, "schema": schema, "data": data})
         if self.error is not None:
             raise self.error
-        wire = {"tenant": "acme", "signed_at": 1795000000, "nonce": NONCE, "schema": schema,
+        wire = {"tenant": "acme", "signed_at": "1795000000", "nonce": NONCE, "schema": schema,
                 "kid": "acme.feedback.v1", "data": data, "signature": SIGNATURE}  # fmt: skip
         return FeedbackEnvelope("acme", 1795000000, NONCE, schema, "acme.feedback.v1", data,
                                 bytes(range(64)), wire)  # fmt: skip

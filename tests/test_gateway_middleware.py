@@ -48,7 +48,7 @@ async def test_envelope_and_raw_body_go_to_signerd(pki: Pki) -> None:
         {
             "tenant": "acme",
             "kid": "acme.telemetry.v1",
-            "timestamp": 1795000000,
+            "timestamp": 1795000000,  # the header's decimal text, parsed
             "nonce": NONCE,
             "body": body,
             "signature": bytes(range(64)),

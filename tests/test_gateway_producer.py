@@ -20,6 +20,7 @@ from signerd.gateway import (
 )
 
 NOW = 1_795_000_000
+NOW_S = str(NOW)
 KID = "acme.feedback.v1"
 NONCE = "AAECAwQFBgcICQoLDA0ODw"
 ATTEST = "sha256:" + "0f" * 32
@@ -41,7 +42,7 @@ def _keys() -> tuple[Ed25519PrivateKey, StaticKeys]:
 def envelope(private: Ed25519PrivateKey, **override: Any) -> dict[str, Any]:
     env: dict[str, Any] = {
         "tenant": "acme",
-        "signed_at": NOW,
+        "signed_at": NOW_S,
         "nonce": NONCE,
         "schema": "ingest.v1",
         "kid": KID,
@@ -87,14 +88,15 @@ async def test_genuine_feedback_is_accepted_once() -> None:
         ({"tenant": "globex", "signed_as": {"tenant": "globex"}}, {}, "tenant_mismatch"),
         ({"data": {"accepted": False}}, {}, "invalid_signature"),
         ({"schema": "ingest.v2"}, {}, "invalid_signature"),
-        ({"signed_at": NOW - 301, "signed_as": {"signed_at": NOW - 301}}, {}, "stale_timestamp"),
-        ({"signed_at": NOW + 301, "signed_as": {"signed_at": NOW + 301}}, {}, "stale_timestamp"),
+        ({"signed_at": str(NOW - 301), "signed_as": {"signed_at": str(NOW - 301)}}, {}, "stale_timestamp"),
+        ({"signed_at": str(NOW + 301), "signed_as": {"signed_at": str(NOW + 301)}}, {}, "stale_timestamp"),
         ({}, {"schema": "ingest.v2"}, "schema_mismatch"),
         ({}, {"attestation": "sha256:" + "11" * 32}, "attestation_mismatch"),
         ({"extra": 1}, {}, "invalid_request"),
         ({"nonce": "a.b"}, {}, "invalid_request"),
         ({"schema": "in gest"}, {}, "invalid_request"),
         ({"signed_at": "01795000000"}, {}, "invalid_request"),
+        ({"signed_at": NOW}, {}, "invalid_request"),
         ({"data": {"n": 2**60}, "signed_as": {"data": {"n": 1}}}, {}, "malformed_json"),
         ({"data": DEEP, "signed_as": {"data": 1}}, {}, "malformed_json"),
     ],
@@ -112,7 +114,7 @@ async def test_refusals_do_not_burn_the_nonce() -> None:
     private, keys = _keys()
     p = producer(keys)
     assert await _code(p, envelope(private, data={"forged": 1})) == "invalid_signature"
-    late = envelope(private, signed_at=NOW - 400, signed_as={"signed_at": NOW - 400})
+    late = envelope(private, signed_at=str(NOW - 400), signed_as={"signed_at": str(NOW - 400)})
     assert await _code(p, late) == "stale_timestamp"
     assert await _code(p, envelope(private), schema="other") == "schema_mismatch"
     assert (await p.verify_feedback(envelope(private), schema="ingest.v1")).nonce == NONCE

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 _TENANT_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _KID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_TIMESTAMP_RE = re.compile(r"0|[1-9][0-9]{0,15}")
-_NONCE_RE = re.compile(r"[A-Za-z0-9_-]{22,256}")
+_TIMESTAMP_RE = re.compile(r"0|[1-9][0-9]{0,11}")
+_NONCE_RE = re.compile(r"[A-Za-z0-9_-]{22,128}")
 _SIGNATURE_RE = re.compile(r"[A-Za-z0-9+/]{86}==")
 
 

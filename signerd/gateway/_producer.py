@@ -3,8 +3,10 @@
 ``Producer.sign_telemetry`` asks signerd for a telemetry signature and
 returns the envelope as request headers. ``Producer.verify_feedback``
 verifies a feedback envelope in-process, with the public key looked up by
-kid (``SignerdKeys``: the client's JWKS cache, as ``verify_local`` uses it;
-``StaticKeys``: JWKs given at start), running the same checks as signerd's
+kid (``TrustedPeerKeys``, the default: the gateway's keys as trusted in the
+producer's signerd, cached like the client's JWKS; ``SignerdKeys``: signerd's
+own keys when both ends share one signerd; ``StaticKeys``: JWKs given at
+start), running the same checks as signerd's
 ``/v1/feedback/verify`` in the same order:
 
 1. parse and bound the envelope (unknown or missing fields, patterns,
@@ -45,7 +47,7 @@ from .._http_fed import decimal_seconds
 from .._jwk import from_jwk
 from .._names import KeyName, parse_kid
 from .._wire import loads_strict
-from ..client import AsyncClient
+from ..client import AsyncClient, _KeyCache
 from ..errors import (
     AttestationMismatch,
     InvalidRequest,
@@ -64,7 +66,7 @@ ATTESTATION_MEMBER = "attestation_measurement_hash"
 _TENANT_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _SCHEMA_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _KID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_NONCE_RE = re.compile(r"[A-Za-z0-9_-]{22,256}")
+_NONCE_RE = re.compile(r"[A-Za-z0-9_-]{22,128}")
 _ATTESTATION_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 
@@ -83,6 +85,33 @@ class SignerdKeys:
     async def resolve(self, kid: str) -> tuple[str, Ed25519PublicKey]:
         tenant = parse_kid(kid)[0].tenant  # UnknownKid when malformed
         return tenant, await self._client.public_key(kid)
+
+
+class TrustedPeerKeys:
+    """A peer's kids as trusted in signerd (``GET /v1/trusted-keys?tenant=T``), cached.
+
+    The cache is the client's JWKS cache (the one behind ``verify_local``):
+    refreshed when older than the client's ``jwks_ttl``, and once on a kid it
+    does not hold (at most once per ``jwks_refetch_interval``), so a retired
+    peer key stops verifying locally within ``jwks_ttl``. Listing needs the
+    ``list`` operation on the tenant.
+    """
+
+    def __init__(self, client: AsyncClient, tenant: str) -> None:
+        self._client = client
+        self._tenant = tenant
+        self._cache = _KeyCache(client.jwks_ttl, client.jwks_refetch_interval)
+
+    async def resolve(self, kid: str) -> tuple[str, Ed25519PublicKey]:
+        public, fetch = self._cache.lookup(self._tenant, kid)
+        if fetch:
+            listed = await self._client.trusted_keys(self._tenant)
+            active = [k.jwk for k in listed if k.state == "active" and k.tenant == self._tenant]
+            self._cache.replace(self._tenant, active)
+            public = self._cache.get(self._tenant, kid)
+        if public is None:
+            raise UnknownKid()
+        return self._tenant, public
 
 
 class StaticKeys:
@@ -205,7 +234,7 @@ class Producer:
         self.client = client
         self.key = key
         self.tenant = KeyName.parse(key).tenant
-        self.keys: KeySource = keys if keys is not None else SignerdKeys(client)
+        self.keys: KeySource = keys if keys is not None else TrustedPeerKeys(client, self.tenant)
         self.nonces = nonces if nonces is not None else NonceMemory(ttl=2.0 * max_skew)
         if self.nonces.ttl < 2 * max_skew:
             raise ValueError("the nonce memory's ttl must be at least twice max_skew")
