@@ -17,6 +17,7 @@ system:
 	command -v softhsm2-util >/dev/null || missing="$$missing softhsm2"; \
 	command -v ssh-agent >/dev/null || missing="$$missing openssh-client"; \
 	command -v pkg-config >/dev/null || missing="$$missing pkg-config"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	pkg-config --exists libsystemd 2>/dev/null || missing="$$missing libsystemd-dev"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
@@ -27,7 +28,7 @@ system:
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[pkcs11,vault,systemd,test,bench]'
+	$(PY) -m pip install -q -e '.[pkcs11,vault,systemd,redis,test,bench]'
 	touch $@
 
 deps: system $(VENV)/.installed

@@ -25,7 +25,8 @@ Grants::
 User and group names are resolved when the policy is loaded, so a name that
 does not exist is a configuration error, not a silent non-match. ``health``
 is always allowed and cannot be listed. Admin operations (create, rotate,
-promote, retire, destroy) are granted only by naming them.
+promote, retire, destroy, and trust: adding and retiring trusted peer keys)
+are granted only by naming them.
 
 Rate limits are token buckets per (rule, uid, unit): the uid is the identity
 the kernel vouches for; a pid would let a caller reset its bucket by forking

@@ -16,6 +16,7 @@ from typing import Any
 from ._keyservice import Settings
 from ._names import KeyName, valid_part
 from ._server import Limits
+from .federation.settings import FederationSettings, parse_federation
 
 
 class ConfigError(ValueError):
@@ -37,9 +38,10 @@ class Config:
     bootstrap: tuple[KeyName, ...]
     audit: Mapping[str, Any]
     policy: Mapping[str, Any] = field(default_factory=dict)
+    federation: FederationSettings = field(default_factory=FederationSettings)
 
 
-_TOP = {"server", "keys", "backends", "tenants", "audit", "policy"}
+_TOP = {"server", "keys", "backends", "tenants", "audit", "policy", "federation"}
 _SERVER = {
     "socket",
     "socket_mode",
@@ -190,6 +192,11 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
         raise ConfigError("audit.path: required (the audit trail file)")
     audit["path"] = _relative(base, audit["path"])
 
+    try:
+        federation = parse_federation(_table(doc, "federation", None), base)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
     return Config(
         path=os.path.abspath(path) if path != "<config>" else path,
         socket=_relative(base, socket_path),
@@ -204,6 +211,7 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
         bootstrap=tuple(bootstrap),
         audit=audit,
         policy=_table(doc, "policy", None),
+        federation=federation,
     )
 
 

@@ -32,6 +32,7 @@ from ._peer import peer_of
 from ._server import Server
 from ._sockets import SocketError, bind_unix_socket, unlink_own_socket
 from .errors import SignerdError
+from .federation.routes import Federation, attach, federation_of
 
 log = logging.getLogger("signerd")
 
@@ -88,6 +89,10 @@ class Daemon:
             await keys.close()
             raise
         server = Server(keys, gate=policy, audit=audit, peer_lookup=peer_of, limits=config.limits)
+        federation = Federation.from_settings(
+            server, config.federation, max_body_bytes=config.limits.max_body_bytes
+        )
+        attach(server, federation)
         sock = bind_unix_socket(config.socket, mode=config.socket_mode, group=config.socket_group)
         runner = web.AppRunner(server.app(), access_log=None, handle_signals=False)
         await runner.setup()
@@ -115,6 +120,9 @@ class Daemon:
         await self.runner.cleanup()
         unlink_own_socket(self.config.socket, self.sock)
         await self.keys.close()
+        federation = federation_of(self.server)
+        if federation is not None:
+            await federation.close()
         audit = self.server.audit
         if isinstance(audit, AuditTrail):
             await audit.aclose()

@@ -129,6 +129,10 @@ class Server:
         )
         for method, path, handler in ROUTES:
             app.router.add_route(method, path, getattr(self, handler))
+        from .federation.routes import bound_routes  # docs/federation.md
+
+        for method, path, federation_handler in bound_routes(self):
+            app.router.add_route(method, path, federation_handler)
         return app
 
     def peer(self, request: web.Request) -> Peer:

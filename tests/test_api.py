@@ -263,11 +263,12 @@ def test_health_ready_openapi(api: Api) -> None:
     doc = api.ok("GET", "/v1/openapi.json")
     assert doc["openapi"].startswith("3.1")
     from signerd._server import ROUTES
+    from signerd.federation.routes import ROUTES as FEDERATION_ROUTES
 
     documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
     expanded = {
         (m, p.replace("{action}", a))
-        for m, p, _ in ROUTES
+        for m, p, _ in (*ROUTES, *FEDERATION_ROUTES)
         for a in ("promote", "retire", "destroy")
     }
     assert expanded == documented

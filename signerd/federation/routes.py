@@ -1,0 +1,475 @@
+"""The federation endpoints, and the verification in its fixed order.
+
+Verification (both flows), each step refusing with its own code:
+
+1. parse and bound the input; unknown fields are errors (400);
+2. look up the kid: signerd's own keyring first (one re-read on a miss), then
+   the trusted peer keys of the envelope's tenant (``unknown_kid`` 401);
+3. tenant mapping: the kid belongs to the envelope's tenant
+   (``tenant_mismatch`` 403) and the caller's policy grants ``verify`` on it
+   (``permission_denied`` 403);
+4. the signature (``invalid_signature`` 401);
+5. the timestamp within ``federation.skew`` both ways (``stale_timestamp`` 401);
+6. the schema (feedback, ``schema_mismatch`` 422) and the attestation when
+   asked (``attestation_mismatch`` 403);
+7. record the nonce, scoped by tenant and kid (``replayed_nonce`` 409,
+   ``nonce_store_unavailable`` 503). Only a request that passed 1-6 reaches
+   the store, so a forged or stale request never burns a good nonce.
+
+Handlers use only the request API the server guarantees: ``match_info``,
+``query``, ``headers``, ``content_type``, ``read()``, and the ``peer``,
+``rid`` and ``audit`` items.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiohttp import web
+from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from .._backend import VersionState
+from .._calls import AuditEvent, AuditSink, Call, Gate, Operation
+from .._jwk import b64url
+from .._keyservice import KeyService
+from .._names import KeyName, parse_kid
+from .._wire import b64decode, b64encode
+from ..errors import (
+    AttestationMismatch,
+    BackendUnavailable,
+    InvalidRequest,
+    InvalidSignature,
+    KeyExists,
+    PayloadTooLarge,
+    SchemaMismatch,
+    StaleTimestamp,
+    TenantMismatch,
+    UnknownKey,
+    UnknownKid,
+    UnsupportedMediaType,
+)
+from . import canonical
+from .envelopes import (
+    MIN_NONCE_BYTES,
+    attestation_of_body,
+    attestation_of_data,
+    check_attestation,
+    check_nonce,
+    check_schema,
+    check_tenant,
+    check_timestamp,
+    feedback_input,
+    telemetry_input,
+)
+from .nonces import NonceStore, SqliteNonceStore
+from .settings import FederationSettings
+from .trust import TrustedKeys, jwk_public, valid_peer_kid
+
+__all__ = ["ROUTES", "Federation", "attach", "bound_routes", "federation_of"]
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+#: (method, path, handler name): the federation routes, documented in openapi.json
+ROUTES: tuple[tuple[str, str, str], ...] = (
+    ("POST", "/v1/telemetry/sign", "telemetry_sign"),
+    ("POST", "/v1/telemetry/verify", "telemetry_verify"),
+    ("POST", "/v1/feedback/sign", "feedback_sign"),
+    ("POST", "/v1/feedback/verify", "feedback_verify"),
+    ("POST", "/v1/trusted-keys", "trust_add"),
+    ("GET", "/v1/trusted-keys", "trust_list"),
+    ("POST", "/v1/trusted-keys/{tenant}/{kid}/retire", "trust_retire"),
+)
+
+_ENVELOPE = {"tenant", "signed_at", "nonce", "schema", "kid", "data", "signature"}
+
+
+class Host(Protocol):
+    """What the federation needs of the server (read at each request: SIGHUP swaps the gate)."""
+
+    @property
+    def keys(self) -> KeyService: ...
+
+    @property
+    def gate(self) -> Gate: ...
+
+    @property
+    def audit(self) -> AuditSink: ...
+
+
+_attached: weakref.WeakKeyDictionary[Any, Federation] = weakref.WeakKeyDictionary()
+
+
+def attach(server: Host, federation: Federation) -> None:
+    """Serve ``federation``'s endpoints on ``server`` (before its application is built)."""
+    _attached[server] = federation
+
+
+def federation_of(server: Any) -> Federation | None:
+    return _attached.get(server)
+
+
+def bound_routes(server: Any) -> list[tuple[str, str, Handler]]:
+    """The routes to register on ``server``: none when no federation is attached."""
+    federation = _attached.get(server)
+    if federation is None:
+        return []
+    return [(method, path, getattr(federation, name)) for method, path, name in ROUTES]
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    tenant: str
+    key: KeyName | None  # one of signerd's own keys, or None for a trusted peer key
+    verifier: Ed25519PublicKey | None  # peer keys only
+
+
+class Federation:
+    def __init__(
+        self,
+        host: Host,
+        settings: FederationSettings,
+        *,
+        store: NonceStore,
+        trusted: TrustedKeys,
+        max_body_bytes: int = 1 << 20,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.host = host
+        self.settings = settings
+        self.store = store
+        self.trusted = trusted
+        self.max_body_bytes = max_body_bytes
+        self.clock = clock
+
+    @classmethod
+    def from_settings(
+        cls, host: Host, settings: FederationSettings, *, max_body_bytes: int = 1 << 20
+    ) -> Federation:
+        store: NonceStore
+        if settings.store == "redis":
+            from .redis_store import RedisNonceStore
+
+            store = RedisNonceStore(
+                settings.redis_url,
+                timeout=settings.timeout,
+                prefix=settings.redis_prefix,
+                pool=settings.redis_pool,
+            )
+        else:
+            store = SqliteNonceStore(
+                settings.sqlite_path, max_entries=settings.max_entries, timeout=settings.timeout
+            )
+        trusted = TrustedKeys(settings.state_dir, settings.trusted)
+        return cls(host, settings, store=store, trusted=trusted, max_body_bytes=max_body_bytes)
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    # --- helpers -------------------------------------------------------------------
+
+    async def _body(
+        self, request: web.Request, allowed: set[str], required: set[str], max_depth: int
+    ) -> dict[str, Any]:
+        if request.content_type != "application/json":
+            raise UnsupportedMediaType()
+        raw = await request.read()
+        body = canonical.parse(raw, max_bytes=self.max_body_bytes, max_depth=max_depth)
+        if not isinstance(body, dict):
+            raise InvalidRequest("body must be a JSON object")
+        return _fields(body, allowed, required, "")
+
+    def _authorize(
+        self, request: web.Request, op: Operation, tenant: str | None, key: KeyName | None
+    ) -> None:
+        audit = request["audit"]
+        audit.operation, audit.tenant = op, tenant
+        if key is not None:
+            audit.key = str(key)
+        self.host.gate.authorize(Call(request["peer"], op, tenant, key))
+
+    async def _attempt(self, request: web.Request) -> None:
+        """Admin operations write an attempt record before acting (fails closed)."""
+        audit = request["audit"]
+        await self.host.audit.record(
+            AuditEvent(
+                time=time.time(),
+                request_id=request["rid"],
+                peer=request["peer"],
+                operation=audit.operation.value,
+                outcome="attempt",
+                tenant=audit.tenant,
+                key=audit.key,
+                kid=audit.kid,
+                status=0,
+            )
+        )
+
+    def _canonical_data(self, data: Any) -> bytes:
+        canonical.check(data, self.settings.max_depth)
+        out = canonical.canonicalize(data)
+        if len(out) > self.settings.max_json_bytes:
+            raise PayloadTooLarge(f"canonical data over {self.settings.max_json_bytes} bytes")
+        return out
+
+    def _own_key_known(self, key: KeyName) -> bool:
+        return any(parse_kid(v.kid)[0] == key for v in self.host.keys.published(key.tenant))
+
+    async def _active_kid(self, key: KeyName) -> str:
+        for version in self.host.keys.published(key.tenant):
+            if version.state is VersionState.ACTIVE and parse_kid(version.kid)[0] == key:
+                return version.kid
+        active = (await self.host.keys.describe(key)).active
+        if active is None:
+            raise BackendUnavailable("the key has no active version")
+        return active.kid
+
+    # --- telemetry -------------------------------------------------------------------
+
+    async def telemetry_sign(self, request: web.Request) -> web.Response:
+        audit = request["audit"]
+        audit.operation = Operation.SIGN
+        body = await self._body(request, {"key", "body"}, {"key", "body"}, 2)
+        key = KeyName.parse(body["key"])
+        payload = b64decode(body, "body")
+        timestamp = str(int(self.clock()))
+        nonce = b64url(os.urandom(MIN_NONCE_BYTES))
+        message = telemetry_input(timestamp, nonce, payload)
+        audit.hashes = (_sha256(message),)
+        self._authorize(request, Operation.SIGN, key.tenant, key)
+        kid, signature = await self.host.keys.sign(key, message)
+        audit.kid = kid
+        return web.json_response(
+            {"kid": kid, "timestamp": timestamp, "nonce": nonce, "signature": b64encode(signature)}
+        )
+
+    async def telemetry_verify(self, request: web.Request) -> web.Response:
+        request["audit"].operation = Operation.VERIFY
+        fields = {"tenant", "kid", "timestamp", "nonce", "body", "signature"}
+        body = await self._body(request, fields | {"attestation"}, fields, 2)
+        tenant = check_tenant(body["tenant"])
+        kid = _kid(body["kid"])
+        timestamp = body["timestamp"]
+        signed = check_timestamp(timestamp)
+        nonce = check_nonce(body["nonce"])
+        payload = b64decode(body, "body")
+        signature = b64decode(body, "signature")
+        expected = check_attestation(body["attestation"]) if "attestation" in body else None
+        message = telemetry_input(timestamp, nonce, payload)
+
+        def step6() -> None:
+            if expected is not None:
+                found = attestation_of_body(payload, max_depth=self.settings.max_depth)
+                if found != expected:
+                    raise AttestationMismatch()
+
+        return await self._verify(request, tenant, kid, message, signature, signed, nonce, step6)
+
+    # --- feedback -----------------------------------------------------------------------
+
+    async def feedback_sign(self, request: web.Request) -> web.Response:
+        audit = request["audit"]
+        audit.operation = Operation.SIGN
+        depth = self.settings.max_depth + 1
+        body = await self._body(
+            request, {"key", "schema", "data"}, {"key", "schema", "data"}, depth
+        )
+        key = KeyName.parse(body["key"])
+        schema = check_schema(body["schema"])
+        data = body["data"]
+        canonical_data = self._canonical_data(data)
+        self._authorize(request, Operation.SIGN, key.tenant, key)
+        signed_at = str(int(self.clock()))
+        nonce = b64url(os.urandom(MIN_NONCE_BYTES))
+        kid = await self._active_kid(key)
+        for _ in range(3):  # the active version may change under us: sign again with the new kid
+            message = feedback_input(key.tenant, signed_at, nonce, schema, kid, canonical_data)
+            audit.hashes = (_sha256(message),)
+            used, signature = await self.host.keys.sign(key, message)
+            audit.kid = used
+            if used == kid:
+                envelope = {
+                    "tenant": key.tenant,
+                    "signed_at": signed_at,
+                    "nonce": nonce,
+                    "schema": schema,
+                    "kid": kid,
+                    "data": data,
+                    "signature": b64encode(signature),
+                }
+                return web.json_response(envelope)
+            kid = used
+        raise BackendUnavailable("the key's active version keeps changing; try again")
+
+    async def feedback_verify(self, request: web.Request) -> web.Response:
+        request["audit"].operation = Operation.VERIFY
+        depth = self.settings.max_depth + 2
+        body = await self._body(
+            request, {"envelope", "schema", "attestation"}, {"envelope", "schema"}, depth
+        )
+        envelope = body["envelope"]
+        if not isinstance(envelope, dict):
+            raise InvalidRequest("field 'envelope' must be an object")
+        envelope = _fields(envelope, _ENVELOPE, _ENVELOPE, "envelope")
+        expected_schema = check_schema(body["schema"])
+        expected = check_attestation(body["attestation"]) if "attestation" in body else None
+        tenant = check_tenant(envelope["tenant"])
+        signed_at = envelope["signed_at"]
+        signed = check_timestamp(signed_at, "envelope.signed_at")
+        nonce = check_nonce(envelope["nonce"])
+        schema = check_schema(envelope["schema"], "envelope.schema")
+        kid = _kid(envelope["kid"])
+        signature = b64decode(envelope, "signature")
+        data = envelope["data"]
+        message = feedback_input(tenant, signed_at, nonce, schema, kid, self._canonical_data(data))
+
+        def step6() -> None:
+            if schema != expected_schema:
+                raise SchemaMismatch()
+            if expected is not None and attestation_of_data(data) != expected:
+                raise AttestationMismatch()
+
+        return await self._verify(request, tenant, kid, message, signature, signed, nonce, step6)
+
+    # --- the verification -------------------------------------------------------------
+
+    async def _verify(
+        self,
+        request: web.Request,
+        tenant: str,
+        kid: str,
+        message: bytes,
+        signature: bytes,
+        signed: int,
+        nonce: str,
+        step6: Callable[[], None],
+    ) -> web.Response:
+        audit = request["audit"]
+        audit.tenant, audit.kid, audit.hashes = tenant, kid, (_sha256(message),)
+        resolved = await self._resolve(tenant, kid)  # 2
+        if resolved.tenant != tenant:  # 3
+            raise TenantMismatch()
+        self._authorize(request, Operation.VERIFY, tenant, resolved.key)
+        if resolved.verifier is None:  # 4
+            await self.host.keys.verify(kid, message, signature)
+        else:
+            try:
+                resolved.verifier.verify(signature, message)
+            except _CryptoInvalidSignature as exc:
+                raise InvalidSignature() from exc
+        if abs(self.clock() - signed) > self.settings.skew:  # 5
+            raise StaleTimestamp()
+        step6()  # 6
+        await self.store.add(f"{tenant}|{kid}", nonce, float(self.settings.nonce_ttl))  # 7
+        return web.json_response(
+            {
+                "kid": kid,
+                "tenant": tenant,
+                "source": "keyring" if resolved.key is not None else "trusted_peer",
+                "key": str(resolved.key) if resolved.key is not None else None,
+            }
+        )
+
+    async def _resolve(self, tenant: str, kid: str) -> _Resolved:
+        own = _own_kid(kid)
+        if own is not None:
+            try:
+                key, _ = await self.host.keys.lookup_kid(kid)
+                return _Resolved(key.tenant, key, None)
+            except UnknownKid:
+                if self._own_key_known(own):
+                    raise  # a kid of one of our keys never resolves to a peer key
+        peer, verifier = self.trusted.lookup(tenant, kid)
+        return _Resolved(peer.tenant, None, verifier)
+
+    # --- trusted peer keys ---------------------------------------------------------------
+
+    async def trust_add(self, request: web.Request) -> web.Response:
+        audit = request["audit"]
+        audit.operation = Operation.TRUST
+        body = await self._body(request, {"tenant", "kid", "jwk"}, {"tenant", "kid", "jwk"}, 3)
+        tenant = check_tenant(body["tenant"])
+        kid = _kid(body["kid"])
+        public = jwk_public(body["jwk"], kid)
+        audit.kid = kid
+        self._authorize(request, Operation.TRUST, tenant, None)
+        own = _own_kid(kid)
+        if own is not None:
+            try:
+                await self.host.keys.describe(own)
+            except UnknownKey:
+                pass
+            else:
+                raise KeyExists("the kid names one of this signerd's own keys")
+        await self._attempt(request)
+        try:
+            added = await asyncio.to_thread(self.trusted.add, tenant, kid, public)
+        except OSError as exc:
+            raise BackendUnavailable("the trusted key store cannot be written") from exc
+        return web.json_response(added.to_json(), status=201)
+
+    async def trust_list(self, request: web.Request) -> web.Response:
+        request["audit"].operation = Operation.LIST
+        tenant = request.query.get("tenant")
+        if tenant is not None:
+            check_tenant(tenant)
+        self._authorize(request, Operation.LIST, tenant, None)
+        try:
+            keys = self.trusted.list(tenant)
+        except (OSError, ValueError) as exc:
+            raise BackendUnavailable("the trusted key store cannot be read") from exc
+        return web.json_response({"keys": [k.to_json() for k in keys]})
+
+    async def trust_retire(self, request: web.Request) -> web.Response:
+        audit = request["audit"]
+        audit.operation = Operation.TRUST
+        tenant = check_tenant(request.match_info["tenant"])
+        kid = _kid(request.match_info["kid"])
+        raw = await request.read()
+        if raw.strip() and canonical.parse(raw, max_bytes=64, max_depth=1) != {}:
+            raise InvalidRequest("retire takes no fields")
+        audit.kid = kid
+        self._authorize(request, Operation.TRUST, tenant, None)
+        await self._attempt(request)
+        try:
+            retired = await asyncio.to_thread(self.trusted.retire, tenant, kid)
+        except OSError as exc:
+            raise BackendUnavailable("the trusted key store cannot be written") from exc
+        return web.json_response(retired.to_json())
+
+
+def _fields(
+    body: dict[str, Any], allowed: set[str], required: set[str], where: str
+) -> dict[str, Any]:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise InvalidRequest(f"unknown field in {where or 'the body'}")
+    missing = sorted(required - set(body))
+    if missing:
+        raise InvalidRequest(f"missing field {missing[0]!r}" + (f" in {where}" if where else ""))
+    return body
+
+
+def _kid(value: Any) -> str:
+    if not valid_peer_kid(value):
+        raise InvalidRequest("field 'kid' must match [A-Za-z0-9._:-]{1,128}")
+    assert isinstance(value, str)
+    return value
+
+
+def _own_kid(kid: str) -> KeyName | None:
+    try:
+        return parse_kid(kid)[0]
+    except UnknownKid:
+        return None

@@ -1,0 +1,257 @@
+"""Trusted peer keys: the producers' public keys, per tenant, by the producer's kid.
+
+Two sources: the configuration (``[[federation.trusted_keys]]``, from a JWK or
+PEM file) and the admin API (``POST /v1/trusted-keys``), which persists to
+``trusted-keys.json`` in the state directory (written to a temporary file,
+fsynced, renamed over, directory fsynced: a crash leaves the old or the new
+file, never a torn one). Retiring a key is recorded in the same file and wins
+over the configuration, so a retired key stays retired across restarts.
+
+A peer key verifies only for its own tenant: the same kid string may be
+trusted for two tenants with two different keys. Peer kids match
+``[A-Za-z0-9._:-]{1,128}`` (no ``|``, no ``/``). They never shadow signerd's
+own kids: a kid of a key this signerd holds always resolves to that key, and
+adding a peer kid that names one of signerd's own keys is refused (see
+``routes``). Every lookup checks whether the file changed (one ``stat``), so
+several processes sharing the state directory see each other's changes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import fcntl
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from .._jwk import b64url, to_jwk
+from ..errors import (
+    InvalidRequest,
+    InvalidState,
+    KeyExists,
+    RetiredKid,
+    TenantMismatch,
+    UnknownKey,
+    UnknownKid,
+)
+
+__all__ = ["PeerKey", "TrustedKeys", "jwk_public", "pem_public", "valid_peer_kid"]
+
+_PEER_KID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_JWK_MEMBERS = frozenset({"kty", "crv", "x", "kid", "alg", "use", "key_ops"})
+FILE_NAME = "trusted-keys.json"
+
+
+def valid_peer_kid(kid: object) -> bool:
+    return isinstance(kid, str) and _PEER_KID.fullmatch(kid) is not None
+
+
+def jwk_public(jwk: object, kid: str) -> bytes:
+    """The raw 32-byte key of an RFC 8037 OKP Ed25519 public JWK; InvalidRequest otherwise."""
+    if not isinstance(jwk, dict):
+        raise InvalidRequest("field 'jwk' must be an object")
+    if "d" in jwk:
+        raise InvalidRequest("field 'jwk' holds private key material; send the public key only")
+    if set(jwk) - _JWK_MEMBERS:
+        raise InvalidRequest("field 'jwk' has members other than kty, crv, x, kid, alg, use")
+    if jwk.get("kty") != "OKP" or jwk.get("crv") != "Ed25519":
+        raise InvalidRequest("field 'jwk' must be an OKP Ed25519 key (RFC 8037)")
+    if "kid" in jwk and jwk["kid"] != kid:
+        raise InvalidRequest("the JWK's kid differs from field 'kid'")
+    if jwk.get("alg", "EdDSA") != "EdDSA" or jwk.get("use", "sig") != "sig":
+        raise InvalidRequest("field 'jwk' must be alg EdDSA, use sig")
+    x = jwk.get("x")
+    if not isinstance(x, str) or not re.fullmatch(r"[A-Za-z0-9_-]{43}", x):
+        raise InvalidRequest("field 'jwk' member x must be 32 bytes of unpadded base64url")
+    try:
+        raw = base64.urlsafe_b64decode(x + "=")
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidRequest("field 'jwk' member x is not base64url") from exc
+    if b64url(raw) != x:
+        raise InvalidRequest("field 'jwk' member x is not canonical base64url")
+    return raw
+
+
+def pem_public(pem: bytes) -> bytes:
+    """The raw key of a PEM SubjectPublicKeyInfo Ed25519 key; ValueError otherwise."""
+    key = serialization.load_pem_public_key(pem)
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError("not an Ed25519 public key")
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+@dataclass(frozen=True)
+class PeerKey:
+    tenant: str
+    kid: str
+    public: bytes  # raw 32 bytes
+    state: str = "active"  # "active" or "retired"
+    source: str = "api"  # "config" or "api"
+    added_at: float = 0.0
+    retired_at: float | None = None
+
+    def verifier(self) -> Ed25519PublicKey:
+        return Ed25519PublicKey.from_public_bytes(self.public)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "tenant": self.tenant,
+            "kid": self.kid,
+            "state": self.state,
+            "source": self.source,
+            "added_at": self.added_at,
+            "retired_at": self.retired_at,
+            "jwk": to_jwk(self.kid, self.public),
+        }
+
+
+def _record(key: PeerKey) -> dict[str, Any]:
+    return {
+        "tenant": key.tenant,
+        "kid": key.kid,
+        "x": b64url(key.public),
+        "state": key.state,
+        "added_at": key.added_at,
+        "retired_at": key.retired_at,
+    }
+
+
+class TrustedKeys:
+    def __init__(self, state_dir: str, configured: Iterable[PeerKey] = ()) -> None:
+        self.path = os.path.join(state_dir, FILE_NAME)
+        self._configured = {(k.tenant, k.kid): k for k in configured}
+        self._stored: dict[tuple[str, str], PeerKey] = {}
+        self._stamp: tuple[int, int, int] | None = None
+        self._verifiers: dict[tuple[str, str, bytes], Ed25519PublicKey] = {}
+        self._lock = threading.Lock()
+        self._reload()
+
+    # --- reading ---------------------------------------------------------------
+
+    def _reload(self) -> None:
+        """Re-read the file when it changed (inode, size, mtime)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._stored, self._stamp = {}, None
+            return
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if stamp == self._stamp:
+            return
+        with open(self.path, "rb") as fh:
+            doc = json.loads(fh.read())
+        stored: dict[tuple[str, str], PeerKey] = {}
+        for rec in doc.get("keys", []):
+            raw = base64.urlsafe_b64decode(str(rec["x"]) + "=")
+            key = PeerKey(
+                tenant=str(rec["tenant"]),
+                kid=str(rec["kid"]),
+                public=raw,
+                state=str(rec["state"]),
+                source="api",
+                added_at=float(rec.get("added_at") or 0.0),
+                retired_at=rec.get("retired_at"),
+            )
+            stored[(key.tenant, key.kid)] = key
+        self._stored, self._stamp = stored, stamp
+
+    def _merged(self) -> Mapping[tuple[str, str], PeerKey]:
+        merged = dict(self._configured)
+        for ident, key in self._stored.items():
+            if ident in merged:  # a stored record of a configured key carries its retirement
+                merged[ident] = replace(merged[ident], state=key.state, retired_at=key.retired_at)
+            else:
+                merged[ident] = key
+        return merged
+
+    def lookup(self, tenant: str, kid: str) -> tuple[PeerKey, Ed25519PublicKey]:
+        """The active peer key ``kid`` of ``tenant`` and its verifier.
+
+        Raises UnknownKid (no tenant trusts this kid), TenantMismatch (another
+        tenant does) or RetiredKid.
+        """
+        with self._lock:
+            self._reload()
+            merged = self._merged()
+        key = merged.get((tenant, kid))
+        if key is None:
+            if any(k == kid for _, k in merged):
+                raise TenantMismatch()
+            raise UnknownKid()
+        if key.state != "active":
+            raise RetiredKid()
+        ident = (key.tenant, key.kid, key.public)
+        verifier = self._verifiers.get(ident)
+        if verifier is None:
+            verifier = self._verifiers[ident] = key.verifier()
+        return key, verifier
+
+    def list(self, tenant: str | None) -> list[PeerKey]:
+        with self._lock:
+            self._reload()
+            merged = self._merged()
+        return sorted(
+            (k for k in merged.values() if tenant is None or k.tenant == tenant),
+            key=lambda k: (k.tenant, k.kid),
+        )
+
+    # --- changing (blocking: run in a thread) -------------------------------------
+
+    def add(self, tenant: str, kid: str, public: bytes) -> PeerKey:
+        with self._locked():
+            if (tenant, kid) in self._merged():
+                raise KeyExists("this tenant already trusts a key with this kid")
+            key = PeerKey(tenant, kid, public, added_at=round(time.time(), 3))
+            self._write({**self._stored, (tenant, kid): key})
+            return key
+
+    def retire(self, tenant: str, kid: str) -> PeerKey:
+        with self._locked():
+            key = self._merged().get((tenant, kid))
+            if key is None:
+                raise UnknownKey("this tenant trusts no key with this kid")
+            if key.state == "retired":
+                raise InvalidState("the trusted key is already retired")
+            retired = replace(key, state="retired", retired_at=round(time.time(), 3))
+            self._write({**self._stored, (tenant, kid): replace(retired, source="api")})
+            return retired
+
+    @contextlib.contextmanager
+    def _locked(self) -> Any:
+        os.makedirs(os.path.dirname(self.path), mode=0o750, exist_ok=True)
+        with self._lock, open(self.path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self._reload()
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _write(self, stored: dict[tuple[str, str], PeerKey]) -> None:
+        doc = {"v": 1, "keys": [_record(k) for _, k in sorted(stored.items())]}
+        data = json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
+        tmp = f"{self.path}.tmp.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        dfd = os.open(os.path.dirname(self.path), os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self._stamp = None
+        self._reload()
