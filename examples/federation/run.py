@@ -55,7 +55,7 @@ class Report:
     def expect(self, what: str, got: str, wanted: str) -> None:
         ok = got == wanted
         print(
-            f"{'ok  ' if ok else 'FAIL'}  {what:<46} {got}"
+            f"{'ok  ' if ok else 'FAIL'}  {what:<50} {got}"
             + ("" if ok else f" (expected {wanted})")
         )
         if not ok:
