@@ -125,7 +125,12 @@ class SqliteNonceStore:
                 batch, self._queue = self._queue, []
                 closing = self._closing
             if batch:
-                self._apply(batch)
+                try:
+                    self._apply(batch)
+                except Exception:  # never let the writer die: refuse this batch instead
+                    log.exception("signerd.nonce_store_error")
+                    for job in batch:
+                        job.outcome = "unavailable"
                 for job in batch:
                     with contextlib.suppress(RuntimeError):  # loop closed meanwhile
                         job.loop.call_soon_threadsafe(_settle, job)
@@ -170,7 +175,7 @@ class SqliteNonceStore:
                     conn.execute("ROLLBACK")
                 raise
             self.commits += 1
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             log.error("signerd.nonce_store_error error=%s", type(exc).__name__)
             for job in batch:
                 job.outcome = "unavailable"
