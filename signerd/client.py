@@ -26,6 +26,12 @@ Reads, ``sign`` and ``verify`` are sent a second time, once, when a reused
 idle connection turns out to be broken; create, rotate, promote, retire and
 destroy are never sent twice.
 
+The federation envelopes (``docs/federation.md``) have their own calls:
+``telemetry_sign``/``telemetry_verify``, ``feedback_sign``/``feedback_verify``
+(a verify returns only for an accepted envelope, whose nonce is then spent),
+and ``trust_key``/``trusted_keys``/``retire_trusted_key`` for peer keys;
+``signerd.gateway`` builds a gateway and a producer on them.
+
 ``verify_local`` checks signatures in-process against public keys from
 ``/v1/jwks?tenant=T`` (the tenant is part of the kid), cached per tenant:
 
@@ -45,13 +51,10 @@ destroy are never sent twice.
 from __future__ import annotations
 
 import os
-import threading
-import time
 from collections.abc import Sequence
 from types import TracebackType
 from typing import TypeVar
 
-from cryptography.exceptions import InvalidSignature as _BadSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ._backend import VersionState
@@ -94,9 +97,9 @@ from ._http_fed import (
     op_trust_list,
     op_trust_retire,
 )
-from ._jwk import from_jwk
+from ._keycache import KeyCache, check
 from ._names import parse_kid
-from .errors import DestroyedKid, InternalError, InvalidSignature, RetiredKid, SignerdError
+from .errors import SignerdError
 
 __all__ = [
     "AsyncClient",
@@ -118,70 +121,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-
-# --- the JWKS cache behind verify_local ---
-
-
-class _KeyCache:
-    """Public keys per tenant from /v1/jwks, with fetch times; thread-safe."""
-
-    def __init__(self, ttl: float, refetch_interval: float) -> None:
-        self._ttl = ttl
-        self._refetch_interval = refetch_interval
-        self._keys: dict[str, dict[str, Ed25519PublicKey]] = {}
-        self._fetched_at: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def lookup(self, tenant: str, kid: str) -> tuple[Ed25519PublicKey | None, bool]:
-        """The cached key (None when absent, or when the tenant's JWKS is stale) and
-        whether a fetch is due."""
-        now = time.monotonic()
-        with self._lock:
-            fetched = self._fetched_at.get(tenant)
-            if fetched is None or now - fetched >= self._ttl:
-                return None, True
-            key = self._keys[tenant].get(kid)
-            return key, key is None and now - fetched >= self._refetch_interval
-
-    def get(self, tenant: str, kid: str) -> Ed25519PublicKey | None:
-        with self._lock:
-            return self._keys.get(tenant, {}).get(kid)
-
-    def replace(self, tenant: str, jwks: list[dict[str, str]]) -> None:
-        keys: dict[str, Ed25519PublicKey] = {}
-        for jwk in jwks:
-            try:
-                kid, public = from_jwk(jwk)
-            except ValueError:
-                continue
-            keys[kid] = public
-        with self._lock:
-            self._keys[tenant] = keys
-            self._fetched_at[tenant] = time.monotonic()
-
-    def admit(self, tenant: str, info: KidInfo) -> Ed25519PublicKey:
-        """The key of a kid the JWKS did not list, when its state still verifies."""
-        if info.state is VersionState.RETIRED:
-            raise RetiredKid()
-        if info.state is VersionState.DESTROYED:
-            raise DestroyedKid()
-        try:
-            kid, public = from_jwk(info.jwk)
-        except ValueError:
-            raise InternalError("answer outside the protocol: jwk") from None
-        if kid != info.kid:
-            raise InternalError("answer outside the protocol: jwk kid")
-        with self._lock:
-            self._keys.setdefault(tenant, {})[kid] = public
-        return public
-
-
-def _check(public: Ed25519PublicKey, data: bytes, signature: bytes) -> None:
-    try:
-        public.verify(signature, data)
-    except _BadSignature:
-        raise InvalidSignature() from None
 
 
 # --- the clients ---
@@ -206,7 +145,7 @@ class Client:
         )
         self.timeout = timeout
         self._transport = SyncTransport(self.socket_path)
-        self._cache = _KeyCache(jwks_ttl, jwks_refetch_interval)
+        self._cache = KeyCache(jwks_ttl, jwks_refetch_interval)
 
     def _run(self, op: Op[T], timeout: float | None) -> T:
         return self._transport.run(op, self.timeout if timeout is None else timeout)
@@ -344,7 +283,7 @@ class Client:
         self, kid: str, data: bytes, signature: bytes, *, timeout: float | None = None
     ) -> None:
         """Verify in-process from the cached JWKS; raise a VerificationError unless valid."""
-        _check(self.public_key(kid, timeout=timeout), data, signature)
+        check(self.public_key(kid, timeout=timeout), data, signature)
 
     def close(self) -> None:
         self._transport.close()
@@ -379,7 +318,7 @@ class AsyncClient:
         self.jwks_ttl = jwks_ttl
         self.jwks_refetch_interval = jwks_refetch_interval
         self._transport = AsyncTransport(self.socket_path)
-        self._cache = _KeyCache(jwks_ttl, jwks_refetch_interval)
+        self._cache = KeyCache(jwks_ttl, jwks_refetch_interval)
 
     async def _run(self, op: Op[T], timeout: float | None) -> T:
         return await self._transport.run(op, self.timeout if timeout is None else timeout)
@@ -515,7 +454,7 @@ class AsyncClient:
         self, kid: str, data: bytes, signature: bytes, *, timeout: float | None = None
     ) -> None:
         """Verify in-process from the cached JWKS; raise a VerificationError unless valid."""
-        _check(await self.public_key(kid, timeout=timeout), data, signature)
+        check(await self.public_key(kid, timeout=timeout), data, signature)
 
     async def close(self) -> None:
         await self._transport.close()

@@ -45,9 +45,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .._http_fed import decimal_seconds
 from .._jwk import from_jwk
+from .._keycache import KeyCache
 from .._names import KeyName, parse_kid
 from .._wire import loads_strict
-from ..client import AsyncClient, _KeyCache
+from ..client import AsyncClient
 from ..errors import (
     AttestationMismatch,
     InvalidRequest,
@@ -100,7 +101,7 @@ class TrustedPeerKeys:
     def __init__(self, client: AsyncClient, tenant: str) -> None:
         self._client = client
         self._tenant = tenant
-        self._cache = _KeyCache(client.jwks_ttl, client.jwks_refetch_interval)
+        self._cache = KeyCache(client.jwks_ttl, client.jwks_refetch_interval)
 
     async def resolve(self, kid: str) -> tuple[str, Ed25519PublicKey]:
         public, fetch = self._cache.lookup(self._tenant, kid)
