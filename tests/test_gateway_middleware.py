@@ -214,3 +214,24 @@ async def test_feedback_that_cannot_be_signed_is_503(pki: Pki) -> None:
                      routes=_feedback_route(stub)) as url:  # fmt: skip
         status, doc = await _post(pki, url, envelope_headers(), path="/feedback")
     assert (status, doc["error"]["code"]) == (503, "permission_denied")
+
+
+@pytest.mark.parametrize("name", ["X-Signerd-Kid", "X-Signerd-Tenant", "X-Service-Identity"])
+async def test_repeated_header_is_401(pki: Pki, name: str) -> None:
+    """An envelope or identity header sent twice is ambiguous: 401, signerd is not asked."""
+    from multidict import CIMultiDict
+
+    stub = StubSignerd()
+    headers = CIMultiDict(envelope_headers())
+    headers.add(name, headers[name])
+    async with (
+        serve(pki, stub) as url,
+        aiohttp.ClientSession() as session,
+        session.post(
+            url + "/ingest", data=b"{}", ssl=pki.client(pki.producer), headers=headers
+        ) as resp,
+    ):
+        status, doc = resp.status, await resp.json()
+    assert status == 401
+    assert doc["error"]["code"] in {"invalid_request", "invalid_client_certificate"}
+    assert stub.calls == []

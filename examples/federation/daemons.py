@@ -8,6 +8,7 @@ pointing at that token only, and waits for it to be ready. ``stop`` ends it
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -20,6 +21,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 OPERATIONS = ["sign", "verify", "jwks", "list", "create", "trust"]
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started it dies, even by SIGKILL."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -109,16 +116,20 @@ def start(name: str, base: Path, bootstrap: list[str], *, wait: float = 30.0) ->
             cwd=str(ROOT),
             env=env,
             start_new_session=True,
+            preexec_fn=_die_with_parent,  # start() runs on the main thread: the parent is us
         )
     daemon = Daemon(name, base, socket, log, proc)
     deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"signerd ({name}) exited with {proc.returncode}:\n{daemon.log_text()}"
-            )
-        if socket.exists() and "signerd.ready" in daemon.log_text():
-            return daemon
-        time.sleep(0.05)
-    daemon.stop()
-    raise RuntimeError(f"signerd ({name}) was not ready within {wait}s:\n{daemon.log_text()}")
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"signerd ({name}) exited with {proc.returncode}:\n{daemon.log_text()}"
+                )
+            if socket.exists() and "signerd.ready" in daemon.log_text():
+                return daemon
+            time.sleep(0.05)
+        raise RuntimeError(f"signerd ({name}) was not ready within {wait}s:\n{daemon.log_text()}")
+    except BaseException:
+        daemon.stop()  # never leave a half-started daemon behind
+        raise

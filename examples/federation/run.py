@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import json
 import shutil
+import signal
 import ssl
 import sys
 import tempfile
@@ -208,6 +209,14 @@ async def _flows(
     report.expect("... right schema at the producer's signerd", got, "accepted")
 
 
+async def _bounded(work: Path, report: Report, timeout: float) -> None:
+    """The scenario within ``timeout``; SIGTERM cancels it, and its finally stops the daemons."""
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    await asyncio.wait_for(scenario(work, report), timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m examples.federation", description=__doc__.split("\n")[0]
@@ -223,10 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     report = Report()
     started = time.monotonic()
     try:
-        asyncio.run(asyncio.wait_for(scenario(work, report), args.timeout))
+        asyncio.run(_bounded(work, report, args.timeout))
     except Exception as exc:  # the run itself broke: say so, fail
         print(f"FAIL  the example could not run: {type(exc).__name__}: {exc}", file=sys.stderr)
         report.failures.append("run")
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("FAIL  interrupted", file=sys.stderr)
+        report.failures.append("interrupted")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -21,6 +21,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from multidict import MultiMapping
+
 _TENANT_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _KID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _TIMESTAMP_RE = re.compile(r"0|[1-9][0-9]{0,11}")
@@ -63,8 +65,15 @@ class TelemetryEnvelope:
         }
 
 
+def single(headers: Mapping[str, str], name: str) -> str | None:
+    """The header's one value; None when absent. Sent twice, it is ambiguous: MalformedEnvelope."""
+    if isinstance(headers, MultiMapping) and len(headers.getall(name, ())) > 1:
+        raise MalformedEnvelope(f"header {name} is repeated")
+    return headers.get(name)
+
+
 def _one(headers: Mapping[str, str], name: str, pattern: re.Pattern[str]) -> str:
-    value = headers.get(name)
+    value = single(headers, name)
     if value is None:
         raise MalformedEnvelope(f"header {name} is missing")
     if not pattern.fullmatch(value):

@@ -34,7 +34,7 @@ from aiohttp import web
 from .._http_fed import TelemetryVerified
 from ..client import AsyncClient
 from ..errors import InvalidRequest, SignerdError
-from ._headers import MalformedEnvelope, TelemetryHeaders, read_envelope
+from ._headers import MalformedEnvelope, TelemetryHeaders, read_envelope, single
 from ._mtls import ServicePins
 from ._status import Refusal, refusal_for
 
@@ -94,7 +94,11 @@ def gateway_middleware(
 def _identity(request: web.Request, pins: ServicePins) -> str:
     transport = request.transport
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-    return pins.check(request.headers.get(pins.header), ssl_object)
+    try:
+        declared = single(request.headers, pins.header)
+    except MalformedEnvelope:
+        declared = None  # declared twice: no identity
+    return pins.check(declared, ssl_object)
 
 
 async def _verify(
