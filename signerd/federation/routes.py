@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import time
 import weakref
@@ -305,7 +306,7 @@ class Federation:
                     "nonce": nonce,
                     "schema": schema,
                     "kid": kid,
-                    "data": data,
+                    "data": json.loads(canonical_data),  # the value as signed: 1E2 is 100
                     "signature": b64encode(signature),
                 }
                 return web.json_response(envelope)
