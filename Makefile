@@ -52,8 +52,8 @@ test: check
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q tests
 
 check: deps
-	$(VENV)/bin/ruff check signerd tests bench
-	$(VENV)/bin/ruff format --check signerd tests bench
+	$(VENV)/bin/ruff check signerd tests bench examples
+	$(VENV)/bin/ruff format --check signerd tests bench examples
 	$(VENV)/bin/mypy
 
 bench: deps

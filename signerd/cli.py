@@ -12,6 +12,7 @@
     jwks [--tenant T]    kid KID    health    ready
     audit verify PATH... [--anchor FILE]... [--no-anchor]
     audit payload-hash --key FILE [--data-file F | --sha256 HEX]  (else payload from stdin)
+    telemetry sign|verify ...    feedback sign|verify ...
 
 ``--socket`` defaults to ``$SIGNERD_SOCKET``, else ``/run/signerd/signerd.sock``.
 ``--json`` prints the answer as JSON on stdout (the wire forms: ``signerctl
@@ -64,6 +65,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from ._cli_fed import add_commands as add_federation_commands
 from ._http import DEFAULT_SOCKET
 from .client import (
     Client,
@@ -429,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kid", metavar="KID")
     p.add_argument("--signature", metavar="B64", required=True)
     _data_options(p)
+    add_federation_commands(sub, command, _data_options, _data, _b64_arg, _plain, _read_file)
     command(sub, "jwks", _jwks, "public keys as RFC 8037 JWKs").add_argument("--tenant")
     command(sub, "kid", _kid, "what signerd knows of a kid").add_argument("kid", metavar="KID")
     command(sub, "health", _health, "whether signerd answers")

@@ -26,6 +26,12 @@ Reads, ``sign`` and ``verify`` are sent a second time, once, when a reused
 idle connection turns out to be broken; create, rotate, promote, retire and
 destroy are never sent twice.
 
+The federation envelopes (``docs/federation.md``) have their own calls:
+``telemetry_sign``/``telemetry_verify``, ``feedback_sign``/``feedback_verify``
+(a verify returns only for an accepted envelope, whose nonce is then spent),
+and ``trust_key``/``trusted_keys``/``retire_trusted_key`` for peer keys;
+``signerd.gateway`` builds a gateway and a producer on them.
+
 ``verify_local`` checks signatures in-process against public keys from
 ``/v1/jwks?tenant=T`` (the tenant is part of the kid), cached per tenant:
 
@@ -45,13 +51,10 @@ destroy are never sent twice.
 from __future__ import annotations
 
 import os
-import threading
-import time
 from collections.abc import Sequence
 from types import TracebackType
 from typing import TypeVar
 
-from cryptography.exceptions import InvalidSignature as _BadSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ._backend import VersionState
@@ -80,89 +83,44 @@ from ._http import (
     op_verify,
     op_version,
 )
-from ._jwk import from_jwk
+from ._http_fed import (
+    FeedbackEnvelope,
+    FeedbackVerified,
+    TelemetrySignature,
+    TelemetryVerified,
+    TrustedKey,
+    op_feedback_sign,
+    op_feedback_verify,
+    op_telemetry_sign,
+    op_telemetry_verify,
+    op_trust_add,
+    op_trust_list,
+    op_trust_retire,
+)
+from ._keycache import KeyCache, check
 from ._names import parse_kid
-from .errors import DestroyedKid, InternalError, InvalidSignature, RetiredKid, SignerdError
+from .errors import SignerdError
 
 __all__ = [
     "AsyncClient",
     "Client",
     "ConnectionFailed",
+    "FeedbackEnvelope",
+    "FeedbackVerified",
     "KeyDescription",
     "KeyVersion",
     "KidInfo",
     "RequestTimeout",
     "Signature",
+    "TelemetrySignature",
+    "TelemetryVerified",
+    "TrustedKey",
     "VerifyResult",
     "VersionState",
     "default_socket_path",
 ]
 
 T = TypeVar("T")
-
-
-# --- the JWKS cache behind verify_local ---
-
-
-class _KeyCache:
-    """Public keys per tenant from /v1/jwks, with fetch times; thread-safe."""
-
-    def __init__(self, ttl: float, refetch_interval: float) -> None:
-        self._ttl = ttl
-        self._refetch_interval = refetch_interval
-        self._keys: dict[str, dict[str, Ed25519PublicKey]] = {}
-        self._fetched_at: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def lookup(self, tenant: str, kid: str) -> tuple[Ed25519PublicKey | None, bool]:
-        """The cached key (None when absent, or when the tenant's JWKS is stale) and
-        whether a fetch is due."""
-        now = time.monotonic()
-        with self._lock:
-            fetched = self._fetched_at.get(tenant)
-            if fetched is None or now - fetched >= self._ttl:
-                return None, True
-            key = self._keys[tenant].get(kid)
-            return key, key is None and now - fetched >= self._refetch_interval
-
-    def get(self, tenant: str, kid: str) -> Ed25519PublicKey | None:
-        with self._lock:
-            return self._keys.get(tenant, {}).get(kid)
-
-    def replace(self, tenant: str, jwks: list[dict[str, str]]) -> None:
-        keys: dict[str, Ed25519PublicKey] = {}
-        for jwk in jwks:
-            try:
-                kid, public = from_jwk(jwk)
-            except ValueError:
-                continue
-            keys[kid] = public
-        with self._lock:
-            self._keys[tenant] = keys
-            self._fetched_at[tenant] = time.monotonic()
-
-    def admit(self, tenant: str, info: KidInfo) -> Ed25519PublicKey:
-        """The key of a kid the JWKS did not list, when its state still verifies."""
-        if info.state is VersionState.RETIRED:
-            raise RetiredKid()
-        if info.state is VersionState.DESTROYED:
-            raise DestroyedKid()
-        try:
-            kid, public = from_jwk(info.jwk)
-        except ValueError:
-            raise InternalError("answer outside the protocol: jwk") from None
-        if kid != info.kid:
-            raise InternalError("answer outside the protocol: jwk kid")
-        with self._lock:
-            self._keys.setdefault(tenant, {})[kid] = public
-        return public
-
-
-def _check(public: Ed25519PublicKey, data: bytes, signature: bytes) -> None:
-    try:
-        public.verify(signature, data)
-    except _BadSignature:
-        raise InvalidSignature() from None
 
 
 # --- the clients ---
@@ -187,7 +145,7 @@ class Client:
         )
         self.timeout = timeout
         self._transport = SyncTransport(self.socket_path)
-        self._cache = _KeyCache(jwks_ttl, jwks_refetch_interval)
+        self._cache = KeyCache(jwks_ttl, jwks_refetch_interval)
 
     def _run(self, op: Op[T], timeout: float | None) -> T:
         return self._transport.run(op, self.timeout if timeout is None else timeout)
@@ -254,10 +212,64 @@ class Client:
         """``"ready"``, or raises BackendUnavailable when the token is not usable."""
         return self._run(op_status("/v1/ready"), timeout)
 
-    def verify_local(
-        self, kid: str, data: bytes, signature: bytes, *, timeout: float | None = None
-    ) -> None:
-        """Verify in-process from the cached JWKS; raise a VerificationError unless valid."""
+    # --- federation envelopes (docs/federation.md) ---
+
+    def telemetry_sign(
+        self, key: str, body: bytes, *, timeout: float | None = None
+    ) -> TelemetrySignature:
+        """Sign ``timestamp.nonce.body``; signerd picks the timestamp and the nonce."""
+        return self._run(op_telemetry_sign(key, body), timeout)
+
+    def telemetry_verify(
+        self,
+        tenant: str,
+        kid: str,
+        timestamp: int | str,
+        nonce: str,
+        body: bytes,
+        signature: bytes,
+        *,
+        attestation: str | None = None,
+        timeout: float | None = None,
+    ) -> TelemetryVerified:
+        """Return only for fresh, valid telemetry of ``tenant`` (its nonce is then spent)."""
+        op = op_telemetry_verify(tenant, kid, timestamp, nonce, body, signature, attestation)
+        return self._run(op, timeout)
+
+    def feedback_sign(
+        self, key: str, schema: str, data: object, *, timeout: float | None = None
+    ) -> FeedbackEnvelope:
+        return self._run(op_feedback_sign(key, schema, data), timeout)
+
+    def feedback_verify(
+        self,
+        envelope: FeedbackEnvelope | dict[str, object],
+        schema: str,
+        *,
+        attestation: str | None = None,
+        timeout: float | None = None,
+    ) -> FeedbackVerified:
+        """Return only for fresh, valid feedback of ``schema`` (its nonce is then spent)."""
+        return self._run(op_feedback_verify(envelope, schema, attestation), timeout)
+
+    def trust_key(
+        self, tenant: str, kid: str, jwk: dict[str, str], *, timeout: float | None = None
+    ) -> TrustedKey:
+        """Trust a peer's public key (RFC 8037 JWK) under the peer's ``kid`` for ``tenant``."""
+        return self._run(op_trust_add(tenant, kid, jwk), timeout)
+
+    def trusted_keys(
+        self, tenant: str | None = None, *, timeout: float | None = None
+    ) -> list[TrustedKey]:
+        return self._run(op_trust_list(tenant), timeout)
+
+    def retire_trusted_key(
+        self, tenant: str, kid: str, *, timeout: float | None = None
+    ) -> TrustedKey:
+        return self._run(op_trust_retire(tenant, kid), timeout)
+
+    def public_key(self, kid: str, *, timeout: float | None = None) -> Ed25519PublicKey:
+        """The public key of one of signerd's kids, from the JWKS cache behind ``verify_local``."""
         tenant = parse_kid(kid)[0].tenant
         public, fetch = self._cache.lookup(tenant, kid)
         if fetch:
@@ -265,7 +277,13 @@ class Client:
             public = self._cache.get(tenant, kid)
         if public is None:
             public = self._cache.admit(tenant, self.kid_info(kid, timeout=timeout))
-        _check(public, data, signature)
+        return public
+
+    def verify_local(
+        self, kid: str, data: bytes, signature: bytes, *, timeout: float | None = None
+    ) -> None:
+        """Verify in-process from the cached JWKS; raise a VerificationError unless valid."""
+        check(self.public_key(kid, timeout=timeout), data, signature)
 
     def close(self) -> None:
         self._transport.close()
@@ -297,8 +315,10 @@ class AsyncClient:
             os.fspath(socket_path) if socket_path is not None else default_socket_path()
         )
         self.timeout = timeout
+        self.jwks_ttl = jwks_ttl
+        self.jwks_refetch_interval = jwks_refetch_interval
         self._transport = AsyncTransport(self.socket_path)
-        self._cache = _KeyCache(jwks_ttl, jwks_refetch_interval)
+        self._cache = KeyCache(jwks_ttl, jwks_refetch_interval)
 
     async def _run(self, op: Op[T], timeout: float | None) -> T:
         return await self._transport.run(op, self.timeout if timeout is None else timeout)
@@ -363,9 +383,64 @@ class AsyncClient:
     async def ready(self, *, timeout: float | None = None) -> str:
         return await self._run(op_status("/v1/ready"), timeout)
 
-    async def verify_local(
-        self, kid: str, data: bytes, signature: bytes, *, timeout: float | None = None
-    ) -> None:
+    # --- federation envelopes (docs/federation.md) ---
+
+    async def telemetry_sign(
+        self, key: str, body: bytes, *, timeout: float | None = None
+    ) -> TelemetrySignature:
+        """Sign ``timestamp.nonce.body``; signerd picks the timestamp and the nonce."""
+        return await self._run(op_telemetry_sign(key, body), timeout)
+
+    async def telemetry_verify(
+        self,
+        tenant: str,
+        kid: str,
+        timestamp: int | str,
+        nonce: str,
+        body: bytes,
+        signature: bytes,
+        *,
+        attestation: str | None = None,
+        timeout: float | None = None,
+    ) -> TelemetryVerified:
+        """Return only for fresh, valid telemetry of ``tenant`` (its nonce is then spent)."""
+        op = op_telemetry_verify(tenant, kid, timestamp, nonce, body, signature, attestation)
+        return await self._run(op, timeout)
+
+    async def feedback_sign(
+        self, key: str, schema: str, data: object, *, timeout: float | None = None
+    ) -> FeedbackEnvelope:
+        return await self._run(op_feedback_sign(key, schema, data), timeout)
+
+    async def feedback_verify(
+        self,
+        envelope: FeedbackEnvelope | dict[str, object],
+        schema: str,
+        *,
+        attestation: str | None = None,
+        timeout: float | None = None,
+    ) -> FeedbackVerified:
+        """Return only for fresh, valid feedback of ``schema`` (its nonce is then spent)."""
+        return await self._run(op_feedback_verify(envelope, schema, attestation), timeout)
+
+    async def trust_key(
+        self, tenant: str, kid: str, jwk: dict[str, str], *, timeout: float | None = None
+    ) -> TrustedKey:
+        """Trust a peer's public key (RFC 8037 JWK) under the peer's ``kid`` for ``tenant``."""
+        return await self._run(op_trust_add(tenant, kid, jwk), timeout)
+
+    async def trusted_keys(
+        self, tenant: str | None = None, *, timeout: float | None = None
+    ) -> list[TrustedKey]:
+        return await self._run(op_trust_list(tenant), timeout)
+
+    async def retire_trusted_key(
+        self, tenant: str, kid: str, *, timeout: float | None = None
+    ) -> TrustedKey:
+        return await self._run(op_trust_retire(tenant, kid), timeout)
+
+    async def public_key(self, kid: str, *, timeout: float | None = None) -> Ed25519PublicKey:
+        """The public key of one of signerd's kids, from the JWKS cache behind ``verify_local``."""
         tenant = parse_kid(kid)[0].tenant
         public, fetch = self._cache.lookup(tenant, kid)
         if fetch:
@@ -373,7 +448,13 @@ class AsyncClient:
             public = self._cache.get(tenant, kid)
         if public is None:
             public = self._cache.admit(tenant, await self.kid_info(kid, timeout=timeout))
-        _check(public, data, signature)
+        return public
+
+    async def verify_local(
+        self, kid: str, data: bytes, signature: bytes, *, timeout: float | None = None
+    ) -> None:
+        """Verify in-process from the cached JWKS; raise a VerificationError unless valid."""
+        check(await self.public_key(kid, timeout=timeout), data, signature)
 
     async def close(self) -> None:
         await self._transport.close()
