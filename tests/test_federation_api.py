@@ -301,7 +301,7 @@ def test_each_verification_is_one_audit_record(
         tenant,
         producer.kid,
     )
-    assert "security" not in ok and len(ok["payload_sha256"]) == 1
+    assert "security" not in ok and len(ok["payload_hmac"]) == 1
     assert (again["outcome"], again["status"], again.get("security")) == (
         "replayed_nonce",
         409,
