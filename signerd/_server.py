@@ -1,12 +1,14 @@
 """The HTTP server: routes of the v1 wire protocol on top of the key service.
 
-Every request passes one middleware that gives it a request id, identifies
-the peer from the kernel, translates every error into the JSON envelope, and
-writes the audit record. For sign and admin operations the record is written
-before the answer leaves: when it cannot be written, the answer is replaced
-by 503 ``audit_unavailable`` and no signature leaves. Admin operations also
-write an ``attempt`` record before they act, so an unwritable trail refuses
-them before anything changes.
+Connections, parsing and their limits are ``_protocol``'s; this module routes.
+Every request passes ``dispatch``, which gives it a request id, identifies the
+peer from the kernel, refuses callers no rule could grant anything before
+their body is read (``Gate.admits``), translates every error into the JSON
+envelope, and writes the audit record. For sign and admin operations the
+record is written before the answer leaves: when it cannot be written, the
+answer is replaced by 503 ``audit_unavailable`` and no signature leaves.
+Admin operations also write an ``attempt`` record before they act, so an
+unwritable trail refuses them before anything changes.
 """
 
 from __future__ import annotations
@@ -15,20 +17,21 @@ import asyncio
 import hashlib
 import importlib.resources
 import logging
+import re
 import socket
 import time
+import traceback
 import uuid
-import weakref
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-
-from aiohttp import web
 
 from ._calls import AuditEvent, AuditSink, Call, Gate, Operation, Peer
 from ._jwk import to_jwk
 from ._keyservice import KeyService
 from ._names import KeyName, parse_kid
+from ._protocol import Limits, Listener, Throttled
+from ._request import Request, Response, json_response
+from ._router import Handler, Route, Router
 from ._wire import (
     b64decode,
     b64encode,
@@ -43,30 +46,33 @@ from .errors import (
     AuditUnavailable,
     InternalError,
     InvalidRequest,
-    InvalidState,
     MethodNotAllowed,
     NotFound,
-    PayloadTooLarge,
     PermissionDenied,
+    RateLimited,
     SignerdError,
     UnknownVersion,
     UnsupportedMediaType,
 )
 
+__all__ = ["ROUTES", "Limits", "Server"]
+
 log = logging.getLogger("signerd.server")
 
-PeerLookup = Callable[[socket.socket], Peer]
+PeerLookup = Any  # Callable[[socket.socket], Peer]
 _UNKNOWN_PEER = Peer(pid=0, uid=-1, gid=-1)
+_MAX_ITEM_CODES = 32  # refused batch items whose codes the audit record lists
+_QUIET_INTERVAL = 1.0  # one audit record per uid per interval for rate-limited strangers
+_MAX_QUIET = 4096
+_VERSION_RE = re.compile(r"[1-9][0-9]{0,8}")
 
 
 class VisibilityGate(Gate, Protocol):
     def visible(self, peer: Peer, op: Operation, key: KeyName) -> bool: ...
 
-
-@dataclass(frozen=True)
-class Limits:
-    max_body_bytes: int = 1 << 20
-    max_batch_items: int = 256
+    def admits(self, peer: Peer) -> bool:
+        """False for a caller no rule could grant anything (raises RateLimited when over)."""
+        ...
 
 
 @dataclass
@@ -79,6 +85,8 @@ class _Audit:
     kid: str | None = None
     hashes: tuple[str, ...] = ()
     extra_outcome: str | None = None
+    item_codes: tuple[str, ...] = ()
+    label: str | None = None  # the operation recorded for a route outside Operation
     written: bool = field(default=False)
 
 
@@ -101,6 +109,19 @@ ROUTES: tuple[tuple[str, str, str], ...] = (
     ("GET", "/v1/jwks", "jwks"),
     ("GET", "/v1/kids/{kid}", "kid"),
 )
+#: what each route is audited as when it is refused before its handler runs
+_OPERATIONS = {
+    "create_key": Operation.CREATE,
+    "list_keys": Operation.LIST,
+    "get_key": Operation.LIST,
+    "rotate": Operation.ROTATE,
+    "version_action": None,  # from {action}
+    "sign": Operation.SIGN,
+    "verify": Operation.VERIFY,
+    "jwks": Operation.JWKS,
+    "kid": Operation.JWKS,
+}
+_ACTIONS = {"promote": Operation.PROMOTE, "retire": Operation.RETIRE, "destroy": Operation.DESTROY}
 
 
 class Server:
@@ -118,67 +139,167 @@ class Server:
         self.audit = audit
         self._peer_lookup = peer_lookup
         self.limits = limits or Limits()
-        self._peers: weakref.WeakKeyDictionary[Any, Peer] = weakref.WeakKeyDictionary()
         self._openapi = importlib.resources.files("signerd").joinpath("openapi.json").read_bytes()
+        self.router = Router()
+        for method, path, name in ROUTES:
+            op = _OPERATIONS.get(name)
+            self.router.add(
+                method,
+                path,
+                getattr(self, name),
+                operation=op.value if op is not None else None,
+                open=name not in _OPERATIONS,
+            )
+        self.listener: Listener | None = None
+        self._quiet: dict[int, tuple[float, int]] = {}
+        self.quieted = Throttled("signerd.audit_quieted reason=rate_limited", 10.0)
 
-    # --- application --------------------------------------------------------
+    # --- routes and serving -----------------------------------------------------
 
-    def app(self) -> web.Application:
-        app = web.Application(
-            middlewares=[self._middleware], client_max_size=self.limits.max_body_bytes
-        )
-        for method, path, handler in ROUTES:
-            app.router.add_route(method, path, getattr(self, handler))
-        return app
+    def add_routes(self, routes: Any) -> None:
+        """Extra routes: an iterable of (method, path template, async handler).
 
-    def peer(self, request: web.Request) -> Peer:
-        transport = request.transport
-        if transport is None:
+        Handlers take a ``Request`` and return a ``Response`` (``json_response``).
+        They need a grant: callers no rule matches are refused before their body
+        is read, and the refusal is audited as ``operation`` (a 4-tuple's last
+        item; default ``"request"``).
+        """
+        for route in routes:
+            method, path, handler = route[0], route[1], route[2]
+            operation = route[3] if len(route) > 3 else "request"
+            self.add_route(method, path, handler, operation=operation)
+
+    def add_route(
+        self, method: str, path: str, handler: Handler, *, operation: str = "request"
+    ) -> Route:
+        return self.router.add(method, path, handler, operation=operation)
+
+    async def serve(self, sock: socket.socket) -> Listener:
+        """Start answering on a listening socket (already bound and listening)."""
+        self.listener = Listener(sock, self.dispatch, self.precheck, self.limits)
+        self.listener.start()
+        return self.listener
+
+    async def close(self, grace: float = 10.0) -> None:
+        if self.listener is not None:
+            await self.listener.close(grace)
+
+    def peer(self, request: Request) -> Peer:
+        conn = request.connection
+        if conn is None:
             return _UNKNOWN_PEER
-        peer = self._peers.get(transport)
+        peer = conn.peer
         if peer is None:
-            sock = transport.get_extra_info("socket")
+            transport = conn.transport
+            sock = None if transport is None else transport.get_extra_info("socket")
             if sock is None or sock.family != socket.AF_UNIX:
                 return _UNKNOWN_PEER
-            peer = self._peer_lookup(sock)
-            self._peers[transport] = peer
+            try:
+                peer = conn.peer = self._peer_lookup(sock)
+            except OSError:
+                return _UNKNOWN_PEER
+        assert isinstance(peer, Peer)
         return peer
 
-    @web.middleware
-    async def _middleware(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        started = time.time()
+    # --- before the body: route, peer, could anything be granted -------------------
+
+    def precheck(self, request: Request) -> SignerdError | None:
+        """At the end of the head: the refusal of a caller no rule could grant anything."""
+        route, _ = self.router.resolve(request)
+        if route is None or route.open:
+            return None
+        try:
+            if self.gate.admits(self.peer(request)):
+                return None
+        except RateLimited as exc:
+            return exc
+        return PermissionDenied()
+
+    async def dispatch(self, request: Request) -> Response:
+        started = time.monotonic()
         rid = request_id_from(request.headers.get("X-Request-Id"), uuid.uuid4().hex)
         request["rid"] = rid
         audit = request["audit"] = _Audit()
+        headers: dict[str, str] = {"X-Request-Id": rid}
         try:
             request["peer"] = self.peer(request)
-            response = await handler(request)
-            await self._record(request, audit, "ok", response.status, None)
-        except web.HTTPException as exc:
-            error = _from_http(exc)
-            response = self._error(rid, error)
-            await self._record(request, audit, error.code, error.status, None)
+            route: Route | None = request.route
+            if route is None:
+                route, allow = self.router.resolve(request)
+                if route is None:
+                    if allow:
+                        headers["Allow"] = ", ".join(allow)
+                        raise MethodNotAllowed()
+                    raise NotFound()
+                if not route.open and request.refused is None:
+                    request.refused = self.precheck(request)
+            if request.refused is not None:
+                self._refused_early(request, route, audit)
+                raise request.refused
+            response = await route.handler(request)
+            await self._record(request, audit, "ok", response.status, request.get("audit_reason"))
         except SignerdError as exc:
+            if self._quieted(request, exc):
+                audit.written = True
             response = self._error(rid, exc)
             await self._record(request, audit, exc.code, exc.status, exc.message)
-        except Exception:
-            log.exception("signerd.internal_error request_id=%s", rid)
+        except Exception as exc:
+            log.error(
+                "signerd.internal_error request_id=%s error=%s\n%s",
+                rid,
+                type(exc).__name__,
+                "".join(traceback.format_tb(exc.__traceback__)),
+            )
             response = self._error(rid, InternalError())
             await self._record(request, audit, "internal_error", 500, None)
-        response.headers["X-Request-Id"] = rid
-        log.debug(
-            "signerd.request id=%s path=%s took=%.6f", rid, request.path, time.time() - started
-        )
+        response.headers.update(headers)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "signerd.request id=%s took=%.6f status=%d",
+                rid,
+                time.monotonic() - started,
+                response.status,
+            )
         return response
 
-    def _error(self, rid: str, exc: SignerdError) -> web.Response:
+    def _refused_early(self, request: Request, route: Route, audit: _Audit) -> None:
+        op = route.operation
+        if op is None:  # version actions: the operation is in the path
+            action = _ACTIONS.get(request.match_info.get("action", ""))
+            audit.operation = action if action is not None else Operation.LIST
+            if action is None:
+                audit.label = "request"
+        elif op in Operation.__members__.values():
+            audit.operation = Operation(op)
+        else:
+            audit.operation, audit.label = Operation.LIST, op
+
+    def _quieted(self, request: Request, exc: SignerdError) -> bool:
+        """A stranger over its bucket: one audit record per uid per interval, the rest counted."""
+        if not isinstance(exc, RateLimited) or request.refused is not exc:
+            return False
+        uid = request["peer"].uid
+        now = time.monotonic()
+        last, skipped = self._quiet.get(uid, (-1e18, 0))
+        if now - last < _QUIET_INTERVAL:
+            self._quiet[uid] = (last, skipped + 1)
+            self.quieted.note(uid=uid)
+            return True
+        if len(self._quiet) >= _MAX_QUIET:
+            self._quiet.clear()
+        self._quiet[uid] = (now, 0)
+        if skipped:
+            exc.message = (
+                f"over the rate limit for callers without a grant ({skipped} not recorded)"
+            )
+        return False
+
+    def _error(self, rid: str, exc: SignerdError) -> Response:
         headers = {"Retry-After": "1"} if exc.retryable else None
-        return web.json_response(exc.to_wire(rid), status=exc.status, headers=headers)
+        return json_response(exc.to_wire(rid), status=exc.status, headers=headers)
 
     async def _record(
-        self, request: web.Request, audit: _Audit, outcome: str, status: int, reason: str | None
+        self, request: Request, audit: _Audit, outcome: str, status: int, reason: str | None
     ) -> None:
         """Write the final record. For fail-closed operations a failure propagates."""
         if audit.operation is Operation.HEALTH or audit.written:
@@ -187,7 +308,7 @@ class Server:
             time=time.time(),
             request_id=request["rid"],
             peer=request.get("peer", _UNKNOWN_PEER),
-            operation=audit.operation.value,
+            operation=audit.label or audit.operation.value,
             outcome=audit.extra_outcome if outcome == "ok" and audit.extra_outcome else outcome,
             tenant=audit.tenant,
             key=audit.key,
@@ -195,6 +316,7 @@ class Server:
             payload_sha256=audit.hashes,
             reason=reason,
             status=status,
+            item_codes=audit.item_codes,
         )
         audit.written = True
         try:
@@ -204,7 +326,7 @@ class Server:
                 raise
             log.error("signerd.audit_unavailable request_id=%s outcome=%s", request["rid"], outcome)
 
-    async def _attempt(self, request: web.Request, audit: _Audit) -> None:
+    async def _attempt(self, request: Request, audit: _Audit) -> None:
         """Admin operations: an attempt record before acting (fails closed)."""
         event = AuditEvent(
             time=time.time(),
@@ -222,7 +344,7 @@ class Server:
     # --- helpers --------------------------------------------------------------
 
     async def _body(
-        self, request: web.Request, allowed: set[str], required: set[str]
+        self, request: Request, allowed: set[str], required: set[str]
     ) -> dict[str, Any]:
         if request.content_type != "application/json" and (request.can_read_body or required):
             raise UnsupportedMediaType()
@@ -230,7 +352,7 @@ class Server:
         return parse_object(raw, allowed, required)
 
     def _authorize(
-        self, request: web.Request, op: Operation, key: KeyName | None, tenant: str | None
+        self, request: Request, op: Operation, key: KeyName | None, tenant: str | None
     ) -> None:
         audit: _Audit = request["audit"]
         audit.operation, audit.tenant = op, tenant
@@ -238,24 +360,24 @@ class Server:
             audit.key = str(key)
         self.gate.authorize(Call(request["peer"], op, tenant, key))
 
-    def _path_key(self, request: web.Request) -> KeyName:
+    def _path_key(self, request: Request) -> KeyName:
         return KeyName.of(request.match_info["tenant"], request.match_info["name"])
 
     # --- health ---------------------------------------------------------------
 
-    async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+    async def health(self, request: Request) -> Response:
+        return json_response({"status": "ok"})
 
-    async def ready(self, request: web.Request) -> web.Response:
+    async def ready(self, request: Request) -> Response:
         await self.keys.ready()
-        return web.json_response({"status": "ready"})
+        return json_response({"status": "ready"})
 
-    async def openapi(self, request: web.Request) -> web.Response:
-        return web.Response(body=self._openapi, content_type="application/json")
+    async def openapi(self, request: Request) -> Response:
+        return Response(body=self._openapi)
 
     # --- keys -----------------------------------------------------------------
 
-    async def create_key(self, request: web.Request) -> web.Response:
+    async def create_key(self, request: Request) -> Response:
         request["audit"].operation = Operation.CREATE
         body = await self._body(request, {"key"}, {"key"})
         key = KeyName.parse(body["key"])
@@ -263,9 +385,9 @@ class Server:
         await self._attempt(request, request["audit"])
         info = await self.keys.create(key)
         request["audit"].kid = info.versions[-1].kid
-        return web.json_response(key_json(info), status=201)
+        return json_response(key_json(info), status=201)
 
-    async def list_keys(self, request: web.Request) -> web.Response:
+    async def list_keys(self, request: Request) -> Response:
         request["audit"].operation = Operation.LIST
         tenant = request.query.get("tenant")
         if tenant is not None:
@@ -277,15 +399,15 @@ class Server:
             for i in await self.keys.list_keys(tenant)
             if self.gate.visible(peer, Operation.LIST, i.key)
         ]
-        return web.json_response({"keys": [key_json(i) for i in infos]})
+        return json_response({"keys": [key_json(i) for i in infos]})
 
-    async def get_key(self, request: web.Request) -> web.Response:
+    async def get_key(self, request: Request) -> Response:
         request["audit"].operation = Operation.LIST
         key = self._path_key(request)
         self._authorize(request, Operation.LIST, key, key.tenant)
-        return web.json_response(key_json(await self.keys.describe(key)))
+        return json_response(key_json(await self.keys.describe(key)))
 
-    async def rotate(self, request: web.Request) -> web.Response:
+    async def rotate(self, request: Request) -> Response:
         request["audit"].operation = Operation.ROTATE
         key = self._path_key(request)
         body = await self._body(request, {"pending"}, set())
@@ -294,9 +416,9 @@ class Server:
         await self._attempt(request, request["audit"])
         info, new = await self.keys.rotate(key, pending=pending)
         request["audit"].kid = new.kid
-        return web.json_response({"kid": new.kid, "key": key_json(info)})
+        return json_response({"kid": new.kid, "key": key_json(info)})
 
-    async def version_action(self, request: web.Request) -> web.Response:
+    async def version_action(self, request: Request) -> Response:
         action = request.match_info["action"]
         ops = {
             "promote": Operation.PROMOTE,
@@ -320,11 +442,11 @@ class Server:
         else:
             confirm = field_str(body, "confirm") if "confirm" in body else None
             info = await self.keys.destroy(key, version, confirm)
-        return web.json_response(key_json(info))
+        return json_response(key_json(info))
 
     # --- sign and verify --------------------------------------------------------
 
-    async def sign(self, request: web.Request) -> web.Response:
+    async def sign(self, request: Request) -> Response:
         audit: _Audit = request["audit"]
         audit.operation = Operation.SIGN
         body = await self._body(request, {"key", "data", "items"}, set())
@@ -340,9 +462,9 @@ class Server:
         self._authorize(request, Operation.SIGN, key, key.tenant)
         kid, signature = await self.keys.sign(key, data)
         audit.kid = kid
-        return web.json_response({"kid": kid, "signature": b64encode(signature)})
+        return json_response({"kid": kid, "signature": b64encode(signature)})
 
-    async def _sign_batch(self, request: web.Request, items: Any) -> web.Response:
+    async def _sign_batch(self, request: Request, items: Any) -> Response:
         if not isinstance(items, list) or not items:
             raise InvalidRequest("items must be a non-empty list")
         if len(items) > self.limits.max_batch_items:
@@ -371,12 +493,20 @@ class Server:
 
         results = list(await asyncio.gather(*(one(k, d) for k, d in parsed)))
         audit.kid = ",".join(sorted(kids)) or None
-        failed = sum(1 for r in results if "error" in r)
-        if failed:
-            audit.extra_outcome = f"partial:{failed}/{len(results)}"
-        return web.json_response({"results": results})
+        refused = [(i, r["error"]["code"]) for i, r in enumerate(results) if "error" in r]
+        if refused:
+            audit.extra_outcome = f"partial:{len(refused)}/{len(results)}"
+            audit.item_codes = tuple(f"{i}:{code}" for i, code in refused[:_MAX_ITEM_CODES])
+            more = len(refused) - len(audit.item_codes)
+            listed = ",".join(audit.item_codes) + (f",+{more} more" if more else "")
+            if len(refused) == len(results) and all(
+                code == PermissionDenied.code for _, code in refused
+            ):
+                raise PermissionDenied(f"every item was refused: {listed}")
+            request["audit_reason"] = f"refused items: {listed}"
+        return json_response({"results": results})
 
-    async def verify(self, request: web.Request) -> web.Response:
+    async def verify(self, request: Request) -> Response:
         audit: _Audit = request["audit"]
         audit.operation = Operation.VERIFY
         body = await self._body(request, {"kid", "data", "signature"}, {"kid", "data", "signature"})
@@ -387,11 +517,11 @@ class Server:
         key, _ = parse_kid(kid)
         self._authorize(request, Operation.VERIFY, key, key.tenant)
         key, version = await self.keys.verify(kid, data, signature)
-        return web.json_response({"kid": kid, "key": str(key), "state": version.state.value})
+        return json_response({"kid": kid, "key": str(key), "state": version.state.value})
 
     # --- public keys --------------------------------------------------------------
 
-    async def jwks(self, request: web.Request) -> web.Response:
+    async def jwks(self, request: Request) -> Response:
         request["audit"].operation = Operation.JWKS
         tenant = request.query.get("tenant")
         if tenant is not None:
@@ -403,33 +533,19 @@ class Server:
             for v in self.keys.published(tenant)
             if self.gate.visible(peer, Operation.JWKS, parse_kid(v.kid)[0])
         ]
-        return web.json_response({"keys": keys}, headers={"Cache-Control": "max-age=60"})
+        return json_response({"keys": keys}, headers={"Cache-Control": "max-age=60"})
 
-    async def kid(self, request: web.Request) -> web.Response:
+    async def kid(self, request: Request) -> Response:
         request["audit"].operation = Operation.JWKS
         kid = request.match_info["kid"]
         key, _ = parse_kid(kid)
         request["audit"].kid = kid
         self._authorize(request, Operation.JWKS, key, key.tenant)
         key, version = await self.keys.lookup_kid(kid)
-        return web.json_response(kid_json(key, version))
+        return json_response(kid_json(key, version))
 
 
 def _version(text: str) -> int:
-    if not text.isdigit() or text.startswith("0") or len(text) > 9:
+    if not _VERSION_RE.fullmatch(text):  # ASCII digits only: int() takes others
         raise UnknownVersion()
     return int(text)
-
-
-def _from_http(exc: web.HTTPException) -> SignerdError:
-    if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return PayloadTooLarge()
-    if isinstance(exc, web.HTTPMethodNotAllowed):
-        return MethodNotAllowed()
-    if isinstance(exc, web.HTTPNotFound):
-        return NotFound()
-    if isinstance(exc, web.HTTPForbidden):
-        return PermissionDenied()
-    if exc.status == 409:
-        return InvalidState()
-    return InvalidRequest(exc.reason)

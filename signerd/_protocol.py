@@ -1,0 +1,508 @@
+"""HTTP/1.1 over the listening socket: llhttp (``httptools``) in an ``asyncio.Protocol``.
+
+This module knows connections, not routes. ``Listener`` accepts on the
+listening socket itself (``loop.add_reader``), so it decides what happens when
+the process runs out of descriptors: one reserved descriptor lets it accept
+and close the waiting connection, and the failure is logged at most once per
+interval. Connections past the total cap or the per-uid cap are closed at
+once and counted. ``Connection`` parses with llhttp and enforces, per
+connection: a deadline for the request head, a deadline for the body, an idle
+keep-alive timeout, at most ``max_body_bytes`` of body held in memory, reading
+paused while a request is being answered (and while the peer does not read
+its answers). Malformed HTTP gets one 400 answer and the connection is
+closed; the log gets one short line per interval, never the peer's bytes.
+
+What a request looks like to a handler is in ``_request`` (``Request``,
+``Response``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import resource
+import socket
+import struct
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httptools
+
+from ._request import Request, Response, render_error
+from .errors import InvalidRequest, SignerdError
+
+log = logging.getLogger("signerd.server")
+
+_UCRED = struct.Struct("3i")
+_MAX_HEAD_BYTES = 16384  # request line and headers together
+_MAX_HEADERS = 64
+_MAX_PIPELINED = 16  # complete requests waiting behind the one being answered
+_ACCEPT_BATCH = 64  # connections accepted per wakeup of the listener
+_FD_HEADROOM = 128  # descriptors kept for the token, the audit file, executors
+_ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one caller may hold of the server; the ``[server]`` section sets them."""
+
+    max_body_bytes: int = 1 << 20
+    max_batch_items: int = 256
+    header_timeout: float = 10.0
+    body_timeout: float = 10.0
+    keepalive_timeout: float = 60.0
+    max_connections: int = 1024
+    max_connections_per_uid: int = 128
+    log_interval: float = 10.0
+
+
+Dispatch = Callable[[Request], Awaitable[Response]]
+Precheck = Callable[[Request], SignerdError | None]
+
+
+class Throttled:
+    """A counter that logs at most one line per interval (with the count since the last one)."""
+
+    def __init__(self, event: str, interval: float, level: int = logging.WARNING) -> None:
+        self.event, self.interval, self.level = event, interval, level
+        self.total = 0
+        self._pending = 0
+        self._last = -1e18
+
+    def note(self, **fields: object) -> None:
+        self.total += 1
+        self._pending += 1
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            extra = "".join(f" {k}={v}" for k, v in fields.items())
+            log.log(
+                self.level, "%s count=%d total=%d%s", self.event, self._pending, self.total, extra
+            )
+            self._pending, self._last = 0, now
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            log.warning("signerd.nofile_not_raised soft=%d hard=%d", soft, hard)
+    return soft
+
+
+def connection_cap(configured: int, nofile: int) -> int:
+    """The total connection cap: as configured, but leaving descriptor headroom."""
+    return max(1, min(configured, nofile - _FD_HEADROOM))
+
+
+class Listener:
+    """Accepts connections on a listening socket and owns the live ones."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        dispatch: Dispatch,
+        precheck: Precheck,
+        limits: Limits,
+    ) -> None:
+        self.sock = sock
+        self.dispatch, self.precheck, self.limits = dispatch, precheck, limits
+        self.connections: set[Connection] = set()
+        self.per_uid: dict[int, int] = {}
+        iv = limits.log_interval
+        self.refused_total = Throttled("signerd.connection_refused reason=total_cap", iv)
+        self.refused_uid = Throttled("signerd.connection_refused reason=uid_cap", iv)
+        self.accept_failed = Throttled("signerd.accept_failed", iv, logging.ERROR)
+        self.bad_http = Throttled("signerd.bad_http", iv)
+        self.timed_out = Throttled("signerd.connection_timeout", iv, logging.INFO)
+        self._loop = asyncio.get_running_loop()
+        self._reserve: int | None = _open_reserve()
+        self._accepting = False
+
+    def start(self) -> None:
+        self.sock.setblocking(False)
+        self._loop.add_reader(self.sock.fileno(), self._on_readable)
+        self._accepting = True
+
+    def stop_accepting(self) -> None:
+        if self._accepting:
+            self._loop.remove_reader(self.sock.fileno())
+            self._accepting = False
+
+    async def close(self, grace: float = 10.0) -> None:
+        """Stop accepting, let requests in progress finish (up to ``grace``), close the rest."""
+        self.stop_accepting()
+        deadline = time.monotonic() + grace
+        for conn in list(self.connections):
+            conn.close_when_idle()
+        while any(c.busy for c in self.connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.abort()
+        if self._reserve is not None:
+            os.close(self._reserve)
+            self._reserve = None
+
+    # --- accepting ---
+
+    def _on_readable(self) -> None:
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _ACCEPT_ERRNOS:
+                    self._out_of_descriptors(exc.errno)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                self.accept_failed.note(errno=exc.errno)
+                return
+            self._admit(conn)
+
+    def _out_of_descriptors(self, code: int | None) -> None:
+        """Shed the waiting connection with the reserved descriptor; never spin, never flood."""
+        self.accept_failed.note(errno=errno.errorcode.get(code or 0, code))
+        if self._reserve is not None:
+            os.close(self._reserve)
+            self._reserve = None
+            with contextlib.suppress(OSError):
+                conn, _ = self.sock.accept()
+                conn.close()
+            self._reserve = _open_reserve()
+        if self._reserve is None and self._accepting:
+            # not even one descriptor: listen again shortly instead of spinning
+            self.stop_accepting()
+            self._loop.call_later(0.1, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        if self._reserve is None:
+            self._reserve = _open_reserve()
+        if not self._accepting and not self.sock._closed:  # type: ignore[attr-defined]
+            self.start()
+
+    def _admit(self, conn: socket.socket) -> None:
+        try:
+            _, uid, _ = _UCRED.unpack(
+                conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+            )
+        except OSError:
+            conn.close()
+            return
+        if len(self.connections) >= self.limits.max_connections:
+            conn.close()
+            self.refused_total.note(uid=uid)
+            return
+        if self.per_uid.get(uid, 0) >= self.limits.max_connections_per_uid:
+            conn.close()
+            self.refused_uid.note(uid=uid)
+            return
+        conn.setblocking(False)
+        proto = Connection(self, uid)
+        self.connections.add(proto)
+        self.per_uid[uid] = self.per_uid.get(uid, 0) + 1
+        task = self._loop.create_task(self._attach(conn, proto))
+        proto.pending = task
+
+    async def _attach(self, conn: socket.socket, proto: Connection) -> None:
+        try:
+            await self._loop.connect_accepted_socket(lambda: proto, conn)
+        except OSError:
+            conn.close()
+            self.forget(proto)
+
+    def forget(self, conn: Connection) -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            left = self.per_uid.get(conn.uid, 1) - 1
+            if left > 0:
+                self.per_uid[conn.uid] = left
+            else:
+                self.per_uid.pop(conn.uid, None)
+
+
+def _open_reserve() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+class Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection: parse, enforce deadlines and limits, answer in order.
+
+    A request is handed to the server once its body has arrived, except one
+    refused from its head (no grant, body over the limit): that one is answered
+    at once and the rest of its body is read and dropped, never kept.
+    """
+
+    def __init__(self, listener: Listener, uid: int) -> None:
+        self.listener, self.uid = listener, uid
+        self.limits = listener.limits
+        self.loop = listener._loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer: Any = None  # the server's Peer, looked up on first use
+        self.pending: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._url = b""
+        self._head_bytes = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._current: Request | None = None  # being parsed
+        self._queue: deque[Request] = deque()  # handed over, waiting for their turn
+        self._active: Request | None = None  # being answered
+        self._close_after: Request | None = None  # answered; close once its body is in
+        self._closing = False
+        self._idle_close = False
+        self._write_paused = False
+        self._read_paused = False
+
+    @property
+    def busy(self) -> bool:
+        return self._active is not None or bool(self._queue)
+
+    # --- asyncio.Protocol ---
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self._arm(self.limits.header_timeout)  # the first request head is due from connect
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._disarm()
+        self._queue.clear()
+        self.listener.forget(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._reject("upgrade")
+        except httptools.HttpParserError:
+            self._reject("parse")
+        except _HeadTooLarge:
+            self._reject("head_too_large")
+        except _TooManyPipelined:
+            self._reject("pipelined")
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if not self.busy or self._reading_body():
+            self._resume_reading()
+
+    # --- llhttp callbacks ---
+
+    def on_message_begin(self) -> None:
+        self._url, self._head_bytes, self._headers = b"", 0, []
+        if not self.busy and self._close_after is None:
+            self._arm(self.limits.header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value))
+        if len(self._headers) >= _MAX_HEADERS:
+            raise _HeadTooLarge()
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if len(self._queue) >= _MAX_PIPELINED:
+            raise _TooManyPipelined()
+        parser = self.parser
+        req = Request(
+            method=parser.get_method().decode("ascii", "replace"),
+            raw_url=self._url,
+            raw_headers=self._headers,
+            keep_alive=parser.should_keep_alive(),
+            connection=self,
+        )
+        self._current = req
+        length = req.content_length
+        chunked = "chunked" in str(req.headers.get("transfer-encoding", "")).lower()
+        req.has_body = chunked or (length is not None and length > 0)
+        if not req.has_body:
+            return
+        if length is not None and length > self.limits.max_body_bytes:
+            req.too_large = True
+        if not self.busy:
+            self._arm(self.limits.body_timeout)
+        req.refused = self.listener.precheck(req)
+        if req.refused is not None or req.too_large:
+            self._hand_over(req)  # answered now; the rest of the body is dropped
+        elif (
+            str(req.headers.get("expect", "")).lower() == "100-continue"
+            and not self.busy
+            and self.transport is not None
+        ):
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        req = self._current
+        if req is None or req.refused is not None or req.too_large:
+            return
+        if len(req.buffer) + len(body) > self.limits.max_body_bytes:
+            req.too_large = True
+            req.buffer = bytearray()
+            return
+        req.buffer += body
+
+    def on_message_complete(self) -> None:
+        req, self._current = self._current, None
+        if req is None:
+            return
+        req.complete = True
+        if not req.started:
+            self._hand_over(req)
+        elif req is self._close_after:
+            self._close()
+        elif req is self._active:
+            self._disarm()
+            self._pause_reading()
+        elif req not in self._queue:
+            self._next()  # answered early, and now its body is in: on to the next request
+
+    # --- answering, in order ---
+
+    def _hand_over(self, req: Request) -> None:
+        req.started = True
+        if self.busy:
+            self._queue.append(req)
+            self._pause_reading()
+            return
+        self._begin(req)
+
+    def _begin(self, req: Request) -> None:
+        self._active = req
+        if req.complete:
+            self._disarm()
+            self._pause_reading()  # one request at a time; the kernel holds what follows
+        elif not self._write_paused:
+            self._arm(self.limits.body_timeout)
+            self._resume_reading()  # answered early: read (and drop) the rest of the body
+        self.loop.create_task(self._answer(req))
+
+    async def _answer(self, req: Request) -> None:
+        try:
+            response = await self.listener.dispatch(req)
+        finally:
+            self._active = None
+        if self._closing or self.transport is None:
+            return
+        keep = req.keep_alive and not self._idle_close and not req.too_large
+        keep = keep and (req.complete or req.refused is None)
+        self.transport.write(response.encode(keep_alive=keep, head=req.method == "HEAD"))
+        if not keep:
+            if req.complete:
+                self._close()
+            else:
+                self._close_after = req  # let the peer finish sending, then close
+            return
+        if req.complete:
+            self._next()
+
+    def _next(self) -> None:
+        if self._closing:
+            return
+        if self._queue:
+            self._begin(self._queue.popleft())
+            return
+        if self._idle_close:
+            self._close()
+            return
+        self._arm(self.limits.keepalive_timeout)
+        if not self._write_paused:
+            self._resume_reading()
+
+    def _reading_body(self) -> bool:
+        active = self._active or self._close_after
+        return active is not None and not active.complete
+
+    # --- limits and errors ---
+
+    def _count(self, n: int) -> None:
+        self._head_bytes += n
+        if self._head_bytes > _MAX_HEAD_BYTES:
+            raise _HeadTooLarge()
+
+    def _reject(self, why: str) -> None:
+        """Malformed HTTP: one 400 answer, one throttled log line (no peer bytes), then close."""
+        self.listener.bad_http.note(uid=self.uid, why=why)
+        if self.transport is not None and not self.busy:
+            self.transport.write(render_error(InvalidRequest("malformed HTTP request")))
+        self._close()
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        if self._active is not None and self._active.complete:
+            return  # an answer is being made; the backend has its own deadline
+        self.listener.timed_out.note(uid=self.uid)
+        self.abort()
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(seconds, self._on_timeout)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _pause_reading(self) -> None:
+        if not self._read_paused and self.transport is not None and not self._closing:
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._read_paused and self.transport is not None and not self._closing:
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    def close_when_idle(self) -> None:
+        self._idle_close = True
+        if not self.busy:
+            self._close()
+
+    def _close(self) -> None:
+        if not self._closing and self.transport is not None:
+            self._closing = True
+            self._disarm()
+            self.transport.close()
+
+    def abort(self) -> None:
+        self._closing = True
+        self._disarm()
+        if self.transport is not None:
+            self.transport.abort()
+        elif self.pending is not None:
+            self.pending.cancel()
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+class _TooManyPipelined(Exception):
+    pass
