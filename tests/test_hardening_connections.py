@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -199,7 +200,6 @@ def test_flood_from_a_stranger_leaves_a_granted_caller_signing(daemon: DaemonPro
             result = flood_result(proc)
         assert client.health() == "ok"
     p50 = statistics.median(loaded)
-    print("flood", result["opened"], result["at_once"], p50, unloaded, len(loaded))
     assert p50 < 5 * unloaded, (p50, unloaded)
     # 100 connections asked, 64 allowed: the rest were closed at once, again and again
     assert sum(result["at_once"].values()) >= 36, result["at_once"]
@@ -402,3 +402,38 @@ def test_four_hundred_clients_at_once_all_succeed(tmp_path: Path) -> None:
     finally:
         assert daemon.stop() == 0
     assert not failures, failures[:3]
+
+
+def test_descriptor_exhaustion_is_logged_once_and_survived(daemon: DaemonProcess) -> None:
+    """Out of descriptors (limit lowered under the daemon): accept failures are shed quietly, then all recovers."""
+    pid = daemon.proc.pid
+    in_use = len(os.listdir(f"/proc/{pid}/fd"))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]  # the daemon's too: it raised its soft one
+    subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={in_use + 20}:{hard}"], check=True)
+    try:
+        proc = flood(daemon, ["idle"], 60, 3.0, "FDMARK", tick=10.0)
+        result = flood_result(proc)
+    finally:
+        subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={hard}:{hard}"], check=True)
+    assert result["at_once"]["idle"] >= 30, result  # shed by accept-and-close, not left waiting
+    time.sleep(1.5)  # the held ones meet their head deadline
+    key = f"{unique('fd')}/k"
+    with Client(daemon.socket_path, timeout=5) as client:
+        client.create_key(key)
+        client.sign(key, b"after")
+    log = daemon.log_text()
+    assert "Traceback" not in log
+    failed = [line for line in log.splitlines() if "signerd.accept_failed" in line]
+    assert 1 <= len(failed) <= 2, failed
+    assert daemon.log_path.stat().st_size < 16 * 1024
+
+
+def test_connection_cap_keeps_descriptor_headroom() -> None:
+    """The total cap leaves 128 descriptors for the token, audit file and executors."""
+    from signerd._protocol import connection_cap, raise_nofile_limit
+
+    assert connection_cap(1024, 20000) == 1024
+    assert connection_cap(1024, 1024) == 896
+    assert connection_cap(1024, 100) == 1
+    soft = raise_nofile_limit()
+    assert soft == resource.getrlimit(resource.RLIMIT_NOFILE)[1]
