@@ -27,8 +27,8 @@ from ._authz import Policy, policy_from_config
 from ._backend import Backend, load_factory
 from ._config import Config, ConfigError, load
 from ._keyservice import KeyService
+from ._listener import connection_cap, raise_nofile_limit
 from ._peer import peer_of
-from ._protocol import connection_cap, raise_nofile_limit
 from ._server import Limits, Server
 from ._sockets import SocketError, bind_unix_socket, unlink_own_socket
 from .errors import SignerdError

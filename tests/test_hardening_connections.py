@@ -430,7 +430,7 @@ def test_descriptor_exhaustion_is_logged_once_and_survived(daemon: DaemonProcess
 
 def test_connection_cap_keeps_descriptor_headroom() -> None:
     """The total cap leaves 128 descriptors for the token, audit file and executors."""
-    from signerd._protocol import connection_cap, raise_nofile_limit
+    from signerd._listener import connection_cap, raise_nofile_limit
 
     assert connection_cap(1024, 20000) == 1024
     assert connection_cap(1024, 1024) == 896
