@@ -437,3 +437,116 @@ def test_connection_cap_keeps_descriptor_headroom() -> None:
     assert connection_cap(1024, 100) == 1
     soft = raise_nofile_limit()
     assert soft == resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+
+def _exchange(
+    path: Path, data: bytes, answers: int = 1, timeout: float = 5.0, head_only: bool = False
+) -> list[bytes]:
+    """Send raw bytes on one connection; return that many whole answers (head + body)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(str(path))
+    s.sendall(data)
+    buf, out = b"", []
+    try:
+        while len(out) < answers:
+            while b"\r\n\r\n" not in buf:
+                chunk = s.recv(65536)
+                if not chunk:
+                    return out
+                buf += chunk
+            head, rest = buf.split(b"\r\n\r\n", 1)
+            if head.startswith(b"HTTP/1.1 100"):
+                buf = rest
+                out.append(head)
+                continue
+            length = next(
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            length = 0 if head_only else length
+            while len(rest) < length:
+                chunk = s.recv(65536)
+                if not chunk:
+                    return out
+                rest += chunk
+            out.append(head + b"\r\n\r\n" + rest[:length])
+            buf = rest[length:]
+        return out
+    finally:
+        s.close()
+
+
+def test_http_manners(daemon: DaemonProcess) -> None:
+    """405 carries Allow; HEAD is 405 too; unknown methods 400; pipelined and chunked requests work."""
+    path = daemon.socket_path
+    (answer,) = _exchange(path, b"DELETE /v1/sign HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 405") and b"\r\nAllow: POST\r\n" in answer
+    (answer,) = _exchange(path, b"HEAD /v1/health HTTP/1.1\r\nHost: x\r\n\r\n", head_only=True)
+    assert answer.startswith(b"HTTP/1.1 405") and b"\r\nAllow: GET\r\n" in answer
+    (answer,) = _exchange(path, b"BREW /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400") and b"Connection: close" in answer
+    two = _exchange(path, b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n" * 2, answers=2)
+    assert [a[:12] for a in two] == [b"HTTP/1.1 200"] * 2
+    key = f"{unique('ch')}/k"
+    with Client(path) as client:
+        client.create_key(key)
+    body = json.dumps({"key": key, "data": "YQ=="}).encode()
+    chunked = b"".join(
+        b"%x\r\n%s\r\n" % (len(body[i : i + 7]), body[i : i + 7]) for i in range(0, len(body), 7)
+    )
+    head = b"POST /v1/sign HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    (answer,) = _exchange(
+        path, head + b"Transfer-Encoding: chunked\r\n\r\n" + chunked + b"0\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 200") and b'"signature"' in answer
+    big = b"1000\r\n" + b" " * 4096 + b"\r\n"
+    (answer,) = _exchange(
+        path, head + b"Transfer-Encoding: chunked\r\n\r\n" + big * 300 + b"0\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 413") and b"payload_too_large" in answer
+    cont, answer = _exchange(
+        path,
+        head + b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body) + body,
+        answers=2,
+    )
+    assert cont.startswith(b"HTTP/1.1 100") and answer.startswith(b"HTTP/1.1 200")
+
+
+def test_stranger_bodies_are_not_kept(daemon: DaemonProcess) -> None:
+    """50 strangers each sending all but one byte of a 1 MiB body: the daemon's memory stays flat."""
+
+    def rss() -> int:
+        with open(f"/proc/{daemon.proc.pid}/status") as status:
+            return int(next(x for x in status if x.startswith("VmRSS:")).split()[1]) * 1024
+
+    script = (
+        "import socket, sys, time\n"
+        "head = b'POST /v1/sign HTTP/1.1\\r\\nHost: x\\r\\nContent-Type: application/json\\r\\n'\n"
+        "head += b'Content-Length: 1048576\\r\\n\\r\\n'\n"
+        "conns = []\n"
+        "for _ in range(50):\n"
+        "    s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.settimeout(0.5)\n"
+        "    try:\n"
+        "        s.sendall(head + b'x' * 1048575)\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "    conns.append(s)\n"
+        "print('sent', flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    before = rss()
+    proc = subprocess.Popen(
+        [CHILD_PYTHON, "-c", script, str(daemon.socket_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        **STRANGER,  # type: ignore[call-overload]
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "sent"
+        grown = rss() - before
+    finally:
+        proc.communicate("\n", timeout=30)
+    assert grown < 16 << 20, grown
