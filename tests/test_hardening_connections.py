@@ -550,3 +550,68 @@ def test_stranger_bodies_are_not_kept(daemon: DaemonProcess) -> None:
     finally:
         proc.communicate("\n", timeout=30)
     assert grown < 16 << 20, grown
+
+
+async def test_extra_routes_see_the_request_subset() -> None:
+    """Server.add_routes: extra handlers get match_info, query, headers, body, peer; 404/405 as usual."""
+    from signerd._calls import AuditEvent, Call, Operation, Peer
+    from signerd._front import Front
+    from signerd._names import KeyName
+    from signerd._request import Request, Response, json_response
+
+    class Gate:
+        def authorize(self, call: Call) -> None: ...
+
+        def visible(self, peer: Peer, op: Operation, key: KeyName) -> bool:
+            return True
+
+        def admits(self, peer: Peer) -> bool:
+            return True
+
+    class Sink:
+        events: list[AuditEvent] = []
+
+        async def record(self, event: AuditEvent) -> None:
+            self.events.append(event)
+
+    seen: dict[str, Any] = {}
+
+    async def handler(request: Request) -> Response:
+        seen.update(
+            match=dict(request.match_info),
+            tenant=request.query.get("tenant"),
+            ctype=request.content_type,
+            header=request.headers.get("x-thing"),
+            body=await request.read(),
+            can_read=request.can_read_body,
+            rid=request["rid"],
+        )
+        request["audit"].operation = Operation.VERIFY
+        return json_response({"ok": True}, status=201, headers={"X-Extra": "1"})
+
+    front = Front(gate=Gate(), audit=Sink(), peer_lookup=lambda sock: Peer(1, 2, 3))
+    front.add_routes([("POST", "/v1/things/{tenant}/{kid}/retire", handler, "verify")])
+
+    def req(method: str, url: bytes, body: bytes = b"") -> Request:
+        r = Request(
+            method=method,
+            raw_url=url,
+            raw_headers=[(b"Content-Type", b"application/json; charset=utf-8"), (b"X-Thing", b"v")],
+            keep_alive=True,
+            connection=None,
+        )
+        r.buffer += body
+        r.has_body = r.complete = bool(body)
+        return r
+
+    answer = await front.dispatch(req("POST", b"/v1/things/acme/a%2Fb.v1/retire?tenant=t1", b"{}"))
+    assert answer.status == 201 and answer.headers["X-Extra"] == "1"
+    assert seen["match"] == {"tenant": "acme", "kid": "a/b.v1"}
+    assert (seen["tenant"], seen["ctype"], seen["header"]) == ("t1", "application/json", "v")
+    assert (seen["body"], seen["can_read"]) == (b"{}", True)
+    assert answer.headers["X-Request-Id"] == seen["rid"]
+    assert [e.operation for e in Sink.events] == ["verify"]
+    answer = await front.dispatch(req("GET", b"/v1/things/acme/k/retire"))
+    assert answer.status == 405 and answer.headers["Allow"] == "POST"
+    answer = await front.dispatch(req("POST", b"/v1/things/acme/retire"))
+    assert answer.status == 404
