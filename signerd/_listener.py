@@ -142,7 +142,7 @@ class Listener:
     def _resume_accepting(self) -> None:
         if self._reserve is None:
             self._reserve = _open_reserve()
-        if not self._accepting and not self.sock._closed:  # type: ignore[attr-defined]
+        if not self._accepting and self.sock.fileno() != -1:
             self.start()
 
     def _admit(self, conn: socket.socket) -> None:

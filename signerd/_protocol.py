@@ -89,6 +89,7 @@ class Connection(asyncio.Protocol):
         self.peer: Any = None  # the server's Peer, looked up on first use
         self.pending: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._timing_head = False  # the armed deadline is the request head's
         self._url = b""
         self._head_bytes = 0
         self._headers: list[tuple[bytes, bytes]] = []
@@ -110,7 +111,7 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        self._arm(self.limits.header_timeout)  # the first request head is due from connect
+        self._arm(self.limits.header_timeout, head=True)  # the first head is due from connect
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
@@ -125,15 +126,18 @@ class Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._reject("upgrade")
-        except httptools.HttpParserError:
-            self._reject("parse")
-        except _HeadTooLarge:
-            self._reject("head_too_large")
-        except _TooManyPipelined:
-            self._reject("pipelined")
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__  # llhttp wraps what a callback raised
+            if cause is not None and not isinstance(cause, _Refused):
+                log.error("signerd.internal_error where=parser error=%s", type(cause).__name__)
+            self._reject(cause.why if isinstance(cause, _Refused) else "parse")
 
     def eof_received(self) -> bool:
-        return False  # close our side too
+        """The peer stopped sending: answer what is in progress, then close."""
+        self._idle_close = True
+        if not self.busy:
+            self._close()  # nothing to answer (or answered, waiting for a body that ends here)
+        return True
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -148,8 +152,8 @@ class Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._url, self._head_bytes, self._headers = b"", 0, []
-        if not self.busy and self._close_after is None:
-            self._arm(self.limits.header_timeout)
+        if not self.busy and self._close_after is None and not self._timing_head:
+            self._arm(self.limits.header_timeout, head=True)
 
     def on_url(self, url: bytes) -> None:
         self._count(len(url))
@@ -288,17 +292,19 @@ class Connection(asyncio.Protocol):
         self._close()
 
     def _on_timeout(self) -> None:
-        self._timer = None
+        self._timer, self._timing_head = None, False
         if self._active is not None and self._active.complete:
             return  # an answer is being made; the backend has its own deadline
         self.listener.timed_out.note(uid=self.uid)
         self.abort()
 
-    def _arm(self, seconds: float) -> None:
+    def _arm(self, seconds: float, *, head: bool = False) -> None:
         self._disarm()
         self._timer = self.loop.call_later(seconds, self._on_timeout)
+        self._timing_head = head
 
     def _disarm(self) -> None:
+        self._timing_head = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -333,9 +339,15 @@ class Connection(asyncio.Protocol):
             self.pending.cancel()
 
 
-class _HeadTooLarge(Exception):
-    pass
+class _Refused(Exception):
+    """Raised in a parser callback to refuse the connection; ``why`` goes to the log."""
+
+    why = "refused"
 
 
-class _TooManyPipelined(Exception):
-    pass
+class _HeadTooLarge(_Refused):
+    why = "head_too_large"
+
+
+class _TooManyPipelined(_Refused):
+    why = "pipelined"
