@@ -12,6 +12,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -615,3 +616,27 @@ async def test_extra_routes_see_the_request_subset() -> None:
     assert answer.status == 405 and answer.headers["Allow"] == "POST"
     answer = await front.dispatch(req("POST", b"/v1/things/acme/retire"))
     assert answer.status == 404
+
+
+def test_listen_backlog_is_the_system_maximum(daemon: DaemonProcess) -> None:
+    """With the daemon stopped, somaxconn + 1 connections queue before EAGAIN (not 129: listen(128))."""
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    queued: list[socket.socket] = []
+    os.kill(daemon.proc.pid, signal.SIGSTOP)
+    try:
+        while len(queued) <= somaxconn + 10:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(str(daemon.socket_path))
+            except BlockingIOError:
+                s.close()
+                break
+            queued.append(s)
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+        for s in queued:
+            s.close()
+    assert len(queued) == somaxconn + 1
+    with Client(daemon.socket_path, timeout=10) as client:
+        assert client.health() == "ok"
