@@ -43,6 +43,7 @@ __all__ = ["ROUTES", "Limits", "Server"]
 
 _MAX_ITEM_CODES = 32  # refused batch items whose codes the audit record lists
 _VERSION_RE = re.compile(r"[1-9][0-9]{0,8}")
+_READY_TTL = 1.0  # seconds a readiness answer (ready or not) is reused
 
 
 def _sha256(data: bytes) -> str:
@@ -93,6 +94,8 @@ class Server(Front):
         super().__init__(gate=gate, audit=audit, peer_lookup=peer_lookup, limits=limits)
         self.keys = keys
         self._openapi = importlib.resources.files("signerd").joinpath("openapi.json").read_bytes()
+        self._ready_check: asyncio.Future[None] | None = None
+        self._ready_at = 0.0
         for method, path, name in ROUTES:
             op = _OPERATIONS.get(name)
             self.router.add(
@@ -131,7 +134,16 @@ class Server(Front):
         return json_response({"status": "ok"})
 
     async def ready(self, request: Request) -> Response:
-        await self.keys.ready()
+        """Readiness, answered for anyone: at most one backend check per second, shared."""
+        now = asyncio.get_running_loop().time()
+        if self._ready_check is None or (
+            self._ready_check.done() and now - self._ready_at >= _READY_TTL
+        ):
+            self._ready_at = now
+            self._ready_check = asyncio.ensure_future(self.keys.ready())
+            self._ready_check.add_done_callback(_retrieved)
+        # a caller that goes away does not cancel the check the others share
+        await asyncio.shield(self._ready_check)
         return json_response({"status": "ready"})
 
     async def openapi(self, request: Request) -> Response:
@@ -305,6 +317,12 @@ class Server(Front):
         self._authorize(request, Operation.JWKS, key, key.tenant)
         key, version = await self.keys.lookup_kid(kid)
         return json_response(kid_json(key, version))
+
+
+def _retrieved(future: asyncio.Future[None]) -> None:
+    """Mark a shared check's failure as seen (its callers may all have gone)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _version(text: str) -> int:

@@ -195,3 +195,49 @@ def test_unmatched_bucket_is_configurable() -> None:
     for bad in ({"unmatched_rate": 0}, {"unmatched_burst": 0}, {"unmatched_rate": "x"}):
         with pytest.raises(ValueError, match=r"policy\.unmatched_"):
             policy_from_config({"rules": [], **bad})
+
+
+async def test_ready_is_one_backend_check_per_second() -> None:
+    """200 concurrent /v1/ready share one backend check; a failure is shared too, then rechecked."""
+    import asyncio
+
+    from signerd._calls import Peer
+    from signerd._request import Request
+    from signerd._server import Server
+    from signerd.errors import BackendUnavailable
+
+    class Keys:
+        calls = 0
+        fail = False
+
+        async def ready(self) -> None:
+            Keys.calls += 1
+            await asyncio.sleep(0.05)
+            if Keys.fail:
+                raise BackendUnavailable()
+
+    class Gate:
+        def authorize(self, call: Any) -> None: ...
+
+        def visible(self, *args: Any) -> bool:
+            return True
+
+        def admits(self, peer: Peer) -> bool:
+            return False  # a stranger: ready stays open anyway
+
+    class Sink:
+        async def record(self, event: Any) -> None: ...
+
+    server = Server(Keys(), gate=Gate(), audit=Sink(), peer_lookup=lambda s: Peer(1, 2, 3))  # type: ignore[arg-type]
+
+    def ready() -> Request:
+        return Request(
+            method="GET", raw_url=b"/v1/ready", raw_headers=[], keep_alive=True, connection=None
+        )
+
+    answers = await asyncio.gather(*(server.dispatch(ready()) for _ in range(200)))
+    assert [a.status for a in answers] == [200] * 200 and Keys.calls == 1
+    Keys.fail = True
+    await asyncio.sleep(1.05)
+    answers = await asyncio.gather(*(server.dispatch(ready()) for _ in range(50)))
+    assert [a.status for a in answers] == [503] * 50 and Keys.calls == 2
