@@ -33,6 +33,7 @@ log = logging.getLogger("signerd.server")
 
 _UCRED = struct.Struct("3i")
 _ACCEPT_BATCH = 64  # connections accepted per wakeup of the listener
+_SWEEP = 0.2  # seconds between checks of the connections' deadlines
 _FD_HEADROOM = 128  # descriptors kept for the token, the audit file, executors
 _ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
@@ -81,11 +82,23 @@ class Listener:
         self._loop = asyncio.get_running_loop()
         self._reserve: int | None = _open_reserve()
         self._accepting = False
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         self.sock.setblocking(False)
         self._loop.add_reader(self.sock.fileno(), self._on_readable)
         self._accepting = True
+        if self._sweeper is None:
+            self._sweeper = self._loop.call_later(_SWEEP, self._sweep)
+
+    def _sweep(self) -> None:
+        """Cut every connection whose deadline has passed (head, body, keep-alive)."""
+        now = self._loop.time()
+        for conn in list(self.connections):
+            deadline = conn.deadline
+            if deadline is not None and now >= deadline:
+                conn.expired()
+        self._sweeper = self._loop.call_later(_SWEEP, self._sweep)
 
     def stop_accepting(self) -> None:
         if self._accepting:
@@ -102,6 +115,9 @@ class Listener:
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
             conn.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self._reserve is not None:
             os.close(self._reserve)
             self._reserve = None

@@ -77,7 +77,11 @@ class Connection(asyncio.Protocol):
 
     A request is handed to the server once its body has arrived, except one
     refused from its head (no grant, body over the limit): that one is answered
-    at once and the rest of its body is read and dropped, never kept.
+    at once and the rest of its body is read and dropped, never kept. Reading
+    pauses when the peer starts another request while one is being answered
+    (pipelining) and while it does not read its answers, so a connection holds
+    at most one body. Deadlines are times the listener's sweeper checks, not a
+    timer per request.
     """
 
     def __init__(self, listener: Listener, uid: int) -> None:
@@ -88,8 +92,9 @@ class Connection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.peer: Any = None  # the server's Peer, looked up on first use
         self.pending: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timing_head = False  # the armed deadline is the request head's
+        self.deadline: float | None = None  # loop time at which the connection is cut
+        self._timing_head = False  # the deadline is a request head's
+        self._in_message = False  # between the first byte of a request and its end
         self._url = b""
         self._head_bytes = 0
         self._headers: list[tuple[bytes, bytes]] = []
@@ -100,6 +105,7 @@ class Connection(asyncio.Protocol):
         self._closing = False
         self._idle_close = False
         self._write_paused = False
+        self._hold = False  # the peer pipelines: read no further until it is our turn
         self._read_paused = False
 
     @property
@@ -140,18 +146,21 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
-        self._pause_reading()
+        self._reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if not self.busy or self._reading_body():
-            self._resume_reading()
+        self._reading()
 
     # --- llhttp callbacks ---
 
     def on_message_begin(self) -> None:
         self._url, self._head_bytes, self._headers = b"", 0, []
-        if not self.busy and self._close_after is None and not self._timing_head:
+        self._in_message = True
+        if self.busy:
+            self._hold = True  # pipelined: this one waits, and so does the socket
+            self._reading()
+        elif self._close_after is None and not self._timing_head:
             self._arm(self.limits.header_timeout, head=True)
 
     def on_url(self, url: bytes) -> None:
@@ -207,6 +216,7 @@ class Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         req, self._current = self._current, None
+        self._in_message = False
         if req is None:
             return
         req.complete = True
@@ -216,7 +226,6 @@ class Connection(asyncio.Protocol):
             self._close()
         elif req is self._active:
             self._disarm()
-            self._pause_reading()
         elif req not in self._queue:
             self._next()  # answered early, and now its body is in: on to the next request
 
@@ -226,7 +235,8 @@ class Connection(asyncio.Protocol):
         req.started = True
         if self.busy:
             self._queue.append(req)
-            self._pause_reading()
+            self._hold = True
+            self._reading()
             return
         self._begin(req)
 
@@ -234,10 +244,8 @@ class Connection(asyncio.Protocol):
         self._active = req
         if req.complete:
             self._disarm()
-            self._pause_reading()  # one request at a time; the kernel holds what follows
-        elif not self._write_paused:
-            self._arm(self.limits.body_timeout)
-            self._resume_reading()  # answered early: read (and drop) the rest of the body
+        else:
+            self._arm(self.limits.body_timeout)  # answered early: the rest is read and dropped
         self.loop.create_task(self._answer(req))
 
     async def _answer(self, req: Request) -> None:
@@ -255,6 +263,8 @@ class Connection(asyncio.Protocol):
                 self._close()
             else:
                 self._close_after = req  # let the peer finish sending, then close
+                self._hold = False
+                self._reading()
             return
         if req.complete:
             self._next()
@@ -268,13 +278,14 @@ class Connection(asyncio.Protocol):
         if self._idle_close:
             self._close()
             return
-        self._arm(self.limits.keepalive_timeout)
-        if not self._write_paused:
-            self._resume_reading()
-
-    def _reading_body(self) -> bool:
-        active = self._active or self._close_after
-        return active is not None and not active.complete
+        self._hold = False
+        if self._current is not None:
+            self._arm(self.limits.body_timeout)  # a pipelined body is still coming
+        elif self._in_message:
+            self._arm(self.limits.header_timeout, head=True)  # so is a pipelined head
+        else:
+            self._arm(self.limits.keepalive_timeout)
+        self._reading()
 
     # --- limits and errors ---
 
@@ -290,31 +301,30 @@ class Connection(asyncio.Protocol):
             self.transport.write(render_error(InvalidRequest("malformed HTTP request")))
         self._close()
 
-    def _on_timeout(self) -> None:
-        self._timer, self._timing_head = None, False
+    def expired(self) -> None:
+        """The deadline passed (the listener's sweeper calls this)."""
+        self.deadline, self._timing_head = None, False
         if self._active is not None and self._active.complete:
             return  # an answer is being made; the backend has its own deadline
         self.listener.timed_out.note(uid=self.uid)
         self.abort()
 
     def _arm(self, seconds: float, *, head: bool = False) -> None:
-        self._disarm()
-        self._timer = self.loop.call_later(seconds, self._on_timeout)
+        self.deadline = self.loop.time() + seconds
         self._timing_head = head
 
     def _disarm(self) -> None:
-        self._timing_head = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.deadline, self._timing_head = None, False
 
-    def _pause_reading(self) -> None:
-        if not self._read_paused and self.transport is not None and not self._closing:
+    def _reading(self) -> None:
+        """Read while nothing holds the connection back; pause otherwise."""
+        if self.transport is None or self._closing:
+            return
+        pause = self._write_paused or self._hold
+        if pause and not self._read_paused:
             self._read_paused = True
             self.transport.pause_reading()
-
-    def _resume_reading(self) -> None:
-        if self._read_paused and self.transport is not None and not self._closing:
+        elif not pause and self._read_paused:
             self._read_paused = False
             self.transport.resume_reading()
 
