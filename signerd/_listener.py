@@ -6,7 +6,8 @@ reserved descriptor lets it accept and close the waiting connection, and the
 failure is logged at most once per interval (never a traceback per accept).
 Connections past the total cap or the per-uid cap (the uid from
 ``SO_PEERCRED``) are closed at once and counted. Each accepted connection is
-a ``_protocol.Connection``. The socket is used as it was bound: its
+a ``_protocol.Connection``; one sweeper, five times a second, cuts those
+whose head, body or keep-alive deadline has passed. The socket is used as it was bound: its
 ``listen(SOMAXCONN)`` backlog is never set again.
 """
 
