@@ -1,4 +1,4 @@
-"""A uid with no grant cannot hold signerd's connections: caps, deadlines, quiet logs, backlog.
+"""A uid with no grant cannot hold signerd's connections: caps, deadlines, descriptors, memory, logs.
 
 The hostile side runs as ``nobody`` (a child process of the system Python with
 ``user=``), so the daemon sees it from the kernel as another uid, exactly as
