@@ -189,7 +189,7 @@ def test_flood_from_a_stranger_leaves_a_granted_caller_signing(daemon: DaemonPro
     with Client(daemon.socket_path, timeout=10) as client:
         client.create_key(key)
         sign_latencies(client, key, count=50)  # warm
-        unloaded = statistics.median(sign_latencies(client, key, count=300))
+        before = statistics.median(sign_latencies(client, key, count=300))
         mark = "FLOODMARK" + unique()
         proc = flood(daemon, ["idle", "slow", "half", "chunked", "keepalive"], 20, 8.0, mark)
         try:
@@ -198,8 +198,12 @@ def test_flood_from_a_stranger_leaves_a_granted_caller_signing(daemon: DaemonPro
         finally:
             result = flood_result(proc)
         assert client.health() == "ok"
+        time.sleep(2.5)  # the flood's connections are gone
+        after = statistics.median(sign_latencies(client, key, count=300))
+    # unloaded: the slower of before and after, so load from outside the test moves both sides
+    unloaded = max(before, after)
     p50 = statistics.median(loaded)
-    assert p50 < 5 * unloaded, (p50, unloaded)
+    assert p50 < 5 * unloaded, (p50, before, after)
     # 100 connections asked, 64 allowed: the rest were closed at once, again and again
     assert sum(result["at_once"].values()) >= 36, result["at_once"]
     # every kind was cut by a deadline, within deadline + slack
