@@ -31,6 +31,16 @@ are granted only by naming them.
 Rate limits are token buckets per (rule, uid, unit): the uid is the identity
 the kernel vouches for; a pid would let a caller reset its bucket by forking
 and pids get reused.
+
+Callers that no rule matches (who could be granted nothing) are refused before
+their request body is read, and are rate limited per uid by one more bucket::
+
+    [policy]
+    unmatched_rate  = 1.0               # refusals per second per uid; default 1.0
+    unmatched_burst = 60                # bucket size; default 60
+
+Past it they are answered 429 ``rate_limited``, and the audit trail records at
+most one such refusal per uid per second (with the count of the others).
 """
 
 from __future__ import annotations
@@ -71,6 +81,9 @@ _RULE_KEYS = (
 _UNIT_PATTERN = re.compile(r"[A-Za-z0-9:_.\\@*?\[\]-]{1,255}")
 _KEY_PATTERN = re.compile(r"[a-z0-9_*?\[\]!-]{1,63}")
 _MAX_BUCKETS = 4096
+_UNMATCHED = "\0unmatched"  # the bucket label of callers no rule matches (no rule can have it)
+DEFAULT_UNMATCHED_RATE = 1.0
+DEFAULT_UNMATCHED_BURST = 60
 
 
 @dataclass(frozen=True)
@@ -125,17 +138,19 @@ class _Limiter:
 
     def take(self, rule: Rule, peer: Peer) -> bool:
         assert rule.rate is not None
+        return self.take_from((rule.label, peer.uid, peer.unit), rule.rate, rule.burst)
+
+    def take_from(self, ident: tuple[str, int, str | None], rate: float, burst: int) -> bool:
         now = time.monotonic()
-        ident = (rule.label, peer.uid, peer.unit)
         with self._lock:
             bucket = self._buckets.get(ident)
             if bucket is None:
                 if len(self._buckets) >= _MAX_BUCKETS:
                     self._prune(now)
-                bucket = self._buckets[ident] = _Bucket(float(rule.burst), now)
+                bucket = self._buckets[ident] = _Bucket(float(burst), now)
             else:
                 elapsed = max(0.0, now - bucket.stamp)
-                bucket.tokens = min(float(rule.burst), bucket.tokens + elapsed * rule.rate)
+                bucket.tokens = min(float(burst), bucket.tokens + elapsed * rate)
                 bucket.stamp = now
             if bucket.tokens < 1.0:
                 return False
@@ -149,13 +164,14 @@ class _Limiter:
         ]:
             del self._buckets[ident]
 
-    def carried(self, rules: tuple[Rule, ...]) -> _Limiter:
-        limits = {r.label: r for r in rules if r.rate is not None}
+    def carried(self, rules: tuple[Rule, ...], unmatched_burst: int) -> _Limiter:
+        bursts = {r.label: r.burst for r in rules if r.rate is not None}
+        bursts[_UNMATCHED] = unmatched_burst
         with self._lock:
             kept = {
-                ident: _Bucket(min(b.tokens, float(limits[ident[0]].burst)), b.stamp)
+                ident: _Bucket(min(b.tokens, float(bursts[ident[0]])), b.stamp)
                 for ident, b in self._buckets.items()
-                if ident[0] in limits
+                if ident[0] in bursts
             }
         return _Limiter(kept)
 
@@ -166,6 +182,21 @@ class Policy:
 
     rules: tuple[Rule, ...]
     limiter: _Limiter = field(default_factory=_Limiter, compare=False, repr=False)
+    unmatched_rate: float = DEFAULT_UNMATCHED_RATE
+    unmatched_burst: int = DEFAULT_UNMATCHED_BURST
+
+    def admits(self, peer: Peer) -> bool:
+        """Whether any rule could grant ``peer`` anything; cheap, checked before a body is read.
+
+        A caller no rule matches is charged to its uid's bucket for such callers:
+        RateLimited when it is empty, else False (the server answers 403).
+        """
+        if any(rule.matches(peer) for rule in self.rules):
+            return True
+        ident = (_UNMATCHED, peer.uid, None)
+        if not self.limiter.take_from(ident, self.unmatched_rate, self.unmatched_burst):
+            raise RateLimited("over the rate limit for callers without a grant")
+        return False
 
     def authorize(self, call: Call) -> None:
         """Return if the call may proceed; raise PermissionDenied or RateLimited."""
@@ -202,7 +233,9 @@ class Policy:
 
     def with_state_from(self, old: Policy) -> Policy:
         """This policy, keeping the rate-limit buckets of ``old`` for rules of the same name."""
-        return dataclasses.replace(self, limiter=old.limiter.carried(self.rules))
+        return dataclasses.replace(
+            self, limiter=old.limiter.carried(self.rules, self.unmatched_burst)
+        )
 
 
 def _target(tenant: str | None, key: KeyName | None) -> str:
@@ -218,7 +251,7 @@ def policy_from_config(table: Mapping[str, Any]) -> Policy:
     if not isinstance(table, Mapping):
         raise ValueError("policy: must be a table")
     for name in table:
-        if name != "rules":
+        if name not in ("rules", "unmatched_rate", "unmatched_burst"):
             raise ValueError(f"policy: unknown key {name!r}")
     raw_rules = table.get("rules", [])
     if not isinstance(raw_rules, list):
@@ -229,7 +262,13 @@ def policy_from_config(table: Mapping[str, Any]) -> Policy:
         if rule.label in seen:
             raise ValueError(f"policy.rules[{i}].name: duplicate rule name {rule.label!r}")
         seen.add(rule.label)
-    return Policy(rules)
+    rate = table.get("unmatched_rate", DEFAULT_UNMATCHED_RATE)
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate < math.inf:
+        raise ValueError("policy.unmatched_rate: must be a positive number of requests per second")
+    burst = table.get("unmatched_burst", DEFAULT_UNMATCHED_BURST)
+    if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+        raise ValueError("policy.unmatched_burst: must be a positive integer")
+    return Policy(rules, unmatched_rate=float(rate), unmatched_burst=burst)
 
 
 def _rule(where: str, index: int, raw: object) -> Rule:

@@ -97,6 +97,8 @@ class AuditEvent:
     payload_sha256: tuple[str, ...] = ()  # one per signed/verified item
     reason: str | None = None  # safe message for refusals
     status: int = 200
+    # batch sign: "INDEX:CODE" of each refused item (the first 32), e.g. ("1:permission_denied",)
+    item_codes: tuple[str, ...] = ()
 
     @property
     def security(self) -> bool:

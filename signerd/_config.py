@@ -17,7 +17,7 @@ from typing import Any
 
 from ._keyservice import Settings
 from ._names import KeyName, valid_part
-from ._server import Limits
+from ._protocol import Limits
 from ._systemd import credential_path
 from .federation.settings import FederationSettings, parse_federation
 
@@ -48,15 +48,16 @@ class Config:
 
 
 _TOP = {"server", "keys", "backends", "tenants", "audit", "policy", "federation"}
-_SERVER = {
-    "socket",
-    "socket_mode",
-    "socket_group",
+_LIMITS = (  # [server] keys that are fields of Limits
     "max_body_bytes",
     "max_batch_items",
-    "log_level",
-    "workers",
-}
+    "header_timeout",
+    "body_timeout",
+    "keepalive_timeout",
+    "max_connections",
+    "max_connections_per_uid",
+)
+_SERVER = {"socket", "socket_mode", "socket_group", "log_level", "workers", *_LIMITS}
 _KEYS = {
     "default_backend",
     "bootstrap",
@@ -137,12 +138,17 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
     log_level = _get(server, "server", "log_level", str, "info")
     if log_level not in _LOG_LEVELS:
         raise ConfigError(f"server.log_level: one of {sorted(_LOG_LEVELS)}, got {log_level!r}")
+    d_limits = Limits()
     limits = Limits(
-        max_body_bytes=_get(server, "server", "max_body_bytes", int, Limits.max_body_bytes),
-        max_batch_items=_get(server, "server", "max_batch_items", int, Limits.max_batch_items),
+        **{
+            name: _get(
+                server, "server", name, type(getattr(d_limits, name)), getattr(d_limits, name)
+            )
+            for name in _LIMITS
+        }
     )
-    _positive("server.max_body_bytes", limits.max_body_bytes)
-    _positive("server.max_batch_items", limits.max_batch_items)
+    for name in _LIMITS:
+        _positive(f"server.{name}", getattr(limits, name))
     workers = _get(server, "server", "workers", int, default_workers())
     if not 1 <= workers <= _MAX_WORKERS:
         raise ConfigError(f"server.workers: must be 1 to {_MAX_WORKERS}, got {workers!r}")

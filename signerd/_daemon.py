@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -24,15 +25,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from aiohttp import web
-
 from ._audit import AuditTrail, audit_from_config
 from ._authz import Policy, policy_from_config
 from ._backend import Backend, load_factory
 from ._config import Config, ConfigError, load
 from ._keyservice import KeyService
+from ._listener import connection_cap, raise_nofile_limit
 from ._peer import peer_of
-from ._server import Server
+from ._server import Limits, Server
 from ._sockets import SocketError, bind_unix_socket, unlink_own_socket
 from ._systemd import (
     ActivationError,
@@ -76,6 +76,24 @@ def build_audit(config: Config) -> AuditTrail:
         raise ConfigError(str(exc)) from exc
 
 
+def _fitted(config: Config) -> Limits:
+    """The configured limits, with the connection cap fitted to the descriptors there are.
+
+    The soft RLIMIT_NOFILE is raised to the hard limit first; the cap keeps
+    headroom for the token, the audit file and the executors.
+    """
+    nofile = raise_nofile_limit()
+    cap = connection_cap(config.limits.max_connections, nofile)
+    if cap < config.limits.max_connections:
+        log.warning(
+            "signerd.max_connections_lowered configured=%d now=%d nofile=%d",
+            config.limits.max_connections,
+            cap,
+            nofile,
+        )
+    return dataclasses.replace(config.limits, max_connections=cap)
+
+
 @dataclass
 class Daemon:
     """A running signerd: the key service, the server and the listening socket."""
@@ -83,7 +101,6 @@ class Daemon:
     config: Config
     keys: KeyService
     server: Server
-    runner: web.AppRunner
     sock: socket.socket
 
     @classmethod
@@ -102,7 +119,8 @@ class Daemon:
         except BaseException:
             await keys.close()
             raise
-        server = Server(keys, gate=policy, audit=audit, peer_lookup=peer_of, limits=config.limits)
+        limits = _fitted(config)
+        server = Server(keys, gate=policy, audit=audit, peer_lookup=peer_of, limits=limits)
         federation = Federation.from_settings(
             server, config.federation, max_body_bytes=config.limits.max_body_bytes
         )
@@ -111,10 +129,8 @@ class Daemon:
             sock = bind_unix_socket(
                 config.socket, mode=config.socket_mode, group=config.socket_group
             )
-        runner = web.AppRunner(server.app(), access_log=None, handle_signals=False)
-        await runner.setup()
-        await web.SockSite(runner, sock).start()
-        return cls(config, keys, server, runner, sock)
+        await server.serve(sock)  # accepts on sock as it is: listen(SOMAXCONN) stays
+        return cls(config, keys, server, sock)
 
     def reload(self) -> None:
         """SIGHUP: new policy from the file (kept only when valid) and reopen the audit file."""
@@ -134,8 +150,9 @@ class Daemon:
             audit.reopen()
 
     async def stop(self) -> None:
-        await self.runner.cleanup()
+        await self.server.close()
         unlink_own_socket(self.config.socket, self.sock)
+        self.sock.close()
         await self.keys.close()
         federation = federation_of(self.server)
         if federation is not None:

@@ -344,14 +344,33 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.socket_path = socket_path
 
     def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self.socket_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
+        """Connect within the timeout, waiting while the daemon's backlog is full.
+
+        A Unix stream socket answers EAGAIN at once, not EINPROGRESS, when the
+        listener's backlog is full, and there is nothing to poll for: try again,
+        a little later each time, until the timeout.
+        """
+        timeout = self.timeout if isinstance(self.timeout, int | float) else DEFAULT_TIMEOUT
+        deadline = time.monotonic() + timeout
+        pause = 0.001
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(self.socket_path)
+            except BlockingIOError:
+                sock.close()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("the daemon's backlog stayed full") from None
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, 0.05)
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            self.sock = sock
+            return
 
 
 class SyncTransport:

@@ -1,12 +1,9 @@
-"""The HTTP server: routes of the v1 wire protocol on top of the key service.
+"""The v1 routes and their handlers, on top of the key service.
 
-Every request passes one middleware that gives it a request id, identifies
-the peer from the kernel, translates every error into the JSON envelope, and
-writes the audit record. For sign and admin operations the record is written
-before the answer leaves: when it cannot be written, the answer is replaced
-by 503 ``audit_unavailable`` and no signature leaves. Admin operations also
-write an ``attempt`` record before they act, so an unwritable trail refuses
-them before anything changes.
+Connections and parsing are ``_protocol``'s; what every request passes
+through (request id, peer, refusal before the body, error envelope, audit
+record) is ``_front``'s. Handlers are ``async def x(self, request) ->
+Response`` and use only the small ``Request`` of ``_request``.
 """
 
 from __future__ import annotations
@@ -14,22 +11,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import importlib.resources
-import logging
-import socket
-import time
-import uuid
-import weakref
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+import re
+from typing import Any
 
-from aiohttp import web
-
-from ._calls import AuditEvent, AuditSink, Call, Gate, Operation, Peer
+from ._calls import AuditSink, Call, Operation
+from ._front import AuditNotes, Front, PeerLookup, VisibilityGate
 from ._jwk import to_jwk
 from ._keyservice import KeyService
 from ._names import KeyName, parse_kid, parse_version
-from ._systemd import log_request
+from ._protocol import Limits
+from ._request import Request, Response, json_response
 from ._wire import (
     b64decode,
     b64encode,
@@ -38,48 +29,20 @@ from ._wire import (
     key_json,
     kid_json,
     parse_object,
-    request_id_from,
 )
 from .errors import (
-    AuditUnavailable,
-    InternalError,
     InvalidRequest,
-    InvalidState,
-    MethodNotAllowed,
     NotFound,
-    PayloadTooLarge,
     PermissionDenied,
     SignerdError,
     UnsupportedMediaType,
 )
 
-log = logging.getLogger("signerd.server")
+__all__ = ["ROUTES", "Limits", "Server"]
 
-PeerLookup = Callable[[socket.socket], Peer]
-_UNKNOWN_PEER = Peer(pid=0, uid=-1, gid=-1)
-
-
-class VisibilityGate(Gate, Protocol):
-    def visible(self, peer: Peer, op: Operation, key: KeyName) -> bool: ...
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_body_bytes: int = 1 << 20
-    max_batch_items: int = 256
-
-
-@dataclass
-class _Audit:
-    """What a handler learned about its request, for the audit record."""
-
-    operation: Operation = Operation.HEALTH
-    tenant: str | None = None
-    key: str | None = None
-    kid: str | None = None
-    hashes: tuple[str, ...] = ()
-    extra_outcome: str | None = None
-    written: bool = field(default=False)
+_MAX_ITEM_CODES = 32  # refused batch items whose codes the audit record lists
+_VERSION_RE = re.compile(r"[1-9][0-9]{0,8}")
+_READY_TTL = 1.0  # seconds a readiness answer (ready or not) is reused
 
 
 def _sha256(data: bytes) -> str:
@@ -101,9 +64,23 @@ ROUTES: tuple[tuple[str, str, str], ...] = (
     ("GET", "/v1/jwks", "jwks"),
     ("GET", "/v1/kids/{kid}", "kid"),
 )
+#: what each route is audited as when it is refused before its handler runs
+_OPERATIONS = {
+    "create_key": Operation.CREATE,
+    "list_keys": Operation.LIST,
+    "get_key": Operation.LIST,
+    "rotate": Operation.ROTATE,
+    "version_action": None,  # from {action}
+    "sign": Operation.SIGN,
+    "verify": Operation.VERIFY,
+    "jwks": Operation.JWKS,
+    "kid": Operation.JWKS,
+}
 
 
-class Server:
+class Server(Front):
+    """The v1 handlers on top of the key service (``Front`` routes, refuses and audits)."""
+
     def __init__(
         self,
         keys: KeyService,
@@ -113,120 +90,25 @@ class Server:
         peer_lookup: PeerLookup,
         limits: Limits | None = None,
     ) -> None:
+        super().__init__(gate=gate, audit=audit, peer_lookup=peer_lookup, limits=limits)
         self.keys = keys
-        self.gate = gate
-        self.audit = audit
-        self._peer_lookup = peer_lookup
-        self.limits = limits or Limits()
-        self._peers: weakref.WeakKeyDictionary[Any, Peer] = weakref.WeakKeyDictionary()
         self._openapi = importlib.resources.files("signerd").joinpath("openapi.json").read_bytes()
-
-    # --- application --------------------------------------------------------
-
-    def app(self) -> web.Application:
-        app = web.Application(
-            middlewares=[self._middleware], client_max_size=self.limits.max_body_bytes
-        )
-        for method, path, handler in ROUTES:
-            app.router.add_route(method, path, getattr(self, handler))
-        from .federation.routes import bound_routes  # docs/federation.md
-
-        for method, path, federation_handler in bound_routes(self):
-            app.router.add_route(method, path, federation_handler)
-        return app
-
-    def peer(self, request: web.Request) -> Peer:
-        transport = request.transport
-        if transport is None:
-            return _UNKNOWN_PEER
-        peer = self._peers.get(transport)
-        if peer is None:
-            sock = transport.get_extra_info("socket")
-            if sock is None or sock.family != socket.AF_UNIX:
-                return _UNKNOWN_PEER
-            peer = self._peer_lookup(sock)
-            self._peers[transport] = peer
-        return peer
-
-    @web.middleware
-    async def _middleware(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        rid = request_id_from(request.headers.get("X-Request-Id"), uuid.uuid4().hex)
-        request["rid"] = rid
-        audit = request["audit"] = _Audit()
-        try:
-            request["peer"] = self.peer(request)
-            response = await handler(request)
-            outcome = "ok"
-            await self._record(request, audit, "ok", response.status, None)
-        except web.HTTPException as exc:
-            error = _from_http(exc)
-            response, outcome = self._error(rid, error), error.code
-            if "Allow" in exc.headers:  # 405 keeps the methods the path has (RFC 9110)
-                response.headers["Allow"] = exc.headers["Allow"]
-            await self._record(request, audit, error.code, error.status, None)
-        except SignerdError as exc:
-            response, outcome = self._error(rid, exc), exc.code
-            await self._record(request, audit, exc.code, exc.status, exc.message)
-        except Exception:
-            log.exception("signerd.internal_error request_id=%s", rid)
-            response, outcome = self._error(rid, InternalError()), "internal_error"
-            await self._record(request, audit, "internal_error", 500, None)
-        response.headers["X-Request-Id"] = rid
-        log_request(rid, audit.operation.value, outcome, response.status)
-        return response
-
-    def _error(self, rid: str, exc: SignerdError) -> web.Response:
-        headers = {"Retry-After": "1"} if exc.retryable else None
-        return web.json_response(exc.to_wire(rid), status=exc.status, headers=headers)
-
-    async def _record(
-        self, request: web.Request, audit: _Audit, outcome: str, status: int, reason: str | None
-    ) -> None:
-        """Write the final record. For fail-closed operations a failure propagates."""
-        if audit.operation is Operation.HEALTH or audit.written:
-            return
-        event = AuditEvent(
-            time=time.time(),
-            request_id=request["rid"],
-            peer=request.get("peer", _UNKNOWN_PEER),
-            operation=audit.operation.value,
-            outcome=audit.extra_outcome if outcome == "ok" and audit.extra_outcome else outcome,
-            tenant=audit.tenant,
-            key=audit.key,
-            kid=audit.kid,
-            payload_sha256=audit.hashes,
-            reason=reason,
-            status=status,
-        )
-        audit.written = True
-        try:
-            await self.audit.record(event)
-        except AuditUnavailable:
-            if outcome == "ok" and audit.operation.fails_closed:
-                raise
-            log.error("signerd.audit_unavailable request_id=%s outcome=%s", request["rid"], outcome)
-
-    async def _attempt(self, request: web.Request, audit: _Audit) -> None:
-        """Admin operations: an attempt record before acting (fails closed)."""
-        event = AuditEvent(
-            time=time.time(),
-            request_id=request["rid"],
-            peer=request["peer"],
-            operation=audit.operation.value,
-            outcome="attempt",
-            tenant=audit.tenant,
-            key=audit.key,
-            kid=audit.kid,
-            status=0,
-        )
-        await self.audit.record(event)
+        self._ready_check: asyncio.Future[None] | None = None
+        self._ready_at = 0.0
+        for method, path, name in ROUTES:
+            op = _OPERATIONS.get(name)
+            self.router.add(
+                method,
+                path,
+                getattr(self, name),
+                operation=op.value if op is not None else None,
+                open=name not in _OPERATIONS,
+            )
 
     # --- helpers --------------------------------------------------------------
 
     async def _body(
-        self, request: web.Request, allowed: set[str], required: set[str]
+        self, request: Request, allowed: set[str], required: set[str]
     ) -> dict[str, Any]:
         if request.content_type != "application/json" and (request.can_read_body or required):
             raise UnsupportedMediaType()
@@ -234,32 +116,41 @@ class Server:
         return parse_object(raw, allowed, required)
 
     def _authorize(
-        self, request: web.Request, op: Operation, key: KeyName | None, tenant: str | None
+        self, request: Request, op: Operation, key: KeyName | None, tenant: str | None
     ) -> None:
-        audit: _Audit = request["audit"]
+        audit: AuditNotes = request["audit"]
         audit.operation, audit.tenant = op, tenant
         if key is not None:
             audit.key = str(key)
         self.gate.authorize(Call(request["peer"], op, tenant, key))
 
-    def _path_key(self, request: web.Request) -> KeyName:
+    def _path_key(self, request: Request) -> KeyName:
         return KeyName.of(request.match_info["tenant"], request.match_info["name"])
 
     # --- health ---------------------------------------------------------------
 
-    async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+    async def health(self, request: Request) -> Response:
+        return json_response({"status": "ok"})
 
-    async def ready(self, request: web.Request) -> web.Response:
-        await self.keys.ready()
-        return web.json_response({"status": "ready"})
+    async def ready(self, request: Request) -> Response:
+        """Readiness, answered for anyone: at most one backend check per second, shared."""
+        now = asyncio.get_running_loop().time()
+        if self._ready_check is None or (
+            self._ready_check.done() and now - self._ready_at >= _READY_TTL
+        ):
+            self._ready_at = now
+            self._ready_check = asyncio.ensure_future(self.keys.ready())
+            self._ready_check.add_done_callback(_retrieved)
+        # a caller that goes away does not cancel the check the others share
+        await asyncio.shield(self._ready_check)
+        return json_response({"status": "ready"})
 
-    async def openapi(self, request: web.Request) -> web.Response:
-        return web.Response(body=self._openapi, content_type="application/json")
+    async def openapi(self, request: Request) -> Response:
+        return Response(body=self._openapi)
 
     # --- keys -----------------------------------------------------------------
 
-    async def create_key(self, request: web.Request) -> web.Response:
+    async def create_key(self, request: Request) -> Response:
         request["audit"].operation = Operation.CREATE
         body = await self._body(request, {"key"}, {"key"})
         key = KeyName.parse(body["key"])
@@ -267,9 +158,9 @@ class Server:
         await self._attempt(request, request["audit"])
         info = await self.keys.create(key)
         request["audit"].kid = info.versions[-1].kid
-        return web.json_response(key_json(info), status=201)
+        return json_response(key_json(info), status=201)
 
-    async def list_keys(self, request: web.Request) -> web.Response:
+    async def list_keys(self, request: Request) -> Response:
         request["audit"].operation = Operation.LIST
         tenant = request.query.get("tenant")
         if tenant is not None:
@@ -281,15 +172,15 @@ class Server:
             for i in await self.keys.list_keys(tenant)
             if self.gate.visible(peer, Operation.LIST, i.key)
         ]
-        return web.json_response({"keys": [key_json(i) for i in infos]})
+        return json_response({"keys": [key_json(i) for i in infos]})
 
-    async def get_key(self, request: web.Request) -> web.Response:
+    async def get_key(self, request: Request) -> Response:
         request["audit"].operation = Operation.LIST
         key = self._path_key(request)
         self._authorize(request, Operation.LIST, key, key.tenant)
-        return web.json_response(key_json(await self.keys.describe(key)))
+        return json_response(key_json(await self.keys.describe(key)))
 
-    async def rotate(self, request: web.Request) -> web.Response:
+    async def rotate(self, request: Request) -> Response:
         request["audit"].operation = Operation.ROTATE
         key = self._path_key(request)
         body = await self._body(request, {"pending"}, set())
@@ -298,9 +189,9 @@ class Server:
         await self._attempt(request, request["audit"])
         info, new = await self.keys.rotate(key, pending=pending)
         request["audit"].kid = new.kid
-        return web.json_response({"kid": new.kid, "key": key_json(info)})
+        return json_response({"kid": new.kid, "key": key_json(info)})
 
-    async def version_action(self, request: web.Request) -> web.Response:
+    async def version_action(self, request: Request) -> Response:
         action = request.match_info["action"]
         ops = {
             "promote": Operation.PROMOTE,
@@ -324,12 +215,12 @@ class Server:
         else:
             confirm = field_str(body, "confirm") if "confirm" in body else None
             info = await self.keys.destroy(key, version, confirm)
-        return web.json_response(key_json(info))
+        return json_response(key_json(info))
 
     # --- sign and verify --------------------------------------------------------
 
-    async def sign(self, request: web.Request) -> web.Response:
-        audit: _Audit = request["audit"]
+    async def sign(self, request: Request) -> Response:
+        audit: AuditNotes = request["audit"]
         audit.operation = Operation.SIGN
         body = await self._body(request, {"key", "data", "items"}, set())
         if "items" in body:
@@ -344,9 +235,9 @@ class Server:
         self._authorize(request, Operation.SIGN, key, key.tenant)
         kid, signature = await self.keys.sign(key, data)
         audit.kid = kid
-        return web.json_response({"kid": kid, "signature": b64encode(signature)})
+        return json_response({"kid": kid, "signature": b64encode(signature)})
 
-    async def _sign_batch(self, request: web.Request, items: Any) -> web.Response:
+    async def _sign_batch(self, request: Request, items: Any) -> Response:
         if not isinstance(items, list) or not items:
             raise InvalidRequest("items must be a non-empty list")
         if len(items) > self.limits.max_batch_items:
@@ -356,7 +247,7 @@ class Server:
             if not isinstance(item, dict) or set(item) != {"key", "data"}:
                 raise InvalidRequest("each item must be an object with exactly key and data")
             parsed.append((KeyName.parse(item["key"]), b64decode(item, "data")))
-        audit: _Audit = request["audit"]
+        audit: AuditNotes = request["audit"]
         audit.hashes = tuple(_sha256(d) for _, d in parsed)
         tenants = sorted({k.tenant for k, _ in parsed})
         audit.tenant = ",".join(tenants)
@@ -375,13 +266,21 @@ class Server:
 
         results = list(await asyncio.gather(*(one(k, d) for k, d in parsed)))
         audit.kid = ",".join(sorted(kids)) or None
-        failed = sum(1 for r in results if "error" in r)
-        if failed:
-            audit.extra_outcome = f"partial:{failed}/{len(results)}"
-        return web.json_response({"results": results})
+        refused = [(i, r["error"]["code"]) for i, r in enumerate(results) if "error" in r]
+        if refused:
+            audit.extra_outcome = f"partial:{len(refused)}/{len(results)}"
+            audit.item_codes = tuple(f"{i}:{code}" for i, code in refused[:_MAX_ITEM_CODES])
+            more = len(refused) - len(audit.item_codes)
+            listed = ",".join(audit.item_codes) + (f",+{more} more" if more else "")
+            if len(refused) == len(results) and all(
+                code == PermissionDenied.code for _, code in refused
+            ):
+                raise PermissionDenied(f"every item was refused: {listed}")
+            request["audit_reason"] = f"refused items: {listed}"
+        return json_response({"results": results})
 
-    async def verify(self, request: web.Request) -> web.Response:
-        audit: _Audit = request["audit"]
+    async def verify(self, request: Request) -> Response:
+        audit: AuditNotes = request["audit"]
         audit.operation = Operation.VERIFY
         body = await self._body(request, {"kid", "data", "signature"}, {"kid", "data", "signature"})
         kid = field_str(body, "kid")
@@ -391,11 +290,11 @@ class Server:
         key, _ = parse_kid(kid)
         self._authorize(request, Operation.VERIFY, key, key.tenant)
         key, version = await self.keys.verify(kid, data, signature)
-        return web.json_response({"kid": kid, "key": str(key), "state": version.state.value})
+        return json_response({"kid": kid, "key": str(key), "state": version.state.value})
 
     # --- public keys --------------------------------------------------------------
 
-    async def jwks(self, request: web.Request) -> web.Response:
+    async def jwks(self, request: Request) -> Response:
         request["audit"].operation = Operation.JWKS
         tenant = request.query.get("tenant")
         if tenant is not None:
@@ -407,31 +306,23 @@ class Server:
             for v in self.keys.published(tenant)
             if self.gate.visible(peer, Operation.JWKS, parse_kid(v.kid)[0])
         ]
-        return web.json_response({"keys": keys}, headers={"Cache-Control": "max-age=60"})
+        return json_response({"keys": keys}, headers={"Cache-Control": "max-age=60"})
 
-    async def kid(self, request: web.Request) -> web.Response:
+    async def kid(self, request: Request) -> Response:
         request["audit"].operation = Operation.JWKS
         kid = request.match_info["kid"]
         key, _ = parse_kid(kid)
         request["audit"].kid = kid
         self._authorize(request, Operation.JWKS, key, key.tenant)
         key, version = await self.keys.lookup_kid(kid)
-        return web.json_response(kid_json(key, version))
+        return json_response(kid_json(key, version))
+
+
+def _retrieved(future: asyncio.Future[None]) -> None:
+    """Mark a shared check's failure as seen (its callers may all have gone)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _version(text: str) -> int:
     return parse_version(text)
-
-
-def _from_http(exc: web.HTTPException) -> SignerdError:
-    if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return PayloadTooLarge()
-    if isinstance(exc, web.HTTPMethodNotAllowed):
-        return MethodNotAllowed()
-    if isinstance(exc, web.HTTPNotFound):
-        return NotFound()
-    if isinstance(exc, web.HTTPForbidden):
-        return PermissionDenied()
-    if exc.status == 409:
-        return InvalidState()
-    return InvalidRequest(exc.reason)

@@ -3,7 +3,8 @@
 Request bodies are parsed strictly: duplicate keys, NaN/Infinity, numbers
 outside the safe range, non-object bodies and unknown fields are errors, and
 base64 must be canonical standard base64. Nothing that fails here reaches a
-backend or a signing input.
+backend or a signing input, and no error message quotes what the caller sent:
+messages name only the fields of our own schema.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise MalformedJson(f"duplicate key {key!r}")
+            raise MalformedJson("duplicate member name in an object")
         out[key] = value
     return out
 
@@ -76,9 +77,13 @@ def parse_object(raw: bytes, allowed: set[str], required: set[str]) -> dict[str,
     body = loads_strict(raw) if raw.strip() else {}
     if not isinstance(body, dict):
         raise InvalidRequest("body must be a JSON object")
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise InvalidRequest(f"unknown field {unknown[0]!r}")
+    if not body.keys() <= allowed:
+        # never the caller's name: only the fields of our own schema
+        raise InvalidRequest(
+            "unknown field; allowed: " + ", ".join(sorted(allowed))
+            if allowed
+            else "unknown field; this request takes no fields"
+        )
     missing = sorted(required - set(body))
     if missing:
         raise InvalidRequest(f"missing field {missing[0]!r}")

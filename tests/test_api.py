@@ -268,7 +268,7 @@ def test_health_ready_openapi(api: Api) -> None:
     documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
     expanded = {
         (m, p.replace("{action}", a))
-        for m, p, _ in (*ROUTES, *FEDERATION_ROUTES)
+        for m, p, *_ in (*ROUTES, *FEDERATION_ROUTES)
         for a in ("promote", "retire", "destroy")
     }
     assert expanded == documented

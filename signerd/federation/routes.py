@@ -29,11 +29,10 @@ import json
 import os
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from aiohttp import web
 from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -42,6 +41,7 @@ from .._calls import AuditEvent, AuditSink, Call, Gate, Operation
 from .._jwk import b64url
 from .._keyservice import KeyService
 from .._names import KeyName, parse_kid
+from .._request import Request, Response, json_response
 from .._wire import b64decode, b64encode
 from ..errors import (
     AttestationMismatch,
@@ -74,19 +74,20 @@ from .nonces import NonceStore, SqliteNonceStore
 from .settings import FederationSettings
 from .trust import TrustedKeys, jwk_public, valid_peer_kid
 
-__all__ = ["ROUTES", "Federation", "attach", "bound_routes", "federation_of"]
+__all__ = ["ROUTES", "Federation", "attach", "federation_of"]
 
-Handler = Callable[[web.Request], Awaitable[web.Response]]
+Handler = Callable[[Request], Awaitable[Response]]
 
 #: (method, path, handler name): the federation routes, documented in openapi.json
-ROUTES: tuple[tuple[str, str, str], ...] = (
-    ("POST", "/v1/telemetry/sign", "telemetry_sign"),
-    ("POST", "/v1/telemetry/verify", "telemetry_verify"),
-    ("POST", "/v1/feedback/sign", "feedback_sign"),
-    ("POST", "/v1/feedback/verify", "feedback_verify"),
-    ("POST", "/v1/trusted-keys", "trust_add"),
-    ("GET", "/v1/trusted-keys", "trust_list"),
-    ("POST", "/v1/trusted-keys/{tenant}/{kid}/retire", "trust_retire"),
+#: (method, path, handler name, operation a refusal before the body is audited as)
+ROUTES: tuple[tuple[str, str, str, str], ...] = (
+    ("POST", "/v1/telemetry/sign", "telemetry_sign", "sign"),
+    ("POST", "/v1/telemetry/verify", "telemetry_verify", "verify"),
+    ("POST", "/v1/feedback/sign", "feedback_sign", "sign"),
+    ("POST", "/v1/feedback/verify", "feedback_verify", "verify"),
+    ("POST", "/v1/trusted-keys", "trust_add", "trust"),
+    ("GET", "/v1/trusted-keys", "trust_list", "list"),
+    ("POST", "/v1/trusted-keys/{tenant}/{kid}/retire", "trust_retire", "trust"),
 )
 
 _ENVELOPE = {"tenant", "signed_at", "nonce", "schema", "kid", "data", "signature"}
@@ -104,25 +105,23 @@ class Host(Protocol):
     @property
     def audit(self) -> AuditSink: ...
 
+    def add_routes(self, routes: Iterable[tuple[Any, ...]]) -> None: ...
+
 
 _attached: weakref.WeakKeyDictionary[Any, Federation] = weakref.WeakKeyDictionary()
 
 
 def attach(server: Host, federation: Federation) -> None:
-    """Serve ``federation``'s endpoints on ``server`` (before its application is built)."""
+    """Serve ``federation``'s endpoints on ``server``."""
     _attached[server] = federation
+    server.add_routes(
+        (method, path, getattr(federation, name), operation)
+        for method, path, name, operation in ROUTES
+    )
 
 
 def federation_of(server: Any) -> Federation | None:
     return _attached.get(server)
-
-
-def bound_routes(server: Any) -> list[tuple[str, str, Handler]]:
-    """The routes to register on ``server``: none when no federation is attached."""
-    federation = _attached.get(server)
-    if federation is None:
-        return []
-    return [(method, path, getattr(federation, name)) for method, path, name in ROUTES]
 
 
 def _sha256(data: bytes) -> str:
@@ -181,7 +180,7 @@ class Federation:
     # --- helpers -------------------------------------------------------------------
 
     async def _body(
-        self, request: web.Request, allowed: set[str], required: set[str], max_depth: int
+        self, request: Request, allowed: set[str], required: set[str], max_depth: int
     ) -> dict[str, Any]:
         if request.content_type != "application/json":
             raise UnsupportedMediaType()
@@ -192,7 +191,7 @@ class Federation:
         return _fields(body, allowed, required, "")
 
     def _authorize(
-        self, request: web.Request, op: Operation, tenant: str | None, key: KeyName | None
+        self, request: Request, op: Operation, tenant: str | None, key: KeyName | None
     ) -> None:
         audit = request["audit"]
         audit.operation, audit.tenant = op, tenant
@@ -200,7 +199,7 @@ class Federation:
             audit.key = str(key)
         self.host.gate.authorize(Call(request["peer"], op, tenant, key))
 
-    async def _attempt(self, request: web.Request) -> None:
+    async def _attempt(self, request: Request) -> None:
         """Admin operations write an attempt record before acting (fails closed)."""
         audit = request["audit"]
         await self.host.audit.record(
@@ -238,7 +237,7 @@ class Federation:
 
     # --- telemetry -------------------------------------------------------------------
 
-    async def telemetry_sign(self, request: web.Request) -> web.Response:
+    async def telemetry_sign(self, request: Request) -> Response:
         audit = request["audit"]
         audit.operation = Operation.SIGN
         body = await self._body(request, {"key", "body"}, {"key", "body"}, 2)
@@ -251,11 +250,11 @@ class Federation:
         self._authorize(request, Operation.SIGN, key.tenant, key)
         kid, signature = await self.host.keys.sign(key, message)
         audit.kid = kid
-        return web.json_response(
+        return json_response(
             {"kid": kid, "timestamp": timestamp, "nonce": nonce, "signature": b64encode(signature)}
         )
 
-    async def telemetry_verify(self, request: web.Request) -> web.Response:
+    async def telemetry_verify(self, request: Request) -> Response:
         request["audit"].operation = Operation.VERIFY
         fields = {"tenant", "kid", "timestamp", "nonce", "body", "signature"}
         body = await self._body(request, fields | {"attestation"}, fields, 2)
@@ -279,7 +278,7 @@ class Federation:
 
     # --- feedback -----------------------------------------------------------------------
 
-    async def feedback_sign(self, request: web.Request) -> web.Response:
+    async def feedback_sign(self, request: Request) -> Response:
         audit = request["audit"]
         audit.operation = Operation.SIGN
         depth = self.settings.max_depth + 1
@@ -309,11 +308,11 @@ class Federation:
                     "data": json.loads(canonical_data),  # the value as signed: 1E2 is 100
                     "signature": b64encode(signature),
                 }
-                return web.json_response(envelope)
+                return json_response(envelope)
             kid = used
         raise BackendUnavailable("the key's active version keeps changing; try again")
 
-    async def feedback_verify(self, request: web.Request) -> web.Response:
+    async def feedback_verify(self, request: Request) -> Response:
         request["audit"].operation = Operation.VERIFY
         depth = self.settings.max_depth + 2
         body = await self._body(
@@ -347,7 +346,7 @@ class Federation:
 
     async def _verify(
         self,
-        request: web.Request,
+        request: Request,
         tenant: str,
         kid: str,
         message: bytes,
@@ -355,7 +354,7 @@ class Federation:
         signed: int,
         nonce: str,
         step6: Callable[[], None],
-    ) -> web.Response:
+    ) -> Response:
         audit = request["audit"]
         audit.tenant, audit.kid, audit.hashes = tenant, kid, (_sha256(message),)
         resolved = await self._resolve(tenant, kid)  # 2
@@ -373,7 +372,7 @@ class Federation:
             raise StaleTimestamp()
         step6()  # 6
         await self.store.add(f"{tenant}|{kid}", nonce, float(self.settings.nonce_ttl))  # 7
-        return web.json_response(
+        return json_response(
             {
                 "kid": kid,
                 "tenant": tenant,
@@ -396,7 +395,7 @@ class Federation:
 
     # --- trusted peer keys ---------------------------------------------------------------
 
-    async def trust_add(self, request: web.Request) -> web.Response:
+    async def trust_add(self, request: Request) -> Response:
         audit = request["audit"]
         audit.operation = Operation.TRUST
         body = await self._body(request, {"tenant", "kid", "jwk"}, {"tenant", "kid", "jwk"}, 3)
@@ -418,18 +417,18 @@ class Federation:
             added = await asyncio.to_thread(self.trusted.add, tenant, kid, public)
         except OSError as exc:
             raise BackendUnavailable("the trusted key store cannot be written") from exc
-        return web.json_response(added.to_json(), status=201)
+        return json_response(added.to_json(), status=201)
 
-    async def trust_list(self, request: web.Request) -> web.Response:
+    async def trust_list(self, request: Request) -> Response:
         request["audit"].operation = Operation.LIST
         tenant = request.query.get("tenant")
         if tenant is not None:
             check_tenant(tenant)
         self._authorize(request, Operation.LIST, tenant, None)
         keys = self.trusted.list(tenant)
-        return web.json_response({"keys": [k.to_json() for k in keys]})
+        return json_response({"keys": [k.to_json() for k in keys]})
 
-    async def trust_retire(self, request: web.Request) -> web.Response:
+    async def trust_retire(self, request: Request) -> Response:
         audit = request["audit"]
         audit.operation = Operation.TRUST
         tenant = check_tenant(request.match_info["tenant"])
@@ -444,7 +443,7 @@ class Federation:
             retired = await asyncio.to_thread(self.trusted.retire, tenant, kid)
         except OSError as exc:
             raise BackendUnavailable("the trusted key store cannot be written") from exc
-        return web.json_response(retired.to_json())
+        return json_response(retired.to_json())
 
 
 def _fields(

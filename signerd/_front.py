@@ -1,0 +1,282 @@
+"""What every request passes through before and after its handler.
+
+``Front`` owns the router and the listener: it gives each request a request
+id, identifies the peer from the kernel, refuses callers no rule could grant
+anything before their body is read (``Gate.admits``), turns every error into
+the JSON envelope (405 with ``Allow``), and writes the audit record. For sign
+and admin operations the record is written before the answer leaves: when it
+cannot be written, the answer is replaced by 503 ``audit_unavailable``.
+``Server`` (``_server``) adds the v1 handlers.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ._calls import AuditEvent, AuditSink, Gate, Operation, Peer
+from ._listener import Listener
+from ._names import KeyName
+from ._protocol import Limits, Throttled
+from ._request import Request, Response, json_response
+from ._router import Handler, Route, Router
+from ._systemd import log_request
+from ._wire import request_id_from
+from .errors import (
+    AuditUnavailable,
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    SignerdError,
+)
+
+__all__ = ["Front", "VisibilityGate"]
+
+log = logging.getLogger("signerd.server")
+
+PeerLookup = Callable[[Any], Peer]  # a connected socket -> its peer
+UNKNOWN_PEER = Peer(pid=0, uid=-1, gid=-1)
+_QUIET_INTERVAL = 1.0  # one audit record per uid per interval for rate-limited strangers
+_MAX_QUIET = 4096
+_ACTIONS = {"promote": Operation.PROMOTE, "retire": Operation.RETIRE, "destroy": Operation.DESTROY}
+
+
+class VisibilityGate(Gate, Protocol):
+    def visible(self, peer: Peer, op: Operation, key: KeyName) -> bool: ...
+
+    def admits(self, peer: Peer) -> bool:
+        """False for a caller no rule could grant anything (raises RateLimited when over)."""
+        ...
+
+
+@dataclass
+class AuditNotes:
+    """What a handler learned about its request, for the audit record."""
+
+    operation: Operation = Operation.HEALTH
+    tenant: str | None = None
+    key: str | None = None
+    kid: str | None = None
+    hashes: tuple[str, ...] = ()
+    extra_outcome: str | None = None
+    item_codes: tuple[str, ...] = ()
+    label: str | None = None  # the operation recorded for a route outside Operation
+    written: bool = field(default=False)
+
+
+class Front:
+    """Routing, peers, refusals, the error envelope and the audit record."""
+
+    def __init__(
+        self,
+        *,
+        gate: VisibilityGate,
+        audit: AuditSink,
+        peer_lookup: PeerLookup,
+        limits: Limits | None = None,
+    ) -> None:
+        self.gate = gate
+        self.audit = audit
+        self._peer_lookup = peer_lookup
+        self.limits = limits or Limits()
+        self.router = Router()
+        self.listener: Listener | None = None
+        self._quiet: dict[int, tuple[float, int]] = {}
+        self.quieted = Throttled("signerd.audit_quieted reason=rate_limited", 10.0)
+
+    def add_routes(self, routes: Iterable[tuple[Any, ...]]) -> None:
+        """Extra routes: an iterable of (method, path template, async handler).
+
+        Handlers take a ``Request`` and return a ``Response`` (``json_response``).
+        They need a grant: callers no rule matches are refused before their body
+        is read, and the refusal is audited as ``operation`` (a 4-tuple's last
+        item; default ``"request"``).
+        """
+        for route in routes:
+            method, path, handler = route[0], route[1], route[2]
+            operation = route[3] if len(route) > 3 else "request"
+            self.add_route(method, path, handler, operation=operation)
+
+    def add_route(
+        self, method: str, path: str, handler: Handler, *, operation: str = "request"
+    ) -> Route:
+        return self.router.add(method, path, handler, operation=operation)
+
+    async def serve(self, sock: socket.socket) -> Listener:
+        """Start answering on a listening socket (already bound and listening)."""
+        self.listener = Listener(sock, self.dispatch, self.precheck, self.limits)
+        self.listener.start()
+        return self.listener
+
+    async def close(self, grace: float = 10.0) -> None:
+        if self.listener is not None:
+            await self.listener.close(grace)
+
+    def peer(self, request: Request) -> Peer:
+        conn = request.connection
+        if conn is None:
+            return UNKNOWN_PEER
+        peer = conn.peer
+        if peer is None:
+            transport = conn.transport
+            sock = None if transport is None else transport.get_extra_info("socket")
+            if sock is None or sock.family != socket.AF_UNIX:
+                return UNKNOWN_PEER
+            try:
+                peer = conn.peer = self._peer_lookup(sock)
+            except OSError:
+                return UNKNOWN_PEER
+        assert isinstance(peer, Peer)
+        return peer
+
+    # --- before the body: route, peer, could anything be granted -------------------
+
+    def precheck(self, request: Request) -> SignerdError | None:
+        """At the end of the head: the refusal of a caller no rule could grant anything."""
+        route, _ = self.router.resolve(request)
+        if route is None or route.open:
+            return None
+        try:
+            if self.gate.admits(self.peer(request)):
+                return None
+        except RateLimited as exc:
+            return exc
+        return PermissionDenied()
+
+    async def dispatch(self, request: Request) -> Response:
+        started = time.monotonic()
+        rid = request_id_from(request.headers.get("X-Request-Id"), uuid.uuid4().hex)
+        request["rid"] = rid
+        audit = request["audit"] = AuditNotes()
+        headers: dict[str, str] = {"X-Request-Id": rid}
+        try:
+            request["peer"] = self.peer(request)
+            route: Route | None = request.route
+            if route is None:
+                route, allow = self.router.resolve(request)
+                if route is None:
+                    if allow:
+                        headers["Allow"] = ", ".join(allow)
+                        raise MethodNotAllowed()
+                    raise NotFound()
+                if not route.open and request.refused is None:
+                    request.refused = self.precheck(request)
+            if request.refused is not None:
+                self._refused_early(request, route, audit)
+                raise request.refused
+            response = await route.handler(request)
+            outcome = "ok"
+            await self._record(request, audit, "ok", response.status, request.get("audit_reason"))
+        except SignerdError as exc:
+            if self._quieted(request, exc):
+                audit.written = True
+            response, outcome = self._error(rid, exc), exc.code
+            await self._record(request, audit, exc.code, exc.status, exc.message)
+        except Exception as exc:
+            log.error(
+                "signerd.internal_error request_id=%s error=%s\n%s",
+                rid,
+                type(exc).__name__,
+                "".join(traceback.format_tb(exc.__traceback__)),
+            )
+            response, outcome = self._error(rid, InternalError()), "internal_error"
+            await self._record(request, audit, "internal_error", 500, None)
+        response.headers.update(headers)
+        log_request(rid, audit.operation.value, outcome, response.status)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "signerd.request id=%s took=%.6f status=%d",
+                rid,
+                time.monotonic() - started,
+                response.status,
+            )
+        return response
+
+    def _refused_early(self, request: Request, route: Route, audit: AuditNotes) -> None:
+        op = route.operation
+        if op is None:  # version actions: the operation is in the path
+            action = _ACTIONS.get(request.match_info.get("action", ""))
+            audit.operation = action if action is not None else Operation.LIST
+            if action is None:
+                audit.label = "request"
+        elif op in Operation.__members__.values():
+            audit.operation = Operation(op)
+        else:
+            audit.operation, audit.label = Operation.LIST, op
+
+    def _quieted(self, request: Request, exc: SignerdError) -> bool:
+        """A stranger over its bucket: one audit record per uid per interval, the rest counted."""
+        if not isinstance(exc, RateLimited) or request.refused is not exc:
+            return False
+        uid = request["peer"].uid
+        now = time.monotonic()
+        last, skipped = self._quiet.get(uid, (-1e18, 0))
+        if now - last < _QUIET_INTERVAL:
+            self._quiet[uid] = (last, skipped + 1)
+            self.quieted.note(uid=uid)
+            return True
+        if len(self._quiet) >= _MAX_QUIET:
+            self._quiet.clear()
+        self._quiet[uid] = (now, 0)
+        if skipped:
+            exc.message = (
+                f"over the rate limit for callers without a grant ({skipped} not recorded)"
+            )
+        return False
+
+    def _error(self, rid: str, exc: SignerdError) -> Response:
+        headers = {"Retry-After": "1"} if exc.retryable else None
+        return json_response(exc.to_wire(rid), status=exc.status, headers=headers)
+
+    async def _record(
+        self, request: Request, audit: AuditNotes, outcome: str, status: int, reason: str | None
+    ) -> None:
+        """Write the final record. For fail-closed operations a failure propagates."""
+        if audit.operation is Operation.HEALTH or audit.written:
+            return
+        event = AuditEvent(
+            time=time.time(),
+            request_id=request["rid"],
+            peer=request.get("peer", UNKNOWN_PEER),
+            operation=audit.label or audit.operation.value,
+            outcome=audit.extra_outcome if outcome == "ok" and audit.extra_outcome else outcome,
+            tenant=audit.tenant,
+            key=audit.key,
+            kid=audit.kid,
+            payload_sha256=audit.hashes,
+            reason=reason,
+            status=status,
+            item_codes=audit.item_codes,
+        )
+        audit.written = True
+        try:
+            await self.audit.record(event)
+        except AuditUnavailable:
+            if outcome == "ok" and audit.operation.fails_closed:
+                raise
+            log.error("signerd.audit_unavailable request_id=%s outcome=%s", request["rid"], outcome)
+
+    async def _attempt(self, request: Request, audit: AuditNotes) -> None:
+        """Admin operations: an attempt record before acting (fails closed)."""
+        event = AuditEvent(
+            time=time.time(),
+            request_id=request["rid"],
+            peer=request["peer"],
+            operation=audit.operation.value,
+            outcome="attempt",
+            tenant=audit.tenant,
+            key=audit.key,
+            kid=audit.kid,
+            status=0,
+        )
+        await self.audit.record(event)
+
+    # --- helpers --------------------------------------------------------------
