@@ -154,8 +154,8 @@ class Api:
 
 
 async def post_many(sock: str, url: str, body: Any, count: int) -> list[tuple[int, str | None]]:
-    """``count`` concurrent POSTs of one body; (status, error code) of each."""
-    connector = aiohttp.UnixConnector(path=sock, limit=256)
+    """``count`` concurrent POSTs of one body over 100 connections (under the per-uid cap); (status, code) of each."""
+    connector = aiohttp.UnixConnector(path=sock, limit=100)
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
