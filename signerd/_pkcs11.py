@@ -76,6 +76,7 @@ _CONNECTION_ERRORS: tuple[type[Exception], ...] = (
 
 # Errors of this process, not of the token (EMFILE, ENOMEM): also worth a fresh start.
 _RESOURCE_ERRORS: tuple[type[Exception], ...] = (OSError, MemoryError)
+_PIN_ERRORS = (p11e.PinIncorrect, p11e.PinLocked, p11e.PinExpired, p11e.PinInvalid)
 
 #: file descriptors that must be free for the token to be trusted (SoftHSM opens
 #: an object file and its lock file per object it reads)
@@ -317,7 +318,11 @@ class Pkcs11Backend:
                 except SignerdError:
                     self._reset()
                     raise
-                except Exception as exc:  # library load, C_Initialize, login: all "not now"
+                except _PIN_ERRORS as exc:  # a configuration error, not a moment's trouble
+                    log.error("signerd.pkcs11.login_failed error=%s", type(exc).__name__)
+                    self._reset()
+                    raise BackendUnavailable("the token refused the login") from exc
+                except Exception as exc:  # library load, C_Initialize: "not now"
                     log.warning("signerd.pkcs11.connect_failed error=%s", type(exc).__name__)
                     self._reset()
                     raise BackendUnavailable() from exc
@@ -334,7 +339,7 @@ class Pkcs11Backend:
                     self._reset()
                     if attempt == 2:
                         raise BackendUnavailable() from exc
-                except (p11e.PinIncorrect, p11e.PinLocked, p11e.PinExpired, p11e.PinInvalid) as exc:
+                except _PIN_ERRORS as exc:
                     log.error("signerd.pkcs11.login_failed error=%s", type(exc).__name__)
                     self._reset()
                     raise BackendUnavailable("the token refused the login") from exc
