@@ -70,7 +70,8 @@ SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
 TMPFILESDIR ?= $(PREFIX)/lib/tmpfiles.d
 DATADIR ?= $(PREFIX)/share/signerd
 DOCDIR ?= $(PREFIX)/share/doc/signerd
-UNITS := signerd.socket signerd.service signerd-rotate@.service signerd-rotate@.timer
+UNITS := signerd.socket signerd.service signerd-rotate@.service signerd-rotate@.timer \
+  signerd-rotate-staged@.service signerd-rotate-staged@.timer
 
 install:
 	install -d -m 0755 $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(TMPFILESDIR) \
