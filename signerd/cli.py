@@ -423,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(ksub, "promote", _keys_promote, "make a pending version active")
     p.add_argument("key", metavar="KEY")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("version", metavar="VERSION", type=int, nargs="?")
+    which.add_argument(
+        "version", metavar="VERSION", type=int, nargs="?", help="the version (or --pending)"
+    )
     which.add_argument(
         "--pending", action="store_true", help="promote the key's one pending version (by state)"
     )
