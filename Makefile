@@ -70,7 +70,8 @@ SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
 TMPFILESDIR ?= $(PREFIX)/lib/tmpfiles.d
 DATADIR ?= $(PREFIX)/share/signerd
 DOCDIR ?= $(PREFIX)/share/doc/signerd
-UNITS := signerd.socket signerd.service signerd-rotate@.service signerd-rotate@.timer
+UNITS := signerd.socket signerd.service signerd-rotate@.service signerd-rotate@.timer \
+  signerd-rotate-staged@.service signerd-rotate-staged@.timer
 
 install:
 	install -d -m 0755 $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(TMPFILESDIR) \
@@ -82,6 +83,8 @@ install:
 	install -m 0644 systemd/signerd.sysusers $(DESTDIR)$(SYSUSERSDIR)/signerd.conf
 	install -m 0644 systemd/signerd.tmpfiles $(DESTDIR)$(TMPFILESDIR)/signerd.conf
 	install -m 0644 systemd/network-backend.conf $(DESTDIR)$(DATADIR)/network-backend.conf
+	install -m 0755 softhsm/make-token.sh $(DESTDIR)$(DATADIR)/make-token.sh
+	install -m 0644 softhsm/softhsm2.conf.in $(DESTDIR)$(DATADIR)/softhsm2.conf.in
 	install -m 0644 README.md docs/protocol.md $(DESTDIR)$(DOCDIR)/
 	install -d -m 0750 $(DESTDIR)$(SYSCONFDIR)/signerd
 	install -d -m 0700 $(DESTDIR)$(SYSCONFDIR)/signerd/credentials

@@ -96,35 +96,22 @@ def softhsm_conf(tmp: Path) -> Path:
 
 
 def init_token(tmp: Path, conf: Path, label: str) -> Token:
-    util = shutil.which("softhsm2-util")
-    if util is None:
+    """Token ``label`` in ``conf``'s directory, made by softhsm/make-token.sh (no PIN in argv)."""
+    if shutil.which("softhsm2-util") is None:
         raise ServiceError("softhsm2-util not found (apt-get install softhsm2)")
-    pin = os.urandom(8).hex()
-    pin_file = tmp / f"{label}.pin"
-    pin_file.write_text(pin)
-    pin_file.chmod(0o600)
-    env = dict(os.environ, SOFTHSM2_CONF=str(conf))
+    module = softhsm_module()
+    pin_file = conf.parent / "pin"  # make-token.sh uses the PIN it finds there, else makes one
     done = subprocess.run(
-        [
-            util,
-            "--init-token",
-            "--free",
-            "--label",
-            label,
-            "--pin",
-            pin,
-            "--so-pin",
-            os.urandom(8).hex(),
-        ],
-        env=env,
+        [str(REPO / "softhsm" / "make-token.sh"), str(conf.parent), label],
+        env=dict(os.environ, SOFTHSM2_CONF=str(conf), SOFTHSM2_MODULE=module),
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     if done.returncode != 0:
-        raise ServiceError(f"softhsm2-util --init-token failed: {done.stderr.strip()}")
-    return Token(softhsm_module(), label, pin, pin_file, conf)
+        raise ServiceError(f"make-token.sh failed: {done.stderr.strip()}")
+    return Token(module, label, pin_file.read_text().strip(), pin_file, conf)
 
 
 # --- OpenSSH agent ---

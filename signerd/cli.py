@@ -5,7 +5,7 @@
     signerctl [--socket PATH] [--json] [--timeout SECONDS] COMMAND ...
 
     keys list [--tenant T]            keys show KEY           keys create KEY
-    keys rotate KEY [--pending]       keys promote KEY VERSION
+    keys rotate KEY [--pending]       keys promote KEY (VERSION | --pending [--if-any])
     keys retire KEY VERSION           keys destroy KEY VERSION --confirm KID
     sign KEY [--data-file F | --data-b64 B]          (else data from stdin)
     verify KID --signature B64 [--data-file F | --data-b64 B]
@@ -72,6 +72,7 @@ from .client import (
     ConnectionFailed,
     KeyDescription,
     RequestTimeout,
+    VersionState,
     default_socket_path,
 )
 from .errors import InvalidBase64, SignerdError
@@ -234,7 +235,23 @@ def _keys_rotate(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
 
 
 def _keys_promote(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
-    desc = c.promote(a.key, a.version)
+    version = a.version
+    if a.pending:  # the one pending version, found by the key's description
+        desc = c.get_key(a.key)
+        pending = [v.version for v in desc.versions if v.state is VersionState.PENDING]
+        if not pending and a.if_any:
+            return _plain(desc), f"no pending version: nothing promoted\n\n{_describe(desc)}"
+        if not pending:
+            raise Failure(os.EX_NOINPUT, "no_pending_version", f"{a.key} has no pending version")
+        if len(pending) > 1:
+            listed = ", ".join(str(v) for v in pending)
+            raise Failure(
+                os.EX_DATAERR,
+                "ambiguous_pending",
+                f"{a.key} has several pending versions ({listed}): promote one by number",
+            )
+        version = pending[0]
+    desc = c.promote(a.key, version)
     return _plain(desc), _describe(desc)
 
 
@@ -403,8 +420,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(ksub, "rotate", _keys_rotate, "add the next version")
     p.add_argument("key", metavar="KEY")
     p.add_argument("--pending", action="store_true", help="publish it as pending, not signing yet")
+    p = command(ksub, "promote", _keys_promote, "make a pending version active")
+    p.add_argument("key", metavar="KEY")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "version", metavar="VERSION", type=int, nargs="?", help="the version (or --pending)"
+    )
+    which.add_argument(
+        "--pending", action="store_true", help="promote the key's one pending version (by state)"
+    )
+    p.add_argument(
+        "--if-any", action="store_true", help="with --pending: no pending version is not an error"
+    )
     for name, run, help_text in (
-        ("promote", _keys_promote, "make a pending version active"),
         ("retire", _keys_retire, "stop a version from verifying"),
         ("destroy", _keys_destroy, "remove a retired version's private key for good"),
     ):
@@ -487,6 +515,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return os.EX_USAGE
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else os.EX_USAGE
+    if getattr(args, "if_any", False) and not args.pending:
+        print("signerctl: usage: keys promote: --if-any goes with --pending", file=sys.stderr)
+        return os.EX_USAGE
     offline = getattr(args, "offline", None)
     if offline is not None:  # acts on the token itself, not through the daemon
         return int(offline(args))

@@ -122,6 +122,37 @@ def test_operator_lifecycle(ctl: Ctl, key: str) -> None:
     assert "-----BEGIN PUBLIC KEY-----" in ctl.ok("kid", kid_of(key, 1))
 
 
+def test_promote_pending_finds_the_version_by_state(ctl: Ctl, key: str) -> None:
+    """keys promote --pending promotes the one pending version; none or several is a clear error."""
+    code, out, err = ctl("keys", "promote", key, "--pending")
+    assert (code, out) == (os.EX_NOINPUT, "")
+    assert err == f"signerctl: no_pending_version: {key} has no pending version\n"
+    quiet = ctl.json("keys", "promote", key, "--pending", "--if-any")
+    assert quiet["active_kid"] == kid_of(key, 1)
+    assert "nothing promoted" in ctl.ok("keys", "promote", key, "--pending", "--if-any")
+    ctl.ok("keys", "rotate", key, "--pending")
+    promoted = ctl.json("keys", "promote", key, "--pending")
+    assert promoted["active_kid"] == kid_of(key, 2)
+    assert [v["state"] for v in promoted["versions"]] == ["verify-only", "active"]
+    ctl.ok("keys", "rotate", key, "--pending")
+    assert ctl.json("keys", "promote", key, "--pending", "--if-any")["active_kid"] == kid_of(key, 3)
+    ctl.ok("keys", "rotate", key, "--pending")
+    ctl.ok("keys", "rotate", key, "--pending")
+    code, out, err = ctl("keys", "promote", key, "--pending", "--if-any")
+    assert (code, out) == (os.EX_DATAERR, "")
+    assert err.startswith("signerctl: ambiguous_pending: ") and "(4, 5)" in err
+    assert ctl.json("keys", "show", key)["active_kid"] == kid_of(key, 3)
+
+
+def test_staged_rotation_sequence(ctl: Ctl, key: str) -> None:
+    """The staged unit's two commands, run twice: each run promotes the previous run's version."""
+    for run in (1, 2):
+        ctl.ok("keys", "promote", key, "--pending", "--if-any")
+        published = ctl.json("keys", "rotate", key, "--pending")
+        assert published["kid"] == kid_of(key, run + 1)
+        assert published["key"]["active_kid"] == kid_of(key, run)
+
+
 @pytest.mark.parametrize(
     ("argv", "exit_code", "code"),
     [
@@ -182,6 +213,9 @@ def test_unreachable_daemon_is_unavailable(
         [],
         ["keys"],
         ["keys", "promote", "a/b", "one"],
+        ["keys", "promote", "a/b"],
+        ["keys", "promote", "a/b", "2", "--pending"],
+        ["keys", "promote", "a/b", "2", "--if-any"],
         ["keys", "destroy", "a/b", "1"],
         ["--timeout", "0", "health"],
         ["sign", "a/b", "--data-file", "f", "--data-b64", "aGk="],

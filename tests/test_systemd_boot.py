@@ -60,9 +60,13 @@ print(json.dumps(done))
 """
 
 
-def _config(*, verify: bool = False, vault: bool = False) -> str:
+def _config(*, verify: bool = False, vault: bool = False, staged: bool = False) -> str:
     """The packaged configuration plus test callers (and, optionally, a Vault backend)."""
     text = (REPO / "systemd" / "signerd.toml").read_text()
+    if staged:  # what the README says the staged rotation needs
+        rule = 'users = ["signerd-rotate"]\ntenants = ["*"]\noperations = ["rotate"'
+        assert rule in text
+        text = text.replace(rule, rule + ', "promote", "list"')
     boot = '"acme/feedback", "acme/my-key"' + (', "globex/api"' if vault else "")
     text = text.replace(
         'default_backend = "hsm"\n', f'default_backend = "hsm"\nbootstrap = [{boot}]\n'
@@ -112,6 +116,8 @@ def box() -> Iterator[Container]:
         box.boot()
         box.run("useradd", "--system", "-M", "-G", "signerd-clients", "gateway")
         box.run("useradd", "--system", "-M", "-G", "signerd-clients,signerd-operators", "keyops")
+        # the README's way: the chosen PIN in a file, the installed make-token.sh (no PIN in argv)
+        softhsm = "/var/lib/signerd/softhsm"
         box.run(
             "runuser",
             "-u",
@@ -119,12 +125,13 @@ def box() -> Iterator[Container]:
             "--",
             "sh",
             "-ec",
-            "mkdir -p /var/lib/signerd/softhsm/tokens\n"
-            "printf 'directories.tokendir = /var/lib/signerd/softhsm/tokens\\n"
-            "objectstore.backend = file\\n' > /var/lib/signerd/softhsm/softhsm2.conf\n"
-            "SOFTHSM2_CONF=/var/lib/signerd/softhsm/softhsm2.conf softhsm2-util --init-token"
-            f" --free --label signerd --pin {PIN} --so-pin 27182818 >/dev/null",
+            f"umask 077; mkdir -p {softhsm}; cat > {softhsm}/pin",
+            input=PIN,
         )
+        box.run(
+            "runuser", "-u", "signerd", "--", "/usr/share/signerd/make-token.sh", softhsm, "signerd"
+        )
+        box.run("rm", f"{softhsm}/pin")
         yield box
     finally:
         box.close()
@@ -202,6 +209,37 @@ def test_rotate_unit_makes_next_kid_audited_as_operator(box: Container) -> None:
     rotations = [r for r in records if r.get("operation") == "rotate" and r.get("outcome") == "ok"]
     assert {r["key"] for r in rotations} >= {"acme/feedback", "acme/my-key"}, rotations
     assert all(r["peer"]["user"] == "signerd-rotate" for r in rotations), rotations
+
+
+def test_staged_rotation_unit_promotes_the_pending_version(box: Container) -> None:
+    """signerd-rotate-staged@ publishes the next version pending, and promotes it on its next run."""
+    box.write("/etc/signerd/signerd.toml", _config(staged=True), 0o640)
+    box.run("chgrp", "signerd", "/etc/signerd/signerd.toml")
+    box.run("systemctl", "reload-or-restart", "signerd.service", timeout=90)
+    escaped = box.run("systemd-escape", "acme/my-key").stdout.strip()
+    unit = f"signerd-rotate-staged@{escaped}.service"
+
+    def states() -> list[str]:
+        desc = json.loads(_as(box, "keyops", CTL, "--json", "keys", "show", "acme/my-key"))
+        return [v["state"] for v in desc["versions"]]
+
+    active = _active_kid(box, "acme/my-key")
+    n = int(active.rsplit(".v", 1)[1])
+    box.run("systemctl", "start", unit, timeout=90)  # nothing pending yet: publishes v(n+1)
+    assert _active_kid(box, "acme/my-key") == active
+    assert states()[-2:] == ["active", "pending"]
+    box.run("systemctl", "start", unit, timeout=90)  # promotes v(n+1), publishes v(n+2)
+    assert _active_kid(box, "acme/my-key") == f"acme.my-key.v{n + 1}"
+    assert states()[-3:] == ["verify-only", "active", "pending"]
+    records = [
+        json.loads(line)
+        for line in box.run("cat", "/var/log/signerd/audit.jsonl").stdout.splitlines()
+    ]
+    promotes = [r for r in records if r.get("operation") == "promote" and r.get("outcome") == "ok"]
+    assert [r["peer"]["user"] for r in promotes] == ["signerd-rotate"], promotes
+    assert box.show(unit, "Result")["Result"] == "success"
+    box.write("/etc/signerd/signerd.toml", _config(), 0o640)
+    box.run("systemctl", "reload", "signerd.service")
 
 
 def test_reload_applies_policy_while_8_callers_sign(box: Container) -> None:

@@ -14,8 +14,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SERVICES = ("signerd.service", "signerd-rotate@.service")
-UNITS = ("signerd.socket", "signerd.service", "signerd-rotate@.service", "signerd-rotate@.timer")
+SERVICES = ("signerd.service", "signerd-rotate@.service", "signerd-rotate-staged@.service")
+UNITS = (
+    "signerd.socket",
+    "signerd.service",
+    "signerd-rotate@.service",
+    "signerd-rotate@.timer",
+    "signerd-rotate-staged@.service",
+    "signerd-rotate-staged@.timer",
+)
 MAX_EXPOSURE = 1.5
 
 pytestmark = pytest.mark.timeout(120)
@@ -109,3 +116,14 @@ def test_packaged_settings() -> None:
     socket_text = (REPO / "systemd" / "signerd.socket").read_text()
     assert "ListenStream=/run/signerd/signerd.sock" in socket_text
     assert "SocketMode=0660" in socket_text
+
+
+def test_staged_unit_promotes_then_publishes() -> None:
+    """The staged unit promotes the pending version (none is fine) before publishing the next."""
+    text = (REPO / "systemd" / "signerd-rotate-staged@.service").read_text()
+    starts = [line.split("=", 1)[1] for line in text.splitlines() if line.startswith("ExecStart=")]
+    assert [s.split(" keys ", 1)[1] for s in starts] == [
+        "promote %I --pending --if-any",
+        "rotate %I --pending",
+    ]
+    assert "User=signerd-rotate\n" in text
