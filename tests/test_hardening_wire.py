@@ -200,13 +200,17 @@ def test_empty_repeated_or_undecodable_query_is_a_400(daemon: DaemonProcess, rou
     """tenant= / bare tenant / tenant twice / non-UTF-8 is 400 invalid_request, never all tenants."""
     path = daemon.socket_path
     for query in (b"tenant=", b"tenant", b"tenant=a&tenant=b", b"tenant=a&tenant=", b"tenant=%ff"):
-        (answer,) = _exchange(path, b"GET %s?%s HTTP/1.1\r\nHost: x\r\n\r\n" % (route.encode(), query))
+        (answer,) = _exchange(
+            path, b"GET %s?%s HTTP/1.1\r\nHost: x\r\n\r\n" % (route.encode(), query)
+        )
         head, body = answer.split(b"\r\n\r\n", 1)
         assert head.startswith(b"HTTP/1.1 400"), (query, answer)
         assert json.loads(body)["error"]["code"] == "invalid_request", (query, body)
         assert b"%ff" not in body and b"tenant=a" not in body
     for query in (b"tenant=acme", b"tenant=acme&", b""):
-        (answer,) = _exchange(path, b"GET %s?%s HTTP/1.1\r\nHost: x\r\n\r\n" % (route.encode(), query))
+        (answer,) = _exchange(
+            path, b"GET %s?%s HTTP/1.1\r\nHost: x\r\n\r\n" % (route.encode(), query)
+        )
         assert answer.startswith(b"HTTP/1.1 200"), (query, answer)
 
 
