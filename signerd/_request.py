@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl, unquote_to_bytes
 
 import httptools
 
-from .errors import PayloadTooLarge, SignerdError
+from .errors import InvalidRequest, PayloadTooLarge, SignerdError
 
 if TYPE_CHECKING:
     import asyncio
@@ -53,6 +53,29 @@ class Headers(Mapping[str, str]):
         return len(self._map)
 
 
+def _parse_query(raw: bytes) -> tuple[dict[str, str], SignerdError | None]:
+    """Query parameters, each named once with a non-empty UTF-8 value, or the error to raise.
+
+    An empty value (``tenant=``, ``tenant``) is never taken for an absent
+    parameter, and a repeated one is never resolved by picking one of them:
+    either is a 400, as is a name or value that is not UTF-8.
+    """
+    query: dict[str, str] = {}
+    try:
+        pairs = parse_qsl(
+            raw.decode("latin-1"), keep_blank_values=True, strict_parsing=False, errors="strict"
+        )
+    except (UnicodeDecodeError, ValueError):
+        return {}, InvalidRequest("the query string is not UTF-8")
+    for name, value in pairs:
+        if name in query:
+            return {}, InvalidRequest("a query parameter is repeated")
+        if not value:
+            return {}, InvalidRequest("a query parameter is empty")
+        query[name] = value
+    return query, None
+
+
 class Request:
     """One parsed request head plus (at most ``max_body_bytes`` of) its body."""
 
@@ -81,6 +104,7 @@ class Request:
         self._state: dict[str, Any] = {}
         self._path: str | None = None
         self._query: dict[str, str] | None = None
+        self._query_error: SignerdError | None = None
         self.segments_ok = True
 
     # --- URL ---
@@ -98,13 +122,7 @@ class Request:
         except UnicodeDecodeError:
             self._path = ""
             self.segments_ok = False
-        query: dict[str, str] = {}
-        try:
-            for k, v in parse_qsl(raw_query.decode("latin-1"), errors="strict"):
-                query.setdefault(k, v)
-        except (UnicodeDecodeError, ValueError):
-            query = {}
-        self._query = query
+        self._query, self._query_error = _parse_query(raw_query)
 
     @property
     def path(self) -> str:
@@ -131,8 +149,11 @@ class Request:
 
     @property
     def query(self) -> Mapping[str, str]:
+        """The query parameters; InvalidRequest when one is empty, repeated or not UTF-8."""
         if self._query is None:
             self._split()
+        if self._query_error is not None:
+            raise self._query_error
         assert self._query is not None
         return self._query
 

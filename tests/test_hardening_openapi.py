@@ -34,8 +34,11 @@ MAX_EXAMPLES = 150  # per operation: about 1,900 requests in coverage and fuzzin
 STATEFUL_SECONDS = 40  # stateful scenarios repeat for this long: 500-800 requests
 LABEL = "signerd-openapi"
 
-# confirm must equal the kid the path names, which JSON Schema cannot express:
-# a schema-valid destroy may therefore be 400 confirmation_required.
+# Cross-field equalities JSON Schema cannot express, so a schema-valid request
+# may be a 400 on these operations only:
+# - destroy: confirm must equal the kid the path names (400 confirmation_required);
+# - addTrustedKey: the JWK's optional kid member must equal the request's kid
+#   (400 invalid_request).
 CONFIG = """
 [generation]
 database = "none"
@@ -45,6 +48,10 @@ max-steps = 8
 
 [[operations]]
 include-operation-id = "destroyVersion"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "429"]
+
+[[operations]]
+include-operation-id = "addTrustedKey"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "429"]
 """
 

@@ -195,6 +195,25 @@ def test_http_manners(daemon: DaemonProcess) -> None:
     assert cont.startswith(b"HTTP/1.1 100") and answer.startswith(b"HTTP/1.1 200")
 
 
+@pytest.mark.parametrize("route", ["/v1/keys", "/v1/jwks", "/v1/trusted-keys"])
+def test_empty_repeated_or_undecodable_query_is_a_400(daemon: DaemonProcess, route: str) -> None:
+    """tenant= / bare tenant / tenant twice / non-UTF-8 is 400 invalid_request, never all tenants."""
+    path = daemon.socket_path
+    for query in (b"tenant=", b"tenant", b"tenant=a&tenant=b", b"tenant=a&tenant=", b"tenant=%ff"):
+        (answer,) = _exchange(
+            path, b"GET %s?%s HTTP/1.1\r\nHost: x\r\n\r\n" % (route.encode(), query)
+        )
+        head, body = answer.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 400"), (query, answer)
+        assert json.loads(body)["error"]["code"] == "invalid_request", (query, body)
+        assert b"%ff" not in body and b"tenant=a" not in body
+    for query in (b"tenant=acme", b"tenant=acme&", b""):
+        (answer,) = _exchange(
+            path, b"GET %s?%s HTTP/1.1\r\nHost: x\r\n\r\n" % (route.encode(), query)
+        )
+        assert answer.startswith(b"HTTP/1.1 200"), (query, answer)
+
+
 async def test_extra_routes_see_the_request_subset() -> None:
     """Server.add_routes: extra handlers get match_info, query, headers, body, peer; 404/405 as usual."""
     from signerd._calls import AuditEvent, Call, Operation, Peer
