@@ -194,18 +194,18 @@ class SignClient:
                 status, answer = self._exchange(path, payload, token)
             except TimeoutError as exc:
                 self._drop()
-                _log_cause(exc)
+                _log_cause(exc, BackendUnavailable.code)
                 raise BackendUnavailable("Vault did not answer in time") from exc
             except ssl.SSLError as exc:
                 self._drop()
                 if not retried and not isinstance(exc, ssl.SSLCertVerificationError):
                     retried = True  # a kept-alive TLS connection Vault closed
                     continue
-                _log_cause(exc)
+                _log_cause(exc, BackendUnavailable.code)
                 raise BackendUnavailable("TLS connection to Vault failed") from exc
             except _TooLarge as exc:
                 self._drop()
-                _log_cause(exc)
+                _log_cause(exc, BackendError.code)
                 raise BackendError("Vault answered something signerd does not understand") from exc
             except (OSError, httptools.HttpParserError) as exc:
                 # refused, reset, or a kept-alive connection Vault closed
@@ -214,7 +214,7 @@ class SignClient:
                     log.info("signerd.vault.retry path=%s cause=%s", path, type(exc).__name__)
                     retried = True
                     continue
-                _log_cause(exc)
+                _log_cause(exc, BackendUnavailable.code)
                 raise BackendUnavailable("cannot reach Vault") from exc
             if status == 200:
                 return _json_object(answer, path, status)
@@ -281,6 +281,6 @@ def _vault_error(status: int, answer: bytes, path: str) -> hvac.exceptions.Vault
     raise AssertionError("raise_for_error returned")  # pragma: no cover
 
 
-def _log_cause(exc: BaseException) -> None:
+def _log_cause(exc: BaseException, code: str) -> None:
     cause = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
-    log.warning("signerd.vault.request_failed code=%s cause=%s", BackendUnavailable.code, cause)
+    log.warning("signerd.vault.request_failed code=%s cause=%s", code, cause)
