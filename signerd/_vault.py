@@ -57,6 +57,7 @@ from ._vault_auth import (
     connection_failed,
     parse_settings,
 )
+from ._vault_sign import SignClient
 from .errors import (
     BackendError,
     BackendSealed,
@@ -117,6 +118,10 @@ class VaultBackend:
     def __init__(self, settings: VaultSettings, transport: Transport) -> None:
         self.settings = settings
         self.transport = transport
+        # signs skip hvac: kept-alive http.client connections, hvac's token (see _vault_sign)
+        self.signer = SignClient(
+            settings, transport.auth, lambda path, body: transport.request("POST", path, body)
+        )
         self.max_concurrency = settings.max_concurrency
         self._reported: set[str] = set()  # keys skipped from listings, logged once each
 
@@ -420,7 +425,7 @@ class VaultBackend:
             body["batch_input"] = [{"input": e} for e in encoded]
         path = f"{self._mount(key)}/sign/{self._transit_name(key)}"
         try:
-            answer = self.transport.request("POST", path, body)  # signing is safe to repeat
+            answer = self.signer.post(path, body)  # signing is safe to repeat
         except NotFoundInVault as exc:
             raise UnknownKey() from exc
         except BackendError as exc:
@@ -450,6 +455,7 @@ class VaultBackend:
             raise BackendUnavailable("Vault is not usable") from exc
 
     def close(self) -> None:
+        self.signer.close()
         self.transport.close()
 
 

@@ -200,9 +200,19 @@ class BaoServer:
         self._session.close()
 
     def pause(self) -> None:
-        """Freeze the process (SIGSTOP): connections open, nothing answers."""
+        """Freeze the process (SIGSTOP): connections open, nothing answers.
+
+        Returns once every thread of the group has stopped: a group stop takes
+        effect thread by thread, and on a loaded machine a fast request can
+        still be answered for milliseconds after the signal is sent.
+        """
         assert self.proc is not None
         os.killpg(self.proc.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while not _group_stopped(self.proc.pid):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the OpenBao server did not stop on SIGSTOP")
+            time.sleep(0.002)
 
     def resume(self) -> None:
         assert self.proc is not None
@@ -478,6 +488,25 @@ class FaultProxy:
         except OSError:
             pass
         _close(client, upstream)
+
+
+def _group_stopped(pgid: int) -> bool:
+    """Every thread of every process in the group is stopped (or gone)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        if int(fields[2]) != pgid:
+            continue
+        for task in stat.parent.glob("task/*/stat"):
+            try:
+                state = task.read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if state not in ("T", "t", "Z", "X"):
+                return False
+    return True
 
 
 _METHODS = {b"GET", b"POST", b"PUT", b"LIST", b"DELETE", b"PATCH", b"HEAD"}
