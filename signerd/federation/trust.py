@@ -66,7 +66,9 @@ def jwk_public(jwk: object, kid: str) -> bytes:
     if "d" in jwk:
         raise InvalidRequest("field 'jwk' holds private key material; send the public key only")
     if set(jwk) - _JWK_MEMBERS:
-        raise InvalidRequest("field 'jwk' has members other than kty, crv, x, kid, alg, use, key_ops")
+        raise InvalidRequest(
+            "field 'jwk' has members other than kty, crv, x, kid, alg, use, key_ops"
+        )
     if jwk.get("kty") != "OKP" or jwk.get("crv") != "Ed25519":
         raise InvalidRequest("field 'jwk' must be an OKP Ed25519 key (RFC 8037)")
     if "kid" in jwk and jwk["kid"] != kid:
