@@ -18,6 +18,9 @@ nothing of HTTP or keys. It
   up) after ``reload_config``; SIGTERM/SIGINT stop all workers with SIGTERM,
   and SIGKILL whatever is left after ``graceful_timeout`` (a second signal
   kills at once);
+- calls ``on_ready`` once every worker reported "initialised" the first time
+  (systemd's READY=1), ``on_tick`` on each turn of its loop (at least once a
+  second: systemd's watchdog) and ``on_stop`` when it starts stopping;
 - relays a worker's notification to all the others at once;
 - kills (SIGKILL) and replaces a worker whose heartbeats, once begun, stop
   for ``heartbeat_timeout`` seconds: its event loop is stuck;
@@ -110,6 +113,8 @@ class Supervisor:
         buckets: SharedBuckets | None = None,
         reload_config: Callable[[Any], Any] | None = None,
         on_ready: Callable[[], None] | None = None,
+        on_tick: Callable[[], None] | None = None,
+        on_stop: Callable[[], None] | None = None,
     ) -> None:
         self.config: Any = config
         self.workers = int(config.workers if workers is None else workers)
@@ -122,6 +127,8 @@ class Supervisor:
         self._main = worker_main
         self._reload_config = reload_config
         self._on_ready = on_ready
+        self._on_tick = on_tick
+        self._on_stop = on_stop
         self._pid = os.getpid()
         self._by_pid: dict[int, _Worker] = {}
         self._slots: list[_Worker | None] = [None] * self.workers
@@ -186,6 +193,11 @@ class Supervisor:
             log.error("signerd.worker_start_timeout index=%d pid=%d", starting.index, starting.pid)
             self._kill(starting.pid, signal.SIGKILL)
         self._check_heartbeats(now)
+        if self._on_tick is not None:
+            try:
+                self._on_tick()
+            except Exception:
+                log.exception("signerd.supervisor_on_tick_failed")
         if self._stopping:
             if now >= self._deadline and self._by_pid:
                 log.error("signerd.workers_killed count=%d", len(self._by_pid))
@@ -304,7 +316,8 @@ class Supervisor:
         if worker.reload_pending:
             worker.reload_pending = False
             self._kill(worker.pid, signal.SIGHUP)
-        if not self._announced and not self._stopping:
+        every = all(w is not None and w.ready_at is not None for w in self._slots)
+        if every and not self._announced and not self._stopping:
             self._announced = True
             if self._on_ready is not None:
                 try:
@@ -407,6 +420,11 @@ class Supervisor:
             return
         self._stopping = True
         self._exit_code = code
+        if self._on_stop is not None:
+            try:
+                self._on_stop()
+            except Exception:
+                log.exception("signerd.supervisor_on_stop_failed")
         self._deadline = time.monotonic() + self.timing.graceful_timeout
         for pid in list(self._by_pid):
             self._kill(pid, signal.SIGTERM)

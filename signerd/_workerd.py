@@ -1,0 +1,248 @@
+"""signerd with several worker processes (``server.workers`` > 1).
+
+The main process is the supervisor (``signerd.workers.Supervisor``): it binds
+the listening socket (or takes systemd's), never loads a backend library,
+forks the workers one after another and speaks to systemd for all of them:
+``READY=1`` and the ``signerd.ready`` log line once every worker is ready,
+``STATUS=``, ``RELOADING=1``/``READY=1`` around SIGHUP, ``STOPPING=1``, and
+the watchdog pings from its own loop (a worker whose loop stalls stops its
+heartbeats and is killed and replaced while the others serve). Only the
+supervisor removes the socket when it stops.
+
+Each worker runs ``Daemon.start`` on the inherited socket with its own
+backends (its own token session and login), its own audit file
+(``audit.wN.jsonl``) and its own federation state, the rate-limit buckets all
+workers share, and the admin lock: create, rotate, promote, retire and
+destroy take it, and after each the worker sends ``keyring-changed
+TENANT/NAME`` so that every other worker re-reads that key at once. A worker
+that cannot start for a configuration reason (a wrong PIN) exits 78 and the
+supervisor stops with 78, without a restart loop.
+
+``server.workers = 1`` keeps the single process of ``_daemon.serve`` (no
+supervisor): the same code path as before workers existed, one audit file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from ._config import Config, ConfigError, load
+from ._daemon import Daemon, build_policy, exit_code
+from ._keyservice import KeyService
+from ._names import KeyName
+from ._sockets import bind_unix_socket, unlink_own_socket
+from ._systemd import activated_socket, notify, watchdog_interval
+from .errors import BackendUnavailable, SignerdError
+from .workers import (
+    AdminLock,
+    LockTimeout,
+    SharedBuckets,
+    Supervisor,
+    WorkerChannel,
+    runtime_path,
+)
+
+__all__ = ["CHANGED", "Worker", "supervise"]
+
+log = logging.getLogger("signerd")
+
+CHANGED = "keyring-changed"  # + " TENANT/NAME", or + " *" for the whole keyring
+ADMIN_LOCK_TIMEOUT = 10.0  # seconds an admin operation waits for another worker's
+_SYSTEMD_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+@dataclass
+class Worker:
+    """What a worker process adds to its ``Daemon``: its slot, the shared buckets, the admin lock."""
+
+    channel: WorkerChannel
+    lock: AdminLock
+
+    @property
+    def index(self) -> int:
+        return self.channel.index
+
+    @property
+    def buckets(self) -> SharedBuckets | None:
+        return self.channel.buckets
+
+    @contextlib.asynccontextmanager
+    async def guard(self, key: KeyName) -> AsyncIterator[None]:
+        """Hold the admin lock around one admin operation; tell the other workers afterwards.
+
+        The notice goes out whether the operation succeeded or not (a failed
+        one may still have changed the token): at worst one needless re-read.
+        """
+        try:
+            async with self.lock.hold(timeout=ADMIN_LOCK_TIMEOUT):
+                try:
+                    yield
+                finally:
+                    self.channel.send(f"{CHANGED} {key}")
+        except LockTimeout as exc:
+            log.error("signerd.admin_lock_busy worker=%d", self.index)
+            raise BackendUnavailable("another administrative operation is in progress") from exc
+
+    def on_message(self, keys: KeyService, text: str) -> None:
+        """A notice from another worker: re-read what it changed (in the background)."""
+        kind, _, what = text.partition(" ")
+        if kind != CHANGED:
+            return
+        loop = asyncio.get_running_loop()
+        if what == "*":
+            task = loop.create_task(keys.refresh_all())
+        else:
+            try:
+                key = KeyName.parse(what)
+            except SignerdError:
+                log.warning("signerd.worker_bad_notice worker=%d", self.index)
+                return
+            task = loop.create_task(keys.learn(key))
+        task.add_done_callback(_logged)
+
+
+def _logged(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        code = exc.code if isinstance(exc, SignerdError) else type(exc).__name__
+        log.warning("signerd.keyring_relearn_failed code=%s", code)
+
+
+# --- a worker process ------------------------------------------------------------
+
+
+def worker_main(index: int, sock: socket.socket, channel: WorkerChannel) -> int:
+    """The body of worker ``index``: serve ``sock`` until SIGTERM; the exit status."""
+    for name in _SYSTEMD_ENV:  # only the supervisor speaks to systemd (NotifyAccess=main)
+        os.environ.pop(name, None)
+    config: Config = channel.config
+    try:
+        asyncio.run(_serve_worker(config, sock, channel))
+    except BaseException as exc:
+        return exit_code(exc)
+    return os.EX_OK
+
+
+async def _serve_worker(config: Config, sock: socket.socket, channel: WorkerChannel) -> None:
+    started = time.monotonic()
+    worker = Worker(channel, AdminLock(runtime_path(config.socket, "admin.lock")))
+    daemon = await Daemon.start(config, sock, worker)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload)
+    channel.on_message(lambda text: worker.on_message(daemon.keys, text))
+    channel.heartbeat()
+    channel.ready()
+    log.info(
+        "signerd.worker_serving index=%d pid=%d keys=%d took=%.3f",
+        channel.index,
+        os.getpid(),
+        daemon.keys.key_count,
+        time.monotonic() - started,
+    )
+    try:
+        await stop.wait()
+    finally:
+        log.info("signerd.stopping worker=%d", channel.index)
+        channel.close()
+        await daemon.stop()
+        worker.lock.close()
+
+
+# --- the supervisor ------------------------------------------------------------
+
+
+def supervise(config: Config) -> int:
+    """Run ``config.workers`` workers on one listening socket; the exit status."""
+    started = time.monotonic()
+    notify("STATUS=starting: opening the socket and starting the workers")
+    sock = activated_socket(config.socket, mode=config.socket_mode, group=config.socket_group)
+    activated = sock is not None
+    if sock is None:
+        sock = bind_unix_socket(config.socket, mode=config.socket_mode, group=config.socket_group)
+    state = _SystemdState(config.workers)
+
+    def on_ready() -> None:
+        log.info(
+            "signerd.ready socket=%s workers=%d took=%.3f activated=%s",
+            config.socket,
+            config.workers,
+            time.monotonic() - started,
+            "yes" if activated else "no",
+        )
+        notify("READY=1", state.serving())
+
+    def reload_config(old: Config) -> Config:
+        notify("RELOADING=1", "STATUS=reloading the policy", _monotonic_usec())
+        try:
+            fresh = load(old.path)
+            build_policy(fresh)  # the workers build their own; refused here, refused there
+        except ConfigError as exc:
+            log.error("signerd.reload_refused error=%s", exc)
+            state.note = " (reload refused, see the log)"
+            notify("READY=1", state.serving())
+            raise
+        state.note = " (reloaded)"
+        notify("READY=1", state.serving())
+        return fresh
+
+    supervisor = Supervisor(
+        config,
+        sock,
+        worker_main,
+        reload_config=reload_config,
+        on_ready=on_ready,
+        on_tick=state.tick,
+        on_stop=state.stopping,
+    )
+    try:
+        code = supervisor.run()
+    finally:
+        if not activated:
+            unlink_own_socket(config.socket, sock)
+        sock.close()
+    if code == os.EX_CONFIG:
+        # the worker's own line (stderr, the journal) says why; no "configuration error" here
+        print("signerd: a worker could not start (exit 78); not retrying", flush=True)
+        notify("STATUS=failed: configuration error in a worker, see the journal")
+    elif code != 0:
+        notify(f"STATUS=failed: the workers could not be kept running (exit {code})")
+    return code
+
+
+class _SystemdState:
+    """STATUS= text and the watchdog pings of the supervisor."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.note = ""  # the last reload's outcome, kept in STATUS= until the next one
+        self._every = watchdog_interval()
+        self._pinged = 0.0
+
+    def serving(self) -> str:
+        return f"STATUS=serving with {self.workers} workers{self.note}"
+
+    def tick(self) -> None:
+        if self._every is None:
+            return
+        now = time.monotonic()
+        if now - self._pinged >= self._every:
+            self._pinged = now
+            notify("WATCHDOG=1")
+
+    def stopping(self) -> None:
+        log.info("signerd.stopping")
+        notify("STOPPING=1", "STATUS=stopping: the workers finish requests in flight")
+
+
+def _monotonic_usec() -> str:
+    return f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
