@@ -329,5 +329,6 @@ def exit_code(exc: BaseException) -> int:
         return os.EX_OSERR
     raise exc
 
+
 if __name__ == "__main__":
     sys.exit(main())
