@@ -141,6 +141,8 @@ class Daemon:
         federation = Federation.from_settings(
             server, config.federation, max_body_bytes=config.limits.max_body_bytes
         )
+        if worker is not None:
+            federation.admin_guard = worker.locked
         attach(server, federation)
         if sock is None:
             sock = bind_unix_socket(

@@ -81,15 +81,25 @@ class Worker:
         The notice goes out whether the operation succeeded or not (a failed
         one may still have changed the token): at worst one needless re-read.
         """
-        try:
-            async with self.lock.hold(timeout=ADMIN_LOCK_TIMEOUT):
-                try:
-                    yield
-                finally:
-                    self.channel.send(f"{CHANGED} {key}")
-        except LockTimeout as exc:
-            log.error("signerd.admin_lock_busy worker=%d", self.index)
-            raise BackendUnavailable("another administrative operation is in progress") from exc
+        async with self.locked():
+            try:
+                yield
+            finally:
+                self.channel.send(f"{CHANGED} {key}")
+
+    @contextlib.asynccontextmanager
+    async def locked(self) -> AsyncIterator[None]:
+        """Hold the admin lock (trusted-key changes: every worker re-reads that file by itself)."""
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                await stack.enter_async_context(self.lock.hold(timeout=ADMIN_LOCK_TIMEOUT))
+            except LockTimeout as exc:
+                log.error("signerd.admin_lock_busy worker=%d", self.index)
+                raise BackendUnavailable("another administrative operation is in progress") from exc
+            except OSError as exc:  # the runtime directory is not writable
+                log.error("signerd.admin_lock_failed worker=%d error=%s", self.index, exc.strerror)
+                raise BackendUnavailable("the administrative lock cannot be taken") from exc
+            yield
 
     def on_message(self, keys: KeyService, text: str) -> None:
         """A notice from another worker: re-read what it changed (in the background)."""
