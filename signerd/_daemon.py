@@ -9,6 +9,10 @@ connections. Under systemd (see ``_systemd``) it takes the activated socket,
 tells systemd STATUS=, READY=1, RELOADING=1 and STOPPING=1, pings the watchdog
 from the event loop and logs to the journal. Configuration errors, including
 credentials the backend refuses at start (a wrong PIN), exit 78 (EX_CONFIG).
+
+With ``server.workers`` > 1 this process is the supervisor of that many
+worker processes, each running ``Daemon.start`` on the shared socket (see
+``_workerd``); with 1 it serves in this process (``serve``), as it always did.
 """
 
 from __future__ import annotations
