@@ -152,7 +152,9 @@ class Daemon:
             sock = bind_unix_socket(
                 config.socket, mode=config.socket_mode, group=config.socket_group
             )
-        await server.serve(sock)  # accepts on sock as it is: listen(SOMAXCONN) stays
+        listener = await server.serve(sock)  # accepts on sock as it is: listen(SOMAXCONN) stays
+        if worker is not None:  # set before this loop turns again, so before any accept
+            listener.shared_uids = worker.connections
         return cls(config, keys, server, sock, worker)
 
     def reload(self) -> None:

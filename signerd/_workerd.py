@@ -45,6 +45,7 @@ from .workers import (
     AdminLock,
     LockTimeout,
     SharedBuckets,
+    SharedConnections,
     Supervisor,
     WorkerChannel,
     runtime_path,
@@ -65,6 +66,7 @@ class Worker:
 
     channel: WorkerChannel
     lock: AdminLock
+    connections: SharedConnections | None = None  # open connections per uid, all workers
 
     @property
     def index(self) -> int:
@@ -128,21 +130,34 @@ def _logged(task: asyncio.Task[None]) -> None:
 # --- a worker process ------------------------------------------------------------
 
 
-def worker_main(index: int, sock: socket.socket, channel: WorkerChannel) -> int:
+def worker_main(
+    index: int,
+    sock: socket.socket,
+    channel: WorkerChannel,
+    connections: SharedConnections | None = None,
+) -> int:
     """The body of worker ``index``: serve ``sock`` until SIGTERM; the exit status."""
     for name in _SYSTEMD_ENV:  # only the supervisor speaks to systemd (NotifyAccess=main)
         os.environ.pop(name, None)
     config: Config = channel.config
+    if connections is not None:
+        connections.bind(index)
     try:
-        asyncio.run(_serve_worker(config, sock, channel))
+        asyncio.run(_serve_worker(config, sock, channel, connections))
     except BaseException as exc:
         return exit_code(exc)
     return os.EX_OK
 
 
-async def _serve_worker(config: Config, sock: socket.socket, channel: WorkerChannel) -> None:
+async def _serve_worker(
+    config: Config,
+    sock: socket.socket,
+    channel: WorkerChannel,
+    connections: SharedConnections | None,
+) -> None:
     started = time.monotonic()
-    worker = Worker(channel, AdminLock(runtime_path(config.socket, "admin.lock")))
+    lock = AdminLock(runtime_path(config.socket, "admin.lock"))
+    worker = Worker(channel, lock, connections)
     daemon = await Daemon.start(config, sock, worker)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -205,10 +220,11 @@ def supervise(config: Config) -> int:
         notify("READY=1", state.serving())
         return fresh
 
+    connections = SharedConnections(config.workers)  # before any fork: every worker maps it
     supervisor = Supervisor(
         config,
         sock,
-        worker_main,
+        lambda index, listen, channel: worker_main(index, listen, channel, connections),
         reload_config=reload_config,
         on_ready=on_ready,
         on_tick=state.tick,
