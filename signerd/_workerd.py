@@ -56,6 +56,7 @@ __all__ = ["CHANGED", "Worker", "supervise"]
 log = logging.getLogger("signerd")
 
 CHANGED = "keyring-changed"  # + " TENANT/NAME", or + " *" for the whole keyring
+KEYS = "keys"  # + " N": a worker's key count, for the supervisor only
 ADMIN_LOCK_TIMEOUT = 10.0  # seconds an admin operation waits for another worker's
 _SYSTEMD_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
@@ -67,6 +68,7 @@ class Worker:
     channel: WorkerChannel
     lock: AdminLock
     connections: SharedConnections | None = None  # open connections per uid, all workers
+    keys: KeyService | None = None  # once started: its key count goes to the supervisor
 
     @property
     def index(self) -> int:
@@ -88,6 +90,12 @@ class Worker:
                 yield
             finally:
                 self.channel.send(f"{CHANGED} {key}")
+                self.report()
+
+    def report(self) -> None:
+        """Tell the supervisor how many keys there are (for systemd's STATUS=)."""
+        if self.keys is not None:
+            self.channel.send(f"{KEYS} {self.keys.key_count}")
 
     @contextlib.asynccontextmanager
     async def locked(self) -> AsyncIterator[None]:
@@ -166,6 +174,8 @@ async def _serve_worker(
     loop.add_signal_handler(signal.SIGHUP, daemon.reload)
     channel.on_message(lambda text: worker.on_message(daemon.keys, text))
     channel.heartbeat()
+    worker.keys = daemon.keys
+    worker.report()
     channel.ready()
     log.info(
         "signerd.worker_serving index=%d pid=%d keys=%d took=%.3f",
@@ -204,6 +214,7 @@ def supervise(config: Config) -> int:
             time.monotonic() - started,
             "yes" if activated else "no",
         )
+        state.announced = True
         notify("READY=1", state.serving())
 
     def reload_config(old: Config) -> Config:
@@ -229,6 +240,7 @@ def supervise(config: Config) -> int:
         on_ready=on_ready,
         on_tick=state.tick,
         on_stop=state.stopping,
+        on_message=state.message,
     )
     try:
         code = supervisor.run()
@@ -238,7 +250,7 @@ def supervise(config: Config) -> int:
         sock.close()
     if code == os.EX_CONFIG:
         # the worker's own line (stderr, the journal) says why; no "configuration error" here
-        print("signerd: a worker could not start (exit 78); not retrying", flush=True)
+        log.error("signerd.workers_failed code=78 retry=no")
         notify("STATUS=failed: configuration error in a worker, see the journal")
     elif code != 0:
         notify(f"STATUS=failed: the workers could not be kept running (exit {code})")
@@ -251,11 +263,26 @@ class _SystemdState:
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self.note = ""  # the last reload's outcome, kept in STATUS= until the next one
+        self.keys: int | None = None  # the key count the workers last reported
+        self.announced = False  # READY=1 was sent
         self._every = watchdog_interval()
         self._pinged = 0.0
 
     def serving(self) -> str:
-        return f"STATUS=serving with {self.workers} workers{self.note}"
+        keys = "" if self.keys is None else f"{self.keys} keys "
+        return f"STATUS=serving {keys}({self.workers} workers){self.note}"
+
+    def message(self, index: int, text: str) -> bool:
+        """A worker's key count (kept from the other workers); anything else is theirs."""
+        kind, _, value = text.partition(" ")
+        if kind != KEYS:
+            return False
+        if value.isdigit():
+            changed = self.keys is not None and self.keys != int(value)
+            self.keys = int(value)
+            if changed and self.announced:
+                notify(self.serving())
+        return True
 
     def tick(self) -> None:
         if self._every is None:

@@ -180,7 +180,7 @@ def test_socket_listens_first_and_activates(box: Container) -> None:
     assert sig["kid"].startswith("acme.feedback.v")
     props = box.show("signerd.service", "ActiveState", "MainPID", "TriggeredBy", "StatusText")
     assert props["ActiveState"] == "active" and props["MainPID"] != "0"
-    assert props["StatusText"] == "serving 2 keys", props
+    assert props["StatusText"].startswith("serving 2 keys"), props
     assert "signerd.socket" in props["TriggeredBy"]
     assert "activated=yes" in box.journal("-u", "signerd.service")
 

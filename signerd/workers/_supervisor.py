@@ -21,6 +21,8 @@ nothing of HTTP or keys. It
 - calls ``on_ready`` once every worker reported "initialised" the first time
   (systemd's READY=1), ``on_tick`` on each turn of its loop (at least once a
   second: systemd's watchdog) and ``on_stop`` when it starts stopping;
+  ``on_message(index, text)`` sees each notification first and keeps it
+  from the other workers by returning True;
 - relays a worker's notification to all the others at once;
 - kills (SIGKILL) and replaces a worker whose heartbeats, once begun, stop
   for ``heartbeat_timeout`` seconds: its event loop is stuck;
@@ -115,6 +117,7 @@ class Supervisor:
         on_ready: Callable[[], None] | None = None,
         on_tick: Callable[[], None] | None = None,
         on_stop: Callable[[], None] | None = None,
+        on_message: Callable[[int, str], bool] | None = None,
     ) -> None:
         self.config: Any = config
         self.workers = int(config.workers if workers is None else workers)
@@ -129,6 +132,7 @@ class Supervisor:
         self._on_ready = on_ready
         self._on_tick = on_tick
         self._on_stop = on_stop
+        self._on_message = on_message
         self._pid = os.getpid()
         self._by_pid: dict[int, _Worker] = {}
         self._slots: list[_Worker | None] = [None] * self.workers
@@ -297,7 +301,8 @@ class Supervisor:
             elif packet == READY:
                 self._ready(worker)
             elif (text := decode(packet)) is not None:
-                self._broadcast(worker, text)
+                if not self._consumed(worker, text):
+                    self._broadcast(worker, text)
             else:
                 log.warning("signerd.worker_bad_packet index=%d pid=%d", worker.index, worker.pid)
 
@@ -324,6 +329,16 @@ class Supervisor:
                     self._on_ready()
                 except Exception:
                     log.exception("signerd.supervisor_on_ready_failed")
+
+    def _consumed(self, worker: _Worker, text: str) -> bool:
+        """Whether ``on_message`` kept a notification for the supervisor itself."""
+        if self._on_message is None:
+            return False
+        try:
+            return bool(self._on_message(worker.index, text))
+        except Exception:
+            log.exception("signerd.supervisor_on_message_failed")
+            return False
 
     def _check_heartbeats(self, now: float) -> None:
         limit = self.timing.heartbeat_timeout
