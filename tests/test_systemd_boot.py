@@ -178,6 +178,10 @@ def test_socket_listens_first_and_activates(box: Container) -> None:
     assert mode[1] == "750 signerd signerd-clients"
     sig = _sign(box)
     assert sig["kid"].startswith("acme.feedback.v")
+    # the first worker answers while the next ones start; READY=1 comes when all are up
+    _wait(
+        lambda: box.show("signerd.service", "ActiveState")["ActiveState"] == "active", 30, "ready"
+    )
     props = box.show("signerd.service", "ActiveState", "MainPID", "TriggeredBy", "StatusText")
     assert props["ActiveState"] == "active" and props["MainPID"] != "0"
     assert props["StatusText"].startswith("serving 2 keys"), props
