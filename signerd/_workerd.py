@@ -32,7 +32,7 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ._config import Config, ConfigError, load
 from ._daemon import Daemon, build_policy, exit_code
@@ -57,6 +57,8 @@ log = logging.getLogger("signerd")
 
 CHANGED = "keyring-changed"  # + " TENANT/NAME", or + " *" for the whole keyring
 KEYS = "keys"  # + " N": a worker's key count, for the supervisor only
+LEARNED = "learned"  # + " TOKEN": a worker re-read what the notice TOKEN named
+ACK_TIMEOUT = 1.0  # seconds an admin operation waits for the other workers to re-read
 ADMIN_LOCK_TIMEOUT = 10.0  # seconds an admin operation waits for another worker's
 _SYSTEMD_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
@@ -69,6 +71,8 @@ class Worker:
     lock: AdminLock
     connections: SharedConnections | None = None  # open connections per uid, all workers
     keys: KeyService | None = None  # once started: its key count goes to the supervisor
+    _seq: int = 0
+    _waiting: dict[str, tuple[asyncio.Future[None], list[int]]] = field(default_factory=dict)
 
     @property
     def index(self) -> int:
@@ -89,8 +93,27 @@ class Worker:
             try:
                 yield
             finally:
-                self.channel.send(f"{CHANGED} {key}")
+                await self._announce(key)
                 self.report()
+
+    async def _announce(self, key: KeyName) -> None:
+        """Tell the other workers; wait (at most ACK_TIMEOUT) until each has re-read the key.
+
+        So the caller's answer leaves only once no worker would still sign
+        with, or verify against, what the change replaced.
+        """
+        self._seq += 1
+        token = f"{self.index}.{self._seq}"
+        others = max(0, int(self.channel.config.workers) - 1)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = (future, [others])
+        try:
+            if not self.channel.send(f"{CHANGED} {key} {token}") or others == 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(future), ACK_TIMEOUT)
+        finally:
+            self._waiting.pop(token, None)
 
     def report(self) -> None:
         """Tell the supervisor how many keys there are (for systemd's STATUS=)."""
@@ -112,21 +135,35 @@ class Worker:
             yield
 
     def on_message(self, keys: KeyService, text: str) -> None:
-        """A notice from another worker: re-read what it changed (in the background)."""
-        kind, _, what = text.partition(" ")
+        """A notice from another worker: re-read what it changed (in the background), then ack."""
+        kind, _, rest = text.partition(" ")
+        if kind == LEARNED:
+            waiting = self._waiting.get(rest)
+            if waiting is not None:
+                future, left = waiting
+                left[0] -= 1
+                if left[0] <= 0 and not future.done():
+                    future.set_result(None)
+            return
         if kind != CHANGED:
             return
-        loop = asyncio.get_running_loop()
+        what, _, token = rest.partition(" ")
         if what == "*":
-            task = loop.create_task(keys.refresh_all())
+            coro = keys.refresh_all()
         else:
             try:
                 key = KeyName.parse(what)
             except SignerdError:
                 log.warning("signerd.worker_bad_notice worker=%d", self.index)
                 return
-            task = loop.create_task(keys.learn(key))
-        task.add_done_callback(_logged)
+            coro = keys.learn(key)
+        task = asyncio.get_running_loop().create_task(coro)
+        task.add_done_callback(lambda t: self._learned(t, token))
+
+    def _learned(self, task: asyncio.Task[None], token: str) -> None:
+        _logged(task)
+        if token:
+            self.channel.send(f"{LEARNED} {token}")
 
 
 def _logged(task: asyncio.Task[None]) -> None:

@@ -264,7 +264,9 @@ def test_listen_backlog_is_the_system_maximum(daemon: DaemonProcess) -> None:
     """With the daemon stopped, somaxconn + 1 connections queue before EAGAIN (not 129: listen(128))."""
     somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
     queued: list[socket.socket] = []
-    os.kill(daemon.proc.pid, signal.SIGSTOP)
+    pids = daemon.worker_pids() | {daemon.proc.pid}  # every process that accepts
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
     try:
         while len(queued) <= somaxconn + 10:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -276,7 +278,8 @@ def test_listen_backlog_is_the_system_maximum(daemon: DaemonProcess) -> None:
                 break
             queued.append(s)
     finally:
-        os.kill(daemon.proc.pid, signal.SIGCONT)
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
         for s in queued:
             s.close()
     assert len(queued) == somaxconn + 1
