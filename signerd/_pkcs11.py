@@ -317,6 +317,10 @@ class Pkcs11Backend:
                 except SignerdError:
                     self._reset()
                     raise
+                except (p11e.PinIncorrect, p11e.PinLocked, p11e.PinExpired, p11e.PinInvalid) as exc:
+                    log.error("signerd.pkcs11.login_failed error=%s", type(exc).__name__)
+                    self._reset()
+                    raise BackendUnavailable("the token refused the login") from exc
                 except Exception as exc:  # library load, C_Initialize, login: all "not now"
                     log.warning("signerd.pkcs11.connect_failed error=%s", type(exc).__name__)
                     self._reset()
