@@ -55,11 +55,14 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._calls import Call, Operation, Peer
 from ._names import KeyName, valid_part
 from .errors import PermissionDenied, RateLimited
+
+if TYPE_CHECKING:
+    from .workers import SharedBuckets
 
 __all__ = ["Policy", "Rule", "policy_from_config"]
 
@@ -130,11 +133,21 @@ class _Bucket:
 
 
 class _Limiter:
-    """Token buckets, shared by the request handlers; the only mutable part of a policy."""
+    """Token buckets, shared by the request handlers; the only mutable part of a policy.
 
-    def __init__(self, buckets: dict[tuple[str, int, str | None], _Bucket] | None = None) -> None:
+    With ``shared`` (the workers' ``SharedBuckets``, mapped by every worker
+    process) the buckets live there, so a caller spread over several workers
+    is charged once per request, not once per worker.
+    """
+
+    def __init__(
+        self,
+        buckets: dict[tuple[str, int, str | None], _Bucket] | None = None,
+        shared: SharedBuckets | None = None,
+    ) -> None:
         self._lock = threading.Lock()
         self._buckets = buckets or {}
+        self.shared = shared
 
     def take(self, rule: Rule, peer: Peer) -> bool:
         assert rule.rate is not None
@@ -142,6 +155,8 @@ class _Limiter:
 
     def take_from(self, ident: tuple[str, int, str | None], rate: float, burst: int) -> bool:
         now = time.monotonic()
+        if self.shared is not None:
+            return self.shared.take(ident, rate, burst, now)
         with self._lock:
             bucket = self._buckets.get(ident)
             if bucket is None:
@@ -165,6 +180,8 @@ class _Limiter:
             del self._buckets[ident]
 
     def carried(self, rules: tuple[Rule, ...], unmatched_burst: int) -> _Limiter:
+        if self.shared is not None:  # the shared table keeps the state; takes cap it at burst
+            return _Limiter(shared=self.shared)
         bursts = {r.label: r.burst for r in rules if r.rate is not None}
         bursts[_UNMATCHED] = unmatched_burst
         with self._lock:
@@ -246,8 +263,11 @@ def _target(tenant: str | None, key: KeyName | None) -> str:
     return "across tenants"
 
 
-def policy_from_config(table: Mapping[str, Any]) -> Policy:
-    """Build a Policy from the ``[policy]`` table; ValueError names the bad key."""
+def policy_from_config(table: Mapping[str, Any], buckets: SharedBuckets | None = None) -> Policy:
+    """Build a Policy from the ``[policy]`` table; ValueError names the bad key.
+
+    ``buckets``: the rate-limit table shared by the worker processes (None: this process's own).
+    """
     if not isinstance(table, Mapping):
         raise ValueError("policy: must be a table")
     for name in table:
@@ -268,7 +288,12 @@ def policy_from_config(table: Mapping[str, Any]) -> Policy:
     burst = table.get("unmatched_burst", DEFAULT_UNMATCHED_BURST)
     if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
         raise ValueError("policy.unmatched_burst: must be a positive integer")
-    return Policy(rules, unmatched_rate=float(rate), unmatched_burst=burst)
+    return Policy(
+        rules,
+        limiter=_Limiter(shared=buckets),
+        unmatched_rate=float(rate),
+        unmatched_burst=burst,
+    )
 
 
 def _rule(where: str, index: int, raw: object) -> Rule:

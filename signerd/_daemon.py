@@ -9,6 +9,10 @@ connections. Under systemd (see ``_systemd``) it takes the activated socket,
 tells systemd STATUS=, READY=1, RELOADING=1 and STOPPING=1, pings the watchdog
 from the event loop and logs to the journal. Configuration errors, including
 credentials the backend refuses at start (a wrong PIN), exit 78 (EX_CONFIG).
+
+With ``server.workers`` > 1 this process is the supervisor of that many
+worker processes, each running ``Daemon.start`` on the shared socket (see
+``_workerd``); with 1 it serves in this process (``serve``), as it always did.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ._audit import AuditTrail, audit_from_config
 from ._authz import Policy, policy_from_config
@@ -45,6 +50,10 @@ from ._systemd import (
 from .errors import SignerdError
 from .federation.routes import Federation, attach, federation_of
 
+if TYPE_CHECKING:
+    from ._workerd import Worker
+    from .workers import SharedBuckets
+
 log = logging.getLogger("signerd")
 
 STATUS_INTERVAL = 15.0  # seconds between backend checks for systemd's STATUS= line
@@ -61,17 +70,18 @@ def build_backends(config: Config) -> dict[str, Backend]:
     return backends
 
 
-def build_policy(config: Config) -> Policy:
+def build_policy(config: Config, buckets: SharedBuckets | None = None) -> Policy:
     try:
-        return policy_from_config(config.policy)
+        return policy_from_config(config.policy, buckets)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
 
 
-def build_audit(config: Config) -> AuditTrail:
+def build_audit(config: Config, worker: int | None = None) -> AuditTrail:
+    """The audit trail; a worker's own file (``audit.wN.jsonl``) when ``worker`` is given."""
     os.makedirs(os.path.dirname(str(config.audit["path"])), mode=0o750, exist_ok=True)
     try:
-        return audit_from_config(config.audit)
+        return audit_from_config(config.audit, worker=worker)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
 
@@ -102,18 +112,29 @@ class Daemon:
     keys: KeyService
     server: Server
     sock: socket.socket
+    worker: Worker | None = None
 
     @classmethod
-    async def start(cls, config: Config, sock: socket.socket | None = None) -> Daemon:
-        """Start serving on ``sock`` (the activated socket), or on one bound here when None."""
-        policy = build_policy(config)
-        audit = build_audit(config)
+    async def start(
+        cls, config: Config, sock: socket.socket | None = None, worker: Worker | None = None
+    ) -> Daemon:
+        """Start serving on ``sock`` (the activated socket), or on one bound here when None.
+
+        A ``worker`` (one of several processes under the supervisor) serves the
+        supervisor's socket, never unlinks it, writes its own audit file, shares
+        the rate-limit table and takes the cross-process admin lock.
+        """
+        index = None if worker is None else worker.index
+        policy = build_policy(config, None if worker is None else worker.buckets)
+        audit = build_audit(config, index)
         keys = KeyService(
             build_backends(config),
             default_backend=config.default_backend,
             tenant_backends=config.tenant_backends,
             settings=config.settings,
         )
+        if worker is not None:
+            keys.admin_guard = worker.guard
         try:
             await keys.start(config.bootstrap)
         except BaseException:
@@ -124,19 +145,23 @@ class Daemon:
         federation = Federation.from_settings(
             server, config.federation, max_body_bytes=config.limits.max_body_bytes
         )
+        if worker is not None:
+            federation.admin_guard = worker.locked
         attach(server, federation)
         if sock is None:
             sock = bind_unix_socket(
                 config.socket, mode=config.socket_mode, group=config.socket_group
             )
-        await server.serve(sock)  # accepts on sock as it is: listen(SOMAXCONN) stays
-        return cls(config, keys, server, sock)
+        listener = await server.serve(sock)  # accepts on sock as it is: listen(SOMAXCONN) stays
+        if worker is not None:  # set before this loop turns again, so before any accept
+            listener.shared_uids = worker.connections
+        return cls(config, keys, server, sock, worker)
 
     def reload(self) -> None:
         """SIGHUP: new policy from the file (kept only when valid) and reopen the audit file."""
         try:
             fresh = load(self.config.path)
-            policy = build_policy(fresh)
+            policy = build_policy(fresh, None if self.worker is None else self.worker.buckets)
         except ConfigError as exc:
             log.error("signerd.reload_refused error=%s", exc)
         else:
@@ -151,7 +176,8 @@ class Daemon:
 
     async def stop(self) -> None:
         await self.server.close()
-        unlink_own_socket(self.config.socket, self.sock)
+        if self.worker is None:  # a worker's socket is the supervisor's to remove
+            unlink_own_socket(self.config.socket, self.sock)
         self.sock.close()
         await self.keys.close()
         federation = federation_of(self.server)
@@ -281,27 +307,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"signerd: {args.config}: ok")
             return os.EX_OK
         setup_logging(config.log_level)
+        if config.workers > 1:
+            from ._workerd import supervise
+
+            return supervise(config)
         asyncio.run(serve(config))
-    except ConfigError as exc:
+    except BaseException as exc:
+        return exit_code(exc)
+    return os.EX_OK
+
+
+def exit_code(exc: BaseException) -> int:
+    """The exit status for an exception that ended start-up (re-raised when it is not ours)."""
+    if isinstance(exc, ConfigError | ActivationError):
         _fail(f"configuration error: {exc}")
         return os.EX_CONFIG
-    except ActivationError as exc:
-        _fail(f"configuration error: {exc}")
-        return os.EX_CONFIG
-    except SocketError as exc:
+    if isinstance(exc, SocketError):
         _fail(f"cannot listen: {exc}")
         return os.EX_CANTCREAT
-    except SignerdError as exc:
+    if isinstance(exc, SignerdError):
         cause = _credentials_refused(exc)
         if cause is not None:
             _fail(f"configuration error: {exc.message} ({cause}); not retrying")
             return os.EX_CONFIG
         _fail(f"cannot start: {exc.code}: {exc.message}")
         return os.EX_UNAVAILABLE
-    except OSError as exc:
+    if isinstance(exc, OSError):
         _fail(f"cannot start: {exc}")
         return os.EX_OSERR
-    return os.EX_OK
+    raise exc
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -97,6 +97,9 @@ class KeyService(KeyringUpkeep):
         self._refreshed: dict[KeyName, float] = {}
         self._init_upkeep()
         self._admin_locks: dict[KeyName, asyncio.Lock] = {}
+        #: wraps every admin operation: the workers' cross-process lock and change notice
+        self.admin_guard: Callable[[KeyName], contextlib.AbstractAsyncContextManager[None]] | None
+        self.admin_guard = None
         self._coalescer: Coalescer[_Group] = Coalescer(
             self._sign_batch,
             max_batch=self.settings.max_batch,
@@ -327,8 +330,27 @@ class KeyService(KeyringUpkeep):
 
     # --- administration -----------------------------------------------------
 
-    def _admin_lock(self, key: KeyName) -> asyncio.Lock:
-        return self._admin_locks.setdefault(key, asyncio.Lock())
+    @contextlib.asynccontextmanager
+    async def _admin_lock(self, key: KeyName) -> AsyncIterator[None]:
+        async with self._admin_locks.setdefault(key, asyncio.Lock()):
+            if self.admin_guard is None:
+                yield
+            else:
+                async with self.admin_guard(key):
+                    yield
+
+    async def learn(self, key: KeyName) -> None:
+        """Another process changed ``key``: read it from its backend now.
+
+        A key this process does not know yet (created elsewhere) is read and
+        cached; one the backend no longer finds is left to a careful re-read.
+        """
+        async with self._admin_locks.setdefault(key, asyncio.Lock()):
+            try:
+                self._store(await self._on(key, lambda b: b.describe(key)))
+            except UnknownKey:
+                if key in self._keys:
+                    await self._reread(self.backend_name(key.tenant))
 
     async def create(self, key: KeyName) -> KeyInfo:
         async with self._admin_lock(key):

@@ -23,6 +23,7 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from ._protocol import Connection, Limits, Throttled
 from ._request import Request, Response
@@ -60,6 +61,14 @@ def connection_cap(configured: int, nofile: int) -> int:
     return max(1, min(configured, nofile - _FD_HEADROOM))
 
 
+class UidCounter(Protocol):
+    """Connections per uid counted across processes (the workers' ``SharedConnections``)."""
+
+    def admit(self, uid: int, cap: int) -> bool: ...
+
+    def release(self, uid: int) -> None: ...
+
+
 class Listener:
     """Accepts connections on a listening socket and owns the live ones."""
 
@@ -74,6 +83,7 @@ class Listener:
         self.dispatch, self.precheck, self.limits = dispatch, precheck, limits
         self.connections: set[Connection] = set()
         self.per_uid: dict[int, int] = {}
+        self.shared_uids: UidCounter | None = None  # the per-uid cap across worker processes
         iv = limits.log_interval
         self.refused_total = Throttled("signerd.connection_refused reason=total_cap", iv)
         self.refused_uid = Throttled("signerd.connection_refused reason=uid_cap", iv)
@@ -174,7 +184,10 @@ class Listener:
             conn.close()
             self.refused_total.note(uid=uid)
             return
-        if self.per_uid.get(uid, 0) >= self.limits.max_connections_per_uid:
+        cap = self.limits.max_connections_per_uid
+        if self.per_uid.get(uid, 0) >= cap or (
+            self.shared_uids is not None and not self.shared_uids.admit(uid, cap)
+        ):
             conn.close()
             self.refused_uid.note(uid=uid)
             return
@@ -195,6 +208,8 @@ class Listener:
     def forget(self, conn: Connection) -> None:
         if conn in self.connections:
             self.connections.discard(conn)
+            if self.shared_uids is not None:
+                self.shared_uids.release(conn.uid)
             left = self.per_uid.get(conn.uid, 1) - 1
             if left > 0:
                 self.per_uid[conn.uid] = left

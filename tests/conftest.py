@@ -7,7 +7,9 @@ PKCS#11 library; tests keep apart by using their own tenants and keys.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -150,6 +152,34 @@ class DaemonProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def audit_files(self) -> list[Path]:
+        """The trail's files: audit.jsonl (one process) and each worker's audit.wN.jsonl."""
+        stem, suffix = self.audit_path.stem, self.audit_path.suffix
+        workers = sorted(self.audit_path.parent.glob(f"{stem}.w*{suffix}"))
+        return ([self.audit_path] if self.audit_path.exists() else []) + workers
+
+    def audit_bytes(self) -> bytes:
+        """Every file of the trail, one after another."""
+        return b"".join(p.read_bytes() for p in self.audit_files())
+
+    def audit_records(self) -> list[dict[str, Any]]:
+        """The records of every file of the trail, ordered by their time (stable)."""
+        records = [
+            json.loads(line)
+            for p in self.audit_files()
+            for line in p.read_bytes().splitlines()
+            if line.strip()
+        ]
+        return sorted(records, key=lambda r: float(r.get("time", 0.0)))
+
+    def worker_pids(self) -> set[int]:
+        """The pids of the daemon's worker processes (empty when it runs as one process)."""
+        pids: set[int] = set()
+        for task in Path(f"/proc/{self.proc.pid}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                pids.update(int(x) for x in task.read_text().split())
+        return pids
 
     def sighup(self) -> None:
         self.proc.send_signal(signal.SIGHUP)

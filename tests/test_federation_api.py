@@ -286,7 +286,7 @@ def test_each_verification_is_one_audit_record(
     deadline = time.monotonic() + 10
     records: dict[str, list[dict[str, Any]]] = {}
     while time.monotonic() < deadline:
-        lines = [json.loads(x) for x in fed.audit_path.read_text().splitlines()]
+        lines = fed.audit_records()
         records = {
             rid: [r for r in lines if r["request_id"] == rid]
             for rid in (f"ok-{tenant}", f"again-{tenant}", f"forged-{tenant}")
@@ -401,7 +401,7 @@ def test_trust_is_audited_like_an_admin_operation(fed: DaemonProcess, api: Api) 
     deadline = time.monotonic() + 10
     mine: list[dict[str, Any]] = []
     while time.monotonic() < deadline and len(mine) < 2:
-        lines = [json.loads(x) for x in fed.audit_path.read_text().splitlines()]
+        lines = fed.audit_records()
         mine = [r for r in lines if r["request_id"] == rid]
         time.sleep(0.05)
     assert [(r["operation"], r["outcome"], r["tenant"], r["kid"]) for r in mine] == [

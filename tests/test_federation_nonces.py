@@ -84,7 +84,8 @@ def test_accepted_before_kill_9_is_refused_after_restart(tmp_path: Path) -> None
 
 def test_sqlite_full_store_answers_503(tmp_path: Path) -> None:
     """At federation.nonces.max_entries live nonces, a new one is 503; live ones still replay (409)."""
-    d = federation_daemon(tmp_path / "d", {"nonces": {"max_entries": 3}})
+    # one process: the entry count is each process's own (see the README, workers)
+    d = federation_daemon(tmp_path / "d", {"nonces": {"max_entries": 3}}, server={"workers": 1})
     try:
         api = Api(d)
         tenant = unique("fu")

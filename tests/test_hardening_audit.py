@@ -442,7 +442,7 @@ def last_hash(path: Path) -> tuple[int, str]:
 
 def test_daemon_anchors_on_schedule(tmp_path: Path) -> None:
     """A running daemon anchors its head within the interval after records were written."""
-    d = start_daemon(tmp_path / "d", audit={"anchor_interval": 0.2})
+    d = start_daemon(tmp_path / "d", server={"workers": 1}, audit={"anchor_interval": 0.2})
     try:
         sign_some(d, 3)
         anchor = Path(f"{d.audit_path}.anchor")
@@ -459,7 +459,7 @@ def test_daemon_anchors_on_schedule(tmp_path: Path) -> None:
 
 def test_daemon_anchors_at_shutdown(tmp_path: Path, verify: Verify) -> None:
     """SIGTERM writes a shutdown anchor naming the last record; the trail then verifies."""
-    d = start_daemon(tmp_path / "d", audit={"anchor_interval": 3600})
+    d = start_daemon(tmp_path / "d", server={"workers": 1}, audit={"anchor_interval": 3600})
     try:
         sign_some(d, 2)
     finally:
@@ -473,7 +473,7 @@ def test_daemon_anchors_at_shutdown(tmp_path: Path, verify: Verify) -> None:
 
 def test_daemon_logs_a_live_file_that_shrinks(tmp_path: Path, verify: Verify) -> None:
     """A daemon logs and anchors its live trail shrinking (no request needed) and keeps signing."""
-    d = start_daemon(tmp_path / "d", audit={"anchor_interval": 0.2})
+    d = start_daemon(tmp_path / "d", server={"workers": 1}, audit={"anchor_interval": 0.2})
     try:
         sign_some(d, 2)
         os.truncate(d.audit_path, 0)
@@ -490,7 +490,7 @@ def test_daemon_logs_a_live_file_that_shrinks(tmp_path: Path, verify: Verify) ->
 
 def test_daemon_sighup_rotation_set_verifies(tmp_path: Path, verify: Verify) -> None:
     """Rename + SIGHUP: the old file's head is anchored and the directory verifies as one set."""
-    d = start_daemon(tmp_path / "d", audit={"anchor_interval": 3600})
+    d = start_daemon(tmp_path / "d", server={"workers": 1}, audit={"anchor_interval": 3600})
     try:
         sign_some(d, 2)
         d.audit_path.rename(f"{d.audit_path}.1")

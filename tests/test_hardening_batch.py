@@ -54,7 +54,7 @@ def _batch(keys: list[str]) -> bytes:
 
 
 def _last_record(d: DaemonProcess) -> dict[str, Any]:
-    lines = [json.loads(x) for x in d.audit_path.read_bytes().splitlines() if x.strip()]
+    lines = d.audit_records()
     record: dict[str, Any] = [r for r in lines if r["peer"]["uid"] == 65534][-1]
     return record
 

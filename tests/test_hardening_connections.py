@@ -213,7 +213,7 @@ def test_flood_from_a_stranger_leaves_a_granted_caller_signing(daemon: DaemonPro
     log = daemon.log_text()
     assert mark not in log and "Traceback" not in log
     assert daemon.log_path.stat().st_size < 64 * 1024
-    assert mark.encode() not in daemon.audit_path.read_bytes()
+    assert mark.encode() not in daemon.audit_bytes()
 
 
 def test_connections_past_the_uid_cap_are_closed_at_once(daemon: DaemonProcess) -> None:
@@ -224,7 +224,7 @@ def test_connections_past_the_uid_cap_are_closed_at_once(daemon: DaemonProcess) 
     with Client(daemon.socket_path, timeout=5) as client:
         assert client.health() == "ok"  # another uid is not affected
     lines = [line for line in daemon.log_text().splitlines() if "reason=uid_cap" in line]
-    assert len(lines) == 1, lines
+    assert 1 <= len(lines) <= 2, lines  # at most one line per worker process
 
 
 def _lifetime(path: Path, send: bytes, trickle: bytes = b"", limit: float = 8.0) -> float:
@@ -325,15 +325,18 @@ def test_malformed_http_flood_keeps_the_log_small(shared_base: Path) -> None:
 
 def test_descriptor_exhaustion_is_logged_once_and_survived(daemon: DaemonProcess) -> None:
     """Out of descriptors (limit lowered under the daemon): accept failures are shed quietly, then all recovers."""
-    pid = daemon.proc.pid
-    in_use = len(os.listdir(f"/proc/{pid}/fd"))
+    pids = daemon.worker_pids() or {daemon.proc.pid}  # the processes that accept
+    spare = 20 // len(pids)  # 20 descriptors to spare among them
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]  # the daemon's too: it raised its soft one
-    subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={in_use + 20}:{hard}"], check=True)
+    for pid in pids:
+        in_use = len(os.listdir(f"/proc/{pid}/fd"))
+        subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={in_use + spare}:{hard}"], check=True)
     try:
         proc = flood(daemon, ["idle"], 60, 3.0, "FDMARK", tick=10.0)
         result = flood_result(proc)
     finally:
-        subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={hard}:{hard}"], check=True)
+        for pid in pids:
+            subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={hard}:{hard}"], check=True)
     assert result["at_once"]["idle"] >= 30, result  # shed by accept-and-close, not left waiting
     time.sleep(1.5)  # the held ones meet their head deadline
     key = f"{unique('fd')}/k"
@@ -343,7 +346,7 @@ def test_descriptor_exhaustion_is_logged_once_and_survived(daemon: DaemonProcess
     log = daemon.log_text()
     assert "Traceback" not in log
     failed = [line for line in log.splitlines() if "signerd.accept_failed" in line]
-    assert 1 <= len(failed) <= 2, failed
+    assert 1 <= len(failed) <= 2 * len(pids), failed  # once or twice per process
     assert daemon.log_path.stat().st_size < 16 * 1024
 
 

@@ -84,8 +84,8 @@ def _touch_token(tenant: str) -> None:
 
 @pytest.fixture
 def busy_daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
-    """A daemon whose periodic refresh runs twice a second."""
-    d = start_daemon(tmp_path / "d", keys={"refresh_interval": 0.5})
+    """A daemon (one process: the tests starve and read its one cache) refreshing twice a second."""
+    d = start_daemon(tmp_path / "d", server={"workers": 1}, keys={"refresh_interval": 0.5})
     yield d
     d.stop()
 

@@ -43,7 +43,7 @@ def test_a_flood_of_readiness_probes_costs_one_round_trip_a_second(tmp_path: Pat
 
 def test_not_ready_while_the_token_cannot_be_read(tmp_path: Path) -> None:
     """With no fds to open the token's files the daemon is not ready; ready again afterwards."""
-    d = start_daemon(tmp_path / "d")
+    d = start_daemon(tmp_path / "d", server={"workers": 1})  # one process to starve
     conn = KeepAlive(d.socket_path)
     try:
         assert conn("GET", "/v1/ready").status == 200

@@ -185,9 +185,13 @@ def test_socket_listens_first_and_activates(box: Container) -> None:
     assert mode[1] == "750 signerd signerd-clients"
     sig = _sign(box)
     assert sig["kid"].startswith("acme.feedback.v")
+    # the first worker answers while the next ones start; READY=1 comes when all are up
+    _wait(
+        lambda: box.show("signerd.service", "ActiveState")["ActiveState"] == "active", 30, "ready"
+    )
     props = box.show("signerd.service", "ActiveState", "MainPID", "TriggeredBy", "StatusText")
     assert props["ActiveState"] == "active" and props["MainPID"] != "0"
-    assert props["StatusText"] == "serving 2 keys", props
+    assert props["StatusText"].startswith("serving 2 keys"), props
     assert "signerd.socket" in props["TriggeredBy"]
     assert "activated=yes" in box.journal("-u", "signerd.service")
 
@@ -204,7 +208,7 @@ def test_rotate_unit_makes_next_kid_audited_as_operator(box: Container) -> None:
     box.run("systemctl", "start", f"signerd-rotate@{escaped}.service", timeout=90)
     records = [
         json.loads(line)
-        for line in box.run("cat", "/var/log/signerd/audit.jsonl").stdout.splitlines()
+        for line in box.run("sh", "-c", "cat /var/log/signerd/audit*.jsonl").stdout.splitlines()
     ]
     rotations = [r for r in records if r.get("operation") == "rotate" and r.get("outcome") == "ok"]
     assert {r["key"] for r in rotations} >= {"acme/feedback", "acme/my-key"}, rotations

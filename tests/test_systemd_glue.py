@@ -228,7 +228,11 @@ def test_activated_socket_is_served(tmp_path: Path, notify_socket: socket.socket
         listen.chmod(0o660)  # what SocketMode=0660 does (systemd-socket-activate follows the umask)
         client = Client(str(listen), timeout=30)
         assert client.health() == "ok"
-        messages = "\n".join(_drain(notify_socket))
+        messages = ""
+        deadline = time.monotonic() + 30  # READY=1 comes once every worker is up
+        while "READY=1" not in messages and time.monotonic() < deadline:
+            messages += "\n".join(_drain(notify_socket))
+            time.sleep(0.05)
         assert "READY=1" in messages and "STATUS=serving" in messages
     finally:
         out = _stop(proc)

@@ -24,6 +24,7 @@ Handlers use only the request API the server guarantees: ``match_info``,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -152,6 +153,11 @@ class Federation:
         self.trusted = trusted
         self.max_body_bytes = max_body_bytes
         self.clock = clock
+        #: held around trusted-key changes (the workers' cross-process admin lock)
+        self.admin_guard: Callable[[], contextlib.AbstractAsyncContextManager[None]] | None = None
+
+    def _admin(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return contextlib.nullcontext() if self.admin_guard is None else self.admin_guard()
 
     @classmethod
     def from_settings(
@@ -414,7 +420,8 @@ class Federation:
                 raise KeyExists("the kid names one of this signerd's own keys")
         await self._attempt(request)
         try:
-            added = await asyncio.to_thread(self.trusted.add, tenant, kid, public)
+            async with self._admin():
+                added = await asyncio.to_thread(self.trusted.add, tenant, kid, public)
         except OSError as exc:
             raise BackendUnavailable("the trusted key store cannot be written") from exc
         return json_response(added.to_json(), status=201)
@@ -440,7 +447,8 @@ class Federation:
         self._authorize(request, Operation.TRUST, tenant, None)
         await self._attempt(request)
         try:
-            retired = await asyncio.to_thread(self.trusted.retire, tenant, kid)
+            async with self._admin():
+                retired = await asyncio.to_thread(self.trusted.retire, tenant, kid)
         except OSError as exc:
             raise BackendUnavailable("the trusted key store cannot be written") from exc
         return json_response(retired.to_json())

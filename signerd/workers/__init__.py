@@ -4,6 +4,7 @@
 - ``WorkerChannel``: a worker's pipe to the supervisor (initialised, notifications).
 - ``AdminLock``: admin operations one at a time across the workers.
 - ``SharedBuckets``: rate-limit token buckets shared by the workers.
+- ``SharedConnections``: open connections per uid, counted across the workers.
 
 Wiring, in ``signerd`` itself: the main process loads the configuration, binds
 (or receives from systemd) the listening socket, and runs
@@ -20,6 +21,7 @@ beating from its event loop.
 
 from ._buckets import SharedBuckets
 from ._channel import WorkerChannel
+from ._conns import SharedConnections
 from ._lock import AdminLock, LockTimeout, runtime_path
 from ._supervisor import Supervisor, SupervisorTiming, WorkerMain, set_parent_death_signal
 
@@ -27,6 +29,7 @@ __all__ = [
     "AdminLock",
     "LockTimeout",
     "SharedBuckets",
+    "SharedConnections",
     "Supervisor",
     "SupervisorTiming",
     "WorkerChannel",

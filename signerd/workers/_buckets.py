@@ -61,16 +61,7 @@ class SharedBuckets:
         self._view = (ctypes.c_char * len(self._map)).from_buffer(self._map)
         self._base = ctypes.addressof(self._view)
         self._digests: dict[Hashable, tuple[bytes, int]] = {}
-        attr = ctypes.create_string_buffer(64)
-        for call, args in (
-            (_libc.pthread_mutexattr_init, ()),
-            (_libc.pthread_mutexattr_setpshared, (_PTHREAD_PROCESS_SHARED,)),
-            (_libc.pthread_mutexattr_setrobust, (_PTHREAD_MUTEX_ROBUST,)),
-        ):
-            _check(call(attr, *args))
-        for g in range(self.groups):
-            _check(_libc.pthread_mutex_init(ctypes.c_void_p(self._base + g * _MUTEX), attr))
-        _libc.pthread_mutexattr_destroy(attr)
+        _init_mutexes(self._base, self.groups)
 
     def close(self) -> None:
         del self._view
@@ -128,13 +119,7 @@ class SharedBuckets:
         return found
 
     def _acquire(self, group: int) -> int:
-        mutex = self._base + group * _MUTEX
-        got = _lock(mutex)
-        if got == errno.EOWNERDEAD:  # its holder died: the data may be one update behind
-            _check(_consistent(mutex))
-        elif got != 0:
-            raise OSError(got, os.strerror(got))
-        return mutex
+        return _acquire_mutex(self._base + group * _MUTEX)
 
     def _find(self, digest: bytes, start: int) -> int:
         m = self._map
@@ -153,6 +138,30 @@ class SharedBuckets:
             if stamp < oldest_stamp:
                 oldest, oldest_stamp = at, stamp
         return oldest
+
+
+def _init_mutexes(base: int, count: int) -> None:
+    """``count`` process-shared robust mutexes, ``_MUTEX`` bytes apart from ``base``."""
+    attr = ctypes.create_string_buffer(64)
+    for call, args in (
+        (_libc.pthread_mutexattr_init, ()),
+        (_libc.pthread_mutexattr_setpshared, (_PTHREAD_PROCESS_SHARED,)),
+        (_libc.pthread_mutexattr_setrobust, (_PTHREAD_MUTEX_ROBUST,)),
+    ):
+        _check(call(attr, *args))
+    for g in range(count):
+        _check(_libc.pthread_mutex_init(ctypes.c_void_p(base + g * _MUTEX), attr))
+    _libc.pthread_mutexattr_destroy(attr)
+
+
+def _acquire_mutex(mutex: int) -> int:
+    """Lock a robust mutex; one whose holder died is taken over (its data may be one update behind)."""
+    got = _lock(mutex)
+    if got == errno.EOWNERDEAD:
+        _check(_consistent(mutex))
+    elif got != 0:
+        raise OSError(got, os.strerror(got))
+    return mutex
 
 
 def _check(result: int) -> None:

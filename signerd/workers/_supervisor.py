@@ -18,6 +18,11 @@ nothing of HTTP or keys. It
   up) after ``reload_config``; SIGTERM/SIGINT stop all workers with SIGTERM,
   and SIGKILL whatever is left after ``graceful_timeout`` (a second signal
   kills at once);
+- calls ``on_ready`` once every worker reported "initialised" the first time
+  (systemd's READY=1), ``on_tick`` on each turn of its loop (at least once a
+  second: systemd's watchdog) and ``on_stop`` when it starts stopping;
+  ``on_message(index, text)`` sees each notification first and keeps it
+  from the other workers by returning True;
 - relays a worker's notification to all the others at once;
 - kills (SIGKILL) and replaces a worker whose heartbeats, once begun, stop
   for ``heartbeat_timeout`` seconds: its event loop is stuck;
@@ -110,6 +115,9 @@ class Supervisor:
         buckets: SharedBuckets | None = None,
         reload_config: Callable[[Any], Any] | None = None,
         on_ready: Callable[[], None] | None = None,
+        on_tick: Callable[[], None] | None = None,
+        on_stop: Callable[[], None] | None = None,
+        on_message: Callable[[int, str], bool] | None = None,
     ) -> None:
         self.config: Any = config
         self.workers = int(config.workers if workers is None else workers)
@@ -122,6 +130,9 @@ class Supervisor:
         self._main = worker_main
         self._reload_config = reload_config
         self._on_ready = on_ready
+        self._on_tick = on_tick
+        self._on_stop = on_stop
+        self._on_message = on_message
         self._pid = os.getpid()
         self._by_pid: dict[int, _Worker] = {}
         self._slots: list[_Worker | None] = [None] * self.workers
@@ -186,6 +197,11 @@ class Supervisor:
             log.error("signerd.worker_start_timeout index=%d pid=%d", starting.index, starting.pid)
             self._kill(starting.pid, signal.SIGKILL)
         self._check_heartbeats(now)
+        if self._on_tick is not None:
+            try:
+                self._on_tick()
+            except Exception:
+                log.exception("signerd.supervisor_on_tick_failed")
         if self._stopping:
             if now >= self._deadline and self._by_pid:
                 log.error("signerd.workers_killed count=%d", len(self._by_pid))
@@ -285,7 +301,8 @@ class Supervisor:
             elif packet == READY:
                 self._ready(worker)
             elif (text := decode(packet)) is not None:
-                self._broadcast(worker, text)
+                if not self._consumed(worker, text):
+                    self._broadcast(worker, text)
             else:
                 log.warning("signerd.worker_bad_packet index=%d pid=%d", worker.index, worker.pid)
 
@@ -304,13 +321,24 @@ class Supervisor:
         if worker.reload_pending:
             worker.reload_pending = False
             self._kill(worker.pid, signal.SIGHUP)
-        if not self._announced and not self._stopping:
+        every = all(w is not None and w.ready_at is not None for w in self._slots)
+        if every and not self._announced and not self._stopping:
             self._announced = True
             if self._on_ready is not None:
                 try:
                     self._on_ready()
                 except Exception:
                     log.exception("signerd.supervisor_on_ready_failed")
+
+    def _consumed(self, worker: _Worker, text: str) -> bool:
+        """Whether ``on_message`` kept a notification for the supervisor itself."""
+        if self._on_message is None:
+            return False
+        try:
+            return bool(self._on_message(worker.index, text))
+        except Exception:
+            log.exception("signerd.supervisor_on_message_failed")
+            return False
 
     def _check_heartbeats(self, now: float) -> None:
         limit = self.timing.heartbeat_timeout
@@ -407,6 +435,11 @@ class Supervisor:
             return
         self._stopping = True
         self._exit_code = code
+        if self._on_stop is not None:
+            try:
+                self._on_stop()
+            except Exception:
+                log.exception("signerd.supervisor_on_stop_failed")
         self._deadline = time.monotonic() + self.timing.graceful_timeout
         for pid in list(self._by_pid):
             self._kill(pid, signal.SIGTERM)

@@ -1,0 +1,121 @@
+"""Open connections per uid, counted across every worker.
+
+A table in an anonymous shared mapping that the supervisor creates before
+forking, under one process-shared robust mutex (the same kind as
+``SharedBuckets``'): checking a uid's total and counting the new connection
+happen in one step, so two workers admitting at the same instant never let a
+uid past its cap together. A slot is a uid (8 bytes, -1: free) and one 4-byte
+count per worker slot; a uid's total is the sum of its row. A worker starting
+in a slot clears that slot's column first: the connections of a worker that
+died (killed, so it never counted them down) are gone with it and must not
+keep counting against their uid.
+
+Uids are placed by open addressing; a slot whose counts are all zero is
+reused, so a stream of distinct uids does not fill the table. When every slot
+holds a uid with open connections, a new uid is admitted uncounted (the
+per-process caps still hold).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import struct
+
+from ._buckets import _MUTEX, _acquire_mutex, _init_mutexes, _unlock
+
+__all__ = ["SharedConnections"]
+
+_UID = struct.Struct("=q")
+_FREE = -1
+
+
+class SharedConnections:
+    """``admit(uid, cap) -> bool`` and ``release(uid)`` for one worker slot, shared by all."""
+
+    def __init__(self, workers: int, slots: int = 1024) -> None:
+        if workers < 1 or slots < 1:
+            raise ValueError("workers and slots: at least 1")
+        self.workers = workers
+        self.slots = slots
+        self.worker = 0  # the slot of the process using it (set by ``bind`` in a worker)
+        self._row = _UID.size + 4 * workers
+        self._map = mmap.mmap(-1, _MUTEX + slots * self._row)
+        self._view = (ctypes.c_char * len(self._map)).from_buffer(self._map)
+        self._base = ctypes.addressof(self._view)
+        self._counts = struct.Struct(f"={workers}i")
+        _init_mutexes(self._base, 1)
+        for s in range(slots):
+            _UID.pack_into(self._map, _MUTEX + s * self._row, _FREE)
+
+    def bind(self, worker: int) -> None:
+        """This process is worker ``worker``: forget whatever that slot counted before."""
+        if not 0 <= worker < self.workers:
+            raise ValueError("worker: out of range")
+        self.worker = worker
+        at = _MUTEX + _UID.size + 4 * worker
+        mutex = _acquire_mutex(self._base)
+        try:
+            for s in range(self.slots):
+                struct.pack_into("=i", self._map, at + s * self._row, 0)
+        finally:
+            _unlock(mutex)
+
+    def admit(self, uid: int, cap: int) -> bool:
+        """Count one more connection of ``uid`` here, unless its total is at ``cap`` already."""
+        mutex = _acquire_mutex(self._base)
+        try:
+            at = self._find(uid, insert=True)
+            if at < 0:
+                return True  # the table is full of live uids: the per-process cap decides
+            counts = self._counts.unpack_from(self._map, at + _UID.size)
+            if sum(counts) >= cap:
+                return False
+            mine = at + _UID.size + 4 * self.worker
+            struct.pack_into("=i", self._map, mine, counts[self.worker] + 1)
+            return True
+        finally:
+            _unlock(mutex)
+
+    def release(self, uid: int) -> None:
+        """One connection of ``uid`` here closed."""
+        mutex = _acquire_mutex(self._base)
+        try:
+            at = self._find(uid, insert=False)
+            if at >= 0:
+                mine = at + _UID.size + 4 * self.worker
+                (count,) = struct.unpack_from("=i", self._map, mine)
+                struct.pack_into("=i", self._map, mine, max(0, count - 1))
+        finally:
+            _unlock(mutex)
+
+    def total(self, uid: int) -> int:
+        """The open connections of ``uid`` over every worker (for tests and debugging)."""
+        mutex = _acquire_mutex(self._base)
+        try:
+            at = self._find(uid, insert=False)
+            return 0 if at < 0 else sum(self._counts.unpack_from(self._map, at + _UID.size))
+        finally:
+            _unlock(mutex)
+
+    def _find(self, uid: int, *, insert: bool) -> int:
+        """The offset of ``uid``'s row (made when ``insert``), or -1."""
+        m = self._map
+        start = uid % self.slots
+        reuse = -1
+        for i in range(self.slots):
+            at = _MUTEX + ((start + i) % self.slots) * self._row
+            (held,) = _UID.unpack_from(m, at)
+            if held == uid:
+                return at
+            if held == _FREE:
+                if reuse < 0:
+                    reuse = at
+                break
+            if reuse < 0 and not any(self._counts.unpack_from(m, at + _UID.size)):
+                reuse = at
+        if not insert or reuse < 0:
+            return -1
+        _UID.pack_into(m, reuse, uid)
+        self._counts.pack_into(m, reuse + _UID.size, *([0] * self.workers))
+        return reuse
