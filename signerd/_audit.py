@@ -105,6 +105,16 @@ class _Job:
     seq: int = 0
 
 
+@dataclass(eq=False)
+class Ticket:
+    """A group of records written by ``commit`` in the caller's thread (sign + audit in one step)."""
+
+    since: float | None = None  # monotonic time its write began; None while queued
+    state: str = "queued"  # queued -> writing -> done; or queued -> abandoned
+    abandoned: bool = False  # the callers gave up while the records were being written
+    seqs: list[int] = field(default_factory=list)  # written records, when done
+
+
 @dataclass
 class _Sink:
     """The writer thread's view of the file; touched by that thread only."""
@@ -158,7 +168,11 @@ class AuditTrail:
         self._cond = threading.Condition()
         self._queue: deque[_Job] = deque()
         self._thread: threading.Thread | None = None
-        self._busy_since: float | None = None
+        self._busy_since: float | None = None  # the writer thread's write began
+        self._commit_since: float | None = None  # a ``commit`` write began
+        self._io = threading.Lock()  # the file and the chain state (``_sink``): one writer
+        self._late: list[int] = []  # committed records whose callers gave up (for unacked)
+        self._journal_q: deque[bytes] = deque()  # committed lines for journald
         self._closed = False
         self._reopen = False
         self._sink = _Sink()
@@ -173,8 +187,7 @@ class AuditTrail:
         with self._cond:
             if self._closed:
                 raise AuditUnavailable()
-            busy = self._busy_since
-            if busy is not None and time.monotonic() - busy > self.write_timeout:
+            if self._stuck(time.monotonic()):
                 raise AuditUnavailable()  # the writer is stuck: do not queue behind it
             self._start()
             self._queue.append(job)
@@ -199,6 +212,68 @@ class AuditTrail:
             return
         if job.failed:
             raise AuditUnavailable()
+
+    def _stuck(self, now: float) -> bool:
+        """Whether a write has been under way longer than ``write_timeout`` (hold ``_cond``)."""
+        busy = [t for t in (self._busy_since, self._commit_since) if t is not None]
+        return bool(busy) and now - min(busy) > self.write_timeout
+
+    def stuck(self) -> bool:
+        """Whether a record asked for now would be refused at once (a write is stuck)."""
+        with self._cond:
+            return self._closed or self._stuck(time.monotonic())
+
+    def commit(self, events: list[AuditEvent], ticket: Ticket) -> bool:
+        """Write records durably in the calling thread; False when they cannot be (group commit).
+
+        For a thread that has just produced the operations these records
+        acknowledge (the token thread, after signing and checking a group): one
+        write and one fsync for the group, no hop to the writer thread. The
+        caller waits on ``ticket`` (``since``) for at most ``write_timeout`` and
+        calls ``give_up`` when it stops waiting.
+        """
+        now = time.monotonic()
+        with self._cond:
+            if self._closed or ticket.state != "queued" or self._stuck(now):
+                ticket.state = "done"
+                return False
+            ticket.state, ticket.since = "writing", now
+            self._start()  # anchors on schedule and the journal stay with the writer thread
+        lines: list[bytes] = []
+        if self._io.acquire(timeout=self.write_timeout):
+            try:
+                with self._cond:
+                    self._commit_since = time.monotonic()
+                    reopen, self._reopen = self._reopen, False
+                    go = not ticket.abandoned
+                if reopen:
+                    self._anchor("rotated")
+                    self._close_fd()
+                if go:
+                    lines, ticket.seqs = self._guarded_write(events)
+            finally:
+                with self._cond:
+                    self._commit_since = None
+                self._io.release()
+        with self._cond:
+            ticket.state = "done"
+            if lines and ticket.abandoned:
+                self._late.extend(ticket.seqs)
+            if lines and self._journal is not None:
+                self._journal_q.extend(lines)
+                self._cond.notify()
+        return bool(lines)
+
+    def give_up(self, ticket: Ticket) -> None:
+        """The callers of a commit stopped waiting: its records, if written, are unacknowledged."""
+        with self._cond:
+            if ticket.state == "queued":
+                ticket.state = "abandoned"
+            elif ticket.state == "writing":
+                ticket.abandoned = True
+            elif ticket.seqs and not ticket.abandoned:
+                ticket.abandoned = True
+                self._late.extend(ticket.seqs)
 
     def reopen(self) -> None:
         """Close the file; the next record goes to whatever file ``path`` names then."""
@@ -226,7 +301,9 @@ class AuditTrail:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._closed and not self._reopen:
+                while (
+                    not self._queue and not self._journal_q and not self._closed and not self._reopen
+                ):
                     wait = (
                         self._next_anchor - time.monotonic() if self._anchors is not None else None
                     )
@@ -240,52 +317,63 @@ class AuditTrail:
                 for job in batch:
                     job.state = "writing"
                 self._busy_since = time.monotonic()
-            if reopen:
-                self._anchor("rotated")  # the old file's last head, before leaving it
-                self._close_fd()
+                committed = list(self._journal_q)
+                self._journal_q.clear()
             lines: list[bytes] = []
-            if batch:
-                try:
-                    lines = self._write_batch(batch)
-                except Exception as exc:  # OSError mostly; never let the writer die
+            with self._io:
+                if reopen:
+                    self._anchor("rotated")  # the old file's last head, before leaving it
                     self._close_fd()
-                    now = time.monotonic()
-                    if now - self._last_complaint > 10.0:  # one line per streak, then 1/10 s
-                        self._last_complaint = now
-                        log.error("signerd.audit_write_failed error=%s path=%s", exc, self.path)
-                else:
-                    if self._last_complaint:
-                        log.warning("signerd.audit_recovered path=%s", self.path)
-                    self._last_complaint = 0.0
+                if batch:
+                    lines, seqs = self._guarded_write([job.event for job in batch])
+                    for job, seq in zip(batch, seqs, strict=False):
+                        job.seq = seq
             with self._cond:
                 self._busy_since = None
                 for job in batch:
                     job.state, job.failed = "done", not lines
                     if lines and job.abandoned:
-                        self._sink.unacked.append(job.seq)
+                        self._late.append(job.seq)
             for job in batch:
                 with contextlib.suppress(RuntimeError):  # the caller's loop is gone
                     job.loop.call_soon_threadsafe(_resolve, job.future)
-            if lines and self._journal is not None:
+            if (lines or committed) and self._journal is not None:
                 with self._cond:
                     self._busy_since = time.monotonic()  # a stuck journal is a stuck writer
-                self._to_journal(lines)
+                self._to_journal(committed + lines)
                 with self._cond:
                     self._busy_since = None
             if self._anchors is not None and time.monotonic() >= self._next_anchor:
                 with self._cond:  # after the batch is answered: no caller waits for an anchor
                     self._busy_since = time.monotonic()
                 self._next_anchor = time.monotonic() + self.anchor_interval
-                self._tick()
+                with self._io:
+                    self._tick()
                 with self._cond:
                     self._busy_since = None
-        self._anchor("shutdown")
-        self._close_fd()
+        with self._io:
+            self._anchor("shutdown")
+            self._close_fd()
         if self._anchors is not None:
             self._anchors.close()
 
-    def _write_batch(self, batch: list[_Job]) -> list[bytes]:
+    def _guarded_write(self, events: list[AuditEvent]) -> tuple[list[bytes], list[int]]:
+        """Write records durably (holding ``_io``): their lines and seqs, or nothing on failure."""
+        try:
+            return self._write_batch(events)
+        except Exception as exc:  # OSError mostly; never let the writer die
+            self._close_fd()
+            now = time.monotonic()
+            if now - self._last_complaint > 10.0:  # one line per streak, then 1/10 s
+                self._last_complaint = now
+                log.error("signerd.audit_write_failed error=%s path=%s", exc, self.path)
+            return [], []
+
+    def _write_batch(self, events: list[AuditEvent]) -> tuple[list[bytes], list[int]]:
         sink = self._sink
+        with self._cond:
+            sink.unacked += self._late
+            self._late = []
         if sink.fd is not None and sink.regular and self._path_moved():
             self._anchor("rotated")
             self._close_fd()
@@ -312,12 +400,14 @@ class AuditTrail:
         prev, seq = walker.prev, walker.seq
         out = bytearray(prefix)
         lines: list[bytes] = []
+        seqs: list[int] = []
         first_hash = ""
-        for job in batch:
+        for event in events:
             seq += 1
-            line = _encode(job.event, seq, prev, marks, f"{self.boot}-{seq}", self._key)
+            line = _encode(event, seq, prev, marks, f"{self.boot}-{seq}", self._key)
             marks = {}
-            prev, job.seq = line_hash(line), seq
+            prev = line_hash(line)
+            seqs.append(seq)
             lines.append(line)
             first_hash = first_hash or prev
             out += line + b"\n"
@@ -336,7 +426,10 @@ class AuditTrail:
             sink.first = walker.first[::2] if walker.first else (seq - len(lines) + 1, first_hash)
         sink.rotated_from, sink.unacked = None, []
         sink.dangling.clear()
-        return lines
+        if self._last_complaint:
+            log.warning("signerd.audit_recovered path=%s", self.path)
+        self._last_complaint = 0.0
+        return lines, seqs
 
     def _open(self) -> None:
         sink = self._sink

@@ -15,17 +15,20 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from ._audit import AuditTrail, Ticket
 from ._backend import Backend, Destroyer, KeyInfo, KeyVersion, VersionState
+from ._calls import AuditEvent
 from ._coalesce import Coalescer
 from ._maint import KeyringUpkeep
 from ._names import KeyName, parse_kid
 from .errors import (
+    AuditUnavailable,
     BackendError,
     BackendUnavailable,
     ConfirmationRequired,
@@ -69,6 +72,7 @@ class _Entry:
 
 
 _Group = tuple[KeyName, int]
+_Item = tuple[bytes, AuditEvent | None]  # data, and the record to commit with its signature
 
 
 class KeyService(KeyringUpkeep):
@@ -97,7 +101,8 @@ class KeyService(KeyringUpkeep):
         self._refreshed: dict[KeyName, float] = {}
         self._init_upkeep()
         self._admin_locks: dict[KeyName, asyncio.Lock] = {}
-        self._coalescer: Coalescer[_Group] = Coalescer(
+        self._trail: AuditTrail | None = None
+        self._coalescer: Coalescer[_Group, _Item] = Coalescer(
             self._sign_batch,
             max_batch=self.settings.max_batch,
             max_in_flight=self.settings.max_in_flight,
@@ -105,6 +110,15 @@ class KeyService(KeyringUpkeep):
         self._refresher: asyncio.Task[None] | None = None
 
     # --- plumbing ---------------------------------------------------------
+
+    def commit_audit(self, trail: AuditTrail) -> None:
+        """Write sign records with their signatures: signed, checked and fsync'd in one step."""
+        self._trail = trail
+
+    @property
+    def commits_audit(self) -> bool:
+        """Whether ``sign(..., record=...)`` writes the record before it answers."""
+        return self._trail is not None
 
     def backend_name(self, tenant: str) -> str:
         return self._routes.get(tenant, self._default)
@@ -261,13 +275,22 @@ class KeyService(KeyringUpkeep):
 
     # --- signing and verifying ----------------------------------------------
 
-    async def sign(self, key: KeyName, data: bytes) -> tuple[str, bytes]:
+    async def sign(
+        self, key: KeyName, data: bytes, record: AuditEvent | None = None
+    ) -> tuple[str, bytes]:
+        """Sign with the active version. With ``record`` (and ``commit_audit``), the record,
+        its kid filled in, is durable before the signature is returned (AuditUnavailable
+        otherwise)."""
+        trail = self._trail if record is not None else None
+        if trail is not None and trail.stuck():
+            raise AuditUnavailable()
+        item: _Item = (data, record if trail is not None else None)
         info = await self._cached(key)
         active = info.active
         if active is None:
             raise InvalidState("key has no active version")
         try:
-            signature = await self._coalescer.submit((key, active.version), data)
+            signature = await self._coalescer.submit((key, active.version), item)
         except (InvalidState, UnknownVersion) as exc:
             # Another daemon rotated or retired under us: learn the keyring again, once.
             fresh = (await self.describe(key)).active
@@ -283,21 +306,26 @@ class KeyService(KeyringUpkeep):
             if fresh is None or fresh.version == active.version:
                 raise
             active = fresh
-            signature = await self._coalescer.submit((key, active.version), data)
+            signature = await self._coalescer.submit((key, active.version), item)
         return active.kid, signature
 
     async def _sign_batch(
-        self, group: _Group, items: Sequence[bytes]
+        self, group: _Group, items: Sequence[_Item]
     ) -> list[bytes | SignerdError]:
         key, version = group
         entry = self._kids.get(key.kid(version))
         if entry is None:  # forgotten by a refresh meanwhile; sign() re-reads and retries
             raise UnknownVersion()
+        datas = [data for data, _ in items]
+        trail = self._trail if any(record is not None for _, record in items) else None
+        ticket = Ticket()
 
         def run(backend: Backend) -> list[bytes | SignerdError]:
-            results = backend.sign(key, version, items)
+            # One step in the backend's thread: sign the group, check every signature,
+            # then write the group's records with one write and one fsync.
+            results = backend.sign(key, version, datas)
             checked: list[bytes | SignerdError] = []
-            for data, result in zip(items, results, strict=True):
+            for data, result in zip(datas, results, strict=True):
                 if isinstance(result, bytes):
                     try:
                         entry.public.verify(result, data)
@@ -307,9 +335,57 @@ class KeyService(KeyringUpkeep):
                             "the backend produced a signature that does not verify"
                         )
                 checked.append(result)
+            if trail is not None:
+                kid = entry.version.kid
+                todo = [
+                    (i, record)
+                    for i, ((_, record), result) in enumerate(zip(items, checked, strict=True))
+                    if record is not None and isinstance(result, bytes)
+                ]
+                if todo and not trail.commit([replace(r, kid=kid) for _, r in todo], ticket):
+                    for i, _ in todo:
+                        checked[i] = AuditUnavailable()
             return checked
 
-        return await self._on(key, run)
+        if trail is None:
+            return await self._on(key, run)
+        return await self._committed(key, run, trail, ticket)
+
+    async def _committed(
+        self,
+        key: KeyName,
+        call: Callable[[Backend], list[bytes | SignerdError]],
+        trail: AuditTrail,
+        ticket: Ticket,
+    ) -> list[bytes | SignerdError]:
+        """Wait for a sign-and-commit step: the sign within ``backend_timeout``, the
+        records' write within the trail's ``write_timeout`` of its start."""
+        name = self.backend_name(key.tenant)
+        backend = self._backends[name]
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executors[name], lambda: call(backend))
+        started = time.monotonic()
+        wait = min(self.settings.backend_timeout, trail.write_timeout)
+        try:
+            while True:
+                done, _ = await asyncio.wait((future,), timeout=wait)
+                if done:
+                    return future.result()
+                now, since = time.monotonic(), ticket.since
+                if since is not None:  # writing: the audit deadline counts
+                    wait = since + trail.write_timeout - now
+                    if wait <= 0:
+                        log.error("signerd.audit_unavailable reason=timeout kid=%s", key)
+                        raise AuditUnavailable()
+                else:  # signing: the backend deadline counts; look again soon for a write
+                    wait = started + self.settings.backend_timeout - now
+                    if wait <= 0:
+                        log.error("signerd.backend_timeout backend=%s", name)
+                        raise BackendUnavailable("the key backend did not answer in time")
+                    wait = min(wait, max(0.01, trail.write_timeout / 4))
+        except BaseException:
+            trail.give_up(ticket)
+            raise
 
     async def verify(self, kid: str, data: bytes, signature: bytes) -> tuple[KeyName, KeyVersion]:
         """Return the key and version when the signature is valid; raise otherwise."""
