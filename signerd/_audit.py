@@ -115,6 +115,15 @@ class Ticket:
     seqs: list[int] = field(default_factory=list)  # written records, when done
 
 
+@dataclass(frozen=True, eq=False)
+class _Handed:
+    """A group of records handed to the writer thread; ``finish(written)`` when done."""
+
+    events: list[AuditEvent]
+    ticket: Ticket
+    finish: Callable[[bool], None]
+
+
 @dataclass
 class _Sink:
     """The writer thread's view of the file; touched by that thread only."""
@@ -173,6 +182,7 @@ class AuditTrail:
         self._io = threading.Lock()  # the file and the chain state (``_sink``): one writer
         self._late: list[int] = []  # committed records whose callers gave up (for unacked)
         self._journal_q: deque[bytes] = deque()  # committed lines for journald
+        self._groups: deque[_Handed] = deque()  # groups handed to the writer thread
         self._closed = False
         self._reopen = False
         self._sink = _Sink()
@@ -264,6 +274,21 @@ class AuditTrail:
                 self._cond.notify()
         return bool(lines)
 
+    def hand_off(
+        self, events: list[AuditEvent], ticket: Ticket, finish: Callable[[bool], None]
+    ) -> bool:
+        """Like ``commit``, but the writer thread writes the group and calls ``finish(written)``
+        (in that thread); False when it was not taken (call ``commit`` then)."""
+        now = time.monotonic()
+        with self._cond:
+            if self._closed or ticket.state != "queued" or self._stuck(now):
+                return False
+            ticket.since = now  # the callers' audit deadline runs from here
+            self._start()
+            self._groups.append(_Handed(events, ticket, finish))
+            self._cond.notify()
+        return True
+
     def give_up(self, ticket: Ticket) -> None:
         """The callers of a commit stopped waiting: its records, if written, are unacknowledged."""
         with self._cond:
@@ -302,7 +327,11 @@ class AuditTrail:
         while True:
             with self._cond:
                 while (
-                    not self._queue and not self._journal_q and not self._closed and not self._reopen
+                    not self._queue
+                    and not self._groups
+                    and not self._journal_q
+                    and not self._closed
+                    and not self._reopen
                 ):
                     wait = (
                         self._next_anchor - time.monotonic() if self._anchors is not None else None
@@ -311,11 +340,15 @@ class AuditTrail:
                         break
                     self._cond.wait(wait)
                 reopen, self._reopen = self._reopen, False
-                if not self._queue and self._closed:
+                if not self._queue and not self._groups and self._closed:
                     break
                 batch = [self._queue.popleft() for _ in range(min(_MAX_BATCH, len(self._queue)))]
                 for job in batch:
                     job.state = "writing"
+                groups = [g for g in self._groups if g.ticket.state == "queued"]
+                self._groups.clear()
+                for group in groups:
+                    group.ticket.state = "writing"
                 self._busy_since = time.monotonic()
                 committed = list(self._journal_q)
                 self._journal_q.clear()
@@ -324,16 +357,28 @@ class AuditTrail:
                 if reopen:
                     self._anchor("rotated")  # the old file's last head, before leaving it
                     self._close_fd()
-                if batch:
-                    lines, seqs = self._guarded_write([job.event for job in batch])
+                events = [job.event for job in batch] + [e for g in groups for e in g.events]
+                if events:
+                    lines, seqs = self._guarded_write(events)
                     for job, seq in zip(batch, seqs, strict=False):
                         job.seq = seq
+                    at = len(batch)
+                    for group in groups:
+                        group.ticket.seqs = seqs[at : at + len(group.events)]
+                        at += len(group.events)
             with self._cond:
                 self._busy_since = None
                 for job in batch:
                     job.state, job.failed = "done", not lines
                     if lines and job.abandoned:
                         self._late.append(job.seq)
+                for group in groups:
+                    group.ticket.state = "done"
+                    if lines and group.ticket.abandoned:
+                        self._late.extend(group.ticket.seqs)
+            for group in groups:
+                with contextlib.suppress(Exception):  # never let the writer die
+                    group.finish(bool(lines))
             for job in batch:
                 with contextlib.suppress(RuntimeError):  # the caller's loop is gone
                     job.loop.call_soon_threadsafe(_resolve, job.future)

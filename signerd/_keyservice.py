@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -318,64 +318,61 @@ class KeyService(KeyringUpkeep):
             raise UnknownVersion()
         datas = [data for data, _ in items]
         trail = self._trail if any(record is not None for _, record in items) else None
-        ticket = Ticket()
+        if trail is None:
+            return await self._on(key, lambda b: _sign_and_check(b, entry, version, datas))
+        return await self._committed(key, entry, items, trail)
 
-        def run(backend: Backend) -> list[bytes | SignerdError]:
-            # One step in the backend's thread: sign the group, check every signature,
-            # then write the group's records with one write and one fsync.
-            results = backend.sign(key, version, datas)
-            checked: list[bytes | SignerdError] = []
-            for data, result in zip(datas, results, strict=True):
-                if isinstance(result, bytes):
-                    try:
-                        entry.public.verify(result, data)
-                    except _CryptoInvalidSignature:
-                        log.error("signerd.signature_check_failed kid=%s", entry.version.kid)
-                        result = BackendError(
-                            "the backend produced a signature that does not verify"
-                        )
-                checked.append(result)
-            if trail is not None:
-                kid = entry.version.kid
+    async def _committed(
+        self, key: KeyName, entry: _Entry, items: Sequence[_Item], trail: AuditTrail
+    ) -> list[bytes | SignerdError]:
+        """Sign, check and write the records in the backend's thread, with one wake-up of
+        the loop for the group. When more groups wait for that thread, the records go to
+        the trail's writer thread instead (group commit there, the next group signs
+        meanwhile). The sign must finish within ``backend_timeout``, the records' write
+        within the trail's ``write_timeout`` of its start."""
+        name = self.backend_name(key.tenant)
+        backend, executor = self._backends[name], self._executors[name]
+        version, kid = entry.version.version, entry.version.kid
+        ticket = Ticket()
+        done: Future[list[bytes | SignerdError]] = Future()
+
+        def run() -> None:
+            try:
+                checked = _sign_and_check(backend, entry, version, [d for d, _ in items])
                 todo = [
-                    (i, record)
+                    (i, replace(record, kid=kid))
                     for i, ((_, record), result) in enumerate(zip(items, checked, strict=True))
                     if record is not None and isinstance(result, bytes)
                 ]
-                if todo and not trail.commit([replace(r, kid=kid) for _, r in todo], ticket):
-                    for i, _ in todo:
-                        checked[i] = AuditUnavailable()
-            return checked
 
-        if trail is None:
-            return await self._on(key, run)
-        return await self._committed(key, run, trail, ticket)
+                def finish(written: bool) -> None:
+                    if not written:
+                        for i, _ in todo:
+                            checked[i] = AuditUnavailable()
+                    _settle(done, checked)
 
-    async def _committed(
-        self,
-        key: KeyName,
-        call: Callable[[Backend], list[bytes | SignerdError]],
-        trail: AuditTrail,
-        ticket: Ticket,
-    ) -> list[bytes | SignerdError]:
-        """Wait for a sign-and-commit step: the sign within ``backend_timeout``, the
-        records' write within the trail's ``write_timeout`` of its start."""
-        name = self.backend_name(key.tenant)
-        backend = self._backends[name]
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executors[name], lambda: call(backend))
+                records = [record for _, record in todo]
+                if not records:
+                    finish(True)
+                elif not (executor._work_queue.qsize() and trail.hand_off(records, ticket, finish)):
+                    finish(trail.commit(records, ticket))
+            except BaseException as exc:  # the caller gets it, as from run_in_executor
+                _settle(done, exc)
+
+        executor.submit(run)
+        future = asyncio.wrap_future(done)
         started = time.monotonic()
         wait = min(self.settings.backend_timeout, trail.write_timeout)
         try:
             while True:
-                done, _ = await asyncio.wait((future,), timeout=wait)
-                if done:
+                finished, _ = await asyncio.wait((future,), timeout=wait)
+                if finished:
                     return future.result()
                 now, since = time.monotonic(), ticket.since
                 if since is not None:  # writing: the audit deadline counts
                     wait = since + trail.write_timeout - now
                     if wait <= 0:
-                        log.error("signerd.audit_unavailable reason=timeout kid=%s", key)
+                        log.error("signerd.audit_unavailable reason=timeout kid=%s", kid)
                         raise AuditUnavailable()
                 else:  # signing: the backend deadline counts; look again soon for a write
                     wait = started + self.settings.backend_timeout - now
@@ -464,6 +461,32 @@ class KeyService(KeyringUpkeep):
             log.info("signerd.retention_retire kid=%s", key.kid(number))
             info = self._store(await self._on(key, _retire_call(key, number)))
         return info
+
+
+def _sign_and_check(
+    backend: Backend, entry: _Entry, version: int, datas: Sequence[bytes]
+) -> list[bytes | SignerdError]:
+    """Sign on the backend (in its thread) and check every signature against the public key."""
+    results = backend.sign(entry.key, version, datas)
+    checked: list[bytes | SignerdError] = []
+    for data, result in zip(datas, results, strict=True):
+        if isinstance(result, bytes):
+            try:
+                entry.public.verify(result, data)
+            except _CryptoInvalidSignature:
+                log.error("signerd.signature_check_failed kid=%s", entry.version.kid)
+                result = BackendError("the backend produced a signature that does not verify")
+        checked.append(result)
+    return checked
+
+
+def _settle(done: Future[_T], outcome: _T | BaseException) -> None:
+    """Resolve a future another thread waits on, unless it was given up meanwhile."""
+    with contextlib.suppress(InvalidStateError):
+        if isinstance(outcome, BaseException):
+            done.set_exception(outcome)
+        else:
+            done.set_result(outcome)
 
 
 def _retire_call(key: KeyName, version: int) -> Callable[[Backend], KeyInfo]:
