@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import secrets
@@ -52,16 +51,20 @@ from ._chain import (
     Walker,
     _encode,
     _journal_fields,
+    first_record,
+    last_record,
     line_hash,
     split_lines,
     verify_file,
     verify_files,
 )
+from ._commit import GroupCommit, Ticket, _Handed
 from .errors import AuditUnavailable
 
 __all__ = [
     "GENESIS",
     "AuditTrail",
+    "Ticket",
     "VerifyReport",
     "audit_from_config",
     "verify_file",
@@ -105,25 +108,6 @@ class _Job:
     seq: int = 0
 
 
-@dataclass(eq=False)
-class Ticket:
-    """A group of records written by ``commit`` in the caller's thread (sign + audit in one step)."""
-
-    since: float | None = None  # monotonic time its write began; None while queued
-    state: str = "queued"  # queued -> writing -> done; or queued -> abandoned
-    abandoned: bool = False  # the callers gave up while the records were being written
-    seqs: list[int] = field(default_factory=list)  # written records, when done
-
-
-@dataclass(frozen=True, eq=False)
-class _Handed:
-    """A group of records handed to the writer thread; ``finish(written)`` when done."""
-
-    events: list[AuditEvent]
-    ticket: Ticket
-    finish: Callable[[bool], None]
-
-
 @dataclass
 class _Sink:
     """The writer thread's view of the file; touched by that thread only."""
@@ -140,7 +124,7 @@ class _Sink:
     first: tuple[int, str] | None = None  # the file's first record: seq, hash
 
 
-class AuditTrail:
+class AuditTrail(GroupCommit):
     """Hash-chained JSON-lines audit file; implements the ``AuditSink`` protocol."""
 
     def __init__(
@@ -222,83 +206,6 @@ class AuditTrail:
             return
         if job.failed:
             raise AuditUnavailable()
-
-    def _stuck(self, now: float) -> bool:
-        """Whether a write has been under way longer than ``write_timeout`` (hold ``_cond``)."""
-        busy = [t for t in (self._busy_since, self._commit_since) if t is not None]
-        return bool(busy) and now - min(busy) > self.write_timeout
-
-    def stuck(self) -> bool:
-        """Whether a record asked for now would be refused at once (a write is stuck)."""
-        with self._cond:
-            return self._closed or self._stuck(time.monotonic())
-
-    def commit(self, events: list[AuditEvent], ticket: Ticket) -> bool:
-        """Write records durably in the calling thread; False when they cannot be (group commit).
-
-        For a thread that has just produced the operations these records
-        acknowledge (the token thread, after signing and checking a group): one
-        write and one fsync for the group, no hop to the writer thread. The
-        caller waits on ``ticket`` (``since``) for at most ``write_timeout`` and
-        calls ``give_up`` when it stops waiting.
-        """
-        now = time.monotonic()
-        with self._cond:
-            if self._closed or ticket.state != "queued" or self._stuck(now):
-                ticket.state = "done"
-                return False
-            ticket.state, ticket.since = "writing", now
-            self._start()  # anchors on schedule and the journal stay with the writer thread
-        lines: list[bytes] = []
-        if self._io.acquire(timeout=self.write_timeout):
-            try:
-                with self._cond:
-                    self._commit_since = time.monotonic()
-                    reopen, self._reopen = self._reopen, False
-                    go = not ticket.abandoned
-                if reopen:
-                    self._anchor("rotated")
-                    self._close_fd()
-                if go:
-                    lines, ticket.seqs = self._guarded_write(events)
-            finally:
-                with self._cond:
-                    self._commit_since = None
-                self._io.release()
-        with self._cond:
-            ticket.state = "done"
-            if lines and ticket.abandoned:
-                self._late.extend(ticket.seqs)
-            if lines and self._journal is not None:
-                self._journal_q.extend(lines)
-                self._cond.notify()
-        return bool(lines)
-
-    def hand_off(
-        self, events: list[AuditEvent], ticket: Ticket, finish: Callable[[bool], None]
-    ) -> bool:
-        """Like ``commit``, but the writer thread writes the group and calls ``finish(written)``
-        (in that thread); False when it was not taken (call ``commit`` then)."""
-        now = time.monotonic()
-        with self._cond:
-            if self._closed or ticket.state != "queued" or self._stuck(now):
-                return False
-            ticket.since = now  # the callers' audit deadline runs from here
-            self._start()
-            self._groups.append(_Handed(events, ticket, finish))
-            self._cond.notify()
-        return True
-
-    def give_up(self, ticket: Ticket) -> None:
-        """The callers of a commit stopped waiting: its records, if written, are unacknowledged."""
-        with self._cond:
-            if ticket.state == "queued":
-                ticket.state = "abandoned"
-            elif ticket.state == "writing":
-                ticket.abandoned = True
-            elif ticket.seqs and not ticket.abandoned:
-                ticket.abandoned = True
-                self._late.extend(ticket.seqs)
 
     def reopen(self) -> None:
         """Close the file; the next record goes to whatever file ``path`` names then."""
@@ -527,23 +434,12 @@ class AuditTrail:
     def _load_tail(self, size: int) -> None:
         """Continue the chain from the last record already in the file."""
         start = max(0, size - _TAIL_WINDOW)
-        data = self._read(start, size - start)
-        offset = len(data)
-        while offset > 0:
-            begin = data.rfind(b"\n", 0, offset - 1) + 1
-            line = data[begin:offset]
-            with contextlib.suppress(ValueError):
-                rec = json.loads(line)
-                if line.endswith(b"\n") and isinstance(rec, dict) and type(rec.get("seq")) is int:
-                    sink = self._sink
-                    sink.prev, sink.seq, sink.good_end = (
-                        line_hash(line),
-                        rec["seq"],
-                        start + offset,
-                    )
-                    sink.rotated_from = None
-                    return
-            offset = begin
+        found = last_record(self._read(start, size - start))
+        if found is not None:
+            sink = self._sink
+            seq, sink.prev, end = found
+            sink.seq, sink.good_end, sink.rotated_from = seq, start + end, None
+            return
         if start > 0:
             raise OSError(f"no audit record in the last {_TAIL_WINDOW} bytes of {self.path}")
 
@@ -584,12 +480,7 @@ class AuditTrail:
 
     def _first_record(self) -> tuple[int, str] | None:
         """The seq and hash of the first record in the open file, if it starts with one."""
-        for line in split_lines(self._read(0, _TAIL_WINDOW)):
-            with contextlib.suppress(ValueError):
-                rec = json.loads(line)
-                if line.endswith(b"\n") and isinstance(rec, dict) and type(rec.get("seq")) is int:
-                    return rec["seq"], line_hash(line)
-        return None
+        return first_record(self._read(0, _TAIL_WINDOW))
 
     def _tick(self) -> None:
         """On the anchor schedule: notice a live file that shrank, anchor a head that moved."""
