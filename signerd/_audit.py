@@ -260,19 +260,20 @@ class AuditTrail(GroupCommit):
                 committed = list(self._journal_q)
                 self._journal_q.clear()
             lines: list[bytes] = []
+            prepared = [_prepared(group) for group in groups]
             with self._io:
                 if reopen:
                     self._anchor("rotated")  # the old file's last head, before leaving it
                     self._close_fd()
-                events = [job.event for job in batch] + [e for g in groups for e in g.events]
+                events = [job.event for job in batch] + [e for p in prepared for e in p]
                 if events:
                     lines, seqs = self._guarded_write(events)
                     for job, seq in zip(batch, seqs, strict=False):
                         job.seq = seq
                     at = len(batch)
-                    for group in groups:
-                        group.ticket.seqs = seqs[at : at + len(group.events)]
-                        at += len(group.events)
+                    for group, records in zip(groups, prepared, strict=True):
+                        group.ticket.seqs = seqs[at : at + len(records)]
+                        at += len(records)
             with self._cond:
                 self._busy_since = None
                 for job in batch:
@@ -532,6 +533,14 @@ class AuditTrail(GroupCommit):
             self._journal_failing = True
         else:
             self._journal_failing = False
+
+
+def _prepared(group: _Handed) -> list[AuditEvent]:
+    try:
+        return group.prepare()
+    except Exception:  # the group's callers are answered by finish; the writer lives on
+        log.exception("signerd.audit_prepare_failed")
+        return []
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

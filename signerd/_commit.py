@@ -35,7 +35,7 @@ class Ticket:
 class _Handed:
     """A group of records handed to the writer thread; ``finish(written)`` when done."""
 
-    events: list[AuditEvent]
+    prepare: Callable[[], list[AuditEvent]]  # the records, made in the writer thread
     ticket: Ticket
     finish: Callable[[bool], None]
 
@@ -119,17 +119,21 @@ class GroupCommit:
         return bool(lines)
 
     def hand_off(
-        self, events: list[AuditEvent], ticket: Ticket, finish: Callable[[bool], None]
+        self,
+        prepare: Callable[[], list[AuditEvent]],
+        ticket: Ticket,
+        finish: Callable[[bool], None],
     ) -> bool:
-        """Like ``commit``, but the writer thread writes the group and calls ``finish(written)``
-        (in that thread); False when it was not taken (call ``commit`` then)."""
+        """Like ``commit``, but the writer thread calls ``prepare()`` for the records (the
+        signature checks run there), writes them with whatever else is queued, then calls
+        ``finish(written)``; False when the group was not taken (call ``commit`` then)."""
         now = time.monotonic()
         with self._cond:
             if self._closed or ticket.state != "queued" or self._stuck(now):
                 return False
             ticket.since = now  # the callers' audit deadline runs from here
             self._start()
-            self._groups.append(_Handed(events, ticket, finish))
+            self._groups.append(_Handed(prepare, ticket, finish))
             self._cond.notify()
         return True
 

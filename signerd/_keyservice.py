@@ -326,9 +326,9 @@ class KeyService(KeyringUpkeep):
         self, key: KeyName, entry: _Entry, items: Sequence[_Item], trail: AuditTrail
     ) -> list[bytes | SignerdError]:
         """Sign, check and write the records in the backend's thread, with one wake-up of
-        the loop for the group. When more groups wait for that thread, the records go to
-        the trail's writer thread instead (group commit there, the next group signs
-        meanwhile). The sign must finish within ``backend_timeout``, the records' write
+        the loop for the group. When more groups wait for that thread, the check and the
+        records go to the trail's writer thread instead (group commit there; the next
+        group signs meanwhile). The sign must finish within ``backend_timeout``, the records' write
         within the trail's ``write_timeout`` of its start."""
         name = self.backend_name(key.tenant)
         backend, executor = self._backends[name], self._executors[name]
@@ -338,24 +338,32 @@ class KeyService(KeyringUpkeep):
 
         def run() -> None:
             try:
-                checked = _sign_and_check(backend, entry, version, [d for d, _ in items])
-                todo = [
-                    (i, replace(record, kid=kid))
-                    for i, ((_, record), result) in enumerate(zip(items, checked, strict=True))
-                    if record is not None and isinstance(result, bytes)
-                ]
+                datas = [data for data, _ in items]
+                signed = backend.sign(entry.key, version, datas)
+                checked: list[bytes | SignerdError] = []
+                todo: list[int] = []
+
+                def prepare() -> list[AuditEvent]:  # check, then the records of what passed
+                    checked[:] = _check(entry, datas, signed)
+                    records = []
+                    for i, ((_, record), result) in enumerate(zip(items, checked, strict=True)):
+                        if record is not None and isinstance(result, bytes):
+                            todo.append(i)
+                            records.append(replace(record, kid=kid))
+                    return records
 
                 def finish(written: bool) -> None:
                     if not written:
-                        for i, _ in todo:
+                        for i in todo:
                             checked[i] = AuditUnavailable()
                     _settle(done, checked)
 
-                records = [record for _, record in todo]
-                if not records:
-                    finish(True)
-                elif not (executor._work_queue.qsize() and trail.hand_off(records, ticket, finish)):
-                    finish(trail.commit(records, ticket))
+                # More groups wait for the token: check and write in the audit writer's
+                # thread, and sign the next group meanwhile. Otherwise all in this step.
+                if executor._work_queue.qsize() and trail.hand_off(prepare, ticket, finish):
+                    return
+                records = prepare()
+                finish(trail.commit(records, ticket) if records else True)
             except BaseException as exc:  # the caller gets it, as from run_in_executor
                 _settle(done, exc)
 
@@ -467,7 +475,13 @@ def _sign_and_check(
     backend: Backend, entry: _Entry, version: int, datas: Sequence[bytes]
 ) -> list[bytes | SignerdError]:
     """Sign on the backend (in its thread) and check every signature against the public key."""
-    results = backend.sign(entry.key, version, datas)
+    return _check(entry, datas, backend.sign(entry.key, version, datas))
+
+
+def _check(
+    entry: _Entry, datas: Sequence[bytes], results: Sequence[bytes | SignerdError]
+) -> list[bytes | SignerdError]:
+    """Each signature checked against the public key; one that fails is a BackendError."""
     checked: list[bytes | SignerdError] = []
     for data, result in zip(datas, results, strict=True):
         if isinstance(result, bytes):

@@ -85,7 +85,7 @@ async def test_a_group_given_up_before_its_write_is_never_written(tmp_path: Path
     assert not await asyncio.to_thread(trail.commit, [_event("gone")], ticket)
     handed = Ticket()
     trail.give_up(handed)
-    assert not trail.hand_off([_event("gone too")], handed, lambda written: None)
+    assert not trail.hand_off(lambda: [_event("gone too")], handed, lambda written: None)
     await trail.record(_event("next"))
     await trail.aclose()
     assert [r["request_id"] for r in _records(path)] == ["next"]
@@ -104,7 +104,7 @@ async def test_handed_off_group_is_written_by_the_writer(tmp_path: Path) -> None
         done.set()
 
     ticket = Ticket()
-    assert trail.hand_off([_event("h1"), _event("h2")], ticket, finish)
+    assert trail.hand_off(lambda: [_event("h1"), _event("h2")], ticket, finish)
     assert await asyncio.to_thread(done.wait, 5)
     await trail.aclose()
     assert outcome == [True] and ticket.seqs == [2, 3]
