@@ -358,9 +358,11 @@ class KeyService(KeyringUpkeep):
                             checked[i] = AuditUnavailable()
                     _settle(done, checked)
 
-                # More groups wait for the token: check and write in the audit writer's
-                # thread, and sign the next group meanwhile. Otherwise all in this step.
-                if executor._work_queue.qsize() and trail.hand_off(prepare, ticket, finish):
+                # Under load (a group of several, or more groups waiting for the token):
+                # check and write in the audit writer's thread, and sign the next group
+                # meanwhile. A lone caller has it all done in this one step.
+                busy = len(items) > 1 or executor._work_queue.qsize() > 0
+                if busy and trail.hand_off(prepare, ticket, finish):
                     return
                 records = prepare()
                 finish(trail.commit(records, ticket) if records else True)
