@@ -5,7 +5,9 @@ outside the file and the payload key in ``_anchor``. On start-up the chain
 continues from the last record already in the file.
 
 Writes happen in one writer thread, in batches (one write and one fsync for
-all the records that queued up meanwhile). ``record`` waits at most
+all the records that queued up meanwhile), or for sign records in the
+token's thread right after it signed them (``_commit``: group commit with no
+hop); one lock (``_io``) keeps the file and the chain to one writer. ``record`` waits at most
 ``write_timeout``; when the write fails or is late it raises
 ``AuditUnavailable`` and the caller refuses the operation. While the writer is
 stuck in a write, ``record`` fails at once. After a failure the file is
