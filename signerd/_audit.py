@@ -40,7 +40,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from ._anchor import Anchorer, load_or_create_key
@@ -60,7 +59,7 @@ from ._chain import (
     verify_file,
     verify_files,
 )
-from ._commit import GroupCommit, Ticket, _Handed
+from ._commit import GroupCommit, Ticket, _Handed, _Job, _Sink
 from .errors import AuditUnavailable
 
 __all__ = [
@@ -97,33 +96,6 @@ def audit_from_config(table: Mapping[str, Any], *, worker: int | None = None) ->
         anchor_interval=s.anchor_interval,
         key_path=s.key,
     )
-
-
-@dataclass(eq=False)
-class _Job:
-    event: AuditEvent
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[None]
-    state: str = "queued"  # queued -> writing -> done; or queued -> abandoned
-    abandoned: bool = False  # the caller gave up while the record was being written
-    failed: bool = False
-    seq: int = 0
-
-
-@dataclass
-class _Sink:
-    """The writer thread's view of the file; touched by that thread only."""
-
-    fd: int | None = None
-    ident: tuple[int, int] | None = None
-    regular: bool = True
-    good_end: int = 0  # offset after the last acknowledged record
-    prev: str = GENESIS
-    seq: int = 0
-    rotated_from: str | None = None  # set when the chain moved to a new file
-    unacked: list[int] = field(default_factory=list)
-    dangling: bytearray = field(default_factory=bytearray)  # unacknowledged bytes, non-files
-    first: tuple[int, str] | None = None  # the file's first record: seq, hash
 
 
 class AuditTrail(GroupCommit):

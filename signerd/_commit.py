@@ -8,17 +8,31 @@ fsync. Either way the records are durable before the signatures leave, the
 file and the chain state have one writer at a time (``_io``), a stuck write
 refuses new work at once (``stuck``), and records whose callers stopped
 waiting (``give_up``) are listed in the next record's ``unacknowledged``.
+``check`` is the signature check both paths run before any record is made.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ._calls import AuditEvent
+from ._chain import GENESIS
+from .errors import BackendError, SignerdError
+
+log = logging.getLogger("signerd.keys")
+_T = TypeVar("_T")
 
 
 @dataclass(eq=False)
@@ -38,6 +52,33 @@ class _Handed:
     prepare: Callable[[], list[AuditEvent]]  # the records, made in the writer thread
     ticket: Ticket
     finish: Callable[[bool], None]
+
+
+@dataclass(eq=False)
+class _Job:
+    event: AuditEvent
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[None]
+    state: str = "queued"  # queued -> writing -> done; or queued -> abandoned
+    abandoned: bool = False  # the caller gave up while the record was being written
+    failed: bool = False
+    seq: int = 0
+
+
+@dataclass
+class _Sink:
+    """The writers' view of the file; touched only by the holder of ``_io``."""
+
+    fd: int | None = None
+    ident: tuple[int, int] | None = None
+    regular: bool = True
+    good_end: int = 0  # offset after the last acknowledged record
+    prev: str = GENESIS
+    seq: int = 0
+    rotated_from: str | None = None  # set when the chain moved to a new file
+    unacked: list[int] = field(default_factory=list)
+    dangling: bytearray = field(default_factory=bytearray)  # unacknowledged bytes, non-files
+    first: tuple[int, str] | None = None  # the file's first record: seq, hash
 
 
 class GroupCommit:
@@ -147,3 +188,31 @@ class GroupCommit:
             elif ticket.seqs and not ticket.abandoned:
                 ticket.abandoned = True
                 self._late.extend(ticket.seqs)
+
+
+def check(
+    public: Ed25519PublicKey,
+    kid: str,
+    datas: Sequence[bytes],
+    results: Sequence[bytes | SignerdError],
+) -> list[bytes | SignerdError]:
+    """Each signature checked against the public key; one that fails is a BackendError."""
+    checked: list[bytes | SignerdError] = []
+    for data, result in zip(datas, results, strict=True):
+        if isinstance(result, bytes):
+            try:
+                public.verify(result, data)
+            except _CryptoInvalidSignature:
+                log.error("signerd.signature_check_failed kid=%s", kid)
+                result = BackendError("the backend produced a signature that does not verify")
+        checked.append(result)
+    return checked
+
+
+def settle(done: Future[_T], outcome: _T | BaseException) -> None:
+    """Resolve a future another thread waits on, unless it was given up meanwhile."""
+    with contextlib.suppress(InvalidStateError):
+        if isinstance(outcome, BaseException):
+            done.set_exception(outcome)
+        else:
+            done.set_result(outcome)

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -25,11 +25,11 @@ from ._audit import AuditTrail, Ticket
 from ._backend import Backend, Destroyer, KeyInfo, KeyVersion, VersionState
 from ._calls import AuditEvent
 from ._coalesce import Coalescer
+from ._commit import check, settle
 from ._maint import KeyringUpkeep
 from ._names import KeyName, parse_kid
 from .errors import (
     AuditUnavailable,
-    BackendError,
     BackendUnavailable,
     ConfirmationRequired,
     DestroyedKid,
@@ -319,7 +319,12 @@ class KeyService(KeyringUpkeep):
         datas = [data for data, _ in items]
         trail = self._trail if any(record is not None for _, record in items) else None
         if trail is None:
-            return await self._on(key, lambda b: _sign_and_check(b, entry, version, datas))
+            return await self._on(
+                key,
+                lambda b: check(
+                    entry.public, entry.version.kid, datas, b.sign(key, version, datas)
+                ),
+            )
         return await self._committed(key, entry, items, trail)
 
     async def _committed(
@@ -344,7 +349,7 @@ class KeyService(KeyringUpkeep):
                 todo: list[int] = []
 
                 def prepare() -> list[AuditEvent]:  # check, then the records of what passed
-                    checked[:] = _check(entry, datas, signed)
+                    checked[:] = check(entry.public, kid, datas, signed)
                     records = []
                     for i, ((_, record), result) in enumerate(zip(items, checked, strict=True)):
                         if record is not None and isinstance(result, bytes):
@@ -356,7 +361,7 @@ class KeyService(KeyringUpkeep):
                     if not written:
                         for i in todo:
                             checked[i] = AuditUnavailable()
-                    _settle(done, checked)
+                    settle(done, checked)
 
                 # Under load (a group of several, or more groups waiting for the token):
                 # check and write in the audit writer's thread, and sign the next group
@@ -367,7 +372,7 @@ class KeyService(KeyringUpkeep):
                 records = prepare()
                 finish(trail.commit(records, ticket) if records else True)
             except BaseException as exc:  # the caller gets it, as from run_in_executor
-                _settle(done, exc)
+                settle(done, exc)
 
         executor.submit(run)
         future = asyncio.wrap_future(done)
@@ -471,38 +476,6 @@ class KeyService(KeyringUpkeep):
             log.info("signerd.retention_retire kid=%s", key.kid(number))
             info = self._store(await self._on(key, _retire_call(key, number)))
         return info
-
-
-def _sign_and_check(
-    backend: Backend, entry: _Entry, version: int, datas: Sequence[bytes]
-) -> list[bytes | SignerdError]:
-    """Sign on the backend (in its thread) and check every signature against the public key."""
-    return _check(entry, datas, backend.sign(entry.key, version, datas))
-
-
-def _check(
-    entry: _Entry, datas: Sequence[bytes], results: Sequence[bytes | SignerdError]
-) -> list[bytes | SignerdError]:
-    """Each signature checked against the public key; one that fails is a BackendError."""
-    checked: list[bytes | SignerdError] = []
-    for data, result in zip(datas, results, strict=True):
-        if isinstance(result, bytes):
-            try:
-                entry.public.verify(result, data)
-            except _CryptoInvalidSignature:
-                log.error("signerd.signature_check_failed kid=%s", entry.version.kid)
-                result = BackendError("the backend produced a signature that does not verify")
-        checked.append(result)
-    return checked
-
-
-def _settle(done: Future[_T], outcome: _T | BaseException) -> None:
-    """Resolve a future another thread waits on, unless it was given up meanwhile."""
-    with contextlib.suppress(InvalidStateError):
-        if isinstance(outcome, BaseException):
-            done.set_exception(outcome)
-        else:
-            done.set_result(outcome)
 
 
 def _retire_call(key: KeyName, version: int) -> Callable[[Backend], KeyInfo]:
