@@ -84,8 +84,9 @@ def add_commands(
     p.add_argument("key", metavar="KEY")
     data_options(p)
     p = command(tsub, "verify", telemetry_verify, "verify telemetry (exit 0 only when accepted)")
-    for name in ("tenant", "kid", "timestamp", "nonce", "signature"):
+    for name in ("tenant", "kid", "timestamp", "signature"):
         p.add_argument(f"--{name}", required=True)
+    p.add_argument("--nonce", required=True, help="write --nonce=N: a nonce may start with '-'")
     p.add_argument("--attestation", metavar="sha256:HEX")
     data_options(p)
 

@@ -26,7 +26,7 @@ def test_telemetry_sign_then_verify_once(
     sig = ctl.json("telemetry", "sign", f"{tenant}/telemetry", "--data-b64", body)
     assert sig["kid"] == f"{tenant}.telemetry.v1"
     argv = ["telemetry", "verify", "--tenant", tenant, "--kid", sig["kid"], "--timestamp",
-            sig["timestamp"], "--nonce", sig["nonce"], "--signature", sig["signature"],
+            sig["timestamp"], f"--nonce={sig['nonce']}", "--signature", sig["signature"],
             "--data-b64", body]  # fmt: skip
     assert "valid: " in ctl.ok(*argv)
     code, _, err = ctl(*argv)
