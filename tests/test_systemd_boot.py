@@ -237,7 +237,7 @@ def test_staged_rotation_unit_promotes_the_pending_version(box: Container) -> No
     assert states()[-3:] == ["verify-only", "active", "pending"]
     records = [
         json.loads(line)
-        for line in box.run("cat", "/var/log/signerd/audit.jsonl").stdout.splitlines()
+        for line in box.run("sh", "-c", "cat /var/log/signerd/audit*.jsonl").stdout.splitlines()
     ]
     promotes = [r for r in records if r.get("operation") == "promote" and r.get("outcome") == "ok"]
     assert [r["peer"]["user"] for r in promotes] == ["signerd-rotate"], promotes

@@ -162,6 +162,14 @@ class SqliteNonceStore:
         return self._conn
 
     def _apply(self, batch: list[_Job]) -> None:
+        """Commit ``batch``; a file another worker holds locked is tried once more."""
+        for attempt in (1, 2):
+            busy = self._apply_once(batch, last=attempt == 2)
+            if not busy:
+                return
+
+    def _apply_once(self, batch: list[_Job], *, last: bool) -> bool:
+        """One transaction for ``batch``; True when it should be tried again (busy)."""
         try:
             conn = self._open()
             now = time.time()
@@ -177,6 +185,9 @@ class SqliteNonceStore:
                 raise
             self.commits += 1
         except (sqlite3.Error, OSError) as exc:
+            if not last and isinstance(exc, sqlite3.OperationalError) and _busy(exc):
+                log.warning("signerd.nonce_store_busy retrying=1")
+                return True
             log.error("signerd.nonce_store_error error=%s", type(exc).__name__)
             for job in batch:
                 job.outcome = "unavailable"
@@ -185,6 +196,7 @@ class SqliteNonceStore:
                 with contextlib.suppress(sqlite3.Error):
                     self._conn.close()
                 self._conn = None  # reopen on the next batch
+        return False
 
     def _insert(self, conn: sqlite3.Connection, job: _Job, now: float) -> str:
         expires = now + job.ttl
@@ -225,3 +237,9 @@ class SqliteNonceStore:
         if recount:  # other processes may write the same file
             self._last_count = time.monotonic()
             self._count = int(conn.execute("SELECT COUNT(*) FROM nonces").fetchone()[0])
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    """SQLITE_BUSY / SQLITE_LOCKED: another process holds the file for longer than the timeout."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or "locked" in str(exc)
