@@ -5,9 +5,7 @@ outside the file and the payload key in ``_anchor``. On start-up the chain
 continues from the last record already in the file.
 
 Writes happen in one writer thread, in batches (one write and one fsync for
-all the records that queued up meanwhile), or for sign records in the
-token's thread right after it signed them (``_commit``: group commit with no
-hop); one lock (``_io``) keeps the file and the chain to one writer. ``record`` waits at most
+all the records that queued up meanwhile). ``record`` waits at most
 ``write_timeout``; when the write fails or is late it raises
 ``AuditUnavailable`` and the caller refuses the operation. While the writer is
 stuck in a write, ``record`` fails at once. After a failure the file is
@@ -32,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -40,6 +39,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._anchor import Anchorer, load_or_create_key
@@ -52,20 +52,16 @@ from ._chain import (
     Walker,
     _encode,
     _journal_fields,
-    first_record,
-    last_record,
     line_hash,
     split_lines,
     verify_file,
     verify_files,
 )
-from ._commit import GroupCommit, Ticket, _Handed, _Job, _Sink
 from .errors import AuditUnavailable
 
 __all__ = [
     "GENESIS",
     "AuditTrail",
-    "Ticket",
     "VerifyReport",
     "audit_from_config",
     "verify_file",
@@ -98,7 +94,34 @@ def audit_from_config(table: Mapping[str, Any], *, worker: int | None = None) ->
     )
 
 
-class AuditTrail(GroupCommit):
+@dataclass(eq=False)
+class _Job:
+    event: AuditEvent
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[None]
+    state: str = "queued"  # queued -> writing -> done; or queued -> abandoned
+    abandoned: bool = False  # the caller gave up while the record was being written
+    failed: bool = False
+    seq: int = 0
+
+
+@dataclass
+class _Sink:
+    """The writer thread's view of the file; touched by that thread only."""
+
+    fd: int | None = None
+    ident: tuple[int, int] | None = None
+    regular: bool = True
+    good_end: int = 0  # offset after the last acknowledged record
+    prev: str = GENESIS
+    seq: int = 0
+    rotated_from: str | None = None  # set when the chain moved to a new file
+    unacked: list[int] = field(default_factory=list)
+    dangling: bytearray = field(default_factory=bytearray)  # unacknowledged bytes, non-files
+    first: tuple[int, str] | None = None  # the file's first record: seq, hash
+
+
+class AuditTrail:
     """Hash-chained JSON-lines audit file; implements the ``AuditSink`` protocol."""
 
     def __init__(
@@ -135,12 +158,7 @@ class AuditTrail(GroupCommit):
         self._cond = threading.Condition()
         self._queue: deque[_Job] = deque()
         self._thread: threading.Thread | None = None
-        self._busy_since: float | None = None  # the writer thread's write began
-        self._commit_since: float | None = None  # a ``commit`` write began
-        self._io = threading.Lock()  # the file and the chain state (``_sink``): one writer
-        self._late: list[int] = []  # committed records whose callers gave up (for unacked)
-        self._journal_q: deque[bytes] = deque()  # committed lines for journald
-        self._groups: deque[_Handed] = deque()  # groups handed to the writer thread
+        self._busy_since: float | None = None
         self._closed = False
         self._reopen = False
         self._sink = _Sink()
@@ -155,7 +173,8 @@ class AuditTrail(GroupCommit):
         with self._cond:
             if self._closed:
                 raise AuditUnavailable()
-            if self._stuck(time.monotonic()):
+            busy = self._busy_since
+            if busy is not None and time.monotonic() - busy > self.write_timeout:
                 raise AuditUnavailable()  # the writer is stuck: do not queue behind it
             self._start()
             self._queue.append(job)
@@ -207,13 +226,7 @@ class AuditTrail(GroupCommit):
     def _run(self) -> None:
         while True:
             with self._cond:
-                while (
-                    not self._queue
-                    and not self._groups
-                    and not self._journal_q
-                    and not self._closed
-                    and not self._reopen
-                ):
+                while not self._queue and not self._closed and not self._reopen:
                     wait = (
                         self._next_anchor - time.monotonic() if self._anchors is not None else None
                     )
@@ -221,86 +234,58 @@ class AuditTrail(GroupCommit):
                         break
                     self._cond.wait(wait)
                 reopen, self._reopen = self._reopen, False
-                if not self._queue and not self._groups and self._closed:
+                if not self._queue and self._closed:
                     break
                 batch = [self._queue.popleft() for _ in range(min(_MAX_BATCH, len(self._queue)))]
                 for job in batch:
                     job.state = "writing"
-                groups = [g for g in self._groups if g.ticket.state == "queued"]
-                self._groups.clear()
-                for group in groups:
-                    group.ticket.state = "writing"
                 self._busy_since = time.monotonic()
-                committed = list(self._journal_q)
-                self._journal_q.clear()
+            if reopen:
+                self._anchor("rotated")  # the old file's last head, before leaving it
+                self._close_fd()
             lines: list[bytes] = []
-            prepared = [_prepared(group) for group in groups]
-            with self._io:
-                if reopen:
-                    self._anchor("rotated")  # the old file's last head, before leaving it
+            if batch:
+                try:
+                    lines = self._write_batch(batch)
+                except Exception as exc:  # OSError mostly; never let the writer die
                     self._close_fd()
-                events = [job.event for job in batch] + [e for p in prepared for e in p]
-                if events:
-                    lines, seqs = self._guarded_write(events)
-                    for job, seq in zip(batch, seqs, strict=False):
-                        job.seq = seq
-                    at = len(batch)
-                    for group, records in zip(groups, prepared, strict=True):
-                        group.ticket.seqs = seqs[at : at + len(records)]
-                        at += len(records)
+                    now = time.monotonic()
+                    if now - self._last_complaint > 10.0:  # one line per streak, then 1/10 s
+                        self._last_complaint = now
+                        log.error("signerd.audit_write_failed error=%s path=%s", exc, self.path)
+                else:
+                    if self._last_complaint:
+                        log.warning("signerd.audit_recovered path=%s", self.path)
+                    self._last_complaint = 0.0
             with self._cond:
                 self._busy_since = None
                 for job in batch:
                     job.state, job.failed = "done", not lines
                     if lines and job.abandoned:
-                        self._late.append(job.seq)
-                for group in groups:
-                    group.ticket.state = "done"
-                    if lines and group.ticket.abandoned:
-                        self._late.extend(group.ticket.seqs)
-            for group in groups:
-                with contextlib.suppress(Exception):  # never let the writer die
-                    group.finish(bool(lines))
+                        self._sink.unacked.append(job.seq)
             for job in batch:
                 with contextlib.suppress(RuntimeError):  # the caller's loop is gone
                     job.loop.call_soon_threadsafe(_resolve, job.future)
-            if (lines or committed) and self._journal is not None:
+            if lines and self._journal is not None:
                 with self._cond:
                     self._busy_since = time.monotonic()  # a stuck journal is a stuck writer
-                self._to_journal(committed + lines)
+                self._to_journal(lines)
                 with self._cond:
                     self._busy_since = None
             if self._anchors is not None and time.monotonic() >= self._next_anchor:
                 with self._cond:  # after the batch is answered: no caller waits for an anchor
                     self._busy_since = time.monotonic()
                 self._next_anchor = time.monotonic() + self.anchor_interval
-                with self._io:
-                    self._tick()
+                self._tick()
                 with self._cond:
                     self._busy_since = None
-        with self._io:
-            self._anchor("shutdown")
-            self._close_fd()
+        self._anchor("shutdown")
+        self._close_fd()
         if self._anchors is not None:
             self._anchors.close()
 
-    def _guarded_write(self, events: list[AuditEvent]) -> tuple[list[bytes], list[int]]:
-        """Write records durably (holding ``_io``): their lines and seqs, or nothing on failure."""
-        try:
-            return self._write_batch(events)
-        except Exception as exc:  # OSError mostly; never let the writer die
-            self._close_fd()
-            now = time.monotonic()
-            if now - self._last_complaint > 10.0:  # one line per streak, then 1/10 s
-                self._last_complaint = now
-                log.error("signerd.audit_write_failed error=%s path=%s", exc, self.path)
-            return [], []
-
-    def _write_batch(self, events: list[AuditEvent]) -> tuple[list[bytes], list[int]]:
+    def _write_batch(self, batch: list[_Job]) -> list[bytes]:
         sink = self._sink
-        with self._cond:
-            sink.unacked += self._late
-            self._late = []
         if sink.fd is not None and sink.regular and self._path_moved():
             self._anchor("rotated")
             self._close_fd()
@@ -327,14 +312,12 @@ class AuditTrail(GroupCommit):
         prev, seq = walker.prev, walker.seq
         out = bytearray(prefix)
         lines: list[bytes] = []
-        seqs: list[int] = []
         first_hash = ""
-        for event in events:
+        for job in batch:
             seq += 1
-            line = _encode(event, seq, prev, marks, f"{self.boot}-{seq}", self._key)
+            line = _encode(job.event, seq, prev, marks, f"{self.boot}-{seq}", self._key)
             marks = {}
-            prev = line_hash(line)
-            seqs.append(seq)
+            prev, job.seq = line_hash(line), seq
             lines.append(line)
             first_hash = first_hash or prev
             out += line + b"\n"
@@ -353,10 +336,7 @@ class AuditTrail(GroupCommit):
             sink.first = walker.first[::2] if walker.first else (seq - len(lines) + 1, first_hash)
         sink.rotated_from, sink.unacked = None, []
         sink.dangling.clear()
-        if self._last_complaint:
-            log.warning("signerd.audit_recovered path=%s", self.path)
-        self._last_complaint = 0.0
-        return lines, seqs
+        return lines
 
     def _open(self) -> None:
         sink = self._sink
@@ -409,12 +389,23 @@ class AuditTrail(GroupCommit):
     def _load_tail(self, size: int) -> None:
         """Continue the chain from the last record already in the file."""
         start = max(0, size - _TAIL_WINDOW)
-        found = last_record(self._read(start, size - start))
-        if found is not None:
-            sink = self._sink
-            seq, sink.prev, end = found
-            sink.seq, sink.good_end, sink.rotated_from = seq, start + end, None
-            return
+        data = self._read(start, size - start)
+        offset = len(data)
+        while offset > 0:
+            begin = data.rfind(b"\n", 0, offset - 1) + 1
+            line = data[begin:offset]
+            with contextlib.suppress(ValueError):
+                rec = json.loads(line)
+                if line.endswith(b"\n") and isinstance(rec, dict) and type(rec.get("seq")) is int:
+                    sink = self._sink
+                    sink.prev, sink.seq, sink.good_end = (
+                        line_hash(line),
+                        rec["seq"],
+                        start + offset,
+                    )
+                    sink.rotated_from = None
+                    return
+            offset = begin
         if start > 0:
             raise OSError(f"no audit record in the last {_TAIL_WINDOW} bytes of {self.path}")
 
@@ -455,7 +446,12 @@ class AuditTrail(GroupCommit):
 
     def _first_record(self) -> tuple[int, str] | None:
         """The seq and hash of the first record in the open file, if it starts with one."""
-        return first_record(self._read(0, _TAIL_WINDOW))
+        for line in split_lines(self._read(0, _TAIL_WINDOW)):
+            with contextlib.suppress(ValueError):
+                rec = json.loads(line)
+                if line.endswith(b"\n") and isinstance(rec, dict) and type(rec.get("seq")) is int:
+                    return rec["seq"], line_hash(line)
+        return None
 
     def _tick(self) -> None:
         """On the anchor schedule: notice a live file that shrank, anchor a head that moved."""
@@ -507,14 +503,6 @@ class AuditTrail(GroupCommit):
             self._journal_failing = True
         else:
             self._journal_failing = False
-
-
-def _prepared(group: _Handed) -> list[AuditEvent]:
-    try:
-        return group.prepare()
-    except Exception:  # the group's callers are answered by finish; the writer lives on
-        log.exception("signerd.audit_prepare_failed")
-        return []
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -129,39 +129,6 @@ def split_lines(data: bytes) -> list[bytes]:
     return lines if lines[-1] else lines[:-1]
 
 
-def _record_seq(line: bytes) -> int | None:
-    """The seq of a complete record line, or None."""
-    try:
-        rec = json.loads(line)
-    except ValueError:
-        return None
-    if line.endswith(b"\n") and isinstance(rec, dict) and type(rec.get("seq")) is int:
-        return int(rec["seq"])
-    return None
-
-
-def first_record(data: bytes) -> tuple[int, str] | None:
-    """The seq and hash of the first line of ``data``, if it is a complete record."""
-    for line in split_lines(data):
-        seq = _record_seq(line)
-        if seq is not None:
-            return seq, line_hash(line)
-    return None
-
-
-def last_record(data: bytes) -> tuple[int, str, int] | None:
-    """The seq, hash and end offset of the last complete record in ``data``."""
-    offset = len(data)
-    while offset > 0:
-        begin = data.rfind(b"\n", 0, offset - 1) + 1
-        line = data[begin:offset]
-        seq = _record_seq(line)
-        if seq is not None:
-            return seq, line_hash(line), offset
-        offset = begin
-    return None
-
-
 def _encode(
     event: AuditEvent,
     seq: int,

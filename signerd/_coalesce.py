@@ -19,32 +19,31 @@ from typing import Generic, TypeVar
 from .errors import InternalError, SignerdError
 
 G = TypeVar("G", bound=Hashable)
-I = TypeVar("I")  # noqa: E741
 
-BatchRunner = Callable[[G, Sequence[I]], Awaitable[Sequence[bytes | SignerdError]]]
+BatchRunner = Callable[[G, Sequence[bytes]], Awaitable[Sequence[bytes | SignerdError]]]
 
 
 @dataclass
-class _Queue(Generic[I]):
-    waiting: deque[tuple[I, asyncio.Future[bytes]]] = field(default_factory=deque)
+class _Queue:
+    waiting: deque[tuple[bytes, asyncio.Future[bytes]]] = field(default_factory=deque)
     in_flight: int = 0
 
 
-class Coalescer(Generic[G, I]):
-    def __init__(self, run: BatchRunner[G, I], *, max_batch: int, max_in_flight: int) -> None:
+class Coalescer(Generic[G]):
+    def __init__(self, run: BatchRunner[G], *, max_batch: int, max_in_flight: int) -> None:
         if max_batch < 1 or max_in_flight < 1:
             raise ValueError("max_batch and max_in_flight must be at least 1")
         self._run = run
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
-        self._queues: dict[G, _Queue[I]] = {}
+        self._queues: dict[G, _Queue] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.batches = 0  # counters, for metrics and tests
         self.items = 0
 
-    async def submit(self, group: G, item: I) -> bytes:
+    async def submit(self, group: G, item: bytes) -> bytes:
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        queue: _Queue[I] = self._queues.setdefault(group, _Queue())
+        queue = self._queues.setdefault(group, _Queue())
         queue.waiting.append((item, future))
         if queue.in_flight < self._max_in_flight:
             # This caller leads a batch itself (no task, no extra hop when idle);
@@ -61,19 +60,19 @@ class Coalescer(Generic[G, I]):
                     self._release(group, queue)
         return await future
 
-    async def _drain(self, group: G, queue: _Queue[I]) -> None:
+    async def _drain(self, group: G, queue: _Queue) -> None:
         try:
             while queue.waiting:
                 await self._run_batch(group, queue)
         finally:
             self._release(group, queue)
 
-    def _release(self, group: G, queue: _Queue[I]) -> None:
+    def _release(self, group: G, queue: _Queue) -> None:
         queue.in_flight -= 1
         if queue.in_flight == 0 and not queue.waiting:
             self._queues.pop(group, None)
 
-    async def _run_batch(self, group: G, queue: _Queue[I]) -> None:
+    async def _run_batch(self, group: G, queue: _Queue) -> None:
         batch = [queue.waiting.popleft() for _ in range(min(self._max_batch, len(queue.waiting)))]
         batch = [(item, fut) for item, fut in batch if not fut.cancelled()]
         if not batch:

@@ -14,22 +14,19 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TypeVar
 
 from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ._audit import AuditTrail, Ticket
 from ._backend import Backend, Destroyer, KeyInfo, KeyVersion, VersionState
-from ._calls import AuditEvent
 from ._coalesce import Coalescer
-from ._commit import check, settle
 from ._maint import KeyringUpkeep
 from ._names import KeyName, parse_kid
 from .errors import (
-    AuditUnavailable,
+    BackendError,
     BackendUnavailable,
     ConfirmationRequired,
     DestroyedKid,
@@ -72,7 +69,6 @@ class _Entry:
 
 
 _Group = tuple[KeyName, int]
-_Item = tuple[bytes, AuditEvent | None]  # data, and the record to commit with its signature
 
 
 class KeyService(KeyringUpkeep):
@@ -104,8 +100,7 @@ class KeyService(KeyringUpkeep):
         #: wraps every admin operation: the workers' cross-process lock and change notice
         self.admin_guard: Callable[[KeyName], contextlib.AbstractAsyncContextManager[None]] | None
         self.admin_guard = None
-        self._trail: AuditTrail | None = None
-        self._coalescer: Coalescer[_Group, _Item] = Coalescer(
+        self._coalescer: Coalescer[_Group] = Coalescer(
             self._sign_batch,
             max_batch=self.settings.max_batch,
             max_in_flight=self.settings.max_in_flight,
@@ -113,15 +108,6 @@ class KeyService(KeyringUpkeep):
         self._refresher: asyncio.Task[None] | None = None
 
     # --- plumbing ---------------------------------------------------------
-
-    def commit_audit(self, trail: AuditTrail) -> None:
-        """Write sign records with their signatures: signed, checked and fsync'd in one step."""
-        self._trail = trail
-
-    @property
-    def commits_audit(self) -> bool:
-        """Whether ``sign(..., record=...)`` writes the record before it answers."""
-        return self._trail is not None
 
     def backend_name(self, tenant: str) -> str:
         return self._routes.get(tenant, self._default)
@@ -278,22 +264,13 @@ class KeyService(KeyringUpkeep):
 
     # --- signing and verifying ----------------------------------------------
 
-    async def sign(
-        self, key: KeyName, data: bytes, record: AuditEvent | None = None
-    ) -> tuple[str, bytes]:
-        """Sign with the active version. With ``record`` (and ``commit_audit``), the record,
-        its kid filled in, is durable before the signature is returned (AuditUnavailable
-        otherwise)."""
-        trail = self._trail if record is not None else None
-        if trail is not None and trail.stuck():
-            raise AuditUnavailable()
-        item: _Item = (data, record if trail is not None else None)
+    async def sign(self, key: KeyName, data: bytes) -> tuple[str, bytes]:
         info = await self._cached(key)
         active = info.active
         if active is None:
             raise InvalidState("key has no active version")
         try:
-            signature = await self._coalescer.submit((key, active.version), item)
+            signature = await self._coalescer.submit((key, active.version), data)
         except (InvalidState, UnknownVersion) as exc:
             # Another daemon rotated or retired under us: learn the keyring again, once.
             fresh = (await self.describe(key)).active
@@ -309,98 +286,33 @@ class KeyService(KeyringUpkeep):
             if fresh is None or fresh.version == active.version:
                 raise
             active = fresh
-            signature = await self._coalescer.submit((key, active.version), item)
+            signature = await self._coalescer.submit((key, active.version), data)
         return active.kid, signature
 
     async def _sign_batch(
-        self, group: _Group, items: Sequence[_Item]
+        self, group: _Group, items: Sequence[bytes]
     ) -> list[bytes | SignerdError]:
         key, version = group
         entry = self._kids.get(key.kid(version))
         if entry is None:  # forgotten by a refresh meanwhile; sign() re-reads and retries
             raise UnknownVersion()
-        datas = [data for data, _ in items]
-        trail = self._trail if any(record is not None for _, record in items) else None
-        if trail is None:
-            return await self._on(
-                key,
-                lambda b: check(
-                    entry.public, entry.version.kid, datas, b.sign(key, version, datas)
-                ),
-            )
-        return await self._committed(key, entry, items, trail)
 
-    async def _committed(
-        self, key: KeyName, entry: _Entry, items: Sequence[_Item], trail: AuditTrail
-    ) -> list[bytes | SignerdError]:
-        """Sign, check and write the records in the backend's thread, with one wake-up of
-        the loop for the group. When more groups wait for that thread, the check and the
-        records go to the trail's writer thread instead (group commit there; the next
-        group signs meanwhile). The sign must finish within ``backend_timeout``, the records' write
-        within the trail's ``write_timeout`` of its start."""
-        name = self.backend_name(key.tenant)
-        backend, executor = self._backends[name], self._executors[name]
-        version, kid = entry.version.version, entry.version.kid
-        ticket = Ticket()
-        done: Future[list[bytes | SignerdError]] = Future()
+        def run(backend: Backend) -> list[bytes | SignerdError]:
+            results = backend.sign(key, version, items)
+            checked: list[bytes | SignerdError] = []
+            for data, result in zip(items, results, strict=True):
+                if isinstance(result, bytes):
+                    try:
+                        entry.public.verify(result, data)
+                    except _CryptoInvalidSignature:
+                        log.error("signerd.signature_check_failed kid=%s", entry.version.kid)
+                        result = BackendError(
+                            "the backend produced a signature that does not verify"
+                        )
+                checked.append(result)
+            return checked
 
-        def run() -> None:
-            try:
-                datas = [data for data, _ in items]
-                signed = backend.sign(entry.key, version, datas)
-                checked: list[bytes | SignerdError] = []
-                todo: list[int] = []
-
-                def prepare() -> list[AuditEvent]:  # check, then the records of what passed
-                    checked[:] = check(entry.public, kid, datas, signed)
-                    records = []
-                    for i, ((_, record), result) in enumerate(zip(items, checked, strict=True)):
-                        if record is not None and isinstance(result, bytes):
-                            todo.append(i)
-                            records.append(replace(record, kid=kid))
-                    return records
-
-                def finish(written: bool) -> None:
-                    if not written:
-                        for i in todo:
-                            checked[i] = AuditUnavailable()
-                    settle(done, checked)
-
-                # Under load (a group of several, or more groups waiting for the token):
-                # check and write in the audit writer's thread, and sign the next group
-                # meanwhile. A lone caller has it all done in this one step.
-                busy = len(items) > 1 or executor._work_queue.qsize() > 0
-                if busy and trail.hand_off(prepare, ticket, finish):
-                    return
-                records = prepare()
-                finish(trail.commit(records, ticket) if records else True)
-            except BaseException as exc:  # the caller gets it, as from run_in_executor
-                settle(done, exc)
-
-        executor.submit(run)
-        future = asyncio.wrap_future(done)
-        started = time.monotonic()
-        wait = min(self.settings.backend_timeout, trail.write_timeout)
-        try:
-            while True:
-                finished, _ = await asyncio.wait((future,), timeout=wait)
-                if finished:
-                    return future.result()
-                now, since = time.monotonic(), ticket.since
-                if since is not None:  # writing: the audit deadline counts
-                    wait = since + trail.write_timeout - now
-                    if wait <= 0:
-                        log.error("signerd.audit_unavailable reason=timeout kid=%s", kid)
-                        raise AuditUnavailable()
-                else:  # signing: the backend deadline counts; look again soon for a write
-                    wait = started + self.settings.backend_timeout - now
-                    if wait <= 0:
-                        log.error("signerd.backend_timeout backend=%s", name)
-                        raise BackendUnavailable("the key backend did not answer in time")
-                    wait = min(wait, max(0.01, trail.write_timeout / 4))
-        except BaseException:
-            trail.give_up(ticket)
-            raise
+        return await self._on(key, run)
 
     async def verify(self, kid: str, data: bytes, signature: bytes) -> tuple[KeyName, KeyVersion]:
         """Return the key and version when the signature is valid; raise otherwise."""

@@ -12,11 +12,9 @@ import asyncio
 import hashlib
 import importlib.resources
 import re
-import time
 from typing import Any
 
-from ._audit import AuditTrail
-from ._calls import AuditEvent, AuditSink, Call, Operation
+from ._calls import AuditSink, Call, Operation
 from ._front import AuditNotes, Front, PeerLookup, VisibilityGate
 from ._jwk import to_jwk
 from ._keyservice import KeyService
@@ -33,7 +31,6 @@ from ._wire import (
     parse_object,
 )
 from .errors import (
-    AuditUnavailable,
     InvalidRequest,
     NotFound,
     PermissionDenied,
@@ -95,8 +92,6 @@ class Server(Front):
     ) -> None:
         super().__init__(gate=gate, audit=audit, peer_lookup=peer_lookup, limits=limits)
         self.keys = keys
-        if isinstance(audit, AuditTrail):
-            keys.commit_audit(audit)
         self._openapi = importlib.resources.files("signerd").joinpath("openapi.json").read_bytes()
         self._ready_check: asyncio.Future[None] | None = None
         self._ready_at = 0.0
@@ -238,25 +233,8 @@ class Server(Front):
         data = b64decode(body, "data")
         audit.hashes = (_sha256(data),)
         self._authorize(request, Operation.SIGN, key, key.tenant)
-        # The record the answer would get from Front, written with the signature (kid
-        # filled in) before it is returned: the one step of sign, check and audit.
-        record = AuditEvent(
-            time=time.time(),
-            request_id=request["rid"],
-            peer=request["peer"],
-            operation=Operation.SIGN.value,
-            outcome="ok",
-            tenant=audit.tenant,
-            key=audit.key,
-            payload_sha256=audit.hashes,
-            status=200,
-        )
-        try:
-            kid, signature = await self.keys.sign(key, data, record)
-        except AuditUnavailable:
-            audit.written = True  # refused for want of its record: nothing more to write
-            raise
-        audit.kid, audit.written = kid, self.keys.commits_audit
+        kid, signature = await self.keys.sign(key, data)
+        audit.kid = kid
         return json_response({"kid": kid, "signature": b64encode(signature)})
 
     async def _sign_batch(self, request: Request, items: Any) -> Response:
