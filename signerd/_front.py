@@ -266,17 +266,21 @@ class Front:
 
     async def _attempt(self, request: Request, audit: AuditNotes) -> None:
         """Admin operations: an attempt record before acting (fails closed)."""
-        event = AuditEvent(
-            time=time.time(),
-            request_id=request["rid"],
-            peer=request["peer"],
-            operation=audit.operation.value,
-            outcome="attempt",
-            tenant=audit.tenant,
-            key=audit.key,
-            kid=audit.kid,
-            status=0,
-        )
-        await self.audit.record(event)
+        await self.audit.record(attempt_event(request, audit))
 
     # --- helpers --------------------------------------------------------------
+
+
+def attempt_event(request: Request, audit: AuditNotes) -> AuditEvent:
+    """The record an admin operation writes before it acts (status 0, outcome ``attempt``)."""
+    return AuditEvent(
+        time=time.time(),
+        request_id=request["rid"],
+        peer=request["peer"],
+        operation=audit.operation.value,
+        outcome="attempt",
+        tenant=audit.tenant,
+        key=audit.key,
+        kid=audit.kid,
+        status=0,
+    )

@@ -38,7 +38,8 @@ from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .._backend import VersionState
-from .._calls import AuditEvent, AuditSink, Call, Gate, Operation
+from .._calls import AuditSink, Call, Gate, Operation
+from .._front import attempt_event
 from .._jwk import b64url
 from .._keyservice import KeyService
 from .._names import KeyName, parse_kid
@@ -207,20 +208,7 @@ class Federation:
 
     async def _attempt(self, request: Request) -> None:
         """Admin operations write an attempt record before acting (fails closed)."""
-        audit = request["audit"]
-        await self.host.audit.record(
-            AuditEvent(
-                time=time.time(),
-                request_id=request["rid"],
-                peer=request["peer"],
-                operation=audit.operation.value,
-                outcome="attempt",
-                tenant=audit.tenant,
-                key=audit.key,
-                kid=audit.kid,
-                status=0,
-            )
-        )
+        await self.host.audit.record(attempt_event(request, request["audit"]))
 
     def _canonical_data(self, data: Any) -> bytes:
         canonical.check(data, self.settings.max_depth)
