@@ -72,6 +72,7 @@ __all__ = [
 log = logging.getLogger("signerd.audit")
 
 _MAX_BATCH = 256
+_MAX_QUEUED = 8192  # records nobody waits for (``submit``), queued at most
 _TAIL_WINDOW = 1 << 20  # how far back start-up looks for the last record
 JournalSend = Callable[..., object]
 
@@ -97,8 +98,8 @@ def audit_from_config(table: Mapping[str, Any], *, worker: int | None = None) ->
 @dataclass(eq=False)
 class _Job:
     event: AuditEvent
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[None]
+    loop: asyncio.AbstractEventLoop | None  # None for a record nobody waits for (``submit``)
+    future: asyncio.Future[None] | None
     state: str = "queued"  # queued -> writing -> done; or queued -> abandoned
     abandoned: bool = False  # the caller gave up while the record was being written
     failed: bool = False
@@ -169,18 +170,18 @@ class AuditTrail:
     async def record(self, event: AuditEvent) -> None:
         """Write one record durably, or raise AuditUnavailable within write_timeout."""
         loop = asyncio.get_running_loop()
-        job = _Job(event, loop, loop.create_future())
+        future: asyncio.Future[None] = loop.create_future()
+        job = _Job(event, loop, future)
         with self._cond:
             if self._closed:
                 raise AuditUnavailable()
-            busy = self._busy_since
-            if busy is not None and time.monotonic() - busy > self.write_timeout:
+            if self._stuck():
                 raise AuditUnavailable()  # the writer is stuck: do not queue behind it
             self._start()
             self._queue.append(job)
             self._cond.notify()
         try:
-            await asyncio.wait_for(asyncio.shield(job.future), self.write_timeout)
+            await asyncio.wait_for(asyncio.shield(future), self.write_timeout)
         except (TimeoutError, asyncio.CancelledError) as exc:
             with self._cond:
                 written = job.state == "done" and not job.failed
@@ -199,6 +200,23 @@ class AuditTrail:
             return
         if job.failed:
             raise AuditUnavailable()
+
+    def _stuck(self) -> bool:
+        """Whether a write has been under way longer than ``write_timeout`` (hold ``_cond``)."""
+        busy = self._busy_since
+        return busy is not None and time.monotonic() - busy > self.write_timeout
+
+    def submit(self, event: AuditEvent) -> bool:
+        """Queue a record that nobody waits for (an operation that does not fail closed):
+        it goes out with the next group write. False, and nothing queued, when the writer
+        is closed or stuck or ``_MAX_QUEUED`` records already wait."""
+        with self._cond:
+            if self._closed or len(self._queue) >= _MAX_QUEUED or self._stuck():
+                return False
+            self._start()
+            self._queue.append(_Job(event, None, None))
+            self._cond.notify()
+        return True
 
     def reopen(self) -> None:
         """Close the file; the next record goes to whatever file ``path`` names then."""
@@ -264,8 +282,9 @@ class AuditTrail:
                     if lines and job.abandoned:
                         self._sink.unacked.append(job.seq)
             for job in batch:
-                with contextlib.suppress(RuntimeError):  # the caller's loop is gone
-                    job.loop.call_soon_threadsafe(_resolve, job.future)
+                if job.loop is not None and job.future is not None:
+                    with contextlib.suppress(RuntimeError):  # the caller's loop is gone
+                        job.loop.call_soon_threadsafe(_resolve, job.future)
             if lines and self._journal is not None:
                 with self._cond:
                     self._busy_since = time.monotonic()  # a stuck journal is a stuck writer

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from ._names import KeyName
 
@@ -116,3 +116,12 @@ class AuditSink(Protocol):
     """Writes one record durably or raises AuditUnavailable within its deadline."""
 
     async def record(self, event: AuditEvent) -> None: ...
+
+
+@runtime_checkable
+class QueueingAuditSink(AuditSink, Protocol):
+    """An audit sink that also takes records nobody waits for (``submit``)."""
+
+    def submit(self, event: AuditEvent) -> bool:
+        """Queue a record for the next group write; False when it cannot be taken now."""
+        ...

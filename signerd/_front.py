@@ -11,6 +11,7 @@ cannot be written, the answer is replaced by 503 ``audit_unavailable``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ._calls import AuditEvent, AuditSink, Gate, Operation, Peer
+from ._calls import AuditEvent, AuditSink, Gate, Operation, Peer, QueueingAuditSink
 from ._listener import Listener
 from ._names import KeyName
 from ._protocol import Limits, Throttled
@@ -257,12 +258,19 @@ class Front:
             item_codes=audit.item_codes,
         )
         audit.written = True
-        try:
-            await self.audit.record(event)
-        except AuditUnavailable:
-            if outcome == "ok" and audit.operation.fails_closed:
-                raise
-            log.error("signerd.audit_unavailable request_id=%s outcome=%s", request["rid"], outcome)
+        if outcome == "ok" and audit.operation.fails_closed:
+            await self.audit.record(event)  # durable before the answer leaves, or a 503
+            return
+        # Nothing about the answer depends on this record: it goes out with the next group
+        # write, and the answer does not wait for its fsync.
+        if isinstance(self.audit, QueueingAuditSink):
+            if self.audit.submit(event):
+                return
+        else:
+            with contextlib.suppress(AuditUnavailable):
+                await self.audit.record(event)
+                return
+        log.error("signerd.audit_unavailable request_id=%s outcome=%s", request["rid"], outcome)
 
     async def _attempt(self, request: Request, audit: AuditNotes) -> None:
         """Admin operations: an attempt record before acting (fails closed)."""
