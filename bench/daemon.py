@@ -275,7 +275,8 @@ class Footprint:
     versions: int  # key versions on the token (all tenants) when signerd started
     seed_seconds: float
     ready_seconds: float
-    rss_bytes: int  # signerd and all its processes together
+    rss_bytes: int  # signerd and all its processes, each process's RSS summed
+    pss_bytes: int  # the same processes together, shared pages counted once (PSS)
     processes: int
     rotate_ms: float  # one rotation through the API with all those versions on the token
     sign_ns: list[int]  # one caller signing in sequence with the first stage's key
@@ -388,12 +389,14 @@ def footprint(
             conn.json("POST", "/v1/sign", {"key": f"{tenant}/k{k:02d}", "data": b64(message(k))})
         conn.json("GET", f"/v1/jwks?tenant={tenant}")
         sign_ns = _sign_in_sequence(conn, sign_key, signs)
-        rss, procs = daemon.rss_bytes(), daemon.processes()
+        rss, pss, procs = daemon.rss_bytes(), daemon.pss_bytes(), daemon.processes()
         t = time.perf_counter()
         conn.json("POST", f"/v1/keys/{tenant}/k00/rotate", {})
         rotate_ms = (time.perf_counter() - t) * 1000
         conn.close()
-        return Footprint(total, seed_seconds, daemon.ready_seconds, rss, procs, rotate_ms, sign_ns)
+        return Footprint(
+            total, seed_seconds, daemon.ready_seconds, rss, pss, procs, rotate_ms, sign_ns
+        )
     finally:
         daemon.stop()
 

@@ -266,6 +266,11 @@ class Daemon:
         """Resident memory of signerd and every process under it (supervisor and workers)."""
         return sum(rss_bytes(pid) for pid in process_tree(self.proc.pid))
 
+    def pss_bytes(self) -> int:
+        """Proportional memory of signerd and every process under it: pages the forked
+        workers share with the supervisor (and each other) counted once, not per process."""
+        return sum(pss_bytes(pid) for pid in process_tree(self.proc.pid))
+
     def processes(self) -> int:
         return len(process_tree(self.proc.pid))
 
@@ -281,6 +286,16 @@ def rss_bytes(pid: int) -> int:
     except OSError:
         return 0  # gone meanwhile
     raise ServiceError("VmRSS not found")
+
+
+def pss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return 0  # gone meanwhile
+    raise ServiceError("Pss not found")
 
 
 def process_tree(root: int) -> list[int]:

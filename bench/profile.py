@@ -1,0 +1,197 @@
+"""``python -m bench.profile [--seconds S] [--out DIR]``: where a sign request's CPU goes.
+
+Starts a SoftHSM token and signerd with its default workers, then drives one
+caller and 32 callers in turn. During each measured window it reads the CPU
+time of every signerd thread from ``/proc`` (reported per signature, by
+process and thread name) and, when ``py-spy`` is on the PATH, samples one
+worker and lists, per thread, the functions found in the most on-CPU samples.
+The in-process references (SoftHSM sign, sign + check, the floor) are timed
+the same way, so the table reads as "what signerd adds". Writes
+``profile.txt`` beside the benchmark's results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import multiprocessing
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+
+from . import daemon as sd
+from . import refs
+from .load import Target, drive
+from .services import REPO, init_token, process_tree, softhsm_conf, start_daemon
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu(root: int) -> dict[tuple[int, int], float]:
+    """CPU seconds so far of every thread under ``root``, keyed by (pid, tid)."""
+    out: dict[tuple[int, int], float] = {}
+    for pid in process_tree(root):
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            out[(pid, int(tid))] = (int(fields[11]) + int(fields[12])) / _TICK
+    return out
+
+
+def _read_raw(raw: Path) -> tuple[dict[int, str], list[str]]:
+    """py-spy raw samples: the thread names by tid, and per thread the functions found in
+    the most samples (waiting included: a thread's time, not only its CPU)."""
+    names: dict[int, str] = {}
+    per_thread: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[tuple[str, str]] = collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        n = int(count)
+        head = frames[0]  # "thread (TID): NAME"
+        tid, _, name = head.removeprefix("thread (").partition("): ")
+        if tid.isdigit():
+            names[int(tid)] = name or tid
+        per_thread[name] += n
+        seen = set()
+        for frame in frames[1:]:
+            func = frame.split(" (", 1)[0]
+            where = frame.rsplit("/", 1)[-1].rstrip(")") if "signerd/" in frame else ""
+            key = (name, f"{func} {where}".strip())
+            if key not in seen:
+                seen.add(key)
+                inclusive[key] += n
+    lines = []
+    for thread, total in per_thread.most_common():
+        lines.append(f"    thread {thread}: {total} samples")
+        best = sorted(
+            ((n, f) for (t, f), n in inclusive.items() if t == thread and n < total), reverse=True
+        )
+        lines += [f"      {100 * n / total:5.1f}%  {f}" for n, f in best[:14]]
+    return names, lines
+
+
+def _window(root: int, target: Target, callers: int, seconds: float, spy: str | None) -> list[str]:
+    tmp = Path(tempfile.mkdtemp(prefix="sdprof-"))
+    spent: dict[tuple[int, int], float] = {}
+
+    def during(t0: int, duration: float) -> None:
+        before, started = _cpu(root), time.monotonic()
+        spies = []
+        for pid in process_tree(root) if spy is not None else []:
+            argv = [str(spy), "record", "-p", str(pid), "-d", str(max(1, int(duration) - 1))]
+            argv += ["-r", "200", "-f", "raw", "--threads", "--idle", "-o", str(tmp / str(pid))]
+            spies.append(
+                subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
+        for proc in spies:
+            try:
+                proc.wait(timeout=duration + 30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        time.sleep(max(0.0, duration - 0.2 - (time.monotonic() - started)))
+        after = _cpu(root)
+        spent.update({k: v - before.get(k, 0.0) for k, v in after.items()})
+
+    try:
+        run = drive(target, callers, seconds, 1.0, procs=2 if callers > 1 else 1, during=during)
+        by_pid: dict[int, float] = collections.defaultdict(float)
+        for (pid, _), cpu in spent.items():
+            by_pid[pid] += cpu
+        busiest = max(by_pid, key=lambda p: by_pid[p], default=root)
+        raw = tmp / str(busiest)
+        names, lines_spy = _read_raw(raw) if raw.exists() else ({}, [])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ops = max(1, run.ops)
+    mine = {tid: cpu for (pid, tid), cpu in spent.items() if pid == busiest}
+    lines = [
+        f"{callers} caller(s): {run.throughput:,.0f} signatures/s, "
+        f"{sum(run.errors.values())} errors, {run.failure or 'ok'}",
+        f"  signerd CPU per signature, all processes: {1e6 * sum(spent.values()) / ops:,.0f} us; "
+        + ", ".join(
+            f"{'supervisor' if p == root else 'worker'} {p}: {1e6 * c / ops:,.0f} us"
+            for p, c in sorted(by_pid.items())
+        ),
+        f"  the busiest process, {busiest}, by thread (share of its CPU):",
+    ]
+    for tid, cpu in sorted(mine.items(), key=lambda kv: -kv[1]):
+        if cpu > 0:
+            share = 100 * cpu / max(1e-9, sum(mine.values()))
+            lines.append(f"    {share:5.1f}%  {names.get(tid, tid)}")
+    if lines_spy:
+        lines.append(f"  py-spy, process {busiest}, wall-clock samples (waiting included):")
+        lines += lines_spy
+    return lines
+
+
+def _reference(name: str, target: Target, count: int = 2000) -> str:
+    op = target.open()
+    for i in range(200):
+        op(i)
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for i in range(count):
+        op(i)
+    r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return f"    {name}: {1e6 * (t1 - t0) / count:,.0f} us wall, {1e6 * cpu / count:,.0f} us CPU"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
+    parser.add_argument("--seconds", type=float, default=8.0, help="each measured window")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args(argv)
+    spy = shutil.which("py-spy")
+    lines = [f"signerd profile, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs"]
+    if spy is None:
+        lines.append("(py-spy not found: CPU per thread only)")
+    with tempfile.TemporaryDirectory(prefix="sdprof-") as d, ExitStack() as stack:
+        tmp = Path(d)
+        token = init_token(tmp, softhsm_conf(tmp), "bench-profile")
+        lines.append("  in-process references, one thread:")
+        floor = refs.SoftHSMFloor
+        for name, target in (
+            ("sign", floor(token.module, token.label, token.pin, check=False)),
+            ("sign + check", floor(token.module, token.label, token.pin)),
+            ("sign + check + fsync'd line", floor(token.module, token.label, token.pin, True, d)),
+        ):
+            # a process each: python-pkcs11 logs in once per process
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                lines.append(pool.submit(_reference, name, target).result(timeout=300))
+        backend = {
+            "type": "pkcs11",
+            "module": token.module,
+            "token_label": token.label,
+            "pin_file": str(token.pin_file),
+        }
+        config, sock = sd.write_config(tmp, "profile", backend, ["bench/k1"])
+        daemon = start_daemon(stack, config, sock, tmp / "profile.log")
+        lines.append(f"signerd: {len(process_tree(daemon.pid))} processes")
+        for callers in (1, 32):
+            lines += _window(
+                daemon.pid, sd.SignerdSign(sock, "bench/k1"), callers, args.seconds, spy
+            )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "profile.txt").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
