@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -265,14 +265,39 @@ class KeyService(KeyringUpkeep):
     # --- signing and verifying ----------------------------------------------
 
     async def sign(self, key: KeyName, data: bytes) -> tuple[str, bytes]:
+        """Sign with the active version (coalesced with concurrent signs of that version)."""
+        return await self._with_active(
+            key, lambda version: self._coalescer.submit((key, version), data)
+        )
+
+    async def sign_many(
+        self, key: KeyName, datas: Sequence[bytes]
+    ) -> tuple[str, list[bytes | SignerdError]]:
+        """Sign several payloads with the active version: a batch request's items for one
+        key, in backend calls of ``max_batch`` items (no per-item coalescing), each result
+        checked. The caller writes the audit record before the signatures leave."""
+
+        async def run(version: int) -> list[bytes | SignerdError]:
+            step = self.settings.max_batch
+            out: list[bytes | SignerdError] = []
+            for at in range(0, len(datas), step):
+                out += await self._sign_batch((key, version), datas[at : at + step])
+            return out
+
+        return await self._with_active(key, run)
+
+    async def _with_active(
+        self, key: KeyName, sign: Callable[[int], Awaitable[_T]]
+    ) -> tuple[str, _T]:
+        """``sign(version)`` with the active version; after another daemon rotated or retired
+        under us (InvalidState, UnknownVersion), learn the keyring again and retry once."""
         info = await self._cached(key)
         active = info.active
         if active is None:
             raise InvalidState("key has no active version")
         try:
-            signature = await self._coalescer.submit((key, active.version), data)
+            return active.kid, await sign(active.version)
         except (InvalidState, UnknownVersion) as exc:
-            # Another daemon rotated or retired under us: learn the keyring again, once.
             fresh = (await self.describe(key)).active
             if (
                 fresh is not None
@@ -285,9 +310,7 @@ class KeyService(KeyringUpkeep):
                 raise BackendUnavailable("the active version cannot be read now") from exc
             if fresh is None or fresh.version == active.version:
                 raise
-            active = fresh
-            signature = await self._coalescer.submit((key, active.version), data)
-        return active.kid, signature
+            return fresh.kid, await sign(fresh.version)
 
     async def _sign_batch(
         self, group: _Group, items: Sequence[bytes]

@@ -45,6 +45,10 @@ _VERSION_RE = re.compile(r"[1-9][0-9]{0,8}")
 _READY_TTL = 1.0  # seconds a readiness answer (ready or not) is reused
 
 
+def _item_error(exc: SignerdError) -> dict[str, Any]:
+    return {"error": {"code": exc.code, "message": exc.message}}
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -254,17 +258,31 @@ class Server(Front):
         audit.key = ",".join(sorted({str(k) for k, _ in parsed}))
         peer = request["peer"]
         kids: set[str] = set()
-
-        async def one(key: KeyName, data: bytes) -> dict[str, Any]:
+        results: list[dict[str, Any]] = [{} for _ in parsed]
+        by_key: dict[KeyName, list[int]] = {}
+        for i, (key, _) in enumerate(parsed):  # refused items are answered per item
             try:
                 self.gate.authorize(Call(peer, Operation.SIGN, key.tenant, key))
-                kid, sig = await self.keys.sign(key, data)
             except SignerdError as exc:
-                return {"error": {"code": exc.code, "message": exc.message}}
-            kids.add(kid)
-            return {"kid": kid, "signature": b64encode(sig)}
+                results[i] = _item_error(exc)
+                continue
+            by_key.setdefault(key, []).append(i)
 
-        results = list(await asyncio.gather(*(one(k, d) for k, d in parsed)))
+        async def one_key(key: KeyName, at: list[int]) -> None:
+            try:
+                kid, signed = await self.keys.sign_many(key, [parsed[i][1] for i in at])
+            except SignerdError as exc:
+                for i in at:
+                    results[i] = _item_error(exc)
+                return
+            for i, sig in zip(at, signed, strict=True):
+                if isinstance(sig, SignerdError):
+                    results[i] = _item_error(sig)
+                else:
+                    kids.add(kid)
+                    results[i] = {"kid": kid, "signature": b64encode(sig)}
+
+        await asyncio.gather(*(one_key(k, at) for k, at in by_key.items()))
         audit.kid = ",".join(sorted(kids)) or None
         refused = [(i, r["error"]["code"]) for i, r in enumerate(results) if "error" in r]
         if refused:

@@ -198,3 +198,36 @@ async def test_sign_follows_a_rotation_made_elsewhere(svc: KeyService, key: KeyN
     kid, sig = await svc.sign(key, b"after")
     assert kid == key.kid(2)
     await svc.verify(kid, b"after", sig)
+
+
+async def test_sign_many_signs_in_chunks_and_follows_a_rotation(key: KeyName) -> None:
+    """A batch's items for one key: one backend call per max_batch items, every signature
+    checked and verifiable; after another daemon destroyed the active version, the whole
+    set is signed with the new one."""
+    svc = _service(max_batch=8)
+    await svc.start()
+    try:
+        await svc.create(key)
+        datas = [b"item-%d" % i for i in range(20)]
+        batches = svc._coalescer.batches
+        kid, signed = await svc.sign_many(key, datas)
+        assert kid == key.kid(1) and len(signed) == 20
+        assert svc._coalescer.batches == batches  # not through the per-item coalescer
+        for data, sig in zip(datas, signed, strict=True):
+            assert isinstance(sig, bytes)
+            await svc.verify(kid, data, sig)
+        other = _service()
+        await other.start()
+        try:
+            await other.rotate(key)
+            await other.retire(key, 1)
+            await other.destroy(key, 1, confirm=key.kid(1))
+        finally:
+            await other.close()
+        kid, signed = await svc.sign_many(key, datas[:3])
+        assert kid == key.kid(2)
+        for data, sig in zip(datas, signed, strict=False):
+            assert isinstance(sig, bytes)
+            await svc.verify(kid, data, sig)
+    finally:
+        await svc.close()
