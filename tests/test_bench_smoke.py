@@ -68,3 +68,24 @@ def test_quick_run_measures_every_path_and_writes_json_and_chart(tmp_path: Path)
 
     pixels = image.imread(png)
     assert pixels.shape[0] > 300 and pixels.shape[1] > 600
+
+
+@pytest.mark.timeout(300)
+def test_profile_reports_cpu_per_signature_by_thread(tmp_path: Path) -> None:
+    """`python -m bench.profile` measures one and 32 callers and names the threads' CPU."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.profile", "--seconds", "2", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    text = (tmp_path / "profile.txt").read_text()
+    assert text == proc.stdout.rstrip("\n") + "\n" or text.strip() in proc.stdout
+    for callers in (1, 32):
+        section = text.split(f"\n{callers} caller(s): ", 1)[1]
+        rate = float(section.split(" signatures/s", 1)[0].replace(",", ""))
+        assert rate > 0 and " 0 errors, ok" in section.splitlines()[0], section[:300]
+        assert "signerd CPU per signature, all processes:" in section
+    assert "sign + check + fsync'd line:" in text
