@@ -12,11 +12,13 @@ cannot be written, the answer is replaced by 503 ``audit_unavailable``.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import os
+import secrets
 import socket
 import time
 import traceback
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -48,6 +50,24 @@ UNKNOWN_PEER = Peer(pid=0, uid=-1, gid=-1)
 _QUIET_INTERVAL = 1.0  # one audit record per uid per interval for rate-limited strangers
 _MAX_QUIET = 4096
 _ACTIONS = {"promote": Operation.PROMOTE, "retire": Operation.RETIRE, "destroy": Operation.DESTROY}
+
+
+_ids: tuple[str, itertools.count[int]] = (secrets.token_hex(8), itertools.count())
+
+
+def _new_ids() -> None:
+    global _ids
+    _ids = (secrets.token_hex(8), itertools.count())
+
+
+os.register_at_fork(after_in_child=_new_ids)  # each worker draws its own prefix
+
+
+def _fresh_request_id() -> str:
+    """32 hex digits, unique across processes and restarts: a random prefix per process
+    and a counter (uuid4 costs a getrandom call and an object per request)."""
+    prefix, counter = _ids
+    return f"{prefix}{next(counter) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 class VisibilityGate(Gate, Protocol):
@@ -154,7 +174,8 @@ class Front:
 
     async def dispatch(self, request: Request) -> Response:
         started = time.monotonic()
-        rid = request_id_from(request.headers.get("X-Request-Id"), uuid.uuid4().hex)
+        given = request.headers.get("X-Request-Id")
+        rid = request_id_from(given, "") or _fresh_request_id()
         request["rid"] = rid
         audit = request["audit"] = AuditNotes()
         headers: dict[str, str] = {"X-Request-Id": rid}
