@@ -129,7 +129,7 @@ class AuditTrail:
         self,
         path: str,
         *,
-        write_timeout: float = 0.5,
+        write_timeout: float = 2.0,
         fsync: bool = True,
         journal_send: JournalSend | None = None,
         anchor_path: str | None = None,

@@ -47,7 +47,7 @@ def audit_settings(table: Mapping[str, Any], *, worker: int | None = None) -> Au
     path = table.get("path")
     if not isinstance(path, str) or not path or "\0" in path:
         raise ValueError("audit.path: required, the file the audit trail is appended to")
-    timeout = table.get("write_timeout", 0.5)
+    timeout = table.get("write_timeout", 2.0)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 30:
         raise ValueError(f"audit.write_timeout: must be seconds in (0, 30], got {timeout!r}")
     interval = table.get("anchor_interval", 10)

@@ -652,9 +652,9 @@ def test_config_errors_name_the_key(table: dict[str, Any], message: str) -> None
 
 
 def test_config_defaults(tmp_path: Path) -> None:
-    """Defaults: 0.5 s write timeout, fsync on, no journald."""
+    """Defaults: 2 s write timeout, fsync on, no journald."""
     trail = audit_from_config({"path": str(tmp_path / "a.jsonl")})
-    assert trail.write_timeout == 0.5
+    assert trail.write_timeout == 2.0
     assert trail._fsync is True and trail._journal is None
 
 

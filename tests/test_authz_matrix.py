@@ -418,7 +418,9 @@ def test_audit_fault_refuses_signing(tmp_path: Path, fault: str) -> None:
         else:
             path.symlink_to(first)
         d = start_daemon(
-            tmp_path / "d", server={"workers": 1}, audit={"path": str(path), "fsync": True}
+            tmp_path / "d",
+            server={"workers": 1},
+            audit={"path": str(path), "fsync": True, "write_timeout": 0.5},
         )
         stack.callback(d.stop)
         sock = str(d.socket_path)
