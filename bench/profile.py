@@ -52,6 +52,30 @@ def _cpu(root: int) -> dict[tuple[int, int], float]:
     return out
 
 
+def _machine() -> tuple[float, float]:
+    """Busy and total CPU seconds of the whole machine so far (/proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields) - idle) / _TICK, sum(fields) / _TICK
+
+
+def _callers(root: int) -> float:
+    """CPU seconds so far of this harness's other children: the load-generating callers."""
+    total = 0.0
+    daemon = set(process_tree(root))
+    for pid in process_tree(os.getpid()):
+        if pid == os.getpid() or pid in daemon:
+            continue
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "py-spy":
+                continue
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / _TICK
+    return total
+
+
 def _read_raw(raw: Path) -> tuple[dict[int, str], list[str]]:
     """py-spy raw samples: the thread names by tid, and per thread the functions found in
     the most samples (waiting included: a thread's time, not only its CPU)."""
@@ -88,13 +112,16 @@ def _read_raw(raw: Path) -> tuple[dict[int, str], list[str]]:
 def _window(root: int, target: Target, callers: int, seconds: float, spy: str | None) -> list[str]:
     tmp = Path(tempfile.mkdtemp(prefix="sdprof-"))
     spent: dict[tuple[int, int], float] = {}
+    others: dict[str, float] = {}
 
     def during(t0: int, duration: float) -> None:
         before, started = _cpu(root), time.monotonic()
+        machine, callers_before = _machine(), _callers(root)
         spies = []
         for pid in process_tree(root) if spy is not None else []:
             argv = [str(spy), "record", "-p", str(pid), "-d", str(max(1, int(duration) - 1))]
-            argv += ["-r", "200", "-f", "raw", "--threads", "--idle", "-o", str(tmp / str(pid))]
+            argv += ["-r", "100", "-f", "raw", "--threads", "--idle", "--nonblocking"]
+            argv += ["-o", str(tmp / str(pid))]
             spies.append(
                 subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             )
@@ -106,6 +133,8 @@ def _window(root: int, target: Target, callers: int, seconds: float, spy: str | 
         time.sleep(max(0.0, duration - 0.2 - (time.monotonic() - started)))
         after = _cpu(root)
         spent.update({k: v - before.get(k, 0.0) for k, v in after.items()})
+        busy, total = (b - a for a, b in zip(machine, _machine(), strict=True))
+        others.update(busy=busy, total=total, callers=_callers(root) - callers_before)
 
     try:
         run = drive(target, callers, seconds, 1.0, procs=2 if callers > 1 else 1, during=during)
@@ -127,6 +156,9 @@ def _window(root: int, target: Target, callers: int, seconds: float, spy: str | 
             f"{'supervisor' if p == root else 'worker'} {p}: {1e6 * c / ops:,.0f} us"
             for p, c in sorted(by_pid.items())
         ),
+        f"  the machine in that window: {100 * others.get('busy', 0) / max(1e-9, others.get('total', 1)):.0f}% busy;"
+        f" the callers (load generator) used {1e6 * others.get('callers', 0) / ops:,.0f} us"
+        " of CPU per signature",
         f"  the busiest process, {busiest}, by thread (share of its CPU):",
     ]
     for tid, cpu in sorted(mine.items(), key=lambda kv: -kv[1]):
