@@ -2,7 +2,7 @@
 
 ``$`` in a Python pattern also matches before a final newline, and
 ``str.isdigit`` accepts superscript, Arabic-Indic and fullwidth digits; every
-validator here must refuse both (issue 8, "Names and paths").
+validator here must refuse both.
 """
 
 from __future__ import annotations
