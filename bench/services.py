@@ -279,23 +279,22 @@ class Daemon:
 
 
 def rss_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return 0  # gone meanwhile
-    raise ServiceError("VmRSS not found")
+    return _proc_kb(f"/proc/{pid}/status", "VmRSS:") * 1024
 
 
 def pss_bytes(pid: int) -> int:
+    return _proc_kb(f"/proc/{pid}/smaps_rollup", "Pss:") * 1024
+
+
+def _proc_kb(path: str, field: str) -> int:
+    """A ``field: N kB`` line of a /proc file; 0 when the process is gone meanwhile."""
     try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1])
     except OSError:
-        return 0  # gone meanwhile
-    raise ServiceError("Pss not found")
+        return 0
+    raise ServiceError(f"{field} not found in {path}")
 
 
 def process_tree(root: int) -> list[int]:

@@ -30,6 +30,18 @@ TOKEN_LABEL = "signerd-test"
 _counter = itertools.count(1)
 
 
+class OpenGate:
+    """A gate that grants everything: for tests of what surrounds the policy."""
+
+    def authorize(self, call: Any) -> None: ...
+
+    def visible(self, peer: Any, op: Any, key: Any) -> bool:
+        return True
+
+    def admits(self, peer: Any) -> bool:
+        return True
+
+
 def _make_token_dir() -> Path:
     if shutil.which("softhsm2-util") is None or not os.path.exists(SOFTHSM_MODULE):
         raise RuntimeError(

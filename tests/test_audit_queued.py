@@ -16,8 +16,9 @@ import pytest
 
 from signerd._audit import AuditTrail, verify_file
 from signerd._calls import AuditEvent, Peer
-from signerd._names import KeyName
 from signerd.errors import AuditUnavailable
+
+from .conftest import OpenGate
 
 PEER = Peer(pid=1, uid=1000, gid=1000)
 
@@ -100,21 +101,12 @@ async def test_only_fail_closed_answers_wait_for_the_fsync(
 ) -> None:
     """Through Front: a verify's answer does not wait for a slow fsync, a sign's does; both
     records end up in the chain."""
-    from signerd._calls import Call, Operation
+    from signerd._calls import Operation
     from signerd._front import Front
     from signerd._request import Request, Response, json_response
 
     real = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (time.sleep(0.3), real(fd))[1])
-
-    class Gate:
-        def authorize(self, call: Call) -> None: ...
-
-        def visible(self, peer: Peer, op: Operation, key: KeyName) -> bool:
-            return True
-
-        def admits(self, peer: Peer) -> bool:
-            return True
 
     def handler(op: Operation) -> Any:
         async def handle(request: Request) -> Response:
@@ -125,7 +117,7 @@ async def test_only_fail_closed_answers_wait_for_the_fsync(
 
     path = tmp_path / "audit.jsonl"
     trail = AuditTrail(str(path), write_timeout=2.0)
-    front = Front(gate=Gate(), audit=trail, peer_lookup=lambda sock: PEER)
+    front = Front(gate=OpenGate(), audit=trail, peer_lookup=lambda sock: PEER)
     front.add_routes(
         [
             ("POST", "/v1/x/verify", handler(Operation.VERIFY), "verify"),

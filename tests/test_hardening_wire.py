@@ -22,7 +22,7 @@ import pytest
 from signerd import Client
 from signerd._http import ConnectionFailed, UnixHTTPConnection
 
-from .conftest import DaemonProcess, start_daemon, unique
+from .conftest import DaemonProcess, OpenGate, start_daemon, unique
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -216,19 +216,9 @@ def test_empty_repeated_or_undecodable_query_is_a_400(daemon: DaemonProcess, rou
 
 async def test_extra_routes_see_the_request_subset() -> None:
     """Server.add_routes: extra handlers get match_info, query, headers, body, peer; 404/405 as usual."""
-    from signerd._calls import AuditEvent, Call, Operation, Peer
+    from signerd._calls import AuditEvent, Operation, Peer
     from signerd._front import Front
-    from signerd._names import KeyName
     from signerd._request import Request, Response, json_response
-
-    class Gate:
-        def authorize(self, call: Call) -> None: ...
-
-        def visible(self, peer: Peer, op: Operation, key: KeyName) -> bool:
-            return True
-
-        def admits(self, peer: Peer) -> bool:
-            return True
 
     class Sink:
         events: list[AuditEvent] = []
@@ -251,7 +241,7 @@ async def test_extra_routes_see_the_request_subset() -> None:
         request["audit"].operation = Operation.VERIFY
         return json_response({"ok": True}, status=201, headers={"X-Extra": "1"})
 
-    front = Front(gate=Gate(), audit=Sink(), peer_lookup=lambda sock: Peer(1, 2, 3))
+    front = Front(gate=OpenGate(), audit=Sink(), peer_lookup=lambda sock: Peer(1, 2, 3))
     front.add_routes([("POST", "/v1/things/{tenant}/{kid}/retire", handler, "verify")])
 
     def req(method: str, url: bytes, body: bytes = b"") -> Request:

@@ -33,6 +33,18 @@ def _service(**settings: object) -> KeyService:
     )
 
 
+async def _replace_active_elsewhere(key: KeyName) -> None:
+    """Another daemon on the same token rotates, then retires and destroys version 1."""
+    other = _service()
+    await other.start()
+    try:
+        await other.rotate(key)
+        await other.retire(key, 1)
+        await other.destroy(key, 1, confirm=key.kid(1))
+    finally:
+        await other.close()
+
+
 @pytest.fixture
 async def svc() -> AsyncIterator[KeyService]:
     service = _service()
@@ -187,14 +199,7 @@ async def test_bootstrap_creates_missing_keys(key: KeyName) -> None:
 async def test_sign_follows_a_rotation_made_elsewhere(svc: KeyService, key: KeyName) -> None:
     """When another daemon destroyed the cached active version, sign re-reads and uses the new one."""
     await svc.create(key)
-    other = _service()
-    await other.start()
-    try:
-        await other.rotate(key)
-        await other.retire(key, 1)
-        await other.destroy(key, 1, confirm=key.kid(1))
-    finally:
-        await other.close()
+    await _replace_active_elsewhere(key)
     kid, sig = await svc.sign(key, b"after")
     assert kid == key.kid(2)
     await svc.verify(kid, b"after", sig)
@@ -216,14 +221,7 @@ async def test_sign_many_signs_in_chunks_and_follows_a_rotation(key: KeyName) ->
         for data, sig in zip(datas, signed, strict=True):
             assert isinstance(sig, bytes)
             await svc.verify(kid, data, sig)
-        other = _service()
-        await other.start()
-        try:
-            await other.rotate(key)
-            await other.retire(key, 1)
-            await other.destroy(key, 1, confirm=key.kid(1))
-        finally:
-            await other.close()
+        await _replace_active_elsewhere(key)
         kid, signed = await svc.sign_many(key, datas[:3])
         assert kid == key.kid(2)
         for data, sig in zip(datas, signed, strict=False):
