@@ -103,7 +103,8 @@ def _read_raw(raw: Path) -> tuple[dict[int, str], list[str]]:
     for thread, total in per_thread.most_common():
         lines.append(f"    thread {thread}: {total} samples")
         best = sorted(
-            ((n, f) for (t, f), n in inclusive.items() if t == thread and n < total), reverse=True
+            ((n, f) for (t, f), n in inclusive.items() if t == thread and n < 0.95 * total),
+            reverse=True,
         )
         lines += [f"      {100 * n / total:5.1f}%  {f}" for n, f in best[:14]]
     return names, lines
