@@ -4,8 +4,13 @@ The chain's format and its verification live in ``_chain``; the anchors kept
 outside the file and the payload key in ``_anchor``. On start-up the chain
 continues from the last record already in the file.
 
-Writes happen in one writer thread, in batches (one write and one fsync for
-all the records that queued up meanwhile). ``record`` waits at most
+Writes happen in batches (one write and one fsync for all the records that
+queued up meanwhile), in one writer thread; or, in a worker (``stall_guard``
+set), on the event loop's own thread: the records of one loop turn are
+written together at its end, without a hand-off to another thread and back.
+The writer thread then keeps the anchors, reopening, the journal and the
+records nobody waits for, and writes queued records whenever it holds the
+file when the loop wants to. ``record`` waits at most
 ``write_timeout``; when the write fails or is late it raises
 ``AuditUnavailable`` and the caller refuses the operation. While the writer is
 stuck in a write, ``record`` fails at once. After a failure the file is
@@ -40,7 +45,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._anchor import Anchorer, load_or_create_key
 from ._auditconf import audit_settings, worker_path
@@ -68,6 +73,9 @@ __all__ = [
     "verify_files",
     "worker_path",
 ]
+
+if TYPE_CHECKING:
+    from .workers import StallGuard
 
 log = logging.getLogger("signerd.audit")
 
@@ -166,12 +174,19 @@ class AuditTrail:
         self._started = False  # whether the file was opened once (start-up checks done)
         self._journal_failing = False
         self._last_complaint = 0.0
+        self._io = threading.Lock()  # held by whichever thread uses the file and the chain
+        self._journal_backlog: deque[bytes] = deque()  # written on the loop, for the journal
+        self._flush_due = False
+        self._handed = False  # with a guard: queued records are the writer thread's to write
+        #: a worker's guard: records are written on the loop's thread, bounded by it
+        self.stall_guard: StallGuard | None = None
 
     async def record(self, event: AuditEvent) -> None:
         """Write one record durably, or raise AuditUnavailable within write_timeout."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         job = _Job(event, loop, future)
+        here = self.stall_guard is not None
         with self._cond:
             if self._closed:
                 raise AuditUnavailable()
@@ -179,7 +194,11 @@ class AuditTrail:
                 raise AuditUnavailable()  # the writer is stuck: do not queue behind it
             self._start()
             self._queue.append(job)
-            self._cond.notify()
+            if not here:
+                self._cond.notify()
+        if here and not self._flush_due:
+            self._flush_due = True
+            loop.call_soon(self._write_here)  # after every request of this loop turn
         try:
             await asyncio.wait_for(asyncio.shield(future), self.write_timeout)
         except (TimeoutError, asyncio.CancelledError) as exc:
@@ -215,6 +234,7 @@ class AuditTrail:
                 return False
             self._start()
             self._queue.append(_Job(event, None, None))
+            self._handed = True
             self._cond.notify()
         return True
 
@@ -239,12 +259,93 @@ class AuditTrail:
             self._thread = threading.Thread(target=self._run, name="signerd-audit", daemon=True)
             self._thread.start()
 
+    # --- writing on the loop's thread (a worker) ---
+
+    def _write_here(self) -> None:
+        """The records queued in this loop turn: one write and one fsync, on this thread,
+        unless the writer thread has the file now (then it writes them)."""
+        self._flush_due = False
+        guard = self.stall_guard
+        batch: list[_Job] = []
+        lines: list[bytes] = []
+        if guard is not None and self._io.acquire(blocking=False):
+            try:
+                with self._cond:
+                    if not self._reopen:  # reopening is the writer thread's
+                        batch = self._take()
+                if batch:
+                    lines = guard.call(
+                        lambda: self._write_jobs(batch),
+                        self.write_timeout,
+                        "audit",
+                        AuditUnavailable,
+                    )
+            finally:
+                self._io.release()
+        with self._cond:
+            if batch:
+                self._done(batch, lines)
+                if lines and self._journal is not None:
+                    self._journal_backlog.extend(lines)
+            if self._queue or self._journal_backlog:
+                self._handed = self._handed or bool(self._queue)
+                self._cond.notify()  # what is left, and the journal, go to the writer thread
+        for job in batch:
+            if job.future is not None:
+                _resolve(job.future)
+
     # --- the writer thread ---
+
+    def _take(self) -> list[_Job]:
+        """The next batch from the queue (hold ``_cond`` and ``_io``)."""
+        batch = [self._queue.popleft() for _ in range(min(_MAX_BATCH, len(self._queue)))]
+        for job in batch:
+            job.state = "writing"
+        if batch:
+            self._busy_since = time.monotonic()
+        return batch
+
+    def _done(self, batch: list[_Job], lines: list[bytes]) -> None:
+        """The batch is written (``lines``) or failed (none) (hold ``_cond``)."""
+        self._busy_since = None
+        for job in batch:
+            job.state, job.failed = "done", not lines
+            if lines and job.abandoned:
+                self._sink.unacked.append(job.seq)
+
+    def _write_jobs(self, batch: list[_Job]) -> list[bytes]:
+        """Write a batch (hold ``_io``); its lines, or none when the write failed."""
+        try:
+            lines = self._write_batch(batch)
+        except Exception as exc:  # OSError mostly; never let the writer die
+            self._close_fd()
+            now = time.monotonic()
+            if now - self._last_complaint > 10.0:  # one line per streak, then 1/10 s
+                self._last_complaint = now
+                log.error("signerd.audit_write_failed error=%s path=%s", exc, self.path)
+            return []
+        if self._last_complaint:
+            log.warning("signerd.audit_recovered path=%s", self.path)
+        self._last_complaint = 0.0
+        return lines
+
+    def _busy(self, fn: Callable[..., object], *args: Any) -> None:
+        """Something callers do not wait for, counted as the writer being busy (stuck)."""
+        with self._cond:
+            self._busy_since = time.monotonic()
+        fn(*args)
+        with self._cond:
+            self._busy_since = None
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._closed and not self._reopen:
+                while (
+                    not (self._queue and (self._handed or self.stall_guard is None))
+                    and not self._closed
+                    and not self._reopen
+                    and not self._journal_backlog
+                ):
                     wait = (
                         self._next_anchor - time.monotonic() if self._anchors is not None else None
                     )
@@ -254,52 +355,33 @@ class AuditTrail:
                 reopen, self._reopen = self._reopen, False
                 if not self._queue and self._closed:
                     break
-                batch = [self._queue.popleft() for _ in range(min(_MAX_BATCH, len(self._queue)))]
-                for job in batch:
-                    job.state = "writing"
-                self._busy_since = time.monotonic()
-            if reopen:
-                self._anchor("rotated")  # the old file's last head, before leaving it
-                self._close_fd()
-            lines: list[bytes] = []
-            if batch:
-                try:
-                    lines = self._write_batch(batch)
-                except Exception as exc:  # OSError mostly; never let the writer die
+                backlog = list(self._journal_backlog)
+                self._journal_backlog.clear()
+            with self._io:
+                if reopen:
+                    self._anchor("rotated")  # the old file's last head, before leaving it
                     self._close_fd()
-                    now = time.monotonic()
-                    if now - self._last_complaint > 10.0:  # one line per streak, then 1/10 s
-                        self._last_complaint = now
-                        log.error("signerd.audit_write_failed error=%s path=%s", exc, self.path)
-                else:
-                    if self._last_complaint:
-                        log.warning("signerd.audit_recovered path=%s", self.path)
-                    self._last_complaint = 0.0
+                with self._cond:
+                    batch = self._take()
+                    self._handed = self._handed and bool(self._queue)
+                lines = self._write_jobs(batch) if batch else []
             with self._cond:
-                self._busy_since = None
-                for job in batch:
-                    job.state, job.failed = "done", not lines
-                    if lines and job.abandoned:
-                        self._sink.unacked.append(job.seq)
+                self._done(batch, lines)
             for job in batch:
                 if job.loop is not None and job.future is not None:
                     with contextlib.suppress(RuntimeError):  # the caller's loop is gone
                         job.loop.call_soon_threadsafe(_resolve, job.future)
-            if lines and self._journal is not None:
-                with self._cond:
-                    self._busy_since = time.monotonic()  # a stuck journal is a stuck writer
-                self._to_journal(lines)
-                with self._cond:
-                    self._busy_since = None
+            backlog += lines
+            if backlog and self._journal is not None:
+                self._busy(self._to_journal, backlog)  # a stuck journal is a stuck writer
             if self._anchors is not None and time.monotonic() >= self._next_anchor:
-                with self._cond:  # after the batch is answered: no caller waits for an anchor
-                    self._busy_since = time.monotonic()
+                # after the batch is answered: no caller waits for an anchor
                 self._next_anchor = time.monotonic() + self.anchor_interval
-                self._tick()
-                with self._cond:
-                    self._busy_since = None
-        self._anchor("shutdown")
-        self._close_fd()
+                with self._io:
+                    self._busy(self._tick)
+        with self._io:
+            self._anchor("shutdown")
+            self._close_fd()
         if self._anchors is not None:
             self._anchors.close()
 

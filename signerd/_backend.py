@@ -1,7 +1,9 @@
 """The backend interface: where keys live and signatures are made.
 
 A backend is synchronous (python-pkcs11 and hvac both block); the key service
-calls it only from an executor it owns, never from the event loop. A backend
+calls it from an executor it owns. A backend that is ``Inline`` (a local
+library whose calls take microseconds) is also signed with on a worker's event
+loop thread, under the worker's ``StallGuard``. A backend
 keeps the keyring (versions and their states) in the store itself, so that
 several daemons pointed at the same token or Vault see the same keys.
 
@@ -140,6 +142,21 @@ class Recoverable(Protocol):
         Raise BackendUnavailable when the store cannot be trusted right now.
         ``present`` are keys the same listing returned (evidence the store reads).
         """
+        ...
+
+
+@runtime_checkable
+class Inline(Protocol):
+    """Optional: calls are short calls into a local library, which a worker may make on
+    its event loop's thread (no hand-off to the executor and back) while no other thread
+    is in the library. A call that never returns is the worker's ``StallGuard``'s."""
+
+    def try_enter(self) -> bool:
+        """Hold the library for this thread if nobody else does (never waits)."""
+        ...
+
+    def leave(self) -> None:
+        """Give back what ``try_enter`` took."""
         ...
 
 

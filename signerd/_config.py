@@ -44,6 +44,7 @@ class Config:
     audit: Mapping[str, Any]
     policy: Mapping[str, Any] = field(default_factory=dict)
     workers: int = field(default_factory=lambda: default_workers())
+    on_loop: bool = True  # workers sign and write the audit trail on the loop's thread
     federation: FederationSettings = field(default_factory=FederationSettings)
 
 
@@ -57,7 +58,7 @@ _LIMITS = (  # [server] keys that are fields of Limits
     "max_connections",
     "max_connections_per_uid",
 )
-_SERVER = {"socket", "socket_mode", "socket_group", "log_level", "workers", *_LIMITS}
+_SERVER = {"socket", "socket_mode", "socket_group", "log_level", "workers", "on_loop", *_LIMITS}
 _KEYS = {
     "default_backend",
     "bootstrap",
@@ -152,6 +153,7 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
     workers = _get(server, "server", "workers", int, default_workers())
     if not 1 <= workers <= _MAX_WORKERS:
         raise ConfigError(f"server.workers: must be 1 to {_MAX_WORKERS}, got {workers!r}")
+    on_loop = _get(server, "server", "on_loop", bool, True)
 
     keys = _table(doc, "keys", _KEYS)
     d = Settings()
@@ -238,6 +240,7 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
         audit=audit,
         policy=_table(doc, "policy", None),
         workers=workers,
+        on_loop=on_loop,
         federation=federation,
     )
 

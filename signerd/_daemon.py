@@ -49,6 +49,7 @@ from ._systemd import (
 )
 from .errors import SignerdError
 from .federation.routes import Federation, attach, federation_of
+from .workers import StallGuard
 
 if TYPE_CHECKING:
     from ._workerd import Worker
@@ -113,6 +114,7 @@ class Daemon:
     server: Server
     sock: socket.socket
     worker: Worker | None = None
+    guard: StallGuard | None = None
 
     @classmethod
     async def start(
@@ -153,9 +155,12 @@ class Daemon:
                 config.socket, mode=config.socket_mode, group=config.socket_group
             )
         listener = await server.serve(sock)  # accepts on sock as it is: listen(SOMAXCONN) stays
+        guard = None
         if worker is not None:  # set before this loop turns again, so before any accept
             listener.shared_uids = worker.connections
-        return cls(config, keys, server, sock, worker)
+            if config.on_loop:  # the supervisor replaces a worker whose call never returns
+                guard = keys.stall_guard = audit.stall_guard = StallGuard(listener.last_answers)
+        return cls(config, keys, server, sock, worker, guard)
 
     def reload(self) -> None:
         """SIGHUP: new policy from the file (kept only when valid) and reopen the audit file."""
@@ -186,6 +191,8 @@ class Daemon:
         audit = self.server.audit
         if isinstance(audit, AuditTrail):
             await audit.aclose()
+        if self.guard is not None:
+            self.guard.close()
 
 
 def _notify(*lines: str) -> None:

@@ -1,6 +1,8 @@
 """The key service: one keyring over one or more backends, for the server.
 
-It owns an executor per backend (backends block; the event loop never does),
+It owns an executor per backend (backends block; the event loop never waits
+on one, except for an ``Inline`` backend's signatures in a worker, which run
+on the loop's thread under the worker's ``StallGuard``),
 caches each kid's public key (a kid's key never changes, so verify never
 needs a backend round trip), decides which state changes are allowed, checks
 every signature against the public key before it leaves, and coalesces
@@ -16,12 +18,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ._backend import Backend, Destroyer, KeyInfo, KeyVersion, VersionState
+from ._backend import Backend, Destroyer, Inline, KeyInfo, KeyVersion, VersionState
 from ._coalesce import Coalescer
 from ._maint import KeyringUpkeep
 from ._names import KeyName, parse_kid
@@ -40,6 +42,9 @@ from .errors import (
     UnknownKid,
     UnknownVersion,
 )
+
+if TYPE_CHECKING:
+    from .workers import StallGuard
 
 log = logging.getLogger("signerd.keys")
 _T = TypeVar("_T")
@@ -106,6 +111,9 @@ class KeyService(KeyringUpkeep):
             max_in_flight=self.settings.max_in_flight,
         )
         self._refresher: asyncio.Task[None] | None = None
+        self._inline = {n: b for n, b in self._backends.items() if isinstance(b, Inline)}
+        #: a worker's guard: ``Inline`` backends sign on the loop's thread under it
+        self.stall_guard: StallGuard | None = None
 
     # --- plumbing ---------------------------------------------------------
 
@@ -335,6 +343,15 @@ class KeyService(KeyringUpkeep):
                 checked.append(result)
             return checked
 
+        name = self.backend_name(key.tenant)
+        inline, guard = self._inline.get(name), self.stall_guard
+        if inline is not None and guard is not None and inline.try_enter():
+            try:  # no thread hand-off: the library is free and the guard bounds the call
+                return guard.call(
+                    lambda: run(inline), self.settings.backend_timeout, "token", BackendUnavailable
+                )
+            finally:
+                inline.leave()
         return await self._on(key, run)
 
     async def verify(self, kid: str, data: bytes, signature: bytes) -> tuple[KeyName, KeyVersion]:

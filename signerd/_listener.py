@@ -133,6 +133,15 @@ class Listener:
             os.close(self._reserve)
             self._reserve = None
 
+    def last_answers(self, exc: SignerdError) -> int:
+        """``exc`` to every request in progress, from a thread other than the loop's, which
+        is stuck in a call (``StallGuard``); how many were answered."""
+        try:
+            connections = list(self.connections)
+        except RuntimeError:  # changed under us: the loop's thread was not stuck after all
+            return 0
+        return sum(conn.last_answer(exc) for conn in connections)
+
     # --- accepting ---
 
     def _on_readable(self) -> None:

@@ -82,13 +82,15 @@ _PIN_ERRORS = (p11e.PinIncorrect, p11e.PinLocked, p11e.PinExpired, p11e.PinInval
 #: an object file and its lock file per object it reads)
 _FD_HEADROOM = 8
 
-_MODULE_LOCKS: dict[str, threading.Lock] = {}
+_MODULE_LOCKS: dict[str, threading.RLock] = {}
 _MODULE_LOCKS_GUARD = threading.Lock()
 
 
-def _module_lock(path: str) -> threading.Lock:
+def _module_lock(path: str) -> threading.RLock:
+    """One lock per library file: no two threads are ever in it at once. Re-entrant, so
+    that ``try_enter`` can hold it around calls that take it again."""
     with _MODULE_LOCKS_GUARD:
-        return _MODULE_LOCKS.setdefault(os.path.realpath(path), threading.Lock())
+        return _MODULE_LOCKS.setdefault(os.path.realpath(path), threading.RLock())
 
 
 @dataclass(frozen=True)
@@ -256,6 +258,12 @@ class Pkcs11Backend:
         self._public: dict[str, bytes] = {}  # kid -> raw public key (never changes)
         self._reported: set[str] = set()  # malformed objects already logged (by digest)
         self._listed = 0  # keys in the last listing; a token that then shows none is suspect
+
+    def try_enter(self) -> bool:
+        return self._lock.acquire(blocking=False)
+
+    def leave(self) -> None:
+        self._lock.release()
 
     # --- connection -----------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 import httptools
 
 from ._request import Request, render_error
-from .errors import InvalidRequest
+from .errors import InvalidRequest, SignerdError
 
 if TYPE_CHECKING:
     from ._listener import Listener
@@ -300,6 +301,22 @@ class Connection(asyncio.Protocol):
         if self.transport is not None and not self.busy:
             self.transport.write(render_error(InvalidRequest("malformed HTTP request")))
         self._close()
+
+    def last_answer(self, exc: SignerdError) -> bool:
+        """From another thread while the loop's thread is stuck in a call (the process ends
+        next): ``exc`` as the answer to the request in progress, written to the socket
+        directly. Nothing when no request is being answered or an answer is half sent."""
+        req, transport = self._active, self.transport
+        if req is None or transport is None or self._closing:
+            return False
+        try:
+            if transport.get_write_buffer_size():
+                return False
+            sock = transport.get_extra_info("socket")
+            os.write(sock.fileno(), render_error(exc, str(req.get("rid", "-"))))
+        except (OSError, AttributeError, ValueError):
+            return False
+        return True
 
     def expired(self) -> None:
         """The deadline passed (the listener's sweeper calls this)."""

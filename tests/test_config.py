@@ -51,6 +51,7 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
         (lambda d: d["server"].update(max_body_bytes=0), "server.max_body_bytes"),
         (lambda d: d["server"].update(log_level="loud"), "server.log_level"),
         (lambda d: d["server"].update(colour="blue"), "server.colour"),
+        (lambda d: d["server"].update(on_loop="yes"), "server.on_loop"),
         (lambda d: d.update(keys={"backend_timeout": "soon"}), "keys.backend_timeout"),
         (lambda d: d.update(keys={"default_backend": "nope"}), "keys.default_backend"),
         (lambda d: d.update(keys={"bootstrap": ["Bad Name"]}), "keys.bootstrap[0]"),

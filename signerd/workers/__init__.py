@@ -5,6 +5,8 @@
 - ``AdminLock``: admin operations one at a time across the workers.
 - ``SharedBuckets``: rate-limit token buckets shared by the workers.
 - ``SharedConnections``: open connections per uid, counted across the workers.
+- ``StallGuard``: deadlines for the token calls and audit writes a worker makes on
+  its event loop's thread; a call past its deadline ends the worker (503s first).
 
 Wiring, in ``signerd`` itself: the main process loads the configuration, binds
 (or receives from systemd) the listening socket, and runs
@@ -23,13 +25,16 @@ from ._buckets import SharedBuckets
 from ._channel import WorkerChannel
 from ._conns import SharedConnections
 from ._lock import AdminLock, LockTimeout, runtime_path
+from ._stall import EXIT_STALLED, StallGuard
 from ._supervisor import Supervisor, SupervisorTiming, WorkerMain, set_parent_death_signal
 
 __all__ = [
+    "EXIT_STALLED",
     "AdminLock",
     "LockTimeout",
     "SharedBuckets",
     "SharedConnections",
+    "StallGuard",
     "Supervisor",
     "SupervisorTiming",
     "WorkerChannel",
