@@ -88,4 +88,5 @@ def test_profile_reports_cpu_per_signature_by_thread(tmp_path: Path) -> None:
         rate = float(section.split(" signatures/s", 1)[0].replace(",", ""))
         assert rate > 0 and " 0 errors, ok" in section.splitlines()[0], section[:300]
         assert "signerd CPU per signature, all processes:" in section
-    assert "sign + check + fsync'd line:" in text
+    assert "sign + check + fsync'd line (inproc-floor):" in text
+    assert "us asleep between operations:" in text
