@@ -5,12 +5,12 @@ outside the file and the payload key in ``_anchor``. On start-up the chain
 continues from the last record already in the file.
 
 Writes happen in batches (one write and one fsync for all the records that
-queued up meanwhile), in one writer thread; or, in a worker (``stall_guard``
-set), on the event loop's own thread: the records of one loop turn are
-written together at its end, without a hand-off to another thread and back.
-The writer thread then keeps the anchors, reopening, the journal and the
-records nobody waits for, and writes queued records whenever it holds the
-file when the loop wants to. ``record`` waits at most
+queued up meanwhile), in one writer thread. In a worker (``stall_guard``
+set), a lone record of one loop turn (one caller) is written at the end of
+that turn on the event loop's own thread, without a hand-off to another
+thread and back; a group of records still goes to the writer thread, so that
+the loop goes on signing while the disk works. The writer thread also keeps
+the anchors, reopening, the journal and the records nobody waits for. ``record`` waits at most
 ``write_timeout``; when the write fails or is late it raises
 ``AuditUnavailable`` and the caller refuses the operation. While the writer is
 stuck in a write, ``record`` fails at once. After a failure the file is
@@ -80,6 +80,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("signerd.audit")
 
 _MAX_BATCH = 256
+#: records written on the loop's thread at most at once: one record is a lone caller,
+#: who waits for nothing else; a group goes to the writer thread, so that the loop
+#: signs the next requests while the disk works (measured: more throughput at 32
+#: callers, the same latency for one)
+_MAX_HERE = 1
 _MAX_QUEUED = 8192  # records nobody waits for (``submit``), queued at most
 _TAIL_WINDOW = 1 << 20  # how far back start-up looks for the last record
 JournalSend = Callable[..., object]
@@ -262,13 +267,13 @@ class AuditTrail:
     # --- writing on the loop's thread (a worker) ---
 
     def _write_here(self) -> None:
-        """The records queued in this loop turn: one write and one fsync, on this thread,
-        unless the writer thread has the file now (then it writes them)."""
+        """A lone record queued in this loop turn: written and fsync'd on this thread.
+        Several records, or a file the writer thread has now: the writer thread's."""
         self._flush_due = False
         guard = self.stall_guard
         batch: list[_Job] = []
         lines: list[bytes] = []
-        if guard is not None and self._io.acquire(blocking=False):
+        if guard is not None and len(self._queue) <= _MAX_HERE and self._io.acquire(False):
             try:
                 with self._cond:
                     if not self._reopen:  # reopening is the writer thread's

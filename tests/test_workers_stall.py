@@ -120,10 +120,11 @@ def _event(rid: str) -> AuditEvent:
     )
 
 
-def test_records_of_one_loop_turn_are_written_on_the_loop_thread_in_one_group(
+def test_a_lone_record_is_written_on_the_loop_thread_and_a_group_by_the_writer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With a guard, the records of one loop turn share a write on the loop's thread."""
+    """With a guard, a loop turn's lone record is written on the loop's own thread; the
+    records of a busier turn go to the writer thread together, as one group."""
     import signerd._audit as audit_module
 
     exits = _Exits()
@@ -149,7 +150,7 @@ def test_records_of_one_loop_turn_are_written_on_the_loop_thread_in_one_group(
         asyncio.run(main())
     finally:
         guard.close()
-    assert writes == [("MainThread", 5), ("MainThread", 1)]
+    assert writes == [("signerd-audit", 5), ("MainThread", 1)]
     report = verify_file(str(path))
     assert report.ok and report.records == 6
     assert not exits.codes
