@@ -10,10 +10,11 @@ set), a lone record of one loop turn (one caller) is written at the end of
 that turn on the event loop's own thread, without a hand-off to another
 thread and back; a group of records still goes to the writer thread, so that
 the loop goes on signing while the disk works. The writer thread also keeps
-the anchors, reopening, the journal and the records nobody waits for. ``record`` waits at most
-``write_timeout``; when the write fails or is late it raises
-``AuditUnavailable`` and the caller refuses the operation. While the writer is
-stuck in a write, ``record`` fails at once. After a failure the file is
+the anchors, reopening, the journal and the records nobody waits for.
+``record`` waits at most ``write_timeout``; when the write fails or is late
+it raises ``AuditUnavailable`` and the caller refuses the operation (a write
+on the loop's thread that is late is the stall guard's: the worker answers
+503 and ends). While the writer is stuck in a write, ``record`` fails at once. After a failure the file is
 reopened on the next attempt, so the trail recovers when the sink does.
 
 A failed write may leave bytes in the file. They are never truncated away (the
