@@ -112,6 +112,8 @@ class Front:
         self.listener: Listener | None = None
         self._quiet: dict[int, tuple[float, int]] = {}
         self.quieted = Throttled("signerd.audit_quieted reason=rate_limited", 10.0)
+        self._queueing_of: object = None
+        self._queueing_sink: QueueingAuditSink | None = None
 
     def add_routes(self, routes: Iterable[tuple[Any, ...]]) -> None:
         """Extra routes: an iterable of (method, path template, async handler).
@@ -284,14 +286,23 @@ class Front:
             return
         # Nothing about the answer depends on this record: it goes out with the next group
         # write, and the answer does not wait for its fsync.
-        if isinstance(self.audit, QueueingAuditSink):
-            if self.audit.submit(event):
+        queueing = self._queueing()
+        if queueing is not None:
+            if queueing.submit(event):
                 return
         else:
             with contextlib.suppress(AuditUnavailable):
                 await self.audit.record(event)
                 return
         log.error("signerd.audit_unavailable request_id=%s outcome=%s", request["rid"], outcome)
+
+    def _queueing(self) -> QueueingAuditSink | None:
+        """``audit`` when it queues (the protocol check costs microseconds: once per sink)."""
+        if self._queueing_of is not self.audit:
+            sink = self.audit
+            self._queueing_of = sink
+            self._queueing_sink = sink if isinstance(sink, QueueingAuditSink) else None
+        return self._queueing_sink
 
     async def _attempt(self, request: Request, audit: AuditNotes) -> None:
         """Admin operations: an attempt record before acting (fails closed)."""
