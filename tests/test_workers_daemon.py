@@ -14,14 +14,22 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ._rawhttp import Reply, request
-from .conftest import DaemonProcess, daemon_config, policy_allow_all, start_daemon, to_toml, unique
+from .conftest import (
+    DaemonProcess,
+    daemon_config,
+    policy_allow_all,
+    start_daemon,
+    to_toml,
+    unique,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -30,15 +38,6 @@ WORKERS = {"workers": 2}
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _sign(d: DaemonProcess, key: str, data: bytes = b"x", rid: str | None = None) -> Reply:
@@ -177,7 +176,9 @@ def test_kill_9_of_a_worker_mid_load_loses_no_acknowledged_record(
     for t in threads:
         t.join(timeout=30)
     assert after_kill, "the other worker kept serving"
-    _wait(lambda: len(d.worker_pids()) == 2 and victim not in d.worker_pids(), 30, "a new worker")
+    wait_until(
+        lambda: len(d.worker_pids()) == 2 and victim not in d.worker_pids(), 30, "a new worker"
+    )
     assert d.proc.poll() is None
     audited = {r["request_id"] for r in d.audit_records() if r.get("outcome") == "ok"}
     missing = [rid for rid in acknowledged if rid not in audited]
@@ -215,7 +216,7 @@ def test_sighup_reloads_the_policy_in_every_worker(tmp_path: Path) -> None:
         doc = daemon_config(d.dir, server=WORKERS, policy=_policy(verify=True))
         d.config_path.write_text(to_toml(doc))
         d.sighup()
-        _wait(lambda: d.log_text().count("signerd.policy_reloaded") == 2, 10, "two reloads")
+        wait_until(lambda: d.log_text().count("signerd.policy_reloaded") == 2, 10, "two reloads")
         assert set(verify_all()) == {200}
         assert d.proc.poll() is None and len(d.worker_pids()) == 2
     finally:

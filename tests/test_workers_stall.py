@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +27,7 @@ from signerd.errors import AuditUnavailable, BackendUnavailable, SignerdError
 from signerd.workers import EXIT_STALLED, StallGuard
 
 from ._rawhttp import request
-from .conftest import ROOT, SOFTHSM_MODULE, DaemonProcess, start_daemon, unique
+from .conftest import ROOT, SOFTHSM_MODULE, DaemonProcess, start_daemon, unique, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -215,15 +215,6 @@ def _sign(d: DaemonProcess, key: str) -> tuple[int, str | None, float]:
     return reply.status, reply.code, time.monotonic() - started
 
 
-def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_a_token_call_that_never_returns_gets_its_503_and_the_worker_is_replaced(
     stalling: DaemonProcess, tmp_path: Path
 ) -> None:
@@ -246,12 +237,12 @@ def test_a_token_call_that_never_returns_gets_its_503_and_the_worker_is_replaced
         # the other worker keeps answering while the stalled one is replaced
         health = request(str(d.socket_path), "GET", "/v1/health", timeout=5)
         assert health.status == 200
-        _wait(lambda: "signerd.worker_stalled call=token" in d.log_text(), 10, "the log line")
+        wait_until(lambda: "signerd.worker_stalled call=token" in d.log_text(), 10, "the log line")
     finally:
         assert holder.stdin is not None
         holder.stdin.close()
         holder.wait(10)
-    _wait(
+    wait_until(
         lambda: len(d.worker_pids() - before) >= 1 and len(d.worker_pids()) == 2, 30, "a new worker"
     )
     assert f"code={EXIT_STALLED}" in d.log_text()
