@@ -1,11 +1,11 @@
 """The backend interface: where keys live and signatures are made.
 
 A backend is synchronous (python-pkcs11 and hvac both block); the key service
-calls it from an executor it owns. A backend that is ``Inline`` (a local
-library whose calls take microseconds) is also signed with on a worker's event
-loop thread, under the worker's ``StallGuard``. A backend
-keeps the keyring (versions and their states) in the store itself, so that
-several daemons pointed at the same token or Vault see the same keys.
+calls it from an executor it owns; a worker also signs with an ``Inline``
+backend (a local library whose calls take microseconds) on its event-loop
+thread, under its ``StallGuard``. A backend keeps the keyring (versions and
+their states) in the store itself, so that several daemons pointed at the
+same token or Vault see the same keys.
 
 The backend persists states; the key service decides which transitions are
 allowed (see ``_lifecycle``). Third-party exceptions never leave a backend:
