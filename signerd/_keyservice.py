@@ -129,9 +129,25 @@ class KeyService(KeyringUpkeep):
             log.error("signerd.backend_timeout backend=%s", backend)
             raise BackendUnavailable("the key backend did not answer in time") from exc
 
-    async def _on(self, key: KeyName, call: Callable[[Backend], _T]) -> _T:
+    async def _on(
+        self, key: KeyName, call: Callable[[Backend], _T], *, on_loop: bool = False
+    ) -> _T:
+        """``call(backend)`` for ``key``'s backend, in its executor; with ``on_loop`` (signing),
+        on this thread under the worker's ``StallGuard`` when the backend is ``Inline`` and
+        no other thread is in its library."""
         name = self.backend_name(key.tenant)
         backend = self._backends[name]
+        inline, guard = self._inline.get(name), self.stall_guard
+        if on_loop and inline is not None and guard is not None and inline.try_enter():
+            try:
+                return guard.call(
+                    lambda: call(backend),
+                    self.settings.backend_timeout,
+                    "token",
+                    BackendUnavailable,
+                )
+            finally:
+                inline.leave()
         return await self._run(name, lambda: call(backend))
 
     def _store(self, info: KeyInfo) -> KeyInfo:
@@ -343,16 +359,7 @@ class KeyService(KeyringUpkeep):
                 checked.append(result)
             return checked
 
-        name = self.backend_name(key.tenant)
-        inline, guard = self._inline.get(name), self.stall_guard
-        if inline is not None and guard is not None and inline.try_enter():
-            try:  # no thread hand-off: the library is free and the guard bounds the call
-                return guard.call(
-                    lambda: run(inline), self.settings.backend_timeout, "token", BackendUnavailable
-                )
-            finally:
-                inline.leave()
-        return await self._on(key, run)
+        return await self._on(key, run, on_loop=True)
 
     async def verify(self, kid: str, data: bytes, signature: bytes) -> tuple[KeyName, KeyVersion]:
         """Return the key and version when the signature is valid; raise otherwise."""

@@ -309,12 +309,12 @@ class Connection(asyncio.Protocol):
         req, transport = self._active, self.transport
         if req is None or transport is None or self._closing:
             return False
+        sock = transport.get_extra_info("socket")
+        if sock is None or transport.get_write_buffer_size():
+            return False
         try:
-            if transport.get_write_buffer_size():
-                return False
-            sock = transport.get_extra_info("socket")
             os.write(sock.fileno(), render_error(exc, str(req.get("rid", "-"))))
-        except (OSError, AttributeError, ValueError):
+        except (OSError, ValueError):  # closed meanwhile, or the buffer is full
             return False
         return True
 
