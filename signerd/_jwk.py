@@ -1,12 +1,15 @@
-"""Ed25519 public keys in their wire forms: RFC 8037 OKP JWK and PEM."""
+"""Ed25519 public keys in their wire forms: RFC 8037 OKP JWK and PEM; RFC 7638 thumbprints."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from ._ed25519 import check_public
 
 ED25519_PUBLIC_LEN = 32
 
@@ -31,8 +34,16 @@ def to_jwk(kid: str, raw: bytes) -> dict[str, str]:
     }
 
 
+def thumbprint(raw: bytes) -> str:
+    """The RFC 7638 thumbprint (SHA-256, unpadded base64url) of an Ed25519 public key."""
+    # the required members in lexicographic order, no whitespace (RFC 7638 section 3.2)
+    text = f'{{"crv":"Ed25519","kty":"OKP","x":"{b64url(raw)}"}}'
+    return b64url(hashlib.sha256(text.encode("ascii")).digest())
+
+
 def from_jwk(jwk: dict[str, Any]) -> tuple[str, Ed25519PublicKey]:
-    """Parse an OKP Ed25519 JWK; raise ValueError when it is not one."""
+    """Parse an OKP Ed25519 JWK; raise ValueError when it is not one, or when its key is a
+    small-order or non-canonical point (``_ed25519.check_public``)."""
     if jwk.get("kty") != "OKP" or jwk.get("crv") != "Ed25519":
         raise ValueError("not an OKP Ed25519 JWK")
     kid, x = jwk.get("kid"), jwk.get("x")
@@ -41,7 +52,7 @@ def from_jwk(jwk: dict[str, Any]) -> tuple[str, Ed25519PublicKey]:
     raw = b64url_decode(x)
     if len(raw) != ED25519_PUBLIC_LEN:
         raise ValueError("JWK x is not 32 bytes")
-    return kid, Ed25519PublicKey.from_public_bytes(raw)
+    return kid, Ed25519PublicKey.from_public_bytes(check_public(raw))
 
 
 def to_pem(raw: bytes) -> str:

@@ -12,7 +12,9 @@ trusted for two tenants with two different keys. Peer kids match
 ``[A-Za-z0-9._:-]{1,128}`` (no ``|``, no ``/``). They never shadow signerd's
 own kids: a kid of a key this signerd holds always resolves to that key, and
 adding a peer kid that names one of signerd's own keys is refused (see
-``routes``). Every lookup checks whether the file changed (one ``stat``), so
+``routes``). Every public key is checked (``_ed25519.check_public``):
+small-order and non-canonical points are refused wherever they come from.
+Every lookup checks whether the file changed (one ``stat``), so
 several processes sharing the state directory see each other's changes.
 """
 
@@ -35,6 +37,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from .._ed25519 import check_public, weakness
 from .._jwk import b64url, to_jwk
 from ..errors import (
     BackendUnavailable,
@@ -84,6 +87,9 @@ def jwk_public(jwk: object, kid: str) -> bytes:
         raise InvalidRequest("field 'jwk' member x is not base64url") from exc
     if b64url(raw) != x:
         raise InvalidRequest("field 'jwk' member x is not canonical base64url")
+    reason = weakness(raw)
+    if reason is not None:
+        raise InvalidRequest(f"field 'jwk' member x is not an acceptable Ed25519 key: {reason}")
     return raw
 
 
@@ -92,7 +98,9 @@ def pem_public(pem: bytes) -> bytes:
     key = serialization.load_pem_public_key(pem)
     if not isinstance(key, Ed25519PublicKey):
         raise ValueError("not an Ed25519 public key")
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return check_public(
+        key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    )
 
 
 @dataclass(frozen=True)
@@ -166,8 +174,8 @@ class TrustedKeys:
             doc = json.loads(fh.read())
         stored: dict[tuple[str, str], PeerKey] = {}
         for rec in doc["keys"]:
-            raw = base64.urlsafe_b64decode(str(rec["x"]) + "=")
-            if len(raw) != 32 or rec["state"] not in ("active", "retired"):
+            raw = check_public(base64.urlsafe_b64decode(str(rec["x"]) + "="))
+            if rec["state"] not in ("active", "retired"):
                 raise ValueError("not a trusted key record")
             key = PeerKey(
                 tenant=str(rec["tenant"]),
