@@ -37,7 +37,7 @@ Exit codes (``sysexits.h``), by wire code or local condition:
 69   EX_UNAVAILABLE  backend_unavailable, backend_sealed, audit_unavailable,
                      nonce_store_unavailable, not_supported; connection_failed (signerd unreachable)
 70   EX_SOFTWARE     internal_error; an answer outside the protocol
-73   EX_CANTCREAT    key_exists
+73   EX_CANTCREAT    key_exists, shared_peer_key
 75   EX_TEMPFAIL     rate_limited, backend_error; request_timeout (no answer
                      within ``--timeout``)
 76   EX_PROTOCOL     malformed_json, invalid_request, unsupported_media_type,
@@ -100,6 +100,7 @@ EXIT_FOR_CODE: dict[str, int] = {
     "not_supported": os.EX_UNAVAILABLE,
     "internal_error": os.EX_SOFTWARE,
     "key_exists": os.EX_CANTCREAT,
+    "shared_peer_key": os.EX_CANTCREAT,
     "rate_limited": os.EX_TEMPFAIL,
     "backend_error": os.EX_TEMPFAIL,
     "malformed_json": os.EX_PROTOCOL,

@@ -36,6 +36,7 @@ __all__ = [
     "ReplayedNonce",
     "RetiredKid",
     "SchemaMismatch",
+    "SharedPeerKey",
     "SignerdError",
     "StaleTimestamp",
     "TenantMismatch",
@@ -198,6 +199,14 @@ class ReplayedNonce(SignerdError):
     code = "replayed_nonce"
     status = 409
     default_message = "nonce was already used with this key"
+
+
+class SharedPeerKey(SignerdError):
+    code = "shared_peer_key"
+    status = 409
+    default_message = (
+        "this public key is already trusted for another tenant (federation.allow_shared_keys)"
+    )
 
 
 class PayloadTooLarge(SignerdError):

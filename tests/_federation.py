@@ -167,6 +167,20 @@ async def post_many(sock: str, url: str, body: Any, count: int) -> list[tuple[in
         return list(await asyncio.gather(*(one() for _ in range(count))))
 
 
+async def post_each(sock: str, url: str, bodies: list[Any]) -> list[tuple[int, str | None]]:
+    """Every body POSTed at once over up to 100 connections; (status, code) of each, in order."""
+    connector = aiohttp.UnixConnector(path=sock, limit=100)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def one(body: Any) -> tuple[int, str | None]:
+            async with session.post(f"http://signerd{url}", json=body) as resp:
+                doc = await resp.json()
+                return resp.status, (doc.get("error") or {}).get("code")
+
+        return list(await asyncio.gather(*(one(body) for body in bodies)))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -265,11 +265,11 @@ def test_policy_must_allow_the_tenant(tmp_path: Path) -> None:
     d = federation_daemon(tmp_path / "d", policy=policy)
     try:
         api = Api(d)
-        p = Producer.new("p-policy")
+        p, q = Producer.new("p-policy"), Producer.new("p-policy")  # one key per tenant
         api.trust(other, p)
-        api.trust(allowed, p)
+        api.trust(allowed, q)
         expect(api, "/v1/telemetry/verify", p.telemetry(other, b"{}"), 403, "permission_denied")
-        api.ok("POST", "/v1/telemetry/verify", p.telemetry(allowed, b"{}"))
+        api.ok("POST", "/v1/telemetry/verify", q.telemetry(allowed, b"{}"))
     finally:
         d.stop()
 
@@ -408,3 +408,78 @@ def test_trust_is_audited_like_an_admin_operation(fed: DaemonProcess, api: Api) 
         ("trust", "attempt", tenant, p.kid),
         ("trust", "ok", tenant, p.kid),
     ]
+
+
+def test_one_public_key_belongs_to_one_tenant(api: Api, tenant: str) -> None:
+    """Trusting a tenant's peer key (even once retired) or one of signerd's own keys for another
+    tenant is 409 shared_peer_key; a second kid in the same tenant is allowed and replays."""
+    p = Producer.new("p-one-tenant")
+    api.trust(tenant, p)
+    other = unique("fs")
+    for kid in (p.kid, "p-other-kid"):
+        body = {"tenant": other, "kid": kid, "jwk": p.jwk()}
+        expect(api, "/v1/trusted-keys", body, 409, "shared_peer_key")
+    assert api.ok("GET", f"/v1/trusted-keys?tenant={other}")["keys"] == []
+    second = Producer(f"{p.kid}-b", p.key)
+    api.trust(tenant, second)
+    env = p.telemetry(tenant, b"{}")
+    api.ok("POST", "/v1/telemetry/verify", env)
+    expect(api, "/v1/telemetry/verify", {**env, "kid": second.kid}, 409, "replayed_nonce")
+    for kid in (p.kid, second.kid):
+        api.ok("POST", f"/v1/trusted-keys/{tenant}/{kid}/retire")
+    body = {"tenant": other, "kid": p.kid, "jwk": p.jwk()}
+    expect(api, "/v1/trusted-keys", body, 409, "shared_peer_key")
+
+    key = own_key(api, tenant, "own-telemetry")
+    x = api.ok("GET", f"/v1/kids/{tenant}.own-telemetry.v1")["jwk"]["x"]
+    own = {"kty": "OKP", "crv": "Ed25519", "x": x}
+    expect(
+        api,
+        "/v1/trusted-keys",
+        {"tenant": other, "kid": "copy", "jwk": own},
+        409,
+        "shared_peer_key",
+    )
+    api.ok("POST", "/v1/trusted-keys", {"tenant": tenant, "kid": "copy", "jwk": own}, status=201)
+    signed = api.ok("POST", "/v1/telemetry/sign", {"key": key, "body": b64(b"{}")})
+    req = {"tenant": tenant, "body": b64(b"{}"), **signed}
+    api.ok("POST", "/v1/telemetry/verify", req)
+    expect(api, "/v1/telemetry/verify", {**req, "kid": "copy"}, 409, "replayed_nonce")
+
+
+# small-order points (identity, order 2, order 4, order 8) and non-canonical encodings
+# (y = p + 1, the identity; the identity and the order-2 point with the sign bit set)
+WEAK_X = [
+    "AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+    "7P_______________________________________38",
+    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAIA",
+    "JuiVj8KyJ7BFw_SJ8u-Y8NXfrAXTxjM5sTgCiG1T_AU",
+    "JuiVj8KyJ7BFw_SJ8u-Y8NXfrAXTxjM5sTgCiG1T_IU",
+    "xxdqcD1N2E-6PAt2DRBnDyogU_osOczGTsf9d5KsA3o",
+    "xxdqcD1N2E-6PAt2DRBnDyogU_osOczGTsf9d5KsA_o",
+    "7v_______________________________________38",
+    "AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAIA",
+    "7P________________________________________8",
+]
+
+
+def test_weak_peer_keys_are_refused_by_the_trust_api(api: Api, tenant: str) -> None:
+    """Small-order and non-canonical JWKs are 400 invalid_request, never trusted: the forged
+    signature 01 00..00 || 00..00 that such a key would accept finds no key (401)."""
+    for i, x in enumerate(WEAK_X):
+        kid = f"weak-{i}"
+        body = {"tenant": tenant, "kid": kid, "jwk": {"kty": "OKP", "crv": "Ed25519", "x": x}}
+        reply = api("POST", "/v1/trusted-keys", body)
+        assert (reply.status, reply.code) == (400, "invalid_request"), (x, reply.body)
+        assert "not an acceptable Ed25519 key" in reply.json["error"]["message"]
+        forged = {
+            "tenant": tenant,
+            "kid": kid,
+            "timestamp": str(int(time.time())),
+            "nonce": fresh_nonce(),
+            "body": b64(b"anything at all"),
+            "signature": b64(bytes([1]) + bytes(63)),
+        }
+        expect(api, "/v1/telemetry/verify", forged, 401, "unknown_kid")
+    assert api.ok("GET", f"/v1/trusted-keys?tenant={tenant}")["keys"] == []

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -17,8 +19,17 @@ from signerd.errors import NonceStoreUnavailable, ReplayedNonce
 from signerd.federation.nonces import SqliteNonceStore
 from signerd.federation.redis_store import RedisNonceStore
 
-from ._federation import Api, Producer, RedisServer, federation_daemon, post_many, redis_server
-from .conftest import unique
+from ._federation import (
+    Api,
+    Producer,
+    RedisServer,
+    b64,
+    federation_daemon,
+    post_each,
+    post_many,
+    redis_server,
+)
+from .conftest import DaemonProcess, unique
 
 
 @pytest.fixture(scope="module")
@@ -82,26 +93,145 @@ def test_accepted_before_kill_9_is_refused_after_restart(tmp_path: Path) -> None
         d2.stop()
 
 
-def test_sqlite_full_store_answers_503(tmp_path: Path) -> None:
-    """At federation.nonces.max_entries live nonces, a new one is 503; live ones still replay (409)."""
-    # one process: the entry count is each process's own (see the README, workers)
-    d = federation_daemon(tmp_path / "d", {"nonces": {"max_entries": 3}}, server={"workers": 1})
+def _verify_each(api: Api, envs: list[dict[str, str]]) -> Counter[tuple[int, str | None]]:
+    return Counter(asyncio.run(post_each(api.sock, "/v1/telemetry/verify", envs)))
+
+
+def _by_worker(d: DaemonProcess, operation: str) -> dict[str, int]:
+    """Audit records of ``operation`` in each worker's file."""
+    needle = f'"operation":"{operation}"'.encode()
+    return {
+        p.name: sum(needle in line for line in p.read_bytes().splitlines()) for p in d.audit_files()
+    }
+
+
+@pytest.mark.timeout(180)
+def test_sqlite_bounds_hold_for_the_daemon_as_a_whole(tmp_path: Path) -> None:
+    """Two workers: at most max_entries live nonces in all and max_entries_per_tenant for each
+    tenant; a tenant at its share leaves the others theirs; a full store answers 503 with
+    Retry-After, and accepted nonces stay replays (409)."""
+    nonces = {"max_entries": 40, "max_entries_per_tenant": 15}
+    d = federation_daemon(tmp_path / "d", {"nonces": nonces}, server={"workers": 2})
     try:
         api = Api(d)
-        tenant = unique("fu")
-        p = Producer.new("p-full")
-        api.trust(tenant, p)
-        first = p.telemetry(tenant, b"{}")
-        api.ok("POST", "/v1/telemetry/verify", first)
-        for _ in range(2):
-            api.ok("POST", "/v1/telemetry/verify", p.telemetry(tenant, b"{}"))
-        reply = api("POST", "/v1/telemetry/verify", p.telemetry(tenant, b"{}"))
-        assert (reply.status, reply.code) == (503, "nonce_store_unavailable")
-        assert reply.headers.get("retry-after") == "1"
-        reply = api("POST", "/v1/telemetry/verify", first)
+        tenants = [unique("nb") for _ in range(4)]
+        producers = [Producer.new(f"p-{t}") for t in tenants]
+        for tenant, p in zip(tenants, producers, strict=True):
+            api.trust(tenant, p)
+
+        def flood(i: int, n: int) -> Counter[tuple[int, str | None]]:
+            return _verify_each(api, [producers[i].telemetry(tenants[i], b"{}") for _ in range(n)])
+
+        full = (503, "nonce_store_unavailable")
+        accepted = producers[0].telemetry(tenants[0], b"{}")
+        api.ok("POST", "/v1/telemetry/verify", accepted)
+        assert flood(0, 59) == {(200, None): 14, full: 45}  # the first tenant fills its share
+        assert flood(1, 30) == {(200, None): 15, full: 15}  # the next one still gets its own
+        assert flood(2, 30) == {(200, None): 10, full: 20}  # 40 in all: the total bound
+        assert flood(3, 5) == {full: 5}
+        reply = api("POST", "/v1/telemetry/verify", producers[3].telemetry(tenants[3], b"{}"))
+        assert (reply.status, reply.code, reply.headers.get("retry-after")) == (*full, "1")
+        reply = api("POST", "/v1/telemetry/verify", accepted)
         assert (reply.status, reply.code) == (409, "replayed_nonce")
+        path = tmp_path / "d" / "state" / "nonces.sqlite3"
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            rows = dict(conn.execute("SELECT tenant, COUNT(*) FROM seen GROUP BY tenant"))
+        assert [rows.get(t, 0) for t in tenants] == [15, 15, 10, 0] and len(rows) == 3
+        served = _by_worker(d, "verify")
+        assert sorted(served) == ["audit.w0.jsonl", "audit.w1.jsonl"], served
+        assert all(served.values()), served  # both workers recorded nonces in the one file
     finally:
-        d.stop()
+        assert d.stop() == 0, d.log_text()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_one_key_under_several_labels_accepts_an_envelope_once(
+    tmp_path: Path, redis: RedisServer, store: str
+) -> None:
+    """Nonces are unique per public key: with one key trusted for demo, for acme and under a
+    second kid (allow_shared_keys), an envelope accepted for one label is a replay under every
+    other, also for signerd's own key, and concurrently across workers exactly one is accepted."""
+    nonces = {"store": store, "url": redis.url, "prefix": f"signerd:{unique('px')}:"}
+    d = federation_daemon(tmp_path / "d", {"nonces": nonces, "allow_shared_keys": True})
+    try:
+        api = Api(d)
+        demo, acme = unique("demo"), unique("acme")
+        p = Producer.new("p-shared")
+        second = Producer("p-shared-2", p.key)
+        api.trust(demo, p)
+        api.trust(acme, p)
+        api.trust(demo, second)
+        env = p.telemetry(demo, b'{"n":1}')
+        api.ok("POST", "/v1/telemetry/verify", env)
+        for label in ({"tenant": acme}, {"kid": second.kid}):
+            reply = api("POST", "/v1/telemetry/verify", {**env, **label})
+            assert (reply.status, reply.code) == (409, "replayed_nonce"), reply.body
+        env = p.telemetry(acme, b'{"n":2}')  # the other way round
+        api.ok("POST", "/v1/telemetry/verify", env)
+        reply = api("POST", "/v1/telemetry/verify", {**env, "tenant": demo})
+        assert (reply.status, reply.code) == (409, "replayed_nonce"), reply.body
+
+        own = f"{demo}/telemetry"  # signerd's own key, its public key also trusted for acme
+        api.ok("POST", "/v1/keys", {"key": own}, status=201)
+        signed = api.ok("POST", "/v1/telemetry/sign", {"key": own, "body": b64(b"{}")})
+        x = api.ok("GET", f"/v1/kids/{signed['kid']}")["jwk"]["x"]
+        copy = {"tenant": acme, "kid": "own-copy", "jwk": {"kty": "OKP", "crv": "Ed25519", "x": x}}
+        api.ok("POST", "/v1/trusted-keys", copy, status=201)
+        req = {"tenant": demo, "body": b64(b"{}"), **signed}
+        api.ok("POST", "/v1/telemetry/verify", req)
+        reply = api("POST", "/v1/telemetry/verify", {**req, "tenant": acme, "kid": "own-copy"})
+        assert (reply.status, reply.code) == (409, "replayed_nonce"), reply.body
+
+        env = p.telemetry(demo, b'{"n":3}')
+        labels = [{}, {"tenant": acme}, {"kid": second.kid}] * 16
+        results = asyncio.run(
+            post_each(api.sock, "/v1/telemetry/verify", [{**env, **label} for label in labels])
+        )
+        assert Counter(results) == {(200, None): 1, (409, "replayed_nonce"): 47}, results
+
+        fb = p.feedback(demo, "s", {"a": 1})  # feedback signs tenant and kid: no relabelling
+        api.ok("POST", "/v1/feedback/verify", {"envelope": fb, "schema": "s"})
+        for label in ({"tenant": acme}, {"kid": second.kid}):
+            reply = api("POST", "/v1/feedback/verify", {"envelope": {**fb, **label}, "schema": "s"})
+            assert (reply.status, reply.code) == (401, "invalid_signature"), reply.body
+    finally:
+        assert d.stop() == 0, d.log_text()
+
+
+@pytest.mark.timeout(120)
+def test_redis_tenant_share_across_workers(tmp_path: Path, redis: RedisServer) -> None:
+    """With Redis, a tenant at max_entries_per_tenant is refused (503) across workers while
+    another tenant is still accepted; an accepted nonce stays a replay (409)."""
+    nonces = {
+        "store": "redis",
+        "url": redis.url,
+        "prefix": f"signerd:{unique('px')}:",
+        "max_entries_per_tenant": 10,
+    }
+    d = federation_daemon(tmp_path / "d", {"nonces": nonces}, server={"workers": 2})
+    try:
+        api = Api(d)
+        noisy, quiet = unique("rn"), unique("rq")
+        p, q = Producer.new("p-noisy"), Producer.new("p-quiet")
+        api.trust(noisy, p)
+        api.trust(quiet, q)
+        accepted = p.telemetry(noisy, b"{}")
+        api.ok("POST", "/v1/telemetry/verify", accepted)
+        full = (503, "nonce_store_unavailable")
+        assert _verify_each(api, [p.telemetry(noisy, b"{}") for _ in range(40)]) == {
+            (200, None): 9,
+            full: 31,
+        }
+        assert _verify_each(api, [q.telemetry(quiet, b"{}") for _ in range(10)]) == {
+            (200, None): 10
+        }
+        reply = api("POST", "/v1/telemetry/verify", accepted)
+        assert (reply.status, reply.code) == (409, "replayed_nonce")
+        served = _by_worker(d, "verify")
+        assert len(served) == 2 and all(served.values()), served
+    finally:
+        assert d.stop() == 0, d.log_text()
 
 
 @pytest.mark.timeout(60)

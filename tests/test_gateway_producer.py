@@ -172,3 +172,34 @@ def test_signing_input_is_the_documented_concatenation() -> None:
         f"acme|{NOW}|{NONCE}|ingest.v1|{KID}|".encode() + '{"a":"\u00e9","b":[1,0,1e+21]}'.encode()
     )
     assert b64url(b"\xff") == "_w"
+
+
+@pytest.mark.parametrize(
+    "raw", [bytes([1]) + bytes(31), bytes(32), bytes([1]) + bytes(30) + b"\x80"]
+)
+def test_static_keys_refuse_small_order_and_non_canonical_keys(raw: bytes) -> None:
+    """A producer's pinned JWK that is a small-order or non-canonical point is refused at start."""
+    with pytest.raises(ValueError, match="not an acceptable Ed25519 public key"):
+        StaticKeys({"acme": [to_jwk(KID, raw)]})
+
+
+def test_key_cache_drops_small_order_keys() -> None:
+    """Keys listed by signerd (JWKS, trusted peer keys) that are weak never enter the cache."""
+    from signerd._keycache import KeyCache
+
+    cache = KeyCache(ttl=60, refetch_interval=1)
+    good = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+    cache.replace("acme", [to_jwk("weak", bytes([1]) + bytes(31)), to_jwk("good", good)])
+    assert cache.get("acme", "weak") is None
+    found = cache.get("acme", "good")
+    assert found is not None and found.public_bytes_raw() == good
+
+
+async def test_producer_nonces_are_per_public_key() -> None:
+    """One key pinned under two kids: a nonce accepted under one kid is a replay under the other."""
+    private = Ed25519PrivateKey.from_private_bytes(SEED)
+    raw = private.public_key().public_bytes_raw()
+    p = producer(StaticKeys({"acme": [to_jwk(KID, raw), to_jwk("acme.feedback.v2", raw)]}))
+    await p.verify_feedback(envelope(private), schema="ingest.v1")
+    again = envelope(private, kid="acme.feedback.v2", signed_as={"kid": "acme.feedback.v2"})
+    assert await _code(p, again) == "replayed_nonce"

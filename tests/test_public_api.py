@@ -43,6 +43,7 @@ EXPECTED = [
     "RequestTimeout",
     "RetiredKid",
     "SchemaMismatch",
+    "SharedPeerKey",
     "Signature",
     "SignerdError",
     "StaleTimestamp",

@@ -1,17 +1,24 @@
 """Nonce stores: record a nonce once, atomically, durably, within a bound.
 
-``NonceStore.add(scope, nonce, ttl)`` returns when the nonce is recorded and
-durable, raises ``ReplayedNonce`` when it is already recorded and unexpired,
-and ``NonceStoreUnavailable`` when the store cannot answer in time or is full.
-It never answers "recorded" without having recorded.
+``NonceStore.add(scope, nonce, ttl, tenant=T)`` returns when the nonce is
+recorded and durable, raises ``ReplayedNonce`` when it is already recorded and
+unexpired, and ``NonceStoreUnavailable`` when the store cannot answer in time
+or is full. It never answers "recorded" without having recorded. The scope is
+the signer's public key (its RFC 7638 thumbprint, see ``routes``); the tenant
+is who the entry is counted against.
 
 ``SqliteNonceStore`` is the default: one SQLite file in WAL mode with
-``synchronous=FULL``, a primary key on (scope, nonce) so the insert itself is
-the uniqueness check, expiry stamps in wall-clock seconds (they survive a
-restart), and a bound on the number of live entries (when full, new nonces are
-refused with 503; live nonces are never evicted). One writer thread applies
-whatever is queued in one transaction and one commit (group commit); each
-caller is answered only after the commit that holds its nonce.
+``synchronous=FULL``, a primary key on (scope, nonce), expiry stamps in
+wall-clock seconds (they survive a restart), and two bounds on the live
+entries: ``max_entries`` for the file as a whole and ``max_entries_per_tenant``
+for each tenant, so one tenant at its share leaves room for the others. When a
+bound is reached new nonces are refused with 503; live nonces are never
+evicted. The counts live in the file beside the rows (a table kept by
+triggers) and are read inside the write transaction, which SQLite gives one
+writer at a time: every worker of a daemon, and every daemon sharing the file,
+sees the same exact counts. One writer thread per process applies whatever is
+queued in one transaction and one commit (group commit); each caller is
+answered only after the commit that holds its nonce.
 """
 
 from __future__ import annotations
@@ -34,11 +41,25 @@ log = logging.getLogger("signerd.federation.nonces")
 
 _PURGE_EVERY = 1.0  # seconds between sweeps of expired entries
 _PURGE_BATCH = 10_000
-_RECOUNT_EVERY = 10.0  # other processes may share the file: re-read the count this often
+_TOTAL = "*"  # the counts row of the whole file (no tenant name holds a '*')
+
+#: the rows, the live count per tenant and in all, and the triggers that keep the counts
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS seen "
+    "(k TEXT PRIMARY KEY NOT NULL, tenant TEXT NOT NULL, expires REAL NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS seen_expires ON seen(expires)",
+    "CREATE TABLE IF NOT EXISTS counts (tenant TEXT PRIMARY KEY NOT NULL, n INTEGER NOT NULL)",
+    "CREATE TRIGGER IF NOT EXISTS seen_added AFTER INSERT ON seen BEGIN "
+    f"INSERT INTO counts (tenant, n) VALUES (NEW.tenant, 1), ('{_TOTAL}', 1) "
+    "ON CONFLICT(tenant) DO UPDATE SET n = n + 1; END",
+    "CREATE TRIGGER IF NOT EXISTS seen_removed AFTER DELETE ON seen BEGIN "
+    f"UPDATE counts SET n = n - 1 WHERE tenant IN (OLD.tenant, '{_TOTAL}'); END",
+    "DROP TABLE IF EXISTS nonces",  # the rows of a version that scoped nonces by tenant and kid
+)
 
 
 class NonceStore(Protocol):
-    async def add(self, scope: str, nonce: str, ttl: float) -> None: ...
+    async def add(self, scope: str, nonce: str, ttl: float, *, tenant: str = "") -> None: ...
 
     async def close(self) -> None: ...
 
@@ -46,6 +67,7 @@ class NonceStore(Protocol):
 @dataclass(eq=False)
 class _Job:
     key: str
+    tenant: str
     ttl: float
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[None]
@@ -56,6 +78,7 @@ _OUTCOMES: dict[str, type[Exception] | None] = {
     "ok": None,
     "replayed": ReplayedNonce,
     "full": NonceStoreUnavailable,
+    "tenant_full": NonceStoreUnavailable,
     "unavailable": NonceStoreUnavailable,
 }
 
@@ -68,22 +91,32 @@ def _settle(job: _Job) -> None:
         job.future.set_result(None)
     elif job.outcome == "full":
         job.future.set_exception(NonceStoreUnavailable("the nonce store is full"))
+    elif job.outcome == "tenant_full":
+        job.future.set_exception(NonceStoreUnavailable("this tenant's share of nonces is full"))
     else:
         job.future.set_exception(error())
 
 
 class SqliteNonceStore:
-    def __init__(self, path: str, *, max_entries: int, timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        max_entries: int,
+        max_entries_per_tenant: int | None = None,
+        timeout: float = 2.0,
+    ) -> None:
         self.path = path
         self.max_entries = max_entries
+        self.max_entries_per_tenant = (
+            max_entries if max_entries_per_tenant is None else max_entries_per_tenant
+        )
         self.timeout = timeout
         self._cond = threading.Condition()
         self._queue: list[_Job] = []
         self._closing = False
         self._conn: sqlite3.Connection | None = None
-        self._count = 0
         self._last_purge = 0.0
-        self._last_count = 0.0
         self._last_full_log = 0.0
         self.commits = 0  # for tests and the benchmark: how many commits served the adds
         self._thread = threading.Thread(target=self._run, name="signerd-nonces", daemon=True)
@@ -91,9 +124,9 @@ class SqliteNonceStore:
 
     # --- the event-loop side ------------------------------------------------
 
-    async def add(self, scope: str, nonce: str, ttl: float) -> None:
+    async def add(self, scope: str, nonce: str, ttl: float, *, tenant: str = "") -> None:
         loop = asyncio.get_running_loop()
-        job = _Job(f"{scope}|{nonce}", ttl, loop, loop.create_future())
+        job = _Job(f"{scope}|{nonce}", tenant, ttl, loop, loop.create_future())
         with self._cond:
             if self._closing:
                 raise NonceStoreUnavailable()
@@ -111,10 +144,14 @@ class SqliteNonceStore:
             self._cond.notify()
         await asyncio.to_thread(self._thread.join, 10.0)
 
-    def entries(self) -> int:
-        """Live and expired rows in the file (for tests and metrics; opens its own connection)."""
+    def entries(self, tenant: str | None = None) -> int:
+        """Live and expired rows in the file, or of one tenant (for tests and metrics; opens its
+        own connection and counts the rows themselves, not the counts table)."""
         with contextlib.closing(sqlite3.connect(self.path, timeout=5.0)) as conn:
-            return int(conn.execute("SELECT COUNT(*) FROM nonces").fetchone()[0])
+            if tenant is None:
+                return int(conn.execute("SELECT COUNT(*) FROM seen").fetchone()[0])
+            row = conn.execute("SELECT COUNT(*) FROM seen WHERE tenant = ?", (tenant,)).fetchone()
+            return int(row[0])
 
     # --- the writer thread --------------------------------------------------
 
@@ -148,17 +185,14 @@ class SqliteNonceStore:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.execute("PRAGMA journal_size_limit=8388608")
-                conn.execute(
-                    "CREATE TABLE IF NOT EXISTS nonces "
-                    "(k TEXT PRIMARY KEY NOT NULL, expires REAL NOT NULL)"
-                )
-                conn.execute("CREATE INDEX IF NOT EXISTS nonces_expires ON nonces(expires)")
-                self._count = int(conn.execute("SELECT COUNT(*) FROM nonces").fetchone()[0])
+                conn.execute("BEGIN IMMEDIATE")  # the workers open the file at the same time
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                conn.execute("COMMIT")
             except sqlite3.Error:
                 conn.close()
                 raise
             self._conn = conn
-            self._last_count = time.monotonic()
         return self._conn
 
     def _apply(self, batch: list[_Job]) -> None:
@@ -191,7 +225,6 @@ class SqliteNonceStore:
             log.error("signerd.nonce_store_error error=%s", type(exc).__name__)
             for job in batch:
                 job.outcome = "unavailable"
-            self._count = 0
             if self._conn is not None:
                 with contextlib.suppress(sqlite3.Error):
                     self._conn.close()
@@ -199,44 +232,57 @@ class SqliteNonceStore:
         return False
 
     def _insert(self, conn: sqlite3.Connection, job: _Job, now: float) -> str:
-        expires = now + job.ttl
-        if self._count >= self.max_entries:
-            self._purge(conn, now, recount=time.monotonic() - self._last_count >= _PURGE_EVERY)
-            if self._count >= self.max_entries:
-                row = conn.execute("SELECT expires FROM nonces WHERE k = ?", (job.key,)).fetchone()
-                if row is not None and row[0] > now:
-                    return "replayed"
-                if time.monotonic() - self._last_full_log >= _PURGE_EVERY:  # once a second
-                    self._last_full_log = time.monotonic()
-                    log.error("signerd.nonce_store_full max_entries=%d", self.max_entries)
-                return "full"
-        try:
-            conn.execute("INSERT INTO nonces (k, expires) VALUES (?, ?)", (job.key, expires))
-        except sqlite3.IntegrityError:
-            cur = conn.execute(
-                "UPDATE nonces SET expires = ? WHERE k = ? AND expires <= ?",
-                (expires, job.key, now),
-            )
-            return "ok" if cur.rowcount == 1 else "replayed"
-        self._count += 1
+        row = conn.execute("SELECT expires FROM seen WHERE k = ?", (job.key,)).fetchone()
+        if row is not None:
+            if row[0] > now:
+                return "replayed"
+            conn.execute("DELETE FROM seen WHERE k = ?", (job.key,))  # expired: taken over
+        full = self._full(conn, job.tenant)
+        if full is not None:
+            self._purge(conn, now)
+            full = self._full(conn, job.tenant)
+        if full is not None:
+            if time.monotonic() - self._last_full_log >= _PURGE_EVERY:  # once a second
+                self._last_full_log = time.monotonic()
+                log.error(
+                    "signerd.nonce_store_full bound=%s max_entries=%d max_entries_per_tenant=%d",
+                    "tenant" if full == "tenant_full" else "total",
+                    self.max_entries,
+                    self.max_entries_per_tenant,
+                )
+            return full
+        conn.execute(
+            "INSERT INTO seen (k, tenant, expires) VALUES (?, ?, ?)",
+            (job.key, job.tenant, now + job.ttl),
+        )
         return "ok"
+
+    def _full(self, conn: sqlite3.Connection, tenant: str) -> str | None:
+        """Which bound a new entry of ``tenant`` would cross ("full", "tenant_full"), or None."""
+        counts = dict(
+            conn.execute(
+                "SELECT tenant, n FROM counts WHERE tenant IN (?, ?)", (tenant, _TOTAL)
+            ).fetchall()
+        )
+        if counts.get(_TOTAL, 0) >= self.max_entries:
+            return "full"
+        if counts.get(tenant, 0) >= self.max_entries_per_tenant:
+            return "tenant_full"
+        return None
 
     def _maybe_purge(self, conn: sqlite3.Connection, now: float) -> None:
         if time.monotonic() - self._last_purge >= _PURGE_EVERY:
-            recount = time.monotonic() - self._last_count >= _RECOUNT_EVERY
-            self._purge(conn, now, recount=recount)
+            self._purge(conn, now)
 
-    def _purge(self, conn: sqlite3.Connection, now: float, *, recount: bool) -> None:
+    def _purge(self, conn: sqlite3.Connection, now: float) -> None:
         self._last_purge = time.monotonic()
         cur = conn.execute(
-            "DELETE FROM nonces WHERE k IN "
-            "(SELECT k FROM nonces WHERE expires <= ? ORDER BY expires LIMIT ?)",
+            "DELETE FROM seen WHERE k IN "
+            "(SELECT k FROM seen WHERE expires <= ? ORDER BY expires LIMIT ?)",
             (now, _PURGE_BATCH),
         )
-        self._count = max(0, self._count - max(0, cur.rowcount))
-        if recount:  # other processes may write the same file
-            self._last_count = time.monotonic()
-            self._count = int(conn.execute("SELECT COUNT(*) FROM nonces").fetchone()[0])
+        if cur.rowcount > 0:
+            conn.execute(f"DELETE FROM counts WHERE n <= 0 AND tenant != '{_TOTAL}'")
 
 
 def _busy(exc: sqlite3.OperationalError) -> bool:

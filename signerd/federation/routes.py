@@ -12,9 +12,12 @@ Verification (both flows), each step refusing with its own code:
 5. the timestamp within ``federation.skew`` both ways (``stale_timestamp`` 401);
 6. the schema (feedback, ``schema_mismatch`` 422) and the attestation when
    asked (``attestation_mismatch`` 403);
-7. record the nonce, scoped by tenant and kid (``replayed_nonce`` 409,
-   ``nonce_store_unavailable`` 503). Only a request that passed 1-6 reaches
-   the store, so a forged or stale request never burns a good nonce.
+7. record the nonce, scoped by the public key that verified the signature
+   (its RFC 7638 thumbprint), not by the tenant and kid the request names
+   (``replayed_nonce`` 409, ``nonce_store_unavailable`` 503): the telemetry
+   input covers neither, so one key trusted under two labels must not accept
+   one envelope twice. Only a request that passed 1-6 reaches the store, so a
+   forged or stale request never burns a good nonce.
 
 Handlers use only the request API the server guarantees: ``match_info``,
 ``query``, ``headers``, ``content_type``, ``read()``, and the ``peer``,
@@ -40,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from .._backend import VersionState
 from .._calls import AuditSink, Call, Gate, Operation
 from .._front import attempt_event
-from .._jwk import b64url
+from .._jwk import b64url, thumbprint
 from .._keyservice import KeyService
 from .._names import KeyName, parse_kid
 from .._request import Request, Response, json_response
@@ -53,6 +56,7 @@ from ..errors import (
     KeyExists,
     PayloadTooLarge,
     SchemaMismatch,
+    SharedPeerKey,
     StaleTimestamp,
     TenantMismatch,
     UnknownKey,
@@ -135,6 +139,7 @@ class _Resolved:
     tenant: str
     key: KeyName | None  # one of signerd's own keys, or None for a trusted peer key
     verifier: Ed25519PublicKey | None  # peer keys only
+    public: bytes  # the raw public key: nonces are unique per public key
 
 
 class Federation:
@@ -173,12 +178,18 @@ class Federation:
                 timeout=settings.timeout,
                 prefix=settings.redis_prefix,
                 pool=settings.redis_pool,
+                max_entries_per_tenant=settings.max_entries_per_tenant,
             )
         else:
             store = SqliteNonceStore(
-                settings.sqlite_path, max_entries=settings.max_entries, timeout=settings.timeout
+                settings.sqlite_path,
+                max_entries=settings.max_entries,
+                max_entries_per_tenant=settings.max_entries_per_tenant,
+                timeout=settings.timeout,
             )
-        trusted = TrustedKeys(settings.state_dir, settings.trusted)
+        trusted = TrustedKeys(
+            settings.state_dir, settings.trusted, allow_shared=settings.allow_shared_keys
+        )
         return cls(host, settings, store=store, trusted=trusted, max_body_bytes=max_body_bytes)
 
     async def close(self) -> None:
@@ -365,7 +376,8 @@ class Federation:
         if abs(self.clock() - signed) > self.settings.skew:  # 5
             raise StaleTimestamp()
         step6()  # 6
-        await self.store.add(f"{tenant}|{kid}", nonce, float(self.settings.nonce_ttl))  # 7
+        scope = thumbprint(resolved.public)  # 7
+        await self.store.add(scope, nonce, float(self.settings.nonce_ttl), tenant=tenant)
         return json_response(
             {
                 "kid": kid,
@@ -379,13 +391,13 @@ class Federation:
         own = _own_kid(kid)
         if own is not None:
             try:
-                key, _ = await self.host.keys.lookup_kid(kid)
-                return _Resolved(key.tenant, key, None)
+                key, version = await self.host.keys.lookup_kid(kid)
+                return _Resolved(key.tenant, key, None, version.public_key)
             except UnknownKid:
                 if self._own_key_known(own):
                     raise  # a kid of one of our keys never resolves to a peer key
         peer, verifier = self.trusted.lookup(tenant, kid)
-        return _Resolved(peer.tenant, None, verifier)
+        return _Resolved(peer.tenant, None, verifier, peer.public)
 
     # --- trusted peer keys ---------------------------------------------------------------
 
@@ -406,6 +418,11 @@ class Federation:
                 pass
             else:
                 raise KeyExists("the kid names one of this signerd's own keys")
+        if not self.settings.allow_shared_keys and any(
+            v.public_key == public and parse_kid(v.kid)[0].tenant != tenant
+            for v in self.host.keys.published()
+        ):
+            raise SharedPeerKey("this public key is one of this signerd's keys of another tenant")
         await self._attempt(request)
         try:
             async with self._admin():

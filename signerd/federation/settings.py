@@ -15,8 +15,26 @@ from .trust import PeerKey, jwk_public, pem_public, valid_peer_kid
 
 __all__ = ["FederationSettings", "parse_federation"]
 
-_TOP = {"state_dir", "skew", "nonce_ttl", "max_json_bytes", "max_depth", "nonces", "trusted_keys"}
-_NONCES = {"store", "path", "max_entries", "timeout", "url", "prefix", "pool"}
+_TOP = {
+    "state_dir",
+    "skew",
+    "nonce_ttl",
+    "max_json_bytes",
+    "max_depth",
+    "nonces",
+    "trusted_keys",
+    "allow_shared_keys",
+}
+_NONCES = {
+    "store",
+    "path",
+    "max_entries",
+    "max_entries_per_tenant",
+    "timeout",
+    "url",
+    "prefix",
+    "pool",
+}
 _PEER = {"tenant", "kid", "jwk_file", "pem_file"}
 
 
@@ -29,12 +47,14 @@ class FederationSettings:
     max_depth: int = DEFAULT_MAX_DEPTH
     store: str = "sqlite"  # or "redis"
     sqlite_path: str = "state/nonces.sqlite3"
-    max_entries: int = 1_000_000
+    max_entries: int = 1_000_000  # live nonces, the daemon as a whole
+    max_entries_per_tenant: int = 250_000  # live nonces one tenant may hold (max_entries // 4)
     timeout: float = 2.0  # seconds a nonce store may take before 503
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "signerd:nonce:"
     redis_pool: int = 64
     trusted: tuple[PeerKey, ...] = ()
+    allow_shared_keys: bool = False  # one public key trusted for several tenants
 
 
 def _number(table: Mapping[str, Any], path: str, key: str, kind: type, default: Any) -> Any:
@@ -86,6 +106,17 @@ def parse_federation(table: Mapping[str, Any], base: str) -> FederationSettings:
     prefix = nonces.get("prefix", FederationSettings.redis_prefix)
     if not isinstance(prefix, str):
         raise ValueError("federation.nonces.prefix: must be a string")
+    shared = table.get("allow_shared_keys", False)
+    if not isinstance(shared, bool):
+        raise ValueError("federation.allow_shared_keys: must be true or false")
+    max_entries = _number(nonces, "federation.nonces", "max_entries", int, 1_000_000)
+    per_tenant = _number(
+        nonces, "federation.nonces", "max_entries_per_tenant", int, max(1, max_entries // 4)
+    )
+    if per_tenant > max_entries:
+        raise ValueError(
+            f"federation.nonces.max_entries_per_tenant: at most max_entries ({max_entries})"
+        )
     return FederationSettings(
         state_dir=state_dir,
         skew=skew,
@@ -94,18 +125,20 @@ def parse_federation(table: Mapping[str, Any], base: str) -> FederationSettings:
         max_depth=_number(table, "federation", "max_depth", int, DEFAULT_MAX_DEPTH),
         store=store,
         sqlite_path=_path(state_dir, sqlite_path),
-        max_entries=_number(nonces, "federation.nonces", "max_entries", int, 1_000_000),
+        max_entries=max_entries,
+        max_entries_per_tenant=per_tenant,
         timeout=_number(
             nonces, "federation.nonces", "timeout", float, 2.0 if store == "sqlite" else 0.5
         ),
         redis_url=url,
         redis_prefix=prefix,
         redis_pool=_number(nonces, "federation.nonces", "pool", int, 64),
-        trusted=_peers(table.get("trusted_keys", []), base),
+        trusted=_peers(table.get("trusted_keys", []), base, shared),
+        allow_shared_keys=shared,
     )
 
 
-def _peers(items: Any, base: str) -> tuple[PeerKey, ...]:
+def _peers(items: Any, base: str, allow_shared: bool) -> tuple[PeerKey, ...]:
     if not isinstance(items, list):
         raise ValueError("federation.trusted_keys: must be an array of tables")
     peers: dict[tuple[str, str], PeerKey] = {}
@@ -136,5 +169,11 @@ def _peers(items: Any, base: str) -> tuple[PeerKey, ...]:
             raise ValueError(f"{where}.{files[0]}: not an Ed25519 public key: {exc}") from exc
         if (tenant, kid) in peers:
             raise ValueError(f"{where}: tenant {tenant!r} already trusts kid {kid!r}")
+        others = sorted({p.tenant for p in peers.values() if p.public == public} - {tenant})
+        if others and not allow_shared:
+            raise ValueError(
+                f"{where}: this public key is already trusted for tenant {others[0]!r};"
+                " one key for several tenants needs federation.allow_shared_keys = true"
+            )
         peers[(tenant, kid)] = PeerKey(tenant, kid, public, source="config")
     return tuple(peers.values())

@@ -8,7 +8,15 @@ file, never a torn one). Retiring a key is recorded in the same file and wins
 over the configuration, so a retired key stays retired across restarts.
 
 A peer key verifies only for its own tenant: the same kid string may be
-trusted for two tenants with two different keys. Peer kids match
+trusted for two tenants with two different keys. One public key, though,
+belongs to one tenant: trusting it for a second tenant is refused
+(``shared_peer_key``) unless ``federation.allow_shared_keys`` is on, and when
+the key is trusted for several tenants anyway (the configuration and the file
+disagree, or the option was turned off later) it verifies for none of them.
+The same key under a second kid of the same tenant is allowed: nonces are
+unique per public key, so an envelope accepted under one kid is a replay
+under the other. Every public key is checked (``_ed25519.check_public``):
+small-order and non-canonical points are refused wherever they come from. Peer kids match
 ``[A-Za-z0-9._:-]{1,128}`` (no ``|``, no ``/``). They never shadow signerd's
 own kids: a kid of a key this signerd holds always resolves to that key, and
 adding a peer kid that names one of signerd's own keys is refused (see
@@ -45,6 +53,7 @@ from ..errors import (
     InvalidState,
     KeyExists,
     RetiredKid,
+    SharedPeerKey,
     TenantMismatch,
     UnknownKey,
     UnknownKid,
@@ -139,12 +148,49 @@ def _record(key: PeerKey) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class _View:
+    """Every trusted key by (tenant, kid), and the tenants that trust each public key."""
+
+    keys: Mapping[tuple[str, str], PeerKey]
+    tenants: Mapping[bytes, frozenset[str]]
+    shared: frozenset[bytes]  # public keys trusted for more than one tenant
+
+    @classmethod
+    def of(
+        cls,
+        configured: Mapping[tuple[str, str], PeerKey],
+        stored: Mapping[tuple[str, str], PeerKey],
+    ) -> _View:
+        merged = dict(configured)
+        for ident, key in stored.items():
+            if ident in merged:  # a stored record of a configured key carries its retirement
+                merged[ident] = replace(merged[ident], state=key.state, retired_at=key.retired_at)
+            else:
+                merged[ident] = key
+        tenants: dict[bytes, set[str]] = {}
+        for key in merged.values():
+            tenants.setdefault(key.public, set()).add(key.tenant)
+        return cls(
+            merged,
+            {public: frozenset(names) for public, names in tenants.items()},
+            frozenset(public for public, names in tenants.items() if len(names) > 1),
+        )
+
+    def shared_keys(self) -> list[PeerKey]:
+        return [k for k in self.keys.values() if k.public in self.shared]
+
+
 class TrustedKeys:
-    def __init__(self, state_dir: str, configured: Iterable[PeerKey] = ()) -> None:
+    def __init__(
+        self, state_dir: str, configured: Iterable[PeerKey] = (), *, allow_shared: bool = False
+    ) -> None:
         self.path = os.path.join(state_dir, FILE_NAME)
+        self.allow_shared = allow_shared
         self._configured = {(k.tenant, k.kid): k for k in configured}
         self._stored: dict[tuple[str, str], PeerKey] = {}
         self._stamp: tuple[int, int, int] | None = None
+        self._view: _View | None = None
         self._verifiers: dict[tuple[str, str, bytes], Ed25519PublicKey] = {}
         self._lock = threading.Lock()
         with contextlib.suppress(BackendUnavailable):  # logged; lookups answer 503 meanwhile
@@ -157,7 +203,7 @@ class TrustedKeys:
         try:
             self._read()
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            self._stamp = None
+            self._stamp, self._view = None, None
             log.error("signerd.trusted_keys_unreadable error=%s", type(exc).__name__)
             raise BackendUnavailable("the trusted key store cannot be read") from exc
 
@@ -165,7 +211,8 @@ class TrustedKeys:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            self._stored, self._stamp = {}, None
+            if self._stamp is not None or self._view is None:
+                self._stored, self._stamp, self._view = {}, None, None
             return
         stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
         if stamp == self._stamp:
@@ -187,33 +234,40 @@ class TrustedKeys:
                 retired_at=rec.get("retired_at"),
             )
             stored[(key.tenant, key.kid)] = key
-        self._stored, self._stamp = stored, stamp
+        self._stored, self._stamp, self._view = stored, stamp, None
 
-    def _merged(self) -> Mapping[tuple[str, str], PeerKey]:
-        merged = dict(self._configured)
-        for ident, key in self._stored.items():
-            if ident in merged:  # a stored record of a configured key carries its retirement
-                merged[ident] = replace(merged[ident], state=key.state, retired_at=key.retired_at)
-            else:
-                merged[ident] = key
-        return merged
+    def _current(self) -> _View:
+        """The configured and stored keys as one view (rebuilt when the file changed)."""
+        self._reload()
+        if self._view is None:
+            self._view = _View.of(self._configured, self._stored)
+            if self._view.shared and not self.allow_shared:
+                log.error(
+                    "signerd.trusted_key_shared entries=%s verifying=none",
+                    ",".join(sorted(f"{k.tenant}/{k.kid}" for k in self._view.shared_keys())),
+                )
+        return self._view
 
     def lookup(self, tenant: str, kid: str) -> tuple[PeerKey, Ed25519PublicKey]:
         """The active peer key ``kid`` of ``tenant`` and its verifier.
 
         Raises UnknownKid (no tenant trusts this kid), TenantMismatch (another
-        tenant does) or RetiredKid.
+        tenant does), RetiredKid, or SharedPeerKey (its public key is trusted
+        for another tenant too, and sharing is not allowed).
         """
         with self._lock:
-            self._reload()
-            merged = self._merged()
-        key = merged.get((tenant, kid))
+            view = self._current()
+        key = view.keys.get((tenant, kid))
         if key is None:
-            if any(k == kid for _, k in merged):
+            if any(k == kid for _, k in view.keys):
                 raise TenantMismatch()
             raise UnknownKid()
         if key.state != "active":
             raise RetiredKid()
+        if key.public in view.shared and not self.allow_shared:
+            raise SharedPeerKey(
+                "this kid's public key is trusted for several tenants; it verifies for none"
+            )
         ident = (key.tenant, key.kid, key.public)
         verifier = self._verifiers.get(ident)
         if verifier is None:
@@ -222,26 +276,33 @@ class TrustedKeys:
 
     def list(self, tenant: str | None) -> list[PeerKey]:
         with self._lock:
-            self._reload()
-            merged = self._merged()
+            view = self._current()
         return sorted(
-            (k for k in merged.values() if tenant is None or k.tenant == tenant),
+            (k for k in view.keys.values() if tenant is None or k.tenant == tenant),
             key=lambda k: (k.tenant, k.kid),
         )
+
+    def tenants_of(self, public: bytes) -> frozenset[str]:
+        """The tenants that trust ``public`` (under any kid, active or retired)."""
+        with self._lock:
+            return self._current().tenants.get(public, frozenset())
 
     # --- changing (blocking: run in a thread) -------------------------------------
 
     def add(self, tenant: str, kid: str, public: bytes) -> PeerKey:
         with self._locked():
-            if (tenant, kid) in self._merged():
+            view = self._current()
+            if (tenant, kid) in view.keys:
                 raise KeyExists("this tenant already trusts a key with this kid")
+            if not self.allow_shared and view.tenants.get(public, frozenset()) - {tenant}:
+                raise SharedPeerKey()
             key = PeerKey(tenant, kid, public, added_at=round(time.time(), 3))
             self._write({**self._stored, (tenant, kid): key})
             return key
 
     def retire(self, tenant: str, kid: str) -> PeerKey:
         with self._locked():
-            key = self._merged().get((tenant, kid))
+            key = self._current().keys.get((tenant, kid))
             if key is None:
                 raise UnknownKey("this tenant trusts no key with this kid")
             if key.state == "retired":

@@ -20,8 +20,8 @@ start), running the same checks as signerd's
    (``stale_timestamp``);
 6. the expected schema (``schema_mismatch``) and, when asked, the
    attestation hash inside ``data`` (``attestation_mismatch``);
-7. the nonce, recorded only now, scoped by tenant and kid
-   (``replayed_nonce``).
+7. the nonce, recorded only now, scoped by the public key that verified it
+   (its RFC 7638 thumbprint, as in signerd's stores) (``replayed_nonce``).
 
 Replay protection on this side needs its own nonce memory: signerd's store
 is not consulted by a local verify. ``NonceMemory`` is a bounded, expiring,
@@ -44,7 +44,7 @@ from cryptography.exceptions import InvalidSignature as _BadSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .._http_fed import decimal_seconds
-from .._jwk import from_jwk
+from .._jwk import from_jwk, thumbprint
 from .._keycache import KeyCache
 from .._names import KeyName, parse_kid
 from .._wire import loads_strict
@@ -116,13 +116,16 @@ class TrustedPeerKeys:
 
 
 class StaticKeys:
-    """Kids pinned at start: ``{tenant: [RFC 8037 JWK, ...]}`` (e.g. a peer's published keys)."""
+    """Kids pinned at start: ``{tenant: [RFC 8037 JWK, ...]}`` (e.g. a peer's published keys).
+
+    ValueError for a JWK that is not Ed25519, or whose key is a small-order or
+    non-canonical point."""
 
     def __init__(self, jwks: Mapping[str, Iterable[Mapping[str, Any]]]) -> None:
         self._keys: dict[str, tuple[str, Ed25519PublicKey]] = {}
         for tenant, keys in jwks.items():
             for jwk in keys:
-                kid, public = from_jwk(dict(jwk))  # ValueError for a JWK that is not Ed25519
+                kid, public = from_jwk(dict(jwk))
                 self._keys[kid] = (tenant, public)
 
     async def resolve(self, kid: str) -> tuple[str, Ed25519PublicKey]:
@@ -281,5 +284,5 @@ class Producer:
             isinstance(env.data, dict) and env.data.get(ATTESTATION_MEMBER) == attestation
         ):
             raise AttestationMismatch()
-        self.nonces.record(f"{env.tenant}|{env.kid}", env.nonce)  # 7
+        self.nonces.record(thumbprint(public.public_bytes_raw()), env.nonce)  # 7
         return VerifiedFeedback(env.tenant, env.kid, env.schema, env.signed_at, env.nonce, env.data)

@@ -26,6 +26,7 @@ STATUS_FOR_CODE: dict[str, int] = {
     "tenant_mismatch": 403,
     "permission_denied": 403,
     "attestation_mismatch": 403,
+    "shared_peer_key": 403,  # the kid's key is trusted for several tenants: no mapping holds
     "replayed_nonce": 409,
     "schema_mismatch": 422,
     "payload_too_large": 413,
