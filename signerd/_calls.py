@@ -60,6 +60,7 @@ SECURITY_OUTCOMES = frozenset(
         "tenant_mismatch",
         "attestation_mismatch",
         "replayed_nonce",
+        "shared_peer_key",
     }
 )
 

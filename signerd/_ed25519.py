@@ -15,6 +15,8 @@ configuration and ``trusted-keys.json``). Pure Python, about 0.2 ms a key.
 
 from __future__ import annotations
 
+import functools
+
 __all__ = ["check_public", "weakness"]
 
 _P = 2**255 - 19
@@ -57,6 +59,7 @@ def _double(point: _Point) -> _Point:
     return e * f % _P, g * h % _P, f * g % _P, e * h % _P
 
 
+@functools.lru_cache(maxsize=4096)  # a JWKS refresh checks the same keys again
 def weakness(raw: bytes) -> str | None:
     """Why ``raw`` is not an acceptable Ed25519 public key, or None when it is."""
     decoded = _decode(raw)

@@ -483,3 +483,22 @@ def test_weak_peer_keys_are_refused_by_the_trust_api(api: Api, tenant: str) -> N
         }
         expect(api, "/v1/telemetry/verify", forged, 401, "unknown_kid")
     assert api.ok("GET", f"/v1/trusted-keys?tenant={tenant}")["keys"] == []
+
+
+def test_shared_key_refusal_is_a_security_event(fed: DaemonProcess, api: Api, tenant: str) -> None:
+    """Trying to trust another tenant's key is refused before any change is attempted, and
+    audited as one record with security: true."""
+    p = Producer.new("p-audited-share")
+    api.trust(tenant, p)
+    other, rid = unique("fa"), f"share-{tenant}"
+    body = {"tenant": other, "kid": p.kid, "jwk": p.jwk()}
+    reply = api("POST", "/v1/trusted-keys", body, headers={"X-Request-Id": rid})
+    assert (reply.status, reply.code) == (409, "shared_peer_key")
+    mine: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not mine:
+        mine = [r for r in fed.audit_records() if r["request_id"] == rid]
+        time.sleep(0.05)
+    assert [(r["operation"], r["outcome"], r["tenant"], r.get("security")) for r in mine] == [
+        ("trust", "shared_peer_key", other, True)
+    ]

@@ -109,6 +109,7 @@ EXPECTED = {
     "tenant_mismatch": 403,
     "permission_denied": 403,
     "attestation_mismatch": 403,
+    "shared_peer_key": 403,
     "replayed_nonce": 409,
     "schema_mismatch": 422,
     "nonce_store_unavailable": 503,

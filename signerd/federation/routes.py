@@ -418,11 +418,16 @@ class Federation:
                 pass
             else:
                 raise KeyExists("the kid names one of this signerd's own keys")
-        if not self.settings.allow_shared_keys and any(
-            v.public_key == public and parse_kid(v.kid)[0].tenant != tenant
-            for v in self.host.keys.published()
-        ):
-            raise SharedPeerKey("this public key is one of this signerd's keys of another tenant")
+        if not self.settings.allow_shared_keys:  # checked again under the lock by trusted.add
+            if self.trusted.tenants_of(public) - {tenant}:
+                raise SharedPeerKey()
+            if any(
+                v.public_key == public and parse_kid(v.kid)[0].tenant != tenant
+                for v in self.host.keys.published()
+            ):
+                raise SharedPeerKey(
+                    "this public key is one of this signerd's keys of another tenant"
+                )
         await self._attempt(request)
         try:
             async with self._admin():
