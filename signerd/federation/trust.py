@@ -15,8 +15,7 @@ the key is trusted for several tenants anyway (the configuration and the file
 disagree, or the option was turned off later) it verifies for none of them.
 The same key under a second kid of the same tenant is allowed: nonces are
 unique per public key, so an envelope accepted under one kid is a replay
-under the other. Every public key is checked (``_ed25519.check_public``):
-small-order and non-canonical points are refused wherever they come from. Peer kids match
+under the other. Peer kids match
 ``[A-Za-z0-9._:-]{1,128}`` (no ``|``, no ``/``). They never shadow signerd's
 own kids: a kid of a key this signerd holds always resolves to that key, and
 adding a peer kid that names one of signerd's own keys is refused (see
