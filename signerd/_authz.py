@@ -39,8 +39,18 @@ their request body is read, and are rate limited per uid by one more bucket::
     unmatched_rate  = 1.0               # refusals per second per uid; default 1.0
     unmatched_burst = 60                # bucket size; default 60
 
-Past it they are answered 429 ``rate_limited``, and the audit trail records at
-most one such refusal per uid per second (with the count of the others).
+Refusals of callers some rule matches (403, a bad body, anything answered
+before a rule granted the request something) cost one token of their uid's
+refusal bucket, whatever the rules' rates (a rule may have none)::
+
+    [policy]
+    refusal_rate  = 5.0                 # refusals per second per uid; default 5.0
+    refusal_burst = 60                  # bucket size; default 60
+
+Past either bucket, or a rule's rate, the answer is 429 ``rate_limited``, and
+the audit trail records at most one 429 per uid per second, across workers
+(with the count of the others), so the records any one uid can cause per
+second are bounded.
 """
 
 from __future__ import annotations
@@ -57,7 +67,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ._calls import Call, Operation, Peer
+from ._calls import GRANTED, Call, Operation, Peer
 from ._names import KeyName, valid_part
 from .errors import PermissionDenied, RateLimited
 
@@ -85,8 +95,14 @@ _UNIT_PATTERN = re.compile(r"[A-Za-z0-9:_.\\@*?\[\]-]{1,255}")
 _KEY_PATTERN = re.compile(r"[a-z0-9_*?\[\]!-]{1,63}")
 _MAX_BUCKETS = 4096
 _UNMATCHED = "\0unmatched"  # the bucket label of callers no rule matches (no rule can have it)
+_REFUSED = "\0refused"  # refusals of callers some rule matches
+_QUIET = "\0quiet"  # audit records of 429s: one per uid per second
+_QUIET_RATE = 1.0
 DEFAULT_UNMATCHED_RATE = 1.0
 DEFAULT_UNMATCHED_BURST = 60
+DEFAULT_REFUSAL_RATE = 5.0
+DEFAULT_REFUSAL_BURST = 60
+_POLICY_KEYS = ("rules", "unmatched_rate", "unmatched_burst", "refusal_rate", "refusal_burst")
 
 
 @dataclass(frozen=True)
@@ -179,11 +195,11 @@ class _Limiter:
         ]:
             del self._buckets[ident]
 
-    def carried(self, rules: tuple[Rule, ...], unmatched_burst: int) -> _Limiter:
+    def carried(self, rules: tuple[Rule, ...], bursts: dict[str, int]) -> _Limiter:
+        """The buckets of ``rules`` and of the labels in ``bursts``, capped at their bursts."""
         if self.shared is not None:  # the shared table keeps the state; takes cap it at burst
             return _Limiter(shared=self.shared)
-        bursts = {r.label: r.burst for r in rules if r.rate is not None}
-        bursts[_UNMATCHED] = unmatched_burst
+        bursts = {**bursts, **{r.label: r.burst for r in rules if r.rate is not None}}
         with self._lock:
             kept = {
                 ident: _Bucket(min(b.tokens, float(bursts[ident[0]])), b.stamp)
@@ -201,6 +217,8 @@ class Policy:
     limiter: _Limiter = field(default_factory=_Limiter, compare=False, repr=False)
     unmatched_rate: float = DEFAULT_UNMATCHED_RATE
     unmatched_burst: int = DEFAULT_UNMATCHED_BURST
+    refusal_rate: float = DEFAULT_REFUSAL_RATE
+    refusal_burst: int = DEFAULT_REFUSAL_BURST
 
     def admits(self, peer: Peer) -> bool:
         """Whether any rule could grant ``peer`` anything; cheap, checked before a body is read.
@@ -227,8 +245,19 @@ class Policy:
             if rule.matches(call.peer) and rule.grants(op, tenant, key):
                 if rule.rate is not None and not self.limiter.take(rule, call.peer):
                     raise RateLimited(f"caller is over its rate limit of {rule.rate:g}/s")
+                GRANTED.set(True)
                 return
         raise PermissionDenied(f"caller may not {op.value} {_target(tenant, key)}")
+
+    def charge_refusal(self, peer: Peer) -> None:
+        """One refusal of a caller some rule matches, from its uid's bucket; RateLimited past it."""
+        ident = (_REFUSED, peer.uid, None)
+        if not self.limiter.take_from(ident, self.refusal_rate, self.refusal_burst):
+            raise RateLimited(f"caller is over its rate of {self.refusal_rate:g} refusals/s")
+
+    def records_limited(self, peer: Peer) -> bool:
+        """Whether a 429 answered to ``peer`` now gets an audit record: one per uid per second."""
+        return self.limiter.take_from((_QUIET, peer.uid, None), _QUIET_RATE, 1)
 
     def allowed_tenants(self, peer: Peer, op: Operation) -> frozenset[str] | None:
         """Tenants ``peer`` may ``op`` in (None: all of them)."""
@@ -250,9 +279,12 @@ class Policy:
 
     def with_state_from(self, old: Policy) -> Policy:
         """This policy, keeping the rate-limit buckets of ``old`` for rules of the same name."""
-        return dataclasses.replace(
-            self, limiter=old.limiter.carried(self.rules, self.unmatched_burst)
-        )
+        bursts = {
+            _UNMATCHED: self.unmatched_burst,
+            _REFUSED: self.refusal_burst,
+            _QUIET: 1,
+        }
+        return dataclasses.replace(self, limiter=old.limiter.carried(self.rules, bursts))
 
 
 def _target(tenant: str | None, key: KeyName | None) -> str:
@@ -271,7 +303,7 @@ def policy_from_config(table: Mapping[str, Any], buckets: SharedBuckets | None =
     if not isinstance(table, Mapping):
         raise ValueError("policy: must be a table")
     for name in table:
-        if name not in ("rules", "unmatched_rate", "unmatched_burst"):
+        if name not in _POLICY_KEYS:
             raise ValueError(f"policy: unknown key {name!r}")
     raw_rules = table.get("rules", [])
     if not isinstance(raw_rules, list):
@@ -282,18 +314,31 @@ def policy_from_config(table: Mapping[str, Any], buckets: SharedBuckets | None =
         if rule.label in seen:
             raise ValueError(f"policy.rules[{i}].name: duplicate rule name {rule.label!r}")
         seen.add(rule.label)
-    rate = table.get("unmatched_rate", DEFAULT_UNMATCHED_RATE)
-    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate < math.inf:
-        raise ValueError("policy.unmatched_rate: must be a positive number of requests per second")
-    burst = table.get("unmatched_burst", DEFAULT_UNMATCHED_BURST)
-    if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
-        raise ValueError("policy.unmatched_burst: must be a positive integer")
+    rate, burst = _bucket(table, "unmatched", DEFAULT_UNMATCHED_RATE, DEFAULT_UNMATCHED_BURST)
+    refusal_rate, refusal_burst = _bucket(
+        table, "refusal", DEFAULT_REFUSAL_RATE, DEFAULT_REFUSAL_BURST
+    )
     return Policy(
         rules,
         limiter=_Limiter(shared=buckets),
-        unmatched_rate=float(rate),
+        unmatched_rate=rate,
         unmatched_burst=burst,
+        refusal_rate=refusal_rate,
+        refusal_burst=refusal_burst,
     )
+
+
+def _bucket(
+    table: Mapping[str, Any], prefix: str, default_rate: float, default_burst: int
+) -> tuple[float, int]:
+    """``policy.PREFIX_rate`` and ``policy.PREFIX_burst``, validated."""
+    rate = table.get(f"{prefix}_rate", default_rate)
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate < math.inf:
+        raise ValueError(f"policy.{prefix}_rate: must be a positive number of requests per second")
+    burst = table.get(f"{prefix}_burst", default_burst)
+    if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+        raise ValueError(f"policy.{prefix}_burst: must be a positive integer")
+    return float(rate), burst
 
 
 def _rule(where: str, index: int, raw: object) -> Rule:

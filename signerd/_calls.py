@@ -7,6 +7,7 @@ payload itself, only its SHA-256.
 
 from __future__ import annotations
 
+import contextvars
 import enum
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -98,7 +99,7 @@ class AuditEvent:
     payload_sha256: tuple[str, ...] = ()  # one per signed/verified item
     reason: str | None = None  # safe message for refusals
     status: int = 200
-    # batch sign: "INDEX:CODE" of each refused item (the first 32), e.g. ("1:permission_denied",)
+    # batch sign: "INDEX:CODE" of each refused item (the first 8), e.g. ("1:permission_denied",)
     item_codes: tuple[str, ...] = ()
 
     @property
@@ -108,9 +109,17 @@ class AuditEvent:
 
 
 class Gate(Protocol):
-    """Decides whether a call may proceed; raises PermissionDenied or RateLimited."""
+    """Decides whether a call may proceed; raises PermissionDenied or RateLimited.
+
+    A gate that lets a call proceed sets ``GRANTED`` (the request's own context).
+    """
 
     def authorize(self, call: Call) -> None: ...
+
+
+#: whether the gate let a call of the request being handled proceed: each request runs
+#: in its task (its own context), and the front sets this False before its handler runs
+GRANTED: contextvars.ContextVar[bool] = contextvars.ContextVar("signerd_granted", default=False)
 
 
 class AuditSink(Protocol):

@@ -6,6 +6,9 @@ anything before their body is read (``Gate.admits``), turns every error into
 the JSON envelope (405 with ``Allow``), and writes the audit record. For sign
 and admin operations the record is written before the answer leaves: when it
 cannot be written, the answer is replaced by 503 ``audit_unavailable``.
+A refusal of a caller some rule matches, answered before the gate granted the
+request anything, costs from its uid's refusal bucket (``Gate.charge_refusal``);
+of the 429s, at most one per uid per second is recorded.
 ``Server`` (``_server``) adds the v1 handlers.
 """
 
@@ -23,7 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ._calls import AuditEvent, AuditSink, Gate, Operation, Peer, QueueingAuditSink
+from ._calls import GRANTED, AuditEvent, AuditSink, Gate, Operation, Peer, QueueingAuditSink
 from ._listener import Listener
 from ._names import KeyName
 from ._protocol import Limits, Throttled
@@ -47,8 +50,7 @@ log = logging.getLogger("signerd.server")
 
 PeerLookup = Callable[[Any], Peer]  # a connected socket -> its peer
 UNKNOWN_PEER = Peer(pid=0, uid=-1, gid=-1)
-_QUIET_INTERVAL = 1.0  # one audit record per uid per interval for rate-limited strangers
-_MAX_QUIET = 4096
+_MAX_QUIET = 4096  # uids whose unrecorded 429s are counted
 _ACTIONS = {"promote": Operation.PROMOTE, "retire": Operation.RETIRE, "destroy": Operation.DESTROY}
 
 
@@ -75,6 +77,14 @@ class VisibilityGate(Gate, Protocol):
 
     def admits(self, peer: Peer) -> bool:
         """False for a caller no rule could grant anything (raises RateLimited when over)."""
+        ...
+
+    def charge_refusal(self, peer: Peer) -> None:
+        """Charge one refusal of a caller some rule matches; RateLimited when over."""
+        ...
+
+    def records_limited(self, peer: Peer) -> bool:
+        """Whether a 429 answered to ``peer`` now gets an audit record (one per uid per second)."""
         ...
 
 
@@ -110,7 +120,7 @@ class Front:
         self.limits = limits or Limits()
         self.router = Router()
         self.listener: Listener | None = None
-        self._quiet: dict[int, tuple[float, int]] = {}
+        self._quiet: dict[int, int] = {}  # uid -> 429s not recorded since its last record
         self.quieted = Throttled("signerd.audit_quieted reason=rate_limited", 10.0)
         self._queueing_of: object = None
         self._queueing_sink: QueueingAuditSink | None = None
@@ -181,6 +191,7 @@ class Front:
         request["rid"] = rid
         audit = request["audit"] = AuditNotes()
         headers: dict[str, str] = {"X-Request-Id": rid}
+        GRANTED.set(False)
         try:
             request["peer"] = self.peer(request)
             route: Route | None = request.route
@@ -199,7 +210,8 @@ class Front:
             response = await route.handler(request)
             outcome = "ok"
             await self._record(request, audit, "ok", response.status, request.get("audit_reason"))
-        except SignerdError as exc:
+        except SignerdError as refusal:
+            exc = self._over_refusals(request, audit, refusal)
             if self._quieted(request, exc):
                 audit.written = True
             response, outcome = self._error(rid, exc), exc.code
@@ -236,24 +248,39 @@ class Front:
         else:
             audit.operation, audit.label = Operation.LIST, op
 
+    def _over_refusals(
+        self, request: Request, audit: AuditNotes, exc: SignerdError
+    ) -> SignerdError:
+        """A caller some rule matches, refused before anything was granted to its request:
+        one token of its uid's refusal bucket; past it, the answer is 429 instead."""
+        if (
+            isinstance(exc, RateLimited)
+            or request.refused is not None  # a stranger: charged by ``admits``
+            or audit.operation is Operation.HEALTH  # not recorded
+            or GRANTED.get()  # paid for by the grant (its rule's rate)
+        ):
+            return exc
+        try:
+            self.gate.charge_refusal(request["peer"])
+        except RateLimited as limited:
+            return limited
+        return exc
+
     def _quieted(self, request: Request, exc: SignerdError) -> bool:
-        """A stranger over its bucket: one audit record per uid per interval, the rest counted."""
-        if not isinstance(exc, RateLimited) or request.refused is not exc:
+        """A 429: one audit record per uid per second (the gate's, across workers); the
+        others are counted, and the next record says how many were not written."""
+        if not isinstance(exc, RateLimited):
             return False
-        uid = request["peer"].uid
-        now = time.monotonic()
-        last, skipped = self._quiet.get(uid, (-1e18, 0))
-        if now - last < _QUIET_INTERVAL:
-            self._quiet[uid] = (last, skipped + 1)
-            self.quieted.note(uid=uid)
+        peer = request["peer"]
+        if not self.gate.records_limited(peer):
+            if peer.uid not in self._quiet and len(self._quiet) >= _MAX_QUIET:
+                self._quiet.clear()
+            self._quiet[peer.uid] = self._quiet.get(peer.uid, 0) + 1
+            self.quieted.note(uid=peer.uid)
             return True
-        if len(self._quiet) >= _MAX_QUIET:
-            self._quiet.clear()
-        self._quiet[uid] = (now, 0)
+        skipped = self._quiet.pop(peer.uid, 0)
         if skipped:
-            exc.message = (
-                f"over the rate limit for callers without a grant ({skipped} not recorded)"
-            )
+            exc.message = f"{exc.message} ({skipped} not recorded)"
         return False
 
     def _error(self, rid: str, exc: SignerdError) -> Response:

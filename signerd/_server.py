@@ -34,13 +34,14 @@ from .errors import (
     InvalidRequest,
     NotFound,
     PermissionDenied,
+    RateLimited,
     SignerdError,
     UnsupportedMediaType,
 )
 
 __all__ = ["ROUTES", "Limits", "Server"]
 
-_MAX_ITEM_CODES = 32  # refused batch items whose codes the audit record lists
+_MAX_ITEM_CODES = 8  # refused batch items whose index and code the audit record lists
 _VERSION_RE = re.compile(r"[1-9][0-9]{0,8}")
 _READY_TTL = 1.0  # seconds a readiness answer (ready or not) is reused
 
@@ -252,12 +253,7 @@ class Server(Front):
                 raise InvalidRequest("each item must be an object with exactly key and data")
             parsed.append((KeyName.parse(item["key"]), b64decode(item, "data")))
         audit: AuditNotes = request["audit"]
-        audit.hashes = tuple(_sha256(d) for _, d in parsed)
-        tenants = sorted({k.tenant for k, _ in parsed})
-        audit.tenant = ",".join(tenants)
-        audit.key = ",".join(sorted({str(k) for k, _ in parsed}))
         peer = request["peer"]
-        kids: set[str] = set()
         results: list[dict[str, Any]] = [{} for _ in parsed]
         by_key: dict[KeyName, list[int]] = {}
         for i, (key, _) in enumerate(parsed):  # refused items are answered per item
@@ -279,22 +275,18 @@ class Server(Front):
                 if isinstance(sig, SignerdError):
                     results[i] = _item_error(sig)
                 else:
-                    kids.add(kid)
                     results[i] = {"kid": kid, "signature": b64encode(sig)}
 
         await asyncio.gather(*(one_key(k, at) for k, at in by_key.items()))
-        audit.kid = ",".join(sorted(kids)) or None
-        refused = [(i, r["error"]["code"]) for i, r in enumerate(results) if "error" in r]
-        if refused:
-            audit.extra_outcome = f"partial:{len(refused)}/{len(results)}"
-            audit.item_codes = tuple(f"{i}:{code}" for i, code in refused[:_MAX_ITEM_CODES])
-            more = len(refused) - len(audit.item_codes)
-            listed = ",".join(audit.item_codes) + (f",+{more} more" if more else "")
-            if len(refused) == len(results) and all(
-                code == PermissionDenied.code for _, code in refused
-            ):
-                raise PermissionDenied(f"every item was refused: {listed}")
-            request["audit_reason"] = f"refused items: {listed}"
+        summary = _note_batch(audit, parsed, results)
+        if summary is not None:
+            codes = {r["error"]["code"] for r in results if "error" in r}
+            if not audit.hashes and codes <= {PermissionDenied.code, RateLimited.code}:
+                # nothing was granted: refused as a whole (a refusal, or over the rate)
+                if codes == {PermissionDenied.code}:
+                    raise PermissionDenied(f"every item was refused: {summary}")
+                raise RateLimited(f"every item was refused: {summary}")
+            request["audit_reason"] = summary
         return json_response({"results": results})
 
     async def verify(self, request: Request) -> Response:
@@ -334,6 +326,42 @@ class Server(Front):
         self._authorize(request, Operation.JWKS, key, key.tenant)
         key, version = await self.keys.lookup_kid(kid)
         return json_response(kid_json(key, version))
+
+
+def _note_batch(
+    audit: AuditNotes, parsed: list[tuple[KeyName, bytes]], results: list[dict[str, Any]]
+) -> str | None:
+    """What a batch's record holds, bounded by what was signed: the keyed hash, key, tenant
+    and kid of each signed item (each cost a token of the caller's rate); of the refused
+    items only their count, the count of each of the 8 most frequent codes, the first 8
+    indexes with their code, and one SHA-256 over their key names (in item order, one per
+    line)."""
+    signed = [i for i, r in enumerate(results) if "signature" in r]
+    audit.hashes = tuple(_sha256(parsed[i][1]) for i in signed)
+    audit.tenant = ",".join(sorted({parsed[i][0].tenant for i in signed})) or None
+    audit.key = ",".join(sorted({str(parsed[i][0]) for i in signed})) or None
+    audit.kid = ",".join(sorted({results[i]["kid"] for i in signed})) or None
+    refused = [(i, r["error"]["code"]) for i, r in enumerate(results) if "error" in r]
+    if not refused:
+        return None
+    audit.extra_outcome = f"partial:{len(refused)}/{len(results)}"
+    audit.item_codes = tuple(f"{i}:{code}" for i, code in refused[:_MAX_ITEM_CODES])
+    counts: dict[str, int] = {}
+    for _, code in refused:
+        counts[code] = counts.get(code, 0) + 1
+    common = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:_MAX_ITEM_CODES]
+    others = len(counts) - len(common)
+    names = "\n".join(str(parsed[i][0]) for i, _ in refused).encode()
+    more = len(refused) - len(audit.item_codes)
+    return (
+        f"refused {len(refused)} of {len(results)} items ("
+        + ",".join(f"{code}={n}" for code, n in sorted(common))
+        + (f",+{others} other codes" if others else "")
+        + "): "
+        + ",".join(audit.item_codes)
+        + (f",+{more} more" if more else "")
+        + f"; names sha256:{_sha256(names)}"
+    )
 
 
 def _retrieved(future: asyncio.Future[None]) -> None:

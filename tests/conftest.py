@@ -41,6 +41,11 @@ class OpenGate:
     def admits(self, peer: Any) -> bool:
         return True
 
+    def charge_refusal(self, peer: Any) -> None: ...
+
+    def records_limited(self, peer: Any) -> bool:
+        return True
+
 
 def _make_token_dir() -> Path:
     if shutil.which("softhsm2-util") is None or not os.path.exists(SOFTHSM_MODULE):

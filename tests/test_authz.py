@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import re
 import time
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 
 from signerd._authz import Policy, policy_from_config
-from signerd._calls import Call, Operation, Peer
+from signerd._calls import GRANTED, Call, Operation, Peer
 from signerd._names import KeyName
 from signerd.errors import PermissionDenied, RateLimited
 
@@ -109,6 +110,10 @@ def rule(**fields: Any) -> dict[str, Any]:
         ({"rules": [rule()], "default": "allow"}, "policy: unknown key 'default'"),
         ({"rules": {"name": "x"}}, "policy.rules: must be an array of tables"),
         ({"rules": ["x"]}, "policy.rules[0]: must be a table"),
+        ({"refusal_rate": 0}, "policy.refusal_rate: must be a positive number"),
+        ({"refusal_rate": True}, "policy.refusal_rate: must be a positive number"),
+        ({"refusal_burst": 0}, "policy.refusal_burst: must be a positive integer"),
+        ({"refusal_burst": 2.5}, "policy.refusal_burst: must be a positive integer"),
     ],
 )  # fmt: skip
 def test_invalid_policy_names_the_key(table: dict[str, Any], message: str) -> None:
@@ -308,7 +313,7 @@ def test_rate_limit_is_per_caller_uid_not_pid() -> None:
 
 
 def test_denied_calls_do_not_use_tokens() -> None:
-    """A refused call (403) does not spend the caller's rate budget."""
+    """A refused call (403) does not spend its rule's rate (refusals have a bucket of their own)."""
     policy = limited(rate=0.5, burst=2)
     for _ in range(5):
         assert not allowed(policy, call(GATEWAY, "sign", "globex/k"))
@@ -336,3 +341,68 @@ def test_default_burst_is_rate_rounded_up() -> None:
     )
     assert policy.rules[0].burst == 3
     assert take(policy, OPERATOR, 5) == 3
+
+
+# --- refusals of callers some rule matches ---------------------------------------------
+
+
+def refusals(policy: Policy, peer: Peer, n: int) -> int:
+    """How many of n immediate refusals are charged without RateLimited."""
+    passed = 0
+    for _ in range(n):
+        try:
+            policy.charge_refusal(peer)
+            passed += 1
+        except RateLimited as exc:
+            assert exc.status == 429 and "refusals/s" in exc.message
+    return passed
+
+
+def test_refusals_have_a_bucket_per_uid() -> None:
+    """refusal_burst refusals pass, then 429; per uid (not per unit or rule); refilled at refusal_rate."""
+    policy = policy_from_config({**POLICY, "refusal_rate": 20, "refusal_burst": 4})
+    assert (policy.refusal_rate, policy.refusal_burst) == (20.0, 4)
+    assert refusals(policy, GATEWAY, 6) == 4
+    assert refusals(policy, GATEWAY_OUTSIDE_UNIT, 1) == 0  # same uid, another unit
+    assert refusals(policy, OPERATOR, 6) == 4
+    time.sleep(0.12)  # 2.4 refusals
+    assert refusals(policy, GATEWAY, 4) == 2
+
+
+def test_refusal_defaults() -> None:
+    """Without refusal_rate and refusal_burst a policy charges 5 refusals/s after a burst of 60."""
+    policy = policy_from_config(POLICY)
+    assert (policy.refusal_rate, policy.refusal_burst) == (5.0, 60)
+    assert refusals(policy, OPERATOR, 70) == 60
+
+
+def test_a_grant_is_noted_for_the_request() -> None:
+    """authorize sets GRANTED when it lets a call proceed, and leaves it when it refuses."""
+    policy = policy_from_config(POLICY)
+
+    def one_request() -> None:  # in a context of its own, as each request's task is
+        assert not allowed(policy, call(GATEWAY, "sign", "globex/k"))
+        assert not GRANTED.get()
+        assert allowed(policy, call(GATEWAY, "jwks", "globex/k"))
+        assert GRANTED.get()
+
+    before = GRANTED.get()
+    contextvars.Context().run(one_request)
+    assert GRANTED.get() == before  # another request's context is untouched
+
+
+def test_429_records_are_one_per_uid_per_second() -> None:
+    """records_limited: true once per uid per second, whichever bucket the 429 came from."""
+    policy = policy_from_config(POLICY)
+    assert [policy.records_limited(GATEWAY) for _ in range(3)] == [True, False, False]
+    assert policy.records_limited(OPERATOR)
+    time.sleep(1.05)
+    assert [policy.records_limited(GATEWAY_OUTSIDE_UNIT) for _ in range(2)] == [True, False]
+
+
+def test_reload_keeps_refusal_buckets() -> None:
+    """with_state_from carries the refusal bucket over, capped at the new burst."""
+    old = policy_from_config({**POLICY, "refusal_rate": 0.5, "refusal_burst": 5})
+    assert refusals(old, GATEWAY, 3) == 3
+    new = policy_from_config({**POLICY, "refusal_rate": 0.5, "refusal_burst": 5})
+    assert refusals(new.with_state_from(old), GATEWAY, 5) == 2

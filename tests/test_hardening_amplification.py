@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -242,3 +243,239 @@ async def test_ready_is_one_backend_check_per_second() -> None:
     await asyncio.sleep(1.05)
     answers = await asyncio.gather(*(server.dispatch(ready()) for _ in range(50)))
     assert [a.status for a in answers] == [503] * 50 and Keys.calls == 2
+
+
+# --- refusals of callers some rule matches: the trail's growth under a flood ---------------
+
+# Sends the requests (hex of raw bytes) round robin on one keep-alive connection for SECONDS;
+# prints {"status": count, ...} of the answers.
+FLOODER = r"""
+import json, socket, sys, time
+path, seconds = sys.argv[1], float(sys.argv[2])
+reqs = [bytes.fromhex(x) for x in json.loads(sys.stdin.read())]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(10)
+s.connect(path)
+buf, counts, i = b"", {}, 0
+deadline = time.monotonic() + seconds
+while time.monotonic() < deadline:
+    s.sendall(reqs[i % len(reqs)])
+    i += 1
+    while b"\r\n\r\n" not in buf:
+        buf += s.recv(65536)
+    head, buf = buf.split(b"\r\n\r\n", 1)
+    length = int([l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:")][0])
+    while len(buf) < length:
+        buf += s.recv(65536)
+    buf = buf[length:]
+    status = head.split(b" ")[1].decode()
+    counts[status] = counts.get(status, 0) + 1
+print(json.dumps(counts))
+"""
+
+#: README, "Audit bytes per uid per second": a record is at most 2 KiB, plus 11 bytes per
+#: supplementary group of the caller
+RECORD_BYTES = 2048
+GROUP_BYTES = 11
+
+
+def _flood(d: DaemonProcess, who: dict[str, Any], seconds: float) -> Any:
+    return subprocess.Popen(
+        [CHILD_PYTHON, "-c", FLOODER, str(d.socket_path), str(seconds)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **who,
+    )
+
+
+def test_refusal_floods_from_matched_callers_are_bounded(tmp_path: Path) -> None:
+    """256-item refused batches and bad bodies for 5 s from a rate-limited uid and a uid that only
+    a users=["*"] rule matches (2 workers): 429s, and each uid's records stay within the bound."""
+    from signerd._authz import DEFAULT_REFUSAL_BURST, DEFAULT_REFUSAL_RATE
+
+    base = Path(tempfile.mkdtemp(prefix="signerd-flood-", dir="/tmp"))
+    base.chmod(0o755)
+    mine, other = unique("mine"), unique("othr")
+    policy: dict[str, Any] = policy_allow_all()
+    policy["rules"] += [
+        {"name": "gw", "uids": [65534], "tenants": [mine], "keys": ["k"],
+         "operations": ["sign", "verify"], "rate": 50, "burst": 100},
+        {"name": "public-keys", "users": ["*"], "tenants": [mine], "operations": ["jwks"]},
+    ]  # fmt: skip
+    d = start_daemon(
+        base / "d",
+        server={"socket_group": "staff", "socket_mode": "0660", "workers": 2},
+        policy=policy,
+    )
+    try:
+        data = base64.b64encode(b"payload").decode()
+        batch = json.dumps(
+            {"items": [{"key": f"{other}/k{i}", "data": data} for i in range(256)]}
+        ).encode()
+        reqs = [
+            http_post("/v1/sign", batch),
+            http_post("/v1/sign", b'{"items": 5}'),  # 400 before any grant
+            http_post("/v1/sign", batch),
+            http_post("/v1/verify", b'{"kid": "x", "data": "", "signature": ""}'),  # 404
+        ]
+        payload = json.dumps([r.hex() for r in reqs])
+        gateway = {"user": "nobody", "group": "nogroup", "extra_groups": ["staff"]}
+        anyone = {"user": "daemon", "group": "daemon", "extra_groups": ["staff"]}
+        seconds = 5.0
+        started = time.time()
+        procs = [_flood(d, who, seconds) for who in (gateway, gateway, anyone, anyone)]
+        for proc in procs:  # all four start flooding at once
+            assert proc.stdin is not None
+            proc.stdin.write(payload)
+            proc.stdin.close()
+        outs = [(p.stdout.read(), p.stderr.read(), p.wait(timeout=60)) for p in procs]
+        elapsed = time.time() - started
+        assert all(code == 0 for _, _, code in outs), outs
+        counts = [json.loads(o) for o, _, _ in outs]
+        assert d.stop() == 0, d.log_text()[-2000:]  # every queued record is written
+
+        for uid, mine_counts in ((65534, counts[:2]), (1, counts[2:])):
+            sent = sum(sum(c.values()) for c in mine_counts)
+            limited = sum(c.get("429", 0) for c in mine_counts)
+            assert sent > 2 * DEFAULT_REFUSAL_BURST and limited >= sent // 2, mine_counts
+            assert not any(c.get("200") for c in mine_counts), mine_counts
+            lines = [
+                x
+                for p in d.audit_files()
+                for x in p.read_bytes().splitlines()
+                if json.loads(x)["peer"]["uid"] == uid and json.loads(x)["time"] >= started
+            ]
+            groups = len(json.loads(lines[0])["peer"]["groups"])
+            records = DEFAULT_REFUSAL_BURST + 1 + (DEFAULT_REFUSAL_RATE + 1) * elapsed
+            bound = records * (RECORD_BYTES + GROUP_BYTES * groups)
+            grown = sum(len(x) + 1 for x in lines)
+            assert len(lines) <= records and grown <= bound, (uid, len(lines), grown, bound)
+            print(f"uid {uid}: {sent} requests in {elapsed:.1f}s, {limited} answered 429, "
+                  f"{len(lines)} records, {grown} bytes (bound {bound:.0f})")  # fmt: skip
+    finally:
+        d.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_429s_over_a_rule_rate_are_recorded_once_a_second(tmp_path: Path) -> None:
+    """A uid over its rule's rate gets 429s recorded at most once a second (2 workers); failures
+    after a grant (401 from a rule without rate) are not refusals: 70 stay 401, none is 429."""
+    from signerd import Client
+
+    key = f"{unique('rl')}/k"
+    policy: dict[str, Any] = policy_allow_all()
+    policy["rules"] += [
+        {"name": "signer", "uids": [65534], "tenants": [key.split("/")[0]],
+         "operations": ["sign"], "rate": 5, "burst": 5},
+        {"name": "checker", "uids": [65534], "tenants": ["*"], "operations": ["verify"]},
+    ]  # fmt: skip
+    base = Path(tempfile.mkdtemp(prefix="signerd-rl-", dir="/tmp"))
+    base.chmod(0o755)
+    d = start_daemon(
+        base / "d",
+        server={"socket_group": "staff", "socket_mode": "0660", "workers": 2},
+        policy=policy,
+    )
+    try:
+        with Client(d.socket_path) as admin:
+            admin.create_key(key)
+            kid = admin.sign(key, b"x").kid
+        started = time.time()
+        sign = json.dumps({"key": key, "data": "eA=="}).encode()
+        answers = as_stranger(d, [http_post("/v1/sign", sign)] * 300)
+        elapsed = time.time() - started
+        statuses = [s for s, _, _ in answers]
+        assert statuses.count(200) + statuses.count(429) == 300
+        assert 5 <= statuses.count(200) <= 5 + 5 * elapsed, (statuses.count(200), elapsed)
+        bad = json.dumps({"kid": kid, "data": "eA==", "signature": "A" * 88}).encode()
+        verified = as_stranger(d, [http_post("/v1/verify", bad)] * 70)
+        assert [s for s, _, _ in verified] == [401] * 70
+        assert d.stop() == 0, d.log_text()[-2000:]
+        ours = [r for r in d.audit_records() if r["peer"]["uid"] == 65534]
+        limited = [r for r in ours if r["outcome"] == "rate_limited"]
+        assert 1 <= len(limited) <= 1 + elapsed, (len(limited), elapsed)
+        assert len([r for r in ours if r["outcome"] == "ok"]) == statuses.count(200)
+        assert len([r for r in ours if r["outcome"] == "invalid_signature"]) == 70
+    finally:
+        d.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_record_is_at_most_2_kib() -> None:
+    """The longest record a caller can cause (every field at its longest, the longest reason) fits
+    RECORD_BYTES plus GROUP_BYTES per supplementary group; a batch adds at most 400 B per signed item."""
+    import inspect
+
+    import signerd.errors as errors
+    from signerd._calls import AuditEvent, Peer
+    from signerd._chain import _encode
+    from signerd._front import AuditNotes
+    from signerd._names import KeyName
+    from signerd._server import _note_batch
+
+    key = KeyName("t" * 63, "n" * 63)
+    kid = key.kid(999_999_999)
+    codes = sorted(  # the longest codes most often
+        (
+            c.code
+            for c in vars(errors).values()
+            if inspect.isclass(c) and issubclass(c, errors.SignerdError)
+        ),
+        key=len,
+        reverse=True,
+    )
+    parsed = [(key, b"") for _ in range(256)]
+    results = [{"error": {"code": codes[i % len(codes)]}} for i in range(256)]
+    batch = _note_batch(AuditNotes(), parsed, results)
+    assert batch is not None
+    messages = [c.default_message for c in vars(errors).values() if hasattr(c, "default_message")]
+    reasons = [
+        f"every item was refused: {batch}",
+        f"caller may not destroy key {key} (4294967295 not recorded)",
+        *(f"{m} (4294967295 not recorded)" for m in messages),
+    ]
+    for groups in (0, 100):
+        peer = Peer(2**22, 2**32 - 2, 2**32 - 2, "u" * 255, "x" * 32, (2**32 - 2,) * groups)
+        for reason in reasons:
+            event = AuditEvent(
+                time=9e9, request_id="r" * 64, peer=peer, operation="destroy",
+                outcome="attestation_mismatch", tenant=key.tenant, key=str(key), kid=kid,
+                payload_sha256=("a" * 64,), reason=reason, status=429,
+            )  # fmt: skip
+            line = _encode(event, 2**63, "f" * 64, {}, f"{'0' * 16}-{2**63}", b"k")
+            assert len(line) + 1 <= RECORD_BYTES + GROUP_BYTES * groups, (len(line), reason)
+    # a signed item adds its keyed hash and at most one key, tenant and kid to the lists
+    item = len(',"' + "a" * 64 + '"') + len(str(key)) + 1 + len(key.tenant) + 1 + len(kid) + 1
+    assert item <= 400
+
+
+def test_readme_states_the_audit_bound_of_the_defaults() -> None:
+    """The README's audit-bytes figures are those of the default buckets and RECORD_BYTES."""
+    from signerd._authz import (
+        DEFAULT_REFUSAL_BURST,
+        DEFAULT_REFUSAL_RATE,
+        DEFAULT_UNMATCHED_BURST,
+        DEFAULT_UNMATCHED_RATE,
+    )
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    text = " ".join(readme.split())
+    kib = RECORD_BYTES // 1024
+    assert f"A record is at most {kib} KiB, plus {GROUP_BYTES} bytes per supplementary" in text
+    matched = (DEFAULT_REFUSAL_RATE + 1) * kib
+    burst = (DEFAULT_REFUSAL_BURST + 1) * kib
+    stranger = (DEFAULT_UNMATCHED_RATE + 1) * kib
+    row = (
+        f"| refusals for callers some rule matches | {DEFAULT_REFUSAL_RATE:g}/s per uid, "
+        f"burst {DEFAULT_REFUSAL_BURST} |"
+    )
+    assert row in readme
+    assert f"| {matched:g} KiB/s after {burst} KiB ({stranger:g} KiB/s when no rule matches) |" in (
+        readme
+    )
+    times = "\N{MULTIPLICATION SIGN}"
+    assert f"({DEFAULT_REFUSAL_RATE:g} + 1) {times} {kib} KiB = {matched:g} KiB/s" in text
+    assert f"a burst of {DEFAULT_REFUSAL_BURST + 1} records ({burst} KiB)" in text
+    assert DEFAULT_UNMATCHED_BURST == DEFAULT_REFUSAL_BURST
