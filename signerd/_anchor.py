@@ -32,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from ._readfile import NotRegularFile, bounded_lines, open_regular
+
 __all__ = [
     "Anchor",
     "AnchorLog",
@@ -142,13 +144,19 @@ def _parse(line: bytes) -> Anchor | None:
 def read_anchors(path: str) -> tuple[list[Anchor], list[int]]:
     """The anchors in a file, and the line numbers that are not anchors (a torn last line)."""
     anchors, bad = [], []
-    with open(path, "rb") as handle:
-        for lineno, line in enumerate(handle, 1):
-            anchor = _parse(line) if len(line) <= _MAX_ANCHOR_LINE else None
-            if anchor is None:
+    lineno, whole = 0, True
+    with open_regular(path) as handle:  # a device or FIFO is refused, never read
+        for part in bounded_lines(handle, _MAX_ANCHOR_LINE + 1):
+            if whole:  # a line longer than an anchor comes in pieces: one bad line
+                lineno += 1
+                anchor = _parse(part) if len(part) <= _MAX_ANCHOR_LINE else None
+                if anchor is None:
+                    bad.append(lineno)
+                else:
+                    anchors.append(anchor)
+            elif bad[-1:] != [lineno]:
                 bad.append(lineno)
-            else:
-                anchors.append(anchor)
+            whole = part.endswith(b"\n")
     return anchors, bad
 
 
@@ -266,12 +274,13 @@ class Anchorer:
 
 
 def load_key(path: str) -> bytes:
-    """The payload key from its file (hex); ValueError says what is wrong with it."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    """The payload key from its file (hex); ValueError says what is wrong with it
+    (NotRegularFile, an OSError, for a device, FIFO or socket: nothing is read from it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"{path}: not a regular file")
+            raise NotRegularFile(path)
         if st.st_mode & 0o007:
             raise ValueError(f"{path}: readable or writable by others; chmod o-rwx it")
         text = os.read(fd, 4096).decode("ascii", "replace").strip()

@@ -24,7 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ._anchor import Anchor, read_anchors
-from ._chain import GENESIS, VerifyReport, Walker, walk
+from ._chain import GENESIS, MAX_REGION, VerifyReport, Walker, walk
+from ._readfile import NotRegularFile, bounded_lines, open_regular
 
 __all__ = ["audit_files", "find_anchors", "verify_set"]
 
@@ -70,8 +71,8 @@ def verify_set(paths: Sequence[str], anchors: Sequence[Anchor]) -> VerifyReport:
         walker = Walker(None, 0, file_start=True)
         found: dict[int, str] = {}
         try:
-            with open(path, "rb") as handle:
-                bad = walk(walker, handle, keep, found)
+            with open_regular(path) as handle:
+                bad = walk(walker, bounded_lines(handle, MAX_REGION + 1), keep, found)
         except OSError as exc:
             return VerifyReport(False, total, None, f"cannot read: {exc.strerror}", path)
         total += walker.records
@@ -200,6 +201,8 @@ def audit_files(args: Sequence[str]) -> list[str]:
         else:
             found.append(arg)
     for path in found:
+        if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+            raise NotRegularFile(path)  # a device or FIFO: never read
         if not os.path.isfile(path) or not os.access(path, os.R_OK):
             raise FileNotFoundError(errno.ENOENT, "not a readable file", path)
     if not found:

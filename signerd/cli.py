@@ -32,8 +32,9 @@ Exit codes (``sysexits.h``), by wire code or local condition:
                      confirmation_required, invalid_state,
                      payload_too_large, stale_timestamp, schema_mismatch,
                      attestation_mismatch, replayed_nonce; an audit trail
-                     that does not verify
+                     that does not verify; input_too_large
 66   EX_NOINPUT      unknown_key, unknown_version; a file that cannot be read
+                     (no_input); not_a_file
 69   EX_UNAVAILABLE  backend_unavailable, backend_sealed, audit_unavailable,
                      nonce_store_unavailable, not_supported; connection_failed (signerd unreachable)
 70   EX_SOFTWARE     internal_error; an answer outside the protocol
@@ -47,7 +48,12 @@ Exit codes (``sysexits.h``), by wire code or local condition:
 ===  ==============  =====================================================
 
 ``connection_failed`` and ``request_timeout`` are signerctl's own labels:
-they never come from the daemon.
+they never come from the daemon. So are ``not_a_file`` (a device, FIFO,
+socket or directory given where a file is expected: ``--data-file``,
+``--envelope-file``, ``--key``, ``--anchor``, an audit file; nothing is read
+from it) and ``input_too_large``: signerctl reads at most ``MAX_INPUT_BYTES``
+(1 MiB, signerd's default ``server.max_body_bytes``) of data, from a file or
+from stdin.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ from typing import Any, NoReturn
 
 from ._cli_fed import add_commands as add_federation_commands
 from ._http import DEFAULT_SOCKET
+from ._readfile import MAX_INPUT_BYTES, InputTooLarge, NotRegularFile, read_bounded, read_file
 from .client import (
     Client,
     ConnectionFailed,
@@ -186,12 +193,41 @@ def _b64_arg(text: str, what: str) -> bytes:
         raise InvalidBase64(f"{what} is not valid standard base64") from None
 
 
-def _read_file(path: str) -> bytes:
+def _not_a_file(path: str) -> Failure:
+    return Failure(
+        os.EX_NOINPUT,
+        "not_a_file",
+        f"{path}: not a regular file (a device, FIFO, socket or directory); "
+        "give a file, or pipe the data on stdin",
+    )
+
+
+def _too_large(exc: InputTooLarge) -> Failure:
+    return Failure(
+        os.EX_DATAERR,
+        "input_too_large",
+        f"{exc.what}: more than {exc.limit} bytes (signerctl reads at most {exc.limit}, "
+        "signerd's default server.max_body_bytes)",
+    )
+
+
+def _stdin() -> bytes:
     try:
-        if path == "-":
-            return sys.stdin.buffer.read()
-        with open(path, "rb") as f:
-            return f.read()
+        return read_bounded(sys.stdin.buffer, MAX_INPUT_BYTES, "stdin")
+    except InputTooLarge as exc:
+        raise _too_large(exc) from None
+
+
+def _read_file(path: str) -> bytes:
+    """A file's bytes ('-': stdin), at most MAX_INPUT_BYTES; regular files only."""
+    if path == "-":
+        return _stdin()
+    try:
+        return read_file(path, MAX_INPUT_BYTES)
+    except NotRegularFile:
+        raise _not_a_file(path) from None
+    except InputTooLarge as exc:
+        raise _too_large(exc) from None
     except OSError as exc:
         raise Failure(os.EX_NOINPUT, "no_input", f"cannot read {path}: {exc.strerror}") from None
 
@@ -205,7 +241,7 @@ def _data(args: argparse.Namespace) -> bytes:
         raise Failure(
             os.EX_USAGE, "usage", "no data: give --data-file, --data-b64 or pipe it on stdin"
         )
-    return sys.stdin.buffer.read()
+    return _stdin()
 
 
 # --- commands: each returns (JSON value, human text) ---
@@ -312,6 +348,8 @@ def _audit_verify(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
             report = verify_file(files[0])  # one file, nothing to check it against: as before
         else:
             report = verify_set(files, anchors)
+    except NotRegularFile as exc:
+        raise _not_a_file(str(exc.filename)) from None
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""
         raise Failure(os.EX_NOINPUT, "no_input", f"cannot read{where}: {exc.strerror}") from None
@@ -333,6 +371,8 @@ def _audit_payload_hash(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
 
     try:
         key = load_key(a.key)
+    except NotRegularFile:
+        raise _not_a_file(a.key) from None
     except OSError as exc:
         raise Failure(os.EX_NOINPUT, "no_input", f"cannot read {a.key}: {exc.strerror}") from None
     except ValueError as exc:
@@ -376,7 +416,8 @@ def _data_options(p: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--data-file",
         metavar="FILE",
-        help="read the data from FILE ('-': stdin); with neither option the data is read from stdin",
+        help="read the data from FILE, a regular file ('-': stdin); with neither option the data "
+        f"is read from stdin; at most {MAX_INPUT_BYTES} bytes",
     )
     group.add_argument(
         "--data-b64",
@@ -483,7 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", metavar="FILE", required=True, help="the trail's key (audit.key)")
     group = p.add_mutually_exclusive_group()
     group.add_argument(
-        "--data-file", metavar="FILE", help="read the payload from FILE ('-': stdin)"
+        "--data-file",
+        metavar="FILE",
+        help=f"read the payload from FILE ('-': stdin), at most {MAX_INPUT_BYTES} bytes",
     )
     group.add_argument(
         "--sha256", metavar="HEX", help="the payload's SHA-256, if that is all you have"
