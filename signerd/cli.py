@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import binascii
 import dataclasses
 import hashlib
 import json
@@ -72,8 +71,13 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from ._cli_fed import add_commands as add_federation_commands
+from ._cli_input import Failure
+from ._cli_input import b64_arg as _b64_arg
+from ._cli_input import data_of as _data
+from ._cli_input import not_a_file as _not_a_file
+from ._cli_input import read_input as _read_file
 from ._http import DEFAULT_SOCKET
-from ._readfile import MAX_INPUT_BYTES, InputTooLarge, NotRegularFile, read_bounded, read_file
+from ._readfile import MAX_INPUT_BYTES, NotRegularFile
 from .client import (
     Client,
     ConnectionFailed,
@@ -82,7 +86,7 @@ from .client import (
     VersionState,
     default_socket_path,
 )
-from .errors import InvalidBase64, SignerdError
+from .errors import SignerdError
 
 EXIT_FOR_CODE: dict[str, int] = {
     "invalid_signature": os.EX_DATAERR,
@@ -119,16 +123,6 @@ EXIT_FOR_CODE: dict[str, int] = {
 }
 
 Command = Callable[[Client, argparse.Namespace], Any]
-
-
-class Failure(Exception):
-    """A local failure: a label for the error line, and the exit code."""
-
-    def __init__(self, exit_code: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-        self.code = code
-        self.message = message
 
 
 class _UsageError(Exception):
@@ -181,67 +175,6 @@ def _describe(desc: KeyDescription) -> str:
     rows = [["VERSION", "KID", "STATE", "CREATED"]]
     rows += [[str(v.version), v.kid, v.state.value, _when(v.created_at)] for v in desc.versions]
     return head + _table(rows)
-
-
-# --- input ---
-
-
-def _b64_arg(text: str, what: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidBase64(f"{what} is not valid standard base64") from None
-
-
-def _not_a_file(path: str) -> Failure:
-    return Failure(
-        os.EX_NOINPUT,
-        "not_a_file",
-        f"{path}: not a regular file (a device, FIFO, socket or directory); "
-        "give a file, or pipe the data on stdin",
-    )
-
-
-def _too_large(exc: InputTooLarge) -> Failure:
-    return Failure(
-        os.EX_DATAERR,
-        "input_too_large",
-        f"{exc.what}: more than {exc.limit} bytes (signerctl reads at most {exc.limit}, "
-        "signerd's default server.max_body_bytes)",
-    )
-
-
-def _stdin() -> bytes:
-    try:
-        return read_bounded(sys.stdin.buffer, MAX_INPUT_BYTES, "stdin")
-    except InputTooLarge as exc:
-        raise _too_large(exc) from None
-
-
-def _read_file(path: str) -> bytes:
-    """A file's bytes ('-': stdin), at most MAX_INPUT_BYTES; regular files only."""
-    if path == "-":
-        return _stdin()
-    try:
-        return read_file(path, MAX_INPUT_BYTES)
-    except NotRegularFile:
-        raise _not_a_file(path) from None
-    except InputTooLarge as exc:
-        raise _too_large(exc) from None
-    except OSError as exc:
-        raise Failure(os.EX_NOINPUT, "no_input", f"cannot read {path}: {exc.strerror}") from None
-
-
-def _data(args: argparse.Namespace) -> bytes:
-    if args.data_b64 is not None:
-        return _b64_arg(args.data_b64, "--data-b64")
-    if args.data_file is not None:
-        return _read_file(args.data_file)
-    if sys.stdin is None or sys.stdin.isatty():
-        raise Failure(
-            os.EX_USAGE, "usage", "no data: give --data-file, --data-b64 or pipe it on stdin"
-        )
-    return _stdin()
 
 
 # --- commands: each returns (JSON value, human text) ---
