@@ -2,7 +2,7 @@
 
 Data comes from ``--data-b64``, ``--data-file`` (a regular file only; ``-``:
 stdin) or stdin, at most ``MAX_INPUT_BYTES`` (1 MiB, signerd's default
-``server.max_body_bytes``): more is ``inputtoo_large`` (exit 65), and a
+``server.max_body_bytes``): more is ``input_too_large`` (exit 65), and a
 device, FIFO, socket or directory where a file is expected is ``not_a_file``
 (exit 66), refused before anything is read from it.
 """
