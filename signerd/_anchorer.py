@@ -167,8 +167,10 @@ class Anchorer:
         """Anchor the head unless it is anchored already (a security kind always); log a
         failure once per streak: anchors are checkpoints, a failing one refuses nothing."""
         self.check(head)
-        if self._lost is not None:
-            kind = "recreated"
+        if self._lost is not None:  # a lost anchor file is said first (a failed write: again)
+            self._write("recreated", head)
+            if kind not in SECURITY_KINDS:
+                return
         elif head[:2] == self.anchored and kind not in SECURITY_KINDS:
             return
         self._write(kind, head)

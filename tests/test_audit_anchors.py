@@ -1,5 +1,6 @@
 """Anchors against a real multi-worker daemon: an anchor file or a trail file that goes away
-is a security event and fails verification; a rotation (rename + SIGHUP) is none."""
+is a security event and fails verification; a rotation (rename + SIGHUP) is none. And the
+anchor lines that say so are read strictly."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from signerd._anchor import Anchor, read_anchors
+from signerd._anchor import GENESIS, Anchor, Lost, parse_anchor, read_anchors
 from signerd.cli import main
 from signerd.client import Client
 
@@ -331,3 +332,43 @@ def test_rename_and_sighup_rotation_verifies_across_workers(tmp_path: Path) -> N
     assert code == os.EX_OK, out
     first = json.loads(Path(f"{trail(d, 0)}.1").read_bytes().splitlines()[0])
     assert first["rotated_from"] == first["prev"]
+
+
+GOOD = Anchor("audit.w0.jsonl", "schedule", 1795000000.5, 3, "ab" * 32, 1, "cd" * 32, "b00t",
+              run="0123abcd", chains=("audit.w0.jsonl", "audit.w1.jsonl"))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"chains": "audit.w0.jsonl"},
+        {"chains": ["audit.w0.jsonl", 7]},
+        {"chains": ["../etc/passwd"]},
+        {"chains": [""]},
+        {"chains": ["x"] * 1025},
+        {"run": "not hex"},
+        {"seq": -1},
+        {"lost": {"reason": "deleted", "anchors": 1, "last": None}},  # lost on a schedule
+        {"anchor": "recreated"},  # recreated without lost
+        {"anchor": "recreated", "lost": {"reason": "eaten", "anchors": 1, "last": None}},
+        {"anchor": "recreated", "lost": {"reason": "deleted", "anchors": -2, "last": None}},
+        {"anchor": "recreated", "lost": {"reason": "deleted", "anchors": 1, "last": {"seq": 1}}},
+    ],
+)
+def test_malformed_anchor_lines_are_not_anchors(change: dict[str, object]) -> None:
+    """An anchor line whose run, chains, seq or lost member is malformed is no anchor at all."""
+    record = json.loads(GOOD.line())
+    assert parse_anchor(GOOD.line()) == GOOD
+    record.update(change)
+    assert parse_anchor(json.dumps(record).encode()) is None
+
+
+def test_recreated_anchor_line_round_trips() -> None:
+    """A recreated anchor's lost member (reason, count, last anchor) reads back as written."""
+    last = Anchor("", "", 1795000000.25, 2, "ef" * 32, 0, GENESIS)
+    made = Anchor(
+        GOOD.chain, "recreated", 1795000001.0, 3, GOOD.head, 1, GOOD.first_hash, "b00t",
+        run=GOOD.run, chains=GOOD.chains, lost=Lost("replaced", 4, last),
+    )  # fmt: skip
+    got = parse_anchor(made.line())
+    assert got is not None and got.lost == made.lost and got.chains == made.chains
