@@ -2,10 +2,14 @@
 
 An anchor is one JSON line in a separate append-only file (default: the trail's
 path plus ``.anchor``), fsync'd, saying "chain C had record seq N with hash H,
-in the file whose first record is seq F with hash G". The trail writes one on a
-schedule when the head moved, before it leaves a file (rotation), when it finds
-its live file shrunk (``truncated``: a security event) and at shutdown.
-``verify_set`` then finds a tail that was removed, edited or rewritten.
+in the file whose first record is seq F with hash G", with the daemon run and
+every chain of that run (one per worker). The trail writes one when a process
+starts writing the chain, on a schedule when the head moved, before it leaves a
+file (rotation), when it finds its live file shrunk (``truncated``) or deleted
+(``deleted``), and at shutdown. An anchor file lost while signerd runs is
+started again with a ``recreated`` anchor saying so. ``verify_set`` then finds
+a tail that was removed, edited or rewritten, and a chain or an anchor file
+that vanished.
 
 The payload key is a per-trail secret in its own file (default ``audit.key``
 beside the trail, created 0600): records carry ``payload_hmac``, the
@@ -16,8 +20,6 @@ can still check one (``signerctl audit payload-hash --key FILE < payload``).
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import functools
 import hashlib
 import hmac
@@ -27,17 +29,20 @@ import os
 import re
 import secrets
 import stat
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from ._readfile import NotRegularFile, bounded_lines, open_regular
+
 __all__ = [
+    "KINDS",
+    "RUN",
+    "SECURITY_KINDS",
     "Anchor",
-    "AnchorLog",
-    "Anchorer",
+    "Lost",
     "load_key",
     "load_or_create_key",
+    "parse_anchor",
     "payload_hmac",
     "read_anchors",
 ]
@@ -45,10 +50,31 @@ __all__ = [
 log = logging.getLogger("signerd.audit")
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_RUN = re.compile(r"[0-9a-f]{1,64}")
 _KEY_TEXT = re.compile(r"[0-9a-f]{64,128}")
-_MAX_ANCHOR_LINE = 4096
-_LATEST_WINDOW = 256 << 10  # how far back start-up looks for the chain's last anchor
-KINDS = ("schedule", "rotated", "truncated", "shutdown")
+_MAX_ANCHOR_LINE = 32 << 10  # 64 workers' chain names of 255 characters fit
+_MAX_CHAINS = 1024
+GENESIS = "0" * 64
+#: ``start``: a process began writing the chain (seq 0: no record yet); ``deleted``: the live
+#: trail file was deleted, not renamed; ``recreated``: the anchor file itself was lost (its
+#: ``lost`` says how) and this one starts it again. ``truncated``, ``deleted`` and
+#: ``recreated`` are security events: verification requires what they name.
+KINDS = ("start", "schedule", "rotated", "truncated", "deleted", "recreated", "shutdown")
+SECURITY_KINDS = frozenset({"truncated", "deleted", "recreated"})
+LOST_REASONS = ("deleted", "replaced", "truncated", "missing")
+
+#: this daemon run: made once in the process that imports this module first (the
+#: supervisor, before it forks), so every worker of one run, restarted ones too, shares it
+RUN = secrets.token_hex(8)
+
+
+@dataclass(frozen=True)
+class Lost:
+    """What a ``recreated`` anchor says of the anchor file that was lost."""
+
+    reason: str  # one of LOST_REASONS ("missing": found missing at start, the trail not empty)
+    anchors: int  # anchors of this chain known to be in it (at least); -1: unknown
+    last: Anchor | None  # the last of them, when known
 
 
 @dataclass(frozen=True)
@@ -58,13 +84,16 @@ class Anchor:
     chain: str  # the trail file's name (e.g. audit.jsonl, audit.w0.jsonl)
     kind: str  # one of KINDS
     time: float
-    seq: int  # the head record's seq
+    seq: int  # the head record's seq (0: the chain has no record yet)
     head: str  # the head record's hash (SHA-256 of its line)
     first_seq: int  # the first record of the file the head is in
     first_hash: str
     boot: str = ""  # the writing process's boot id
     dev: int = 0
     ino: int = 0
+    run: str = ""  # the daemon run (shared by its workers)
+    chains: tuple[str, ...] = ()  # every chain the run writes (one per worker)
+    lost: Lost | None = None  # for ``recreated``
 
     @property
     def ts(self) -> str:
@@ -72,7 +101,7 @@ class Anchor:
         return when.isoformat(timespec="seconds")[:-6] + "Z"
 
     def line(self) -> bytes:
-        record = {
+        record: dict[str, object] = {
             "v": 1,
             "anchor": self.kind,
             "chain": self.chain,
@@ -88,12 +117,25 @@ class Anchor:
                 "ino": self.ino,
             },
         }
+        if self.run:
+            record["run"] = self.run
+        if self.chains:
+            record["chains"] = list(self.chains)
+        if self.lost is not None:
+            last = self.lost.last
+            record["lost"] = {
+                "reason": self.lost.reason,
+                "anchors": self.lost.anchors,
+                "last": None
+                if last is None
+                else {"time": round(last.time, 6), "seq": last.seq, "head": last.head},
+            }
         return json.dumps(record, sort_keys=True, separators=(",", ":")).encode() + b"\n"
 
     def journal_fields(self) -> dict[str, str]:
         return {
             "MESSAGE": f"signerd audit anchor {self.kind} {self.chain} seq {self.seq}",
-            "PRIORITY": "2" if self.kind == "truncated" else "6",
+            "PRIORITY": "2" if self.kind in SECURITY_KINDS else "6",
             "SYSLOG_IDENTIFIER": "signerd",
             "SIGNERD_ANCHOR": self.kind,
             "SIGNERD_ANCHOR_CHAIN": self.chain,
@@ -102,10 +144,43 @@ class Anchor:
             "SIGNERD_ANCHOR_FIRST_SEQ": str(self.first_seq),
             "SIGNERD_ANCHOR_FIRST_HASH": self.first_hash,
             "SIGNERD_BOOT": self.boot,
+            "SIGNERD_RUN": self.run,
+            "SIGNERD_ANCHOR_CHAINS": " ".join(self.chains),
         }
 
 
-def _parse(line: bytes) -> Anchor | None:
+def _chain_name(value: object) -> bool:
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= 255
+        and "/" not in value
+        and value.isprintable()
+    )
+
+
+def _parse_lost(value: object) -> Lost | bool | None:
+    """A ``lost`` member: Lost, None when absent, False when malformed."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("reason") not in LOST_REASONS:
+        return False
+    count, last = value.get("anchors"), value.get("last")
+    if type(count) is not int or count < -1:
+        return False
+    if last is None:
+        return Lost(str(value["reason"]), count, None)
+    if not isinstance(last, dict):
+        return False
+    when, seq, head = last.get("time"), last.get("seq"), last.get("head")
+    if isinstance(when, bool) or not isinstance(when, int | float) or type(seq) is not int:
+        return False
+    if not isinstance(head, str) or not _HEX64.fullmatch(head):
+        return False
+    return Lost(str(value["reason"]), count, Anchor("", "", float(when), seq, head, 0, GENESIS))
+
+
+def parse_anchor(line: bytes) -> Anchor | None:
+    """One anchor line parsed and checked, or None."""
     try:
         rec = json.loads(line)
     except ValueError:
@@ -120,13 +195,24 @@ def _parse(line: bytes) -> Anchor | None:
     ):
         return None
     kind, chain, when = rec.get("anchor"), rec.get("chain"), rec.get("time")
-    if kind not in KINDS or not isinstance(chain, str) or not chain:
+    if kind not in KINDS or not _chain_name(chain):
         return None
-    if isinstance(when, bool) or not isinstance(when, int | float):
+    if isinstance(when, bool) or not isinstance(when, int | float) or rec["seq"] < 0:
+        return None
+    run, chains, lost = rec.get("run", ""), rec.get("chains", []), _parse_lost(rec.get("lost"))
+    if run and (not isinstance(run, str) or not _RUN.fullmatch(run)):
+        return None
+    if not isinstance(chains, list) or len(chains) > _MAX_CHAINS:
+        return None
+    if (
+        not all(_chain_name(c) for c in chains)
+        or lost is False
+        or (lost is None) == (kind == "recreated")
+    ):
         return None
     boot = rec.get("boot")
     return Anchor(
-        chain,
+        str(chain),
         str(kind),
         float(when),
         int(rec["seq"]),
@@ -136,142 +222,39 @@ def _parse(line: bytes) -> Anchor | None:
         boot if isinstance(boot, str) else "",
         int(f.get("dev", 0)),
         int(f.get("ino", 0)),
+        str(run),
+        tuple(str(c) for c in chains),
+        lost if isinstance(lost, Lost) else None,
     )
 
 
 def read_anchors(path: str) -> tuple[list[Anchor], list[int]]:
     """The anchors in a file, and the line numbers that are not anchors (a torn last line)."""
     anchors, bad = [], []
-    with open(path, "rb") as handle:
-        for lineno, line in enumerate(handle, 1):
-            anchor = _parse(line) if len(line) <= _MAX_ANCHOR_LINE else None
-            if anchor is None:
+    lineno, whole = 0, True
+    with open_regular(path) as handle:  # a device or FIFO is refused, never read
+        for part in bounded_lines(handle, _MAX_ANCHOR_LINE + 1):
+            if whole:  # a line longer than an anchor comes in pieces: one bad line
+                lineno += 1
+                anchor = parse_anchor(part) if len(part) <= _MAX_ANCHOR_LINE else None
+                if anchor is None:
+                    bad.append(lineno)
+                else:
+                    anchors.append(anchor)
+            elif bad[-1:] != [lineno]:
                 bad.append(lineno)
-            else:
-                anchors.append(anchor)
+            whole = part.endswith(b"\n")
     return anchors, bad
 
 
-class AnchorLog:
-    """The append-only anchor file: opened O_APPEND, each anchor one write and one fsync."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._fd: int | None = None
-
-    def append(self, anchor: Anchor) -> None:
-        """Write one anchor durably; OSError when it cannot be (the caller logs it)."""
-        if self._fd is not None and self._moved():
-            self.close()
-        if self._fd is None:
-            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
-            self._fd = os.open(self.path, flags, 0o640)
-            if self._torn():
-                os.write(self._fd, b"\n")  # end a line torn by a crash: this one stays whole
-        data = anchor.line()
-        try:
-            if os.write(self._fd, data) != len(data):
-                raise OSError(f"short write to {self.path}")
-            if stat.S_ISREG(os.fstat(self._fd).st_mode):
-                os.fsync(self._fd)
-        except OSError:
-            self.close()
-            raise
-
-    def _torn(self) -> bool:
-        """Whether the file ends in a line without its newline (a crash mid-write)."""
-        assert self._fd is not None
-        st = os.fstat(self._fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
-            return False
-        with open(f"/proc/self/fd/{self._fd}", "rb") as handle:
-            handle.seek(st.st_size - 1)
-            return handle.read(1) != b"\n"
-
-    def _moved(self) -> bool:
-        assert self._fd is not None
-        try:
-            st, mine = os.stat(self.path), os.fstat(self._fd)
-        except OSError:
-            return True
-        return (st.st_dev, st.st_ino) != (mine.st_dev, mine.st_ino)
-
-    def close(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
-class Anchorer:
-    """Writes one chain's anchors: to the anchor file, and to journald when that is on."""
-
-    def __init__(
-        self, path: str, chain: str, boot: str, journal_send: Callable[..., object] | None
-    ) -> None:
-        self.path, self.chain, self.boot = path, chain, boot
-        self._log = AnchorLog(path)
-        self._journal = journal_send
-        self._failing = False
-        self.anchored: tuple[int, str] | None = None  # the head the last anchor named
-
-    def anchor(
-        self,
-        kind: str,
-        seq: int,
-        head: str,
-        first: tuple[int, str] | None,
-        ident: tuple[int, int] | None,
-    ) -> None:
-        """Anchor the head unless it is anchored already (a truncation always); log a failure
-        once per streak: anchors are checkpoints, a failing one never refuses a request."""
-        if seq == 0 or first is None or ((seq, head) == self.anchored and kind != "truncated"):
-            return
-        dev, ino = ident or (0, 0)
-        self._write(Anchor(self.chain, kind, time.time(), seq, head, *first, self.boot, dev, ino))
-
-    def lost(self, last: Anchor) -> None:
-        """Anchor again, as ``truncated``, a head the file no longer holds."""
-        self._write(dataclasses.replace(last, kind="truncated", time=time.time(), boot=self.boot))
-
-    def latest(self) -> Anchor | None:
-        """This chain's newest anchor among the last lines of the anchor file, if any."""
-        try:
-            with open(self.path, "rb") as handle:
-                handle.seek(max(0, handle.seek(0, os.SEEK_END) - _LATEST_WINDOW))
-                lines = handle.read(_LATEST_WINDOW).splitlines()
-        except OSError:
-            return None
-        mine = [a for line in lines if (a := _parse(line)) is not None and a.chain == self.chain]
-        return max(mine, key=lambda a: a.seq, default=None)
-
-    def _write(self, anchor: Anchor) -> None:
-        seq, head = anchor.seq, anchor.head
-        try:
-            self._log.append(anchor)
-        except OSError as exc:
-            if not self._failing:
-                log.error("signerd.audit_anchor_failed error=%s path=%s", exc, self.path)
-            self._failing = True
-            return
-        if self._failing:
-            log.warning("signerd.audit_anchor_recovered path=%s", self.path)
-        self._failing, self.anchored = False, (seq, head)
-        if self._journal is not None:
-            with contextlib.suppress(Exception):  # the anchor file is what verify reads
-                self._journal(**anchor.journal_fields())
-
-    def close(self) -> None:
-        self._log.close()
-
-
 def load_key(path: str) -> bytes:
-    """The payload key from its file (hex); ValueError says what is wrong with it."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    """The payload key from its file (hex); ValueError says what is wrong with it
+    (NotRegularFile, an OSError, for a device, FIFO or socket: nothing is read from it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"{path}: not a regular file")
+            raise NotRegularFile(path)
         if st.st_mode & 0o007:
             raise ValueError(f"{path}: readable or writable by others; chmod o-rwx it")
         text = os.read(fd, 4096).decode("ascii", "replace").strip()

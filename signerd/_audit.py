@@ -1,8 +1,9 @@
 """The audit trail: one hash-chained JSON line per request, written or refused.
 
 The chain's format and its verification live in ``_chain``; the anchors kept
-outside the file and the payload key in ``_anchor``. On start-up the chain
-continues from the last record already in the file.
+outside the file and the payload key in ``_anchor`` and ``_anchorer``; opening
+the file and telling a rotation from a deletion in ``_trailfile``. On start-up
+the chain continues from the last record already in the file.
 
 Writes happen in batches (one write and one fsync for all the records that
 queued up meanwhile), in one writer thread. In a worker (``stall_guard``
@@ -14,8 +15,9 @@ the anchors, reopening, the journal and the records nobody waits for.
 ``record`` waits at most ``write_timeout``; when the write fails or is late
 it raises ``AuditUnavailable`` and the caller refuses the operation (a write
 on the loop's thread that is late is the stall guard's: the worker answers
-503 and ends). While the writer is stuck in a write, ``record`` fails at once. After a failure the file is
-reopened on the next attempt, so the trail recovers when the sink does.
+503 and ends). While the writer is stuck in a write, ``record`` fails at once.
+After a failure the file is reopened on the next attempt, so the trail
+recovers when the sink does.
 
 A failed write may leave bytes in the file. They are never truncated away (the
 file may be append-only); the next write accounts for them instead. Complete
@@ -25,10 +27,12 @@ named by the next record's ``discarded`` (byte count and SHA-256), so that
 verification can tell a failed write from an edit. Records whose caller gave
 up while they were being written are listed in ``unacknowledged`` too.
 
-The same thread writes the anchors: every ``anchor_interval`` seconds when the
-head moved, before leaving a file (rotation by rename, SIGHUP), at shutdown,
-and at once when the live file shrank under it (copytruncate or tampering),
-which is logged as the security event ``signerd.audit_truncated``.
+The same thread writes the anchors: at start (``open``), every
+``anchor_interval`` seconds when the head moved, before leaving a file
+(rotation by rename, noticed on SIGHUP, before a batch or on the anchor tick),
+at shutdown, and at once when the live file shrank or was deleted under it
+(the security events ``signerd.audit_truncated`` and ``signerd.audit_deleted``).
+On the same tick it checks that the anchor file is still there.
 """
 
 from __future__ import annotations
@@ -36,24 +40,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import secrets
-import stat
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._anchor import Anchorer, load_or_create_key
+from ._anchor import RUN
+from ._anchorer import Anchorer
 from ._auditconf import audit_settings, worker_path
 from ._calls import AuditEvent
 from ._chain import (
     GENESIS,
-    MAX_REGION,
     VerifyReport,
     Walker,
     _encode,
@@ -63,6 +65,7 @@ from ._chain import (
     verify_file,
     verify_files,
 )
+from ._trailfile import TrailFile, _Sink
 from .errors import AuditUnavailable
 
 __all__ = [
@@ -87,17 +90,19 @@ _MAX_BATCH = 256
 #: callers, the same latency for one)
 _MAX_HERE = 1
 _MAX_QUEUED = 8192  # records nobody waits for (``submit``), queued at most
-_TAIL_WINDOW = 1 << 20  # how far back start-up looks for the last record
 JournalSend = Callable[..., object]
 
 
-def audit_from_config(table: Mapping[str, Any], *, worker: int | None = None) -> AuditTrail:
+def audit_from_config(
+    table: Mapping[str, Any], *, worker: int | None = None, workers: int | None = None
+) -> AuditTrail:
     """Build an AuditTrail from the ``[audit]`` table; ValueError names the bad key.
 
     With ``worker``, the trail is that worker's own file (``worker_path``) and, unless
     ``anchor`` is set, its own anchor file; the payload key is shared by all workers.
+    ``workers``: how many there are, so that each anchor names every chain of the run.
     """
-    s = audit_settings(table, worker=worker)
+    s = audit_settings(table, worker=worker, workers=workers)
     return AuditTrail(
         s.path,
         write_timeout=s.write_timeout,
@@ -106,6 +111,7 @@ def audit_from_config(table: Mapping[str, Any], *, worker: int | None = None) ->
         anchor_path=s.anchor,
         anchor_interval=s.anchor_interval,
         key_path=s.key,
+        chains=s.chains,
     )
 
 
@@ -120,23 +126,7 @@ class _Job:
     seq: int = 0
 
 
-@dataclass
-class _Sink:
-    """The writer thread's view of the file; touched by that thread only."""
-
-    fd: int | None = None
-    ident: tuple[int, int] | None = None
-    regular: bool = True
-    good_end: int = 0  # offset after the last acknowledged record
-    prev: str = GENESIS
-    seq: int = 0
-    rotated_from: str | None = None  # set when the chain moved to a new file
-    unacked: list[int] = field(default_factory=list)
-    dangling: bytearray = field(default_factory=bytearray)  # unacknowledged bytes, non-files
-    first: tuple[int, str] | None = None  # the file's first record: seq, hash
-
-
-class AuditTrail:
+class AuditTrail(TrailFile):
     """Hash-chained JSON-lines audit file; implements the ``AuditSink`` protocol."""
 
     def __init__(
@@ -150,9 +140,12 @@ class AuditTrail:
         anchor_interval: float = 10.0,
         key_path: str | None = None,
         hmac_key: bytes | None = None,
+        chains: tuple[str, ...] = (),
+        run: str = RUN,
     ) -> None:
         """``anchor_path`` None: no anchors. No ``key_path`` nor ``hmac_key``: a key for this
-        process only (payload_hmac values then cannot be checked later; for tests)."""
+        process only (payload_hmac values then cannot be checked later; for tests).
+        ``chains``: every chain of the daemon run (default: this one), named by each anchor."""
         self.path = path
         self.write_timeout = write_timeout
         self._fsync = fsync
@@ -161,7 +154,7 @@ class AuditTrail:
         self.boot = secrets.token_hex(8)  # with seq, makes record_id unique across restarts
         self.anchor_path, self.anchor_interval = anchor_path, anchor_interval
         self._anchors = (
-            Anchorer(anchor_path, self.chain, self.boot, journal_send)
+            Anchorer(anchor_path, self.chain, self.boot, journal_send, run=run, chains=chains)
             if anchor_path is not None
             else None
         )
@@ -244,8 +237,22 @@ class AuditTrail:
             self._cond.notify()
         return True
 
+    def open(self) -> None:
+        """Open the file and the anchors now (at start): the chain is anchored ``start`` and
+        the anchor tick runs even before the first record. A failure is logged; the trail
+        tries again with the first record (and refuses it if it still cannot)."""
+        with self._io:
+            if self._sink.fd is None:
+                try:
+                    self._open()
+                except OSError as exc:
+                    log.error("signerd.audit_write_failed error=%s path=%s", exc, self.path)
+        with self._cond:
+            self._start()
+
     def reopen(self) -> None:
-        """Close the file; the next record goes to whatever file ``path`` names then."""
+        """SIGHUP: when ``path`` no longer names our file, the next record goes to whatever
+        file it names then (a file renamed away is a rotation; a deleted one is not)."""
         with self._cond:
             self._reopen = True
             self._start()
@@ -365,8 +372,7 @@ class AuditTrail:
                 self._journal_backlog.clear()
             with self._io:
                 if reopen:
-                    self._anchor("rotated")  # the old file's last head, before leaving it
-                    self._close_fd()
+                    self._follow(reopen=True)
                 with self._cond:
                     batch = self._take()
                     self._handed = self._handed and bool(self._queue)
@@ -393,9 +399,7 @@ class AuditTrail:
 
     def _write_batch(self, batch: list[_Job]) -> list[bytes]:
         sink = self._sink
-        if sink.fd is not None and sink.regular and self._path_moved():
-            self._anchor("rotated")
-            self._close_fd()
+        self._follow()  # never write into a file renamed away or deleted
         if sink.fd is None:
             self._open()
         assert sink.fd is not None
@@ -439,165 +443,12 @@ class AuditTrail:
                 sink.dangling += out[:written]
             raise
         sink.prev, sink.seq, sink.good_end = prev, seq, base + len(out)
-        if sink.first is None:
+        if sink.first is None or sink.fresh:
             sink.first = walker.first[::2] if walker.first else (seq - len(lines) + 1, first_hash)
+            sink.fresh = False
         sink.rotated_from, sink.unacked = None, []
         sink.dangling.clear()
         return lines
-
-    def _open(self) -> None:
-        sink = self._sink
-        if self._key is None:
-            assert self.key_path is not None
-            try:
-                self._key = load_or_create_key(self.key_path)
-            except ValueError as exc:
-                raise OSError(f"audit key: {exc}") from None
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC
-        try:
-            fd = os.open(self.path, flags, 0o640)  # O_NONBLOCK: a FIFO without reader fails now
-        except FileNotFoundError:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), 0o750, exist_ok=True)
-            fd = os.open(self.path, flags, 0o640)
-        st = os.fstat(fd)
-        sink.fd, sink.regular = fd, stat.S_ISREG(st.st_mode)
-        ident = (st.st_dev, st.st_ino)
-        if not sink.regular or ident == sink.ident:
-            return
-        sink.dangling.clear()
-        sink.ident, sink.good_end, sink.first = ident, 0, None
-        sink.rotated_from = sink.prev if sink.seq > 0 else None  # the chain moves here
-        if st.st_size > 0:
-            self._load_tail(st.st_size)  # unless the file has a chain of its own
-            sink.first = self._first_record()
-        if not self._started:
-            self._started = True
-            self._behind_anchor()
-        log.info("signerd.audit_opened path=%s seq=%d", self.path, sink.seq)
-
-    def _behind_anchor(self) -> None:
-        """At start: a file that lacks the head its last anchor names lost records meanwhile."""
-        sink = self._sink
-        last = self._anchors.latest() if self._anchors is not None else None
-        if last is None or last.seq < sink.seq or (last.seq, last.head) == (sink.seq, sink.prev):
-            return
-        log.critical(
-            "signerd.audit_truncated path=%s head_seq=%d anchored_seq=%d detail=the file does not "
-            "end with the last anchored record (records lost or edited while signerd was "
-            "stopped, or the file was rotated then); the chain continues from the anchor",
-            self.path,
-            sink.seq,
-            last.seq,
-        )
-        assert self._anchors is not None
-        self._anchors.lost(last)
-        sink.prev, sink.seq, sink.rotated_from = last.head, last.seq, last.head
-
-    def _load_tail(self, size: int) -> None:
-        """Continue the chain from the last record already in the file."""
-        start = max(0, size - _TAIL_WINDOW)
-        data = self._read(start, size - start)
-        offset = len(data)
-        while offset > 0:
-            begin = data.rfind(b"\n", 0, offset - 1) + 1
-            line = data[begin:offset]
-            with contextlib.suppress(ValueError):
-                rec = json.loads(line)
-                if line.endswith(b"\n") and isinstance(rec, dict) and type(rec.get("seq")) is int:
-                    sink = self._sink
-                    sink.prev, sink.seq, sink.good_end = (
-                        line_hash(line),
-                        rec["seq"],
-                        start + offset,
-                    )
-                    sink.rotated_from = None
-                    return
-            offset = begin
-        if start > 0:
-            raise OSError(f"no audit record in the last {_TAIL_WINDOW} bytes of {self.path}")
-
-    def _unaccounted(self) -> tuple[bytes, int]:
-        """Bytes after the last acknowledged record, and the offset where the next write lands."""
-        sink = self._sink
-        if not sink.regular:
-            return bytes(sink.dangling), 0
-        assert sink.fd is not None
-        size = os.fstat(sink.fd).st_size
-        if size < sink.good_end:  # truncated under us: a new file, in effect
-            self._shrank(size)
-        if size - sink.good_end > MAX_REGION:
-            raise OSError(f"{size - sink.good_end} unaccounted bytes at the end of {self.path}")
-        return self._read(sink.good_end, size - sink.good_end), size
-
-    def _read(self, offset: int, length: int) -> bytes:
-        if length <= 0:
-            return b""
-        rfd = os.open(f"/proc/self/fd/{self._sink.fd}", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            chunks = []
-            while length > 0 and (chunk := os.pread(rfd, min(length, 1 << 20), offset)):
-                chunks.append(chunk)
-                offset += len(chunk)
-                length -= len(chunk)
-            return b"".join(chunks)
-        finally:
-            os.close(rfd)
-
-    def _path_moved(self) -> bool:
-        """Whether ``path`` no longer names our file (rotated, deleted, replaced)."""
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return True
-        return (st.st_dev, st.st_ino) != self._sink.ident
-
-    def _first_record(self) -> tuple[int, str] | None:
-        """The seq and hash of the first record in the open file, if it starts with one."""
-        for line in split_lines(self._read(0, _TAIL_WINDOW)):
-            with contextlib.suppress(ValueError):
-                rec = json.loads(line)
-                if line.endswith(b"\n") and isinstance(rec, dict) and type(rec.get("seq")) is int:
-                    return rec["seq"], line_hash(line)
-        return None
-
-    def _tick(self) -> None:
-        """On the anchor schedule: notice a live file that shrank, anchor a head that moved."""
-        sink = self._sink
-        if sink.fd is not None and sink.regular:
-            try:
-                size = os.fstat(sink.fd).st_size
-            except OSError:
-                size = sink.good_end
-            if size < sink.good_end:
-                self._shrank(size)
-                return
-        self._anchor("schedule")
-
-    def _shrank(self, size: int) -> None:
-        """The live file lost bytes under us: a security event, never a silent rotation."""
-        sink = self._sink
-        log.critical(
-            "signerd.audit_truncated path=%s size=%d expected=%d head_seq=%d first_seq=%s "
-            "detail=the live audit file shrank (copytruncate or tampering); records may be lost",
-            self.path,
-            size,
-            sink.good_end,
-            sink.seq,
-            sink.first[0] if sink.first else "-",
-        )
-        self._anchor("truncated")
-        sink.good_end, sink.rotated_from, sink.first = 0, sink.prev, None
-
-    def _anchor(self, kind: str) -> None:
-        if self._anchors is not None:
-            sink = self._sink
-            self._anchors.anchor(kind, sink.seq, sink.prev, sink.first, sink.ident)
-
-    def _close_fd(self) -> None:
-        fd, self._sink.fd = self._sink.fd, None
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
     def _to_journal(self, lines: list[bytes]) -> None:
         assert self._journal is not None

@@ -24,6 +24,7 @@ class AuditSettings:
     anchor: str  # the anchor file
     anchor_interval: float
     key: str  # the payload key file
+    chains: tuple[str, ...] = ()  # every chain of the run (the trail files' names)
 
 
 def _path_setting(table: Mapping[str, Any], name: str, default: str) -> str:
@@ -39,8 +40,11 @@ def worker_path(path: str, worker: int) -> str:
     return f"{root}.w{worker}{ext}"
 
 
-def audit_settings(table: Mapping[str, Any], *, worker: int | None = None) -> AuditSettings:
-    """The ``[audit]`` table checked, with defaults filled in; ValueError names the bad key."""
+def audit_settings(
+    table: Mapping[str, Any], *, worker: int | None = None, workers: int | None = None
+) -> AuditSettings:
+    """The ``[audit]`` table checked, with defaults filled in; ValueError names the bad key.
+    ``worker`` of ``workers``: one worker's own trail, among ``workers`` chains."""
     for name in table:
         if name not in _KNOWN:
             raise ValueError(f"audit: unknown key {name!r}")
@@ -60,7 +64,10 @@ def audit_settings(table: Mapping[str, Any], *, worker: int | None = None) -> Au
             f"audit.anchor_interval: must be seconds in [0.05, 3600], got {interval!r}"
         )
     key = _path_setting(table, "key", os.path.join(os.path.dirname(path), "audit.key"))
+    chains: tuple[str, ...] = (os.path.basename(path),)
     if worker is not None:
+        count = range(workers) if workers is not None else (worker,)
+        chains = tuple(os.path.basename(worker_path(path, n)) for n in count)
         path = worker_path(path, worker)
     anchor = _path_setting(table, "anchor", path + ".anchor")
     if os.path.exists(key):  # created on first use when missing; a bad one is a config error
@@ -83,4 +90,6 @@ def audit_settings(table: Mapping[str, Any], *, worker: int | None = None) -> Au
                 "audit.journald: needs systemd-python (pip install 'signerd[systemd]')"
             ) from None
         send = journal.send
-    return AuditSettings(path, float(timeout), flags["fsync"], send, anchor, float(interval), key)
+    return AuditSettings(
+        path, float(timeout), flags["fsync"], send, anchor, float(interval), key, chains
+    )

@@ -21,6 +21,7 @@ from typing import Any
 
 from ._anchor import payload_hmac
 from ._calls import AuditEvent
+from ._readfile import bounded_lines, open_regular
 
 __all__ = ["GENESIS", "VerifyReport", "Walker", "verify_file", "verify_files"]
 
@@ -212,8 +213,8 @@ def verify_files(paths: Sequence[str]) -> VerifyReport:
         else:  # the next file continues the chain, starting with a rotated_from record
             walker = Walker(walker.prev, walker.seq, file_start=True)
         try:
-            with open(path, "rb") as handle:
-                bad = walk(walker, handle)
+            with open_regular(path) as handle:
+                bad = walk(walker, bounded_lines(handle, MAX_REGION + 1))
         except OSError as exc:
             return VerifyReport(False, total, None, f"cannot read: {exc.strerror}", path)
         total += walker.records

@@ -95,8 +95,10 @@ def add_commands(
     p = command(fsub, "sign", feedback_sign, "sign JSON data as feedback; prints the envelope")
     p.add_argument("key", metavar="KEY")
     p.add_argument("--schema", required=True)
-    p.add_argument("--data-file", metavar="FILE", help="the JSON data ('-': stdin)")
+    p.add_argument("--data-file", metavar="FILE", help="the JSON data ('-': stdin; at most 1 MiB)")
     p = command(fsub, "verify", feedback_verify, "verify an envelope (exit 0 only when accepted)")
     p.add_argument("--schema", required=True, help="the schema the envelope must have")
     p.add_argument("--attestation", metavar="sha256:HEX")
-    p.add_argument("--envelope-file", metavar="FILE", help="the envelope JSON ('-': stdin)")
+    p.add_argument(
+        "--envelope-file", metavar="FILE", help="the envelope JSON ('-': stdin; at most 1 MiB)"
+    )

@@ -82,7 +82,9 @@ def build_audit(config: Config, worker: int | None = None) -> AuditTrail:
     """The audit trail; a worker's own file (``audit.wN.jsonl``) when ``worker`` is given."""
     os.makedirs(os.path.dirname(str(config.audit["path"])), mode=0o750, exist_ok=True)
     try:
-        return audit_from_config(config.audit, worker=worker)
+        return audit_from_config(
+            config.audit, worker=worker, workers=None if worker is None else config.workers
+        )
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
 
@@ -129,6 +131,7 @@ class Daemon:
         index = None if worker is None else worker.index
         policy = build_policy(config, None if worker is None else worker.buckets)
         audit = build_audit(config, index)
+        audit.open()  # anchored at start: every chain of the run has an anchor of it
         keys = KeyService(
             build_backends(config),
             default_backend=config.default_backend,
@@ -141,6 +144,7 @@ class Daemon:
             await keys.start(config.bootstrap)
         except BaseException:
             await keys.close()
+            await audit.aclose()
             raise
         limits = _fitted(config)
         server = Server(keys, gate=policy, audit=audit, peer_lookup=peer_of, limits=limits)

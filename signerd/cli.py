@@ -32,8 +32,9 @@ Exit codes (``sysexits.h``), by wire code or local condition:
                      confirmation_required, invalid_state,
                      payload_too_large, stale_timestamp, schema_mismatch,
                      attestation_mismatch, replayed_nonce; an audit trail
-                     that does not verify
+                     that does not verify; input_too_large
 66   EX_NOINPUT      unknown_key, unknown_version; a file that cannot be read
+                     (no_input); not_a_file
 69   EX_UNAVAILABLE  backend_unavailable, backend_sealed, audit_unavailable,
                      nonce_store_unavailable, not_supported; connection_failed (signerd unreachable)
 70   EX_SOFTWARE     internal_error; an answer outside the protocol
@@ -47,14 +48,18 @@ Exit codes (``sysexits.h``), by wire code or local condition:
 ===  ==============  =====================================================
 
 ``connection_failed`` and ``request_timeout`` are signerctl's own labels:
-they never come from the daemon.
+they never come from the daemon. So are ``not_a_file`` (a device, FIFO,
+socket or directory given where a file is expected: ``--data-file``,
+``--envelope-file``, ``--key``, ``--anchor``, an audit file; nothing is read
+from it) and ``input_too_large``: signerctl reads at most ``MAX_INPUT_BYTES``
+(1 MiB, signerd's default ``server.max_body_bytes``) of data, from a file or
+from stdin.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import binascii
 import dataclasses
 import hashlib
 import json
@@ -66,7 +71,13 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from ._cli_fed import add_commands as add_federation_commands
+from ._cli_input import Failure
+from ._cli_input import b64_arg as _b64_arg
+from ._cli_input import data_of as _data
+from ._cli_input import not_a_file as _not_a_file
+from ._cli_input import read_input as _read_file
 from ._http import DEFAULT_SOCKET
+from ._readfile import MAX_INPUT_BYTES, NotRegularFile
 from .client import (
     Client,
     ConnectionFailed,
@@ -75,7 +86,7 @@ from .client import (
     VersionState,
     default_socket_path,
 )
-from .errors import InvalidBase64, SignerdError
+from .errors import SignerdError
 
 EXIT_FOR_CODE: dict[str, int] = {
     "invalid_signature": os.EX_DATAERR,
@@ -113,16 +124,6 @@ EXIT_FOR_CODE: dict[str, int] = {
 }
 
 Command = Callable[[Client, argparse.Namespace], Any]
-
-
-class Failure(Exception):
-    """A local failure: a label for the error line, and the exit code."""
-
-    def __init__(self, exit_code: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-        self.code = code
-        self.message = message
 
 
 class _UsageError(Exception):
@@ -175,38 +176,6 @@ def _describe(desc: KeyDescription) -> str:
     rows = [["VERSION", "KID", "STATE", "CREATED"]]
     rows += [[str(v.version), v.kid, v.state.value, _when(v.created_at)] for v in desc.versions]
     return head + _table(rows)
-
-
-# --- input ---
-
-
-def _b64_arg(text: str, what: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidBase64(f"{what} is not valid standard base64") from None
-
-
-def _read_file(path: str) -> bytes:
-    try:
-        if path == "-":
-            return sys.stdin.buffer.read()
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise Failure(os.EX_NOINPUT, "no_input", f"cannot read {path}: {exc.strerror}") from None
-
-
-def _data(args: argparse.Namespace) -> bytes:
-    if args.data_b64 is not None:
-        return _b64_arg(args.data_b64, "--data-b64")
-    if args.data_file is not None:
-        return _read_file(args.data_file)
-    if sys.stdin is None or sys.stdin.isatty():
-        raise Failure(
-            os.EX_USAGE, "usage", "no data: give --data-file, --data-b64 or pipe it on stdin"
-        )
-    return sys.stdin.buffer.read()
 
 
 # --- commands: each returns (JSON value, human text) ---
@@ -313,6 +282,8 @@ def _audit_verify(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
             report = verify_file(files[0])  # one file, nothing to check it against: as before
         else:
             report = verify_set(files, anchors)
+    except NotRegularFile as exc:
+        raise _not_a_file(str(exc.filename)) from None
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""
         raise Failure(os.EX_NOINPUT, "no_input", f"cannot read{where}: {exc.strerror}") from None
@@ -334,6 +305,8 @@ def _audit_payload_hash(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
 
     try:
         key = load_key(a.key)
+    except NotRegularFile:
+        raise _not_a_file(a.key) from None
     except OSError as exc:
         raise Failure(os.EX_NOINPUT, "no_input", f"cannot read {a.key}: {exc.strerror}") from None
     except ValueError as exc:
@@ -377,7 +350,8 @@ def _data_options(p: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--data-file",
         metavar="FILE",
-        help="read the data from FILE ('-': stdin); with neither option the data is read from stdin",
+        help="read the data from FILE, a regular file ('-': stdin); with neither option the data "
+        f"is read from stdin; at most {MAX_INPUT_BYTES} bytes",
     )
     group.add_argument(
         "--data-b64",
@@ -484,7 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", metavar="FILE", required=True, help="the trail's key (audit.key)")
     group = p.add_mutually_exclusive_group()
     group.add_argument(
-        "--data-file", metavar="FILE", help="read the payload from FILE ('-': stdin)"
+        "--data-file",
+        metavar="FILE",
+        help=f"read the payload from FILE ('-': stdin), at most {MAX_INPUT_BYTES} bytes",
     )
     group.add_argument(
         "--sha256", metavar="HEX", help="the payload's SHA-256, if that is all you have"

@@ -695,7 +695,8 @@ JOURNAL_CHILD = textwrap.dedent(
         await trail.record(ev)
         await trail.aclose()
     asyncio.run(main())
-    got = [sink.recv(65536).decode() for _ in range(2)]  # the record, then the shutdown anchor
+    got = [sink.recv(65536).decode() for _ in range(3)][1:]  # the start anchor, the record,
+    # then the shutdown anchor
     print(json.dumps([dict(x.split("=", 1) for x in d.splitlines() if "=" in x) for d in got]))
     """
 )

@@ -16,7 +16,7 @@ from signerd import errors
 from signerd._jwk import from_jwk
 from signerd.cli import EXIT_FOR_CODE, main
 
-from .conftest import ROOT, DaemonProcess, unique
+from .conftest import ROOT, DaemonProcess, start_daemon, unique
 
 
 class Ctl:
@@ -316,3 +316,77 @@ def test_audit_verify_checks_the_daemon_trail(
     assert "broken at line" in out
     code, _, err = ctl("audit", "verify", str(tmp_path / "missing.jsonl"))
     assert code == os.EX_NOINPUT and err.startswith("signerctl: no_input: ")
+
+
+def test_input_limit_is_the_daemon_default_body_limit() -> None:
+    """signerctl's data limit is signerd's default server.max_body_bytes (1 MiB)."""
+    from signerd._protocol import Limits
+    from signerd._readfile import MAX_INPUT_BYTES
+
+    assert MAX_INPUT_BYTES == Limits().max_body_bytes == 1 << 20
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sign", "KEY", "--data-file", "/dev/zero"],
+        ["verify", "KID", "--signature", "AAAA", "--data-file", "/dev/urandom"],
+        ["telemetry", "sign", "KEY", "--data-file", "/dev/zero"],
+        ["feedback", "verify", "--schema", "s", "--envelope-file", "/dev/zero"],
+        ["audit", "verify", "--anchor", "/dev/urandom", "TRAIL"],
+        ["audit", "verify", "/dev/urandom"],
+        ["audit", "payload-hash", "--key", "/dev/urandom", "--sha256", "0" * 64],
+        ["sign", "KEY", "--data-file", "FIFO"],
+        ["audit", "verify", "--anchor", "FIFO", "TRAIL"],
+        ["audit", "payload-hash", "--key", "FIFO", "--sha256", "0" * 64],
+    ],
+)
+def test_a_device_or_fifo_where_a_file_is_expected_is_refused_unread(
+    daemon: DaemonProcess, key: str, tmp_path: Path, argv: list[str]
+) -> None:
+    """A device or a FIFO nobody writes to, given as a file, exits 66 not_a_file at once."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    trail = tmp_path / "audit.jsonl"
+    trail.write_bytes(b"")
+    names = {"KEY": key, "KID": kid_of(key, 1), "FIFO": str(fifo), "TRAIL": str(trail)}
+    argv = [names.get(a, a) for a in argv]
+    proc = run_ctl("--socket", str(daemon.socket_path), *argv, stdin=b"")
+    assert proc.returncode == os.EX_NOINPUT, proc.stderr
+    assert proc.stderr.startswith(b"signerctl: not_a_file: "), proc.stderr
+    assert b"not a regular file" in proc.stderr and b"Traceback" not in proc.stderr
+
+
+def test_data_is_read_up_to_the_limit_from_a_file_or_stdin(tmp_path: Path) -> None:
+    """Data over 1 MiB, from a file or from an endless stdin, exits 65 input_too_large;
+    exactly 1 MiB is read whole and signed (by a daemon whose body limit allows it)."""
+    from signerd._readfile import MAX_INPUT_BYTES
+
+    d = start_daemon(tmp_path / "d", server={"workers": 1, "max_body_bytes": 4 << 20})
+    try:
+        env = {"SIGNERD_SOCKET": str(d.socket_path)}
+        key = f"{unique('big')}/k"
+        assert run_ctl("keys", "create", key, env=env).returncode == os.EX_OK
+        over = tmp_path / "over.bin"
+        over.write_bytes(b"x" * (MAX_INPUT_BYTES + 1))
+        with open("/dev/zero", "rb") as zero:
+            endless = run_ctl("sign", key, stdin=zero.fileno(), env=env)
+        for proc in (
+            run_ctl("sign", key, "--data-file", str(over), env=env),
+            run_ctl("sign", key, "--data-file", "-", stdin=over.read_bytes(), env=env),
+            endless,
+        ):
+            assert proc.returncode == os.EX_DATAERR, proc.stderr
+            assert proc.stderr.startswith(b"signerctl: input_too_large: "), proc.stderr
+            assert b"more than 1048576 bytes" in proc.stderr
+        exact = tmp_path / "exact.bin"
+        exact.write_bytes(b"x" * MAX_INPUT_BYTES)
+        signed = run_ctl("--json", "sign", key, "--data-file", str(exact), env=env)
+        assert signed.returncode == os.EX_OK, signed.stderr
+        sig = json.loads(signed.stdout)["signature"]
+        checked = run_ctl(
+            "verify", kid_of(key, 1), "--signature", sig, stdin=exact.read_bytes(), env=env
+        )
+        assert checked.returncode == os.EX_OK, checked.stderr
+    finally:
+        assert d.stop() == 0, d.log_text()

@@ -104,8 +104,10 @@ async def test_intact_trail_verifies_with_its_shutdown_anchor(
     """A closed trail is anchored at its head; verify says the anchor holds (exit 0)."""
     path = tmp_path / "audit.jsonl"
     await write(path, 5)
-    (anchor,) = anchors(path)
+    start, anchor = anchors(path)
+    assert (start["anchor"], start["seq"], start["head"]) == ("start", 0, GENESIS)
     assert (anchor["anchor"], anchor["seq"], anchor["chain"]) == ("shutdown", 5, "audit.jsonl")
+    assert anchor["chains"] == ["audit.jsonl"] and anchor["run"] == start["run"]
     assert anchor["head"] == hashlib.sha256(path.read_bytes().splitlines()[-1]).hexdigest()
     code, out = verify(str(path))
     assert code == os.EX_OK and "anchored at seq 5" in out
@@ -171,9 +173,10 @@ async def test_anchor_after_a_torn_anchor_line_stays_whole(tmp_path: Path, verif
         handle.write(b'{"anchor":"sched')
     await write(path, 2, start=2)
     got, bad = read_anchors(f"{path}.anchor")
-    assert [a.seq for a in got] == [2, 4] and bad == [2]
+    assert [(a.kind, a.seq) for a in got] == [("start", 0), ("shutdown", 2), ("start", 2),
+                                              ("shutdown", 4)] and bad == [3]  # fmt: skip
     code, out = verify(str(path))
-    assert code == os.EX_OK and "anchored at seq 4" in out and "line 2: not an anchor" in out
+    assert code == os.EX_OK and "anchored at seq 4" in out and "line 3: not an anchor" in out
 
 
 async def test_anchor_written_on_schedule_only_when_the_head_moved(tmp_path: Path) -> None:
@@ -182,13 +185,14 @@ async def test_anchor_written_on_schedule_only_when_the_head_moved(tmp_path: Pat
     t = trail(path, interval=0.05)
     await t.record(event(0))
     await asyncio.sleep(0.4)
-    assert [(a["anchor"], a["seq"]) for a in anchors(path)] == [("schedule", 1)]
+    assert [(a["anchor"], a["seq"]) for a in anchors(path)] == [("start", 0), ("schedule", 1)]
     await t.record(event(1))
     await t.record(event(2))
     await asyncio.sleep(0.4)
     await t.aclose()
     seqs = [a["seq"] for a in anchors(path)]  # 2 may or may not have had a tick of its own
-    assert seqs in ([1, 3], [1, 2, 3]) and {a["anchor"] for a in anchors(path)} == {"schedule"}
+    assert seqs in ([0, 1, 3], [0, 1, 2, 3])
+    assert [a["anchor"] for a in anchors(path)][1:] == ["schedule"] * (len(seqs) - 1)
 
 
 async def test_live_truncation_is_a_security_event(
@@ -206,7 +210,7 @@ async def test_live_truncation_is_a_security_event(
     await t.aclose()
     assert any("signerd.audit_truncated" in r.getMessage() for r in caplog.records)
     kinds = [(a["anchor"], a["seq"], a["file"]["first_seq"]) for a in anchors(path)]
-    assert kinds == [("truncated", 3, 1), ("shutdown", 4, 4)]
+    assert kinds == [("start", 0, 0), ("truncated", 3, 1), ("shutdown", 4, 4)]
     code, out = verify(str(path))
     assert code == os.EX_DATAERR and "records cut from its file" in out and "seq 1 to 3" in out
     code, out = verify("--anchor", f"{path}.anchor", str(copy), str(path))
@@ -224,9 +228,9 @@ async def test_restart_on_a_file_emptied_while_stopped(
         await write(path, 1, start=3)
     assert any("signerd.audit_truncated" in r.getMessage() for r in caplog.records)
     (rec,) = [json.loads(line) for line in path.read_bytes().splitlines()]
-    assert rec["seq"] == 4 and rec["rotated_from"] == rec["prev"] == anchors(path)[0]["head"]
+    assert rec["seq"] == 4 and rec["rotated_from"] == rec["prev"] == anchors(path)[1]["head"]
     assert [(a["anchor"], a["seq"]) for a in anchors(path)] == [
-        ("shutdown", 3), ("truncated", 3), ("shutdown", 4),
+        ("start", 0), ("shutdown", 3), ("truncated", 3), ("shutdown", 4),
     ]  # fmt: skip
     assert verify("--no-anchor", str(path))[0] == os.EX_OK
     code, out = verify(str(path))
@@ -242,7 +246,7 @@ async def test_restart_on_an_intact_file_logs_nothing(
     with caplog.at_level(logging.INFO, logger="signerd.audit"):
         await write(path, 2, start=2)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert [a["anchor"] for a in anchors(path)] == ["shutdown", "shutdown"]
+    assert [a["anchor"] for a in anchors(path)] == ["start", "shutdown", "start", "shutdown"]
 
 
 async def test_rotation_by_rename_is_followed(tmp_path: Path, verify: Verify) -> None:
@@ -256,7 +260,9 @@ async def test_rotation_by_rename_is_followed(tmp_path: Path, verify: Verify) ->
     for i in range(3, 5):
         await t.record(event(i))
     await t.aclose()
-    assert [(a["anchor"], a["seq"]) for a in anchors(path)] == [("rotated", 3), ("shutdown", 5)]
+    assert [(a["anchor"], a["seq"]) for a in anchors(path)] == [
+        ("start", 0), ("rotated", 3), ("shutdown", 5),
+    ]  # fmt: skip
     code, out = verify(str(tmp_path))
     assert code == os.EX_OK and out.startswith("ok: 5 records") and "seq 5" in out
     assert verify(str(path))[0] == os.EX_OK
@@ -281,7 +287,14 @@ async def test_multi_writer_set_with_one_file_missing(tmp_path: Path, verify: Ve
     await t1.aclose()
     code, out = verify(str(tmp_path))
     assert code == os.EX_OK and "12 records" in out, out
-    assert verify(str(tmp_path / "audit.w*.jsonl*"), "--anchor", f"{w0}.anchor")[0] == 0
+    assert (
+        verify(
+            str(tmp_path / "audit.w*.jsonl*"), "--anchor", f"{w0}.anchor", f"--anchor={w1}.anchor"
+        )[0]
+        == 0
+    )
+    code, out = verify(str(tmp_path / "audit.w*.jsonl*"), "--anchor", f"{w0}.anchor")
+    assert code == os.EX_DATAERR and "no anchor names this file's chain" in out, out  # w1's
     aside = tmp_path.parent / f"{tmp_path.name}-aside"
     aside.mkdir()
     for name, want in (
@@ -465,10 +478,10 @@ def test_daemon_anchors_at_shutdown(tmp_path: Path, verify: Verify) -> None:
     finally:
         assert d.stop() == 0, d.log_text()
     got, bad = read_anchors(f"{d.audit_path}.anchor")
-    assert bad == [] and [a.kind for a in got] == ["shutdown"]
-    assert (got[0].seq, got[0].head) == last_hash(d.audit_path)
+    assert bad == [] and [a.kind for a in got] == ["start", "shutdown"]
+    assert (got[1].seq, got[1].head) == last_hash(d.audit_path)
     code, out = verify(str(d.audit_path))
-    assert code == os.EX_OK and f"anchored at seq {got[0].seq}" in out
+    assert code == os.EX_OK and f"anchored at seq {got[1].seq}" in out
 
 
 def test_daemon_logs_a_live_file_that_shrinks(tmp_path: Path, verify: Verify) -> None:
@@ -500,6 +513,6 @@ def test_daemon_sighup_rotation_set_verifies(tmp_path: Path, verify: Verify) -> 
     finally:
         assert d.stop() == 0, d.log_text()
     kinds = [a.kind for a in read_anchors(f"{d.audit_path}.anchor")[0]]
-    assert kinds == ["rotated", "shutdown"]
+    assert kinds == ["start", "rotated", "shutdown"]
     code, out = verify(str(d.audit_path.parent))
     assert code == os.EX_OK, out
