@@ -5,7 +5,9 @@ id, identifies the peer from the kernel, refuses callers no rule could grant
 anything before their body is read (``Gate.admits``), turns every error into
 the JSON envelope (405 with ``Allow``), and writes the audit record. For sign
 and admin operations the record is written before the answer leaves: when it
-cannot be written, the answer is replaced by 503 ``audit_unavailable``.
+cannot be written, the answer is replaced by 503 ``audit_unavailable`` (or,
+for an admin operation that has acted, 500 ``outcome_unknown``: see
+``_idempotency``, which runs admin changes with their ``intent`` record).
 ``Server`` (``_server``) adds the v1 handlers.
 """
 
@@ -24,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ._calls import AuditEvent, AuditSink, Gate, Operation, Peer, QueueingAuditSink
+from ._idempotency import STALL_ANSWER, AdminChange, AdminRuns, unknown
+from ._idemstore import IdempotencyStore
 from ._listener import Listener
 from ._names import KeyName
 from ._protocol import Limits, Throttled
@@ -36,6 +40,7 @@ from .errors import (
     InternalError,
     MethodNotAllowed,
     NotFound,
+    OutcomeUnknown,
     PermissionDenied,
     RateLimited,
     SignerdError,
@@ -114,6 +119,21 @@ class Front:
         self.quieted = Throttled("signerd.audit_quieted reason=rate_limited", 10.0)
         self._queueing_of: object = None
         self._queueing_sink: QueueingAuditSink | None = None
+        self.admin_runs = AdminRuns(IdempotencyStore(None), self._intent)
+
+    @property
+    def idempotency(self) -> IdempotencyStore:
+        """Where admin requests' ``Idempotency-Key`` are remembered (in this process until
+        the daemon sets the workers' shared store)."""
+        return self.admin_runs.store
+
+    @idempotency.setter
+    def idempotency(self, store: IdempotencyStore) -> None:
+        self.admin_runs.store = store
+
+    async def admin_change(self, request: Request, change: AdminChange) -> Response:
+        """Run an admin change: intent record, ``Idempotency-Key``, outcome (``_idempotency``)."""
+        return await self.admin_runs.run(request, change)
 
     def add_routes(self, routes: Iterable[tuple[Any, ...]]) -> None:
         """Extra routes: an iterable of (method, path template, async handler).
@@ -200,6 +220,7 @@ class Front:
             outcome = "ok"
             await self._record(request, audit, "ok", response.status, request.get("audit_reason"))
         except SignerdError as exc:
+            exc = _after_acting(request, exc, audit)
             if self._quieted(request, exc):
                 audit.written = True
             response, outcome = self._error(rid, exc), exc.code
@@ -304,23 +325,35 @@ class Front:
             self._queueing_sink = sink if isinstance(sink, QueueingAuditSink) else None
         return self._queueing_sink
 
-    async def _attempt(self, request: Request, audit: AuditNotes) -> None:
-        """Admin operations: an attempt record before acting (fails closed)."""
-        await self.audit.record(attempt_event(request, audit))
+    async def _intent(self, request: Request, reason: str | None) -> None:
+        """Admin operations: an intent record before acting (fails closed)."""
+        await self.audit.record(intent_event(request, request["audit"], reason))
 
     # --- helpers --------------------------------------------------------------
 
 
-def attempt_event(request: Request, audit: AuditNotes) -> AuditEvent:
-    """The record an admin operation writes before it acts (status 0, outcome ``attempt``)."""
+def intent_event(request: Request, audit: AuditNotes, reason: str | None = None) -> AuditEvent:
+    """The record an admin operation writes before it acts (status 0, outcome ``intent``)."""
     return AuditEvent(
         time=time.time(),
         request_id=request["rid"],
         peer=request["peer"],
         operation=audit.operation.value,
-        outcome="attempt",
+        outcome="intent",
         tenant=audit.tenant,
         key=audit.key,
         kid=audit.kid,
+        reason=reason,
         status=0,
     )
+
+
+def _after_acting(request: Request, exc: SignerdError, audit: AuditNotes) -> SignerdError:
+    """An admin operation that has acted is never answered with a refusal: a 5xx (its
+    outcome record could not be written) becomes ``outcome_unknown``."""
+    answer = request.get(STALL_ANSWER)
+    if not isinstance(answer, OutcomeUnknown) or exc.status < 500 or exc is answer:
+        return exc
+    if not isinstance(exc, OutcomeUnknown):
+        unknown(request, audit.operation.value, exc)
+    return answer
