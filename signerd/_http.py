@@ -12,17 +12,23 @@ that either transport runs:
 
 Connect, send and the whole answer must fit in the call's timeout. A
 ``retry_safe`` request (reads, sign, verify) is sent once more, on a fresh
-connection, when a reused one turns out broken; other requests are never
-sent twice, since signerd may have acted.
+connection, when a reused one turns out broken. An ``admin`` request
+(create, rotate, promote, retire, destroy, trusted keys) carries an
+``Idempotency-Key`` made for the call; when its connection breaks after it
+was sent, it times out, or signerd answers ``outcome_unknown``, it is sent
+again with the same key (``ADMIN_TRIES`` in all), and signerd answers what
+the first one did instead of acting twice.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import http.client
 import json
 import os
+import secrets
 import select
 import socket
 import threading
@@ -40,12 +46,15 @@ from .errors import (
     BackendUnavailable,
     InternalError,
     InvalidKeyName,
+    OutcomeUnknown,
     SignerdError,
     error_for_code,
 )
 
 DEFAULT_SOCKET = "/run/signerd/signerd.sock"
 DEFAULT_TIMEOUT = 10.0
+ADMIN_TRIES = 3  # an admin request is sent at most this often (the same Idempotency-Key)
+_ADMIN_PAUSES = (0.2, 0.5)  # seconds between them
 _READ_CHUNK = 65536
 T = TypeVar("T")
 
@@ -60,6 +69,7 @@ class ConnectionFailed(BackendUnavailable):
     """
 
     default_message = "cannot reach signerd"
+    sent = True  # the request may have reached signerd (False: no connection was made)
 
 
 class RequestTimeout(ConnectionFailed):
@@ -237,6 +247,7 @@ class Op(Generic[T]):
     body: dict[str, Any] | None
     parse: Callable[[Any, str | None], T]
     retry_safe: bool  # sending it twice changes nothing
+    admin: bool = False  # sent with an Idempotency-Key, and again with it when in doubt
 
     def encoded(self) -> bytes | None:
         return None if self.body is None else json.dumps(self.body).encode()
@@ -260,7 +271,7 @@ def _enc(data: bytes) -> str:
 
 
 def op_create(key: str) -> Op[KeyDescription]:
-    return Op("POST", "/v1/keys", {"key": key}, _description, False)
+    return Op("POST", "/v1/keys", {"key": key}, _description, False, admin=True)
 
 
 def op_list(tenant: str | None) -> Op[list[KeyDescription]]:
@@ -279,13 +290,13 @@ def op_rotate(key: str, pending: bool) -> Op[tuple[str, KeyDescription]]:
         return _field(doc, "kid", str), _description(_field(doc, "key", dict))
 
     body = {"pending": True} if pending else {}
-    return Op("POST", f"{_key_path(key)}/rotate", body, parse, False)
+    return Op("POST", f"{_key_path(key)}/rotate", body, parse, False, admin=True)
 
 
 def op_version(key: str, version: int, action: str, body: dict[str, Any]) -> Op[KeyDescription]:
     """promote, retire or destroy one version."""
     path = f"{_key_path(key)}/versions/{int(version)}/{action}"
-    return Op("POST", path, body, _description, False)
+    return Op("POST", path, body, _description, False, admin=True)
 
 
 def op_sign(key: str, data: bytes) -> Op[Signature]:
@@ -342,6 +353,7 @@ class UnixHTTPConnection(http.client.HTTPConnection):
     def __init__(self, socket_path: str, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
         self.socket_path = socket_path
+        self.opened = False  # connect() succeeded once: a request may have gone out
 
     def connect(self) -> None:
         """Connect within the timeout, waiting while the daemon's backlog is full.
@@ -370,6 +382,7 @@ class UnixHTTPConnection(http.client.HTTPConnection):
                 sock.close()
                 raise
             self.sock = sock
+            self.opened = True
             return
 
 
@@ -385,6 +398,19 @@ class SyncTransport:
         self.connections_opened = 0  # how many sockets this transport has opened
 
     def run(self, op: Op[T], timeout: float) -> T:
+        if not op.admin:
+            return self._send(op, timeout, None)
+        key = new_idempotency_key()
+        for pause in (*_ADMIN_PAUSES, None):
+            try:
+                return self._send(op, timeout, key)
+            except (ConnectionFailed, OutcomeUnknown) as exc:
+                if pause is None or not _again(exc):
+                    raise
+            time.sleep(pause)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _send(self, op: Op[T], timeout: float, key: str | None) -> T:
         deadline = time.monotonic() + timeout
         body = op.encoded()
         for attempt in (1, 2):
@@ -392,7 +418,7 @@ class SyncTransport:
             reused = conn.sock is not None
             try:
                 status, request_id, data = self._exchange(
-                    conn, op.method, op.path, body, deadline, timeout
+                    conn, op.method, op.path, body, deadline, timeout, key
                 )
             except TimeoutError as exc:
                 conn.close()
@@ -404,7 +430,9 @@ class SyncTransport:
                 conn.close()
                 if attempt == 1 and reused and op.retry_safe:
                     continue
-                raise _unreachable(self.socket_path, exc) from exc
+                failed = _unreachable(self.socket_path, exc)
+                failed.sent = conn.opened
+                raise failed from exc
             self._checkin(conn)
             return op.parse(*decode_answer(status, request_id, data))
         raise AssertionError("unreachable")  # pragma: no cover
@@ -417,6 +445,7 @@ class SyncTransport:
         body: bytes | None,
         deadline: float,
         timeout: float,
+        key: str | None = None,
     ) -> tuple[int, str | None, bytes]:
         conn.timeout = _remaining(deadline, timeout)
         if conn.sock is None:
@@ -425,7 +454,7 @@ class SyncTransport:
         sock = conn.sock
         assert sock is not None
         sock.settimeout(_remaining(deadline, timeout))
-        conn.request(method, path, body=body, headers=_headers(body))
+        conn.request(method, path, body=body, headers=_headers(body, key))
         sock.settimeout(_remaining(deadline, timeout))
         resp = conn.getresponse()
         chunks = []
@@ -483,9 +512,22 @@ class AsyncTransport:
         return self._session
 
     async def run(self, op: Op[T], timeout: float) -> T:
+        if not op.admin:
+            return await self._send(op, timeout, None)
+        key = new_idempotency_key()
+        for pause in (*_ADMIN_PAUSES, None):
+            try:
+                return await self._send(op, timeout, key)
+            except (ConnectionFailed, OutcomeUnknown) as exc:
+                if pause is None or not _again(exc):
+                    raise
+            await asyncio.sleep(pause)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _send(self, op: Op[T], timeout: float, key: str | None) -> T:
         session = self._get_session()
         body = op.encoded()
-        headers = _headers(body)
+        headers = _headers(body, key)
         client_timeout = aiohttp.ClientTimeout(total=timeout)
         deadline = time.monotonic() + timeout
         # aiohttp itself resends a GET once when a reused connection was closed;
@@ -502,7 +544,9 @@ class AsyncTransport:
             except TimeoutError as exc:
                 raise _late(timeout) from exc
             except aiohttp.ClientConnectorError as exc:
-                raise _unreachable(self.socket_path, exc.os_error) from exc
+                failed = _unreachable(self.socket_path, exc.os_error)
+                failed.sent = False
+                raise failed from exc
             except (aiohttp.ClientError, OSError) as exc:
                 if attempt < attempts:
                     left = deadline - time.monotonic()
@@ -518,10 +562,23 @@ class AsyncTransport:
             self._session = None
 
 
-def _headers(body: bytes | None) -> dict[str, str]:
-    if body is None:
-        return {"Accept": "application/json"}
-    return {"Accept": "application/json", "Content-Type": "application/json"}
+def _headers(body: bytes | None, key: str | None = None) -> dict[str, str]:
+    headers = {"Accept": "application/json"}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    return headers
+
+
+def new_idempotency_key() -> str:
+    """A fresh Idempotency-Key: 32 characters of base64url (192 random bits)."""
+    return secrets.token_urlsafe(24)
+
+
+def _again(exc: SignerdError) -> bool:
+    """Whether an admin request may be sent again with its key: it may have been acted on."""
+    return not isinstance(exc, ConnectionFailed) or exc.sent
 
 
 def _late(timeout: float) -> RequestTimeout:

@@ -316,3 +316,22 @@ def test_audit_verify_checks_the_daemon_trail(
     assert "broken at line" in out
     code, _, err = ctl("audit", "verify", str(tmp_path / "missing.jsonl"))
     assert code == os.EX_NOINPUT and err.startswith("signerctl: no_input: ")
+
+
+def test_admin_commands_send_an_idempotency_key(ctl: Ctl, daemon: DaemonProcess) -> None:
+    """signerctl's create and rotate go out with an Idempotency-Key each (the daemon stores
+    one answer per command), so the client may resend them safely."""
+    import sqlite3
+
+    key = f"{unique('ctlidem')}/k"
+    ctl.ok("keys", "create", key)
+    ctl.ok("keys", "rotate", key)
+    db = sqlite3.connect(str(daemon.socket_path.parent / ".signerd-idempotency.db"), timeout=5)
+    try:
+        rows = db.execute(
+            "SELECT kind, status, kid FROM entries WHERE target = ? ORDER BY created",
+            (f"key {key}",),
+        ).fetchall()
+    finally:
+        db.close()
+    assert rows == [("create", 201, kid_of(key, 1)), ("rotate", 200, kid_of(key, 2))]
