@@ -325,14 +325,14 @@ class Front:
             self._queueing_sink = sink if isinstance(sink, QueueingAuditSink) else None
         return self._queueing_sink
 
-    async def _intent(self, request: Request, reason: str | None) -> None:
+    async def _intent(self, request: Request) -> None:
         """Admin operations: an intent record before acting (fails closed)."""
-        await self.audit.record(intent_event(request, request["audit"], reason))
+        await self.audit.record(intent_event(request, request["audit"]))
 
     # --- helpers --------------------------------------------------------------
 
 
-def intent_event(request: Request, audit: AuditNotes, reason: str | None = None) -> AuditEvent:
+def intent_event(request: Request, audit: AuditNotes) -> AuditEvent:
     """The record an admin operation writes before it acts (status 0, outcome ``intent``)."""
     return AuditEvent(
         time=time.time(),
@@ -343,7 +343,6 @@ def intent_event(request: Request, audit: AuditNotes, reason: str | None = None)
         tenant=audit.tenant,
         key=audit.key,
         kid=audit.kid,
-        reason=reason,
         status=0,
     )
 

@@ -16,8 +16,10 @@ connection, when a reused one turns out broken. An ``admin`` request
 (create, rotate, promote, retire, destroy, trusted keys) carries an
 ``Idempotency-Key`` made for the call; when its connection breaks after it
 was sent, it times out, or signerd answers ``outcome_unknown``, it is sent
-again with the same key (``ADMIN_TRIES`` in all), and signerd answers what
-the first one did instead of acting twice.
+again with the same key (three times in all; after such an attempt, also when
+a later one is refused as retryable, e.g. the admin lock busy), and signerd
+answers what the first one did instead of acting twice. When the outcome is
+still in doubt at the end, the call raises ``OutcomeUnknown``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -53,8 +55,7 @@ from .errors import (
 
 DEFAULT_SOCKET = "/run/signerd/signerd.sock"
 DEFAULT_TIMEOUT = 10.0
-ADMIN_TRIES = 3  # an admin request is sent at most this often (the same Idempotency-Key)
-_ADMIN_PAUSES = (0.2, 0.5)  # seconds between them
+_ADMIN_PAUSES = (0.2, 0.5)  # seconds between the (at most three) sends of an admin request
 _READ_CHUNK = 65536
 T = TypeVar("T")
 
@@ -400,15 +401,17 @@ class SyncTransport:
     def run(self, op: Op[T], timeout: float) -> T:
         if not op.admin:
             return self._send(op, timeout, None)
-        key = new_idempotency_key()
-        for pause in (*_ADMIN_PAUSES, None):
+        key, doubt = new_idempotency_key(), _Doubt()
+        for pause in _ADMIN_PAUSES:
             try:
                 return self._send(op, timeout, key)
-            except (ConnectionFailed, OutcomeUnknown) as exc:
-                if pause is None or not _again(exc):
-                    raise
+            except SignerdError as exc:
+                doubt.again(exc)
             time.sleep(pause)
-        raise AssertionError("unreachable")  # pragma: no cover
+        try:
+            return self._send(op, timeout, key)
+        except SignerdError as exc:
+            doubt.fail(exc)
 
     def _send(self, op: Op[T], timeout: float, key: str | None) -> T:
         deadline = time.monotonic() + timeout
@@ -514,15 +517,17 @@ class AsyncTransport:
     async def run(self, op: Op[T], timeout: float) -> T:
         if not op.admin:
             return await self._send(op, timeout, None)
-        key = new_idempotency_key()
-        for pause in (*_ADMIN_PAUSES, None):
+        key, doubt = new_idempotency_key(), _Doubt()
+        for pause in _ADMIN_PAUSES:
             try:
                 return await self._send(op, timeout, key)
-            except (ConnectionFailed, OutcomeUnknown) as exc:
-                if pause is None or not _again(exc):
-                    raise
+            except SignerdError as exc:
+                doubt.again(exc)
             await asyncio.sleep(pause)
-        raise AssertionError("unreachable")  # pragma: no cover
+        try:
+            return await self._send(op, timeout, key)
+        except SignerdError as exc:
+            doubt.fail(exc)
 
     async def _send(self, op: Op[T], timeout: float, key: str | None) -> T:
         session = self._get_session()
@@ -576,9 +581,28 @@ def new_idempotency_key() -> str:
     return secrets.token_urlsafe(24)
 
 
-def _again(exc: SignerdError) -> bool:
-    """Whether an admin request may be sent again with its key: it may have been acted on."""
-    return not isinstance(exc, ConnectionFailed) or exc.sent
+class _Doubt:
+    """The attempts of one admin call: whether one of them may have acted."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def again(self, exc: SignerdError) -> None:
+        """Return to send the request again (with its key); raise what ends the call."""
+        if isinstance(exc, OutcomeUnknown) or (isinstance(exc, ConnectionFailed) and exc.sent):
+            self.seen = True  # it may have acted: only its key can tell
+        elif not (self.seen and exc.retryable):
+            self.fail(exc)
+
+    def fail(self, exc: SignerdError) -> NoReturn:
+        """Raise what ends the call: after an attempt that may have acted, a later failure
+        that is not a refusal of the request itself (a 5xx, no answer) is OutcomeUnknown."""
+        if not self.seen or exc.status < 500 or isinstance(exc, OutcomeUnknown):
+            raise exc
+        raise OutcomeUnknown(
+            f"the operation may or may not have taken effect ({exc.message})",
+            request_id=exc.request_id,
+        ) from exc
 
 
 def _late(timeout: float) -> RequestTimeout:

@@ -74,7 +74,7 @@ CHANGE_GRACE = 30.0  # seconds a backend change that outlived its timeout is sti
 
 _T = TypeVar("_T")
 Made = tuple[Response, str | None]  # the answer of a change found made, and the kid it names
-Intent = Callable[[Request, str | None], Awaitable[None]]
+Intent = Callable[[Request], Awaitable[None]]  # writes the intent record (fails closed)
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ class AdminRuns:
                     str(request["rid"]),
                     before,
                 )
-            await self._intent(request, None)
+            await self._intent(request)
             if entry is not None:
                 await self.store.begin(entry)
             return await self._act(request, change, entry)

@@ -27,9 +27,10 @@ idle connection turns out to be broken. Create, rotate, promote, retire,
 destroy and the trusted-key changes carry an ``Idempotency-Key`` made for
 the call: when the connection breaks after sending, the call times out, or
 signerd answers ``outcome_unknown``, the same request is sent again with the
-same key (three times in all), and signerd answers what the first one did
-rather than doing it twice. When all fail, the last error is raised
-(``ConnectionFailed``, ``RequestTimeout`` or ``OutcomeUnknown``).
+same key (three times in all; once in doubt, also after a retryable refusal
+such as the admin lock being busy), and signerd answers what the first one
+did rather than doing it twice. When the outcome is still in doubt after the
+third, the call raises ``OutcomeUnknown`` (its cause is the last failure).
 
 The federation envelopes (``docs/federation.md``) have their own calls:
 ``telemetry_sign``/``telemetry_verify``, ``feedback_sign``/``feedback_verify``

@@ -251,15 +251,37 @@ def test_rotate_is_sent_again_only_with_its_idempotency_key(
 
 
 def test_rotate_gives_up_after_three_sends(fake: FakeSignerd, client: Client) -> None:
-    """A rotate whose connection drops three times raises ConnectionFailed (no request id)
-    after exactly three sends, all with one Idempotency-Key."""
+    """A rotate whose connection drops three times raises OutcomeUnknown (caused by the
+    ConnectionFailed, no request id) after exactly three sends, all with one key."""
     client.health()
     fake.drop_next = 3
-    with pytest.raises(ConnectionFailed) as info:
+    with pytest.raises(errors.OutcomeUnknown) as info:
         client.rotate("acme/feedback")
-    assert info.value.request_id is None
+    assert info.value.request_id is None and isinstance(info.value.__cause__, ConnectionFailed)
     keys = _keys_sent(fake, ROTATE)
     assert len(keys) == 3 and len(set(keys)) == 1
+
+
+def test_after_a_doubt_a_refusal_that_may_pass_is_tried_again(
+    fake: FakeSignerd, client: Client
+) -> None:
+    """Once an attempt may have acted, a later retryable refusal (the admin lock busy) is tried
+    again with the key; one still refused at the end leaves the outcome unknown, not refused."""
+    answers = ["outcome_unknown", "backend_unavailable", "backend_unavailable"]
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        code = answers.pop(0)
+        return envelope(code, errors.CODES[code].status)
+
+    fake.routes[("POST", ROTATE)] = handler
+    with pytest.raises(errors.OutcomeUnknown) as info:
+        client.rotate("acme/feedback")
+    assert isinstance(info.value.__cause__, errors.BackendUnavailable)
+    assert len(_keys_sent(fake, ROTATE)) == 3 and not answers
+    answers[:] = ["backend_unavailable"]  # no doubt before it: a plain refusal, sent once
+    with pytest.raises(errors.BackendUnavailable) as plain:
+        client.rotate("acme/feedback")
+    assert type(plain.value) is errors.BackendUnavailable and len(_keys_sent(fake, ROTATE)) == 4
 
 
 def test_outcome_unknown_is_asked_again_with_the_same_key(
@@ -606,7 +628,7 @@ async def test_async_sign_is_resent_once_after_a_drop(fake: FakeSignerd) -> None
         keys = _keys_sent(fake, ROTATE)
         assert len(keys) == 2 and keys[0] == keys[1] is not None
         fake.drop_next = 3
-        with pytest.raises(ConnectionFailed):
+        with pytest.raises(errors.OutcomeUnknown):
             await c.rotate("acme/feedback")
         keys = _keys_sent(fake, ROTATE)[2:]
         assert (
