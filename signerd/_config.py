@@ -68,6 +68,8 @@ _KEYS = {
     "refresh_interval",
     "unknown_kid_refresh",
     "retain_verify_only",
+    "idempotency_ttl",
+    "idempotency_max_entries",
 }
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
 _MODE_RE = re.compile(r"0?[0-7]{3}")  # ASCII octal permission bits: no 0o, no "_", no setuid
@@ -164,6 +166,10 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
         refresh_interval=_get(keys, "keys", "refresh_interval", float, d.refresh_interval),
         unknown_kid_refresh=_get(keys, "keys", "unknown_kid_refresh", float, d.unknown_kid_refresh),
         retain_verify_only=_get(keys, "keys", "retain_verify_only", int, d.retain_verify_only),
+        idempotency_ttl=_get(keys, "keys", "idempotency_ttl", float, d.idempotency_ttl),
+        idempotency_max_entries=_get(
+            keys, "keys", "idempotency_max_entries", int, d.idempotency_max_entries
+        ),
     )
     _positive("keys.backend_timeout", settings.backend_timeout)
     _positive("keys.max_batch", settings.max_batch)
@@ -171,6 +177,8 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
     _positive("keys.refresh_interval", settings.refresh_interval, zero_ok=True)
     _positive("keys.unknown_kid_refresh", settings.unknown_kid_refresh, zero_ok=True)
     _positive("keys.retain_verify_only", settings.retain_verify_only, zero_ok=True)
+    _positive("keys.idempotency_ttl", settings.idempotency_ttl)
+    _positive("keys.idempotency_max_entries", settings.idempotency_max_entries)
 
     backends = _table(doc, "backends", None)
     if not backends:

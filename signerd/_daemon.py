@@ -34,6 +34,7 @@ from ._audit import AuditTrail, audit_from_config
 from ._authz import Policy, policy_from_config
 from ._backend import Backend, load_factory
 from ._config import Config, ConfigError, load
+from ._idemstore import IdempotencyStore
 from ._keyservice import KeyService
 from ._listener import connection_cap, raise_nofile_limit
 from ._peer import peer_of
@@ -49,7 +50,7 @@ from ._systemd import (
 )
 from .errors import SignerdError
 from .federation.routes import Federation, attach, federation_of
-from .workers import StallGuard
+from .workers import StallGuard, runtime_path
 
 if TYPE_CHECKING:
     from ._workerd import Worker
@@ -148,6 +149,11 @@ class Daemon:
             raise
         limits = _fitted(config)
         server = Server(keys, gate=policy, audit=audit, peer_lookup=peer_of, limits=limits)
+        server.idempotency = IdempotencyStore(  # shared by the workers, in the runtime directory
+            runtime_path(config.socket, "idempotency.db"),
+            ttl=config.settings.idempotency_ttl,
+            max_entries=config.settings.idempotency_max_entries,
+        )
         federation = Federation.from_settings(
             server, config.federation, max_body_bytes=config.limits.max_body_bytes
         )

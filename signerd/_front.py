@@ -5,7 +5,9 @@ id, identifies the peer from the kernel, refuses callers no rule could grant
 anything before their body is read (``Gate.admits``), turns every error into
 the JSON envelope (405 with ``Allow``), and writes the audit record. For sign
 and admin operations the record is written before the answer leaves: when it
-cannot be written, the answer is replaced by 503 ``audit_unavailable``.
+cannot be written, the answer is replaced by 503 ``audit_unavailable`` (or,
+for an admin operation that has acted, 500 ``outcome_unknown``: see
+``_idempotency``, which runs admin changes with their ``intent`` record).
 A refusal of a caller some rule matches, answered before the gate granted the
 request anything, costs from its uid's refusal bucket (``Gate.charge_refusal``);
 of the 429s, at most one per uid per second is recorded.
@@ -27,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ._calls import GRANTED, AuditEvent, AuditSink, Gate, Operation, Peer, QueueingAuditSink
+from ._idempotency import STALL_ANSWER, AdminChange, AdminRuns, unknown
+from ._idemstore import IdempotencyStore
 from ._listener import Listener
 from ._names import KeyName
 from ._protocol import Limits, Throttled
@@ -39,6 +43,7 @@ from .errors import (
     InternalError,
     MethodNotAllowed,
     NotFound,
+    OutcomeUnknown,
     PermissionDenied,
     RateLimited,
     SignerdError,
@@ -124,6 +129,21 @@ class Front:
         self.quieted = Throttled("signerd.audit_quieted reason=rate_limited", 10.0)
         self._queueing_of: object = None
         self._queueing_sink: QueueingAuditSink | None = None
+        self.admin_runs = AdminRuns(IdempotencyStore(None), self._intent)
+
+    @property
+    def idempotency(self) -> IdempotencyStore:
+        """Where admin requests' ``Idempotency-Key`` are remembered (in this process until
+        the daemon sets the workers' shared store)."""
+        return self.admin_runs.store
+
+    @idempotency.setter
+    def idempotency(self, store: IdempotencyStore) -> None:
+        self.admin_runs.store = store
+
+    async def admin_change(self, request: Request, change: AdminChange) -> Response:
+        """Run an admin change: intent record, ``Idempotency-Key``, outcome (``_idempotency``)."""
+        return await self.admin_runs.run(request, change)
 
     def add_routes(self, routes: Iterable[tuple[Any, ...]]) -> None:
         """Extra routes: an iterable of (method, path template, async handler).
@@ -211,7 +231,7 @@ class Front:
             outcome = "ok"
             await self._record(request, audit, "ok", response.status, request.get("audit_reason"))
         except SignerdError as refusal:
-            exc = self._over_refusals(request, audit, refusal)
+            exc = self._over_refusals(request, audit, _after_acting(request, refusal, audit))
             if self._quieted(request, exc):
                 audit.written = True
             response, outcome = self._error(rid, exc), exc.code
@@ -331,23 +351,34 @@ class Front:
             self._queueing_sink = sink if isinstance(sink, QueueingAuditSink) else None
         return self._queueing_sink
 
-    async def _attempt(self, request: Request, audit: AuditNotes) -> None:
-        """Admin operations: an attempt record before acting (fails closed)."""
-        await self.audit.record(attempt_event(request, audit))
+    async def _intent(self, request: Request) -> None:
+        """Admin operations: an intent record before acting (fails closed)."""
+        await self.audit.record(intent_event(request, request["audit"]))
 
     # --- helpers --------------------------------------------------------------
 
 
-def attempt_event(request: Request, audit: AuditNotes) -> AuditEvent:
-    """The record an admin operation writes before it acts (status 0, outcome ``attempt``)."""
+def intent_event(request: Request, audit: AuditNotes) -> AuditEvent:
+    """The record an admin operation writes before it acts (status 0, outcome ``intent``)."""
     return AuditEvent(
         time=time.time(),
         request_id=request["rid"],
         peer=request["peer"],
         operation=audit.operation.value,
-        outcome="attempt",
+        outcome="intent",
         tenant=audit.tenant,
         key=audit.key,
         kid=audit.kid,
         status=0,
     )
+
+
+def _after_acting(request: Request, exc: SignerdError, audit: AuditNotes) -> SignerdError:
+    """An admin operation that has acted is never answered with a refusal: a 5xx (its
+    outcome record could not be written) becomes ``outcome_unknown``."""
+    answer = request.get(STALL_ANSWER)
+    if not isinstance(answer, OutcomeUnknown) or exc.status < 500 or exc is answer:
+        return exc
+    if not isinstance(exc, OutcomeUnknown):
+        unknown(request, audit.operation.value, exc)
+    return answer

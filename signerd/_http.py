@@ -12,24 +12,32 @@ that either transport runs:
 
 Connect, send and the whole answer must fit in the call's timeout. A
 ``retry_safe`` request (reads, sign, verify) is sent once more, on a fresh
-connection, when a reused one turns out broken; other requests are never
-sent twice, since signerd may have acted.
+connection, when a reused one turns out broken. An ``admin`` request
+(create, rotate, promote, retire, destroy, trusted keys) carries an
+``Idempotency-Key`` made for the call; when its connection breaks after it
+was sent, it times out, or signerd answers ``outcome_unknown``, it is sent
+again with the same key (three times in all; after such an attempt, also when
+a later one is refused as retryable, e.g. the admin lock busy), and signerd
+answers what the first one did instead of acting twice. When the outcome is
+still in doubt at the end, the call raises ``OutcomeUnknown``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import http.client
 import json
 import os
+import secrets
 import select
 import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -40,12 +48,14 @@ from .errors import (
     BackendUnavailable,
     InternalError,
     InvalidKeyName,
+    OutcomeUnknown,
     SignerdError,
     error_for_code,
 )
 
 DEFAULT_SOCKET = "/run/signerd/signerd.sock"
 DEFAULT_TIMEOUT = 10.0
+_ADMIN_PAUSES = (0.2, 0.5)  # seconds between the (at most three) sends of an admin request
 _READ_CHUNK = 65536
 T = TypeVar("T")
 
@@ -60,6 +70,7 @@ class ConnectionFailed(BackendUnavailable):
     """
 
     default_message = "cannot reach signerd"
+    sent = True  # the request may have reached signerd (False: no connection was made)
 
 
 class RequestTimeout(ConnectionFailed):
@@ -237,6 +248,7 @@ class Op(Generic[T]):
     body: dict[str, Any] | None
     parse: Callable[[Any, str | None], T]
     retry_safe: bool  # sending it twice changes nothing
+    admin: bool = False  # sent with an Idempotency-Key, and again with it when in doubt
 
     def encoded(self) -> bytes | None:
         return None if self.body is None else json.dumps(self.body).encode()
@@ -260,7 +272,7 @@ def _enc(data: bytes) -> str:
 
 
 def op_create(key: str) -> Op[KeyDescription]:
-    return Op("POST", "/v1/keys", {"key": key}, _description, False)
+    return Op("POST", "/v1/keys", {"key": key}, _description, False, admin=True)
 
 
 def op_list(tenant: str | None) -> Op[list[KeyDescription]]:
@@ -279,13 +291,13 @@ def op_rotate(key: str, pending: bool) -> Op[tuple[str, KeyDescription]]:
         return _field(doc, "kid", str), _description(_field(doc, "key", dict))
 
     body = {"pending": True} if pending else {}
-    return Op("POST", f"{_key_path(key)}/rotate", body, parse, False)
+    return Op("POST", f"{_key_path(key)}/rotate", body, parse, False, admin=True)
 
 
 def op_version(key: str, version: int, action: str, body: dict[str, Any]) -> Op[KeyDescription]:
     """promote, retire or destroy one version."""
     path = f"{_key_path(key)}/versions/{int(version)}/{action}"
-    return Op("POST", path, body, _description, False)
+    return Op("POST", path, body, _description, False, admin=True)
 
 
 def op_sign(key: str, data: bytes) -> Op[Signature]:
@@ -342,6 +354,7 @@ class UnixHTTPConnection(http.client.HTTPConnection):
     def __init__(self, socket_path: str, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
         self.socket_path = socket_path
+        self.opened = False  # connect() succeeded once: a request may have gone out
 
     def connect(self) -> None:
         """Connect within the timeout, waiting while the daemon's backlog is full.
@@ -370,6 +383,7 @@ class UnixHTTPConnection(http.client.HTTPConnection):
                 sock.close()
                 raise
             self.sock = sock
+            self.opened = True
             return
 
 
@@ -385,6 +399,21 @@ class SyncTransport:
         self.connections_opened = 0  # how many sockets this transport has opened
 
     def run(self, op: Op[T], timeout: float) -> T:
+        if not op.admin:
+            return self._send(op, timeout, None)
+        key, doubt = new_idempotency_key(), _Doubt()
+        for pause in _ADMIN_PAUSES:
+            try:
+                return self._send(op, timeout, key)
+            except SignerdError as exc:
+                doubt.again(exc)
+            time.sleep(pause)
+        try:
+            return self._send(op, timeout, key)
+        except SignerdError as exc:
+            doubt.fail(exc)
+
+    def _send(self, op: Op[T], timeout: float, key: str | None) -> T:
         deadline = time.monotonic() + timeout
         body = op.encoded()
         for attempt in (1, 2):
@@ -392,7 +421,7 @@ class SyncTransport:
             reused = conn.sock is not None
             try:
                 status, request_id, data = self._exchange(
-                    conn, op.method, op.path, body, deadline, timeout
+                    conn, op.method, op.path, body, deadline, timeout, key
                 )
             except TimeoutError as exc:
                 conn.close()
@@ -404,7 +433,9 @@ class SyncTransport:
                 conn.close()
                 if attempt == 1 and reused and op.retry_safe:
                     continue
-                raise _unreachable(self.socket_path, exc) from exc
+                failed = _unreachable(self.socket_path, exc)
+                failed.sent = conn.opened
+                raise failed from exc
             self._checkin(conn)
             return op.parse(*decode_answer(status, request_id, data))
         raise AssertionError("unreachable")  # pragma: no cover
@@ -417,6 +448,7 @@ class SyncTransport:
         body: bytes | None,
         deadline: float,
         timeout: float,
+        key: str | None = None,
     ) -> tuple[int, str | None, bytes]:
         conn.timeout = _remaining(deadline, timeout)
         if conn.sock is None:
@@ -425,7 +457,7 @@ class SyncTransport:
         sock = conn.sock
         assert sock is not None
         sock.settimeout(_remaining(deadline, timeout))
-        conn.request(method, path, body=body, headers=_headers(body))
+        conn.request(method, path, body=body, headers=_headers(body, key))
         sock.settimeout(_remaining(deadline, timeout))
         resp = conn.getresponse()
         chunks = []
@@ -483,9 +515,24 @@ class AsyncTransport:
         return self._session
 
     async def run(self, op: Op[T], timeout: float) -> T:
+        if not op.admin:
+            return await self._send(op, timeout, None)
+        key, doubt = new_idempotency_key(), _Doubt()
+        for pause in _ADMIN_PAUSES:
+            try:
+                return await self._send(op, timeout, key)
+            except SignerdError as exc:
+                doubt.again(exc)
+            await asyncio.sleep(pause)
+        try:
+            return await self._send(op, timeout, key)
+        except SignerdError as exc:
+            doubt.fail(exc)
+
+    async def _send(self, op: Op[T], timeout: float, key: str | None) -> T:
         session = self._get_session()
         body = op.encoded()
-        headers = _headers(body)
+        headers = _headers(body, key)
         client_timeout = aiohttp.ClientTimeout(total=timeout)
         deadline = time.monotonic() + timeout
         # aiohttp itself resends a GET once when a reused connection was closed;
@@ -502,7 +549,9 @@ class AsyncTransport:
             except TimeoutError as exc:
                 raise _late(timeout) from exc
             except aiohttp.ClientConnectorError as exc:
-                raise _unreachable(self.socket_path, exc.os_error) from exc
+                failed = _unreachable(self.socket_path, exc.os_error)
+                failed.sent = False
+                raise failed from exc
             except (aiohttp.ClientError, OSError) as exc:
                 if attempt < attempts:
                     left = deadline - time.monotonic()
@@ -518,10 +567,42 @@ class AsyncTransport:
             self._session = None
 
 
-def _headers(body: bytes | None) -> dict[str, str]:
-    if body is None:
-        return {"Accept": "application/json"}
-    return {"Accept": "application/json", "Content-Type": "application/json"}
+def _headers(body: bytes | None, key: str | None = None) -> dict[str, str]:
+    headers = {"Accept": "application/json"}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    return headers
+
+
+def new_idempotency_key() -> str:
+    """A fresh Idempotency-Key: 32 characters of base64url (192 random bits)."""
+    return secrets.token_urlsafe(24)
+
+
+class _Doubt:
+    """The attempts of one admin call: whether one of them may have acted."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def again(self, exc: SignerdError) -> None:
+        """Return to send the request again (with its key); raise what ends the call."""
+        if isinstance(exc, OutcomeUnknown) or (isinstance(exc, ConnectionFailed) and exc.sent):
+            self.seen = True  # it may have acted: only its key can tell
+        elif not (self.seen and exc.retryable):
+            self.fail(exc)
+
+    def fail(self, exc: SignerdError) -> NoReturn:
+        """Raise what ends the call: after an attempt that may have acted, a later failure
+        that is not a refusal of the request itself (a 5xx, no answer) is OutcomeUnknown."""
+        if not self.seen or exc.status < 500 or isinstance(exc, OutcomeUnknown):
+            raise exc
+        raise OutcomeUnknown(
+            f"the operation may or may not have taken effect ({exc.message})",
+            request_id=exc.request_id,
+        ) from exc
 
 
 def _late(timeout: float) -> RequestTimeout:

@@ -235,7 +235,7 @@ def _tenant_path(tenant: str) -> str:
 
 def op_trust_add(tenant: str, kid: str, jwk: Mapping[str, str]) -> Op[TrustedKey]:
     body = {"tenant": _tenant_path(tenant), "kid": kid, "jwk": dict(jwk)}
-    return Op("POST", "/v1/trusted-keys", body, _trusted_key, False)
+    return Op("POST", "/v1/trusted-keys", body, _trusted_key, False, admin=True)
 
 
 def op_trust_list(tenant: str | None) -> Op[list[TrustedKey]]:
@@ -247,4 +247,4 @@ def op_trust_retire(tenant: str, kid: str) -> Op[TrustedKey]:
     if not _PEER_KID_RE.fullmatch(kid) or kid in {".", ".."}:
         raise UnknownKid()
     path = f"/v1/trusted-keys/{_tenant_path(tenant)}/{kid}/retire"
-    return Op("POST", path, {}, _trusted_key, False)
+    return Op("POST", path, {}, _trusted_key, False, admin=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ._backend import Backend, Destroyer, Inline, KeyInfo, KeyVersion, VersionState
 from ._coalesce import Coalescer
+from ._idempotency import run_change
 from ._maint import KeyringUpkeep
 from ._names import KeyName, parse_kid
 from .errors import (
@@ -52,6 +54,11 @@ _T = TypeVar("_T")
 #: seconds the first read of the whole keyring may take at start-up
 STARTUP_TIMEOUT = 60.0
 
+#: the keys whose admin lock the running task holds
+_holding: contextvars.ContextVar[frozenset[KeyName]] = contextvars.ContextVar(
+    "signerd_admin_holding", default=frozenset()
+)
+
 #: states whose kid verifies and is published in the JWKS
 PUBLISHED = frozenset({VersionState.PENDING, VersionState.ACTIVE, VersionState.VERIFY_ONLY})
 
@@ -64,6 +71,8 @@ class Settings:
     refresh_interval: float = 30.0  # seconds between keyring re-reads (0: never)
     unknown_kid_refresh: float = 1.0  # at most one re-read per key per this many seconds
     retain_verify_only: int = 0  # keep this many verify-only versions, retire older (0: all)
+    idempotency_ttl: float = 86400.0  # seconds an admin request's Idempotency-Key is kept
+    idempotency_max_entries: int = 1000  # Idempotency-Keys kept at most (the oldest go)
 
 
 @dataclass(frozen=True)
@@ -128,6 +137,12 @@ class KeyService(KeyringUpkeep):
         except TimeoutError as exc:
             log.error("signerd.backend_timeout backend=%s", backend)
             raise BackendUnavailable("the key backend did not answer in time") from exc
+
+    async def _change(self, key: KeyName, call: Callable[[Backend], _T]) -> _T:
+        """``call(backend)``, a keyring change, for ``key``'s backend (``run_change``)."""
+        name = self.backend_name(key.tenant)
+        backend, timeout = self._backends[name], self.settings.backend_timeout
+        return await run_change(self._executors[name], lambda: call(backend), timeout)
 
     async def _on(
         self, key: KeyName, call: Callable[[Backend], _T], *, on_loop: bool = False
@@ -378,13 +393,32 @@ class KeyService(KeyringUpkeep):
     # --- administration -----------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _admin_lock(self, key: KeyName) -> AsyncIterator[None]:
+    async def admin(self, key: KeyName) -> AsyncIterator[None]:
+        """Hold ``key``'s admin lock (and the workers' one) for the block; the operations
+        below, called inside it, take it again without waiting."""
+        held = _holding.get()
+        if key in held:  # this task holds it already (``admin``)
+            yield
+            return
         async with self._admin_locks.setdefault(key, asyncio.Lock()):
-            if self.admin_guard is None:
-                yield
-            else:
-                async with self.admin_guard(key):
+            token = _holding.set(held | {key})
+            try:
+                if self.admin_guard is None:
                     yield
+                else:
+                    async with self.admin_guard(key):
+                        yield
+            finally:
+                _holding.reset(token)
+
+    async def read(self, key: KeyName) -> KeyInfo | None:
+        """``key`` from the cache, else one lookup in its backend (no re-read); None if absent."""
+        try:
+            return self._keys.get(key) or self._store(
+                await self._on(key, lambda b: b.describe(key))
+            )
+        except UnknownKey:
+            return None
 
     async def learn(self, key: KeyName) -> None:
         """Another process changed ``key``: read it from its backend now.
@@ -400,41 +434,41 @@ class KeyService(KeyringUpkeep):
                     await self._reread(self.backend_name(key.tenant))
 
     async def create(self, key: KeyName) -> KeyInfo:
-        async with self._admin_lock(key):
-            return self._store(await self._on(key, lambda b: b.create(key)))
+        async with self.admin(key):
+            return self._store(await self._change(key, lambda b: b.create(key)))
 
     async def rotate(self, key: KeyName, *, pending: bool = False) -> tuple[KeyInfo, KeyVersion]:
-        async with self._admin_lock(key):
-            info = self._store(await self._on(key, lambda b: b.rotate(key, pending=pending)))
+        async with self.admin(key):
+            info = self._store(await self._change(key, lambda b: b.rotate(key, pending=pending)))
             info = await self._apply_retention(info)
             return info, info.versions[-1]
 
     async def promote(self, key: KeyName, version: int) -> KeyInfo:
-        async with self._admin_lock(key):
+        async with self.admin(key):
             current = await self.describe(key)
             _require(
                 current, version, {VersionState.PENDING}, "only a pending version can be promoted"
             )
             info = self._store(
-                await self._on(key, lambda b: b.set_state(key, version, VersionState.ACTIVE))
+                await self._change(key, lambda b: b.set_state(key, version, VersionState.ACTIVE))
             )
             return await self._apply_retention(info)
 
     async def retire(self, key: KeyName, version: int) -> KeyInfo:
-        async with self._admin_lock(key):
+        async with self.admin(key):
             current = await self.describe(key)
             allowed = {VersionState.PENDING, VersionState.VERIFY_ONLY}
             _require(
                 current, version, allowed, "only a pending or verify-only version can be retired"
             )
             return self._store(
-                await self._on(key, lambda b: b.set_state(key, version, VersionState.RETIRED))
+                await self._change(key, lambda b: b.set_state(key, version, VersionState.RETIRED))
             )
 
     async def destroy(self, key: KeyName, version: int, confirm: str | None) -> KeyInfo:
         if confirm != key.kid(version):
             raise ConfirmationRequired()
-        async with self._admin_lock(key):
+        async with self.admin(key):
             current = await self.describe(key)
             _require(
                 current, version, {VersionState.RETIRED}, "only a retired version can be destroyed"
@@ -445,7 +479,7 @@ class KeyService(KeyringUpkeep):
                     raise NotSupported("this backend cannot destroy key versions")
                 return backend.destroy(key, version)
 
-            return self._store(await self._on(key, run))
+            return self._store(await self._change(key, run))
 
     async def _apply_retention(self, info: KeyInfo) -> KeyInfo:
         keep = self.settings.retain_verify_only
@@ -455,7 +489,7 @@ class KeyService(KeyringUpkeep):
         verify_only = [v.version for v in info.versions if v.state is VersionState.VERIFY_ONLY]
         for number in verify_only[: max(0, len(verify_only) - keep)]:
             log.info("signerd.retention_retire kid=%s", key.kid(number))
-            info = self._store(await self._on(key, _retire_call(key, number)))
+            info = self._store(await self._change(key, _retire_call(key, number)))
         return info
 
 

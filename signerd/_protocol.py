@@ -305,10 +305,13 @@ class Connection(asyncio.Protocol):
     def last_answer(self, exc: SignerdError) -> bool:
         """From another thread while the loop's thread is stuck in a call (the process ends
         next): ``exc`` as the answer to the request in progress, written to the socket
-        directly. Nothing when no request is being answered or an answer is half sent."""
+        directly. Nothing when no request is being answered or an answer is half sent. A
+        request may name its own answer (``stall_answer``: an admin change under way)."""
         req, transport = self._active, self.transport
         if req is None or transport is None or self._closing:
             return False
+        own = req.get("stall_answer")
+        exc = own if isinstance(own, SignerdError) else exc
         sock = transport.get_extra_info("socket")
         if sock is None or transport.get_write_buffer_size():
             return False

@@ -12,10 +12,13 @@ import asyncio
 import hashlib
 import importlib.resources
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ._backend import KeyVersion
 from ._calls import AuditSink, Call, Operation
 from ._front import AuditNotes, Front, PeerLookup, VisibilityGate
+from ._idempotency import AdminChange
 from ._jwk import to_jwk
 from ._keyservice import KeyService
 from ._names import KeyName, parse_kid, parse_version
@@ -36,6 +39,8 @@ from .errors import (
     PermissionDenied,
     RateLimited,
     SignerdError,
+    UnknownKey,
+    UnknownVersion,
     UnsupportedMediaType,
 )
 
@@ -160,10 +165,13 @@ class Server(Front):
         body = await self._body(request, {"key"}, {"key"})
         key = KeyName.parse(body["key"])
         self._authorize(request, Operation.CREATE, key, key.tenant)
-        await self._attempt(request, request["audit"])
-        info = await self.keys.create(key)
-        request["audit"].kid = info.versions[-1].kid
-        return json_response(key_json(info), status=201)
+
+        async def apply() -> Response:
+            info = await self.keys.create(key)
+            request["audit"].kid = info.versions[-1].kid
+            return json_response(key_json(info), status=201)
+
+        return await self._change(request, "create", key, f"create {key}", apply)
 
     async def list_keys(self, request: Request) -> Response:
         request["audit"].operation = Operation.LIST
@@ -191,10 +199,13 @@ class Server(Front):
         body = await self._body(request, {"pending"}, set())
         pending = field_bool(body, "pending", False)
         self._authorize(request, Operation.ROTATE, key, key.tenant)
-        await self._attempt(request, request["audit"])
-        info, new = await self.keys.rotate(key, pending=pending)
-        request["audit"].kid = new.kid
-        return json_response({"kid": new.kid, "key": key_json(info)})
+
+        async def apply() -> Response:
+            info, new = await self.keys.rotate(key, pending=pending)
+            request["audit"].kid = new.kid
+            return json_response({"kid": new.kid, "key": key_json(info)})
+
+        return await self._change(request, "rotate", key, f"rotate {key} {pending}", apply)
 
     async def version_action(self, request: Request) -> Response:
         action = request.match_info["action"]
@@ -212,15 +223,75 @@ class Server(Front):
         body = await self._body(request, {"confirm"} if op is Operation.DESTROY else set(), set())
         self._authorize(request, op, key, key.tenant)
         request["audit"].kid = key.kid(version)
-        await self._attempt(request, request["audit"])
-        if op is Operation.PROMOTE:
-            info = await self.keys.promote(key, version)
-        elif op is Operation.RETIRE:
-            info = await self.keys.retire(key, version)
-        else:
-            confirm = field_str(body, "confirm") if "confirm" in body else None
-            info = await self.keys.destroy(key, version, confirm)
-        return json_response(key_json(info))
+        confirm = field_str(body, "confirm") if "confirm" in body else None
+
+        async def apply() -> Response:
+            if op is Operation.PROMOTE:
+                info = await self.keys.promote(key, version)
+            elif op is Operation.RETIRE:
+                info = await self.keys.retire(key, version)
+            else:
+                info = await self.keys.destroy(key, version, confirm)
+            return json_response(key_json(info))
+
+        what = f"{action} {key} {version} {confirm}"
+        return await self._change(request, action, key, what, apply, version)
+
+    # --- what an admin change needs to be said exactly (``_idempotency``) -----------
+
+    async def _change(
+        self,
+        request: Request,
+        kind: str,
+        key: KeyName,
+        what: str,
+        apply: Callable[[], Awaitable[Response]],
+        version: int = 0,
+    ) -> Response:
+        change = AdminChange(
+            kind=kind,
+            target=f"key {key}",
+            what=what,
+            lock=lambda: self.keys.admin(key),
+            apply=apply,
+            before=lambda: self._before(key, kind, version),
+            made=lambda kind, before: self._made(key, kind, before),
+        )
+        return await self.admin_change(request, change)
+
+    async def _before(self, key: KeyName, kind: str, version: int) -> dict[str, Any]:
+        """What the change will alter: whether the key exists, its last version, a state."""
+        if kind == "create":
+            return {"exists": await self.keys.read(key) is not None}
+        info = await self.keys.describe(key)
+        if kind == "rotate":
+            return {"last": max(v.version for v in info.versions)}
+        found = info.version(version)
+        if found is None:
+            raise UnknownVersion()
+        return {"version": version, "state": found.state.value}
+
+    async def _made(
+        self, key: KeyName, kind: str, before: dict[str, Any]
+    ) -> tuple[Response, str | None] | None:
+        """The answer of a change of ``key`` found made (read from the backend now), or None."""
+        try:
+            now = await self.keys.describe(key)
+        except UnknownKey:
+            return None
+        if kind == "create":
+            if before["exists"]:
+                return None
+            return json_response(key_json(now), status=201), now.versions[0].kid
+        if kind == "rotate":
+            new = sorted((v for v in now.versions if v.version > before["last"]), key=_number)
+            if not new:
+                return None
+            return json_response({"kid": new[0].kid, "key": key_json(now)}), new[0].kid
+        found = now.version(before["version"])
+        if (found.state.value if found is not None else "absent") == before["state"]:
+            return None
+        return json_response(key_json(now)), key.kid(before["version"])
 
     # --- sign and verify --------------------------------------------------------
 
@@ -368,6 +439,10 @@ def _retrieved(future: asyncio.Future[None]) -> None:
     """Mark a shared check's failure as seen (its callers may all have gone)."""
     if not future.cancelled():
         future.exception()
+
+
+def _number(version: KeyVersion) -> int:
+    return version.version
 
 
 def _version(text: str) -> int:

@@ -13,8 +13,10 @@ Each worker runs ``Daemon.start`` on the inherited socket with its own
 backends (its own token session and login), its own audit file
 (``audit.wN.jsonl``) and its own federation state, the rate-limit buckets all
 workers share, and the admin lock: create, rotate, promote, retire and
-destroy take it, and after each the worker sends ``keyring-changed
-TENANT/NAME`` so that every other worker re-reads that key at once. A worker
+destroy take it (their Idempotency-Keys are looked up and stored under it, in
+a file every worker opens: ``_idemstore``), and after each the worker sends
+``keyring-changed TENANT/NAME`` so that every other worker re-reads that key
+at once. A worker
 that cannot start for a configuration reason (a wrong PIN) exits 78 and the
 supervisor stops with 78, without a restart loop.
 

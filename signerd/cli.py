@@ -110,6 +110,8 @@ EXIT_FOR_CODE: dict[str, int] = {
     "nonce_store_unavailable": os.EX_UNAVAILABLE,
     "not_supported": os.EX_UNAVAILABLE,
     "internal_error": os.EX_SOFTWARE,
+    "outcome_unknown": os.EX_SOFTWARE,
+    "idempotency_key_reused": os.EX_DATAERR,
     "key_exists": os.EX_CANTCREAT,
     "shared_peer_key": os.EX_CANTCREAT,
     "rate_limited": os.EX_TEMPFAIL,

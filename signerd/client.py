@@ -23,8 +23,14 @@ valid signature, and raise ``InvalidSignature``, ``UnknownKid``,
 ``RetiredKid`` or ``DestroyedKid`` (all ``VerificationError``) otherwise.
 
 Reads, ``sign`` and ``verify`` are sent a second time, once, when a reused
-idle connection turns out to be broken; create, rotate, promote, retire and
-destroy are never sent twice.
+idle connection turns out to be broken. Create, rotate, promote, retire,
+destroy and the trusted-key changes carry an ``Idempotency-Key`` made for
+the call: when the connection breaks after sending, the call times out, or
+signerd answers ``outcome_unknown``, the same request is sent again with the
+same key (three times in all; once in doubt, also after a retryable refusal
+such as the admin lock being busy), and signerd answers what the first one
+did rather than doing it twice. When the outcome is still in doubt after the
+third, the call raises ``OutcomeUnknown`` (its cause is the last failure).
 
 The federation envelopes (``docs/federation.md``) have their own calls:
 ``telemetry_sign``/``telemetry_verify``, ``feedback_sign``/``feedback_verify``

@@ -18,6 +18,7 @@ __all__ = [
     "BackendUnavailable",
     "ConfirmationRequired",
     "DestroyedKid",
+    "IdempotencyKeyReused",
     "InternalError",
     "InvalidBase64",
     "InvalidKeyName",
@@ -30,6 +31,7 @@ __all__ = [
     "NonceStoreUnavailable",
     "NotFound",
     "NotSupported",
+    "OutcomeUnknown",
     "PayloadTooLarge",
     "PermissionDenied",
     "RateLimited",
@@ -227,6 +229,12 @@ class SchemaMismatch(SignerdError):
     default_message = "envelope schema is not the expected one"
 
 
+class IdempotencyKeyReused(SignerdError):
+    code = "idempotency_key_reused"
+    status = 422
+    default_message = "this Idempotency-Key was used for another request"
+
+
 class RateLimited(SignerdError):
     code = "rate_limited"
     status = 429
@@ -241,6 +249,20 @@ class InternalError(SignerdError):
     code = "internal_error"
     status = 500
     default_message = "internal error"
+
+
+class OutcomeUnknown(SignerdError):
+    """An admin operation was under way when its worker stalled, its backend call did not
+    answer in time, or its outcome record could not be written: it may or may not have
+    taken effect. Not retryable as such (no Retry-After): a retry with the same
+    Idempotency-Key answers what happened; without one, read the key first."""
+
+    code = "outcome_unknown"
+    status = 500
+    default_message = (
+        "the operation may or may not have taken effect; retry with the same "
+        "Idempotency-Key to learn its outcome"
+    )
 
 
 class NotSupported(SignerdError):

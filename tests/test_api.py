@@ -301,3 +301,83 @@ def test_random_bodies_never_500(api: Api, key: str) -> None:
         reply = api("POST", rng.choice(urls), raw=raw)
         assert reply.status < 500, (raw, reply.body)
         assert reply.code is not None or reply.status == 200
+
+
+# --- Idempotency-Key on admin requests ------------------------------------------------
+
+
+def _versions(api: Api, key: str) -> list[int]:
+    return [v["version"] for v in api.ok("GET", f"/v1/keys/{key}")["versions"]]
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 65, "a b", "a/b", "key\u00e9", "a,b", '"quoted"'])
+def test_a_malformed_idempotency_key_is_refused_before_anything(
+    api: Api, key: str, bad: str
+) -> None:
+    """An Idempotency-Key outside 1-64 of [A-Za-z0-9._:-] is 400 invalid_request and the admin
+    operation is not done (rotate and create alike)."""
+    headers = {"Idempotency-Key": bad}
+    reply = api("POST", f"/v1/keys/{key}/rotate", {}, headers=headers)
+    assert (reply.status, reply.code) == (400, "invalid_request"), reply.body
+    assert "Idempotency-Key" in reply.json["error"]["message"]
+    assert not bad or bad not in reply.body.decode()  # never echoed
+    fresh = f"{unique('idem')}/k"
+    assert api("POST", "/v1/keys", {"key": fresh}, headers=headers).code == "invalid_request"
+    assert api("GET", f"/v1/keys/{fresh}").code == "unknown_key"
+    assert _versions(api, key) == [1]
+
+
+def test_a_repeated_idempotency_key_answers_again_without_acting(
+    api: Api, key: str, daemon: DaemonProcess
+) -> None:
+    """The same key for the same rotate answers the first answer again (Idempotent-Replayed)
+    and rotates once; the same key for another request is 422 idempotency_key_reused; the
+    trail records the replays as `replayed`, naming the kid and the first request."""
+    k = unique("rot")
+    first = api("POST", f"/v1/keys/{key}/rotate", {}, headers={"Idempotency-Key": k})
+    assert first.status == 200 and "idempotent-replayed" not in first.headers
+    for _ in range(4):  # fresh connections: both workers answer some
+        again = api("POST", f"/v1/keys/{key}/rotate", {}, headers={"Idempotency-Key": k})
+        assert again.status == 200 and again.headers["idempotent-replayed"] == "true"
+        assert again.json == first.json
+    assert _versions(api, key) == [1, 2]
+    other = f"{unique('idem')}/k"
+    for method, url, body in [
+        ("POST", f"/v1/keys/{key}/rotate", {"pending": True}),
+        ("POST", "/v1/keys", {"key": other}),
+        ("POST", f"/v1/keys/{key}/versions/1/retire", {}),
+    ]:
+        reply = api(method, url, body, headers={"Idempotency-Key": k})
+        assert (reply.status, reply.code) == (422, "idempotency_key_reused"), reply.body
+    assert _versions(api, key) == [1, 2]
+    assert api("GET", f"/v1/keys/{other}").code == "unknown_key"
+    rid = first.headers["x-request-id"]
+    records = [r for r in daemon.audit_records() if r.get("key") == key]
+    replays = [r for r in records if r["outcome"] == "replayed"]
+    assert len(replays) == 4 and {r["kid"] for r in replays} == {first.json["kid"]}
+    assert all(r["reason"] == f"replay of request {rid}" for r in replays)
+    mine = [r["outcome"] for r in records if r["request_id"] == rid]
+    assert mine == ["intent", "ok"]
+
+
+def test_every_admin_operation_replays_its_answer(api: Api) -> None:
+    """create, promote, retire and destroy repeated with their keys answer as the first time
+    (a repeated create is 201 again, not key_exists) and change nothing more."""
+    key = f"{unique('idem')}/k"
+    tenant, name = key.split("/")
+    steps: list[tuple[str, Any, int]] = [
+        ("/v1/keys", {"key": key}, 201),
+        (f"/v1/keys/{key}/rotate", {"pending": True}, 200),
+        (f"/v1/keys/{key}/versions/2/promote", {}, 200),
+        (f"/v1/keys/{key}/versions/1/retire", {}, 200),
+        (f"/v1/keys/{key}/versions/1/destroy", {"confirm": f"{tenant}.{name}.v1"}, 200),
+    ]
+    for url, body, status in steps:
+        headers = {"Idempotency-Key": unique("step")}
+        first = api("POST", url, body, headers=headers)
+        assert first.status == status, first.body
+        again = api("POST", url, body, headers=headers)
+        assert (again.status, again.json) == (status, first.json), again.body
+        assert again.headers["idempotent-replayed"] == "true"
+    states = [v["state"] for v in api.ok("GET", f"/v1/keys/{key}")["versions"]]
+    assert states == ["destroyed", "active"]

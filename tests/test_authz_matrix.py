@@ -55,7 +55,7 @@ print("ready", flush=True)
 for line in sys.stdin:
     req = json.loads(line)
     body = None if req["body"] is None else json.dumps(req["body"]).encode()
-    headers = {"Content-Type": "application/json", "X-Request-Id": req["rid"]}
+    headers = {"Content-Type": "application/json", "X-Request-Id": req["rid"], **req["headers"]}
     try:
         conn.request(req["method"], req["url"], body=body, headers=headers)
         resp = conn.getresponse()
@@ -97,11 +97,12 @@ class Caller:
         with open(f"/proc/{self.proc.pid}/status") as status:
             self.uid = int(next(x for x in status if x.startswith("Uid:")).split()[1])
 
-    def ask(self, method: str, url: str, body: Any, rid: str) -> Reply:
+    def ask(
+        self, method: str, url: str, body: Any, rid: str, headers: dict[str, str] | None = None
+    ) -> Reply:
         assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout
-        self.proc.stdin.write(
-            json.dumps({"method": method, "url": url, "body": body, "rid": rid}) + "\n"
-        )
+        req = {"method": method, "url": url, "body": body, "rid": rid, "headers": headers or {}}
+        self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
         out = json.loads(self.proc.stdout.readline())
         return Reply(out["status"], {}, out["body"].encode())
@@ -397,6 +398,29 @@ def loop_fs(base: Path) -> Iterator[Path]:
             if subprocess.run(["umount", str(mnt)], capture_output=True).returncode == 0:
                 break
             time.sleep(0.1)
+
+
+def test_idempotency_keys_are_each_callers_own(matrix: Matrix) -> None:
+    """An Idempotency-Key is scoped by the caller's uid: another uid's request with the same key
+    acts for itself (no replay of root's answer, no 422), and replays only its own answer."""
+    m = matrix
+    key = f"{m.acme}/{unique('idem')}"
+    m.root("POST", "/v1/keys", {"key": key}, status=201)
+    idem = {"Idempotency-Key": unique("shared")}
+    url = f"/v1/keys/{key}/rotate"
+    root = request(str(m.d.socket_path), "POST", url, {}, headers=idem)
+    assert root.status == 200 and root.json["kid"].endswith(".v2")
+    operator = m.callers["operator"]
+    mine = operator.ask("POST", url, {}, "idem-op-1", idem)
+    assert mine.status == 200 and mine.json["kid"].endswith(".v3"), mine.body
+    again = operator.ask("POST", url, {}, "idem-op-2", idem)
+    assert again.status == 200 and again.json == mine.json
+    other = operator.ask("POST", url, {"pending": True}, "idem-op-3", idem)
+    assert (other.status, other.code) == (422, "idempotency_key_reused")
+    replay = request(str(m.d.socket_path), "POST", url, {}, headers=idem)
+    assert replay.json == root.json and replay.headers["idempotent-replayed"] == "true"
+    versions = m.root("GET", f"/v1/keys/{key}")["versions"]
+    assert [v["version"] for v in versions] == [1, 2, 3]
 
 
 @pytest.mark.parametrize(

@@ -390,3 +390,22 @@ def test_data_is_read_up_to_the_limit_from_a_file_or_stdin(tmp_path: Path) -> No
         assert checked.returncode == os.EX_OK, checked.stderr
     finally:
         assert d.stop() == 0, d.log_text()
+
+
+def test_admin_commands_send_an_idempotency_key(ctl: Ctl, daemon: DaemonProcess) -> None:
+    """signerctl's create and rotate go out with an Idempotency-Key each (the daemon stores
+    one answer per command), so the client may resend them safely."""
+    import sqlite3
+
+    key = f"{unique('ctlidem')}/k"
+    ctl.ok("keys", "create", key)
+    ctl.ok("keys", "rotate", key)
+    db = sqlite3.connect(str(daemon.socket_path.parent / ".signerd-idempotency.db"), timeout=5)
+    try:
+        rows = db.execute(
+            "SELECT kind, status, kid FROM entries WHERE target = ? ORDER BY created",
+            (f"key {key}",),
+        ).fetchall()
+    finally:
+        db.close()
+    assert rows == [("create", 201, kid_of(key, 1)), ("rotate", 200, kid_of(key, 2))]

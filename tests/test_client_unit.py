@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import shutil
 import tempfile
 import threading
@@ -81,6 +82,7 @@ class FakeSignerd:
         self.calls: Counter[tuple[str, str]] = Counter()
         self.queries: list[dict[str, str]] = []
         self.drop_next = 0  # close the connection instead of answering, this many times
+        self.idempotency: list[tuple[str, str | None]] = []  # (path, Idempotency-Key) per request
         self._transports: list[Any] = []
         self.signing_key = Ed25519PrivateKey.generate()
         self.sign_kid = "acme.feedback.v1"
@@ -126,6 +128,7 @@ class FakeSignerd:
         if not any(t is request.transport for t in self._transports):
             self._transports.append(request.transport)
         self.calls[(request.method, request.path)] += 1
+        self.idempotency.append((request.path, request.headers.get("Idempotency-Key")))
         self.queries.append(dict(request.query))
         if self.drop_next > 0:
             self.drop_next -= 1
@@ -224,14 +227,93 @@ def test_a_second_break_is_reported_not_retried_again(fake: FakeSignerd, client:
     assert fake.calls[("POST", "/v1/sign")] == 2
 
 
-def test_rotate_is_never_sent_twice(fake: FakeSignerd, client: Client) -> None:
-    """A rotate whose connection drops raises ConnectionFailed and is not resent."""
+ROTATE = "/v1/keys/acme/feedback/rotate"
+
+
+def _keys_sent(fake: FakeSignerd, path: str) -> list[str | None]:
+    return [key for at, key in fake.idempotency if at == path]
+
+
+def test_rotate_is_sent_again_only_with_its_idempotency_key(
+    fake: FakeSignerd, client: Client
+) -> None:
+    """A rotate whose connection drops is sent again with the same Idempotency-Key; the
+    next rotate has a key of its own; a sign carries none."""
     client.health()
     fake.drop_next = 1
-    with pytest.raises(ConnectionFailed) as info:
+    assert client.rotate("acme/feedback")[0] == "acme.feedback.v2"
+    client.rotate("acme/feedback")
+    client.sign("acme/feedback", b"payload")
+    first, again, second = _keys_sent(fake, ROTATE)
+    assert first is not None and re.fullmatch(r"[A-Za-z0-9_-]{32}", first)
+    assert again == first and second not in (None, first)
+    assert _keys_sent(fake, "/v1/sign") == [None]
+
+
+def test_rotate_gives_up_after_three_sends(fake: FakeSignerd, client: Client) -> None:
+    """A rotate whose connection drops three times raises OutcomeUnknown (caused by the
+    ConnectionFailed, no request id) after exactly three sends, all with one key."""
+    client.health()
+    fake.drop_next = 3
+    with pytest.raises(errors.OutcomeUnknown) as info:
         client.rotate("acme/feedback")
-    assert info.value.request_id is None
-    assert fake.calls[("POST", "/v1/keys/acme/feedback/rotate")] == 1
+    assert info.value.request_id is None and isinstance(info.value.__cause__, ConnectionFailed)
+    keys = _keys_sent(fake, ROTATE)
+    assert len(keys) == 3 and len(set(keys)) == 1
+
+
+def test_after_a_doubt_a_refusal_that_may_pass_is_tried_again(
+    fake: FakeSignerd, client: Client
+) -> None:
+    """Once an attempt may have acted, a later retryable refusal (the admin lock busy) is tried
+    again with the key; one still refused at the end leaves the outcome unknown, not refused."""
+    answers = ["outcome_unknown", "backend_unavailable", "backend_unavailable"]
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        code = answers.pop(0)
+        return envelope(code, errors.CODES[code].status)
+
+    fake.routes[("POST", ROTATE)] = handler
+    with pytest.raises(errors.OutcomeUnknown) as info:
+        client.rotate("acme/feedback")
+    assert isinstance(info.value.__cause__, errors.BackendUnavailable)
+    assert len(_keys_sent(fake, ROTATE)) == 3 and not answers
+    answers[:] = ["backend_unavailable"]  # no doubt before it: a plain refusal, sent once
+    with pytest.raises(errors.BackendUnavailable) as plain:
+        client.rotate("acme/feedback")
+    assert type(plain.value) is errors.BackendUnavailable and len(_keys_sent(fake, ROTATE)) == 4
+
+
+def test_outcome_unknown_is_asked_again_with_the_same_key(
+    fake: FakeSignerd, client: Client
+) -> None:
+    """An outcome_unknown answer to an admin call is followed by the same request with the same
+    key, whose answer is returned; other errors are raised at once."""
+    answers = ["outcome_unknown", None]
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        code = answers.pop(0)
+        if code is not None:
+            return envelope(code, 500)
+        return web.json_response(description("acme/feedback", 1, 1), status=201)
+
+    fake.routes[("POST", "/v1/keys")] = handler
+    assert client.create_key("acme/feedback").key == "acme/feedback"
+    keys = _keys_sent(fake, "/v1/keys")
+    assert len(keys) == 2 and keys[0] == keys[1] is not None
+    answers[:] = ["idempotency_key_reused"]
+    with pytest.raises(errors.IdempotencyKeyReused):
+        client.create_key("acme/feedback")
+    assert len(_keys_sent(fake, "/v1/keys")) == 3
+
+
+def test_an_admin_call_to_no_daemon_is_not_repeated(tmp_path: Path) -> None:
+    """Nothing listens: the admin call fails at once with ConnectionFailed, not after retries."""
+    with Client(str(tmp_path / "none.sock"), timeout=2.0) as c:
+        started = time.monotonic()
+        with pytest.raises(ConnectionFailed) as info:
+            c.rotate("acme/feedback")
+        assert time.monotonic() - started < 0.15 and not info.value.sent
 
 
 def test_threads_share_a_client_safely(fake: FakeSignerd, client: Client) -> None:
@@ -532,17 +614,26 @@ async def test_async_calls_share_one_connection(fake: FakeSignerd) -> None:
 
 
 async def test_async_sign_is_resent_once_after_a_drop(fake: FakeSignerd) -> None:
-    """The async client resends a sign once when its connection drops, never a rotate."""
+    """The async client resends a sign once when its connection drops (no Idempotency-Key),
+    and a rotate with its Idempotency-Key, at most three times in all."""
     async with AsyncClient(fake.path, timeout=5.0) as c:
         await c.health()
         fake.drop_next = 1
         sig = await c.sign("acme/feedback", b"payload")
         fake.signing_key.public_key().verify(sig.signature, b"payload")
         assert fake.calls[("POST", "/v1/sign")] == 2
+        assert _keys_sent(fake, "/v1/sign") == [None, None]
         fake.drop_next = 1
-        with pytest.raises(ConnectionFailed):
+        assert (await c.rotate("acme/feedback"))[0] == "acme.feedback.v2"
+        keys = _keys_sent(fake, ROTATE)
+        assert len(keys) == 2 and keys[0] == keys[1] is not None
+        fake.drop_next = 3
+        with pytest.raises(errors.OutcomeUnknown):
             await c.rotate("acme/feedback")
-        assert fake.calls[("POST", "/v1/keys/acme/feedback/rotate")] == 1
+        keys = _keys_sent(fake, ROTATE)[2:]
+        assert (
+            len(keys) == 3 and len(set(keys)) == 1 and keys[0] not in _keys_sent(fake, ROTATE)[:2]
+        )
 
 
 @pytest.mark.parametrize("code", sorted(errors.CODES))

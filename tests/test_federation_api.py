@@ -387,7 +387,7 @@ def test_signed_telemetry_input_is_exact(api: Api, tenant: str) -> None:
 
 
 def test_trust_is_audited_like_an_admin_operation(fed: DaemonProcess, api: Api) -> None:
-    """Adding a trusted key writes an attempt record, then the outcome, under operation trust."""
+    """Adding a trusted key writes an intent record, then the outcome, under operation trust."""
     tenant = unique("ta")
     p = Producer.new("p-audited")
     rid = f"trust-{tenant}"
@@ -405,7 +405,7 @@ def test_trust_is_audited_like_an_admin_operation(fed: DaemonProcess, api: Api) 
         mine = [r for r in lines if r["request_id"] == rid]
         time.sleep(0.05)
     assert [(r["operation"], r["outcome"], r["tenant"], r["kid"]) for r in mine] == [
-        ("trust", "attempt", tenant, p.kid),
+        ("trust", "intent", tenant, p.kid),
         ("trust", "ok", tenant, p.kid),
     ]
 
@@ -502,3 +502,32 @@ def test_shared_key_refusal_is_a_security_event(fed: DaemonProcess, api: Api, te
     assert [(r["operation"], r["outcome"], r["tenant"], r.get("security")) for r in mine] == [
         ("trust", "shared_peer_key", other, True)
     ]
+
+
+def test_trusted_key_changes_replay_under_their_idempotency_key(api: Api) -> None:
+    """Adding and retiring a trusted key, repeated with their Idempotency-Keys, answer as the
+    first time (a repeated add is 201 again, not key_exists); the add's key for another JWK is
+    422 idempotency_key_reused, and a malformed key is 400."""
+    tenant = unique("ti")
+    p, q = Producer.new("p-idem"), Producer.new("q-idem")
+    add = {"tenant": tenant, "kid": p.kid, "jwk": p.jwk()}
+    k1 = {"Idempotency-Key": unique("trust-add")}
+    first = api("POST", "/v1/trusted-keys", add, headers=k1)
+    assert first.status == 201, first.body
+    again = api("POST", "/v1/trusted-keys", add, headers=k1)
+    assert (again.status, again.json) == (201, first.json)
+    assert again.headers["idempotent-replayed"] == "true"
+    reused = api("POST", "/v1/trusted-keys", {**add, "jwk": q.jwk()}, headers=k1)
+    assert (reused.status, reused.code) == (422, "idempotency_key_reused")
+    bad = api("POST", "/v1/trusted-keys", add, headers={"Idempotency-Key": "no spaces"})
+    assert (bad.status, bad.code) == (400, "invalid_request")
+    url = f"/v1/trusted-keys/{tenant}/{p.kid}/retire"
+    k2 = {"Idempotency-Key": unique("trust-retire")}
+    retired = api("POST", url, {}, headers=k2)
+    assert retired.status == 200 and retired.json["state"] == "retired"
+    again = api("POST", url, {}, headers=k2)
+    assert (again.status, again.json) == (200, retired.json)
+    assert again.headers["idempotent-replayed"] == "true"
+    assert api("POST", url, {}).code == "invalid_state"  # without the key: a second retire
+    listed = api.ok("GET", f"/v1/trusted-keys?tenant={tenant}")["keys"]
+    assert [(k["kid"], k["state"]) for k in listed] == [(p.kid, "retired")]

@@ -39,21 +39,30 @@ LABEL = "signerd-openapi"
 # - destroy: confirm must equal the kid the path names (400 confirmation_required);
 # - addTrustedKey: the JWK's optional kid member must equal the request's kid
 #   (400 invalid_request).
+# And one across requests: on the admin operations, an Idempotency-Key the caller
+# used for another request is 422 idempotency_key_reused.
+_STATUSES = {
+    "destroyVersion": '["2xx", "400", "401", "403", "404", "409", "422", "429"]',
+    "addTrustedKey": '["2xx", "400", "401", "403", "404", "409", "422", "429"]',
+    **{
+        op: '["2xx", "401", "403", "404", "409", "422", "429"]'
+        for op in ["createKey", "rotateKey", "promoteVersion", "retireVersion", "retireTrustedKey"]
+    },
+}
 CONFIG = """
 [generation]
 database = "none"
 
 [phases.stateful]
 max-steps = 8
-
+""" + "".join(
+    f"""
 [[operations]]
-include-operation-id = "destroyVersion"
-checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "429"]
-
-[[operations]]
-include-operation-id = "addTrustedKey"
-checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "429"]
+include-operation-id = "{op}"
+checks.positive_data_acceptance.expected-statuses = {statuses}
 """
+    for op, statuses in _STATUSES.items()
+)
 
 
 class Bridge:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from signerd._backend import VersionState
+from signerd._idempotency import run_change
 from signerd._keyservice import KeyService, Settings
 from signerd._names import KeyName
 from signerd._pkcs11 import from_config
 from signerd.errors import (
+    BackendUnavailable,
     ConfirmationRequired,
     DestroyedKid,
     InvalidSignature,
@@ -229,3 +233,24 @@ async def test_sign_many_signs_in_chunks_and_follows_a_rotation(key: KeyName) ->
             await svc.verify(kid, data, sig)
     finally:
         await svc.close()
+
+
+async def test_a_keyring_change_past_its_timeout_is_waited_for_or_never_started() -> None:
+    """run_change: a change that started and outlives the timeout is waited for and its result
+    returned (the admin lock is held until the backend is done); one that had not started by
+    then is cancelled, answered BackendUnavailable, and never runs."""
+    ran: list[str] = []
+
+    def slow() -> str:
+        time.sleep(0.5)
+        ran.append("slow")
+        return "made"
+
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        started = time.monotonic()
+        queued = asyncio.ensure_future(run_change(executor, lambda: ran.append("queued"), 0.2))
+        assert await run_change(executor, slow, 0.2) == "made"
+        assert 0.45 <= time.monotonic() - started < 2.0
+        with pytest.raises(BackendUnavailable):
+            await queued
+    assert ran == ["slow"]

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import contextlib
+import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -294,3 +297,158 @@ def test_one_worker_is_one_process_with_one_audit_file(tmp_path: Path) -> None:
         assert [p.name for p in d.audit_files()] == ["audit.jsonl"]
     finally:
         assert d.stop() == 0
+
+
+# --- admin requests with an Idempotency-Key, across workers ------------------------------
+
+
+def _rotate(d: DaemonProcess, key: str, idem: str | None, timeout: float = 30) -> Reply:
+    headers = {"Idempotency-Key": idem} if idem else None
+    return request(
+        str(d.socket_path), "POST", f"/v1/keys/{key}/rotate", {}, headers=headers, timeout=timeout
+    )
+
+
+def _versions(d: DaemonProcess, key: str) -> list[int]:
+    info = request(str(d.socket_path), "GET", f"/v1/keys/{key}").json
+    return [v["version"] for v in info["versions"]]
+
+
+def _store(d: DaemonProcess) -> sqlite3.Connection:
+    """The daemon's Idempotency-Key store (in the runtime directory, the socket's)."""
+    return sqlite3.connect(str(d.socket_path.parent / ".signerd-idempotency.db"), timeout=5)
+
+
+def test_one_key_sent_at_once_over_both_workers_rotates_once(workers2: DaemonProcess) -> None:
+    """Twelve rotates with one Idempotency-Key at once over fresh connections (both workers):
+    one acts, the eleven others wait for it and answer its answer again; one new version."""
+    d = workers2
+    for _ in range(3):
+        key = f"{unique('burst')}/k"
+        assert request(str(d.socket_path), "POST", "/v1/keys", {"key": key}).status == 201
+        idem = unique("burst-key")
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            replies = list(pool.map(_rotate, [d] * 12, [key] * 12, [idem] * 12))
+        assert [r.status for r in replies] == [200] * 12, [r.body for r in replies]
+        assert len({r.body for r in replies}) == 1
+        replayed = [r for r in replies if r.headers.get("idempotent-replayed") == "true"]
+        assert len(replayed) == 11
+        assert _versions(d, key) == [1, 2]
+        files = {
+            p.name
+            for p in d.audit_files()
+            for line in p.read_bytes().splitlines()
+            if b'"outcome":"replayed"' in line and key.encode() in line
+        }
+        if len(files) == 2:  # replays were answered by both workers
+            return
+    pytest.fail("the kernel never spread the burst over both workers")
+
+
+def _orphan(d: DaemonProcess, rid: str, before: dict[str, Any] | None = None) -> None:
+    """Make a stored answer an intent without an outcome, as when its worker dies mid-change."""
+    with contextlib.closing(_store(d)) as db, db:
+        row = db.execute("SELECT before FROM entries WHERE request_id = ?", (rid,)).fetchone()
+        assert row is not None, "the rotate's key is stored"
+        before_text = row[0] if before is None else json.dumps(before)
+        db.execute(
+            "UPDATE entries SET status = NULL, body = NULL, kid = NULL, before = ? "
+            "WHERE request_id = ?",
+            (before_text, rid),
+        )
+
+
+def test_an_unfinished_rotate_found_made_answers_its_retry(workers2: DaemonProcess) -> None:
+    """A rotate whose worker died after the change, before its answer was stored: its retry
+    reads the key, finds the version it made, answers it (replayed) and rotates no more."""
+    d = workers2
+    key = f"{unique('made')}/k"
+    assert request(str(d.socket_path), "POST", "/v1/keys", {"key": key}).status == 201
+    idem = unique("made-key")
+    first = _rotate(d, key, idem)
+    assert first.status == 200
+    rid = first.headers["x-request-id"]
+    _orphan(d, rid)
+    again = _rotate(d, key, idem)
+    assert again.status == 200 and again.headers["idempotent-replayed"] == "true"
+    assert again.json["kid"] == first.json["kid"]
+    assert _versions(d, key) == [1, 2]
+    wait_until(
+        lambda: f"admin_outcome_settled request_id={rid} operation=rotate made=yes" in d.log_text(),
+        5,
+        "the settle line",
+    )
+
+
+def test_an_unfinished_rotate_not_made_is_done_once_by_its_retry(
+    workers2: DaemonProcess,
+) -> None:
+    """A rotate whose worker died before the change: another rotate of the key meanwhile is
+    not taken for it; its retry then rotates (once), and a further retry replays that."""
+    d = workers2
+    key = f"{unique('notmade')}/k"
+    assert request(str(d.socket_path), "POST", "/v1/keys", {"key": key}).status == 201
+    idem = unique("notmade-key")
+    first = _rotate(d, key, idem)
+    assert first.status == 200 and first.json["kid"].endswith(".v2")
+    rid = first.headers["x-request-id"]
+    _orphan(d, rid, {"last": 2})  # it was about to make version 3, and died
+    meanwhile = _rotate(d, key, None)
+    assert meanwhile.status == 200 and meanwhile.json["kid"].endswith(".v3")
+    retry = _rotate(d, key, idem)
+    assert retry.status == 200 and "idempotent-replayed" not in retry.headers
+    assert retry.json["kid"].endswith(".v4")
+    again = _rotate(d, key, idem)
+    assert again.headers["idempotent-replayed"] == "true" and again.json == retry.json
+    assert _versions(d, key) == [1, 2, 3, 4]
+    assert f"admin_outcome_settled request_id={rid} operation=rotate made=no" in d.log_text()
+
+
+def test_kill_9_of_the_rotating_worker_then_the_retry_rotates_once(
+    workers2: DaemonProcess,
+) -> None:
+    """SIGKILL of the worker acting on a rotate (right after its intent record): no answer;
+    the retry with the same Idempotency-Key, on the other worker, ends with one new version."""
+    d = workers2
+    key = f"{unique('k9rot')}/k"
+    assert request(str(d.socket_path), "POST", "/v1/keys", {"key": key}).status == 201
+    stopped, acting = sorted(d.worker_pids())
+    idem = unique("k9-key")
+    answers: list[Reply | OSError] = []
+    os.kill(stopped, signal.SIGSTOP)  # every connection goes to the other worker
+    try:
+        thread = threading.Thread(target=lambda: answers.append(_try_rotate(d, key, idem)))
+        thread.start()
+        wait_until(lambda: _intent_written(d, key), 10, "the intent record", interval=0.002)
+        os.kill(acting, signal.SIGKILL)
+        thread.join(30)
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    assert len(answers) == 1 and isinstance(answers[0], OSError), answers
+    final = None
+    for _ in range(20):  # until a worker takes it (the supervisor starts a new one)
+        reply = _try_rotate(d, key, idem)
+        if isinstance(reply, Reply) and reply.status == 200:
+            final = reply
+            break
+        time.sleep(0.2)
+    assert final is not None
+    assert _versions(d, key) == [1, 2]
+    assert final.json["kid"] == f"{key.replace('/', '.')}.v2"
+    assert _rotate(d, key, idem).json == final.json
+
+
+def _try_rotate(d: DaemonProcess, key: str, idem: str) -> Reply | OSError:
+    try:
+        return _rotate(d, key, idem, timeout=15)
+    except OSError as exc:  # http.client's RemoteDisconnected is an OSError too
+        return exc
+
+
+def _intent_written(d: DaemonProcess, key: str) -> bool:
+    needle = f'"key":"{key}"'.encode()
+    return any(
+        b'"operation":"rotate","outcome":"intent"' in line and needle in line
+        for p in d.audit_files()
+        for line in p.read_bytes().splitlines()
+    )

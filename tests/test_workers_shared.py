@@ -4,6 +4,7 @@ and the ``server.workers`` setting."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import threading
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from signerd._config import ConfigError, default_workers, parse
+from signerd._idemstore import MAX_BODY, Entry, IdempotencyStore
 from signerd.workers import AdminLock, LockTimeout, SharedBuckets, runtime_path
 
 pytestmark = pytest.mark.timeout(60)
@@ -289,3 +291,67 @@ def test_bad_workers_values_name_the_key(value: object) -> None:
     """A worker count that is not an integer from 1 to 64 is a ConfigError naming server.workers."""
     with pytest.raises(ConfigError, match=r"server\.workers"):
         parse(_doc(workers=value))
+
+
+# --- the Idempotency-Key store ------------------------------------------------------------
+
+
+def _entry(scope: str, created: float, target: str = "key t/k") -> Entry:
+    return Entry(scope, created, target, "rotate", "f" * 64, f"rid-{scope}", {"last": 1})
+
+
+async def test_idempotency_store_keeps_a_bounded_number_for_a_bounded_time(
+    tmp_path: Path,
+) -> None:
+    """Kept at most max_entries (the oldest go first) and at most ttl seconds; an intent is
+    listed for its target until it has its answer; answers over MAX_BODY keep no body."""
+    store = IdempotencyStore(str(tmp_path / "idem.db"), ttl=60.0, max_entries=5)
+    now = time.time()
+    for i in range(8):
+        await store.begin(_entry(f"s{i}", now + i))
+    assert store.count() == 5
+    assert await store.get("s2") is None and await store.get("s3") is not None
+    assert [e.scope for e in await store.intents("key t/k")] == [f"s{i}" for i in range(3, 8)]
+    await store.finish(_entry("s3", now + 3), 200, b"{}", "t.k.v2")
+    await store.finish(_entry("s4", now + 4), 200, b"x" * (MAX_BODY + 1), "t.k.v3")
+    assert [e.scope for e in await store.intents("key t/k")] == ["s5", "s6", "s7"]
+    done, big = await store.get("s3"), await store.get("s4")
+    assert done is not None and (done.status, done.body, done.kid) == (200, b"{}", "t.k.v2")
+    assert big is not None and big.status == 200 and big.body is None
+    await store.begin(_entry("old", now - 61))  # older than the ttl: gone at once
+    assert await store.get("old") is None and store.count() <= 5
+    assert oct((tmp_path / "idem.db").stat().st_mode & 0o777) == "0o600"
+
+
+async def test_idempotency_store_is_shared_by_processes(tmp_path: Path) -> None:
+    """What one process stores, another process reads (the workers share the file)."""
+    path = str(tmp_path / "idem.db")
+
+    def child() -> None:
+        asyncio.run(IdempotencyStore(path).begin(_entry("from-child", time.time())))
+
+    assert _join(_fork(child)) == 0
+    found = await IdempotencyStore(path).get("from-child")
+    assert found is not None and found.before == {"last": 1} and found.status is None
+
+
+def test_the_store_keeps_hashes_not_the_keys_callers_send(tmp_path: Path) -> None:
+    """A daemon's store holds the SHA-256 of (uid, key), never the Idempotency-Key itself."""
+    from ._rawhttp import request
+    from .conftest import start_daemon, unique
+
+    d = start_daemon(tmp_path / "d", server={"workers": 2})
+    try:
+        key, idem = f"{unique('hash')}/k", f"secret-looking-{unique('key')}"
+        assert request(str(d.socket_path), "POST", "/v1/keys", {"key": key}).status == 201
+        headers = {"Idempotency-Key": idem}
+        reply = request(str(d.socket_path), "POST", f"/v1/keys/{key}/rotate", {}, headers=headers)
+        assert reply.status == 200
+        db = d.socket_path.parent / ".signerd-idempotency.db"
+        stored = b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*"))
+        assert idem.encode() not in stored and idem.encode() not in d.log_path.read_bytes()
+        scope = hashlib.sha256(f"{os.getuid()}:{idem}".encode()).hexdigest()
+        found = asyncio.run(IdempotencyStore(str(db)).get(scope))
+        assert found is not None and found.kind == "rotate" and found.status == 200
+    finally:
+        d.stop()

@@ -12,21 +12,25 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from signerd._audit import AuditTrail, verify_file
 from signerd._calls import AuditEvent, Peer
+from signerd.client import Client
 from signerd.errors import AuditUnavailable, BackendUnavailable, SignerdError
 from signerd.workers import EXIT_STALLED, StallGuard
 
-from ._rawhttp import request
+from ._rawhttp import Reply, request
 from .conftest import ROOT, SOFTHSM_MODULE, DaemonProcess, start_daemon, unique, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -249,3 +253,185 @@ def test_a_token_call_that_never_returns_gets_its_503_and_the_worker_is_replaced
     assert d.proc.poll() is None
     for _ in range(6):  # over fresh connections, so both workers sign
         assert _sign(d, key)[0] == 200
+
+
+# --- an admin operation in flight when the guard fires ------------------------------------
+
+
+@pytest.fixture
+def frozen_audit(tmp_path: Path) -> Iterator[tuple[DaemonProcess, Path]]:
+    """Two workers whose audit files are on a file system the test can freeze."""
+    from .test_authz_matrix import loop_fs
+
+    with loop_fs(tmp_path) as mnt:
+        d = start_daemon(
+            tmp_path / "d",
+            server={"workers": 2},
+            audit={
+                "path": str(mnt / "audit.jsonl"),
+                "fsync": True,
+                "write_timeout": 0.5,
+                "anchor_interval": 3600,
+            },
+        )
+        try:
+            yield d, mnt
+        finally:
+            _freeze(mnt, False)
+            d.stop()
+
+
+def _freeze(mnt: Path, on: bool) -> None:
+    flag = "--freeze" if on else "--unfreeze"
+    subprocess.run(["fsfreeze", flag, str(mnt)], capture_output=True, check=on)
+
+
+def _rotate_intent(d: DaemonProcess, key: str) -> bool:
+    needle = f'"key":"{key}"'.encode()
+    return any(
+        b'"operation":"rotate","outcome":"intent"' in line and needle in line
+        for p in d.audit_files()
+        for line in p.read_bytes().splitlines()
+    )
+
+
+def _rotate(d: DaemonProcess, key: str, idem: str) -> Reply | None:
+    try:
+        return request(
+            str(d.socket_path),
+            "POST",
+            f"/v1/keys/{key}/rotate",
+            {},
+            headers={"Idempotency-Key": idem},
+            timeout=20,
+        )
+    except OSError:  # a worker that is going away
+        return None
+
+
+@pytest.mark.parametrize("via", ["http", "client"])
+def test_a_rotate_whose_outcome_record_stalls_is_outcome_unknown_and_rotates_once(
+    frozen_audit: tuple[DaemonProcess, Path], via: str
+) -> None:
+    """A rotate whose outcome record stalls past audit.write_timeout after the change (the
+    audit file system frozen): the stall guard answers 500 outcome_unknown, not
+    audit_unavailable, and no Retry-After; retries with the same Idempotency-Key over fresh
+    connections answer the version it made; one new version in all, named by the trail.
+    Through the client library, rotate() returns that version after its own retry."""
+    d, mnt = frozen_audit
+    key = f"{unique('stallrot')}/k"
+    assert request(str(d.socket_path), "POST", "/v1/keys", {"key": key}).status == 201
+    other = min(d.worker_pids())
+    idem = unique("stall-key")
+    results: list[Any] = []
+
+    def call() -> None:
+        if via == "http":
+            results.append(_rotate(d, key, idem))
+            return
+        with Client(d.socket_path, timeout=20) as client:
+            results.append(client.rotate(key))
+
+    # stopped, the other worker delays the change notice's ack by a second: the rotate is
+    # then past its change and before its outcome record when the file system freezes
+    os.kill(other, signal.SIGSTOP)
+    caller = threading.Thread(target=call)
+    try:
+        caller.start()
+        wait_until(lambda: _rotate_intent(d, key), 10, "the intent record", interval=0.002)
+        _freeze(mnt, True)
+        wait_until(lambda: "signerd.worker_stalled call=audit" in d.log_text(), 10, "the guard")
+    finally:
+        _freeze(mnt, False)
+        os.kill(other, signal.SIGCONT)
+    caller.join(60)
+    new_kid = f"{key.replace('/', '.')}.v2"
+    if via == "http":
+        first = results[0]
+        assert first is not None and (first.status, first.code) == (500, "outcome_unknown")
+        assert "retry-after" not in first.headers
+        answered = 0
+        for _ in range(40):  # fresh connections, whichever worker takes them
+            again = _rotate(d, key, idem)
+            if again is None:
+                time.sleep(0.1)
+                continue
+            assert again.status == 200 and again.headers["idempotent-replayed"] == "true"
+            assert again.json["kid"] == new_kid
+            answered += 1
+            if answered == 6:
+                break
+        assert answered == 6
+    else:
+        kid, described = results[0]
+        assert kid == new_kid and [v.version for v in described.versions] == [1, 2]
+    info = request(str(d.socket_path), "GET", f"/v1/keys/{key}").json
+    assert [v["version"] for v in info["versions"]] == [1, 2]
+    named = [r for r in d.audit_records() if r.get("kid") == new_kid]
+    assert any(r["operation"] == "rotate" and r["outcome"] == "replayed" for r in named), named
+
+
+def test_a_change_whose_outcome_record_fails_is_outcome_unknown(tmp_path: Path) -> None:
+    """One process, no stall guard: a rotate held in the token while the audit file system
+    freezes has made its version when its outcome record fails after write_timeout; the
+    answer is 500 outcome_unknown (never audit_unavailable), and the version is there."""
+    from .test_authz_matrix import loop_fs
+
+    env_before = os.environ.get("SOFTHSM2_CONF")
+    os.environ["SOFTHSM2_CONF"] = _token(tmp_path / "softhsm")
+    backend = {
+        "type": "pkcs11",
+        "module": SOFTHSM_MODULE,
+        "token_label": "stall",
+        "pin_file": str(tmp_path / "softhsm" / "pin"),
+    }
+    try:
+        with loop_fs(tmp_path) as mnt:
+            d = start_daemon(
+                tmp_path / "d",
+                server={"workers": 1},
+                keys={"default_backend": "hsm", "refresh_interval": 0, "backend_timeout": 10.0},
+                backends={"hsm": backend},
+                audit={"path": str(mnt / "audit.jsonl"), "fsync": True, "write_timeout": 0.5},
+            )
+            try:
+                _outcome_record_fails(d, mnt, tmp_path)
+            finally:
+                _freeze(mnt, False)
+                d.stop()
+    finally:
+        if env_before is not None:
+            os.environ["SOFTHSM2_CONF"] = env_before
+
+
+def _outcome_record_fails(d: DaemonProcess, mnt: Path, tmp_path: Path) -> None:
+    key = f"{unique('recfail')}/k"
+    assert request(str(d.socket_path), "POST", "/v1/keys", {"key": key}).status == 201
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(tmp_path / "softhsm" / "tokens")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    results: list[Reply] = []
+    caller = threading.Thread(
+        target=lambda: results.append(
+            request(str(d.socket_path), "POST", f"/v1/keys/{key}/rotate", {}, timeout=30)
+        )
+    )
+    try:
+        assert holder.stdout is not None and int(holder.stdout.readline()) > 0
+        caller.start()
+        wait_until(lambda: _rotate_intent(d, key), 10, "the intent record")
+        time.sleep(0.2)  # the rotate is waiting for the token
+        _freeze(mnt, True)
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(10)
+    caller.join(30)
+    _freeze(mnt, False)
+    assert (results[0].status, results[0].code) == (500, "outcome_unknown"), results[0].body
+    info = request(str(d.socket_path), "GET", f"/v1/keys/{key}").json
+    assert [v["version"] for v in info["versions"]] == [1, 2]
+    assert "signerd.admin_outcome_unknown" in d.log_text()

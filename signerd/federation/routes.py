@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .._backend import VersionState
 from .._calls import AuditSink, Call, Gate, Operation
-from .._front import attempt_event
+from .._idempotency import AdminChange, Made
 from .._jwk import b64url, thumbprint
 from .._keyservice import KeyService
 from .._names import KeyName, parse_kid
@@ -78,7 +78,7 @@ from .envelopes import (
 )
 from .nonces import NonceStore, SqliteNonceStore
 from .settings import FederationSettings
-from .trust import TrustedKeys, jwk_public, valid_peer_kid
+from .trust import PeerKey, TrustedKeys, jwk_public, valid_peer_kid
 
 __all__ = ["ROUTES", "Federation", "attach", "federation_of"]
 
@@ -112,6 +112,8 @@ class Host(Protocol):
     def audit(self) -> AuditSink: ...
 
     def add_routes(self, routes: Iterable[tuple[Any, ...]]) -> None: ...
+
+    async def admin_change(self, request: Request, change: AdminChange) -> Response: ...
 
 
 _attached: weakref.WeakKeyDictionary[Any, Federation] = weakref.WeakKeyDictionary()
@@ -216,10 +218,6 @@ class Federation:
         if key is not None:
             audit.key = str(key)
         self.host.gate.authorize(Call(request["peer"], op, tenant, key))
-
-    async def _attempt(self, request: Request) -> None:
-        """Admin operations write an attempt record before acting (fails closed)."""
-        await self.host.audit.record(attempt_event(request, request["audit"]))
 
     def _canonical_data(self, data: Any) -> bytes:
         canonical.check(data, self.settings.max_depth)
@@ -428,13 +426,16 @@ class Federation:
                 raise SharedPeerKey(
                     "this public key is one of this signerd's keys of another tenant"
                 )
-        await self._attempt(request)
-        try:
-            async with self._admin():
+
+        async def apply() -> Response:
+            try:
                 added = await asyncio.to_thread(self.trusted.add, tenant, kid, public)
-        except OSError as exc:
-            raise BackendUnavailable("the trusted key store cannot be written") from exc
-        return json_response(added.to_json(), status=201)
+            except OSError as exc:
+                raise BackendUnavailable("the trusted key store cannot be written") from exc
+            return json_response(added.to_json(), status=201)
+
+        what = f"trust-add {tenant} {kid} {b64url(public)}"
+        return await self._trust_change(request, "trust-add", tenant, kid, what, apply)
 
     async def trust_list(self, request: Request) -> Response:
         request["audit"].operation = Operation.LIST
@@ -455,13 +456,48 @@ class Federation:
             raise InvalidRequest("retire takes no fields")
         audit.kid = kid
         self._authorize(request, Operation.TRUST, tenant, None)
-        await self._attempt(request)
-        try:
-            async with self._admin():
+
+        async def apply() -> Response:
+            try:
                 retired = await asyncio.to_thread(self.trusted.retire, tenant, kid)
-        except OSError as exc:
-            raise BackendUnavailable("the trusted key store cannot be written") from exc
-        return json_response(retired.to_json())
+            except OSError as exc:
+                raise BackendUnavailable("the trusted key store cannot be written") from exc
+            return json_response(retired.to_json())
+
+        what = f"trust-retire {tenant} {kid}"
+        return await self._trust_change(request, "trust-retire", tenant, kid, what, apply)
+
+    async def _trust_change(
+        self,
+        request: Request,
+        kind: str,
+        tenant: str,
+        kid: str,
+        what: str,
+        apply: Callable[[], Awaitable[Response]],
+    ) -> Response:
+        """A trusted-key change run by the host: intent record, Idempotency-Key, outcome."""
+
+        def find() -> PeerKey | None:
+            return next((k for k in self.trusted.list(tenant) if k.kid == kid), None)
+
+        async def before() -> str:
+            found = await asyncio.to_thread(find)
+            return "absent" if found is None else found.state
+
+        async def made(kind: str, was: Any) -> Made | None:
+            found = await asyncio.to_thread(find)
+            now = "absent" if found is None else found.state
+            if (
+                found is None
+                or now == was
+                or now != ("active" if kind == "trust-add" else "retired")
+            ):
+                return None
+            return json_response(found.to_json(), status=201 if kind == "trust-add" else 200), kid
+
+        change = AdminChange(kind, f"trust {tenant} {kid}", what, self._admin, apply, before, made)
+        return await self.host.admin_change(request, change)
 
 
 def _fields(

@@ -9,7 +9,11 @@ has not returned by its deadline, ``StallGuard``'s thread gives every request
 the worker is answering a last 503 (``backend_unavailable`` for the token,
 ``audit_unavailable`` for the audit file), logs ``signerd.worker_stalled`` and
 ends the process with ``EXIT_STALLED``; the supervisor starts a fresh worker
-(a new library, session and login) while the other workers keep serving.
+(a new library, session and login) while the other workers keep serving. A
+request that names its own last answer gets that instead: an admin change
+under way is answered 500 ``outcome_unknown``, never a refusal, since it may
+have happened (``_idempotency``); its retry with the same Idempotency-Key, on
+another worker, learns which.
 
 Arming and disarming cost an attribute store and an uncontended lock (no
 wake-up of another thread); the guard's thread looks at the deadline every
