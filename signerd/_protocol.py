@@ -49,6 +49,8 @@ class Limits:
     keepalive_timeout: float = 60.0
     max_connections: int = 1024
     max_connections_per_uid: int = 128
+    max_connections_stranger: int = 4  # per uid, for callers no rule names
+    max_connections_strangers: int = 64  # all of them together (at most half the total)
     log_interval: float = 10.0
 
 
@@ -92,6 +94,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer: Any = None  # the server's Peer, looked up on first use
+        self.stranger = False  # no policy rule names the caller (smaller caps)
         self.pending: asyncio.Task[None] | None = None
         self.deadline: float | None = None  # loop time at which the connection is cut
         self._timing_head = False  # the deadline is a request head's
