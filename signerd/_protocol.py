@@ -125,6 +125,10 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self._disarm()
+        for req in (self._current, *self._queue):
+            if req is not None:
+                req.release()  # now, not when the garbage collector finds the cycles
+        self._current = None
         self._queue.clear()
         self.listener.forget(self)
 
@@ -196,6 +200,8 @@ class Connection(asyncio.Protocol):
             return
         if length is not None and length > self.limits.max_body_bytes:
             req.too_large = True
+        elif length is not None:
+            req.expect(length)
         if not self.busy:
             self._arm(self.limits.body_timeout)
         req.refused = self.listener.precheck(req)
@@ -212,11 +218,9 @@ class Connection(asyncio.Protocol):
         req = self._current
         if req is None or req.refused is not None or req.too_large:
             return
-        if len(req.buffer) + len(body) > self.limits.max_body_bytes:
+        if not req.append(body, self.limits.max_body_bytes):
             req.too_large = True
-            req.buffer = bytearray()
-            return
-        req.buffer += body
+            req.release()
 
     def on_message_complete(self) -> None:
         req, self._current = self._current, None
@@ -257,6 +261,7 @@ class Connection(asyncio.Protocol):
             response = await self.listener.dispatch(req)
         finally:
             self._active = None
+            req.release()  # answered: its body's memory goes back now
         if self._closing or self.transport is None:
             return
         keep = req.keep_alive and not self._idle_close and not req.too_large

@@ -9,6 +9,7 @@ policy). Deadlines are set short (1-2 s) so the tests run in seconds.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import resource
@@ -602,6 +603,68 @@ def test_strangers_get_four_connections_each_and_a_share_of_the_total(shared_bas
     log = d.log_text()
     for reason in ("stranger_cap", "strangers_share", "total_cap"):
         assert f"reason={reason}" in log, reason
+
+
+def test_body_memory_goes_back_after_release(shared_base: Path) -> None:
+    """128 held 1 MiB bodies of a named caller: RSS grows by about their size and returns near its start once they are answered, and again once abandoned."""
+    d = start_daemon(shared_base / "b", server={"max_connections_per_uid": 256})
+    pids = d.worker_pids() or {d.proc.pid}
+
+    def rss() -> int:
+        total = 0
+        for pid in pids:
+            with open(f"/proc/{pid}/status") as status:
+                line = next(x for x in status if x.startswith("VmRSS:"))
+            total += int(line.split()[1]) * 1024
+        return total
+
+    def hold(count: int, body: bytes) -> list[socket.socket]:
+        head = b"POST /v1/sign HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        head += b"Content-Length: %d\r\n\r\n" % len(body)
+        socks = []
+        for _ in range(count):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(d.socket_path))
+            s.sendall(head + body[:-1])  # all but the last byte: held by the daemon
+            socks.append(s)
+        return socks
+
+    try:
+        key = f"{unique('mem')}/k"
+        with Client(d.socket_path, timeout=30) as client:
+            client.create_key(key)
+            sign_latencies(client, key, count=50)
+        data = base64.b64encode(os.urandom(780_000)).decode()
+        body = json.dumps({"key": key, "data": data}).encode()  # just under 1 MiB
+        time.sleep(0.5)
+        start = rss()
+        socks = hold(128, body)
+        time.sleep(1.0)
+        held = rss()
+        for s in socks:
+            s.sendall(body[-1:])
+        for s in socks:
+            s.settimeout(30)
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+            s.close()
+        time.sleep(0.5)
+        answered = rss()
+        socks = hold(128, body)
+        time.sleep(1.0)
+        held_again = rss()
+        for s in socks:
+            s.close()  # abandoned halfway: nothing is answered
+        time.sleep(1.0)
+        abandoned = rss()
+    finally:
+        assert d.stop() == 0
+    mib = {
+        k: v >> 20
+        for k, v in locals().items()
+        if k in ("start", "held", "answered", "held_again", "abandoned")
+    }
+    assert held - start >= 96 << 20 and held_again - start >= 96 << 20, mib  # they were held
+    assert answered - start <= 24 << 20 and abandoned - start <= 24 << 20, mib
 
 
 async def test_refusals_are_answered_and_paid_for_with_rest(tmp_path: Path) -> None:
