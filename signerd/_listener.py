@@ -112,6 +112,7 @@ class Listener:
         self.sock = sock
         # accept(2) alone: socket.accept() also builds a socket object, wasted on a refusal
         self._accept_fd: Callable[[], tuple[int, Any]] = sock._accept  # type: ignore[attr-defined]
+        self._family = sock.family
         self.dispatch, self.precheck, self.limits = dispatch, precheck, limits
         self.strangers = strangers  # None: every caller is a named one
         self.connections: set[Connection] = set()
@@ -252,7 +253,7 @@ class Listener:
 
     def _admit(self, fd: int) -> bool:
         """Take the connection on ``fd``, or answer 503 and close it; whether it was taken."""
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
+        conn = socket.socket(self._family, socket.SOCK_STREAM, 0, fd)
         try:
             _, uid, gid = _UCRED.unpack(
                 conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)

@@ -33,7 +33,7 @@ from signerd._request import Request, Response, json_response
 from signerd._sockets import bind_unix_socket
 from signerd.errors import SignerdError
 
-from .conftest import DaemonProcess, start_daemon, unique
+from .conftest import DaemonProcess, policy_allow_all, start_daemon, unique
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -603,6 +603,32 @@ def test_strangers_get_four_connections_each_and_a_share_of_the_total(shared_bas
     log = d.log_text()
     for reason in ("stranger_cap", "strangers_share", "total_cap"):
         assert f"reason={reason}" in log, reason
+
+
+def test_a_caller_named_by_a_supplementary_group_is_no_stranger(shared_base: Path) -> None:
+    """A uid a rule names only through a supplementary group (SO_PEERGROUPS) holds more than a stranger's 4 connections; the same uid outside the group does not."""
+    ops = {"name": "ops", "groups": ["users"], "tenants": ["*"], "operations": ["list"]}
+    policy = policy_allow_all()
+    policy["rules"].append(ops)
+    d = start_daemon(shared_base / "g", server=SHARED_SOCKET, policy=policy)
+    held = {}
+    try:
+        for groups in (["staff", "users"], ["staff"]):
+            proc = subprocess.Popen(
+                [CHILD_PYTHON, "-c", HOLDER, str(d.socket_path), "6"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                user=43130,
+                group=43130,
+                extra_groups=groups,
+            )
+            assert proc.stdout is not None
+            held[len(groups)] = proc.stdout.readline().split().count("held")
+            proc.communicate("", timeout=10)
+    finally:
+        assert d.stop() == 0
+    assert held == {2: 6, 1: 4}, held
 
 
 def test_body_memory_goes_back_after_release(shared_base: Path) -> None:
