@@ -18,6 +18,7 @@ system:
 	command -v softhsm2-util >/dev/null || missing="$$missing softhsm2"; \
 	command -v ssh-agent >/dev/null || missing="$$missing openssh-client"; \
 	command -v strace >/dev/null || missing="$$missing strace"; \
+	command -v setfacl >/dev/null || missing="$$missing acl"; \
 	command -v pkg-config >/dev/null || missing="$$missing pkg-config"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	pkg-config --exists libsystemd 2>/dev/null || missing="$$missing libsystemd-dev"; \

@@ -467,3 +467,29 @@ def _rate(where: str, raw: Mapping[str, Any]) -> tuple[float | None, int]:
     if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
         raise ValueError(f"{where}.burst: must be a positive integer")
     return float(rate), burst
+
+
+def names_caller(gate: object, peer: Peer, *, groups: bool, unit: bool) -> bool | None:
+    """Whether a rule that names callers (by uid or user, group or gid, or unit; not
+    ``users = ["*"]`` alone) matches ``peer``. Charges no bucket; the listener keeps a share
+    of its connections for such callers. ``groups``, ``unit``: whether ``peer`` carries its
+    supplementary groups and its unit; None when what it lacks could still make a rule
+    match. A gate that is not a ``Policy`` names every caller."""
+    if not isinstance(gate, Policy):
+        return True
+    undecided = False
+    for rule in gate.rules:
+        if rule.uids is None and rule.gids is None and rule.units is None:
+            continue
+        if rule.matches(peer):
+            return True
+        if rule.uids is not None and peer.uid not in rule.uids:
+            continue
+        gid_ok = rule.gids is None or peer.gid in rule.gids or not rule.gids.isdisjoint(peer.groups)
+        unit_ok = rule.units is None or (
+            peer.unit is not None and any(fnmatch.fnmatchcase(peer.unit, p) for p in rule.units)
+        )
+        if (groups or gid_ok) and (unit or unit_ok):
+            continue  # what the peer carries already rules this one out
+        undecided = True
+    return None if undecided else False

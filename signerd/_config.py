@@ -57,6 +57,8 @@ _LIMITS = (  # [server] keys that are fields of Limits
     "keepalive_timeout",
     "max_connections",
     "max_connections_per_uid",
+    "max_connections_stranger",
+    "max_connections_strangers",
 )
 _SERVER = {"socket", "socket_mode", "socket_group", "log_level", "workers", "on_loop", *_LIMITS}
 _KEYS = {
@@ -152,6 +154,11 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
     )
     for name in _LIMITS:
         _positive(f"server.{name}", getattr(limits, name))
+    if limits.max_connections_strangers * 2 > limits.max_connections:
+        raise ConfigError(
+            "server.max_connections_strangers: at most half of server.max_connections "
+            f"(the rest is kept for callers a rule names), got {limits.max_connections_strangers}"
+        )
     workers = _get(server, "server", "workers", int, default_workers())
     if not 1 <= workers <= _MAX_WORKERS:
         raise ConfigError(f"server.workers: must be 1 to {_MAX_WORKERS}, got {workers!r}")

@@ -36,6 +36,7 @@ from ._names import KeyName
 from ._protocol import Limits, Throttled
 from ._request import Request, Response, json_response
 from ._router import Handler, Route, Router
+from ._strangers import Strangers
 from ._systemd import log_request
 from ._wire import request_id_from
 from .errors import (
@@ -165,7 +166,8 @@ class Front:
 
     async def serve(self, sock: socket.socket) -> Listener:
         """Start answering on a listening socket (already bound and listening)."""
-        self.listener = Listener(sock, self.dispatch, self.precheck, self.limits)
+        strangers = Strangers(lambda: self.gate, self._peer_lookup)
+        self.listener = Listener(sock, self.dispatch, self.precheck, self.limits, strangers)
         self.listener.start()
         return self.listener
 

@@ -457,11 +457,18 @@ class SyncTransport:
         sock = conn.sock
         assert sock is not None
         sock.settimeout(_remaining(deadline, timeout))
-        conn.request(method, path, body=body, headers=_headers(body, key))
+        try:
+            conn.request(method, path, body=body, headers=_headers(body, key))
+        except (BrokenPipeError, ConnectionResetError):
+            answer = _answer_before_close(sock, method)  # e.g. 503 over the connection cap
+            conn.close()
+            if answer is None:
+                raise
+            return answer
         sock.settimeout(_remaining(deadline, timeout))
         resp = conn.getresponse()
         chunks = []
-        while True:
+        while not resp.isclosed():  # closed: all read, and the answer said Connection: close
             sock.settimeout(_remaining(deadline, timeout))
             chunk = resp.read(_READ_CHUNK)
             if not chunk:
@@ -565,6 +572,20 @@ class AsyncTransport:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _answer_before_close(sock: socket.socket, method: str) -> tuple[int, str | None, bytes] | None:
+    """The answer signerd wrote before closing a connection it refused (its connection cap),
+    which the request then found closed; None when there is none."""
+    resp = http.client.HTTPResponse(sock, method=method)
+    try:
+        resp.begin()
+        data = resp.read()
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        resp.close()
+    return resp.status, resp.getheader("X-Request-Id"), data
 
 
 def _headers(body: bytes | None, key: str | None = None) -> dict[str, str]:

@@ -49,6 +49,8 @@ class Limits:
     keepalive_timeout: float = 60.0
     max_connections: int = 1024
     max_connections_per_uid: int = 128
+    max_connections_stranger: int = 4  # per uid, for callers no rule names
+    max_connections_strangers: int = 64  # all of them together (at most half the total)
     log_interval: float = 10.0
 
 
@@ -92,6 +94,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer: Any = None  # the server's Peer, looked up on first use
+        self.stranger = False  # no policy rule names the caller (smaller caps)
         self.pending: asyncio.Task[None] | None = None
         self.deadline: float | None = None  # loop time at which the connection is cut
         self._timing_head = False  # the deadline is a request head's
@@ -122,6 +125,10 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self._disarm()
+        for req in (self._current, *self._queue):
+            if req is not None:
+                req.release()  # now, not when the garbage collector finds the cycles
+        self._current = None
         self._queue.clear()
         self.listener.forget(self)
 
@@ -193,6 +200,8 @@ class Connection(asyncio.Protocol):
             return
         if length is not None and length > self.limits.max_body_bytes:
             req.too_large = True
+        elif length is not None:
+            req.expect(length)
         if not self.busy:
             self._arm(self.limits.body_timeout)
         req.refused = self.listener.precheck(req)
@@ -209,11 +218,9 @@ class Connection(asyncio.Protocol):
         req = self._current
         if req is None or req.refused is not None or req.too_large:
             return
-        if len(req.buffer) + len(body) > self.limits.max_body_bytes:
+        if not req.append(body, self.limits.max_body_bytes):
             req.too_large = True
-            req.buffer = bytearray()
-            return
-        req.buffer += body
+            req.release()
 
     def on_message_complete(self) -> None:
         req, self._current = self._current, None
@@ -254,6 +261,7 @@ class Connection(asyncio.Protocol):
             response = await self.listener.dispatch(req)
         finally:
             self._active = None
+            req.release()  # answered: its body's memory goes back now
         if self._closing or self.transport is None:
             return
         keep = req.keep_alive and not self._idle_close and not req.too_large

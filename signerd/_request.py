@@ -4,13 +4,16 @@ A small subset of aiohttp's ``web.Request`` (``match_info``, ``query``,
 ``headers``, ``content_type``, ``can_read_body``, ``await read()``, item
 access for per-request state, ``transport``) and a ``Response`` with
 ``json_response``, so handlers read the same as before the server left
-aiohttp. Nothing here keeps more than ``max_body_bytes`` of a body.
+aiohttp. Nothing here keeps more than ``max_body_bytes`` of a body, nor more
+than has arrived; a large body's memory goes back to the system once its
+request is answered or its connection is gone.
 """
 
 from __future__ import annotations
 
 import http
 import json
+import mmap
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote_to_bytes
@@ -25,6 +28,8 @@ if TYPE_CHECKING:
     from ._protocol import Connection
 
 __all__ = ["Headers", "Request", "Response", "json_response", "render_error"]
+
+MAPPED_BODY = 65536  # declared bodies this large are held in a mapping of their own
 
 
 class Headers(Mapping[str, str]):
@@ -93,7 +98,9 @@ class Request:
         self.headers = Headers(raw_headers)
         self.keep_alive = keep_alive
         self.connection = connection
-        self.buffer = bytearray()
+        self.buffer = bytearray()  # the body, unless ``expect`` gave it a mapping
+        self._mapped: mmap.mmap | None = None
+        self._filled = 0
         self.has_body = False
         self.complete = False  # the whole body has arrived
         self.started = False  # handed to the server
@@ -177,10 +184,42 @@ class Request:
     def can_read_body(self) -> bool:
         return self.has_body
 
+    def expect(self, length: int) -> None:
+        """The body is declared ``length`` bytes long. A large one goes into an anonymous
+        mapping of that size: the kernel backs its pages only as bytes arrive, and takes all
+        of it back at ``release`` (a heap buffer grown chunk by chunk stays with the process)."""
+        if length >= MAPPED_BODY and self._mapped is None:
+            self._mapped = mmap.mmap(-1, length)
+
+    def append(self, data: bytes, limit: int) -> bool:
+        """Keep ``data`` after what arrived before; False (nothing kept) past ``limit`` bytes
+        or past the declared length."""
+        mapped = self._mapped
+        if mapped is not None:
+            end = self._filled + len(data)
+            if end > min(len(mapped), limit):
+                return False
+            mapped[self._filled : end] = data
+            self._filled = end
+            return True
+        if len(self.buffer) + len(data) > limit:
+            return False
+        self.buffer += data
+        return True
+
+    def release(self) -> None:
+        """Give the body's memory back (answered, refused, or the connection is gone)."""
+        self.buffer = bytearray()
+        if self._mapped is not None:
+            self._mapped.close()
+            self._mapped, self._filled = None, 0
+
     async def read(self) -> bytes:
         """The whole body (the server hands a request over only once it has arrived)."""
         if self.too_large:
             raise PayloadTooLarge()
+        if self._mapped is not None:
+            return self._mapped[: self._filled]
         return bytes(self.buffer)
 
     # --- per-request state and the connection ---

@@ -6,11 +6,14 @@ or a directory that anyone but its owner can write to. Whoever can write to the
 socket's directory (or to any directory above it) can rename the socket away
 and listen in its place, receiving callers' sign requests; so the directory and
 every directory on the way to it must belong to root or to signerd's user and
-must not be group- or world-writable, unless it is sticky and owned by root
-(like ``/tmp``: others cannot rename what they do not own there). A socket file nobody listens on
+must not be group- or world-writable, by its mode or by a POSIX ACL entry
+(``system.posix_acl_access``: a named user or group, or the owning group,
+with write the ACL's mask lets through), unless it is sticky and owned by
+root (like ``/tmp``: others cannot rename what they do not own there). A socket file nobody listens on
 (left by a crash) is replaced. The socket is bound under a temporary name,
-given its mode and group, and only then renamed into place, so a client never
-finds it with looser permissions; the rename also replaces a stale socket in
+given its mode and group (and stripped of any ACL it inherited from a default
+ACL of the directory, so the mode alone says who may connect), and only then
+renamed into place, so a client never finds it with looser permissions; the rename also replaces a stale socket in
 one step. Abstract sockets (no file, no permissions) are never used.
 """
 
@@ -22,12 +25,21 @@ import grp
 import os
 import socket
 import stat
+import struct
 import weakref
 
 __all__ = ["SocketError", "bind_unix_socket", "unlink_own_socket"]
 
 _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 _SHARED_WRITE = stat.S_IWGRP | stat.S_IWOTH
+# POSIX ACLs as Linux stores them in an extended attribute (acl/include/acl_ea.h):
+# a version word, then (tag, permissions, id) entries
+_ACL_ACCESS = "system.posix_acl_access"
+_ACL_VERSION = struct.Struct("<I")
+_ACL_ENTRY = struct.Struct("<HHI")
+_ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP, _ACL_MASK = 0x02, 0x04, 0x08, 0x10
+_ACL_WRITE = 0x02
+_NO_ACL = {errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP}
 
 # device and inode of the file each listening socket was bound to
 _BOUND: weakref.WeakKeyDictionary[socket.socket, tuple[int, int]] = weakref.WeakKeyDictionary()
@@ -64,6 +76,7 @@ def bind_unix_socket(
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(temp)
+        _drop_acl(temp)  # inherited from a default ACL: it could let others connect
         os.chmod(temp, mode)
         if gid is not None:
             os.chown(temp, -1, gid)
@@ -142,9 +155,53 @@ def _check_private(directory: str, st: os.stat_result, what: str = "socket direc
     """Refuse a directory that someone other than root or us could rename entries in."""
     if st.st_uid not in (0, os.geteuid()):
         raise SocketError(f"{what} belongs to another user (uid {st.st_uid}): {directory}")
-    if st.st_mode & _SHARED_WRITE and not (st.st_mode & stat.S_ISVTX and st.st_uid == 0):
+    if st.st_mode & stat.S_ISVTX and st.st_uid == 0:
+        return  # sticky, like /tmp: others may add entries, not rename ours
+    writers = _acl_writers(directory)
+    if writers:
+        who = ", ".join(writers)
+        raise SocketError(f"{what} is writable by {who} (a POSIX ACL entry): {directory}")
+    if st.st_mode & _SHARED_WRITE:
         who = "other users" if st.st_mode & stat.S_IWOTH else "its group"
         raise SocketError(f"{what} is writable by {who}: {directory}")
+
+
+def _acl_writers(path: str) -> list[str]:
+    """Who, besides root and us, the access ACL of ``path`` lets write: ``user UID``,
+    ``group GID``, ``its group``; empty without an ACL (or where ACLs are not supported)."""
+    try:
+        raw = os.getxattr(path, _ACL_ACCESS)
+    except OSError as exc:
+        if exc.errno in _NO_ACL:
+            return []
+        raise SocketError(f"cannot read the ACL of {path}: {exc.strerror}") from exc
+    count, extra = divmod(len(raw) - _ACL_VERSION.size, _ACL_ENTRY.size)
+    if count < 0 or extra or _ACL_VERSION.unpack_from(raw)[0] != 2:
+        raise SocketError(f"cannot read the ACL of {path}: unknown format")
+    entries = [
+        _ACL_ENTRY.unpack_from(raw, _ACL_VERSION.size + i * _ACL_ENTRY.size) for i in range(count)
+    ]
+    mask = next((perm for tag, perm, _ in entries if tag == _ACL_MASK), 0o7)
+    writers = []
+    for tag, perm, ident in entries:
+        if not perm & mask & _ACL_WRITE:
+            continue
+        if tag == _ACL_USER and ident not in (0, os.geteuid()):
+            writers.append(f"user {ident}")
+        elif tag == _ACL_GROUP:
+            writers.append(f"group {ident}")
+        elif tag == _ACL_GROUP_OBJ:
+            writers.append("its group")
+    return writers
+
+
+def _drop_acl(path: str) -> None:
+    """Remove the access ACL of ``path`` (the mode set next is then all there is)."""
+    try:
+        os.removexattr(path, _ACL_ACCESS)
+    except OSError as exc:
+        if exc.errno not in _NO_ACL:
+            raise SocketError(f"cannot remove the ACL of {path}: {exc.strerror}") from exc
 
 
 def _check_existing(path: str) -> None:

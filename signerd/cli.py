@@ -115,6 +115,7 @@ EXIT_FOR_CODE: dict[str, int] = {
     "key_exists": os.EX_CANTCREAT,
     "shared_peer_key": os.EX_CANTCREAT,
     "rate_limited": os.EX_TEMPFAIL,
+    "too_many_connections": os.EX_TEMPFAIL,
     "backend_error": os.EX_TEMPFAIL,
     "malformed_json": os.EX_PROTOCOL,
     "invalid_request": os.EX_PROTOCOL,

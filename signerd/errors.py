@@ -42,6 +42,7 @@ __all__ = [
     "SignerdError",
     "StaleTimestamp",
     "TenantMismatch",
+    "TooManyConnections",
     "UnknownKey",
     "UnknownKid",
     "UnknownVersion",
@@ -304,6 +305,13 @@ class NonceStoreUnavailable(SignerdError):
     status = 503
     retryable = True
     default_message = "the nonce store is unavailable or full; envelope not accepted"
+
+
+class TooManyConnections(SignerdError):
+    code = "too_many_connections"
+    status = 503
+    retryable = True
+    default_message = "over the connection cap; retry later"
 
 
 def _all_codes() -> dict[str, type[SignerdError]]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from signerd._authz import Policy, policy_from_config
+from signerd._authz import Policy, names_caller, policy_from_config
 from signerd._calls import GRANTED, Call, Operation, Peer
 from signerd._names import KeyName
 from signerd.errors import PermissionDenied, RateLimited
@@ -406,3 +406,25 @@ def test_reload_keeps_refusal_buckets() -> None:
     assert refusals(old, GATEWAY, 3) == 3
     new = policy_from_config({**POLICY, "refusal_rate": 0.5, "refusal_burst": 5})
     assert refusals(new.with_state_from(old), GATEWAY, 5) == 2
+
+
+def test_which_callers_a_rule_names() -> None:
+    """names_caller: a uid, group or unit a rule names; not users = ["*"] alone; None until the groups or unit that could decide are known."""
+    policy = policy_from_config(POLICY)
+    bare = Peer(pid=0, uid=65534, gid=65534)  # the gateway's uid: its unit decides
+    assert names_caller(policy, bare, groups=False, unit=False) is None
+    assert names_caller(policy, GATEWAY, groups=True, unit=True) is True
+    assert names_caller(policy, GATEWAY_OUTSIDE_UNIT, groups=True, unit=True) is False
+    stranger = Peer(pid=0, uid=4321, gid=4321)  # an operator only through a group
+    assert names_caller(policy, stranger, groups=False, unit=False) is None
+    assert names_caller(policy, stranger, groups=True, unit=False) is False
+    in_group = dataclasses.replace(stranger, groups=(100,))
+    assert names_caller(policy, in_group, groups=True, unit=False) is True
+    # the public-keys rule (users = ["*"]) grants a stranger jwks but names no one
+    assert policy.admits(STRANGER) and not names_caller(policy, STRANGER, groups=True, unit=True)
+    uid_only = policy_from_config(
+        {"rules": [{"uids": [4321], "tenants": ["*"], "operations": ["jwks"]}]}
+    )
+    assert names_caller(uid_only, stranger, groups=False, unit=False) is True
+    assert names_caller(uid_only, bare, groups=False, unit=False) is False  # decided by uid
+    assert names_caller(object(), bare, groups=False, unit=False) is True  # not a policy

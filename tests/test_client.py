@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import select
+import socket
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from signerd import errors
+from signerd._http import UnixHTTPConnection
 from signerd._jwk import from_jwk
 from signerd.client import (
     AsyncClient,
@@ -21,7 +24,7 @@ from signerd.client import (
     VersionState,
 )
 
-from .conftest import DaemonProcess, start_daemon, unique
+from .conftest import DaemonProcess, start_daemon, unique, wait_until
 
 
 @pytest.fixture
@@ -250,3 +253,79 @@ async def test_async_client_lifecycle(daemon: DaemonProcess) -> None:
             await c.create_key(name)
         assert await c.ready() == "ready"
         assert [d.key for d in await c.list_keys(name.split("/")[0])] == [name]
+
+
+def test_over_the_connection_cap_is_said_not_unreachable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past its uid's connection cap a caller gets TooManyConnections ("over the connection cap"), sync and async, even when its request found the connection closed."""
+    d = start_daemon(tmp_path / "d", server={"max_connections_per_uid": 2, "workers": 1})
+    held = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
+    try:
+        for s in held:
+            s.connect(str(d.socket_path))
+        wait_until(lambda: _refused_at_once(d.socket_path), 5, "the cap to be reached")
+
+        def over_cap(exc: BaseException) -> bool:
+            return (
+                type(exc) is errors.TooManyConnections
+                and "over the connection cap" in str(exc)
+                and exc.retryable
+                and exc.status == 503
+            )
+
+        for _ in range(5):
+            with pytest.raises(errors.TooManyConnections) as caught, Client(d.socket_path) as c:
+                c.health()
+            assert over_cap(caught.value), caught.value
+
+        async def async_call() -> None:
+            async with AsyncClient(d.socket_path, timeout=5) as c:
+                await c.health()
+
+        with pytest.raises(errors.TooManyConnections) as caught:
+            asyncio.run(async_call())
+        assert over_cap(caught.value), caught.value
+
+        # the refusal arrives before the request is sent: sending it fails (EPIPE), and the
+        # answer waiting on the socket is read rather than reported as "cannot reach"
+        connect = UnixHTTPConnection.connect
+
+        def connect_then_wait_for_the_close(self: UnixHTTPConnection) -> None:
+            connect(self)
+            assert self.sock is not None
+            poller = select.poll()
+            poller.register(self.sock, select.POLLRDHUP)
+            assert poller.poll(5000), "the daemon did not close the connection"
+
+        monkeypatch.setattr(UnixHTTPConnection, "connect", connect_then_wait_for_the_close)
+        with pytest.raises(errors.TooManyConnections) as caught, Client(d.socket_path) as c:
+            c.sign(f"{unique('cap')}/k", b"x" * 300000)  # a request too large for one write
+        assert over_cap(caught.value), caught.value
+        monkeypatch.undo()
+
+        for s in held:
+            s.close()
+        wait_until(lambda: not _refused_at_once(d.socket_path), 5, "a connection to be free")
+        with Client(d.socket_path, timeout=5) as c:
+            assert c.health() == "ok"
+    finally:
+        for s in held:
+            s.close()
+        assert d.stop() == 0, d.log_text()[-2000:]
+
+
+def _refused_at_once(path: Path) -> bool:
+    """Whether a new connection gets the 503 too_many_connections answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(2)
+        s.connect(str(path))
+        s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        try:
+            answer = s.recv(4096)
+        except OSError:
+            return False
+    if answer.startswith(b"HTTP/1.1 503"):
+        assert b"Retry-After: 1\r\n" in answer and b'"code":"too_many_connections"' in answer
+        return True
+    return False

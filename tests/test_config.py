@@ -27,6 +27,8 @@ def test_example_configuration_parses() -> None:
     assert config.tenant_backends == {"globex": "vault"}
     assert config.socket_mode == 0o660
     assert [str(k) for k in config.bootstrap] == ["acme/telemetry-ingest", "acme/feedback"]
+    limits = config.limits  # the documented defaults for callers no rule names
+    assert (limits.max_connections_stranger, limits.max_connections_strangers) == (4, 64)
 
 
 def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
@@ -52,6 +54,14 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
         (lambda d: d["server"].update(log_level="loud"), "server.log_level"),
         (lambda d: d["server"].update(colour="blue"), "server.colour"),
         (lambda d: d["server"].update(on_loop="yes"), "server.on_loop"),
+        (
+            lambda d: d["server"].update(max_connections_stranger=0),
+            "server.max_connections_stranger",
+        ),
+        (
+            lambda d: d["server"].update(max_connections=100, max_connections_strangers=51),
+            "server.max_connections_strangers",
+        ),
         (lambda d: d.update(keys={"backend_timeout": "soon"}), "keys.backend_timeout"),
         (lambda d: d.update(keys={"default_backend": "nope"}), "keys.default_backend"),
         (lambda d: d.update(keys={"bootstrap": ["Bad Name"]}), "keys.bootstrap[0]"),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -88,6 +90,65 @@ def test_refuses_unsafe_directory(tmp_path: Path, kind: str) -> None:
     with pytest.raises(SocketError, match="socket directory"):
         bind_unix_socket(str(directory / "s.sock"))
     assert not (tmp_path / "elsewhere" / "s.sock").exists()
+
+
+def setfacl(*args: str) -> None:
+    """Run setfacl (the ``acl`` package, which ``make system`` installs)."""
+    if shutil.which("setfacl") is None:
+        pytest.fail("setfacl is needed (apt-get install acl, or make system)")
+    subprocess.run(["setfacl", *args], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize(
+    ("entry", "who", "where"),
+    [
+        ("g:staff:rwx", "group 50", "run"),
+        ("u:nobody:rwx", "user 65534", "run"),
+        ("g:staff:rwx", "group 50", "."),  # a directory above the socket's
+    ],
+)
+def test_refuses_a_directory_an_acl_lets_others_write(
+    tmp_path: Path, entry: str, who: str, where: str
+) -> None:
+    """A POSIX ACL entry granting write to a user or group refuses the directory, and says so."""
+    directory = tmp_path / "run"
+    directory.mkdir(mode=0o750)
+    setfacl("-m", entry, str(tmp_path / where))
+    with pytest.raises(SocketError, match=f"writable by {who} \\(a POSIX ACL entry\\)"):
+        bind_unix_socket(str(directory / "s.sock"))
+    assert not (directory / "s.sock").exists()
+
+
+def test_an_acl_entry_the_mask_takes_write_from_is_accepted(
+    tmp_path: Path, bound: list[socket.socket]
+) -> None:
+    """An ACL entry with write, under a mask without it (chmod g-w), grants no write: accepted."""
+    directory = tmp_path / "run"
+    directory.mkdir(mode=0o750)
+    setfacl("-m", "g:staff:rwx", str(directory))
+    directory.chmod(0o750)  # the mask becomes r-x: staff may read and search, not write
+    bound.append(bind_unix_socket(str(directory / "s.sock")))
+    assert stat.S_ISSOCK(os.lstat(directory / "s.sock").st_mode)
+
+
+def test_socket_takes_no_acl_from_the_directory(
+    shared_dir: Path, bound: list[socket.socket]
+) -> None:
+    """A default ACL naming nobody on the directory does not let nobody connect: the mode decides."""
+    directory = shared_dir / "run"
+    directory.mkdir(mode=0o755)
+    setfacl("-d", "-m", "u:nobody:rwx", str(directory))
+    path = directory / "s.sock"
+    bound.append(bind_unix_socket(str(path), group="users"))
+    with pytest.raises(OSError) as missing:
+        os.getxattr(path, "system.posix_acl_access")
+    assert missing.value.errno == errno.ENODATA
+    assert mode_of(path) == 0o660
+    outsider = Client(str(path), user="nobody", group="nogroup")
+    try:
+        assert outsider.connect() == "error 13"  # EACCES: not in the group, no ACL entry
+    finally:
+        outsider.finish()
 
 
 def test_refuses_symlink_path(tmp_path: Path) -> None:
