@@ -52,6 +52,7 @@ EXPECTED = [
     "TelemetrySignature",
     "TelemetryVerified",
     "TenantMismatch",
+    "TooManyConnections",
     "TrustedKey",
     "UnknownKey",
     "UnknownKid",
