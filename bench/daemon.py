@@ -297,15 +297,15 @@ def seed_token(
     Going through the API would take minutes: every rotation searches the
     token, and SoftHSM's search reads every object. The layout (key pairs
     labelled with their kid, one metadata object per key) comes from
-    ``signerd._pkcs11`` itself, and the daemon must then list every version.
+    ``signerd.backends.pkcs11._backend`` itself, and the daemon must then list every version.
     """
     import pkcs11
     from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
     from pkcs11.util.ec import encode_named_curve_parameters
 
-    from signerd._backend import VersionState
-    from signerd._names import KeyName
-    from signerd._pkcs11 import APPLICATION, ED25519_OID, _Meta, _meta_label
+    from signerd.backends import VersionState
+    from signerd.backends.pkcs11._backend import APPLICATION, ED25519_OID, _Meta, _meta_label
+    from signerd.wire._names import KeyName
 
     session = pkcs11.lib(module).get_token(token_label=label).open(user_pin=pin, rw=True)
     if opened is not None:

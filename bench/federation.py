@@ -115,10 +115,10 @@ class _Shared:
 
         async def make() -> Any:
             if store == "redis":
-                from signerd.federation.redis_store import RedisNonceStore
+                from signerd.federation._redis_store import RedisNonceStore
 
                 return RedisNonceStore(where, timeout=5.0, prefix="signerd:bench-ref:")
-            from signerd.federation.nonces import SqliteNonceStore
+            from signerd.federation._nonces import SqliteNonceStore
 
             return SqliteNonceStore(where, max_entries=10_000_000, timeout=5.0)
 
@@ -141,14 +141,14 @@ class InprocTelemetryVerify:
     where: str  # SQLite file or Redis URL
 
     def open(self) -> Op:
-        from signerd._wire import b64decode
-        from signerd.federation import canonical
-        from signerd.federation.envelopes import (
+        from signerd.wire import _canonical as canonical
+        from signerd.wire._envelopes import (
             check_nonce,
             check_tenant,
             check_timestamp,
             telemetry_input,
         )
+        from signerd.wire._strict_json import b64decode
 
         key = Ed25519PrivateKey.from_private_bytes(SEED)
         public = key.public_key()

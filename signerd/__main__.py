@@ -1,3 +1,3 @@
-from ._daemon import main
+from .daemon._main import main
 
 raise SystemExit(main())

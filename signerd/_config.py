@@ -15,11 +15,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._keyservice import Settings
-from ._names import KeyName, valid_part
-from ._protocol import Limits
-from ._systemd import credential_path
-from .federation.settings import FederationSettings, parse_federation
+from .daemon._systemd import credential_path
+from .federation._settings import FederationSettings, parse_federation
+from .keys._service import Settings
+from .server._connection import Limits
+from .wire._names import KeyName, valid_part
 
 CREDENTIAL_PREFIX = "credential:"
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from signerd._jwk import from_jwk
+from signerd.wire._jwk import from_jwk
 
 from ._rawhttp import Reply, request
 from .conftest import DaemonProcess, unique
@@ -262,8 +262,8 @@ def test_health_ready_openapi(api: Api) -> None:
     assert api.ok("GET", "/v1/ready") == {"status": "ready"}
     doc = api.ok("GET", "/v1/openapi.json")
     assert doc["openapi"].startswith("3.1")
-    from signerd._server import ROUTES
-    from signerd.federation.routes import ROUTES as FEDERATION_ROUTES
+    from signerd.federation._routes import ROUTES as FEDERATION_ROUTES
+    from signerd.server._v1 import ROUTES
 
     documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
     expanded = {

@@ -21,15 +21,9 @@ from typing import Any
 
 import pytest
 
-from signerd._audit import (
-    GENESIS,
-    AuditTrail,
-    audit_from_config,
-    verify_file,
-    verify_files,
-)
-from signerd._calls import AuditEvent, Peer
-from signerd._chain import _encode
+from signerd.audit._chain import _encode
+from signerd.audit._trail import GENESIS, AuditTrail, audit_from_config, verify_file, verify_files
+from signerd.authz._calls import AuditEvent, Peer
 from signerd.errors import AuditUnavailable
 
 pytestmark = pytest.mark.timeout(60)
@@ -664,7 +658,7 @@ def test_journald_without_systemd_python_is_a_config_error() -> None:
         """
         import sys
         sys.modules["systemd"] = None  # as if systemd-python were not installed
-        from signerd._audit import audit_from_config
+        from signerd.audit._trail import audit_from_config
         try:
             audit_from_config({"path": "/tmp/x", "journald": True})
         except ValueError as exc:
@@ -684,8 +678,8 @@ JOURNAL_CHILD = textwrap.dedent(
     sink.bind("/run/systemd/journal/socket")
     sink.settimeout(5)
     sys.path.insert(0, sys.argv[1])
-    from signerd._audit import audit_from_config
-    from signerd._calls import AuditEvent, Peer
+    from signerd.audit._trail import audit_from_config
+    from signerd.authz._calls import AuditEvent, Peer
     trail = audit_from_config({"path": sys.argv[2], "journald": True, "anchor_interval": 3600})
     peer = Peer(pid=7, uid=1001, gid=1001, unit="gateway.service")
     ev = AuditEvent(time=1.0, request_id="rq1", peer=peer, operation="sign", outcome="ok",

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from signerd._audit import AuditTrail, verify_file
-from signerd._calls import AuditEvent, Peer
+from signerd.audit._trail import AuditTrail, verify_file
+from signerd.authz._calls import AuditEvent, Peer
 from signerd.errors import AuditUnavailable
 
 from .conftest import OpenGate
@@ -84,7 +84,7 @@ async def test_submit_is_refused_at_once_while_the_writer_is_stuck(
 
 async def test_submit_queue_is_bounded(tmp_path: Path, blocked_fsync: threading.Event) -> None:
     """At most _MAX_QUEUED records wait; past that submit refuses instead of growing memory."""
-    from signerd import _audit
+    from signerd.audit import _trail as _audit
 
     trail = AuditTrail(str(tmp_path / "audit.jsonl"), write_timeout=30)
     hung = asyncio.create_task(trail.record(_event("hung")))  # the writer is in fsync now
@@ -101,9 +101,9 @@ async def test_only_fail_closed_answers_wait_for_the_fsync(
 ) -> None:
     """Through Front: a verify's answer does not wait for a slow fsync, a sign's does; both
     records end up in the chain."""
-    from signerd._calls import Operation
-    from signerd._front import Front
-    from signerd._request import Request, Response, json_response
+    from signerd.authz._calls import Operation
+    from signerd.server._dispatch import Front
+    from signerd.server._request import Request, Response, json_response
 
     real = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (time.sleep(0.3), real(fd))[1])

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from signerd._authz import Policy, names_caller, policy_from_config
-from signerd._calls import GRANTED, Call, Operation, Peer
-from signerd._names import KeyName
+from signerd.authz._calls import GRANTED, Call, Operation, Peer
+from signerd.authz._policy import Policy, names_caller, policy_from_config
 from signerd.errors import PermissionDenied, RateLimited
+from signerd.wire._names import KeyName
 
 ADMIN = ["create", "rotate", "promote", "retire", "destroy"]
 

@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from signerd._audit import verify_file, verify_files
-from signerd._jwk import from_jwk
+from signerd.audit._trail import verify_file, verify_files
+from signerd.wire._jwk import from_jwk
 
 from ._rawhttp import Reply, request
 from .conftest import PIN_FILE, DaemonProcess, start_daemon, unique

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from signerd._backend import Backend, Destroyer, VersionState, load_factory
-from signerd._names import KeyName
+from signerd.backends import Backend, Destroyer, VersionState, load_factory
 from signerd.errors import KeyExists, SignerdError, UnknownKey, UnknownVersion
+from signerd.wire._names import KeyName
 
 from .conftest import pkcs11_backend_config, unique
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from signerd import errors
-from signerd._jwk import from_jwk
 from signerd.cli import EXIT_FOR_CODE, main
+from signerd.wire._jwk import from_jwk
 
 from .conftest import ROOT, DaemonProcess, start_daemon, unique
 
@@ -320,8 +320,8 @@ def test_audit_verify_checks_the_daemon_trail(
 
 def test_input_limit_is_the_daemon_default_body_limit() -> None:
     """signerctl's data limit is signerd's default server.max_body_bytes (1 MiB)."""
-    from signerd._protocol import Limits
-    from signerd._readfile import MAX_INPUT_BYTES
+    from signerd._files import MAX_INPUT_BYTES
+    from signerd.server._connection import Limits
 
     assert MAX_INPUT_BYTES == Limits().max_body_bytes == 1 << 20
 
@@ -360,7 +360,7 @@ def test_a_device_or_fifo_where_a_file_is_expected_is_refused_unread(
 def test_data_is_read_up_to_the_limit_from_a_file_or_stdin(tmp_path: Path) -> None:
     """Data over 1 MiB, from a file or from an endless stdin, exits 65 input_too_large;
     exactly 1 MiB is read whole and signed (by a daemon whose body limit allows it)."""
-    from signerd._readfile import MAX_INPUT_BYTES
+    from signerd._files import MAX_INPUT_BYTES
 
     d = start_daemon(tmp_path / "d", server={"workers": 1, "max_body_bytes": 4 << 20})
     try:

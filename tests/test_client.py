@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 
 from signerd import errors
-from signerd._http import UnixHTTPConnection
-from signerd._jwk import from_jwk
 from signerd.client import (
     AsyncClient,
     Client,
@@ -23,6 +21,8 @@ from signerd.client import (
     VerifyResult,
     VersionState,
 )
+from signerd.client._http import UnixHTTPConnection
+from signerd.wire._jwk import from_jwk
 
 from .conftest import DaemonProcess, start_daemon, unique, wait_until
 

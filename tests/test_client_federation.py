@@ -12,7 +12,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from signerd import AsyncClient, Client
-from signerd._jwk import b64url, to_jwk
 from signerd.errors import (
     InvalidRequest,
     InvalidSignature,
@@ -29,6 +28,7 @@ from signerd.gateway import (
     canonical_data,
     feedback_signing_input,
 )
+from signerd.wire._jwk import b64url, to_jwk
 
 from .conftest import DaemonProcess, policy_allow_all, start_daemon, unique
 

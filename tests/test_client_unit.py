@@ -28,7 +28,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from signerd import errors
-from signerd._jwk import to_jwk
 from signerd.client import (
     AsyncClient,
     Client,
@@ -38,6 +37,7 @@ from signerd.client import (
     Signature,
     VersionState,
 )
+from signerd.wire._jwk import to_jwk
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

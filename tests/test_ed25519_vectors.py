@@ -8,10 +8,10 @@ import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from signerd._ed25519 import check_public, weakness
-from signerd._jwk import from_jwk, thumbprint, to_jwk, to_pem
 from signerd.errors import InvalidRequest
-from signerd.federation.trust import jwk_public, pem_public
+from signerd.federation._trust import jwk_public, pem_public
+from signerd.wire._ed25519 import check_public, weakness
+from signerd.wire._jwk import from_jwk, thumbprint, to_jwk, to_pem
 
 # (public key, message, signature) from RFC 8032, TEST 1, 2, 3 and SHA(abc)
 VECTORS = [

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from signerd._audit import _encode, _journal_fields
-from signerd._calls import AuditEvent, Peer
+from signerd.audit._trail import _encode, _journal_fields
+from signerd.authz._calls import AuditEvent, Peer
 from signerd.errors import BackendUnavailable
-from signerd.federation.trust import TrustedKeys
+from signerd.federation._trust import TrustedKeys
 
 from ._federation import Api, Producer, federation_daemon
 from .conftest import unique

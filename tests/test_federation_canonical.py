@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from signerd.errors import MalformedJson, PayloadTooLarge
-from signerd.federation.canonical import MAX_SAFE_INT, canonical, canonicalize, parse
+from signerd.wire._canonical import MAX_SAFE_INT, canonical, canonicalize, parse
 
 REFUSALS = (MalformedJson, PayloadTooLarge)
 

@@ -10,8 +10,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from signerd._config import ConfigError, parse
-from signerd.federation.settings import parse_federation
-from signerd.federation.trust import PeerKey
+from signerd.federation._settings import parse_federation
+from signerd.federation._trust import PeerKey
 
 from ._federation import Api, Producer, federation_daemon
 from .conftest import daemon_config, unique
@@ -216,7 +216,7 @@ def test_key_trusted_for_two_tenants_by_file_and_config_verifies_for_neither(
 def test_weak_key_in_trusted_keys_json_is_never_trusted(tmp_path: Path) -> None:
     """A trusted-keys.json record holding a small-order key makes the store unreadable (503)."""
     from signerd.errors import BackendUnavailable
-    from signerd.federation.trust import TrustedKeys
+    from signerd.federation._trust import TrustedKeys
 
     record = {"tenant": "a", "kid": "k", "x": IDENTITY_X, "state": "active"}
     (tmp_path / "trusted-keys.json").write_text(json.dumps({"v": 1, "keys": [record]}))

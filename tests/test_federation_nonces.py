@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from signerd.errors import NonceStoreUnavailable, ReplayedNonce
-from signerd.federation.nonces import SqliteNonceStore
-from signerd.federation.redis_store import RedisNonceStore
+from signerd.federation._nonces import SqliteNonceStore
+from signerd.federation._redis_store import RedisNonceStore
 
 from ._federation import (
     Api,

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from signerd import AsyncClient
-from signerd._jwk import b64url, to_jwk
+from signerd.wire._jwk import b64url, to_jwk
 
 from ._tlsgateway import Pki, make_pki, serve
 from .conftest import DaemonProcess, policy_allow_all, start_daemon, unique

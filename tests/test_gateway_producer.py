@@ -9,7 +9,6 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from signerd._jwk import b64url, to_jwk
 from signerd.errors import SignerdError
 from signerd.gateway import (
     NonceMemory,
@@ -18,6 +17,7 @@ from signerd.gateway import (
     canonical_data,
     feedback_signing_input,
 )
+from signerd.wire._jwk import b64url, to_jwk
 
 NOW = 1_795_000_000
 NOW_S = str(NOW)
@@ -185,7 +185,7 @@ def test_static_keys_refuse_small_order_and_non_canonical_keys(raw: bytes) -> No
 
 def test_key_cache_drops_small_order_keys() -> None:
     """Keys listed by signerd (JWKS, trusted peer keys) that are weak never enter the cache."""
-    from signerd._keycache import KeyCache
+    from signerd.client._keycache import KeyCache
 
     cache = KeyCache(ttl=60, refetch_interval=1)
     good = Ed25519PrivateKey.generate().public_key().public_bytes_raw()

@@ -6,10 +6,10 @@ import base64
 import json
 from pathlib import Path
 
-from signerd._http_fed import TelemetrySignature
-from signerd._jwk import from_jwk
-from signerd._wire import loads_strict
+from signerd.client._federation import TelemetrySignature
 from signerd.gateway import Producer, StaticKeys, canonical_data, feedback_signing_input
+from signerd.wire._jwk import from_jwk
+from signerd.wire._strict_json import loads_strict
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "federation.json").read_text("utf-8"))
 

@@ -188,7 +188,7 @@ def test_unknown_field_message_names_our_fields(daemon: DaemonProcess) -> None:
 
 def test_unmatched_bucket_is_configurable() -> None:
     """policy.unmatched_rate and unmatched_burst are validated and used; defaults are 1/s and 60."""
-    from signerd._authz import policy_from_config
+    from signerd.authz._policy import policy_from_config
 
     policy = policy_from_config({"rules": [], "unmatched_rate": 2.5, "unmatched_burst": 7})
     assert (policy.unmatched_rate, policy.unmatched_burst) == (2.5, 7)
@@ -203,10 +203,10 @@ async def test_ready_is_one_backend_check_per_second() -> None:
     """200 concurrent /v1/ready share one backend check; a failure is shared too, then rechecked."""
     import asyncio
 
-    from signerd._calls import Peer
-    from signerd._request import Request
-    from signerd._server import Server
+    from signerd.authz._calls import Peer
     from signerd.errors import BackendUnavailable
+    from signerd.server._request import Request
+    from signerd.server._v1 import Server
 
     class Keys:
         calls = 0
@@ -293,7 +293,7 @@ def _flood(d: DaemonProcess, who: dict[str, Any], seconds: float) -> Any:
 def test_refusal_floods_from_matched_callers_are_bounded(tmp_path: Path) -> None:
     """256-item refused batches and bad bodies for 5 s from a rate-limited uid and a uid that only
     a users=["*"] rule matches (2 workers): 429s, and each uid's records stay within the bound."""
-    from signerd._authz import DEFAULT_REFUSAL_BURST, DEFAULT_REFUSAL_RATE
+    from signerd.authz._policy import DEFAULT_REFUSAL_BURST, DEFAULT_REFUSAL_RATE
 
     base = Path(tempfile.mkdtemp(prefix="signerd-flood-", dir="/tmp"))
     base.chmod(0o755)
@@ -409,11 +409,11 @@ def test_a_record_is_at_most_2_kib() -> None:
     import inspect
 
     import signerd.errors as errors
-    from signerd._calls import AuditEvent, Peer
-    from signerd._chain import _encode
-    from signerd._front import AuditNotes
-    from signerd._names import KeyName
-    from signerd._server import _note_batch
+    from signerd.audit._chain import _encode
+    from signerd.authz._calls import AuditEvent, Peer
+    from signerd.server._dispatch import AuditNotes
+    from signerd.server._v1 import _note_batch
+    from signerd.wire._names import KeyName
 
     key = KeyName("t" * 63, "n" * 63)
     kid = key.kid(999_999_999)
@@ -453,7 +453,7 @@ def test_a_record_is_at_most_2_kib() -> None:
 
 def test_readme_states_the_audit_bound_of_the_defaults() -> None:
     """The README's audit-bytes figures are those of the default buckets and RECORD_BYTES."""
-    from signerd._authz import (
+    from signerd.authz._policy import (
         DEFAULT_REFUSAL_BURST,
         DEFAULT_REFUSAL_RATE,
         DEFAULT_UNMATCHED_BURST,

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from signerd._anchor import read_anchors
-from signerd._audit import GENESIS, AuditTrail, audit_from_config
-from signerd._calls import AuditEvent, Peer
 from signerd._config import load
+from signerd.audit._anchor import read_anchors
+from signerd.audit._trail import GENESIS, AuditTrail, audit_from_config
+from signerd.authz._calls import AuditEvent, Peer
 from signerd.cli import main
 from signerd.client import Client
 

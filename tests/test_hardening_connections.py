@@ -27,11 +27,11 @@ from typing import Any
 import pytest
 
 from signerd import Client
-from signerd._listener import Listener
-from signerd._protocol import Limits
-from signerd._request import Request, Response, json_response
-from signerd._sockets import bind_unix_socket
+from signerd.daemon._sockets import bind_unix_socket
 from signerd.errors import SignerdError
+from signerd.server._connection import Limits
+from signerd.server._listener import Listener
+from signerd.server._request import Request, Response, json_response
 
 from .conftest import DaemonProcess, policy_allow_all, start_daemon, unique
 
@@ -369,7 +369,7 @@ def test_descriptor_exhaustion_is_logged_once_and_survived(daemon: DaemonProcess
 
 def test_connection_cap_keeps_descriptor_headroom() -> None:
     """The total cap leaves 128 descriptors for the token, audit file and executors."""
-    from signerd._listener import connection_cap, raise_nofile_limit
+    from signerd.server._listener import connection_cap, raise_nofile_limit
 
     assert connection_cap(1024, 20000) == 1024
     assert connection_cap(1024, 1024) == 896

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from signerd._names import KeyName
-from signerd._pkcs11 import from_config
+from signerd.backends.pkcs11._backend import from_config
+from signerd.wire._names import KeyName
 
 from ._rawhttp import Reply, _UnixConnection, request
 from .conftest import DaemonProcess, pkcs11_backend_config, start_daemon, unique
@@ -258,7 +258,7 @@ def _labels_on_token(prefix: str) -> list[str]:
 
 def test_malformed_objects_are_skipped_and_logged_once(busy_daemon: DaemonProcess) -> None:
     """A key named `feedback\\n` and undecodable metadata on the token never fail JWKS or listing."""
-    from signerd._pkcs11 import label_digest
+    from signerd.backends.pkcs11._backend import label_digest
 
     d = busy_daemon
     plain = lambda *a: request(str(d.socket_path), *a)  # noqa: E731
@@ -355,8 +355,8 @@ class _Blind:
 
 async def test_an_empty_listing_is_re_read_after_a_reset_and_never_believed() -> None:
     """One empty listing: reset and re-read, nothing lost; two in a row: cache kept, not ready, then healed."""
-    from signerd._keyservice import KeyService, Settings
     from signerd.errors import BackendUnavailable
+    from signerd.keys._service import KeyService, Settings
 
     blind = _Blind()
     svc = KeyService({"hsm": blind}, default_backend="hsm", settings=Settings(refresh_interval=0))  # type: ignore[dict-item]

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from signerd._sockets import SocketError, bind_unix_socket
 from signerd.cli import build_parser
+from signerd.daemon._sockets import SocketError, bind_unix_socket
 
 from .conftest import ROOT, SOFTHSM_MODULE
 from .test_peer import CHILD_PYTHON, NOBODY, NOGROUP, USERS_GID

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from signerd._names import KeyName
-from signerd._pkcs11 import from_config
+from signerd.backends.pkcs11._backend import from_config
+from signerd.wire._names import KeyName
 
 from ._rawhttp import request
 from .conftest import pkcs11_backend_config, start_daemon, unique

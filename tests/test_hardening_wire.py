@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from signerd import Client
-from signerd._http import ConnectionFailed, UnixHTTPConnection
+from signerd.client._http import ConnectionFailed, UnixHTTPConnection
 
 from .conftest import DaemonProcess, OpenGate, start_daemon, unique
 
@@ -216,9 +216,9 @@ def test_empty_repeated_or_undecodable_query_is_a_400(daemon: DaemonProcess, rou
 
 async def test_extra_routes_see_the_request_subset() -> None:
     """Server.add_routes: extra handlers get match_info, query, headers, body, peer; 404/405 as usual."""
-    from signerd._calls import AuditEvent, Operation, Peer
-    from signerd._front import Front
-    from signerd._request import Request, Response, json_response
+    from signerd.authz._calls import AuditEvent, Operation, Peer
+    from signerd.server._dispatch import Front
+    from signerd.server._request import Request, Response, json_response
 
     class Sink:
         events: list[AuditEvent] = []

@@ -9,11 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from signerd._backend import VersionState
-from signerd._idempotency import run_change
-from signerd._keyservice import KeyService, Settings
-from signerd._names import KeyName
-from signerd._pkcs11 import from_config
+from signerd.backends import VersionState
+from signerd.backends.pkcs11._backend import from_config
 from signerd.errors import (
     BackendUnavailable,
     ConfirmationRequired,
@@ -25,6 +22,9 @@ from signerd.errors import (
     UnknownKid,
     UnknownVersion,
 )
+from signerd.keys._service import KeyService, Settings
+from signerd.server._idempotency import run_change
+from signerd.wire._names import KeyName
 
 from .conftest import pkcs11_backend_config, unique
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from signerd._peer import peer_of, unit_from_cgroup
-from signerd._sockets import bind_unix_socket
+from signerd.authz._peer import peer_of, unit_from_cgroup
+from signerd.daemon._sockets import bind_unix_socket
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import pytest
 from pkcs11 import KeyType
 
-from signerd._names import KeyName
-from signerd._pkcs11 import Pkcs11Backend, from_config
+from signerd.backends.pkcs11._backend import Pkcs11Backend, from_config
+from signerd.wire._names import KeyName
 
 from .conftest import pkcs11_backend_config, unique
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from signerd._sockets import SocketError, bind_unix_socket, unlink_own_socket
+from signerd.daemon._sockets import SocketError, bind_unix_socket, unlink_own_socket
 
 from .test_peer import NOGROUP, Client, shared_dir
 

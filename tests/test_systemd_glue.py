@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from signerd import _systemd
 from signerd._config import ConfigError, parse
 from signerd.client import Client
+from signerd.daemon import _systemd
 
 from .conftest import ROOT, daemon_config, pkcs11_backend_config, to_toml
 

@@ -13,9 +13,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from signerd._backend import Destroyer, KeyInfo, VersionState, load_factory
-from signerd._names import KeyName
-from signerd._vault import VaultBackend, _signature, from_config
+from signerd.backends import Destroyer, KeyInfo, VersionState, load_factory
+from signerd.backends.vault._backend import VaultBackend, _signature, from_config
 from signerd.errors import (
     BackendError,
     BackendUnavailable,
@@ -24,6 +23,7 @@ from signerd.errors import (
     UnknownKey,
     UnknownVersion,
 )
+from signerd.wire._names import KeyName
 
 from ._openbao import BaoServer, FaultProxy, dev_server, free_port_pair, vault_backend_config
 from .conftest import unique

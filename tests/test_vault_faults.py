@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from signerd._names import KeyName
-from signerd._vault import VaultBackend, from_config
+from signerd.backends.vault._backend import VaultBackend, from_config
 from signerd.errors import BackendSealed, BackendUnavailable, SignerdError
+from signerd.wire._names import KeyName
 
 from ._openbao import FileServer, file_server, vault_backend_config
 from .conftest import unique

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from signerd._names import KeyName
-from signerd._vault import VaultBackend, from_config
-from signerd._vault_sign import SignClient
+from signerd.backends.vault._backend import VaultBackend, from_config
+from signerd.backends.vault._sign import SignClient
 from signerd.errors import BackendError, BackendUnavailable, UnknownKey, UnknownVersion
+from signerd.wire._names import KeyName
 
 from ._openbao import BaoServer, FaultProxy, dev_server, vault_backend_config
 from .conftest import unique

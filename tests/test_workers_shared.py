@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from signerd._config import ConfigError, default_workers, parse
-from signerd._idemstore import MAX_BODY, Entry, IdempotencyStore
+from signerd.server._idemstore import MAX_BODY, Entry, IdempotencyStore
 from signerd.workers import AdminLock, LockTimeout, SharedBuckets, runtime_path
 
 pytestmark = pytest.mark.timeout(60)

@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from signerd._audit import AuditTrail, verify_file
-from signerd._calls import AuditEvent, Peer
+from signerd.audit._trail import AuditTrail, verify_file
+from signerd.authz._calls import AuditEvent, Peer
 from signerd.client import Client
 from signerd.errors import AuditUnavailable, BackendUnavailable, SignerdError
 from signerd.workers import EXIT_STALLED, StallGuard
@@ -129,7 +129,7 @@ def test_a_lone_record_is_written_on_the_loop_thread_and_a_group_by_the_writer(
 ) -> None:
     """With a guard, a loop turn's lone record is written on the loop's own thread; the
     records of a busier turn go to the writer thread together, as one group."""
-    import signerd._audit as audit_module
+    import signerd.audit._trail as audit_module
 
     exits = _Exits()
     guard = StallGuard(exits.last_answers, poll=0.01, exit=exits.exit)

@@ -43,12 +43,9 @@ import rfc8785
 from cryptography.exceptions import InvalidSignature as _BadSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from .._http_fed import decimal_seconds
-from .._jwk import from_jwk, thumbprint
-from .._keycache import KeyCache
-from .._names import KeyName, parse_kid
-from .._wire import loads_strict
 from ..client import AsyncClient
+from ..client._federation import decimal_seconds
+from ..client._keycache import KeyCache
 from ..errors import (
     AttestationMismatch,
     InvalidRequest,
@@ -59,6 +56,9 @@ from ..errors import (
     TenantMismatch,
     UnknownKid,
 )
+from ..wire._jwk import from_jwk, thumbprint
+from ..wire._names import KeyName, parse_kid
+from ..wire._strict_json import loads_strict
 from ._headers import TelemetryEnvelope, TelemetryHeaders
 from ._nonces import NonceMemory
 

@@ -1,0 +1,468 @@
+"""The audit trail: one hash-chained JSON line per request, written or refused.
+
+The chain's format and its verification live in ``_chain``; the anchors kept
+outside the file and the payload key in ``_anchor`` and ``_anchorer``; opening
+the file and telling a rotation from a deletion in ``_trailfile``. On start-up
+the chain continues from the last record already in the file.
+
+Writes happen in batches (one write and one fsync for all the records that
+queued up meanwhile), in one writer thread. In a worker (``stall_guard``
+set), a lone record of one loop turn (one caller) is written at the end of
+that turn on the event loop's own thread, without a hand-off to another
+thread and back; a group of records still goes to the writer thread, so that
+the loop goes on signing while the disk works. The writer thread also keeps
+the anchors, reopening, the journal and the records nobody waits for.
+``record`` waits at most ``write_timeout``; when the write fails or is late
+it raises ``AuditUnavailable`` and the caller refuses the operation (a write
+on the loop's thread that is late is the stall guard's: the worker answers
+503 and ends). While the writer is stuck in a write, ``record`` fails at once.
+After a failure the file is reopened on the next attempt, so the trail
+recovers when the sink does.
+
+A failed write may leave bytes in the file. They are never truncated away (the
+file may be append-only); the next write accounts for them instead. Complete
+records among them that still chain stay in the chain and are listed in the
+next record's ``unacknowledged`` (the caller was refused); anything else is
+named by the next record's ``discarded`` (byte count and SHA-256), so that
+verification can tell a failed write from an edit. Records whose caller gave
+up while they were being written are listed in ``unacknowledged`` too.
+
+The same thread writes the anchors: at start (``open``), every
+``anchor_interval`` seconds when the head moved, before leaving a file
+(rotation by rename, noticed on SIGHUP, before a batch or on the anchor tick),
+at shutdown, and at once when the live file shrank or was deleted under it
+(the security events ``signerd.audit_truncated`` and ``signerd.audit_deleted``).
+On the same tick it checks that the anchor file is still there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..authz._calls import AuditEvent
+from ..errors import AuditUnavailable
+from ._anchor import RUN
+from ._anchorer import Anchorer
+from ._chain import (
+    GENESIS,
+    VerifyReport,
+    Walker,
+    _encode,
+    _journal_fields,
+    line_hash,
+    split_lines,
+    verify_file,
+    verify_files,
+)
+from ._settings import audit_settings, worker_path
+from ._trailfile import TrailFile, _Sink
+
+__all__ = [
+    "GENESIS",
+    "AuditTrail",
+    "VerifyReport",
+    "audit_from_config",
+    "verify_file",
+    "verify_files",
+    "worker_path",
+]
+
+if TYPE_CHECKING:
+    from ..workers import StallGuard
+
+log = logging.getLogger("signerd.audit")
+
+_MAX_BATCH = 256
+#: records written on the loop's thread at most at once: one record is a lone caller,
+#: who waits for nothing else; a group goes to the writer thread, so that the loop
+#: signs the next requests while the disk works (measured: more throughput at 32
+#: callers, the same latency for one)
+_MAX_HERE = 1
+_MAX_QUEUED = 8192  # records nobody waits for (``submit``), queued at most
+JournalSend = Callable[..., object]
+
+
+def audit_from_config(
+    table: Mapping[str, Any], *, worker: int | None = None, workers: int | None = None
+) -> AuditTrail:
+    """Build an AuditTrail from the ``[audit]`` table; ValueError names the bad key.
+
+    With ``worker``, the trail is that worker's own file (``worker_path``) and, unless
+    ``anchor`` is set, its own anchor file; the payload key is shared by all workers.
+    ``workers``: how many there are, so that each anchor names every chain of the run.
+    """
+    s = audit_settings(table, worker=worker, workers=workers)
+    return AuditTrail(
+        s.path,
+        write_timeout=s.write_timeout,
+        fsync=s.fsync,
+        journal_send=s.journal_send,
+        anchor_path=s.anchor,
+        anchor_interval=s.anchor_interval,
+        key_path=s.key,
+        chains=s.chains,
+    )
+
+
+@dataclass(eq=False)
+class _Job:
+    event: AuditEvent
+    loop: asyncio.AbstractEventLoop | None  # None for a record nobody waits for (``submit``)
+    future: asyncio.Future[None] | None
+    state: str = "queued"  # queued -> writing -> done; or queued -> abandoned
+    abandoned: bool = False  # the caller gave up while the record was being written
+    failed: bool = False
+    seq: int = 0
+
+
+class AuditTrail(TrailFile):
+    """Hash-chained JSON-lines audit file; implements the ``AuditSink`` protocol."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        write_timeout: float = 2.0,
+        fsync: bool = True,
+        journal_send: JournalSend | None = None,
+        anchor_path: str | None = None,
+        anchor_interval: float = 10.0,
+        key_path: str | None = None,
+        hmac_key: bytes | None = None,
+        chains: tuple[str, ...] = (),
+        run: str = RUN,
+    ) -> None:
+        """``anchor_path`` None: no anchors. No ``key_path`` nor ``hmac_key``: a key for this
+        process only (payload_hmac values then cannot be checked later; for tests).
+        ``chains``: every chain of the daemon run (default: this one), named by each anchor."""
+        self.path = path
+        self.write_timeout = write_timeout
+        self._fsync = fsync
+        self._journal = journal_send
+        self.chain = os.path.basename(path)
+        self.boot = secrets.token_hex(8)  # with seq, makes record_id unique across restarts
+        self.anchor_path, self.anchor_interval = anchor_path, anchor_interval
+        self._anchors = (
+            Anchorer(anchor_path, self.chain, self.boot, journal_send, run=run, chains=chains)
+            if anchor_path is not None
+            else None
+        )
+        self._next_anchor = time.monotonic() + anchor_interval
+        self.key_path = key_path
+        self._key: bytes | None = (
+            hmac_key if hmac_key is not None or key_path else secrets.token_bytes(32)
+        )
+        self._cond = threading.Condition()
+        self._queue: deque[_Job] = deque()
+        self._thread: threading.Thread | None = None
+        self._busy_since: float | None = None
+        self._closed = False
+        self._reopen = False
+        self._sink = _Sink()
+        self._started = False  # whether the file was opened once (start-up checks done)
+        self._journal_failing = False
+        self._last_complaint = 0.0
+        self._io = threading.Lock()  # held by whichever thread uses the file and the chain
+        self._journal_backlog: deque[bytes] = deque()  # written on the loop, for the journal
+        self._flush_due = False
+        self._handed = False  # with a guard: queued records are the writer thread's to write
+        #: a worker's guard: records are written on the loop's thread, bounded by it
+        self.stall_guard: StallGuard | None = None
+
+    async def record(self, event: AuditEvent) -> None:
+        """Write one record durably, or raise AuditUnavailable within write_timeout."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        job = _Job(event, loop, future)
+        here = self.stall_guard is not None
+        with self._cond:
+            if self._closed:
+                raise AuditUnavailable()
+            if self._stuck():
+                raise AuditUnavailable()  # the writer is stuck: do not queue behind it
+            self._start()
+            self._queue.append(job)
+            if not here:
+                self._cond.notify()
+        if here and not self._flush_due:
+            self._flush_due = True
+            loop.call_soon(self._write_here)  # after every request of this loop turn
+        try:
+            await asyncio.wait_for(asyncio.shield(future), self.write_timeout)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            with self._cond:
+                written = job.state == "done" and not job.failed
+                if job.state == "queued":
+                    self._queue.remove(job)
+                    job.state = "abandoned"
+                elif job.state == "writing":
+                    job.abandoned = True
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            if not written:
+                log.error(
+                    "signerd.audit_unavailable reason=timeout request_id=%s", event.request_id
+                )
+                raise AuditUnavailable() from None
+            return
+        if job.failed:
+            raise AuditUnavailable()
+
+    def _stuck(self) -> bool:
+        """Whether a write has been under way longer than ``write_timeout`` (hold ``_cond``)."""
+        busy = self._busy_since
+        return busy is not None and time.monotonic() - busy > self.write_timeout
+
+    def submit(self, event: AuditEvent) -> bool:
+        """Queue a record that nobody waits for (an operation that does not fail closed):
+        it goes out with the next group write. False, and nothing queued, when the writer
+        is closed or stuck or ``_MAX_QUEUED`` records already wait."""
+        with self._cond:
+            if self._closed or len(self._queue) >= _MAX_QUEUED or self._stuck():
+                return False
+            self._start()
+            self._queue.append(_Job(event, None, None))
+            self._handed = True
+            self._cond.notify()
+        return True
+
+    def open(self) -> None:
+        """Open the file and the anchors now (at start): the chain is anchored ``start`` and
+        the anchor tick runs even before the first record. A failure is logged; the trail
+        tries again with the first record (and refuses it if it still cannot)."""
+        with self._io:
+            if self._sink.fd is None:
+                try:
+                    self._open()
+                except OSError as exc:
+                    log.error("signerd.audit_write_failed error=%s path=%s", exc, self.path)
+        with self._cond:
+            self._start()
+
+    def reopen(self) -> None:
+        """SIGHUP: when ``path`` no longer names our file, the next record goes to whatever
+        file it names then (a file renamed away is a rotation; a deleted one is not)."""
+        with self._cond:
+            self._reopen = True
+            self._start()
+            self._cond.notify()
+
+    async def aclose(self) -> None:
+        """Write what is queued, then stop the writer (waiting a bounded time)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            await asyncio.to_thread(thread.join, self.write_timeout + 5.0)
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="signerd-audit", daemon=True)
+            self._thread.start()
+
+    # --- writing on the loop's thread (a worker) ---
+
+    def _write_here(self) -> None:
+        """A lone record queued in this loop turn: written and fsync'd on this thread.
+        Several records, or a file the writer thread has now: the writer thread's."""
+        self._flush_due = False
+        guard = self.stall_guard
+        batch: list[_Job] = []
+        lines: list[bytes] = []
+        if guard is not None and len(self._queue) <= _MAX_HERE and self._io.acquire(False):
+            try:
+                with self._cond:
+                    if not self._reopen:  # reopening is the writer thread's
+                        batch = self._take()
+                if batch:
+                    lines = guard.call(
+                        lambda: self._write_jobs(batch),
+                        self.write_timeout,
+                        "audit",
+                        AuditUnavailable,
+                    )
+            finally:
+                self._io.release()
+        with self._cond:
+            if batch:
+                self._done(batch, lines)
+                if lines and self._journal is not None:
+                    self._journal_backlog.extend(lines)
+            if self._queue or self._journal_backlog:
+                self._handed = self._handed or bool(self._queue)
+                self._cond.notify()  # what is left, and the journal, go to the writer thread
+        for job in batch:
+            if job.future is not None:
+                _resolve(job.future)
+
+    # --- the writer thread ---
+
+    def _take(self) -> list[_Job]:
+        """The next batch from the queue (hold ``_cond`` and ``_io``)."""
+        batch = [self._queue.popleft() for _ in range(min(_MAX_BATCH, len(self._queue)))]
+        for job in batch:
+            job.state = "writing"
+        if batch:
+            self._busy_since = time.monotonic()
+        return batch
+
+    def _done(self, batch: list[_Job], lines: list[bytes]) -> None:
+        """The batch is written (``lines``) or failed (none) (hold ``_cond``)."""
+        self._busy_since = None
+        for job in batch:
+            job.state, job.failed = "done", not lines
+            if lines and job.abandoned:
+                self._sink.unacked.append(job.seq)
+
+    def _write_jobs(self, batch: list[_Job]) -> list[bytes]:
+        """Write a batch (hold ``_io``); its lines, or none when the write failed."""
+        try:
+            lines = self._write_batch(batch)
+        except Exception as exc:  # OSError mostly; never let the writer die
+            self._close_fd()
+            now = time.monotonic()
+            if now - self._last_complaint > 10.0:  # one line per streak, then 1/10 s
+                self._last_complaint = now
+                log.error("signerd.audit_write_failed error=%s path=%s", exc, self.path)
+            return []
+        if self._last_complaint:
+            log.warning("signerd.audit_recovered path=%s", self.path)
+        self._last_complaint = 0.0
+        return lines
+
+    def _busy(self, fn: Callable[..., object], *args: Any) -> None:
+        """Something callers do not wait for, counted as the writer being busy (stuck)."""
+        with self._cond:
+            self._busy_since = time.monotonic()
+        fn(*args)
+        with self._cond:
+            self._busy_since = None
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while (
+                    not (self._queue and (self._handed or self.stall_guard is None))
+                    and not self._closed
+                    and not self._reopen
+                    and not self._journal_backlog
+                ):
+                    wait = (
+                        self._next_anchor - time.monotonic() if self._anchors is not None else None
+                    )
+                    if wait is not None and wait <= 0:
+                        break
+                    self._cond.wait(wait)
+                reopen, self._reopen = self._reopen, False
+                if not self._queue and self._closed:
+                    break
+                backlog = list(self._journal_backlog)
+                self._journal_backlog.clear()
+            with self._io:
+                if reopen:
+                    self._follow(reopen=True)
+                with self._cond:
+                    batch = self._take()
+                    self._handed = self._handed and bool(self._queue)
+                lines = self._write_jobs(batch) if batch else []
+            with self._cond:
+                self._done(batch, lines)
+            for job in batch:
+                if job.loop is not None and job.future is not None:
+                    with contextlib.suppress(RuntimeError):  # the caller's loop is gone
+                        job.loop.call_soon_threadsafe(_resolve, job.future)
+            backlog += lines
+            if backlog and self._journal is not None:
+                self._busy(self._to_journal, backlog)  # a stuck journal is a stuck writer
+            if self._anchors is not None and time.monotonic() >= self._next_anchor:
+                # after the batch is answered: no caller waits for an anchor
+                self._next_anchor = time.monotonic() + self.anchor_interval
+                with self._io:
+                    self._busy(self._tick)
+        with self._io:
+            self._anchor("shutdown")
+            self._close_fd()
+        if self._anchors is not None:
+            self._anchors.close()
+
+    def _write_batch(self, batch: list[_Job]) -> list[bytes]:
+        sink = self._sink
+        self._follow()  # never write into a file renamed away or deleted
+        if sink.fd is None:
+            self._open()
+        assert sink.fd is not None
+        region, base = self._unaccounted()
+        prefix = b"\n" if region and not region.endswith(b"\n") else b""
+        walker = Walker(sink.prev, sink.seq, file_start=base - len(region) == 0)
+        for lineno, line in enumerate(split_lines(region + prefix), 1):
+            walker.feed(line, lineno)
+        assert walker.prev is not None
+        marks: dict[str, object] = {}
+        if walker.pending:
+            marks["discarded"] = {
+                "bytes": len(walker.pending),
+                "sha256": hashlib.sha256(walker.pending).hexdigest(),
+            }
+        unacked = sink.unacked + walker.accepted
+        if unacked:
+            marks["unacknowledged"] = unacked
+        if sink.rotated_from is not None and not walker.accepted:
+            marks["rotated_from"] = sink.rotated_from
+        prev, seq = walker.prev, walker.seq
+        out = bytearray(prefix)
+        lines: list[bytes] = []
+        first_hash = ""
+        for job in batch:
+            seq += 1
+            line = _encode(job.event, seq, prev, marks, f"{self.boot}-{seq}", self._key)
+            marks = {}
+            prev, job.seq = line_hash(line), seq
+            lines.append(line)
+            first_hash = first_hash or prev
+            out += line + b"\n"
+        written = 0
+        try:
+            while written < len(out):
+                written += os.write(sink.fd, out[written:])
+            if self._fsync and sink.regular:
+                os.fsync(sink.fd)
+        except OSError:
+            if not sink.regular:
+                sink.dangling += out[:written]
+            raise
+        sink.prev, sink.seq, sink.good_end = prev, seq, base + len(out)
+        if sink.first is None or sink.fresh:
+            sink.first = walker.first[::2] if walker.first else (seq - len(lines) + 1, first_hash)
+            sink.fresh = False
+        sink.rotated_from, sink.unacked = None, []
+        sink.dangling.clear()
+        return lines
+
+    def _to_journal(self, lines: list[bytes]) -> None:
+        assert self._journal is not None
+        try:
+            for line in lines:
+                self._journal(**_journal_fields(line))
+        except Exception as exc:  # the file is the record of truth; say so once
+            if not self._journal_failing:
+                log.warning("signerd.audit_journal_failed error=%s", exc)
+            self._journal_failing = True
+        else:
+            self._journal_failing = False
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

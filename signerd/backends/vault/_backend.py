@@ -1,0 +1,548 @@
+"""Vault / OpenBao transit backend.
+
+Each signerd key is one transit key of type ``ed25519`` named
+``<key_prefix><tenant>.<name>`` (``.`` cannot occur in a tenant or a name, so
+the mapping is one to one), in the tenant's mount from ``tenant_mounts`` or
+else in ``mount``. Keys are created with ``exportable=false`` and
+``allow_plaintext_backup=false``: private material never leaves Vault.
+
+Versions are transit versions, and their states are read from Vault alone, so
+that several daemons pointed at the same Vault agree:
+
+- ``destroyed``: below ``min_available_version`` (trimmed from transit);
+- ``retired``: below ``min_decryption_version``, or listed as retired in the
+  key's metadata record (see below);
+- ``active``: ``min_encryption_version`` when it is set, else the latest
+  version (Vault itself then refuses to sign with anything older);
+- ``pending``: above the active version;
+- ``verify-only``: the rest.
+
+Transit cannot hold two things, kept in a KV v2 record per key at
+``<metadata_mount>/data/<mount>/<transit key name>``, written with
+check-and-set: versions retired out of order (a pending version, or a version
+above one still verify-only, since ``min_decryption_version`` is a floor), and
+the public keys and creation times of versions below the floor, which transit
+stops returning once they are archived or trimmed. The record is read with
+each description; a missing record means "nothing out of order".
+
+Destroy trims with ``min_available_version``, which only cuts from the oldest
+version up: a version can be destroyed once every older one is destroyed.
+
+The same configuration works against HashiCorp Vault (same transit, KV v2,
+token and AppRole API). The token needs: ``<mount>/keys/*`` (create, read,
+update), ``<mount>/keys`` (list), ``<mount>/sign/*`` (update),
+``<metadata_mount>/data/<mount>/*`` and ``<metadata_mount>/metadata/<mount>/*``
+(create, read, update), and the default policy (token lookup-self,
+renew-self).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+from ...errors import (
+    BackendError,
+    BackendSealed,
+    BackendUnavailable,
+    InvalidState,
+    KeyExists,
+    SignerdError,
+    UnknownKey,
+    UnknownVersion,
+)
+from ...wire._names import KeyName, valid_part
+from .. import KeyInfo, KeyVersion, VersionState
+from ._auth import (
+    Json,
+    NotFoundInVault,
+    Transport,
+    VaultSettings,
+    build_transport,
+    connection_failed,
+    parse_settings,
+)
+from ._sign import SignClient
+
+log = logging.getLogger("signerd.vault")
+
+_CAS_ATTEMPTS = 5
+
+
+class _ForeignKey(BackendError):
+    """A transit key under signerd's name that is not an Ed25519 key."""
+
+
+@dataclass(frozen=True)
+class _Transit:
+    """What transit says about one key."""
+
+    latest: int
+    min_available: int
+    min_decryption: int
+    min_encryption: int
+    keys: Mapping[int, tuple[bytes, int]]  # version -> (public key, created_at)
+
+    @property
+    def active(self) -> int:
+        return self.min_encryption or self.latest
+
+
+@dataclass(frozen=True)
+class _Meta:
+    """The key's metadata record in KV v2 (what transit cannot hold)."""
+
+    retired: frozenset[int] = frozenset()
+    archived: Mapping[int, tuple[bytes, int]] = field(default_factory=dict)
+    cas: int = 0  # KV version the record was read at (0: no record)
+
+    def to_json(self) -> Json:
+        return {
+            "format": 1,
+            "retired": sorted(self.retired),
+            "archived": {
+                str(v): {"public_key": base64.b64encode(pk).decode("ascii"), "created_at": ts}
+                for v, (pk, ts) in sorted(self.archived.items())
+            },
+        }
+
+
+class VaultBackend:
+    """Keys in Vault / OpenBao transit; see the module docstring for the mapping."""
+
+    def __init__(self, settings: VaultSettings, transport: Transport) -> None:
+        self.settings = settings
+        self.transport = transport
+        # signs skip hvac: kept-alive http.client connections, hvac's token (see _vault_sign)
+        self.signer = SignClient(
+            settings, transport.auth, lambda path, body: transport.request("POST", path, body)
+        )
+        self.max_concurrency = settings.max_concurrency
+        self._reported: set[str] = set()  # keys skipped from listings, logged once each
+
+    # --- names and paths ---
+
+    def _mount(self, key: KeyName) -> str:
+        return self.settings.tenant_mounts.get(key.tenant, self.settings.mount)
+
+    def _transit_name(self, key: KeyName) -> str:
+        return f"{self.settings.key_prefix}{key.tenant}.{key.name}"
+
+    def _key_path(self, key: KeyName, suffix: str = "") -> str:
+        return f"{self._mount(key)}/keys/{self._transit_name(key)}{suffix}"
+
+    def _meta_path(self, key: KeyName, kind: str = "data") -> str:
+        m = self.settings.metadata_mount
+        return f"{m}/{kind}/{self._mount(key)}/{self._transit_name(key)}"
+
+    def _parse_name(self, transit_name: str) -> KeyName | None:
+        prefix = self.settings.key_prefix
+        if not transit_name.startswith(prefix):
+            return None
+        tenant, dot, name = transit_name[len(prefix) :].partition(".")
+        if not dot or not all(valid_part(p) and p.isprintable() for p in (tenant, name)):
+            return None
+        return KeyName(tenant, name)
+
+    # --- reading ---
+
+    def _read_transit(self, key: KeyName) -> _Transit:
+        try:
+            answer = self.transport.request("GET", self._key_path(key))
+        except NotFoundInVault as exc:
+            raise UnknownKey() from exc
+        try:
+            data = answer["data"]
+            if data["type"] != "ed25519":
+                log.error("signerd.vault.foreign_key key=%s type=%s", key, data["type"])
+                raise _ForeignKey("the Vault key is not an Ed25519 key")
+            keys = {
+                int(v): (_raw_public_key(k["public_key"]), _unix(k["creation_time"]))
+                for v, k in data["keys"].items()
+            }
+            return _Transit(
+                latest=int(data["latest_version"]),
+                min_available=int(data["min_available_version"]),
+                min_decryption=int(data["min_decryption_version"]),
+                min_encryption=int(data["min_encryption_version"]),
+                keys=keys,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise _malformed("transit key", exc) from exc
+
+    def _read_meta(self, key: KeyName, *, for_write: bool = False) -> _Meta:
+        try:
+            answer = self.transport.request("GET", self._meta_path(key))
+        except NotFoundInVault:
+            return _Meta(cas=self._meta_version(key) if for_write else 0)
+        try:
+            data = answer["data"]["data"] or {}
+            return _Meta(
+                retired=frozenset(int(v) for v in data.get("retired", ())),
+                archived={
+                    int(v): (_raw_public_key(a["public_key"]), int(a["created_at"]))
+                    for v, a in data.get("archived", {}).items()
+                },
+                cas=int(answer["data"]["metadata"]["version"]),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise _malformed("metadata record", exc) from exc
+
+    def _meta_version(self, key: KeyName) -> int:
+        """The record's KV version for check-and-set when its data cannot be read."""
+        try:
+            answer = self.transport.request("GET", self._meta_path(key, "metadata"))
+            return int(answer["data"]["current_version"])
+        except NotFoundInVault:
+            return 0
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _malformed("metadata record", exc) from exc
+
+    def _read(self, key: KeyName) -> tuple[_Transit, _Meta, KeyInfo]:
+        transit = self._read_transit(key)
+        meta = self._read_meta(key)
+        return transit, meta, _describe(key, transit, meta)
+
+    # --- writing ---
+
+    def _config(self, key: KeyName, **values: int) -> None:
+        try:
+            self.transport.request("POST", self._key_path(key, "/config"), dict(values))
+        except NotFoundInVault as exc:
+            raise UnknownKey() from exc
+
+    def _update_meta(self, key: KeyName, change: Callable[[_Meta], _Meta]) -> None:
+        """Read-modify-write the metadata record with check-and-set."""
+        for _ in range(_CAS_ATTEMPTS):
+            meta = self._read_meta(key, for_write=True)
+            body = {"options": {"cas": meta.cas}, "data": change(meta).to_json()}
+            try:
+                self.transport.request("POST", self._meta_path(key), body)
+                return
+            except BackendError as exc:
+                if "check-and-set" not in str(getattr(exc.__cause__, "errors", "")):
+                    raise
+                log.info("signerd.vault.record_conflict key=%s", key)
+            except NotFoundInVault as exc:
+                raise BackendError("the Vault metadata mount is missing") from exc
+        raise BackendError("the key's metadata record keeps changing")
+
+    # --- Backend protocol ---
+
+    def list_keys(self) -> list[KeyInfo]:
+        found: list[KeyName] = []
+        mounts = {self.settings.mount, *self.settings.tenant_mounts.values()}
+        for mount in sorted(mounts):
+            try:
+                answer = self.transport.request("LIST", f"{mount}/keys")
+                names = answer["data"]["keys"]
+            except NotFoundInVault:
+                continue
+            except (KeyError, TypeError) as exc:
+                raise _malformed("key list", exc) from exc
+            for transit_name in names:
+                key = self._parse_name(str(transit_name))
+                if key is not None and self._mount(key) == mount:
+                    found.append(key)
+        infos = []
+        for key in sorted(found):
+            try:
+                infos.append(self.describe(key))
+            except (UnknownKey, _ForeignKey):
+                continue  # deleted since the listing, or not a signing key of ours
+            except BackendError:
+                # One unreadable key never fails the whole listing (the key service
+                # keeps a known key that a listing lacks until it is proven gone).
+                if str(key) not in self._reported:
+                    self._reported.add(str(key))
+                    log.warning("signerd.vault.skip_unreadable key=%s", key)
+                continue
+        return infos
+
+    def describe(self, key: KeyName) -> KeyInfo:
+        return self._read(key)[2]
+
+    def create(self, key: KeyName) -> KeyInfo:
+        try:
+            self._read_transit(key)
+        except UnknownKey:
+            pass
+        else:
+            raise KeyExists()
+        body = {"type": "ed25519", "exportable": False, "allow_plaintext_backup": False}
+        # transit answers a create of an existing key with success, so a retry is safe
+        self.transport.request("POST", self._key_path(key), body)
+        meta = self._read_meta(key)
+        if meta.retired or meta.archived:
+            # left over from an earlier key of the same name deleted outside signerd
+            self._update_meta(key, lambda m: _Meta(cas=m.cas))
+        info = self.describe(key)
+        log.info("signerd.vault.create key=%s", key)
+        return info
+
+    def rotate(self, key: KeyName, *, pending: bool) -> KeyInfo:
+        transit = self._read_transit(key)
+        before = transit.latest
+        if pending:
+            if transit.min_encryption == 0:
+                # pin the active version first, so the new one arrives as pending
+                self._config(key, min_encryption_version=before)
+            self._rotate_once(key, before)
+        elif transit.min_encryption == 0:
+            self._rotate_once(key, before)  # latest becomes active: one step
+        elif transit.min_encryption == before and transit.min_available == 0:
+            # unpin (no visible change, the pinned version is the latest), then rotate
+            self._config(key, min_encryption_version=0)
+            self._rotate_once(key, before)
+        else:
+            # transit needs a pin here (trimmed key, or pending versions exist):
+            # the new version is pending until the pin moves to it
+            new = self._rotate_once(key, before)
+            self._config(key, min_encryption_version=new)
+        info = self.describe(key)
+        log.info("signerd.vault.rotate key=%s latest=%s pending=%s", key, info.latest, pending)
+        return info
+
+    def _rotate_once(self, key: KeyName, before: int) -> int:
+        """Rotate; after a lost answer, look before trying again (never two versions)."""
+        path = self._key_path(key, "/rotate")
+        for attempt in (1, 2):
+            try:
+                answer = self.transport.request("POST", path, {}, retry=False)
+            except NotFoundInVault as exc:
+                raise UnknownKey() from exc
+            except BackendSealed:
+                raise  # sealed: Vault did nothing
+            except BackendUnavailable as exc:
+                latest = self._read_transit(key).latest
+                if latest > before:
+                    log.info("signerd.vault.rotate_answer_lost key=%s done=yes", key)
+                    return latest
+                if attempt == 2 or not connection_failed(exc.__cause__):
+                    raise
+                log.info("signerd.vault.rotate_answer_lost key=%s done=no retry=yes", key)
+                continue
+            data = answer.get("data") or {}
+            if "latest_version" in data:
+                return int(data["latest_version"])
+            return self._read_transit(key).latest
+        raise AssertionError("unreachable")
+
+    def set_state(self, key: KeyName, version: int, state: VersionState) -> KeyInfo:
+        transit, meta, info = self._read(key)
+        current = info.version(version)
+        if current is None:
+            raise UnknownVersion()
+        if current.state is state:
+            return info
+        if state is VersionState.ACTIVE and current.state is VersionState.PENDING:
+            self._config(key, min_encryption_version=version)
+        elif state is VersionState.RETIRED and current.state in (
+            VersionState.PENDING,
+            VersionState.VERIFY_ONLY,
+        ):
+            self._retire(key, transit, meta, version)
+        else:
+            raise InvalidState(f"cannot set a {current.state} version {state} on this backend")
+        info = self.describe(key)
+        log.info("signerd.vault.set_state key=%s version=%s state=%s", key, version, state)
+        return info
+
+    def _retire(self, key: KeyName, transit: _Transit, meta: _Meta, version: int) -> None:
+        if version == transit.min_decryption and version < transit.active:
+            self._raise_floor(key, transit, meta, version)
+            return
+        self._update_meta(key, lambda m: replace(m, retired=m.retired | {version}))
+
+    def _raise_floor(self, key: KeyName, transit: _Transit, meta: _Meta, version: int) -> int:
+        """Retire ``version`` (== min_decryption_version) by raising the floor past it.
+
+        The floor also moves past versions already retired out of order just
+        above it. Their public keys go to the metadata record first, since
+        transit stops returning keys below the floor.
+        """
+        floor = version + 1
+        while floor in meta.retired and floor < transit.active:
+            floor += 1
+        moving = {
+            v: transit.keys[v] for v in range(transit.min_decryption, floor) if v in transit.keys
+        }
+
+        def archive(m: _Meta) -> _Meta:
+            return replace(m, archived={**m.archived, **moving})
+
+        self._update_meta(key, archive)
+        self._config(key, min_decryption_version=floor)
+        return floor
+
+    def destroy(self, key: KeyName, version: int) -> KeyInfo:
+        transit, meta, info = self._read(key)
+        current = info.version(version)
+        if current is None:
+            raise UnknownVersion()
+        if current.state is VersionState.DESTROYED:
+            return info
+        if current.state is not VersionState.RETIRED:
+            raise InvalidState("only a retired version can be destroyed")
+        oldest = max(transit.min_available, 1)
+        if version != oldest:
+            raise InvalidState(
+                f"Vault transit destroys versions from the oldest up: destroy v{oldest} first"
+            )
+        if version >= transit.active:
+            raise InvalidState("Vault transit cannot destroy a version newer than the active one")
+        if version >= transit.min_decryption:  # retired out of order, now at the floor
+            self._raise_floor(key, transit, meta, version)
+            transit = self._read_transit(key)
+        if transit.min_encryption == 0:
+            # trim needs an explicit pin; pin the version that is active anyway
+            self._config(key, min_encryption_version=transit.latest)
+        try:
+            self.transport.request(
+                "POST", self._key_path(key, "/trim"), {"min_available_version": version + 1}
+            )
+        except NotFoundInVault as exc:
+            raise UnknownKey() from exc
+        info = self.describe(key)
+        log.info("signerd.vault.destroy key=%s version=%s", key, version)
+        return info
+
+    def sign(
+        self, key: KeyName, version: int, items: Sequence[bytes]
+    ) -> list[bytes | SignerdError]:
+        if not items:
+            return []
+        encoded = [base64.b64encode(item).decode("ascii") for item in items]
+        body: Json = {"key_version": version}
+        if len(encoded) == 1:
+            body["input"] = encoded[0]
+        else:
+            body["batch_input"] = [{"input": e} for e in encoded]
+        path = f"{self._mount(key)}/sign/{self._transit_name(key)}"
+        try:
+            answer = self.signer.post(path, body)  # signing is safe to repeat
+        except NotFoundInVault as exc:
+            raise UnknownKey() from exc
+        except BackendError as exc:
+            raise _sign_refusal(exc) from exc.__cause__
+        try:
+            data = answer["data"]
+            results = data["batch_results"] if len(encoded) > 1 else [data]
+            if len(results) != len(items):
+                raise ValueError(f"{len(results)} results for {len(items)} items")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _malformed("sign answer", exc) from exc
+        causes: list[str] = []
+        signed = [_signature(result, version, causes) for result in results]
+        if causes:
+            log.warning(
+                "signerd.vault.sign_refused key=%s version=%s failed=%s of=%s cause=%s",
+                *(key, version, len(causes), len(items), causes[0]),
+            )
+        return signed
+
+    def check(self) -> None:
+        try:
+            self.transport.request("GET", "auth/token/lookup-self")
+        except NotFoundInVault as exc:
+            raise BackendUnavailable("Vault cannot look up signerd's token") from exc
+        except BackendError as exc:
+            raise BackendUnavailable("Vault is not usable") from exc
+
+    def close(self) -> None:
+        self.signer.close()
+        self.transport.close()
+
+
+def _describe(key: KeyName, transit: _Transit, meta: _Meta) -> KeyInfo:
+    active = transit.active
+    versions = []
+    for v in range(1, transit.latest + 1):
+        if v < transit.min_available:
+            state = VersionState.DESTROYED
+        elif v < transit.min_decryption:
+            state = VersionState.RETIRED
+        elif v == active:
+            state = VersionState.ACTIVE
+        elif v in meta.retired:
+            state = VersionState.RETIRED
+        elif v > active:
+            state = VersionState.PENDING
+        else:
+            state = VersionState.VERIFY_ONLY
+        public_key, created_at = transit.keys.get(v) or meta.archived.get(v) or (b"", 0)
+        if not public_key:
+            log.warning("signerd.vault.public_key_missing key=%s version=%s", key, v)
+        versions.append(KeyVersion(v, key.kid(v), state, public_key, created_at))
+    return KeyInfo(key, tuple(versions))
+
+
+_SIGN_REFUSALS: tuple[tuple[str, type[SignerdError], str], ...] = (
+    ("less than the minimum encryption", InvalidState, "version no longer signs"),
+    ("higher than the latest", UnknownVersion, ""),
+    ("signing key not found", UnknownKey, ""),
+)
+
+
+def _classify(text: str) -> SignerdError | None:
+    """The precise error for Vault's refusal of a sign, when it has one."""
+    for needle, cls, message in _SIGN_REFUSALS:
+        if needle in text:
+            return cls(message or None)
+    return None
+
+
+def _sign_refusal(exc: BackendError) -> SignerdError:
+    return _classify(" ".join(getattr(exc.__cause__, "errors", None) or ())) or exc
+
+
+def _signature(result: Any, version: int, causes: list[str]) -> bytes | SignerdError:
+    """One signature from a sign answer, or the item's error in place (cause noted)."""
+    try:
+        if result.get("error"):
+            causes.append(str(result["error"]))
+            return _classify(str(result["error"])) or BackendError("Vault refused to sign")
+        prefix, tag, encoded = str(result["signature"]).split(":")
+        if prefix != "vault" or tag != f"v{version}":
+            causes.append(f"asked for v{version}, Vault signed with {tag[:12]}")
+            return BackendError("Vault signed with another key version")
+        signature = base64.b64decode(encoded, validate=True)
+        if len(signature) != 64:
+            raise ValueError(f"signature of {len(signature)} bytes")
+        return signature
+    except (AttributeError, KeyError, TypeError, ValueError, binascii.Error) as exc:
+        causes.append(f"malformed signature: {type(exc).__name__}")
+        return BackendError("Vault answered a malformed signature")
+
+
+def _raw_public_key(text: Any) -> bytes:
+    raw = base64.b64decode(str(text), validate=True)
+    if len(raw) != 32:
+        raise ValueError(f"public key of {len(raw)} bytes")
+    return raw
+
+
+def _unix(text: Any) -> int:
+    """Unix seconds from transit's RFC 3339 creation time (nanosecond fraction)."""
+    stamp = str(text)
+    head, dot, rest = stamp.partition(".")
+    if dot:  # drop the fraction, keep the zone
+        zone = rest.lstrip("0123456789")
+        stamp = head + zone
+    return int(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
+
+
+def _malformed(what: str, exc: BaseException) -> BackendError:
+    log.error("signerd.vault.malformed_answer what=%s cause=%s: %s", what, type(exc).__name__, exc)
+    return BackendError("Vault answered something signerd does not understand")
+
+
+def from_config(cfg: Mapping[str, Any]) -> VaultBackend:
+    """A backend from its configuration table (keys: see ``parse_settings``)."""
+    settings = parse_settings(cfg)
+    return VaultBackend(settings, build_transport(settings))

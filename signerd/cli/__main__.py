@@ -1,0 +1,5 @@
+"""python -m signerd.cli: signerctl."""
+
+from . import main
+
+raise SystemExit(main())

@@ -1,0 +1,107 @@
+"""Coalescing concurrent sign requests into batch calls.
+
+Requests for the same (backend, key, version) that arrive while a batch for
+it is in flight wait for the next batch, which takes everything queued (up to
+``max_batch``). A lone caller is never held back: when nothing is in flight,
+its request goes out at once. Under load, batches form by themselves, which is
+what makes Vault's ``batch_input`` pay and saves executor hops on a token.
+Each caller gets its own result or its own error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from ..errors import InternalError, SignerdError
+
+G = TypeVar("G", bound=Hashable)
+
+BatchRunner = Callable[[G, Sequence[bytes]], Awaitable[Sequence[bytes | SignerdError]]]
+
+
+@dataclass
+class _Queue:
+    waiting: deque[tuple[bytes, asyncio.Future[bytes]]] = field(default_factory=deque)
+    in_flight: int = 0
+
+
+class Coalescer(Generic[G]):
+    def __init__(self, run: BatchRunner[G], *, max_batch: int, max_in_flight: int) -> None:
+        if max_batch < 1 or max_in_flight < 1:
+            raise ValueError("max_batch and max_in_flight must be at least 1")
+        self._run = run
+        self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
+        self._queues: dict[G, _Queue] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.batches = 0  # counters, for metrics and tests
+        self.items = 0
+
+    async def submit(self, group: G, item: bytes) -> bytes:
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        queue = self._queues.setdefault(group, _Queue())
+        queue.waiting.append((item, future))
+        if queue.in_flight < self._max_in_flight:
+            # This caller leads a batch itself (no task, no extra hop when idle);
+            # whatever queues up meanwhile is drained by a task afterwards.
+            queue.in_flight += 1
+            try:
+                await self._run_batch(group, queue)
+            finally:
+                if queue.waiting:
+                    task = asyncio.get_running_loop().create_task(self._drain(group, queue))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                else:
+                    self._release(group, queue)
+        return await future
+
+    async def _drain(self, group: G, queue: _Queue) -> None:
+        try:
+            while queue.waiting:
+                await self._run_batch(group, queue)
+        finally:
+            self._release(group, queue)
+
+    def _release(self, group: G, queue: _Queue) -> None:
+        queue.in_flight -= 1
+        if queue.in_flight == 0 and not queue.waiting:
+            self._queues.pop(group, None)
+
+    async def _run_batch(self, group: G, queue: _Queue) -> None:
+        batch = [queue.waiting.popleft() for _ in range(min(self._max_batch, len(queue.waiting)))]
+        batch = [(item, fut) for item, fut in batch if not fut.cancelled()]
+        if not batch:
+            return
+        self.batches += 1
+        self.items += len(batch)
+        try:
+            results = await self._run(group, [item for item, _ in batch])
+            if len(results) != len(batch):
+                raise InternalError("backend answered a batch with the wrong number of results")
+        except Exception as exc:  # every waiter of this batch gets its error
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        except BaseException:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(InternalError("signing was interrupted"))
+            raise
+        for (_, fut), result in zip(batch, results, strict=True):
+            if fut.done():
+                continue
+            if isinstance(result, SignerdError):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,368 @@
+"""Keeping the key service's cached keyring true to its store, and repairing a token.
+
+The key service answers from a cache (a kid's public key never changes). This
+module keeps that cache honest without letting an error or a caller empty it:
+
+* a listing that lacks keys we know is suspect: the backend starts again
+  (PKCS#11: library re-initialised, new login) and is read again, and keys
+  still missing are forgotten only when the backend proves them gone
+  (``Recoverable.confirm_absent``). Otherwise the cache is kept, the backend
+  is marked suspect (not ready, 503) and re-read in the background until a
+  read is consistent;
+* names and kids the cache does not know wait for one shared re-read, at
+  most one per ``unknown_kid_refresh`` seconds, never a search per request;
+* readiness answers are reused for READY_TTL seconds.
+
+``purge_invalid`` (``signerctl keys purge-invalid``) works offline on the
+tokens of a configuration: it removes keys whose names are invalid (written
+before names were matched in full), which no API can address. It removes only
+objects signerd wrote whose key name is invalid (the metadata object and the
+key pairs labelled with that key's kids), never an object whose name is
+valid: metadata that does not decode may be a newer signerd's format, so it
+is reported by the daemon, never removed. Each removal is logged
+(``signerd.maint.purged``, with a digest of the label) and printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ..backends import Backend, KeyInfo, Recoverable
+from ..errors import BackendUnavailable, SignerdError, UnknownKey
+from ..wire._names import KeyName
+
+if TYPE_CHECKING:
+    from .._config import Config
+    from ._service import Settings
+
+log = logging.getLogger("signerd.keys")
+_T = TypeVar("_T")
+
+#: seconds a readiness answer is reused (so /v1/ready is not a token round trip per call)
+READY_TTL = 1.0
+
+#: seconds between attempts to re-read a keyring that could not be read consistently
+HEAL_FIRST, HEAL_MAX = 0.5, 10.0
+
+
+@dataclass
+class Counters:
+    """Backend reads made by the key service (logged at close; read by tests)."""
+
+    keyring_reads: int = 0  # whole-keyring listings
+    key_reads: int = 0  # single-key reads (describe)
+    shared_rereads: int = 0  # listings made for unknown names or kids, shared by all asking
+    recoveries: int = 0  # listings that lacked known keys (recover, read again)
+    ready_checks: int = 0  # readiness round trips (answers are reused for READY_TTL)
+    forgotten: list[str] = field(default_factory=list)  # keys proven gone
+
+
+class KeyringUpkeep:
+    """The key service's re-reads, recovery and readiness (mixed into KeyService)."""
+
+    _backends: dict[str, Backend]
+    _keys: dict[KeyName, KeyInfo]
+    settings: Settings
+
+    def _init_upkeep(self) -> None:
+        self.counters = Counters()
+        self._reread_locks: dict[str, asyncio.Lock] = {}
+        self._next_reread: dict[str, asyncio.Task[None]] = {}  # a shared re-read not started yet
+        self._last_shared: dict[str, float] = {}
+        self._suspects: set[str] = set()  # backends whose keyring could not be read consistently
+        self._healers: dict[str, asyncio.Task[None]] = {}
+        self._ready_task: asyncio.Task[None] | None = None
+        self._ready_at = 0.0
+
+    # provided by the key service
+    def backend_name(self, tenant: str) -> str:
+        raise NotImplementedError
+
+    async def _run(self, backend: str, fn: Callable[[], _T], timeout: float | None = None) -> _T:
+        raise NotImplementedError
+
+    def _store(self, info: KeyInfo) -> KeyInfo:
+        raise NotImplementedError
+
+    def _forget(self, key: KeyName) -> None:
+        raise NotImplementedError
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        task.add_done_callback(_consume)
+        return task
+
+    def _upkeep_tasks(self) -> list[asyncio.Task[None]]:
+        tasks = [*self._healers.values(), *self._next_reread.values()]
+        if self._ready_task is not None:
+            tasks.append(self._ready_task)
+        return tasks
+
+    def _log_counters(self) -> None:
+        c = self.counters
+        log.info(
+            "signerd.keys.counters keyring_reads=%d key_reads=%d shared_rereads=%d "
+            "recoveries=%d ready_checks=%d forgotten=%d",
+            c.keyring_reads,
+            c.key_reads,
+            c.shared_rereads,
+            c.recoveries,
+            c.ready_checks,
+            len(c.forgotten),
+        )
+
+    async def _reread(self, name: str, timeout: float | None = None) -> None:
+        """Re-read one backend's keyring; never forget a key on an error's word.
+
+        A listing that lacks keys we know is suspect: the backend starts again
+        (PKCS#11: library re-initialised, new login) and is read again; keys
+        still missing are forgotten only when the backend proves them gone.
+        Otherwise the cache is kept, the backend is marked suspect (not ready)
+        and BackendUnavailable raised; a background task keeps re-reading.
+        """
+        async with self._reread_locks.setdefault(name, asyncio.Lock()):
+            backend = self._backends[name]
+            gone: frozenset[KeyName] = frozenset()
+            try:
+                listed = await self._listing(name, timeout)
+                missing = self._known(name) - listed.keys()
+                if missing:
+                    self.counters.recoveries += 1
+                    log.warning(
+                        "signerd.keyring_suspect backend=%s missing=%d listed=%d",
+                        name,
+                        len(missing),
+                        len(listed),
+                    )
+                    if isinstance(backend, Recoverable):
+                        await self._run(name, backend.recover, timeout)
+                    listed = await self._listing(name, timeout)
+                    missing = self._known(name) - listed.keys()
+                if missing:
+                    known = [self._keys[k] for k in sorted(missing)]
+                    gone = await self._run(
+                        name, lambda: _confirm_absent(backend, known, sorted(listed)), timeout
+                    )
+            except SignerdError:
+                self._mark_suspect(name)
+                raise
+            for info in listed.values():
+                self._store(info)
+            for key in sorted(gone):
+                log.warning("signerd.key_gone key=%s backend=%s", key, name)
+                self.counters.forgotten.append(str(key))
+                self._forget(key)
+            if missing - gone:
+                self._mark_suspect(name)
+                raise BackendUnavailable("the keyring could not be read consistently")
+            if name in self._suspects:
+                self._suspects.discard(name)
+                log.warning("signerd.keyring_recovered backend=%s keys=%d", name, len(listed))
+
+    async def _listing(self, name: str, timeout: float | None) -> dict[KeyName, KeyInfo]:
+        self.counters.keyring_reads += 1
+        infos = await self._run(name, self._backends[name].list_keys, timeout)
+        return {i.key: i for i in infos if self.backend_name(i.key.tenant) == name}
+
+    def _known(self, name: str) -> set[KeyName]:
+        return {k for k in self._keys if self.backend_name(k.tenant) == name}
+
+    def _mark_suspect(self, name: str) -> None:
+        if name not in self._suspects:
+            self._suspects.add(name)
+            log.error(
+                "signerd.keyring_kept backend=%s keys=%d",
+                name,
+                len(self._known(name)),
+            )
+        healer = self._healers.get(name)
+        if healer is None or healer.done():
+            self._healers[name] = self._spawn(self._heal(name))
+
+    async def _heal(self, name: str) -> None:
+        delay = HEAL_FIRST
+        while name in self._suspects:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, HEAL_MAX)
+            try:
+                await self._reread(name)
+            except SignerdError as exc:
+                log.info("signerd.keyring_still_suspect backend=%s code=%s", name, exc.code)
+
+    async def _shared_reread(self, name: str) -> None:
+        """Wait for a re-read of the keyring that starts after this call.
+
+        At most one starts per ``unknown_kid_refresh`` seconds, shared by every
+        caller waiting for it: a stream of made-up key names or kids costs the
+        backend one listing per interval, never one search per request.
+        """
+        task = self._next_reread.get(name)
+        if task is None:
+            last = self._last_shared.get(name)
+            now = time.monotonic()
+            delay = (
+                0.0 if last is None else max(0.0, last + self.settings.unknown_kid_refresh - now)
+            )
+            task = self._spawn(self._scheduled_reread(name, delay))
+            self._next_reread[name] = task
+        await asyncio.shield(task)
+
+    async def _scheduled_reread(self, name: str, delay: float) -> None:
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            self._next_reread.pop(name, None)  # callers from now on wait for the next one
+        self._last_shared[name] = time.monotonic()
+        self.counters.shared_rereads += 1
+        await self._reread(name)
+
+    async def _cached(self, key: KeyName) -> KeyInfo:
+        """The key from the cache; an unknown name waits for the next shared re-read."""
+        info = self._keys.get(key)
+        if info is None:
+            await self._shared_reread(self.backend_name(key.tenant))
+            info = self._keys.get(key)
+            if info is None:
+                raise UnknownKey()
+        return info
+
+    async def ready(self) -> None:
+        """Raise unless every backend answers and every keyring reads consistently.
+
+        The answer is reused for READY_TTL seconds and shared by concurrent
+        callers, so readiness probes cost at most one round trip per second.
+        """
+        task = self._ready_task
+        if task is None or (task.done() and time.monotonic() - self._ready_at >= READY_TTL):
+            self._ready_at = time.monotonic()
+            task = self._ready_task = self._spawn(self._check_ready())
+        await asyncio.shield(task)
+
+    async def _check_ready(self) -> None:
+        self.counters.ready_checks += 1
+        for name, backend in self._backends.items():
+            if name in self._suspects:
+                raise BackendUnavailable("the keyring is being re-read after a failed read")
+            await self._run(name, backend.check)
+
+
+def _consume(task: asyncio.Task[None]) -> None:
+    """Retrieve a background task's outcome (its waiters, if any, saw it already)."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _confirm_absent(
+    backend: Backend, missing: Sequence[KeyInfo], present: Sequence[KeyName]
+) -> frozenset[KeyName]:
+    if isinstance(backend, Recoverable):
+        return backend.confirm_absent(missing, present)
+    gone = set()
+    for info in missing:
+        try:
+            backend.describe(info.key)
+        except UnknownKey:
+            gone.add(info.key)
+    return frozenset(gone)
+
+
+# --- offline repair of a token (signerctl keys purge-invalid) -------------------
+
+_KID_VERSION = r"[1-9][0-9]{0,8}"
+
+
+@dataclass(frozen=True)
+class Removed:
+    """One token object removed (or, in a dry run, to be removed)."""
+
+    backend: str
+    object_class: str  # "data" (key metadata), "public_key", "private_key"
+    label: str  # escaped (ascii()) and bounded, safe to print
+    label_sha256: str
+
+
+def _shown(label: str) -> str:
+    text = ascii(label)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _invalid_keys(session: Any) -> tuple[list[Any], set[str]]:
+    """signerd's metadata objects whose key name is invalid, and their kid prefixes."""
+    from pkcs11 import Attribute, ObjectClass
+
+    from ..backends.pkcs11._backend import APPLICATION, key_of_label
+
+    objects, prefixes = [], set()
+    for obj in session.get_objects(
+        {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: APPLICATION}
+    ):
+        label = obj[Attribute.LABEL]
+        if not isinstance(label, str) or not label.startswith("signerd/"):
+            continue
+        if key_of_label(label) is not None:
+            continue
+        objects.append(obj)
+        parts = label.split("/")
+        if len(parts) == 3:
+            prefixes.add(f"{parts[1]}.{parts[2]}.v")
+    return objects, prefixes
+
+
+def _purge_token(backend: str, session: Any, dry_run: bool) -> list[Removed]:
+    from pkcs11 import Attribute, ObjectClass
+
+    from ..backends.pkcs11._backend import label_digest
+
+    metadata, prefixes = _invalid_keys(session)
+    doomed: list[tuple[str, Any]] = [("data", obj) for obj in metadata]
+    for cls, name in (
+        (ObjectClass.PUBLIC_KEY, "public_key"),
+        (ObjectClass.PRIVATE_KEY, "private_key"),
+    ):
+        for obj in session.get_objects({Attribute.CLASS: cls}):
+            label = obj[Attribute.LABEL]
+            if isinstance(label, str) and any(
+                label.startswith(p) and re.fullmatch(_KID_VERSION, label[len(p) :])
+                for p in prefixes
+            ):
+                doomed.append((name, obj))
+    removed = []
+    for name, obj in doomed:
+        label = obj[Attribute.LABEL]
+        item = Removed(backend, name, _shown(label), label_digest(label))
+        if not dry_run:
+            obj.destroy()
+            log.warning(
+                "signerd.maint.purged backend=%s class=%s label_sha256=%s",
+                backend,
+                name,
+                item.label_sha256,
+            )
+        removed.append(item)
+    return removed
+
+
+def purge_invalid(config: Config, *, dry_run: bool = False) -> list[Removed]:
+    """Remove (or list, in a dry run) every object of an invalidly named key on each token."""
+    from ..backends.pkcs11._backend import from_config
+
+    removed: list[Removed] = []
+    for name, table in sorted(config.backends.items()):
+        if table.get("type") != "pkcs11":
+            continue  # transit key names are checked by the backend; nothing to purge there
+        backend = from_config(table)
+
+        def run(session: Any, backend_name: str = name) -> list[Removed]:
+            return _purge_token(backend_name, session, dry_run)
+
+        try:
+            removed.extend(backend.on_token(run))
+        finally:
+            backend.close()
+    return removed

@@ -1,0 +1,386 @@
+"""What every request passes through before and after its handler.
+
+``Front`` owns the router and the listener: it gives each request a request
+id, identifies the peer from the kernel, refuses callers no rule could grant
+anything before their body is read (``Gate.admits``), turns every error into
+the JSON envelope (405 with ``Allow``), and writes the audit record. For sign
+and admin operations the record is written before the answer leaves: when it
+cannot be written, the answer is replaced by 503 ``audit_unavailable`` (or,
+for an admin operation that has acted, 500 ``outcome_unknown``: see
+``_idempotency``, which runs admin changes with their ``intent`` record).
+A refusal of a caller some rule matches, answered before the gate granted the
+request anything, costs from its uid's refusal bucket (``Gate.charge_refusal``);
+of the 429s, at most one per uid per second is recorded.
+``Server`` (``_server``) adds the v1 handlers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import secrets
+import socket
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..authz._calls import GRANTED, AuditEvent, AuditSink, Gate, Operation, Peer, QueueingAuditSink
+from ..daemon._systemd import log_request
+from ..errors import (
+    AuditUnavailable,
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    OutcomeUnknown,
+    PermissionDenied,
+    RateLimited,
+    SignerdError,
+)
+from ..wire._names import KeyName
+from ..wire._strict_json import request_id_from
+from ._connection import Limits, Throttled
+from ._idempotency import STALL_ANSWER, AdminChange, AdminRuns, unknown
+from ._idemstore import IdempotencyStore
+from ._listener import Listener
+from ._request import Request, Response, json_response
+from ._router import Handler, Route, Router
+from ._strangers import Strangers
+
+__all__ = ["Front", "VisibilityGate"]
+
+log = logging.getLogger("signerd.server")
+
+PeerLookup = Callable[[Any], Peer]  # a connected socket -> its peer
+UNKNOWN_PEER = Peer(pid=0, uid=-1, gid=-1)
+_MAX_QUIET = 4096  # uids whose unrecorded 429s are counted
+_ACTIONS = {"promote": Operation.PROMOTE, "retire": Operation.RETIRE, "destroy": Operation.DESTROY}
+
+
+_ids: tuple[str, itertools.count[int]] = (secrets.token_hex(8), itertools.count())
+
+
+def _new_ids() -> None:
+    global _ids
+    _ids = (secrets.token_hex(8), itertools.count())
+
+
+os.register_at_fork(after_in_child=_new_ids)  # each worker draws its own prefix
+
+
+def _fresh_request_id() -> str:
+    """32 hex digits, unique across processes and restarts: a random prefix per process
+    and a counter (uuid4 costs a getrandom call and an object per request)."""
+    prefix, counter = _ids
+    return f"{prefix}{next(counter) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+class VisibilityGate(Gate, Protocol):
+    def visible(self, peer: Peer, op: Operation, key: KeyName) -> bool: ...
+
+    def admits(self, peer: Peer) -> bool:
+        """False for a caller no rule could grant anything (raises RateLimited when over)."""
+        ...
+
+    def charge_refusal(self, peer: Peer) -> None:
+        """Charge one refusal of a caller some rule matches; RateLimited when over."""
+        ...
+
+    def records_limited(self, peer: Peer) -> bool:
+        """Whether a 429 answered to ``peer`` now gets an audit record (one per uid per second)."""
+        ...
+
+
+@dataclass
+class AuditNotes:
+    """What a handler learned about its request, for the audit record."""
+
+    operation: Operation = Operation.HEALTH
+    tenant: str | None = None
+    key: str | None = None
+    kid: str | None = None
+    hashes: tuple[str, ...] = ()
+    extra_outcome: str | None = None
+    item_codes: tuple[str, ...] = ()
+    label: str | None = None  # the operation recorded for a route outside Operation
+    written: bool = field(default=False)
+
+
+class Front:
+    """Routing, peers, refusals, the error envelope and the audit record."""
+
+    def __init__(
+        self,
+        *,
+        gate: VisibilityGate,
+        audit: AuditSink,
+        peer_lookup: PeerLookup,
+        limits: Limits | None = None,
+    ) -> None:
+        self.gate = gate
+        self.audit = audit
+        self._peer_lookup = peer_lookup
+        self.limits = limits or Limits()
+        self.router = Router()
+        self.listener: Listener | None = None
+        self._quiet: dict[int, int] = {}  # uid -> 429s not recorded since its last record
+        self.quieted = Throttled("signerd.audit_quieted reason=rate_limited", 10.0)
+        self._queueing_of: object = None
+        self._queueing_sink: QueueingAuditSink | None = None
+        self.admin_runs = AdminRuns(IdempotencyStore(None), self._intent)
+
+    @property
+    def idempotency(self) -> IdempotencyStore:
+        """Where admin requests' ``Idempotency-Key`` are remembered (in this process until
+        the daemon sets the workers' shared store)."""
+        return self.admin_runs.store
+
+    @idempotency.setter
+    def idempotency(self, store: IdempotencyStore) -> None:
+        self.admin_runs.store = store
+
+    async def admin_change(self, request: Request, change: AdminChange) -> Response:
+        """Run an admin change: intent record, ``Idempotency-Key``, outcome (``_idempotency``)."""
+        return await self.admin_runs.run(request, change)
+
+    def add_routes(self, routes: Iterable[tuple[Any, ...]]) -> None:
+        """Extra routes: an iterable of (method, path template, async handler).
+
+        Handlers take a ``Request`` and return a ``Response`` (``json_response``).
+        They need a grant: callers no rule matches are refused before their body
+        is read, and the refusal is audited as ``operation`` (a 4-tuple's last
+        item; default ``"request"``).
+        """
+        for route in routes:
+            method, path, handler = route[0], route[1], route[2]
+            operation = route[3] if len(route) > 3 else "request"
+            self.add_route(method, path, handler, operation=operation)
+
+    def add_route(
+        self, method: str, path: str, handler: Handler, *, operation: str = "request"
+    ) -> Route:
+        return self.router.add(method, path, handler, operation=operation)
+
+    async def serve(self, sock: socket.socket) -> Listener:
+        """Start answering on a listening socket (already bound and listening)."""
+        strangers = Strangers(lambda: self.gate, self._peer_lookup)
+        self.listener = Listener(sock, self.dispatch, self.precheck, self.limits, strangers)
+        self.listener.start()
+        return self.listener
+
+    async def close(self, grace: float = 10.0) -> None:
+        if self.listener is not None:
+            await self.listener.close(grace)
+
+    def peer(self, request: Request) -> Peer:
+        conn = request.connection
+        if conn is None:
+            return UNKNOWN_PEER
+        peer = conn.peer
+        if peer is None:
+            transport = conn.transport
+            sock = None if transport is None else transport.get_extra_info("socket")
+            if sock is None or sock.family != socket.AF_UNIX:
+                return UNKNOWN_PEER
+            try:
+                peer = conn.peer = self._peer_lookup(sock)
+            except OSError:
+                return UNKNOWN_PEER
+        assert isinstance(peer, Peer)
+        return peer
+
+    # --- before the body: route, peer, could anything be granted -------------------
+
+    def precheck(self, request: Request) -> SignerdError | None:
+        """At the end of the head: the refusal of a caller no rule could grant anything."""
+        route, _ = self.router.resolve(request)
+        if route is None or route.open:
+            return None
+        try:
+            if self.gate.admits(self.peer(request)):
+                return None
+        except RateLimited as exc:
+            return exc
+        return PermissionDenied()
+
+    async def dispatch(self, request: Request) -> Response:
+        started = time.monotonic()
+        given = request.headers.get("X-Request-Id")
+        rid = request_id_from(given, "") or _fresh_request_id()
+        request["rid"] = rid
+        audit = request["audit"] = AuditNotes()
+        headers: dict[str, str] = {"X-Request-Id": rid}
+        GRANTED.set(False)
+        try:
+            request["peer"] = self.peer(request)
+            route: Route | None = request.route
+            if route is None:
+                route, allow = self.router.resolve(request)
+                if route is None:
+                    if allow:
+                        headers["Allow"] = ", ".join(allow)
+                        raise MethodNotAllowed()
+                    raise NotFound()
+                if not route.open and request.refused is None:
+                    request.refused = self.precheck(request)
+            if request.refused is not None:
+                self._refused_early(request, route, audit)
+                raise request.refused
+            response = await route.handler(request)
+            outcome = "ok"
+            await self._record(request, audit, "ok", response.status, request.get("audit_reason"))
+        except SignerdError as refusal:
+            exc = self._over_refusals(request, audit, _after_acting(request, refusal, audit))
+            if self._quieted(request, exc):
+                audit.written = True
+            response, outcome = self._error(rid, exc), exc.code
+            await self._record(request, audit, exc.code, exc.status, exc.message)
+        except Exception as exc:
+            log.error(
+                "signerd.internal_error request_id=%s error=%s\n%s",
+                rid,
+                type(exc).__name__,
+                "".join(traceback.format_tb(exc.__traceback__)),
+            )
+            response, outcome = self._error(rid, InternalError()), "internal_error"
+            await self._record(request, audit, "internal_error", 500, None)
+        response.headers.update(headers)
+        log_request(rid, audit.operation.value, outcome, response.status)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "signerd.request id=%s took=%.6f status=%d",
+                rid,
+                time.monotonic() - started,
+                response.status,
+            )
+        return response
+
+    def _refused_early(self, request: Request, route: Route, audit: AuditNotes) -> None:
+        op = route.operation
+        if op is None:  # version actions: the operation is in the path
+            action = _ACTIONS.get(request.match_info.get("action", ""))
+            audit.operation = action if action is not None else Operation.LIST
+            if action is None:
+                audit.label = "request"
+        elif op in Operation.__members__.values():
+            audit.operation = Operation(op)
+        else:
+            audit.operation, audit.label = Operation.LIST, op
+
+    def _over_refusals(
+        self, request: Request, audit: AuditNotes, exc: SignerdError
+    ) -> SignerdError:
+        """A caller some rule matches, refused before anything was granted to its request:
+        one token of its uid's refusal bucket; past it, the answer is 429 instead."""
+        if (
+            isinstance(exc, RateLimited)
+            or request.refused is not None  # a stranger: charged by ``admits``
+            or audit.operation is Operation.HEALTH  # not recorded
+            or GRANTED.get()  # paid for by the grant (its rule's rate)
+        ):
+            return exc
+        try:
+            self.gate.charge_refusal(request["peer"])
+        except RateLimited as limited:
+            return limited
+        return exc
+
+    def _quieted(self, request: Request, exc: SignerdError) -> bool:
+        """A 429: one audit record per uid per second (the gate's, across workers); the
+        others are counted, and the next record says how many were not written."""
+        if not isinstance(exc, RateLimited):
+            return False
+        peer = request["peer"]
+        if not self.gate.records_limited(peer):
+            if peer.uid not in self._quiet and len(self._quiet) >= _MAX_QUIET:
+                self._quiet.clear()
+            self._quiet[peer.uid] = self._quiet.get(peer.uid, 0) + 1
+            self.quieted.note(uid=peer.uid)
+            return True
+        skipped = self._quiet.pop(peer.uid, 0)
+        if skipped:
+            exc.message = f"{exc.message} ({skipped} not recorded)"
+        return False
+
+    def _error(self, rid: str, exc: SignerdError) -> Response:
+        headers = {"Retry-After": "1"} if exc.retryable else None
+        return json_response(exc.to_wire(rid), status=exc.status, headers=headers)
+
+    async def _record(
+        self, request: Request, audit: AuditNotes, outcome: str, status: int, reason: str | None
+    ) -> None:
+        """Write the final record. For fail-closed operations a failure propagates."""
+        if audit.operation is Operation.HEALTH or audit.written:
+            return
+        event = AuditEvent(
+            time=time.time(),
+            request_id=request["rid"],
+            peer=request.get("peer", UNKNOWN_PEER),
+            operation=audit.label or audit.operation.value,
+            outcome=audit.extra_outcome if outcome == "ok" and audit.extra_outcome else outcome,
+            tenant=audit.tenant,
+            key=audit.key,
+            kid=audit.kid,
+            payload_sha256=audit.hashes,
+            reason=reason,
+            status=status,
+            item_codes=audit.item_codes,
+        )
+        audit.written = True
+        if outcome == "ok" and audit.operation.fails_closed:
+            await self.audit.record(event)  # durable before the answer leaves, or a 503
+            return
+        # Nothing about the answer depends on this record: it goes out with the next group
+        # write, and the answer does not wait for its fsync.
+        queueing = self._queueing()
+        if queueing is not None:
+            if queueing.submit(event):
+                return
+        else:
+            with contextlib.suppress(AuditUnavailable):
+                await self.audit.record(event)
+                return
+        log.error("signerd.audit_unavailable request_id=%s outcome=%s", request["rid"], outcome)
+
+    def _queueing(self) -> QueueingAuditSink | None:
+        """``audit`` when it queues (the protocol check costs microseconds: once per sink)."""
+        if self._queueing_of is not self.audit:
+            sink = self.audit
+            self._queueing_of = sink
+            self._queueing_sink = sink if isinstance(sink, QueueingAuditSink) else None
+        return self._queueing_sink
+
+    async def _intent(self, request: Request) -> None:
+        """Admin operations: an intent record before acting (fails closed)."""
+        await self.audit.record(intent_event(request, request["audit"]))
+
+    # --- helpers --------------------------------------------------------------
+
+
+def intent_event(request: Request, audit: AuditNotes) -> AuditEvent:
+    """The record an admin operation writes before it acts (status 0, outcome ``intent``)."""
+    return AuditEvent(
+        time=time.time(),
+        request_id=request["rid"],
+        peer=request["peer"],
+        operation=audit.operation.value,
+        outcome="intent",
+        tenant=audit.tenant,
+        key=audit.key,
+        kid=audit.kid,
+        status=0,
+    )
+
+
+def _after_acting(request: Request, exc: SignerdError, audit: AuditNotes) -> SignerdError:
+    """An admin operation that has acted is never answered with a refusal: a 5xx (its
+    outcome record could not be written) becomes ``outcome_unknown``."""
+    answer = request.get(STALL_ANSWER)
+    if not isinstance(answer, OutcomeUnknown) or exc.status < 500 or exc is answer:
+        return exc
+    if not isinstance(exc, OutcomeUnknown):
+        unknown(request, audit.operation.value, exc)
+    return answer
