@@ -34,12 +34,14 @@ from ._names import valid_part
 __all__ = [
     "ATTESTATION_MEMBER",
     "MIN_NONCE_BYTES",
+    "PEER_KID_RE",
     "attestation_of_body",
     "check_attestation",
     "check_nonce",
     "check_schema",
     "check_tenant",
     "check_timestamp",
+    "decimal_seconds",
     "feedback_input",
     "telemetry_input",
 ]
@@ -52,6 +54,15 @@ _TIMESTAMP = re.compile(r"0|[1-9][0-9]{0,11}")
 _NONCE = re.compile(r"[A-Za-z0-9_-]{22,128}")
 _SCHEMA = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _ATTESTATION = re.compile(r"sha256:[0-9a-f]{64}")
+PEER_KID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a peer's kid: no "|", no "/"
+
+
+def decimal_seconds(value: object) -> int:
+    """A timestamp as the envelopes carry it: whole Unix seconds as a decimal string (no sign,
+    no leading zero); ValueError otherwise. The string and the integer map one to one."""
+    if isinstance(value, str) and _TIMESTAMP.fullmatch(value):
+        return int(value)
+    raise ValueError("timestamp is not a decimal string of whole seconds")
 
 
 def check_timestamp(value: Any, name: str = "timestamp") -> int:
