@@ -15,22 +15,14 @@ each is translated into the most specific ``signerd.errors`` class with
 
 from __future__ import annotations
 
-import enum
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import NotSupported, SignerdError
+from ..wire import VersionState as VersionState
 from ..wire._names import KeyName
-
-
-class VersionState(enum.StrEnum):
-    PENDING = "pending"  # published for verifiers, not signing yet
-    ACTIVE = "active"  # the one version that signs (exactly one per key)
-    VERIFY_ONLY = "verify-only"  # verifies, no longer signs
-    RETIRED = "retired"  # kid known, verify refused, material still held
-    DESTROYED = "destroyed"  # material gone, kid still known
 
 
 @dataclass(frozen=True)

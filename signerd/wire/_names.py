@@ -20,6 +20,7 @@ Arabic-Indic and fullwidth digits, so neither is used.
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass
 
@@ -31,6 +32,16 @@ _PART_RE = re.compile(_PART)
 _KID_RE = re.compile(rf"({_PART})\.({_PART})\.v({_VERSION})")
 _VERSION_RE = re.compile(_VERSION)
 MAX_VERSION = 999_999_999
+
+
+class VersionState(enum.StrEnum):
+    """The state of one version of a key, as the wire names it."""
+
+    PENDING = "pending"  # published for verifiers, not signing yet
+    ACTIVE = "active"  # the one version that signs (exactly one per key)
+    VERIFY_ONLY = "verify-only"  # verifies, no longer signs
+    RETIRED = "retired"  # kid known, verify refused, material still held
+    DESTROYED = "destroyed"  # material gone, kid still known
 
 
 @dataclass(frozen=True, order=True)
