@@ -21,7 +21,7 @@ from signerd.client import (
     VerifyResult,
     VersionState,
 )
-from signerd.client._http import UnixHTTPConnection
+from signerd.client._transport import UnixHTTPConnection
 from signerd.wire._jwk import from_jwk
 
 from .conftest import DaemonProcess, start_daemon, unique, wait_until

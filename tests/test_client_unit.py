@@ -602,6 +602,31 @@ def test_verify_local_refetch_is_rate_limited(fake: FakeSignerd) -> None:
     assert fake.calls[JWKS] == 1
 
 
+# --- one source for both clients ---
+
+
+def test_sync_client_is_generated_from_the_async_one() -> None:
+    """_sync.py is exactly what _unasync makes of _async.py: the two clients cannot drift."""
+    from signerd.client import _unasync
+
+    source = _unasync.SOURCE.read_text(encoding="utf-8")
+    assert _unasync.TARGET.read_text(encoding="utf-8") == _unasync.generate(source)
+    assert _unasync.main(["--check"]) == 0
+
+
+def test_unasync_turns_coroutines_into_plain_methods() -> None:
+    """The generator removes async/await and swaps the async names, and refuses a source whose
+    per-file text it cannot find."""
+    from signerd.client import _unasync
+
+    source = _unasync.SOURCE.read_text(encoding="utf-8")
+    out = _unasync.generate(source)
+    assert "async " not in out and "await " not in out and "AsyncTransport" not in out
+    assert "class Client:" in out and "def __enter__(self) -> Client:" in out
+    with pytest.raises(ValueError, match="block not found"):
+        _unasync.generate(source.replace('class AsyncClient:\n    """The same', "class X:"))
+
+
 # --- the async client: same behaviour on aiohttp ---
 
 

@@ -6,7 +6,7 @@ import base64
 import json
 from pathlib import Path
 
-from signerd.client._federation import TelemetrySignature
+from signerd.client import TelemetrySignature
 from signerd.gateway import Producer, StaticKeys, canonical_data, feedback_signing_input
 from signerd.wire._jwk import from_jwk
 from signerd.wire._strict_json import loads_strict

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from signerd import Client
-from signerd.client._http import ConnectionFailed, UnixHTTPConnection
+from signerd.client import ConnectionFailed
+from signerd.client._transport import UnixHTTPConnection
 
 from .conftest import DaemonProcess, OpenGate, start_daemon, unique
 

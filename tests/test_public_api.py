@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from typing import Any
 
 import signerd
 from signerd import client, errors
@@ -108,12 +109,30 @@ def test_results_are_frozen_dataclasses() -> None:
         assert getattr(cls, "__dataclass_params__").frozen  # noqa: B009
 
 
+def _public_methods(cls: type) -> dict[str, Any]:
+    return {n: f for n, f in vars(cls).items() if not n.startswith("_") and callable(f)}
+
+
 def test_sync_and_async_clients_offer_the_same_methods() -> None:
-    """AsyncClient has every public method of Client, with the same parameters, as coroutines."""
-    sync = {n: f for n, f in vars(client.Client).items() if not n.startswith("_") and callable(f)}
+    """Client and AsyncClient have the same public methods, the async ones as coroutines."""
+    sync, async_ = _public_methods(client.Client), _public_methods(client.AsyncClient)
+    assert sync.keys() == async_.keys()
+    assert len(sync) >= 24
     for name, func in sync.items():
-        other = getattr(client.AsyncClient, name)
-        assert inspect.iscoroutinefunction(other), name
-        assert (
-            inspect.signature(other).parameters.keys() == inspect.signature(func).parameters.keys()
-        )
+        assert not inspect.iscoroutinefunction(func), name
+        assert inspect.iscoroutinefunction(async_[name]), name
+
+
+def test_sync_and_async_methods_have_the_same_signatures_and_docstrings() -> None:
+    """Each method's parameters (names, kinds, defaults, annotations), return annotation and
+    docstring are the same on Client and AsyncClient, and every one has a docstring."""
+    sync, async_ = _public_methods(client.Client), _public_methods(client.AsyncClient)
+    for name, func in sync.items():
+        mine, theirs = inspect.signature(func), inspect.signature(async_[name])
+        assert [(p.name, p.kind, p.default, p.annotation) for p in mine.parameters.values()] == [
+            (p.name, p.kind, p.default, p.annotation) for p in theirs.parameters.values()
+        ], name
+        assert mine.return_annotation == theirs.return_annotation, name
+        assert func.__doc__ and func.__doc__ == async_[name].__doc__, name
+    init = inspect.signature(client.Client.__init__)
+    assert init == inspect.signature(client.AsyncClient.__init__)

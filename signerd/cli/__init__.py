@@ -72,6 +72,7 @@ from typing import Any, NoReturn
 
 from .._files import MAX_INPUT_BYTES, NotRegularFile
 from ..client import (
+    DEFAULT_SOCKET,
     Client,
     ConnectionFailed,
     KeyDescription,
@@ -79,7 +80,6 @@ from ..client import (
     VersionState,
     default_socket_path,
 )
-from ..client._http import DEFAULT_SOCKET
 from ..errors import SignerdError
 from ._federation import add_commands as add_federation_commands
 from ._io import Failure

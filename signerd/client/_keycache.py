@@ -8,10 +8,10 @@ import time
 from cryptography.exceptions import InvalidSignature as _BadSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ..backends import VersionState
 from ..errors import DestroyedKid, InternalError, InvalidSignature, RetiredKid
+from ..wire import VersionState
 from ..wire._jwk import from_jwk
-from ._http import KidInfo
+from ._results import KidInfo
 
 
 class KeyCache:

@@ -31,8 +31,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from ..client import AsyncClient
-from ..client._federation import TelemetryVerified
+from ..client import AsyncClient, TelemetryVerified
 from ..errors import InvalidRequest, SignerdError
 from ._headers import MalformedEnvelope, TelemetryHeaders, read_envelope, single
 from ._mtls import ServicePins

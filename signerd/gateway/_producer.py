@@ -43,9 +43,7 @@ import rfc8785
 from cryptography.exceptions import InvalidSignature as _BadSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ..client import AsyncClient
-from ..client._federation import decimal_seconds
-from ..client._keycache import KeyCache
+from ..client import AsyncClient, KeyCache
 from ..errors import (
     AttestationMismatch,
     InvalidRequest,
@@ -56,6 +54,7 @@ from ..errors import (
     TenantMismatch,
     UnknownKid,
 )
+from ..wire import decimal_seconds
 from ..wire._jwk import from_jwk, thumbprint
 from ..wire._names import KeyName, parse_kid
 from ..wire._strict_json import loads_strict

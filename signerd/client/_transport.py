@@ -1,8 +1,6 @@
-"""The client's side of the wire: result types, requests, answers, transports.
+"""How the clients' requests travel: two transports over the daemon's Unix socket.
 
-``signerd.client`` re-exports the public names. Each API call is an ``_Op``
-(method, path, body, how to read the answer, whether it may be sent twice)
-that either transport runs:
+Both run the ``Op`` objects of ``_ops``:
 
 - ``SyncTransport``: ``http.client`` on ``AF_UNIX``, a pool of idle
   keep-alive connections (one per concurrent thread: thread-safe without
@@ -25,33 +23,19 @@ still in doubt at the end, the call raises ``OutcomeUnknown``.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import http.client
-import json
 import os
 import secrets
 import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Generic, NoReturn, TypeVar
-from urllib.parse import quote
+from typing import NoReturn, TypeVar
 
 import aiohttp
 
-from ..backends import VersionState
-from ..errors import (
-    BackendUnavailable,
-    InternalError,
-    InvalidKeyName,
-    OutcomeUnknown,
-    SignerdError,
-    error_for_code,
-)
-from ..wire._names import KeyName, parse_kid, valid_part
+from ..errors import BackendUnavailable, OutcomeUnknown, SignerdError
+from ._ops import Op, decode_answer
 
 DEFAULT_SOCKET = "/run/signerd/signerd.sock"
 DEFAULT_TIMEOUT = 10.0
@@ -82,253 +66,6 @@ class RequestTimeout(ConnectionFailed):
 def default_socket_path() -> str:
     """``$SIGNERD_SOCKET`` when set and not empty, else ``/run/signerd/signerd.sock``."""
     return os.environ.get("SIGNERD_SOCKET") or DEFAULT_SOCKET
-
-
-def decode_answer(status: int, request_id: str | None, body: bytes) -> tuple[Any, str | None]:
-    """The JSON body and request id of a 2xx answer; the typed error of an error envelope."""
-    try:
-        doc = json.loads(body) if body else None
-    except ValueError:
-        doc = None
-    if 200 <= status < 300 and doc is not None:
-        return doc, request_id
-    if status >= 400 and isinstance(doc, dict):
-        error = doc.get("error")
-        if isinstance(error, dict) and isinstance(error.get("code"), str):
-            message = error.get("message")
-            rid = error.get("request_id")
-            raise error_for_code(
-                error["code"],
-                message if isinstance(message, str) else None,
-                rid if isinstance(rid, str) else request_id,
-            )
-    raise InternalError(f"answer outside the protocol (HTTP {status})", request_id=request_id)
-
-
-# --- results ---
-
-
-@dataclass(frozen=True)
-class KeyVersion:
-    version: int
-    kid: str
-    state: VersionState
-    created_at: int  # unix seconds
-
-
-@dataclass(frozen=True)
-class KeyDescription:
-    key: str  # TENANT/NAME
-    tenant: str
-    name: str
-    active_kid: str | None
-    versions: tuple[KeyVersion, ...]  # ascending by version
-
-
-@dataclass(frozen=True)
-class Signature:
-    kid: str
-    signature: bytes  # 64-byte Ed25519 signature
-
-
-@dataclass(frozen=True)
-class VerifyResult:
-    """A signature the daemon found valid: under which kid, of which key, in which state."""
-
-    kid: str
-    key: str
-    state: VersionState
-
-
-@dataclass(frozen=True)
-class KidInfo:
-    """What signerd knows of one kid (any state): its public key as JWK and PEM."""
-
-    kid: str
-    key: str
-    version: int
-    state: VersionState
-    jwk: dict[str, str]
-    pem: str
-
-
-# --- parsing answers; anything off-contract is InternalError ---
-
-
-def _field(doc: Any, name: str, kind: type[T]) -> T:
-    value = doc.get(name) if isinstance(doc, dict) else None
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise InternalError(f"answer outside the protocol: field {name!r}")
-    return value
-
-
-def _state(doc: Any) -> VersionState:
-    try:
-        return VersionState(_field(doc, "state", str))
-    except ValueError:
-        raise InternalError("answer outside the protocol: field 'state'") from None
-
-
-def _b64(text: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise InternalError("answer outside the protocol: base64") from None
-
-
-def _description(doc: Any, _rid: str | None = None) -> KeyDescription:
-    active = doc.get("active_kid") if isinstance(doc, dict) else None
-    versions = tuple(
-        KeyVersion(
-            _field(v, "version", int),
-            _field(v, "kid", str),
-            _state(v),
-            _field(v, "created_at", int),
-        )
-        for v in _field(doc, "versions", list)
-    )
-    return KeyDescription(
-        key=_field(doc, "key", str),
-        tenant=_field(doc, "tenant", str),
-        name=_field(doc, "name", str),
-        active_kid=active if isinstance(active, str) else None,
-        versions=versions,
-    )
-
-
-def _signature(doc: Any, _rid: str | None = None) -> Signature:
-    return Signature(_field(doc, "kid", str), _b64(_field(doc, "signature", str)))
-
-
-def _batch(doc: Any, request_id: str | None = None) -> list[Signature | SignerdError]:
-    out: list[Signature | SignerdError] = []
-    for item in _field(doc, "results", list):
-        if isinstance(item, dict) and "error" in item:
-            err = item["error"]
-            out.append(
-                error_for_code(_field(err, "code", str), _field(err, "message", str), request_id)
-            )
-        else:
-            out.append(_signature(item))
-    return out
-
-
-def _verify_result(doc: Any, _rid: str | None = None) -> VerifyResult:
-    return VerifyResult(_field(doc, "kid", str), _field(doc, "key", str), _state(doc))
-
-
-def _kid_info(doc: Any, _rid: str | None = None) -> KidInfo:
-    jwk = _field(doc, "jwk", dict)
-    return KidInfo(
-        kid=_field(doc, "kid", str),
-        key=_field(doc, "key", str),
-        version=_field(doc, "version", int),
-        state=_state(doc),
-        jwk={str(k): str(v) for k, v in jwk.items()},
-        pem=_field(doc, "pem", str),
-    )
-
-
-def _jwks(doc: Any, _rid: str | None = None) -> list[dict[str, str]]:
-    keys = _field(doc, "keys", list)
-    if not all(isinstance(jwk, dict) for jwk in keys):
-        raise InternalError("answer outside the protocol: field 'keys'")
-    return [{str(k): str(v) for k, v in jwk.items()} for jwk in keys]
-
-
-# --- requests, shared by both clients ---
-
-
-@dataclass(frozen=True)
-class Op(Generic[T]):
-    """One API call: what to send, and how to read a 2xx answer (body, request id)."""
-
-    method: str
-    path: str
-    body: dict[str, Any] | None
-    parse: Callable[[Any, str | None], T]
-    retry_safe: bool  # sending it twice changes nothing
-    admin: bool = False  # sent with an Idempotency-Key, and again with it when in doubt
-
-    def encoded(self) -> bytes | None:
-        return None if self.body is None else json.dumps(self.body).encode()
-
-
-def _key_path(key: str) -> str:
-    name = KeyName.parse(key)  # InvalidKeyName before anything is sent
-    return f"/v1/keys/{name.tenant}/{name.name}"
-
-
-def _tenant_query(tenant: str | None) -> str:
-    if tenant is None:
-        return ""
-    if not valid_part(tenant):
-        raise InvalidKeyName("tenant must match [a-z0-9][a-z0-9_-]{0,62}")
-    return f"?tenant={quote(tenant)}"
-
-
-def _enc(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def op_create(key: str) -> Op[KeyDescription]:
-    return Op("POST", "/v1/keys", {"key": key}, _description, False, admin=True)
-
-
-def op_list(tenant: str | None) -> Op[list[KeyDescription]]:
-    def parse(doc: Any, _rid: str | None) -> list[KeyDescription]:
-        return [_description(d) for d in _field(doc, "keys", list)]
-
-    return Op("GET", "/v1/keys" + _tenant_query(tenant), None, parse, True)
-
-
-def op_get_key(key: str) -> Op[KeyDescription]:
-    return Op("GET", _key_path(key), None, _description, True)
-
-
-def op_rotate(key: str, pending: bool) -> Op[tuple[str, KeyDescription]]:
-    def parse(doc: Any, _rid: str | None) -> tuple[str, KeyDescription]:
-        return _field(doc, "kid", str), _description(_field(doc, "key", dict))
-
-    body = {"pending": True} if pending else {}
-    return Op("POST", f"{_key_path(key)}/rotate", body, parse, False, admin=True)
-
-
-def op_version(key: str, version: int, action: str, body: dict[str, Any]) -> Op[KeyDescription]:
-    """promote, retire or destroy one version."""
-    path = f"{_key_path(key)}/versions/{int(version)}/{action}"
-    return Op("POST", path, body, _description, False, admin=True)
-
-
-def op_sign(key: str, data: bytes) -> Op[Signature]:
-    return Op("POST", "/v1/sign", {"key": key, "data": _enc(data)}, _signature, True)
-
-
-def op_sign_batch(items: Sequence[tuple[str, bytes]]) -> Op[list[Signature | SignerdError]]:
-    body = {"items": [{"key": k, "data": _enc(d)} for k, d in items]}
-    return Op("POST", "/v1/sign", body, _batch, True)
-
-
-def op_verify(kid: str, data: bytes, signature: bytes) -> Op[VerifyResult]:
-    body = {"kid": kid, "data": _enc(data), "signature": _enc(signature)}
-    return Op("POST", "/v1/verify", body, _verify_result, True)
-
-
-def op_jwks(tenant: str | None) -> Op[list[dict[str, str]]]:
-    return Op("GET", "/v1/jwks" + _tenant_query(tenant), None, _jwks, True)
-
-
-def op_kid(kid: str) -> Op[KidInfo]:
-    parse_kid(kid)  # UnknownKid for a malformed kid, as the daemon answers
-    return Op("GET", f"/v1/kids/{kid}", None, _kid_info, True)
-
-
-def op_status(path: str) -> Op[str]:
-    """/v1/health or /v1/ready."""
-    return Op("GET", path, None, lambda doc, _rid: _field(doc, "status", str), True)
-
-
-# --- transports ---
 
 
 def _remaining(deadline: float, timeout: float) -> float:

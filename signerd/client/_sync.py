@@ -1,0 +1,247 @@
+"""``Client``: the v1 API, blocking, on ``http.client`` (see ``signerd.client``).
+
+GENERATED from ``_async.py`` by ``python signerd/client/_unasync.py``: edit
+that file and run the generator; do not edit this one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from types import TracebackType
+from typing import TypeVar
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from ..errors import SignerdError
+from ..wire._names import parse_kid
+from ._keycache import KeyCache, check
+from ._ops import (
+    Op,
+    op_create,
+    op_feedback_sign,
+    op_feedback_verify,
+    op_get_key,
+    op_jwks,
+    op_kid,
+    op_list,
+    op_rotate,
+    op_sign,
+    op_sign_batch,
+    op_status,
+    op_telemetry_sign,
+    op_telemetry_verify,
+    op_trust_add,
+    op_trust_list,
+    op_trust_retire,
+    op_verify,
+    op_version,
+)
+from ._results import (
+    FeedbackEnvelope,
+    FeedbackVerified,
+    KeyDescription,
+    KidInfo,
+    Signature,
+    TelemetrySignature,
+    TelemetryVerified,
+    TrustedKey,
+    VerifyResult,
+)
+from ._transport import DEFAULT_TIMEOUT, SyncTransport, default_socket_path
+
+T = TypeVar("T")
+
+
+class Client:
+    """Sync signerd client. Thread-safe: each concurrent call uses its own pooled connection.
+
+    ``close()`` closes the idle connections; the client stays usable.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        jwks_ttl: float = 300.0,
+        jwks_refetch_interval: float = 1.0,
+    ) -> None:
+        self.socket_path = (
+            os.fspath(socket_path) if socket_path is not None else default_socket_path()
+        )
+        self.timeout = timeout
+        self.jwks_ttl = jwks_ttl
+        self.jwks_refetch_interval = jwks_refetch_interval
+        self._transport = SyncTransport(self.socket_path)
+        self._cache = KeyCache(jwks_ttl, jwks_refetch_interval)
+
+    def _run(self, op: Op[T], timeout: float | None) -> T:
+        return self._transport.run(op, self.timeout if timeout is None else timeout)
+
+    # --- keys and versions ---
+
+    def create_key(self, key: str, *, timeout: float | None = None) -> KeyDescription:
+        """Create ``TENANT/NAME`` with version 1 active."""
+        return self._run(op_create(key), timeout)
+
+    def list_keys(
+        self, tenant: str | None = None, *, timeout: float | None = None
+    ) -> list[KeyDescription]:
+        """The keys, all of them or those of ``tenant``, each with its versions."""
+        return self._run(op_list(tenant), timeout)
+
+    def get_key(self, key: str, *, timeout: float | None = None) -> KeyDescription:
+        """One key: its versions, their states, and its active kid."""
+        return self._run(op_get_key(key), timeout)
+
+    def rotate(
+        self, key: str, pending: bool = False, *, timeout: float | None = None
+    ) -> tuple[str, KeyDescription]:
+        """Add the next version (active, or pending when ``pending``); return its kid."""
+        return self._run(op_rotate(key, pending), timeout)
+
+    def promote(self, key: str, version: int, *, timeout: float | None = None) -> KeyDescription:
+        """Make a pending version active; the version active until then turns verify-only."""
+        return self._run(op_version(key, version, "promote", {}), timeout)
+
+    def retire(self, key: str, version: int, *, timeout: float | None = None) -> KeyDescription:
+        """Retire a pending or verify-only version: verify refuses its kid; its key is kept."""
+        return self._run(op_version(key, version, "retire", {}), timeout)
+
+    def destroy(
+        self, key: str, version: int, confirm: str, *, timeout: float | None = None
+    ) -> KeyDescription:
+        """Remove a retired version's private key for good; ``confirm`` must be its kid."""
+        return self._run(op_version(key, version, "destroy", {"confirm": confirm}), timeout)
+
+    # --- signatures and public keys ---
+
+    def sign(self, key: str, data: bytes, *, timeout: float | None = None) -> Signature:
+        """Sign ``data`` with the key's active version; the result names that version's kid."""
+        return self._run(op_sign(key, data), timeout)
+
+    def sign_batch(
+        self, items: Sequence[tuple[str, bytes]], *, timeout: float | None = None
+    ) -> list[Signature | SignerdError]:
+        """Sign (key, data) pairs in one request; a failed item is its error, in place."""
+        if not items:
+            return []
+        return self._run(op_sign_batch(items), timeout)
+
+    def verify(
+        self, kid: str, data: bytes, signature: bytes, *, timeout: float | None = None
+    ) -> VerifyResult:
+        """Return only for a valid signature; raise a VerificationError otherwise."""
+        return self._run(op_verify(kid, data, signature), timeout)
+
+    def jwks(
+        self, tenant: str | None = None, *, timeout: float | None = None
+    ) -> list[dict[str, str]]:
+        """RFC 8037 JWKs of the pending, active and verify-only versions (of ``tenant``)."""
+        return self._run(op_jwks(tenant), timeout)
+
+    def kid_info(self, kid: str, *, timeout: float | None = None) -> KidInfo:
+        """What signerd knows of one kid, in any state; UnknownKid when it knows nothing."""
+        return self._run(op_kid(kid), timeout)
+
+    def health(self, *, timeout: float | None = None) -> str:
+        """``"ok"`` whenever signerd answers, whether or not its keys are usable."""
+        return self._run(op_status("/v1/health"), timeout)
+
+    def ready(self, *, timeout: float | None = None) -> str:
+        """``"ready"``, or raises BackendUnavailable when the token is not usable."""
+        return self._run(op_status("/v1/ready"), timeout)
+
+    # --- federation envelopes (docs/federation.md) ---
+
+    def telemetry_sign(
+        self, key: str, body: bytes, *, timeout: float | None = None
+    ) -> TelemetrySignature:
+        """Sign ``timestamp.nonce.body``; signerd picks the timestamp and the nonce."""
+        return self._run(op_telemetry_sign(key, body), timeout)
+
+    def telemetry_verify(
+        self,
+        tenant: str,
+        kid: str,
+        timestamp: int | str,
+        nonce: str,
+        body: bytes,
+        signature: bytes,
+        *,
+        attestation: str | None = None,
+        timeout: float | None = None,
+    ) -> TelemetryVerified:
+        """Return only for fresh, valid telemetry of ``tenant`` (its nonce is then spent)."""
+        op = op_telemetry_verify(tenant, kid, timestamp, nonce, body, signature, attestation)
+        return self._run(op, timeout)
+
+    def feedback_sign(
+        self, key: str, schema: str, data: object, *, timeout: float | None = None
+    ) -> FeedbackEnvelope:
+        """Sign JSON ``data`` as feedback of ``schema``; signerd picks the time and the nonce."""
+        return self._run(op_feedback_sign(key, schema, data), timeout)
+
+    def feedback_verify(
+        self,
+        envelope: FeedbackEnvelope | dict[str, object],
+        schema: str,
+        *,
+        attestation: str | None = None,
+        timeout: float | None = None,
+    ) -> FeedbackVerified:
+        """Return only for fresh, valid feedback of ``schema`` (its nonce is then spent)."""
+        return self._run(op_feedback_verify(envelope, schema, attestation), timeout)
+
+    def trust_key(
+        self, tenant: str, kid: str, jwk: dict[str, str], *, timeout: float | None = None
+    ) -> TrustedKey:
+        """Trust a peer's public key (RFC 8037 JWK) under the peer's ``kid`` for ``tenant``."""
+        return self._run(op_trust_add(tenant, kid, jwk), timeout)
+
+    def trusted_keys(
+        self, tenant: str | None = None, *, timeout: float | None = None
+    ) -> list[TrustedKey]:
+        """The trusted peer keys, active and retired, of every tenant or of ``tenant``."""
+        return self._run(op_trust_list(tenant), timeout)
+
+    def retire_trusted_key(
+        self, tenant: str, kid: str, *, timeout: float | None = None
+    ) -> TrustedKey:
+        """Stop trusting a peer key: envelopes under its kid are refused from then on."""
+        return self._run(op_trust_retire(tenant, kid), timeout)
+
+    # --- verifying in-process ---
+
+    def public_key(self, kid: str, *, timeout: float | None = None) -> Ed25519PublicKey:
+        """The public key of one of signerd's kids, from the JWKS cache behind ``verify_local``."""
+        tenant = parse_kid(kid)[0].tenant
+        public, fetch = self._cache.lookup(tenant, kid)
+        if fetch:
+            self._cache.replace(tenant, self.jwks(tenant, timeout=timeout))
+            public = self._cache.get(tenant, kid)
+        if public is None:
+            public = self._cache.admit(tenant, self.kid_info(kid, timeout=timeout))
+        return public
+
+    def verify_local(
+        self, kid: str, data: bytes, signature: bytes, *, timeout: float | None = None
+    ) -> None:
+        """Verify in-process from the cached JWKS; raise a VerificationError unless valid."""
+        check(self.public_key(kid, timeout=timeout), data, signature)
+
+    def close(self) -> None:
+        """Close the idle connections; the client stays usable (a later call opens new ones)."""
+        self._transport.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
