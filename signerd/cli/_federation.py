@@ -19,71 +19,61 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from ..client import Client
 from ..errors import InvalidRequest
 from ..wire._strict_json import loads_strict
-
-Command = Callable[[Client, argparse.Namespace], Any]
-Register = Callable[[Any, str, Command, str], argparse.ArgumentParser]
-DataFn = Callable[[argparse.Namespace], bytes]
-B64Fn = Callable[[str, str], bytes]
-PlainFn = Callable[[Any], Any]
+from ._io import b64_arg, data_of, data_options, plain, read_input, register
 
 
-def add_commands(
-    sub: Any,
-    command: Register,
-    data_options: Callable[[argparse.ArgumentParser], None],
-    data: DataFn,
-    b64_arg: B64Fn,
-    plain: PlainFn,
-    read_file: Callable[[str], bytes],
-) -> None:
+def _telemetry_sign(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    sig = c.telemetry_sign(a.key, data_of(a))
+    doc = {
+        "kid": sig.kid,
+        "timestamp": str(sig.timestamp),
+        "nonce": sig.nonce,
+        "signature": plain(sig.signature),
+    }
+    return doc, "\n".join(f"{k:<10} {v}" for k, v in doc.items())
+
+
+def _telemetry_verify(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    signature = b64_arg(a.signature, "--signature")
+    ok = c.telemetry_verify(
+        a.tenant, a.kid, a.timestamp, a.nonce, data_of(a), signature, attestation=a.attestation
+    )
+    return plain(ok), f"valid: {ok.kid} (tenant {ok.tenant}, {ok.source})"
+
+
+def _json_in(a: argparse.Namespace, attr: str) -> Any:
+    path = getattr(a, attr)
+    if path is None and (sys.stdin is None or sys.stdin.isatty()):
+        raise InvalidRequest(f"no JSON: give --{attr.replace('_', '-')} or pipe it on stdin")
+    return loads_strict(read_input(path if path is not None else "-"))
+
+
+def _feedback_sign(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    envelope = c.feedback_sign(a.key, a.schema, _json_in(a, "data_file")).to_json()
+    return envelope, json.dumps(envelope, indent=2)
+
+
+def _feedback_verify(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    envelope = _json_in(a, "envelope_file")
+    if not isinstance(envelope, dict):
+        raise InvalidRequest("the envelope must be a JSON object")
+    ok = c.feedback_verify(envelope, a.schema, attestation=a.attestation)
+    return plain(ok), f"valid: {ok.kid} (tenant {ok.tenant}, {ok.source})"
+
+
+def add_commands(sub: Any) -> None:
     """Register ``telemetry`` and ``feedback`` on signerctl's sub-parsers."""
-
-    def telemetry_sign(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
-        sig = c.telemetry_sign(a.key, data(a))
-        doc = {
-            "kid": sig.kid,
-            "timestamp": str(sig.timestamp),
-            "nonce": sig.nonce,
-            "signature": plain(sig.signature),
-        }
-        return doc, "\n".join(f"{k:<10} {v}" for k, v in doc.items())
-
-    def telemetry_verify(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
-        signature = b64_arg(a.signature, "--signature")
-        ok = c.telemetry_verify(
-            a.tenant, a.kid, a.timestamp, a.nonce, data(a), signature, attestation=a.attestation
-        )
-        return plain(ok), f"valid: {ok.kid} (tenant {ok.tenant}, {ok.source})"
-
-    def _json_in(a: argparse.Namespace, attr: str) -> Any:
-        path = getattr(a, attr)
-        if path is None and (sys.stdin is None or sys.stdin.isatty()):
-            raise InvalidRequest(f"no JSON: give --{attr.replace('_', '-')} or pipe it on stdin")
-        return loads_strict(read_file(path if path is not None else "-"))
-
-    def feedback_sign(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
-        envelope = c.feedback_sign(a.key, a.schema, _json_in(a, "data_file")).to_json()
-        return envelope, json.dumps(envelope, indent=2)
-
-    def feedback_verify(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
-        envelope = _json_in(a, "envelope_file")
-        if not isinstance(envelope, dict):
-            raise InvalidRequest("the envelope must be a JSON object")
-        ok = c.feedback_verify(envelope, a.schema, attestation=a.attestation)
-        return plain(ok), f"valid: {ok.kid} (tenant {ok.tenant}, {ok.source})"
-
     tel = sub.add_parser("telemetry", help="sign and verify telemetry envelopes")
     tsub = tel.add_subparsers(dest="telemetry_command", required=True, metavar="ACTION")
-    p = command(tsub, "sign", telemetry_sign, "sign a telemetry body (signerd picks time, nonce)")
+    p = register(tsub, "sign", _telemetry_sign, "sign a telemetry body (signerd picks time, nonce)")
     p.add_argument("key", metavar="KEY")
     data_options(p)
-    p = command(tsub, "verify", telemetry_verify, "verify telemetry (exit 0 only when accepted)")
+    p = register(tsub, "verify", _telemetry_verify, "verify telemetry (exit 0 only when accepted)")
     for name in ("tenant", "kid", "timestamp", "signature"):
         p.add_argument(f"--{name}", required=True)
     p.add_argument("--nonce", required=True, help="write --nonce=N: a nonce may start with '-'")
@@ -92,11 +82,11 @@ def add_commands(
 
     fb = sub.add_parser("feedback", help="sign and verify feedback envelopes")
     fsub = fb.add_subparsers(dest="feedback_command", required=True, metavar="ACTION")
-    p = command(fsub, "sign", feedback_sign, "sign JSON data as feedback; prints the envelope")
+    p = register(fsub, "sign", _feedback_sign, "sign JSON data as feedback; prints the envelope")
     p.add_argument("key", metavar="KEY")
     p.add_argument("--schema", required=True)
     p.add_argument("--data-file", metavar="FILE", help="the JSON data ('-': stdin; at most 1 MiB)")
-    p = command(fsub, "verify", feedback_verify, "verify an envelope (exit 0 only when accepted)")
+    p = register(fsub, "verify", _feedback_verify, "verify an envelope (exit 0 only when accepted)")
     p.add_argument("--schema", required=True, help="the schema the envelope must have")
     p.add_argument("--attestation", metavar="sha256:HEX")
     p.add_argument(

@@ -1,4 +1,5 @@
-"""signerctl's input: data and files, bounded, and the local failures it reports.
+"""signerctl's input and output: data and files, bounded, the local failures it reports,
+and the helpers every command module uses to register and print.
 
 Data comes from ``--data-b64``, ``--data-file`` (a regular file only; ``-``:
 stdin) or stdin, at most ``MAX_INPUT_BYTES`` (1 MiB, signerd's default
@@ -12,13 +13,28 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import dataclasses
 import os
 import sys
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .._files import MAX_INPUT_BYTES, InputTooLarge, NotRegularFile, read_bounded, read_file
+from ..client import Client
 from ..errors import InvalidBase64
 
-__all__ = ["Failure", "b64_arg", "data_of", "not_a_file", "read_input"]
+__all__ = [
+    "Command",
+    "Failure",
+    "b64_arg",
+    "data_of",
+    "data_options",
+    "not_a_file",
+    "plain",
+    "read_input",
+    "register",
+    "table",
+]
 
 
 class Failure(Exception):
@@ -88,3 +104,52 @@ def data_of(args: argparse.Namespace) -> bytes:
             os.EX_USAGE, "usage", "no data: give --data-file, --data-b64 or pipe it on stdin"
         )
     return stdin_data()
+
+
+# --- output, and the shape of a command ---
+
+Command = Callable[[Client, argparse.Namespace], tuple[Any, str]]
+
+
+def register(parent: Any, name: str, run: Command, help_text: str) -> argparse.ArgumentParser:
+    """Add the sub-command ``name`` to ``parent`` (a sub-parsers action), run by ``run``."""
+    p: argparse.ArgumentParser = parent.add_parser(name, help=help_text)
+    p.set_defaults(run=run)
+    return p
+
+
+def data_options(p: argparse.ArgumentParser) -> None:
+    """``--data-file`` or ``--data-b64`` (else stdin), as ``data_of`` reads them."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--data-file",
+        metavar="FILE",
+        help="read the data from FILE, a regular file ('-': stdin); with neither option the data "
+        f"is read from stdin; at most {MAX_INPUT_BYTES} bytes",
+    )
+    group.add_argument(
+        "--data-b64",
+        metavar="B64",
+        help="the data, standard base64; NOTE: arguments are visible to every local user "
+        "(ps, /proc/PID/cmdline), so prefer stdin or --data-file for anything not public",
+    )
+
+
+def plain(value: Any) -> Any:
+    """Results as JSON values, in their wire forms (bytes as standard base64)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    return value
+
+
+def table(rows: Sequence[Sequence[str]]) -> str:
+    """Rows as left-aligned columns, two spaces apart."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(line.rstrip() for line in lines)

@@ -1,0 +1,113 @@
+"""signerctl's audit commands, run on the files themselves (the daemon is not asked).
+
+::
+
+    audit verify PATH... [--anchor FILE]... [--no-anchor]
+    audit payload-hash --key FILE [--data-file F | --sha256 HEX]  (else payload from stdin)
+
+``audit verify`` exits 0 only for an intact trail; a trail that does not
+verify prints its report and exits 65 (``AuditBroken``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import os
+import re
+from typing import Any
+
+from .._files import MAX_INPUT_BYTES, NotRegularFile
+from ..client import Client
+from ._io import Failure, data_of, not_a_file, plain, register
+
+
+class AuditBroken(Exception):
+    """An audit file that does not verify: its report, as JSON and as text."""
+
+    def __init__(self, doc: Any, text: str) -> None:
+        super().__init__(text)
+        self.doc = doc
+        self.text = text
+
+
+def _audit_verify(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    from ..audit._chain import verify_file
+    from ..audit._check import audit_files, find_anchors, verify_set
+
+    try:  # the anchors before the trail: each one names a head already written
+        anchors, notes = ([], []) if a.no_anchor else find_anchors(a.paths, a.anchor or ())
+        files = audit_files(a.paths)
+        if len(files) == 1 and not anchors and not a.anchor:
+            report = verify_file(files[0])  # one file, nothing to check it against: as before
+        else:
+            report = verify_set(files, anchors)
+    except NotRegularFile as exc:
+        raise not_a_file(str(exc.filename)) from None
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        raise Failure(os.EX_NOINPUT, "no_input", f"cannot read{where}: {exc.strerror}") from None
+    report = dataclasses.replace(report, notes=report.notes + tuple(notes))
+    doc = plain(report)
+    where = f"{report.path}: " if report.path and len(files) > 1 else ""
+    if not report.ok and report.first_bad_line is not None:
+        raise AuditBroken(doc, f"{where}broken at line {report.first_bad_line}: {report.problem}")
+    if not report.ok:
+        raise AuditBroken(doc, f"incomplete: {report.problem}")
+    text = f"ok: {report.records} records, chain intact"
+    if report.anchors:
+        text += f"; anchored at seq {report.head_seq} ({report.anchors} anchors checked)"
+    return doc, "\n".join([text, *(f"note: {n}" for n in report.notes)])
+
+
+def _audit_payload_hash(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    from ..audit._anchor import load_key, payload_hmac
+
+    try:
+        key = load_key(a.key)
+    except NotRegularFile:
+        raise not_a_file(a.key) from None
+    except OSError as exc:
+        raise Failure(os.EX_NOINPUT, "no_input", f"cannot read {a.key}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise Failure(os.EX_DATAERR, "invalid_key", str(exc)) from None
+    if a.sha256 is not None:
+        if not re.fullmatch(r"[0-9a-f]{64}", a.sha256):
+            raise Failure(os.EX_USAGE, "usage", "--sha256: 64 lowercase hex digits")
+        digest = a.sha256
+    else:
+        digest = hashlib.sha256(data_of(a)).hexdigest()
+    value = payload_hmac(key, digest)
+    return {"payload_sha256": digest, "payload_hmac": value}, value
+
+
+def add_commands(sub: Any) -> None:
+    """Register ``audit verify`` and ``audit payload-hash`` on signerctl's sub-parsers."""
+    audit = sub.add_parser("audit", help="audit trail tools")
+    asub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    p = register(asub, "verify", _audit_verify, "check audit files' hash chains and anchors")
+    p.add_argument(
+        "paths", metavar="PATH", nargs="+", help="audit files, directories or globs (any order)"
+    )
+    p.add_argument(
+        "--anchor",
+        metavar="FILE",
+        action="append",
+        help="anchor file to check against (repeatable; default FILE.anchor, DIR/*.anchor)",
+    )
+    p.add_argument("--no-anchor", action="store_true", help="check the chains only")
+    p = register(
+        asub, "payload-hash", _audit_payload_hash, "a payload's payload_hmac, to find it in a trail"
+    )
+    p.add_argument("--key", metavar="FILE", required=True, help="the trail's key (audit.key)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--data-file",
+        metavar="FILE",
+        help=f"read the payload from FILE ('-': stdin), at most {MAX_INPUT_BYTES} bytes",
+    )
+    group.add_argument(
+        "--sha256", metavar="HEX", help="the payload's SHA-256, if that is all you have"
+    )
+    p.set_defaults(data_b64=None)

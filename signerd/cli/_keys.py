@@ -1,0 +1,213 @@
+"""signerctl's key commands: the keyring, signatures and public keys.
+
+::
+
+    keys list [--tenant T]            keys show KEY           keys create KEY
+    keys rotate KEY [--pending]       keys promote KEY (VERSION | --pending [--if-any])
+    keys retire KEY VERSION           keys destroy KEY VERSION --confirm KID
+    keys purge-invalid --config FILE [--dry-run]              (offline, on the token)
+    sign KEY [--data-file F | --data-b64 B]          (else data from stdin)
+    verify KID --signature B64 [--data-file F | --data-b64 B]
+    jwks [--tenant T]    kid KID    health    ready
+
+Each command returns (JSON value, human text); ``main`` prints one of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any
+
+from ..client import Client, KeyDescription, VersionState
+from ._io import Failure, b64_arg, data_of, data_options, plain, register, table
+
+
+def _when(ts: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _describe(desc: KeyDescription) -> str:
+    head = f"key         {desc.key}\nactive kid  {desc.active_kid or '-'}\n\n"
+    rows = [["VERSION", "KID", "STATE", "CREATED"]]
+    rows += [[str(v.version), v.kid, v.state.value, _when(v.created_at)] for v in desc.versions]
+    return head + table(rows)
+
+
+# --- keys ---
+
+
+def _keys_list(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    keys = c.list_keys(a.tenant)
+    rows = [["KEY", "ACTIVE KID", "VERSIONS"]]
+    rows += [[d.key, d.active_kid or "-", str(len(d.versions))] for d in keys]
+    return {"keys": plain(keys)}, table(rows) if keys else "no keys"
+
+
+def _keys_show(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    desc = c.get_key(a.key)
+    return plain(desc), _describe(desc)
+
+
+def _keys_create(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    desc = c.create_key(a.key)
+    return plain(desc), _describe(desc)
+
+
+def _keys_rotate(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    kid, desc = c.rotate(a.key, pending=a.pending)
+    label = "new pending kid" if a.pending else "new active kid"
+    return {"kid": kid, "key": plain(desc)}, f"{label}: {kid}\n\n{_describe(desc)}"
+
+
+def _keys_promote(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    version = a.version
+    if a.pending:  # the one pending version, found by the key's description
+        desc = c.get_key(a.key)
+        pending = [v.version for v in desc.versions if v.state is VersionState.PENDING]
+        if not pending and a.if_any:
+            return plain(desc), f"no pending version: nothing promoted\n\n{_describe(desc)}"
+        if not pending:
+            raise Failure(os.EX_NOINPUT, "no_pending_version", f"{a.key} has no pending version")
+        if len(pending) > 1:
+            listed = ", ".join(str(v) for v in pending)
+            raise Failure(
+                os.EX_DATAERR,
+                "ambiguous_pending",
+                f"{a.key} has several pending versions ({listed}): promote one by number",
+            )
+        version = pending[0]
+    desc = c.promote(a.key, version)
+    return plain(desc), _describe(desc)
+
+
+def _keys_retire(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    desc = c.retire(a.key, a.version)
+    return plain(desc), _describe(desc)
+
+
+def _keys_destroy(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    desc = c.destroy(a.key, a.version, a.confirm)
+    return plain(desc), _describe(desc)
+
+
+def _keys_purge_invalid(a: argparse.Namespace) -> int:
+    """Offline: remove keys with invalid names from each PKCS#11 token of a configuration."""
+    from .._config import ConfigError, load
+    from ..keys._keyring import purge_invalid
+
+    try:
+        removed = purge_invalid(load(a.config), dry_run=a.dry_run)
+    except ConfigError as exc:
+        raise Failure(os.EX_CONFIG, "invalid_config", str(exc)) from None
+    verb = "would remove" if a.dry_run else "removed"
+    if a.json:
+        print(json.dumps({"dry_run": a.dry_run, "objects": [plain(r) for r in removed]}, indent=2))
+    else:
+        for r in removed:
+            print(f"{verb} {r.backend} {r.object_class} {r.label} label_sha256={r.label_sha256}")
+        print(f"{verb} {len(removed)} object(s)")
+    return os.EX_OK
+
+
+# --- signatures and public keys ---
+
+
+def _sign(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    sig = c.sign(a.key, data_of(a))
+    return plain(sig), f"kid        {sig.kid}\nsignature  {plain(sig.signature)}"
+
+
+def _verify(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    signature = b64_arg(a.signature, "--signature")
+    result = c.verify(a.kid, data_of(a), signature)
+    return plain(result), f"valid: {result.kid} (key {result.key}, {result.state.value})"
+
+
+def _jwks(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    keys = c.jwks(a.tenant)
+    rows = [["KID", "ALG", "X"]] + [
+        [k.get("kid", ""), k.get("alg", ""), k.get("x", "")] for k in keys
+    ]
+    return {"keys": keys}, table(rows) if keys else "no keys"
+
+
+def _kid(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    info = c.kid_info(a.kid)
+    rows = [["kid", info.kid], ["key", info.key], ["version", str(info.version)]]
+    rows.append(["state", info.state.value])
+    return plain(info), table(rows) + "\n\n" + info.pem.rstrip()
+
+
+def _health(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    status = c.health()
+    return {"status": status}, status
+
+
+def _ready(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    status = c.ready()
+    return {"status": status}, status
+
+
+# --- the parsers ---
+
+
+def add_commands(sub: Any) -> None:
+    """Register ``keys``, ``sign`` and ``verify`` on signerctl's sub-parsers."""
+    keys = sub.add_parser("keys", help="list, show, create and manage keys and versions")
+    ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    register(ksub, "list", _keys_list, "list keys").add_argument("--tenant")
+    register(ksub, "show", _keys_show, "show a key's versions").add_argument("key", metavar="KEY")
+    register(ksub, "create", _keys_create, "create TENANT/NAME").add_argument("key", metavar="KEY")
+    p = register(ksub, "rotate", _keys_rotate, "add the next version")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("--pending", action="store_true", help="publish it as pending, not signing yet")
+    p = register(ksub, "promote", _keys_promote, "make a pending version active")
+    p.add_argument("key", metavar="KEY")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "version", metavar="VERSION", type=int, nargs="?", help="the version (or --pending)"
+    )
+    which.add_argument(
+        "--pending", action="store_true", help="promote the key's one pending version (by state)"
+    )
+    p.add_argument(
+        "--if-any", action="store_true", help="with --pending: no pending version is not an error"
+    )
+    for name, run, help_text in (
+        ("retire", _keys_retire, "stop a version from verifying"),
+        ("destroy", _keys_destroy, "remove a retired version's private key for good"),
+    ):
+        p = register(ksub, name, run, help_text)
+        p.add_argument("key", metavar="KEY")
+        p.add_argument("version", metavar="VERSION", type=int)
+        if name == "destroy":
+            p.add_argument(
+                "--confirm", metavar="KID", required=True, help="the kid being destroyed"
+            )
+
+    p = ksub.add_parser(
+        "purge-invalid",
+        help="offline: remove keys whose names are invalid from the token (uses the configured PIN)",
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="signerd's configuration file")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    p.set_defaults(offline=_keys_purge_invalid)
+
+    p = register(sub, "sign", _sign, "sign data with a key's active version")
+    p.add_argument("key", metavar="KEY")
+    data_options(p)
+    p = register(sub, "verify", _verify, "verify a signature (exit 0 only when valid)")
+    p.add_argument("kid", metavar="KID")
+    p.add_argument("--signature", metavar="B64", required=True)
+    data_options(p)
+
+
+def add_lookup_commands(sub: Any) -> None:
+    """Register ``jwks``, ``kid``, ``health`` and ``ready`` on signerctl's sub-parsers."""
+    register(sub, "jwks", _jwks, "public keys as RFC 8037 JWKs").add_argument("--tenant")
+    register(sub, "kid", _kid, "what signerd knows of a kid").add_argument("kid", metavar="KID")
+    register(sub, "health", _health, "whether signerd answers")
+    register(sub, "ready", _ready, "whether signerd can sign (token reachable)")
