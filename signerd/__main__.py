@@ -1,3 +1,3 @@
-from .daemon._main import main
+from .daemon import main
 
 raise SystemExit(main())

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from signerd._config import ConfigError, load, parse
+
+from .conftest import daemon_config, to_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,3 +95,48 @@ def test_unreadable_or_invalid_file(tmp_path: Path) -> None:
     bad.write_text("[server\n")
     with pytest.raises(ConfigError, match=r"bad\.toml"):
         load(str(bad))
+
+
+def _check(base: Path, doc: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    """``signerd --check`` on ``doc``, written to ``base/signerd.toml``."""
+    config = base / "signerd.toml"
+    config.write_text(to_toml(doc))
+    return subprocess.run(
+        [sys.executable, "-m", "signerd", "--config", str(config), "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _created(base: Path) -> list[str]:
+    return sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.name != "signerd.toml")
+
+
+def test_check_accepts_a_good_configuration_and_creates_nothing(tmp_path: Path) -> None:
+    """signerd --check on a valid configuration exits 0 and creates no directory or file."""
+    doc = daemon_config(tmp_path, federation={"state_dir": str(tmp_path / "federation")})
+    result = _check(tmp_path, doc)
+    assert result.returncode == os.EX_OK, result.stderr
+    assert result.stdout.strip().endswith(": ok")
+    assert _created(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda d: d["backends"]["hsm"].update(pin_flie="/x"), "backends.hsm.pin_flie"),
+        (lambda d: d["audit"].update(fsyncc=False), "fsyncc"),
+    ],
+)
+def test_check_names_a_misspelt_key_and_creates_nothing(
+    tmp_path: Path, change: Callable[[dict[str, Any]], None], named: str
+) -> None:
+    """signerd --check exits 78 naming a misspelt backend or audit key, and creates nothing."""
+    doc = daemon_config(tmp_path)
+    change(doc)
+    result = _check(tmp_path, doc)
+    assert result.returncode == os.EX_CONFIG, result.stderr
+    assert "configuration error" in result.stderr and named in result.stderr, result.stderr
+    assert _created(tmp_path) == []

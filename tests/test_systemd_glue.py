@@ -23,7 +23,7 @@ import pytest
 
 from signerd._config import ConfigError, parse
 from signerd.client import Client
-from signerd.daemon import _systemd
+from signerd.daemon import _journal, _systemd
 
 from .conftest import ROOT, daemon_config, pkcs11_backend_config, to_toml
 
@@ -263,16 +263,16 @@ def test_activated_socket_at_another_path_is_refused(tmp_path: Path) -> None:
 def test_journal_handler_sends_upper_case_fields() -> None:
     """A request event reaches the journal with REQUEST_ID, OPERATION, OUTCOME, STATUS and nothing lower-case."""
     sent: list[tuple[str, dict[str, str]]] = []
-    handler = _systemd.JournalHandler(lambda msg, **kw: sent.append((msg, kw)))
+    handler = _journal.JournalHandler(lambda msg, **kw: sent.append((msg, kw)))
     logger = logging.getLogger("signerd.request")
     logger.addHandler(handler)
-    old = _systemd._journal_events
-    _systemd._journal_events = True
+    old = _journal._journal_events
+    _journal._journal_events = True
     try:
         logger.setLevel(logging.INFO)
-        _systemd.log_request("rid-1", "sign", "ok", 200)
+        _journal.log_request("rid-1", "sign", "ok", 200)
     finally:
-        _systemd._journal_events = old
+        _journal._journal_events = old
         logger.removeHandler(handler)
         logger.setLevel(logging.NOTSET)
     assert len(sent) == 1
@@ -291,10 +291,10 @@ def test_journal_handler_sends_upper_case_fields() -> None:
 def test_request_events_on_stderr_only_at_debug(caplog: pytest.LogCaptureFixture) -> None:
     """Without the journal a request event is a debug line, so a busy daemon does not flood stderr."""
     with caplog.at_level(logging.INFO, logger="signerd.request"):
-        _systemd.log_request("rid-2", "sign", "ok", 200)
+        _journal.log_request("rid-2", "sign", "ok", 200)
     assert caplog.records == []
     with caplog.at_level(logging.DEBUG, logger="signerd.request"):
-        _systemd.log_request("rid-3", "sign", "ok", 200)
+        _journal.log_request("rid-3", "sign", "ok", 200)
     assert [r.getMessage() for r in caplog.records] == [
         "signerd.request rid=rid-3 op=sign outcome=ok status=200"
     ]

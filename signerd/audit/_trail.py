@@ -94,7 +94,11 @@ JournalSend = Callable[..., object]
 
 
 def audit_from_config(
-    table: Mapping[str, Any], *, worker: int | None = None, workers: int | None = None
+    table: Mapping[str, Any],
+    *,
+    worker: int | None = None,
+    workers: int | None = None,
+    stall_guard: StallGuard | None = None,
 ) -> AuditTrail:
     """Build an AuditTrail from the ``[audit]`` table; ValueError names the bad key.
 
@@ -112,6 +116,7 @@ def audit_from_config(
         anchor_interval=s.anchor_interval,
         key_path=s.key,
         chains=s.chains,
+        stall_guard=stall_guard,
     )
 
 
@@ -142,6 +147,7 @@ class AuditTrail(TrailFile):
         hmac_key: bytes | None = None,
         chains: tuple[str, ...] = (),
         run: str = RUN,
+        stall_guard: StallGuard | None = None,
     ) -> None:
         """``anchor_path`` None: no anchors. No ``key_path`` nor ``hmac_key``: a key for this
         process only (payload_hmac values then cannot be checked later; for tests).
@@ -178,7 +184,7 @@ class AuditTrail(TrailFile):
         self._flush_due = False
         self._handed = False  # with a guard: queued records are the writer thread's to write
         #: a worker's guard: records are written on the loop's thread, bounded by it
-        self.stall_guard: StallGuard | None = None
+        self.stall_guard = stall_guard
 
     async def record(self, event: AuditEvent) -> None:
         """Write one record durably, or raise AuditUnavailable within write_timeout."""

@@ -20,8 +20,8 @@ at once. A worker
 that cannot start for a configuration reason (a wrong PIN) exits 78 and the
 supervisor stops with 78, without a restart loop.
 
-``server.workers = 1`` keeps the single process of ``_daemon.serve`` (no
-supervisor): the same code path as before workers existed, one audit file.
+``server.workers = 1`` keeps the single process of ``_single.serve`` (no
+supervisor), one audit file.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from .._config import Config, ConfigError, load
@@ -45,15 +45,19 @@ from ..workers import (
     LockTimeout,
     SharedBuckets,
     SharedConnections,
+    StallGuard,
     Supervisor,
     WorkerChannel,
     runtime_path,
 )
-from ._main import Daemon, build_policy, exit_code
+from ._assemble import AdminGuard, Daemon, TrustGuard, build_policy
 from ._sockets import bind_unix_socket, unlink_own_socket
-from ._systemd import activated_socket, notify, watchdog_interval
+from ._systemd import SystemdSession, activated_socket, notify
 
-__all__ = ["CHANGED", "Worker", "supervise"]
+__all__ = ["CHANGED", "WorkerRole", "supervise"]
+
+#: the exit status for an exception that ended a process's start (``_main.exit_code``)
+ExitCode = Callable[[BaseException], int]
 
 log = logging.getLogger("signerd")
 
@@ -66,8 +70,9 @@ _SYSTEMD_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
 @dataclass
-class Worker:
-    """What a worker process adds to its ``Daemon``: its slot, the shared buckets, the admin lock."""
+class WorkerRole:
+    """The role of one worker among several: its own audit file, the shared buckets and
+    connection counts, the admin lock, the stall guard; it tells the supervisor when it serves."""
 
     channel: WorkerChannel
     lock: AdminLock
@@ -76,13 +81,45 @@ class Worker:
     _seq: int = 0
     _waiting: dict[str, tuple[asyncio.Future[None], list[int]]] = field(default_factory=dict)
 
+    owns_socket = False  # the socket is the supervisor's to remove
+
     @property
     def index(self) -> int:
         return self.channel.index
 
     @property
+    def audit_file(self) -> tuple[int | None, int | None]:
+        return self.index, int(self.channel.config.workers)
+
+    @property
     def buckets(self) -> SharedBuckets | None:
         return self.channel.buckets
+
+    @property
+    def uid_counter(self) -> SharedConnections | None:
+        return self.connections
+
+    @property
+    def admin_guard(self) -> AdminGuard:
+        return self.guard
+
+    @property
+    def trust_guard(self) -> TrustGuard:
+        return self.locked
+
+    def stall_guard(
+        self, config: Config, last_answers: Callable[[SignerdError], int]
+    ) -> StallGuard | None:
+        """With ``on_loop``: the supervisor replaces a worker whose call never returns."""
+        return StallGuard(last_answers) if config.on_loop else None
+
+    def on_ready(self, keys: KeyService) -> None:
+        """Take the other workers' notices, then tell the supervisor this worker serves."""
+        self.channel.on_message(lambda text: self.on_message(keys, text))
+        self.channel.heartbeat()
+        self.keys = keys
+        self.report()
+        self.channel.ready()
 
     @contextlib.asynccontextmanager
     async def guard(self, key: KeyName) -> AsyncIterator[None]:
@@ -181,7 +218,8 @@ def worker_main(
     index: int,
     sock: socket.socket,
     channel: WorkerChannel,
-    connections: SharedConnections | None = None,
+    connections: SharedConnections | None,
+    exit_code: ExitCode,
 ) -> int:
     """The body of worker ``index``: serve ``sock`` until SIGTERM; the exit status."""
     for name in _SYSTEMD_ENV:  # only the supervisor speaks to systemd (NotifyAccess=main)
@@ -204,18 +242,14 @@ async def _serve_worker(
 ) -> None:
     started = time.monotonic()
     lock = AdminLock(runtime_path(config.socket, "admin.lock"))
-    worker = Worker(channel, lock, connections)
-    daemon = await Daemon.start(config, sock, worker)
+    role = WorkerRole(channel, lock, connections)
+    daemon = await Daemon.start(config, role, sock)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, daemon.reload)
-    channel.on_message(lambda text: worker.on_message(daemon.keys, text))
-    channel.heartbeat()
-    worker.keys = daemon.keys
-    worker.report()
-    channel.ready()
+    daemon.ready()
     log.info(
         "signerd.worker_serving index=%d pid=%d keys=%d took=%.3f",
         channel.index,
@@ -229,21 +263,25 @@ async def _serve_worker(
         log.info("signerd.stopping worker=%d", channel.index)
         channel.close()
         await daemon.stop()
-        worker.lock.close()
+        role.lock.close()
 
 
 # --- the supervisor ------------------------------------------------------------
 
 
-def supervise(config: Config) -> int:
-    """Run ``config.workers`` workers on one listening socket; the exit status."""
+def supervise(config: Config, exit_code: ExitCode) -> int:
+    """Run ``config.workers`` workers on one listening socket; the exit status.
+
+    ``exit_code`` turns what ended a worker's start into that worker's exit status.
+    """
     started = time.monotonic()
-    notify("STATUS=starting: opening the socket and starting the workers")
+    status = _WorkerKeys(config.workers)
+    session = SystemdSession(status.serving)
+    session.starting("opening the socket and starting the workers")
     sock = activated_socket(config.socket, mode=config.socket_mode, group=config.socket_group)
     activated = sock is not None
     if sock is None:
         sock = bind_unix_socket(config.socket, mode=config.socket_mode, group=config.socket_group)
-    state = _SystemdState(config.workers)
 
     def on_ready() -> None:
         log.info(
@@ -253,39 +291,43 @@ def supervise(config: Config) -> int:
             time.monotonic() - started,
             "yes" if activated else "no",
         )
-        state.announced = True
-        notify("READY=1", state.serving())
+        status.announced = True
+        session.ready()
+
+    def on_message(index: int, text: str) -> bool:
+        return status.message(text, session)
 
     def reload_config(old: Config) -> Config:
-        notify("RELOADING=1", "STATUS=reloading the policy", _monotonic_usec())
+        session.reloading()
         try:
             fresh = load(old.path)
             build_policy(fresh)  # the workers build their own; refused here, refused there
         except ConfigError as exc:
             log.error("signerd.reload_refused error=%s", exc)
-            state.note = " (reload refused, see the log)"
-            notify("READY=1", state.serving())
+            session.reloaded(False)
             raise
-        state.note = " (reloaded)"
-        notify("READY=1", state.serving())
+        session.reloaded(True)
         return fresh
+
+    def stopping() -> None:
+        log.info("signerd.stopping")
+        session.stopping("the workers finish requests in flight")
 
     connections = SharedConnections(config.workers)  # before any fork: every worker maps it
     supervisor = Supervisor(
         config,
         sock,
-        lambda index, listen, channel: worker_main(index, listen, channel, connections),
+        lambda index, listen, channel: worker_main(index, listen, channel, connections, exit_code),
         reload_config=reload_config,
         on_ready=on_ready,
-        on_tick=state.tick,
-        on_stop=state.stopping,
-        on_message=state.message,
+        on_tick=session.tick,
+        on_stop=stopping,
+        on_message=on_message,
     )
     try:
         code = supervisor.run()
     finally:
-        if not activated:
-            unlink_own_socket(config.socket, sock)
+        unlink_own_socket(config.socket, sock)  # only a socket bound here, never systemd's
         sock.close()
     if code == os.EX_CONFIG:
         # the worker's own line (stderr, the journal) says why; no "configuration error" here
@@ -296,22 +338,19 @@ def supervise(config: Config) -> int:
     return code
 
 
-class _SystemdState:
-    """STATUS= text and the watchdog pings of the supervisor."""
+class _WorkerKeys:
+    """The key count the workers last reported, for the supervisor's STATUS= line."""
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        self.note = ""  # the last reload's outcome, kept in STATUS= until the next one
-        self.keys: int | None = None  # the key count the workers last reported
+        self.keys: int | None = None
         self.announced = False  # READY=1 was sent
-        self._every = watchdog_interval()
-        self._pinged = 0.0
 
     def serving(self) -> str:
         keys = "" if self.keys is None else f"{self.keys} keys "
-        return f"STATUS=serving {keys}({self.workers} workers){self.note}"
+        return f"{keys}({self.workers} workers)"
 
-    def message(self, index: int, text: str) -> bool:
+    def message(self, text: str, session: SystemdSession) -> bool:
         """A worker's key count (kept from the other workers); anything else is theirs."""
         kind, _, value = text.partition(" ")
         if kind != KEYS:
@@ -320,21 +359,5 @@ class _SystemdState:
             changed = self.keys is not None and self.keys != int(value)
             self.keys = int(value)
             if changed and self.announced:
-                notify(self.serving())
+                session.update()
         return True
-
-    def tick(self) -> None:
-        if self._every is None:
-            return
-        now = time.monotonic()
-        if now - self._pinged >= self._every:
-            self._pinged = now
-            notify("WATCHDOG=1")
-
-    def stopping(self) -> None:
-        log.info("signerd.stopping")
-        notify("STOPPING=1", "STATUS=stopping: the workers finish requests in flight")
-
-
-def _monotonic_usec() -> str:
-    return f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"

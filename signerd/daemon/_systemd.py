@@ -14,9 +14,11 @@ stays plain lines on stderr unless stderr is the journal (``$JOURNAL_STREAM``).
   ``listen_fds_with_names``), checked against the same rules signerd applies
   to a socket it binds (path, no access for others, group).
 - ``credential_path``: a file in ``$CREDENTIALS_DIRECTORY`` (``LoadCredential=``).
-- ``setup_logging`` and ``log_request``: structured journal events
-  (``REQUEST_ID``, ``OPERATION``, ``OUTCOME``, ``STATUS``) when stderr is
-  the journal.
+- ``SystemdSession``: what one signerd (a single process or the supervisor)
+  tells systemd: ``STATUS=``, ``READY=1``, ``RELOADING=1`` around a reload,
+  ``STOPPING=1``, and the watchdog interval.
+
+Logging to the journal is in ``_journal``.
 """
 
 from __future__ import annotations
@@ -30,30 +32,26 @@ import os
 import re
 import socket
 import stat
-import sys
+import time
 from collections.abc import Callable
-from typing import Any
 
 from ._sockets import SocketError
 
 __all__ = [
     "ActivationError",
+    "SystemdSession",
     "Watchdog",
     "activated_socket",
     "credential_path",
-    "log_request",
+    "monotonic_usec",
     "notify",
-    "setup_logging",
-    "under_journal",
+    "watchdog_interval",
 ]
 
 log = logging.getLogger("signerd")
-request_log = logging.getLogger("signerd.request")
 
 # systemd's own rule for credential names, narrowed to what a file name can safely be
 _CREDENTIAL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,254}")
-# fields a log record may carry to the journal (journald accepts only these)
-_FIELD_RE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 _FD_NAMES = ("signerd", "signerd.socket")
 
 
@@ -117,6 +115,60 @@ class Watchdog:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def monotonic_usec() -> str:
+    """MONOTONIC_USEC= for RELOADING=1 (systemd 253+ matches it to the reload; older ignore it)."""
+    return f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
+
+
+class SystemdSession:
+    """What one signerd process tells systemd about the service, in either mode.
+
+    ``serving`` gives what follows ``STATUS=serving`` (the key count, the
+    workers); the outcome of the last reload stays appended until the next one.
+    ``watchdog`` is the ping interval systemd asked for (None: no watchdog);
+    ``tick`` pings at that pace from a loop that calls it often.
+    """
+
+    def __init__(self, serving: Callable[[], str]) -> None:
+        self._serving = serving
+        self.note = ""  # the last reload's outcome, kept in STATUS= until the next one
+        self.watchdog = watchdog_interval()
+        self._pinged = 0.0
+
+    def status(self) -> str:
+        return f"STATUS=serving {self._serving()}{self.note}"
+
+    def starting(self, what: str) -> None:
+        notify(f"STATUS=starting: {what}")
+
+    def ready(self) -> None:
+        notify("READY=1", self.status())
+
+    def update(self) -> None:
+        """The STATUS= line again (the key count changed)."""
+        notify(self.status())
+
+    def reloading(self) -> None:
+        notify("RELOADING=1", "STATUS=reloading the policy", monotonic_usec())
+
+    def reloaded(self, applied: bool) -> None:
+        """The reload is over: READY=1 again, STATUS= saying whether it was applied."""
+        self.note = " (reloaded)" if applied else " (reload refused, see the log)"
+        self.ready()
+
+    def stopping(self, what: str) -> None:
+        notify("STOPPING=1", f"STATUS=stopping: {what}")
+
+    def tick(self) -> None:
+        """WATCHDOG=1 when the interval has passed since the last ping."""
+        if self.watchdog is None:
+            return
+        now = time.monotonic()
+        if now - self._pinged >= self.watchdog:
+            self._pinged = now
+            notify("WATCHDOG=1")
 
 
 # --- socket activation -----------------------------------------------------
@@ -214,108 +266,3 @@ def credential_path(name: str) -> str:
             f"credential {name!r} needs $CREDENTIALS_DIRECTORY (LoadCredential= in the unit)"
         )
     return os.path.join(directory, name)
-
-
-# --- logging ---------------------------------------------------------------
-
-
-def under_journal() -> bool:
-    """True when stderr is connected to journald (systemd sets ``$JOURNAL_STREAM``)."""
-    stream = os.environ.get("JOURNAL_STREAM", "")
-    m = re.fullmatch(r"([0-9]+):([0-9]+)", stream)
-    if m is None:
-        return False
-    try:
-        st = os.fstat(sys.stderr.fileno())
-    except (OSError, ValueError, AttributeError):
-        return False
-    return (st.st_dev, st.st_ino) == (int(m[1]), int(m[2]))
-
-
-class JournalHandler(logging.Handler):
-    """One journal entry per record; upper-case record attributes become fields."""
-
-    def __init__(self, send: Callable[..., Any], identifier: str = "signerd") -> None:
-        super().__init__()
-        self._send = send
-        self._identifier = identifier
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            fields = {
-                k: str(v) for k, v in record.__dict__.items() if _FIELD_RE.fullmatch(k) is not None
-            }
-            self._send(
-                self.format(record),
-                PRIORITY=str(_priority(record.levelno)),
-                SYSLOG_IDENTIFIER=self._identifier,
-                LOGGER=record.name,
-                **fields,
-            )
-        except Exception:
-            self.handleError(record)
-
-
-def _priority(levelno: int) -> int:
-    if levelno >= logging.CRITICAL:
-        return 2
-    if levelno >= logging.ERROR:
-        return 3
-    if levelno >= logging.WARNING:
-        return 4
-    if levelno >= logging.INFO:
-        return 6
-    return 7
-
-
-_journal_events = False
-
-
-def setup_logging(level: str) -> None:
-    """Journal events when stderr is the journal and systemd-python is there; else stderr lines."""
-    global _journal_events
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    handler: logging.Handler
-    journal = None
-    if under_journal():
-        with contextlib.suppress(ImportError):
-            journal = importlib.import_module("systemd.journal")
-    _journal_events = journal is not None
-    if journal is not None:
-        handler = JournalHandler(journal.send)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(getattr(logging, level.upper()))
-
-
-def log_request(rid: str, operation: str, outcome: str, status: int) -> None:
-    """One event per answered request: REQUEST_ID, OPERATION, OUTCOME, STATUS.
-
-    ``rid`` is the validated request id, ``operation`` a route name
-    (``sign``, ``keys.rotate``, ...), ``outcome`` ``ok`` or an error code from
-    the closed set, ``status`` the HTTP status. In the journal always (at info);
-    on stderr only at debug level, so a busy daemon does not flood it.
-    """
-    level = logging.INFO if _journal_events else logging.DEBUG
-    if not request_log.isEnabledFor(level):
-        return
-    request_log.log(
-        level,
-        "signerd.request rid=%s op=%s outcome=%s status=%d",
-        rid,
-        operation,
-        outcome,
-        status,
-        extra={
-            "REQUEST_ID": rid,
-            "OPERATION": operation,
-            "OUTCOME": outcome,
-            "STATUS": status,
-            "MESSAGE_ID": "5b1b4e3c2f0a4f0e9d7c6a5b4c3d2e1f",
-        },
-    )

@@ -154,6 +154,7 @@ class Federation:
         trusted: TrustedKeys,
         max_body_bytes: int = 1 << 20,
         clock: Callable[[], float] = time.time,
+        admin_guard: Callable[[], contextlib.AbstractAsyncContextManager[None]] | None = None,
     ) -> None:
         self.host = host
         self.settings = settings
@@ -162,14 +163,19 @@ class Federation:
         self.max_body_bytes = max_body_bytes
         self.clock = clock
         #: held around trusted-key changes (the workers' cross-process admin lock)
-        self.admin_guard: Callable[[], contextlib.AbstractAsyncContextManager[None]] | None = None
+        self.admin_guard = admin_guard
 
     def _admin(self) -> contextlib.AbstractAsyncContextManager[None]:
         return contextlib.nullcontext() if self.admin_guard is None else self.admin_guard()
 
     @classmethod
     def from_settings(
-        cls, host: Host, settings: FederationSettings, *, max_body_bytes: int = 1 << 20
+        cls,
+        host: Host,
+        settings: FederationSettings,
+        *,
+        max_body_bytes: int = 1 << 20,
+        admin_guard: Callable[[], contextlib.AbstractAsyncContextManager[None]] | None = None,
     ) -> Federation:
         store: NonceStore
         if settings.store == "redis":
@@ -192,7 +198,14 @@ class Federation:
         trusted = TrustedKeys(
             settings.state_dir, settings.trusted, allow_shared=settings.allow_shared_keys
         )
-        return cls(host, settings, store=store, trusted=trusted, max_body_bytes=max_body_bytes)
+        return cls(
+            host,
+            settings,
+            store=store,
+            trusted=trusted,
+            max_body_bytes=max_body_bytes,
+            admin_guard=admin_guard,
+        )
 
     async def close(self) -> None:
         await self.store.close()

@@ -93,6 +93,9 @@ class KeyService(KeyringUpkeep):
         default_backend: str,
         tenant_backends: Mapping[str, str] | None = None,
         settings: Settings | None = None,
+        admin_guard: Callable[[KeyName], contextlib.AbstractAsyncContextManager[None]]
+        | None = None,
+        stall_guard: StallGuard | None = None,
     ) -> None:
         if default_backend not in backends:
             raise ValueError(f"default backend {default_backend!r} is not configured")
@@ -112,8 +115,7 @@ class KeyService(KeyringUpkeep):
         self._init_upkeep()
         self._admin_locks: dict[KeyName, asyncio.Lock] = {}
         #: wraps every admin operation: the workers' cross-process lock and change notice
-        self.admin_guard: Callable[[KeyName], contextlib.AbstractAsyncContextManager[None]] | None
-        self.admin_guard = None
+        self.admin_guard = admin_guard
         self._coalescer: Coalescer[_Group] = Coalescer(
             self._sign_batch,
             max_batch=self.settings.max_batch,
@@ -122,7 +124,7 @@ class KeyService(KeyringUpkeep):
         self._refresher: asyncio.Task[None] | None = None
         self._inline = {n: b for n, b in self._backends.items() if isinstance(b, Inline)}
         #: a worker's guard: ``Inline`` backends sign on the loop's thread under it
-        self.stall_guard: StallGuard | None = None
+        self.stall_guard = stall_guard
 
     # --- plumbing ---------------------------------------------------------
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..authz._calls import GRANTED, AuditEvent, AuditSink, Gate, Operation, Peer, QueueingAuditSink
-from ..daemon._systemd import log_request
+from ..daemon._journal import log_request
 from ..errors import (
     AuditUnavailable,
     InternalError,
@@ -45,7 +45,7 @@ from ..wire._strict_json import request_id_from
 from ._connection import Limits, Throttled
 from ._idempotency import STALL_ANSWER, AdminChange, AdminRuns, unknown
 from ._idemstore import IdempotencyStore
-from ._listener import Listener
+from ._listener import Listener, UidCounter
 from ._request import Request, Response, json_response
 from ._router import Handler, Route, Router
 from ._strangers import Strangers
@@ -164,10 +164,13 @@ class Front:
     ) -> Route:
         return self.router.add(method, path, handler, operation=operation)
 
-    async def serve(self, sock: socket.socket) -> Listener:
-        """Start answering on a listening socket (already bound and listening)."""
+    async def serve(self, sock: socket.socket, shared_uids: UidCounter | None = None) -> Listener:
+        """Start answering on a listening socket (already bound and listening); ``shared_uids``
+        counts connections per uid across worker processes."""
         strangers = Strangers(lambda: self.gate, self._peer_lookup)
-        self.listener = Listener(sock, self.dispatch, self.precheck, self.limits, strangers)
+        self.listener = Listener(
+            sock, self.dispatch, self.precheck, self.limits, strangers, shared_uids
+        )
         self.listener.start()
         return self.listener
 

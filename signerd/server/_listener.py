@@ -108,6 +108,7 @@ class Listener:
         precheck: Precheck,
         limits: Limits,
         strangers: Classify | None = None,
+        shared_uids: UidCounter | None = None,
     ) -> None:
         self.sock = sock
         # accept(2) alone: socket.accept() also builds a socket object, wasted on a refusal
@@ -120,7 +121,7 @@ class Listener:
         self.stranger_count = 0  # this process's connections of strangers
         # what strangers may hold together; the rest of the total is kept for named callers
         self.strangers_share = min(limits.max_connections_strangers, limits.max_connections // 2)
-        self.shared_uids: UidCounter | None = None  # the per-uid cap across worker processes
+        self.shared_uids = shared_uids  # the per-uid cap across worker processes
         iv = limits.log_interval
         self.refused_total = Throttled("signerd.connection_refused reason=total_cap", iv)
         self.refused_uid = Throttled("signerd.connection_refused reason=uid_cap", iv)

@@ -1,0 +1,269 @@
+"""The composition root: one running signerd built from its configuration and its role.
+
+``Daemon.start`` builds the same parts in every process that serves: the
+backends, the key service, the policy, the audit trail, the server, the
+federation's endpoints and the listener. What differs between a single process
+and one worker among several is the ``ProcessRole`` it is given (the audit
+file, the shared rate-limit table and connection counts, the admin lock, the
+stall guard); each part gets what it needs from the role when it is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from .._config import Config, ConfigError, load
+from ..audit._settings import audit_settings
+from ..audit._trail import AuditTrail, audit_from_config
+from ..authz._peer import peer_of
+from ..authz._policy import Policy, policy_from_config
+from ..backends import Backend, load_factory
+from ..errors import SignerdError
+from ..federation._routes import Federation, attach
+from ..keys._service import KeyService
+from ..server._idemstore import IdempotencyStore
+from ..server._listener import Listener, UidCounter, connection_cap, raise_nofile_limit
+from ..server._v1 import Limits, Server
+from ..workers import runtime_path
+from ._sockets import bind_unix_socket, unlink_own_socket
+
+if TYPE_CHECKING:
+    from ..wire._names import KeyName
+    from ..workers import SharedBuckets, StallGuard
+
+__all__ = [
+    "AdminGuard",
+    "Daemon",
+    "ProcessRole",
+    "TrustGuard",
+    "build_backends",
+    "build_policy",
+    "check",
+]
+
+log = logging.getLogger("signerd")
+
+#: held around one key administration operation (create, rotate, ...)
+AdminGuard = Callable[["KeyName"], contextlib.AbstractAsyncContextManager[None]]
+#: held around a change of the federation's trusted keys
+TrustGuard = Callable[[], contextlib.AbstractAsyncContextManager[None]]
+
+
+class ProcessRole(Protocol):
+    """What the process a ``Daemon`` runs in supplies to it."""
+
+    #: removes the socket file at stop (the worker's socket is the supervisor's)
+    owns_socket: bool
+
+    @property
+    def audit_file(self) -> tuple[int | None, int | None]:
+        """(this worker's index, how many workers there are), or (None, None): one file."""
+        ...
+
+    @property
+    def buckets(self) -> SharedBuckets | None:
+        """The rate-limit table shared by the processes, or None for the policy's own."""
+        ...
+
+    @property
+    def uid_counter(self) -> UidCounter | None:
+        """Open connections per uid counted across processes, or None."""
+        ...
+
+    @property
+    def admin_guard(self) -> AdminGuard | None: ...
+
+    @property
+    def trust_guard(self) -> TrustGuard | None: ...
+
+    def stall_guard(
+        self, config: Config, last_answers: Callable[[SignerdError], int]
+    ) -> StallGuard | None:
+        """The guard of blocking calls made on the loop's thread, or None when there are none."""
+        ...
+
+    def on_ready(self, keys: KeyService) -> None:
+        """Serving: the process's signals are handled, requests are answered."""
+        ...
+
+
+def build_backends(config: Config) -> dict[str, Backend]:
+    backends: dict[str, Backend] = {}
+    for name, table in config.backends.items():
+        factory = load_factory(str(table["type"]))
+        try:
+            backends[name] = factory(table)
+        except ValueError as exc:
+            raise ConfigError(f"backends.{name}.{exc}") from exc
+    return backends
+
+
+def build_policy(config: Config, buckets: SharedBuckets | None = None) -> Policy:
+    try:
+        return policy_from_config(config.policy, buckets)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def check(config: Config) -> None:
+    """Validate what start-up would build from ``config``, creating and opening nothing.
+
+    The policy, the audit settings and every backend table (built, never
+    connected); a ConfigError names the key at fault.
+    """
+    build_policy(config)
+    try:
+        audit_settings(config.audit)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    build_backends(config)
+
+
+def _build_audit(config: Config, role: ProcessRole, guard: StallGuard | None) -> AuditTrail:
+    """The audit trail, in the file the role names; its directory is created if need be."""
+    worker, workers = role.audit_file
+    os.makedirs(os.path.dirname(str(config.audit["path"])), mode=0o750, exist_ok=True)
+    try:
+        return audit_from_config(config.audit, worker=worker, workers=workers, stall_guard=guard)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _fitted(config: Config) -> Limits:
+    """The configured limits, with the connection cap fitted to the descriptors there are.
+
+    The soft RLIMIT_NOFILE is raised to the hard limit first; the cap keeps
+    headroom for the token, the audit file and the executors.
+    """
+    nofile = raise_nofile_limit()
+    cap = connection_cap(config.limits.max_connections, nofile)
+    if cap < config.limits.max_connections:
+        log.warning(
+            "signerd.max_connections_lowered configured=%d now=%d nofile=%d",
+            config.limits.max_connections,
+            cap,
+            nofile,
+        )
+    return dataclasses.replace(config.limits, max_connections=cap)
+
+
+class _InFlight:
+    """The requests a stall guard answers: those of the listener, once there is one.
+
+    The guard is built before the key service and the audit trail that use it,
+    and so before the server and its listener; nothing it guards runs before
+    the listener exists.
+    """
+
+    listener: Listener | None = None
+
+    def last_answers(self, exc: SignerdError) -> int:
+        listener = self.listener
+        return 0 if listener is None else listener.last_answers(exc)
+
+
+@dataclass
+class Daemon:
+    """A running signerd: its parts, the listening socket and the role it was given."""
+
+    config: Config
+    role: ProcessRole
+    keys: KeyService
+    policy: Policy
+    audit: AuditTrail
+    server: Server
+    federation: Federation
+    sock: socket.socket
+    guard: StallGuard | None = None
+
+    @classmethod
+    async def start(
+        cls, config: Config, role: ProcessRole, sock: socket.socket | None = None
+    ) -> Daemon:
+        """Start serving on ``sock`` (activated or inherited), or on one bound here when None.
+
+        The socket is bound only once the backends are up, so a caller that
+        finds it finds a signerd that answers.
+        """
+        policy = build_policy(config, role.buckets)
+        in_flight = _InFlight()
+        async with contextlib.AsyncExitStack() as undo:  # a failed start closes what it opened
+            guard = role.stall_guard(config, in_flight.last_answers)
+            if guard is not None:
+                undo.callback(guard.close)
+            audit = _build_audit(config, role, guard)
+            undo.push_async_callback(audit.aclose)
+            audit.open()  # anchored at start: every chain of the run has an anchor of it
+            keys = KeyService(
+                build_backends(config),
+                default_backend=config.default_backend,
+                tenant_backends=config.tenant_backends,
+                settings=config.settings,
+                admin_guard=role.admin_guard,
+                stall_guard=guard,
+            )
+            undo.push_async_callback(keys.close)
+            await keys.start(config.bootstrap)
+            limits = _fitted(config)
+            server = Server(keys, gate=policy, audit=audit, peer_lookup=peer_of, limits=limits)
+            server.idempotency = IdempotencyStore(  # shared by the workers, in the runtime dir
+                runtime_path(config.socket, "idempotency.db"),
+                ttl=config.settings.idempotency_ttl,
+                max_entries=config.settings.idempotency_max_entries,
+            )
+            federation = Federation.from_settings(
+                server,
+                config.federation,
+                max_body_bytes=config.limits.max_body_bytes,
+                admin_guard=role.trust_guard,
+            )
+            undo.push_async_callback(federation.close)
+            attach(server, federation)
+            if sock is None:
+                sock = bind_unix_socket(
+                    config.socket, mode=config.socket_mode, group=config.socket_group
+                )
+            # accepts on sock as it is: listen(SOMAXCONN) stays
+            in_flight.listener = await server.serve(sock, role.uid_counter)
+            undo.pop_all()
+        return cls(config, role, keys, policy, audit, server, federation, sock, guard)
+
+    def ready(self) -> None:
+        """Tell the role that this process serves (its signal handlers are in place)."""
+        self.role.on_ready(self.keys)
+
+    def reload(self) -> bool:
+        """SIGHUP: new policy from the file (kept only when valid) and reopen the audit file.
+
+        Whether the new policy was applied.
+        """
+        try:
+            fresh = load(self.config.path)
+            policy = build_policy(fresh, self.role.buckets)
+        except ConfigError as exc:
+            log.error("signerd.reload_refused error=%s", exc)
+            applied = False
+        else:
+            self.policy = self.server.gate = policy.with_state_from(self.policy)
+            log.info("signerd.policy_reloaded")
+            applied = True
+        self.audit.reopen()
+        return applied
+
+    async def stop(self) -> None:
+        await self.server.close()
+        if self.role.owns_socket:
+            unlink_own_socket(self.config.socket, self.sock)
+        self.sock.close()
+        await self.keys.close()
+        await self.federation.close()
+        await self.audit.aclose()
+        if self.guard is not None:
+            self.guard.close()
