@@ -15,17 +15,29 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .daemon._systemd import credential_path
 from .federation._settings import FederationSettings, parse_federation
 from .keys._service import Settings
 from .server._connection import Limits
 from .wire._names import KeyName, valid_part
 
 CREDENTIAL_PREFIX = "credential:"
+_CREDENTIAL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,254}")
 
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key."""
+
+
+def credential_path(name: str) -> str:
+    """The file of credential ``name`` in ``$CREDENTIALS_DIRECTORY``; ValueError if none."""
+    if not _CREDENTIAL_RE.fullmatch(name) or name in (".", ".."):
+        raise ValueError("not a credential name ([A-Za-z0-9][A-Za-z0-9_.@-]*)")
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory or not os.path.isabs(directory):
+        raise ValueError(
+            f"credential {name!r} needs $CREDENTIALS_DIRECTORY (LoadCredential= in the unit)"
+        )
+    return os.path.join(directory, name)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from signerd._config import ConfigError, parse
+from signerd._config import ConfigError, credential_path, parse
 from signerd.client import Client
 from signerd.daemon import _journal, _systemd
 
@@ -98,13 +98,13 @@ async def test_watchdog_pings_stop_while_loop_is_blocked(notify_socket: socket.s
 def test_credential_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Credential names resolve in $CREDENTIALS_DIRECTORY; path-like names and a missing directory are refused."""
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
-    assert _systemd.credential_path("signerd-pin") == str(tmp_path / "signerd-pin")
+    assert credential_path("signerd-pin") == str(tmp_path / "signerd-pin")
     for bad in ("", "../pin", "a/b", ".", "..", "-x", "x" * 300):
         with pytest.raises(ValueError):
-            _systemd.credential_path(bad)
+            credential_path(bad)
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
     with pytest.raises(ValueError, match="LoadCredential"):
-        _systemd.credential_path("pin")
+        credential_path("pin")
 
 
 def _doc(pin_file: str) -> dict[str, Any]:

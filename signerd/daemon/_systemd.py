@@ -13,7 +13,6 @@ stays plain lines on stderr unless stderr is the journal (``$JOURNAL_STREAM``).
 - ``activated_socket``: the socket systemd passed (``systemd.daemon``
   ``listen_fds_with_names``), checked against the same rules signerd applies
   to a socket it binds (path, no access for others, group).
-- ``credential_path``: a file in ``$CREDENTIALS_DIRECTORY`` (``LoadCredential=``).
 - ``SystemdSession``: what one signerd (a single process or the supervisor)
   tells systemd: ``STATUS=``, ``READY=1``, ``RELOADING=1`` around a reload,
   ``STOPPING=1``, and the watchdog interval.
@@ -42,7 +41,6 @@ __all__ = [
     "SystemdSession",
     "Watchdog",
     "activated_socket",
-    "credential_path",
     "monotonic_usec",
     "notify",
     "watchdog_interval",
@@ -51,7 +49,6 @@ __all__ = [
 log = logging.getLogger("signerd")
 
 # systemd's own rule for credential names, narrowed to what a file name can safely be
-_CREDENTIAL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,254}")
 _FD_NAMES = ("signerd", "signerd.socket")
 
 
@@ -254,15 +251,3 @@ def _check_activated(sock: socket.socket, path: str, mode: int, group: str | Non
 
 
 # --- credentials -----------------------------------------------------------
-
-
-def credential_path(name: str) -> str:
-    """The file of credential ``name`` in ``$CREDENTIALS_DIRECTORY``; ValueError if none."""
-    if not _CREDENTIAL_RE.fullmatch(name) or name in (".", ".."):
-        raise ValueError("not a credential name ([A-Za-z0-9][A-Za-z0-9_.@-]*)")
-    directory = os.environ.get("CREDENTIALS_DIRECTORY")
-    if not directory or not os.path.isabs(directory):
-        raise ValueError(
-            f"credential {name!r} needs $CREDENTIALS_DIRECTORY (LoadCredential= in the unit)"
-        )
-    return os.path.join(directory, name)
