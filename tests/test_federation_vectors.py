@@ -12,8 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from signerd.wire._canonical import canonical
-from signerd.wire._envelopes import feedback_input, telemetry_input
+from signerd.wire import canonical, feedback_input, telemetry_input
 
 from ._federation import RFC8032_PUBLIC, RFC8032_SEED, Api, federation_daemon
 

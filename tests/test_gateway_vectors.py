@@ -8,8 +8,8 @@ from pathlib import Path
 
 from signerd.client._federation import TelemetrySignature
 from signerd.gateway import Producer, StaticKeys, canonical_data, feedback_signing_input
+from signerd.wire import loads_strict
 from signerd.wire._jwk import from_jwk
-from signerd.wire._strict_json import loads_strict
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "federation.json").read_text("utf-8"))
 
