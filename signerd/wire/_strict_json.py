@@ -179,9 +179,12 @@ def parse_json(
 def loads_strict(raw: bytes) -> Any:
     """The same rules as ``parse_json``, for a text the caller has already bounded in size;
     the depth is bounded only by the parser's recursion limit."""
-    text = _decode(raw)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedJson("not UTF-8") from exc
     value = _loads(text, None)
-    if "\\u" in text:  # a lone surrogate can only arrive as an escape: UTF-8 cannot carry one
+    if "\\" in text:  # a lone surrogate can only arrive as an escape: UTF-8 cannot carry one
         check_json(value, None)
     return value
 
