@@ -141,21 +141,21 @@ class InprocTelemetryVerify:
     where: str  # SQLite file or Redis URL
 
     def open(self) -> Op:
-        from signerd.wire import _canonical as canonical
-        from signerd.wire._envelopes import (
+        from signerd.wire import (
+            b64decode,
             check_nonce,
             check_tenant,
             check_timestamp,
+            parse_json,
             telemetry_input,
         )
-        from signerd.wire._strict_json import b64decode
 
         key = Ed25519PrivateKey.from_private_bytes(SEED)
         public = key.public_key()
         shared = _Shared.get(self.store, self.where)
 
         async def verify(raw: bytes) -> None:
-            body = canonical.parse(raw, max_bytes=1 << 20, max_depth=2)
+            body = parse_json(raw, max_bytes=1 << 20, max_depth=2)
             tenant = check_tenant(body["tenant"])
             signed = check_timestamp(body["timestamp"])
             nonce = check_nonce(body["nonce"])

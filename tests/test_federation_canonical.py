@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from signerd.errors import MalformedJson, PayloadTooLarge
-from signerd.wire._canonical import MAX_SAFE_INT, canonical, canonicalize, parse
+from signerd.wire import MAX_SAFE_INT, canonical, canonicalize
+from signerd.wire import parse_json as parse
 
 REFUSALS = (MalformedJson, PayloadTooLarge)
 

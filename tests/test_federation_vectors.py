@@ -4,23 +4,40 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+import rfc8785
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from signerd.wire._canonical import canonical
-from signerd.wire._envelopes import feedback_input, telemetry_input
+from signerd.errors import MalformedJson
+from signerd.wire import canonical, feedback_input, loads_strict, telemetry_input
 
 from ._federation import RFC8032_PUBLIC, RFC8032_SEED, Api, federation_daemon
+from .test_cli import Ctl
 
 VECTORS: dict[str, Any] = json.loads(
     (Path(__file__).parent / "vectors" / "federation.json").read_text(encoding="utf-8")
 )
 T, F = VECTORS["telemetry"], VECTORS["feedback"]
+REFUSED: list[dict[str, Any]] = VECTORS["refused"]
+SKEW = 2_000_000_000  # the vectors carry fixed 2026 timestamps
+
+
+def raw_envelope(data_text: str, signed_as: str) -> str:
+    """The feedback vector's envelope with ``data_text`` spliced in as written, signed over
+    ``signed_as`` as the canonical data (built by hand: independent of signerd.wire)."""
+    head = "|".join([F["tenant"], F["signed_at"], F["nonce"], F["schema"], F["kid"]])
+    signature = Ed25519PrivateKey.from_private_bytes(RFC8032_SEED).sign(
+        head.encode() + b"|" + signed_as.encode()
+    )
+    fields = {k: F[k] for k in ("tenant", "signed_at", "nonce", "schema", "kid")}
+    fields["signature"] = base64.b64encode(signature).decode()
+    return json.dumps(fields)[:-1] + ', "data": ' + data_text + "}"
 
 
 def test_vector_key_is_rfc8032_test_1() -> None:
@@ -75,6 +92,49 @@ def test_vectors_verify_through_the_daemon(tmp_path: Path) -> None:
             "/v1/feedback/verify",
             {"envelope": envelope, "schema": F["schema"], "attestation": attestation},
         )
+    finally:
+        d.stop()
+
+
+@pytest.mark.parametrize("v", REFUSED, ids=[v["data_text"] for v in REFUSED])
+def test_refused_vectors_break_the_wire_rules(v: dict[str, Any]) -> None:
+    """Each refused data text is malformed_json to parse_json and loads_strict alike, while a
+    lax parser accepts it as the vector says (so a signature over that form would verify)."""
+    with pytest.raises(MalformedJson):
+        canonical(v["data_text"].encode())
+    with pytest.raises(MalformedJson):
+        loads_strict(v["data_text"].encode())
+    if v["lax_canonical_data"] is not None:
+        assert rfc8785.dumps(json.loads(v["data_text"])).decode() == v["lax_canonical_data"]
+
+
+def test_refused_vectors_through_the_daemon_and_signerctl(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """/v1/feedback/verify and `signerctl feedback verify` refuse every refused vector as
+    malformed_json, signed as a lax verifier would check it; the same builder's genuine envelope
+    verifies."""
+    assert len(REFUSED) >= 6
+    d = federation_daemon(tmp_path / "d", {"skew": SKEW, "nonce_ttl": 2 * SKEW})
+    try:
+        api, ctl = Api(d), Ctl(d, capsys)
+        api.ok(
+            "POST", "/v1/trusted-keys", {"tenant": "acme", "kid": F["kid"], "jwk": VECTORS["key"]["jwk"]}, 201
+        )  # fmt: skip
+        for i, v in enumerate(REFUSED):
+            envelope = raw_envelope(v["data_text"], v["lax_canonical_data"] or v["data_text"])
+            body = '{"schema": "' + F["schema"] + '", "envelope": ' + envelope + "}"
+            reply = api("POST", "/v1/feedback/verify", raw=body.encode())
+            assert (reply.status, reply.code) == (400, "malformed_json"), v["why"]
+            path = tmp_path / f"refused-{i}.json"
+            path.write_text(envelope, encoding="utf-8")
+            code, _, err = ctl(
+                "feedback", "verify", "--schema", F["schema"], "--envelope-file", str(path)
+            )
+            assert (code, "malformed_json" in err) == (os.EX_PROTOCOL, True), v["why"]
+        genuine = raw_envelope(F["data_text"], F["canonical_data"])
+        body = '{"schema": "' + F["schema"] + '", "envelope": ' + genuine + "}"
+        assert api("POST", "/v1/feedback/verify", raw=body.encode()).status == 200
     finally:
         d.stop()
 

@@ -19,8 +19,8 @@ from signerd.authz._peer import unit_from_cgroup
 from signerd.authz._policy import policy_from_config
 from signerd.backends.vault._auth import parse_settings
 from signerd.errors import InvalidKeyName, UnknownKid, UnknownVersion
+from signerd.wire import request_id_from
 from signerd.wire._names import KeyName, parse_kid, parse_version, valid_part
-from signerd.wire._strict_json import request_id_from
 
 from ._rawhttp import Reply, request
 from .conftest import DaemonProcess, start_daemon, unique

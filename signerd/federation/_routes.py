@@ -60,22 +60,28 @@ from ..errors import (
 from ..keys._service import KeyService
 from ..server._idempotency import AdminChange, Made
 from ..server._request import Request, Response, json_response
-from ..wire import _canonical as canonical
-from ..wire._envelopes import (
+from ..wire import (
+    FEEDBACK_FIELDS,
     MIN_NONCE_BYTES,
+    KeyName,
     attestation_of_body,
     attestation_of_data,
+    b64decode,
+    b64encode,
+    b64url,
+    canonicalize,
     check_attestation,
+    check_json,
     check_nonce,
     check_schema,
     check_tenant,
     check_timestamp,
     feedback_input,
+    parse_json,
+    parse_kid,
     telemetry_input,
+    thumbprint,
 )
-from ..wire._jwk import b64url, thumbprint
-from ..wire._names import KeyName, parse_kid
-from ..wire._strict_json import b64decode, b64encode
 from ._nonces import NonceStore, SqliteNonceStore
 from ._settings import FederationSettings
 from ._trust import PeerKey, TrustedKeys, jwk_public, valid_peer_kid
@@ -96,7 +102,7 @@ ROUTES: tuple[tuple[str, str, str, str], ...] = (
     ("POST", "/v1/trusted-keys/{tenant}/{kid}/retire", "trust_retire", "trust"),
 )
 
-_ENVELOPE = {"tenant", "signed_at", "nonce", "schema", "kid", "data", "signature"}
+_ENVELOPE = set(FEEDBACK_FIELDS)
 
 
 class Host(Protocol):
@@ -218,7 +224,7 @@ class Federation:
         if request.content_type != "application/json":
             raise UnsupportedMediaType()
         raw = await request.read()
-        body = canonical.parse(raw, max_bytes=self.max_body_bytes, max_depth=max_depth)
+        body = parse_json(raw, max_bytes=self.max_body_bytes, max_depth=max_depth)
         if not isinstance(body, dict):
             raise InvalidRequest("body must be a JSON object")
         return _fields(body, allowed, required, "")
@@ -233,8 +239,8 @@ class Federation:
         self.host.gate.authorize(Call(request["peer"], op, tenant, key))
 
     def _canonical_data(self, data: Any) -> bytes:
-        canonical.check(data, self.settings.max_depth)
-        out = canonical.canonicalize(data)
+        check_json(data, self.settings.max_depth)
+        out = canonicalize(data)
         if len(out) > self.settings.max_json_bytes:
             raise PayloadTooLarge(f"canonical data over {self.settings.max_json_bytes} bytes")
         return out
@@ -465,7 +471,7 @@ class Federation:
         tenant = check_tenant(request.match_info["tenant"])
         kid = _kid(request.match_info["kid"])
         raw = await request.read()
-        if raw.strip() and canonical.parse(raw, max_bytes=64, max_depth=1) != {}:
+        if raw.strip() and parse_json(raw, max_bytes=64, max_depth=1) != {}:
             raise InvalidRequest("retire takes no fields")
         audit.kid = kid
         self._authorize(request, Operation.TRUST, tenant, None)

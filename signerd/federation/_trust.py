@@ -55,19 +55,15 @@ from ..errors import (
     UnknownKey,
     UnknownKid,
 )
+from ..wire import valid_peer_kid
 from ..wire._ed25519 import check_public, weakness
 from ..wire._jwk import b64url, to_jwk
 
 __all__ = ["PeerKey", "TrustedKeys", "jwk_public", "pem_public", "valid_peer_kid"]
 
-_PEER_KID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _JWK_MEMBERS = frozenset({"kty", "crv", "x", "kid", "alg", "use", "key_ops"})
 FILE_NAME = "trusted-keys.json"
 log = logging.getLogger("signerd.federation.trust")
-
-
-def valid_peer_kid(kid: object) -> bool:
-    return isinstance(kid, str) and _PEER_KID.fullmatch(kid) is not None
 
 
 def jwk_public(jwk: object, kid: str) -> bytes:

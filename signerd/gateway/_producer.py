@@ -7,10 +7,13 @@ kid (``TrustedPeerKeys``, the default: the gateway's keys as trusted in the
 producer's signerd, cached like the client's JWKS; ``SignerdKeys``: signerd's
 own keys when both ends share one signerd; ``StaticKeys``: JWKs given at
 start), running the same checks as signerd's
-``/v1/feedback/verify`` in the same order:
+``/v1/feedback/verify`` in the same order, with the same rules
+(``signerd.wire``: the envelope grammar and strict JSON, one copy for both):
 
 1. parse and bound the envelope (unknown or missing fields, patterns,
-   JSON that cannot be canonicalised, nesting deeper than ``max_depth``);
+   JSON that cannot be canonicalised without ambiguity, such as an integer
+   beyond 2**53 - 1 or a number that does not round-trip through a double,
+   nesting deeper than ``max_depth``);
 2. look up the kid (``unknown_kid``);
 3. the kid's tenant and the envelope's tenant are the producer's
    (``tenant_mismatch``);
@@ -31,15 +34,11 @@ in-process one (see its notes on restarts); pass one shared memory to every
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import rfc8785
 from cryptography.exceptions import InvalidSignature as _BadSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -48,26 +47,43 @@ from ..errors import (
     AttestationMismatch,
     InvalidRequest,
     InvalidSignature,
-    MalformedJson,
     SchemaMismatch,
     StaleTimestamp,
     TenantMismatch,
     UnknownKid,
 )
-from ..wire import decimal_seconds
-from ..wire._jwk import from_jwk, thumbprint
-from ..wire._names import KeyName, parse_kid
-from ..wire._strict_json import loads_strict
+from ..wire import (
+    ATTESTATION_MEMBER,
+    ATTESTATION_RE,
+    DEFAULT_MAX_DEPTH,
+    FEEDBACK_FIELDS,
+    KeyName,
+    b64decode,
+    check_kid,
+    check_nonce,
+    check_schema,
+    check_tenant,
+    check_timestamp,
+    feedback_input,
+    from_jwk,
+    parse_json,
+    parse_kid,
+    thumbprint,
+)
+from ..wire import canonical_data as _canonical_data
 from ._headers import TelemetryEnvelope, TelemetryHeaders
 from ._nonces import NonceMemory
 
-FEEDBACK_FIELDS = frozenset({"tenant", "signed_at", "nonce", "schema", "kid", "data", "signature"})
-ATTESTATION_MEMBER = "attestation_measurement_hash"
-_TENANT_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
-_SCHEMA_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_KID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_NONCE_RE = re.compile(r"[A-Za-z0-9_-]{22,128}")
-_ATTESTATION_RE = re.compile(r"sha256:[0-9a-f]{64}")
+__all__ = [
+    "KeySource",
+    "Producer",
+    "SignerdKeys",
+    "StaticKeys",
+    "TrustedPeerKeys",
+    "VerifiedFeedback",
+    "canonical_data",
+    "feedback_signing_input",
+]
 
 
 class KeySource(Protocol):
@@ -146,39 +162,17 @@ class VerifiedFeedback:
     data: Any
 
 
-def _depth_ok(value: Any, limit: int) -> bool:
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            if depth > limit:
-                return False
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
-    return True
-
-
-def canonical_data(data: Any, max_depth: int = 32) -> bytes:
-    """RFC 8785 form of ``data``; MalformedJson when it cannot be canonicalised unambiguously."""
-    if not _depth_ok(data, max_depth):
-        raise MalformedJson("data is nested too deeply")
-    try:
-        return rfc8785.dumps(data)
-    except (rfc8785.CanonicalizationError, TypeError, ValueError, RecursionError):
-        raise MalformedJson("data cannot be canonicalised") from None
+def canonical_data(data: Any, max_depth: int = DEFAULT_MAX_DEPTH) -> bytes:
+    """RFC 8785 form of ``data``; MalformedJson when it cannot be canonicalised unambiguously
+    (``signerd.wire``'s rules, the ones signerd's ``/v1/feedback/verify`` applies)."""
+    return _canonical_data(data, max_depth)
 
 
 def feedback_signing_input(
-    tenant: str, signed_at: int, nonce: str, schema: str, kid: str, canonical: bytes
+    tenant: str, signed_at: int | str, nonce: str, schema: str, kid: str, canonical: bytes
 ) -> bytes:
-    return f"{tenant}|{signed_at}|{nonce}|{schema}|{kid}|".encode() + canonical
-
-
-def _text(doc: Mapping[str, Any], name: str, pattern: re.Pattern[str]) -> str:
-    value = doc[name]
-    if not isinstance(value, str) or not pattern.fullmatch(value):
-        raise InvalidRequest(f"envelope field {name!r} is malformed")
-    return value
+    """``tenant|signed_at|nonce|schema|kid|canonical`` (``signerd.wire.feedback_input``)."""
+    return feedback_input(tenant, str(signed_at), nonce, schema, kid, canonical)
 
 
 @dataclass(frozen=True)
@@ -194,28 +188,23 @@ class _Parsed:
 
 
 def _parse(envelope: bytes | Mapping[str, Any], max_depth: int) -> _Parsed:
-    doc = loads_strict(envelope) if isinstance(envelope, bytes) else envelope
+    doc: Any
+    if isinstance(envelope, bytes):  # the envelope object is one level above its data
+        doc = parse_json(envelope, max_bytes=len(envelope), max_depth=max_depth + 1)
+    else:
+        doc = envelope
     if not isinstance(doc, Mapping):
         raise InvalidRequest("feedback envelope must be a JSON object")
     if set(doc) != FEEDBACK_FIELDS:
         raise InvalidRequest("feedback envelope has unknown or missing fields")
-    tenant = _text(doc, "tenant", _TENANT_RE)
-    try:
-        signed_at = decimal_seconds(doc["signed_at"])
-    except ValueError:
-        raise InvalidRequest("envelope field 'signed_at' is malformed") from None
-    nonce = _text(doc, "nonce", _NONCE_RE)
-    schema = _text(doc, "schema", _SCHEMA_RE)
-    kid = _text(doc, "kid", _KID_RE)
-    encoded = doc["signature"]
-    try:
-        if not isinstance(encoded, str):
-            raise ValueError
-        signature = base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequest("envelope field 'signature' is malformed") from None
-    canonical = canonical_data(doc["data"], max_depth)
-    signing_input = feedback_signing_input(tenant, signed_at, nonce, schema, kid, canonical)
+    tenant = check_tenant(doc["tenant"])
+    signed_at = check_timestamp(doc["signed_at"], "envelope.signed_at")
+    nonce = check_nonce(doc["nonce"])
+    schema = check_schema(doc["schema"], "envelope.schema")
+    kid = check_kid(doc["kid"])
+    signature = b64decode(doc, "signature")
+    canonical = _canonical_data(doc["data"], max_depth)
+    signing_input = feedback_input(tenant, doc["signed_at"], nonce, schema, kid, canonical)
     return _Parsed(tenant, signed_at, nonce, schema, kid, doc["data"], signature, signing_input)
 
 
@@ -262,10 +251,11 @@ class Producer:
         """Return only for valid, fresh, first-seen feedback; raise the check's error otherwise.
 
         Pass the raw response body (bytes) when you have it: it is parsed
-        strictly (duplicate members, NaN, huge integers refused), which an
-        already-parsed mapping can no longer show.
+        strictly (duplicate members, NaN, and numbers whose text does not
+        round-trip through a double, like ``0.10000000000000001``, are
+        refused), which an already-parsed mapping can no longer show.
         """
-        if attestation is not None and not _ATTESTATION_RE.fullmatch(attestation):
+        if attestation is not None and not ATTESTATION_RE.fullmatch(attestation):
             raise ValueError("attestation must be 'sha256:' and 64 lower-case hex digits")
         env = _parse(envelope, self.max_depth)  # 1
         key_tenant, public = await self.keys.resolve(env.kid)  # 2

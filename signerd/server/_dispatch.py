@@ -40,8 +40,8 @@ from ..errors import (
     RateLimited,
     SignerdError,
 )
+from ..wire import request_id_from
 from ..wire._names import KeyName
-from ..wire._strict_json import request_id_from
 from ._connection import Limits, Throttled
 from ._idempotency import STALL_ANSWER, AdminChange, AdminRuns, unknown
 from ._idemstore import IdempotencyStore

@@ -28,9 +28,7 @@ from ..errors import (
     UnsupportedMediaType,
 )
 from ..keys._service import KeyService
-from ..wire._jwk import to_jwk
-from ..wire._names import KeyName, parse_kid, parse_version
-from ..wire._strict_json import (
+from ..wire import (
     b64decode,
     b64encode,
     field_bool,
@@ -39,6 +37,8 @@ from ..wire._strict_json import (
     kid_json,
     parse_object,
 )
+from ..wire._jwk import to_jwk
+from ..wire._names import KeyName, parse_kid, parse_version
 from ._connection import Limits
 from ._dispatch import AuditNotes, Front, PeerLookup, VisibilityGate
 from ._idempotency import AdminChange

@@ -10,14 +10,18 @@ Feedback::
 
 ``timestamp`` and ``signed_at`` are Unix seconds as a decimal integer with no
 sign and no leading zero; ``nonce`` is at least 16 bytes as canonical unpadded
-base64url; ``schema`` matches ``[A-Za-z0-9._:-]{1,128}``; ``canonical_data``
-is the RFC 8785 form of ``data``. No field before ``canonical_data`` can hold
+base64url; ``schema`` and a peer's ``kid`` match ``[A-Za-z0-9._:-]{1,128}``;
+``canonical_data`` is the RFC 8785 form of ``data`` (``_strict_json``). No field before ``canonical_data`` can hold
 a ``|``, so a feedback input splits back one way only.
 
 No byte string is an input of both flows: in a telemetry input the first byte
 that is not an ASCII digit is ``.`` (the timestamp is one or more digits),
 while in a feedback input it is a letter, ``_``, ``-`` (from the tenant) or
 ``|``, never ``.``.
+
+A feedback envelope is the JSON object of exactly ``FEEDBACK_FIELDS``. This
+module is the one copy of these rules: signerd's routes, the client, the CLI
+and the gateway's producer all check envelopes with it.
 """
 
 from __future__ import annotations
@@ -28,15 +32,19 @@ import re
 from typing import Any
 
 from ..errors import InvalidRequest
-from . import _canonical as canonical
 from ._names import valid_part
+from ._strict_json import parse_json
 
 __all__ = [
     "ATTESTATION_MEMBER",
+    "ATTESTATION_RE",
+    "FEEDBACK_FIELDS",
     "MIN_NONCE_BYTES",
     "PEER_KID_RE",
     "attestation_of_body",
+    "attestation_of_data",
     "check_attestation",
+    "check_kid",
     "check_nonce",
     "check_schema",
     "check_tenant",
@@ -44,17 +52,19 @@ __all__ = [
     "decimal_seconds",
     "feedback_input",
     "telemetry_input",
+    "valid_peer_kid",
 ]
 
 MIN_NONCE_BYTES = 16
 MAX_NONCE_CHARS = 128
 ATTESTATION_MEMBER = "attestation_measurement_hash"
+FEEDBACK_FIELDS = frozenset({"tenant", "signed_at", "nonce", "schema", "kid", "data", "signature"})
 
+PEER_KID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a peer's kid (signerd's own are narrower)
+ATTESTATION_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _TIMESTAMP = re.compile(r"0|[1-9][0-9]{0,11}")
 _NONCE = re.compile(r"[A-Za-z0-9_-]{22,128}")
 _SCHEMA = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_ATTESTATION = re.compile(r"sha256:[0-9a-f]{64}")
-PEER_KID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a peer's kid: no "|", no "/"
 
 
 def decimal_seconds(value: object) -> int:
@@ -67,9 +77,10 @@ def decimal_seconds(value: object) -> int:
 
 def check_timestamp(value: Any, name: str = "timestamp") -> int:
     """A decimal string of whole Unix seconds (no sign, no leading zero); its value."""
-    if not isinstance(value, str) or not _TIMESTAMP.fullmatch(value):
-        raise InvalidRequest(f"field {name!r} must be Unix seconds as a decimal string")
-    return int(value)
+    try:
+        return decimal_seconds(value)
+    except ValueError:
+        raise InvalidRequest(f"field {name!r} must be Unix seconds as a decimal string") from None
 
 
 def check_nonce(value: Any) -> str:
@@ -97,8 +108,19 @@ def check_tenant(value: Any) -> str:
     return value
 
 
+def valid_peer_kid(kid: object) -> bool:
+    return isinstance(kid, str) and PEER_KID_RE.fullmatch(kid) is not None
+
+
+def check_kid(value: Any, name: str = "kid") -> str:
+    """A peer's kid: ``[A-Za-z0-9._:-]{1,128}`` (so never a ``|``)."""
+    if not isinstance(value, str) or not PEER_KID_RE.fullmatch(value):
+        raise InvalidRequest(f"field {name!r} must match [A-Za-z0-9._:-]{{1,128}}")
+    return value
+
+
 def check_attestation(value: Any) -> str:
-    if not isinstance(value, str) or not _ATTESTATION.fullmatch(value):
+    if not isinstance(value, str) or not ATTESTATION_RE.fullmatch(value):
         raise InvalidRequest("field 'attestation' must be 'sha256:' and 64 lower-case hex digits")
     return value
 
@@ -119,7 +141,7 @@ def feedback_input(
 def attestation_of_body(body: bytes, *, max_depth: int) -> str | None:
     """The attestation member of a telemetry body that is a JSON object, else None."""
     try:
-        value = canonical.parse(body, max_bytes=len(body), max_depth=max_depth)
+        value = parse_json(body, max_bytes=len(body), max_depth=max_depth)
     except Exception:  # any refusal: the body carries no attestation we can trust
         return None
     if isinstance(value, dict):
@@ -129,6 +151,7 @@ def attestation_of_body(body: bytes, *, max_depth: int) -> str | None:
 
 
 def attestation_of_data(data: Any) -> str | None:
+    """The attestation member of feedback ``data`` that is an object, else None."""
     if isinstance(data, dict):
         member = data.get(ATTESTATION_MEMBER)
         return member if isinstance(member, str) else None

@@ -1,152 +1,210 @@
-"""The wire forms: strict request parsing and response bodies.
+"""Strict JSON, and its RFC 8785 (JCS) form: one set of rules for every end of the wire.
 
-Request bodies are parsed strictly: duplicate keys, NaN/Infinity, numbers
-outside the safe range, non-object bodies and unknown fields are errors, and
-base64 must be canonical standard base64. Nothing that fails here reaches a
-backend or a signing input, and no error message quotes what the caller sent:
-messages name only the fields of our own schema.
+A JSON text is accepted only when its canonical form denotes exactly the same
+value; everything else is refused with a documented code:
+
+* ``payload_too_large``: the text is longer than the given limit (``parse_json``);
+* ``malformed_json``: not UTF-8 or not JSON; a duplicate member name; NaN,
+  Infinity or -Infinity; an integer beyond the I-JSON safe range
+  (``|n| > 2**53 - 1``, also when written with a fraction or an exponent,
+  like ``1e16``, up to ``1e21`` from where JCS writes an exponent); a
+  non-integral number whose shortest IEEE 754 double form is not the number
+  written (``0.10000000000000001``, ``1e400``); a string or member name
+  holding a lone surrogate (``"\\ud800"``); nesting deeper than the limit.
+
+``parse_json`` applies all of them with a byte and a depth limit (the
+federation's bodies); ``loads_strict`` applies the same rules to request
+bodies whose size the server already bounds. ``check_json`` applies the rules
+that can still be seen on an already-built value (safe integers, the double
+range, lone surrogates, depth); a double that does not round-trip is visible
+only in the text.
+
+``canonicalize`` then hands the value to the ``rfc8785`` package. Numbers that
+denote the same value are written one way (``-0`` and ``0.0`` become ``0``,
+``1E2`` becomes ``100``); that is a change of spelling, never of value.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import math
-import re
-from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from ..backends import KeyInfo, KeyVersion
-from ..errors import InvalidBase64, InvalidRequest, MalformedJson
-from ._jwk import to_jwk, to_pem
-from ._names import KeyName
+import rfc8785
+
+from ..errors import MalformedJson, PayloadTooLarge
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_DEPTH",
+    "MAX_SAFE_INT",
+    "canonical",
+    "canonical_data",
+    "canonicalize",
+    "check_json",
+    "loads_strict",
+    "parse_json",
+]
 
 MAX_SAFE_INT = 2**53 - 1
-_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+DEFAULT_MAX_DEPTH = 32
+DEFAULT_MAX_BYTES = 256 * 1024
+_EXPONENT_FROM = 1e21  # from here on, JCS (ECMAScript) writes numbers with an exponent
+_UNSAFE = "integer outside the safe range (|n| <= 2^53 - 1)"
+
+# --- the rules, one copy: hooks for the parser, and the same checks on a value ---
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise MalformedJson("duplicate member name in an object")
+            raise MalformedJson("duplicate member name")
         out[key] = value
     return out
 
 
-def _reject_constant(name: str) -> Any:
-    raise MalformedJson(f"{name} is not allowed")
+def _constant(name: str) -> Any:
+    raise MalformedJson("NaN and Infinity are not JSON numbers")
 
 
-def _parse_int(text: str) -> int:
-    value = int(text)
+def _safe_int(value: int) -> int:
     if abs(value) > MAX_SAFE_INT:
-        raise MalformedJson("integer outside the safe range")
+        raise MalformedJson(_UNSAFE)
     return value
 
 
-def _parse_float(text: str) -> float:
-    value = float(text)
-    if math.isinf(value) or math.isnan(value):
-        raise MalformedJson("number out of range")
+def _safe_float(value: float) -> float:
+    if not math.isfinite(value):
+        raise MalformedJson("number out of the IEEE 754 double range")
+    if MAX_SAFE_INT < abs(value) < _EXPONENT_FROM:
+        # JCS writes these as integer digits, which are beyond the safe integer range
+        raise MalformedJson(_UNSAFE)
+    return value
+
+
+def _int(text: str) -> int:
+    if len(text) > 20:  # never hand a huge digit string to int()
+        raise MalformedJson(_UNSAFE)
+    return _safe_int(int(text))
+
+
+def _float(text: str) -> float:
+    value = _safe_float(float(text))
+    try:
+        exact = Decimal(text) == Decimal(repr(value))
+    except InvalidOperation as exc:  # pragma: no cover - json only hands valid numbers
+        raise MalformedJson("not a number") from exc
+    if not exact:
+        raise MalformedJson("number does not round-trip through an IEEE 754 double")
+    return value
+
+
+def _string(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise MalformedJson("string holds a lone surrogate") from exc
+
+
+def check_json(value: Any, max_depth: int | None = DEFAULT_MAX_DEPTH) -> None:
+    """The rules a built value still shows (numbers, lone surrogates, depth), without recursion.
+
+    ``max_depth=None`` leaves the depth unbounded."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            _string(item)
+        elif isinstance(item, bool):
+            pass
+        elif isinstance(item, int):
+            _safe_int(item)
+        elif isinstance(item, float):
+            _safe_float(item)
+        elif isinstance(item, dict):
+            if max_depth is not None and depth > max_depth:
+                raise MalformedJson(f"nesting deeper than {max_depth}")
+            for key, member in item.items():
+                if isinstance(key, str):
+                    _string(key)
+                stack.append((member, depth + 1))
+        elif isinstance(item, list):
+            if max_depth is not None and depth > max_depth:
+                raise MalformedJson(f"nesting deeper than {max_depth}")
+            stack.extend((member, depth + 1) for member in item)
+
+
+def _loads(text: str, max_depth: int | None) -> Any:
+    try:
+        return json.loads(
+            text,
+            object_pairs_hook=_pairs,
+            parse_constant=_constant,
+            parse_int=_int,
+            parse_float=_float,
+        )
+    except MalformedJson:
+        raise
+    except RecursionError as exc:
+        raise MalformedJson(
+            f"nesting deeper than {max_depth}" if max_depth else "nesting too deep"
+        ) from exc
+    except ValueError as exc:
+        raise MalformedJson() from exc
+
+
+def _decode(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedJson("not UTF-8") from exc
+
+
+# --- entry points ---
+
+
+def parse_json(
+    raw: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_depth: int = DEFAULT_MAX_DEPTH
+) -> Any:
+    """Parse ``raw`` strictly; raise MalformedJson or PayloadTooLarge (see the module doc)."""
+    if len(raw) > max_bytes:
+        raise PayloadTooLarge(f"JSON text over {max_bytes} bytes")
+    value = _loads(_decode(raw), max_depth)
+    check_json(value, max_depth)
     return value
 
 
 def loads_strict(raw: bytes) -> Any:
-    """Parse JSON with no duplicate keys, no NaN/Infinity and no huge numbers."""
+    """The same rules as ``parse_json``, for a text the caller has already bounded in size;
+    the depth is bounded only by the parser's recursion limit."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise MalformedJson("body is not UTF-8") from exc
-    try:
-        return json.loads(
-            text,
-            object_pairs_hook=_no_duplicates,
-            parse_constant=_reject_constant,
-            parse_int=_parse_int,
-            parse_float=_parse_float,
-        )
-    except MalformedJson:
-        raise
-    except (ValueError, RecursionError) as exc:
-        raise MalformedJson() from exc
-
-
-def parse_object(raw: bytes, allowed: set[str], required: set[str]) -> dict[str, Any]:
-    body = loads_strict(raw) if raw.strip() else {}
-    if not isinstance(body, dict):
-        raise InvalidRequest("body must be a JSON object")
-    if not body.keys() <= allowed:
-        # never the caller's name: only the fields of our own schema
-        raise InvalidRequest(
-            "unknown field; allowed: " + ", ".join(sorted(allowed))
-            if allowed
-            else "unknown field; this request takes no fields"
-        )
-    missing = sorted(required - set(body))
-    if missing:
-        raise InvalidRequest(f"missing field {missing[0]!r}")
-    return body
-
-
-def field_str(body: Mapping[str, Any], name: str) -> str:
-    value = body[name]
-    if not isinstance(value, str):
-        raise InvalidRequest(f"field {name!r} must be a string")
+        raise MalformedJson("not UTF-8") from exc
+    value = _loads(text, None)
+    if "\\" in text:  # a lone surrogate can only arrive as an escape: UTF-8 cannot carry one
+        check_json(value, None)
     return value
 
 
-def field_bool(body: Mapping[str, Any], name: str, default: bool) -> bool:
-    value = body.get(name, default)
-    if not isinstance(value, bool):
-        raise InvalidRequest(f"field {name!r} must be true or false")
-    return value
-
-
-def b64decode(body: Mapping[str, Any], name: str) -> bytes:
-    """Decode a canonical standard-base64 field."""
-    value = field_str(body, name)
+def canonicalize(value: Any) -> bytes:
+    """The RFC 8785 form of a value that ``parse_json`` returned (or built from the same types)."""
     try:
-        decoded = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise InvalidBase64(f"field {name!r} is not valid standard base64") from exc
-    if base64.b64encode(decoded).decode("ascii") != value:
-        raise InvalidBase64(f"field {name!r} is not canonical standard base64")
-    return decoded
+        return rfc8785.dumps(value)
+    except (rfc8785.CanonicalizationError, TypeError, ValueError, RecursionError):
+        raise MalformedJson("value cannot be canonicalised") from None
 
 
-def b64encode(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+def canonical(
+    raw: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_depth: int = DEFAULT_MAX_DEPTH
+) -> bytes:
+    """Parse strictly, then canonicalise."""
+    return canonicalize(parse_json(raw, max_bytes=max_bytes, max_depth=max_depth))
 
 
-def request_id_from(header: str | None, fresh: str) -> str:
-    if header and _REQUEST_ID_RE.fullmatch(header):
-        return header
-    return fresh
-
-
-def version_json(v: KeyVersion) -> dict[str, Any]:
-    return {"version": v.version, "kid": v.kid, "state": v.state.value, "created_at": v.created_at}
-
-
-def key_json(info: KeyInfo) -> dict[str, Any]:
-    active = info.active
-    return {
-        "key": str(info.key),
-        "tenant": info.key.tenant,
-        "name": info.key.name,
-        "active_kid": active.kid if active else None,
-        "versions": [version_json(v) for v in info.versions],
-    }
-
-
-def kid_json(key: KeyName, v: KeyVersion) -> dict[str, Any]:
-    return {
-        "kid": v.kid,
-        "key": str(key),
-        "version": v.version,
-        "state": v.state.value,
-        "jwk": to_jwk(v.kid, v.public_key),
-        "pem": to_pem(v.public_key),
-    }
+def canonical_data(data: Any, max_depth: int = DEFAULT_MAX_DEPTH) -> bytes:
+    """The RFC 8785 form of an already-built value, after ``check_json``; MalformedJson otherwise."""
+    check_json(data, max_depth)
+    return canonicalize(data)
