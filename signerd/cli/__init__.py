@@ -275,24 +275,17 @@ def _ready(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
 
 
 def _audit_verify(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
-    from ..audit._chain import verify_file
-    from ..audit._check import audit_files, find_anchors, verify_set
+    from ..audit import verify_trail
 
-    try:  # the anchors before the trail: each one names a head already written
-        anchors, notes = ([], []) if a.no_anchor else find_anchors(a.paths, a.anchor or ())
-        files = audit_files(a.paths)
-        if len(files) == 1 and not anchors and not a.anchor:
-            report = verify_file(files[0])  # one file, nothing to check it against: as before
-        else:
-            report = verify_set(files, anchors)
+    try:
+        report, files = verify_trail(a.paths, a.anchor or (), use_anchors=not a.no_anchor)
     except NotRegularFile as exc:
         raise _not_a_file(str(exc.filename)) from None
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""
         raise Failure(os.EX_NOINPUT, "no_input", f"cannot read{where}: {exc.strerror}") from None
-    report = dataclasses.replace(report, notes=report.notes + tuple(notes))
     doc = _plain(report)
-    where = f"{report.path}: " if report.path and len(files) > 1 else ""
+    where = f"{report.path}: " if report.path and files > 1 else ""
     if not report.ok and report.first_bad_line is not None:
         raise _AuditBroken(doc, f"{where}broken at line {report.first_bad_line}: {report.problem}")
     if not report.ok:
@@ -304,7 +297,7 @@ def _audit_verify(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
 
 
 def _audit_payload_hash(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
-    from ..audit._anchor import load_key, payload_hmac
+    from ..audit import load_key, payload_hmac
 
     try:
         key = load_key(a.key)
