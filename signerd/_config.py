@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .federation._settings import FederationSettings, parse_federation
-from .keys._service import Settings
+from .keys import Settings
 from .server._connection import Limits
 from .wire._names import KeyName, valid_part
 

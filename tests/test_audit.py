@@ -21,9 +21,16 @@ from typing import Any
 
 import pytest
 
-from signerd.audit._chain import _encode
-from signerd.audit._trail import GENESIS, AuditTrail, audit_from_config, verify_file, verify_files
-from signerd.authz._calls import AuditEvent, Peer
+from signerd.audit import (
+    GENESIS,
+    AuditEvent,
+    AuditTrail,
+    audit_from_config,
+    verify_file,
+    verify_files,
+)
+from signerd.audit._chain import encode_record as _encode
+from signerd.authz import Peer
 from signerd.errors import AuditUnavailable
 
 pytestmark = pytest.mark.timeout(60)
@@ -658,7 +665,7 @@ def test_journald_without_systemd_python_is_a_config_error() -> None:
         """
         import sys
         sys.modules["systemd"] = None  # as if systemd-python were not installed
-        from signerd.audit._trail import audit_from_config
+        from signerd.audit import audit_from_config
         try:
             audit_from_config({"path": "/tmp/x", "journald": True})
         except ValueError as exc:
@@ -678,8 +685,8 @@ JOURNAL_CHILD = textwrap.dedent(
     sink.bind("/run/systemd/journal/socket")
     sink.settimeout(5)
     sys.path.insert(0, sys.argv[1])
-    from signerd.audit._trail import audit_from_config
-    from signerd.authz._calls import AuditEvent, Peer
+    from signerd.audit import AuditEvent, audit_from_config
+    from signerd.authz import Peer
     trail = audit_from_config({"path": sys.argv[2], "journald": True, "anchor_interval": 3600})
     peer = Peer(pid=7, uid=1001, gid=1001, unit="gateway.service")
     ev = AuditEvent(time=1.0, request_id="rq1", peer=peer, operation="sign", outcome="ok",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from signerd.audit._anchor import GENESIS, Anchor, Lost, parse_anchor, read_anchors
+from signerd.audit import GENESIS, Anchor, Lost, parse_anchor, read_anchors
 from signerd.cli import main
 from signerd.client import Client
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from signerd.audit._trail import AuditTrail, verify_file
-from signerd.authz._calls import AuditEvent, Peer
+from signerd.audit import AuditEvent, AuditTrail, verify_file
+from signerd.authz import Peer
 from signerd.errors import AuditUnavailable
 
 from .conftest import OpenGate
@@ -101,7 +101,7 @@ async def test_only_fail_closed_answers_wait_for_the_fsync(
 ) -> None:
     """Through Front: a verify's answer does not wait for a slow fsync, a sign's does; both
     records end up in the chain."""
-    from signerd.authz._calls import Operation
+    from signerd.authz import Operation
     from signerd.server._dispatch import Front
     from signerd.server._request import Request, Response, json_response
 

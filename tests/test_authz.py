@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 
-from signerd.authz._calls import GRANTED, Call, Operation, Peer
-from signerd.authz._policy import Policy, names_caller, policy_from_config
+from signerd.authz import GRANTED, Call, Operation, Peer, Policy, names_caller, policy_from_config
 from signerd.errors import PermissionDenied, RateLimited
 from signerd.wire._names import KeyName
 

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from signerd.audit._trail import verify_file, verify_files
+from signerd.audit import verify_file, verify_files
 from signerd.wire._jwk import from_jwk
 
 from ._rawhttp import Reply, request

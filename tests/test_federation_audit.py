@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from signerd.audit._trail import _encode, _journal_fields
-from signerd.authz._calls import AuditEvent, Peer
+from signerd.audit import AuditEvent
+from signerd.audit._chain import encode_record as _encode
+from signerd.audit._chain import journal_fields as _journal_fields
+from signerd.authz import Peer
 from signerd.errors import BackendUnavailable
 from signerd.federation._trust import TrustedKeys
 

@@ -188,7 +188,7 @@ def test_unknown_field_message_names_our_fields(daemon: DaemonProcess) -> None:
 
 def test_unmatched_bucket_is_configurable() -> None:
     """policy.unmatched_rate and unmatched_burst are validated and used; defaults are 1/s and 60."""
-    from signerd.authz._policy import policy_from_config
+    from signerd.authz import policy_from_config
 
     policy = policy_from_config({"rules": [], "unmatched_rate": 2.5, "unmatched_burst": 7})
     assert (policy.unmatched_rate, policy.unmatched_burst) == (2.5, 7)
@@ -203,7 +203,7 @@ async def test_ready_is_one_backend_check_per_second() -> None:
     """200 concurrent /v1/ready share one backend check; a failure is shared too, then rechecked."""
     import asyncio
 
-    from signerd.authz._calls import Peer
+    from signerd.authz import Peer
     from signerd.errors import BackendUnavailable
     from signerd.server._request import Request
     from signerd.server._v1 import Server
@@ -293,7 +293,7 @@ def _flood(d: DaemonProcess, who: dict[str, Any], seconds: float) -> Any:
 def test_refusal_floods_from_matched_callers_are_bounded(tmp_path: Path) -> None:
     """256-item refused batches and bad bodies for 5 s from a rate-limited uid and a uid that only
     a users=["*"] rule matches (2 workers): 429s, and each uid's records stay within the bound."""
-    from signerd.authz._policy import DEFAULT_REFUSAL_BURST, DEFAULT_REFUSAL_RATE
+    from signerd.authz import DEFAULT_REFUSAL_BURST, DEFAULT_REFUSAL_RATE
 
     base = Path(tempfile.mkdtemp(prefix="signerd-flood-", dir="/tmp"))
     base.chmod(0o755)
@@ -409,8 +409,9 @@ def test_a_record_is_at_most_2_kib() -> None:
     import inspect
 
     import signerd.errors as errors
-    from signerd.audit._chain import _encode
-    from signerd.authz._calls import AuditEvent, Peer
+    from signerd.audit import AuditEvent
+    from signerd.audit._chain import encode_record as _encode
+    from signerd.authz import Peer
     from signerd.server._dispatch import AuditNotes
     from signerd.server._v1 import _note_batch
     from signerd.wire._names import KeyName
@@ -453,7 +454,7 @@ def test_a_record_is_at_most_2_kib() -> None:
 
 def test_readme_states_the_audit_bound_of_the_defaults() -> None:
     """The README's audit-bytes figures are those of the default buckets and RECORD_BYTES."""
-    from signerd.authz._policy import (
+    from signerd.authz import (
         DEFAULT_REFUSAL_BURST,
         DEFAULT_REFUSAL_RATE,
         DEFAULT_UNMATCHED_BURST,

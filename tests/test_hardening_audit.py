@@ -18,9 +18,8 @@ from typing import Any
 import pytest
 
 from signerd._config import load
-from signerd.audit._anchor import read_anchors
-from signerd.audit._trail import GENESIS, AuditTrail, audit_from_config
-from signerd.authz._calls import AuditEvent, Peer
+from signerd.audit import GENESIS, AuditEvent, AuditTrail, audit_from_config, read_anchors
+from signerd.authz import Peer
 from signerd.cli import main
 from signerd.client import Client
 

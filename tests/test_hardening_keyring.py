@@ -356,7 +356,7 @@ class _Blind:
 async def test_an_empty_listing_is_re_read_after_a_reset_and_never_believed() -> None:
     """One empty listing: reset and re-read, nothing lost; two in a row: cache kept, not ready, then healed."""
     from signerd.errors import BackendUnavailable
-    from signerd.keys._service import KeyService, Settings
+    from signerd.keys import KeyService, Settings
 
     blind = _Blind()
     svc = KeyService({"hsm": blind}, default_backend="hsm", settings=Settings(refresh_interval=0))  # type: ignore[dict-item]

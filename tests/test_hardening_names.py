@@ -15,8 +15,7 @@ from typing import Any
 import pytest
 
 from signerd._config import ConfigError, parse
-from signerd.authz._peer import unit_from_cgroup
-from signerd.authz._policy import policy_from_config
+from signerd.authz import policy_from_config, unit_from_cgroup
 from signerd.backends.vault._auth import parse_settings
 from signerd.errors import InvalidKeyName, UnknownKid, UnknownVersion
 from signerd.wire import request_id_from

@@ -217,7 +217,8 @@ def test_empty_repeated_or_undecodable_query_is_a_400(daemon: DaemonProcess, rou
 
 async def test_extra_routes_see_the_request_subset() -> None:
     """Server.add_routes: extra handlers get match_info, query, headers, body, peer; 404/405 as usual."""
-    from signerd.authz._calls import AuditEvent, Operation, Peer
+    from signerd.audit import AuditEvent
+    from signerd.authz import Operation, Peer
     from signerd.server._dispatch import Front
     from signerd.server._request import Request, Response, json_response
 

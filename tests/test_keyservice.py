@@ -22,8 +22,7 @@ from signerd.errors import (
     UnknownKid,
     UnknownVersion,
 )
-from signerd.keys._service import KeyService, Settings
-from signerd.server._idempotency import run_change
+from signerd.keys import KeyService, Settings, run_change
 from signerd.wire._names import KeyName
 
 from .conftest import pkcs11_backend_config, unique

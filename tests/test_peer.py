@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from signerd.authz._peer import peer_of, unit_from_cgroup
+from signerd.authz import peer_of, unit_from_cgroup
 from signerd.daemon._sockets import bind_unix_socket
 
 pytestmark = pytest.mark.timeout(60)

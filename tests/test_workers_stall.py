@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from signerd.audit._trail import AuditTrail, verify_file
-from signerd.authz._calls import AuditEvent, Peer
+from signerd.audit import AuditEvent, AuditTrail, verify_file
+from signerd.authz import Peer
 from signerd.client import Client
 from signerd.errors import AuditUnavailable, BackendUnavailable, SignerdError
 from signerd.workers import EXIT_STALLED, StallGuard

@@ -1,12 +1,12 @@
-"""The audit chain: how a file's records link, and how a set of files is checked.
+"""The audit chain: how a record is encoded, and how a file's records link.
 
 Each record carries ``seq`` and ``prev``, the SHA-256 (hex) of the previous
 record's line without its newline; the first record ever has ``seq`` 1 and
 ``prev`` of 64 zeros. A file that continues the chain of another one (after
 log rotation) starts with a record whose ``rotated_from`` equals its ``prev``.
 
-``verify_file`` and ``verify_files`` check chains alone; ``_verify`` checks a
-set of files against the anchors the daemon wrote elsewhere.
+How a record is written (``encode_record``) and sent to the journal
+(``journal_fields``) is here too; ``_check`` checks files with the ``Walker``.
 """
 
 from __future__ import annotations
@@ -14,18 +14,26 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from .._files import bounded_lines, open_regular
-from ..authz._calls import AuditEvent
-from ._anchor import payload_hmac
+from ._anchor import GENESIS, payload_hmac
+from ._events import AuditEvent
 
-__all__ = ["GENESIS", "VerifyReport", "Walker", "verify_file", "verify_files"]
+__all__ = [
+    "GENESIS",
+    "MAX_REGION",
+    "VerifyReport",
+    "Walker",
+    "encode_record",
+    "journal_fields",
+    "line_hash",
+    "split_lines",
+    "walk",
+]
 
-GENESIS = "0" * 64
 MAX_REGION = 64 << 20  # unaccounted bytes a writer or verifier will hold
 
 
@@ -130,7 +138,7 @@ def split_lines(data: bytes) -> list[bytes]:
     return lines if lines[-1] else lines[:-1]
 
 
-def _encode(
+def encode_record(
     event: AuditEvent,
     seq: int,
     prev: str,
@@ -171,7 +179,7 @@ def _encode(
     return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def _journal_fields(line: bytes) -> dict[str, str]:
+def journal_fields(line: bytes) -> dict[str, str]:
     """A record as journal fields: SIGNERD_SEQ, SIGNERD_PEER_UID, ..., and its own hash."""
     record = json.loads(line)
     peer = record.pop("peer")
@@ -196,31 +204,6 @@ def _journal_fields(line: bytes) -> dict[str, str]:
         if text is not None and text != "":
             fields[f"SIGNERD_{name.upper()}"] = str(text)
     return fields
-
-
-def verify_file(path: str) -> VerifyReport:
-    """Check one audit file's chain; say where it first breaks."""
-    return verify_files([path])
-
-
-def verify_files(paths: Sequence[str]) -> VerifyReport:
-    """Check audit files that follow each other (oldest first), and the links between them."""
-    total = 0
-    walker: Walker | None = None
-    for path in paths:
-        if walker is None:
-            walker = Walker(None, 0, file_start=True)
-        else:  # the next file continues the chain, starting with a rotated_from record
-            walker = Walker(walker.prev, walker.seq, file_start=True)
-        try:
-            with open_regular(path) as handle:
-                bad = walk(walker, bounded_lines(handle, MAX_REGION + 1))
-        except OSError as exc:
-            return VerifyReport(False, total, None, f"cannot read: {exc.strerror}", path)
-        total += walker.records
-        if bad is not None:
-            return VerifyReport(False, total, bad[0], bad[1], path)
-    return VerifyReport(True, total, None, None, paths[-1] if paths else None)
 
 
 def walk(

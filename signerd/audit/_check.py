@@ -1,4 +1,8 @@
-"""Checking a set of audit files against the anchors: is anything missing?
+"""Checking audit files: one chain alone, or a set against the anchors: is anything missing?
+
+``verify_trail`` is ``signerctl audit verify``: it finds the files and their
+anchors and checks them. ``verify_files`` checks files of one chain alone
+(oldest first), by their links only.
 
 The files may come in any order and hold one or several chains (rotated files
 of one chain, one chain per worker). Each file's chain is checked on its own;
@@ -27,6 +31,7 @@ that run. Then:
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import glob
 import os
@@ -38,7 +43,14 @@ from .._files import NotRegularFile, bounded_lines, open_regular
 from ._anchor import SECURITY_KINDS, Anchor, read_anchors
 from ._chain import GENESIS, MAX_REGION, VerifyReport, Walker, walk
 
-__all__ = ["audit_files", "find_anchors", "verify_set"]
+__all__ = [
+    "audit_files",
+    "find_anchors",
+    "verify_file",
+    "verify_files",
+    "verify_set",
+    "verify_trail",
+]
 
 
 @dataclass
@@ -71,6 +83,49 @@ class _Group:
             if seq in f.hashes:
                 return f.hashes[seq]
         return None
+
+
+def verify_file(path: str) -> VerifyReport:
+    """Check one audit file's chain; say where it first breaks."""
+    return verify_files([path])
+
+
+def verify_files(paths: Sequence[str]) -> VerifyReport:
+    """Check audit files that follow each other (oldest first), and the links between them."""
+    total = 0
+    walker: Walker | None = None
+    for path in paths:
+        if walker is None:
+            walker = Walker(None, 0, file_start=True)
+        else:  # the next file continues the chain, starting with a rotated_from record
+            walker = Walker(walker.prev, walker.seq, file_start=True)
+        try:
+            with open_regular(path) as handle:
+                bad = walk(walker, bounded_lines(handle, MAX_REGION + 1))
+        except OSError as exc:
+            return VerifyReport(False, total, None, f"cannot read: {exc.strerror}", path)
+        total += walker.records
+        if bad is not None:
+            return VerifyReport(False, total, bad[0], bad[1], path)
+    return VerifyReport(True, total, None, None, paths[-1] if paths else None)
+
+
+def verify_trail(
+    paths: Sequence[str], anchors: Sequence[str] = (), *, use_anchors: bool = True
+) -> tuple[VerifyReport, int]:
+    """Check the audit files ``paths`` name (files, directories, globs: ``audit_files``)
+    against the anchors (the files ``anchors`` names, else those beside the trail:
+    ``find_anchors``; none without ``use_anchors``). The report, with a note per line of
+    an anchor file that is not an anchor, and how many audit files were checked.
+    OSError names a file that cannot be read (NotRegularFile: a device or FIFO)."""
+    # the anchors before the trail: each one names a head already written
+    found, notes = find_anchors(paths, anchors) if use_anchors else ([], [])
+    files = audit_files(paths)
+    if len(files) == 1 and not found and not anchors:
+        report = verify_file(files[0])  # one file, nothing to check it against
+    else:
+        report = verify_set(files, found)
+    return dataclasses.replace(report, notes=report.notes + tuple(notes)), len(files)
 
 
 def verify_set(paths: Sequence[str], anchors: Sequence[Anchor]) -> VerifyReport:

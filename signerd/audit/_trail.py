@@ -1,8 +1,9 @@
 """The audit trail: one hash-chained JSON line per request, written or refused.
 
-The chain's format and its verification live in ``_chain``; the anchors kept
-outside the file and the payload key in ``_anchor`` and ``_anchorer``; opening
-the file and telling a rotation from a deletion in ``_trailfile``. On start-up
+The chain's format lives in ``_chain`` and its verification in ``_check``; the
+anchors kept outside the file and the payload key in ``_anchor`` and
+``_anchorer``; opening, writing and recovering the file and telling a rotation
+from a deletion in ``_trailfile``. On start-up
 the chain continues from the last record already in the file.
 
 Writes happen in batches (one write and one fsync for all the records that
@@ -19,14 +20,6 @@ on the loop's thread that is late is the stall guard's: the worker answers
 After a failure the file is reopened on the next attempt, so the trail
 recovers when the sink does.
 
-A failed write may leave bytes in the file. They are never truncated away (the
-file may be append-only); the next write accounts for them instead. Complete
-records among them that still chain stay in the chain and are listed in the
-next record's ``unacknowledged`` (the caller was refused); anything else is
-named by the next record's ``discarded`` (byte count and SHA-256), so that
-verification can tell a failed write from an edit. Records whose caller gave
-up while they were being written are listed in ``unacknowledged`` too.
-
 The same thread writes the anchors: at start (``open``), every
 ``anchor_interval`` seconds when the head moved, before leaving a file
 (rotation by rename, noticed on SIGHUP, before a batch or on the anchor tick),
@@ -39,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import secrets
@@ -50,33 +42,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..authz._calls import AuditEvent
 from ..errors import AuditUnavailable
 from ._anchor import RUN
 from ._anchorer import Anchorer
-from ._chain import (
-    GENESIS,
-    VerifyReport,
-    Walker,
-    _encode,
-    _journal_fields,
-    line_hash,
-    split_lines,
-    verify_file,
-    verify_files,
-)
-from ._settings import audit_settings, worker_path
-from ._trailfile import TrailFile, _Sink
+from ._chain import journal_fields
+from ._events import AuditEvent
+from ._settings import audit_settings
+from ._trailfile import Sink, TrailFile
 
-__all__ = [
-    "GENESIS",
-    "AuditTrail",
-    "VerifyReport",
-    "audit_from_config",
-    "verify_file",
-    "verify_files",
-    "worker_path",
-]
+__all__ = ["AuditTrail", "audit_from_config"]
 
 if TYPE_CHECKING:
     from ..workers import StallGuard
@@ -175,7 +149,7 @@ class AuditTrail(TrailFile):
         self._busy_since: float | None = None
         self._closed = False
         self._reopen = False
-        self._sink = _Sink()
+        self._sink = Sink()
         self._started = False  # whether the file was opened once (start-up checks done)
         self._journal_failing = False
         self._last_complaint = 0.0
@@ -403,64 +377,11 @@ class AuditTrail(TrailFile):
         if self._anchors is not None:
             self._anchors.close()
 
-    def _write_batch(self, batch: list[_Job]) -> list[bytes]:
-        sink = self._sink
-        self._follow()  # never write into a file renamed away or deleted
-        if sink.fd is None:
-            self._open()
-        assert sink.fd is not None
-        region, base = self._unaccounted()
-        prefix = b"\n" if region and not region.endswith(b"\n") else b""
-        walker = Walker(sink.prev, sink.seq, file_start=base - len(region) == 0)
-        for lineno, line in enumerate(split_lines(region + prefix), 1):
-            walker.feed(line, lineno)
-        assert walker.prev is not None
-        marks: dict[str, object] = {}
-        if walker.pending:
-            marks["discarded"] = {
-                "bytes": len(walker.pending),
-                "sha256": hashlib.sha256(walker.pending).hexdigest(),
-            }
-        unacked = sink.unacked + walker.accepted
-        if unacked:
-            marks["unacknowledged"] = unacked
-        if sink.rotated_from is not None and not walker.accepted:
-            marks["rotated_from"] = sink.rotated_from
-        prev, seq = walker.prev, walker.seq
-        out = bytearray(prefix)
-        lines: list[bytes] = []
-        first_hash = ""
-        for job in batch:
-            seq += 1
-            line = _encode(job.event, seq, prev, marks, f"{self.boot}-{seq}", self._key)
-            marks = {}
-            prev, job.seq = line_hash(line), seq
-            lines.append(line)
-            first_hash = first_hash or prev
-            out += line + b"\n"
-        written = 0
-        try:
-            while written < len(out):
-                written += os.write(sink.fd, out[written:])
-            if self._fsync and sink.regular:
-                os.fsync(sink.fd)
-        except OSError:
-            if not sink.regular:
-                sink.dangling += out[:written]
-            raise
-        sink.prev, sink.seq, sink.good_end = prev, seq, base + len(out)
-        if sink.first is None or sink.fresh:
-            sink.first = walker.first[::2] if walker.first else (seq - len(lines) + 1, first_hash)
-            sink.fresh = False
-        sink.rotated_from, sink.unacked = None, []
-        sink.dangling.clear()
-        return lines
-
     def _to_journal(self, lines: list[bytes]) -> None:
         assert self._journal is not None
         try:
             for line in lines:
-                self._journal(**_journal_fields(line))
+                self._journal(**journal_fields(line))
         except Exception as exc:  # the file is the record of truth; say so once
             if not self._journal_failing:
                 log.warning("signerd.audit_journal_failed error=%s", exc)

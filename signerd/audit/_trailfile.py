@@ -1,6 +1,15 @@
-"""The audit trail's file: opening it, continuing its chain, and noticing it change under us.
+"""The audit trail's file: opening it, continuing its chain, writing records to it, and
+noticing it change under us.
 
-The trail (``_audit.AuditTrail``) holds one file open. Whatever the path names
+A failed write may leave bytes in the file. They are never truncated away (the
+file may be append-only); the next write accounts for them instead. Complete
+records among them that still chain stay in the chain and are listed in the
+next record's ``unacknowledged`` (the caller was refused); anything else is
+named by the next record's ``discarded`` (byte count and SHA-256), so that
+verification can tell a failed write from an edit. Records whose caller gave
+up while they were being written are listed in ``unacknowledged`` too.
+
+The trail (``_trail.AuditTrail``) holds one file open. Whatever the path names
 may change while signerd runs, and each change is told apart:
 
 - renamed away (log rotation; the file still has a name): the old file's head
@@ -19,17 +28,21 @@ This is looked at before each batch, on SIGHUP and on every anchor tick.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ._anchor import Anchor, load_or_create_key
 from ._anchorer import Anchorer, Head
-from ._chain import GENESIS, MAX_REGION, line_hash, split_lines
+from ._chain import GENESIS, MAX_REGION, Walker, encode_record, line_hash, split_lines
+from ._events import AuditEvent
 
-__all__ = ["TrailFile"]
+__all__ = ["Pending", "Sink", "TrailFile"]
 
 log = logging.getLogger("signerd.audit")
 
@@ -37,7 +50,7 @@ _TAIL_WINDOW = 1 << 20  # how far back start-up looks for the last record
 
 
 @dataclass
-class _Sink:
+class Sink:
     """The writer's view of the file; touched by whoever holds the trail's ``_io`` lock."""
 
     fd: int | None = None
@@ -53,14 +66,23 @@ class _Sink:
     fresh: bool = False  # the open file has no record yet (``first`` is the previous file's)
 
 
+class Pending(Protocol):
+    """A record being written: its event, and the seq it is given."""
+
+    event: AuditEvent
+    seq: int
+
+
 class TrailFile:
     """The file side of ``AuditTrail`` (a mixin: callers hold ``_io``)."""
 
     path: str
     key_path: str | None
+    boot: str
+    _fsync: bool
     _key: bytes | None
     _anchors: Anchorer | None
-    _sink: _Sink
+    _sink: Sink
     _started: bool
 
     def _open(self) -> None:
@@ -92,6 +114,61 @@ class TrailFile:
             self._started = True
             self._begin()
         log.info("signerd.audit_opened path=%s seq=%d", self.path, sink.seq)
+
+    def _write_batch(self, batch: Sequence[Pending]) -> list[bytes]:
+        """Write the records of ``batch`` (numbering them) after accounting for any bytes a
+        failed write left; their lines. OSError when the write fails."""
+        sink = self._sink
+        self._follow()  # never write into a file renamed away or deleted
+        if sink.fd is None:
+            self._open()
+        assert sink.fd is not None
+        region, base = self._unaccounted()
+        prefix = b"\n" if region and not region.endswith(b"\n") else b""
+        walker = Walker(sink.prev, sink.seq, file_start=base - len(region) == 0)
+        for lineno, line in enumerate(split_lines(region + prefix), 1):
+            walker.feed(line, lineno)
+        assert walker.prev is not None
+        marks: dict[str, object] = {}
+        if walker.pending:
+            marks["discarded"] = {
+                "bytes": len(walker.pending),
+                "sha256": hashlib.sha256(walker.pending).hexdigest(),
+            }
+        unacked = sink.unacked + walker.accepted
+        if unacked:
+            marks["unacknowledged"] = unacked
+        if sink.rotated_from is not None and not walker.accepted:
+            marks["rotated_from"] = sink.rotated_from
+        prev, seq = walker.prev, walker.seq
+        out = bytearray(prefix)
+        lines: list[bytes] = []
+        first_hash = ""
+        for job in batch:
+            seq += 1
+            line = encode_record(job.event, seq, prev, marks, f"{self.boot}-{seq}", self._key)
+            marks = {}
+            prev, job.seq = line_hash(line), seq
+            lines.append(line)
+            first_hash = first_hash or prev
+            out += line + b"\n"
+        written = 0
+        try:
+            while written < len(out):
+                written += os.write(sink.fd, out[written:])
+            if self._fsync and sink.regular:
+                os.fsync(sink.fd)
+        except OSError:
+            if not sink.regular:
+                sink.dangling += out[:written]
+            raise
+        sink.prev, sink.seq, sink.good_end = prev, seq, base + len(out)
+        if sink.first is None or sink.fresh:
+            sink.first = walker.first[::2] if walker.first else (seq - len(lines) + 1, first_hash)
+            sink.fresh = False
+        sink.rotated_from, sink.unacked = None, []
+        sink.dangling.clear()
+        return lines
 
     def _begin(self) -> None:
         """At start: a file that lacks the head its last anchor names lost records meanwhile;

@@ -1,8 +1,7 @@
-"""What the server knows about a call: who made it, what it asks, how it ended.
+"""What the server knows about a call: who made it and what it asks.
 
-The server builds these; the policy (``_authz``) judges a ``Call`` and the
-audit trail (``_audit``) records an ``AuditEvent``. Neither ever sees the
-payload itself, only its SHA-256.
+The server builds these and the policy (``_policy``) judges a ``Call``; how a
+call ended is the audit trail's ``AuditEvent`` (``signerd.audit``).
 """
 
 from __future__ import annotations
@@ -10,7 +9,7 @@ from __future__ import annotations
 import contextvars
 import enum
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 from ..wire._names import KeyName
 
@@ -29,10 +28,6 @@ class Operation(enum.StrEnum):
     HEALTH = "health"  # /v1/health, /v1/ready, /v1/openapi.json: never refused
 
     @property
-    def is_admin(self) -> bool:
-        return self in _ADMIN
-
-    @property
     def fails_closed(self) -> bool:
         """Whether an unwritable audit record refuses the operation."""
         return self is Operation.SIGN or self in _ADMIN
@@ -46,22 +41,6 @@ _ADMIN = frozenset(
         Operation.RETIRE,
         Operation.DESTROY,
         Operation.TRUST,
-    }
-)
-
-#: refusals for signature, mapping and replay: security events (journald warning priority)
-SECURITY_OUTCOMES = frozenset(
-    {
-        "invalid_signature",
-        "unknown_kid",
-        "retired_kid",
-        "destroyed_kid",
-        "stale_timestamp",
-        "permission_denied",
-        "tenant_mismatch",
-        "attestation_mismatch",
-        "replayed_nonce",
-        "shared_peer_key",
     }
 )
 
@@ -86,28 +65,6 @@ class Call:
     key: KeyName | None = None
 
 
-@dataclass(frozen=True)
-class AuditEvent:
-    time: float  # unix seconds
-    request_id: str
-    peer: Peer
-    operation: str
-    outcome: str  # "ok" or the error code
-    tenant: str | None = None
-    key: str | None = None
-    kid: str | None = None
-    payload_sha256: tuple[str, ...] = ()  # one per signed/verified item
-    reason: str | None = None  # safe message for refusals
-    status: int = 200
-    # batch sign: "INDEX:CODE" of each refused item (the first 8), e.g. ("1:permission_denied",)
-    item_codes: tuple[str, ...] = ()
-
-    @property
-    def security(self) -> bool:
-        """Whether this record is a security event (a signature, mapping or replay refusal)."""
-        return self.outcome in SECURITY_OUTCOMES
-
-
 class Gate(Protocol):
     """Decides whether a call may proceed; raises PermissionDenied or RateLimited.
 
@@ -120,18 +77,3 @@ class Gate(Protocol):
 #: whether the gate let a call of the request being handled proceed: each request runs
 #: in its task (its own context), and the front sets this False before its handler runs
 GRANTED: contextvars.ContextVar[bool] = contextvars.ContextVar("signerd_granted", default=False)
-
-
-class AuditSink(Protocol):
-    """Writes one record durably or raises AuditUnavailable within its deadline."""
-
-    async def record(self, event: AuditEvent) -> None: ...
-
-
-@runtime_checkable
-class QueueingAuditSink(AuditSink, Protocol):
-    """An audit sink that also takes records nobody waits for (``submit``)."""
-
-    def submit(self, event: AuditEvent) -> bool:
-        """Queue a record for the next group write; False when it cannot be taken now."""
-        ...

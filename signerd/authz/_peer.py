@@ -28,7 +28,7 @@ import struct
 
 from ._calls import Peer
 
-__all__ = ["peer_of", "unit_from_cgroup"]
+__all__ = ["kernel_groups", "peer_of", "unit_from_cgroup"]
 
 SO_PEERPIDFD = 77  # Linux >= 6.5; not in the socket module before Python 3.14
 SO_PEERGROUPS = 59  # Linux >= 4.13
@@ -43,7 +43,7 @@ def peer_of(sock: socket.socket) -> Peer:
     """The kernel's view of the process that connected ``sock``."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     pid, uid, gid = _UCRED.unpack(raw)
-    groups = _kernel_groups(sock)
+    groups = kernel_groups(sock)
     unit: str | None = None
     if pid > 0:
         pidfd = _peer_pidfd(sock, pid)
@@ -96,7 +96,7 @@ def unit_from_cgroup(text: str) -> str | None:
     return None
 
 
-def _kernel_groups(sock: socket.socket) -> tuple[int, ...] | None:
+def kernel_groups(sock: socket.socket) -> tuple[int, ...] | None:
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, _MAX_GROUPS_BYTES)
     except OSError:  # ERANGE (over 256 groups) or an old kernel

@@ -12,7 +12,6 @@ verify prints its report and exits 65 (``AuditBroken``).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import os
 import re
@@ -33,24 +32,17 @@ class AuditBroken(Exception):
 
 
 def _audit_verify(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
-    from ..audit._chain import verify_file
-    from ..audit._check import audit_files, find_anchors, verify_set
+    from ..audit import verify_trail
 
-    try:  # the anchors before the trail: each one names a head already written
-        anchors, notes = ([], []) if a.no_anchor else find_anchors(a.paths, a.anchor or ())
-        files = audit_files(a.paths)
-        if len(files) == 1 and not anchors and not a.anchor:
-            report = verify_file(files[0])  # one file, nothing to check it against: as before
-        else:
-            report = verify_set(files, anchors)
+    try:
+        report, files = verify_trail(a.paths, a.anchor or (), use_anchors=not a.no_anchor)
     except NotRegularFile as exc:
         raise not_a_file(str(exc.filename)) from None
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""
         raise Failure(os.EX_NOINPUT, "no_input", f"cannot read{where}: {exc.strerror}") from None
-    report = dataclasses.replace(report, notes=report.notes + tuple(notes))
     doc = plain(report)
-    where = f"{report.path}: " if report.path and len(files) > 1 else ""
+    where = f"{report.path}: " if report.path and files > 1 else ""
     if not report.ok and report.first_bad_line is not None:
         raise AuditBroken(doc, f"{where}broken at line {report.first_bad_line}: {report.problem}")
     if not report.ok:
@@ -62,7 +54,7 @@ def _audit_verify(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
 
 
 def _audit_payload_hash(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
-    from ..audit._anchor import load_key, payload_hmac
+    from ..audit import load_key, payload_hmac
 
     try:
         key = load_key(a.key)

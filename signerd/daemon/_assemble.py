@@ -20,14 +20,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from .._config import Config, ConfigError, load
-from ..audit._settings import audit_settings
-from ..audit._trail import AuditTrail, audit_from_config
-from ..authz._peer import peer_of
-from ..authz._policy import Policy, policy_from_config
+from ..audit import AuditTrail, audit_from_config, audit_settings
+from ..authz import Policy, peer_of, policy_from_config
 from ..backends import Backend, load_factory
 from ..errors import SignerdError
 from ..federation._routes import Federation, attach
-from ..keys._service import KeyService
+from ..keys import KeyService
 from ..server._idemstore import IdempotencyStore
 from ..server._listener import Listener, UidCounter, connection_cap, raise_nofile_limit
 from ..server._v1 import Limits, Server

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from .._config import Config
 from ..errors import SignerdError
-from ..keys._service import KeyService
+from ..keys import KeyService
 from ..server._listener import UidCounter
 from ..workers import SharedBuckets, StallGuard
 from ._assemble import AdminGuard, Daemon, TrustGuard

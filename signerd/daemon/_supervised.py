@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 from .._config import Config, ConfigError, load
 from ..errors import BackendUnavailable, SignerdError
-from ..keys._service import KeyService
+from ..keys import KeyService
 from ..wire._names import KeyName
 from ..workers import (
     AdminLock,

@@ -40,7 +40,8 @@ from typing import Any, Protocol
 from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ..authz._calls import AuditSink, Call, Gate, Operation
+from ..audit import AuditSink
+from ..authz import Call, Gate, Operation
 from ..backends import VersionState
 from ..errors import (
     AttestationMismatch,
@@ -57,7 +58,7 @@ from ..errors import (
     UnknownKid,
     UnsupportedMediaType,
 )
-from ..keys._service import KeyService
+from ..keys import KeyService
 from ..server._idempotency import AdminChange, Made
 from ..server._request import Request, Response, json_response
 from ..wire import (

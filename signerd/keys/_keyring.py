@@ -1,7 +1,8 @@
-"""Keeping the key service's cached keyring true to its store, and repairing a token.
+"""The key service's cached keyring, kept true to its store, and repairing a token.
 
-The key service answers from a cache (a kid's public key never changes). This
-module keeps that cache honest without letting an error or a caller empty it:
+The key service answers from a cache (a kid's public key never changes). The
+``Keyring`` holds that cache and keeps it honest without letting an error or a
+caller empty it:
 
 * a listing that lacks keys we know is suspect: the backend starts again
   (PKCS#11: library re-initialised, new login) and is read again, and keys
@@ -26,20 +27,23 @@ is reported by the daemon, never removed. Each removal is logged
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from ..backends import Backend, KeyInfo, Recoverable
-from ..errors import BackendUnavailable, SignerdError, UnknownKey
-from ..wire._names import KeyName
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from ..backends import Backend, KeyInfo, KeyVersion, Recoverable
+from ..errors import BackendUnavailable, SignerdError, UnknownKey, UnknownKid
+from ..wire._names import KeyName, parse_kid
+from ._settings import Settings
 
 if TYPE_CHECKING:
     from .._config import Config
-    from ._service import Settings
 
 log = logging.getLogger("signerd.keys")
 _T = TypeVar("_T")
@@ -63,14 +67,44 @@ class Counters:
     forgotten: list[str] = field(default_factory=list)  # keys proven gone
 
 
-class KeyringUpkeep:
-    """The key service's re-reads, recovery and readiness (mixed into KeyService)."""
+@dataclass(frozen=True)
+class Entry:
+    """A cached kid: its key, its version and its public key."""
 
-    _backends: dict[str, Backend]
-    _keys: dict[KeyName, KeyInfo]
-    settings: Settings
+    key: KeyName
+    version: KeyVersion
+    public: Ed25519PublicKey
 
-    def _init_upkeep(self) -> None:
+
+class Run(Protocol):
+    """``fn()`` in the named backend's executor, within ``timeout`` (None: the backend timeout)."""
+
+    def __call__(
+        self, backend: str, fn: Callable[[], _T], timeout: float | None = None, /
+    ) -> Awaitable[_T]: ...
+
+
+class Keyring:
+    """The keys and kids of every backend, cached; their re-reads, recovery and readiness.
+
+    ``run`` calls a backend (in its executor); ``route`` names the backend of a tenant.
+    ``keys`` and ``kids`` are the cache, read directly by the key service.
+    """
+
+    def __init__(
+        self,
+        backends: Mapping[str, Backend],
+        settings: Settings,
+        run: Run,
+        route: Callable[[str], str],
+    ) -> None:
+        self._backends = backends
+        self._settings = settings
+        self._run = run
+        self._route = route
+        self.keys: dict[KeyName, KeyInfo] = {}
+        self.kids: dict[str, Entry] = {}
+        self._refreshed: dict[KeyName, float] = {}
         self.counters = Counters()
         self._reread_locks: dict[str, asyncio.Lock] = {}
         self._next_reread: dict[str, asyncio.Task[None]] = {}  # a shared re-read not started yet
@@ -80,44 +114,90 @@ class KeyringUpkeep:
         self._ready_task: asyncio.Task[None] | None = None
         self._ready_at = 0.0
 
-    # provided by the key service
-    def backend_name(self, tenant: str) -> str:
-        raise NotImplementedError
+    # --- the cache ----------------------------------------------------------
 
-    async def _run(self, backend: str, fn: Callable[[], _T], timeout: float | None = None) -> _T:
-        raise NotImplementedError
+    def store(self, info: KeyInfo) -> KeyInfo:
+        old = self.keys.get(info.key)
+        self.keys[info.key] = info
+        self._refreshed[info.key] = time.monotonic()
+        if old is not None:
+            for v in old.versions:
+                self.kids.pop(v.kid, None)
+        for v in info.versions:
+            self.kids[v.kid] = Entry(info.key, v, Ed25519PublicKey.from_public_bytes(v.public_key))
+        return info
 
-    def _store(self, info: KeyInfo) -> KeyInfo:
-        raise NotImplementedError
+    def forget(self, key: KeyName) -> None:
+        self._refreshed.pop(key, None)
+        old = self.keys.pop(key, None)
+        if old is not None:
+            for v in old.versions:
+                self.kids.pop(v.kid, None)
 
-    def _forget(self, key: KeyName) -> None:
-        raise NotImplementedError
+    async def describe(self, key: KeyName) -> KeyInfo:
+        """Read a known key from its backend (the store is the truth) and update the cache.
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(coro)
-        task.add_done_callback(_consume)
-        return task
+        A name not in the cache waits for the shared re-read (no search per
+        request). A known key the backend no longer finds is forgotten only
+        when a careful re-read of the keyring proves it gone.
+        """
+        if key not in self.keys:
+            return await self.cached(key)
+        self.counters.key_reads += 1
+        name = self._route(key.tenant)
+        backend = self._backends[name]
+        try:
+            return self.store(await self._run(name, lambda: backend.describe(key)))
+        except UnknownKey:
+            if name in self._suspects:
+                raise BackendUnavailable("the keyring is being re-read") from None
+            await self.reread(name)
+            info = self.keys.get(key)
+            if info is None:
+                raise
+            return info
 
-    def _upkeep_tasks(self) -> list[asyncio.Task[None]]:
-        tasks = [*self._healers.values(), *self._next_reread.values()]
-        if self._ready_task is not None:
-            tasks.append(self._ready_task)
-        return tasks
+    async def entry(self, kid: str) -> Entry:
+        """The cached kid; a kid not cached yet is looked for at most once per interval."""
+        entry = self.kids.get(kid)
+        if entry is not None:
+            return entry
+        key, _ = parse_kid(kid)
+        now = time.monotonic()
+        if key in self.keys:
+            # A new version of a key we know: at most one read of it per interval.
+            if now - self._refreshed.get(key, 0.0) >= self._settings.unknown_kid_refresh:
+                self._refreshed[key] = now
+                with contextlib.suppress(UnknownKey):
+                    await self.describe(key)
+        else:
+            # Kids of keys we do not know wait for the shared re-read.
+            with contextlib.suppress(UnknownKey):
+                await self.cached(key)
+        entry = self.kids.get(kid)
+        if entry is None:
+            raise UnknownKid()
+        return entry
 
-    def _log_counters(self) -> None:
-        c = self.counters
-        log.info(
-            "signerd.keys.counters keyring_reads=%d key_reads=%d shared_rereads=%d "
-            "recoveries=%d ready_checks=%d forgotten=%d",
-            c.keyring_reads,
-            c.key_reads,
-            c.shared_rereads,
-            c.recoveries,
-            c.ready_checks,
-            len(c.forgotten),
-        )
+    async def cached(self, key: KeyName) -> KeyInfo:
+        """The key from the cache; an unknown name waits for the next shared re-read."""
+        info = self.keys.get(key)
+        if info is None:
+            await self._shared_reread(self._route(key.tenant))
+            info = self.keys.get(key)
+            if info is None:
+                raise UnknownKey()
+        return info
 
-    async def _reread(self, name: str, timeout: float | None = None) -> None:
+    # --- re-reads -----------------------------------------------------------
+
+    async def refresh_all(self, timeout: float | None = None, only: str | None = None) -> None:
+        """Re-read the keyring from every backend (or only the named one)."""
+        for name in self._backends:
+            if only is None or name == only:
+                await self.reread(name, timeout)
+
+    async def reread(self, name: str, timeout: float | None = None) -> None:
         """Re-read one backend's keyring; never forget a key on an error's word.
 
         A listing that lacks keys we know is suspect: the backend starts again
@@ -145,7 +225,7 @@ class KeyringUpkeep:
                     listed = await self._listing(name, timeout)
                     missing = self._known(name) - listed.keys()
                 if missing:
-                    known = [self._keys[k] for k in sorted(missing)]
+                    known = [self.keys[k] for k in sorted(missing)]
                     gone = await self._run(
                         name, lambda: _confirm_absent(backend, known, sorted(listed)), timeout
                     )
@@ -153,11 +233,11 @@ class KeyringUpkeep:
                 self._mark_suspect(name)
                 raise
             for info in listed.values():
-                self._store(info)
+                self.store(info)
             for key in sorted(gone):
                 log.warning("signerd.key_gone key=%s backend=%s", key, name)
                 self.counters.forgotten.append(str(key))
-                self._forget(key)
+                self.forget(key)
             if missing - gone:
                 self._mark_suspect(name)
                 raise BackendUnavailable("the keyring could not be read consistently")
@@ -168,10 +248,10 @@ class KeyringUpkeep:
     async def _listing(self, name: str, timeout: float | None) -> dict[KeyName, KeyInfo]:
         self.counters.keyring_reads += 1
         infos = await self._run(name, self._backends[name].list_keys, timeout)
-        return {i.key: i for i in infos if self.backend_name(i.key.tenant) == name}
+        return {i.key: i for i in infos if self._route(i.key.tenant) == name}
 
     def _known(self, name: str) -> set[KeyName]:
-        return {k for k in self._keys if self.backend_name(k.tenant) == name}
+        return {k for k in self.keys if self._route(k.tenant) == name}
 
     def _mark_suspect(self, name: str) -> None:
         if name not in self._suspects:
@@ -183,7 +263,7 @@ class KeyringUpkeep:
             )
         healer = self._healers.get(name)
         if healer is None or healer.done():
-            self._healers[name] = self._spawn(self._heal(name))
+            self._healers[name] = _spawn(self._heal(name))
 
     async def _heal(self, name: str) -> None:
         delay = HEAL_FIRST
@@ -191,7 +271,7 @@ class KeyringUpkeep:
             await asyncio.sleep(delay)
             delay = min(delay * 2, HEAL_MAX)
             try:
-                await self._reread(name)
+                await self.reread(name)
             except SignerdError as exc:
                 log.info("signerd.keyring_still_suspect backend=%s code=%s", name, exc.code)
 
@@ -207,9 +287,9 @@ class KeyringUpkeep:
             last = self._last_shared.get(name)
             now = time.monotonic()
             delay = (
-                0.0 if last is None else max(0.0, last + self.settings.unknown_kid_refresh - now)
+                0.0 if last is None else max(0.0, last + self._settings.unknown_kid_refresh - now)
             )
-            task = self._spawn(self._scheduled_reread(name, delay))
+            task = _spawn(self._scheduled_reread(name, delay))
             self._next_reread[name] = task
         await asyncio.shield(task)
 
@@ -220,17 +300,9 @@ class KeyringUpkeep:
             self._next_reread.pop(name, None)  # callers from now on wait for the next one
         self._last_shared[name] = time.monotonic()
         self.counters.shared_rereads += 1
-        await self._reread(name)
+        await self.reread(name)
 
-    async def _cached(self, key: KeyName) -> KeyInfo:
-        """The key from the cache; an unknown name waits for the next shared re-read."""
-        info = self._keys.get(key)
-        if info is None:
-            await self._shared_reread(self.backend_name(key.tenant))
-            info = self._keys.get(key)
-            if info is None:
-                raise UnknownKey()
-        return info
+    # --- readiness and shutdown ---------------------------------------------
 
     async def ready(self) -> None:
         """Raise unless every backend answers and every keyring reads consistently.
@@ -241,7 +313,7 @@ class KeyringUpkeep:
         task = self._ready_task
         if task is None or (task.done() and time.monotonic() - self._ready_at >= READY_TTL):
             self._ready_at = time.monotonic()
-            task = self._ready_task = self._spawn(self._check_ready())
+            task = self._ready_task = _spawn(self._check_ready())
         await asyncio.shield(task)
 
     async def _check_ready(self) -> None:
@@ -250,6 +322,32 @@ class KeyringUpkeep:
             if name in self._suspects:
                 raise BackendUnavailable("the keyring is being re-read after a failed read")
             await self._run(name, backend.check)
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The background tasks (healing, shared re-reads, readiness), to cancel at close."""
+        tasks = [*self._healers.values(), *self._next_reread.values()]
+        if self._ready_task is not None:
+            tasks.append(self._ready_task)
+        return tasks
+
+    def log_counters(self) -> None:
+        c = self.counters
+        log.info(
+            "signerd.keys.counters keyring_reads=%d key_reads=%d shared_rereads=%d "
+            "recoveries=%d ready_checks=%d forgotten=%d",
+            c.keyring_reads,
+            c.key_reads,
+            c.shared_rereads,
+            c.recoveries,
+            c.ready_checks,
+            len(c.forgotten),
+        )
+
+
+def _spawn(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    task = asyncio.get_running_loop().create_task(coro)
+    task.add_done_callback(_consume)
+    return task
 
 
 def _consume(task: asyncio.Task[None]) -> None:

@@ -1,12 +1,10 @@
 """The key service: one keyring over one or more backends, for the server.
 
-It owns an executor per backend (backends block; the event loop never waits
-on one, except for an ``Inline`` backend's signatures in a worker, which run
-on the loop's thread under the worker's ``StallGuard``),
-caches each kid's public key (a kid's key never changes, so verify never
-needs a backend round trip), decides which state changes are allowed, checks
-every signature against the public key before it leaves, and coalesces
-concurrent sign requests into batch calls.
+It runs backend calls in an executor per backend (``_executors``), caches
+each kid's public key (``_keyring``: a kid's key never changes, so verify
+never needs a backend round trip), decides which state changes are allowed,
+checks every signature against the public key before it leaves, and
+coalesces concurrent sign requests into batch calls.
 """
 
 from __future__ import annotations
@@ -15,16 +13,12 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ..backends import Backend, Destroyer, Inline, KeyInfo, KeyVersion, VersionState
+from ..backends import Backend, Destroyer, KeyInfo, KeyVersion, VersionState
 from ..errors import (
     BackendError,
     BackendUnavailable,
@@ -37,13 +31,13 @@ from ..errors import (
     RetiredKid,
     SignerdError,
     UnknownKey,
-    UnknownKid,
     UnknownVersion,
 )
-from ..server._idempotency import run_change
-from ..wire._names import KeyName, parse_kid
+from ..wire._names import KeyName
 from ._coalesce import Coalescer
-from ._keyring import KeyringUpkeep
+from ._executors import Executors
+from ._keyring import Entry, Keyring
+from ._settings import Settings
 
 if TYPE_CHECKING:
     from ..workers import StallGuard
@@ -63,29 +57,10 @@ _holding: contextvars.ContextVar[frozenset[KeyName]] = contextvars.ContextVar(
 PUBLISHED = frozenset({VersionState.PENDING, VersionState.ACTIVE, VersionState.VERIFY_ONLY})
 
 
-@dataclass(frozen=True)
-class Settings:
-    backend_timeout: float = 5.0  # seconds a backend call may take before 503
-    max_batch: int = 64  # items per coalesced backend sign call
-    max_in_flight: int = 2  # concurrent batches per key version
-    refresh_interval: float = 30.0  # seconds between keyring re-reads (0: never)
-    unknown_kid_refresh: float = 1.0  # at most one re-read per key per this many seconds
-    retain_verify_only: int = 0  # keep this many verify-only versions, retire older (0: all)
-    idempotency_ttl: float = 86400.0  # seconds an admin request's Idempotency-Key is kept
-    idempotency_max_entries: int = 1000  # Idempotency-Keys kept at most (the oldest go)
-
-
-@dataclass(frozen=True)
-class _Entry:
-    key: KeyName
-    version: KeyVersion
-    public: Ed25519PublicKey
-
-
 _Group = tuple[KeyName, int]
 
 
-class KeyService(KeyringUpkeep):
+class KeyService:
     def __init__(
         self,
         backends: Mapping[str, Backend],
@@ -97,22 +72,23 @@ class KeyService(KeyringUpkeep):
         | None = None,
         stall_guard: StallGuard | None = None,
     ) -> None:
-        if default_backend not in backends:
-            raise ValueError(f"default backend {default_backend!r} is not configured")
-        self._backends = dict(backends)
-        self._default = default_backend
-        self._routes = dict(tenant_backends or {})
         self.settings = settings or Settings()
-        self._executors = {
-            name: ThreadPoolExecutor(
-                max_workers=b.max_concurrency, thread_name_prefix=f"signerd-{name}"
-            )
-            for name, b in self._backends.items()
-        }
-        self._keys: dict[KeyName, KeyInfo] = {}
-        self._kids: dict[str, _Entry] = {}
-        self._refreshed: dict[KeyName, float] = {}
-        self._init_upkeep()
+        self._calls = Executors(
+            backends,
+            default_backend=default_backend,
+            tenant_backends=tenant_backends,
+            timeout=self.settings.backend_timeout,
+        )
+        self.backend_name = self._calls.backend_name
+        self._on, self._change = self._calls.on, self._calls.change
+        #: the cached keyring; its dicts are read here directly (the sign and verify paths)
+        self._keyring = Keyring(
+            self._calls.backends, self.settings, self._calls.run, self.backend_name
+        )
+        self._keys = self._keyring.keys
+        self._kids = self._keyring.kids
+        self._store = self._keyring.store
+        self.counters = self._keyring.counters
         self._admin_locks: dict[KeyName, asyncio.Lock] = {}
         #: wraps every admin operation: the workers' cross-process lock and change notice
         self.admin_guard = admin_guard
@@ -122,70 +98,12 @@ class KeyService(KeyringUpkeep):
             max_in_flight=self.settings.max_in_flight,
         )
         self._refresher: asyncio.Task[None] | None = None
-        self._inline = {n: b for n, b in self._backends.items() if isinstance(b, Inline)}
-        #: a worker's guard: ``Inline`` backends sign on the loop's thread under it
-        self.stall_guard = stall_guard
+        self._calls.stall_guard = stall_guard
 
-    # --- plumbing ---------------------------------------------------------
-
-    def backend_name(self, tenant: str) -> str:
-        return self._routes.get(tenant, self._default)
-
-    async def _run(self, backend: str, fn: Callable[[], _T], timeout: float | None = None) -> _T:
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(timeout or self.settings.backend_timeout):
-                return await loop.run_in_executor(self._executors[backend], fn)
-        except TimeoutError as exc:
-            log.error("signerd.backend_timeout backend=%s", backend)
-            raise BackendUnavailable("the key backend did not answer in time") from exc
-
-    async def _change(self, key: KeyName, call: Callable[[Backend], _T]) -> _T:
-        """``call(backend)``, a keyring change, for ``key``'s backend (``run_change``)."""
-        name = self.backend_name(key.tenant)
-        backend, timeout = self._backends[name], self.settings.backend_timeout
-        return await run_change(self._executors[name], lambda: call(backend), timeout)
-
-    async def _on(
-        self, key: KeyName, call: Callable[[Backend], _T], *, on_loop: bool = False
-    ) -> _T:
-        """``call(backend)`` for ``key``'s backend, in its executor; with ``on_loop`` (signing),
-        on this thread under the worker's ``StallGuard`` when the backend is ``Inline`` and
-        no other thread is in its library."""
-        name = self.backend_name(key.tenant)
-        backend = self._backends[name]
-        inline, guard = self._inline.get(name), self.stall_guard
-        if on_loop and inline is not None and guard is not None and inline.try_enter():
-            try:
-                return guard.call(
-                    lambda: call(backend),
-                    self.settings.backend_timeout,
-                    "token",
-                    BackendUnavailable,
-                )
-            finally:
-                inline.leave()
-        return await self._run(name, lambda: call(backend))
-
-    def _store(self, info: KeyInfo) -> KeyInfo:
-        old = self._keys.get(info.key)
-        self._keys[info.key] = info
-        self._refreshed[info.key] = time.monotonic()
-        if old is not None:
-            for v in old.versions:
-                self._kids.pop(v.kid, None)
-        for v in info.versions:
-            self._kids[v.kid] = _Entry(
-                info.key, v, Ed25519PublicKey.from_public_bytes(v.public_key)
-            )
-        return info
-
-    def _forget(self, key: KeyName) -> None:
-        self._refreshed.pop(key, None)
-        old = self._keys.pop(key, None)
-        if old is not None:
-            for v in old.versions:
-                self._kids.pop(v.kid, None)
+    @property
+    def stall_guard(self) -> StallGuard | None:
+        """A worker's guard: ``Inline`` backends sign on the loop's thread under it."""
+        return self._calls.stall_guard
 
     # --- lifecycle of the service -------------------------------------------
 
@@ -212,50 +130,29 @@ class KeyService(KeyringUpkeep):
 
     async def refresh_all(self, timeout: float | None = None, only: str | None = None) -> None:
         """Re-read the keyring from every backend (or only the named one)."""
-        for name in self._backends:
-            if only is None or name == only:
-                await self._reread(name, timeout)
+        await self._keyring.refresh_all(timeout, only)
+
+    async def ready(self) -> None:
+        """Raise unless every backend answers and every keyring reads consistently (the
+        answer is reused for a second)."""
+        await self._keyring.ready()
 
     async def close(self) -> None:
-        tasks = self._upkeep_tasks()
+        tasks = self._keyring.tasks()
         if self._refresher is not None:
             tasks.append(self._refresher)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._coalescer.aclose()
-        for name, backend in self._backends.items():
-            try:
-                await self._run(name, backend.close)
-            except SignerdError:
-                log.warning("signerd.backend_close_failed backend=%s", name)
-        for executor in self._executors.values():
-            executor.shutdown(wait=False, cancel_futures=True)
-        self._log_counters()
+        await self._calls.close()
+        self._keyring.log_counters()
 
     # --- reading ------------------------------------------------------------
 
     async def describe(self, key: KeyName) -> KeyInfo:
-        """Read a known key from its backend (the store is the truth) and update the cache.
-
-        A name not in the cache waits for the shared re-read (no search per
-        request). A known key the backend no longer finds is forgotten only
-        when a careful re-read of the keyring proves it gone.
-        """
-        if key not in self._keys:
-            return await self._cached(key)
-        self.counters.key_reads += 1
-        try:
-            return self._store(await self._on(key, lambda b: b.describe(key)))
-        except UnknownKey:
-            name = self.backend_name(key.tenant)
-            if name in self._suspects:
-                raise BackendUnavailable("the keyring is being re-read") from None
-            await self._reread(name)
-            info = self._keys.get(key)
-            if info is None:
-                raise
-            return info
+        """Read a known key from its backend and update the cache (``Keyring.describe``)."""
+        return await self._keyring.describe(key)
 
     @property
     def key_count(self) -> int:
@@ -282,26 +179,9 @@ class KeyService(KeyringUpkeep):
         entry = await self._entry(kid)
         return entry.key, entry.version
 
-    async def _entry(self, kid: str) -> _Entry:
+    async def _entry(self, kid: str) -> Entry:
         entry = self._kids.get(kid)
-        if entry is not None:
-            return entry
-        key, _ = parse_kid(kid)
-        now = time.monotonic()
-        if key in self._keys:
-            # A new version of a key we know: at most one read of it per interval.
-            if now - self._refreshed.get(key, 0.0) >= self.settings.unknown_kid_refresh:
-                self._refreshed[key] = now
-                with contextlib.suppress(UnknownKey):
-                    await self.describe(key)
-        else:
-            # Kids of keys we do not know wait for the shared re-read.
-            with contextlib.suppress(UnknownKey):
-                await self._cached(key)
-        entry = self._kids.get(kid)
-        if entry is None:
-            raise UnknownKid()
-        return entry
+        return entry if entry is not None else await self._keyring.entry(kid)
 
     # --- signing and verifying ----------------------------------------------
 
@@ -332,7 +212,9 @@ class KeyService(KeyringUpkeep):
     ) -> tuple[str, _T]:
         """``sign(version)`` with the active version; after another daemon rotated or retired
         under us (InvalidState, UnknownVersion), learn the keyring again and retry once."""
-        info = await self._cached(key)
+        info = self._keys.get(key)
+        if info is None:
+            info = await self._keyring.cached(key)
         active = info.active
         if active is None:
             raise InvalidState("key has no active version")
@@ -433,7 +315,7 @@ class KeyService(KeyringUpkeep):
                 self._store(await self._on(key, lambda b: b.describe(key)))
             except UnknownKey:
                 if key in self._keys:
-                    await self._reread(self.backend_name(key.tenant))
+                    await self._keyring.reread(self.backend_name(key.tenant))
 
     async def create(self, key: KeyName) -> KeyInfo:
         async with self.admin(key):

@@ -28,7 +28,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..authz._calls import GRANTED, AuditEvent, AuditSink, Gate, Operation, Peer, QueueingAuditSink
+from ..audit import AuditEvent, AuditSink, QueueingAuditSink
+from ..authz import GRANTED, Gate, Operation, Peer
 from ..daemon._journal import log_request
 from ..errors import (
     AuditUnavailable,

@@ -34,9 +34,8 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from ..errors import (
     BackendSealed,
@@ -48,6 +47,7 @@ from ..errors import (
     OutcomeUnknown,
     SignerdError,
 )
+from ..keys import run_change
 from ._idemstore import Entry, IdempotencyStore
 from ._request import Request, Response
 
@@ -70,9 +70,7 @@ STALL_ANSWER = "stall_answer"
 _KEY_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _LOCAL_TIMEOUT = 10.0  # seconds an admin request waits for another one of this process
 _DEFINITE = (BackendSealed, NotSupported)  # 5xx answered before the backend changed anything
-CHANGE_GRACE = 30.0  # seconds a backend change that outlived its timeout is still waited for
 
-_T = TypeVar("_T")
 Made = tuple[Response, str | None]  # the answer of a change found made, and the kid it names
 Intent = Callable[[Request], Awaitable[None]]  # writes the intent record (fails closed)
 
@@ -220,25 +218,3 @@ def unknown(request: Request, kind: str, exc: BaseException) -> None:
         kind,
         code,
     )
-
-
-async def run_change(executor: Executor, fn: Callable[[], _T], timeout: float) -> _T:
-    """``fn()`` (a backend call that changes something) in ``executor``. Past ``timeout``, a
-    call that never started is cancelled (BackendUnavailable: nothing changed); one that
-    started is waited for up to CHANGE_GRACE more, so that the admin lock is held until the
-    backend is done and a retry finds the change made, or not, for certain."""
-    running = executor.submit(fn)
-    result = asyncio.wrap_future(running)
-    try:
-        async with asyncio.timeout(timeout):
-            return await asyncio.shield(result)
-    except TimeoutError as exc:
-        log.error("signerd.backend_timeout change=yes")
-        if running.cancel():
-            raise BackendUnavailable("the key backend did not answer in time") from exc
-    try:
-        async with asyncio.timeout(CHANGE_GRACE):
-            return await asyncio.shield(result)
-    except TimeoutError as exc:
-        log.critical("signerd.backend_change_stuck")
-        raise BackendUnavailable("the key backend did not finish a change") from exc

@@ -21,9 +21,8 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 
-from ..authz._calls import Peer
-from ..authz._peer import _kernel_groups
-from ..authz._policy import names_caller
+from ..authz import Peer, names_caller
+from ..authz import kernel_groups as _kernel_groups
 
 __all__ = ["Strangers"]
 

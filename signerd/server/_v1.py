@@ -15,7 +15,8 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..authz._calls import AuditSink, Call, Operation
+from ..audit import AuditSink
+from ..authz import Call, Operation
 from ..backends import KeyVersion
 from ..errors import (
     InvalidRequest,
@@ -27,7 +28,7 @@ from ..errors import (
     UnknownVersion,
     UnsupportedMediaType,
 )
-from ..keys._service import KeyService
+from ..keys import KeyService
 from ..wire import (
     b64decode,
     b64encode,

@@ -1,0 +1,127 @@
+"""Where a key's backend calls run: one executor per backend, and a tenant's backend.
+
+Backends block, so each has its own thread pool and the event loop never waits
+on one, except for an ``Inline`` backend's signatures in a worker, which run on
+the loop's thread under the worker's ``StallGuard``. A call that changes the
+keyring (``run_change``) is never abandoned once it has started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import TYPE_CHECKING, TypeVar
+
+from ..backends import Backend, Inline
+from ..errors import BackendUnavailable, SignerdError
+from ..wire._names import KeyName
+
+if TYPE_CHECKING:
+    from ..workers import StallGuard
+
+__all__ = ["CHANGE_GRACE", "Executors", "run_change"]
+
+log = logging.getLogger("signerd.keys")
+_admin_log = logging.getLogger("signerd.admin")
+_T = TypeVar("_T")
+
+CHANGE_GRACE = 30.0  # seconds a backend change that outlived its timeout is still waited for
+
+
+class Executors:
+    """The backends by name, each with its executor; tenants routed to their backend."""
+
+    def __init__(
+        self,
+        backends: Mapping[str, Backend],
+        *,
+        default_backend: str,
+        tenant_backends: Mapping[str, str] | None,
+        timeout: float,
+    ) -> None:
+        if default_backend not in backends:
+            raise ValueError(f"default backend {default_backend!r} is not configured")
+        self.backends = dict(backends)
+        self._default = default_backend
+        self._routes = dict(tenant_backends or {})
+        self._timeout = timeout
+        self._executors = {
+            name: ThreadPoolExecutor(
+                max_workers=b.max_concurrency, thread_name_prefix=f"signerd-{name}"
+            )
+            for name, b in self.backends.items()
+        }
+        self._inline = {n: b for n, b in self.backends.items() if isinstance(b, Inline)}
+        #: a worker's guard: ``Inline`` backends sign on the loop's thread under it
+        self.stall_guard: StallGuard | None = None
+
+    def backend_name(self, tenant: str) -> str:
+        return self._routes.get(tenant, self._default)
+
+    async def run(self, backend: str, fn: Callable[[], _T], timeout: float | None = None) -> _T:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout or self._timeout):
+                return await loop.run_in_executor(self._executors[backend], fn)
+        except TimeoutError as exc:
+            log.error("signerd.backend_timeout backend=%s", backend)
+            raise BackendUnavailable("the key backend did not answer in time") from exc
+
+    async def change(self, key: KeyName, call: Callable[[Backend], _T]) -> _T:
+        """``call(backend)``, a keyring change, for ``key``'s backend (``run_change``)."""
+        name = self.backend_name(key.tenant)
+        backend = self.backends[name]
+        return await run_change(self._executors[name], lambda: call(backend), self._timeout)
+
+    async def on(self, key: KeyName, call: Callable[[Backend], _T], *, on_loop: bool = False) -> _T:
+        """``call(backend)`` for ``key``'s backend, in its executor; with ``on_loop`` (signing),
+        on this thread under the worker's ``StallGuard`` when the backend is ``Inline`` and
+        no other thread is in its library."""
+        name = self.backend_name(key.tenant)
+        backend = self.backends[name]
+        inline, guard = self._inline.get(name), self.stall_guard
+        if on_loop and inline is not None and guard is not None and inline.try_enter():
+            try:
+                return guard.call(
+                    lambda: call(backend),
+                    self._timeout,
+                    "token",
+                    BackendUnavailable,
+                )
+            finally:
+                inline.leave()
+        return await self.run(name, lambda: call(backend))
+
+    async def close(self) -> None:
+        """Close every backend (within the timeout), then stop the executors."""
+        for name, backend in self.backends.items():
+            try:
+                await self.run(name, backend.close)
+            except SignerdError:
+                log.warning("signerd.backend_close_failed backend=%s", name)
+        for executor in self._executors.values():
+            executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def run_change(executor: Executor, fn: Callable[[], _T], timeout: float) -> _T:
+    """``fn()`` (a backend call that changes something) in ``executor``. Past ``timeout``, a
+    call that never started is cancelled (BackendUnavailable: nothing changed); one that
+    started is waited for up to CHANGE_GRACE more, so that the admin lock is held until the
+    backend is done and a retry finds the change made, or not, for certain."""
+    running = executor.submit(fn)
+    result = asyncio.wrap_future(running)
+    try:
+        async with asyncio.timeout(timeout):
+            return await asyncio.shield(result)
+    except TimeoutError as exc:
+        _admin_log.error("signerd.backend_timeout change=yes")
+        if running.cancel():
+            raise BackendUnavailable("the key backend did not answer in time") from exc
+    try:
+        async with asyncio.timeout(CHANGE_GRACE):
+            return await asyncio.shield(result)
+    except TimeoutError as exc:
+        _admin_log.critical("signerd.backend_change_stuck")
+        raise BackendUnavailable("the key backend did not finish a change") from exc
