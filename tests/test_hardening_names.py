@@ -17,7 +17,7 @@ import pytest
 from signerd._config import ConfigError, parse
 from signerd.authz._peer import unit_from_cgroup
 from signerd.authz._policy import policy_from_config
-from signerd.backends.vault._auth import parse_settings
+from signerd.backends.vault import parse_settings
 from signerd.errors import InvalidKeyName, UnknownKid, UnknownVersion
 from signerd.wire._names import KeyName, parse_kid, parse_version, valid_part
 from signerd.wire._strict_json import request_id_from

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from signerd.backends.vault._backend import VaultBackend, from_config
+from signerd.backends.vault import VaultBackend, from_config
 from signerd.errors import BackendSealed, BackendUnavailable, SignerdError
 from signerd.wire._names import KeyName
 

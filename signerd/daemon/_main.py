@@ -34,7 +34,7 @@ from .._config import Config, ConfigError, load
 from ..audit._trail import AuditTrail, audit_from_config
 from ..authz._peer import peer_of
 from ..authz._policy import Policy, policy_from_config
-from ..backends import Backend, load_factory
+from ..backends import Backend, CredentialsRefused, load_factory
 from ..errors import SignerdError
 from ..federation._routes import Federation, attach, federation_of
 from ..keys._service import KeyService
@@ -279,24 +279,10 @@ def _monotonic_usec() -> str:
 
 def _credentials_refused(exc: BaseException) -> str | None:
     """Why a start-up failure is the configuration's fault (a refused PIN/token), or None."""
-    refused: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionError)
-    try:
-        import pkcs11.exceptions as p11e
-
-        refused += (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange, p11e.PinLocked)
-        refused += (p11e.PinExpired, p11e.NoSuchToken)
-    except ImportError:
-        pass
-    try:
-        import hvac.exceptions as hve
-
-        refused += (hve.Forbidden, hve.Unauthorized)
-    except ImportError:
-        pass
-    cause = exc.__cause__
+    cause: BaseException | None = exc
     while cause is not None:
-        if isinstance(cause, refused):
-            return type(cause).__name__
+        if isinstance(cause, CredentialsRefused):
+            return cause.reason
         cause = cause.__cause__
     return None
 
