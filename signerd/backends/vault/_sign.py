@@ -17,6 +17,10 @@ to repeat), one re-login on 401/403, and Vault's error answers translated
 through the same hvac exception classes, so that a sealed Vault is
 ``BackendSealed``, a refusal keeps its ``errors`` for classification, and a 404
 is ``NotFoundInVault``. The token is never logged.
+
+The answers are read here too: each item's signature, or its error in place
+(``parse_signature``), and a refused sign mapped to the precise error
+(``sign_refusal``).
 """
 
 from __future__ import annotations
