@@ -297,14 +297,14 @@ def seed_token(
     Going through the API would take minutes: every rotation searches the
     token, and SoftHSM's search reads every object. The layout (key pairs
     labelled with their kid, one metadata object per key) comes from
-    ``signerd.backends.pkcs11._backend`` itself, and the daemon must then list every version.
+    ``signerd.backends.pkcs11`` itself, and the daemon must then list every version.
     """
     import pkcs11
     from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
     from pkcs11.util.ec import encode_named_curve_parameters
 
     from signerd.backends import VersionState
-    from signerd.backends.pkcs11._backend import APPLICATION, ED25519_OID, _Meta, _meta_label
+    from signerd.backends.pkcs11 import APPLICATION, ED25519_OID, KeyMeta, meta_label
     from signerd.wire._names import KeyName
 
     session = pkcs11.lib(module).get_token(token_label=label).open(user_pin=pin, rw=True)
@@ -344,8 +344,8 @@ def seed_token(
                 Attribute.PRIVATE: True,
                 Attribute.MODIFIABLE: False,
                 Attribute.APPLICATION: APPLICATION,
-                Attribute.LABEL: _meta_label(key),
-                Attribute.VALUE: _Meta(seq=1, versions=states).encode(),
+                Attribute.LABEL: meta_label(key),
+                Attribute.VALUE: KeyMeta(seq=1, versions=states).encode(),
             }
         )
     session.close()

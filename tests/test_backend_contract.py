@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from signerd.backends import Backend, Destroyer, VersionState, load_factory
-from signerd.errors import KeyExists, SignerdError, UnknownKey, UnknownVersion
+from signerd.backends import Backend, Destroyer, VersionState, backend_type, load_factory
+from signerd.errors import KeyExists, NotSupported, SignerdError, UnknownKey, UnknownVersion
 from signerd.wire._names import KeyName
 
 from .conftest import pkcs11_backend_config, unique
@@ -181,3 +183,29 @@ def test_list_keys_includes_created_keys(backend: Backend) -> None:
 def test_check_passes_on_a_healthy_store(backend: Backend) -> None:
     """check() returns quietly when the store is reachable and logged in."""
     backend.check()
+
+
+def test_registry_parse_refuses_a_misspelt_key_without_contacting_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """parse() names a misspelt backend key and accepts a good table, loading no PKCS#11 library and opening no connection."""
+    import pkcs11
+
+    def refuse(*args: object, **kwargs: object) -> Any:
+        raise AssertionError("parse contacted the store")
+
+    monkeypatch.setattr(pkcs11, "lib", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    token = tmp_path / "token"
+    token.write_text("s.not-a-real-token\n")
+    vault = {"type": "vault", "addr": "http://127.0.0.1:8200", "token_file": str(token)}
+    tables = {"pkcs11": pkcs11_backend_config(), "vault": vault}
+    for kind, table in tables.items():
+        entry = backend_type(kind)
+        assert entry.parse(table) is not None
+        misspelt = {**table, "tokn_file": str(token)}
+        with pytest.raises(ValueError, match=r"^tokn_file: unknown key \(known: "):
+            entry.parse(misspelt)
+    with pytest.raises(NotSupported, match="unknown backend type 'hsm'"):
+        backend_type("hsm")

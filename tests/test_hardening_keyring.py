@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from signerd.backends.pkcs11._backend import from_config
+from signerd.backends.pkcs11 import from_config
 from signerd.wire._names import KeyName
 
 from ._rawhttp import Reply, _UnixConnection, request
@@ -258,7 +258,7 @@ def _labels_on_token(prefix: str) -> list[str]:
 
 def test_malformed_objects_are_skipped_and_logged_once(busy_daemon: DaemonProcess) -> None:
     """A key named `feedback\\n` and undecodable metadata on the token never fail JWKS or listing."""
-    from signerd.backends.pkcs11._backend import label_digest
+    from signerd.backends.pkcs11 import label_digest
 
     d = busy_daemon
     plain = lambda *a: request(str(d.socket_path), *a)  # noqa: E731

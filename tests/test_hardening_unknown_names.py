@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from signerd.backends.pkcs11._backend import from_config
+from signerd.backends.pkcs11 import from_config
 from signerd.wire._names import KeyName
 
 from ._rawhttp import request

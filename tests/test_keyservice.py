@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from signerd.backends import VersionState
-from signerd.backends.pkcs11._backend import from_config
+from signerd.backends.pkcs11 import from_config
 from signerd.errors import (
     BackendUnavailable,
     ConfirmationRequired,

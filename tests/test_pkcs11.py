@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from pkcs11 import KeyType
 
-from signerd.backends.pkcs11._backend import Pkcs11Backend, from_config
+from signerd.backends import CredentialsRefused
+from signerd.backends.pkcs11 import Pkcs11Backend, from_config
+from signerd.backends.pkcs11._session import TokenSession
+from signerd.errors import BackendUnavailable
 from signerd.wire._names import KeyName
 
 from .conftest import pkcs11_backend_config, unique
@@ -41,3 +45,38 @@ def test_private_keys_read_back_sensitive_and_never_extractable(backend: Pkcs11B
         assert attrs["LOCAL"] is True, (kid, attrs)
         assert attrs["ALWAYS_SENSITIVE"] is True, (kid, attrs)
         assert attrs["NEVER_EXTRACTABLE"] is True, (kid, attrs)
+
+
+def test_refused_pin_is_credentials_refused_on_the_wire_as_backend_unavailable(
+    tmp_path: Path,
+) -> None:
+    """A PIN the token refuses raises CredentialsRefused naming PinIncorrect, whose wire code is backend_unavailable."""
+    pin = tmp_path / "wrong.pin"
+    pin.write_text("Wr0ng-pin-zq\n")
+    backend = from_config({**pkcs11_backend_config(), "pin_file": str(pin)})
+    try:
+        with pytest.raises(CredentialsRefused) as refused:
+            backend.list_keys()
+    finally:
+        backend.close()
+    assert refused.value.reason == "PinIncorrect"
+    assert isinstance(refused.value, BackendUnavailable)
+    assert refused.value.code == "backend_unavailable" and refused.value.status == 503
+    assert "Wr0ng" not in refused.value.message
+
+
+def test_a_bug_while_connecting_is_not_reported_as_a_token_outage(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A programming error (TypeError) while opening the session propagates as itself, never as backend_unavailable."""
+
+    def broken(self: TokenSession, lib: object) -> object:
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(TokenSession, "_find_token", broken)
+    backend = from_config(pkcs11_backend_config())
+    try:
+        with pytest.raises(TypeError, match="a bug"):
+            backend.list_keys()
+    finally:
+        backend.close()

@@ -14,7 +14,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from signerd.backends import Destroyer, KeyInfo, VersionState, load_factory
-from signerd.backends.vault._backend import VaultBackend, _signature, from_config
+from signerd.backends.vault import VaultBackend, from_config
+from signerd.backends.vault._sign import parse_signature as _signature
 from signerd.errors import (
     BackendError,
     BackendUnavailable,

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from signerd.backends.vault._backend import VaultBackend, from_config
+from signerd.backends import CredentialsRefused
+from signerd.backends.vault import VaultBackend, from_config
 from signerd.errors import BackendSealed, BackendUnavailable, SignerdError
 from signerd.wire._names import KeyName
 
@@ -206,7 +207,9 @@ def test_revoked_token_file_token(bao: FileServer, make: Any, key: KeyName) -> N
     attempts = backend.transport.auth.login_attempts
     bao.api("POST", "auth/token/revoke", {"token": token})
     elapsed, err = timed(lambda: backend.sign(key, 1, [b"x"]))
-    assert type(err) is BackendUnavailable and elapsed < TIMEOUT
+    # on the wire plain backend_unavailable; in the daemon a refusal (exit 78 at start-up)
+    assert isinstance(err, CredentialsRefused) and err.reason == "Forbidden"
+    assert err.code == "backend_unavailable" and elapsed < TIMEOUT
     assert backend.transport.auth.login_attempts == attempts + 1
     assert bao.audited_requests("auth/token/lookup-self") == lookups + 1
     # the operator writes a new token to the file: the next call logs in with it

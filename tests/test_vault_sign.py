@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from signerd.backends.vault._backend import VaultBackend, from_config
-from signerd.backends.vault._sign import SignClient
+from signerd.backends.vault import SignClient, VaultBackend, from_config
 from signerd.errors import BackendError, BackendUnavailable, UnknownKey, UnknownVersion
 from signerd.wire._names import KeyName
 

@@ -10,7 +10,11 @@ same token or Vault see the same keys.
 The backend persists states; the key service decides which transitions are
 allowed (see ``_lifecycle``). Third-party exceptions never leave a backend:
 each is translated into the most specific ``signerd.errors`` class with
-``raise ... from exc``.
+``raise ... from exc``; credentials the store refuses are ``CredentialsRefused``.
+
+Each backend is a package (``pkcs11``, ``vault``) exporting ``parse_settings``
+(validate its configuration table, contacting nothing) and ``build``; the
+registry imports it only when a configuration names it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from ..errors import NotSupported, SignerdError
+from ..errors import BackendUnavailable, NotSupported, SignerdError
 from ..wire import VersionState as VersionState
 from ..wire._names import KeyName
 
@@ -152,12 +156,66 @@ class Inline(Protocol):
         ...
 
 
+class CredentialsRefused(BackendUnavailable):
+    """The store refused signerd's credentials (a PIN, a Vault token), or has no token by
+    the configured name: at start-up a configuration error (exit 78), not an outage to
+    wait out. On the wire it is ``backend_unavailable``, like any other unavailability.
+
+    ``reason`` names what refused (an exception class name, e.g. ``PinIncorrect``); it
+    never carries a PIN, a token or a path.
+    """
+
+    def __init__(self, message: str | None = None, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class BackendPackage(Protocol):
+    """What a backend package exports for the registry."""
+
+    def parse_settings(self, table: Mapping[str, Any]) -> Any:
+        """Validate a backend table; ValueError names the bad key. Contacts nothing."""
+        ...
+
+    def build(self, settings: Any) -> Backend:
+        """The backend for settings ``parse_settings`` returned."""
+        ...
+
+
+@dataclass(frozen=True)
+class BackendType:
+    """One registry entry: a backend type, its package imported only when used."""
+
+    name: str
+    package: str
+
+    def load(self) -> BackendPackage:
+        """The backend's package; a missing optional dependency is a clear NotSupported
+        naming the extra to install, never an ImportError at start-up."""
+        try:
+            module: BackendPackage = importlib.import_module(self.package)
+        except ImportError as exc:
+            raise NotSupported(
+                f"backend {self.name!r} needs an optional dependency: "
+                f"pip install 'signerd[{self.name}]' ({exc.name})"
+            ) from exc
+        return module
+
+    def parse(self, table: Mapping[str, Any]) -> Any:
+        """Validate a backend table without contacting the store (ValueError names the key)."""
+        return self.load().parse_settings(table)
+
+    def build(self, settings: Any) -> Backend:
+        """The backend for what ``parse`` returned (may contact the store)."""
+        return self.load().build(settings)
+
+
 BackendFactory = Callable[[Mapping[str, Any]], Backend]
 
-#: backend type name -> "module:factory"; imported only when configured
-_REGISTRY: dict[str, str] = {
-    "pkcs11": "signerd.backends.pkcs11._backend:from_config",
-    "vault": "signerd.backends.vault._backend:from_config",
+#: backend type name -> its package; imported only when configured
+_REGISTRY: dict[str, BackendType] = {
+    "pkcs11": BackendType("pkcs11", "signerd.backends.pkcs11"),
+    "vault": BackendType("vault", "signerd.backends.vault"),
 }
 
 
@@ -165,21 +223,24 @@ def backend_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def backend_type(kind: str) -> BackendType:
+    """The registry entry for a backend type; NotSupported for an unknown one."""
+    entry = _REGISTRY.get(kind)
+    if entry is None:
+        raise NotSupported(f"unknown backend type {kind!r}; known: {', '.join(backend_types())}")
+    return entry
+
+
 def load_factory(kind: str) -> BackendFactory:
-    """The factory for a backend type, imported lazily.
+    """A factory (table -> backend: ``parse`` then ``build``), its package imported now.
 
     A missing optional dependency becomes a clear error naming the extra to
     install, never an ImportError at start-up.
     """
-    target = _REGISTRY.get(kind)
-    if target is None:
-        raise NotSupported(f"unknown backend type {kind!r}; known: {', '.join(backend_types())}")
-    module_name, _, attr = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise NotSupported(
-            f"backend {kind!r} needs an optional dependency: pip install 'signerd[{kind}]' ({exc.name})"
-        ) from exc
-    factory: BackendFactory = getattr(module, attr)
+    entry = backend_type(kind)
+    package = entry.load()
+
+    def factory(table: Mapping[str, Any]) -> Backend:
+        return package.build(package.parse_settings(table))
+
     return factory

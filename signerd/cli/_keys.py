@@ -96,10 +96,10 @@ def _keys_destroy(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
 def _keys_purge_invalid(a: argparse.Namespace) -> int:
     """Offline: remove keys with invalid names from each PKCS#11 token of a configuration."""
     from .._config import ConfigError, load
-    from ..keys._keyring import purge_invalid
+    from ..backends.pkcs11 import purge_invalid
 
     try:
-        removed = purge_invalid(load(a.config), dry_run=a.dry_run)
+        removed = purge_invalid(load(a.config).backends, dry_run=a.dry_run)
     except ConfigError as exc:
         raise Failure(os.EX_CONFIG, "invalid_config", str(exc)) from None
     verb = "would remove" if a.dry_run else "removed"

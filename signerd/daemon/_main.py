@@ -26,6 +26,7 @@ import sys
 from collections.abc import Sequence
 
 from .._config import ConfigError, load
+from ..backends import CredentialsRefused
 from ..errors import SignerdError
 from ._assemble import check
 from ._journal import setup_logging
@@ -39,24 +40,10 @@ __all__ = ["exit_code", "main"]
 
 def _credentials_refused(exc: BaseException) -> str | None:
     """Why a start-up failure is the configuration's fault (a refused PIN/token), or None."""
-    refused: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionError)
-    try:
-        import pkcs11.exceptions as p11e
-
-        refused += (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange, p11e.PinLocked)
-        refused += (p11e.PinExpired, p11e.NoSuchToken)
-    except ImportError:
-        pass
-    try:
-        import hvac.exceptions as hve
-
-        refused += (hve.Forbidden, hve.Unauthorized)
-    except ImportError:
-        pass
-    cause = exc.__cause__
+    cause: BaseException | None = exc
     while cause is not None:
-        if isinstance(cause, refused):
-            return type(cause).__name__
+        if isinstance(cause, CredentialsRefused):
+            return cause.reason
         cause = cause.__cause__
     return None
 

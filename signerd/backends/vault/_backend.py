@@ -1,32 +1,8 @@
-"""Vault / OpenBao transit backend.
+"""Vault / OpenBao transit backend: the ``Backend`` protocol over transit and KV v2.
 
-Each signerd key is one transit key of type ``ed25519`` named
-``<key_prefix><tenant>.<name>`` (``.`` cannot occur in a tenant or a name, so
-the mapping is one to one), in the tenant's mount from ``tenant_mounts`` or
-else in ``mount``. Keys are created with ``exportable=false`` and
-``allow_plaintext_backup=false``: private material never leaves Vault.
-
-Versions are transit versions, and their states are read from Vault alone, so
-that several daemons pointed at the same Vault agree:
-
-- ``destroyed``: below ``min_available_version`` (trimmed from transit);
-- ``retired``: below ``min_decryption_version``, or listed as retired in the
-  key's metadata record (see below);
-- ``active``: ``min_encryption_version`` when it is set, else the latest
-  version (Vault itself then refuses to sign with anything older);
-- ``pending``: above the active version;
-- ``verify-only``: the rest.
-
-Transit cannot hold two things, kept in a KV v2 record per key at
-``<metadata_mount>/data/<mount>/<transit key name>``, written with
-check-and-set: versions retired out of order (a pending version, or a version
-above one still verify-only, since ``min_decryption_version`` is a floor), and
-the public keys and creation times of versions below the floor, which transit
-stops returning once they are archived or trimmed. The record is read with
-each description; a missing record means "nothing out of order".
-
-Destroy trims with ``min_available_version``, which only cuts from the oldest
-version up: a version can be destroyed once every older one is destroyed.
+How transit versions and the metadata record map to version states is
+``_states``; requests and their errors are ``_http``; signs take the fast path
+in ``_sign``.
 
 The same configuration works against HashiCorp Vault (same transit, KV v2,
 token and AppRole API). The token needs: ``<mount>/keys/*`` (create, read,
@@ -39,12 +15,12 @@ renew-self).
 from __future__ import annotations
 
 import base64
-import binascii
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from datetime import datetime
+from dataclasses import replace
 from typing import Any
+
+import hvac
 
 from ...errors import (
     BackendError,
@@ -57,65 +33,22 @@ from ...errors import (
     UnknownVersion,
 )
 from ...wire._names import KeyName, valid_part
-from .. import KeyInfo, KeyVersion, VersionState
-from ._auth import (
-    Json,
-    NotFoundInVault,
-    Transport,
-    VaultSettings,
-    build_transport,
-    connection_failed,
-    parse_settings,
-)
-from ._sign import SignClient
+from .. import KeyInfo, VersionState
+from ._auth import Auth
+from ._http import Json, NotFoundInVault, Transport, connection_failed
+from ._settings import VaultSettings, parse_settings
+from ._sign import SignClient, parse_signature, sign_refusal
+from ._states import ForeignKey, Record, Transit, key_info, malformed, record_of, transit_of
 
 log = logging.getLogger("signerd.vault")
 
 _CAS_ATTEMPTS = 5
 
 
-class _ForeignKey(BackendError):
-    """A transit key under signerd's name that is not an Ed25519 key."""
-
-
-@dataclass(frozen=True)
-class _Transit:
-    """What transit says about one key."""
-
-    latest: int
-    min_available: int
-    min_decryption: int
-    min_encryption: int
-    keys: Mapping[int, tuple[bytes, int]]  # version -> (public key, created_at)
-
-    @property
-    def active(self) -> int:
-        return self.min_encryption or self.latest
-
-
-@dataclass(frozen=True)
-class _Meta:
-    """The key's metadata record in KV v2 (what transit cannot hold)."""
-
-    retired: frozenset[int] = frozenset()
-    archived: Mapping[int, tuple[bytes, int]] = field(default_factory=dict)
-    cas: int = 0  # KV version the record was read at (0: no record)
-
-    def to_json(self) -> Json:
-        return {
-            "format": 1,
-            "retired": sorted(self.retired),
-            "archived": {
-                str(v): {"public_key": base64.b64encode(pk).decode("ascii"), "created_at": ts}
-                for v, (pk, ts) in sorted(self.archived.items())
-            },
-        }
-
-
 class VaultBackend:
     """Keys in Vault / OpenBao transit; see the module docstring for the mapping."""
 
-    def __init__(self, settings: VaultSettings, transport: Transport) -> None:
+    def __init__(self, settings: VaultSettings, transport: Transport[Auth]) -> None:
         self.settings = settings
         self.transport = transport
         # signs skip hvac: kept-alive http.client connections, hvac's token (see _vault_sign)
@@ -151,47 +84,19 @@ class VaultBackend:
 
     # --- reading ---
 
-    def _read_transit(self, key: KeyName) -> _Transit:
+    def _read_transit(self, key: KeyName) -> Transit:
         try:
             answer = self.transport.request("GET", self._key_path(key))
         except NotFoundInVault as exc:
             raise UnknownKey() from exc
-        try:
-            data = answer["data"]
-            if data["type"] != "ed25519":
-                log.error("signerd.vault.foreign_key key=%s type=%s", key, data["type"])
-                raise _ForeignKey("the Vault key is not an Ed25519 key")
-            keys = {
-                int(v): (_raw_public_key(k["public_key"]), _unix(k["creation_time"]))
-                for v, k in data["keys"].items()
-            }
-            return _Transit(
-                latest=int(data["latest_version"]),
-                min_available=int(data["min_available_version"]),
-                min_decryption=int(data["min_decryption_version"]),
-                min_encryption=int(data["min_encryption_version"]),
-                keys=keys,
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise _malformed("transit key", exc) from exc
+        return transit_of(key, answer)
 
-    def _read_meta(self, key: KeyName, *, for_write: bool = False) -> _Meta:
+    def _read_meta(self, key: KeyName, *, for_write: bool = False) -> Record:
         try:
             answer = self.transport.request("GET", self._meta_path(key))
         except NotFoundInVault:
-            return _Meta(cas=self._meta_version(key) if for_write else 0)
-        try:
-            data = answer["data"]["data"] or {}
-            return _Meta(
-                retired=frozenset(int(v) for v in data.get("retired", ())),
-                archived={
-                    int(v): (_raw_public_key(a["public_key"]), int(a["created_at"]))
-                    for v, a in data.get("archived", {}).items()
-                },
-                cas=int(answer["data"]["metadata"]["version"]),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise _malformed("metadata record", exc) from exc
+            return Record(cas=self._meta_version(key) if for_write else 0)
+        return record_of(answer)
 
     def _meta_version(self, key: KeyName) -> int:
         """The record's KV version for check-and-set when its data cannot be read."""
@@ -201,12 +106,12 @@ class VaultBackend:
         except NotFoundInVault:
             return 0
         except (KeyError, TypeError, ValueError) as exc:
-            raise _malformed("metadata record", exc) from exc
+            raise malformed("metadata record", exc) from exc
 
-    def _read(self, key: KeyName) -> tuple[_Transit, _Meta, KeyInfo]:
+    def _read(self, key: KeyName) -> tuple[Transit, Record, KeyInfo]:
         transit = self._read_transit(key)
         meta = self._read_meta(key)
-        return transit, meta, _describe(key, transit, meta)
+        return transit, meta, key_info(key, transit, meta)
 
     # --- writing ---
 
@@ -216,7 +121,7 @@ class VaultBackend:
         except NotFoundInVault as exc:
             raise UnknownKey() from exc
 
-    def _update_meta(self, key: KeyName, change: Callable[[_Meta], _Meta]) -> None:
+    def _update_meta(self, key: KeyName, change: Callable[[Record], Record]) -> None:
         """Read-modify-write the metadata record with check-and-set."""
         for _ in range(_CAS_ATTEMPTS):
             meta = self._read_meta(key, for_write=True)
@@ -244,7 +149,7 @@ class VaultBackend:
             except NotFoundInVault:
                 continue
             except (KeyError, TypeError) as exc:
-                raise _malformed("key list", exc) from exc
+                raise malformed("key list", exc) from exc
             for transit_name in names:
                 key = self._parse_name(str(transit_name))
                 if key is not None and self._mount(key) == mount:
@@ -253,7 +158,7 @@ class VaultBackend:
         for key in sorted(found):
             try:
                 infos.append(self.describe(key))
-            except (UnknownKey, _ForeignKey):
+            except (UnknownKey, ForeignKey):
                 continue  # deleted since the listing, or not a signing key of ours
             except BackendError:
                 # One unreadable key never fails the whole listing (the key service
@@ -280,7 +185,7 @@ class VaultBackend:
         meta = self._read_meta(key)
         if meta.retired or meta.archived:
             # left over from an earlier key of the same name deleted outside signerd
-            self._update_meta(key, lambda m: _Meta(cas=m.cas))
+            self._update_meta(key, lambda m: Record(cas=m.cas))
         info = self.describe(key)
         log.info("signerd.vault.create key=%s", key)
         return info
@@ -353,13 +258,13 @@ class VaultBackend:
         log.info("signerd.vault.set_state key=%s version=%s state=%s", key, version, state)
         return info
 
-    def _retire(self, key: KeyName, transit: _Transit, meta: _Meta, version: int) -> None:
+    def _retire(self, key: KeyName, transit: Transit, meta: Record, version: int) -> None:
         if version == transit.min_decryption and version < transit.active:
             self._raise_floor(key, transit, meta, version)
             return
         self._update_meta(key, lambda m: replace(m, retired=m.retired | {version}))
 
-    def _raise_floor(self, key: KeyName, transit: _Transit, meta: _Meta, version: int) -> int:
+    def _raise_floor(self, key: KeyName, transit: Transit, meta: Record, version: int) -> int:
         """Retire ``version`` (== min_decryption_version) by raising the floor past it.
 
         The floor also moves past versions already retired out of order just
@@ -373,7 +278,7 @@ class VaultBackend:
             v: transit.keys[v] for v in range(transit.min_decryption, floor) if v in transit.keys
         }
 
-        def archive(m: _Meta) -> _Meta:
+        def archive(m: Record) -> Record:
             return replace(m, archived={**m.archived, **moving})
 
         self._update_meta(key, archive)
@@ -429,16 +334,16 @@ class VaultBackend:
         except NotFoundInVault as exc:
             raise UnknownKey() from exc
         except BackendError as exc:
-            raise _sign_refusal(exc) from exc.__cause__
+            raise sign_refusal(exc) from exc.__cause__
         try:
             data = answer["data"]
             results = data["batch_results"] if len(encoded) > 1 else [data]
             if len(results) != len(items):
                 raise ValueError(f"{len(results)} results for {len(items)} items")
         except (KeyError, TypeError, ValueError) as exc:
-            raise _malformed("sign answer", exc) from exc
+            raise malformed("sign answer", exc) from exc
         causes: list[str] = []
-        signed = [_signature(result, version, causes) for result in results]
+        signed = [parse_signature(result, version, causes) for result in results]
         if causes:
             log.warning(
                 "signerd.vault.sign_refused key=%s version=%s failed=%s of=%s cause=%s",
@@ -459,90 +364,27 @@ class VaultBackend:
         self.transport.close()
 
 
-def _describe(key: KeyName, transit: _Transit, meta: _Meta) -> KeyInfo:
-    active = transit.active
-    versions = []
-    for v in range(1, transit.latest + 1):
-        if v < transit.min_available:
-            state = VersionState.DESTROYED
-        elif v < transit.min_decryption:
-            state = VersionState.RETIRED
-        elif v == active:
-            state = VersionState.ACTIVE
-        elif v in meta.retired:
-            state = VersionState.RETIRED
-        elif v > active:
-            state = VersionState.PENDING
-        else:
-            state = VersionState.VERIFY_ONLY
-        public_key, created_at = transit.keys.get(v) or meta.archived.get(v) or (b"", 0)
-        if not public_key:
-            log.warning("signerd.vault.public_key_missing key=%s version=%s", key, v)
-        versions.append(KeyVersion(v, key.kid(v), state, public_key, created_at))
-    return KeyInfo(key, tuple(versions))
+def build_transport(settings: VaultSettings) -> Transport[Auth]:
+    def make() -> Any:
+        client = hvac.Client(
+            url=settings.addr,
+            namespace=settings.namespace,
+            verify=settings.ca_file or True,
+            timeout=settings.timeout,
+        )
+        # Vault is reached directly: no proxy or CA bundle from the environment
+        # (and no scan of os.environ on every request, a quarter of a sign's cost)
+        client.adapter.session.trust_env = False
+        return client
+
+    return Transport(make, Auth(settings.source, make))
 
 
-_SIGN_REFUSALS: tuple[tuple[str, type[SignerdError], str], ...] = (
-    ("less than the minimum encryption", InvalidState, "version no longer signs"),
-    ("higher than the latest", UnknownVersion, ""),
-    ("signing key not found", UnknownKey, ""),
-)
-
-
-def _classify(text: str) -> SignerdError | None:
-    """The precise error for Vault's refusal of a sign, when it has one."""
-    for needle, cls, message in _SIGN_REFUSALS:
-        if needle in text:
-            return cls(message or None)
-    return None
-
-
-def _sign_refusal(exc: BackendError) -> SignerdError:
-    return _classify(" ".join(getattr(exc.__cause__, "errors", None) or ())) or exc
-
-
-def _signature(result: Any, version: int, causes: list[str]) -> bytes | SignerdError:
-    """One signature from a sign answer, or the item's error in place (cause noted)."""
-    try:
-        if result.get("error"):
-            causes.append(str(result["error"]))
-            return _classify(str(result["error"])) or BackendError("Vault refused to sign")
-        prefix, tag, encoded = str(result["signature"]).split(":")
-        if prefix != "vault" or tag != f"v{version}":
-            causes.append(f"asked for v{version}, Vault signed with {tag[:12]}")
-            return BackendError("Vault signed with another key version")
-        signature = base64.b64decode(encoded, validate=True)
-        if len(signature) != 64:
-            raise ValueError(f"signature of {len(signature)} bytes")
-        return signature
-    except (AttributeError, KeyError, TypeError, ValueError, binascii.Error) as exc:
-        causes.append(f"malformed signature: {type(exc).__name__}")
-        return BackendError("Vault answered a malformed signature")
-
-
-def _raw_public_key(text: Any) -> bytes:
-    raw = base64.b64decode(str(text), validate=True)
-    if len(raw) != 32:
-        raise ValueError(f"public key of {len(raw)} bytes")
-    return raw
-
-
-def _unix(text: Any) -> int:
-    """Unix seconds from transit's RFC 3339 creation time (nanosecond fraction)."""
-    stamp = str(text)
-    head, dot, rest = stamp.partition(".")
-    if dot:  # drop the fraction, keep the zone
-        zone = rest.lstrip("0123456789")
-        stamp = head + zone
-    return int(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
-
-
-def _malformed(what: str, exc: BaseException) -> BackendError:
-    log.error("signerd.vault.malformed_answer what=%s cause=%s: %s", what, type(exc).__name__, exc)
-    return BackendError("Vault answered something signerd does not understand")
+def build(settings: VaultSettings) -> VaultBackend:
+    """The backend for a parsed table (Vault is contacted at the first call)."""
+    return VaultBackend(settings, build_transport(settings))
 
 
 def from_config(cfg: Mapping[str, Any]) -> VaultBackend:
     """A backend from its configuration table (keys: see ``parse_settings``)."""
-    settings = parse_settings(cfg)
-    return VaultBackend(settings, build_transport(settings))
+    return build(parse_settings(cfg))

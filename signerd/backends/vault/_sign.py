@@ -17,10 +17,16 @@ to repeat), one re-login on 401/403, and Vault's error answers translated
 through the same hvac exception classes, so that a sealed Vault is
 ``BackendSealed``, a refusal keeps its ``errors`` for classification, and a 404
 is ``NotFoundInVault``. The token is never logged.
+
+The answers are read here too: each item's signature, or its error in place
+(``parse_signature``), and a refused sign mapped to the precise error
+(``sign_refusal``).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import json
 import logging
@@ -36,8 +42,17 @@ import httptools
 import hvac.exceptions
 import hvac.utils
 
-from ...errors import BackendError, BackendUnavailable
-from ._auth import Auth, Json, NotFoundInVault, VaultSettings, translate
+from ...errors import (
+    BackendError,
+    BackendUnavailable,
+    InvalidState,
+    SignerdError,
+    UnknownKey,
+    UnknownVersion,
+)
+from ._auth import Auth
+from ._http import Json, NotFoundInVault, translate
+from ._settings import VaultSettings
 
 log = logging.getLogger("signerd.vault")
 
@@ -284,3 +299,43 @@ def _vault_error(status: int, answer: bytes, path: str) -> hvac.exceptions.Vault
 def _log_cause(exc: BaseException, code: str) -> None:
     cause = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
     log.warning("signerd.vault.request_failed code=%s cause=%s", code, cause)
+
+
+# --- answers ---
+
+_SIGN_REFUSALS: tuple[tuple[str, type[SignerdError], str], ...] = (
+    ("less than the minimum encryption", InvalidState, "version no longer signs"),
+    ("higher than the latest", UnknownVersion, ""),
+    ("signing key not found", UnknownKey, ""),
+)
+
+
+def _classify(text: str) -> SignerdError | None:
+    """The precise error for Vault's refusal of a sign, when it has one."""
+    for needle, cls, message in _SIGN_REFUSALS:
+        if needle in text:
+            return cls(message or None)
+    return None
+
+
+def sign_refusal(exc: BackendError) -> SignerdError:
+    return _classify(" ".join(getattr(exc.__cause__, "errors", None) or ())) or exc
+
+
+def parse_signature(result: Any, version: int, causes: list[str]) -> bytes | SignerdError:
+    """One signature from a sign answer, or the item's error in place (cause noted)."""
+    try:
+        if result.get("error"):
+            causes.append(str(result["error"]))
+            return _classify(str(result["error"])) or BackendError("Vault refused to sign")
+        prefix, tag, encoded = str(result["signature"]).split(":")
+        if prefix != "vault" or tag != f"v{version}":
+            causes.append(f"asked for v{version}, Vault signed with {tag[:12]}")
+            return BackendError("Vault signed with another key version")
+        signature = base64.b64decode(encoded, validate=True)
+        if len(signature) != 64:
+            raise ValueError(f"signature of {len(signature)} bytes")
+        return signature
+    except (AttributeError, KeyError, TypeError, ValueError, binascii.Error) as exc:
+        causes.append(f"malformed signature: {type(exc).__name__}")
+        return BackendError("Vault answered a malformed signature")
