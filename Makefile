@@ -56,6 +56,7 @@ check: deps
 	$(VENV)/bin/ruff check signerd tests bench examples
 	$(VENV)/bin/ruff format --check signerd tests bench examples
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 bench: deps
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m bench.run $(BENCH_ARGS)

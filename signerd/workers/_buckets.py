@@ -19,33 +19,22 @@ unless it was used within the last few moments.
 from __future__ import annotations
 
 import ctypes
-import errno
 import hashlib
 import mmap
-import os
 import struct
 from collections.abc import Hashable
+
+from ._shm import MUTEX_BYTES, acquire, init_mutexes, release
 
 __all__ = ["SharedBuckets"]
 
 SLOT = 32
 GROUP = 8
 _GROUP_BYTES = SLOT * GROUP
-_MUTEX = 64  # bytes per mutex (pthread_mutex_t is 40 on x86-64, 48 on arm64)
 _DIGEST = 16
 _VALUES = struct.Struct("=dd")  # tokens, stamp
 _EMPTY = bytes(_DIGEST)
-_PTHREAD_PROCESS_SHARED = 1
-_PTHREAD_MUTEX_ROBUST = 1
 _CACHE = 4096  # digests remembered per process
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_lock = _libc.pthread_mutex_lock
-_unlock = _libc.pthread_mutex_unlock
-_consistent = _libc.pthread_mutex_consistent
-for _f in (_lock, _unlock, _consistent):
-    _f.argtypes = [ctypes.c_void_p]
-    _f.restype = ctypes.c_int
 
 
 class SharedBuckets:
@@ -56,12 +45,12 @@ class SharedBuckets:
             raise ValueError(f"slots: at least {GROUP}")
         self.groups = slots // GROUP
         self.slots = self.groups * GROUP
-        self._table = self.groups * _MUTEX  # slots start after the mutexes
+        self._table = self.groups * MUTEX_BYTES  # slots start after the mutexes
         self._map = mmap.mmap(-1, self._table + self.groups * _GROUP_BYTES)  # MAP_SHARED
         self._view = (ctypes.c_char * len(self._map)).from_buffer(self._map)
         self._base = ctypes.addressof(self._view)
         self._digests: dict[Hashable, tuple[bytes, int]] = {}
-        _init_mutexes(self._base, self.groups)
+        init_mutexes(self._base, self.groups)
 
     def close(self) -> None:
         del self._view
@@ -102,7 +91,7 @@ class SharedBuckets:
             _VALUES.pack_into(m, at + _DIGEST, tokens, now)
             return allowed
         finally:
-            _unlock(mutex)
+            release(mutex)
 
     def tokens(self, key: Hashable) -> float | None:
         """The tokens ``key`` had at its last take (None: no bucket); for tests and debugging."""
@@ -119,7 +108,7 @@ class SharedBuckets:
         return found
 
     def _acquire(self, group: int) -> int:
-        return _acquire_mutex(self._base + group * _MUTEX)
+        return acquire(self._base + group * MUTEX_BYTES)
 
     def _find(self, digest: bytes, start: int) -> int:
         m = self._map
@@ -138,32 +127,3 @@ class SharedBuckets:
             if stamp < oldest_stamp:
                 oldest, oldest_stamp = at, stamp
         return oldest
-
-
-def _init_mutexes(base: int, count: int) -> None:
-    """``count`` process-shared robust mutexes, ``_MUTEX`` bytes apart from ``base``."""
-    attr = ctypes.create_string_buffer(64)
-    for call, args in (
-        (_libc.pthread_mutexattr_init, ()),
-        (_libc.pthread_mutexattr_setpshared, (_PTHREAD_PROCESS_SHARED,)),
-        (_libc.pthread_mutexattr_setrobust, (_PTHREAD_MUTEX_ROBUST,)),
-    ):
-        _check(call(attr, *args))
-    for g in range(count):
-        _check(_libc.pthread_mutex_init(ctypes.c_void_p(base + g * _MUTEX), attr))
-    _libc.pthread_mutexattr_destroy(attr)
-
-
-def _acquire_mutex(mutex: int) -> int:
-    """Lock a robust mutex; one whose holder died is taken over (its data may be one update behind)."""
-    got = _lock(mutex)
-    if got == errno.EOWNERDEAD:
-        _check(_consistent(mutex))
-    elif got != 0:
-        raise OSError(got, os.strerror(got))
-    return mutex
-
-
-def _check(result: int) -> None:
-    if result != 0:
-        raise OSError(result, os.strerror(result))

@@ -22,7 +22,7 @@ import ctypes
 import mmap
 import struct
 
-from ._buckets import _MUTEX, _acquire_mutex, _init_mutexes, _unlock
+from ._shm import MUTEX_BYTES, acquire, init_mutexes, release
 
 __all__ = ["SharedConnections"]
 
@@ -40,30 +40,30 @@ class SharedConnections:
         self.slots = slots
         self.worker = 0  # the slot of the process using it (set by ``bind`` in a worker)
         self._row = _UID.size + 4 * workers
-        self._map = mmap.mmap(-1, _MUTEX + slots * self._row)
+        self._map = mmap.mmap(-1, MUTEX_BYTES + slots * self._row)
         self._view = (ctypes.c_char * len(self._map)).from_buffer(self._map)
         self._base = ctypes.addressof(self._view)
         self._counts = struct.Struct(f"={workers}i")
-        _init_mutexes(self._base, 1)
+        init_mutexes(self._base, 1)
         for s in range(slots):
-            _UID.pack_into(self._map, _MUTEX + s * self._row, _FREE)
+            _UID.pack_into(self._map, MUTEX_BYTES + s * self._row, _FREE)
 
     def bind(self, worker: int) -> None:
         """This process is worker ``worker``: forget whatever that slot counted before."""
         if not 0 <= worker < self.workers:
             raise ValueError("worker: out of range")
         self.worker = worker
-        at = _MUTEX + _UID.size + 4 * worker
-        mutex = _acquire_mutex(self._base)
+        at = MUTEX_BYTES + _UID.size + 4 * worker
+        mutex = acquire(self._base)
         try:
             for s in range(self.slots):
                 struct.pack_into("=i", self._map, at + s * self._row, 0)
         finally:
-            _unlock(mutex)
+            release(mutex)
 
     def admit(self, uid: int, cap: int) -> bool:
         """Count one more connection of ``uid`` here, unless its total is at ``cap`` already."""
-        mutex = _acquire_mutex(self._base)
+        mutex = acquire(self._base)
         try:
             at = self._find(uid, insert=True)
             if at < 0:
@@ -75,11 +75,11 @@ class SharedConnections:
             struct.pack_into("=i", self._map, mine, counts[self.worker] + 1)
             return True
         finally:
-            _unlock(mutex)
+            release(mutex)
 
     def release(self, uid: int) -> None:
         """One connection of ``uid`` here closed."""
-        mutex = _acquire_mutex(self._base)
+        mutex = acquire(self._base)
         try:
             at = self._find(uid, insert=False)
             if at >= 0:
@@ -87,16 +87,16 @@ class SharedConnections:
                 (count,) = struct.unpack_from("=i", self._map, mine)
                 struct.pack_into("=i", self._map, mine, max(0, count - 1))
         finally:
-            _unlock(mutex)
+            release(mutex)
 
     def total(self, uid: int) -> int:
         """The open connections of ``uid`` over every worker (for tests and debugging)."""
-        mutex = _acquire_mutex(self._base)
+        mutex = acquire(self._base)
         try:
             at = self._find(uid, insert=False)
             return 0 if at < 0 else sum(self._counts.unpack_from(self._map, at + _UID.size))
         finally:
-            _unlock(mutex)
+            release(mutex)
 
     def _find(self, uid: int, *, insert: bool) -> int:
         """The offset of ``uid``'s row (made when ``insert``), or -1."""
@@ -104,7 +104,7 @@ class SharedConnections:
         start = uid % self.slots
         reuse = -1
         for i in range(self.slots):
-            at = _MUTEX + ((start + i) % self.slots) * self._row
+            at = MUTEX_BYTES + ((start + i) % self.slots) * self._row
             (held,) = _UID.unpack_from(m, at)
             if held == uid:
                 return at
