@@ -23,10 +23,12 @@ beating from its event loop.
 
 from ._buckets import SharedBuckets
 from ._channel import WorkerChannel
+from ._child import set_parent_death_signal
 from ._conns import SharedConnections
 from ._lock import AdminLock, LockTimeout, runtime_path
+from ._settings import SupervisorTiming, WorkerMain
 from ._stall import EXIT_STALLED, StallGuard
-from ._supervisor import Supervisor, SupervisorTiming, WorkerMain, set_parent_death_signal
+from ._supervisor import Supervisor
 
 __all__ = [
     "EXIT_STALLED",

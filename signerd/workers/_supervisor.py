@@ -37,68 +37,27 @@ The supervisor process must not initialise the backends' libraries itself
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import selectors
 import signal
 import socket
-import sys
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any
 
 from ._buckets import SharedBuckets
 from ._channel import HEARTBEAT, MESSAGE, READY, RECV_BUFFER, WorkerChannel, decode
+from ._child import STOP_SIGNALS, Child, flush_std, reset_signals, run_child
+from ._settings import SupervisedConfig, SupervisorTiming, WorkerMain
 
-__all__ = ["Supervisor", "SupervisorTiming", "WorkerMain", "set_parent_death_signal"]
+__all__ = ["Supervisor", "SupervisorTiming", "WorkerMain"]
 
 log = logging.getLogger("signerd.workers")
 
-WorkerMain = Callable[[int, socket.socket, WorkerChannel], int]
-_PR_SET_PDEATHSIG = 1
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_HANDLED = (signal.SIGCHLD, signal.SIGHUP, *_STOP_SIGNALS)
-
-
-class SupervisedConfig(Protocol):
-    @property
-    def workers(self) -> int: ...
-
-
-@dataclass(frozen=True)
-class SupervisorTiming:
-    start_timeout: float = 120.0  # seconds a worker may take to report "initialised"
-    graceful_timeout: float = 30.0  # SIGTERM to SIGKILL when stopping
-    min_uptime: float = 5.0  # a worker that dies sooner after its start failed to start
-    backoff_initial: float = 0.1  # first delay before restarting a failed slot
-    backoff_max: float = 10.0
-    start_limit: int = 5  # failed starts in a row in one slot before giving up
-    heartbeat_timeout: float = 30.0  # a beating worker silent this long is killed (0: never)
-
-
-def set_parent_death_signal(signum: int) -> None:
-    """prctl(PR_SET_PDEATHSIG): the kernel sends ``signum`` when the parent exits."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, os.strerror(errno))
-
-
-@dataclass
-class _Worker:
-    index: int
-    pid: int
-    sock: socket.socket  # the supervisor's end of the pipe
-    started: float
-    ready_at: float | None = None
-    reload_pending: bool = False
-    beat_at: float | None = None  # last heartbeat; None: the worker sends none
-    killed: bool = False
+_HANDLED = (signal.SIGCHLD, signal.SIGHUP, *STOP_SIGNALS)
 
 
 class Supervisor:
@@ -134,11 +93,11 @@ class Supervisor:
         self._on_stop = on_stop
         self._on_message = on_message
         self._pid = os.getpid()
-        self._by_pid: dict[int, _Worker] = {}
-        self._slots: list[_Worker | None] = [None] * self.workers
+        self._by_pid: dict[int, Child] = {}
+        self._slots: list[Child | None] = [None] * self.workers
         self._due = [0.0] * self.workers  # when an empty slot may start
         self._failures = [0] * self.workers  # failed starts in a row, per slot
-        self._starting: _Worker | None = None
+        self._starting: Child | None = None
         self._signals: deque[int] = deque()
         self._stopping = False
         self._deadline = 0.0
@@ -187,7 +146,7 @@ class Supervisor:
             signum = self._signals.popleft()
             if signum == signal.SIGHUP:
                 self._reload()
-            elif signum in _STOP_SIGNALS:
+            elif signum in STOP_SIGNALS:
                 log.info("signerd.supervisor_stopping signal=%s", signal.Signals(signum).name)
                 self._stop(0)
         self._reap()
@@ -230,9 +189,7 @@ class Supervisor:
     def _spawn(self, index: int) -> None:
         assert self._selector is not None
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
+        flush_std()
         try:
             pid = os.fork()
         except OSError as exc:  # out of processes or memory: try again later
@@ -245,22 +202,11 @@ class Supervisor:
                 self._stop(1)
             return
         if pid == 0:  # the worker
-            code = 1
-            try:
-                mine.close()
-                code = self._become_worker(index, theirs)
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                with contextlib.suppress(BaseException):
-                    logging.shutdown()
-                for stream in (sys.stdout, sys.stderr):
-                    with contextlib.suppress(BaseException):
-                        stream.flush()
-                os._exit(code)
+            mine.close()
+            run_child(lambda: self._become_worker(index, theirs))
         theirs.close()
         mine.setblocking(False)
-        worker = _Worker(index, pid, mine, time.monotonic())
+        worker = Child(index, pid, mine, time.monotonic())
         self._by_pid[pid] = worker
         self._slots[index] = worker
         self._starting = worker
@@ -268,12 +214,7 @@ class Supervisor:
         log.info("signerd.worker_started index=%d pid=%d", index, pid)
 
     def _become_worker(self, index: int, sock: socket.socket) -> int:
-        signal.set_wakeup_fd(-1)
-        for s in (signal.SIGCHLD, *_STOP_SIGNALS):
-            signal.signal(s, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker installs its own
-        set_parent_death_signal(signal.SIGTERM)
-        if os.getppid() != self._pid:  # the supervisor died before prctl took effect
+        if not reset_signals(self._pid):  # the supervisor died before prctl took effect
             return 1
         assert self._selector is not None and self._wakeup is not None
         self._selector.close()
@@ -285,7 +226,7 @@ class Supervisor:
         channel = WorkerChannel(index, sock, self.config, self.buckets)
         return int(self._main(index, self._listen, channel))
 
-    def _read(self, worker: _Worker) -> None:
+    def _read(self, worker: Child) -> None:
         while True:
             try:
                 packet = worker.sock.recv(RECV_BUFFER)
@@ -306,7 +247,7 @@ class Supervisor:
             else:
                 log.warning("signerd.worker_bad_packet index=%d pid=%d", worker.index, worker.pid)
 
-    def _ready(self, worker: _Worker) -> None:
+    def _ready(self, worker: Child) -> None:
         if worker.ready_at is not None:
             return
         worker.ready_at = time.monotonic()
@@ -330,7 +271,7 @@ class Supervisor:
                 except Exception:
                     log.exception("signerd.supervisor_on_ready_failed")
 
-    def _consumed(self, worker: _Worker, text: str) -> bool:
+    def _consumed(self, worker: Child, text: str) -> bool:
         """Whether ``on_message`` kept a notification for the supervisor itself."""
         if self._on_message is None:
             return False
@@ -355,7 +296,7 @@ class Supervisor:
                 worker.killed = True
                 self._kill(worker.pid, signal.SIGKILL)
 
-    def _broadcast(self, sender: _Worker, text: str) -> None:
+    def _broadcast(self, sender: Child, text: str) -> None:
         packet = MESSAGE + text.encode("ascii")
         for worker in list(self._by_pid.values()):
             if worker is sender or worker.sock.fileno() < 0:
@@ -387,7 +328,7 @@ class Supervisor:
             if done == pid:
                 self._exited(self._by_pid.pop(pid), os.waitstatus_to_exitcode(status))
 
-    def _exited(self, worker: _Worker, code: int) -> None:
+    def _exited(self, worker: Child, code: int) -> None:
         self._forget_pipe(worker)
         self._slots[worker.index] = None
         if self._starting is worker:
@@ -421,7 +362,7 @@ class Supervisor:
             log.error("signerd.worker_start_limit index=%d failures=%d", i, self._failures[i])
             self._stop(failed_code)
 
-    def _forget_pipe(self, worker: _Worker) -> None:
+    def _forget_pipe(self, worker: Child) -> None:
         if worker.sock.fileno() < 0:
             return
         if self._selector is not None:
