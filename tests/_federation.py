@@ -19,25 +19,14 @@ import aiohttp
 import rfc8785
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from signerd.testing import ALL_OPERATIONS
+
 from ._rawhttp import Reply, request
 from .conftest import DaemonProcess, start_daemon
 
 #: RFC 8032 section 7.1, TEST 1
 RFC8032_SEED = bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
 RFC8032_PUBLIC = bytes.fromhex("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
-
-ALL_OPERATIONS = [
-    "sign",
-    "verify",
-    "jwks",
-    "list",
-    "create",
-    "rotate",
-    "promote",
-    "retire",
-    "destroy",
-    "trust",
-]
 
 
 def b64(data: bytes) -> str:
@@ -118,7 +107,12 @@ class Producer:
 def allow_all() -> dict[str, Any]:
     return {
         "rules": [
-            {"name": "t", "uids": [os.getuid()], "tenants": ["*"], "operations": ALL_OPERATIONS}
+            {
+                "name": "t",
+                "uids": [os.getuid()],
+                "tenants": ["*"],
+                "operations": list(ALL_OPERATIONS),
+            }
         ]
     }
 

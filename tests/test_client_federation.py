@@ -38,9 +38,7 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(scope="module")
 def fed_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     """A daemon whose policy also grants managing trusted peer keys."""
-    policy = policy_allow_all()
-    policy["rules"][0]["operations"].append("trust")
-    d = start_daemon(tmp_path_factory.mktemp("fed"), policy=policy)
+    d = start_daemon(tmp_path_factory.mktemp("fed"), policy=policy_allow_all())
     yield d
     assert d.stop() == 0, d.log_text()
 

@@ -31,9 +31,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture
 def gateway_daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
-    policy = policy_allow_all()
-    policy["rules"][0]["operations"].append("trust")
-    d = start_daemon(tmp_path / "gw", policy=policy)
+    d = start_daemon(tmp_path / "gw", policy=policy_allow_all())
     yield d
     d.stop()
 

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from signerd.audit._trail import GENESIS, AuditTrail, audit_from_config
 from signerd.authz._calls import AuditEvent, Peer
 from signerd.cli import main
 from signerd.client import Client
+from signerd.testing import wait_until
 
 from .conftest import DaemonProcess, daemon_config, start_daemon, to_toml, unique
 
@@ -433,13 +433,6 @@ def test_v1_records_still_verify(tmp_path: Path, verify: Verify) -> None:
 # --- against a real daemon ------------------------------------------------------------------
 
 
-def wait_for(check: Callable[[], bool], within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
-
-
 def sign_some(d: DaemonProcess, n: int) -> None:
     with Client(d.socket_path, timeout=30.0) as c:
         key = f"{unique('au')}/k"
@@ -464,7 +457,7 @@ def test_daemon_anchors_on_schedule(tmp_path: Path) -> None:
             got, _ = read_anchors(str(anchor)) if anchor.exists() else ([], [])
             return bool(got) and (got[-1].seq, got[-1].head) == last_hash(d.audit_path)
 
-        wait_for(anchored, 5.0)
+        wait_until(anchored, 5.0)
         assert read_anchors(str(anchor))[0][-1].kind == "schedule"
     finally:
         assert d.stop() == 0, d.log_text()
@@ -490,7 +483,7 @@ def test_daemon_logs_a_live_file_that_shrinks(tmp_path: Path, verify: Verify) ->
     try:
         sign_some(d, 2)
         os.truncate(d.audit_path, 0)
-        wait_for(lambda: "signerd.audit_truncated" in d.log_text(), 5.0)
+        wait_until(lambda: "signerd.audit_truncated" in d.log_text(), 5.0)
         assert "CRITICAL" in d.log_text()
         sign_some(d, 1)
     finally:
@@ -508,7 +501,7 @@ def test_daemon_sighup_rotation_set_verifies(tmp_path: Path, verify: Verify) -> 
         sign_some(d, 2)
         d.audit_path.rename(f"{d.audit_path}.1")
         d.sighup()
-        wait_for(lambda: Path(f"{d.audit_path}.anchor").exists(), 5.0)
+        wait_until(lambda: Path(f"{d.audit_path}.anchor").exists(), 5.0)
         sign_some(d, 1)
     finally:
         assert d.stop() == 0, d.log_text()

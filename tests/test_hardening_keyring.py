@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from signerd.backends.pkcs11._backend import from_config
+from signerd.testing import wait_until
 from signerd.wire._names import KeyName
 
 from ._rawhttp import Reply, _UnixConnection, request
@@ -64,15 +65,6 @@ def starved(pid: int) -> Iterator[None]:
         subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={soft}:{hard}"], check=True)
 
 
-def _wait(what: str, check: Any, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"not {what} within {timeout}s")
-
-
 def _touch_token(tenant: str) -> None:
     """Change the token from another process, as another daemon would (SoftHSM re-reads then)."""
     backend = from_config(pkcs11_backend_config())
@@ -110,7 +102,12 @@ def test_fd_starvation_keeps_the_keyring_and_recovers_without_restart(
         with starved(d.proc.pid):
             _touch_token(unique("kt"))
             # The periodic refresh is the first to meet the starved token: SoftHSM lists nothing.
-            _wait("the empty listing met", lambda: "signerd.keyring_suspect" in d.log_text())
+            wait_until(
+                lambda: "signerd.keyring_suspect" in d.log_text(),
+                20.0,
+                "the empty listing met",
+                0.2,
+            )
             deadline = time.monotonic() + 2.0
             signs: list[int] = []
             while time.monotonic() < deadline:
@@ -125,7 +122,7 @@ def test_fd_starvation_keeps_the_keyring_and_recovers_without_restart(
             ready = conns[2]("GET", "/v1/ready")
             assert ready.status == 503, ready.body
         plain = lambda *a: request(sock, *a)  # noqa: E731
-        _wait("ready again", lambda: plain("GET", "/v1/ready").status == 200)
+        wait_until(lambda: plain("GET", "/v1/ready").status == 200, 20.0, "ready again", 0.2)
         for key in keys:
             assert _sign(plain, key).status == 200
         assert _kids(plain, tenant) == kids
@@ -181,7 +178,7 @@ def test_a_key_deleted_from_the_token_is_forgotten_and_the_rest_kept(
         assert plain("POST", "/v1/keys", {"key": f"{tenant}/{name}"}).status == 201
     assert len(_kids(plain, tenant)) == 2
     _remove_key_objects(KeyName(tenant, "gone"), 1)
-    _wait("forgotten", lambda: _kids(plain, tenant) == {f"{tenant}.stay.v1"})
+    wait_until(lambda: _kids(plain, tenant) == {f"{tenant}.stay.v1"}, 20.0, "forgotten", 0.2)
     assert _sign(plain, f"{tenant}/gone").status == 404
     assert _sign(plain, f"{tenant}/stay").status == 200
     assert plain("GET", "/v1/ready").status == 200
@@ -197,11 +194,11 @@ def test_a_key_whose_metadata_alone_vanished_is_kept(busy_daemon: DaemonProcess)
     assert plain("POST", "/v1/keys", {"key": f"{tenant}/whole"}).status == 201
     key = KeyName(tenant, "half")
     _remove_labels([f"signerd/{tenant}/half"])
-    _wait("not ready", lambda: plain("GET", "/v1/ready").status == 503)
+    wait_until(lambda: plain("GET", "/v1/ready").status == 503, 20.0, "not ready", 0.2)
     assert _kids(plain, tenant) == {key.kid(1), f"{tenant}.whole.v1"}
     assert "signerd.key_gone" not in d.log_text()
     _remove_key_objects(key, 1)  # now the store positively says so: forgotten, ready again
-    _wait("ready again", lambda: plain("GET", "/v1/ready").status == 200)
+    wait_until(lambda: plain("GET", "/v1/ready").status == 200, 20.0, "ready again", 0.2)
     assert _kids(plain, tenant) == {f"{tenant}.whole.v1"}
 
 

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from signerd.testing import wait_until
+
 from ._rawhttp import request
 from .conftest import start_daemon
-from .test_hardening_keyring import KeepAlive, _counters, _wait, starved
+from .test_hardening_keyring import KeepAlive, _counters, starved
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -48,10 +50,10 @@ def test_not_ready_while_the_token_cannot_be_read(tmp_path: Path) -> None:
     try:
         assert conn("GET", "/v1/ready").status == 200
         with starved(d.proc.pid):
-            _wait("not ready", lambda: conn("GET", "/v1/ready").status == 503, timeout=10)
+            wait_until(lambda: conn("GET", "/v1/ready").status == 503, 10, "not ready", 0.2)
             reply = conn("GET", "/v1/ready")
             assert reply.code == "backend_unavailable", reply.body
-        _wait("ready", lambda: conn("GET", "/v1/ready").status == 200, timeout=10)
+        wait_until(lambda: conn("GET", "/v1/ready").status == 200, 10, "ready", 0.2)
     finally:
         conn.close()
         d.stop()

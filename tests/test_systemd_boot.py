@@ -14,10 +14,12 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from signerd.testing import wait_until
 
 from ._nspawn import REPO, VENV, Container, ensure_rootfs
 
@@ -160,15 +162,6 @@ def _sign(box: Container) -> dict[str, str]:
     return result
 
 
-def _wait(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def _active_kid(box: Container, key: str) -> str:
     desc = json.loads(_as(box, "keyops", CTL, "--json", "keys", "show", key))
     kids = [v["kid"] for v in desc["versions"] if v["state"] == "active"]
@@ -186,8 +179,11 @@ def test_socket_listens_first_and_activates(box: Container) -> None:
     sig = _sign(box)
     assert sig["kid"].startswith("acme.feedback.v")
     # the first worker answers while the next ones start; READY=1 comes when all are up
-    _wait(
-        lambda: box.show("signerd.service", "ActiveState")["ActiveState"] == "active", 30, "ready"
+    wait_until(
+        lambda: box.show("signerd.service", "ActiveState")["ActiveState"] == "active",
+        30,
+        "ready",
+        0.25,
     )
     props = box.show("signerd.service", "ActiveState", "MainPID", "TriggeredBy", "StatusText")
     assert props["ActiveState"] == "active" and props["MainPID"] != "0"
@@ -324,7 +320,7 @@ def test_stalled_event_loop_is_killed_by_watchdog(box: Container) -> None:
         props = box.show("signerd.service", "MainPID", "ActiveState")
         return props["MainPID"] not in ("0", before) and props["ActiveState"] == "active"
 
-    _wait(restarted, 60, "a restarted signerd")
+    wait_until(restarted, 60, "a restarted signerd", interval=0.25)
     assert "Watchdog timeout" in box.journal("-u", "signerd.service")
     assert _sign(box)["kid"].startswith("acme.feedback.v")
 
@@ -334,10 +330,11 @@ def test_wrong_pin_exits_78_without_restart_loop(box: Container) -> None:
     box.write("/etc/signerd/credentials/pin", WRONG_PIN + "\n", 0o600)
     try:
         box.run("systemctl", "restart", "signerd.service", check=False, timeout=90)
-        _wait(
+        wait_until(
             lambda: box.show("signerd.service", "ActiveState")["ActiveState"] == "failed",
             60,
             "failed",
+            0.25,
         )
         first = box.show("signerd.service", "ExecMainStatus", "NRestarts", "Result", "StatusText")
         assert first["ExecMainStatus"] == "78" and first["Result"] == "exit-code"
@@ -382,7 +379,9 @@ def test_vault_backend_over_loopback_with_network_drop_in(box: Container) -> Non
     )
     bao = ["env", "BAO_ADDR=http://127.0.0.1:8200", "BAO_TOKEN=root", "/usr/local/bin/bao"]
     try:
-        _wait(lambda: box.run(*bao, "status", check=False).returncode == 0, 30, "OpenBao")
+        wait_until(
+            lambda: box.run(*bao, "status", check=False).returncode == 0, 30, "OpenBao", 0.25
+        )
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{box.journal('-u', 'openbao', '-n', '30')}") from None
     box.run(*bao, "secrets", "enable", "transit")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from signerd.testing import wait_until
+
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(60)
 
@@ -67,17 +69,6 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _wait(what: Callable[[], object], timeout: float = 10.0, step: float = 0.02) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = what()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s")
-        time.sleep(step)
-
-
 def _start(tmp: Path, workers: int, mode: str = "ok", wait_ready: bool = True) -> Echo:
     log = (tmp / "supervisor.log").open("wb")
     proc = subprocess.Popen(
@@ -88,7 +79,9 @@ def _start(tmp: Path, workers: int, mode: str = "ok", wait_ready: bool = True) -
     )
     echo = Echo(proc, tmp)
     if wait_ready:
-        _wait(lambda: len(echo.pids()) >= workers or proc.poll() is not None)
+        wait_until(
+            lambda: len(echo.pids()) >= workers or proc.poll() is not None, 10, interval=0.02
+        )
         assert proc.poll() is None, echo.log()
     return echo
 
@@ -154,7 +147,7 @@ def test_a_killed_worker_is_restarted_and_serving_goes_on(start: Callable[..., E
     os.kill(victim, signal.SIGKILL)
     for _ in range(20):  # served throughout by the survivor or the replacement
         assert echo.ask("ping") == "ping"
-    _wait(lambda: len(echo.pids() - first) == 1)
+    wait_until(lambda: len(echo.pids() - first) == 1, 10, interval=0.02)
     (new,) = echo.pids() - first
     assert (echo.dir / f"start-{new}").read_text().split()[1] == slot
     assert not _alive(victim)
@@ -169,13 +162,13 @@ def test_sighup_reaches_every_worker_and_restarts_get_the_new_config(
     echo = start(3)
     workers = echo.pids()
     echo.proc.send_signal(signal.SIGHUP)
-    _wait(lambda: echo.pids("hup") >= workers)
+    wait_until(lambda: echo.pids("hup") >= workers, 10, interval=0.02)
     time.sleep(0.2)
     assert echo.pids("hup") == workers
     assert all((echo.dir / f"hup-{p}").read_text().count("\n") == 1 for p in workers)
     assert echo.proc.poll() is None
     os.kill(min(workers), signal.SIGKILL)
-    _wait(lambda: echo.pids() - workers)
+    wait_until(lambda: echo.pids() - workers, 10, interval=0.02)
     (new,) = echo.pids() - workers
     assert (echo.dir / f"start-{new}").read_text().split()[2] == "1"
 
@@ -241,7 +234,7 @@ def test_a_notification_reaches_every_other_worker(start: Callable[..., Echo]) -
     sender = int(who.split()[0])
     assert sent == "sent"
     others = echo.pids() - {sender}
-    _wait(lambda: echo.pids("msg") >= others, timeout=2)
+    wait_until(lambda: echo.pids("msg") >= others, 2, interval=0.02)
     for pid in others:
         assert (echo.dir / f"msg-{pid}").read_text() == "keyring-changed acme/feedback\n"
     time.sleep(0.1)
@@ -254,7 +247,7 @@ def test_workers_die_with_the_supervisor(start: Callable[..., Echo]) -> None:
     workers = echo.live_workers()
     echo.proc.kill()
     echo.proc.wait(timeout=5)
-    _wait(lambda: not any(_alive(p) for p in workers), timeout=5)
+    wait_until(lambda: not any(_alive(p) for p in workers), 5, interval=0.02)
 
 
 def test_a_worker_whose_loop_is_stuck_is_killed_and_replaced(start: Callable[..., Echo]) -> None:
@@ -267,9 +260,9 @@ def test_a_worker_whose_loop_is_stuck_is_killed_and_replaced(start: Callable[...
         s.sendall(b"who\n")
         frozen = int(s.recv(100).split()[0])
         s.sendall(b"freeze\n")
-        _wait(lambda: not _alive(frozen), timeout=5)
+        wait_until(lambda: not _alive(frozen), 5, interval=0.02)
         assert s.recv(100) == b""  # killed, never answered
-    _wait(lambda: len(echo.pids() - first) == 1, timeout=5)
+    wait_until(lambda: len(echo.pids() - first) == 1, 5, interval=0.02)
     assert "signerd.worker_unresponsive" in echo.log()
     assert echo.ask("ping") == "ping"
 
