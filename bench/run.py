@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import cast
 
 from . import daemon as sd
 from . import federation as fed
@@ -426,7 +427,7 @@ class Bench:
                 server = fed.SignerdTelemetryVerify(sock)
                 for (path, label), target in zip(
                     [p for p in paths if f"-{store}" in p[0]],
-                    (ref, server, ref, server),
+                    cast(tuple[Target, ...], (ref, server, ref, server)),
                     strict=True,
                 ):
                     self.measure(path, label, target, callers=32 if path.endswith("-32") else 1)

@@ -290,10 +290,10 @@ def test_random_bodies_never_500(api: Api, key: str) -> None:
         if kind == 0:
             raw = bytes(rng.randrange(256) for _ in range(rng.randrange(64)))
         elif kind == 1:
-            raw = bytearray(valid)
+            changed = bytearray(valid)
             for _ in range(rng.randrange(1, 4)):
-                raw[rng.randrange(len(raw))] = rng.randrange(32, 127)
-            raw = bytes(raw)
+                changed[rng.randrange(len(changed))] = rng.randrange(32, 127)
+            raw = bytes(changed)
         else:
             raw = json.dumps(
                 rng.choice([None, 1, "s", [], {"key": 1}, {"items": [1]}, {"kid": [], "data": {}}])

@@ -261,11 +261,11 @@ def test_deleted_trail_then_sighup_is_never_a_rotation(tmp_path: Path) -> None:
             else:
                 sign_in_every_worker(d, key)
                 d.sighup()
-            wait_until(
-                lambda n=n: d.log_text().count("signerd.audit_deleted") == n + 1,
-                10,
-                f"deletion {n + 1} logged",
-            )
+
+            def logged(n: int = n) -> bool:
+                return d.log_text().count("signerd.audit_deleted") == n + 1
+
+            wait_until(logged, 10, f"deletion {n + 1} logged")
     finally:
         assert d.stop() == 0, d.log_text()
     lines = [x for x in d.log_text().splitlines() if "signerd.audit_deleted" in x]

@@ -106,7 +106,12 @@ async def test_only_fail_closed_answers_wait_for_the_fsync(
     from signerd.server._request import Request, Response, json_response
 
     real = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (time.sleep(0.3), real(fd))[1])
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.3)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
 
     def handler(op: Operation) -> Any:
         async def handle(request: Request) -> Response:

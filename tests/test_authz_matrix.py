@@ -324,7 +324,7 @@ def test_callers_tenants_operations(matrix: Matrix) -> None:
     for tenant in (m.acme, m.globex):
         key = f"{tenant}/{unique('adm')}"
         name = key.split("/")[1]
-        steps = [
+        steps: list[tuple[str, str, str, dict[str, Any], int]] = [
             ("create", "POST", "/v1/keys", {"key": key}, 201),
             ("rotate", "POST", f"/v1/keys/{key}/rotate", {"pending": True}, 200),
             ("promote", "POST", f"/v1/keys/{key}/versions/2/promote", {}, 200),
@@ -521,5 +521,8 @@ def test_audit_fault_refuses_signing(tmp_path: Path, fault: str) -> None:
                 assert rec["seq"] in unacked, rec  # landed late; marked as refused
         text = b"".join(f.read_bytes() for f in files) + d.log_path.read_bytes()
         assert secret not in text and b64(secret).encode() not in text
-        key = bytes.fromhex((path.parent / "audit.key").read_text())  # the keyed hash is kept
-        assert hmac.new(key, hashlib.sha256(data).digest(), "sha256").hexdigest().encode() in text
+        audit_key = bytes.fromhex((path.parent / "audit.key").read_text())  # the keyed hash is kept
+        assert (
+            hmac.new(audit_key, hashlib.sha256(data).digest(), "sha256").hexdigest().encode()
+            in text
+        )

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -87,7 +88,9 @@ async def test_feedback_local_and_daemon_checks_agree(fed_daemon: DaemonProcess)
             await producer.verify_feedback(env.to_json(), schema="s.v1")
 
 
-def _peer_envelope(private: Ed25519PrivateKey, tenant: str, kid: str, signed_at: int) -> dict:
+def _peer_envelope(
+    private: Ed25519PrivateKey, tenant: str, kid: str, signed_at: int
+) -> dict[str, Any]:
     nonce = b64url(bytes(range(16)) + signed_at.to_bytes(8, "big"))
     data = {"accepted": True}
     message = feedback_signing_input(tenant, signed_at, nonce, "peer.v1", kid, canonical_data(data))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from signerd.audit._trail import _encode, _journal_fields
+from signerd.audit._chain import _encode, _journal_fields
 from signerd.authz._calls import AuditEvent, Peer
 from signerd.errors import BackendUnavailable
 from signerd.federation._trust import TrustedKeys

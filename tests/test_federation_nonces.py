@@ -311,7 +311,7 @@ def test_sqlite_group_commit_and_replay_in_one_batch() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
 
-        async def run() -> tuple[list[object], int]:
+        async def run() -> tuple[list[BaseException | None], int]:
             store = SqliteNonceStore(f"{tmp}/n.sqlite3", max_entries=1000)
             try:
                 results = await asyncio.gather(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, cast
+
 import aiohttp
 import pytest
 from aiohttp import web
 
-from signerd.client import ConnectionFailed
+from signerd.client import AsyncClient, ConnectionFailed
 from signerd.errors import CODES, error_for_code
 from signerd.gateway import (
     STATUS_FOR_CODE,
@@ -27,7 +30,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 async def _post(
     pki: Pki, url: str, headers: dict[str, str], body: bytes = b'{"t": 1}', path: str = "/ingest"
-) -> tuple[int, dict]:
+) -> tuple[int, dict[str, Any]]:
     async with (
         aiohttp.ClientSession() as session,
         session.post(url + path, data=body, ssl=pki.client(pki.producer), headers=headers) as resp,
@@ -177,10 +180,12 @@ async def test_attestation_from_the_policy_is_passed_to_signerd(pki: Pki) -> Non
     assert stub.calls[0]["attestation"] == wanted
 
 
-def _feedback_route(stub: StubSignerd):  # type: ignore[no-untyped-def]
+def _feedback_route(stub: StubSignerd) -> Callable[[web.Application], None]:
     def routes(app: web.Application) -> None:
         async def feedback(request: web.Request) -> web.Response:
-            return await feedback_response(stub, "acme/feedback", "ingest.v1", {"accepted": True})
+            return await feedback_response(
+                cast(AsyncClient, stub), "acme/feedback", "ingest.v1", {"accepted": True}
+            )
 
         app.router.add_post("/feedback", feedback)
 

@@ -6,6 +6,7 @@ import asyncio
 import socket
 import ssl
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -24,7 +25,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-async def _get(url: str, ctx: ssl.SSLContext, headers: dict[str, str]) -> tuple[int, dict]:
+async def _get(
+    url: str, ctx: ssl.SSLContext, headers: dict[str, str]
+) -> tuple[int, dict[str, Any]]:
     async with (
         aiohttp.ClientSession() as session,
         session.get(url + "/ingest", ssl=ctx, headers=headers) as resp,

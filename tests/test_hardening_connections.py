@@ -168,7 +168,7 @@ def flood(
 ) -> subprocess.Popen[str]:
     """Start the FLOOD script as nobody; returns once its connections are open."""
     args = [str(d.socket_path), ",".join(kinds), str(per_kind), str(seconds), str(tick), mark]
-    proc = subprocess.Popen(
+    proc: subprocess.Popen[str] = subprocess.Popen(
         [CHILD_PYTHON, "-c", FLOOD, *args, "reopen" if reopen else "once"],
         stdout=subprocess.PIPE,
         text=True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import os
 import resource
@@ -121,7 +122,7 @@ def test_fd_starvation_keeps_the_keyring_and_recovers_without_restart(
             assert 503 in signs, signs
             ready = conns[2]("GET", "/v1/ready")
             assert ready.status == 503, ready.body
-        plain = lambda *a: request(sock, *a)  # noqa: E731
+        plain = functools.partial(request, sock)
         wait_until(lambda: plain("GET", "/v1/ready").status == 200, 20.0, "ready again", 0.2)
         for key in keys:
             assert _sign(plain, key).status == 200
@@ -172,7 +173,7 @@ def test_a_key_deleted_from_the_token_is_forgotten_and_the_rest_kept(
 ) -> None:
     """A key whose every object is gone from a healthy token is forgotten; its neighbours stay."""
     d = busy_daemon
-    plain = lambda *a: request(str(d.socket_path), *a)  # noqa: E731
+    plain = functools.partial(request, str(d.socket_path))
     tenant = unique("kd")
     for name in ("stay", "gone"):
         assert plain("POST", "/v1/keys", {"key": f"{tenant}/{name}"}).status == 201
@@ -188,7 +189,7 @@ def test_a_key_deleted_from_the_token_is_forgotten_and_the_rest_kept(
 def test_a_key_whose_metadata_alone_vanished_is_kept(busy_daemon: DaemonProcess) -> None:
     """Metadata gone but key pairs still on the token is no proof: the key is kept, not ready."""
     d = busy_daemon
-    plain = lambda *a: request(str(d.socket_path), *a)  # noqa: E731
+    plain = functools.partial(request, str(d.socket_path))
     tenant = unique("km")
     assert plain("POST", "/v1/keys", {"key": f"{tenant}/half"}).status == 201
     assert plain("POST", "/v1/keys", {"key": f"{tenant}/whole"}).status == 201
@@ -258,7 +259,7 @@ def test_malformed_objects_are_skipped_and_logged_once(busy_daemon: DaemonProces
     from signerd.backends.pkcs11._backend import label_digest
 
     d = busy_daemon
-    plain = lambda *a: request(str(d.socket_path), *a)  # noqa: E731
+    plain = functools.partial(request, str(d.socket_path))
     tenant = unique("mf")
     assert plain("POST", "/v1/keys", {"key": f"{tenant}/good"}).status == 201
     bad_name, bad_json = _plant(tenant)
@@ -356,7 +357,7 @@ async def test_an_empty_listing_is_re_read_after_a_reset_and_never_believed() ->
     from signerd.keys._service import KeyService, Settings
 
     blind = _Blind()
-    svc = KeyService({"hsm": blind}, default_backend="hsm", settings=Settings(refresh_interval=0))  # type: ignore[dict-item]
+    svc = KeyService({"hsm": blind}, default_backend="hsm", settings=Settings(refresh_interval=0))
     await svc.start()
     try:
         key = KeyName(unique("kb"), "feedback")

@@ -128,7 +128,7 @@ def _exchange(
     s.settimeout(timeout)
     s.connect(str(path))
     s.sendall(data)
-    buf, out = b"", []
+    buf, out = b"", list[bytes]()
     try:
         while len(out) < answers:
             while b"\r\n\r\n" not in buf:

@@ -42,7 +42,7 @@ class Client:
     """A child process that connects to a Unix socket when told to, as any user."""
 
     def __init__(self, path: str, **popen: object) -> None:
-        self.proc = subprocess.Popen(
+        self.proc: subprocess.Popen[str] = subprocess.Popen(
             [CHILD_PYTHON, "-c", CLIENT, path],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

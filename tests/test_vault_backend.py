@@ -345,7 +345,7 @@ def test_signature_parsing() -> None:
     causes: list[str] = []
     assert _signature({"signature": good}, 3, causes) == bytes(64)
     assert causes == []
-    bad_answers = (
+    bad_answers: tuple[dict[str, str] | None, ...] = (
         {"signature": good.replace("v3", "v2")},
         {"signature": "vault:v3:!!"},
         {"signature": "vault:v3:" + base64.b64encode(bytes(10)).decode()},

@@ -211,7 +211,7 @@ def test_revoked_token_file_token(bao: FileServer, make: Any, key: KeyName) -> N
     assert bao.audited_requests("auth/token/lookup-self") == lookups + 1
     # the operator writes a new token to the file: the next call logs in with it
     fresh = bao.create_token(policies=["signerd"], ttl="1h")
-    Path(backend.settings.source.path).write_text(fresh)  # type: ignore[union-attr]
+    Path(backend.settings.source.path).write_text(fresh)
     assert isinstance(backend.sign(key, 1, [b"x"])[0], bytes)
 
 

@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from ..client import AsyncClient
 from ..client._federation import TelemetryVerified
@@ -39,7 +40,6 @@ from ._mtls import ServicePins
 from ._status import Refusal, refusal_for
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 TELEMETRY: web.RequestKey[TelemetryVerified] = web.RequestKey(
     "signerd.telemetry", TelemetryVerified
