@@ -132,7 +132,7 @@ def fresh_daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
 @pytest.fixture(scope="session")
 def openbao_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """One real `bao server -dev` on a loopback port for the session."""
-    from ._openbao import dev_server
+    from .support.openbao import dev_server
 
     with dev_server(tmp_path_factory.mktemp("openbao")) as server:
         yield server
@@ -141,6 +141,6 @@ def openbao_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def openbao_backend_config(openbao_dev: Any) -> dict[str, Any]:
     """A vault backend configuration table pointing at the session's OpenBao."""
-    from ._openbao import vault_backend_config
+    from .support.openbao import vault_backend_config
 
     return vault_backend_config(openbao_dev)

@@ -20,7 +20,7 @@ from signerd.audit._anchor import GENESIS, Anchor, Lost, parse_anchor, read_anch
 from signerd.cli import main
 from signerd.client import Client
 
-from .conftest import DaemonProcess, start_daemon, unique, wait_until
+from ..conftest import DaemonProcess, start_daemon, unique, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 

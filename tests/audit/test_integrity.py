@@ -24,7 +24,7 @@ from signerd.cli import main
 from signerd.client import Client
 from signerd.testing import wait_until
 
-from .conftest import DaemonProcess, daemon_config, start_daemon, to_toml, unique
+from ..conftest import DaemonProcess, daemon_config, start_daemon, to_toml, unique
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -18,7 +18,7 @@ from signerd.audit._trail import AuditTrail, verify_file
 from signerd.authz._calls import AuditEvent, Peer
 from signerd.errors import AuditUnavailable
 
-from .conftest import OpenGate
+from ..conftest import OpenGate
 
 PEER = Peer(pid=1, uid=1000, gid=1000)
 

@@ -701,7 +701,7 @@ def test_journald_gets_structured_fields(tmp_path: Path) -> None:
 
     Runs in a private mount namespace where /run/systemd/journal/socket is the test's own.
     """
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     path = tmp_path / "audit.jsonl"
     out = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", JOURNAL_CHILD,

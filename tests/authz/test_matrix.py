@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from signerd.audit._trail import verify_file, verify_files
 from signerd.wire._jwk import from_jwk
 
-from ._rawhttp import Reply, request
-from .conftest import PIN_FILE, DaemonProcess, start_daemon, unique
+from ..conftest import PIN_FILE, DaemonProcess, start_daemon, unique
+from ..support.rawhttp import Reply, request
 from .test_peer import CHILD_PYTHON
 
 pytestmark = pytest.mark.timeout(180)

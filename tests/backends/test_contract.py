@@ -12,7 +12,7 @@ from signerd.backends import Backend, Destroyer, VersionState, load_factory
 from signerd.errors import KeyExists, SignerdError, UnknownKey, UnknownVersion
 from signerd.wire._names import KeyName
 
-from .conftest import pkcs11_backend_config, unique
+from ..conftest import pkcs11_backend_config, unique
 
 BackendMaker = Callable[[], Backend]
 

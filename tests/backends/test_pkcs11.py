@@ -10,7 +10,7 @@ from pkcs11 import KeyType
 from signerd.backends.pkcs11._backend import Pkcs11Backend, from_config
 from signerd.wire._names import KeyName
 
-from .conftest import pkcs11_backend_config, unique
+from ..conftest import pkcs11_backend_config, unique
 
 
 @pytest.fixture

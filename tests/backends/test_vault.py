@@ -25,8 +25,14 @@ from signerd.errors import (
 )
 from signerd.wire._names import KeyName
 
-from ._openbao import BaoServer, FaultProxy, dev_server, free_port_pair, vault_backend_config
-from .conftest import unique
+from ..conftest import unique
+from ..support.openbao import (
+    BaoServer,
+    FaultProxy,
+    dev_server,
+    free_port_pair,
+    vault_backend_config,
+)
 
 A, V, P, R, D = (
     VersionState.ACTIVE,

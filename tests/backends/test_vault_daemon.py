@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._openbao import dev_server, vault_backend_config
-from ._rawhttp import request
-from .conftest import start_daemon, unique
+from ..conftest import start_daemon, unique
+from ..support.openbao import dev_server, vault_backend_config
+from ..support.rawhttp import request
 
 
 def _b64(data: bytes) -> str:

@@ -16,8 +16,8 @@ from signerd.backends.vault._backend import VaultBackend, from_config
 from signerd.errors import BackendSealed, BackendUnavailable, SignerdError
 from signerd.wire._names import KeyName
 
-from ._openbao import FileServer, file_server, vault_backend_config
-from .conftest import unique
+from ..conftest import unique
+from ..support.openbao import FileServer, file_server, vault_backend_config
 
 TIMEOUT = 2.0  # the backend's per-call timeout in these tests
 

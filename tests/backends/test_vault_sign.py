@@ -18,8 +18,8 @@ from signerd.backends.vault._sign import SignClient
 from signerd.errors import BackendError, BackendUnavailable, UnknownKey, UnknownVersion
 from signerd.wire._names import KeyName
 
-from ._openbao import BaoServer, FaultProxy, dev_server, vault_backend_config
-from .conftest import unique
+from ..conftest import unique
+from ..support.openbao import BaoServer, FaultProxy, dev_server, vault_backend_config
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from signerd import errors
 from signerd.cli import EXIT_FOR_CODE, main
 from signerd.wire._jwk import from_jwk
 
-from .conftest import ROOT, DaemonProcess, start_daemon, unique
+from ..conftest import ROOT, DaemonProcess, start_daemon, unique
 
 
 class Ctl:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import DaemonProcess, unique
+from ..conftest import DaemonProcess, unique
 from .test_cli import Ctl
 
 pytestmark = pytest.mark.timeout(120)

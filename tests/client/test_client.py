@@ -24,7 +24,7 @@ from signerd.client import (
 from signerd.client._http import UnixHTTPConnection
 from signerd.wire._jwk import from_jwk
 
-from .conftest import DaemonProcess, start_daemon, unique, wait_until
+from ..conftest import DaemonProcess, start_daemon, unique, wait_until
 
 
 @pytest.fixture

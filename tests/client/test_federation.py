@@ -31,7 +31,7 @@ from signerd.gateway import (
 )
 from signerd.wire._jwk import b64url, to_jwk
 
-from .conftest import DaemonProcess, policy_allow_all, start_daemon, unique
+from ..conftest import DaemonProcess, policy_allow_all, start_daemon, unique
 
 pytestmark = pytest.mark.timeout(120)
 

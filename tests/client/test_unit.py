@@ -4,7 +4,7 @@ The server here is a small stand-in for signerd that answers from tables the
 tests fill in, counts connections and requests, and can stall or drop a
 connection on demand. It exists to pin the client's own behaviour (keep-alive,
 reconnects, timeouts, error mapping, the JWKS cache); the client against the
-real daemon is tests/test_client.py.
+real daemon is tests/client/test_client.py.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import pytest
 
 from signerd._config import ConfigError, load, parse
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _base() -> dict[str, Any]:

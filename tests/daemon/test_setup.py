@@ -28,8 +28,8 @@ import pytest
 from signerd.cli import build_parser
 from signerd.daemon._sockets import SocketError, bind_unix_socket
 
-from .conftest import ROOT, SOFTHSM_MODULE
-from .test_peer import CHILD_PYTHON, NOBODY, NOGROUP, USERS_GID
+from ..authz.test_peer import CHILD_PYTHON, NOBODY, NOGROUP, USERS_GID
+from ..conftest import ROOT, SOFTHSM_MODULE
 
 pytestmark = pytest.mark.timeout(120)
 

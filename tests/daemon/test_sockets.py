@@ -17,7 +17,7 @@ import pytest
 
 from signerd.daemon._sockets import SocketError, bind_unix_socket, unlink_own_socket
 
-from .test_peer import NOGROUP, Client, shared_dir
+from ..authz.test_peer import NOGROUP, Client, shared_dir
 
 __all__ = ["shared_dir"]  # the fixture, re-used from test_peer
 

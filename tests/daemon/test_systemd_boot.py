@@ -1,7 +1,7 @@
 """signerd as a system service in a booted systemd (Debian bookworm under systemd-nspawn).
 
 The units, snippets and configuration come from ``make install DESTDIR=...``;
-the container is an overlay over a cached rootfs (``tests/_nspawn.py``) and is
+the container is an overlay over a cached rootfs (``tests/support/nspawn.py``) and is
 powered off and removed at the end. The tests run in order on one container:
 activation, rotation, reload under load, kill -9, watchdog, wrong PIN, a Vault
 backend over loopback, and finally the journal and the timer.
@@ -21,7 +21,7 @@ import pytest
 
 from signerd.testing import wait_until
 
-from ._nspawn import REPO, VENV, Container, ensure_rootfs
+from ..support.nspawn import REPO, VENV, Container, ensure_rootfs
 
 pytestmark = [pytest.mark.systemd, pytest.mark.timeout(900)]
 

@@ -25,7 +25,7 @@ from signerd._config import ConfigError, parse
 from signerd.client import Client
 from signerd.daemon import _systemd
 
-from .conftest import ROOT, daemon_config, pkcs11_backend_config, to_toml
+from ..conftest import ROOT, daemon_config, pkcs11_backend_config, to_toml
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from ._federation import Api, Producer, b64, federation_daemon, fresh_nonce
-from .conftest import DaemonProcess, unique
+from ..conftest import DaemonProcess, unique
+from ..support.federation import Api, Producer, b64, federation_daemon, fresh_nonce
 
 ATT = "sha256:" + "ab" * 32
 

@@ -12,8 +12,8 @@ from signerd.authz._calls import AuditEvent, Peer
 from signerd.errors import BackendUnavailable
 from signerd.federation._trust import TrustedKeys
 
-from ._federation import Api, Producer, federation_daemon
-from .conftest import unique
+from ..conftest import unique
+from ..support.federation import Api, Producer, federation_daemon
 
 
 def _event(outcome: str, status: int) -> AuditEvent:

@@ -13,8 +13,8 @@ from signerd._config import ConfigError, parse
 from signerd.federation._settings import parse_federation
 from signerd.federation._trust import PeerKey
 
-from ._federation import Api, Producer, federation_daemon
-from .conftest import daemon_config, unique
+from ..conftest import daemon_config, unique
+from ..support.federation import Api, Producer, federation_daemon
 
 
 def test_defaults(tmp_path: Path) -> None:

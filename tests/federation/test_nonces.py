@@ -19,7 +19,8 @@ from signerd.errors import NonceStoreUnavailable, ReplayedNonce
 from signerd.federation._nonces import SqliteNonceStore
 from signerd.federation._redis_store import RedisNonceStore
 
-from ._federation import (
+from ..conftest import DaemonProcess, unique
+from ..support.federation import (
     Api,
     Producer,
     RedisServer,
@@ -29,7 +30,6 @@ from ._federation import (
     post_many,
     redis_server,
 )
-from .conftest import DaemonProcess, unique
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 from signerd.wire._canonical import canonical
 from signerd.wire._envelopes import feedback_input, telemetry_input
 
-from ._federation import RFC8032_PUBLIC, RFC8032_SEED, Api, federation_daemon
+from ..support.federation import RFC8032_PUBLIC, RFC8032_SEED, Api, federation_daemon
 
 VECTORS: dict[str, Any] = json.loads(
-    (Path(__file__).parent / "vectors" / "federation.json").read_text(encoding="utf-8")
+    (Path(__file__).parents[1] / "vectors" / "federation.json").read_text(encoding="utf-8")
 )
 T, F = VECTORS["telemetry"], VECTORS["feedback"]
 

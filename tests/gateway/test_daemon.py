@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from signerd import AsyncClient
 from signerd.wire._jwk import b64url, to_jwk
 
-from ._tlsgateway import Pki, make_pki, serve
-from .conftest import DaemonProcess, policy_allow_all, start_daemon, unique
+from ..conftest import DaemonProcess, policy_allow_all, start_daemon, unique
+from ..support.tlsgateway import Pki, make_pki, serve
 
 pytestmark = pytest.mark.timeout(120)
 

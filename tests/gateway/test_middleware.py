@@ -18,7 +18,15 @@ from signerd.gateway import (
     gateway_status,
 )
 
-from ._tlsgateway import NONCE, SIGNATURE, Pki, StubSignerd, envelope_headers, make_pki, serve
+from ..support.tlsgateway import (
+    NONCE,
+    SIGNATURE,
+    Pki,
+    StubSignerd,
+    envelope_headers,
+    make_pki,
+    serve,
+)
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -13,7 +13,7 @@ import pytest
 
 from signerd.gateway import GatewayPolicy, ServicePins, client_context, normalise_fingerprint
 
-from ._tlsgateway import Pki, StubSignerd, envelope_headers, make_pki, serve
+from ..support.tlsgateway import Pki, StubSignerd, envelope_headers, make_pki, serve
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -11,7 +11,7 @@ from signerd.gateway import Producer, StaticKeys, canonical_data, feedback_signi
 from signerd.wire._jwk import from_jwk
 from signerd.wire._strict_json import loads_strict
 
-VECTORS = json.loads((Path(__file__).parent / "vectors" / "federation.json").read_text("utf-8"))
+VECTORS = json.loads((Path(__file__).parents[1] / "vectors" / "federation.json").read_text("utf-8"))
 
 
 def _keys(kid: str) -> StaticKeys:

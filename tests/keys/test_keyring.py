@@ -21,8 +21,8 @@ from signerd.backends.pkcs11._backend import from_config
 from signerd.testing import wait_until
 from signerd.wire._names import KeyName
 
-from ._rawhttp import Reply, _UnixConnection, request
-from .conftest import DaemonProcess, pkcs11_backend_config, start_daemon, unique
+from ..conftest import DaemonProcess, pkcs11_backend_config, start_daemon, unique
+from ..support.rawhttp import Reply, _UnixConnection, request
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -149,7 +149,7 @@ def _remove_labels(labels: list[str]) -> None:
     import pkcs11
     from pkcs11 import Attribute
 
-    from .conftest import PIN_FILE, SOFTHSM_MODULE, TOKEN_LABEL
+    from ..conftest import PIN_FILE, SOFTHSM_MODULE, TOKEN_LABEL
 
     token = pkcs11.lib(SOFTHSM_MODULE).get_token(token_label=TOKEN_LABEL)
     try:
@@ -281,7 +281,7 @@ def test_purge_invalid_removes_only_keys_with_invalid_names(tmp_path: Path) -> N
     """`signerctl keys purge-invalid` removes the invalid key's objects, says what, and keeps the rest."""
     import sys
 
-    from .conftest import ROOT, daemon_config, to_toml
+    from ..conftest import ROOT, daemon_config, to_toml
 
     tenant = unique("pg")
     backend = from_config(pkcs11_backend_config())

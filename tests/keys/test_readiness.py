@@ -10,9 +10,9 @@ import pytest
 
 from signerd.testing import wait_until
 
-from ._rawhttp import request
-from .conftest import start_daemon
-from .test_hardening_keyring import KeepAlive, _counters, starved
+from ..conftest import start_daemon
+from ..support.rawhttp import request
+from .test_keyring import KeepAlive, _counters, starved
 
 pytestmark = pytest.mark.timeout(120)
 

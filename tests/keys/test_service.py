@@ -26,7 +26,7 @@ from signerd.keys._service import KeyService, Settings
 from signerd.server._idempotency import run_change
 from signerd.wire._names import KeyName
 
-from .conftest import pkcs11_backend_config, unique
+from ..conftest import pkcs11_backend_config, unique
 
 
 def _service(**settings: object) -> KeyService:

@@ -13,8 +13,8 @@ import pytest
 from signerd.backends.pkcs11._backend import from_config
 from signerd.wire._names import KeyName
 
-from ._rawhttp import request
-from .conftest import pkcs11_backend_config, start_daemon, unique
+from ..conftest import pkcs11_backend_config, start_daemon, unique
+from ..support.rawhttp import request
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from ._rawhttp import request
-from .conftest import DaemonProcess, policy_allow_all, start_daemon, unique
+from ..conftest import DaemonProcess, policy_allow_all, start_daemon, unique
+from ..support.rawhttp import request
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -460,7 +460,7 @@ def test_readme_states_the_audit_bound_of_the_defaults() -> None:
         DEFAULT_UNMATCHED_RATE,
     )
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     text = " ".join(readme.split())
     kib = RECORD_BYTES // 1024
     assert f"A record is at most {kib} KiB, plus {GROUP_BYTES} bytes per supplementary" in text

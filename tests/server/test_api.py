@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from signerd.wire._jwk import from_jwk
 
-from ._rawhttp import Reply, request
-from .conftest import DaemonProcess, unique
+from ..conftest import DaemonProcess, unique
+from ..support.rawhttp import Reply, request
 
 
 def b64(data: bytes) -> str:

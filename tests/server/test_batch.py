@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from .conftest import DaemonProcess, policy_allow_all, start_daemon, unique
-from .test_hardening_amplification import as_stranger, http_post
+from ..conftest import DaemonProcess, policy_allow_all, start_daemon, unique
+from .test_amplification import as_stranger, http_post
 
 pytestmark = pytest.mark.timeout(120)
 

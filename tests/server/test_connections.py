@@ -33,7 +33,7 @@ from signerd.server._connection import Limits
 from signerd.server._listener import Listener
 from signerd.server._request import Request, Response, json_response
 
-from .conftest import DaemonProcess, policy_allow_all, start_daemon, unique
+from ..conftest import DaemonProcess, policy_allow_all, start_daemon, unique
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -22,7 +22,7 @@ import pytest
 from signerd import Client
 from signerd.client._http import ConnectionFailed, UnixHTTPConnection
 
-from .conftest import DaemonProcess, OpenGate, start_daemon, unique
+from ..conftest import DaemonProcess, OpenGate, start_daemon, unique
 
 pytestmark = pytest.mark.timeout(180)
 

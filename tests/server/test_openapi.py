@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 
-from ._rawhttp import request
-from .conftest import ROOT, SOFTHSM_MODULE, start_daemon
+from ..conftest import ROOT, SOFTHSM_MODULE, start_daemon
+from ..support.rawhttp import request
 
 MIN_REQUESTS = 2000
 MAX_EXAMPLES = 150  # per operation: about 1,900 requests in coverage and fuzzing

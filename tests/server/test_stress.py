@@ -14,7 +14,7 @@ from collections import Counter
 
 import pytest
 
-from .conftest import DaemonProcess, start_daemon, unique
+from ..conftest import DaemonProcess, start_daemon, unique
 
 CALLERS = 32
 PROCESSES = 4
@@ -93,7 +93,7 @@ def test_32_callers_for_60s_no_crash_no_error(tmp_path: object) -> None:
     d: DaemonProcess = start_daemon(Path(str(tmp_path)) / "stress")
     key = f"{unique('st')}/k"
     try:
-        from ._rawhttp import request
+        from ..support.rawhttp import request
 
         assert request(str(d.socket_path), "POST", "/v1/keys", {"key": key}).status == 201
         totals: Counter[str] = Counter()

@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from signerd.testing import ALL_OPERATIONS
 
-from ._rawhttp import Reply, request
-from .conftest import DaemonProcess, start_daemon
+from ..conftest import DaemonProcess, start_daemon
+from .rawhttp import Reply, request
 
 #: RFC 8032 section 7.1, TEST 1
 RFC8032_SEED = bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")

@@ -28,7 +28,7 @@ import time
 import tomllib
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("SIGNERD_TEST_CACHE", "/var/cache/signerd-test"))
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"

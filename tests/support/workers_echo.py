@@ -1,6 +1,6 @@
-"""A supervisor with a trivial worker, for tests/test_workers_supervisor.py.
+"""A supervisor with a trivial worker, for tests/workers/test_supervisor.py.
 
-    python -m tests._workers_echo DIR WORKERS MODE
+    python -m tests.support.workers_echo DIR WORKERS MODE
 
 The workers serve a line protocol on DIR/echo.sock, inherited from the
 supervisor: ``who`` answers "PID INDEX", ``notify TEXT`` sends TEXT to the

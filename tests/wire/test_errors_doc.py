@@ -8,7 +8,7 @@ from pathlib import Path
 
 from signerd.errors import CODES, SignerdError, error_for_code
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_readme_tables_every_code_with_its_status() -> None:

@@ -22,8 +22,8 @@ from signerd.errors import InvalidKeyName, UnknownKid, UnknownVersion
 from signerd.wire._names import KeyName, parse_kid, parse_version, valid_part
 from signerd.wire._strict_json import request_id_from
 
-from ._rawhttp import Reply, request
-from .conftest import DaemonProcess, start_daemon, unique
+from ..conftest import DaemonProcess, start_daemon, unique
+from ..support.rawhttp import Reply, request
 
 # A trailing newline or carriage return, and digits that are not ASCII
 SUFFIXES = ["\n", "\r", "\r\n", "\x00", " "]

@@ -23,8 +23,7 @@ from typing import Any
 
 import pytest
 
-from ._rawhttp import Reply, request
-from .conftest import (
+from ..conftest import (
     DaemonProcess,
     daemon_config,
     policy_allow_all,
@@ -33,6 +32,7 @@ from .conftest import (
     unique,
     wait_until,
 )
+from ..support.rawhttp import Reply, request
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -281,7 +281,7 @@ def test_wrong_pin_in_a_worker_exits_78_without_restarts(tmp_path: Path) -> None
 
 
 def _backend(**changes: Any) -> dict[str, Any]:
-    from .conftest import pkcs11_backend_config
+    from ..conftest import pkcs11_backend_config
 
     return {**pkcs11_backend_config(), **changes}
 

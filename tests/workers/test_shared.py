@@ -337,8 +337,8 @@ async def test_idempotency_store_is_shared_by_processes(tmp_path: Path) -> None:
 
 def test_the_store_keeps_hashes_not_the_keys_callers_send(tmp_path: Path) -> None:
     """A daemon's store holds the SHA-256 of (uid, key), never the Idempotency-Key itself."""
-    from ._rawhttp import request
-    from .conftest import start_daemon, unique
+    from ..conftest import start_daemon, unique
+    from ..support.rawhttp import request
 
     d = start_daemon(tmp_path / "d", server={"workers": 2})
     try:

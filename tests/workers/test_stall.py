@@ -30,8 +30,8 @@ from signerd.client import Client
 from signerd.errors import AuditUnavailable, BackendUnavailable, SignerdError
 from signerd.workers import EXIT_STALLED, StallGuard
 
-from ._rawhttp import Reply, request
-from .conftest import ROOT, SOFTHSM_MODULE, DaemonProcess, start_daemon, unique, wait_until
+from ..conftest import ROOT, SOFTHSM_MODULE, DaemonProcess, start_daemon, unique, wait_until
+from ..support.rawhttp import Reply, request
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -261,7 +261,7 @@ def test_a_token_call_that_never_returns_gets_its_503_and_the_worker_is_replaced
 @pytest.fixture
 def frozen_audit(tmp_path: Path) -> Iterator[tuple[DaemonProcess, Path]]:
     """Two workers whose audit files are on a file system the test can freeze."""
-    from .test_authz_matrix import loop_fs
+    from ..authz.test_matrix import loop_fs
 
     with loop_fs(tmp_path) as mnt:
         d = start_daemon(
@@ -375,7 +375,7 @@ def test_a_change_whose_outcome_record_fails_is_outcome_unknown(tmp_path: Path) 
     """One process, no stall guard: a rotate held in the token while the audit file system
     freezes has made its version when its outcome record fails after write_timeout; the
     answer is 500 outcome_unknown (never audit_unavailable), and the version is there."""
-    from .test_authz_matrix import loop_fs
+    from ..authz.test_matrix import loop_fs
 
     env_before = os.environ.get("SOFTHSM2_CONF")
     os.environ["SOFTHSM2_CONF"] = _token(tmp_path / "softhsm")

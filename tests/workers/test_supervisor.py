@@ -1,4 +1,4 @@
-"""The pre-fork supervisor with a trivial echo worker (tests/_workers_echo.py), as a real process."""
+"""The pre-fork supervisor with a trivial echo worker (tests/support/workers_echo.py), as a real process."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 
 from signerd.testing import wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -72,7 +72,7 @@ def _alive(pid: int) -> bool:
 def _start(tmp: Path, workers: int, mode: str = "ok", wait_ready: bool = True) -> Echo:
     log = (tmp / "supervisor.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests._workers_echo", str(tmp), str(workers), mode],
+        [sys.executable, "-m", "tests.support.workers_echo", str(tmp), str(workers), mode],
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,
