@@ -15,39 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from signerd.testing import ALL_OPERATIONS, SoftHSMToken
+
 from .load import Op, Run, drive
 from .refs import b64, message
-from .services import ServiceError, Token, start_daemon
+from .services import ServiceError, start_daemon
 from .wire import HttpConnection, WireError
-
-OPERATIONS = [
-    "sign",
-    "verify",
-    "jwks",
-    "list",
-    "create",
-    "rotate",
-    "promote",
-    "retire",
-    "destroy",
-    "trust",
-]
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    raise TypeError(f"no TOML for {value!r}")
-
-
-def _section(header: str, table: Mapping[str, Any]) -> str:
-    return f"{header}\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in table.items()) + "\n"
 
 
 def write_config(
@@ -56,25 +29,27 @@ def write_config(
     backend: Mapping[str, Any],
     bootstrap: list[str],
     keys: Mapping[str, Any] | None = None,
-) -> tuple[Path, str]:
-    """A signerd configuration with one backend and a policy letting this uid do everything."""
+) -> tuple[dict[str, Any], str]:
+    """A signerd configuration with one backend and a policy letting this uid do everything,
+    and its socket's path."""
     sock = str(tmp / f"{name}.sock")
-    text = _section("[server]", {"socket": sock, "socket_mode": "0600", "log_level": "warning"})
-    text += _section("[keys]", {"default_backend": "main", "bootstrap": bootstrap, **(keys or {})})
-    text += _section("[backends.main]", backend)
-    text += _section("[audit]", {"path": str(tmp / f"{name}-audit.jsonl")})
-    text += _section(
-        "[[policy.rules]]",
-        {
-            "name": "bench",
-            "users": [pwd.getpwuid(os.getuid()).pw_name],
-            "tenants": ["*"],
-            "operations": OPERATIONS,
+    config = {
+        "server": {"socket": sock, "socket_mode": "0600", "log_level": "info"},
+        "keys": {"default_backend": "main", "bootstrap": bootstrap, **(keys or {})},
+        "backends": {"main": dict(backend)},
+        "audit": {"path": str(tmp / f"{name}-audit.jsonl")},
+        "policy": {
+            "rules": [
+                {
+                    "name": "bench",
+                    "users": [pwd.getpwuid(os.getuid()).pw_name],
+                    "tenants": ["*"],
+                    "operations": list(ALL_OPERATIONS),
+                }
+            ]
         },
-    )
-    path = tmp / f"{name}.toml"
-    path.write_text(text)
-    return path, sock
+    }
+    return config, sock
 
 
 def _check(status: int, answer: bytes) -> Any:
@@ -354,7 +329,7 @@ def seed_token(
 def footprint(
     stack: ExitStack,
     tmp: Path,
-    token: Token,
+    token: SoftHSMToken,
     tenant: str,
     keys: int,
     versions: int,
@@ -368,17 +343,12 @@ def footprint(
     started = time.perf_counter()
     _seed(token, tenant, keys, versions)
     seed_seconds = time.perf_counter() - started
-    backend = {
-        "type": "pkcs11",
-        "module": token.module,
-        "token_label": token.label,
-        "pin_file": str(token.pin_file),
-    }
+    backend = token.backend_config()
     # Keep every version verify-only, and let loading them take as long as it takes:
     # the point is to measure it.
     settings = {"retain_verify_only": 0, "backend_timeout": float(ready_limit)}
     config, sock = write_config(tmp, f"footprint-{tenant}", backend, [], settings)
-    daemon = start_daemon(stack, config, sock, tmp / f"footprint-{tenant}.log", timeout=ready_limit)
+    daemon = start_daemon(stack, config, tmp / f"footprint-{tenant}", timeout=ready_limit)
     try:
         conn = HttpConnection(sock)
         listed = conn.json("GET", f"/v1/keys?tenant={tenant}")["keys"]
@@ -401,7 +371,9 @@ def footprint(
         daemon.stop()
 
 
-def _seed(token: Token, tenant: str, keys: int, versions: int, timeout: float = 1800) -> None:
+def _seed(
+    token: SoftHSMToken, tenant: str, keys: int, versions: int, timeout: float = 1800
+) -> None:
     """Seed with one process per CPU (at most one per key), each with its own session.
 
     They initialise the library one after another: two processes initialising

@@ -76,12 +76,10 @@ def trust_producer(sock: str) -> None:
         conn.close()
 
 
-def federation_toml(state_dir: Path, store: str, redis_url: str) -> str:
-    return (
-        f"[federation]\nstate_dir = {json.dumps(str(state_dir))}\n\n"
-        f"[federation.nonces]\nstore = {json.dumps(store)}\nurl = {json.dumps(redis_url)}\n"
-        "timeout = 5.0\nmax_entries = 10000000\n"
-    )
+def federation_config(state_dir: Path, store: str, redis_url: str) -> dict[str, Any]:
+    """signerd's ``[federation]`` table with its nonce store."""
+    nonces = {"store": store, "url": redis_url, "timeout": 5.0, "max_entries": 10000000}
+    return {"state_dir": str(state_dir), "nonces": nonces}
 
 
 @dataclass(frozen=True)

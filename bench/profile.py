@@ -33,7 +33,7 @@ from pathlib import Path
 from . import daemon as sd
 from . import refs
 from .load import Target, drive
-from .services import REPO, init_token, process_tree, softhsm_conf, start_daemon
+from .services import REPO, init_token, process_tree, start_daemon
 
 _TICK = os.sysconf("SC_CLK_TCK")
 _PAUSE = 0.0003  # about what a one-caller server waits between two requests
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append("(py-spy not found: CPU per thread only)")
     with tempfile.TemporaryDirectory(prefix="sdprof-") as d, ExitStack() as stack:
         tmp = Path(d)
-        token = init_token(tmp, softhsm_conf(tmp), "bench-profile")
+        token = init_token(tmp, "bench-profile")
         lines.append("  in-process references, one thread:")
         floor = refs.SoftHSMFloor
         the_floor = floor(token.module, token.label, token.pin, True, d)
@@ -222,14 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             # a process each: python-pkcs11 logs in once per process
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
                 lines.append(pool.submit(_reference, name, target, 2000, pause).result(300))
-        backend = {
-            "type": "pkcs11",
-            "module": token.module,
-            "token_label": token.label,
-            "pin_file": str(token.pin_file),
-        }
+        backend = token.backend_config()
         config, sock = sd.write_config(tmp, "profile", backend, ["bench/k1"])
-        daemon = start_daemon(stack, config, sock, tmp / "profile.log")
+        daemon = start_daemon(stack, config, tmp / "profile")
         lines.append(f"signerd: {len(process_tree(daemon.pid))} processes")
         for callers in (1, 32):
             lines += _window(

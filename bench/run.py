@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import cast
 
 from . import daemon as sd
 from . import federation as fed
@@ -36,7 +37,7 @@ from .report import (
     write_chart,
     write_json,
 )
-from .services import REPO, init_token, softhsm_conf, start_agent, start_daemon, start_openbao
+from .services import REPO, init_token, start_agent, start_daemon, start_openbao
 
 MB = 1024 * 1024
 
@@ -275,7 +276,7 @@ class Bench:
         )
         what = "SoftHSM2 sign through python-pkcs11, in process"
         with self.section([("inproc-softhsm", what)]):
-            token = init_token(tmp, softhsm_conf(tmp), "bench-ref")
+            token = init_token(tmp, "bench-ref")
             self.measure(
                 "inproc-softhsm", what, refs.SoftHSMSign(token.module, token.label, token.pin)
             )
@@ -318,7 +319,7 @@ class Bench:
                 "timeout": 5,
             }
             config, sock = sd.write_config(tmp, "signerd-bao", backend, ["benchv/k1"])
-            daemon = start_daemon(stack, config, sock, tmp / "signerd-bao.log")
+            daemon = start_daemon(stack, config, tmp / "signerd-bao")
             self.meta_notes["signerd_bao_ready_seconds"] = daemon.ready_seconds
             self.measure(*paths[3], sd.SignerdSign(sock, "benchv/k1"))
             self.measure(*paths[4], sd.SignerdSign(sock, "benchv/k1"), callers=64)
@@ -345,15 +346,10 @@ class Bench:
             *rot_paths,
         ]
         with self.section(paths), ExitStack() as stack:
-            token = init_token(tmp, softhsm_conf(tmp), "bench-daemon")
-            backend = {
-                "type": "pkcs11",
-                "module": token.module,
-                "token_label": token.label,
-                "pin_file": str(token.pin_file),
-            }
+            token = init_token(tmp, "bench-daemon")
+            backend = token.backend_config()
             config, sock = sd.write_config(tmp, "signerd-hsm", backend, ["bench/k1", "bench/rot"])
-            daemon = start_daemon(stack, config, sock, tmp / "signerd-hsm.log")
+            daemon = start_daemon(stack, config, tmp / "signerd-hsm")
             self.meta_notes["signerd_hsm_ready_seconds_two_new_keys"] = daemon.ready_seconds
             self.measure(*paths[0], sd.SignerdSign(sock, "bench/k1"))
             self.measure(*paths[1], sd.ClientSign(sock, "bench/k1"))
@@ -419,25 +415,19 @@ class Bench:
         ]
         with self.section(paths), ExitStack() as stack:
             redis = fed.start_redis(stack, tmp)
-            token = init_token(tmp, softhsm_conf(tmp), "bench-fed")
-            backend = {
-                "type": "pkcs11",
-                "module": token.module,
-                "token_label": token.label,
-                "pin_file": str(token.pin_file),
-            }
+            token = init_token(tmp, "bench-fed")
+            backend = token.backend_config()
             for store in ("sqlite", "redis"):
                 config, sock = sd.write_config(tmp, f"signerd-fed-{store}", backend, [])
-                with config.open("a") as fh:
-                    fh.write(fed.federation_toml(tmp / f"fed-{store}", store, redis.url))
-                start_daemon(stack, config, sock, tmp / f"signerd-fed-{store}.log")
+                config["federation"] = fed.federation_config(tmp / f"fed-{store}", store, redis.url)
+                start_daemon(stack, config, tmp / f"signerd-fed-{store}")
                 fed.trust_producer(sock)
                 where = str(tmp / "fed-ref-nonces.sqlite3") if store == "sqlite" else redis.url
                 ref = fed.InprocTelemetryVerify(store, where)
                 server = fed.SignerdTelemetryVerify(sock)
                 for (path, label), target in zip(
                     [p for p in paths if f"-{store}" in p[0]],
-                    (ref, server, ref, server),
+                    cast(tuple[Target, ...], (ref, server, ref, server)),
                     strict=True,
                 ):
                     self.measure(path, label, target, callers=32 if path.endswith("-32") else 1)
@@ -464,7 +454,7 @@ class Bench:
             "keys.backend_timeout = 300 (default 5) so that a slow load is measured"
         )
         with self.section(paths), ExitStack() as stack:
-            token = init_token(tmp, softhsm_conf(tmp), "bench-fp")
+            token = init_token(tmp, "bench-fp")
             sign_key = "fa/k00"
             stages = {}
             for name, tenant, (keys, versions), total in (

@@ -14,18 +14,17 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from signerd.testing import SignerdProcess, SoftHSMToken, StartFailed, make_token, start
 
 from .wire import HttpConnection, WireError
 
 REPO = Path(__file__).resolve().parent.parent
-SOFTHSM_MODULES = (
-    "/usr/lib/softhsm/libsofthsm2.so",
-    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-    "/usr/local/lib/softhsm/libsofthsm2.so",
-)
 
 
 class ServiceError(Exception):
@@ -66,52 +65,15 @@ def _tail(path: Path, limit: int = 1500) -> str:
 # --- SoftHSM2 ---
 
 
-@dataclass(frozen=True)
-class Token:
-    module: str
-    label: str
-    pin: str
-    pin_file: Path
-    conf: Path
-
-
-def softhsm_module() -> str:
-    for path in SOFTHSM_MODULES:
-        if os.path.exists(path):
-            return path
-    raise ServiceError("libsofthsm2.so not found (apt-get install softhsm2)")
-
-
-def softhsm_conf(tmp: Path) -> Path:
-    """Write a SoftHSM2 config with its own token directory and point SOFTHSM2_CONF at it."""
-    tokens = tmp / "tokens"
-    tokens.mkdir(mode=0o700, exist_ok=True)
-    conf = tmp / "softhsm2.conf"
-    conf.write_text(
-        f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n"
-        "slots.removable = false\n"
-    )
-    os.environ["SOFTHSM2_CONF"] = str(conf)  # inherited by callers and daemons
-    return conf
-
-
-def init_token(tmp: Path, conf: Path, label: str) -> Token:
-    """Token ``label`` in ``conf``'s directory, made by softhsm/make-token.sh (no PIN in argv)."""
-    if shutil.which("softhsm2-util") is None:
-        raise ServiceError("softhsm2-util not found (apt-get install softhsm2)")
-    module = softhsm_module()
-    pin_file = conf.parent / "pin"  # make-token.sh uses the PIN it finds there, else makes one
-    done = subprocess.run(
-        [str(REPO / "softhsm" / "make-token.sh"), str(conf.parent), label],
-        env=dict(os.environ, SOFTHSM2_CONF=str(conf), SOFTHSM2_MODULE=module),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise ServiceError(f"make-token.sh failed: {done.stderr.strip()}")
-    return Token(module, label, pin_file.read_text().strip(), pin_file, conf)
+def init_token(tmp: Path, label: str) -> SoftHSMToken:
+    """Token ``label`` in ``tmp``, made by softhsm/make-token.sh (no PIN in argv); this
+    process and what it starts see it (SOFTHSM2_CONF)."""
+    try:
+        token = make_token(tmp, label)
+    except StartFailed as exc:
+        raise ServiceError(str(exc)) from None
+    os.environ["SOFTHSM2_CONF"] = str(token.conf)  # inherited by callers and daemons
+    return token
 
 
 # --- OpenSSH agent ---
@@ -253,29 +215,30 @@ def start_openbao(stack: ExitStack, tmp: Path) -> OpenBao:
 
 @dataclass
 class Daemon:
-    proc: subprocess.Popen[bytes]
-    socket: str
-    log: Path
-    ready_seconds: float
+    process: SignerdProcess
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.process.pid
+
+    @property
+    def ready_seconds(self) -> float:
+        return self.process.ready_seconds
 
     def rss_bytes(self) -> int:
         """Resident memory of signerd and every process under it (supervisor and workers)."""
-        return sum(rss_bytes(pid) for pid in process_tree(self.proc.pid))
+        return sum(rss_bytes(pid) for pid in process_tree(self.pid))
 
     def pss_bytes(self) -> int:
         """Proportional memory of signerd and every process under it: pages the forked
         workers share with the supervisor (and each other) counted once, not per process."""
-        return sum(pss_bytes(pid) for pid in process_tree(self.proc.pid))
+        return sum(pss_bytes(pid) for pid in process_tree(self.pid))
 
     def processes(self) -> int:
-        return len(process_tree(self.proc.pid))
+        return len(process_tree(self.pid))
 
     def stop(self) -> None:
-        _stop(self.proc, grace=10)
+        self.process.stop(grace=10)
 
 
 def rss_bytes(pid: int) -> int:
@@ -318,37 +281,13 @@ def process_tree(root: int) -> list[int]:
 
 
 def start_daemon(
-    stack: ExitStack, config: Path, sock: str, log: Path, timeout: float = 60
+    stack: ExitStack, config: Mapping[str, Any], directory: Path, timeout: float = 60
 ) -> Daemon:
-    """Start ``python -m signerd --config CONFIG``; time it from spawn to /v1/ready answering 200."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    with log.open("ab") as out:
-        started = time.perf_counter()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "signerd", "--config", str(config)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=str(REPO),
-        )
-    daemon = Daemon(proc, sock, log, 0.0)
-    stack.callback(daemon.stop)
-    deadline = started + timeout
-    conn = HttpConnection(sock)
+    """Start signerd on ``config`` in ``directory``; ``ready_seconds`` is from spawn to ready."""
     try:
-        while True:
-            if proc.poll() is not None:
-                raise ServiceError(f"signerd exited with {proc.returncode}: {_tail(log)}")
-            try:
-                status, _ = conn.request("GET", "/v1/ready")
-                if status == 200:
-                    daemon.ready_seconds = time.perf_counter() - started
-                    return daemon
-            except (OSError, WireError):
-                conn.close()
-            if time.perf_counter() > deadline:
-                raise ServiceError(f"signerd not ready after {timeout:.0f} s: {_tail(log)}")
-            time.sleep(0.005)
-    finally:
-        conn.close()
+        process = start(config, directory, wait=timeout, cwd=REPO, interval=0.005)
+    except StartFailed as exc:
+        raise ServiceError(str(exc)[-1500:]) from None
+    daemon = Daemon(process)
+    stack.callback(daemon.stop)
+    return daemon

@@ -114,11 +114,11 @@ async def scenario(work: Path, report: Report) -> None:
         started.append(daemons.start("producer", work / "producer", [TELEMETRY_KEY]))
         started.append(daemons.start("gateway", work / "gateway", [gateway.FEEDBACK_KEY]))
         producer_d, gateway_d = started
-        print(f"      producer signerd at {producer_d.socket}")
-        print(f"      gateway signerd at {gateway_d.socket}")
+        print(f"      producer signerd at {producer_d.socket_path}")
+        print(f"      gateway signerd at {gateway_d.socket_path}")
         async with (
-            AsyncClient(producer_d.socket) as psigner,
-            AsyncClient(gateway_d.socket) as gsigner,
+            AsyncClient(producer_d.socket_path) as psigner,
+            AsyncClient(gateway_d.socket_path) as gsigner,
             aiohttp.ClientSession() as session,
         ):
             await exchange_keys(psigner, gsigner)

@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from ..client import AsyncClient, TelemetryVerified
 from ..errors import InvalidRequest, SignerdError
@@ -38,7 +39,6 @@ from ._mtls import ServicePins
 from ._status import Refusal, refusal_for
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 TELEMETRY: web.RequestKey[TelemetryVerified] = web.RequestKey(
     "signerd.telemetry", TelemetryVerified

@@ -1,0 +1,82 @@
+"""The PKCS#11 backend on a real SoftHSM token: what the token itself says about the keys."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pkcs11 import KeyType
+
+from signerd.backends import CredentialsRefused
+from signerd.backends.pkcs11 import Pkcs11Backend, from_config
+from signerd.backends.pkcs11._session import TokenSession
+from signerd.errors import BackendUnavailable
+from signerd.wire._names import KeyName
+
+from ..conftest import pkcs11_backend_config, unique
+
+
+@pytest.fixture
+def backend() -> Iterator[Pkcs11Backend]:
+    b = from_config(pkcs11_backend_config())
+    yield b
+    b.close()
+
+
+def test_private_keys_read_back_sensitive_and_never_extractable(backend: Pkcs11Backend) -> None:
+    """Every private key made by create and rotate reads back from the token as a sensitive,
+    non-extractable, private token object, generated there and never extractable."""
+    key = KeyName(unique("p11"), "attrs")
+    info = backend.create(key)
+    backend.rotate(key, pending=False)
+    info = backend.rotate(key, pending=True)
+    kids = [v.kid for v in info.versions]
+    assert kids == [key.kid(1), key.kid(2), key.kid(3)]
+    for kid in kids:
+        attrs = backend.private_key_attributes(kid)
+        assert attrs["TOKEN"] is True, (kid, attrs)
+        assert attrs["PRIVATE"] is True, (kid, attrs)
+        assert attrs["SENSITIVE"] is True, (kid, attrs)
+        assert attrs["EXTRACTABLE"] is False, (kid, attrs)
+        assert attrs["KEY_TYPE"] == KeyType.EC_EDWARDS, (kid, attrs)
+        # generated on the token, sensitive and unextractable from the start (SoftHSM reports
+        # all three; a token that did not would fail here rather than pass by omission)
+        assert attrs["LOCAL"] is True, (kid, attrs)
+        assert attrs["ALWAYS_SENSITIVE"] is True, (kid, attrs)
+        assert attrs["NEVER_EXTRACTABLE"] is True, (kid, attrs)
+
+
+def test_refused_pin_is_credentials_refused_on_the_wire_as_backend_unavailable(
+    tmp_path: Path,
+) -> None:
+    """A PIN the token refuses raises CredentialsRefused naming PinIncorrect, whose wire code is backend_unavailable."""
+    pin = tmp_path / "wrong.pin"
+    pin.write_text("Wr0ng-pin-zq\n")
+    backend = from_config({**pkcs11_backend_config(), "pin_file": str(pin)})
+    try:
+        with pytest.raises(CredentialsRefused) as refused:
+            backend.list_keys()
+    finally:
+        backend.close()
+    assert refused.value.reason == "PinIncorrect"
+    assert isinstance(refused.value, BackendUnavailable)
+    assert refused.value.code == "backend_unavailable" and refused.value.status == 503
+    assert "Wr0ng" not in refused.value.message
+
+
+def test_a_bug_while_connecting_is_not_reported_as_a_token_outage(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A programming error (TypeError) while opening the session propagates as itself, never as backend_unavailable."""
+
+    def broken(self: TokenSession, lib: object) -> object:
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(TokenSession, "_find_token", broken)
+    backend = from_config(pkcs11_backend_config())
+    try:
+        with pytest.raises(TypeError, match="a bug"):
+            backend.list_keys()
+    finally:
+        backend.close()
