@@ -280,7 +280,7 @@ def seed_token(
 
     from signerd.backends import VersionState
     from signerd.backends.pkcs11 import APPLICATION, ED25519_OID, KeyMeta, meta_label
-    from signerd.wire._names import KeyName
+    from signerd.wire import KeyName
 
     session = pkcs11.lib(module).get_token(token_label=label).open(user_pin=pin, rw=True)
     if opened is not None:

@@ -18,7 +18,7 @@ from typing import Any
 from .federation._settings import FederationSettings, parse_federation
 from .keys import Settings
 from .server._connection import Limits
-from .wire._names import KeyName, valid_part
+from .wire import KeyName, valid_part
 
 CREDENTIAL_PREFIX = "credential:"
 _CREDENTIAL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,254}")

@@ -38,7 +38,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from .authz._calls import Operation
+from .authz import Operation
 from .workers import set_parent_death_signal
 
 __all__ = [

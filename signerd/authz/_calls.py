@@ -11,7 +11,7 @@ import enum
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..wire._names import KeyName
+from ..wire import KeyName
 
 
 class Operation(enum.StrEnum):

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..wire._names import valid_part
+from ..wire import valid_part
 from ._calls import Operation
 from ._policy import (
     DEFAULT_REFUSAL_BURST,

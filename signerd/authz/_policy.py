@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import PermissionDenied, RateLimited
-from ..wire._names import KeyName
+from ..wire import KeyName
 from ._calls import GRANTED, Call, Operation, Peer
 
 if TYPE_CHECKING:

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import BackendUnavailable, NotSupported, SignerdError
+from ..wire import KeyName
 from ..wire import VersionState as VersionState
-from ..wire._names import KeyName
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..client import Client
 from ..errors import InvalidRequest
-from ..wire._strict_json import loads_strict
+from ..wire import loads_strict
 from ._io import b64_arg, data_of, data_options, plain, read_input, register
 
 

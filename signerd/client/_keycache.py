@@ -9,8 +9,7 @@ from cryptography.exceptions import InvalidSignature as _BadSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..errors import DestroyedKid, InternalError, InvalidSignature, RetiredKid
-from ..wire import VersionState
-from ..wire._jwk import from_jwk
+from ..wire import VersionState, from_jwk
 from ._results import KidInfo
 
 

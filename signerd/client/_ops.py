@@ -31,8 +31,7 @@ from ..errors import (
     UnknownKid,
     error_for_code,
 )
-from ..wire import PEER_KID_RE, VersionState, decimal_seconds
-from ..wire._names import KeyName, parse_kid, valid_part
+from ..wire import PEER_KID_RE, KeyName, VersionState, decimal_seconds, parse_kid, valid_part
 from ._results import (
     FeedbackEnvelope,
     FeedbackVerified,

@@ -14,7 +14,7 @@ from typing import TypeVar
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..errors import SignerdError
-from ..wire._names import parse_kid
+from ..wire import parse_kid
 from ._keycache import KeyCache, check
 from ._ops import (
     Op,

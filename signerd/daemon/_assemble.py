@@ -33,7 +33,7 @@ from ..workers import runtime_path
 from ._sockets import bind_unix_socket, unlink_own_socket
 
 if TYPE_CHECKING:
-    from ..wire._names import KeyName
+    from ..wire import KeyName
     from ..workers import SharedBuckets, StallGuard
 
 __all__ = [

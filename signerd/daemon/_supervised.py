@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from .._config import Config, ConfigError, load
 from ..errors import BackendUnavailable, SignerdError
 from ..keys import KeyService
-from ..wire._names import KeyName
+from ..wire import KeyName
 from ..workers import (
     AdminLock,
     LockTimeout,

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import SignerdError
-from ..wire import DEFAULT_MAX_BYTES, DEFAULT_MAX_DEPTH
-from ..wire._names import valid_part
+from ..wire import DEFAULT_MAX_BYTES, DEFAULT_MAX_DEPTH, valid_part
 from ._trust import PeerKey, jwk_public, pem_public, valid_peer_kid
 
 __all__ = ["FederationSettings", "parse_federation"]

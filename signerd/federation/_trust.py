@@ -55,9 +55,7 @@ from ..errors import (
     UnknownKey,
     UnknownKid,
 )
-from ..wire import valid_peer_kid
-from ..wire._ed25519 import check_public, weakness
-from ..wire._jwk import b64url, to_jwk
+from ..wire import b64url, check_public, to_jwk, valid_peer_kid, weakness
 
 __all__ = ["PeerKey", "TrustedKeys", "jwk_public", "pem_public", "valid_peer_kid"]
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from ..backends import Backend, Inline
 from ..errors import BackendUnavailable, SignerdError
-from ..wire._names import KeyName
+from ..wire import KeyName
 
 if TYPE_CHECKING:
     from ..workers import StallGuard

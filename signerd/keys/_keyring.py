@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..backends import Backend, KeyInfo, KeyVersion, Recoverable
 from ..errors import BackendUnavailable, SignerdError, UnknownKey, UnknownKid
-from ..wire._names import KeyName, parse_kid
+from ..wire import KeyName, parse_kid
 from ._settings import Settings
 
 log = logging.getLogger("signerd.keys")

@@ -33,7 +33,7 @@ from ..errors import (
     UnknownKey,
     UnknownVersion,
 )
-from ..wire._names import KeyName
+from ..wire import KeyName
 from ._coalesce import Coalescer
 from ._executors import Executors
 from ._keyring import Entry, Keyring

@@ -41,8 +41,7 @@ from ..errors import (
     RateLimited,
     SignerdError,
 )
-from ..wire import request_id_from
-from ..wire._names import KeyName
+from ..wire import KeyName, request_id_from
 from ._connection import Limits, Throttled
 from ._idempotency import STALL_ANSWER, AdminChange, AdminRuns, unknown
 from ._idemstore import IdempotencyStore

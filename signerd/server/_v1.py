@@ -30,16 +30,18 @@ from ..errors import (
 )
 from ..keys import KeyService
 from ..wire import (
+    KeyName,
     b64decode,
     b64encode,
     field_bool,
     field_str,
     key_json,
     kid_json,
+    parse_kid,
     parse_object,
+    parse_version,
+    to_jwk,
 )
-from ..wire._jwk import to_jwk
-from ..wire._names import KeyName, parse_kid, parse_version
 from ._connection import Limits
 from ._dispatch import AuditNotes, Front, PeerLookup, VisibilityGate
 from ._idempotency import AdminChange

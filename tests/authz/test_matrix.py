@@ -26,7 +26,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from signerd.audit import verify_file, verify_files
-from signerd.wire._jwk import from_jwk
+from signerd.wire import from_jwk
 
 from ..conftest import PIN_FILE, DaemonProcess, start_daemon, unique
 from ..support.rawhttp import Reply, request

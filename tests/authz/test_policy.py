@@ -12,7 +12,7 @@ import pytest
 
 from signerd.authz import GRANTED, Call, Operation, Peer, Policy, names_caller, policy_from_config
 from signerd.errors import PermissionDenied, RateLimited
-from signerd.wire._names import KeyName
+from signerd.wire import KeyName
 
 ADMIN = ["create", "rotate", "promote", "retire", "destroy"]
 

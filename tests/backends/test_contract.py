@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from signerd.backends import Backend, Destroyer, VersionState, backend_type, load_factory
 from signerd.errors import KeyExists, NotSupported, SignerdError, UnknownKey, UnknownVersion
-from signerd.wire._names import KeyName
+from signerd.wire import KeyName
 
 from ..conftest import pkcs11_backend_config, unique
 

@@ -12,7 +12,7 @@ from signerd.backends import CredentialsRefused
 from signerd.backends.pkcs11 import Pkcs11Backend, from_config
 from signerd.backends.pkcs11._session import TokenSession
 from signerd.errors import BackendUnavailable
-from signerd.wire._names import KeyName
+from signerd.wire import KeyName
 
 from ..conftest import pkcs11_backend_config, unique
 

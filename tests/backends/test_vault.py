@@ -24,7 +24,7 @@ from signerd.errors import (
     UnknownKey,
     UnknownVersion,
 )
-from signerd.wire._names import KeyName
+from signerd.wire import KeyName
 
 from ..conftest import unique
 from ..support.openbao import (

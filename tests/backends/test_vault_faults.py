@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from signerd.backends import CredentialsRefused
 from signerd.backends.vault import VaultBackend, from_config
 from signerd.errors import BackendSealed, BackendUnavailable, SignerdError
-from signerd.wire._names import KeyName
+from signerd.wire import KeyName
 
 from ..conftest import unique
 from ..support.openbao import FileServer, file_server, vault_backend_config

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from signerd.backends.vault import SignClient, VaultBackend, from_config
 from signerd.errors import BackendError, BackendUnavailable, UnknownKey, UnknownVersion
-from signerd.wire._names import KeyName
+from signerd.wire import KeyName
 
 from ..conftest import unique
 from ..support.openbao import BaoServer, FaultProxy, dev_server, vault_backend_config

@@ -14,7 +14,7 @@ import pytest
 
 from signerd import errors
 from signerd.cli import EXIT_FOR_CODE, main
-from signerd.wire._jwk import from_jwk
+from signerd.wire import from_jwk
 
 from ..conftest import ROOT, DaemonProcess, start_daemon, unique
 

@@ -22,7 +22,7 @@ from signerd.client import (
     VersionState,
 )
 from signerd.client._transport import UnixHTTPConnection
-from signerd.wire._jwk import from_jwk
+from signerd.wire import from_jwk
 
 from ..conftest import DaemonProcess, start_daemon, unique, wait_until
 

@@ -29,7 +29,7 @@ from signerd.gateway import (
     canonical_data,
     feedback_signing_input,
 )
-from signerd.wire._jwk import b64url, to_jwk
+from signerd.wire import b64url, to_jwk
 
 from ..conftest import DaemonProcess, policy_allow_all, start_daemon, unique
 

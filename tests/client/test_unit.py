@@ -37,7 +37,7 @@ from signerd.client import (
     Signature,
     VersionState,
 )
-from signerd.wire._jwk import to_jwk
+from signerd.wire import to_jwk
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from signerd import AsyncClient
-from signerd.wire._jwk import b64url, to_jwk
+from signerd.wire import b64url, to_jwk
 
 from ..conftest import DaemonProcess, policy_allow_all, start_daemon, unique
 from ..support.tlsgateway import Pki, make_pki, serve

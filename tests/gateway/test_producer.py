@@ -17,7 +17,7 @@ from signerd.gateway import (
     canonical_data,
     feedback_signing_input,
 )
-from signerd.wire._jwk import b64url, to_jwk
+from signerd.wire import b64url, to_jwk
 
 NOW = 1_795_000_000
 NOW_S = str(NOW)

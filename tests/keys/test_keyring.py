@@ -19,7 +19,7 @@ import pytest
 
 from signerd.backends.pkcs11 import from_config
 from signerd.testing import wait_until
-from signerd.wire._names import KeyName
+from signerd.wire import KeyName
 
 from ..conftest import DaemonProcess, pkcs11_backend_config, start_daemon, unique
 from ..support.rawhttp import Reply, _UnixConnection, request

@@ -23,7 +23,7 @@ from signerd.errors import (
     UnknownVersion,
 )
 from signerd.keys import KeyService, Settings, run_change
-from signerd.wire._names import KeyName
+from signerd.wire import KeyName
 
 from ..conftest import pkcs11_backend_config, unique
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from signerd.backends.pkcs11 import from_config
-from signerd.wire._names import KeyName
+from signerd.wire import KeyName
 
 from ..conftest import pkcs11_backend_config, start_daemon, unique
 from ..support.rawhttp import request

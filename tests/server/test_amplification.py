@@ -414,7 +414,7 @@ def test_a_record_is_at_most_2_kib() -> None:
     from signerd.authz import Peer
     from signerd.server._dispatch import AuditNotes
     from signerd.server._v1 import _note_batch
-    from signerd.wire._names import KeyName
+    from signerd.wire import KeyName
 
     key = KeyName("t" * 63, "n" * 63)
     kid = key.kid(999_999_999)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from signerd.wire._jwk import from_jwk
+from signerd.wire import from_jwk
 
 from ..conftest import DaemonProcess, unique
 from ..support.rawhttp import Reply, request

@@ -10,8 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from signerd.errors import InvalidRequest
 from signerd.federation._trust import jwk_public, pem_public
-from signerd.wire._ed25519 import check_public, weakness
-from signerd.wire._jwk import from_jwk, thumbprint, to_jwk, to_pem
+from signerd.wire import check_public, from_jwk, thumbprint, to_jwk, to_pem, weakness
 
 # (public key, message, signature) from RFC 8032, TEST 1, 2, 3 and SHA(abc)
 VECTORS = [

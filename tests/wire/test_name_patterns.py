@@ -18,8 +18,7 @@ from signerd._config import ConfigError, parse
 from signerd.authz import policy_from_config, unit_from_cgroup
 from signerd.backends.vault import parse_settings
 from signerd.errors import InvalidKeyName, UnknownKid, UnknownVersion
-from signerd.wire import request_id_from
-from signerd.wire._names import KeyName, parse_kid, parse_version, valid_part
+from signerd.wire import KeyName, parse_kid, parse_version, request_id_from, valid_part
 
 from ..conftest import DaemonProcess, start_daemon, unique
 from ..support.rawhttp import Reply, request

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from signerd.errors import InvalidBase64, InvalidKeyName, InvalidRequest, MalformedJson, UnknownKid
-from signerd.wire import b64decode, loads_strict, parse_object
-from signerd.wire._names import KeyName, parse_kid
+from signerd.wire import KeyName, b64decode, loads_strict, parse_kid, parse_object
 
 
 @pytest.mark.parametrize("text", ["acme/feedback", "a/b", "a0/b_c-d", "x" * 63 + "/" + "y" * 63])

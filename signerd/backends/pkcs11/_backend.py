@@ -25,7 +25,7 @@ from ...errors import (
     UnknownKey,
     UnknownVersion,
 )
-from ...wire._names import KeyName, parse_kid
+from ...wire import KeyName, parse_kid
 from .. import KeyInfo, KeyVersion, VersionState
 from ._objects import (
     APPLICATION,

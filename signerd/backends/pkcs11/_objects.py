@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ...errors import BackendError, BackendUnavailable
-from ...wire._names import KeyName, valid_part
+from ...wire import KeyName, valid_part
 from .. import VersionState
 
 log = logging.getLogger("signerd.pkcs11")

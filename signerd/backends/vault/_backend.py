@@ -32,7 +32,7 @@ from ...errors import (
     UnknownKey,
     UnknownVersion,
 )
-from ...wire._names import KeyName, valid_part
+from ...wire import KeyName, valid_part
 from .. import KeyInfo, VersionState
 from ._auth import Auth
 from ._http import Json, NotFoundInVault, Transport, connection_failed

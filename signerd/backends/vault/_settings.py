@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ...wire._names import valid_part
+from ...wire import valid_part
 from ._auth import AppRole, TokenFile
 
 log = logging.getLogger("signerd.vault")

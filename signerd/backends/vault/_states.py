@@ -39,7 +39,7 @@ from datetime import datetime
 from typing import Any
 
 from ...errors import BackendError
-from ...wire._names import KeyName
+from ...wire import KeyName
 from .. import KeyInfo, KeyVersion, VersionState
 from ._http import Json
 
