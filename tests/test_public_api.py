@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
+from pathlib import Path
 from typing import Any
 
 import signerd
@@ -136,3 +138,47 @@ def test_sync_and_async_methods_have_the_same_signatures_and_docstrings() -> Non
         assert func.__doc__ and func.__doc__ == async_[name].__doc__, name
     init = inspect.signature(client.Client.__init__)
     assert init == inspect.signature(client.AsyncClient.__init__)
+
+
+#: the modules users may import; everything else in signerd is internal: a module whose
+#: name starts with "_", or one of the daemon's own subpackages, whose interfaces serve
+#: the package itself and may change in any release
+PUBLIC_MODULES = {
+    "signerd",
+    "signerd.client",
+    "signerd.errors",
+    "signerd.gateway",
+    "signerd.testing",
+}
+INTERNAL_PACKAGES = {
+    "signerd.audit",
+    "signerd.authz",
+    "signerd.backends",
+    "signerd.backends.pkcs11",
+    "signerd.backends.vault",
+    "signerd.cli",
+    "signerd.daemon",
+    "signerd.federation",
+    "signerd.keys",
+    "signerd.server",
+    "signerd.wire",
+    "signerd.workers",
+}
+
+
+def test_every_module_is_declared_public_or_internal() -> None:
+    """Each signerd module is listed public, is an internal subpackage, or has a "_" name."""
+    root = Path(signerd.__file__).parent
+    undeclared = []
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        name = ".".join(parts)
+        private = any(p.startswith("_") and p not in ("__main__",) for p in parts)
+        if name in PUBLIC_MODULES or name in INTERNAL_PACKAGES or private:
+            continue
+        undeclared.append(name)
+    assert sorted(undeclared) == ["signerd.__main__", "signerd.cli.__main__"]
+    for name in PUBLIC_MODULES:
+        assert importlib.import_module(name).__doc__

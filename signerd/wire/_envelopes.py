@@ -56,7 +56,6 @@ __all__ = [
 ]
 
 MIN_NONCE_BYTES = 16
-MAX_NONCE_CHARS = 128
 ATTESTATION_MEMBER = "attestation_measurement_hash"
 FEEDBACK_FIELDS = frozenset({"tenant", "signed_at", "nonce", "schema", "kid", "data", "signature"})
 
