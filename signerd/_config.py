@@ -18,7 +18,7 @@ from typing import Any
 from .daemon._systemd import credential_path
 from .federation._settings import FederationSettings, parse_federation
 from .keys._service import Settings
-from .server._connection import Limits
+from .server import Limits
 from .wire._names import KeyName, valid_part
 
 CREDENTIAL_PREFIX = "credential:"

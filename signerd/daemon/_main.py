@@ -36,11 +36,9 @@ from ..authz._peer import peer_of
 from ..authz._policy import Policy, policy_from_config
 from ..backends import Backend, load_factory
 from ..errors import SignerdError
-from ..federation._routes import Federation, attach, federation_of
+from ..federation import Federation, attach
 from ..keys._service import KeyService
-from ..server._idemstore import IdempotencyStore
-from ..server._listener import connection_cap, raise_nofile_limit
-from ..server._v1 import Limits, Server
+from ..server import IdempotencyStore, Limits, Server, connection_cap, raise_nofile_limit
 from ..workers import StallGuard, runtime_path
 from ._sockets import SocketError, bind_unix_socket, unlink_own_socket
 from ._systemd import (
@@ -118,6 +116,7 @@ class Daemon:
     sock: socket.socket
     worker: Worker | None = None
     guard: StallGuard | None = None
+    federation: Federation | None = None
 
     @classmethod
     async def start(
@@ -170,7 +169,7 @@ class Daemon:
             listener.shared_uids = worker.connections
             if config.on_loop:  # the supervisor replaces a worker whose call never returns
                 guard = keys.stall_guard = audit.stall_guard = StallGuard(listener.last_answers)
-        return cls(config, keys, server, sock, worker, guard)
+        return cls(config, keys, server, sock, worker, guard, federation)
 
     def reload(self) -> None:
         """SIGHUP: new policy from the file (kept only when valid) and reopen the audit file."""
@@ -195,7 +194,7 @@ class Daemon:
             unlink_own_socket(self.config.socket, self.sock)
         self.sock.close()
         await self.keys.close()
-        federation = federation_of(self.server)
+        federation = self.federation
         if federation is not None:
             await federation.close()
         audit = self.server.audit

@@ -14,9 +14,9 @@ stays plain lines on stderr unless stderr is the journal (``$JOURNAL_STREAM``).
   ``listen_fds_with_names``), checked against the same rules signerd applies
   to a socket it binds (path, no access for others, group).
 - ``credential_path``: a file in ``$CREDENTIALS_DIRECTORY`` (``LoadCredential=``).
-- ``setup_logging`` and ``log_request``: structured journal events
-  (``REQUEST_ID``, ``OPERATION``, ``OUTCOME``, ``STATUS``) when stderr is
-  the journal.
+- ``setup_logging``: structured journal events (upper-case record attributes,
+  such as the request log's ``REQUEST_ID``, ``OPERATION``, ``OUTCOME``,
+  ``STATUS``, become fields) when stderr is the journal.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from ..server import log_requests_to_journal
 from ._sockets import SocketError
 
 __all__ = [
@@ -41,14 +42,12 @@ __all__ = [
     "Watchdog",
     "activated_socket",
     "credential_path",
-    "log_request",
     "notify",
     "setup_logging",
     "under_journal",
 ]
 
 log = logging.getLogger("signerd")
-request_log = logging.getLogger("signerd.request")
 
 # systemd's own rule for credential names, narrowed to what a file name can safely be
 _CREDENTIAL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,254}")
@@ -268,12 +267,8 @@ def _priority(levelno: int) -> int:
     return 7
 
 
-_journal_events = False
-
-
 def setup_logging(level: str) -> None:
     """Journal events when stderr is the journal and systemd-python is there; else stderr lines."""
-    global _journal_events
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -282,7 +277,7 @@ def setup_logging(level: str) -> None:
     if under_journal():
         with contextlib.suppress(ImportError):
             journal = importlib.import_module("systemd.journal")
-    _journal_events = journal is not None
+    log_requests_to_journal(journal is not None)
     if journal is not None:
         handler = JournalHandler(journal.send)
         handler.setFormatter(logging.Formatter("%(message)s"))
@@ -291,31 +286,3 @@ def setup_logging(level: str) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper()))
-
-
-def log_request(rid: str, operation: str, outcome: str, status: int) -> None:
-    """One event per answered request: REQUEST_ID, OPERATION, OUTCOME, STATUS.
-
-    ``rid`` is the validated request id, ``operation`` a route name
-    (``sign``, ``keys.rotate``, ...), ``outcome`` ``ok`` or an error code from
-    the closed set, ``status`` the HTTP status. In the journal always (at info);
-    on stderr only at debug level, so a busy daemon does not flood it.
-    """
-    level = logging.INFO if _journal_events else logging.DEBUG
-    if not request_log.isEnabledFor(level):
-        return
-    request_log.log(
-        level,
-        "signerd.request rid=%s op=%s outcome=%s status=%d",
-        rid,
-        operation,
-        outcome,
-        status,
-        extra={
-            "REQUEST_ID": rid,
-            "OPERATION": operation,
-            "OUTCOME": outcome,
-            "STATUS": status,
-            "MESSAGE_ID": "5b1b4e3c2f0a4f0e9d7c6a5b4c3d2e1f",
-        },
-    )
