@@ -31,7 +31,7 @@ import json
 import operator
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -76,7 +76,7 @@ from ._trust_routes import TrustRoutes, own_kid, peer_kid
 if TYPE_CHECKING:
     from ..keys._service import KeyService
 
-__all__ = ["ROUTES", "Federation", "Host", "Router", "attach"]
+__all__ = ["ROUTES", "Federation", "Host", "RouteHost", "attach"]
 
 #: (method, path, handler, operation): the federation routes, documented in openapi.json
 ROUTES: tuple[tuple[str, str, str, Operation], ...] = (
@@ -99,13 +99,13 @@ class Host(Protocol):
     def keys(self) -> KeyService: ...
 
 
-class Router(Protocol):
+class RouteHost(Protocol):
     """Where the federation's routes are served (the server)."""
 
-    def add_routes(self, routes: Any) -> None: ...
+    def add_routes(self, routes: Iterable[tuple[str, str, Handler, Operation]]) -> None: ...
 
 
-def attach(server: Router, federation: Federation) -> None:
+def attach(server: RouteHost, federation: Federation) -> None:
     """Serve ``federation``'s endpoints on ``server``."""
     server.add_routes(federation.routes())
 

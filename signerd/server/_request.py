@@ -225,8 +225,10 @@ class Request:
         return True
 
     def release(self) -> None:
-        """Give the body's memory back (answered, refused, or the connection is gone)."""
+        """Give the body's memory back (answered, refused, or the connection is gone), and
+        drop the context, so that request and context are freed without the cycle collector."""
         self.buffer = bytearray()
+        self.context = None
         if self._mapped is not None:
             self._mapped.close()
             self._mapped, self._filled = None, 0
