@@ -17,7 +17,7 @@ from typing import Any
 
 from .federation._settings import FederationSettings, parse_federation
 from .keys import Settings
-from .server._connection import Limits
+from .server import Limits
 from .wire import KeyName, valid_part
 
 CREDENTIAL_PREFIX = "credential:"

@@ -24,11 +24,17 @@ from ..audit import AuditTrail, audit_from_config, audit_settings
 from ..authz import Policy, peer_of, policy_from_config
 from ..backends import Backend, load_factory
 from ..errors import SignerdError
-from ..federation._routes import Federation, attach
+from ..federation import Federation, attach
 from ..keys import KeyService
-from ..server._idemstore import IdempotencyStore
-from ..server._listener import Listener, UidCounter, connection_cap, raise_nofile_limit
-from ..server._v1 import Limits, Server
+from ..server import (
+    IdempotencyStore,
+    Limits,
+    Listener,
+    Server,
+    UidCounter,
+    connection_cap,
+    raise_nofile_limit,
+)
 from ..workers import runtime_path
 from ._sockets import bind_unix_socket, unlink_own_socket
 

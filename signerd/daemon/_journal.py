@@ -4,9 +4,9 @@
   (``$JOURNAL_STREAM``) and systemd-python is installed; else stderr lines.
 - ``JournalHandler``: one entry per record; upper-case record attributes
   become journal fields.
-- ``log_request``: one event per answered request (``REQUEST_ID``,
-  ``OPERATION``, ``OUTCOME``, ``STATUS``): in the journal always, on stderr
-  only at debug level.
+
+The request log itself is the server's (``signerd.server.log_request``):
+``setup_logging`` tells it whether its events go to the journal.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["JournalHandler", "log_request", "setup_logging", "under_journal"]
+from ..server import log_requests_to_journal
 
-request_log = logging.getLogger("signerd.request")
+__all__ = ["JournalHandler", "setup_logging", "under_journal"]
+
 
 # fields a log record may carry to the journal (journald accepts only these)
 _FIELD_RE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
@@ -77,12 +78,8 @@ def _priority(levelno: int) -> int:
     return 7
 
 
-_journal_events = False
-
-
 def setup_logging(level: str) -> None:
     """Journal events when stderr is the journal and systemd-python is there; else stderr lines."""
-    global _journal_events
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -91,7 +88,7 @@ def setup_logging(level: str) -> None:
     if under_journal():
         with contextlib.suppress(ImportError):
             journal = importlib.import_module("systemd.journal")
-    _journal_events = journal is not None
+    log_requests_to_journal(journal is not None)
     if journal is not None:
         handler = JournalHandler(journal.send)
         handler.setFormatter(logging.Formatter("%(message)s"))
@@ -100,31 +97,3 @@ def setup_logging(level: str) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper()))
-
-
-def log_request(rid: str, operation: str, outcome: str, status: int) -> None:
-    """One event per answered request: REQUEST_ID, OPERATION, OUTCOME, STATUS.
-
-    ``rid`` is the validated request id, ``operation`` a route name
-    (``sign``, ``keys.rotate``, ...), ``outcome`` ``ok`` or an error code from
-    the closed set, ``status`` the HTTP status. In the journal always (at info);
-    on stderr only at debug level, so a busy daemon does not flood it.
-    """
-    level = logging.INFO if _journal_events else logging.DEBUG
-    if not request_log.isEnabledFor(level):
-        return
-    request_log.log(
-        level,
-        "signerd.request rid=%s op=%s outcome=%s status=%d",
-        rid,
-        operation,
-        outcome,
-        status,
-        extra={
-            "REQUEST_ID": rid,
-            "OPERATION": operation,
-            "OUTCOME": outcome,
-            "STATUS": status,
-            "MESSAGE_ID": "5b1b4e3c2f0a4f0e9d7c6a5b4c3d2e1f",
-        },
-    )

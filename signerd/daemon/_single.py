@@ -17,7 +17,7 @@ from collections.abc import Callable
 from .._config import Config
 from ..errors import SignerdError
 from ..keys import KeyService
-from ..server._listener import UidCounter
+from ..server import UidCounter
 from ..workers import SharedBuckets, StallGuard
 from ._assemble import AdminGuard, Daemon, TrustGuard
 from ._systemd import SystemdSession, Watchdog, activated_socket, notify

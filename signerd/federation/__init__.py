@@ -2,10 +2,17 @@
 
 ``docs/federation.md`` states the exact formats. The modules:
 
-* ``canonical``: strict JSON parsing and RFC 8785 canonicalisation;
-* ``envelopes``: the signing inputs of both flows and their field grammars;
-* ``trust``: trusted peer keys per tenant (configured, or added through the API);
-* ``nonces``: the nonce stores (SQLite by default, Redis for several hosts);
-* ``settings``: the ``[federation]`` table of the configuration;
-* ``routes``: the HTTP endpoints and the verification in its fixed order.
+* ``_routes``: the telemetry and feedback endpoints and the verification in its
+  fixed order (``Federation``; ``attach`` serves them on the server);
+* ``_trust_routes``: the trusted peer keys' endpoints;
+* ``_trust``: trusted peer keys per tenant (configured, or added through the API);
+* ``_nonces``, ``_redis_store``: the nonce stores (SQLite by default, Redis for
+  several hosts);
+* ``_settings``: the ``[federation]`` table of the configuration.
+
+The envelope grammar and canonical JSON are ``signerd.wire``'s.
 """
+
+from ._routes import Federation, attach
+
+__all__ = ["Federation", "attach"]

@@ -7,8 +7,8 @@ body, an idle keep-alive timeout, at most ``max_body_bytes`` of body held in
 memory, reading paused while a request is being answered (and while the peer
 does not read its answers). Malformed HTTP gets one 400 answer and the
 connection is closed; the log gets one short line per interval, never the
-peer's bytes. Accepting and caps are ``_listener``'s; what a handler sees is
-``_request``'s.
+peer's bytes. Accepting and caps are ``_listener``'s (the ``ConnectionOwner``);
+what a handler sees is ``_request``'s.
 """
 
 from __future__ import annotations
@@ -16,20 +16,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections import deque
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, cast
 
 import httptools
 
+from ..authz._calls import Peer
 from ..errors import InvalidRequest, SignerdError
-from ._request import Request, render_error
+from ._limits import Limits, Throttled
+from ._request import Request, Response, render_error
 
-if TYPE_CHECKING:
-    from ._listener import Listener
+__all__ = ["Connection", "ConnectionOwner", "Dispatch", "Precheck"]
 
-__all__ = ["Connection", "Limits", "Throttled"]
+Dispatch = Callable[[Request], Awaitable[Response]]
+Precheck = Callable[[Request], SignerdError | None]
 
 log = logging.getLogger("signerd.server")
 
@@ -38,41 +39,18 @@ _MAX_HEADERS = 64
 _MAX_PIPELINED = 16  # complete requests waiting behind the one being answered
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What one caller may hold of the server; the ``[server]`` section sets them."""
+class ConnectionOwner(Protocol):
+    """What a connection needs of the server that accepted it (the ``Listener``)."""
 
-    max_body_bytes: int = 1 << 20
-    max_batch_items: int = 256
-    header_timeout: float = 10.0
-    body_timeout: float = 10.0
-    keepalive_timeout: float = 60.0
-    max_connections: int = 1024
-    max_connections_per_uid: int = 128
-    max_connections_stranger: int = 4  # per uid, for callers no rule names
-    max_connections_strangers: int = 64  # all of them together (at most half the total)
-    log_interval: float = 10.0
+    limits: Limits
+    bad_http: Throttled  # malformed requests, counted
+    timed_out: Throttled  # connections cut at a deadline, counted
+    dispatch: Dispatch  # the answer to a request whose body has arrived (or refused early)
+    precheck: Precheck  # at the end of a head with a body: the refusal to answer at once
 
-
-class Throttled:
-    """A counter that logs at most one line per interval (with the count since the last one)."""
-
-    def __init__(self, event: str, interval: float, level: int = logging.WARNING) -> None:
-        self.event, self.interval, self.level = event, interval, level
-        self.total = 0
-        self._pending = 0
-        self._last = -1e18
-
-    def note(self, **fields: object) -> None:
-        self.total += 1
-        self._pending += 1
-        now = time.monotonic()
-        if now - self._last >= self.interval:
-            extra = "".join(f" {k}={v}" for k, v in fields.items())
-            log.log(
-                self.level, "%s count=%d total=%d%s", self.event, self._pending, self.total, extra
-            )
-            self._pending, self._last = 0, now
+    def forget(self, conn: Connection) -> None:
+        """The connection is gone."""
+        ...
 
 
 class Connection(asyncio.Protocol):
@@ -87,13 +65,13 @@ class Connection(asyncio.Protocol):
     timer per request.
     """
 
-    def __init__(self, listener: Listener, uid: int) -> None:
-        self.listener, self.uid = listener, uid
-        self.limits = listener.limits
-        self.loop = listener._loop
+    def __init__(self, owner: ConnectionOwner, loop: asyncio.AbstractEventLoop, uid: int) -> None:
+        self.owner, self.loop, self.uid = owner, loop, uid
+        self.limits = owner.limits
         self.transport: asyncio.Transport | None = None
+        self.sock: Any = None  # the connected socket, for the peer lookup
         self.parser = httptools.HttpRequestParser(self)
-        self.peer: Any = None  # the server's Peer, looked up on first use
+        self.peer: Peer | None = None  # looked up on first use (or when it was accepted)
         self.stranger = False  # no policy rule names the caller (smaller caps)
         self.pending: asyncio.Task[None] | None = None
         self.deadline: float | None = None  # loop time at which the connection is cut
@@ -120,6 +98,7 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.sock = transport.get_extra_info("socket")
         self._arm(self.limits.header_timeout, head=True)  # the first head is due from connect
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -130,7 +109,7 @@ class Connection(asyncio.Protocol):
                 req.release()  # now, not when the garbage collector finds the cycles
         self._current = None
         self._queue.clear()
-        self.listener.forget(self)
+        self.owner.forget(self)
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
@@ -190,7 +169,7 @@ class Connection(asyncio.Protocol):
             raw_url=self._url,
             raw_headers=self._headers,
             keep_alive=parser.should_keep_alive(),
-            connection=self,
+            slot=self,
         )
         self._current = req
         length = req.content_length
@@ -204,7 +183,7 @@ class Connection(asyncio.Protocol):
             req.expect(length)
         if not self.busy:
             self._arm(self.limits.body_timeout)
-        req.refused = self.listener.precheck(req)
+        req.refused = self.owner.precheck(req)
         if req.refused is not None or req.too_large:
             self._hand_over(req)  # answered now; the rest of the body is dropped
         elif (
@@ -258,7 +237,7 @@ class Connection(asyncio.Protocol):
 
     async def _answer(self, req: Request) -> None:
         try:
-            response = await self.listener.dispatch(req)
+            response = await self.owner.dispatch(req)
         finally:
             self._active = None
             req.release()  # answered: its body's memory goes back now
@@ -305,7 +284,7 @@ class Connection(asyncio.Protocol):
 
     def _reject(self, why: str) -> None:
         """Malformed HTTP: one 400 answer, one throttled log line (no peer bytes), then close."""
-        self.listener.bad_http.note(uid=self.uid, why=why)
+        self.owner.bad_http.note(uid=self.uid, why=why)
         if self.transport is not None and not self.busy:
             self.transport.write(render_error(InvalidRequest("malformed HTTP request")))
         self._close()
@@ -318,13 +297,17 @@ class Connection(asyncio.Protocol):
         req, transport = self._active, self.transport
         if req is None or transport is None or self._closing:
             return False
-        own = req.get("stall_answer")
-        exc = own if isinstance(own, SignerdError) else exc
+        context = req.context
+        rid = "-"
+        if context is not None:
+            rid = context.rid
+            if context.stall_answer is not None:
+                exc = context.stall_answer
         sock = transport.get_extra_info("socket")
         if sock is None or transport.get_write_buffer_size():
             return False
         try:
-            os.write(sock.fileno(), render_error(exc, str(req.get("rid", "-"))))
+            os.write(sock.fileno(), render_error(exc, rid))
         except (OSError, ValueError):  # closed meanwhile, or the buffer is full
             return False
         return True
@@ -334,7 +317,7 @@ class Connection(asyncio.Protocol):
         self.deadline, self._timing_head = None, False
         if self._active is not None and self._active.complete:
             return  # an answer is being made; the backend has its own deadline
-        self.listener.timed_out.note(uid=self.uid)
+        self.owner.timed_out.note(uid=self.uid)
         self.abort()
 
     def _arm(self, seconds: float, *, head: bool = False) -> None:

@@ -8,10 +8,14 @@ and admin operations the record is written before the answer leaves: when it
 cannot be written, the answer is replaced by 503 ``audit_unavailable`` (or,
 for an admin operation that has acted, 500 ``outcome_unknown``: see
 ``_idempotency``, which runs admin changes with their ``intent`` record).
+Each request gets a ``RequestContext`` (``_context``) whose audit operation is
+its route's; the handler takes that context.
 A refusal of a caller some rule matches, answered before the gate granted the
 request anything, costs from its uid's refusal bucket (``Gate.charge_refusal``);
 of the 429s, at most one per uid per second is recorded.
-``Server`` (``_server``) adds the v1 handlers.
+``Server`` (``_v1``) adds the v1 handlers; a feature adds its own with
+``add_routes``. One event per answered request goes to the request log
+(``_requestlog``).
 """
 
 from __future__ import annotations
@@ -25,12 +29,10 @@ import socket
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..audit import AuditEvent, AuditSink, QueueingAuditSink
 from ..authz import GRANTED, Gate, Operation, Peer
-from ..daemon._journal import log_request
 from ..errors import (
     AuditUnavailable,
     InternalError,
@@ -42,22 +44,23 @@ from ..errors import (
     SignerdError,
 )
 from ..wire import KeyName, request_id_from
-from ._connection import Limits, Throttled
-from ._idempotency import STALL_ANSWER, AdminChange, AdminRuns, unknown
+from ._context import AdminChange, Handler, RequestContext
+from ._idempotency import AdminRuns, unknown
 from ._idemstore import IdempotencyStore
+from ._limits import Limits, Throttled
 from ._listener import Listener, UidCounter
 from ._request import Request, Response, json_response
-from ._router import Handler, Route, Router
+from ._requestlog import log_request
+from ._router import Route, Router
 from ._strangers import Strangers
 
-__all__ = ["Front", "VisibilityGate"]
+__all__ = ["Front", "PeerLookup", "VisibilityGate"]
 
 log = logging.getLogger("signerd.server")
 
 PeerLookup = Callable[[Any], Peer]  # a connected socket -> its peer
 UNKNOWN_PEER = Peer(pid=0, uid=-1, gid=-1)
 _MAX_QUIET = 4096  # uids whose unrecorded 429s are counted
-_ACTIONS = {"promote": Operation.PROMOTE, "retire": Operation.RETIRE, "destroy": Operation.DESTROY}
 
 
 _ids: tuple[str, itertools.count[int]] = (secrets.token_hex(8), itertools.count())
@@ -94,21 +97,6 @@ class VisibilityGate(Gate, Protocol):
         ...
 
 
-@dataclass
-class AuditNotes:
-    """What a handler learned about its request, for the audit record."""
-
-    operation: Operation = Operation.HEALTH
-    tenant: str | None = None
-    key: str | None = None
-    kid: str | None = None
-    hashes: tuple[str, ...] = ()
-    extra_outcome: str | None = None
-    item_codes: tuple[str, ...] = ()
-    label: str | None = None  # the operation recorded for a route outside Operation
-    written: bool = field(default=False)
-
-
 class Front:
     """Routing, peers, refusals, the error envelope and the audit record."""
 
@@ -130,7 +118,7 @@ class Front:
         self.quieted = Throttled("signerd.audit_quieted reason=rate_limited", 10.0)
         self._queueing_of: object = None
         self._queueing_sink: QueueingAuditSink | None = None
-        self.admin_runs = AdminRuns(IdempotencyStore(None), self._intent)
+        self.admin_runs = AdminRuns(IdempotencyStore(None))
 
     @property
     def idempotency(self) -> IdempotencyStore:
@@ -142,27 +130,20 @@ class Front:
     def idempotency(self, store: IdempotencyStore) -> None:
         self.admin_runs.store = store
 
-    async def admin_change(self, request: Request, change: AdminChange) -> Response:
+    async def admin_change(self, ctx: RequestContext, change: AdminChange) -> Response:
         """Run an admin change: intent record, ``Idempotency-Key``, outcome (``_idempotency``)."""
-        return await self.admin_runs.run(request, change)
+        return await self.admin_runs.run(ctx, change)
 
-    def add_routes(self, routes: Iterable[tuple[Any, ...]]) -> None:
-        """Extra routes: an iterable of (method, path template, async handler).
+    def add_routes(self, routes: Iterable[tuple[str, str, Handler, Operation]]) -> None:
+        """Routes: (method, path template, async handler, operation) each.
 
-        Handlers take a ``Request`` and return a ``Response`` (``json_response``).
-        They need a grant: callers no rule matches are refused before their body
-        is read, and the refusal is audited as ``operation`` (a 4-tuple's last
-        item; default ``"request"``).
+        Handlers take a ``RequestContext`` and return a ``Response``
+        (``json_response``); their requests are audited as ``operation``. They
+        need a grant, except ``Operation.HEALTH`` (open, not recorded): callers
+        no rule matches are refused before their body is read.
         """
-        for route in routes:
-            method, path, handler = route[0], route[1], route[2]
-            operation = route[3] if len(route) > 3 else "request"
-            self.add_route(method, path, handler, operation=operation)
-
-    def add_route(
-        self, method: str, path: str, handler: Handler, *, operation: str = "request"
-    ) -> Route:
-        return self.router.add(method, path, handler, operation=operation)
+        for method, path, handler, operation in routes:
+            self.router.add(method, path, handler, operation)
 
     async def serve(self, sock: socket.socket, shared_uids: UidCounter | None = None) -> Listener:
         """Start answering on a listening socket (already bound and listening); ``shared_uids``
@@ -179,20 +160,18 @@ class Front:
             await self.listener.close(grace)
 
     def peer(self, request: Request) -> Peer:
-        conn = request.connection
-        if conn is None:
+        slot = request.slot
+        if slot is None:
             return UNKNOWN_PEER
-        peer = conn.peer
+        peer = slot.peer
         if peer is None:
-            transport = conn.transport
-            sock = None if transport is None else transport.get_extra_info("socket")
+            sock = slot.sock
             if sock is None or sock.family != socket.AF_UNIX:
                 return UNKNOWN_PEER
             try:
-                peer = conn.peer = self._peer_lookup(sock)
+                peer = slot.peer = self._peer_lookup(sock)
             except OSError:
                 return UNKNOWN_PEER
-        assert isinstance(peer, Peer)
         return peer
 
     # --- before the body: route, peer, could anything be granted -------------------
@@ -202,6 +181,9 @@ class Front:
         route, _ = self.router.resolve(request)
         if route is None or route.open:
             return None
+        return self._refusal(request)
+
+    def _refusal(self, request: Request) -> SignerdError | None:
         try:
             if self.gate.admits(self.peer(request)):
                 return None
@@ -210,15 +192,14 @@ class Front:
         return PermissionDenied()
 
     async def dispatch(self, request: Request) -> Response:
-        started = time.monotonic()
         given = request.headers.get("X-Request-Id")
         rid = request_id_from(given, "") or _fresh_request_id()
-        request["rid"] = rid
-        audit = request["audit"] = AuditNotes()
+        ctx = request.context = RequestContext(self, request, rid, UNKNOWN_PEER, Operation.HEALTH)
+        notes = ctx.notes
         headers: dict[str, str] = {"X-Request-Id": rid}
         GRANTED.set(False)
         try:
-            request["peer"] = self.peer(request)
+            ctx.peer = self.peer(request)
             route: Route | None = request.route
             if route is None:
                 route, allow = self.router.resolve(request)
@@ -228,19 +209,19 @@ class Front:
                         raise MethodNotAllowed()
                     raise NotFound()
                 if not route.open and request.refused is None:
-                    request.refused = self.precheck(request)
+                    request.refused = self._refusal(request)
+            notes.operation = route.operation
             if request.refused is not None:
-                self._refused_early(request, route, audit)
                 raise request.refused
-            response = await route.handler(request)
+            response = await route.handler(ctx)
             outcome = "ok"
-            await self._record(request, audit, "ok", response.status, request.get("audit_reason"))
+            await self._record(ctx, "ok", response.status, ctx.reason)
         except SignerdError as refusal:
-            exc = self._over_refusals(request, audit, _after_acting(request, refusal, audit))
-            if self._quieted(request, exc):
-                audit.written = True
+            exc = self._over_refusals(ctx, _after_acting(ctx, refusal))
+            if self._quieted(ctx, exc):
+                notes.written = True
             response, outcome = self._error(rid, exc), exc.code
-            await self._record(request, audit, exc.code, exc.status, exc.message)
+            await self._record(ctx, exc.code, exc.status, exc.message)
         except Exception as exc:
             log.error(
                 "signerd.internal_error request_id=%s error=%s\n%s",
@@ -249,54 +230,33 @@ class Front:
                 "".join(traceback.format_tb(exc.__traceback__)),
             )
             response, outcome = self._error(rid, InternalError()), "internal_error"
-            await self._record(request, audit, "internal_error", 500, None)
+            await self._record(ctx, "internal_error", 500, None)
         response.headers.update(headers)
-        log_request(rid, audit.operation.value, outcome, response.status)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "signerd.request id=%s took=%.6f status=%d",
-                rid,
-                time.monotonic() - started,
-                response.status,
-            )
+        log_request(rid, notes.operation.value, outcome, response.status)
         return response
 
-    def _refused_early(self, request: Request, route: Route, audit: AuditNotes) -> None:
-        op = route.operation
-        if op is None:  # version actions: the operation is in the path
-            action = _ACTIONS.get(request.match_info.get("action", ""))
-            audit.operation = action if action is not None else Operation.LIST
-            if action is None:
-                audit.label = "request"
-        elif op in Operation.__members__.values():
-            audit.operation = Operation(op)
-        else:
-            audit.operation, audit.label = Operation.LIST, op
-
-    def _over_refusals(
-        self, request: Request, audit: AuditNotes, exc: SignerdError
-    ) -> SignerdError:
+    def _over_refusals(self, ctx: RequestContext, exc: SignerdError) -> SignerdError:
         """A caller some rule matches, refused before anything was granted to its request:
         one token of its uid's refusal bucket; past it, the answer is 429 instead."""
         if (
             isinstance(exc, RateLimited)
-            or request.refused is not None  # a stranger: charged by ``admits``
-            or audit.operation is Operation.HEALTH  # not recorded
+            or ctx.request.refused is not None  # a stranger: charged by ``admits``
+            or ctx.notes.operation is Operation.HEALTH  # not recorded
             or GRANTED.get()  # paid for by the grant (its rule's rate)
         ):
             return exc
         try:
-            self.gate.charge_refusal(request["peer"])
+            self.gate.charge_refusal(ctx.peer)
         except RateLimited as limited:
             return limited
         return exc
 
-    def _quieted(self, request: Request, exc: SignerdError) -> bool:
+    def _quieted(self, ctx: RequestContext, exc: SignerdError) -> bool:
         """A 429: one audit record per uid per second (the gate's, across workers); the
         others are counted, and the next record says how many were not written."""
         if not isinstance(exc, RateLimited):
             return False
-        peer = request["peer"]
+        peer = ctx.peer
         if not self.gate.records_limited(peer):
             if peer.uid not in self._quiet and len(self._quiet) >= _MAX_QUIET:
                 self._quiet.clear()
@@ -313,16 +273,17 @@ class Front:
         return json_response(exc.to_wire(rid), status=exc.status, headers=headers)
 
     async def _record(
-        self, request: Request, audit: AuditNotes, outcome: str, status: int, reason: str | None
+        self, ctx: RequestContext, outcome: str, status: int, reason: str | None
     ) -> None:
         """Write the final record. For fail-closed operations a failure propagates."""
+        audit = ctx.notes
         if audit.operation is Operation.HEALTH or audit.written:
             return
         event = AuditEvent(
             time=time.time(),
-            request_id=request["rid"],
-            peer=request.get("peer", UNKNOWN_PEER),
-            operation=audit.label or audit.operation.value,
+            request_id=ctx.rid,
+            peer=ctx.peer,
+            operation=audit.operation.value,
             outcome=audit.extra_outcome if outcome == "ok" and audit.extra_outcome else outcome,
             tenant=audit.tenant,
             key=audit.key,
@@ -346,7 +307,7 @@ class Front:
             with contextlib.suppress(AuditUnavailable):
                 await self.audit.record(event)
                 return
-        log.error("signerd.audit_unavailable request_id=%s outcome=%s", request["rid"], outcome)
+        log.error("signerd.audit_unavailable request_id=%s outcome=%s", ctx.rid, outcome)
 
     def _queueing(self) -> QueueingAuditSink | None:
         """``audit`` when it queues (the protocol check costs microseconds: once per sink)."""
@@ -356,34 +317,13 @@ class Front:
             self._queueing_sink = sink if isinstance(sink, QueueingAuditSink) else None
         return self._queueing_sink
 
-    async def _intent(self, request: Request) -> None:
-        """Admin operations: an intent record before acting (fails closed)."""
-        await self.audit.record(intent_event(request, request["audit"]))
 
-    # --- helpers --------------------------------------------------------------
-
-
-def intent_event(request: Request, audit: AuditNotes) -> AuditEvent:
-    """The record an admin operation writes before it acts (status 0, outcome ``intent``)."""
-    return AuditEvent(
-        time=time.time(),
-        request_id=request["rid"],
-        peer=request["peer"],
-        operation=audit.operation.value,
-        outcome="intent",
-        tenant=audit.tenant,
-        key=audit.key,
-        kid=audit.kid,
-        status=0,
-    )
-
-
-def _after_acting(request: Request, exc: SignerdError, audit: AuditNotes) -> SignerdError:
+def _after_acting(ctx: RequestContext, exc: SignerdError) -> SignerdError:
     """An admin operation that has acted is never answered with a refusal: a 5xx (its
     outcome record could not be written) becomes ``outcome_unknown``."""
-    answer = request.get(STALL_ANSWER)
+    answer = ctx.stall_answer
     if not isinstance(answer, OutcomeUnknown) or exc.status < 500 or exc is answer:
         return exc
     if not isinstance(exc, OutcomeUnknown):
-        unknown(request, audit.operation.value, exc)
+        unknown(ctx.rid, ctx.notes.operation.value, exc)
     return answer

@@ -20,7 +20,7 @@ a process; across workers, the workers' lock):
    whose outcome record cannot be written, answer 500 ``outcome_unknown``,
    and the intent stays until a retry settles it. A 4xx (the change was
    refused before anything changed) forgets the intent;
-5. the answer is stored, and ``Front`` writes the outcome record.
+5. the answer is stored, and dispatch writes the outcome record.
 
 A caller's keys are its own (scoped by uid); the store keeps their hashes.
 """
@@ -33,9 +33,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator
 
 from ..errors import (
     BackendSealed,
@@ -47,45 +45,24 @@ from ..errors import (
     OutcomeUnknown,
     SignerdError,
 )
-from ..keys import run_change
+from ._context import AdminChange, RequestContext
 from ._idemstore import Entry, IdempotencyStore
 from ._request import Request, Response
 
 __all__ = [
     "HEADER",
     "REPLAYED",
-    "STALL_ANSWER",
-    "AdminChange",
     "AdminRuns",
     "idempotency_key",
-    "run_change",
 ]
 
 log = logging.getLogger("signerd.admin")
 
 HEADER = "Idempotency-Key"
 REPLAYED = "Idempotent-Replayed"
-#: request item: the answer any 5xx of this request becomes (set while it acts)
-STALL_ANSWER = "stall_answer"
 _KEY_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _LOCAL_TIMEOUT = 10.0  # seconds an admin request waits for another one of this process
 _DEFINITE = (BackendSealed, NotSupported)  # 5xx answered before the backend changed anything
-
-Made = tuple[Response, str | None]  # the answer of a change found made, and the kid it names
-Intent = Callable[[Request], Awaitable[None]]  # writes the intent record (fails closed)
-
-
-@dataclass(frozen=True)
-class AdminChange:
-    """One admin request, as this module needs it."""
-
-    kind: str  # create, rotate, promote, retire, destroy, trust-add, trust-retire
-    target: str  # what it changes: "key TENANT/NAME", "trust TENANT KID"
-    what: str  # all the request asks, in words (its fingerprint is this text's hash)
-    lock: Callable[[], contextlib.AbstractAsyncContextManager[None]]
-    apply: Callable[[], Awaitable[Response]]
-    before: Callable[[], Awaitable[Any]]  # JSON: the target's state the change alters
-    made: Callable[[str, Any], Awaitable[Made | None]]  # (kind, before): found made?
 
 
 def idempotency_key(request: Request) -> str | None:
@@ -105,25 +82,24 @@ def _sha256(text: str) -> str:
 class AdminRuns:
     """Runs admin changes for a ``Front`` (see the module's steps)."""
 
-    def __init__(self, store: IdempotencyStore, intent: Intent) -> None:
+    def __init__(self, store: IdempotencyStore) -> None:
         self.store = store
-        self._intent = intent
         self._local: asyncio.Lock | None = None
         self._local_loop: asyncio.AbstractEventLoop | None = None
 
-    async def run(self, request: Request, change: AdminChange) -> Response:
-        key = idempotency_key(request)
+    async def run(self, ctx: RequestContext, change: AdminChange) -> Response:
+        key = idempotency_key(ctx.request)
         async with self._serial(), change.lock():
             await self._settle(change)
             entry = None
             if key is not None:
-                scope = _sha256(f"{request['peer'].uid}:{key}")
+                scope = _sha256(f"{ctx.peer.uid}:{key}")
                 fingerprint = _sha256(change.what)
                 found = await self.store.get(scope)
                 if found is not None:
                     if found.fingerprint != fingerprint:
                         raise IdempotencyKeyReused()
-                    return await self._replay(request, change, found)
+                    return await self._replay(ctx, change, found)
                 before = await change.before()
                 entry = Entry(
                     scope,
@@ -131,13 +107,13 @@ class AdminRuns:
                     change.target,
                     change.kind,
                     fingerprint,
-                    str(request["rid"]),
+                    ctx.rid,
                     before,
                 )
-            await self._intent(request)
+            await ctx.intent()
             if entry is not None:
                 await self.store.begin(entry)
-            return await self._act(request, change, entry)
+            return await self._act(ctx, change, entry)
 
     @contextlib.asynccontextmanager
     async def _serial(self) -> AsyncIterator[None]:
@@ -170,7 +146,7 @@ class AdminRuns:
                 "yes" if made is not None else "no",
             )
 
-    async def _replay(self, request: Request, change: AdminChange, entry: Entry) -> Response:
+    async def _replay(self, ctx: RequestContext, change: AdminChange, entry: Entry) -> Response:
         if entry.status is not None and entry.body is not None:
             answer, kid = Response(body=entry.body, status=entry.status), entry.kid
         else:  # an answer too large to keep: the target as it is now
@@ -179,42 +155,42 @@ class AdminRuns:
                 raise InvalidState("what this Idempotency-Key made is no longer there")
             answer, kid = made
         answer.headers[REPLAYED] = "true"
-        audit = request["audit"]
-        audit.kid = kid or audit.kid
-        audit.extra_outcome = "replayed"
-        request["audit_reason"] = f"replay of request {entry.request_id}"
+        notes = ctx.notes
+        notes.kid = kid or notes.kid
+        notes.extra_outcome = "replayed"
+        ctx.reason = f"replay of request {entry.request_id}"
         return answer
 
-    async def _act(self, request: Request, change: AdminChange, entry: Entry | None) -> Response:
-        request[STALL_ANSWER] = OutcomeUnknown()
+    async def _act(self, ctx: RequestContext, change: AdminChange, entry: Entry | None) -> Response:
+        ctx.stall_answer = OutcomeUnknown()
         try:
             answer = await change.apply()
         except SignerdError as exc:
             if exc.status < 500 or isinstance(exc, _DEFINITE):
-                request[STALL_ANSWER] = None  # refused before anything changed
+                ctx.stall_answer = None  # refused before anything changed
                 if entry is not None:
                     with contextlib.suppress(BackendUnavailable):
                         await self.store.forget(entry.scope)
                 raise
-            unknown(request, change.kind, exc)
+            unknown(ctx.rid, change.kind, exc)
             raise OutcomeUnknown() from exc
         except Exception as exc:
-            unknown(request, change.kind, exc)
+            unknown(ctx.rid, change.kind, exc)
             raise OutcomeUnknown() from exc
         if entry is not None:
             try:
-                await self.store.finish(entry, answer.status, answer.body, request["audit"].kid)
+                await self.store.finish(entry, answer.status, answer.body, ctx.notes.kid)
             except BackendUnavailable:  # the intent stays: a retry finds the change by looking
-                log.error("signerd.idempotency_store_failed request_id=%s", request["rid"])
+                log.error("signerd.idempotency_store_failed request_id=%s", ctx.rid)
         return answer
 
 
-def unknown(request: Request, kind: str, exc: BaseException) -> None:
+def unknown(rid: str, kind: str, exc: BaseException) -> None:
     """Log an admin operation whose outcome is not known (its answer is ``outcome_unknown``)."""
     code = exc.code if isinstance(exc, SignerdError) else type(exc).__name__
     log.error(
         "signerd.admin_outcome_unknown request_id=%s operation=%s error=%s",
-        request["rid"],
+        rid,
         kind,
         code,
     )

@@ -4,7 +4,7 @@
 it decides what happens when the process runs out of descriptors: one
 reserved descriptor lets it accept and close the waiting connection, and the
 failure is logged at most once per interval (never a traceback per accept).
-Each accepted connection is a ``_protocol.Connection``; one sweeper, five
+Each accepted connection is a ``_connection.Connection``; one sweeper, five
 times a second, cuts those whose head, body or keep-alive deadline has
 passed. The socket is used as it was bound: its ``listen(SOMAXCONN)``
 backlog is never set again.
@@ -35,12 +35,14 @@ import resource
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Protocol
 
+from ..authz._calls import Peer
 from ..errors import SignerdError, TooManyConnections
-from ._connection import Connection, Limits, Throttled
-from ._request import Request, Response, json_response
+from ._connection import Connection, Dispatch, Precheck
+from ._limits import Limits, Throttled
+from ._request import json_response
 
 __all__ = ["Listener", "connection_cap", "raise_nofile_limit"]
 
@@ -54,9 +56,6 @@ _MAX_BUCKETS = 4096  # stranger uids whose new connections are counted
 _SWEEP = 0.2  # seconds between checks of the connections' deadlines
 _FD_HEADROOM = 128  # descriptors kept for the token, the audit file, executors
 _ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-
-Dispatch = Callable[[Request], Awaitable[Response]]
-Precheck = Callable[[Request], SignerdError | None]
 
 _OVER_CAP = json_response(
     TooManyConnections().to_wire("-"),
@@ -95,7 +94,7 @@ class UidCounter(Protocol):
 class Classify(Protocol):
     """Whether a new connection is a stranger's (and its peer, when that took looking up)."""
 
-    def classify(self, sock: socket.socket, uid: int, gid: int) -> tuple[bool, Any]: ...
+    def classify(self, sock: socket.socket, uid: int, gid: int) -> tuple[bool, Peer | None]: ...
 
 
 class Listener:
@@ -263,7 +262,8 @@ class Listener:
             conn.close()
             return True  # gone already: nothing to refuse
         limits = self.limits
-        stranger, peer = False, None
+        stranger = False
+        peer: Peer | None = None
         if self.strangers is not None:
             stranger, peer = self.strangers.classify(conn, uid, gid)
         count = self.per_uid.get(uid, 0)
@@ -285,7 +285,7 @@ class Listener:
         if shared is not None and not shared.admit(uid, cap):
             return _refuse(conn, self.refused_stranger if stranger else self.refused_uid, uid)
         conn.setblocking(False)
-        proto = Connection(self, uid)
+        proto = Connection(self, self._loop, uid)
         proto.stranger = stranger
         proto.peer = peer
         self.connections.add(proto)

@@ -1,12 +1,13 @@
 """What a handler sees of a request, and what it answers.
 
-A small subset of aiohttp's ``web.Request`` (``match_info``, ``query``,
-``headers``, ``content_type``, ``can_read_body``, ``await read()``, item
-access for per-request state, ``transport``) and a ``Response`` with
-``json_response``, so handlers read the same as before the server left
-aiohttp. Nothing here keeps more than ``max_body_bytes`` of a body, nor more
-than has arrived; a large body's memory goes back to the system once its
-request is answered or its connection is gone.
+``Request`` is one parsed request: ``method``, ``match_info``, ``query``,
+``headers``, ``content_type``, ``can_read_body`` and ``await read()``; what the
+server learns about it while answering is the ``RequestContext``
+(``_context``), not items stored on the request. ``Response`` and
+``json_response`` make answers. Nothing here keeps more than
+``max_body_bytes`` of a body, nor more than has arrived; a large body's
+memory goes back to the system once its request is answered or its
+connection is gone.
 """
 
 from __future__ import annotations
@@ -15,19 +16,23 @@ import http
 import json
 import mmap
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 import httptools
 
+from ..authz._calls import Peer
 from ..errors import InvalidRequest, PayloadTooLarge, SignerdError
 
-if TYPE_CHECKING:
-    import asyncio
-
-    from ._connection import Connection
-
-__all__ = ["Headers", "Request", "Response", "json_response", "render_error"]
+__all__ = [
+    "Answering",
+    "Headers",
+    "PeerSlot",
+    "Request",
+    "Response",
+    "json_response",
+    "render_error",
+]
 
 MAPPED_BODY = 65536  # declared bodies this large are held in a mapping of their own
 
@@ -81,6 +86,21 @@ def _parse_query(raw: bytes) -> tuple[dict[str, str], SignerdError | None]:
     return query, None
 
 
+class PeerSlot(Protocol):
+    """Where a request finds its caller: the connected socket, and the caller found on it
+    (looked up on first use, then kept for every request of the connection)."""
+
+    sock: Any  # the connected socket (asyncio's or uvloop's socket-like object), or None
+    peer: Peer | None
+
+
+class Answering(Protocol):
+    """What the connection reads of a request being answered (``RequestContext``)."""
+
+    rid: str
+    stall_answer: SignerdError | None  # the answer any 5xx becomes (an admin change acting)
+
+
 class Request:
     """One parsed request head plus (at most ``max_body_bytes`` of) its body."""
 
@@ -91,13 +111,14 @@ class Request:
         raw_url: bytes,
         raw_headers: list[tuple[bytes, bytes]],
         keep_alive: bool,
-        connection: Connection | None,
+        slot: PeerSlot | None = None,
     ) -> None:
         self.method = method
         self.raw_url = raw_url
         self.headers = Headers(raw_headers)
         self.keep_alive = keep_alive
-        self.connection = connection
+        self.slot = slot  # None: a request made in-process, whose peer is unknown
+        self.context: Answering | None = None  # set by dispatch
         self.buffer = bytearray()  # the body, unless ``expect`` gave it a mapping
         self._mapped: mmap.mmap | None = None
         self._filled = 0
@@ -107,12 +128,10 @@ class Request:
         self.too_large = False
         self.refused: SignerdError | None = None  # refused before the body was read
         self.match_info: dict[str, str] = {}
-        self.route: Any = None  # set by the router
-        self._state: dict[str, Any] = {}
+        self.route: Any = None  # the server's ``Route``, set by the router
         self._path: str | None = None
         self._query: dict[str, str] | None = None
         self._query_error: SignerdError | None = None
-        self.segments_ok = True
 
     # --- URL ---
 
@@ -123,12 +142,10 @@ class Request:
             raw_query = url.query or b""
         except httptools.HttpParserInvalidURLError:
             raw_path, raw_query = b"", b""
-            self.segments_ok = False
         try:
             self._path = unquote_to_bytes(raw_path).decode("utf-8")
         except UnicodeDecodeError:
             self._path = ""
-            self.segments_ok = False
         self._query, self._query_error = _parse_query(raw_query)
 
     @property
@@ -208,8 +225,10 @@ class Request:
         return True
 
     def release(self) -> None:
-        """Give the body's memory back (answered, refused, or the connection is gone)."""
+        """Give the body's memory back (answered, refused, or the connection is gone), and
+        drop the context, so that request and context are freed without the cycle collector."""
         self.buffer = bytearray()
+        self.context = None
         if self._mapped is not None:
             self._mapped.close()
             self._mapped, self._filled = None, 0
@@ -221,24 +240,6 @@ class Request:
         if self._mapped is not None:
             return self._mapped[: self._filled]
         return bytes(self.buffer)
-
-    # --- per-request state and the connection ---
-
-    def __getitem__(self, name: str) -> Any:
-        return self._state[name]
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        self._state[name] = value
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._state
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return self._state.get(name, default)
-
-    @property
-    def transport(self) -> asyncio.Transport | None:
-        return None if self.connection is None else self.connection.transport
 
 
 class Response:

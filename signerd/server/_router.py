@@ -3,19 +3,21 @@
 Each segment is percent-decoded on its own, so ``%2F`` never splits a
 segment; a parameter matches one non-empty segment. A path that matches with
 another method answers 405 with ``Allow``; no match at all answers 404.
+Each route carries the ``Operation`` its requests are audited and refused
+as; an open route (``Operation.HEALTH``) needs no grant and is not recorded.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from ._request import Request, Response
+from ..authz._calls import Operation
+from ._context import Handler
+from ._request import Request
 
-__all__ = ["Handler", "Route", "Router"]
+__all__ = ["Route", "Router"]
 
-Handler = Callable[[Request], Awaitable[Response]]
 _PARAM = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
 
 
@@ -26,8 +28,8 @@ class Route:
     segments: tuple[str, ...]  # literal text, or "" where a parameter is
     params: tuple[str | None, ...]  # the parameter's name, or None for a literal
     handler: Handler
-    operation: str | None  # what a refusal before the handler is audited as
-    open: bool  # no grant needed: health, readiness, the OpenAPI document
+    operation: Operation  # what its requests are audited (and refused early) as
+    open: bool  # no grant needed, not recorded: health, readiness, the OpenAPI document
 
 
 class Router:
@@ -39,9 +41,7 @@ class Router:
         method: str,
         path: str,
         handler: Handler,
-        *,
-        operation: str | None = None,
-        open: bool = False,
+        operation: Operation,
     ) -> Route:
         if not path.startswith("/"):
             raise ValueError(f"route path must start with '/': {path}")
@@ -57,6 +57,7 @@ class Router:
             else:
                 segments.append(part)
                 params.append(None)
+        open = operation is Operation.HEALTH
         route = Route(
             method.upper(), path, tuple(segments), tuple(params), handler, operation, open
         )

@@ -1,32 +1,29 @@
 """The v1 routes and their handlers, on top of the key service.
 
-Connections and parsing are ``_protocol``'s; what every request passes
+Connections and parsing are ``_connection``'s; what every request passes
 through (request id, peer, refusal before the body, error envelope, audit
-record) is ``_front``'s. Handlers are ``async def x(self, request) ->
-Response`` and use only the small ``Request`` of ``_request``.
+record) is ``_dispatch``'s. Handlers are ``async def x(self, ctx) ->
+Response``: they read, authorize and note what the audit record says
+through the ``RequestContext`` (``_context``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import importlib.resources
-import re
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..audit import AuditSink
 from ..authz import Call, Operation
 from ..backends import KeyVersion
 from ..errors import (
     InvalidRequest,
-    NotFound,
     PermissionDenied,
     RateLimited,
     SignerdError,
     UnknownKey,
     UnknownVersion,
-    UnsupportedMediaType,
 )
 from ..keys import KeyService
 from ..wire import (
@@ -38,57 +35,46 @@ from ..wire import (
     key_json,
     kid_json,
     parse_kid,
-    parse_object,
     parse_version,
     to_jwk,
 )
-from ._connection import Limits
-from ._dispatch import AuditNotes, Front, PeerLookup, VisibilityGate
-from ._idempotency import AdminChange
-from ._request import Request, Response, json_response
+from ._context import AdminChange, AuditNotes, RequestContext
+from ._context import sha256_hex as _sha256
+from ._dispatch import Front, PeerLookup, VisibilityGate
+from ._limits import Limits
+from ._request import Response, json_response
 
-__all__ = ["ROUTES", "Limits", "Server"]
+if TYPE_CHECKING:
+    from ..keys._service import KeyService
+
+__all__ = ["ROUTES", "Server"]
 
 _MAX_ITEM_CODES = 8  # refused batch items whose index and code the audit record lists
-_VERSION_RE = re.compile(r"[1-9][0-9]{0,8}")
-_READY_TTL = 1.0  # seconds a readiness answer (ready or not) is reused
 
 
 def _item_error(exc: SignerdError) -> dict[str, Any]:
     return {"error": {"code": exc.code, "message": exc.message}}
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-#: (method, path, handler method name): the v1 routes, also checked against openapi.json
-ROUTES: tuple[tuple[str, str, str], ...] = (
-    ("GET", "/v1/health", "health"),
-    ("GET", "/v1/ready", "ready"),
-    ("GET", "/v1/openapi.json", "openapi"),
-    ("POST", "/v1/keys", "create_key"),
-    ("GET", "/v1/keys", "list_keys"),
-    ("GET", "/v1/keys/{tenant}/{name}", "get_key"),
-    ("POST", "/v1/keys/{tenant}/{name}/rotate", "rotate"),
-    ("POST", "/v1/keys/{tenant}/{name}/versions/{version}/{action}", "version_action"),
-    ("POST", "/v1/sign", "sign"),
-    ("POST", "/v1/verify", "verify"),
-    ("GET", "/v1/jwks", "jwks"),
-    ("GET", "/v1/kids/{kid}", "kid"),
+_VERSION = "/v1/keys/{tenant}/{name}/versions/{version}"
+#: (method, path, handler method name, operation): the v1 routes, also checked against
+#: openapi.json. ``Operation.HEALTH`` routes are open (no grant, no audit record).
+ROUTES: tuple[tuple[str, str, str, Operation], ...] = (
+    ("GET", "/v1/health", "health", Operation.HEALTH),
+    ("GET", "/v1/ready", "ready", Operation.HEALTH),
+    ("GET", "/v1/openapi.json", "openapi", Operation.HEALTH),
+    ("POST", "/v1/keys", "create_key", Operation.CREATE),
+    ("GET", "/v1/keys", "list_keys", Operation.LIST),
+    ("GET", "/v1/keys/{tenant}/{name}", "get_key", Operation.LIST),
+    ("POST", "/v1/keys/{tenant}/{name}/rotate", "rotate", Operation.ROTATE),
+    ("POST", f"{_VERSION}/promote", "promote", Operation.PROMOTE),
+    ("POST", f"{_VERSION}/retire", "retire", Operation.RETIRE),
+    ("POST", f"{_VERSION}/destroy", "destroy", Operation.DESTROY),
+    ("POST", "/v1/sign", "sign", Operation.SIGN),
+    ("POST", "/v1/verify", "verify", Operation.VERIFY),
+    ("GET", "/v1/jwks", "jwks", Operation.JWKS),
+    ("GET", "/v1/kids/{kid}", "kid", Operation.JWKS),
 )
-#: what each route is audited as when it is refused before its handler runs
-_OPERATIONS = {
-    "create_key": Operation.CREATE,
-    "list_keys": Operation.LIST,
-    "get_key": Operation.LIST,
-    "rotate": Operation.ROTATE,
-    "version_action": None,  # from {action}
-    "sign": Operation.SIGN,
-    "verify": Operation.VERIFY,
-    "jwks": Operation.JWKS,
-    "kid": Operation.JWKS,
-}
 
 
 class Server(Front):
@@ -106,83 +92,41 @@ class Server(Front):
         super().__init__(gate=gate, audit=audit, peer_lookup=peer_lookup, limits=limits)
         self.keys = keys
         self._openapi = importlib.resources.files("signerd").joinpath("openapi.json").read_bytes()
-        self._ready_check: asyncio.Future[None] | None = None
-        self._ready_at = 0.0
-        for method, path, name in ROUTES:
-            op = _OPERATIONS.get(name)
-            self.router.add(
-                method,
-                path,
-                getattr(self, name),
-                operation=op.value if op is not None else None,
-                open=name not in _OPERATIONS,
-            )
-
-    # --- helpers --------------------------------------------------------------
-
-    async def _body(
-        self, request: Request, allowed: set[str], required: set[str]
-    ) -> dict[str, Any]:
-        if request.content_type != "application/json" and (request.can_read_body or required):
-            raise UnsupportedMediaType()
-        raw = await request.read()
-        return parse_object(raw, allowed, required)
-
-    def _authorize(
-        self, request: Request, op: Operation, key: KeyName | None, tenant: str | None
-    ) -> None:
-        audit: AuditNotes = request["audit"]
-        audit.operation, audit.tenant = op, tenant
-        if key is not None:
-            audit.key = str(key)
-        self.gate.authorize(Call(request["peer"], op, tenant, key))
-
-    def _path_key(self, request: Request) -> KeyName:
-        return KeyName.of(request.match_info["tenant"], request.match_info["name"])
+        self.add_routes((m, p, getattr(self, name), op) for m, p, name, op in ROUTES)
 
     # --- health ---------------------------------------------------------------
 
-    async def health(self, request: Request) -> Response:
+    async def health(self, ctx: RequestContext) -> Response:
         return json_response({"status": "ok"})
 
-    async def ready(self, request: Request) -> Response:
-        """Readiness, answered for anyone: at most one backend check per second, shared."""
-        now = asyncio.get_running_loop().time()
-        if self._ready_check is None or (
-            self._ready_check.done() and now - self._ready_at >= _READY_TTL
-        ):
-            self._ready_at = now
-            self._ready_check = asyncio.ensure_future(self.keys.ready())
-            self._ready_check.add_done_callback(_retrieved)
-        # a caller that goes away does not cancel the check the others share
-        await asyncio.shield(self._ready_check)
+    async def ready(self, ctx: RequestContext) -> Response:
+        """Readiness, answered for anyone (the key service shares one check a second)."""
+        await self.keys.ready()
         return json_response({"status": "ready"})
 
-    async def openapi(self, request: Request) -> Response:
+    async def openapi(self, ctx: RequestContext) -> Response:
         return Response(body=self._openapi)
 
     # --- keys -----------------------------------------------------------------
 
-    async def create_key(self, request: Request) -> Response:
-        request["audit"].operation = Operation.CREATE
-        body = await self._body(request, {"key"}, {"key"})
+    async def create_key(self, ctx: RequestContext) -> Response:
+        body = await ctx.json({"key"}, {"key"})
         key = KeyName.parse(body["key"])
-        self._authorize(request, Operation.CREATE, key, key.tenant)
+        ctx.authorize(Operation.CREATE, key.tenant, key)
 
         async def apply() -> Response:
             info = await self.keys.create(key)
-            request["audit"].kid = info.versions[-1].kid
+            ctx.notes.kid = info.versions[-1].kid
             return json_response(key_json(info), status=201)
 
-        return await self._change(request, "create", key, f"create {key}", apply)
+        return await self._change(ctx, "create", key, f"create {key}", apply)
 
-    async def list_keys(self, request: Request) -> Response:
-        request["audit"].operation = Operation.LIST
-        tenant = request.query.get("tenant")
+    async def list_keys(self, ctx: RequestContext) -> Response:
+        tenant = ctx.request.query.get("tenant")
         if tenant is not None:
             KeyName.of(tenant, "x")  # validates the tenant part
-        self._authorize(request, Operation.LIST, None, tenant)
-        peer = request["peer"]
+        ctx.authorize(Operation.LIST, tenant, None)
+        peer = ctx.peer
         infos = [
             i
             for i in await self.keys.list_keys(tenant)
@@ -190,61 +134,73 @@ class Server(Front):
         ]
         return json_response({"keys": [key_json(i) for i in infos]})
 
-    async def get_key(self, request: Request) -> Response:
-        request["audit"].operation = Operation.LIST
-        key = self._path_key(request)
-        self._authorize(request, Operation.LIST, key, key.tenant)
+    async def get_key(self, ctx: RequestContext) -> Response:
+        key = _path_key(ctx)
+        ctx.authorize(Operation.LIST, key.tenant, key)
         return json_response(key_json(await self.keys.describe(key)))
 
-    async def rotate(self, request: Request) -> Response:
-        request["audit"].operation = Operation.ROTATE
-        key = self._path_key(request)
-        body = await self._body(request, {"pending"}, set())
+    async def rotate(self, ctx: RequestContext) -> Response:
+        key = _path_key(ctx)
+        body = await ctx.json({"pending"}, set())
         pending = field_bool(body, "pending", False)
-        self._authorize(request, Operation.ROTATE, key, key.tenant)
+        ctx.authorize(Operation.ROTATE, key.tenant, key)
 
         async def apply() -> Response:
             info, new = await self.keys.rotate(key, pending=pending)
-            request["audit"].kid = new.kid
+            ctx.notes.kid = new.kid
             return json_response({"kid": new.kid, "key": key_json(info)})
 
-        return await self._change(request, "rotate", key, f"rotate {key} {pending}", apply)
+        return await self._change(ctx, "rotate", key, f"rotate {key} {pending}", apply)
 
-    async def version_action(self, request: Request) -> Response:
-        action = request.match_info["action"]
-        ops = {
-            "promote": Operation.PROMOTE,
-            "retire": Operation.RETIRE,
-            "destroy": Operation.DESTROY,
-        }
-        if action not in ops:
-            raise NotFound()
-        op = ops[action]
-        request["audit"].operation = op
-        key = self._path_key(request)
-        version = _version(request.match_info["version"])
-        body = await self._body(request, {"confirm"} if op is Operation.DESTROY else set(), set())
-        self._authorize(request, op, key, key.tenant)
-        request["audit"].kid = key.kid(version)
+    async def promote(self, ctx: RequestContext) -> Response:
+        key, version, _ = await self._version_request(ctx, Operation.PROMOTE, set())
+        return await self._version_change(
+            ctx, "promote", key, version, None, lambda: self.keys.promote(key, version)
+        )
+
+    async def retire(self, ctx: RequestContext) -> Response:
+        key, version, _ = await self._version_request(ctx, Operation.RETIRE, set())
+        return await self._version_change(
+            ctx, "retire", key, version, None, lambda: self.keys.retire(key, version)
+        )
+
+    async def destroy(self, ctx: RequestContext) -> Response:
+        key, version, body = await self._version_request(ctx, Operation.DESTROY, {"confirm"})
         confirm = field_str(body, "confirm") if "confirm" in body else None
+        return await self._version_change(
+            ctx, "destroy", key, version, confirm, lambda: self.keys.destroy(key, version, confirm)
+        )
 
+    async def _version_request(
+        self, ctx: RequestContext, op: Operation, allowed: set[str]
+    ) -> tuple[KeyName, int, dict[str, Any]]:
+        key = _path_key(ctx)
+        version = parse_version(ctx.request.match_info["version"])
+        body = await ctx.json(allowed, set())
+        ctx.authorize(op, key.tenant, key)
+        ctx.notes.kid = key.kid(version)
+        return key, version, body
+
+    async def _version_change(
+        self,
+        ctx: RequestContext,
+        kind: str,
+        key: KeyName,
+        version: int,
+        confirm: str | None,
+        change: Callable[[], Awaitable[Any]],
+    ) -> Response:
         async def apply() -> Response:
-            if op is Operation.PROMOTE:
-                info = await self.keys.promote(key, version)
-            elif op is Operation.RETIRE:
-                info = await self.keys.retire(key, version)
-            else:
-                info = await self.keys.destroy(key, version, confirm)
-            return json_response(key_json(info))
+            return json_response(key_json(await change()))
 
-        what = f"{action} {key} {version} {confirm}"
-        return await self._change(request, action, key, what, apply, version)
+        what = f"{kind} {key} {version} {confirm}"
+        return await self._change(ctx, kind, key, what, apply, version)
 
     # --- what an admin change needs to be said exactly (``_idempotency``) -----------
 
     async def _change(
         self,
-        request: Request,
+        ctx: RequestContext,
         kind: str,
         key: KeyName,
         what: str,
@@ -260,7 +216,7 @@ class Server(Front):
             before=lambda: self._before(key, kind, version),
             made=lambda kind, before: self._made(key, kind, before),
         )
-        return await self.admin_change(request, change)
+        return await ctx.admin(change)
 
     async def _before(self, key: KeyName, kind: str, version: int) -> dict[str, Any]:
         """What the change will alter: whether the key exists, its last version, a state."""
@@ -298,25 +254,24 @@ class Server(Front):
 
     # --- sign and verify --------------------------------------------------------
 
-    async def sign(self, request: Request) -> Response:
-        audit: AuditNotes = request["audit"]
-        audit.operation = Operation.SIGN
-        body = await self._body(request, {"key", "data", "items"}, set())
+    async def sign(self, ctx: RequestContext) -> Response:
+        body = await ctx.json({"key", "data", "items"}, set())
         if "items" in body:
             if "key" in body or "data" in body:
                 raise InvalidRequest("use either key and data, or items")
-            return await self._sign_batch(request, body["items"])
+            return await self._sign_batch(ctx, body["items"])
         if "key" not in body or "data" not in body:
             raise InvalidRequest("missing field 'key' or 'data'")
         key = KeyName.parse(body["key"])
         data = b64decode(body, "data")
-        audit.hashes = (_sha256(data),)
-        self._authorize(request, Operation.SIGN, key, key.tenant)
+        notes = ctx.notes
+        notes.hashes = (_sha256(data),)
+        ctx.authorize(Operation.SIGN, key.tenant, key)
         kid, signature = await self.keys.sign(key, data)
-        audit.kid = kid
+        notes.kid = kid
         return json_response({"kid": kid, "signature": b64encode(signature)})
 
-    async def _sign_batch(self, request: Request, items: Any) -> Response:
+    async def _sign_batch(self, ctx: RequestContext, items: Any) -> Response:
         if not isinstance(items, list) or not items:
             raise InvalidRequest("items must be a non-empty list")
         if len(items) > self.limits.max_batch_items:
@@ -326,8 +281,8 @@ class Server(Front):
             if not isinstance(item, dict) or set(item) != {"key", "data"}:
                 raise InvalidRequest("each item must be an object with exactly key and data")
             parsed.append((KeyName.parse(item["key"]), b64decode(item, "data")))
-        audit: AuditNotes = request["audit"]
-        peer = request["peer"]
+        audit = ctx.notes
+        peer = ctx.peer
         results: list[dict[str, Any]] = [{} for _ in parsed]
         by_key: dict[KeyName, list[int]] = {}
         for i, (key, _) in enumerate(parsed):  # refused items are answered per item
@@ -360,31 +315,28 @@ class Server(Front):
                 if codes == {PermissionDenied.code}:
                     raise PermissionDenied(f"every item was refused: {summary}")
                 raise RateLimited(f"every item was refused: {summary}")
-            request["audit_reason"] = summary
+            ctx.reason = summary
         return json_response({"results": results})
 
-    async def verify(self, request: Request) -> Response:
-        audit: AuditNotes = request["audit"]
-        audit.operation = Operation.VERIFY
-        body = await self._body(request, {"kid", "data", "signature"}, {"kid", "data", "signature"})
+    async def verify(self, ctx: RequestContext) -> Response:
+        body = await ctx.json({"kid", "data", "signature"}, {"kid", "data", "signature"})
         kid = field_str(body, "kid")
         data = b64decode(body, "data")
         signature = b64decode(body, "signature")
-        audit.hashes, audit.kid = (_sha256(data),), kid
+        ctx.notes.hashes, ctx.notes.kid = (_sha256(data),), kid
         key, _ = parse_kid(kid)
-        self._authorize(request, Operation.VERIFY, key, key.tenant)
+        ctx.authorize(Operation.VERIFY, key.tenant, key)
         key, version = await self.keys.verify(kid, data, signature)
         return json_response({"kid": kid, "key": str(key), "state": version.state.value})
 
     # --- public keys --------------------------------------------------------------
 
-    async def jwks(self, request: Request) -> Response:
-        request["audit"].operation = Operation.JWKS
-        tenant = request.query.get("tenant")
+    async def jwks(self, ctx: RequestContext) -> Response:
+        tenant = ctx.request.query.get("tenant")
         if tenant is not None:
             KeyName.of(tenant, "x")
-        self._authorize(request, Operation.JWKS, None, tenant)
-        peer = request["peer"]
+        ctx.authorize(Operation.JWKS, tenant, None)
+        peer = ctx.peer
         keys = [
             to_jwk(v.kid, v.public_key)
             for v in self.keys.published(tenant)
@@ -392,12 +344,11 @@ class Server(Front):
         ]
         return json_response({"keys": keys}, headers={"Cache-Control": "max-age=60"})
 
-    async def kid(self, request: Request) -> Response:
-        request["audit"].operation = Operation.JWKS
-        kid = request.match_info["kid"]
+    async def kid(self, ctx: RequestContext) -> Response:
+        kid = ctx.request.match_info["kid"]
         key, _ = parse_kid(kid)
-        request["audit"].kid = kid
-        self._authorize(request, Operation.JWKS, key, key.tenant)
+        ctx.notes.kid = kid
+        ctx.authorize(Operation.JWKS, key.tenant, key)
         key, version = await self.keys.lookup_kid(kid)
         return json_response(kid_json(key, version))
 
@@ -438,15 +389,10 @@ def _note_batch(
     )
 
 
-def _retrieved(future: asyncio.Future[None]) -> None:
-    """Mark a shared check's failure as seen (its callers may all have gone)."""
-    if not future.cancelled():
-        future.exception()
+def _path_key(ctx: RequestContext) -> KeyName:
+    match = ctx.request.match_info
+    return KeyName.of(match["tenant"], match["name"])
 
 
 def _number(version: KeyVersion) -> int:
     return version.version
-
-
-def _version(text: str) -> int:
-    return parse_version(text)

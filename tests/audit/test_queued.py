@@ -102,8 +102,7 @@ async def test_only_fail_closed_answers_wait_for_the_fsync(
     """Through Front: a verify's answer does not wait for a slow fsync, a sign's does; both
     records end up in the chain."""
     from signerd.authz import Operation
-    from signerd.server._dispatch import Front
-    from signerd.server._request import Request, Response, json_response
+    from signerd.server import Front, Request, RequestContext, Response, json_response
 
     real = os.fsync
 
@@ -113,25 +112,21 @@ async def test_only_fail_closed_answers_wait_for_the_fsync(
 
     monkeypatch.setattr(os, "fsync", slow_fsync)
 
-    def handler(op: Operation) -> Any:
-        async def handle(request: Request) -> Response:
-            request["audit"].operation = op
-            return json_response({"ok": True})
-
-        return handle
+    async def handle(ctx: RequestContext) -> Response:
+        return json_response({"ok": True})
 
     path = tmp_path / "audit.jsonl"
     trail = AuditTrail(str(path), write_timeout=2.0)
     front = Front(gate=OpenGate(), audit=trail, peer_lookup=lambda sock: PEER)
     front.add_routes(
         [
-            ("POST", "/v1/x/verify", handler(Operation.VERIFY), "verify"),
-            ("POST", "/v1/x/sign", handler(Operation.SIGN), "sign"),
+            ("POST", "/v1/x/verify", handle, Operation.VERIFY),
+            ("POST", "/v1/x/sign", handle, Operation.SIGN),
         ]
     )
 
     def req(url: bytes) -> Request:
-        r = Request(method="POST", raw_url=url, raw_headers=[], keep_alive=True, connection=None)
+        r = Request(method="POST", raw_url=url, raw_headers=[], keep_alive=True)
         r.complete = True
         return r
 

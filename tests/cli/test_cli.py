@@ -321,7 +321,7 @@ def test_audit_verify_checks_the_daemon_trail(
 def test_input_limit_is_the_daemon_default_body_limit() -> None:
     """signerctl's data limit is signerd's default server.max_body_bytes (1 MiB)."""
     from signerd._files import MAX_INPUT_BYTES
-    from signerd.server._connection import Limits
+    from signerd.server import Limits
 
     assert MAX_INPUT_BYTES == Limits().max_body_bytes == 1 << 20
 

@@ -24,6 +24,7 @@ import pytest
 from signerd._config import ConfigError, credential_path, parse
 from signerd.client import Client
 from signerd.daemon import _journal, _systemd
+from signerd.server import log_request, log_requests_to_journal
 
 from ..conftest import ROOT, daemon_config, pkcs11_backend_config, to_toml
 
@@ -266,13 +267,12 @@ def test_journal_handler_sends_upper_case_fields() -> None:
     handler = _journal.JournalHandler(lambda msg, **kw: sent.append((msg, kw)))
     logger = logging.getLogger("signerd.request")
     logger.addHandler(handler)
-    old = _journal._journal_events
-    _journal._journal_events = True
+    log_requests_to_journal(True)
     try:
         logger.setLevel(logging.INFO)
-        _journal.log_request("rid-1", "sign", "ok", 200)
+        log_request("rid-1", "sign", "ok", 200)
     finally:
-        _journal._journal_events = old
+        log_requests_to_journal(False)
         logger.removeHandler(handler)
         logger.setLevel(logging.NOTSET)
     assert len(sent) == 1
@@ -291,10 +291,10 @@ def test_journal_handler_sends_upper_case_fields() -> None:
 def test_request_events_on_stderr_only_at_debug(caplog: pytest.LogCaptureFixture) -> None:
     """Without the journal a request event is a debug line, so a busy daemon does not flood stderr."""
     with caplog.at_level(logging.INFO, logger="signerd.request"):
-        _journal.log_request("rid-2", "sign", "ok", 200)
+        log_request("rid-2", "sign", "ok", 200)
     assert caplog.records == []
     with caplog.at_level(logging.DEBUG, logger="signerd.request"):
-        _journal.log_request("rid-3", "sign", "ok", 200)
+        log_request("rid-3", "sign", "ok", 200)
     assert [r.getMessage() for r in caplog.records] == [
         "signerd.request rid=rid-3 op=sign outcome=ok status=200"
     ]

@@ -205,18 +205,21 @@ async def test_ready_is_one_backend_check_per_second() -> None:
 
     from signerd.authz import Peer
     from signerd.errors import BackendUnavailable
-    from signerd.server._request import Request
-    from signerd.server._v1 import Server
+    from signerd.keys._service import KeyService
+    from signerd.server import Request, Server
 
-    class Keys:
+    class Keys:  # the backend: only check (and close) are called
         calls = 0
         fail = False
+        max_concurrency = 1
 
-        async def ready(self) -> None:
+        def check(self) -> None:
             Keys.calls += 1
-            await asyncio.sleep(0.05)
+            time.sleep(0.05)
             if Keys.fail:
                 raise BackendUnavailable()
+
+        def close(self) -> None: ...
 
     class Gate:
         def authorize(self, call: Any) -> None: ...
@@ -230,12 +233,11 @@ async def test_ready_is_one_backend_check_per_second() -> None:
     class Sink:
         async def record(self, event: Any) -> None: ...
 
-    server = Server(Keys(), gate=Gate(), audit=Sink(), peer_lookup=lambda s: Peer(1, 2, 3))  # type: ignore[arg-type]
+    keys = KeyService({"b": Keys()}, default_backend="b")  # type: ignore[dict-item]
+    server = Server(keys, gate=Gate(), audit=Sink(), peer_lookup=lambda s: Peer(1, 2, 3))  # type: ignore[arg-type]
 
     def ready() -> Request:
-        return Request(
-            method="GET", raw_url=b"/v1/ready", raw_headers=[], keep_alive=True, connection=None
-        )
+        return Request(method="GET", raw_url=b"/v1/ready", raw_headers=[], keep_alive=True)
 
     answers = await asyncio.gather(*(server.dispatch(ready()) for _ in range(200)))
     assert [a.status for a in answers] == [200] * 200 and Keys.calls == 1
@@ -243,6 +245,7 @@ async def test_ready_is_one_backend_check_per_second() -> None:
     await asyncio.sleep(1.05)
     answers = await asyncio.gather(*(server.dispatch(ready()) for _ in range(50)))
     assert [a.status for a in answers] == [503] * 50 and Keys.calls == 2
+    await keys.close()
 
 
 # --- refusals of callers some rule matches: the trail's growth under a flood ---------------
@@ -412,7 +415,7 @@ def test_a_record_is_at_most_2_kib() -> None:
     from signerd.audit import AuditEvent
     from signerd.audit._chain import encode_record as _encode
     from signerd.authz import Peer
-    from signerd.server._dispatch import AuditNotes
+    from signerd.server import AuditNotes
     from signerd.server._v1 import _note_batch
     from signerd.wire import KeyName
 

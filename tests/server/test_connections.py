@@ -29,9 +29,7 @@ import pytest
 from signerd import Client
 from signerd.daemon._sockets import bind_unix_socket
 from signerd.errors import SignerdError
-from signerd.server._connection import Limits
-from signerd.server._listener import Listener
-from signerd.server._request import Request, Response, json_response
+from signerd.server import Limits, Listener, Request, Response, json_response
 
 from ..conftest import DaemonProcess, policy_allow_all, start_daemon, unique
 

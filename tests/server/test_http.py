@@ -219,8 +219,7 @@ async def test_extra_routes_see_the_request_subset() -> None:
     """Server.add_routes: extra handlers get match_info, query, headers, body, peer; 404/405 as usual."""
     from signerd.audit import AuditEvent
     from signerd.authz import Operation, Peer
-    from signerd.server._dispatch import Front
-    from signerd.server._request import Request, Response, json_response
+    from signerd.server import Front, Request, RequestContext, Response, json_response
 
     class Sink:
         events: list[AuditEvent] = []
@@ -230,7 +229,8 @@ async def test_extra_routes_see_the_request_subset() -> None:
 
     seen: dict[str, Any] = {}
 
-    async def handler(request: Request) -> Response:
+    async def handler(ctx: RequestContext) -> Response:
+        request = ctx.request
         seen.update(
             match=dict(request.match_info),
             tenant=request.query.get("tenant"),
@@ -238,13 +238,12 @@ async def test_extra_routes_see_the_request_subset() -> None:
             header=request.headers.get("x-thing"),
             body=await request.read(),
             can_read=request.can_read_body,
-            rid=request["rid"],
+            rid=ctx.rid,
         )
-        request["audit"].operation = Operation.VERIFY
         return json_response({"ok": True}, status=201, headers={"X-Extra": "1"})
 
     front = Front(gate=OpenGate(), audit=Sink(), peer_lookup=lambda sock: Peer(1, 2, 3))
-    front.add_routes([("POST", "/v1/things/{tenant}/{kid}/retire", handler, "verify")])
+    front.add_routes([("POST", "/v1/things/{tenant}/{kid}/retire", handler, Operation.VERIFY)])
 
     def req(method: str, url: bytes, body: bytes = b"") -> Request:
         r = Request(
@@ -252,7 +251,6 @@ async def test_extra_routes_see_the_request_subset() -> None:
             raw_url=url,
             raw_headers=[(b"Content-Type", b"application/json; charset=utf-8"), (b"X-Thing", b"v")],
             keep_alive=True,
-            connection=None,
         )
         r.buffer += body
         r.has_body = r.complete = bool(body)
