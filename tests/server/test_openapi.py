@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from ..conftest import ROOT, SOFTHSM_MODULE, start_daemon
+from ..conftest import ROOT, SOFTHSM_MODULE, policy_allow_all, start_daemon
 from ..support.rawhttp import request
 
 MIN_REQUESTS = 2000
@@ -157,7 +157,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
     saved = os.environ["SOFTHSM2_CONF"]
     os.environ["SOFTHSM2_CONF"] = conf  # for the daemon only; this process keeps its token
     try:
-        daemon = start_daemon(base / "d", backends={"hsm": backend})
+        # the fuzzer's refusals are what it is here to make: a refusal bucket that does not
+        # answer them 429 (schemathesis waits out each Retry-After) keeps the run's length
+        # about the API, not about the throttle, which tests/server/test_amplification pins
+        policy = {**policy_allow_all(), "refusal_rate": 1e6, "refusal_burst": 1_000_000}
+        daemon = start_daemon(base / "d", backends={"hsm": backend}, policy=policy)
     finally:
         os.environ["SOFTHSM2_CONF"] = saved
     try:
