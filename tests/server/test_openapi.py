@@ -157,11 +157,17 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
     saved = os.environ["SOFTHSM2_CONF"]
     os.environ["SOFTHSM2_CONF"] = conf  # for the daemon only; this process keeps its token
     try:
-        # the fuzzer's refusals are what it is here to make: a refusal bucket that does not
-        # answer them 429 (schemathesis waits out each Retry-After) keeps the run's length
-        # about the API, not about the throttle, which tests/server/test_amplification pins
+        # the fuzzer makes refusals and made-up key names by the thousand: throttling them
+        # (429 with Retry-After, which schemathesis waits out; one shared keyring re-read a
+        # second for unknown names, about 1 s per 404) would make the run's length about
+        # the throttles, which tests/server/test_amplification and keys/test_unknown_names pin
         policy = {**policy_allow_all(), "refusal_rate": 1e6, "refusal_burst": 1_000_000}
-        daemon = start_daemon(base / "d", backends={"hsm": backend}, policy=policy)
+        daemon = start_daemon(
+            base / "d",
+            backends={"hsm": backend},
+            policy=policy,
+            keys={"unknown_kid_refresh": 0.0},
+        )
     finally:
         os.environ["SOFTHSM2_CONF"] = saved
     try:
