@@ -306,8 +306,16 @@ def test_kill_9_restarts_and_queued_requests_are_answered(box: Container) -> Non
     )
     done = json.loads(out)
     assert done == {"ok": 8, "errors": []}
-    after = box.show("signerd.service", "MainPID", "NRestarts", "ActiveState")
-    assert after["MainPID"] != before["MainPID"] and after["ActiveState"] == "active"
+
+    # the first worker answers while the next one still starts: READY=1 (active) comes
+    # once every worker is up, so the state is waited for, not read at once
+    def active() -> dict[str, str] | None:
+        state = box.show("signerd.service", "MainPID", "NRestarts", "ActiveState")
+        return state if state["ActiveState"] == "active" else None
+
+    after = wait_until(active, 60, "signerd.service active again")
+    assert after is not None
+    assert after["MainPID"] != before["MainPID"]
     assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1
 
 
