@@ -417,6 +417,9 @@ def test_kill_9_of_the_rotating_worker_then_the_retry_rotates_once(
     answers: list[Reply | OSError] = []
     os.kill(stopped, signal.SIGSTOP)  # every connection goes to the other worker
     try:
+        # SIGSTOP takes effect asynchronously: a worker still running for a moment could
+        # take the next connection and sit on it while stopped
+        wait_until(lambda: _stopped(stopped), 10, "the worker stopped", interval=0.002)
         thread = threading.Thread(target=lambda: answers.append(_try_rotate(d, key, idem)))
         thread.start()
         wait_until(lambda: _intent_written(d, key), 10, "the intent record", interval=0.002)
@@ -443,6 +446,15 @@ def _try_rotate(d: DaemonProcess, key: str, idem: str) -> Reply | OSError:
         return _rotate(d, key, idem, timeout=15)
     except OSError as exc:  # http.client's RemoteDisconnected is an OSError too
         return exc
+
+
+def _stopped(pid: int) -> bool:
+    """Whether every thread of ``pid`` is stopped (state T in /proc)."""
+    states = [
+        stat.read_text().rsplit(")", 1)[1].split()[0]
+        for stat in Path(f"/proc/{pid}/task").glob("*/stat")
+    ]
+    return bool(states) and all(state == "T" for state in states)
 
 
 def _intent_written(d: DaemonProcess, key: str) -> bool:
