@@ -1,8 +1,10 @@
 # signerd: set-up, run, test, benchmark.
-#   make run    install what is missing, make a dev SoftHSM token under var/, run signerd in the foreground
-#   make test   install what is missing and run the whole suite against real SoftHSM and OpenBao
+#   make run    install what running needs, make a dev SoftHSM token under var/, run signerd in the foreground
+#   make test   install the test and benchmark tools too and run the whole suite against real SoftHSM and OpenBao
 #   make bench  the benchmark harness (make bench BENCH_ARGS=--quick for a short run)
-#   make install DESTDIR=... PREFIX=/usr   units, sysusers.d/tmpfiles.d snippets, configuration
+#   make dist   build a wheel and an sdist into dist/ (what operators install)
+#   make docs   build the documentation site into build/site (mkdocs build --strict)
+#   make install DESTDIR=... PREFIX=/usr   units, sysusers.d/tmpfiles.d snippets, configuration, docs
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,8 +12,10 @@ PY := $(VENV)/bin/python
 VAR := $(CURDIR)/var
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export SOFTHSM2_CONF := $(VAR)/softhsm/softhsm2.conf
+# what running needs; make test adds the test and benchmark tools
+RUN_EXTRAS := pkcs11,vault,systemd,redis
 
-.PHONY: run test bench check system deps dev-token clean install
+.PHONY: run test bench check docs dist system deps deps-run dev-token clean install
 
 system:
 	@missing=""; \
@@ -25,21 +29,33 @@ system:
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	command -v systemd-nspawn >/dev/null || missing="$$missing systemd-container"; \
 	command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
+	command -v rsyslogd >/dev/null || missing="$$missing rsyslog"; \
+	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
+	command -v cc >/dev/null || missing="$$missing gcc"; \
+	$(PYTHON) -c 'import os, sysconfig; p = sysconfig.get_paths()["include"]; assert os.path.exists(os.path.join(p, "Python.h"))' \
+	  2>/dev/null || missing="$$missing python3-dev"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
-$(VENV)/.installed: pyproject.toml
+# systemd-python has no wheel: it is compiled (gcc, python3-dev, libsystemd-dev from make system)
+$(VENV)/.installed-run: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[pkcs11,vault,systemd,redis,test,bench]'
+	$(PY) -m pip install -q -e '.[$(RUN_EXTRAS)]'
 	touch $@
 
-deps: system $(VENV)/.installed
+$(VENV)/.installed-test: $(VENV)/.installed-run
+	$(PY) -m pip install -q -e '.[$(RUN_EXTRAS),test,bench]'
+	touch $@
 
-dev-token: deps
+deps-run: system $(VENV)/.installed-run
+
+deps: system $(VENV)/.installed-test
+
+dev-token: deps-run
 	@mkdir -p $(VAR)/run $(VAR)/log
 	@chmod 0750 $(VAR)/run  # signerd refuses a socket directory others can write to
 	@softhsm/make-token.sh $(VAR)/softhsm signerd-dev >/dev/null
@@ -57,6 +73,15 @@ check: deps
 	$(VENV)/bin/ruff format --check signerd tests bench examples
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+	$(MAKE) --no-print-directory docs
+
+docs: deps
+	$(VENV)/bin/mkdocs build --strict --quiet --site-dir $(CURDIR)/build/site
+
+# the wheel and sdist an operator installs (pip install dist/signerd-VERSION-py3-none-any.whl)
+dist: deps
+	rm -rf dist
+	$(PY) -m build --outdir dist .
 
 bench: deps
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m bench.run $(BENCH_ARGS)
@@ -87,7 +112,9 @@ install:
 	install -m 0644 systemd/network-backend.conf $(DESTDIR)$(DATADIR)/network-backend.conf
 	install -m 0755 softhsm/make-token.sh $(DESTDIR)$(DATADIR)/make-token.sh
 	install -m 0644 softhsm/softhsm2.conf.in $(DESTDIR)$(DATADIR)/softhsm2.conf.in
-	install -m 0644 README.md docs/protocol.md $(DESTDIR)$(DOCDIR)/
+	install -m 0644 README.md LICENSE $(DESTDIR)$(DOCDIR)/
+	install -d -m 0755 $(DESTDIR)$(DOCDIR)/docs
+	install -m 0644 docs/*.md $(DESTDIR)$(DOCDIR)/docs/
 	install -d -m 0750 $(DESTDIR)$(SYSCONFDIR)/signerd
 	install -d -m 0700 $(DESTDIR)$(SYSCONFDIR)/signerd/credentials
 	install -m 0640 config/signerd.example.toml $(DESTDIR)$(SYSCONFDIR)/signerd/signerd.toml.example
@@ -95,4 +122,4 @@ install:
 	  install -m 0640 systemd/signerd.toml $(DESTDIR)$(SYSCONFDIR)/signerd/signerd.toml
 
 clean:
-	rm -rf $(VENV) $(VAR) bench/results
+	rm -rf $(VENV) $(VAR) bench/results build dist
