@@ -10,7 +10,7 @@ from typing import Any
 
 from ._anchor import load_key
 
-__all__ = ["AuditSettings", "audit_settings", "worker_path"]
+__all__ = ["AuditSettings", "audit_settings", "default_key_path", "worker_path"]
 
 _KNOWN = ("path", "journald", "write_timeout", "fsync", "anchor", "anchor_interval", "key")
 
@@ -32,6 +32,28 @@ def _path_setting(table: Mapping[str, Any], name: str, default: str) -> str:
     if not isinstance(value, str) or not value or "\0" in value:
         raise ValueError(f"audit.{name}: must be a file path, got {value!r}")
     return value
+
+
+def default_key_path(trail: str) -> str:
+    """``audit.key`` when not set: in systemd's ``$STATE_DIRECTORY`` (signerd.service's
+    ``StateDirectory=``, /var/lib/signerd), out of the log directory and its shipping;
+    without one, beside the trail file ``trail``."""
+    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if os.path.isabs(state):
+        return os.path.join(state, "audit.key")
+    return os.path.join(os.path.dirname(trail), "audit.key")
+
+
+def _refuse_left_behind_key(trail: str, key: str) -> None:
+    """An ``audit.key`` beside the trail (the default of earlier versions) while the default
+    is now elsewhere and holds none: refuse rather than start a second key, under which
+    new records' payload hashes would no longer match the old ones."""
+    old = os.path.join(os.path.dirname(trail), "audit.key")
+    if old != key and os.path.exists(old) and not os.path.exists(key):
+        raise ValueError(
+            f"audit.key: not set, and the default is now {key}, but an audit key is at {old}: "
+            f"move it there (keep it out of the log directory) or set audit.key = {old!r}"
+        )
 
 
 def worker_path(path: str, worker: int) -> str:
@@ -63,7 +85,9 @@ def audit_settings(
         raise ValueError(
             f"audit.anchor_interval: must be seconds in [0.05, 3600], got {interval!r}"
         )
-    key = _path_setting(table, "key", os.path.join(os.path.dirname(path), "audit.key"))
+    key = _path_setting(table, "key", default_key_path(path))
+    if "key" not in table:
+        _refuse_left_behind_key(path, key)
     chains: tuple[str, ...] = (os.path.basename(path),)
     if worker is not None:
         count = range(workers) if workers is not None else (worker,)
