@@ -76,7 +76,7 @@ check: deps
 	$(MAKE) --no-print-directory docs
 
 docs: deps
-	$(VENV)/bin/mkdocs build --strict --quiet --site-dir $(CURDIR)/build/site
+	$(VENV)/bin/mkdocs build --strict --site-dir $(CURDIR)/build/site
 
 # the wheel and sdist an operator installs (pip install dist/signerd-VERSION-py3-none-any.whl)
 dist: deps

@@ -2,8 +2,8 @@
 
 Every error that crosses the wire is one of the codes below, with a fixed HTTP
 status. The server raises these; the client maps a wire code back to the same
-class. Adding a code is a protocol change: update the README table and the
-OpenAPI document with it (a test checks both).
+class. Adding a code is a protocol change: update the table in docs/protocol.md
+and the OpenAPI document with it (a test checks both).
 """
 
 from __future__ import annotations

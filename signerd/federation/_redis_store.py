@@ -4,7 +4,7 @@ Redis decides uniqueness atomically; the key expires by itself after the TTL.
 Anything other than a clear answer within the deadline (unreachable, slow,
 out of memory under ``maxmemory`` with ``noeviction``, an error reply) is
 503 ``nonce_store_unavailable``: never an accept. Durability across a Redis
-restart is what its persistence settings give (see the README: with
+restart is what its persistence settings give (see docs/federation.md, "Nonce stores": with
 ``appendonly yes`` and ``appendfsync always`` an acknowledged nonce survives a
 crash of the Redis host; ``everysec`` may lose the last second).
 

@@ -19,7 +19,8 @@ Producer side (the service that sends telemetry)::
     ... POST body with headers over mTLS (client_context) ...
     feedback = await producer.verify_feedback(await resp.read(), schema="ingest.v1")
 
-See ``docs/federation.md`` for the envelopes and the README for a walkthrough
+See ``docs/federation.md`` for the envelopes and the wire contract, and
+``docs/clients.md`` for a walkthrough
 (``python -m examples.federation`` runs both ends against two daemons).
 """
 

@@ -185,9 +185,11 @@ def test_sign_help_says_argv_is_visible(capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_readme_signs_from_stdin() -> None:
-    """README examples of `signerctl sign` pass the data on stdin, never with --data-b64."""
-    readme = (ROOT / "README.md").read_text()
-    uses = [line for line in readme.splitlines() if re.search(r"signerctl sign \S", line)]
+    """README and docs/ examples of `signerctl sign` pass the data on stdin, never --data-b64."""
+    texts = [(ROOT / "README.md").read_text()]
+    texts += [p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))]
+    lines = [line for text in texts for line in text.splitlines()]
+    uses = [line for line in lines if re.search(r"signerctl (--json )?sign \S", line)]
     assert uses, "README shows signerctl sign"
     for line in uses:
         assert "--data-b64" not in line and "|" in line, line

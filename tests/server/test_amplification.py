@@ -276,7 +276,7 @@ while time.monotonic() < deadline:
 print(json.dumps(counts))
 """
 
-#: README, "Audit bytes per uid per second": a record is at most 2 KiB, plus 11 bytes per
+#: docs/security.md, "Audit bytes per uid per second": a record is at most 2 KiB, plus 11 bytes per
 #: supplementary group of the caller
 RECORD_BYTES = 2048
 GROUP_BYTES = 11
@@ -455,8 +455,8 @@ def test_a_record_is_at_most_2_kib() -> None:
     assert item <= 400
 
 
-def test_readme_states_the_audit_bound_of_the_defaults() -> None:
-    """The README's audit-bytes figures are those of the default buckets and RECORD_BYTES."""
+def test_security_doc_states_the_audit_bound_of_the_defaults() -> None:
+    """docs/security.md's audit-bytes figures are those of the default buckets and RECORD_BYTES."""
     from signerd.authz import (
         DEFAULT_REFUSAL_BURST,
         DEFAULT_REFUSAL_RATE,
@@ -464,7 +464,7 @@ def test_readme_states_the_audit_bound_of_the_defaults() -> None:
         DEFAULT_UNMATCHED_RATE,
     )
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
     text = " ".join(readme.split())
     kib = RECORD_BYTES // 1024
     assert f"A record is at most {kib} KiB, plus {GROUP_BYTES} bytes per supplementary" in text

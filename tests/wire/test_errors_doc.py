@@ -1,4 +1,5 @@
-"""The closed error set is documented: README table and OpenAPI enum match signerd/errors.py."""
+"""The closed error set is documented: docs/protocol.md's table and the OpenAPI enum match
+signerd/errors.py."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from signerd.errors import CODES, SignerdError, error_for_code
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_readme_tables_every_code_with_its_status() -> None:
-    """Each code appears once in the README error table with its HTTP status; no extra codes."""
-    rows = re.findall(r"^\| `([a-z0-9_]+)` \| (\d{3}) \|", (ROOT / "README.md").read_text(), re.M)
+def test_protocol_doc_tables_every_code_with_its_status() -> None:
+    """Each code appears once in docs/protocol.md's error table with its status; no extra codes."""
+    text = (ROOT / "docs" / "protocol.md").read_text()
+    rows = re.findall(r"^\| `([a-z0-9_]+)` \| (\d{3}) \|", text, re.M)
     assert {code: int(status) for code, status in rows} == {
         c: cls.status for c, cls in CODES.items()
     }
