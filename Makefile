@@ -30,6 +30,7 @@ system:
 	command -v systemd-nspawn >/dev/null || missing="$$missing systemd-container"; \
 	command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
 	command -v rsyslogd >/dev/null || missing="$$missing rsyslog"; \
+	for tool in curl jq openssl; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	command -v cc >/dev/null || missing="$$missing gcc"; \
 	$(PYTHON) -c 'import os, sysconfig; p = sysconfig.get_paths()["include"]; assert os.path.exists(os.path.join(p, "Python.h"))' \
