@@ -131,3 +131,14 @@ def test_units_point_at_the_installed_docs(tmp_path: Path) -> None:
         for url in line.removeprefix("Documentation=").split():
             assert url.startswith("file:///"), url
             assert (tmp_path / url.removeprefix("file:///")).exists(), (unit.name, url)
+
+
+def test_nothing_tells_to_install_signerd_from_a_package_index() -> None:
+    """No doc, configuration or message says `pip install signerd` (it is not published)."""
+    pattern = re.compile(r"pip3? install [^\n]*?(?<![\w./-])['\"]?signerd(\[|\b)(?!-)")
+    texts = [ROOT / "README.md", *ROOT.glob("docs/*.md"), *ROOT.glob("config/*")]
+    texts += [*ROOT.glob("systemd/*"), *ROOT.glob("signerd/**/*.py")]
+    found = [str(p) for p in texts if p.is_file() and pattern.search(p.read_text())]
+    assert not found
+    assert pattern.search("pip install 'signerd[systemd]'")  # the pattern finds what it must
+    assert not pattern.search('pip install "$(ls dist/signerd-*.whl)[pkcs11]"')

@@ -111,7 +111,7 @@ def audit_settings(
             journal = importlib.import_module("systemd.journal")
         except ImportError:
             raise ValueError(
-                "audit.journald: needs systemd-python (pip install 'signerd[systemd]')"
+                "audit.journald: needs systemd-python (the 'systemd' extra of the signerd wheel)"
             ) from None
         send = journal.send
     return AuditSettings(

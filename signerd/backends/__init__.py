@@ -197,7 +197,7 @@ class BackendType:
         except ImportError as exc:
             raise NotSupported(
                 f"backend {self.name!r} needs an optional dependency: "
-                f"pip install 'signerd[{self.name}]' ({exc.name})"
+                f"the {self.name!r} extra of the signerd wheel ({exc.name})"
             ) from exc
         return module
 

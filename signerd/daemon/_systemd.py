@@ -179,7 +179,7 @@ def _listen_fds() -> dict[int, str]:
     except ImportError:
         raise ActivationError(
             "systemd passed a socket ($LISTEN_FDS) but systemd-python is not installed"
-            " (pip install 'signerd[systemd]')"
+            " (the 'systemd' extra of the signerd wheel)"
         ) from None
     fds: dict[int, str] = daemon.listen_fds_with_names(True)
     return fds

@@ -60,7 +60,9 @@ class RedisNonceStore:
         try:
             module: Any = importlib.import_module("redis.asyncio")
         except ImportError as exc:
-            raise ValueError("needs the redis package (pip install 'signerd[redis]')") from exc
+            raise ValueError(
+                "needs the redis package (the 'redis' extra of the signerd wheel)"
+            ) from exc
         self._errors: tuple[type[BaseException], ...] = (
             importlib.import_module("redis.exceptions").RedisError,
             OSError,
