@@ -192,6 +192,16 @@ def test_socket_listens_first_and_activates(box: Container) -> None:
     assert "activated=yes" in box.journal("-u", "signerd.service")
 
 
+def test_audit_key_is_in_the_state_directory(box: Container) -> None:
+    """The installed service keeps the audit payload key in /var/lib/signerd (0600, signerd's),
+    none in the log directory; the installed docs are where the units point."""
+    _sign(box)
+    listing = box.run("stat", "-c", "%a %U", "/var/lib/signerd/audit.key").stdout.strip()
+    assert listing == "600 signerd"
+    assert "audit.key" not in box.run("ls", "-a", "/var/log/signerd/").stdout.split()
+    box.run("test", "-f", "/usr/share/doc/signerd/docs/operations.md")
+
+
 def test_rotate_unit_makes_next_kid_audited_as_operator(box: Container) -> None:
     """signerd-rotate@acme-feedback.service rotates acme/feedback through the daemon, audited as signerd-rotate."""
     before = _active_kid(box, "acme/feedback")
