@@ -366,7 +366,7 @@ def test_make_dev_token_makes_var_run_0750(tmp_path: Path) -> None:
     (var / "run").chmod(0o775)  # a loose directory from before is tightened
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
     out = subprocess.run(
-        ["make", "-C", str(ROOT), "-o", "deps", f"VAR={var}", "dev-token"],
+        ["make", "-C", str(ROOT), "-o", "deps-run", f"VAR={var}", "dev-token"],
         capture_output=True,
         text=True,
         timeout=120,
