@@ -15,11 +15,13 @@ import argparse
 import hashlib
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._files import MAX_INPUT_BYTES, NotRegularFile
-from ..client import Client
 from ._io import Failure, data_of, not_a_file, plain, register
+
+if TYPE_CHECKING:
+    from ..client import Client
 
 
 class AuditBroken(Exception):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -49,6 +49,7 @@ from ._results import (
     VerifyResult,
 )
 from ._transport import DEFAULT_TIMEOUT, SyncTransport, default_socket_path
+from ._whoami import op_whoami
 
 T = TypeVar("T")
 
@@ -152,6 +153,11 @@ class Client:
     def ready(self, *, timeout: float | None = None) -> str:
         """``"ready"``, or raises BackendUnavailable when the token is not usable."""
         return self._run(op_status("/v1/ready"), timeout)
+
+    def whoami(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """How signerd sees this caller: its peer credentials (``peer``) and the policy
+        rules that match it (``rules``, in the order the policy tries them)."""
+        return self._run(op_whoami(), timeout)
 
     # --- federation envelopes (docs/federation.md) ---
 

@@ -33,15 +33,14 @@ from ..wire import (
     field_bool,
     field_str,
     key_json,
-    kid_json,
     parse_kid,
     parse_version,
-    to_jwk,
 )
 from ._context import AdminChange, AuditNotes, RequestContext
 from ._context import sha256_hex as _sha256
 from ._dispatch import Front, PeerLookup, VisibilityGate
 from ._limits import Limits
+from ._lookups import Lookups
 from ._request import Response, json_response
 
 if TYPE_CHECKING:
@@ -74,10 +73,11 @@ ROUTES: tuple[tuple[str, str, str, Operation], ...] = (
     ("POST", "/v1/verify", "verify", Operation.VERIFY),
     ("GET", "/v1/jwks", "jwks", Operation.JWKS),
     ("GET", "/v1/kids/{kid}", "kid", Operation.JWKS),
+    ("GET", "/v1/whoami", "whoami", Operation.HEALTH),
 )
 
 
-class Server(Front):
+class Server(Front, Lookups):
     """The v1 handlers on top of the key service (``Front`` routes, refuses and audits)."""
 
     def __init__(
@@ -328,29 +328,6 @@ class Server(Front):
         ctx.authorize(Operation.VERIFY, key.tenant, key)
         key, version = await self.keys.verify(kid, data, signature)
         return json_response({"kid": kid, "key": str(key), "state": version.state.value})
-
-    # --- public keys --------------------------------------------------------------
-
-    async def jwks(self, ctx: RequestContext) -> Response:
-        tenant = ctx.request.query.get("tenant")
-        if tenant is not None:
-            KeyName.of(tenant, "x")
-        ctx.authorize(Operation.JWKS, tenant, None)
-        peer = ctx.peer
-        keys = [
-            to_jwk(v.kid, v.public_key)
-            for v in self.keys.published(tenant)
-            if self.gate.visible(peer, Operation.JWKS, parse_kid(v.kid)[0])
-        ]
-        return json_response({"keys": keys}, headers={"Cache-Control": "max-age=60"})
-
-    async def kid(self, ctx: RequestContext) -> Response:
-        kid = ctx.request.match_info["kid"]
-        key, _ = parse_kid(kid)
-        ctx.notes.kid = kid
-        ctx.authorize(Operation.JWKS, key.tenant, key)
-        key, version = await self.keys.lookup_kid(kid)
-        return json_response(kid_json(key, version))
 
 
 def _note_batch(
