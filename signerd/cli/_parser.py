@@ -66,6 +66,10 @@ EXAMPLES: dict[str, str] = {
     "audit": "signerctl audit show /var/log/signerd --since 24h --key acme/feedback",
     "audit verify": "signerctl audit verify /var/log/signerd",
     "audit payload-hash": "signerctl audit payload-hash --key /var/lib/signerd/audit.key < data",
+    "audit show": (
+        "signerctl audit show /var/log/signerd --since 24h --key acme/feedback --operation sign"
+    ),
+    "audit tail": "signerctl audit tail /var/log/signerd --follow --outcome refused",
 }
 
 
