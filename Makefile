@@ -2,7 +2,9 @@
 #   make run    install what is missing, make a dev SoftHSM token under var/, run signerd in the foreground
 #   make test   install what is missing and run the whole suite against real SoftHSM and OpenBao
 #   make bench  the benchmark harness (make bench BENCH_ARGS=--quick for a short run)
-#   make install DESTDIR=... PREFIX=/usr   units, sysusers.d/tmpfiles.d snippets, configuration
+#   make install DESTDIR=... PREFIX=/usr   units, sysusers.d/tmpfiles.d snippets, configuration,
+#               man pages and signerctl's shell completions (bash, zsh, fish)
+#   make generated   rewrite share/ (man pages, completions) from the programs' parsers
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +13,7 @@ VAR := $(CURDIR)/var
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export SOFTHSM2_CONF := $(VAR)/softhsm/softhsm2.conf
 
-.PHONY: run test bench check system deps dev-token clean install
+.PHONY: run test bench check system deps dev-token clean install generated
 
 system:
 	@missing=""; \
@@ -25,6 +27,7 @@ system:
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	command -v systemd-nspawn >/dev/null || missing="$$missing systemd-container"; \
 	command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
+	command -v man >/dev/null || missing="$$missing man-db"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
@@ -58,6 +61,10 @@ check: deps
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
+# the man pages and shell completions under share/, from the parsers (a test checks them)
+generated: deps
+	$(PY) -m tests.support.generate
+
 bench: deps
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m bench.run $(BENCH_ARGS)
 
@@ -72,6 +79,10 @@ SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
 TMPFILESDIR ?= $(PREFIX)/lib/tmpfiles.d
 DATADIR ?= $(PREFIX)/share/signerd
 DOCDIR ?= $(PREFIX)/share/doc/signerd
+MANDIR ?= $(PREFIX)/share/man
+BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
+ZSHCOMPDIR ?= $(PREFIX)/share/zsh/vendor-completions
+FISHCOMPDIR ?= $(PREFIX)/share/fish/vendor_completions.d
 UNITS := signerd.socket signerd.service signerd-rotate@.service signerd-rotate@.timer \
   signerd-rotate-staged@.service signerd-rotate-staged@.timer
 
@@ -87,7 +98,12 @@ install:
 	install -m 0644 systemd/network-backend.conf $(DESTDIR)$(DATADIR)/network-backend.conf
 	install -m 0755 softhsm/make-token.sh $(DESTDIR)$(DATADIR)/make-token.sh
 	install -m 0644 softhsm/softhsm2.conf.in $(DESTDIR)$(DATADIR)/softhsm2.conf.in
-	install -m 0644 README.md docs/protocol.md $(DESTDIR)$(DOCDIR)/
+	install -m 0644 README.md docs/protocol.md docs/cli.md $(DESTDIR)$(DOCDIR)/
+	install -D -m 0644 share/man/signerctl.1 $(DESTDIR)$(MANDIR)/man1/signerctl.1
+	install -D -m 0644 share/man/signerd.8 $(DESTDIR)$(MANDIR)/man8/signerd.8
+	install -D -m 0644 share/completions/signerctl.bash $(DESTDIR)$(BASHCOMPDIR)/signerctl
+	install -D -m 0644 share/completions/_signerctl $(DESTDIR)$(ZSHCOMPDIR)/_signerctl
+	install -D -m 0644 share/completions/signerctl.fish $(DESTDIR)$(FISHCOMPDIR)/signerctl.fish
 	install -d -m 0750 $(DESTDIR)$(SYSCONFDIR)/signerd
 	install -d -m 0700 $(DESTDIR)$(SYSCONFDIR)/signerd/credentials
 	install -m 0640 config/signerd.example.toml $(DESTDIR)$(SYSCONFDIR)/signerd/signerd.toml.example
