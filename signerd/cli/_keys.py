@@ -31,11 +31,41 @@ def _when(ts: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
+def age(seconds: float) -> str:
+    """A duration, coarsely: 42s, 5m, 3h12m, 4d3h."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
 def _describe(desc: KeyDescription) -> str:
-    head = f"key         {desc.key}\nactive kid  {desc.active_kid or '-'}\n\n"
-    rows = [["VERSION", "KID", "STATE", "CREATED"]]
-    rows += [[str(v.version), v.kid, v.state.value, _when(v.created_at)] for v in desc.versions]
-    return head + table(rows)
+    now = time.time()
+    head = f"key         {desc.key}\n"
+    if desc.algorithm:
+        head += f"algorithm   {desc.algorithm}\n"
+    if desc.backend:
+        head += f"backend     {desc.backend}\n"
+    head += f"active kid  {desc.active_kid or '-'}\n\n"
+    rows = [["VERSION", "KID", "STATE", "CREATED", "AGE", "THUMBPRINT (RFC 7638)"]]
+    rows += [
+        [
+            str(v.version),
+            v.kid,
+            v.state.value,
+            _when(v.created_at),
+            age(now - v.created_at),
+            v.thumbprint or "-",
+        ]
+        for v in desc.versions
+    ]
+    uris = [f"  {v.kid}  {v.pkcs11_uri}" for v in desc.versions if v.pkcs11_uri]
+    tail = "\n\nPKCS#11 objects (RFC 7512):\n" + "\n".join(uris) if uris else ""
+    return head + table(rows) + tail
 
 
 # --- keys ---
@@ -43,8 +73,12 @@ def _describe(desc: KeyDescription) -> str:
 
 def _keys_list(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
     keys = c.list_keys(a.tenant)
-    rows = [["KEY", "ACTIVE KID", "VERSIONS"]]
-    rows += [[d.key, d.active_kid or "-", str(len(d.versions))] for d in keys]
+    now = time.time()
+    rows = [["KEY", "BACKEND", "ACTIVE KID", "ACTIVE AGE", "VERSIONS"]]
+    for d in keys:
+        active = [v for v in d.versions if v.kid == d.active_kid]
+        since = age(now - active[0].created_at) if active else "-"
+        rows.append([d.key, d.backend or "-", d.active_kid or "-", since, str(len(d.versions))])
     return {"keys": plain(keys)}, table(rows) if keys else "no keys"
 
 

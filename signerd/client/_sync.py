@@ -31,9 +31,6 @@ from ._ops import (
     op_status,
     op_telemetry_sign,
     op_telemetry_verify,
-    op_trust_add,
-    op_trust_list,
-    op_trust_retire,
     op_verify,
     op_version,
 )
@@ -49,6 +46,7 @@ from ._results import (
     VerifyResult,
 )
 from ._transport import DEFAULT_TIMEOUT, SyncTransport, default_socket_path
+from ._trust_ops import op_trust_add, op_trust_list, op_trust_retire
 from ._whoami import op_whoami
 
 T = TypeVar("T")

@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..authz import Operation, Peer, Policy
+from ..backends import KeyInfo, Locator
 from ..errors import UnknownKid
-from ..wire import KeyName, kid_json, parse_kid, to_jwk
+from ..wire import KeyName, key_json, kid_json, parse_kid, to_jwk
 from ._request import Response, json_response
 
 if TYPE_CHECKING:
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from ._context import RequestContext
     from ._dispatch import VisibilityGate
 
-__all__ = ["KidNotFound", "Lookups"]
+__all__ = ["KidNotFound", "Lookups", "described"]
 
 
 class KidNotFound(UnknownKid):
@@ -74,6 +75,19 @@ class Lookups:
             if r.matches(peer)
         ]
         return json_response({"peer": _peer_json(peer), "rules": rules})
+
+
+def described(keys: KeyService, info: KeyInfo) -> dict[str, Any]:
+    """A key's description with where it lives: its algorithm, the name of its backend, and
+    for a backend whose objects other tools can find, each version's RFC 7512 URI."""
+    doc = key_json(info)
+    name, backend = keys.backend_of(info.key)
+    doc["algorithm"] = "Ed25519"
+    doc["backend"] = name
+    if isinstance(backend, Locator):
+        for v in doc["versions"]:
+            v["pkcs11_uri"] = backend.object_uri(v["kid"])
+    return doc
 
 
 def _peer_json(peer: Peer) -> dict[str, Any]:

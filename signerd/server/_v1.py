@@ -40,7 +40,7 @@ from ._context import AdminChange, AuditNotes, RequestContext
 from ._context import sha256_hex as _sha256
 from ._dispatch import Front, PeerLookup, VisibilityGate
 from ._limits import Limits
-from ._lookups import Lookups
+from ._lookups import Lookups, described
 from ._request import Response, json_response
 
 if TYPE_CHECKING:
@@ -132,12 +132,12 @@ class Server(Front, Lookups):
             for i in await self.keys.list_keys(tenant)
             if self.gate.visible(peer, Operation.LIST, i.key)
         ]
-        return json_response({"keys": [key_json(i) for i in infos]})
+        return json_response({"keys": [described(self.keys, i) for i in infos]})
 
     async def get_key(self, ctx: RequestContext) -> Response:
         key = _path_key(ctx)
         ctx.authorize(Operation.LIST, key.tenant, key)
-        return json_response(key_json(await self.keys.describe(key)))
+        return json_response(described(self.keys, await self.keys.describe(key)))
 
     async def rotate(self, ctx: RequestContext) -> Response:
         key = _path_key(ctx)
