@@ -32,7 +32,6 @@ from ..wire import (
     b64encode,
     field_bool,
     field_str,
-    key_json,
     parse_kid,
     parse_version,
 )
@@ -117,7 +116,7 @@ class Server(Front, Lookups):
         async def apply() -> Response:
             info = await self.keys.create(key)
             ctx.notes.kid = info.versions[-1].kid
-            return json_response(key_json(info), status=201)
+            return json_response(described(self.keys, info), status=201)
 
         return await self._change(ctx, "create", key, f"create {key}", apply)
 
@@ -148,7 +147,7 @@ class Server(Front, Lookups):
         async def apply() -> Response:
             info, new = await self.keys.rotate(key, pending=pending)
             ctx.notes.kid = new.kid
-            return json_response({"kid": new.kid, "key": key_json(info)})
+            return json_response({"kid": new.kid, "key": described(self.keys, info)})
 
         return await self._change(ctx, "rotate", key, f"rotate {key} {pending}", apply)
 
@@ -191,7 +190,7 @@ class Server(Front, Lookups):
         change: Callable[[], Awaitable[Any]],
     ) -> Response:
         async def apply() -> Response:
-            return json_response(key_json(await change()))
+            return json_response(described(self.keys, await change()))
 
         what = f"{kind} {key} {version} {confirm}"
         return await self._change(ctx, kind, key, what, apply, version)
@@ -241,16 +240,16 @@ class Server(Front, Lookups):
         if kind == "create":
             if before["exists"]:
                 return None
-            return json_response(key_json(now), status=201), now.versions[0].kid
+            return json_response(described(self.keys, now), status=201), now.versions[0].kid
         if kind == "rotate":
             new = sorted((v for v in now.versions if v.version > before["last"]), key=_number)
             if not new:
                 return None
-            return json_response({"kid": new[0].kid, "key": key_json(now)}), new[0].kid
+            return json_response({"kid": new[0].kid, "key": described(self.keys, now)}), new[0].kid
         found = now.version(before["version"])
         if (found.state.value if found is not None else "absent") == before["state"]:
             return None
-        return json_response(key_json(now)), key.kid(before["version"])
+        return json_response(described(self.keys, now)), key.kid(before["version"])
 
     # --- sign and verify --------------------------------------------------------
 
