@@ -174,3 +174,61 @@ def test_a_bad_time_is_a_usage_error(
     trail.write_text("")
     code, _, err = _ctl(capsys, "audit", "show", str(trail), "--since", text)
     assert code == os.EX_USAGE and err.startswith("signerctl: usage: not a time")
+
+
+def _record(n: int) -> str:
+    return json.dumps({"time": 1796551200.0 + n, "operation": "sign", "outcome": "ok", "seq": n})
+
+
+def test_a_followed_file_replaced_or_cut_is_read_from_its_start(tmp_path: Path) -> None:
+    """Source (what --follow reads): new complete lines only; a partial line waits for its
+    newline; a file replaced under its name (rotation) or cut shorter is read from its start."""
+    from signerd.cli._trail import Skipped, Source
+
+    path = tmp_path / "audit.jsonl"
+    path.write_text(_record(1) + "\n" + _record(2)[:10])
+    source, skipped = Source(str(path)), Skipped()
+    assert [r["seq"] for r in source.read(skipped)[0]] == [1]
+    with path.open("a") as f:
+        f.write(_record(2)[10:] + "\n")
+    assert [r["seq"] for r in source.read(skipped)[0]] == [2]
+    assert source.read(skipped)[0] == []
+    (tmp_path / "new").write_text(_record(3) + "\n")
+    os.replace(tmp_path / "new", path)  # rotated: a new file under the name
+    assert [r["seq"] for r in source.read(skipped)[0]] == [3]
+    with path.open("a") as f:
+        f.write(_record(4) + "\n" + _record(5) + "\n")
+    assert [r["seq"] for r in source.read(skipped)[0]] == [4, 5]
+    path.write_text(_record(6) + "\n")  # cut shorter in place (same inode)
+    assert [r["seq"] for r in source.read(skipped)[0]] == [6]
+    assert skipped.count == 0
+
+
+def test_follow_picks_up_a_new_file_in_a_directory(tmp_path: Path) -> None:
+    """audit tail --follow DIR prints the records of a trail file that appears after it
+    started (a new worker's, a rotation's)."""
+    trail = tmp_path / "audit"
+    trail.mkdir()
+    (trail / "audit.w0.jsonl").write_text(_record(1) + "\n")
+    argv = ["audit", "tail", str(trail), "-n", "1", "--follow", "--interval", "0.1", "--json"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "signerd.cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=str(ROOT),
+    )
+    assert proc.stdout is not None
+    out_pipe = proc.stdout
+    lines: list[bytes] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(out_pipe.readline, b"")))
+    reader.start()
+    try:
+        wait_until(lambda: list(lines), timeout=20.0, what="the last record")
+        (trail / "audit.w1.jsonl").write_text(_record(2) + "\n" + _record(3) + "\n")
+        wait_until(lambda: len(lines) >= 3, timeout=20.0, what="the new file's records")
+        assert [json.loads(line)["seq"] for line in lines] == [1, 2, 3]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        reader.join(timeout=10)
+        out_pipe.close()
