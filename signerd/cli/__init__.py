@@ -198,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         offline = getattr(args, "offline", None)
         if offline is not None:  # acts on files or the token itself, not through the daemon
+            if args.field is not None:
+                raise Failure(os.EX_USAGE, "usage", "--field picks from signerd's answers only")
             return int(offline(args))
         from ..client import Client, ConnectionFailed, RequestTimeout, default_socket_path
     except Failure as exc:

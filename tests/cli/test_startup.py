@@ -142,6 +142,8 @@ def test_field_prints_one_field_raw(
     assert main(["--socket", sock, "--field", "nope", "health"]) == os.EX_USAGE
     err = capsys.readouterr().err
     assert err.startswith("signerctl: no_such_field: ") and "(fields: status)" in err
+    assert main(["audit", "show", "/nonexistent", "--field", "x"]) == os.EX_USAGE
+    assert "--field picks from signerd's answers only" in capsys.readouterr().err
 
 
 def test_field_of_walks_objects_and_lists() -> None:
