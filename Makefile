@@ -4,7 +4,9 @@
 #   make bench  the benchmark harness (make bench BENCH_ARGS=--quick for a short run)
 #   make dist   build a wheel and an sdist into dist/ (what operators install)
 #   make docs   build the documentation site into build/site (mkdocs build --strict)
-#   make install DESTDIR=... PREFIX=/usr   units, sysusers.d/tmpfiles.d snippets, configuration, docs
+#   make install DESTDIR=... PREFIX=/usr   units, sysusers.d/tmpfiles.d snippets, configuration, docs,
+#               man pages and signerctl's shell completions (bash, zsh, fish)
+#   make generated   rewrite share/ (man pages, completions) from the programs' parsers
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,7 +17,7 @@ export SOFTHSM2_CONF := $(VAR)/softhsm/softhsm2.conf
 # what running needs; make test adds the test and benchmark tools
 RUN_EXTRAS := pkcs11,vault,systemd,redis
 
-.PHONY: run test bench check docs dist system deps deps-run dev-token clean install
+.PHONY: run test bench check docs dist system deps deps-run dev-token clean install generated
 
 system:
 	@missing=""; \
@@ -35,6 +37,7 @@ system:
 	command -v cc >/dev/null || missing="$$missing gcc"; \
 	$(PYTHON) -c 'import os, sysconfig; p = sysconfig.get_paths()["include"]; assert os.path.exists(os.path.join(p, "Python.h"))' \
 	  2>/dev/null || missing="$$missing python3-dev"; \
+	command -v man >/dev/null || missing="$$missing man-db"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
@@ -84,6 +87,10 @@ dist: deps
 	rm -rf dist
 	$(PY) -m build --outdir dist .
 
+# the man pages and shell completions under share/, from the parsers (a test checks them)
+generated: deps
+	$(PY) -m tests.support.generate
+
 bench: deps
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m bench.run $(BENCH_ARGS)
 
@@ -98,6 +105,10 @@ SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
 TMPFILESDIR ?= $(PREFIX)/lib/tmpfiles.d
 DATADIR ?= $(PREFIX)/share/signerd
 DOCDIR ?= $(PREFIX)/share/doc/signerd
+MANDIR ?= $(PREFIX)/share/man
+BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
+ZSHCOMPDIR ?= $(PREFIX)/share/zsh/vendor-completions
+FISHCOMPDIR ?= $(PREFIX)/share/fish/vendor_completions.d
 UNITS := signerd.socket signerd.service signerd-rotate@.service signerd-rotate@.timer \
   signerd-rotate-staged@.service signerd-rotate-staged@.timer
 
@@ -116,6 +127,11 @@ install:
 	install -m 0644 README.md LICENSE $(DESTDIR)$(DOCDIR)/
 	install -d -m 0755 $(DESTDIR)$(DOCDIR)/docs
 	install -m 0644 docs/*.md $(DESTDIR)$(DOCDIR)/docs/
+	install -D -m 0644 share/man/signerctl.1 $(DESTDIR)$(MANDIR)/man1/signerctl.1
+	install -D -m 0644 share/man/signerd.8 $(DESTDIR)$(MANDIR)/man8/signerd.8
+	install -D -m 0644 share/completions/signerctl.bash $(DESTDIR)$(BASHCOMPDIR)/signerctl
+	install -D -m 0644 share/completions/_signerctl $(DESTDIR)$(ZSHCOMPDIR)/_signerctl
+	install -D -m 0644 share/completions/signerctl.fish $(DESTDIR)$(FISHCOMPDIR)/signerctl.fish
 	install -d -m 0750 $(DESTDIR)$(SYSCONFDIR)/signerd
 	install -d -m 0700 $(DESTDIR)$(SYSCONFDIR)/signerd/credentials
 	install -m 0640 config/signerd.example.toml $(DESTDIR)$(SYSCONFDIR)/signerd/signerd.toml.example

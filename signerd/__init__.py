@@ -3,25 +3,36 @@
 This package exports the client API only: ``Client`` (sync), ``AsyncClient``
 (aiohttp), their result types, and the typed errors they raise. The daemon
 and the operator CLI (``signerctl``) live in their own modules.
+
+``__version__`` is the package's version, the one source of it: pyproject.toml
+reads it from here (``[tool.setuptools.dynamic]``). The client names are
+imported on first use, so ``import signerd`` (and signerctl's start-up) does
+not pay for the clients, let alone aiohttp.
 """
 
-from .client import (
-    AsyncClient,
-    Client,
-    ConnectionFailed,
-    FeedbackEnvelope,
-    FeedbackVerified,
-    KeyDescription,
-    KeyVersion,
-    KidInfo,
-    RequestTimeout,
-    Signature,
-    TelemetrySignature,
-    TelemetryVerified,
-    TrustedKey,
-    VerifyResult,
-    VersionState,
-)
+import typing as _typing
+
+__version__ = "0.1.0"
+
+if _typing.TYPE_CHECKING:
+    from .client import (
+        AsyncClient,
+        Client,
+        ConnectionFailed,
+        FeedbackEnvelope,
+        FeedbackVerified,
+        KeyDescription,
+        KeyVersion,
+        KidInfo,
+        RequestTimeout,
+        Signature,
+        TelemetrySignature,
+        TelemetryVerified,
+        TrustedKey,
+        VerifyResult,
+        VersionState,
+    )
+
 from .errors import (
     AttestationMismatch,
     AuditUnavailable,
@@ -116,3 +127,35 @@ __all__ = [
     "VerifyResult",
     "VersionState",
 ]
+
+
+_LAZY = frozenset(
+    {
+        "AsyncClient",
+        "Client",
+        "ConnectionFailed",
+        "FeedbackEnvelope",
+        "FeedbackVerified",
+        "KeyDescription",
+        "KeyVersion",
+        "KidInfo",
+        "RequestTimeout",
+        "Signature",
+        "TelemetrySignature",
+        "TelemetryVerified",
+        "TrustedKey",
+        "VerifyResult",
+        "VersionState",
+    }
+)
+
+
+def __getattr__(name: str) -> _typing.Any:
+    """The client API's names, imported from ``signerd.client`` when first asked for."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'signerd' has no attribute {name!r}")
+    from . import client
+
+    value = getattr(client, name)
+    globals()[name] = value
+    return value

@@ -117,6 +117,13 @@ class Destroyer(Protocol):
 
 
 @runtime_checkable
+class Locator(Protocol):
+    """A backend whose objects other tools can find: each version's RFC 7512 URI."""
+
+    def object_uri(self, kid: str) -> str: ...
+
+
+@runtime_checkable
 class Recoverable(Protocol):
     """Optional: start the connection to the store again, and prove keys gone.
 

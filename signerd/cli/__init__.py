@@ -2,22 +2,30 @@
 
 ::
 
-    signerctl [--socket PATH] [--json] [--timeout SECONDS] COMMAND ...
+    signerctl [--socket PATH] [--json] [--timeout SECONDS] [--field NAME] COMMAND ...
+    signerctl --version
 
     keys list [--tenant T]            keys show KEY           keys create KEY
-    keys rotate KEY [--pending]       keys promote KEY (VERSION | --pending [--if-any])
-    keys retire KEY VERSION           keys destroy KEY VERSION --confirm KID
+    keys rotate KEY [--pending] [--dry-run]
+    keys promote KEY (VERSION | --pending [--if-any])
+    keys retire KEY VERSION [--dry-run]
+    keys destroy KEY VERSION (--confirm KID | --dry-run)
     sign KEY [--data-file F | --data-b64 B]          (else data from stdin)
     verify KID --signature B64 [--data-file F | --data-b64 B]
-    jwks [--tenant T]    kid KID    health    ready
+    jwks [--tenant T]    kid KID    health    ready    whoami
+    trust list [--tenant T]    trust add --tenant T --kid KID --jwk-file F    trust remove KID
     audit verify PATH... [--anchor FILE]... [--no-anchor]
+    audit show PATH... [filters]      audit tail PATH... [filters] [--follow]
     audit payload-hash --key FILE [--data-file F | --sha256 HEX]  (else payload from stdin)
     telemetry sign|verify ...    feedback sign|verify ...
 
-``--socket`` defaults to ``$SIGNERD_SOCKET``, else ``/run/signerd/signerd.sock``.
+The global options may come before or after the command. ``--field NAME``
+prints one field of the JSON answer, raw (``SIG=$(signerctl sign --field
+signature KEY < file)``). ``--socket`` defaults to ``$SIGNERD_SOCKET``, else ``/run/signerd/signerd.sock``.
 ``--json`` prints the answer as JSON on stdout (the wire forms: ``signerctl
 --json jwks`` is a JWKS document); otherwise plain tables. An error prints
-``signerctl: CODE: MESSAGE (request ID)`` on stderr (and, with ``--json``,
+``signerctl: CODE: OBJECT: MESSAGE (request ID)`` on stderr (OBJECT: what
+signerctl sent, e.g. ``key acme/x``; the daemon does not echo it) (and, with ``--json``,
 the error envelope on stdout). signerctl never prints the data it signs or
 verifies.
 
@@ -33,7 +41,8 @@ Exit codes (``sysexits.h``), by wire code or local condition:
                      payload_too_large, stale_timestamp, schema_mismatch,
                      attestation_mismatch, replayed_nonce; an audit trail
                      that does not verify; input_too_large
-66   EX_NOINPUT      unknown_key, unknown_version; a file that cannot be read
+66   EX_NOINPUT      unknown_key, unknown_version; unknown_kid of ``kid``
+                     (a lookup; ``verify`` of an unknown kid is 65); a file that cannot be read
                      (no_input); not_a_file
 69   EX_UNAVAILABLE  backend_unavailable, backend_sealed, audit_unavailable,
                      nonce_store_unavailable, not_supported; connection_failed (signerd unreachable)
@@ -63,11 +72,11 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any
 
-from ..client import DEFAULT_SOCKET, Client, ConnectionFailed, RequestTimeout, default_socket_path
+from .. import __version__
 from ..errors import SignerdError
-from . import _audit, _federation, _keys
+from . import _audit, _federation, _keys, _parser, _trust
 from ._io import Failure
 
 EXIT_FOR_CODE: dict[str, int] = {
@@ -109,81 +118,110 @@ EXIT_FOR_CODE: dict[str, int] = {
 }
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        raise _UsageError(message)
-
-
-def _timeout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value <= 3600:
-        raise argparse.ArgumentTypeError("must be > 0 and <= 3600 seconds")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="signerctl", description="Operate signerd over its Unix socket.")
-    parser.add_argument(
-        "--socket",
-        metavar="PATH",
-        help=f"signerd's socket (default: $SIGNERD_SOCKET, else {DEFAULT_SOCKET})",
-    )
-    parser.add_argument("--json", action="store_true", help="print JSON on stdout")
-    parser.add_argument("--timeout", type=_timeout, default=10.0, metavar="SECONDS")
+    parser = _parser.Parser(prog="signerctl", description="Operate signerd over its Unix socket.")
+    parser.add_argument("--version", action="version", version=f"signerctl {__version__}")
+    _parser.add_globals(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _keys.add_commands(sub)  # keys ..., sign, verify
     _federation.add_commands(sub)  # telemetry, feedback
     _keys.add_lookup_commands(sub)  # jwks, kid, health, ready
-    _audit.add_commands(sub)  # audit verify, audit payload-hash
+    _trust.add_commands(sub)  # whoami, trust ...
+    _audit.add_commands(sub)  # audit verify, show, tail, payload-hash
+    _parser.finish(parser)
     return parser
 
 
+def _object(args: argparse.Namespace) -> str:
+    """What the command named, as signerctl sent it (the daemon does not echo it)."""
+    for attr, label in (("key", "key"), ("kid", "kid")):
+        value = getattr(args, attr, None)
+        if isinstance(value, str) and value:
+            version = getattr(args, "version", None)
+            return f"{label} {value}" + (f" version {version}" if version is not None else "")
+    return ""
+
+
 def _fail(
-    args: argparse.Namespace, code: str, message: str, request_id: str | None, exit_code: int
+    args: argparse.Namespace,
+    code: str,
+    message: str,
+    request_id: str | None,
+    exit_code: int,
+    what: str = "",
 ) -> int:
     suffix = f" (request {request_id})" if request_id else ""
-    print(f"signerctl: {code}: {message}{suffix}", file=sys.stderr)
+    prefix = f"{what}: " if what else ""
+    print(f"signerctl: {code}: {prefix}{message}{suffix}", file=sys.stderr)
     if args.json:
         error = {"code": code, "message": message, "request_id": request_id}
         print(json.dumps({"error": error}, indent=2))
     return exit_code
 
 
+def field_of(doc: Any, name: str) -> str:
+    """One field of an answer, raw: a string as is, anything else as compact JSON."""
+    value = doc
+    for part in name.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            fields = ", ".join(sorted(value)) if isinstance(value, dict) else "none"
+            raise Failure(
+                os.EX_USAGE, "no_such_field", f"the answer has no field {part!r} (fields: {fields})"
+            )
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def _output(args: argparse.Namespace, doc: Any, text: str) -> str:
+    if args.field is not None:
+        return field_of(doc, args.field)
+    return json.dumps(doc, indent=2) if args.json else text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except _UsageError as exc:
+    except _parser.UsageError as exc:
         print(f"signerctl: usage: {exc}", file=sys.stderr)
         return os.EX_USAGE
-    except SystemExit as exc:  # --help
+    except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else os.EX_USAGE
     if getattr(args, "if_any", False) and not args.pending:
         print("signerctl: usage: keys promote: --if-any goes with --pending", file=sys.stderr)
         return os.EX_USAGE
     try:
         offline = getattr(args, "offline", None)
-        if offline is not None:  # acts on the token itself, not through the daemon
+        if offline is not None:  # acts on files or the token itself, not through the daemon
+            if args.field is not None:
+                raise Failure(os.EX_USAGE, "usage", "--field picks from signerd's answers only")
             return int(offline(args))
+        from ..client import Client, ConnectionFailed, RequestTimeout, default_socket_path
+    except Failure as exc:
+        return _fail(args, exc.code, exc.message, None, exc.exit_code)
+    except _audit.AuditBroken as exc:
+        print(json.dumps(exc.doc, indent=2) if args.json else exc.text)
+        return os.EX_DATAERR
+    except BrokenPipeError:
+        return os.EX_IOERR
+    try:
         with Client(args.socket or default_socket_path(), timeout=args.timeout) as client:
             doc, text = args.run(client, args)
-        print(json.dumps(doc, indent=2) if args.json else text)
+        print(_output(args, doc, text))
         return os.EX_OK
     except RequestTimeout as exc:
         return _fail(args, "request_timeout", exc.message, None, os.EX_TEMPFAIL)
     except ConnectionFailed as exc:
         return _fail(args, "connection_failed", exc.message, None, os.EX_UNAVAILABLE)
     except SignerdError as exc:
-        exit_code = EXIT_FOR_CODE.get(exc.code, os.EX_SOFTWARE)
-        return _fail(args, exc.code, exc.message, exc.request_id, exit_code)
+        exits = {**EXIT_FOR_CODE, **getattr(args, "exit_for", {})}
+        exit_code = exits.get(exc.code, os.EX_SOFTWARE)
+        return _fail(args, exc.code, exc.message, exc.request_id, exit_code, _object(args))
     except Failure as exc:
         return _fail(args, exc.code, exc.message, None, exc.exit_code)
     except _audit.AuditBroken as exc:

@@ -3,6 +3,7 @@
 ::
 
     audit verify PATH... [--anchor FILE]... [--no-anchor]
+    audit show PATH... [filters]       audit tail PATH... [filters] [--follow]   (_auditshow)
     audit payload-hash --key FILE [--data-file F | --sha256 HEX]  (else payload from stdin)
 
 ``audit verify`` exits 0 only for an intact trail; a trail that does not
@@ -15,11 +16,14 @@ import argparse
 import hashlib
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._files import MAX_INPUT_BYTES, NotRegularFile
-from ..client import Client
+from . import _auditshow
 from ._io import Failure, data_of, not_a_file, plain, register
+
+if TYPE_CHECKING:
+    from ..client import Client
 
 
 class AuditBroken(Exception):
@@ -103,3 +107,4 @@ def add_commands(sub: Any) -> None:
         "--sha256", metavar="HEX", help="the payload's SHA-256, if that is all you have"
     )
     p.set_defaults(data_b64=None)
+    _auditshow.add_commands(asub)

@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..client import Client
 from ..errors import InvalidRequest
-from ..wire import loads_strict
 from ._io import b64_arg, data_of, data_options, plain, read_input, register
+
+if TYPE_CHECKING:
+    from ..client import Client
 
 
 def _telemetry_sign(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
@@ -50,6 +51,8 @@ def _json_in(a: argparse.Namespace, attr: str) -> Any:
     path = getattr(a, attr)
     if path is None and (sys.stdin is None or sys.stdin.isatty()):
         raise InvalidRequest(f"no JSON: give --{attr.replace('_', '-')} or pipe it on stdin")
+    from ..wire import loads_strict
+
     return loads_strict(read_input(path if path is not None else "-"))
 
 

@@ -17,11 +17,14 @@ import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._files import MAX_INPUT_BYTES, InputTooLarge, NotRegularFile, read_bounded, read_file
-from ..client import Client
 from ..errors import InvalidBase64
+
+if TYPE_CHECKING:
+    from ..client import Client
+
 
 __all__ = [
     "Command",
@@ -108,7 +111,7 @@ def data_of(args: argparse.Namespace) -> bytes:
 
 # --- output, and the shape of a command ---
 
-Command = Callable[[Client, argparse.Namespace], tuple[Any, str]]
+Command = Callable[["Client", argparse.Namespace], tuple[Any, str]]
 
 
 def register(parent: Any, name: str, run: Command, help_text: str) -> argparse.ArgumentParser:

@@ -19,21 +19,53 @@ import argparse
 import json
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..client import Client, KeyDescription, VersionState
 from ._io import Failure, b64_arg, data_of, data_options, plain, register, table
+
+if TYPE_CHECKING:
+    from ..client import Client, KeyDescription
 
 
 def _when(ts: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
+def age(seconds: float) -> str:
+    """A duration, coarsely: 42s, 5m, 3h12m, 4d3h."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
 def _describe(desc: KeyDescription) -> str:
-    head = f"key         {desc.key}\nactive kid  {desc.active_kid or '-'}\n\n"
-    rows = [["VERSION", "KID", "STATE", "CREATED"]]
-    rows += [[str(v.version), v.kid, v.state.value, _when(v.created_at)] for v in desc.versions]
-    return head + table(rows)
+    now = time.time()
+    head = f"key         {desc.key}\n"
+    if desc.algorithm:
+        head += f"algorithm   {desc.algorithm}\n"
+    if desc.backend:
+        head += f"backend     {desc.backend}\n"
+    head += f"active kid  {desc.active_kid or '-'}\n\n"
+    rows = [["VERSION", "KID", "STATE", "CREATED", "AGE", "THUMBPRINT (RFC 7638)"]]
+    rows += [
+        [
+            str(v.version),
+            v.kid,
+            v.state.value,
+            _when(v.created_at),
+            age(now - v.created_at),
+            v.thumbprint or "-",
+        ]
+        for v in desc.versions
+    ]
+    uris = [f"  {v.kid}  {v.pkcs11_uri}" for v in desc.versions if v.pkcs11_uri]
+    tail = "\n\nPKCS#11 objects (RFC 7512):\n" + "\n".join(uris) if uris else ""
+    return head + table(rows) + tail
 
 
 # --- keys ---
@@ -41,8 +73,12 @@ def _describe(desc: KeyDescription) -> str:
 
 def _keys_list(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
     keys = c.list_keys(a.tenant)
-    rows = [["KEY", "ACTIVE KID", "VERSIONS"]]
-    rows += [[d.key, d.active_kid or "-", str(len(d.versions))] for d in keys]
+    now = time.time()
+    rows = [["KEY", "BACKEND", "ACTIVE KID", "ACTIVE AGE", "VERSIONS"]]
+    for d in keys:
+        active = [v for v in d.versions if v.kid == d.active_kid]
+        since = age(now - active[0].created_at) if active else "-"
+        rows.append([d.key, d.backend or "-", d.active_kid or "-", since, str(len(d.versions))])
     return {"keys": plain(keys)}, table(rows) if keys else "no keys"
 
 
@@ -56,7 +92,53 @@ def _keys_create(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
     return plain(desc), _describe(desc)
 
 
+def _dry(desc: KeyDescription, changes: list[dict[str, Any]], notes: list[str]) -> tuple[Any, str]:
+    """What a change would do: nothing is sent but the read of the key's description."""
+    doc = {"dry_run": True, "key": desc.key, "changes": changes, "notes": notes}
+    lines = [f"dry run: nothing changed on {desc.key}"]
+    for ch in changes:
+        before = ch["from"] or "(new)"
+        lines.append(f"  version {ch['version']}  {ch['kid']}  {before} -> {ch['to']}")
+    return doc, "\n".join(lines + [f"note: {n}" for n in notes])
+
+
+def _change(v: int, kid: str, old: str | None, new: str) -> dict[str, Any]:
+    return {"version": v, "kid": kid, "from": old, "to": new}
+
+
+def _version_of(desc: KeyDescription, version: int, allowed: set[str], why: str) -> Any:
+    found = [v for v in desc.versions if v.version == version]
+    if not found:
+        raise Failure(
+            os.EX_NOINPUT, "unknown_version", f"key {desc.key} version {version}: no such version"
+        )
+    if found[0].state.value not in allowed:
+        state = found[0].state.value
+        raise Failure(os.EX_DATAERR, "invalid_state", f"version {version} is {state}: {why}")
+    return found[0]
+
+
+def _rotate_dry(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    desc = c.get_key(a.key)
+    number = max(v.version for v in desc.versions) + 1
+    tenant, name = desc.key.split("/")
+    changes = [
+        _change(number, f"{tenant}.{name}.v{number}", None, "pending" if a.pending else "active")
+    ]
+    notes = []
+    if not a.pending:
+        changes += [
+            _change(v.version, v.kid, "active", "verify-only")
+            for v in desc.versions
+            if v.state.value == "active"
+        ]
+        notes.append("older verify-only versions beyond keys.retain_verify_only are retired")
+    return _dry(desc, changes, notes)
+
+
 def _keys_rotate(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    if a.dry_run:
+        return _rotate_dry(c, a)
     kid, desc = c.rotate(a.key, pending=a.pending)
     label = "new pending kid" if a.pending else "new active kid"
     return {"kid": kid, "key": plain(desc)}, f"{label}: {kid}\n\n{_describe(desc)}"
@@ -66,7 +148,7 @@ def _keys_promote(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
     version = a.version
     if a.pending:  # the one pending version, found by the key's description
         desc = c.get_key(a.key)
-        pending = [v.version for v in desc.versions if v.state is VersionState.PENDING]
+        pending = [v.version for v in desc.versions if v.state.value == "pending"]
         if not pending and a.if_any:
             return plain(desc), f"no pending version: nothing promoted\n\n{_describe(desc)}"
         if not pending:
@@ -84,11 +166,24 @@ def _keys_promote(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
 
 
 def _keys_retire(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    if a.dry_run:
+        desc = c.get_key(a.key)
+        why = "only a pending or verify-only version can be retired"
+        v = _version_of(desc, a.version, {"pending", "verify-only"}, why)
+        return _dry(desc, [_change(v.version, v.kid, v.state.value, "retired")], [])
     desc = c.retire(a.key, a.version)
     return plain(desc), _describe(desc)
 
 
 def _keys_destroy(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    if a.dry_run:
+        desc = c.get_key(a.key)
+        why = "only a retired version can be destroyed"
+        v = _version_of(desc, a.version, {"retired"}, why)
+        note = f"to destroy it: keys destroy {desc.key} {v.version} --confirm {v.kid}"
+        return _dry(desc, [_change(v.version, v.kid, "retired", "destroyed")], [note])
+    if a.confirm is None:
+        raise Failure(os.EX_USAGE, "usage", "keys destroy: give --confirm KID (or --dry-run)")
     desc = c.destroy(a.key, a.version, a.confirm)
     return plain(desc), _describe(desc)
 
@@ -164,6 +259,7 @@ def add_commands(sub: Any) -> None:
     p = register(ksub, "rotate", _keys_rotate, "add the next version")
     p.add_argument("key", metavar="KEY")
     p.add_argument("--pending", action="store_true", help="publish it as pending, not signing yet")
+    p.add_argument("--dry-run", action="store_true", help="show what would change; change nothing")
     p = register(ksub, "promote", _keys_promote, "make a pending version active")
     p.add_argument("key", metavar="KEY")
     which = p.add_mutually_exclusive_group(required=True)
@@ -183,10 +279,11 @@ def add_commands(sub: Any) -> None:
         p = register(ksub, name, run, help_text)
         p.add_argument("key", metavar="KEY")
         p.add_argument("version", metavar="VERSION", type=int)
+        p.add_argument(
+            "--dry-run", action="store_true", help="show what would change; change nothing"
+        )
         if name == "destroy":
-            p.add_argument(
-                "--confirm", metavar="KID", required=True, help="the kid being destroyed"
-            )
+            p.add_argument("--confirm", metavar="KID", help="the kid being destroyed (required)")
 
     p = ksub.add_parser(
         "purge-invalid",
@@ -208,6 +305,8 @@ def add_commands(sub: Any) -> None:
 def add_lookup_commands(sub: Any) -> None:
     """Register ``jwks``, ``kid``, ``health`` and ``ready`` on signerctl's sub-parsers."""
     register(sub, "jwks", _jwks, "public keys as RFC 8037 JWKs").add_argument("--tenant")
-    register(sub, "kid", _kid, "what signerd knows of a kid").add_argument("kid", metavar="KID")
+    p = register(sub, "kid", _kid, "what signerd knows of a kid (exit 66: no such kid)")
+    p.add_argument("kid", metavar="KID")
+    p.set_defaults(exit_for={"unknown_kid": os.EX_NOINPUT})
     register(sub, "health", _health, "whether signerd answers")
     register(sub, "ready", _ready, "whether signerd can sign (token reachable)")

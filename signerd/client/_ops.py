@@ -28,10 +28,9 @@ from ..errors import (
     InvalidKeyName,
     InvalidRequest,
     SignerdError,
-    UnknownKid,
     error_for_code,
 )
-from ..wire import PEER_KID_RE, KeyName, VersionState, decimal_seconds, parse_kid, valid_part
+from ..wire import KeyName, VersionState, decimal_seconds, parse_kid, valid_part
 from ._results import (
     FeedbackEnvelope,
     FeedbackVerified,
@@ -140,6 +139,8 @@ def _description(doc: Any, _rid: str | None = None) -> KeyDescription:
             _field(v, "kid", str),
             _state(v),
             _field(v, "created_at", int),
+            _optional(v, "thumbprint"),
+            _optional(v, "pkcs11_uri"),
         )
         for v in _field(doc, "versions", list)
     )
@@ -149,7 +150,13 @@ def _description(doc: Any, _rid: str | None = None) -> KeyDescription:
         name=_field(doc, "name", str),
         active_kid=active if isinstance(active, str) else None,
         versions=versions,
+        algorithm=_optional(doc, "algorithm"),
+        backend=_optional(doc, "backend"),
     )
+
+
+def _optional(doc: Any, name: str) -> str | None:
+    return _field(doc, name, str) if isinstance(doc, dict) and name in doc else None
 
 
 def _signature(doc: Any, _rid: str | None = None) -> Signature:
@@ -380,20 +387,3 @@ def op_feedback_verify(
     if attestation is not None:
         req["attestation"] = attestation
     return Op("POST", "/v1/feedback/verify", req, _feedback_verified, True)
-
-
-def op_trust_add(tenant: str, kid: str, jwk: Mapping[str, str]) -> Op[TrustedKey]:
-    body = {"tenant": _tenant(tenant), "kid": kid, "jwk": dict(jwk)}
-    return Op("POST", "/v1/trusted-keys", body, _trusted_key, False, admin=True)
-
-
-def op_trust_list(tenant: str | None) -> Op[list[TrustedKey]]:
-    query = "" if tenant is None else f"?tenant={_tenant(tenant)}"
-    return Op("GET", "/v1/trusted-keys" + query, None, _trusted_keys, True)
-
-
-def op_trust_retire(tenant: str, kid: str) -> Op[TrustedKey]:
-    if not PEER_KID_RE.fullmatch(kid) or kid in {".", ".."}:
-        raise UnknownKid()
-    path = f"/v1/trusted-keys/{_tenant(tenant)}/{kid}/retire"
-    return Op("POST", path, {}, _trusted_key, False, admin=True)

@@ -31,6 +31,8 @@ class KeyVersion:
     kid: str
     state: VersionState
     created_at: int  # unix seconds
+    thumbprint: str | None = None  # RFC 7638 JWK thumbprint of its public key
+    pkcs11_uri: str | None = None  # RFC 7512 URI of its private key (keys list/show, PKCS#11)
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class KeyDescription:
     name: str
     active_kid: str | None
     versions: tuple[KeyVersion, ...]  # ascending by version
+    algorithm: str | None = None  # "Ed25519" (keys list/show)
+    backend: str | None = None  # the configured name of its backend (keys list/show)
 
 
 @dataclass(frozen=True)

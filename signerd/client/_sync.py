@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -31,9 +31,6 @@ from ._ops import (
     op_status,
     op_telemetry_sign,
     op_telemetry_verify,
-    op_trust_add,
-    op_trust_list,
-    op_trust_retire,
     op_verify,
     op_version,
 )
@@ -49,6 +46,8 @@ from ._results import (
     VerifyResult,
 )
 from ._transport import DEFAULT_TIMEOUT, SyncTransport, default_socket_path
+from ._trust_ops import op_trust_add, op_trust_list, op_trust_retire
+from ._whoami import op_whoami
 
 T = TypeVar("T")
 
@@ -152,6 +151,11 @@ class Client:
     def ready(self, *, timeout: float | None = None) -> str:
         """``"ready"``, or raises BackendUnavailable when the token is not usable."""
         return self._run(op_status("/v1/ready"), timeout)
+
+    def whoami(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """How signerd sees this caller: its peer credentials (``peer``) and the policy
+        rules that match it (``rules``, in the order the policy tries them)."""
+        return self._run(op_whoami(), timeout)
 
     # --- federation envelopes (docs/federation.md) ---
 

@@ -22,7 +22,6 @@ still in doubt at the end, the call raises ``OutcomeUnknown``.
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import os
 import secrets
@@ -30,12 +29,13 @@ import select
 import socket
 import threading
 import time
-from typing import NoReturn, TypeVar
-
-import aiohttp
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from ..errors import BackendUnavailable, OutcomeUnknown, SignerdError
 from ._ops import Op, decode_answer
+
+if TYPE_CHECKING:  # aiohttp is imported by AsyncTransport when used (signerctl never is)
+    import aiohttp
 
 DEFAULT_SOCKET = "/run/signerd/signerd.sock"
 DEFAULT_TIMEOUT = 10.0
@@ -251,6 +251,8 @@ class AsyncTransport:
         self._session: aiohttp.ClientSession | None = None
 
     def _get_session(self) -> aiohttp.ClientSession:
+        import aiohttp
+
         if self._session is None or self._session.closed:
             connector = aiohttp.UnixConnector(path=self.socket_path)
             self._session = aiohttp.ClientSession(
@@ -267,13 +269,15 @@ class AsyncTransport:
                 return await self._send(op, timeout, key)
             except SignerdError as exc:
                 doubt.again(exc)
-            await asyncio.sleep(pause)
+            await _asyncio_sleep(pause)
         try:
             return await self._send(op, timeout, key)
         except SignerdError as exc:
             doubt.fail(exc)
 
     async def _send(self, op: Op[T], timeout: float, key: str | None) -> T:
+        import aiohttp
+
         session = self._get_session()
         body = op.encoded()
         headers = _headers(body, key)
@@ -309,6 +313,12 @@ class AsyncTransport:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+async def _asyncio_sleep(seconds: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(seconds)
 
 
 def _answer_before_close(sock: socket.socket, method: str) -> tuple[int, str | None, bytes] | None:

@@ -25,6 +25,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .. import __version__
 from .._config import ConfigError, load
 from ..backends import CredentialsRefused
 from ..errors import SignerdError
@@ -54,13 +55,22 @@ def _fail(line: str) -> None:
     notify(f"STATUS=failed: {line}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """signerd's command line (also the source of its man page)."""
     parser = argparse.ArgumentParser(prog="signerd", description="Ed25519 signing daemon")
+    parser.add_argument("--version", action="version", version=f"signerd {__version__}")
     parser.add_argument(
-        "--config", "-c", default=os.environ.get("SIGNERD_CONFIG", "/etc/signerd/signerd.toml")
+        "--config",
+        "-c",
+        default=os.environ.get("SIGNERD_CONFIG", "/etc/signerd/signerd.toml"),
+        help="the configuration file (default: $SIGNERD_CONFIG, else /etc/signerd/signerd.toml)",
     )
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         config = load(args.config)
         if args.check:

@@ -154,6 +154,11 @@ class KeyService:
         """Read a known key from its backend and update the cache (``Keyring.describe``)."""
         return await self._keyring.describe(key)
 
+    def backend_of(self, key: KeyName) -> tuple[str, Backend]:
+        """The name and the backend that hold ``key`` (by its tenant's route)."""
+        name = self.backend_name(key.tenant)
+        return name, self._calls.backends[name]
+
     @property
     def key_count(self) -> int:
         """Keys in the cache (no backend call)."""

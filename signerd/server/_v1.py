@@ -32,16 +32,14 @@ from ..wire import (
     b64encode,
     field_bool,
     field_str,
-    key_json,
-    kid_json,
     parse_kid,
     parse_version,
-    to_jwk,
 )
 from ._context import AdminChange, AuditNotes, RequestContext
 from ._context import sha256_hex as _sha256
 from ._dispatch import Front, PeerLookup, VisibilityGate
 from ._limits import Limits
+from ._lookups import Lookups, described
 from ._request import Response, json_response
 
 if TYPE_CHECKING:
@@ -74,10 +72,11 @@ ROUTES: tuple[tuple[str, str, str, Operation], ...] = (
     ("POST", "/v1/verify", "verify", Operation.VERIFY),
     ("GET", "/v1/jwks", "jwks", Operation.JWKS),
     ("GET", "/v1/kids/{kid}", "kid", Operation.JWKS),
+    ("GET", "/v1/whoami", "whoami", Operation.HEALTH),
 )
 
 
-class Server(Front):
+class Server(Front, Lookups):
     """The v1 handlers on top of the key service (``Front`` routes, refuses and audits)."""
 
     def __init__(
@@ -117,7 +116,7 @@ class Server(Front):
         async def apply() -> Response:
             info = await self.keys.create(key)
             ctx.notes.kid = info.versions[-1].kid
-            return json_response(key_json(info), status=201)
+            return json_response(described(self.keys, info), status=201)
 
         return await self._change(ctx, "create", key, f"create {key}", apply)
 
@@ -132,12 +131,12 @@ class Server(Front):
             for i in await self.keys.list_keys(tenant)
             if self.gate.visible(peer, Operation.LIST, i.key)
         ]
-        return json_response({"keys": [key_json(i) for i in infos]})
+        return json_response({"keys": [described(self.keys, i) for i in infos]})
 
     async def get_key(self, ctx: RequestContext) -> Response:
         key = _path_key(ctx)
         ctx.authorize(Operation.LIST, key.tenant, key)
-        return json_response(key_json(await self.keys.describe(key)))
+        return json_response(described(self.keys, await self.keys.describe(key)))
 
     async def rotate(self, ctx: RequestContext) -> Response:
         key = _path_key(ctx)
@@ -148,7 +147,7 @@ class Server(Front):
         async def apply() -> Response:
             info, new = await self.keys.rotate(key, pending=pending)
             ctx.notes.kid = new.kid
-            return json_response({"kid": new.kid, "key": key_json(info)})
+            return json_response({"kid": new.kid, "key": described(self.keys, info)})
 
         return await self._change(ctx, "rotate", key, f"rotate {key} {pending}", apply)
 
@@ -191,7 +190,7 @@ class Server(Front):
         change: Callable[[], Awaitable[Any]],
     ) -> Response:
         async def apply() -> Response:
-            return json_response(key_json(await change()))
+            return json_response(described(self.keys, await change()))
 
         what = f"{kind} {key} {version} {confirm}"
         return await self._change(ctx, kind, key, what, apply, version)
@@ -241,16 +240,16 @@ class Server(Front):
         if kind == "create":
             if before["exists"]:
                 return None
-            return json_response(key_json(now), status=201), now.versions[0].kid
+            return json_response(described(self.keys, now), status=201), now.versions[0].kid
         if kind == "rotate":
             new = sorted((v for v in now.versions if v.version > before["last"]), key=_number)
             if not new:
                 return None
-            return json_response({"kid": new[0].kid, "key": key_json(now)}), new[0].kid
+            return json_response({"kid": new[0].kid, "key": described(self.keys, now)}), new[0].kid
         found = now.version(before["version"])
         if (found.state.value if found is not None else "absent") == before["state"]:
             return None
-        return json_response(key_json(now)), key.kid(before["version"])
+        return json_response(described(self.keys, now)), key.kid(before["version"])
 
     # --- sign and verify --------------------------------------------------------
 
@@ -328,29 +327,6 @@ class Server(Front):
         ctx.authorize(Operation.VERIFY, key.tenant, key)
         key, version = await self.keys.verify(kid, data, signature)
         return json_response({"kid": kid, "key": str(key), "state": version.state.value})
-
-    # --- public keys --------------------------------------------------------------
-
-    async def jwks(self, ctx: RequestContext) -> Response:
-        tenant = ctx.request.query.get("tenant")
-        if tenant is not None:
-            KeyName.of(tenant, "x")
-        ctx.authorize(Operation.JWKS, tenant, None)
-        peer = ctx.peer
-        keys = [
-            to_jwk(v.kid, v.public_key)
-            for v in self.keys.published(tenant)
-            if self.gate.visible(peer, Operation.JWKS, parse_kid(v.kid)[0])
-        ]
-        return json_response({"keys": keys}, headers={"Cache-Control": "max-age=60"})
-
-    async def kid(self, ctx: RequestContext) -> Response:
-        kid = ctx.request.match_info["kid"]
-        key, _ = parse_kid(kid)
-        ctx.notes.kid = kid
-        ctx.authorize(Operation.JWKS, key.tenant, key)
-        key, version = await self.keys.lookup_kid(kid)
-        return json_response(kid_json(key, version))
 
 
 def _note_batch(

@@ -21,7 +21,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 from ..errors import InvalidBase64, InvalidRequest
-from ._jwk import to_jwk, to_pem
+from ._jwk import thumbprint, to_jwk, to_pem
 from ._names import KeyName
 from ._strict_json import loads_strict
 
@@ -108,7 +108,14 @@ class Key(Protocol):
 
 
 def version_json(v: Version) -> dict[str, Any]:
-    return {"version": v.version, "kid": v.kid, "state": v.state.value, "created_at": v.created_at}
+    """A version; ``thumbprint``: its public key's RFC 7638 JWK thumbprint."""
+    return {
+        "version": v.version,
+        "kid": v.kid,
+        "state": v.state.value,
+        "created_at": v.created_at,
+        "thumbprint": thumbprint(v.public_key),
+    }
 
 
 def key_json(info: Key) -> dict[str, Any]:

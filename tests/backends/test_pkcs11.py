@@ -80,3 +80,19 @@ def test_a_bug_while_connecting_is_not_reported_as_a_token_outage(
             backend.list_keys()
     finally:
         backend.close()
+
+
+def test_object_uri_is_rfc7512_with_escaped_attributes() -> None:
+    """A version's URI names the token by label and serial (percent-encoded where RFC 7512
+    requires it), the object's label, its CKA_ID byte by byte, and type=private."""
+    from signerd.backends.pkcs11._settings import TokenConfig, object_uri
+
+    config = TokenConfig("/lib/x.so", "/pin", token_label="My Token;1/ü", token_serial="a1b2")
+    uri = object_uri(config, "acme.feedback.v2")
+    assert uri == (
+        "pkcs11:token=My%20Token%3B1%2F%C3%BC;serial=a1b2;"
+        "id=%61%63%6d%65%2e%66%65%65%64%62%61%63%6b%2e%76%32;object=acme.feedback.v2;type=private"
+    )
+    assert object_uri(TokenConfig("/lib/x.so", "/pin", token_serial="s"), "a.b.v1").startswith(
+        "pkcs11:serial=s;id=%61%2e%62%2e%76%31;"
+    )

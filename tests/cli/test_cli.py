@@ -174,7 +174,8 @@ def test_staged_rotation_sequence(ctl: Ctl, key: str) -> None:
             "unknown_kid",
         ),
         (["sign", "{key}", "--data-file", "/nonexistent/data"], os.EX_NOINPUT, "no_input"),
-        (["kid", "not-a-kid"], os.EX_DATAERR, "unknown_kid"),
+        (["kid", "not-a-kid"], os.EX_NOINPUT, "unknown_kid"),
+        (["kid", "{tenant}.absent.v1"], os.EX_NOINPUT, "unknown_kid"),
     ],
 )
 def test_refusals_map_to_sysexits(

@@ -88,6 +88,30 @@ def test_units_verify_without_warnings(installed: Path) -> None:
     assert done.returncode == 0 and done.stdout + done.stderr == "", done.stdout + done.stderr
 
 
+def test_documentation_points_at_installed_man_pages(installed: Path) -> None:
+    """Each service's Documentation= names man pages, and make install put each one where
+    man finds it under PREFIX (with signerctl's bash, zsh and fish completions)."""
+    usr = installed.parents[2]
+    for unit in (*SERVICES, "signerd.socket"):
+        text = (installed / unit).read_text()
+        pages = [
+            d for line in text.splitlines() if line.startswith("Documentation=")
+            for d in line.split("=", 1)[1].split() if d.startswith("man:")
+        ]  # fmt: skip
+        assert pages, unit
+        for page in pages:
+            m = re.fullmatch(r"man:([a-z]+)\(([18])\)", page)
+            assert m is not None, page
+            assert (usr / "share/man" / f"man{m[2]}" / f"{m[1]}.{m[2]}").is_file(), page
+    assert "man:signerd(8)" in (installed / "signerd.service").read_text()
+    for completion in (
+        "share/bash-completion/completions/signerctl",
+        "share/zsh/vendor-completions/_signerctl",
+        "share/fish/vendor_completions.d/signerctl.fish",
+    ):
+        assert (usr / completion).is_file(), completion
+
+
 def test_verify_check_can_fail(tmp_path: Path) -> None:
     """verify complains about a unit with a typo (so the check above can fail)."""
     bad = tmp_path / "bad.service"

@@ -38,7 +38,7 @@ from ._objects import (
     resources_available,
 )
 from ._session import TokenSession
-from ._settings import TokenConfig, parse_settings
+from ._settings import TokenConfig, object_uri, parse_settings
 
 log = logging.getLogger("signerd.pkcs11")
 
@@ -51,12 +51,17 @@ class Pkcs11Backend:
     max_concurrency = 1
 
     def __init__(self, config: TokenConfig) -> None:
+        self._config = config
         self._token = TokenSession(config)
         self._lock = self._token.lock
         self._private = self._token.private_keys  # kid -> private key object (this session's)
         self._public: dict[str, bytes] = {}  # kid -> raw public key (never changes)
         self._reported: set[str] = set()  # malformed objects already logged (by digest)
         self._listed = 0  # keys in the last listing; a token that then shows none is suspect
+
+    def object_uri(self, kid: str) -> str:
+        """The RFC 7512 URI of a version's private key (CKA_LABEL = CKA_ID = the kid)."""
+        return object_uri(self._config, kid)
 
     def try_enter(self) -> bool:
         return self._lock.acquire(blocking=False)

@@ -68,3 +68,20 @@ def parse_settings(cfg: Mapping[str, Any]) -> TokenConfig:
     if not os.path.exists(fields["module"]):
         raise ValueError(f"module: no such file: {fields['module']}")
     return TokenConfig(**fields)
+
+
+def object_uri(config: TokenConfig, kid: str) -> str:
+    """The RFC 7512 URI of the private key object of ``kid`` on the configured token: the
+    token (label or serial), the object's label and its CKA_ID (the kid's bytes), its type."""
+
+    def pct(text: str) -> str:
+        return urllib.parse.quote(text, safe="")
+
+    path = []
+    if config.token_label is not None:
+        path.append(f"token={pct(config.token_label)}")
+    if config.token_serial is not None:
+        path.append(f"serial={pct(config.token_serial)}")
+    ident = "".join(f"%{b:02x}" for b in kid.encode("ascii"))
+    path += [f"id={ident}", f"object={pct(kid)}", "type=private"]
+    return "pkcs11:" + ";".join(path)
