@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+import signerd
+
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
@@ -27,13 +29,14 @@ def test_license_file_matches_pyproject() -> None:
     assert PYPROJECT["build-system"]["requires"] == ["setuptools>=77"]  # PEP 639 support
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(600)
 def test_wheel_and_sdist_carry_the_license(tmp_path: Path) -> None:
     """`python -m build` (what make dist runs) makes a wheel and an sdist with the license."""
     subprocess.run(
         [sys.executable, "-m", "build", "--outdir", str(tmp_path), str(ROOT)],
         check=True,
         capture_output=True,
+        timeout=600,
     )
     (wheel,) = tmp_path.glob("signerd-*-py3-none-any.whl")
     (sdist,) = tmp_path.glob("signerd-*.tar.gz")
@@ -42,6 +45,7 @@ def test_wheel_and_sdist_carry_the_license(tmp_path: Path) -> None:
         (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
         headers = z.read(metadata).decode().split("\n\n")[0].splitlines()
         assert "License-Expression: Apache-2.0" in headers
+        assert f"Version: {signerd.__version__}" in headers
         assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
         assert "signerd/openapi.json" in names and "signerd/py.typed" in names
     with tarfile.open(sdist) as t:
@@ -128,9 +132,12 @@ def test_units_point_at_the_installed_docs(tmp_path: Path) -> None:
     assert units
     for unit in units:
         (line,) = [x for x in unit.read_text().splitlines() if x.startswith("Documentation=")]
-        for url in line.removeprefix("Documentation=").split():
-            assert url.startswith("file:///"), url
-            assert (tmp_path / url.removeprefix("file:///")).exists(), (unit.name, url)
+        urls = line.removeprefix("Documentation=").split()
+        assert any(url.startswith("file:///") for url in urls), unit.name
+        for url in urls:  # man: pages are checked in tests/daemon/test_systemd_units.py
+            assert url.startswith(("file:///", "man:")), url
+            if url.startswith("file:///"):
+                assert (tmp_path / url.removeprefix("file:///")).exists(), (unit.name, url)
 
 
 def test_nothing_tells_to_install_signerd_from_a_package_index() -> None:
