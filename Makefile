@@ -25,6 +25,8 @@ system:
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	command -v systemd-nspawn >/dev/null || missing="$$missing systemd-container"; \
 	command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
@@ -37,7 +39,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[pkcs11,vault,systemd,redis,test,bench]'
 	touch $@
 
-deps: system $(VENV)/.installed
+# npm's jose (pinned by tests/jose/package-lock.json): the independent JOSE
+# implementation the tests verify signerd's JWKS and signatures with.
+JOSE_DIR := build/jose
+export SIGNERD_JOSE_DIR := $(CURDIR)/$(JOSE_DIR)
+
+$(JOSE_DIR)/.installed: tests/jose/package.json tests/jose/package-lock.json tests/jose/verify.mjs
+	mkdir -p $(JOSE_DIR)
+	cp tests/jose/package.json tests/jose/package-lock.json tests/jose/verify.mjs $(JOSE_DIR)/
+	cd $(JOSE_DIR) && npm ci --no-audit --no-fund --ignore-scripts
+	touch $@
+
+deps: system $(VENV)/.installed $(JOSE_DIR)/.installed
 
 dev-token: deps
 	@mkdir -p $(VAR)/run $(VAR)/log

@@ -55,7 +55,15 @@ from ..errors import (
     UnknownKey,
     UnknownKid,
 )
-from ..wire import b64url, check_public, to_jwk, valid_peer_kid, weakness
+from ..wire import (
+    DEFAULT_JWK_ALG,
+    JWK_ALGS,
+    b64url,
+    check_public,
+    to_jwk,
+    valid_peer_kid,
+    weakness,
+)
 
 __all__ = ["PeerKey", "TrustedKeys", "jwk_public", "pem_public", "valid_peer_kid"]
 
@@ -78,8 +86,8 @@ def jwk_public(jwk: object, kid: str) -> bytes:
         raise InvalidRequest("field 'jwk' must be an OKP Ed25519 key (RFC 8037)")
     if "kid" in jwk and jwk["kid"] != kid:
         raise InvalidRequest("the JWK's kid differs from field 'kid'")
-    if jwk.get("alg", "EdDSA") != "EdDSA" or jwk.get("use", "sig") != "sig":
-        raise InvalidRequest("field 'jwk' must be alg EdDSA, use sig")
+    if jwk.get("alg", DEFAULT_JWK_ALG) not in JWK_ALGS or jwk.get("use", "sig") != "sig":
+        raise InvalidRequest("field 'jwk' must be alg Ed25519 or EdDSA, use sig")
     x = jwk.get("x")
     if not isinstance(x, str) or not re.fullmatch(r"[A-Za-z0-9_-]{43}", x):
         raise InvalidRequest("field 'jwk' member x must be 32 bytes of unpadded base64url")
@@ -118,7 +126,7 @@ class PeerKey:
     def verifier(self) -> Ed25519PublicKey:
         return Ed25519PublicKey.from_public_bytes(self.public)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, alg: str = DEFAULT_JWK_ALG) -> dict[str, Any]:
         return {
             "tenant": self.tenant,
             "kid": self.kid,
@@ -126,7 +134,7 @@ class PeerKey:
             "source": self.source,
             "added_at": self.added_at,
             "retired_at": self.retired_at,
-            "jwk": to_jwk(self.kid, self.public),
+            "jwk": to_jwk(self.kid, self.public, alg),
         }
 
 

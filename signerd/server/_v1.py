@@ -27,6 +27,7 @@ from ..errors import (
 )
 from ..keys import KeyService
 from ..wire import (
+    DEFAULT_JWK_ALG,
     KeyName,
     b64decode,
     b64encode,
@@ -88,9 +89,10 @@ class Server(Front):
         audit: AuditSink,
         peer_lookup: PeerLookup,
         limits: Limits | None = None,
+        jwk_alg: str = DEFAULT_JWK_ALG,
     ) -> None:
         super().__init__(gate=gate, audit=audit, peer_lookup=peer_lookup, limits=limits)
-        self.keys = keys
+        self.keys, self.jwk_alg = keys, jwk_alg  # jwk_alg: Ed25519 (RFC 9864) or EdDSA
         self._openapi = importlib.resources.files("signerd").joinpath("openapi.json").read_bytes()
         self.add_routes((m, p, getattr(self, name), op) for m, p, name, op in ROUTES)
 
@@ -338,7 +340,7 @@ class Server(Front):
         ctx.authorize(Operation.JWKS, tenant, None)
         peer = ctx.peer
         keys = [
-            to_jwk(v.kid, v.public_key)
+            to_jwk(v.kid, v.public_key, self.jwk_alg)
             for v in self.keys.published(tenant)
             if self.gate.visible(peer, Operation.JWKS, parse_kid(v.kid)[0])
         ]
@@ -350,7 +352,7 @@ class Server(Front):
         ctx.notes.kid = kid
         ctx.authorize(Operation.JWKS, key.tenant, key)
         key, version = await self.keys.lookup_kid(kid)
-        return json_response(kid_json(key, version))
+        return json_response(kid_json(key, version, self.jwk_alg))
 
 
 def _note_batch(
