@@ -50,6 +50,7 @@ from ._jwk import (
     to_jwk,
     to_pem,
 )
+from ._message_ids import MESSAGE_IDS
 from ._names import MAX_VERSION, KeyName, VersionState, parse_kid, parse_version, valid_part
 from ._strict_json import (
     DEFAULT_MAX_BYTES,
@@ -73,6 +74,7 @@ __all__ = [
     "JWK_ALGS",
     "MAX_SAFE_INT",
     "MAX_VERSION",
+    "MESSAGE_IDS",
     "MIN_NONCE_BYTES",
     "PEER_KID_RE",
     "Key",
