@@ -103,6 +103,13 @@ def jwk_public(jwk: object, kid: str) -> bytes:
     return raw
 
 
+def _seconds(value: object) -> int | None:
+    """A stored time as integer Unix seconds (older files hold fractions); None if absent."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        return None
+    return int(value) if abs(value) < 1e15 else None
+
+
 def pem_public(pem: bytes) -> bytes:
     """The raw key of a PEM SubjectPublicKeyInfo Ed25519 key; ValueError otherwise."""
     key = serialization.load_pem_public_key(pem)
@@ -120,8 +127,8 @@ class PeerKey:
     public: bytes  # raw 32 bytes
     state: str = "active"  # "active" or "retired"
     source: str = "api"  # "config" or "api"
-    added_at: float = 0.0
-    retired_at: float | None = None
+    added_at: int = 0  # Unix seconds
+    retired_at: int | None = None
 
     def verifier(self) -> Ed25519PublicKey:
         return Ed25519PublicKey.from_public_bytes(self.public)
@@ -231,8 +238,8 @@ class TrustedKeys:
                 public=raw,
                 state=str(rec["state"]),
                 source="api",
-                added_at=float(rec.get("added_at") or 0.0),
-                retired_at=rec.get("retired_at"),
+                added_at=_seconds(rec.get("added_at")) or 0,
+                retired_at=_seconds(rec.get("retired_at")),
             )
             stored[(key.tenant, key.kid)] = key
         self._stored, self._stamp, self._view = stored, stamp, None
@@ -297,7 +304,7 @@ class TrustedKeys:
                 raise KeyExists("this tenant already trusts a key with this kid")
             if not self.allow_shared and view.tenants.get(public, frozenset()) - {tenant}:
                 raise SharedPeerKey()
-            key = PeerKey(tenant, kid, public, added_at=round(time.time(), 3))
+            key = PeerKey(tenant, kid, public, added_at=int(time.time()))
             self._write({**self._stored, (tenant, kid): key})
             return key
 
@@ -308,7 +315,7 @@ class TrustedKeys:
                 raise UnknownKey("this tenant trusts no key with this kid")
             if key.state == "retired":
                 raise InvalidState("the trusted key is already retired")
-            retired = replace(key, state="retired", retired_at=round(time.time(), 3))
+            retired = replace(key, state="retired", retired_at=int(time.time()))
             self._write({**self._stored, (tenant, kid): replace(retired, source="api")})
             return retired
 

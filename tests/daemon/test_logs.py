@@ -11,7 +11,7 @@ import pytest
 
 from signerd.daemon._logfmt import MAX_VALUE, LogfmtFormatter, logfmt_value
 
-from ..conftest import DaemonProcess, start_daemon, unique, wait_until
+from ..conftest import ROOT, DaemonProcess, start_daemon, unique, wait_until
 from ..support.openbao import vault_backend_config
 from ..support.rawhttp import request
 
@@ -141,3 +141,36 @@ def test_lifecycle_events_on_openbao(tmp_path: Path, openbao_dev: Any) -> None:
         _lifecycle(d, "bao")
     finally:
         assert d.stop() == 0, d.log_text()[-3000:]
+
+
+_TOKEN_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*=(%[-0-9.]*[sdfor]|[A-Za-z0-9_./-]+|\{[a-z_.]+\})")
+
+
+def test_every_log_call_is_an_event_then_key_value_pairs() -> None:
+    """Each log call in signerd formats 'signerd.EVENT key=%s …': no prose outside a quoted value."""
+    import ast
+
+    bad = []
+    for path in (ROOT / "signerd").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            if node.func.attr not in ("debug", "info", "warning", "error", "critical", "exception"):
+                continue
+            first = node.args[0] if node.args else None
+            if isinstance(first, ast.JoinedStr):
+                text = "".join(
+                    str(v.value) if isinstance(v, ast.Constant) else "{x.x}" for v in first.values
+                )
+            elif isinstance(first, ast.Constant) and isinstance(first.value, str):
+                text = first.value
+            else:
+                continue
+            if not text.startswith("signerd"):
+                continue
+            event, *pairs = text.split(" ")
+            if not re.fullmatch(r"signerd[a-z0-9_.%]*", event) or not all(
+                _TOKEN_RE.fullmatch(p) for p in pairs
+            ):
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: {text!r}")
+    assert not bad, bad
