@@ -2,7 +2,12 @@
 // JOSE implementation. stdin: {"jwks": {...}, "jws": ["h.p.s", ...]}.
 // stdout: one JSON line per JWS: {"ok": true, "alg": ..., "kid": ..., "payload": base64url}
 // or {"ok": false, "error": jose's error code}.
-import * as jose from 'jose';
+import { webcrypto } from 'node:crypto';
+
+// Node 18 (Debian 12's nodejs) has WebCrypto's Ed25519 but not as globalThis.crypto,
+// which jose uses: provide it before jose is loaded.
+if (!globalThis.crypto) globalThis.crypto = webcrypto;
+const jose = await import('jose');
 
 const chunks = [];
 for await (const chunk of process.stdin) chunks.push(chunk);

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..conftest import ROOT, DaemonProcess, start_daemon, unique
 from ..support.rawhttp import request
@@ -78,7 +79,8 @@ def served(
 ) -> Iterator[tuple[str, Signer]]:
     alg = str(request.param)
     server = {} if alg == "Ed25519" else {"jwk_alg": alg}  # Ed25519 is the default
-    daemon = start_daemon(tmp_path_factory.mktemp("jose"), server=server)
+    base = tmp_path_factory.mktemp("jose")
+    daemon = start_daemon(base, server=server, federation={"state_dir": str(base / "state")})
     try:
         yield alg, Signer(daemon)
     finally:
@@ -86,12 +88,19 @@ def served(
 
 
 def test_jwks_alg_follows_the_switch(served: tuple[str, Signer]) -> None:
-    """The JWKS and /v1/kids answer alg Ed25519 by default and EdDSA when server.jwk_alg says."""
+    """JWKS, /v1/kids and trusted keys answer alg Ed25519 by default, EdDSA when server.jwk_alg says."""
     alg, signer = served
     (jwk,) = signer.jwks()["keys"]
     assert (jwk["kty"], jwk["crv"], jwk["alg"], jwk["use"]) == ("OKP", "Ed25519", alg, "sig")
     reply = request(signer.sock, "GET", f"/v1/kids/{signer.kid}")
     assert reply.status == 200 and reply.json["jwk"]["alg"] == alg, reply.body
+    peer = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+    jwk = {"kty": "OKP", "crv": "Ed25519", "x": b64url(peer)}
+    body = {"tenant": signer.tenant, "kid": "peer-1", "jwk": jwk}
+    reply = request(signer.sock, "POST", "/v1/trusted-keys", body)
+    assert reply.status == 201 and reply.json["jwk"]["alg"] == alg, reply.body
+    reply = request(signer.sock, "GET", f"/v1/trusted-keys?tenant={signer.tenant}")
+    assert [k["jwk"]["alg"] for k in reply.json["keys"]] == [alg], reply.body
 
 
 def test_jose_verifies_signerd_signatures(served: tuple[str, Signer]) -> None:
