@@ -38,6 +38,8 @@ system:
 	$(PYTHON) -c 'import os, sysconfig; p = sysconfig.get_paths()["include"]; assert os.path.exists(os.path.join(p, "Python.h"))' \
 	  2>/dev/null || missing="$$missing python3-dev"; \
 	command -v man >/dev/null || missing="$$missing man-db"; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
@@ -55,9 +57,21 @@ $(VENV)/.installed-test: $(VENV)/.installed-run
 	$(PY) -m pip install -q -e '.[$(RUN_EXTRAS),test,bench]'
 	touch $@
 
+# npm's jose (pinned by tests/jose/package-lock.json): the independent JOSE
+# implementation the tests verify signerd's JWKS and signatures with.
+JOSE_DIR := build/jose
+export SIGNERD_JOSE_DIR := $(CURDIR)/$(JOSE_DIR)
+
+$(JOSE_DIR)/.installed: tests/jose/package.json tests/jose/package-lock.json tests/jose/verify.mjs
+	mkdir -p $(JOSE_DIR)
+	cp tests/jose/package.json tests/jose/package-lock.json tests/jose/verify.mjs $(JOSE_DIR)/
+	cd $(JOSE_DIR) && npm ci --no-audit --no-fund --ignore-scripts
+	touch $@
+
+
 deps-run: system $(VENV)/.installed-run
 
-deps: system $(VENV)/.installed-test
+deps: system $(VENV)/.installed-test $(JOSE_DIR)/.installed
 
 dev-token: deps-run
 	@mkdir -p $(VAR)/run $(VAR)/log

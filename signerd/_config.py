@@ -18,7 +18,7 @@ from typing import Any
 from .federation._settings import FederationSettings, parse_federation
 from .keys import Settings
 from .server import Limits
-from .wire import KeyName, valid_part
+from .wire import DEFAULT_JWK_ALG, JWK_ALGS, KeyName, valid_part
 
 CREDENTIAL_PREFIX = "credential:"
 _CREDENTIAL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,254}")
@@ -58,6 +58,7 @@ class Config:
     workers: int = field(default_factory=lambda: default_workers())
     on_loop: bool = True  # workers sign and write the audit trail on the loop's thread
     federation: FederationSettings = field(default_factory=FederationSettings)
+    jwk_alg: str = DEFAULT_JWK_ALG  # the "alg" of the JWKs signerd serves
 
 
 _TOP = {"server", "keys", "backends", "tenants", "audit", "policy", "federation"}
@@ -72,7 +73,16 @@ _LIMITS = (  # [server] keys that are fields of Limits
     "max_connections_stranger",
     "max_connections_strangers",
 )
-_SERVER = {"socket", "socket_mode", "socket_group", "log_level", "workers", "on_loop", *_LIMITS}
+_SERVER = {
+    "socket",
+    "socket_mode",
+    "socket_group",
+    "log_level",
+    "workers",
+    "on_loop",
+    "jwk_alg",
+    *_LIMITS,
+}
 _KEYS = {
     "default_backend",
     "bootstrap",
@@ -175,6 +185,9 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
     if not 1 <= workers <= _MAX_WORKERS:
         raise ConfigError(f"server.workers: must be 1 to {_MAX_WORKERS}, got {workers!r}")
     on_loop = _get(server, "server", "on_loop", bool, True)
+    jwk_alg = _get(server, "server", "jwk_alg", str, DEFAULT_JWK_ALG)
+    if jwk_alg not in JWK_ALGS:
+        raise ConfigError(f"server.jwk_alg: one of {list(JWK_ALGS)}, got {jwk_alg!r}")
 
     keys = _table(doc, "keys", _KEYS)
     d = Settings()
@@ -269,6 +282,7 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
         workers=workers,
         on_loop=on_loop,
         federation=federation,
+        jwk_alg=jwk_alg,
     )
 
 

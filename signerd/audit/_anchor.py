@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from .._files import NotRegularFile, bounded_lines, open_regular
+from ..wire import MESSAGE_IDS
 
 __all__ = [
     "KINDS",
@@ -106,8 +107,7 @@ class Anchor:
             "anchor": self.kind,
             "chain": self.chain,
             "boot": self.boot,
-            "time": round(self.time, 6),
-            "ts": self.ts,
+            "time": round(self.time, 6),  # Unix seconds: the fraction orders a run's anchors
             "seq": self.seq,
             "head": self.head,
             "file": {
@@ -137,6 +137,7 @@ class Anchor:
             "MESSAGE": f"signerd audit anchor {self.kind} {self.chain} seq {self.seq}",
             "PRIORITY": "2" if self.kind in SECURITY_KINDS else "6",
             "SYSLOG_IDENTIFIER": "signerd",
+            "MESSAGE_ID": MESSAGE_IDS["audit_anchor"],
             "SIGNERD_ANCHOR": self.kind,
             "SIGNERD_ANCHOR_CHAIN": self.chain,
             "SIGNERD_ANCHOR_SEQ": str(self.seq),

@@ -198,16 +198,15 @@ class Anchorer:
             else f"{reason} while signerd ran"
         )
         log.critical(
-            "signerd.audit_anchor_lost path=%s chain=%s reason=%s anchors=%s last_seq=%s "
-            "detail=the anchor file was %s; a new one starts with a 'recreated' anchor, and "
-            "verification fails until the lost anchors are given (the file, or an off-host "
-            "copy of it)",
+            "signerd.audit_anchor_lost path=%s chain=%s reason=%s anchors=%s last_seq=%s detail=%s",
             self.path,
             self.chain,
             reason,
             count if count >= 0 else "unknown",
             last.seq if last is not None else "-",
-            what,
+            f"the anchor file was {what}; a new one starts with a 'recreated' anchor, and "
+            "verification fails until the lost anchors are given (the file, or an off-host "
+            "copy of it)",
         )
         self._lost = Lost(reason, count, last)
         self._known, self._count, self.anchored = None, 0, None

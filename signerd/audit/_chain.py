@@ -16,9 +16,9 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
+from ..wire import MESSAGE_IDS
 from ._anchor import GENESIS, payload_hmac
 from ._events import AuditEvent
 
@@ -154,8 +154,7 @@ def encode_record(
         "seq": seq,
         "record_id": record_id or f"{seq}",
         "prev": prev,
-        "time": round(when, 6),
-        "ts": datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds")[:-6] + "Z",
+        "time": math.floor(when),  # Unix seconds, like every time signerd answers
         "request_id": event.request_id,
         "peer": {
             "pid": peer.pid,
@@ -197,6 +196,7 @@ def journal_fields(line: bytes) -> dict[str, str]:
         if status < 500
         else "3",
         "SYSLOG_IDENTIFIER": "signerd",
+        "MESSAGE_ID": MESSAGE_IDS["audit_record"],
         "SIGNERD_HASH": line_hash(line),  # anchors the file's chain outside the file
     }
     for name, value in record.items():

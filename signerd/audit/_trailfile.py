@@ -184,12 +184,13 @@ class TrailFile:
     def _behind(self, last: Anchor) -> None:
         sink = self._sink
         log.critical(
-            "signerd.audit_truncated path=%s head_seq=%d anchored_seq=%d detail=the file does not "
-            "end with the last anchored record (records lost or edited while signerd was "
-            "stopped, or the file was rotated then); the chain continues from the anchor",
+            "signerd.audit_truncated path=%s head_seq=%d anchored_seq=%d detail=%s",
             self.path,
             sink.seq,
             last.seq,
+            "the file does not end with the last anchored record (records lost or edited "
+            "while signerd was stopped, or the file was rotated then); the chain continues "
+            "from the anchor",
         )
         assert self._anchors is not None
         self._anchors.behind(last)
@@ -279,12 +280,13 @@ class TrailFile:
             links = 1
         if links == 0:
             log.critical(
-                "signerd.audit_deleted path=%s head_seq=%d first_seq=%s detail=the live audit "
-                "file was deleted while signerd ran (not renamed: no name is left for it); its "
-                "records are gone unless a copy exists; the chain continues in a new file",
+                "signerd.audit_deleted path=%s head_seq=%d first_seq=%s detail=%s",
                 self.path,
                 sink.seq,
                 sink.first[0] if sink.first else "-",
+                "the live audit file was deleted while signerd ran (not renamed: no name is "
+                "left for it); its records are gone unless a copy exists; the chain continues "
+                "in a new file",
             )
             self._anchor("deleted")
         else:
@@ -311,12 +313,13 @@ class TrailFile:
         sink = self._sink
         log.critical(
             "signerd.audit_truncated path=%s size=%d expected=%d head_seq=%d first_seq=%s "
-            "detail=the live audit file shrank (copytruncate or tampering); records may be lost",
+            "detail=%s",
             self.path,
             size,
             sink.good_end,
             sink.seq,
             sink.first[0] if sink.first else "-",
+            "the live audit file shrank (copytruncate or tampering); records may be lost",
         )
         self._anchor("truncated")
         sink.good_end, sink.rotated_from, sink.first = 0, sink.prev, None

@@ -216,7 +216,14 @@ class Daemon:
             undo.push_async_callback(keys.close)
             await keys.start(config.bootstrap)
             limits = _fitted(config)
-            server = Server(keys, gate=policy, audit=audit, peer_lookup=peer_of, limits=limits)
+            server = Server(
+                keys,
+                gate=policy,
+                audit=audit,
+                peer_lookup=peer_of,
+                limits=limits,
+                jwk_alg=config.jwk_alg,
+            )
             server.idempotency = IdempotencyStore(  # shared by the workers, in the runtime dir
                 runtime_path(config.socket, "idempotency.db"),
                 ttl=config.settings.idempotency_ttl,
@@ -228,6 +235,7 @@ class Daemon:
                 max_body_bytes=config.limits.max_body_bytes,
                 admin_guard=role.trust_guard,
             )
+            federation.trust.jwk_alg = config.jwk_alg
             undo.push_async_callback(federation.close)
             attach(server, federation)
             if sock is None:

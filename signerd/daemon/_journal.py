@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..server import log_requests_to_journal
+from ._logfmt import LogfmtFormatter
 
 __all__ = ["JournalHandler", "setup_logging", "under_journal"]
 
@@ -91,9 +92,9 @@ def setup_logging(level: str) -> None:
     log_requests_to_journal(journal is not None)
     if journal is not None:
         handler = JournalHandler(journal.send)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(LogfmtFormatter(prefix=False))  # the journal keeps time and level
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        handler.setFormatter(LogfmtFormatter())
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper()))

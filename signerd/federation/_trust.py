@@ -55,7 +55,15 @@ from ..errors import (
     UnknownKey,
     UnknownKid,
 )
-from ..wire import b64url, check_public, to_jwk, valid_peer_kid, weakness
+from ..wire import (
+    DEFAULT_JWK_ALG,
+    JWK_ALGS,
+    b64url,
+    check_public,
+    to_jwk,
+    valid_peer_kid,
+    weakness,
+)
 
 __all__ = ["PeerKey", "TrustedKeys", "jwk_public", "pem_public", "valid_peer_kid"]
 
@@ -78,8 +86,8 @@ def jwk_public(jwk: object, kid: str) -> bytes:
         raise InvalidRequest("field 'jwk' must be an OKP Ed25519 key (RFC 8037)")
     if "kid" in jwk and jwk["kid"] != kid:
         raise InvalidRequest("the JWK's kid differs from field 'kid'")
-    if jwk.get("alg", "EdDSA") != "EdDSA" or jwk.get("use", "sig") != "sig":
-        raise InvalidRequest("field 'jwk' must be alg EdDSA, use sig")
+    if jwk.get("alg", DEFAULT_JWK_ALG) not in JWK_ALGS or jwk.get("use", "sig") != "sig":
+        raise InvalidRequest("field 'jwk' must be alg Ed25519 or EdDSA, use sig")
     x = jwk.get("x")
     if not isinstance(x, str) or not re.fullmatch(r"[A-Za-z0-9_-]{43}", x):
         raise InvalidRequest("field 'jwk' member x must be 32 bytes of unpadded base64url")
@@ -93,6 +101,13 @@ def jwk_public(jwk: object, kid: str) -> bytes:
     if reason is not None:
         raise InvalidRequest(f"field 'jwk' member x is not an acceptable Ed25519 key: {reason}")
     return raw
+
+
+def _seconds(value: object) -> int | None:
+    """A stored time as integer Unix seconds (older files hold fractions); None if absent."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        return None
+    return int(value) if abs(value) < 1e15 else None
 
 
 def pem_public(pem: bytes) -> bytes:
@@ -112,13 +127,13 @@ class PeerKey:
     public: bytes  # raw 32 bytes
     state: str = "active"  # "active" or "retired"
     source: str = "api"  # "config" or "api"
-    added_at: float = 0.0
-    retired_at: float | None = None
+    added_at: int = 0  # Unix seconds
+    retired_at: int | None = None
 
     def verifier(self) -> Ed25519PublicKey:
         return Ed25519PublicKey.from_public_bytes(self.public)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, alg: str = DEFAULT_JWK_ALG) -> dict[str, Any]:
         return {
             "tenant": self.tenant,
             "kid": self.kid,
@@ -126,7 +141,7 @@ class PeerKey:
             "source": self.source,
             "added_at": self.added_at,
             "retired_at": self.retired_at,
-            "jwk": to_jwk(self.kid, self.public),
+            "jwk": to_jwk(self.kid, self.public, alg),
         }
 
 
@@ -223,8 +238,8 @@ class TrustedKeys:
                 public=raw,
                 state=str(rec["state"]),
                 source="api",
-                added_at=float(rec.get("added_at") or 0.0),
-                retired_at=rec.get("retired_at"),
+                added_at=_seconds(rec.get("added_at")) or 0,
+                retired_at=_seconds(rec.get("retired_at")),
             )
             stored[(key.tenant, key.kid)] = key
         self._stored, self._stamp, self._view = stored, stamp, None
@@ -289,7 +304,7 @@ class TrustedKeys:
                 raise KeyExists("this tenant already trusts a key with this kid")
             if not self.allow_shared and view.tenants.get(public, frozenset()) - {tenant}:
                 raise SharedPeerKey()
-            key = PeerKey(tenant, kid, public, added_at=round(time.time(), 3))
+            key = PeerKey(tenant, kid, public, added_at=int(time.time()))
             self._write({**self._stored, (tenant, kid): key})
             return key
 
@@ -300,7 +315,7 @@ class TrustedKeys:
                 raise UnknownKey("this tenant trusts no key with this kid")
             if key.state == "retired":
                 raise InvalidState("the trusted key is already retired")
-            retired = replace(key, state="retired", retired_at=round(time.time(), 3))
+            retired = replace(key, state="retired", retired_at=int(time.time()))
             self._write({**self._stored, (tenant, kid): replace(retired, source="api")})
             return retired
 

@@ -24,7 +24,7 @@ from ..errors import (
     UnknownKid,
 )
 from ..server import AdminChange, Made, RequestContext, Response, json_response
-from ..wire import KeyName, b64url, check_tenant, parse_json, parse_kid
+from ..wire import DEFAULT_JWK_ALG, KeyName, b64url, check_tenant, parse_json, parse_kid
 from ._settings import FederationSettings
 from ._trust import PeerKey, TrustedKeys, jwk_public, valid_peer_kid
 
@@ -52,6 +52,7 @@ class TrustRoutes:
         self.trusted = trusted
         self._admin = admin
         self.max_body_bytes = max_body_bytes
+        self.jwk_alg = DEFAULT_JWK_ALG  # the "alg" of the JWKs it answers (``server.jwk_alg``)
 
     async def add(self, ctx: RequestContext) -> Response:
         fields = {"tenant", "kid", "jwk"}
@@ -86,7 +87,7 @@ class TrustRoutes:
                 added = await asyncio.to_thread(self.trusted.add, tenant, kid, public)
             except OSError as exc:
                 raise BackendUnavailable("the trusted key store cannot be written") from exc
-            return json_response(added.to_json(), status=201)
+            return json_response(added.to_json(self.jwk_alg), status=201)
 
         what = f"trust-add {tenant} {kid} {b64url(public)}"
         return await self._change(ctx, "trust-add", tenant, kid, what, apply)
@@ -97,7 +98,7 @@ class TrustRoutes:
             check_tenant(tenant)
         ctx.authorize(Operation.LIST, tenant, None)
         keys = self.trusted.list(tenant)
-        return json_response({"keys": [k.to_json() for k in keys]})
+        return json_response({"keys": [k.to_json(self.jwk_alg) for k in keys]})
 
     async def retire(self, ctx: RequestContext) -> Response:
         match = ctx.request.match_info
@@ -114,7 +115,7 @@ class TrustRoutes:
                 retired = await asyncio.to_thread(self.trusted.retire, tenant, kid)
             except OSError as exc:
                 raise BackendUnavailable("the trusted key store cannot be written") from exc
-            return json_response(retired.to_json())
+            return json_response(retired.to_json(self.jwk_alg))
 
         what = f"trust-retire {tenant} {kid}"
         return await self._change(ctx, "trust-retire", tenant, kid, what, apply)
@@ -146,7 +147,9 @@ class TrustRoutes:
                 or now != ("active" if kind == "trust-add" else "retired")
             ):
                 return None
-            return json_response(found.to_json(), status=201 if kind == "trust-add" else 200), kid
+            return json_response(
+                found.to_json(self.jwk_alg), status=201 if kind == "trust-add" else 200
+            ), kid
 
         change = AdminChange(kind, f"trust {tenant} {kid}", what, self._admin, apply, before, made)
         return await ctx.admin(change)

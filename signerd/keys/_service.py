@@ -37,6 +37,7 @@ from ..wire import KeyName
 from ._coalesce import Coalescer
 from ._executors import Executors
 from ._keyring import Entry, Keyring
+from ._lifecycle import logged_changes
 from ._settings import Settings
 
 if TYPE_CHECKING:
@@ -80,12 +81,13 @@ class KeyService:
             timeout=self.settings.backend_timeout,
         )
         self.backend_name = self._calls.backend_name
-        self._on, self._change = self._calls.on, self._calls.change
+        self._on = self._calls.on
         #: the cached keyring; its dicts are read here directly (the sign and verify paths)
         self._keyring = Keyring(
             self._calls.backends, self.settings, self._calls.run, self.backend_name
         )
         self._keys = self._keyring.keys
+        self._change = logged_changes(self._calls.change, self._keys, self.backend_name)
         self._kids = self._keyring.kids
         self._store = self._keyring.store
         self.counters = self._keyring.counters

@@ -224,7 +224,7 @@ class Front:
             await self._record(ctx, exc.code, exc.status, exc.message)
         except Exception as exc:
             log.error(
-                "signerd.internal_error request_id=%s error=%s\n%s",
+                "signerd.internal_error request_id=%s error=%s traceback=%s",
                 rid,
                 type(exc).__name__,
                 "".join(traceback.format_tb(exc.__traceback__)),

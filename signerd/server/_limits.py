@@ -45,8 +45,12 @@ class Throttled:
         self._pending += 1
         now = time.monotonic()
         if now - self._last >= self.interval:
-            extra = "".join(f" {k}={v}" for k, v in fields.items())
+            extra = "".join(f" {k}=%s" for k in fields)  # values quoted by the log formatter
             log.log(
-                self.level, "%s count=%d total=%d%s", self.event, self._pending, self.total, extra
+                self.level,
+                f"{self.event} count=%d total=%d{extra}",
+                self._pending,
+                self.total,
+                *fields.values(),
             )
             self._pending, self._last = 0, now

@@ -34,6 +34,7 @@ class Lookups:
 
     keys: KeyService
     gate: VisibilityGate
+    jwk_alg: str  # Ed25519 (RFC 9864) or EdDSA
 
     async def jwks(self, ctx: RequestContext) -> Response:
         tenant = ctx.request.query.get("tenant")
@@ -42,7 +43,7 @@ class Lookups:
         ctx.authorize(Operation.JWKS, tenant, None)
         peer = ctx.peer
         keys = [
-            to_jwk(v.kid, v.public_key)
+            to_jwk(v.kid, v.public_key, self.jwk_alg)
             for v in self.keys.published(tenant)
             if self.gate.visible(peer, Operation.JWKS, parse_kid(v.kid)[0])
         ]
@@ -62,7 +63,7 @@ class Lookups:
             raise
         except UnknownKid as exc:
             raise KidNotFound(exc.message) from None
-        return json_response(kid_json(key, version))
+        return json_response(kid_json(key, version, self.jwk_alg))
 
     async def whoami(self, ctx: RequestContext) -> Response:
         """The caller as the kernel reports it, and the policy rules that match it (in the

@@ -27,6 +27,7 @@ from ..errors import (
 )
 from ..keys import KeyService
 from ..wire import (
+    DEFAULT_JWK_ALG,
     KeyName,
     b64decode,
     b64encode,
@@ -87,9 +88,10 @@ class Server(Front, Lookups):
         audit: AuditSink,
         peer_lookup: PeerLookup,
         limits: Limits | None = None,
+        jwk_alg: str = DEFAULT_JWK_ALG,
     ) -> None:
         super().__init__(gate=gate, audit=audit, peer_lookup=peer_lookup, limits=limits)
-        self.keys = keys
+        self.keys, self.jwk_alg = keys, jwk_alg  # jwk_alg: Ed25519 (RFC 9864) or EdDSA
         self._openapi = importlib.resources.files("signerd").joinpath("openapi.json").read_bytes()
         self.add_routes((m, p, getattr(self, name), op) for m, p, name, op in ROUTES)
 

@@ -40,7 +40,17 @@ from ._envelopes import (
     telemetry_input,
     valid_peer_kid,
 )
-from ._jwk import b64url, b64url_decode, from_jwk, thumbprint, to_jwk, to_pem
+from ._jwk import (
+    DEFAULT_JWK_ALG,
+    JWK_ALGS,
+    b64url,
+    b64url_decode,
+    from_jwk,
+    thumbprint,
+    to_jwk,
+    to_pem,
+)
+from ._message_ids import MESSAGE_IDS
 from ._names import MAX_VERSION, KeyName, VersionState, parse_kid, parse_version, valid_part
 from ._strict_json import (
     DEFAULT_MAX_BYTES,
@@ -57,11 +67,14 @@ from ._strict_json import (
 __all__ = [
     "ATTESTATION_MEMBER",
     "ATTESTATION_RE",
+    "DEFAULT_JWK_ALG",
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_DEPTH",
     "FEEDBACK_FIELDS",
+    "JWK_ALGS",
     "MAX_SAFE_INT",
     "MAX_VERSION",
+    "MESSAGE_IDS",
     "MIN_NONCE_BYTES",
     "PEER_KID_RE",
     "Key",

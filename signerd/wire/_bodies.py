@@ -21,7 +21,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 from ..errors import InvalidBase64, InvalidRequest
-from ._jwk import thumbprint, to_jwk, to_pem
+from ._jwk import DEFAULT_JWK_ALG, thumbprint, to_jwk, to_pem
 from ._names import KeyName
 from ._strict_json import loads_strict
 
@@ -129,12 +129,12 @@ def key_json(info: Key) -> dict[str, Any]:
     }
 
 
-def kid_json(key: KeyName, v: Version) -> dict[str, Any]:
+def kid_json(key: KeyName, v: Version, alg: str = DEFAULT_JWK_ALG) -> dict[str, Any]:
     return {
         "kid": v.kid,
         "key": str(key),
         "version": v.version,
         "state": v.state.value,
-        "jwk": to_jwk(v.kid, v.public_key),
+        "jwk": to_jwk(v.kid, v.public_key, alg),
         "pem": to_pem(v.public_key),
     }

@@ -13,6 +13,11 @@ from ._ed25519 import check_public
 
 ED25519_PUBLIC_LEN = 32
 
+# RFC 9864: "Ed25519" names the algorithm; "EdDSA" is deprecated but still all that
+# some verifiers know. signerd writes the one configured and reads either.
+JWK_ALGS = ("Ed25519", "EdDSA")
+DEFAULT_JWK_ALG = "Ed25519"
+
 
 def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
@@ -23,13 +28,16 @@ def b64url_decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + pad)
 
 
-def to_jwk(kid: str, raw: bytes) -> dict[str, str]:
+def to_jwk(kid: str, raw: bytes, alg: str = DEFAULT_JWK_ALG) -> dict[str, str]:
+    """An RFC 8037 OKP JWK with ``alg`` (one of ``JWK_ALGS``) and ``use`` sig."""
+    if alg not in JWK_ALGS:
+        raise ValueError("alg must be Ed25519 or EdDSA")
     return {
         "kty": "OKP",
         "crv": "Ed25519",
         "x": b64url(raw),
         "kid": kid,
-        "alg": "EdDSA",
+        "alg": alg,
         "use": "sig",
     }
 
@@ -42,10 +50,13 @@ def thumbprint(raw: bytes) -> str:
 
 
 def from_jwk(jwk: dict[str, Any]) -> tuple[str, Ed25519PublicKey]:
-    """Parse an OKP Ed25519 JWK; raise ValueError when it is not one, or when its key is a
-    small-order or non-canonical point (``_ed25519.check_public``)."""
+    """Parse an OKP Ed25519 JWK (``alg`` absent, Ed25519 or EdDSA); raise ValueError when it
+    is not one, or when its key is a small-order or non-canonical point
+    (``_ed25519.check_public``)."""
     if jwk.get("kty") != "OKP" or jwk.get("crv") != "Ed25519":
         raise ValueError("not an OKP Ed25519 JWK")
+    if jwk.get("alg", DEFAULT_JWK_ALG) not in JWK_ALGS:
+        raise ValueError("JWK alg is neither Ed25519 nor EdDSA")
     kid, x = jwk.get("kid"), jwk.get("x")
     if not isinstance(kid, str) or not isinstance(x, str):
         raise ValueError("JWK lacks kid or x")

@@ -102,11 +102,11 @@ class StallGuard:
             answered = self._last_answers(error())
         finally:
             log.critical(
-                "signerd.worker_stalled call=%s answered=%d detail=a %s call did not return "
-                "in time; this worker exits and the supervisor starts another",
+                "signerd.worker_stalled call=%s answered=%d detail=%s",
                 what,
                 answered,
-                what,
+                f"a {what} call did not return in time; this worker exits and the supervisor "
+                "starts another",
             )
             self._exit(EXIT_STALLED)
             self._ended.set()

@@ -127,7 +127,7 @@ def test_anchor_file_removed_live_is_critical_and_fails_verify(tmp_path: Path) -
         lost.unlink()
         wait_until(lambda: "signerd.audit_anchor_lost" in d.log_text(), 10, "the critical line")
         line = next(x for x in d.log_text().splitlines() if "signerd.audit_anchor_lost" in x)
-        assert " CRITICAL " in line and "reason=deleted" in line and "audit.w0.jsonl" in line
+        assert "level=critical" in line and "reason=deleted" in line and "audit.w0.jsonl" in line
         sign_in_every_worker(d, key)
     finally:
         assert d.stop() == 0, d.log_text()
@@ -165,7 +165,7 @@ def test_anchor_file_replaced_or_cut_live_is_critical(tmp_path: Path) -> None:
     finally:
         assert d.stop() == 0, d.log_text()
     lines = [x for x in d.log_text().splitlines() if "signerd.audit_anchor_lost" in x]
-    assert len(lines) == 2 and all(" CRITICAL " in x for x in lines), lines
+    assert len(lines) == 2 and all("level=critical" in x for x in lines), lines
     for a in (a0, a1):
         assert read_anchors(str(a))[0][0].kind == "recreated"
     code, out = verify(str(d.audit_path.parent))
@@ -231,7 +231,7 @@ def test_anchor_file_missing_at_start_is_critical(tmp_path: Path) -> None:
     finally:
         assert d.stop() == 0, d.log_text()
     line = next(x for x in d.log_text().splitlines() if "signerd.audit_anchor_lost" in x)
-    assert " CRITICAL " in line and "reason=missing" in line and "audit.w0.jsonl" in line
+    assert "level=critical" in line and "reason=missing" in line and "audit.w0.jsonl" in line
     first = read_anchors(str(anchor_file(d, 0)))[0][0]
     assert first.kind == "recreated" and first.lost is not None and first.lost.reason == "missing"
     code, out = verify(str(d.audit_path.parent))
@@ -269,7 +269,7 @@ def test_deleted_trail_then_sighup_is_never_a_rotation(tmp_path: Path) -> None:
     finally:
         assert d.stop() == 0, d.log_text()
     lines = [x for x in d.log_text().splitlines() if "signerd.audit_deleted" in x]
-    assert len(lines) == trials and all(" CRITICAL " in x for x in lines)
+    assert len(lines) == trials and all("level=critical" in x for x in lines)
     kinds = [a.kind for a in all_anchors(d)]
     assert kinds.count("deleted") == trials and "rotated" not in kinds, kinds
     code, out = verify(str(d.audit_path.parent))
@@ -288,7 +288,7 @@ def test_trail_replaced_live_is_a_deletion_noticed_without_requests(tmp_path: Pa
         os.replace(other, trail(d, 1))
         wait_until(lambda: "signerd.audit_deleted" in d.log_text(), 10, "the critical line")
         line = next(x for x in d.log_text().splitlines() if "signerd.audit_deleted" in x)
-        assert " CRITICAL " in line and "audit.w1.jsonl" in line
+        assert "level=critical" in line and "audit.w1.jsonl" in line
         sign_in_every_worker(d, key)
     finally:
         assert d.stop() == 0, d.log_text()
@@ -315,7 +315,7 @@ def test_rename_and_sighup_rotation_verifies_across_workers(tmp_path: Path) -> N
             sign_in_every_worker(d, key)
     finally:
         assert d.stop() == 0, d.log_text()
-    assert "CRITICAL" not in d.log_text()
+    assert "level=critical" not in d.log_text()
     got = all_anchors(d)
     assert not {a.kind for a in got} & {"deleted", "truncated", "recreated"}, got
     named = {(a.chain, a.seq, a.head) for a in got}

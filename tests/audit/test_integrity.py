@@ -483,7 +483,7 @@ def test_daemon_logs_a_live_file_that_shrinks(tmp_path: Path, verify: Verify) ->
         sign_some(d, 2)
         os.truncate(d.audit_path, 0)
         wait_until(lambda: "signerd.audit_truncated" in d.log_text(), 5.0)
-        assert "CRITICAL" in d.log_text()
+        assert "level=critical" in d.log_text()
         sign_some(d, 1)
     finally:
         assert d.stop() == 0, d.log_text()

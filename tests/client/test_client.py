@@ -210,7 +210,7 @@ def test_health_ready_and_jwks(client: Client, key: str) -> None:
     jwks = client.jwks(tenant)
     assert [j["kid"] for j in jwks] == [kid_of(key, 1)]
     (jwk,) = jwks
-    assert (jwk["kty"], jwk["crv"], jwk["alg"], jwk["use"]) == ("OKP", "Ed25519", "EdDSA", "sig")
+    assert (jwk["kty"], jwk["crv"], jwk["alg"], jwk["use"]) == ("OKP", "Ed25519", "Ed25519", "sig")
 
 
 def test_client_survives_a_daemon_restart(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ def test_example_configuration_parses() -> None:
     assert config.tenant_backends == {"globex": "vault"}
     assert config.socket_mode == 0o660
     assert [str(k) for k in config.bootstrap] == ["acme/telemetry-ingest", "acme/feedback"]
+    assert config.jwk_alg == "Ed25519"  # RFC 9864's name, the default
     limits = config.limits  # the documented defaults for callers no rule names
     assert (limits.max_connections_stranger, limits.max_connections_strangers) == (4, 64)
 
@@ -60,6 +61,8 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
         (lambda d: d["server"].update(log_level="loud"), "server.log_level"),
         (lambda d: d["server"].update(colour="blue"), "server.colour"),
         (lambda d: d["server"].update(on_loop="yes"), "server.on_loop"),
+        (lambda d: d["server"].update(jwk_alg="ES256"), "server.jwk_alg"),
+        (lambda d: d["server"].update(jwk_alg="eddsa"), "server.jwk_alg"),
         (
             lambda d: d["server"].update(max_connections_stranger=0),
             "server.max_connections_stranger",

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from signerd.testing import wait_until
+from signerd.wire import MESSAGE_IDS
 
 from ..support.nspawn import REPO, VENV, Container, ensure_rootfs
 
@@ -433,17 +434,31 @@ def test_vault_backend_over_loopback_with_network_drop_in(box: Container) -> Non
 
 
 def test_journal_events_no_denials_and_timer(box: Container) -> None:
-    """The journal holds one event per request (REQUEST_ID/OPERATION/OUTCOME), no denial; the timer is listed; units verify."""
+    """The journal holds one event per request (its MESSAGE_ID, SIGNERD_REQUEST_ID/_OPERATION/_OUTCOME) and a key_rotated event, no denial; the timer is listed; units verify."""
     events = [
         json.loads(line) for line in box.journal("-u", "signerd.service", "-o", "json").splitlines()
     ]
-    requests = [e for e in events if "REQUEST_ID" in e]
+    requests = [e for e in events if e.get("MESSAGE_ID") == MESSAGE_IDS["request"]]
     assert any(
-        e["OPERATION"] == "sign" and e["OUTCOME"] == "ok" and e["STATUS"] == "200" for e in requests
+        e["SIGNERD_OPERATION"] == "sign"
+        and e["SIGNERD_OUTCOME"] == "ok"
+        and e["SIGNERD_STATUS"] == "200"
+        for e in requests
     )
-    assert any(e["OPERATION"] == "verify" and e["OUTCOME"] == "permission_denied" for e in requests)
-    assert any(e["OPERATION"] == "rotate" and e["OUTCOME"] == "ok" for e in requests)
-    assert all(re.fullmatch(r"[A-Za-z0-9._-]{1,64}", e["REQUEST_ID"]) for e in requests)
+    assert any(
+        e["SIGNERD_OPERATION"] == "verify" and e["SIGNERD_OUTCOME"] == "permission_denied"
+        for e in requests
+    )
+    assert any(
+        e["SIGNERD_OPERATION"] == "rotate" and e["SIGNERD_OUTCOME"] == "ok" for e in requests
+    )
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]{1,64}", e["SIGNERD_REQUEST_ID"]) for e in requests)
+    rotated = [e for e in events if e.get("MESSAGE_ID") == MESSAGE_IDS["key_rotated"]]
+    assert rotated and all(e["SIGNERD_EVENT"] == "key_rotated" for e in rotated), rotated
+    assert all(
+        e["PRIORITY"] == "6" and e["SIGNERD_KID"].startswith(e["SIGNERD_KEY"].replace("/", "."))
+        for e in rotated
+    ), rotated
     text = box.journal("-u", "signerd.service")
     denial = re.compile(
         r"seccomp|SIGSYS|Bad system call|Permission denied|Operation not permitted|EPERM|EACCES|apparmor=\"DENIED\""

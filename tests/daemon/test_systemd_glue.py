@@ -25,6 +25,7 @@ from signerd._config import ConfigError, credential_path, parse
 from signerd.client import Client
 from signerd.daemon import _journal, _systemd
 from signerd.server import log_request, log_requests_to_journal
+from signerd.wire import MESSAGE_IDS
 
 from ..conftest import ROOT, daemon_config, pkcs11_backend_config, to_toml
 
@@ -262,7 +263,7 @@ def test_activated_socket_at_another_path_is_refused(tmp_path: Path) -> None:
 
 
 def test_journal_handler_sends_upper_case_fields() -> None:
-    """A request event reaches the journal with REQUEST_ID, OPERATION, OUTCOME, STATUS and nothing lower-case."""
+    """A request event reaches the journal with SIGNERD_REQUEST_ID, _OPERATION, _OUTCOME, _STATUS, its MESSAGE_ID and nothing lower-case."""
     sent: list[tuple[str, dict[str, str]]] = []
     handler = _journal.JournalHandler(lambda msg, **kw: sent.append((msg, kw)))
     logger = logging.getLogger("signerd.request")
@@ -278,12 +279,14 @@ def test_journal_handler_sends_upper_case_fields() -> None:
     assert len(sent) == 1
     msg, fields = sent[0]
     assert msg.startswith("signerd.request rid=rid-1")
-    assert {k: fields[k] for k in ("REQUEST_ID", "OPERATION", "OUTCOME", "STATUS")} == {
-        "REQUEST_ID": "rid-1",
-        "OPERATION": "sign",
-        "OUTCOME": "ok",
-        "STATUS": "200",
+    names = ("SIGNERD_REQUEST_ID", "SIGNERD_OPERATION", "SIGNERD_OUTCOME", "SIGNERD_STATUS")
+    assert {k: fields[k] for k in names} == {
+        "SIGNERD_REQUEST_ID": "rid-1",
+        "SIGNERD_OPERATION": "sign",
+        "SIGNERD_OUTCOME": "ok",
+        "SIGNERD_STATUS": "200",
     }
+    assert fields["MESSAGE_ID"] == MESSAGE_IDS["request"]
     assert fields["SYSLOG_IDENTIFIER"] == "signerd" and fields["PRIORITY"] == "6"
     assert all(k == k.upper() for k in fields)
 

@@ -330,6 +330,21 @@ def test_trusted_keys_admin(api: Api, tenant: str) -> None:
     assert (reply.status, reply.code) == (404, "unknown_key")
 
 
+@pytest.mark.parametrize("alg", ["Ed25519", "EdDSA"])
+def test_trusted_keys_accept_either_jwk_alg(api: Api, alg: str) -> None:
+    """A trusted key sent with alg Ed25519 or EdDSA is added and verifies; listed as Ed25519."""
+    tenant = unique("ta")
+    p = Producer.new("p-alg")
+    jwk = {**p.jwk(), "alg": alg, "use": "sig"}
+    api.ok("POST", "/v1/trusted-keys", {"tenant": tenant, "kid": p.kid, "jwk": jwk}, status=201)
+    (listed,) = api.ok("GET", f"/v1/trusted-keys?tenant={tenant}")["keys"]
+    assert (listed["jwk"]["alg"], listed["jwk"]["x"]) == ("Ed25519", jwk["x"])
+    api.ok("POST", "/v1/telemetry/verify", p.telemetry(tenant, b"{}"))
+    bad = {**jwk, "alg": "ES256"}
+    reply = api("POST", "/v1/trusted-keys", {"tenant": tenant, "kid": "other", "jwk": bad})
+    assert (reply.status, reply.code) == (400, "invalid_request")
+
+
 def test_trusted_key_refusals(api: Api, tenant: str) -> None:
     """Private JWKs, non-Ed25519 JWKs, bad kids, and a kid naming an own key are refused."""
     own_key(api, tenant, "feedback")

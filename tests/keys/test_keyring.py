@@ -141,7 +141,8 @@ def test_fd_starvation_keeps_the_keyring_and_recovers_without_restart(
 
 def _counters(log: str) -> dict[str, int]:
     line = [x for x in log.splitlines() if "signerd.keys.counters" in x][-1]
-    return {k: int(v) for k, v in (f.split("=") for f in line.split() if "=" in f)}
+    fields = line.split("signerd.keys.counters", 1)[1]  # after the ts=, level=, logger= prefix
+    return {k: int(v) for k, v in (f.split("=") for f in fields.split() if "=" in f)}
 
 
 def _remove_labels(labels: list[str]) -> None:

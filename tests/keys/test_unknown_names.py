@@ -30,7 +30,8 @@ def _sign(sock: str, key: str) -> tuple[int, str | None, float]:
 
 def _counters(log: str) -> dict[str, int]:
     line = [x for x in log.splitlines() if "signerd.keys.counters" in x][-1]
-    return {k: int(v) for k, v in (f.split("=") for f in line.split() if "=" in f)}
+    fields = line.split("signerd.keys.counters", 1)[1]  # after the ts=, level=, logger= prefix
+    return {k: int(v) for k, v in (f.split("=") for f in fields.split() if "=" in f)}
 
 
 def test_a_flood_of_random_names_costs_one_reread_per_interval(tmp_path: Path) -> None:

@@ -348,7 +348,7 @@ def test_refusal_floods_from_matched_callers_are_bounded(tmp_path: Path) -> None
                 x
                 for p in d.audit_files()
                 for x in p.read_bytes().splitlines()
-                if json.loads(x)["peer"]["uid"] == uid and json.loads(x)["time"] >= started
+                if json.loads(x)["peer"]["uid"] == uid and json.loads(x)["time"] >= int(started)
             ]
             groups = len(json.loads(lines[0])["peer"]["groups"])
             records = DEFAULT_REFUSAL_BURST + 1 + (DEFAULT_REFUSAL_RATE + 1) * elapsed

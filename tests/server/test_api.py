@@ -104,7 +104,7 @@ def test_staged_rotation(api: Api, key: str) -> None:
 
 
 def test_jwks_is_rfc8037_and_verifies_signatures(api: Api, key: str) -> None:
-    """JWKS entries are OKP/Ed25519/EdDSA/sig JWKs that verify signerd's signatures locally."""
+    """JWKS entries are OKP/Ed25519 (alg Ed25519)/sig JWKs that verify signerd's signatures locally."""
     tenant = key.split("/")[0]
     signed = api.ok("POST", "/v1/sign", {"key": key, "data": b64(b"jwks")})
     jwks = api.ok("GET", f"/v1/jwks?tenant={tenant}")["keys"]
@@ -112,7 +112,7 @@ def test_jwks_is_rfc8037_and_verifies_signatures(api: Api, key: str) -> None:
     assert {k: jwk[k] for k in ("kty", "crv", "alg", "use")} == {
         "kty": "OKP",
         "crv": "Ed25519",
-        "alg": "EdDSA",
+        "alg": "Ed25519",
         "use": "sig",
     }
     _, public = from_jwk(jwk)

@@ -187,7 +187,7 @@ class VaultBackend:
             # left over from an earlier key of the same name deleted outside signerd
             self._update_meta(key, lambda m: Record(cas=m.cas))
         info = self.describe(key)
-        log.info("signerd.vault.create key=%s", key)
+        log.debug("signerd.vault.create key=%s", key)
         return info
 
     def rotate(self, key: KeyName, *, pending: bool) -> KeyInfo:
@@ -210,7 +210,7 @@ class VaultBackend:
             new = self._rotate_once(key, before)
             self._config(key, min_encryption_version=new)
         info = self.describe(key)
-        log.info("signerd.vault.rotate key=%s latest=%s pending=%s", key, info.latest, pending)
+        log.debug("signerd.vault.rotate key=%s latest=%s pending=%s", key, info.latest, pending)
         return info
 
     def _rotate_once(self, key: KeyName, before: int) -> int:
@@ -255,7 +255,7 @@ class VaultBackend:
         else:
             raise InvalidState(f"cannot set a {current.state} version {state} on this backend")
         info = self.describe(key)
-        log.info("signerd.vault.set_state key=%s version=%s state=%s", key, version, state)
+        log.debug("signerd.vault.set_state key=%s version=%s state=%s", key, version, state)
         return info
 
     def _retire(self, key: KeyName, transit: Transit, meta: Record, version: int) -> None:
@@ -314,7 +314,7 @@ class VaultBackend:
         except NotFoundInVault as exc:
             raise UnknownKey() from exc
         info = self.describe(key)
-        log.info("signerd.vault.destroy key=%s version=%s", key, version)
+        log.debug("signerd.vault.destroy key=%s version=%s", key, version)
         return info
 
     def sign(

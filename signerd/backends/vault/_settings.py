@@ -65,7 +65,7 @@ def parse_settings(cfg: Mapping[str, Any]) -> VaultSettings:
     ):
         raise ValueError(f"addr: must be http(s)://host[:port], got {addr!r}")
     if url.scheme == "http" and url.hostname not in ("127.0.0.1", "::1", "localhost"):
-        log.warning("signerd.vault.plain_http addr=%s (use https in production)", addr)
+        log.warning("signerd.vault.plain_http addr=%s advice=%s", addr, "use https in production")
     ca_file = _optional_file(cfg, "ca_file")
     if ca_file and url.scheme != "https":
         raise ValueError("ca_file: only used with an https:// addr")

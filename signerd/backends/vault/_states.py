@@ -126,7 +126,9 @@ class ForeignKey(BackendError):
 
 def malformed(what: str, exc: BaseException) -> BackendError:
     """The error for an answer signerd cannot read (the cause is logged, not returned)."""
-    log.error("signerd.vault.malformed_answer what=%s cause=%s: %s", what, type(exc).__name__, exc)
+    log.error(
+        "signerd.vault.malformed_answer what=%s cause=%s detail=%s", what, type(exc).__name__, exc
+    )
     return BackendError("Vault answered something signerd does not understand")
 
 
