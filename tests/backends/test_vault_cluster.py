@@ -15,6 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from signerd.backends.vault import from_config, parse_settings
+from signerd.errors import BackendUnavailable
+from signerd.wire import KeyName
+
 from ..conftest import unique, wait_until
 from ..support.cluster import (
     Load,
@@ -27,7 +31,7 @@ from ..support.cluster import (
     transit_name,
     version_of,
 )
-from ..support.openbao import RaftCluster, raft_cluster
+from ..support.openbao import RaftCluster, free_port_pair, raft_cluster, vault_backend_config
 from ..support.rawhttp import request
 
 #: seconds after the new leader is seen within which a host must sign again
@@ -219,3 +223,83 @@ def test_leader_kill_9_under_load_from_two_hosts(cluster: RaftCluster, tmp_path:
         f"for {outage:.2f} s ({len(failures)} of {len(answers)} requests); two hosts signed "
         f"{ok / duration:.0f}/s paced, p50 {latency * 1000:.1f} ms"
     )
+
+
+@pytest.mark.parametrize(
+    ("addr", "message"),
+    [
+        ([], "a list of 1 to 16"),
+        (["http://127.0.0.1:1"] * 2, "listed twice"),
+        (["http://127.0.0.1:1", "https://127.0.0.1:2"], "same scheme"),
+        ([f"http://127.0.0.1:{p}" for p in range(1, 18)], "a list of 1 to 16"),
+        (["http://127.0.0.1:1", 5], "must be a string"),
+        (["http://127.0.0.1:1/v1"], "http(s)://host[:port]"),
+        ({"a": "http://127.0.0.1:1"}, "a URL or a list"),
+    ],
+)
+def test_bad_address_lists_are_refused(cluster: RaftCluster, addr: object, message: str) -> None:
+    """A bad ``addr`` list (empty, duplicate, mixed schemes, too long, not URLs) is a ValueError on addr."""
+    cfg = vault_backend_config(cluster.nodes[0], addr=addr)
+    with pytest.raises(ValueError, match=r"^addr: ") as caught:
+        parse_settings(cfg)
+    assert message in str(caught.value)
+
+
+@pytest.mark.timeout(120)
+def test_backend_fails_over_in_order_to_the_active_node(cluster: RaftCluster) -> None:
+    """Listed as [dead, standby, standby, active]: the first request goes to the active node,
+    counted as one failover; the standbys are never used."""
+    leader = cluster.leader()
+    dead = f"http://127.0.0.1:{free_port_pair()}"
+    order = [dead, *(n.addr for n in cluster.standbys()), leader.addr]
+    backend = from_config(vault_backend_config(leader, addr=order))
+    try:
+        assert (backend.node, backend.failovers) == (dead, 0)
+        key = KeyName(unique("fo"), "k")
+        backend.create(key)
+        assert (backend.node, backend.failovers) == (leader.addr, 1)
+        info = backend.rotate(key, pending=False)
+        assert [s.value for s in (v.state for v in info.versions)] == ["verify-only", "active"]
+        assert len(backend.sign(key, 2, [b"a", b"b"])) == 2
+        assert backend.failovers == 1
+    finally:
+        backend.close()
+
+
+@pytest.mark.timeout(60)
+def test_no_reachable_node_is_backend_unavailable_and_probes_are_bounded(
+    cluster: RaftCluster,
+) -> None:
+    """Every listed node unreachable: BackendUnavailable at once, and no node switch counted."""
+    dead = [f"http://127.0.0.1:{free_port_pair()}" for _ in range(3)]
+    backend = from_config(vault_backend_config(cluster.nodes[0], addr=dead))
+    try:
+        began = time.monotonic()
+        for _ in range(50):
+            with pytest.raises(BackendUnavailable):
+                backend.sign(KeyName("t", "k"), 1, [b"x"])
+        assert time.monotonic() - began < 10.0  # probes at most every 100 ms, not per request
+        assert backend.failovers == 0
+    finally:
+        backend.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_lagging_standby_is_never_used_for_a_sign_after_a_rotate(cluster: RaftCluster) -> None:
+    """With a standby listed first, a sign right after each rotate uses the new version: the
+    backend checks the node is active before its first request and signs only there."""
+    leader = cluster.leader()
+    standby = cluster.standbys()[0]
+    backend = from_config(vault_backend_config(leader, addr=[standby.addr, leader.addr]))
+    try:
+        key = KeyName(unique("st"), "k")
+        backend.create(key)
+        for expected in range(2, 12):
+            info = backend.rotate(key, pending=False)
+            active = info.active
+            assert active is not None and active.version == expected
+            (signature,) = backend.sign(key, active.version, [b"x"])
+            assert isinstance(signature, bytes), signature
+        assert backend.node == leader.addr
+    finally:
+        backend.close()
