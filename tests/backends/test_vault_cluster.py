@@ -303,3 +303,31 @@ def test_a_lagging_standby_is_never_used_for_a_sign_after_a_rotate(cluster: Raft
         assert backend.node == leader.addr
     finally:
         backend.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_sign_refused_by_a_lagging_standby_is_signed_on_the_active_node(
+    cluster: RaftCluster,
+) -> None:
+    """A backend left on a standby (its periodic check not due) that refuses a new version as
+    unknown checks the node, fails over to the active one and signs there: no error returned."""
+    leader = cluster.leader()
+    standby = cluster.standbys()[0]
+    admin = from_config(vault_backend_config(leader, addr=leader.addr))
+    lagging = from_config(
+        vault_backend_config(leader, addr=[standby.addr, leader.addr], health_interval=3600)
+    )
+    lagging.nodes._checked = time.monotonic()  # as if it had just found the standby active
+    try:
+        key = KeyName(unique("lg"), "k")
+        admin.create(key)
+        for version in range(2, 22):
+            admin.rotate(key, pending=False)
+            (signature,) = lagging.sign(key, version, [b"x"])
+            assert isinstance(signature, bytes), signature
+            if lagging.failovers:
+                break
+        assert (lagging.node, lagging.failovers) == (leader.addr, 1)
+    finally:
+        admin.close()
+        lagging.close()
