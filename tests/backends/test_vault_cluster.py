@@ -168,8 +168,18 @@ def test_leader_kill_9_under_load_from_two_hosts(cluster: RaftCluster, tmp_path:
         wait_until(lambda: sign("b", str(b.socket_path), key, b"x").status == 200, timeout=10)
         load = Load({"a": a, "b": b}, key).start()
         wait_until(lambda: len(load.answers) >= 60, timeout=30)
+        earlier = next(x for x in load.answers if x.status == 200)
         killed_at = time.monotonic()
         killed = cluster.kill_leader()
+        for host in (a, b):  # verify needs no backend: known kids verify meanwhile
+            assert earlier.signature is not None
+            body = {
+                "kid": earlier.kid,
+                "data": b64(earlier.data),
+                "signature": b64(earlier.signature),
+            }
+            verified = request(str(host.socket_path), "POST", "/v1/verify", body)
+            assert verified.status == 200, verified.body
         new_leader = cluster.leader(timeout=60)
         elected_at = time.monotonic()
         # a rotate through A as soon as it is accepted: exactly one new version
@@ -331,3 +341,30 @@ def test_a_sign_refused_by_a_lagging_standby_is_signed_on_the_active_node(
     finally:
         admin.close()
         lagging.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_standby_killed_under_load_disturbs_nothing(cluster: RaftCluster, tmp_path: Path) -> None:
+    """A standby killed -9 while two hosts sign: no request fails; it rejoins when started again."""
+    a = start_host(tmp_path / "a", cluster)
+    b = start_host(tmp_path / "b", cluster)
+    key = _key()
+    killed = None
+    try:
+        assert request(str(a.socket_path), "POST", "/v1/keys", {"key": key}).status == 201
+        wait_until(lambda: sign("b", str(b.socket_path), key, b"x").status == 200, timeout=10)
+        load = Load({"a": a, "b": b}, key).start()
+        wait_until(lambda: len(load.answers) >= 40, timeout=30)
+        killed = cluster.standbys()[0]
+        killed.kill()
+        count = len(load.answers)
+        wait_until(lambda: len(load.answers) >= count + 100, timeout=60)
+        answers = load.stop()
+    finally:
+        a_rc, b_rc = a.stop(), b.stop()
+        if killed is not None:
+            cluster.restart(killed)
+            cluster.wait_voters(3)
+    assert (a_rc, b_rc) == (0, 0)
+    assert Counter((x.status, x.code) for x in answers) == {(200, None): len(answers)}
+    check_signatures(answers, public_keys(cluster, key))
