@@ -110,7 +110,12 @@ class Answer:
 
 def sign(host: str, sock: str, key: str, data: bytes) -> Answer:
     started = time.monotonic()
-    reply = request(sock, "POST", "/v1/sign", {"key": key, "data": b64(data)}, timeout=30)
+    try:
+        reply = request(sock, "POST", "/v1/sign", {"key": key, "data": b64(data)}, timeout=30)
+    except OSError as exc:  # the daemon did not answer at all: a failure like any other
+        return Answer(
+            host, started, time.monotonic(), 0, type(exc).__name__, None, None, data, None
+        )
     ended = time.monotonic()
     kid = signature = None
     if reply.status == 200:
