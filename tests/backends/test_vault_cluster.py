@@ -31,6 +31,7 @@ from ..support.cluster import (
     transit_name,
     version_of,
 )
+from ..support.federation import Api, Producer, redis_server
 from ..support.openbao import RaftCluster, free_port_pair, raft_cluster, vault_backend_config
 from ..support.rawhttp import request
 
@@ -386,3 +387,27 @@ def test_bad_health_interval_is_refused(cluster: RaftCluster, interval: object) 
     cfg = vault_backend_config(cluster.nodes[0], addr=cluster.addrs, health_interval=interval)
     with pytest.raises(ValueError, match=r"^health_interval: "):
         parse_settings(cfg)
+
+
+@pytest.mark.timeout(180)
+def test_two_hosts_on_the_cluster_share_one_redis_for_nonces(
+    cluster: RaftCluster, tmp_path: Path
+) -> None:
+    """Two hosts on the cluster sharing one redis-server: an envelope accepted through one is
+    refused as a replay through the other."""
+    with redis_server(tmp_path / "redis", "--appendonly", "yes", "--appendfsync", "always") as r:
+        nonces = {"store": "redis", "url": r.url, "prefix": f"signerd:{unique('cn')}:"}
+        a = start_host(tmp_path / "a", cluster, federation={"nonces": nonces})
+        b = start_host(tmp_path / "b", cluster, federation={"nonces": nonces})
+        try:
+            tenant, producer = unique("cf"), Producer.new("p-cluster")
+            for host in (a, b):
+                Api(host).trust(tenant, producer)
+            for _ in range(10):
+                env = producer.telemetry(tenant, b'{"n":1}')
+                Api(a).ok("POST", "/v1/telemetry/verify", env)
+                reply = Api(b)("POST", "/v1/telemetry/verify", env)
+                assert (reply.status, reply.code) == (409, "replayed_nonce")
+        finally:
+            assert a.stop() == 0, a.log_text()[-2000:]
+            assert b.stop() == 0, b.log_text()[-2000:]
