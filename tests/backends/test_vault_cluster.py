@@ -288,15 +288,26 @@ def test_backend_fails_over_in_order_to_the_active_node(cluster: RaftCluster) ->
 def test_no_reachable_node_is_backend_unavailable_and_probes_are_bounded(
     cluster: RaftCluster,
 ) -> None:
-    """Every listed node unreachable: BackendUnavailable at once, and no node switch counted."""
+    """Every listed node unreachable: BackendUnavailable at once, the nodes probed at most once
+    per 100 ms whatever the request rate, and no node switch counted."""
     dead = [f"http://127.0.0.1:{free_port_pair()}" for _ in range(3)]
     backend = from_config(vault_backend_config(cluster.nodes[0], addr=dead))
+    probes: list[str] = []
+    real_probe = backend.nodes.probe
+
+    def counting_probe(addr: str) -> int | None:
+        probes.append(addr)
+        return real_probe(addr)
+
+    backend.nodes.probe = counting_probe  # type: ignore[method-assign]
     try:
         began = time.monotonic()
-        for _ in range(50):
+        for _ in range(200):
             with pytest.raises(BackendUnavailable):
                 backend.sign(KeyName("t", "k"), 1, [b"x"])
-        assert time.monotonic() - began < 10.0  # probes at most every 100 ms, not per request
+        scans = (time.monotonic() - began) / 0.1 + 2  # one scan per 100 ms, and the first check
+        assert len(probes) <= 3 * scans, (len(probes), scans)
+        assert len(probes) < 200  # far fewer probes than requests
         assert backend.failovers == 0
     finally:
         backend.close()
