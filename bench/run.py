@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import cast
 
+from . import cluster, refs
 from . import daemon as sd
 from . import federation as fed
-from . import refs
 from .load import Target, drive
 from .report import (
     Check,
@@ -88,6 +88,7 @@ CHECKS = [
     Check("signerd-bao-seq", "p50_us", "openbao-seq", "p50_us", "<=", 2.0, "p50"),
     Check("signerd-bao-64", "throughput", "openbao-64", "throughput", ">=", 1.25, "throughput"),
     Check("signerd-bao-64", "p99_us", "openbao-64", "p99_us", "<=", 1.0, "p99"),
+    Check("signerd-cluster-64", "throughput", "signerd-bao-64", "throughput", None, None, "rate"),
     Check("signerd-hsm-seq", "p50_us", "inproc-floor", "p50_us", "<=", 1.25, "p50"),
     Check("signerd-hsm-seq", "p99_us", "signerd-hsm-seq", "p50_us", "<=", 3.0, "p99 / own p50"),
     Check("signerd-hsm-seq-client", "p50_us", "signerd-hsm-seq", "p50_us", None, None, "p50"),
@@ -155,6 +156,7 @@ PATHS = [
     "openbao-batch100",
     "signerd-bao-seq",
     "signerd-bao-64",
+    *(path for path, _ in cluster.PATHS),
     "signerd-hsm-seq",
     "signerd-hsm-seq-client",
     "signerd-hsm-32",
@@ -501,6 +503,7 @@ class Bench:
             for part in (
                 lambda: self.references(stack, tmp),
                 lambda: self.openbao(tmp),
+                lambda: cluster.measure(self, tmp),
                 lambda: self.signerd_hsm(tmp),
                 lambda: self.federation(tmp),
                 lambda: self.footprint(tmp),

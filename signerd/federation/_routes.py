@@ -167,6 +167,7 @@ class Federation:
                 prefix=settings.redis_prefix,
                 pool=settings.redis_pool,
                 max_entries_per_tenant=settings.max_entries_per_tenant,
+                max_entries=settings.max_entries,
             )
         else:
             store = SqliteNonceStore(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -91,7 +92,9 @@ class Keyring:
         self._route = route
         self.keys: dict[KeyName, KeyInfo] = {}
         self.kids: dict[str, Entry] = {}
-        self._refreshed: dict[KeyName, float] = {}
+        #: when an unknown kid last made each known key be read (the cache's own
+        #: re-reads do not count: a version made elsewhere since is found at once)
+        self._kid_lookups: dict[KeyName, float] = {}
         self.counters = Counters()
         self._reread_locks: dict[str, asyncio.Lock] = {}
         self._next_reread: dict[str, asyncio.Task[None]] = {}  # a shared re-read not started yet
@@ -106,7 +109,6 @@ class Keyring:
     def store(self, info: KeyInfo) -> KeyInfo:
         old = self.keys.get(info.key)
         self.keys[info.key] = info
-        self._refreshed[info.key] = time.monotonic()
         if old is not None:
             for v in old.versions:
                 self.kids.pop(v.kid, None)
@@ -115,7 +117,7 @@ class Keyring:
         return info
 
     def forget(self, key: KeyName) -> None:
-        self._refreshed.pop(key, None)
+        self._kid_lookups.pop(key, None)
         old = self.keys.pop(key, None)
         if old is not None:
             for v in old.versions:
@@ -153,8 +155,8 @@ class Keyring:
         now = time.monotonic()
         if key in self.keys:
             # A new version of a key we know: at most one read of it per interval.
-            if now - self._refreshed.get(key, 0.0) >= self._settings.unknown_kid_refresh:
-                self._refreshed[key] = now
+            if now - self._kid_lookups.get(key, -math.inf) >= self._settings.unknown_kid_refresh:
+                self._kid_lookups[key] = now
                 with contextlib.suppress(UnknownKey):
                     await self.describe(key)
         else:

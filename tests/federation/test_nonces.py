@@ -199,6 +199,45 @@ def test_one_key_under_several_labels_accepts_an_envelope_once(
         assert d.stop() == 0, d.log_text()
 
 
+@pytest.mark.timeout(180)
+def test_redis_bounds_hold_for_the_daemon_as_a_whole(tmp_path: Path, redis: RedisServer) -> None:
+    """With Redis and two workers: at most max_entries live nonces in all (not per worker) and
+    max_entries_per_tenant for each tenant; past either, 503; accepted nonces stay replays."""
+    prefix = f"signerd:{unique('pa')}:"
+    nonces = {
+        "store": "redis",
+        "url": redis.url,
+        "prefix": prefix,
+        "max_entries": 40,
+        "max_entries_per_tenant": 15,
+    }
+    d = federation_daemon(tmp_path / "d", {"nonces": nonces}, server={"workers": 2})
+    try:
+        api = Api(d)
+        tenants = [unique("rb") for _ in range(4)]
+        producers = [Producer.new(f"p-{t}") for t in tenants]
+        for tenant, p in zip(tenants, producers, strict=True):
+            api.trust(tenant, p)
+
+        def flood(i: int, n: int) -> Counter[tuple[int, str | None]]:
+            return _verify_each(api, [producers[i].telemetry(tenants[i], b"{}") for _ in range(n)])
+
+        full = (503, "nonce_store_unavailable")
+        accepted = producers[0].telemetry(tenants[0], b"{}")
+        api.ok("POST", "/v1/telemetry/verify", accepted)
+        assert flood(0, 59) == {(200, None): 14, full: 45}
+        assert flood(1, 30) == {(200, None): 15, full: 15}
+        assert flood(2, 30) == {(200, None): 10, full: 20}  # 40 in all: the total bound
+        assert flood(3, 5) == {full: 5}
+        reply = api("POST", "/v1/telemetry/verify", accepted)
+        assert (reply.status, reply.code) == (409, "replayed_nonce")
+        assert redis.cli("ZCARD", f"{prefix}all") == "40"
+        served = _by_worker(d, "verify")
+        assert len(served) == 2 and all(served.values()), served  # both workers counted
+    finally:
+        assert d.stop() == 0, d.log_text()
+
+
 @pytest.mark.timeout(120)
 def test_redis_tenant_share_across_workers(tmp_path: Path, redis: RedisServer) -> None:
     """With Redis, a tenant at max_entries_per_tenant is refused (503) across workers while

@@ -379,3 +379,35 @@ async def test_an_empty_listing_is_re_read_after_a_reset_and_never_believed() ->
         assert (await svc.sign(key, b"x"))[0] == key.kid(1)
     finally:
         await svc.close()
+
+
+async def test_a_fresh_re_read_does_not_delay_the_lookup_of_a_new_kid() -> None:
+    """A kid made elsewhere just after this process re-read its key is found at its first
+    verify; unknown kids of one key still cost at most one read per unknown_kid_refresh."""
+    from signerd.errors import UnknownKid
+    from signerd.keys import KeyService, Settings
+
+    settings = Settings(refresh_interval=0, unknown_kid_refresh=30.0)
+    here = KeyService(
+        {"hsm": from_config(pkcs11_backend_config())}, default_backend="hsm", settings=settings
+    )
+    elsewhere = KeyService(
+        {"hsm": from_config(pkcs11_backend_config())}, default_backend="hsm", settings=settings
+    )
+    await here.start()
+    await elsewhere.start()
+    try:
+        key = KeyName(unique("kf"), "k")
+        await elsewhere.create(key)
+        await here.refresh_all()  # the cache's own re-read, just before the rotate
+        await elsewhere.rotate(key)
+        found, version = await here.lookup_kid(key.kid(2))
+        assert (found, version.version) == (key, 2)
+        reads = here.counters.key_reads
+        for _ in range(3):  # the interval's one read went to v2: no read at all
+            with pytest.raises(UnknownKid):
+                await here.lookup_kid(key.kid(99))
+        assert here.counters.key_reads == reads
+    finally:
+        await here.close()
+        await elsewhere.close()

@@ -185,6 +185,8 @@ def free_port() -> int:
 class RedisServer:
     port: int
     proc: subprocess.Popen[bytes]
+    base: Path | None = None
+    extra: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -200,6 +202,50 @@ class RedisServer:
         )
         return out.stdout.strip()
 
+    def kill(self) -> None:
+        """SIGKILL redis-server (a crash: nothing flushed that was not already)."""
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def start_again(self) -> None:
+        """Start redis-server again on the same port and directory (it reloads its AOF)."""
+        assert self.base is not None
+        self.proc = _spawn_redis(self.base, self.port, self.extra)
+        if not _answers(self):
+            raise RuntimeError("redis-server did not start again")
+
+
+def _spawn_redis(base: Path, port: int, extra: tuple[str, ...]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            "redis-server",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            str(base),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def _answers(server: RedisServer) -> bool:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and server.proc.poll() is None:
+        with contextlib.suppress(subprocess.SubprocessError):
+            if server.cli("PING") == "PONG":
+                return True
+        time.sleep(0.05)
+    return False
+
 
 @contextlib.contextmanager
 def redis_server(base: Path, *extra: str) -> Iterator[RedisServer]:
@@ -209,39 +255,17 @@ def redis_server(base: Path, *extra: str) -> Iterator[RedisServer]:
     base.mkdir(parents=True, exist_ok=True)
     for _ in range(5):
         port = free_port()
-        proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--dir",
-                str(base),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                *extra,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        server = RedisServer(port, proc)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and proc.poll() is None:
-            with contextlib.suppress(subprocess.SubprocessError):
-                if server.cli("PING") == "PONG":
-                    break
-            time.sleep(0.05)
-        if proc.poll() is None:
+        server = RedisServer(port, _spawn_redis(base, port, extra), base, extra)
+        if _answers(server):
             break
+        server.proc.kill()
+        server.proc.wait(timeout=5)
     else:
         raise RuntimeError("redis-server did not start")
     try:
         yield server
     finally:
+        proc = server.proc
         proc.terminate()
         try:
             proc.wait(timeout=10)

@@ -6,6 +6,11 @@
   storage: OpenBao 2 has no "file" backend any more), initialised
   (one key share) and unsealed here; it can be sealed, unsealed, stopped,
   paused and started again, for fault tests.
+- ``raft_cluster(tmp_path)``: three ``bao server`` processes on loopback, each
+  with its own data directory, ``storage "raft"`` (``retry_join`` to the
+  others, ``performance_multiplier = 1``), ``api_addr`` and ``cluster_addr``;
+  initialised and unsealed here, transit and KV v2 mounted. Its leader can be
+  killed with SIGKILL and the node started again (``RaftCluster``).
 - ``vault_backend_config(server, **overrides)``: the backend's configuration
   table for that server, with a token written to a file.
 
@@ -362,6 +367,176 @@ ui           = false
         yield server
     finally:
         server.stop()
+
+
+class RaftNode(FileServer):
+    """One node of a ``RaftCluster``: a raft server that joins its peers by itself."""
+
+    def __init__(self, workdir: Path, port: int, node_id: str) -> None:
+        super().__init__(workdir, port)
+        self.node_id = node_id
+
+    def health(self) -> int | None:
+        """``sys/health``'s status: 200 active, 429 standby, 503 sealed; None unreachable."""
+        try:
+            return self._session.get(f"{self.addr}/v1/sys/health", timeout=2).status_code
+        except requests.RequestException:
+            return None
+
+    def kill(self) -> None:
+        """SIGKILL the node (no shutdown, no leadership hand-over) and reap it."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=STOP_TIMEOUT)
+
+    def unseal(self) -> None:
+        """Unseal (retried while the node has not joined yet) until it is active or standby."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            answer = self._session.put(
+                f"{self.addr}/v1/sys/unseal", json={"key": self.unseal_key}, timeout=5
+            )
+            if answer.status_code == 200 and answer.json().get("sealed") is False:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.node_id} did not unseal:\n{self.log_tail()}")
+            time.sleep(0.2)
+        while self.health() not in (200, 429):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.node_id} did not join:\n{self.log_tail()}")
+            time.sleep(0.1)
+
+
+class RaftCluster:
+    """Three raft nodes on loopback; the root token and unseal key are the harness's."""
+
+    def __init__(self, nodes: list[RaftNode]) -> None:
+        self.nodes = nodes
+        self.boot_seconds = 0.0
+
+    @property
+    def addrs(self) -> list[str]:
+        return [n.addr for n in self.nodes]
+
+    @property
+    def root_token(self) -> str:
+        return self.nodes[0].root_token
+
+    @property
+    def workdir(self) -> Path:
+        return self.nodes[0].workdir.parent
+
+    def leader(self, timeout: float = START_TIMEOUT) -> RaftNode:
+        """The active node (waits, bounded, while an election runs)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for node in self.nodes:
+                if node.proc is not None and node.health() == 200:
+                    return node
+            if time.monotonic() > deadline:
+                tails = "\n".join(n.log_tail(10) for n in self.nodes)
+                raise RuntimeError(f"no raft leader in {timeout}s:\n{tails}")
+            time.sleep(0.05)
+
+    def standbys(self) -> list[RaftNode]:
+        leader = self.leader()
+        return [n for n in self.nodes if n is not leader and n.proc is not None]
+
+    def api(self, method: str, path: str, body: dict[str, Any] | None = None, **kw: Any) -> Any:
+        """A root call to the current leader."""
+        return self.leader().api(method, path, body, **kw)
+
+    def kill_leader(self) -> RaftNode:
+        """SIGKILL the active node; returns it (``restart`` brings it back)."""
+        node = self.leader()
+        node.kill()
+        return node
+
+    def restart(self, node: RaftNode) -> None:
+        """Start a stopped node again; it rejoins and is unsealed (as a standby)."""
+        node.start(unseal=True)
+
+    def wait_voters(self, count: int = 3, timeout: float = START_TIMEOUT) -> None:
+        """Wait until ``count`` raft peers are voters (a fresh node joins as a non-voter)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                config = self.api("GET", "sys/storage/raft/configuration")
+                servers = config["data"]["config"]["servers"]
+                if sum(1 for s in servers if s.get("voter")) >= count:
+                    return
+            except (AssertionError, RuntimeError, requests.RequestException, KeyError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"raft has not {count} voters after {timeout}s")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def _raft_config(work: Path, port: int, node_id: str, peers: list[int]) -> str:
+    joins = "".join(
+        f'  retry_join {{\n    leader_api_addr = "http://127.0.0.1:{p}"\n  }}\n' for p in peers
+    )
+    return f"""
+storage "raft" {{
+  path                   = "{work / "data"}"
+  node_id                = "{node_id}"
+  performance_multiplier = 1
+{joins}}}
+listener "tcp" {{
+  address         = "127.0.0.1:{port}"
+  cluster_address = "127.0.0.1:{port + 1}"
+  tls_disable     = true
+}}
+api_addr     = "http://127.0.0.1:{port}"
+cluster_addr = "http://127.0.0.1:{port + 1}"
+ui           = false
+"""
+
+
+@contextlib.contextmanager
+def raft_cluster(tmp_path: Path, size: int = 3) -> Iterator[RaftCluster]:
+    """``size`` raft nodes under ``tmp_path``, initialised, unsealed, transit and KV v2 on."""
+    began = time.monotonic()
+    ports: list[int] = []
+    while len(ports) < size:
+        port = free_port_pair()
+        if not {port, port + 1} & {q for p in ports for q in (p, p + 1)}:
+            ports.append(port)
+    nodes = []
+    for i, port in enumerate(ports, 1):
+        work = tmp_path / f"node{i}"
+        (work / "data").mkdir(parents=True, exist_ok=True)
+        peers = [p for p in ports if p != port]
+        (work / "bao.hcl").write_text(_raft_config(work, port, f"node{i}", peers))
+        nodes.append(RaftNode(work, port, f"node{i}"))
+    cluster = RaftCluster(nodes)
+    try:
+        for node in nodes:
+            node._spawn(["server", f"-config={node.workdir / 'bao.hcl'}"])
+        for node in nodes:
+            node.wait_answering()
+        first = nodes[0]
+        init = first.api("PUT", "sys/init", {"secret_shares": 1, "secret_threshold": 1}, token="")
+        for node in nodes:
+            node.root_token = str(init["root_token"])
+            node.unseal_key = str(init["keys_base64"][0])
+        first.unseal()
+        cluster.leader()
+        for node in nodes[1:]:
+            node.unseal()
+        cluster.wait_voters(size)
+        cluster.leader().enable_engines()
+        cluster.boot_seconds = time.monotonic() - began
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def vault_backend_config(

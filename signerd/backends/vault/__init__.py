@@ -6,7 +6,8 @@ call).
 """
 
 from ._auth import AppRole, Auth, TokenFile
-from ._backend import VaultBackend, build, build_transport, from_config
+from ._backend import VaultBackend
+from ._build import build, build_transport, from_config
 from ._http import NotFoundInVault, Transport, translate
 from ._settings import VaultSettings, parse_settings
 from ._sign import SignClient

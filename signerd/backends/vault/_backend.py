@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
-
-import hvac
 
 from ...errors import (
     BackendError,
@@ -36,7 +33,8 @@ from ...wire import KeyName, valid_part
 from .. import KeyInfo, VersionState
 from ._auth import Auth
 from ._http import Json, NotFoundInVault, Transport, connection_failed
-from ._settings import VaultSettings, parse_settings
+from ._nodes import Nodes
+from ._settings import VaultSettings
 from ._sign import SignClient, parse_signature, sign_refusal
 from ._states import ForeignKey, Record, Transit, key_info, malformed, record_of, transit_of
 
@@ -52,11 +50,25 @@ class VaultBackend:
         self.settings = settings
         self.transport = transport
         # signs skip hvac: kept-alive http.client connections, hvac's token (see _vault_sign)
+        self.nodes = transport.nodes or Nodes(settings.nodes)
         self.signer = SignClient(
-            settings, transport.auth, lambda path, body: transport.request("POST", path, body)
+            settings,
+            transport.auth,
+            lambda path, body: transport.request("POST", path, body),
+            self.nodes,
         )
         self.max_concurrency = settings.max_concurrency
         self._reported: set[str] = set()  # keys skipped from listings, logged once each
+
+    @property
+    def failovers(self) -> int:
+        """How many times this backend switched to another node of its cluster."""
+        return self.nodes.failovers
+
+    @property
+    def node(self) -> str:
+        """The address of the node requests go to now."""
+        return self.nodes.current
 
     # --- names and paths ---
 
@@ -329,12 +341,7 @@ class VaultBackend:
         else:
             body["batch_input"] = [{"input": e} for e in encoded]
         path = f"{self._mount(key)}/sign/{self._transit_name(key)}"
-        try:
-            answer = self.signer.post(path, body)  # signing is safe to repeat
-        except NotFoundInVault as exc:
-            raise UnknownKey() from exc
-        except BackendError as exc:
-            raise sign_refusal(exc) from exc.__cause__
+        answer = self._post_sign(path, body)
         try:
             data = answer["data"]
             results = data["batch_results"] if len(encoded) > 1 else [data]
@@ -351,7 +358,33 @@ class VaultBackend:
             )
         return signed
 
+    def _post_sign(self, path: str, body: Json) -> Json:
+        """POST a sign (safe to repeat). A node that does not know the key or version
+        may be a standby lagging a rotate: when it is not the active node any more,
+        the sign is sent once more, to the active one."""
+        for attempt in (1, 2):
+            seen = self.nodes.generation
+            try:
+                return self.signer.post(path, body)
+            except NotFoundInVault as exc:
+                err: SignerdError = UnknownKey()
+                cause: BaseException | None = exc
+            except BackendError as exc:
+                err, cause = sign_refusal(exc), exc.__cause__
+            if (
+                attempt == 1
+                and isinstance(err, UnknownKey | UnknownVersion)
+                and self.nodes.clustered
+            ):
+                self.nodes.ensure_active()
+                if self.nodes.generation != seen:
+                    log.info("signerd.vault.sign_on_active_node cause=%s", err.code)
+                    continue
+            raise err from cause
+        raise AssertionError("unreachable")
+
     def check(self) -> None:
+        self.nodes.ensure_active()
         try:
             self.transport.request("GET", "auth/token/lookup-self")
         except NotFoundInVault as exc:
@@ -362,29 +395,4 @@ class VaultBackend:
     def close(self) -> None:
         self.signer.close()
         self.transport.close()
-
-
-def build_transport(settings: VaultSettings) -> Transport[Auth]:
-    def make() -> Any:
-        client = hvac.Client(
-            url=settings.addr,
-            namespace=settings.namespace,
-            verify=settings.ca_file or True,
-            timeout=settings.timeout,
-        )
-        # Vault is reached directly: no proxy or CA bundle from the environment
-        # (and no scan of os.environ on every request, a quarter of a sign's cost)
-        client.adapter.session.trust_env = False
-        return client
-
-    return Transport(make, Auth(settings.source, make))
-
-
-def build(settings: VaultSettings) -> VaultBackend:
-    """The backend for a parsed table (Vault is contacted at the first call)."""
-    return VaultBackend(settings, build_transport(settings))
-
-
-def from_config(cfg: Mapping[str, Any]) -> VaultBackend:
-    """A backend from its configuration table (keys: see ``parse_settings``)."""
-    return build(parse_settings(cfg))
+        self.nodes.close()

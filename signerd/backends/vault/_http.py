@@ -21,6 +21,7 @@ import requests
 
 from ...errors import BackendError, BackendSealed, BackendUnavailable, SignerdError
 from .. import CredentialsRefused
+from ._nodes import Nodes
 
 log = logging.getLogger("signerd.vault")
 
@@ -76,6 +77,16 @@ def connection_failed(exc: BaseException | None) -> bool:
     )
 
 
+def node_unusable(exc: BaseException) -> bool:
+    """Vault's answer says this node cannot serve now (sealed, standby, not ready)."""
+    return isinstance(
+        exc,
+        hvac.exceptions.VaultDown
+        | hvac.exceptions.VaultNotInitialized
+        | hvac.exceptions.BadGateway,
+    )
+
+
 class TokenHolder(Protocol):
     """Where the transport gets its token (``Auth``)."""
 
@@ -96,9 +107,11 @@ _A = TypeVar("_A", bound=TokenHolder)
 class Transport(Generic[_A]):
     """One hvac client per thread; every request goes through ``request``."""
 
-    def __init__(self, make_client: ClientFactory, auth: _A) -> None:
+    def __init__(self, make_client: ClientFactory, auth: _A, nodes: Nodes | None = None) -> None:
         self._make_client = make_client
         self.auth = auth
+        #: the cluster's nodes; the clients' adapters send to ``nodes.current``
+        self.nodes = nodes
         self._local = threading.local()
         self._clients: list[Any] = []
         self._clients_lock = threading.Lock()
@@ -122,10 +135,14 @@ class Transport(Generic[_A]):
         connection, for requests that are safe to repeat.
         """
         client = self._client()
+        nodes = self.nodes
+        if nodes is not None:
+            nodes.check_due()
         relogged = retried = False
         while True:
             token, generation = self.auth.token()
             client.adapter.token = token
+            seen = nodes.generation if nodes is not None else 0
             try:
                 answer = client.adapter.request(method, "v1/" + path, json=body)
             except hvac.exceptions.InvalidPath as exc:
@@ -140,12 +157,23 @@ class Transport(Generic[_A]):
                 relogged = True
                 continue
             except requests.RequestException as exc:
+                if (
+                    nodes is not None
+                    and nodes.clustered
+                    and not isinstance(exc, requests.exceptions.SSLError)
+                ):
+                    nodes.failover(seen)  # raises while no node is active
                 if retry and not retried and connection_failed(exc):
                     log.info("signerd.vault.retry path=%s cause=%s", path, type(exc).__name__)
                     retried = True
                     continue
                 raise translate(exc, "request") from exc
             except hvac.exceptions.VaultError as exc:
+                if nodes is not None and nodes.clustered and node_unusable(exc):
+                    nodes.failover(seen)
+                    if retry and not retried:
+                        retried = True
+                        continue
                 raise translate(exc, "request") from exc
             if isinstance(answer, dict):
                 return answer

@@ -26,8 +26,9 @@ _PREFIX_RE = re.compile(r"[A-Za-z0-9_-]{0,64}")
 _KNOWN = frozenset({
     "type", "addr", "namespace", "ca_file", "token_file", "approle_role_id_file",
     "approle_secret_id_file", "approle_mount", "mount", "tenant_mounts", "key_prefix",
-    "metadata_mount", "timeout", "max_concurrency",
+    "metadata_mount", "timeout", "max_concurrency", "health_interval",
 })
+_MAX_ADDRS = 16
 # fmt: on
 
 
@@ -43,6 +44,13 @@ class VaultSettings:
     metadata_mount: str = "secret"
     timeout: float = 5.0
     max_concurrency: int = 8
+    #: every node of a cluster, in failover order (``addr`` is the first)
+    addrs: tuple[str, ...] = ()
+    health_interval: float = 1.0
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return self.addrs or (self.addr,)
 
 
 def parse_settings(cfg: Mapping[str, Any]) -> VaultSettings:
@@ -50,24 +58,13 @@ def parse_settings(cfg: Mapping[str, Any]) -> VaultSettings:
     unknown = sorted(set(cfg) - _KNOWN)
     if unknown:
         raise ValueError(f"{unknown[0]}: unknown key (known: {', '.join(sorted(_KNOWN))})")
-    addr = _string(cfg, "addr", None)
-    url = urlsplit(addr)
-    try:
-        port = url.port
-    except ValueError:
-        port = -1
-    if (
-        url.scheme not in ("http", "https")
-        or not url.hostname
-        or port == -1
-        or url.path not in ("", "/")
-        or url.query
-    ):
-        raise ValueError(f"addr: must be http(s)://host[:port], got {addr!r}")
-    if url.scheme == "http" and url.hostname not in ("127.0.0.1", "::1", "localhost"):
-        log.warning("signerd.vault.plain_http addr=%s advice=%s", addr, "use https in production")
+    addrs = _addrs(cfg)
+    addr = addrs[0]
+    schemes = {urlsplit(a).scheme for a in addrs}
+    if len(schemes) > 1:
+        raise ValueError("addr: every node must use the same scheme")
     ca_file = _optional_file(cfg, "ca_file")
-    if ca_file and url.scheme != "https":
+    if ca_file and schemes != {"https"}:
         raise ValueError("ca_file: only used with an https:// addr")
     namespace = _string(cfg, "namespace", "") or None
     if namespace is not None and not _MOUNT_RE.fullmatch(namespace.strip("/")):
@@ -116,8 +113,17 @@ def parse_settings(cfg: Mapping[str, Any]) -> VaultSettings:
         or not 1 <= concurrency <= 64
     ):
         raise ValueError(f"max_concurrency: must be an integer from 1 to 64, got {concurrency!r}")
+    interval = cfg.get("health_interval", 1.0)
+    if (
+        isinstance(interval, bool)
+        or not isinstance(interval, int | float)
+        or not 0.1 <= interval <= 3600
+    ):
+        raise ValueError(f"health_interval: must be seconds in [0.1, 3600], got {interval!r}")
     return VaultSettings(
-        addr=addr.rstrip("/"),
+        addr=addr,
+        addrs=addrs,
+        health_interval=float(interval),
         source=source,
         namespace=namespace,
         ca_file=ca_file,
@@ -128,6 +134,42 @@ def parse_settings(cfg: Mapping[str, Any]) -> VaultSettings:
         timeout=float(timeout),
         max_concurrency=concurrency,
     )
+
+
+def _addrs(cfg: Mapping[str, Any]) -> tuple[str, ...]:
+    """``addr``: one URL, or a list of a cluster's node URLs in failover order."""
+    raw = cfg.get("addr")
+    if raw is None:
+        raise ValueError("addr: required")
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list) or not 1 <= len(items) <= _MAX_ADDRS:
+        raise ValueError(f"addr: must be a URL or a list of 1 to {_MAX_ADDRS} URLs")
+    addrs: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError("addr: each address must be a string")
+        url = urlsplit(item)
+        try:
+            port = url.port
+        except ValueError:
+            port = -1
+        if (
+            url.scheme not in ("http", "https")
+            or not url.hostname
+            or port == -1
+            or url.path not in ("", "/")
+            or url.query
+            or url.fragment
+            or url.username is not None
+            or not item.isprintable()
+        ):
+            raise ValueError(f"addr: must be http(s)://host[:port], got {item[:200]!r}")
+        if url.scheme == "http" and url.hostname not in ("127.0.0.1", "::1", "localhost"):
+            log.warning("signerd.vault.plain_http addr=%s advice=%s", item, "use https in production")
+        if item.rstrip("/") in addrs:
+            raise ValueError(f"addr: {item[:200]!r} is listed twice")
+        addrs.append(item.rstrip("/"))
+    return tuple(addrs)
 
 
 def _string(cfg: Mapping[str, Any], key: str, default: str | None) -> str:

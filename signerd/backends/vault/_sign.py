@@ -51,7 +51,8 @@ from ...errors import (
     UnknownVersion,
 )
 from ._auth import Auth
-from ._http import Json, NotFoundInVault, translate
+from ._http import Json, NotFoundInVault, node_unusable, translate
+from ._nodes import Nodes
 from ._settings import VaultSettings
 
 log = logging.getLogger("signerd.vault")
@@ -108,8 +109,9 @@ class _Connection:
     """One kept-alive HTTP/1.1 connection; answers parsed by httptools (llhttp)."""
 
     def __init__(
-        self, host: str, port: int, timeout: float, context: ssl.SSLContext | None
+        self, addr: str, host: str, port: int, timeout: float, context: ssl.SSLContext | None
     ) -> None:
+        self.addr = addr
         self._host, self._port, self._timeout, self._context = host, port, timeout, context
         self._sock: socket.socket | None = None
 
@@ -136,6 +138,10 @@ class _Connection:
             self.close()
         return parser.get_status_code(), b"".join(answer.body)
 
+    @property
+    def is_open(self) -> bool:
+        return self._sock is not None
+
     def close(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
@@ -149,32 +155,52 @@ class _TooLarge(Exception):
 class SignClient:
     """POSTs to Vault over one kept-alive connection per calling thread."""
 
-    def __init__(self, settings: VaultSettings, auth: Auth, fallback: Fallback) -> None:
-        url = urlsplit(settings.addr)
-        assert url.hostname is not None  # parse_settings checked the address
-        self._host = url.hostname
-        tls = url.scheme == "https"
-        self._port = url.port or (443 if tls else 80)
+    def __init__(
+        self,
+        settings: VaultSettings,
+        auth: Auth,
+        fallback: Fallback,
+        nodes: Nodes | None = None,
+    ) -> None:
         self._timeout = settings.timeout
+        self._namespace = settings.namespace
+        tls = urlsplit(settings.addr).scheme == "https"
         self._context = _tls_context(settings.ca_file) if tls else None
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        head = f"Host: {host}:{self._port}\r\nContent-Type: application/json\r\n"
-        head += "X-Vault-Request: true\r\n"
-        if settings.namespace:
-            head += f"X-Vault-Namespace: {settings.namespace}\r\n"
-        self._head = head
+        #: where to send: the cluster's node in use (``settings.addr`` alone by default)
+        self.nodes = nodes if nodes is not None else Nodes((settings.addr,))
+        self._endpoints: dict[str, tuple[str, int, str]] = {}
         self.auth = auth
         self._fallback = fallback
         self._local = threading.local()
         self._connections: list[_Connection] = []
         self._lock = threading.Lock()
 
-    def _connection(self) -> _Connection:
+    def _endpoint(self, addr: str) -> tuple[str, int, str]:
+        """(host, port, header lines) for one node's address."""
+        found = self._endpoints.get(addr)
+        if found is None:
+            url = urlsplit(addr)
+            assert url.hostname is not None  # parse_settings checked the address
+            port = url.port or (443 if url.scheme == "https" else 80)
+            host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
+            head = f"Host: {host}:{port}\r\nContent-Type: application/json\r\n"
+            head += "X-Vault-Request: true\r\n"
+            if self._namespace:
+                head += f"X-Vault-Namespace: {self._namespace}\r\n"
+            found = self._endpoints[addr] = (url.hostname, port, head)
+        return found
+
+    def _connection(self, addr: str) -> _Connection:
         conn: _Connection | None = getattr(self._local, "conn", None)
+        if conn is not None and conn.addr != addr:
+            conn.close()  # the cluster failed over: this thread's next request goes there
+            conn = None
         if conn is None:
-            conn = _Connection(self._host, self._port, self._timeout, self._context)
+            host, port, _ = self._endpoint(addr)
+            conn = _Connection(addr, host, port, self._timeout, self._context)
             self._local.conn = conn
             with self._lock:
+                self._connections = [c for c in self._connections if c.addr == addr or c.is_open]
                 self._connections.append(conn)
         return conn
 
@@ -185,11 +211,12 @@ class SignClient:
             conn.close()
 
     def _exchange(self, path: str, payload: bytes, token: str) -> tuple[int, bytes]:
+        addr = self.nodes.current
         request = (
-            f"POST /v1/{path} HTTP/1.1\r\n{self._head}X-Vault-Token: {token}\r\n"
+            f"POST /v1/{path} HTTP/1.1\r\n{self._endpoint(addr)[2]}X-Vault-Token: {token}\r\n"
             f"Content-Length: {len(payload)}\r\n\r\n"
         ).encode("ascii")
-        return self._connection().exchange(request + payload)
+        return self._connection(addr).exchange(request + payload)
 
     def post(self, path: str, body: Json) -> Json:
         """POST ``body`` to ``v1/<path>``; the JSON answer.
@@ -200,16 +227,20 @@ class SignClient:
         if not _PATH_RE.fullmatch(path):
             return self._fallback(path, body)  # needs quoting: leave it to requests
         payload = json.dumps(body, separators=(",", ":")).encode()
+        nodes = self.nodes
+        nodes.check_due()
         relogged = retried = False
         while True:
             token, generation = self.auth.token()
             if not _TOKEN_RE.fullmatch(token):
                 raise BackendUnavailable("the Vault token cannot be sent in a header")
+            seen = nodes.generation
             try:
                 status, answer = self._exchange(path, payload, token)
             except TimeoutError as exc:
                 self._drop()
                 _log_cause(exc, BackendUnavailable.code)
+                nodes.failover(seen)  # the next request goes to an active node
                 raise BackendUnavailable("Vault did not answer in time") from exc
             except ssl.SSLError as exc:
                 self._drop()
@@ -225,6 +256,7 @@ class SignClient:
             except (OSError, httptools.HttpParserError) as exc:
                 # refused, reset, or a kept-alive connection Vault closed
                 self._drop()
+                nodes.failover(seen)  # a cluster: the first active node (or 503 while none)
                 if not retried:
                     log.info("signerd.vault.retry path=%s cause=%s", path, type(exc).__name__)
                     retried = True
@@ -239,6 +271,12 @@ class SignClient:
                 # a standby node's redirect: hvac (requests) follows those
                 return self._fallback(path, body)
             error = _vault_error(status, answer, path)
+            if nodes.clustered and node_unusable(error):
+                self._drop()
+                nodes.failover(seen)
+                if not retried:
+                    retried = True
+                    continue
             if isinstance(error, hvac.exceptions.Forbidden | hvac.exceptions.Unauthorized):
                 if relogged:
                     raise translate(error, "request") from error
