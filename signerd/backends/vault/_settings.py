@@ -165,7 +165,9 @@ def _addrs(cfg: Mapping[str, Any]) -> tuple[str, ...]:
         ):
             raise ValueError(f"addr: must be http(s)://host[:port], got {item[:200]!r}")
         if url.scheme == "http" and url.hostname not in ("127.0.0.1", "::1", "localhost"):
-            log.warning("signerd.vault.plain_http addr=%s advice=%s", item, "use https in production")
+            log.warning(
+                "signerd.vault.plain_http addr=%s advice=%s", item, "use https in production"
+            )
         if item.rstrip("/") in addrs:
             raise ValueError(f"addr: {item[:200]!r} is listed twice")
         addrs.append(item.rstrip("/"))
