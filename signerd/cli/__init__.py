@@ -10,6 +10,7 @@
     sign KEY [--data-file F | --data-b64 B]          (else data from stdin)
     verify KID --signature B64 [--data-file F | --data-b64 B]
     jwks [--tenant T]    kid KID    health    ready
+    status [--watch [--interval SECONDS] [--count N]]
     audit verify PATH... [--anchor FILE]... [--no-anchor]
     audit payload-hash --key FILE [--data-file F | --sha256 HEX]  (else payload from stdin)
     telemetry sign|verify ...    feedback sign|verify ...
@@ -25,7 +26,9 @@ Exit codes (``sysexits.h``), by wire code or local condition:
 
 ===  ==============  =====================================================
  0   EX_OK           success; ``verify``: the signature is valid;
-                     ``audit verify``: the trail is intact
+                     ``audit verify``: the trail is intact;
+                     ``status``: the daemon is healthy
+ 1                   ``status``: the daemon answers but is degraded
 64   EX_USAGE        bad arguments; no data given and stdin is a terminal
 65   EX_DATAERR      invalid_signature, unknown_kid, retired_kid,
                      destroyed_kid, invalid_key_name, invalid_base64,
@@ -67,7 +70,7 @@ from typing import NoReturn
 
 from ..client import DEFAULT_SOCKET, Client, ConnectionFailed, RequestTimeout, default_socket_path
 from ..errors import SignerdError
-from . import _audit, _federation, _keys
+from . import _audit, _federation, _keys, _status
 from ._io import Failure
 
 EXIT_FOR_CODE: dict[str, int] = {
@@ -143,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     _federation.add_commands(sub)  # telemetry, feedback
     _keys.add_lookup_commands(sub)  # jwks, kid, health, ready
     _audit.add_commands(sub)  # audit verify, audit payload-hash
+    _status.add_commands(sub)  # status [--watch]
     return parser
 
 
@@ -175,8 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(offline(args))
         with Client(args.socket or default_socket_path(), timeout=args.timeout) as client:
             doc, text = args.run(client, args)
-        print(json.dumps(doc, indent=2) if args.json else text)
-        return os.EX_OK
+        if not getattr(args, "printed", False):
+            print(json.dumps(doc, indent=2) if args.json else text)
+        return int(args.exit_of(doc)) if hasattr(args, "exit_of") else os.EX_OK
     except RequestTimeout as exc:
         return _fail(args, "request_timeout", exc.message, None, os.EX_TEMPFAIL)
     except ConnectionFailed as exc:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ..errors import SignerdError
+from ..errors import InternalError, SignerdError
 from ..wire import parse_kid
 from ._keycache import KeyCache, check
 from ._ops import (
@@ -51,6 +51,13 @@ from ._results import (
 from ._transport import DEFAULT_TIMEOUT, SyncTransport, default_socket_path
 
 T = TypeVar("T")
+
+
+def _document(doc: Any, _rid: str | None = None) -> dict[str, Any]:
+    """An answer's JSON object, as it is."""
+    if not isinstance(doc, dict):
+        raise InternalError("answer outside the protocol: not an object")
+    return doc
 
 
 class Client:
@@ -152,6 +159,11 @@ class Client:
     def ready(self, *, timeout: float | None = None) -> str:
         """``"ready"``, or raises BackendUnavailable when the token is not usable."""
         return self._run(op_status("/v1/ready"), timeout)
+
+    def status(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """The daemon's state (``GET /v1/status``, the status operation): backends, keys with
+        their rotation due dates, the audit trail, the nonce store, workers (docs/metrics.md)."""
+        return self._run(Op("GET", "/v1/status", None, _document, True), timeout)
 
     # --- federation envelopes (docs/federation.md) ---
 
