@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import os
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -100,6 +101,21 @@ async def _check(sources: Sources, name: str) -> BackendState:
     return BackendState(name, kind, True, None)
 
 
+def _nonce_entries(store: Any) -> int | None:
+    """The nonces a store that can count them holds (its file is made by its first add: none
+    yet is 0); None for a store that cannot count (Redis) or cannot be read now. Blocking."""
+    entries, path = getattr(store, "entries", None), getattr(store, "path", None)
+    if not callable(entries):
+        return None
+    if isinstance(path, str) and not os.path.exists(path):
+        return 0
+    try:
+        counted = entries()
+    except (OSError, sqlite3.Error):
+        return None
+    return counted if isinstance(counted, int) else None
+
+
 async def snapshot(sources: Sources, *, check: bool = True) -> Snapshot:
     """The state now; ``check``: ask each backend (else only what needs no round trip)."""
     config, keys = sources.config, sources.keys
@@ -125,12 +141,7 @@ async def snapshot(sources: Sources, *, check: bool = True) -> Snapshot:
             )
         )
     queued, stuck = sources.audit.backlog()
-    store: Any = sources.federation.store
-    entries = getattr(store, "entries", None)
-    try:
-        counted = await asyncio.to_thread(entries) if callable(entries) else None
-    except (OSError, sqlite3.Error):
-        counted = None
+    counted = await asyncio.to_thread(_nonce_entries, sources.federation.store)
     return Snapshot(
         now=now,
         started=sources.table.started,
@@ -140,6 +151,6 @@ async def snapshot(sources: Sources, *, check: bool = True) -> Snapshot:
         audit_queued=queued,
         audit_healthy=not stuck,
         nonce_store=config.federation.store,
-        nonce_entries=counted if isinstance(counted, int) else None,
+        nonce_entries=counted,
         workers=sources.table.slots(),
     )
