@@ -23,6 +23,7 @@ from typing import cast
 
 from . import daemon as sd
 from . import federation as fed
+from . import metrics as bm
 from . import refs
 from .load import Target, drive
 from .report import (
@@ -102,6 +103,15 @@ CHECKS = [
         1.25,
         "time per signature",
     ),
+    Check(
+        "signerd-hsm-seq-metrics-on",
+        "p50_us",
+        "signerd-hsm-seq-metrics-off",
+        "p50_us",
+        "<=",
+        1.05,
+        "p50, metrics on vs off",
+    ),
     Check("signerd-verify", "p50_us", "inproc-verify", "p50_us", "<=", 2.5, "p50"),
     Check("client-verify-local", "p50_us", "inproc-verify", "p50_us", None, None, "p50"),
     *(
@@ -159,6 +169,7 @@ PATHS = [
     "signerd-hsm-seq-client",
     "signerd-hsm-32",
     "signerd-hsm-batch100",
+    *(p for p, _ in bm.PATHS),
     "inproc-verify",
     "signerd-verify",
     "client-verify-local",
@@ -502,6 +513,7 @@ class Bench:
                 lambda: self.references(stack, tmp),
                 lambda: self.openbao(tmp),
                 lambda: self.signerd_hsm(tmp),
+                lambda: bm.run(self, tmp),
                 lambda: self.federation(tmp),
                 lambda: self.footprint(tmp),
             ):

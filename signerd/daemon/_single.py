@@ -40,8 +40,13 @@ class Solo:
     admin_guard: AdminGuard | None = None
     trust_guard: TrustGuard | None = None
 
-    def __init__(self) -> None:
-        self.worker_table = WorkerTable(1)
+    _table: WorkerTable | None = None
+
+    @property
+    def worker_table(self) -> WorkerTable:
+        if self._table is None:
+            self._table = WorkerTable(1)
+        return self._table
 
     def stall_guard(
         self, config: Config, last_answers: Callable[[SignerdError], int]

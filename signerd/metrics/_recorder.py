@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, values
@@ -60,6 +60,7 @@ def use_directory(path: str) -> None:
     global _using
     if _using == path:
         return
+    os.makedirs(path, mode=0o750, exist_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
     _using = path
@@ -68,7 +69,7 @@ def use_directory(path: str) -> None:
 class Recorder:
     """The series this process writes; the hooks the server and the key service call."""
 
-    def __init__(self, backend_of: Callable[[str], str]) -> None:
+    def __init__(self, backend_of: Callable[[str], str], backends: Iterable[str]) -> None:
         self._backend_of = backend_of
         none = None  # series go to no registry: the exposition reads the files
         self.requests = Counter(
@@ -131,6 +132,12 @@ class Recorder:
         )
         self._children: dict[tuple[str, int, str, str | None], tuple[Any, Any, Any]] = {}
         self._batches: dict[str, tuple[Any, Any, Any]] = {}
+        # The known label values start at 0 (and each kind's file is opened here, at start,
+        # not by the first request that needs it).
+        for reason in _NONCE_CODES.values():
+            self.nonce_refusals.labels(reason)
+        for backend in backends:
+            self._batch_children(backend)
 
     def request(self, notes: AuditNotes, outcome: str, status: int, seconds: float) -> None:
         """``Front.observe``: one answered request."""
@@ -166,13 +173,15 @@ class Recorder:
 
     def batch(self, backend: str, size: int, queued: float, took: float) -> None:
         """The coalescer's hook: one backend sign call of ``size`` requests."""
-        children = self._batches.get(backend)
-        if children is None:
-            children = self._batches[backend] = (
-                self.batch_size.labels(backend),
-                self.queued.labels(backend),
-                self.in_backend.labels(backend),
-            )
+        children = self._batches.get(backend) or self._batch_children(backend)
         children[0].observe(size)
         children[1].observe(queued)
         children[2].observe(took)
+
+    def _batch_children(self, backend: str) -> tuple[Any, Any, Any]:
+        children = self._batches[backend] = (
+            self.batch_size.labels(backend),
+            self.queued.labels(backend),
+            self.in_backend.labels(backend),
+        )
+        return children

@@ -23,9 +23,15 @@ from ._exposition import CONTENT_TYPE, render
 from ._recorder import Recorder, use_directory
 from ._state import VERSION, Snapshot, Sources, snapshot
 
-__all__ = ["Metrics", "status_doc"]
+__all__ = ["ROUTES", "Metrics", "status_doc"]
 
 TICK = 1.0  # seconds between updates of this worker's audit gauges
+#: (method, path, handler method name, operation), also checked against openapi.json;
+#: /metrics is served only while [metrics] enabled
+ROUTES: tuple[tuple[str, str, str, Operation], ...] = (
+    ("GET", "/metrics", "metrics", Operation.METRICS),
+    ("GET", "/v1/status", "status", Operation.STATUS),
+)
 
 
 class _TimedAudit:
@@ -52,20 +58,19 @@ class Metrics:
         self.directory = directory
         self.recorder: Recorder | None = None
         self._ticker: asyncio.Task[None] | None = None
-        routes: list[Any] = [("GET", "/v1/status", self.status, Operation.STATUS)]
+        served = [r for r in ROUTES if sources.config.metrics or r[3] is not Operation.METRICS]
         if sources.config.metrics:
             use_directory(directory)
             keys = sources.keys
-            rec = self.recorder = Recorder(keys.backend_name)
+            rec = self.recorder = Recorder(keys.backend_name, sources.config.backends)
             server.observe = rec.request
             keys.coalescer.observe = lambda group, size, queued, took: rec.batch(
                 keys.backend_name(group[0].tenant), size, queued, took
             )
             server.audit = _TimedAudit(sources.audit, rec.audit_write)
-            routes.append(("GET", "/metrics", self.metrics, Operation.METRICS))
             self._tick()
             self._ticker = asyncio.get_running_loop().create_task(self._ticking())
-        server.add_routes(routes)
+        server.add_routes((m, p, getattr(self, name), op) for m, p, name, op in served)
 
     def _tick(self) -> None:
         if self.recorder is not None:
