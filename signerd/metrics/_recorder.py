@@ -46,6 +46,21 @@ LATENCY_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _NONCE_CODES = {"replayed_nonce": "replayed", "nonce_store_unavailable": "store_unavailable"}
 _using: str | None = None
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def _process_id() -> int:
+    """This process's pid, read once per fork (prometheus-client asks at every increment,
+    and a getpid system call costs microseconds under some sandboxes)."""
+    return _pid
 
 
 def reset_directory(path: str) -> None:
@@ -62,7 +77,7 @@ def use_directory(path: str) -> None:
         return
     os.makedirs(path, mode=0o750, exist_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
-    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    values.ValueClass = values.MultiProcessValue(_process_id)  # type: ignore[no-untyped-call]
     _using = path
 
 
