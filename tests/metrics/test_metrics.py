@@ -13,6 +13,7 @@ import pytest
 
 from signerd.testing import ALL_OPERATIONS
 
+from ..cli.test_cli import run_ctl
 from ..conftest import DaemonProcess, daemon_config, start_daemon, to_toml, unique, wait_until
 from ..support.federation import Api, b64, federation_daemon
 from ..support.rawhttp import request
@@ -141,6 +142,9 @@ def test_counts_are_summed_over_workers_and_survive_a_restart(d: DaemonProcess) 
 
     wait_until(restarted, timeout=60, what="the killed worker restarted")
     _, samples = scrape(d)
+    directory = d.socket_path.parent / ".signerd-metrics"
+    assert list(directory.glob(f"counter_{victim}.db")), "the dead worker's counts are kept"
+    assert not list(directory.glob(f"gauge_live*_{victim}.db")), "its live gauges are dropped"
     assert _signs(samples) == base + 64
     restarts = label_values(samples, "signerd_worker_restarts", "worker")
     assert sum(value(samples, "signerd_worker_restarts", worker=w) for w in restarts) == 1
@@ -163,6 +167,8 @@ def test_key_series_are_capped_and_callers_make_no_series(d: DaemonProcess) -> N
     keyed = label_values(samples, "signerd_key_versions", "key")
     assert len(keyed) == MAX_KEY_SERIES
     assert value(samples, "signerd_metrics_keys_omitted") == total - MAX_KEY_SERIES
+    due = label_values(samples, "signerd_key_rotation_due_timestamp_seconds", "key")
+    assert due <= {"mt/a"}, "only keys a max_active_age pattern matches have a due date"
     assert not any(name.split("/")[1] in text for name in names)
     series = {k for k in samples if k[0] == "signerd_requests_total"}
     grown = series - {k for k in before if k[0] == "signerd_requests_total"}
@@ -178,6 +184,8 @@ def test_metrics_and_status_need_their_grant(tmp_path: Path) -> None:
     try:
         assert get(daemon, "/metrics").code == "permission_denied"
         assert get(daemon, "/v1/status").code == "permission_denied"
+        refused = run_ctl("--socket", str(daemon.socket_path), "status")
+        assert refused.returncode == os.EX_NOPERM and b"permission_denied" in refused.stderr
         granted = {**rule, "operations": [*others, "metrics"]}
         doc = daemon_config(tmp_path / "p", server={"workers": 2}, policy={"rules": [granted]})
         daemon.config_path.write_text(to_toml(doc))
@@ -222,3 +230,17 @@ def test_nonce_store_size_and_refusals(tmp_path: Path) -> None:
         assert status(fed)["nonces"] == {"store": "sqlite", "entries": 1}
     finally:
         fed.stop()
+
+
+def test_series_of_a_previous_run_are_removed_at_start(tmp_path: Path) -> None:
+    """Files left in the series directory by an earlier run are gone once the daemon serves."""
+    stale = tmp_path / "s" / "run" / ".signerd-metrics" / "counter_1.db"
+    stale.parent.mkdir(parents=True, mode=0o750)
+    stale.parent.parent.chmod(0o750)
+    stale.write_bytes(b"left over")
+    daemon = start_daemon(tmp_path / "s", server={"workers": 2})
+    try:
+        assert not stale.exists()
+        assert scrape(daemon)[1]
+    finally:
+        daemon.stop()
