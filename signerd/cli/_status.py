@@ -11,18 +11,23 @@ daemon's version and uptime. ``--json`` prints the document as signerd sent
 it. Exit status: 0 healthy, 1 degraded (the problems are listed), sysexits
 when signerd cannot be reached or refuses (as every command). ``--watch``
 redraws the screen every ``--interval`` seconds (with ``--json``: one
-document per line) until interrupted, or ``--count`` times.
+document per line) until interrupted, or ``--count`` times, with a chart of the
+signing rate and p99 between frames under it (``_chart``; it needs the
+metrics grant too).
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
+import socket
 import sys
 import time
 from typing import Any
 
-from ..client import Client
+from ..client import Client, default_socket_path
+from ._chart import SignChart
 from ._io import register, table
 
 __all__ = ["DEGRADED", "add_commands", "exit_status", "render"]
@@ -73,10 +78,13 @@ def _status(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
         return doc, render(doc)
     shown = 0
     doc = {}
+    chart = None if a.json else SignChart()
     try:
         while True:
             doc = c.status()
             frame = json.dumps(doc) if a.json else _CLEAR + render(doc)
+            if chart is not None:
+                frame += "\n\n" + "\n".join(_charted(chart, a))
             sys.stdout.write(frame + "\n")
             sys.stdout.flush()
             shown += 1
@@ -87,6 +95,40 @@ def _status(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
         pass
     a.printed = True  # every frame is out already
     return doc, ""
+
+
+class _UnixHTTP(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+def _charted(chart: SignChart, a: argparse.Namespace) -> list[str]:
+    """Read GET /metrics into the chart; its lines (or why there is none)."""
+    conn = _UnixHTTP(a.socket or default_socket_path(), a.timeout)
+    try:
+        conn.request("GET", "/metrics")
+        reply = conn.getresponse()
+        body = reply.read(16 * 1024 * 1024)
+    except OSError:
+        return ["sign rate  (GET /metrics did not answer)"]
+    finally:
+        conn.close()
+    if reply.status != 200:
+        return [
+            f"sign rate  (GET /metrics answered {reply.status}: the chart needs the metrics grant)"
+        ]
+    try:
+        chart.add(body.decode("utf-8"), time.monotonic())
+    except ValueError:
+        return ["sign rate  (GET /metrics answered something else than the exposition)"]
+    return chart.render()
 
 
 def _span(seconds: float | None) -> str:

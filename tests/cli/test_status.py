@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ..conftest import DaemonProcess, start_daemon
-from ..metrics.scrape import scrape, status, value
+from ..metrics.scrape import scrape, sign, status, value
 from .test_cli import run_ctl
 
 pytestmark = pytest.mark.timeout(240)
@@ -95,11 +96,27 @@ def test_an_overdue_key_is_flagged_and_exits_1(overdue: DaemonProcess) -> None:
 
 
 def test_watch_redraws_in_place(healthy: DaemonProcess) -> None:
-    """--watch --count 3 clears the screen before each of its three frames; with --json it
-    prints one document per line."""
-    code, out = _ctl(healthy, "status", "--watch", "--interval", "0.1", "--count", "3")
+    """--watch --count 3 clears the screen before each of its three frames, with the chart of
+    the signs made meanwhile under the last; with --json it prints one document per line."""
+    stop = threading.Event()
+
+    def signing() -> None:
+        while not stop.is_set():
+            assert sign(healthy, "st/a").status == 200
+
+    signer = threading.Thread(target=signing)
+    signer.start()
+    try:
+        code, out = _ctl(healthy, "status", "--watch", "--interval", "0.5", "--count", "3")
+    finally:
+        stop.set()
+        signer.join(timeout=30)
     assert code == 0
     assert out.count(CLEAR) == 3 and out.startswith(CLEAR)
+    last = out.split(CLEAR)[-1].splitlines()
+    (rate,) = [x for x in last if x.startswith("sign rate")]
+    assert float(rate.rsplit(" ", 1)[1].removesuffix("/s").replace(",", "")) > 0
+    assert any(x.startswith("sign p99") and x.endswith("s") for x in last)
     code, out = _ctl(healthy, "--json", "status", "--watch", "--interval", "0.1", "--count", "2")
     assert code == 0
     lines = out.splitlines()
