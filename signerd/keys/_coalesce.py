@@ -86,8 +86,7 @@ class Coalescer(Generic[G]):
         observe, started = self.observe, time.perf_counter()
         try:
             results = await self._run(group, [item for item, _, _ in batch])
-            if observe is not None:
-                observe(group, len(batch), started - batch[0][2], time.perf_counter() - started)
+            took = time.perf_counter() - started
             if len(results) != len(batch):
                 raise InternalError("backend answered a batch with the wrong number of results")
         except Exception as exc:  # every waiter of this batch gets its error
@@ -107,6 +106,8 @@ class Coalescer(Generic[G]):
                 fut.set_exception(result)
             else:
                 fut.set_result(result)
+        if observe is not None:  # once every caller has its answer (it must not raise)
+            observe(group, len(batch), started - batch[0][2], took)
 
     async def aclose(self) -> None:
         for task in list(self._tasks):

@@ -20,7 +20,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, values
 
-from ..server import AuditNotes
+from ..server import AuditNotes, Throttled
 
 __all__ = ["LATENCY_BUCKETS", "Recorder", "reset_directory", "use_directory"]
 
@@ -147,6 +147,8 @@ class Recorder:
         )
         self._children: dict[tuple[str, int, str, str | None], tuple[Any, Any, Any]] = {}
         self._batches: dict[str, tuple[Any, Any, Any]] = {}
+        #: series updates that raised (a full disk under the directory), logged once a minute
+        self.failures = Throttled("signerd.metrics_write_failed", 60.0)
         # The known label values start at 0 (and each kind's file is opened here, at start,
         # not by the first request that needs it).
         for reason in _NONCE_CODES.values():
@@ -156,18 +158,21 @@ class Recorder:
 
     def request(self, notes: AuditNotes, outcome: str, status: int, seconds: float) -> None:
         """``Front.observe``: one answered request."""
-        op = notes.operation.value
-        ident = (op, status, outcome, notes.tenant)
-        children = self._children.get(ident)
-        if children is None:
-            children = self._children_of(op, status, outcome, notes.tenant)
-            if len(self._children) < 4096:  # tenants are many; their backends are few
-                self._children[ident] = children
-        counter, histogram, nonce = children
-        counter.inc()
-        histogram.observe(seconds)
-        if nonce is not None:
-            nonce.inc()
+        try:
+            op = notes.operation.value
+            ident = (op, status, outcome, notes.tenant)
+            children = self._children.get(ident)
+            if children is None:
+                children = self._children_of(op, status, outcome, notes.tenant)
+                if len(self._children) < 4096:  # tenants are many; their backends are few
+                    self._children[ident] = children
+            counter, histogram, nonce = children
+            counter.inc()
+            histogram.observe(seconds)
+            if nonce is not None:
+                nonce.inc()
+        except Exception as exc:  # a series that cannot be written never fails a request
+            self._failed(exc)
 
     def _children_of(self, op: str, status: int, outcome: str, tenant: str | None) -> Any:
         kind = "ok" if status < 400 else "refused" if status < 500 else "failed"
@@ -188,10 +193,23 @@ class Recorder:
 
     def batch(self, backend: str, size: int, queued: float, took: float) -> None:
         """The coalescer's hook: one backend sign call of ``size`` requests."""
-        children = self._batches.get(backend) or self._batch_children(backend)
-        children[0].observe(size)
-        children[1].observe(queued)
-        children[2].observe(took)
+        try:
+            children = self._batches.get(backend) or self._batch_children(backend)
+            children[0].observe(size)
+            children[1].observe(queued)
+            children[2].observe(took)
+        except Exception as exc:
+            self._failed(exc)
+
+    def audit_written(self, seconds: float) -> None:
+        """One durable audit record a request waited for."""
+        try:
+            self.audit_write.observe(seconds)
+        except Exception as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        self.failures.note(error=type(exc).__name__)
 
     def _batch_children(self, backend: str) -> tuple[Any, Any, Any]:
         children = self._batches[backend] = (

@@ -12,9 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Any
-
-from prometheus_client import Histogram
 
 from ..audit import AuditEvent, AuditTrail
 from ..authz import Operation
@@ -37,9 +36,9 @@ ROUTES: tuple[tuple[str, str, str, Operation], ...] = (
 class _TimedAudit:
     """The audit trail, timing each record a request waits for (``submit`` is not timed)."""
 
-    def __init__(self, trail: AuditTrail, histogram: Histogram) -> None:
+    def __init__(self, trail: AuditTrail, observe: Callable[[float], None]) -> None:
         self._trail = trail
-        self._observe = histogram.observe
+        self._observe = observe
 
     async def record(self, event: AuditEvent) -> None:
         started = time.perf_counter()
@@ -67,7 +66,7 @@ class Metrics:
             keys.coalescer.observe = lambda group, size, queued, took: rec.batch(
                 keys.backend_name(group[0].tenant), size, queued, took
             )
-            server.audit = _TimedAudit(sources.audit, rec.audit_write)
+            server.audit = _TimedAudit(sources.audit, rec.audit_written)
             self._tick()
             self._ticker = asyncio.get_running_loop().create_task(self._ticking())
         server.add_routes((m, p, getattr(self, name), op) for m, p, name, op in served)
