@@ -244,3 +244,17 @@ def test_series_of_a_previous_run_are_removed_at_start(tmp_path: Path) -> None:
         assert scrape(daemon)[1]
     finally:
         daemon.stop()
+
+
+def test_a_single_process_daemon_serves_the_same_series(tmp_path: Path) -> None:
+    """server.workers = 1 (no supervisor): a sign is counted, the one worker slot is listed."""
+    daemon = start_daemon(tmp_path / "one", server={"workers": 1}, keys={"bootstrap": ["one/k"]})
+    try:
+        assert sign(daemon, "one/k").status == 200
+        _, samples = scrape(daemon)
+        assert value(samples, "signerd_requests_total", **OK_SIGN) == 1
+        assert value(samples, "signerd_sign_batch_size_count", backend="hsm") == 1
+        assert label_values(samples, "signerd_worker_restarts", "worker") == {"0"}
+        assert [w["pid"] for w in status(daemon)["workers"]] == [daemon.pid]
+    finally:
+        daemon.stop()
