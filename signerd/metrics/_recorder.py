@@ -9,6 +9,12 @@ worker's restart; the directory is emptied when the daemon starts.
 The hot path (``request``) costs one dict lookup for the cached label
 children, one counter increment and one histogram observation. Every label
 value is from a closed set: operations, wire codes, configured backend names.
+
+Extension points, not series yet (their owners' code is not in this tree, and
+no value stands in for them): ``signerd_backend_failovers_total{backend}``, to
+be counted where the OpenBao backend moves to its next address
+(``signerd/backends/vault``), and ``signerd_audit_forwarding_lag_seconds``, set
+by the audit forwarder (``signerd/forwarding/``) as a gauge of each worker.
 """
 
 from __future__ import annotations
