@@ -26,6 +26,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, values
 
+from ..authz import Operation
 from ..server import AuditNotes, Throttled
 
 __all__ = ["LATENCY_BUCKETS", "Recorder", "reset_directory", "use_directory"]
@@ -151,7 +152,7 @@ class Recorder:
             registry=none,
             multiprocess_mode="livemin",
         )
-        self._children: dict[tuple[str, int, str, str | None], tuple[Any, Any, Any]] = {}
+        self._children: dict[tuple[Operation, int, str, str | None], tuple[Any, Any, Any]] = {}
         self._batches: dict[str, tuple[Any, Any, Any]] = {}
         #: series updates that raised (a full disk under the directory), logged once a minute
         self.failures = Throttled("signerd.metrics_write_failed", 60.0)
@@ -165,11 +166,10 @@ class Recorder:
     def request(self, notes: AuditNotes, outcome: str, status: int, seconds: float) -> None:
         """``Front.observe``: one answered request."""
         try:
-            op = notes.operation.value
-            ident = (op, status, outcome, notes.tenant)
+            ident = (notes.operation, status, outcome, notes.tenant)
             children = self._children.get(ident)
             if children is None:
-                children = self._children_of(op, status, outcome, notes.tenant)
+                children = self._children_of(notes.operation.value, status, outcome, notes.tenant)
                 if len(self._children) < 4096:  # tenants are many; their backends are few
                     self._children[ident] = children
             counter, histogram, nonce = children
