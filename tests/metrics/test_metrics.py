@@ -16,6 +16,7 @@ from signerd.testing import ALL_OPERATIONS
 from ..cli.test_cli import run_ctl
 from ..conftest import DaemonProcess, daemon_config, start_daemon, to_toml, unique, wait_until
 from ..support.federation import Api, b64, federation_daemon
+from ..support.openbao import dev_server, vault_backend_config
 from ..support.rawhttp import request
 from .scrape import Samples, get, label_values, scrape, sign, status, value
 
@@ -256,5 +257,42 @@ def test_a_single_process_daemon_serves_the_same_series(tmp_path: Path) -> None:
         assert value(samples, "signerd_sign_batch_size_count", backend="hsm") == 1
         assert label_values(samples, "signerd_worker_restarts", "worker") == {"0"}
         assert [w["pid"] for w in status(daemon)["workers"]] == [daemon.pid]
+    finally:
+        daemon.stop()
+
+
+def test_each_backend_is_counted_and_checked(tmp_path: Path) -> None:
+    """Signs on a SoftHSM tenant and an OpenBao tenant land under their own backend label;
+    with OpenBao stopped, signerd_backend_up{backend="bao"} is 0 and the status degraded."""
+    with dev_server(tmp_path / "bao") as bao:
+        daemon = start_daemon(
+            tmp_path / "two",
+            server={"workers": 2},
+            keys={"bootstrap": ["vt/k", "ht/k"]},
+            backends={"bao": vault_backend_config(bao)},
+            tenants={"vt": {"backend": "bao"}},
+        )
+        try:
+            for key, n in (("vt/k", 3), ("ht/k", 2)):
+                for i in range(n):
+                    assert sign(daemon, key, f"b{i}".encode()).status == 200
+            _, samples = scrape(daemon)
+        except BaseException:
+            daemon.stop()
+            raise
+    try:
+        for backend, n in (("bao", 3), ("hsm", 2)):
+            count = "signerd_request_duration_seconds_count"
+            assert value(samples, count, operation="sign", backend=backend) == n
+            assert value(samples, "signerd_sign_batch_size_sum", backend=backend) == n
+            assert value(samples, "signerd_backend_up", backend=backend) == 1.0
+        _, down = scrape(daemon)
+        assert value(down, "signerd_backend_up", backend="bao") == 0.0
+        assert value(down, "signerd_backend_up", backend="hsm") == 1.0
+        doc = status(daemon)
+        assert doc["status"] == "degraded"
+        (bao_state,) = [b for b in doc["backends"] if b["name"] == "bao"]
+        assert bao_state["type"] == "vault" and not bao_state["up"] and bao_state["code"]
+        assert run_ctl("--socket", str(daemon.socket_path), "status").returncode == 1
     finally:
         daemon.stop()
