@@ -24,6 +24,7 @@ from typing import cast
 from . import cluster, refs
 from . import daemon as sd
 from . import federation as fed
+from . import metrics as bm
 from .load import Target, drive
 from .report import (
     Check,
@@ -103,6 +104,15 @@ CHECKS = [
         1.25,
         "time per signature",
     ),
+    Check(
+        "signerd-hsm-seq-metrics-on",
+        "p50_us",
+        "signerd-hsm-seq-metrics-off",
+        "p50_us",
+        "<=",
+        1.05,
+        "p50, metrics on vs off",
+    ),
     Check("signerd-verify", "p50_us", "inproc-verify", "p50_us", "<=", 2.5, "p50"),
     Check("client-verify-local", "p50_us", "inproc-verify", "p50_us", None, None, "p50"),
     *(
@@ -161,6 +171,7 @@ PATHS = [
     "signerd-hsm-seq-client",
     "signerd-hsm-32",
     "signerd-hsm-batch100",
+    *(p for p, _ in bm.PATHS),
     "inproc-verify",
     "signerd-verify",
     "client-verify-local",
@@ -505,6 +516,7 @@ class Bench:
                 lambda: self.openbao(tmp),
                 lambda: cluster.measure(self, tmp),
                 lambda: self.signerd_hsm(tmp),
+                lambda: bm.run(self, tmp),
                 lambda: self.federation(tmp),
                 lambda: self.footprint(tmp),
             ):

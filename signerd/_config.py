@@ -59,9 +59,35 @@ class Config:
     on_loop: bool = True  # workers sign and write the audit trail on the loop's thread
     federation: FederationSettings = field(default_factory=FederationSettings)
     jwk_alg: str = DEFAULT_JWK_ALG  # the "alg" of the JWKs signerd serves
+    metrics: bool = True  # GET /metrics collects and answers ([metrics] enabled)
+    max_key_series: int = 1000  # keys with their own series in /metrics at most
 
 
-_TOP = {"server", "keys", "backends", "tenants", "audit", "policy", "federation"}
+_AGE_PATTERN_RE = re.compile(r"[a-z0-9_*?-]{1,63}/[a-z0-9_*?-]{1,63}")
+_MAX_AGE_RULES = 64
+_MAX_KEY_SERIES = 100_000
+
+
+def _age_rules(table: Any) -> tuple[tuple[str, float], ...]:
+    """``[keys.max_active_age]``: TENANT/NAME patterns (``*`` and ``?``) to seconds."""
+    if not isinstance(table, dict):
+        raise ConfigError('keys.max_active_age: must be a table of "TENANT/NAME" = seconds')
+    if len(table) > _MAX_AGE_RULES:
+        raise ConfigError(f"keys.max_active_age: at most {_MAX_AGE_RULES} patterns")
+    rules: list[tuple[str, float]] = []
+    for pattern in table:
+        if _AGE_PATTERN_RE.fullmatch(pattern) is None:
+            raise ConfigError(
+                f"keys.max_active_age.{pattern}: not a TENANT/NAME pattern ([a-z0-9_-], * and ?)"
+            )
+        value = _get(table, "keys.max_active_age", pattern, float, 0.0)
+        if not 0 < value < 1e12:
+            raise ConfigError(f"keys.max_active_age.{pattern}: must be seconds > 0")
+        rules.append((pattern, value))
+    return tuple(rules)
+
+
+_TOP = {"server", "keys", "backends", "tenants", "audit", "policy", "federation", "metrics"}
 _LIMITS = (  # [server] keys that are fields of Limits
     "max_body_bytes",
     "max_batch_items",
@@ -94,6 +120,7 @@ _KEYS = {
     "retain_verify_only",
     "idempotency_ttl",
     "idempotency_max_entries",
+    "max_active_age",
 }
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
 _MODE_RE = re.compile(r"0?[0-7]{3}")  # ASCII octal permission bits: no 0o, no "_", no setuid
@@ -202,6 +229,7 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
         idempotency_max_entries=_get(
             keys, "keys", "idempotency_max_entries", int, d.idempotency_max_entries
         ),
+        max_active_age=_age_rules(keys.get("max_active_age", {})),
     )
     _positive("keys.backend_timeout", settings.backend_timeout)
     _positive("keys.max_batch", settings.max_batch)
@@ -265,6 +293,11 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
 
+    metrics = _table(doc, "metrics", {"enabled", "max_key_series"})
+    max_key_series = _get(metrics, "metrics", "max_key_series", int, 1000)
+    if not 1 <= max_key_series <= _MAX_KEY_SERIES:
+        raise ConfigError(f"metrics.max_key_series: must be 1 to {_MAX_KEY_SERIES}")
+
     return Config(
         path=os.path.abspath(path) if path != "<config>" else path,
         socket=_relative(base, socket_path),
@@ -283,6 +316,8 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
         on_loop=on_loop,
         federation=federation,
         jwk_alg=jwk_alg,
+        metrics=_get(metrics, "metrics", "enabled", bool, True),
+        max_key_series=max_key_series,
     )
 
 

@@ -27,6 +27,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -188,8 +189,16 @@ def _value(value: Any) -> str:
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_value(v) for v in value) + "]"
     if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{k} = {_value(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{_key(k)} = {_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"no TOML for {type(value).__name__}")
+
+
+def _key(key: str) -> str:
+    """A TOML key: bare when it may be, else quoted (``"acme/*"``)."""
+    return key if _BARE_KEY.fullmatch(key) else json.dumps(key)
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _is_table_array(value: Any) -> bool:
@@ -206,15 +215,15 @@ def to_toml(doc: Mapping[str, Any]) -> str:
             lines.append(f"[{prefix}]")
         for k, v in body.items():
             if not isinstance(v, Mapping) and not _is_table_array(v):
-                lines.append(f"{k} = {_value(v)}")
+                lines.append(f"{_key(k)} = {_value(v)}")
         for k, v in body.items():
-            name = f"{prefix}.{k}" if prefix else k
+            name = f"{prefix}.{_key(k)}" if prefix else _key(k)
             if isinstance(v, Mapping):
                 table(name, v)
             elif _is_table_array(v):
                 for item in v:
                     lines.append(f"[[{name}]]")
-                    lines.extend(f"{ik} = {_value(iv)}" for ik, iv in item.items())
+                    lines.extend(f"{_key(ik)} = {_value(iv)}" for ik, iv in item.items())
 
     table("", doc)
     return "\n".join(lines) + "\n"

@@ -160,6 +160,7 @@ INTERNAL_PACKAGES = {
     "signerd.daemon",
     "signerd.federation",
     "signerd.keys",
+    "signerd.metrics",
     "signerd.server",
     "signerd.wire",
     "signerd.workers",

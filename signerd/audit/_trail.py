@@ -199,6 +199,11 @@ class AuditTrail(TrailFile):
         if job.failed:
             raise AuditUnavailable()
 
+    def backlog(self) -> tuple[int, bool]:
+        """(records waiting to be written, whether the writer is stuck or closed)."""
+        with self._cond:
+            return len(self._queue), self._closed or self._stuck()
+
     def _stuck(self) -> bool:
         """Whether a write has been under way longer than ``write_timeout`` (hold ``_cond``)."""
         busy = self._busy_since

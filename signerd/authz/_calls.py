@@ -25,6 +25,8 @@ class Operation(enum.StrEnum):
     RETIRE = "retire"
     DESTROY = "destroy"
     TRUST = "trust"  # add and retire trusted peer keys (federation)
+    METRICS = "metrics"  # GET /metrics: the Prometheus exposition
+    STATUS = "status"  # GET /v1/status: backends, keys, audit, nonces, workers
     HEALTH = "health"  # /v1/health, /v1/ready, /v1/openapi.json: never refused
 
     @property

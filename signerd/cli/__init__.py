@@ -14,6 +14,7 @@
     verify KID --signature B64 [--data-file F | --data-b64 B]
     jwks [--tenant T]    kid KID    health    ready    whoami
     trust list [--tenant T]    trust add --tenant T --kid KID --jwk-file F    trust remove KID
+    status [--watch [--interval SECONDS] [--count N]]
     audit verify PATH... [--anchor FILE]... [--no-anchor]
     audit show PATH... [filters]      audit tail PATH... [filters] [--follow]
     audit payload-hash --key FILE [--data-file F | --sha256 HEX]  (else payload from stdin)
@@ -33,7 +34,9 @@ Exit codes (``sysexits.h``), by wire code or local condition:
 
 ===  ==============  =====================================================
  0   EX_OK           success; ``verify``: the signature is valid;
-                     ``audit verify``: the trail is intact
+                     ``audit verify``: the trail is intact;
+                     ``status``: the daemon is healthy
+ 1                   ``status``: the daemon answers but is degraded
 64   EX_USAGE        bad arguments; no data given and stdin is a terminal
 65   EX_DATAERR      invalid_signature, unknown_kid, retired_kid,
                      destroyed_kid, invalid_key_name, invalid_base64,
@@ -76,7 +79,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import SignerdError
-from . import _audit, _federation, _keys, _parser, _trust
+from . import _audit, _federation, _keys, _parser, _status, _trust
 from ._io import Failure
 
 EXIT_FOR_CODE: dict[str, int] = {
@@ -128,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     _keys.add_lookup_commands(sub)  # jwks, kid, health, ready
     _trust.add_commands(sub)  # whoami, trust ...
     _audit.add_commands(sub)  # audit verify, show, tail, payload-hash
+    _status.add_commands(sub)  # status [--watch]
     _parser.finish(parser)
     return parser
 
@@ -212,8 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with Client(args.socket or default_socket_path(), timeout=args.timeout) as client:
             doc, text = args.run(client, args)
-        print(_output(args, doc, text))
-        return os.EX_OK
+        if not getattr(args, "printed", False):
+            print(_output(args, doc, text))
+        return int(args.exit_of(doc)) if hasattr(args, "exit_of") else os.EX_OK
     except RequestTimeout as exc:
         return _fail(args, "request_timeout", exc.message, None, os.EX_TEMPFAIL)
     except ConnectionFailed as exc:

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ..errors import SignerdError
+from ..errors import InternalError, SignerdError
 from ..wire import parse_kid
 from ._keycache import KeyCache, check
 from ._ops import (
@@ -50,6 +50,13 @@ from ._trust_ops import op_trust_add, op_trust_list, op_trust_retire
 from ._whoami import op_whoami
 
 T = TypeVar("T")
+
+
+def _document(doc: Any, _rid: str | None = None) -> dict[str, Any]:
+    """An answer's JSON object, as it is."""
+    if not isinstance(doc, dict):
+        raise InternalError("answer outside the protocol: not an object")
+    return doc
 
 
 class Client:
@@ -156,6 +163,11 @@ class Client:
         """How signerd sees this caller: its peer credentials (``peer``) and the policy
         rules that match it (``rules``, in the order the policy tries them)."""
         return self._run(op_whoami(), timeout)
+
+    def status(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """The daemon's state (``GET /v1/status``, the status operation): backends, keys with
+        their rotation due dates, the audit trail, the nonce store, workers (docs/metrics.md)."""
+        return self._run(Op("GET", "/v1/status", None, _document, True), timeout)
 
     # --- federation envelopes (docs/federation.md) ---
 

@@ -26,6 +26,7 @@ from ..backends import Backend, load_factory
 from ..errors import SignerdError
 from ..federation import Federation, attach
 from ..keys import KeyService
+from ..metrics import Metrics, Sources, metrics_directory
 from ..server import (
     IdempotencyStore,
     Limits,
@@ -40,7 +41,7 @@ from ._sockets import bind_unix_socket, unlink_own_socket
 
 if TYPE_CHECKING:
     from ..wire import KeyName
-    from ..workers import SharedBuckets, StallGuard
+    from ..workers import SharedBuckets, StallGuard, WorkerTable
 
 __all__ = [
     "AdminGuard",
@@ -83,6 +84,11 @@ class ProcessRole(Protocol):
 
     @property
     def admin_guard(self) -> AdminGuard | None: ...
+
+    @property
+    def worker_table(self) -> WorkerTable:
+        """Each worker slot's pid, start and restarts (this process writes its own slot)."""
+        ...
 
     @property
     def trust_guard(self) -> TrustGuard | None: ...
@@ -185,6 +191,7 @@ class Daemon:
     server: Server
     federation: Federation
     sock: socket.socket
+    metrics: Metrics
     guard: StallGuard | None = None
 
     @classmethod
@@ -238,6 +245,10 @@ class Daemon:
             federation.trust.jwk_alg = config.jwk_alg
             undo.push_async_callback(federation.close)
             attach(server, federation)
+            role.worker_table.serving(role.audit_file[0] or 0, os.getpid())
+            sources = Sources(config, keys, audit, federation, role.worker_table)
+            metrics = Metrics(sources, server, metrics_directory(config))
+            undo.push_async_callback(metrics.close)
             if sock is None:
                 sock = bind_unix_socket(
                     config.socket, mode=config.socket_mode, group=config.socket_group
@@ -245,7 +256,7 @@ class Daemon:
             # accepts on sock as it is: listen(SOMAXCONN) stays
             in_flight.listener = await server.serve(sock, role.uid_counter)
             undo.pop_all()
-        return cls(config, role, keys, policy, audit, server, federation, sock, guard)
+        return cls(config, role, keys, policy, audit, server, federation, sock, metrics, guard)
 
     def ready(self) -> None:
         """Tell the role that this process serves (its signal handlers are in place)."""
@@ -271,6 +282,7 @@ class Daemon:
 
     async def stop(self) -> None:
         await self.server.close()
+        await self.metrics.close()
         if self.role.owns_socket:
             unlink_own_socket(self.config.socket, self.sock)
         self.sock.close()

@@ -17,8 +17,9 @@ from collections.abc import Callable
 from .._config import Config
 from ..errors import SignerdError
 from ..keys import KeyService
+from ..metrics import metrics_directory, reset_directory
 from ..server import UidCounter
-from ..workers import SharedBuckets, StallGuard
+from ..workers import SharedBuckets, StallGuard, WorkerTable
 from ._assemble import AdminGuard, Daemon, TrustGuard
 from ._systemd import SystemdSession, Watchdog, activated_socket, notify
 
@@ -39,6 +40,14 @@ class Solo:
     admin_guard: AdminGuard | None = None
     trust_guard: TrustGuard | None = None
 
+    _table: WorkerTable | None = None
+
+    @property
+    def worker_table(self) -> WorkerTable:
+        if self._table is None:
+            self._table = WorkerTable(1)
+        return self._table
+
     def stall_guard(
         self, config: Config, last_answers: Callable[[SignerdError], int]
     ) -> StallGuard | None:
@@ -54,6 +63,8 @@ async def serve(config: Config) -> None:
     session = SystemdSession(lambda: f"{daemon.keys.key_count} keys")
     session.starting("opening the audit trail and logging in to the backends")
     sock = activated_socket(config.socket, mode=config.socket_mode, group=config.socket_group)
+    if config.metrics:
+        reset_directory(metrics_directory(config))
     daemon = await Daemon.start(config, Solo(), sock)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

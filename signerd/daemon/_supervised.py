@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from .._config import Config, ConfigError, load
 from ..errors import BackendUnavailable, SignerdError
 from ..keys import KeyService
+from ..metrics import metrics_directory, reset_directory
 from ..wire import KeyName
 from ..workers import (
     AdminLock,
@@ -48,6 +49,7 @@ from ..workers import (
     StallGuard,
     Supervisor,
     WorkerChannel,
+    WorkerTable,
     runtime_path,
 )
 from ._assemble import AdminGuard, Daemon, TrustGuard, build_policy
@@ -77,6 +79,7 @@ class WorkerRole:
     channel: WorkerChannel
     lock: AdminLock
     connections: SharedConnections | None = None  # open connections per uid, all workers
+    table: WorkerTable | None = None  # the supervisor's; a worker writes its own slot
     keys: KeyService | None = None  # once started: its key count goes to the supervisor
     _seq: int = 0
     _waiting: dict[str, tuple[asyncio.Future[None], list[int]]] = field(default_factory=dict)
@@ -102,6 +105,12 @@ class WorkerRole:
     @property
     def admin_guard(self) -> AdminGuard:
         return self.guard
+
+    @property
+    def worker_table(self) -> WorkerTable:
+        if self.table is None:
+            self.table = WorkerTable(int(self.channel.config.workers))
+        return self.table
 
     @property
     def trust_guard(self) -> TrustGuard:
@@ -220,6 +229,7 @@ def worker_main(
     channel: WorkerChannel,
     connections: SharedConnections | None,
     exit_code: ExitCode,
+    table: WorkerTable | None = None,
 ) -> int:
     """The body of worker ``index``: serve ``sock`` until SIGTERM; the exit status."""
     for name in _SYSTEMD_ENV:  # only the supervisor speaks to systemd (NotifyAccess=main)
@@ -228,7 +238,7 @@ def worker_main(
     if connections is not None:
         connections.bind(index)
     try:
-        asyncio.run(_serve_worker(config, sock, channel, connections))
+        asyncio.run(_serve_worker(config, sock, channel, connections, table))
     except BaseException as exc:
         return exit_code(exc)
     return os.EX_OK
@@ -239,10 +249,11 @@ async def _serve_worker(
     sock: socket.socket,
     channel: WorkerChannel,
     connections: SharedConnections | None,
+    table: WorkerTable | None = None,
 ) -> None:
     started = time.monotonic()
     lock = AdminLock(runtime_path(config.socket, "admin.lock"))
-    role = WorkerRole(channel, lock, connections)
+    role = WorkerRole(channel, lock, connections, table=table)
     daemon = await Daemon.start(config, role, sock)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -314,10 +325,15 @@ def supervise(config: Config, exit_code: ExitCode) -> int:
         session.stopping("the workers finish requests in flight")
 
     connections = SharedConnections(config.workers)  # before any fork: every worker maps it
+    table = WorkerTable(config.workers)
+    if config.metrics:
+        reset_directory(metrics_directory(config))
     supervisor = Supervisor(
         config,
         sock,
-        lambda index, listen, channel: worker_main(index, listen, channel, connections, exit_code),
+        lambda index, listen, channel: worker_main(
+            index, listen, channel, connections, exit_code, table
+        ),
         reload_config=reload_config,
         on_ready=on_ready,
         on_tick=session.tick,

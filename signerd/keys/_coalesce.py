@@ -11,6 +11,7 @@ Each caller gets its own result or its own error.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -21,11 +22,13 @@ from ..errors import InternalError, SignerdError
 G = TypeVar("G", bound=Hashable)
 
 BatchRunner = Callable[[G, Sequence[bytes]], Awaitable[Sequence[bytes | SignerdError]]]
+#: each batch run: (group, items, seconds its oldest item waited, seconds the run took)
+BatchObserver = Callable[[G, int, float, float], None]
 
 
 @dataclass
 class _Queue:
-    waiting: deque[tuple[bytes, asyncio.Future[bytes]]] = field(default_factory=deque)
+    waiting: deque[tuple[bytes, asyncio.Future[bytes], float]] = field(default_factory=deque)
     in_flight: int = 0
 
 
@@ -40,11 +43,12 @@ class Coalescer(Generic[G]):
         self._tasks: set[asyncio.Task[None]] = set()
         self.batches = 0  # counters, for metrics and tests
         self.items = 0
+        self.observe: BatchObserver[G] | None = None  # the metrics' hook
 
     async def submit(self, group: G, item: bytes) -> bytes:
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         queue = self._queues.setdefault(group, _Queue())
-        queue.waiting.append((item, future))
+        queue.waiting.append((item, future, time.perf_counter()))
         if queue.in_flight < self._max_in_flight:
             # This caller leads a batch itself (no task, no extra hop when idle);
             # whatever queues up meanwhile is drained by a task afterwards.
@@ -74,32 +78,36 @@ class Coalescer(Generic[G]):
 
     async def _run_batch(self, group: G, queue: _Queue) -> None:
         batch = [queue.waiting.popleft() for _ in range(min(self._max_batch, len(queue.waiting)))]
-        batch = [(item, fut) for item, fut in batch if not fut.cancelled()]
+        batch = [job for job in batch if not job[1].cancelled()]
         if not batch:
             return
         self.batches += 1
         self.items += len(batch)
+        observe, started = self.observe, time.perf_counter()
         try:
-            results = await self._run(group, [item for item, _ in batch])
+            results = await self._run(group, [item for item, _, _ in batch])
+            took = time.perf_counter() - started
             if len(results) != len(batch):
                 raise InternalError("backend answered a batch with the wrong number of results")
         except Exception as exc:  # every waiter of this batch gets its error
-            for _, fut in batch:
+            for _, fut, _ in batch:
                 if not fut.done():
                     fut.set_exception(exc)
             return
         except BaseException:
-            for _, fut in batch:
+            for _, fut, _ in batch:
                 if not fut.done():
                     fut.set_exception(InternalError("signing was interrupted"))
             raise
-        for (_, fut), result in zip(batch, results, strict=True):
+        for (_, fut, _), result in zip(batch, results, strict=True):
             if fut.done():
                 continue
             if isinstance(result, SignerdError):
                 fut.set_exception(result)
             else:
                 fut.set_result(result)
+        if observe is not None:  # once every caller has its answer (it must not raise)
+            observe(group, len(batch), started - batch[0][2], took)
 
     async def aclose(self) -> None:
         for task in list(self._tasks):

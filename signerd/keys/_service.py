@@ -99,8 +99,13 @@ class KeyService:
             max_batch=self.settings.max_batch,
             max_in_flight=self.settings.max_in_flight,
         )
+        self.coalescer = self._coalescer  # its ``observe`` hook times each batch
         self._refresher: asyncio.Task[None] | None = None
         self._calls.stall_guard = stall_guard
+
+    async def check_backend(self, name: str, timeout: float) -> None:
+        """Raise unless backend ``name`` answers its health check within ``timeout``."""
+        await self._calls.run(name, self._calls.backends[name].check, timeout)
 
     @property
     def stall_guard(self) -> StallGuard | None:
@@ -165,6 +170,10 @@ class KeyService:
     def key_count(self) -> int:
         """Keys in the cache (no backend call)."""
         return len(self._keys)
+
+    def cached(self) -> list[KeyInfo]:
+        """Every key in the cache, by name (no backend call)."""
+        return [info for _, info in sorted(self._keys.items())]
 
     async def list_keys(self, tenant: str | None = None) -> list[KeyInfo]:
         await self.refresh_all(only=None if tenant is None else self.backend_name(tenant))

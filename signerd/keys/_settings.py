@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: ``[keys.max_active_age]``: (TENANT/NAME pattern, seconds), in the file's order
+AgeRules = tuple[tuple[str, float], ...]
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -15,3 +18,4 @@ class Settings:
     retain_verify_only: int = 0  # keep this many verify-only versions, retire older (0: all)
     idempotency_ttl: float = 86400.0  # seconds an admin request's Idempotency-Key is kept
     idempotency_max_entries: int = 1000  # Idempotency-Keys kept at most (the oldest go)
+    max_active_age: AgeRules = ()  # an active version older than its first match is due

@@ -15,7 +15,7 @@ from ._context import (
     check_fields,
     sha256_hex,
 )
-from ._dispatch import Front, PeerLookup, VisibilityGate
+from ._dispatch import Front, Observe, PeerLookup, VisibilityGate
 from ._idemstore import IdempotencyStore
 from ._limits import Limits, Throttled
 from ._listener import Listener, UidCounter, connection_cap, raise_nofile_limit
@@ -33,6 +33,7 @@ __all__ = [
     "Limits",
     "Listener",
     "Made",
+    "Observe",
     "PeerLookup",
     "Request",
     "RequestContext",

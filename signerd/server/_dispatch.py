@@ -44,7 +44,7 @@ from ..errors import (
     SignerdError,
 )
 from ..wire import KeyName, request_id_from
-from ._context import AdminChange, Handler, RequestContext
+from ._context import AdminChange, AuditNotes, Handler, RequestContext
 from ._idempotency import AdminRuns, unknown
 from ._idemstore import IdempotencyStore
 from ._limits import Limits, Throttled
@@ -54,11 +54,13 @@ from ._requestlog import log_request
 from ._router import Route, Router
 from ._strangers import Strangers
 
-__all__ = ["Front", "PeerLookup", "VisibilityGate"]
+__all__ = ["Front", "Observe", "PeerLookup", "VisibilityGate"]
 
 log = logging.getLogger("signerd.server")
 
 PeerLookup = Callable[[Any], Peer]  # a connected socket -> its peer
+#: called once per answered request: (its notes, outcome, status, seconds since it was read)
+Observe = Callable[[AuditNotes, str, int, float], None]
 UNKNOWN_PEER = Peer(pid=0, uid=-1, gid=-1)
 _MAX_QUIET = 4096  # uids whose unrecorded 429s are counted
 
@@ -119,6 +121,7 @@ class Front:
         self._queueing_of: object = None
         self._queueing_sink: QueueingAuditSink | None = None
         self.admin_runs = AdminRuns(IdempotencyStore(None))
+        self.observe: Observe | None = None  # the metrics' hook (signerd.metrics)
 
     @property
     def idempotency(self) -> IdempotencyStore:
@@ -192,6 +195,7 @@ class Front:
         return PermissionDenied()
 
     async def dispatch(self, request: Request) -> Response:
+        started = time.perf_counter()
         given = request.headers.get("X-Request-Id")
         rid = request_id_from(given, "") or _fresh_request_id()
         ctx = request.context = RequestContext(self, request, rid, UNKNOWN_PEER, Operation.HEALTH)
@@ -233,6 +237,8 @@ class Front:
             await self._record(ctx, "internal_error", 500, None)
         response.headers.update(headers)
         log_request(rid, notes.operation.value, outcome, response.status)
+        if self.observe is not None:
+            self.observe(notes, outcome, response.status, time.perf_counter() - started)
         return response
 
     def _over_refusals(self, ctx: RequestContext, exc: SignerdError) -> SignerdError:

@@ -5,6 +5,7 @@
 - ``AdminLock``: admin operations one at a time across the workers.
 - ``SharedBuckets``: rate-limit token buckets shared by the workers.
 - ``SharedConnections``: open connections per uid, counted across the workers.
+- ``WorkerTable``: each worker slot's pid, start time and restarts, for the status.
 - ``StallGuard``: deadlines for the token calls and audit writes a worker makes on
   its event loop's thread; a call past its deadline ends the worker (503s first).
 
@@ -29,6 +30,7 @@ from ._lock import AdminLock, LockTimeout, runtime_path
 from ._settings import SupervisorTiming, WorkerMain
 from ._stall import EXIT_STALLED, StallGuard
 from ._supervisor import Supervisor
+from ._table import WorkerSlot, WorkerTable
 
 __all__ = [
     "EXIT_STALLED",
@@ -41,6 +43,8 @@ __all__ = [
     "SupervisorTiming",
     "WorkerChannel",
     "WorkerMain",
+    "WorkerSlot",
+    "WorkerTable",
     "runtime_path",
     "set_parent_death_signal",
 ]

@@ -79,6 +79,18 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
         (lambda d: d["backends"].update(x={"module": "m"}), "backends.x.type"),
         (lambda d: d.update(tenants={"acme": {"backend": "nope"}}), "tenants.acme.backend"),
         (lambda d: d.update(audit={}), "audit.path"),
+        (lambda d: d.update(keys={"max_active_age": 90}), "keys.max_active_age"),
+        (lambda d: d.update(keys={"max_active_age": {"acme": 1.0}}), "keys.max_active_age.acme"),
+        (lambda d: d.update(keys={"max_active_age": {"a/B": 1.0}}), "keys.max_active_age.a/B"),
+        (lambda d: d.update(keys={"max_active_age": {"a/*": 0}}), "keys.max_active_age.a/*"),
+        (lambda d: d.update(keys={"max_active_age": {"a/*": "9d"}}), "keys.max_active_age.a/*"),
+        (
+            lambda d: d.update(keys={"max_active_age": {f"a/k{i}": 1.0 for i in range(65)}}),
+            "keys.max_active_age",
+        ),
+        (lambda d: d.update(metrics={"enabled": "yes"}), "metrics.enabled"),
+        (lambda d: d.update(metrics={"max_key_series": 0}), "metrics.max_key_series"),
+        (lambda d: d.update(metrics={"series": 1}), "metrics.series"),
     ],
 )
 def test_errors_name_the_key(change: Any, named: str) -> None:
@@ -88,6 +100,15 @@ def test_errors_name_the_key(change: Any, named: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse(doc)
     assert str(info.value).startswith(named), str(info.value)
+
+
+def test_max_active_age_keeps_the_order_of_the_file() -> None:
+    """keys.max_active_age: patterns to seconds, in the file's order (the first match wins)."""
+    doc = _base()
+    doc["keys"] = {"max_active_age": {"acme/tel-*": 86400, "*/*": 7776000.0}}
+    config = parse(doc)
+    assert config.settings.max_active_age == (("acme/tel-*", 86400.0), ("*/*", 7776000.0))
+    assert (config.metrics, config.max_key_series) == (True, 1000)
 
 
 def test_unreadable_or_invalid_file(tmp_path: Path) -> None:

@@ -264,10 +264,11 @@ def test_health_ready_openapi(api: Api) -> None:
     doc = api.ok("GET", "/v1/openapi.json")
     assert doc["openapi"].startswith("3.1")
     from signerd.federation._routes import ROUTES as FEDERATION_ROUTES
+    from signerd.metrics._routes import ROUTES as METRICS_ROUTES
     from signerd.server._v1 import ROUTES
 
     documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
-    served = {(m, p) for m, p, *_ in (*ROUTES, *FEDERATION_ROUTES)}
+    served = {(m, p) for m, p, *_ in (*ROUTES, *FEDERATION_ROUTES, *METRICS_ROUTES)}
     assert served == documented
 
 

@@ -1,0 +1,34 @@
+"""When a key's active version is due for rotation: ``[keys.max_active_age]``.
+
+Each rule is a ``TENANT/NAME`` pattern (``*`` and ``?``) and a number of
+seconds; the first rule in the file whose pattern matches a key gives its
+maximum age. An active version older than that is past its rotation due
+date: flagged in ``GET /metrics`` and ``signerctl status`` (readiness is not
+affected).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from ..keys import Settings
+
+__all__ = ["Due", "due"]
+
+
+@dataclass(frozen=True)
+class Due:
+    max_age: float  # seconds, from the first matching rule
+    at: float  # unix seconds: the active version's creation plus max_age
+    overdue: bool
+
+
+def due(settings: Settings, key: str, created_at: float, now: float) -> Due | None:
+    """The rotation due date of ``key`` (TENANT/NAME) whose active version was created at
+    ``created_at``; None when no rule names it."""
+    for pattern, seconds in settings.max_active_age:
+        if fnmatch.fnmatchcase(key, pattern):
+            at = created_at + seconds
+            return Due(seconds, at, now >= at)
+    return None

@@ -1,0 +1,145 @@
+"""``GET /metrics`` and ``GET /v1/status`` on the daemon's socket, and the hooks behind them.
+
+``Metrics(sources, server, directory)`` sets the recorder's hooks (the
+server's ``observe``, the coalescer's, the audit write timer), adds both
+routes and keeps this worker's audit gauges current (once a second). With
+``[metrics] enabled = false`` no hook is set and ``/metrics`` answers 404;
+``/v1/status`` is served either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..audit import AuditEvent, AuditTrail
+from ..authz import Operation
+from ..server import RequestContext, Response, Server, json_response
+from ._exposition import CONTENT_TYPE, render
+from ._recorder import Recorder, use_directory
+from ._state import VERSION, Snapshot, Sources, snapshot
+
+__all__ = ["ROUTES", "Metrics", "status_doc"]
+
+TICK = 1.0  # seconds between updates of this worker's audit gauges
+#: (method, path, handler method name, operation), also checked against openapi.json;
+#: /metrics is served only while [metrics] enabled
+ROUTES: tuple[tuple[str, str, str, Operation], ...] = (
+    ("GET", "/metrics", "metrics", Operation.METRICS),
+    ("GET", "/v1/status", "status", Operation.STATUS),
+)
+
+
+class _TimedAudit:
+    """The audit trail, timing each record a request waits for (``submit`` is not timed)."""
+
+    def __init__(self, trail: AuditTrail, observe: Callable[[float], None]) -> None:
+        self._trail = trail
+        self._observe = observe
+
+    async def record(self, event: AuditEvent) -> None:
+        started = time.perf_counter()
+        try:
+            await self._trail.record(event)
+        finally:
+            self._observe(time.perf_counter() - started)
+
+    def submit(self, event: AuditEvent) -> bool:
+        return self._trail.submit(event)
+
+
+class Metrics:
+    def __init__(self, sources: Sources, server: Server, directory: str) -> None:
+        self.sources = sources
+        self.directory = directory
+        self.recorder: Recorder | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        served = [r for r in ROUTES if sources.config.metrics or r[3] is not Operation.METRICS]
+        if sources.config.metrics:
+            use_directory(directory)
+            keys = sources.keys
+            rec = self.recorder = Recorder(keys.backend_name, sources.config.backends)
+            server.observe = rec.request
+            keys.coalescer.observe = lambda group, size, queued, took: rec.batch(
+                keys.backend_name(group[0].tenant), size, queued, took
+            )
+            server.audit = _TimedAudit(sources.audit, rec.audit_written)
+            self._tick()
+            self._ticker = asyncio.get_running_loop().create_task(self._ticking())
+        server.add_routes((m, p, getattr(self, name), op) for m, p, name, op in served)
+
+    def _tick(self) -> None:
+        if self.recorder is not None:
+            queued, stuck = self.sources.audit.backlog()
+            self.recorder.audit_queue.set(queued)
+            self.recorder.audit_healthy.set(0 if stuck else 1)
+
+    async def _ticking(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            self._tick()
+
+    async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+
+    async def metrics(self, ctx: RequestContext) -> Response:
+        """The Prometheus text exposition, summed over the workers."""
+        ctx.authorize(Operation.METRICS, None, None)
+        self._tick()
+        snap = await snapshot(self.sources)
+        body = await asyncio.to_thread(render, self.directory, snap)
+        return Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+    async def status(self, ctx: RequestContext) -> Response:
+        """The daemon's state for operators (``signerctl status``)."""
+        ctx.authorize(Operation.STATUS, None, None)
+        return json_response(status_doc(await snapshot(self.sources)))
+
+
+def status_doc(snap: Snapshot) -> dict[str, Any]:
+    """The JSON of ``GET /v1/status`` (names, codes, numbers: nothing a caller sent)."""
+    problems = snap.problems
+    return {
+        "status": "degraded" if problems else "healthy",
+        "problems": problems,
+        "version": VERSION,
+        "started_at": round(snap.started, 3),
+        "uptime_seconds": round(snap.now - snap.started, 3),
+        "backends": [
+            {"name": b.name, "type": b.type, "up": b.up, "code": b.code} for b in snap.backends
+        ],
+        "keys": [
+            {
+                "key": k.key,
+                "backend": k.backend,
+                "active_kid": k.active_kid,
+                "active_created_at": k.active_created,
+                "age_seconds": None
+                if k.active_created is None
+                else round(snap.now - k.active_created, 3),
+                "versions": k.versions,
+                "max_active_age": None if k.due is None else k.due.max_age,
+                "rotation_due_at": None if k.due is None else k.due.at,
+                "overdue": k.due is not None and k.due.overdue,
+            }
+            for k in snap.keys
+        ],
+        "keys_total": snap.keys_total,
+        "audit": {"healthy": snap.audit_healthy, "queued": snap.audit_queued},
+        "nonces": {"store": snap.nonce_store, "entries": snap.nonce_entries},
+        "workers": [
+            {
+                "index": w.index,
+                "pid": w.pid,
+                "uptime_seconds": round(snap.now - w.started, 3),
+                "restarts": w.restarts,
+            }
+            for w in snap.workers
+        ],
+    }
