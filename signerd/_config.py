@@ -88,6 +88,7 @@ def _age_rules(table: Any) -> tuple[tuple[str, float], ...]:
 
 
 _TOP = {"server", "keys", "backends", "tenants", "audit", "policy", "federation", "metrics"}
+_METRICS = {"enabled", "max_key_series"}  # [metrics]
 _LIMITS = (  # [server] keys that are fields of Limits
     "max_body_bytes",
     "max_batch_items",
@@ -293,7 +294,7 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
 
-    metrics = _table(doc, "metrics", {"enabled", "max_key_series"})
+    metrics = _table(doc, "metrics", _METRICS)
     max_key_series = _get(metrics, "metrics", "max_key_series", int, 1000)
     if not 1 <= max_key_series <= _MAX_KEY_SERIES:
         raise ConfigError(f"metrics.max_key_series: must be 1 to {_MAX_KEY_SERIES}")

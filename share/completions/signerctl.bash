@@ -10,7 +10,7 @@ _shtab_signerctl_telemetry_subparsers=(sign verify)
 _shtab_signerctl_feedback_subparsers=(sign verify)
 _shtab_signerctl_trust_subparsers=(list add remove)
 _shtab_signerctl_audit_subparsers=(verify payload-hash show tail)
-_shtab_signerctl_subparsers=(keys sign verify telemetry feedback jwks kid health ready whoami trust audit)
+_shtab_signerctl_subparsers=(keys sign verify telemetry feedback jwks kid health ready whoami trust audit status)
 
 _shtab_signerctl_keys_list_option_strings=(-h --help --tenant --socket --json --timeout --field)
 _shtab_signerctl_keys_show_option_strings=(-h --help --socket --json --timeout --field)
@@ -43,6 +43,7 @@ _shtab_signerctl_audit_payload_hash_option_strings=(-h --help --key --data-file 
 _shtab_signerctl_audit_show_option_strings=(-h --help --since --until --tenant --key --kid --caller --unit --operation --outcome --code --socket --json --timeout --field)
 _shtab_signerctl_audit_tail_option_strings=(-h --help --since --until --tenant --key --kid --caller --unit --operation --outcome --code -n --lines --follow -f --interval --socket --json --timeout --field)
 _shtab_signerctl_audit_option_strings=(-h --help --socket --json --timeout --field)
+_shtab_signerctl_status_option_strings=(-h --help --watch --interval --count --socket --json --timeout --field)
 _shtab_signerctl_option_strings=(-h --help --version --socket --json --timeout --field)
 
 
@@ -52,7 +53,7 @@ _shtab_signerctl_telemetry_pos_0_choices=(sign verify)
 _shtab_signerctl_feedback_pos_0_choices=(sign verify)
 _shtab_signerctl_trust_pos_0_choices=(list add remove)
 _shtab_signerctl_audit_pos_0_choices=(verify payload-hash show tail)
-_shtab_signerctl_pos_0_choices=(keys sign verify telemetry feedback jwks kid health ready whoami trust audit)
+_shtab_signerctl_pos_0_choices=(keys sign verify telemetry feedback jwks kid health ready whoami trust audit status)
 
 _shtab_signerctl_keys_list__h_nargs=0
 _shtab_signerctl_keys_list___help_nargs=0
@@ -165,6 +166,10 @@ _shtab_signerctl_audit_pos_0_nargs=A...
 _shtab_signerctl_audit__h_nargs=0
 _shtab_signerctl_audit___help_nargs=0
 _shtab_signerctl_audit___json_nargs=0
+_shtab_signerctl_status__h_nargs=0
+_shtab_signerctl_status___help_nargs=0
+_shtab_signerctl_status___watch_nargs=0
+_shtab_signerctl_status___json_nargs=0
 _shtab_signerctl_pos_0_nargs=A...
 _shtab_signerctl__h_nargs=0
 _shtab_signerctl___help_nargs=0

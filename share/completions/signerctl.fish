@@ -50,8 +50,8 @@ function _shtab_signerctl_using
   test "$_shtab_signerctl_cmdpath" = "$argv"
 end
 
-set -g _shtab_signerctl_commands keys 'keys list' 'keys show' 'keys create' 'keys rotate' 'keys promote' 'keys retire' 'keys destroy' 'keys purge-invalid' sign verify telemetry 'telemetry sign' 'telemetry verify' feedback 'feedback sign' 'feedback verify' jwks kid health ready whoami trust 'trust list' 'trust add' 'trust remove' audit 'audit verify' 'audit payload-hash' 'audit show' 'audit tail'
-set -g _shtab_signerctl_opts_with_value --anchor --attestation --caller --code --config --confirm --data-b64 --data-file --envelope-file --field --interval --jwk-file --key --kid --lines --nonce --operation --outcome --schema --sha256 --signature --since --socket --tenant --timeout --timestamp --unit --until -n
+set -g _shtab_signerctl_commands keys 'keys list' 'keys show' 'keys create' 'keys rotate' 'keys promote' 'keys retire' 'keys destroy' 'keys purge-invalid' sign verify telemetry 'telemetry sign' 'telemetry verify' feedback 'feedback sign' 'feedback verify' jwks kid health ready whoami trust 'trust list' 'trust add' 'trust remove' audit 'audit verify' 'audit payload-hash' 'audit show' 'audit tail' status
+set -g _shtab_signerctl_opts_with_value --anchor --attestation --caller --code --config --confirm --count --data-b64 --data-file --envelope-file --field --interval --jwk-file --key --kid --lines --nonce --operation --outcome --schema --sha256 --signature --since --socket --tenant --timeout --timestamp --unit --until -n
 
 complete -c signerctl -e
 complete -c signerctl -f
@@ -312,3 +312,12 @@ complete -c signerctl -n '_shtab_signerctl_using audit tail' -l socket -x -d 'si
 complete -c signerctl -n '_shtab_signerctl_using audit tail' -l json -d 'print JSON on stdout'
 complete -c signerctl -n '_shtab_signerctl_using audit tail' -l timeout -x -d 'how long to wait for signerd'"'"'s whole answer, connecting included, before giving up with exit 75 (0 < SECONDS <= 3600; default 10)'
 complete -c signerctl -n '_shtab_signerctl_using audit tail' -l field -x -d 'print only this field of the JSON answer, raw (a string without quotes); NAME.SUB for a nested one, NAME.0 for a list item'
+complete -c signerctl -n '_shtab_signerctl_using; and test $_shtab_signerctl_npos -eq 0' -a status -d 'backends, keys and rotation due dates, audit, nonces, workers'
+complete -c signerctl -n '_shtab_signerctl_using status' -s h -l help -d 'show this help message and exit'
+complete -c signerctl -n '_shtab_signerctl_using status' -l watch -d 'redraw the screen until interrupted'
+complete -c signerctl -n '_shtab_signerctl_using status' -l interval -x -d 'with --watch'
+complete -c signerctl -n '_shtab_signerctl_using status' -l count -x -d 'with --watch: stop after N screens'
+complete -c signerctl -n '_shtab_signerctl_using status' -l socket -x -d 'signerd'"'"'s socket (default: $SIGNERD_SOCKET, else /run/signerd/signerd.sock)'
+complete -c signerctl -n '_shtab_signerctl_using status' -l json -d 'print JSON on stdout'
+complete -c signerctl -n '_shtab_signerctl_using status' -l timeout -x -d 'how long to wait for signerd'"'"'s whole answer, connecting included, before giving up with exit 75 (0 < SECONDS <= 3600; default 10)'
+complete -c signerctl -n '_shtab_signerctl_using status' -l field -x -d 'print only this field of the JSON answer, raw (a string without quotes); NAME.SUB for a nested one, NAME.0 for a list item'

@@ -21,6 +21,7 @@ DEFAULT_TIMEOUT = 10.0
 
 EXIT_CODES = """exit codes:
   0   success (verify: the signature is valid; audit verify: the trail is intact)
+  1   status: signerd answers but is degraded (a backend down, a key past its due date)
   64  bad arguments
   65  the data or signature is refused (invalid_signature, invalid_state, ...)
   66  no such key, version or kid; a file that cannot be read
@@ -59,6 +60,7 @@ EXAMPLES: dict[str, str] = {
     "health": "signerctl health",
     "ready": "signerctl ready",
     "whoami": "signerctl whoami",
+    "status": "signerctl status --watch --interval 2",
     "trust": "signerctl trust list --tenant acme",
     "trust list": "signerctl trust list --tenant acme",
     "trust add": "signerctl trust add --tenant acme --kid peer-1 --jwk-file peer-1.jwk",

@@ -16,10 +16,11 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
-from ..backends import Backend, KeyInfo, VersionState
+from ..backends import Backend, KeyInfo, KeyVersion, VersionState
+from ..errors import InvalidState, UnknownVersion
 from ..wire import MESSAGE_IDS, KeyName
 
-__all__ = ["lifecycle_events", "logged_changes"]
+__all__ = ["lifecycle_events", "logged_changes", "require", "retire_call"]
 
 log = logging.getLogger("signerd.keys")
 _T = TypeVar("_T")
@@ -80,3 +81,19 @@ def logged_changes(
         return result
 
     return logged
+
+
+def retire_call(key: KeyName, version: int) -> Callable[[Backend], KeyInfo]:
+    """The backend call that retires ``version`` of ``key``."""
+    return lambda backend: backend.set_state(key, version, VersionState.RETIRED)
+
+
+def require(info: KeyInfo, version: int, states: set[VersionState], message: str) -> KeyVersion:
+    """``version`` of ``info``, when it is in one of ``states``; else UnknownVersion or
+    InvalidState(message)."""
+    found = info.version(version)
+    if found is None:
+        raise UnknownVersion()
+    if found.state not in states:
+        raise InvalidState(message)
+    return found

@@ -37,7 +37,7 @@ from ..wire import KeyName
 from ._coalesce import Coalescer
 from ._executors import Executors
 from ._keyring import Entry, Keyring
-from ._lifecycle import logged_changes
+from ._lifecycle import logged_changes, require, retire_call
 from ._settings import Settings
 
 if TYPE_CHECKING:
@@ -346,7 +346,7 @@ class KeyService:
     async def promote(self, key: KeyName, version: int) -> KeyInfo:
         async with self.admin(key):
             current = await self.describe(key)
-            _require(
+            require(
                 current, version, {VersionState.PENDING}, "only a pending version can be promoted"
             )
             info = self._store(
@@ -358,7 +358,7 @@ class KeyService:
         async with self.admin(key):
             current = await self.describe(key)
             allowed = {VersionState.PENDING, VersionState.VERIFY_ONLY}
-            _require(
+            require(
                 current, version, allowed, "only a pending or verify-only version can be retired"
             )
             return self._store(
@@ -370,7 +370,7 @@ class KeyService:
             raise ConfirmationRequired()
         async with self.admin(key):
             current = await self.describe(key)
-            _require(
+            require(
                 current, version, {VersionState.RETIRED}, "only a retired version can be destroyed"
             )
 
@@ -389,18 +389,5 @@ class KeyService:
         verify_only = [v.version for v in info.versions if v.state is VersionState.VERIFY_ONLY]
         for number in verify_only[: max(0, len(verify_only) - keep)]:
             log.info("signerd.retention_retire kid=%s", key.kid(number))
-            info = self._store(await self._change(key, _retire_call(key, number)))
+            info = self._store(await self._change(key, retire_call(key, number)))
         return info
-
-
-def _retire_call(key: KeyName, version: int) -> Callable[[Backend], KeyInfo]:
-    return lambda backend: backend.set_state(key, version, VersionState.RETIRED)
-
-
-def _require(info: KeyInfo, version: int, states: set[VersionState], message: str) -> KeyVersion:
-    found = info.version(version)
-    if found is None:
-        raise UnknownVersion()
-    if found.state not in states:
-        raise InvalidState(message)
-    return found

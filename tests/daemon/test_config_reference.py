@@ -31,6 +31,7 @@ CODE_KEYS: dict[str, set[str]] = {
     "[federation]": set(federation_settings._TOP),
     "[federation.nonces]": set(federation_settings._NONCES),
     "[[federation.trusted_keys]]": set(federation_settings._PEER),
+    "[metrics]": set(_config._METRICS),
 }
 
 
@@ -65,7 +66,9 @@ def test_reference_defaults_are_the_code_defaults() -> None:
     for heading, defaults in (("[server]", Limits()), ("[keys]", Settings())):
         for f in fields(defaults):
             if f.name in sections[heading]:
-                assert sections[heading][f.name] == f"`{getattr(defaults, f.name)!r}`", f.name
+                value = getattr(defaults, f.name)
+                stated = "none" if value == () else f"`{value!r}`"  # an empty table of rules
+                assert sections[heading][f.name] == stated, f.name
     fed = federation_settings.FederationSettings()
     for name in ("skew", "max_json_bytes", "max_depth"):
         assert sections["[federation]"][name] == f"`{getattr(fed, name)!r}`", name
