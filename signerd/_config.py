@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .federation._settings import FederationSettings, parse_federation
+from .forwarding import ForwardingSettings, forwarding_settings
 from .keys import Settings
 from .server import Limits
 from .wire import KeyName, valid_part
@@ -58,9 +59,10 @@ class Config:
     workers: int = field(default_factory=lambda: default_workers())
     on_loop: bool = True  # workers sign and write the audit trail on the loop's thread
     federation: FederationSettings = field(default_factory=FederationSettings)
+    forwarding: ForwardingSettings | None = None  # no [forwarding]: the trail stays local
 
 
-_TOP = {"server", "keys", "backends", "tenants", "audit", "policy", "federation"}
+_TOP = {"server", "keys", "backends", "tenants", "audit", "policy", "federation", "forwarding"}
 _LIMITS = (  # [server] keys that are fields of Limits
     "max_body_bytes",
     "max_batch_items",
@@ -247,6 +249,15 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
         if name in audit:
             audit[name] = _relative(base, audit[name])
 
+    forward = dict(_table(doc, "forwarding", None))
+    for name in ("state", "tls_ca_file"):
+        if name in forward:
+            forward[name] = _relative(base, forward[name])
+    try:
+        forwarding = forwarding_settings(forward, str(audit["path"]))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
     try:
         federation = parse_federation(_table(doc, "federation", None), base)
     except ValueError as exc:
@@ -269,6 +280,7 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
         workers=workers,
         on_loop=on_loop,
         federation=federation,
+        forwarding=forwarding,
     )
 
 
