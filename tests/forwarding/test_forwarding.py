@@ -3,70 +3,22 @@ the collector down, then back; the bound's refusal."""
 
 from __future__ import annotations
 
-import collections
-from collections.abc import Iterator
+import json
+import threading
+import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from signerd.client import Client
-from signerd.testing import SignerdProcess
+from signerd.errors import SignerdError
+from signerd.testing import SignerdProcess, wait_until
 
-from ..conftest import start_daemon, unique
+from ..conftest import unique
 from ..support.rsyslog import Rsyslog, wait_for
+from .conftest import forwarded, forwarding_daemon, sign_many, trail_lines
 
-CHECKPOINT_KEY = "auditfwd/checkpoints"
-
-
-@pytest.fixture
-def collector(tmp_path: Path) -> Iterator[Rsyslog]:
-    with Rsyslog(tmp_path / "collector") as c:
-        yield c
-
-
-def forwarding_daemon(base: Path, collector: Rsyslog, **forwarding: Any) -> SignerdProcess:
-    table = {
-        "host": "127.0.0.1",
-        "port": collector.port,
-        "checkpoint_key": CHECKPOINT_KEY,
-        "checkpoint_interval": 0.5,
-        "hostname": "host-a",
-        **forwarding,
-    }
-    return start_daemon(
-        base,
-        server={"workers": 2},
-        keys={"bootstrap": [CHECKPOINT_KEY]},
-        forwarding=table,
-    )
-
-
-def trail_lines(d: SignerdProcess) -> dict[str, list[bytes]]:
-    """Each chain's record lines, as the trail holds them."""
-    return {p.name: p.read_bytes().splitlines() for p in d.audit_files()}
-
-
-def forwarded(collector: Rsyslog) -> dict[str, list[bytes]]:
-    """Each chain's record lines, as the collector got them (in arrival order)."""
-    got: dict[str, list[bytes]] = collections.defaultdict(list)
-    for m in collector.messages():
-        if m.msgid == "audit":
-            got[m.params["chain"]].append(m.msg)
-    return got
-
-
-def sign_many(d: SignerdProcess, key: str, count: int) -> int:
-    """Sign ``count`` payloads; how many were signed (the others were refused)."""
-    signed = 0
-    with Client(d.socket_path) as c:
-        for i in range(count):
-            try:
-                c.sign(key, f"payload {i}".encode())
-                signed += 1
-            except Exception:
-                pass
-    return signed
+pytestmark = pytest.mark.timeout(240)
 
 
 def test_records_arrive_at_rsyslog_in_order_and_once(tmp_path: Path, collector: Rsyslog) -> None:
@@ -83,3 +35,139 @@ def test_records_arrive_at_rsyslog_in_order_and_once(tmp_path: Path, collector: 
         wait_for(collector, total)
         wait_for(collector, 2, msgid="checkpoint")
     assert dict(forwarded(collector)) == want
+
+
+def test_collector_down_for_30s_under_load_gets_every_record_once(
+    tmp_path: Path, collector: Rsyslog
+) -> None:
+    """With signing going on all along, the collector stopped for 30 s and started again
+    ends up with every record of every chain exactly once and in order; no sign failed."""
+    key = f"{unique('fw')}/k"
+    stop = threading.Event()
+    counts = {"signed": 0, "failed": 0}
+
+    def load(d: SignerdProcess) -> None:
+        with Client(d.socket_path) as c:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                try:
+                    c.sign(key, f"steady {i}".encode())
+                    counts["signed"] += 1
+                except Exception:
+                    counts["failed"] += 1
+                time.sleep(0.005)
+
+    with forwarding_daemon(tmp_path / "d", collector) as d:
+        with Client(d.socket_path) as c:
+            c.create_key(key)
+        worker = threading.Thread(target=load, args=(d,), daemon=True)
+        worker.start()
+        try:
+            wait_until(lambda: counts["signed"] >= 50, timeout=30, what="signs before the outage")
+            wait_for(collector, 20)
+            collector.stop()
+            before = counts["signed"]
+            time.sleep(30)  # the outage itself, not a synchronisation
+            during = counts["signed"] - before
+            collector.start()
+            wait_until(lambda: counts["signed"] >= before + during + 50, timeout=60, what="signs")
+        finally:
+            stop.set()
+            worker.join(30)
+        want = trail_lines(d)
+        total = sum(len(v) for v in want.values())
+        wait_for(collector, total, timeout=120)
+    assert counts["failed"] == 0
+    assert during > 100  # signing went on while the collector was down
+    got = dict(forwarded(collector))
+    assert {c: len(v) for c, v in got.items()} == {c: len(v) for c, v in want.items()}
+    assert got == want
+
+
+def test_past_the_bound_signs_are_refused_until_the_collector_catches_up(
+    tmp_path: Path, collector: Rsyslog
+) -> None:
+    """on_lag = "refuse": with the collector down, signs are refused (503
+    audit_unavailable) once the unforwarded trail passes max_lag_bytes; once the collector
+    is back and caught up, signs succeed again and every record still arrives."""
+    key = f"{unique('fw')}/k"
+    with forwarding_daemon(tmp_path / "d", collector, max_lag_bytes=8192) as d:
+        with Client(d.socket_path) as c:
+            c.create_key(key)
+            wait_for(collector, 1)
+            collector.stop()
+            refused: list[SignerdError] = []
+            signed = 0
+            deadline = time.monotonic() + 60
+            while not refused and time.monotonic() < deadline:
+                try:
+                    c.sign(key, b"while the collector is down")
+                    signed += 1
+                except SignerdError as exc:
+                    refused.append(exc)
+            assert refused, "never refused"
+            assert refused[0].code == "audit_unavailable"
+            assert refused[0].status == 503
+            lag_records = sum(len(v) for v in trail_lines(d).values())
+            # refused soon after the bound: the forwarder looks every 50 ms, so a few signs
+            # of that turn pass it (at most 64 here)
+            shortest = min(len(x) for v in trail_lines(d).values() for x in v)
+            assert signed * shortest <= 8192 + 64 * shortest, (signed, shortest)
+            collector.start()
+
+            def signs() -> bool:
+                try:
+                    c.sign(key, b"after")
+                except SignerdError:
+                    return False
+                return True
+
+            wait_until(signs, timeout=60, what="signing to resume")
+        want = trail_lines(d)
+        assert sum(len(v) for v in want.values()) > lag_records
+        wait_for(collector, sum(len(v) for v in want.values()))
+    assert dict(forwarded(collector)) == want
+
+
+def test_drop_past_the_bound_keeps_signing_and_tells_the_collector(
+    tmp_path: Path, collector: Rsyslog
+) -> None:
+    """on_lag = "drop": with the collector down, signing goes on past the bound; the
+    backlog is skipped with a CRITICAL signerd.forwarding_dropped line, and the collector
+    gets a gap message naming the seqs it will not get, then the records after them."""
+    key = f"{unique('fw')}/k"
+    with forwarding_daemon(tmp_path / "d", collector, max_lag_bytes=8192, on_lag="drop") as d:
+        with Client(d.socket_path) as c:
+            c.create_key(key)
+            wait_for(collector, 1)
+            collector.stop()
+            for i in range(80):
+                c.sign(key, f"dropped {i}".encode())
+            wait_until(
+                lambda: "signerd.forwarding_dropped" in d.log_text(), timeout=30, what="the drop"
+            )
+            collector.start()
+            wait_for(collector, 1, msgid="gap")
+            c.sign(key, b"after the gap")
+        want = trail_lines(d)
+        last = {chain: json.loads(lines[-1])["seq"] for chain, lines in want.items()}
+        wait_until(
+            lambda: all(
+                forwarded(collector).get(chain, [b"{}"])[-1:]
+                and json.loads(forwarded(collector)[chain][-1]).get("seq") == seq
+                for chain, seq in last.items()
+            ),
+            timeout=60,
+            what="the records after the gap",
+        )
+    gaps = [json.loads(m.msg) for m in collector.messages() if m.msgid == "gap"]
+    assert gaps and all(g["first_seq"] <= g["last_seq"] for g in gaps)
+    got = forwarded(collector)
+    for chain, lines in want.items():
+        seqs = [json.loads(x)["seq"] for x in got.get(chain, [])]
+        skipped = {
+            s for g in gaps if g["gap"] == chain for s in range(g["first_seq"], g["last_seq"] + 1)
+        }
+        assert sorted(set(seqs) | skipped) == [json.loads(x)["seq"] for x in lines]
+        assert not set(seqs) & skipped

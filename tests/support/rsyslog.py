@@ -57,12 +57,15 @@ class Rsyslog:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        wait_until(
-            lambda: port_file.exists() and port_file.read_text().strip().isdigit(),
-            timeout=timeout,
-            what=f"rsyslogd to listen ({self.log_text()[-500:]})",
-        )
-        self.port = int(port_file.read_text().strip())
+        if self.port == 0:  # rsyslogd writes the port it got only when it chose it
+            wait_until(
+                lambda: port_file.exists() and port_file.read_text().strip().isdigit(),
+                timeout=timeout,
+                what="rsyslogd to listen (see rsyslogd.log)",
+            )
+            self.port = int(port_file.read_text().strip())
+        else:
+            wait_until(lambda: _listening(self.port), timeout=timeout, what="rsyslogd to listen")
 
     def stop(self, timeout: float = 15.0) -> None:
         proc, self.proc = self.proc, None
@@ -97,6 +100,13 @@ class Rsyslog:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _listening(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:``port`` (from /proc/net/tcp, no connection)."""
+    want = f"0100007F:{port:04X}"
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return any(f[1] == want and f[3] == "0A" for f in (line.split() for line in lines))
 
 
 def wait_for(collector: Rsyslog, count: int, msgid: str = "audit", timeout: float = 60.0) -> None:

@@ -1,0 +1,69 @@
+"""The forwarding tests' collector (a real rsyslogd) and a daemon that forwards to it."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from signerd.client import Client
+from signerd.testing import SignerdProcess
+
+from ..conftest import start_daemon
+from ..support.rsyslog import Rsyslog
+
+CHECKPOINT_KEY = "auditfwd/checkpoints"
+
+
+@pytest.fixture
+def collector(tmp_path: Path) -> Iterator[Rsyslog]:
+    with Rsyslog(tmp_path / "collector") as c:
+        yield c
+
+
+def forwarding_daemon(base: Path, collector: Rsyslog, **forwarding: Any) -> SignerdProcess:
+    table = {
+        "host": "127.0.0.1",
+        "port": collector.port,
+        "checkpoint_key": CHECKPOINT_KEY,
+        "checkpoint_interval": 0.5,
+        "hostname": "host-a",
+        **forwarding,
+    }
+    return start_daemon(
+        base,
+        server={"workers": 2},
+        keys={"bootstrap": [CHECKPOINT_KEY]},
+        forwarding=table,
+    )
+
+
+def trail_lines(d: SignerdProcess) -> dict[str, list[bytes]]:
+    """Each chain's record lines, as the trail holds them (chains with a record)."""
+    lines = {p.name: p.read_bytes().splitlines() for p in d.audit_files()}
+    return {name: records for name, records in lines.items() if records}
+
+
+def forwarded(collector: Rsyslog) -> dict[str, list[bytes]]:
+    """Each chain's record lines, as the collector got them (in arrival order)."""
+    got: dict[str, list[bytes]] = collections.defaultdict(list)
+    for m in collector.messages():
+        if m.msgid == "audit":
+            got[m.params["chain"]].append(m.msg)
+    return got
+
+
+def sign_many(d: SignerdProcess, key: str, count: int) -> int:
+    """Sign ``count`` payloads; how many were signed (the others were refused)."""
+    signed = 0
+    with Client(d.socket_path) as c:
+        for i in range(count):
+            try:
+                c.sign(key, f"payload {i}".encode())
+                signed += 1
+            except Exception:
+                pass
+    return signed
