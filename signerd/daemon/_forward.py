@@ -21,11 +21,13 @@ import time
 from .._config import Config
 from ..audit import worker_path
 from ..errors import SignerdError
-from ..forwarding import Forwarder, LagFlag, Signer
+from ..forwarding import Forwarder, LagFlag, LagGate, Signer
 from ..workers import set_parent_death_signal
 from ._assemble import build_backends, flag_path
 
 __all__ = ["ForwarderProcess", "run_forwarder"]
+
+START_TIMEOUT = 30.0  # seconds the daemon waits for its forwarder before starting the workers
 
 log = logging.getLogger("signerd.forwarding")
 
@@ -94,11 +96,21 @@ class ForwarderProcess:
         self._backoff = 0.5
         self._stopped = False
 
-    def start(self) -> None:
-        """Before the workers start: the flag starts clear (not a previous run's)."""
-        os.makedirs(os.path.dirname(flag_path(self.config)), mode=0o750, exist_ok=True)
-        LagFlag.reset(flag_path(self.config))
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Before the workers start: a clear flag (not a previous run's), then the forwarder,
+        waited for (at most ``timeout``) until it holds the trail files, so that no record
+        is written before it follows them. Signs are refused until it does."""
+        path = flag_path(self.config)
+        os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
+        LagFlag.reset(path)
         self.poll()
+        gate = LagGate(path, timeout)
+        deadline = time.monotonic() + timeout
+        while not gate.began() and time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                log.error("signerd.forwarder_start_failed detail=signs are refused until it runs")
+                return
+            time.sleep(0.05)
 
     def poll(self) -> None:
         if self._stopped:

@@ -5,8 +5,8 @@ and keeps in it whether signs are refused (byte 0) and when it last looked
 (CLOCK_MONOTONIC, bytes 8-15). Each worker maps the same file read-only;
 ``GatedSink`` wraps the worker's audit sink and refuses the record of a sign
 (so the sign: ``audit_unavailable``, 503, Retry-After) while the flag is set,
-or while the forwarder has been silent for ``max_silence`` seconds after it
-began (forwarding cannot be vouched for: the lag is unknown).
+before the forwarder first looked at the trail, and while it has been silent for
+``max_silence`` seconds (forwarding cannot be vouched for: the lag is unknown).
 """
 
 from __future__ import annotations
@@ -66,18 +66,22 @@ class LagGate:
         self._next_try = 0.0
 
     def refusing(self) -> bool:
+        """Signs are refused when the flag is set, and when the forwarder has not started
+        yet or has been silent for ``max_silence`` (nothing vouches for forwarding then)."""
         view = self._mapped()
         if view is None:
-            return False  # the forwarder has not started yet: nothing is behind
-        flag, beat = _LAYOUT.unpack(view[:_SIZE])
-        beat = float(beat)
-        if flag:
             return True
-        return bool(beat > 0 and time.monotonic() - beat > self.max_silence)
+        flag, beat = _LAYOUT.unpack(view[:_SIZE])
+        return bool(flag or beat == 0 or time.monotonic() - beat > self.max_silence)
+
+    def began(self) -> bool:
+        """Whether the forwarder has looked at the trail at least once."""
+        view = self._mapped()
+        return view is not None and _LAYOUT.unpack(view[:_SIZE])[1] > 0
 
     def _mapped(self) -> mmap.mmap | None:
         if self._map is None and time.monotonic() >= self._next_try:
-            self._next_try = time.monotonic() + 1.0
+            self._next_try = time.monotonic() + 0.1
             with contextlib.suppress(OSError, ValueError):
                 fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
                 try:
