@@ -16,6 +16,7 @@ logging ``signerd.forwarding_dropped`` at CRITICAL and telling the collector
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -298,12 +299,14 @@ class Forwarder:
                 if sent < len(data):
                     _, writable, _ = select.select([], [sock], [], _POLL)
                     if writable:
-                        n = sock.send(data[sent : sent + (1 << 16)])
-                        sent += n
-                        progress = time.monotonic()
+                        with contextlib.suppress(
+                            BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError
+                        ):
+                            sent += sock.send(data[sent : sent + (1 << 16)])
+                            progress = time.monotonic()
                 else:
                     time.sleep(0.0005)
-                unacked = _outq(sock)
+                unacked = _outq(sock)  # read before the state: a reset empties the queue
                 if not _established(sock):
                     raise ConnectionResetError("the collector closed the connection")
             except (OSError, ssl.SSLError) as exc:
@@ -317,11 +320,10 @@ class Forwarder:
                 )
                 self._disconnect()
                 return acked
-            done = (
-                len(data)
-                if tls and sent == len(data) and unacked == 0
-                else (sent - unacked if not tls else 0)
-            )
+            if tls:  # TLS records do not map to our bytes: all of it, once all is acknowledged
+                done = len(data) if sent == len(data) and unacked == 0 else 0
+            else:
+                done = sent - unacked
             while acked < len(frames) and ends[acked] <= done:
                 acked += 1
                 progress = time.monotonic()

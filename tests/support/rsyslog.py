@@ -18,8 +18,8 @@ from signerd.forwarding import Syslog, parse
 from signerd.testing import wait_until
 
 _CONF = """\
-global(workDirectory="{dir}" maxMessageSize="64k")
-module(load="imtcp")
+global(workDirectory="{dir}" maxMessageSize="64k"{tls_global})
+module(load="imtcp"{tls_module})
 template(name="raw" type="string" string="%rawmsg%\\n")
 input(type="imtcp" address="127.0.0.1" port="{port}" listenPortFileName="{dir}/port"
       ruleset="collect")
@@ -32,7 +32,8 @@ ruleset(name="collect") {{
 class Rsyslog:
     """One collector in ``directory``; ``start``/``stop`` as often as a test needs."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, tls: tuple[Path, Path] | None = None) -> None:
+        """``tls``: (certificate, key) files: TLS (rsyslog's ossl driver) instead of TCP."""
         binary = shutil.which("rsyslogd") or (
             "/usr/sbin/rsyslogd" if Path("/usr/sbin/rsyslogd").exists() else None
         )
@@ -44,12 +45,31 @@ class Rsyslog:
         self.out = self.dir / "collected.log"
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
+        self.tls = tls
 
     def start(self, timeout: float = 20.0) -> None:
         port_file = self.dir / "port"
         port_file.unlink(missing_ok=True)
         conf = self.dir / "rsyslog.conf"
-        conf.write_text(_CONF.format(dir=self.dir, port=self.port, out=self.out))
+        tls_global = tls_module = ""
+        if self.tls is not None:
+            cert, key = self.tls
+            tls_global = (
+                f' defaultNetstreamDriver="ossl" defaultNetstreamDriverCAFile="{cert}"'
+                f' defaultNetstreamDriverCertFile="{cert}" defaultNetstreamDriverKeyFile="{key}"'
+            )
+            tls_module = (
+                ' streamDriver.name="ossl" streamDriver.mode="1" streamDriver.authMode="anon"'
+            )
+        conf.write_text(
+            _CONF.format(
+                dir=self.dir,
+                port=self.port,
+                out=self.out,
+                tls_global=tls_global,
+                tls_module=tls_module,
+            )
+        )
         with open(self.dir / "rsyslogd.log", "ab") as log:
             self.proc = subprocess.Popen(
                 [self.binary, "-n", "-f", str(conf), "-i", str(self.dir / "rsyslogd.pid")],
