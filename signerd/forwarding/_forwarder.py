@@ -3,10 +3,11 @@
 One loop in its own process (the supervisor starts it): it reads each chain from its
 acknowledged position (``_tail``), sends the records as RFC 5424 messages over one
 TCP (or TLS) connection with octet-counted framing, and counts a record delivered
-once the collector's TCP stack acknowledged its last byte while the connection was
-still established (SIOCOUTQ, and the TCP state read after it); then the position is
-saved (``_state``). What was not acknowledged is read again and sent on the next
-connection: nothing is lost, and nothing acknowledged is sent twice. A collector
+once the collector acknowledged it (``_collector``); then the position is saved
+(``_state``). What was not acknowledged is read again and sent on the next
+connection. When the collector resets the connection (it closed with bytes unread),
+what it acknowledged in the last ``REPLAY_WINDOW`` seconds is sent again too: nothing
+is lost; copies can only follow a reset, and carry the same chain, seq and record id. A collector
 that is down or slow never blocks signing: the trail is the buffer. The bound is
 ``max_lag_bytes`` of trail not yet acknowledged; past it ``on_lag = "refuse"``
 sets the flag the workers read (``_gate``) and ``"drop"`` skips the backlog,
@@ -16,23 +17,19 @@ logging ``signerd.forwarding_dropped`` at CRITICAL and telling the collector
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
+import collections
+import dataclasses
 import json
 import logging
-import select
-import socket
-import ssl
-import struct
-import termios
 import threading
 import time
 from dataclasses import dataclass
 
 from ._checkpoint import Checkpoint, Signer, sign_checkpoint
+from ._collector import Collector
 from ._gate import LagFlag
 from ._settings import ForwardingSettings
-from ._state import load_state, save_state
+from ._state import Position, load_state, save_state
 from ._syslog import frame, message
 from ._tail import ChainTail, Item
 
@@ -43,7 +40,8 @@ log = logging.getLogger("signerd.forwarding")
 _BATCH_RECORDS = 512
 _BATCH_BYTES = 256 << 10
 _POLL = 0.05
-_TCP_ESTABLISHED = 1
+#: seconds of acknowledged records sent again after the collector reset the connection
+REPLAY_WINDOW = 1.0
 
 
 @dataclass
@@ -53,6 +51,10 @@ class _Chain:
     since_checkpoint: int = 0
     last_checkpoint: float = 0.0
     checkpointed_seq: int = 0
+    #: positions before each batch acknowledged on this connection, for ``_replay``
+    replay: collections.deque[tuple[float, Position]] = dataclasses.field(
+        default_factory=collections.deque
+    )
 
 
 class Forwarder:
@@ -75,9 +77,8 @@ class Forwarder:
             for name, (path, worker) in chains.items()
         }
         self.stopping = threading.Event()
-        self.sock: socket.socket | None = None
-        self._retry_at = 0.0
-        self._backoff = 0.1
+        self.collector = Collector(settings, self.stopping)
+        self._replay_of: object = None
         self._notices: list[bytes] = []  # gap messages not yet delivered
         self.lag = 0
 
@@ -95,7 +96,7 @@ class Forwarder:
                 if not self.step():
                     self.stopping.wait(_POLL)
         finally:
-            self._disconnect()
+            self.collector.disconnect()
             for c in self.chains.values():
                 c.tail.close()
 
@@ -111,30 +112,67 @@ class Forwarder:
             over = False
         if self.flag is not None:
             self.flag.set(over)
-        if not self._connected():
+        if not self.collector.connected():
             return False
+        if self.collector.sock is not self._replay_of:  # a new connection: nothing to replay
+            self._replay_of = self.collector.sock
+            for c in self.chains.values():
+                c.replay.clear()
         items = self._gather()
         notices = list(self._notices)
-        checkpoints = self._due_checkpoints(bool(items))
+        checkpoints = self._due_checkpoints()
         if not items and not notices and not checkpoints:
             return False
         frames = [frame(n) for n in notices] + [frame(self._message(i)) for i in items]
-        frames += [frame(cp) for cp in checkpoints]
-        acked = self._send(frames)
+        frames += [frame(cp) for _, cp in checkpoints]
+        acked, reset = self.collector.send(frames)
         done_notices = min(acked, len(notices))
         del self._notices[:done_notices]
         delivered = items[: max(0, acked - len(notices))]
+        now = time.monotonic()
         for item in delivered:
             chain = self.chains[item.chain]
+            if not chain.replay or chain.replay[-1][0] < now:
+                chain.replay.append((now, dataclasses.replace(chain.tail.pos)))
             chain.tail.commit(item)
             chain.since_checkpoint += 1
-        if delivered:
+        if acked < len(frames):
+            for name, _ in checkpoints[max(0, acked - len(notices) - len(items)) :]:
+                self.chains[name].checkpointed_seq = 0  # made again next turn
+            if reset:
+                self._replay()
+        if delivered or reset:
             save_state(self.s.state, {n: c.tail.pos for n, c in self.chains.items()})
         if acked < len(frames):
             for c in self.chains.values():
                 c.tail.rewind()
             return False
         return True
+
+    def _replay(self) -> None:
+        """The collector reset the connection (it closed with bytes unread): what its TCP
+        stack acknowledged in the last ``REPLAY_WINDOW`` seconds may never have reached it,
+        so it is sent again (copies carry the same chain, seq and record id)."""
+        since = time.monotonic() - REPLAY_WINDOW
+        for name, c in self.chains.items():
+            older = [pos for when, pos in c.replay if when >= since]
+            c.replay.clear()
+            if not older:
+                continue
+            back = older[0]
+            pos = c.tail.pos
+            if (back.dev, back.ino) != (pos.dev, pos.ino) or back.seq >= pos.seq:
+                continue
+            log.warning(
+                "signerd.forwarding_replay chain=%s from_seq=%d to_seq=%d detail=the collector "
+                "reset the connection; records it acknowledged just before may be lost there "
+                "and are sent again",
+                name,
+                back.seq + 1,
+                pos.seq,
+            )
+            c.tail.pos = dataclasses.replace(back)
+            c.tail.rewind()
 
     def _gather(self) -> list[Item]:
         items: list[Item] = []
@@ -160,9 +198,10 @@ class Forwarder:
 
     # --- checkpoints ---
 
-    def _due_checkpoints(self, busy: bool) -> list[bytes]:
-        """Signed checkpoints of the chains whose acknowledged head moved, when due."""
-        out: list[bytes] = []
+    def _due_checkpoints(self) -> list[tuple[str, bytes]]:
+        """Signed checkpoints (chain, message) of the chains whose acknowledged head
+        moved, when due."""
+        out: list[tuple[str, bytes]] = []
         if self.signer is None:
             return out
         now = time.monotonic()
@@ -197,14 +236,17 @@ class Forwarder:
             self.kid_hint = json.loads(signed)["kid"]
             c.since_checkpoint, c.last_checkpoint, c.checkpointed_seq = 0, now, pos.seq
             out.append(
-                message(
-                    severity=5,
-                    when=cp.time,
-                    hostname=self.s.hostname,
-                    procid=c.worker,
-                    msgid="checkpoint",
-                    params={"chain": name, "seq": str(pos.seq)},
-                    msg=signed,
+                (
+                    name,
+                    message(
+                        severity=5,
+                        when=cp.time,
+                        hostname=self.s.hostname,
+                        procid=c.worker,
+                        msgid="checkpoint",
+                        params={"chain": name, "seq": str(pos.seq)},
+                        msg=signed,
+                    ),
                 )
             )
         return out
@@ -245,106 +287,3 @@ class Forwarder:
                 )
             )
         save_state(self.s.state, {n: c.tail.pos for n, c in self.chains.items()})
-
-    # --- the connection ---
-
-    def _connected(self) -> bool:
-        if self.sock is not None:
-            return True
-        now = time.monotonic()
-        if now < self._retry_at:
-            return False
-        try:
-            sock = socket.create_connection((self.s.host, self.s.port), timeout=self.s.timeout)
-            if self.s.tls:
-                context = ssl.create_default_context(cafile=self.s.tls_ca_file)
-                sock = context.wrap_socket(
-                    sock, server_hostname=self.s.tls_server_name or self.s.host
-                )
-        except OSError as exc:
-            if self._backoff <= 0.1:
-                log.error(
-                    "signerd.forwarding_collector_down collector=%s:%d error=%s",
-                    self.s.host,
-                    self.s.port,
-                    exc.strerror or type(exc).__name__,
-                )
-            self._retry_at = now + self._backoff
-            self._backoff = min(5.0, self._backoff * 2)
-            return False
-        sock.setblocking(False)
-        self.sock, self._backoff = sock, 0.1
-        log.info("signerd.forwarding_connected collector=%s:%d", self.s.host, self.s.port)
-        return True
-
-    def _disconnect(self) -> None:
-        sock, self.sock = self.sock, None
-        if sock is not None:
-            sock.close()
-
-    def _send(self, frames: list[bytes]) -> int:
-        """Send ``frames``; how many of them (from the first) the collector acknowledged."""
-        sock = self.sock
-        assert sock is not None
-        ends, total = [], 0
-        for f in frames:
-            total += len(f)
-            ends.append(total)
-        data = memoryview(b"".join(frames))
-        sent, acked = 0, 0
-        progress = time.monotonic()
-        tls = isinstance(sock, ssl.SSLSocket)
-        while acked < len(frames):
-            try:
-                if sent < len(data):
-                    _, writable, _ = select.select([], [sock], [], _POLL)
-                    if writable:
-                        with contextlib.suppress(
-                            BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError
-                        ):
-                            sent += sock.send(data[sent : sent + (1 << 16)])
-                            progress = time.monotonic()
-                else:
-                    time.sleep(0.0005)
-                unacked = _outq(sock)  # read before the state: a reset empties the queue
-                if not _established(sock):
-                    raise ConnectionResetError("the collector closed the connection")
-            except (OSError, ssl.SSLError) as exc:
-                log.warning(
-                    "signerd.forwarding_connection_lost collector=%s:%d error=%s acked=%d of=%d",
-                    self.s.host,
-                    self.s.port,
-                    getattr(exc, "strerror", None) or type(exc).__name__,
-                    acked,
-                    len(frames),
-                )
-                self._disconnect()
-                return acked
-            if tls:  # TLS records do not map to our bytes: all of it, once all is acknowledged
-                done = len(data) if sent == len(data) and unacked == 0 else 0
-            else:
-                done = sent - unacked
-            while acked < len(frames) and ends[acked] <= done:
-                acked += 1
-                progress = time.monotonic()
-            if time.monotonic() - progress > self.s.timeout:
-                log.warning(
-                    "signerd.forwarding_collector_stalled collector=%s:%d", self.s.host, self.s.port
-                )
-                self._disconnect()
-                return acked
-            if self.stopping.is_set() and time.monotonic() - progress > 1.0:
-                self._disconnect()
-                return acked
-        return acked
-
-
-def _outq(sock: socket.socket) -> int:
-    """Bytes sent on ``sock`` that the peer has not acknowledged yet (SIOCOUTQ)."""
-    buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-    return int(struct.unpack("i", buf)[0])
-
-
-def _established(sock: socket.socket) -> bool:
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
-    return info[0] == _TCP_ESTABLISHED

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -67,3 +68,18 @@ def sign_many(d: SignerdProcess, key: str, count: int) -> int:
             except Exception:
                 pass
     return signed
+
+
+def checkpointed_heads(collector: Rsyslog) -> dict[str, int]:
+    """Each chain's highest seq a checkpoint at the collector names."""
+    heads: dict[str, int] = {}
+    for m in collector.messages():
+        if m.msgid == "checkpoint":
+            chain, seq = m.params["chain"], int(m.params["seq"])
+            heads[chain] = max(seq, heads.get(chain, 0))
+    return heads
+
+
+def heads(lines: dict[str, list[bytes]]) -> dict[str, int]:
+    """Each chain's last seq."""
+    return {chain: json.loads(records[-1])["seq"] for chain, records in lines.items()}

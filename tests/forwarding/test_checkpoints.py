@@ -13,10 +13,11 @@ import pytest
 
 from signerd.cli import main
 from signerd.client import Client
+from signerd.testing import wait_until
 
 from ..conftest import unique
 from ..support.rsyslog import Rsyslog, wait_for
-from .conftest import forwarding_daemon, sign_many, trail_lines
+from .conftest import checkpointed_heads, forwarding_daemon, heads, sign_many, trail_lines
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -73,9 +74,13 @@ def test_rewritten_trail_and_anchors_are_caught_by_forwarded_checkpoints(
             c.create_key(key)
             jwks = {"keys": c.jwks()}
         assert sign_many(d, key, 40) == 40
-        total = sum(len(v) for v in trail_lines(d).values())
-        wait_for(collector, total)
-        wait_for(collector, 4, msgid="checkpoint")
+        want = trail_lines(d)
+        wait_for(collector, sum(len(v) for v in want.values()))
+        wait_until(
+            lambda: checkpointed_heads(collector) == heads(want),
+            timeout=60,
+            what="checkpoints of every chain's head",
+        )
         audit_dir = d.audit_path.parent
     jwks_file = tmp_path / "jwks.json"
     jwks_file.write_text(json.dumps(jwks))
@@ -85,10 +90,11 @@ def test_rewritten_trail_and_anchors_are_caught_by_forwarded_checkpoints(
     assert code == 0, text
     assert "signed checkpoints" in text
 
-    trail = audit_dir / "audit.w0.jsonl"
+    chain = max(want, key=lambda name: len(want[name]))  # the worker that signed most
+    trail = audit_dir / chain
     records = trail.read_bytes().splitlines()
     assert len(records) > 5
-    rewrite(trail, audit_dir / "audit.w0.jsonl.anchor", victim=json.loads(records[3])["seq"])
+    rewrite(trail, audit_dir / f"{chain}.anchor", victim=json.loads(records[3])["seq"])
     code, text = verify(str(audit_dir))
     assert code == 0, text  # the attack works against what is on the host alone
     code, text = verify(str(audit_dir), *args)
@@ -97,8 +103,8 @@ def test_rewritten_trail_and_anchors_are_caught_by_forwarded_checkpoints(
 
 
 def test_a_forged_checkpoint_fails_the_check(tmp_path: Path, collector: Rsyslog) -> None:
-    """A checkpoint whose signature does not verify (edited in the collector's file)
-    fails the check instead of being ignored."""
+    """A checkpoint whose signature does not verify (edited in the collector's file), or
+    whose kid the JWKS lacks, fails the check instead of being ignored."""
     key = f"{unique('cp')}/k"
     with forwarding_daemon(tmp_path / "d", collector) as d:
         with Client(d.socket_path) as c:
@@ -118,3 +124,8 @@ def test_a_forged_checkpoint_fails_the_check(tmp_path: Path, collector: Rsyslog)
     code, text = verify(str(audit_dir), "--forwarded", str(forged), "--jwks", str(jwks_file))
     assert code == 65, text
     assert "signature does not verify" in text, text
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"keys": []}))  # a JWKS without the checkpoint key
+    code, text = verify(str(audit_dir), "--forwarded", str(collector.out), "--jwks", str(other))
+    assert code == 65, text
+    assert "not in the JWKS" in text, text
