@@ -162,7 +162,7 @@ def read_checkpoints(
             key = keys.get(kid)
             if key is None:
                 problems.append(
-                    f"{path} line {lineno}: checkpoint signed by {kid!r}, not in the JWKS"
+                    f"{path} line {lineno}: checkpoint signed by {kid[:80]!r}, not in the JWKS"
                 )
                 continue
             try:

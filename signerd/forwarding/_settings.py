@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import SignerdError
 from ..wire import KeyName
 
 __all__ = ["ForwardingSettings", "forwarding_settings"]
@@ -72,7 +73,7 @@ def forwarding_settings(table: Mapping[str, Any], audit_path: str) -> Forwarding
     key = table.get("checkpoint_key")
     try:
         checkpoint_key = KeyName.parse(key) if isinstance(key, str) else None
-    except Exception:
+    except SignerdError:  # InvalidKeyName
         checkpoint_key = None
     if checkpoint_key is None:
         raise ValueError(

@@ -30,7 +30,7 @@ __all__ = ["ChainTail", "Item"]
 log = logging.getLogger("signerd.forwarding")
 
 MAX_LINE = 1 << 20  # a longer line is not a record of signerd's: skipped
-_CHUNK = 1 << 18
+_CHUNK = MAX_LINE  # read at most this much at once (a whole line fits)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,9 @@ def collector(tmp_path: Path) -> Iterator[Rsyslog]:
         yield c
 
 
-def forwarding_daemon(base: Path, collector: Rsyslog, **forwarding: Any) -> SignerdProcess:
+def forwarding_daemon(
+    base: Path, collector: Rsyslog, *, workers: int = 2, **forwarding: Any
+) -> SignerdProcess:
     table = {
         "host": "127.0.0.1",
         "port": collector.port,
@@ -36,7 +38,7 @@ def forwarding_daemon(base: Path, collector: Rsyslog, **forwarding: Any) -> Sign
     }
     return start_daemon(
         base,
-        server={"workers": 2},
+        server={"workers": workers},
         keys={"bootstrap": [CHECKPOINT_KEY]},
         forwarding=table,
     )

@@ -23,11 +23,15 @@ from .conftest import forwarded, forwarding_daemon, sign_many, trail_lines
 pytestmark = pytest.mark.timeout(240)
 
 
-def test_records_arrive_at_rsyslog_in_order_and_once(tmp_path: Path, collector: Rsyslog) -> None:
-    """Every record of every worker's chain reaches the collector byte for byte, in the
-    chain's order, exactly once, with signed checkpoints of each chain beside them."""
+@pytest.mark.parametrize("workers", [2, 1])
+def test_records_arrive_at_rsyslog_in_order_and_once(
+    tmp_path: Path, collector: Rsyslog, workers: int
+) -> None:
+    """Every record of every worker's chain (or of the single process's trail) reaches
+    the collector byte for byte, in the chain's order, exactly once, with signed
+    checkpoints beside them."""
     key = f"{unique('fw')}/k"
-    with forwarding_daemon(tmp_path / "d", collector) as d:
+    with forwarding_daemon(tmp_path / "d", collector, workers=workers) as d:
         with Client(d.socket_path) as c:
             c.create_key(key)
         assert sign_many(d, key, 60) == 60
