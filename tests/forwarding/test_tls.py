@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -64,7 +65,11 @@ def test_records_arrive_over_tls(tmp_path: Path) -> None:
     cert, key_file = self_signed(tmp_path / "pki")
     key = f"{unique('tls')}/k"
     with Rsyslog(tmp_path / "collector", tls=(cert, key_file)) as collector:
-        tls = {"tls": True, "tls_ca_file": str(cert), "tls_server_name": "collector.test"}
+        tls: dict[str, Any] = {
+            "tls": True,
+            "tls_ca_file": str(cert),
+            "tls_server_name": "collector.test",
+        }
         with forwarding_daemon(tmp_path / "d", collector, **tls) as d:
             with Client(d.socket_path) as c:
                 c.create_key(key)
@@ -80,7 +85,11 @@ def test_a_collector_with_another_name_gets_nothing(tmp_path: Path) -> None:
     cert, key_file = self_signed(tmp_path / "pki", name="other.test")
     key = f"{unique('tls')}/k"
     with Rsyslog(tmp_path / "collector", tls=(cert, key_file)) as collector:
-        tls = {"tls": True, "tls_ca_file": str(cert), "tls_server_name": "collector.test"}
+        tls: dict[str, Any] = {
+            "tls": True,
+            "tls_ca_file": str(cert),
+            "tls_server_name": "collector.test",
+        }
         with forwarding_daemon(tmp_path / "d", collector, **tls) as d:
             with Client(d.socket_path) as c:
                 c.create_key(key)
