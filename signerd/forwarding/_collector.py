@@ -71,6 +71,22 @@ class Collector:
         log.info("signerd.forwarding_connected collector=%s:%d", self.s.host, self.s.port)
         return True
 
+    def ended(self) -> bool | None:
+        """Between sends: None while the connection is up; else it is dropped here and the
+        answer is whether it ended by a reset (True) or a clean close (False)."""
+        sock = self.sock
+        if sock is None:
+            return None
+        try:
+            state = _state(sock)
+        except OSError:
+            state = 0
+        if state == _TCP_ESTABLISHED:
+            return None
+        reset = state != _TCP_CLOSE_WAIT
+        self._lost(None, 0, 0, reset=reset)
+        return reset
+
     def disconnect(self) -> None:
         sock, self.sock = self.sock, None
         if sock is not None:

@@ -67,8 +67,10 @@ class Forwarder:
         flag: LagFlag | None,
         signer: Signer | None,
         kid_hint: str = "",
+        replay_window: float = REPLAY_WINDOW,
     ) -> None:
         self.s = settings
+        self.replay_window = replay_window
         self.flag = flag
         self.signer, self.kid_hint = signer, kid_hint
         saved = load_state(settings.state)
@@ -112,6 +114,9 @@ class Forwarder:
             over = False
         if self.flag is not None:
             self.flag.set(over)
+        if self.collector.ended():  # a reset while idle: what it had may be lost there
+            self._replay()
+            save_state(self.s.state, {n: c.tail.pos for n, c in self.chains.items()})
         if not self.collector.connected():
             return False
         if self.collector.sock is not self._replay_of:  # a new connection: nothing to replay
@@ -151,9 +156,9 @@ class Forwarder:
 
     def _replay(self) -> None:
         """The collector reset the connection (it closed with bytes unread): what its TCP
-        stack acknowledged in the last ``REPLAY_WINDOW`` seconds may never have reached it,
+        stack acknowledged in the last ``replay_window`` seconds may never have reached it,
         so it is sent again (copies carry the same chain, seq and record id)."""
-        since = time.monotonic() - REPLAY_WINDOW
+        since = time.monotonic() - self.replay_window
         for name, c in self.chains.items():
             older = [pos for when, pos in c.replay if when >= since]
             c.replay.clear()
