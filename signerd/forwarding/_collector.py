@@ -2,14 +2,16 @@
 
 A frame counts as acknowledged once the collector's TCP stack acknowledged its last
 byte (SIOCOUTQ) while the connection was established, or closing cleanly (the
-collector sent FIN: it read everything it acknowledged). A connection that ends by a
-reset is told apart (``reset``): bytes acknowledged just before may never have been
-read there.
+collector sent FIN: a TCP stack sends FIN only once its application read everything,
+else it resets). A connection that ends by a reset while established is told apart
+(``reset``): bytes acknowledged just before may never have been read there. A reset
+that answers bytes sent after the collector's FIN (EPIPE) is a clean close.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import select
@@ -19,6 +21,7 @@ import struct
 import termios
 import threading
 import time
+from collections.abc import Callable
 
 from ._settings import ForwardingSettings
 
@@ -83,7 +86,7 @@ class Collector:
             state = 0
         if state == _TCP_ESTABLISHED:
             return None
-        reset = state != _TCP_CLOSE_WAIT
+        reset = state != _TCP_CLOSE_WAIT and _was_reset(sock, None)
         self._lost(None, 0, 0, reset=reset)
         return reset
 
@@ -92,7 +95,7 @@ class Collector:
         if sock is not None:
             sock.close()
 
-    def send(self, frames: list[bytes]) -> tuple[int, bool]:
+    def send(self, frames: list[bytes], tick: Callable[[], None] | None = None) -> tuple[int, bool]:
         """Send ``frames``; how many of them (from the first) the collector acknowledged,
         and whether the connection ended by a reset (not a clean close: see ``_replay``)."""
         sock = self.sock
@@ -106,6 +109,8 @@ class Collector:
         progress = time.monotonic()
         tls = isinstance(sock, ssl.SSLSocket)
         while acked < len(frames):
+            if tick is not None:
+                tick()  # a long send still tells the workers it is alive
             try:
                 if sent < len(data) and _state(sock) == _TCP_ESTABLISHED:
                     _, writable, _ = select.select([], [sock], [], _POLL)
@@ -120,9 +125,9 @@ class Collector:
                 unacked = _outq(sock)  # before the state: a reset empties the queue
                 state = _state(sock)
             except (OSError, ssl.SSLError) as exc:
-                return self._lost(exc, acked, len(frames), reset=True)
+                return self._lost(exc, acked, len(frames), reset=_was_reset(sock, exc))
             if state not in (_TCP_ESTABLISHED, _TCP_CLOSE_WAIT):  # reset: ``unacked`` is void
-                return self._lost(None, acked, len(frames), reset=True)
+                return self._lost(None, acked, len(frames), reset=_was_reset(sock, None))
             if tls:  # TLS records do not map to our bytes: all of it, once all is acknowledged
                 done = len(data) if sent == len(data) and unacked == 0 else 0
             else:
@@ -157,6 +162,17 @@ class Collector:
         )
         self.disconnect()
         return acked, reset
+
+
+def _was_reset(sock: socket.socket, exc: BaseException | None) -> bool:
+    """Whether the connection ended with the collector's bytes unread: a reset that came
+    while it was established (ECONNRESET). A reset answering what we sent after its
+    clean close (FIN: it had read everything) is EPIPE: nothing it acknowledged is lost."""
+    code = getattr(exc, "errno", None) if exc is not None else None
+    if code is None:
+        with contextlib.suppress(OSError):
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    return code != errno.EPIPE
 
 
 def _outq(sock: socket.socket) -> int:

@@ -83,6 +83,7 @@ class Forwarder:
         self._replay_of: object = None
         self._notices: list[bytes] = []  # gap messages not yet delivered
         self.lag = 0
+        self._over = False
 
     # --- the loop ---
 
@@ -112,6 +113,7 @@ class Forwarder:
         if over and self.s.on_lag == "drop":
             self._drop()
             over = False
+        self._over = over
         if self.flag is not None:
             self.flag.set(over)
         if self.collector.ended():  # a reset while idle: what it had may be lost there
@@ -130,7 +132,7 @@ class Forwarder:
             return False
         frames = [frame(n) for n in notices] + [frame(self._message(i)) for i in items]
         frames += [frame(cp) for _, cp in checkpoints]
-        acked, reset = self.collector.send(frames)
+        acked, reset = self.collector.send(frames, self._beat)
         done_notices = min(acked, len(notices))
         del self._notices[:done_notices]
         delivered = items[: max(0, acked - len(notices))]
@@ -153,6 +155,10 @@ class Forwarder:
                 c.tail.rewind()
             return False
         return True
+
+    def _beat(self) -> None:
+        if self.flag is not None:
+            self.flag.set(self._over)
 
     def _replay(self) -> None:
         """The collector reset the connection (it closed with bytes unread): what its TCP
