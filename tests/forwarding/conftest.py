@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 
 from signerd.client import Client
-from signerd.testing import SignerdProcess
+from signerd.testing import SignerdProcess, wait_until
 
 from ..conftest import start_daemon
 from ..support.rsyslog import Rsyslog
@@ -85,3 +86,43 @@ def checkpointed_heads(collector: Rsyslog) -> dict[str, int]:
 def heads(lines: dict[str, list[bytes]]) -> dict[str, int]:
     """Each chain's last seq."""
     return {chain: json.loads(records[-1])["seq"] for chain, records in lines.items()}
+
+
+def replayed(d: SignerdProcess) -> dict[str, set[int]]:
+    """The seqs of each chain the forwarder logged as sent again after a reset."""
+    found: dict[str, set[int]] = collections.defaultdict(set)
+    for m in re.finditer(
+        r"signerd\.forwarding_replay chain=(\S+) from_seq=(\d+) to_seq=(\d+)", d.log_text()
+    ):
+        found[m.group(1)].update(range(int(m.group(2)), int(m.group(3)) + 1))
+    return found
+
+
+def assert_all_once_but_replays(
+    got: dict[str, list[bytes]], want: dict[str, list[bytes]], replays: dict[str, set[int]]
+) -> None:
+    """Every record arrived, in order and as the trail holds it; a record arrived twice
+    only when the forwarder logged sending it again after the collector reset."""
+    assert set(got) == set(want)
+    for chain, lines in want.items():
+        seen: set[int] = set()
+        first: list[bytes] = []
+        for line in got[chain]:
+            seq = json.loads(line)["seq"]
+            if seq in seen:
+                assert seq in replays.get(chain, set()), (chain, seq, "twice, not replayed")
+                continue
+            seen.add(seq)
+            first.append(line)
+        assert first == lines
+
+
+def wait_all(collector: Rsyslog, want: dict[str, list[bytes]], timeout: float = 60.0) -> None:
+    """Until every record of ``want`` is at the collector (copies aside)."""
+    seqs = {chain: {json.loads(x)["seq"] for x in lines} for chain, lines in want.items()}
+
+    def done() -> bool:
+        got = forwarded(collector)
+        return all(seqs[c] <= {json.loads(x)["seq"] for x in got.get(c, [])} for c in seqs)
+
+    wait_until(done, timeout=timeout, what="every record at the collector")
