@@ -112,10 +112,11 @@ class Forwarder:
         over = self.lag > self.s.max_lag_bytes
         if over and self.s.on_lag == "drop":
             self._drop()
+            self.lag = sum(c.tail.lag_bytes() for c in self.chains.values())
             over = False
         self._over = over
         if self.flag is not None:
-            self.flag.set(over)
+            self.flag.set(over, self.lag)
         if self.collector.ended():  # a reset while idle: what it had may be lost there
             self._replay()
             save_state(self.s.state, {n: c.tail.pos for n, c in self.chains.items()})
@@ -158,7 +159,7 @@ class Forwarder:
 
     def _beat(self) -> None:
         if self.flag is not None:
-            self.flag.set(self._over)
+            self.flag.set(self._over, self.lag)
 
     def _replay(self) -> None:
         """The collector reset the connection (it closed with bytes unread): what its TCP

@@ -1,8 +1,8 @@
 """How the workers learn that forwarding is too far behind: a page of shared memory.
 
-The forwarder maps a 16-byte file in the runtime directory (tmpfs under systemd)
-and keeps in it whether signs are refused (byte 0) and when it last looked
-(CLOCK_MONOTONIC, bytes 8-15). Each worker maps the same file read-only;
+The forwarder maps a 24-byte file in the runtime directory (tmpfs under systemd)
+and keeps in it whether signs are refused (byte 0), when it last looked
+(CLOCK_MONOTONIC, bytes 8-15) and the forwarding lag in bytes (16-23). Each worker maps the same file read-only;
 ``GatedSink`` wraps the worker's audit sink and refuses the record of a sign
 (so the sign: ``audit_unavailable``, 503, Retry-After) while the flag is set,
 before the forwarder first looked at the trail, and while it has been silent for
@@ -25,8 +25,8 @@ __all__ = ["GatedSink", "LagFlag", "LagGate"]
 
 log = logging.getLogger("signerd.forwarding")
 
-_SIZE = 16
-_LAYOUT = struct.Struct("<B7xd")
+_SIZE = 24
+_LAYOUT = struct.Struct("<B7xdQ")  # refusing, heartbeat (CLOCK_MONOTONIC), lag in bytes
 
 
 class LagFlag:
@@ -50,8 +50,8 @@ class LagFlag:
         finally:
             os.close(fd)
 
-    def set(self, refuse: bool) -> None:
-        self._map[:_SIZE] = _LAYOUT.pack(1 if refuse else 0, time.monotonic())
+    def set(self, refuse: bool, lag: int = 0) -> None:
+        self._map[:_SIZE] = _LAYOUT.pack(1 if refuse else 0, time.monotonic(), max(0, lag))
 
     def close(self) -> None:
         self._map.close()
@@ -71,8 +71,17 @@ class LagGate:
         view = self._mapped()
         if view is None:
             return True
-        flag, beat = _LAYOUT.unpack(view[:_SIZE])
+        flag, beat, _ = _LAYOUT.unpack(view[:_SIZE])
         return bool(flag or beat == 0 or time.monotonic() - beat > self.max_silence)
+
+    def lag(self) -> int | None:
+        """Trail bytes the collector has not acknowledged, as the forwarder last saw them
+        (None before it first looked)."""
+        view = self._mapped()
+        if view is None:
+            return None
+        _, beat, lag = _LAYOUT.unpack(view[:_SIZE])
+        return int(lag) if beat > 0 else None
 
     def began(self) -> bool:
         """Whether the forwarder has looked at the trail at least once."""

@@ -134,15 +134,15 @@ def test_state_round_trips_and_a_bad_one_is_empty(tmp_path: Path) -> None:
 
 
 def test_the_lag_flag_is_seen_by_the_gate(tmp_path: Path) -> None:
-    """The gate refuses before the forwarder's first look, follows its flag after, and
-    refuses again when it falls silent."""
+    """The gate refuses before the forwarder's first look, follows its flag after (and
+    reads the lag it published), and refuses again when it falls silent."""
     path = str(tmp_path / "forwarding.lag")
     LagFlag.reset(path)
     gate = LagGate(path, max_silence=0.2)
-    assert gate.refusing() and not gate.began()
+    assert gate.refusing() and not gate.began() and gate.lag() is None
     flag = LagFlag(path)
-    flag.set(False)
-    assert gate.began() and not gate.refusing()
+    flag.set(False, 1234)
+    assert gate.began() and not gate.refusing() and gate.lag() == 1234
     flag.set(True)
     assert gate.refusing()
     flag.set(False)
