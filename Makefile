@@ -27,6 +27,8 @@ system:
 	command -v setfacl >/dev/null || missing="$$missing acl"; \
 	command -v pkg-config >/dev/null || missing="$$missing pkg-config"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v rsyslogd >/dev/null || missing="$$missing rsyslog"; \
+	ls /usr/lib/*/rsyslog/lmnsd_ossl.so >/dev/null 2>&1 || missing="$$missing rsyslog-openssl"; \
 	pkg-config --exists libsystemd 2>/dev/null || missing="$$missing libsystemd-dev"; \
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	command -v systemd-nspawn >/dev/null || missing="$$missing systemd-container"; \

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .federation._settings import FederationSettings, parse_federation
+from .forwarding import ForwardingSettings, forwarding_settings
 from .keys import Settings
 from .server import Limits
 from .wire import DEFAULT_JWK_ALG, JWK_ALGS, KeyName, valid_part
@@ -61,6 +62,7 @@ class Config:
     jwk_alg: str = DEFAULT_JWK_ALG  # the "alg" of the JWKs signerd serves
     metrics: bool = True  # GET /metrics collects and answers ([metrics] enabled)
     max_key_series: int = 1000  # keys with their own series in /metrics at most
+    forwarding: ForwardingSettings | None = None  # no [forwarding]: the trail stays local
 
 
 _AGE_PATTERN_RE = re.compile(r"[a-z0-9_*?-]{1,63}/[a-z0-9_*?-]{1,63}")
@@ -87,7 +89,17 @@ def _age_rules(table: Any) -> tuple[tuple[str, float], ...]:
     return tuple(rules)
 
 
-_TOP = {"server", "keys", "backends", "tenants", "audit", "policy", "federation", "metrics"}
+_TOP = {
+    "server",
+    "keys",
+    "backends",
+    "tenants",
+    "audit",
+    "policy",
+    "federation",
+    "metrics",
+    "forwarding",
+}
 _METRICS = {"enabled", "max_key_series"}  # [metrics]
 _LIMITS = (  # [server] keys that are fields of Limits
     "max_body_bytes",
@@ -289,6 +301,15 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
         if name in audit:
             audit[name] = _relative(base, audit[name])
 
+    forward = dict(_table(doc, "forwarding", None))
+    for name in ("state", "tls_ca_file"):
+        if name in forward:
+            forward[name] = _relative(base, forward[name])
+    try:
+        forwarding = forwarding_settings(forward, str(audit["path"]))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
     try:
         federation = parse_federation(_table(doc, "federation", None), base)
     except ValueError as exc:
@@ -319,6 +340,7 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
         jwk_alg=jwk_alg,
         metrics=_get(metrics, "metrics", "enabled", bool, True),
         max_key_series=max_key_series,
+        forwarding=forwarding,
     )
 
 

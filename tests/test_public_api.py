@@ -159,6 +159,7 @@ INTERNAL_PACKAGES = {
     "signerd.cli",
     "signerd.daemon",
     "signerd.federation",
+    "signerd.forwarding",
     "signerd.keys",
     "signerd.metrics",
     "signerd.server",

@@ -51,7 +51,7 @@ function _shtab_signerctl_using
 end
 
 set -g _shtab_signerctl_commands keys 'keys list' 'keys show' 'keys create' 'keys rotate' 'keys promote' 'keys retire' 'keys destroy' 'keys purge-invalid' sign verify telemetry 'telemetry sign' 'telemetry verify' feedback 'feedback sign' 'feedback verify' jwks kid health ready whoami trust 'trust list' 'trust add' 'trust remove' audit 'audit verify' 'audit payload-hash' 'audit show' 'audit tail' status
-set -g _shtab_signerctl_opts_with_value --anchor --attestation --caller --code --config --confirm --count --data-b64 --data-file --envelope-file --field --interval --jwk-file --key --kid --lines --nonce --operation --outcome --schema --sha256 --signature --since --socket --tenant --timeout --timestamp --unit --until -n
+set -g _shtab_signerctl_opts_with_value --anchor --attestation --caller --code --config --confirm --count --data-b64 --data-file --envelope-file --field --forwarded --host --interval --jwk-file --jwks --key --kid --lines --nonce --operation --outcome --schema --sha256 --signature --since --socket --tenant --timeout --timestamp --unit --until -n
 
 complete -c signerctl -e
 complete -c signerctl -f
@@ -264,6 +264,9 @@ complete -c signerctl -n '_shtab_signerctl_using audit; and test $_shtab_signerc
 complete -c signerctl -n '_shtab_signerctl_using audit verify' -s h -l help -d 'show this help message and exit'
 complete -c signerctl -n '_shtab_signerctl_using audit verify' -l anchor -x -d 'anchor file to check against (repeatable; default FILE.anchor, DIR/*.anchor)'
 complete -c signerctl -n '_shtab_signerctl_using audit verify' -l no-anchor -d 'check the chains only'
+complete -c signerctl -n '_shtab_signerctl_using audit verify' -l forwarded -x -d 'also check against the signed checkpoints in FILE (what the collector wrote)'
+complete -c signerctl -n '_shtab_signerctl_using audit verify' -l jwks -x -d 'the JWKS that verifies the checkpoints'
+complete -c signerctl -n '_shtab_signerctl_using audit verify' -l host -x -d 'only the checkpoints of this host'
 complete -c signerctl -n '_shtab_signerctl_using audit verify' -l socket -x -d 'signerd'"'"'s socket (default: $SIGNERD_SOCKET, else /run/signerd/signerd.sock)'
 complete -c signerctl -n '_shtab_signerctl_using audit verify' -l json -d 'print JSON on stdout'
 complete -c signerctl -n '_shtab_signerctl_using audit verify' -l timeout -x -d 'how long to wait for signerd'"'"'s whole answer, connecting included, before giving up with exit 75 (0 < SECONDS <= 3600; default 10)'

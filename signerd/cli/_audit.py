@@ -4,6 +4,7 @@
 
     audit verify PATH... [--anchor FILE]... [--no-anchor]
     audit show PATH... [filters]       audit tail PATH... [filters] [--follow]   (_auditshow)
+                 [--forwarded FILE --jwks FILE [--host NAME]]
     audit payload-hash --key FILE [--data-file F | --sha256 HEX]  (else payload from stdin)
 
 ``audit verify`` exits 0 only for an intact trail; a trail that does not
@@ -13,12 +14,15 @@ verify prints its report and exits 65 (``AuditBroken``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import os
 import re
 from typing import TYPE_CHECKING, Any
 
-from .._files import MAX_INPUT_BYTES, NotRegularFile
+from .._files import MAX_INPUT_BYTES, NotRegularFile, open_regular
+from ..audit import VerifyReport
+from ..errors import SignerdError
 from . import _auditshow
 from ._io import Failure, data_of, not_a_file, plain, register
 
@@ -38,8 +42,13 @@ class AuditBroken(Exception):
 def _audit_verify(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
     from ..audit import verify_trail
 
+    if (a.forwarded is None) != (a.jwks is None):
+        raise Failure(os.EX_USAGE, "usage", "--forwarded and --jwks go together")
     try:
-        report, files = verify_trail(a.paths, a.anchor or (), use_anchors=not a.no_anchor)
+        if a.forwarded is not None:
+            report, files = _against_forwarded(a)
+        else:
+            report, files = verify_trail(a.paths, a.anchor or (), use_anchors=not a.no_anchor)
     except NotRegularFile as exc:
         raise not_a_file(str(exc.filename)) from None
     except OSError as exc:
@@ -55,6 +64,37 @@ def _audit_verify(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
     if report.anchors:
         text += f"; anchored at seq {report.head_seq} ({report.anchors} anchors checked)"
     return doc, "\n".join([text, *(f"note: {n}" for n in report.notes)])
+
+
+def _against_forwarded(a: argparse.Namespace) -> tuple[VerifyReport, int]:
+    """The trail checked against the signed checkpoints a collector wrote (and the local
+    anchors, unless --no-anchor): a checkpoint that does not verify fails the check."""
+    from ..audit import audit_files, find_anchors, verify_set
+    from ..forwarding import anchors_of, jwks_keys, read_checkpoints
+    from ..wire import loads_strict
+
+    with open_regular(a.jwks) as handle:
+        raw = handle.read(MAX_INPUT_BYTES + 1)
+    try:
+        if len(raw) > MAX_INPUT_BYTES:
+            raise ValueError("too large")
+        keys = jwks_keys(loads_strict(raw))
+    except (ValueError, SignerdError):
+        raise Failure(os.EX_DATAERR, "invalid_jwks", f"{a.jwks}: not a JWKS document") from None
+    checkpoints, problems = read_checkpoints(a.forwarded, keys, a.host)
+    if problems:
+        raise AuditBroken({"ok": False, "problems": problems}, "forged: " + problems[0])
+    if not checkpoints:
+        where = f" of host {a.host}" if a.host else ""
+        raise AuditBroken(
+            {"ok": False, "problems": ["no signed checkpoint"]},
+            f"incomplete: {a.forwarded} holds no signed checkpoint{where}",
+        )
+    local, notes = find_anchors(a.paths, a.anchor or ()) if not a.no_anchor else ([], [])
+    files = audit_files(a.paths)
+    report = verify_set(files, [*local, *anchors_of(checkpoints)])
+    notes.append(f"{len(checkpoints)} signed checkpoints from {a.forwarded} checked")
+    return dataclasses.replace(report, notes=report.notes + tuple(notes)), len(files)
 
 
 def _audit_payload_hash(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
@@ -93,6 +133,13 @@ def add_commands(sub: Any) -> None:
         help="anchor file to check against (repeatable; default FILE.anchor, DIR/*.anchor)",
     )
     p.add_argument("--no-anchor", action="store_true", help="check the chains only")
+    p.add_argument(
+        "--forwarded",
+        metavar="FILE",
+        help="also check against the signed checkpoints in FILE (what the collector wrote)",
+    )
+    p.add_argument("--jwks", metavar="FILE", help="the JWKS that verifies the checkpoints")
+    p.add_argument("--host", metavar="NAME", help="only the checkpoints of this host")
     p = register(
         asub, "payload-hash", _audit_payload_hash, "a payload's payload_hmac, to find it in a trail"
     )

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from .._config import Config, ConfigError, load
-from ..audit import AuditTrail, audit_from_config, audit_settings
+from ..audit import AuditSink, AuditTrail, audit_from_config, audit_settings
 from ..authz import Policy, peer_of, policy_from_config
 from ..backends import Backend, load_factory
 from ..errors import SignerdError
 from ..federation import Federation, attach
+from ..forwarding import GatedSink, LagGate
 from ..keys import KeyService
 from ..metrics import Metrics, Sources, metrics_directory
 from ..server import (
@@ -54,6 +55,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("signerd")
+
+#: seconds without the audit forwarder's heartbeat (once it began) before signs are refused
+FORWARDER_SILENCE = 30.0
 
 #: held around one key administration operation (create, rotate, ...)
 AdminGuard = Callable[["KeyName"], contextlib.AbstractAsyncContextManager[None]]
@@ -146,6 +150,18 @@ def _build_audit(config: Config, role: ProcessRole, guard: StallGuard | None) ->
         raise ConfigError(str(exc)) from exc
 
 
+def flag_path(config: Config) -> str:
+    """The file the forwarder and the workers share: whether signs are refused."""
+    return runtime_path(config.socket, "forwarding.lag")
+
+
+def _gated(config: Config, audit: AuditTrail) -> AuditSink:
+    """The sink the server writes to: past the forwarding bound, signs are refused."""
+    if config.forwarding is None or config.forwarding.on_lag != "refuse":
+        return audit
+    return GatedSink(audit, LagGate(flag_path(config), FORWARDER_SILENCE))
+
+
 def _fitted(config: Config) -> Limits:
     """The configured limits, with the connection cap fitted to the descriptors there are.
 
@@ -226,7 +242,7 @@ class Daemon:
             server = Server(
                 keys,
                 gate=policy,
-                audit=audit,
+                audit=_gated(config, audit),
                 peer_lookup=peer_of,
                 limits=limits,
                 jwk_alg=config.jwk_alg,

@@ -30,6 +30,7 @@ from .._config import ConfigError, load
 from ..backends import CredentialsRefused
 from ..errors import SignerdError
 from ._assemble import check
+from ._forward import run_forwarder
 from ._journal import setup_logging
 from ._single import serve
 from ._sockets import SocketError
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the configuration file (default: $SIGNERD_CONFIG, else /etc/signerd/signerd.toml)",
     )
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    parser.add_argument("--forward", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -78,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"signerd: {args.config}: ok")
             return os.EX_OK
         setup_logging(config.log_level)
+        if args.forward:  # the audit forwarder's own process, started by the daemon
+            return run_forwarder(config)
         if config.workers > 1:
             return supervise(config, exit_code)
         asyncio.run(serve(config))

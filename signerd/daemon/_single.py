@@ -21,6 +21,7 @@ from ..metrics import metrics_directory, reset_directory
 from ..server import UidCounter
 from ..workers import SharedBuckets, StallGuard, WorkerTable
 from ._assemble import AdminGuard, Daemon, TrustGuard
+from ._forward import ForwarderProcess
 from ._systemd import SystemdSession, Watchdog, activated_socket, notify
 
 __all__ = ["STATUS_INTERVAL", "Solo", "serve"]
@@ -65,6 +66,9 @@ async def serve(config: Config) -> None:
     sock = activated_socket(config.socket, mode=config.socket_mode, group=config.socket_group)
     if config.metrics:
         reset_directory(metrics_directory(config))
+    forwarder = ForwarderProcess(config) if config.forwarding is not None else None
+    if forwarder is not None:
+        forwarder.start()
     daemon = await Daemon.start(config, Solo(), sock)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -89,6 +93,7 @@ async def serve(config: Config) -> None:
     session.ready()
     under_systemd = bool(os.environ.get("NOTIFY_SOCKET"))
     status = loop.create_task(_status_loop(daemon, session)) if under_systemd else None
+    keeper = loop.create_task(_keep(forwarder)) if forwarder is not None else None
     try:
         await stop.wait()
     finally:
@@ -96,8 +101,19 @@ async def serve(config: Config) -> None:
         log.info("signerd.stopping")
         if status is not None:
             status.cancel()
+        if keeper is not None:
+            keeper.cancel()
         await watchdog.stop()
         await daemon.stop()
+        if forwarder is not None:
+            await asyncio.to_thread(forwarder.stop)
+
+
+async def _keep(forwarder: ForwarderProcess) -> None:
+    """Start the audit forwarder again when it died."""
+    while True:
+        await asyncio.sleep(1.0)
+        forwarder.poll()
 
 
 async def _status_loop(

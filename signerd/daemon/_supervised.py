@@ -53,6 +53,7 @@ from ..workers import (
     runtime_path,
 )
 from ._assemble import AdminGuard, Daemon, TrustGuard, build_policy
+from ._forward import ForwarderProcess
 from ._sockets import bind_unix_socket, unlink_own_socket
 from ._systemd import SystemdSession, activated_socket, notify
 
@@ -328,6 +329,15 @@ def supervise(config: Config, exit_code: ExitCode) -> int:
     table = WorkerTable(config.workers)
     if config.metrics:
         reset_directory(metrics_directory(config))
+    forwarder = ForwarderProcess(config) if config.forwarding is not None else None
+    if forwarder is not None:
+        forwarder.start()
+
+    def tick() -> None:
+        session.tick()
+        if forwarder is not None:
+            forwarder.poll()
+
     supervisor = Supervisor(
         config,
         sock,
@@ -336,13 +346,15 @@ def supervise(config: Config, exit_code: ExitCode) -> int:
         ),
         reload_config=reload_config,
         on_ready=on_ready,
-        on_tick=session.tick,
+        on_tick=tick,
         on_stop=stopping,
         on_message=on_message,
     )
     try:
         code = supervisor.run()
     finally:
+        if forwarder is not None:
+            forwarder.stop()
         unlink_own_socket(config.socket, sock)  # only a socket bound here, never systemd's
         sock.close()
     if code == os.EX_CONFIG:

@@ -11,6 +11,7 @@ from signerd.authz import _parse as policy_parse
 from signerd.backends.pkcs11 import _settings as pkcs11_settings
 from signerd.backends.vault import _settings as vault_settings
 from signerd.federation import _settings as federation_settings
+from signerd.forwarding import _settings as forwarding_settings
 from signerd.keys import Settings
 from signerd.server import Limits
 
@@ -32,6 +33,7 @@ CODE_KEYS: dict[str, set[str]] = {
     "[federation.nonces]": set(federation_settings._NONCES),
     "[[federation.trusted_keys]]": set(federation_settings._PEER),
     "[metrics]": set(_config._METRICS),
+    "[forwarding]": set(forwarding_settings._KNOWN),
 }
 
 

@@ -1,0 +1,138 @@
+"""A real rsyslogd for the tests: unprivileged, on loopback, with its own configuration.
+
+imtcp on 127.0.0.1 (port 0 the first time, the port it got on each later start),
+every message written to one file with ``%rawmsg%`` (the RFC 5424 message as sent),
+its own work directory and pid file, no system configuration. A missing rsyslogd
+is an error, never a skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+from signerd.forwarding import Syslog, parse
+from signerd.testing import wait_until
+
+_CONF = """\
+global(workDirectory="{dir}" maxMessageSize="64k"{tls_global})
+module(load="imtcp"{tls_module})
+template(name="raw" type="string" string="%rawmsg%\\n")
+input(type="imtcp" address="127.0.0.1" port="{port}" listenPortFileName="{dir}/port"
+      ruleset="collect")
+ruleset(name="collect") {{
+  action(type="omfile" file="{out}" template="raw")
+}}
+"""
+
+
+class Rsyslog:
+    """One collector in ``directory``; ``start``/``stop`` as often as a test needs."""
+
+    def __init__(self, directory: Path, tls: tuple[Path, Path] | None = None) -> None:
+        """``tls``: (certificate, key) files: TLS (rsyslog's ossl driver) instead of TCP."""
+        binary = shutil.which("rsyslogd") or (
+            "/usr/sbin/rsyslogd" if Path("/usr/sbin/rsyslogd").exists() else None
+        )
+        if binary is None:
+            raise RuntimeError("rsyslogd is not installed (apt-get install rsyslog)")
+        self.binary = binary
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.out = self.dir / "collected.log"
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.tls = tls
+
+    def start(self, timeout: float = 20.0) -> None:
+        port_file = self.dir / "port"
+        port_file.unlink(missing_ok=True)
+        conf = self.dir / "rsyslog.conf"
+        tls_global = tls_module = ""
+        if self.tls is not None:
+            cert, key = self.tls
+            tls_global = (
+                f' defaultNetstreamDriver="ossl" defaultNetstreamDriverCAFile="{cert}"'
+                f' defaultNetstreamDriverCertFile="{cert}" defaultNetstreamDriverKeyFile="{key}"'
+            )
+            tls_module = (
+                ' streamDriver.name="ossl" streamDriver.mode="1" streamDriver.authMode="anon"'
+            )
+        conf.write_text(
+            _CONF.format(
+                dir=self.dir,
+                port=self.port,
+                out=self.out,
+                tls_global=tls_global,
+                tls_module=tls_module,
+            )
+        )
+        with open(self.dir / "rsyslogd.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [self.binary, "-n", "-f", str(conf), "-i", str(self.dir / "rsyslogd.pid")],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        if self.port == 0:  # rsyslogd writes the port it got only when it chose it
+            wait_until(
+                lambda: port_file.exists() and port_file.read_text().strip().isdigit(),
+                timeout=timeout,
+                what="rsyslogd to listen (see rsyslogd.log)",
+            )
+            self.port = int(port_file.read_text().strip())
+        else:
+            wait_until(lambda: _listening(self.port), timeout=timeout, what="rsyslogd to listen")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+    def log_text(self) -> str:
+        with contextlib.suppress(OSError):
+            return (self.dir / "rsyslogd.log").read_text(errors="replace")
+        return ""
+
+    def messages(self) -> list[Syslog]:
+        """What the collector wrote so far, one message a line (unparseable lines fail)."""
+        if not self.out.exists():
+            return []
+        out = []
+        for line in self.out.read_bytes().splitlines():
+            parsed = parse(line)
+            assert parsed is not None, line[:200]
+            out.append(parsed)
+        return out
+
+    def __enter__(self) -> Rsyslog:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _listening(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:``port`` (from /proc/net/tcp, no connection)."""
+    want = f"0100007F:{port:04X}"
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return any(f[1] == want and f[3] == "0A" for f in (line.split() for line in lines))
+
+
+def wait_for(collector: Rsyslog, count: int, msgid: str = "audit", timeout: float = 60.0) -> None:
+    """Until the collector holds at least ``count`` messages of ``msgid``."""
+    wait_until(
+        lambda: sum(m.msgid == msgid for m in collector.messages()) >= count,
+        timeout=timeout,
+        what=f"{count} {msgid} messages at the collector",
+    )
