@@ -7,7 +7,9 @@ from a deletion in ``_trailfile``. On start-up
 the chain continues from the last record already in the file.
 
 Writes happen in batches (one write and one fsync for all the records that
-queued up meanwhile), in one writer thread. In a worker (``stall_guard``
+queued up meanwhile), in one writer thread. A record written ahead
+(``ahead``: a sign's ``intent``) goes to that thread at once, so that its
+fsync runs while the caller signs. In a worker (``stall_guard``
 set), a lone record of one loop turn (one caller) is written at the end of
 that turn on the event loop's own thread, without a hand-off to another
 thread and back; a group of records still goes to the writer thread, so that
@@ -39,14 +41,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AuditUnavailable
 from ._anchor import RUN
 from ._anchorer import Anchorer
-from ._chain import journal_fields
 from ._events import AuditEvent
+from ._pending import Ahead, Job, resolve
 from ._settings import audit_settings
 from ._trailfile import Sink, TrailFile
 
@@ -94,17 +95,6 @@ def audit_from_config(
     )
 
 
-@dataclass(eq=False)
-class _Job:
-    event: AuditEvent
-    loop: asyncio.AbstractEventLoop | None  # None for a record nobody waits for (``submit``)
-    future: asyncio.Future[None] | None
-    state: str = "queued"  # queued -> writing -> done; or queued -> abandoned
-    abandoned: bool = False  # the caller gave up while the record was being written
-    failed: bool = False
-    seq: int = 0
-
-
 class AuditTrail(TrailFile):
     """Hash-chained JSON-lines audit file; implements the ``AuditSink`` protocol."""
 
@@ -144,7 +134,7 @@ class AuditTrail(TrailFile):
             hmac_key if hmac_key is not None or key_path else secrets.token_bytes(32)
         )
         self._cond = threading.Condition()
-        self._queue: deque[_Job] = deque()
+        self._queue: deque[Job] = deque()
         self._thread: threading.Thread | None = None
         self._busy_since: float | None = None
         self._closed = False
@@ -162,10 +152,18 @@ class AuditTrail(TrailFile):
 
     async def record(self, event: AuditEvent) -> None:
         """Write one record durably, or raise AuditUnavailable within write_timeout."""
+        await self._wait(self._enqueue(event, self.stall_guard is not None), self.write_timeout)
+
+    def ahead(self, event: AuditEvent) -> Ahead:
+        """Queue a record for the writer thread now, ahead of the operation it announces:
+        it is written and fsync'd while the caller goes on (the token signs meanwhile).
+        AuditUnavailable at once when the trail is closed or its writer stuck."""
+        return Ahead(self._enqueue(event, False), self._wait, self.write_timeout)
+
+    def _enqueue(self, event: AuditEvent, here: bool) -> Job:
+        """Queue ``event`` for the loop's end of turn (``here``) or the writer thread."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        job = _Job(event, loop, future)
-        here = self.stall_guard is not None
+        job = Job(event, loop, loop.create_future())
         with self._cond:
             if self._closed:
                 raise AuditUnavailable()
@@ -174,12 +172,19 @@ class AuditTrail(TrailFile):
             self._start()
             self._queue.append(job)
             if not here:
+                self._handed = True
                 self._cond.notify()
         if here and not self._flush_due:
             self._flush_due = True
             loop.call_soon(self._write_here)  # after every request of this loop turn
+        return job
+
+    async def _wait(self, job: Job, timeout: float) -> None:
+        """Until ``job`` is written; AuditUnavailable when it failed or ``timeout`` passed."""
+        event, future = job.event, job.future
+        assert future is not None
         try:
-            await asyncio.wait_for(asyncio.shield(future), self.write_timeout)
+            await asyncio.wait_for(asyncio.shield(future), timeout)
         except (TimeoutError, asyncio.CancelledError) as exc:
             with self._cond:
                 written = job.state == "done" and not job.failed
@@ -212,7 +217,7 @@ class AuditTrail(TrailFile):
             if self._closed or len(self._queue) >= _MAX_QUEUED or self._stuck():
                 return False
             self._start()
-            self._queue.append(_Job(event, None, None))
+            self._queue.append(Job(event, None, None))
             self._handed = True
             self._cond.notify()
         return True
@@ -259,7 +264,7 @@ class AuditTrail(TrailFile):
         Several records, or a file the writer thread has now: the writer thread's."""
         self._flush_due = False
         guard = self.stall_guard
-        batch: list[_Job] = []
+        batch: list[Job] = []
         lines: list[bytes] = []
         if guard is not None and len(self._queue) <= _MAX_HERE and self._io.acquire(False):
             try:
@@ -285,11 +290,11 @@ class AuditTrail(TrailFile):
                 self._cond.notify()  # what is left, and the journal, go to the writer thread
         for job in batch:
             if job.future is not None:
-                _resolve(job.future)
+                resolve(job.future)
 
     # --- the writer thread ---
 
-    def _take(self) -> list[_Job]:
+    def _take(self) -> list[Job]:
         """The next batch from the queue (hold ``_cond`` and ``_io``)."""
         batch = [self._queue.popleft() for _ in range(min(_MAX_BATCH, len(self._queue)))]
         for job in batch:
@@ -298,7 +303,7 @@ class AuditTrail(TrailFile):
             self._busy_since = time.monotonic()
         return batch
 
-    def _done(self, batch: list[_Job], lines: list[bytes]) -> None:
+    def _done(self, batch: list[Job], lines: list[bytes]) -> None:
         """The batch is written (``lines``) or failed (none) (hold ``_cond``)."""
         self._busy_since = None
         for job in batch:
@@ -306,7 +311,7 @@ class AuditTrail(TrailFile):
             if lines and job.abandoned:
                 self._sink.unacked.append(job.seq)
 
-    def _write_jobs(self, batch: list[_Job]) -> list[bytes]:
+    def _write_jobs(self, batch: list[Job]) -> list[bytes]:
         """Write a batch (hold ``_io``); its lines, or none when the write failed."""
         try:
             lines = self._write_batch(batch)
@@ -362,7 +367,7 @@ class AuditTrail(TrailFile):
             for job in batch:
                 if job.loop is not None and job.future is not None:
                     with contextlib.suppress(RuntimeError):  # the caller's loop is gone
-                        job.loop.call_soon_threadsafe(_resolve, job.future)
+                        job.loop.call_soon_threadsafe(resolve, job.future)
             backlog += lines
             if backlog and self._journal is not None:
                 self._busy(self._to_journal, backlog)  # a stuck journal is a stuck writer
@@ -376,20 +381,3 @@ class AuditTrail(TrailFile):
             self._close_fd()
         if self._anchors is not None:
             self._anchors.close()
-
-    def _to_journal(self, lines: list[bytes]) -> None:
-        assert self._journal is not None
-        try:
-            for line in lines:
-                self._journal(**journal_fields(line))
-        except Exception as exc:  # the file is the record of truth; say so once
-            if not self._journal_failing:
-                log.warning("signerd.audit_journal_failed error=%s", exc)
-            self._journal_failing = True
-        else:
-            self._journal_failing = False
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)

@@ -185,10 +185,13 @@ class KeyService:
 
     # --- signing and verifying ----------------------------------------------
 
-    async def sign(self, key: KeyName, data: bytes) -> tuple[str, bytes]:
-        """Sign with the active version (coalesced with concurrent signs of that version)."""
+    async def sign(
+        self, key: KeyName, data: bytes, before: Callable[[str], object] | None = None
+    ) -> tuple[str, bytes]:
+        """Sign with the active version (coalesced with concurrent signs of that version);
+        ``before(kid)`` runs before each attempt with ``kid`` (an intent record; may raise)."""
         return await self._with_active(
-            key, lambda version: self._coalescer.submit((key, version), data)
+            key, lambda version: self._coalescer.submit((key, version), data), before
         )
 
     async def sign_many(
@@ -208,7 +211,10 @@ class KeyService:
         return await self._with_active(key, run)
 
     async def _with_active(
-        self, key: KeyName, sign: Callable[[int], Awaitable[_T]]
+        self,
+        key: KeyName,
+        sign: Callable[[int], Awaitable[_T]],
+        before: Callable[[str], object] | None = None,
     ) -> tuple[str, _T]:
         """``sign(version)`` with the active version; after another daemon rotated or retired
         under us (InvalidState, UnknownVersion), learn the keyring again and retry once."""
@@ -218,6 +224,8 @@ class KeyService:
         active = info.active
         if active is None:
             raise InvalidState("key has no active version")
+        if before:
+            before(active.kid)
         try:
             return active.kid, await sign(active.version)
         except (InvalidState, UnknownVersion) as exc:
@@ -233,6 +241,8 @@ class KeyService:
                 raise BackendUnavailable("the active version cannot be read now") from exc
             if fresh is None or fresh.version == active.version:
                 raise
+            if before is not None:
+                before(fresh.kid)
             return fresh.kid, await sign(fresh.version)
 
     async def _sign_batch(
