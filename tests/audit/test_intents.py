@@ -173,3 +173,61 @@ def test_daemon_sign_writes_intent_then_outcome(tmp_path: Path) -> None:
     report, _ = verify_trail([str(audit)])
     assert report.ok, report
     assert not [n for n in report.notes if "intent" in n], report.notes
+
+
+@pytest.mark.timeout(120)
+def test_reloads_under_load_refuse_no_sign(tmp_path: Path) -> None:
+    """SIGHUP every 50 ms (policy reload, audit reopen) while 8 callers sign on 2 workers with
+    fsync: every sign is answered 200, and the trail verifies with every intent paired."""
+    d = start_daemon(
+        tmp_path / "d", server={"workers": 2}, audit={"fsync": True, "write_timeout": 2.0}
+    )
+    try:
+        sock = str(d.socket_path)
+        key = f"{unique('reload')}/k"
+        assert request(sock, "POST", "/v1/keys", {"key": key}).status == 201
+        stop = threading.Event()
+        answers: list[int] = []
+        lock = threading.Lock()
+
+        def caller() -> None:
+            while not stop.is_set():
+                data = base64.b64encode(os.urandom(16)).decode()
+                status = request(sock, "POST", "/v1/sign", {"key": key, "data": data}).status
+                with lock:
+                    answers.append(status)
+
+        threads = [threading.Thread(target=caller) for _ in range(8)]
+        for t in threads:
+            t.start()
+        try:
+            for _ in range(40):
+                d.sighup()
+                stop.wait(0.05)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        assert answers and set(answers) == {200}, sorted(set(answers))
+        assert "signerd.policy_reloaded" in d.log_text()
+    finally:
+        assert d.stop() == 0, d.log_text()[-3000:]
+    report, _ = verify_trail([str(tmp_path / "d" / "audit")])
+    assert report.ok, report
+    assert not [n for n in report.notes if "intent" in n], report.notes
+
+
+async def test_verify_lists_ten_unfinished_intents_then_counts(tmp_path: Path) -> None:
+    """Of 12 intents without an outcome, verify names the first 10 and counts the other 2."""
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail(str(path))
+    for i in range(12):
+        await trail.ahead(_event(f"lost-{i:02d}", "intent")).durable()
+    await trail.aclose()
+    report, _ = verify_trail([str(path)], use_anchors=False)
+    assert report.ok
+    named = [n for n in report.notes if "has no outcome record" in n]
+    assert [n.split("request ")[1].split(" ")[0] for n in named] == [
+        f"lost-{i:02d}" for i in range(10)
+    ]
+    assert "2 more intent record(s) without an outcome" in report.notes
