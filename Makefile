@@ -34,7 +34,7 @@ system:
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[pkcs11,vault,systemd,redis,test,bench]'
+	$(PY) -m pip install -q -e '.[pkcs11,vault,systemd,redis,uvloop,test,bench]'
 	touch $@
 
 deps: system $(VENV)/.installed

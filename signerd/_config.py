@@ -8,6 +8,7 @@ the table's path in front of the module's message. A ``*_file`` value
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import tomllib
@@ -57,6 +58,7 @@ class Config:
     policy: Mapping[str, Any] = field(default_factory=dict)
     workers: int = field(default_factory=lambda: default_workers())
     on_loop: bool = True  # workers sign and write the audit trail on the loop's thread
+    event_loop: str = "auto"  # "auto" (uvloop when installed), "uvloop" or "asyncio"
     federation: FederationSettings = field(default_factory=FederationSettings)
 
 
@@ -72,7 +74,16 @@ _LIMITS = (  # [server] keys that are fields of Limits
     "max_connections_stranger",
     "max_connections_strangers",
 )
-_SERVER = {"socket", "socket_mode", "socket_group", "log_level", "workers", "on_loop", *_LIMITS}
+_SERVER = {
+    "socket",
+    "socket_mode",
+    "socket_group",
+    "log_level",
+    "workers",
+    "on_loop",
+    "event_loop",
+    *_LIMITS,
+}
 _KEYS = {
     "default_backend",
     "bootstrap",
@@ -175,6 +186,11 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
     if not 1 <= workers <= _MAX_WORKERS:
         raise ConfigError(f"server.workers: must be 1 to {_MAX_WORKERS}, got {workers!r}")
     on_loop = _get(server, "server", "on_loop", bool, True)
+    event_loop = _get(server, "server", "event_loop", str, "auto")
+    if event_loop not in ("auto", "uvloop", "asyncio"):
+        raise ConfigError("server.event_loop: must be auto, uvloop or asyncio")
+    if event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ConfigError("server.event_loop: uvloop is not installed (pip install uvloop)")
 
     keys = _table(doc, "keys", _KEYS)
     d = Settings()
@@ -268,6 +284,7 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
         policy=_table(doc, "policy", None),
         workers=workers,
         on_loop=on_loop,
+        event_loop=event_loop,
         federation=federation,
     )
 

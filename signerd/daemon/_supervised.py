@@ -51,6 +51,7 @@ from ..workers import (
     runtime_path,
 )
 from ._assemble import AdminGuard, Daemon, TrustGuard, build_policy
+from ._loop import run
 from ._sockets import bind_unix_socket, unlink_own_socket
 from ._systemd import SystemdSession, activated_socket, notify
 
@@ -228,7 +229,7 @@ def worker_main(
     if connections is not None:
         connections.bind(index)
     try:
-        asyncio.run(_serve_worker(config, sock, channel, connections))
+        run(_serve_worker(config, sock, channel, connections), config.event_loop)
     except BaseException as exc:
         return exit_code(exc)
     return os.EX_OK
