@@ -57,3 +57,17 @@ def test_workers_run_on_the_configured_loop(tmp_path: Path, choice: str) -> None
         assert {_maps_uvloop(pid) for pid in workers} == {choice == "auto"}
     finally:
         assert d.stop() == 0
+
+
+def test_uvloop_required_but_missing_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``server.event_loop = "uvloop"`` without uvloop installed is a ConfigError naming the key."""
+    from signerd._config import ConfigError, parse
+
+    from ..conftest import daemon_config
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)
+    doc = daemon_config(Path("/tmp/unused"), server={"event_loop": "uvloop"})
+    with pytest.raises(ConfigError, match=r"^server\.event_loop: uvloop is not installed"):
+        parse(doc)
