@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ._events import AuditEvent
 
-__all__ = ["Ahead", "Job", "resolve"]
+__all__ = ["Ahead", "Job", "expire", "resolve"]
 
 
 @dataclass(eq=False)
@@ -33,6 +33,12 @@ class Job:
 def resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+def expire(future: asyncio.Future[None]) -> None:
+    """The waiter's deadline passed: its ``await`` raises TimeoutError (unless written)."""
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 class Ahead:

@@ -47,7 +47,7 @@ from ..errors import AuditUnavailable
 from ._anchor import RUN
 from ._anchorer import Anchorer
 from ._events import AuditEvent
-from ._pending import Ahead, Job, resolve
+from ._pending import Ahead, Job, expire, resolve
 from ._settings import audit_settings
 from ._trailfile import Sink, TrailFile
 
@@ -183,8 +183,10 @@ class AuditTrail(TrailFile):
         """Until ``job`` is written; AuditUnavailable when it failed or ``timeout`` passed."""
         event, future = job.event, job.future
         assert future is not None
+        # a timer that fails the future, not wait_for(shield()): a third of the loop's work
+        timer = asyncio.get_running_loop().call_later(timeout, expire, future)
         try:
-            await asyncio.wait_for(asyncio.shield(future), timeout)
+            await future
         except (TimeoutError, asyncio.CancelledError) as exc:
             with self._cond:
                 written = job.state == "done" and not job.failed
@@ -201,6 +203,8 @@ class AuditTrail(TrailFile):
                 )
                 raise AuditUnavailable() from None
             return
+        finally:
+            timer.cancel()
         if job.failed:
             raise AuditUnavailable()
 
