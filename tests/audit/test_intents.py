@@ -231,3 +231,54 @@ async def test_verify_lists_ten_unfinished_intents_then_counts(tmp_path: Path) -
         f"lost-{i:02d}" for i in range(10)
     ]
     assert "2 more intent record(s) without an outcome" in report.notes
+
+
+def test_openbao_signs_have_their_intent_before_their_outcome(
+    tmp_path: Path, openbao_dev: Any
+) -> None:
+    """On OpenBao transit too, 16 concurrent signs each have an intent record (the kid about
+    to sign) before their ok record."""
+    import concurrent.futures
+
+    from ..support.openbao import vault_backend_config
+
+    d = start_daemon(
+        tmp_path / "d",
+        keys={"default_backend": "bao"},
+        backends={"bao": vault_backend_config(openbao_dev)},
+    )
+    try:
+        sock = str(d.socket_path)
+        key = f"{unique('bintent')}/k"
+        assert request(sock, "POST", "/v1/keys", {"key": key}).status == 201
+
+        def sign(i: int) -> tuple[str, str]:
+            rid = f"bao-intent-{i}"
+            reply = request(
+                sock,
+                "POST",
+                "/v1/sign",
+                {"key": key, "data": "aGk="},
+                headers={"X-Request-Id": rid},
+            )
+            assert reply.status == 200, reply.body
+            return rid, reply.json["kid"]
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            kids = dict(pool.map(sign, range(16)))
+        audit = tmp_path / "d" / "audit"
+
+        def paired() -> bool:
+            got: dict[str, list[dict[str, Any]]] = {rid: [] for rid in kids}
+            for rec in _records(*sorted(audit.glob("*.jsonl"))):
+                if rec.get("request_id") in got:
+                    got[rec["request_id"]].append(rec)
+            for rid, recs in got.items():
+                order = [(r["outcome"], r["kid"]) for r in sorted(recs, key=lambda r: r["seq"])]
+                if order != [("intent", kids[rid]), ("ok", kids[rid])]:
+                    return False
+            return True
+
+        assert wait_until(paired, 10, "intent then ok for every sign")
+    finally:
+        d.stop()
