@@ -90,3 +90,7 @@ class WriteAheadAuditSink(QueueingAuditSink, Protocol):
     def ahead(self, event: AuditEvent) -> PendingRecord:
         """Queue ``event`` for the disk now (AuditUnavailable at once when it cannot be)."""
         ...
+
+    def submit_later(self, event: AuditEvent) -> bool:
+        """``submit``, without a write of its own: it joins the next write (soon)."""
+        ...

@@ -40,7 +40,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AuditUnavailable
@@ -48,10 +48,9 @@ from ._anchor import RUN
 from ._anchorer import Anchorer
 from ._events import AuditEvent
 from ._pending import Ahead, Job, expire, resolve
-from ._settings import audit_settings
 from ._trailfile import Sink, TrailFile
 
-__all__ = ["AuditTrail", "audit_from_config"]
+__all__ = ["AuditTrail"]
 
 if TYPE_CHECKING:
     from ..workers import StallGuard
@@ -65,34 +64,8 @@ _MAX_BATCH = 256
 #: callers, the same latency for one)
 _MAX_HERE = 1
 _MAX_QUEUED = 8192  # records nobody waits for (``submit``), queued at most
+_LATER = 0.05  # s: a record ``submit_later`` queued waits at most this for the next write
 JournalSend = Callable[..., object]
-
-
-def audit_from_config(
-    table: Mapping[str, Any],
-    *,
-    worker: int | None = None,
-    workers: int | None = None,
-    stall_guard: StallGuard | None = None,
-) -> AuditTrail:
-    """Build an AuditTrail from the ``[audit]`` table; ValueError names the bad key.
-
-    With ``worker``, the trail is that worker's own file (``worker_path``) and, unless
-    ``anchor`` is set, its own anchor file; the payload key is shared by all workers.
-    ``workers``: how many there are, so that each anchor names every chain of the run.
-    """
-    s = audit_settings(table, worker=worker, workers=workers)
-    return AuditTrail(
-        s.path,
-        write_timeout=s.write_timeout,
-        fsync=s.fsync,
-        journal_send=s.journal_send,
-        anchor_path=s.anchor,
-        anchor_interval=s.anchor_interval,
-        key_path=s.key,
-        chains=s.chains,
-        stall_guard=stall_guard,
-    )
 
 
 class AuditTrail(TrailFile):
@@ -146,7 +119,8 @@ class AuditTrail(TrailFile):
         self._io = threading.Lock()  # held by whichever thread uses the file and the chain
         self._journal_backlog: deque[bytes] = deque()  # written on the loop, for the journal
         self._flush_due = False
-        self._handed = False  # with a guard: queued records are the writer thread's to write
+        self._handed = False  # queued records are the writer thread's to write now
+        self._later_due: float | None = None  # when records queued ``submit_later`` are due
         #: a worker's guard: records are written on the loop's thread, bounded by it
         self.stall_guard = stall_guard
 
@@ -213,18 +187,28 @@ class AuditTrail(TrailFile):
         busy = self._busy_since
         return busy is not None and time.monotonic() - busy > self.write_timeout
 
-    def submit(self, event: AuditEvent) -> bool:
+    def submit(self, event: AuditEvent, *, later: bool = False) -> bool:
         """Queue a record that nobody waits for (an operation that does not fail closed):
-        it goes out with the next group write. False, and nothing queued, when the writer
-        is closed or stuck or ``_MAX_QUEUED`` records already wait."""
+        it goes out with the next group write. ``later``: not a write of its own either; it
+        joins the next one, within ``_LATER`` s (a sign's outcome: its intent is on disk).
+        False, and nothing queued, when the writer is closed or stuck or ``_MAX_QUEUED``
+        records already wait."""
         with self._cond:
             if self._closed or len(self._queue) >= _MAX_QUEUED or self._stuck():
                 return False
             self._start()
             self._queue.append(Job(event, None, None))
-            self._handed = True
-            self._cond.notify()
+            if not later:
+                self._handed = True
+                self._cond.notify()
+            elif self._later_due is None:
+                self._later_due = time.monotonic() + _LATER
+                self._cond.notify()  # the writer's next wake-up is due then, at the latest
         return True
+
+    def submit_later(self, event: AuditEvent) -> bool:
+        """``submit(event, later=True)``."""
+        return self.submit(event, later=True)
 
     def open(self) -> None:
         """Open the file and the anchors now (at start): the chain is anchored ``start`` and
@@ -301,6 +285,7 @@ class AuditTrail(TrailFile):
     def _take(self) -> list[Job]:
         """The next batch from the queue (hold ``_cond`` and ``_io``)."""
         batch = [self._queue.popleft() for _ in range(min(_MAX_BATCH, len(self._queue)))]
+        self._later_due = self._later_due if self._queue else None
         for job in batch:
             job.state = "writing"
         if batch:
@@ -343,14 +328,14 @@ class AuditTrail(TrailFile):
         while True:
             with self._cond:
                 while (
-                    not (self._queue and (self._handed or self.stall_guard is None))
+                    not (self._queue and self._handed)
                     and not self._closed
                     and not self._reopen
                     and not self._journal_backlog
                 ):
-                    wait = (
-                        self._next_anchor - time.monotonic() if self._anchors is not None else None
-                    )
+                    due = [self._next_anchor] if self._anchors is not None else []
+                    due += [self._later_due] if self._later_due is not None else []
+                    wait = min(due) - time.monotonic() if due else None
                     if wait is not None and wait <= 0:
                         break
                     self._cond.wait(wait)

@@ -299,9 +299,13 @@ class Front:
         if outcome == "ok" and audit.operation.fails_closed and not audit.ahead:
             await self.audit.record(event)  # durable before the answer leaves, or a 503
             return
-        # With intent records (durable already), this outcome record is not waited for.
         # Nothing about the answer depends on this record: it goes out with the next group
-        # write, and the answer does not wait for its fsync.
+        # write, and the answer does not wait for its fsync. After intent records (durable
+        # already) it joins the next write rather than making one of its own.
+        if audit.ahead and self._ahead_sink is not None:
+            if not self._ahead_sink.submit_later(event):
+                log.error("signerd.audit_unavailable request_id=%s outcome=%s", ctx.rid, outcome)
+            return
         queueing = self._queueing()
         if queueing is not None:
             if queueing.submit(event):

@@ -282,3 +282,36 @@ def test_openbao_signs_have_their_intent_before_their_outcome(
         assert wait_until(paired, 10, "intent then ok for every sign")
     finally:
         d.stop()
+
+
+async def test_an_outcome_joins_the_next_write_or_goes_out_soon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record queued ``submit_later`` makes no write of its own: it goes out with the next
+    intent (one fsync for both) or, when none comes, on its own shortly after."""
+    import signerd.audit._trail as trail_module
+
+    fsyncs: list[int] = []
+    real = os.fsync
+
+    def counting(fd: int) -> None:
+        fsyncs.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    monkeypatch.setattr(trail_module, "_LATER", 30.0)
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail(str(path))
+    trail.open()
+    before = len(fsyncs)
+    assert trail.submit_later(_event("first", "ok"))
+    await asyncio.sleep(0.3)  # time enough for a write of its own, which must not happen
+    assert _records(path) == [] and len(fsyncs) == before
+    await trail.ahead(_event("second", "intent")).durable()
+    assert [r["request_id"] for r in _records(path)] == ["first", "second"]
+    assert len(fsyncs) - before == 1
+
+    monkeypatch.setattr(trail_module, "_LATER", 0.05)
+    assert trail.submit_later(_event("third", "ok"))
+    wait_until(lambda: len(_records(path)) == 3, 5, "the outcome written on its own")
+    await trail.aclose()
