@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
@@ -235,18 +236,25 @@ def _open_key(module: str, label: str, pin: str) -> tuple[Any, Any, Any]:
                 raise
             time.sleep(0.2)
     session = token.open(user_pin=pin, rw=True)
-    public, private = session.generate_keypair(
-        KeyType.EC_EDWARDS,
-        mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
-        store=True,
-        label="ref-minimal-" + secrets.token_hex(4),
-        public_template={Attribute.EC_PARAMS: encode_named_curve_parameters("1.3.101.112")},
-        private_template={
-            Attribute.PRIVATE: True,
-            Attribute.SENSITIVE: True,
-            Attribute.EXTRACTABLE: False,
-        },
-    )
+    for attempt in range(5):  # SoftHSM2's file store: CKR_GENERAL_ERROR now and then
+        try:
+            public, private = session.generate_keypair(
+                KeyType.EC_EDWARDS,
+                mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
+                store=True,
+                label="ref-minimal-" + secrets.token_hex(4),
+                public_template={Attribute.EC_PARAMS: encode_named_curve_parameters("1.3.101.112")},
+                private_template={
+                    Attribute.PRIVATE: True,
+                    Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: False,
+                },
+            )
+            break
+        except pkcs11.exceptions.GeneralError:
+            if attempt == 4:
+                raise
+            time.sleep(0.2)
     point = bytes(public[Attribute.EC_POINT])
     raw = point[2:] if len(point) == 34 else point
     return session, private, Ed25519PublicKey.from_public_bytes(raw)
@@ -256,7 +264,11 @@ def _child(listener: socket.socket, args: argparse.Namespace, number: int, ready
     import uvloop
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    session, private, public = _open_key(args.module, args.token_label, args.pin)
+    # one process at a time on the token's file store (concurrent key generation in
+    # SoftHSM2 fails now and then with CKR_GENERAL_ERROR)
+    with open(os.path.join(args.audit_dir, "keygen.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        session, private, public = _open_key(args.module, args.token_label, args.pin)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     writer = Writer(os.path.join(args.audit_dir, f"ref-minimal-{number}.jsonl"), loop)
