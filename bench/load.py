@@ -51,6 +51,7 @@ class Run:
     duration: float
     results: list[CallerResult] = field(default_factory=list)
     failure: str | None = None
+    client_cpu: float = 0.0  # CPU seconds of the caller processes in the measured window
 
     def latencies(self, between: tuple[int, int] | None = None) -> list[int]:
         out: list[int] = []
@@ -97,6 +98,7 @@ def _caller(
     barrier: Any,
     keep_every: int,
     out: list[CallerResult],
+    cpu: list[float],
 ) -> None:
     result = CallerResult(array("q"), array("q"), Counter(), array("q"), [], 0, 0)
     out.append(result)
@@ -121,6 +123,8 @@ def _caller(
         result.failure = result.failure or "another caller failed to start"
         return
     start = perf()
+    if not cpu:  # the first caller of this process past the barrier: the window opens
+        cpu.append(time.process_time())
     stop = start + int(duration * 1e9)
     result.first = start
     lat, starts, keep = result.latencies, result.starts, result.samples
@@ -156,9 +160,12 @@ def _process(
     queue: Any,
 ) -> None:
     out: list[CallerResult] = []
+    cpu: list[float] = []
     workers = [
         threading.Thread(
-            target=_caller, args=(target, warmup, duration, barrier, keep_every, out), daemon=True
+            target=_caller,
+            args=(target, warmup, duration, barrier, keep_every, out, cpu),
+            daemon=True,
         )
         for _ in range(threads)
     ]
@@ -166,7 +173,7 @@ def _process(
         w.start()
     for w in workers:
         w.join()
-    queue.put(out)
+    queue.put((out, time.process_time() - cpu[0] if cpu else 0.0))
 
 
 def _line_up(barrier: Any, callers: int, workers: list[Any], limit: float) -> None:
@@ -223,10 +230,12 @@ def drive(
     deadline = time.monotonic() + duration + 120
     for _ in workers:
         try:
-            run.results.extend(queue.get(timeout=max(1.0, deadline - time.monotonic())))
+            results, cpu = queue.get(timeout=max(1.0, deadline - time.monotonic()))
         except Exception:
             run.failure = run.failure or "a caller process did not report"
             break
+        run.results.extend(results)
+        run.client_cpu += cpu
     for w in workers:
         w.join(timeout=10)
         if w.is_alive():

@@ -82,7 +82,7 @@ def _callers(root: int) -> float:
 
 
 #: frames every sample of a busy thread passes through: counted from the one below them
-_ROOTS = {"BaseEventLoop._run_once", "Thread.run"}
+_ROOTS = {"BaseEventLoop._run_once", "Runner.run", "Thread.run"}  # Runner.run: uvloop
 
 
 def _read_raw(raw: Path) -> tuple[dict[int, str], list[str]]:

@@ -51,6 +51,9 @@ class Row:
     def metric(self, name: str) -> float | None:
         if name == "errors":
             return float(self.errors) if self.failure is None and self.ops else None
+        if name.startswith("notes."):
+            noted = self.notes.get(name.removeprefix("notes."))
+            return float(noted) if isinstance(noted, int | float) else None
         got = getattr(self, name)
         return None if got is None else float(got)
 

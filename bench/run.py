@@ -25,7 +25,8 @@ from . import cluster, refs
 from . import daemon as sd
 from . import federation as fed
 from . import metrics as bm
-from .load import Target, drive
+from .light import Requests, drive_light, sign_requests
+from .load import Run, Target, drive
 from .report import (
     Check,
     Row,
@@ -38,7 +39,16 @@ from .report import (
     write_chart,
     write_json,
 )
-from .services import REPO, init_token, start_agent, start_daemon, start_openbao
+from .services import (
+    REPO,
+    Minimal,
+    init_token,
+    start_agent,
+    start_daemon,
+    start_minimal,
+    start_openbao,
+    tree_cpu,
+)
 
 MB = 1024 * 1024
 
@@ -86,15 +96,39 @@ CHECKS = [
     Check("openbao-seq", "p50_us", "inproc-cryptography", "p50_us", None, None, "p50"),
     Check("openbao-64", "throughput", "openbao-seq", "throughput", None, None, "throughput"),
     Check("openbao-batch100", "throughput", "openbao-seq", "throughput", None, None, "throughput"),
-    Check("signerd-bao-seq", "p50_us", "openbao-seq", "p50_us", "<=", 2.0, "p50"),
+    Check("signerd-bao-seq", "p50_us", "openbao-seq", "p50_us", "<=", 1.5, "p50"),
     Check("signerd-bao-64", "throughput", "openbao-64", "throughput", ">=", 1.25, "throughput"),
     Check("signerd-bao-64", "p99_us", "openbao-64", "p99_us", "<=", 1.0, "p99"),
     Check("signerd-cluster-64", "throughput", "signerd-bao-64", "throughput", None, None, "rate"),
-    Check("signerd-hsm-seq", "p50_us", "inproc-floor", "p50_us", "<=", 1.25, "p50"),
+    Check("signerd-hsm-seq", "p50_us", "inproc-floor", "p50_us", "<=", 1.1, "p50"),
     Check("signerd-hsm-seq", "p99_us", "signerd-hsm-seq", "p50_us", "<=", 3.0, "p99 / own p50"),
+    Check("signerd-hsm-seq", "p50_us", "ref-minimal-seq", "p50_us", "<=", 1.15, "p50"),
+    Check("ref-minimal-seq", "p50_us", "inproc-floor", "p50_us", None, None, "p50"),
     Check("signerd-hsm-seq-client", "p50_us", "signerd-hsm-seq", "p50_us", None, None, "p50"),
     Check("signerd-hsm-32", "throughput", "inproc-softhsm", "throughput", ">=", 0.85, "rate"),
     Check("signerd-hsm-32", "errors", None, "", "<=", 0, "failed requests"),
+    Check("signerd-hsm-32", "throughput", "ref-minimal-32", "throughput", ">=", 0.9, "rate"),
+    Check(
+        "signerd-hsm-32",
+        "notes.server_cpu_us",
+        "inproc-sign-check",
+        "notes.cpu_us",
+        "<=",
+        1.5,
+        "server CPU per signature",
+    ),
+    Check("signerd-hsm-32", "notes.client_cpu_us", None, "", None, None, "µs callers' CPU/sig"),
+    Check("ref-minimal-32", "throughput", "inproc-softhsm", "throughput", None, None, "rate"),
+    Check(
+        "ref-minimal-32",
+        "notes.server_cpu_us",
+        "inproc-sign-check",
+        "notes.cpu_us",
+        None,
+        None,
+        "server CPU per signature",
+    ),
+    Check("ref-minimal-32", "notes.client_cpu_us", None, "", None, None, "µs callers' CPU/sig"),
     Check(
         "signerd-hsm-batch100",
         "per_sig_us",
@@ -172,6 +206,8 @@ PATHS = [
     "signerd-hsm-32",
     "signerd-hsm-batch100",
     *(p for p, _ in bm.PATHS),
+    "ref-minimal-seq",
+    "ref-minimal-32",
     "inproc-verify",
     "signerd-verify",
     "client-verify-local",
@@ -220,23 +256,63 @@ class Bench:
             )
 
     def measure(
-        self, path: str, what: str, target: Target, callers: int = 1, per_op: int = 1
+        self,
+        path: str,
+        what: str,
+        target: Target,
+        callers: int = 1,
+        per_op: int = 1,
+        server: int | None = None,
+        light: Requests | None = None,
     ) -> None:
+        """Drive ``target`` (or, with ``light``, ``bench.light``'s callers) and add its row.
+
+        With ``server`` (a root pid), the notes hold the server's CPU per signature
+        (``server_cpu_us``, all its processes) and the callers' (``client_cpu_us``);
+        without, the callers' as ``cpu_us`` (the in-process paths).
+        """
         self.log(f"{path}: {callers} caller(s), {self.p.duration:g} s")
         try:
-            run = drive(
-                target,
-                callers,
-                self.p.duration,
-                self.p.warmup,
-                procs=self.p.procs if callers > 1 else 1,
-                per_op=per_op,
-            )
-            self.add(row_from_run(path, what, run), run.latencies())
+            run, server_cpu = self._drive(target, callers, self.p.duration, per_op, server, light)
+            row = row_from_run(path, what, run)
+            row.notes.update(_cpu_notes(run, server, server_cpu))
+            self.add(row, run.latencies())
         except Exception as exc:
             self.add(Row(path, what, callers=callers, per_op=per_op, failure=_describe(exc)))
 
-    def sweep(self, series: str, target: Target, known: dict[int, str]) -> None:
+    def _drive(
+        self,
+        target: Target,
+        callers: int,
+        duration: float,
+        per_op: int = 1,
+        server: int | None = None,
+        light: Requests | None = None,
+    ) -> tuple[Run, float]:
+        """One run; the server's CPU seconds in its measured window (0 without ``server``)."""
+        start: list[float] = []
+
+        def during(t0: int, duration: float) -> None:
+            if server is not None:
+                start.append(tree_cpu(server))
+
+        procs = self.p.procs if callers > 1 else 1
+        if light is not None:
+            run = drive_light(light, callers, duration, self.p.warmup, procs, during=during)
+        else:
+            run = drive(
+                target, callers, duration, self.p.warmup, procs, per_op=per_op, during=during
+            )
+        cpu = tree_cpu(server) - start[0] if server is not None and start else 0.0
+        return run, cpu
+
+    def sweep(
+        self,
+        series: str,
+        target: Target,
+        known: dict[int, str],
+        light: Requests | None = None,
+    ) -> None:
         """Throughput of ``target`` at each of the profile's caller counts, for the chart.
 
         ``known`` maps caller counts to rows measured already, which are reused.
@@ -248,12 +324,8 @@ class Bench:
                 points[callers] = row.throughput
                 continue
             try:
-                run = drive(
-                    target,
-                    callers,
-                    self.p.sweep_duration,
-                    self.p.warmup,
-                    procs=self.p.procs if callers > 1 else 1,
+                run, _ = self._drive(
+                    target, callers, self.p.sweep_duration, light=light if callers > 1 else None
                 )
             except Exception as exc:
                 self.log(f"sweep {series} x{callers}: {_describe(exc)}")
@@ -334,8 +406,10 @@ class Bench:
             config, sock = sd.write_config(tmp, "signerd-bao", backend, ["benchv/k1"])
             daemon = start_daemon(stack, config, tmp / "signerd-bao")
             self.meta_notes["signerd_bao_ready_seconds"] = daemon.ready_seconds
-            self.measure(*paths[3], sd.SignerdSign(sock, "benchv/k1"))
-            self.measure(*paths[4], sd.SignerdSign(sock, "benchv/k1"), callers=64)
+            self.measure(*paths[3], sd.SignerdSign(sock, "benchv/k1"), server=daemon.pid)
+            self.measure(
+                *paths[4], sd.SignerdSign(sock, "benchv/k1"), callers=64, server=daemon.pid
+            )
             self.sweep("openbao direct", direct, {1: "openbao-seq", 64: "openbao-64"})
             self.sweep(
                 "signerd on OpenBao",
@@ -356,6 +430,8 @@ class Bench:
             ("signerd-hsm-batch100", "signerd on SoftHSM, batch of 100 items"),
             ("signerd-verify", "signerd /v1/verify, one caller"),
             ("client-verify-local", "Client.verify_local from the cached JWKS"),
+            ("ref-minimal-seq", "ref-minimal server (bench/minimal.py) on SoftHSM, one caller"),
+            ("ref-minimal-32", "ref-minimal server (bench/minimal.py) on SoftHSM, 32 callers"),
             *rot_paths,
         ]
         with self.section(paths), ExitStack() as stack:
@@ -364,17 +440,35 @@ class Bench:
             config, sock = sd.write_config(tmp, "signerd-hsm", backend, ["bench/k1", "bench/rot"])
             daemon = start_daemon(stack, config, tmp / "signerd-hsm")
             self.meta_notes["signerd_hsm_ready_seconds_two_new_keys"] = daemon.ready_seconds
-            self.measure(*paths[0], sd.SignerdSign(sock, "bench/k1"))
-            self.measure(*paths[1], sd.ClientSign(sock, "bench/k1"))
-            self.measure(*paths[2], sd.SignerdSign(sock, "bench/k1"), callers=32)
-            self.measure(*paths[3], sd.SignerdSign(sock, "bench/k1", batch=100), per_op=100)
-            self.measure(*paths[4], sd.ServerVerify(sock, "bench/k1"))
+            ref: Minimal | None = None
+            with self.section(paths[6:8]):  # signerd's rows go on without it
+                ref = start_minimal(stack, tmp, token, procs=self.p.procs)
+            pid, sign = daemon.pid, sd.SignerdSign(sock, "bench/k1")
+            light = sign_requests(sock, "bench/k1")
+            ref_sign = sd.SignerdSign(ref.socket, "ref/k") if ref else None
+            # signerd and ref-minimal side by side: each row right after the other
+            self.measure(*paths[0], sign, server=pid)
+            if ref and ref_sign:
+                self.measure(*paths[6], ref_sign, server=ref.pid)
+            self.measure(*paths[1], sd.ClientSign(sock, "bench/k1"), server=pid)
+            self.measure(*paths[2], sign, callers=32, server=pid, light=light)
+            if ref and ref_sign:
+                ref_light = sign_requests(ref.socket, "ref/k")
+                self.measure(*paths[7], ref_sign, callers=32, server=ref.pid, light=ref_light)
+            batch = sd.SignerdSign(sock, "bench/k1", batch=100)
+            self.measure(*paths[3], batch, per_op=100, server=pid)
+            self.measure(*paths[4], sd.ServerVerify(sock, "bench/k1"), server=pid)
             self.measure(*paths[5], sd.LocalVerify(sock, "bench/k1"))
             self.sweep(
-                "signerd on SoftHSM",
-                sd.SignerdSign(sock, "bench/k1"),
-                {1: "signerd-hsm-seq", 32: "signerd-hsm-32"},
+                "signerd on SoftHSM", sign, {1: "signerd-hsm-seq", 32: "signerd-hsm-32"}, light
             )
+            if ref and ref_sign:
+                self.sweep(
+                    "ref-minimal on SoftHSM",
+                    ref_sign,
+                    {1: "ref-minimal-seq", 32: "ref-minimal-32"},
+                    sign_requests(ref.socket, "ref/k"),
+                )
             with self.section(rot_paths):
                 self.rotation(sock, rot_paths)
             self.meta_notes["signerd_hsm_rss_mb_after_load"] = daemon.rss_bytes() / MB
@@ -433,7 +527,7 @@ class Bench:
             for store in ("sqlite", "redis"):
                 config, sock = sd.write_config(tmp, f"signerd-fed-{store}", backend, [])
                 config["federation"] = fed.federation_config(tmp / f"fed-{store}", store, redis.url)
-                start_daemon(stack, config, tmp / f"signerd-fed-{store}")
+                fed_daemon = start_daemon(stack, config, tmp / f"signerd-fed-{store}")
                 fed.trust_producer(sock)
                 where = str(tmp / "fed-ref-nonces.sqlite3") if store == "sqlite" else redis.url
                 ref = fed.InprocTelemetryVerify(store, where)
@@ -443,7 +537,13 @@ class Bench:
                     cast(tuple[Target, ...], (ref, server, ref, server)),
                     strict=True,
                 ):
-                    self.measure(path, label, target, callers=32 if path.endswith("-32") else 1)
+                    self.measure(
+                        path,
+                        label,
+                        target,
+                        callers=32 if path.endswith("-32") else 1,
+                        server=fed_daemon.pid if path.startswith("signerd-") else None,
+                    )
 
     def footprint(self, tmp: Path) -> None:
         p = self.p
@@ -534,6 +634,18 @@ def _stop_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def _cpu_notes(run: Run, server: int | None, server_cpu: float) -> dict[str, float]:
+    """CPU per signature in the measured window, in µs: the server's (all its processes)
+    and the callers', or the callers' alone for a path without a server."""
+    sigs = run.ops * run.per_op
+    if not sigs:
+        return {}
+    client = round(1e6 * run.client_cpu / sigs, 1)
+    if server is None:
+        return {"cpu_us": client}
+    return {"server_cpu_us": round(1e6 * server_cpu / sigs, 1), "client_cpu_us": client}
+
+
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
@@ -573,7 +685,10 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_before_after": [round(x, 2) for x in (*load_before, *os.getloadavg())],
         "layout": "callers are threads with one keep-alive connection each; one caller runs "
         f"in one worker process, concurrent callers are spread over {profile.procs} "
-        "worker processes (spawned); the daemons and servers run in their own processes",
+        "worker processes (spawned); signerd-hsm-32, ref-minimal-32 and the SoftHSM sweeps "
+        "use bench.light instead (one epoll loop per process, pre-encoded requests); the "
+        "daemons and servers run in their own processes; server_cpu_us and client_cpu_us "
+        "(notes) are CPU per signature in the measured window, from /proc and process_time",
         "scaling_signatures_per_second": {
             series: {str(c): round(v, 1) for c, v in sorted(points.items())}
             for series, points in bench.scaling.items()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -291,3 +292,54 @@ def start_daemon(
     daemon = Daemon(process)
     stack.callback(daemon.stop)
     return daemon
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds so far (user + system, every thread) of ``root`` and its descendants."""
+    total = 0
+    for pid in process_tree(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / _TICK
+
+
+# --- ref-minimal ---
+
+
+@dataclass
+class Minimal:
+    socket: str
+    pid: int
+
+
+def start_minimal(stack: ExitStack, tmp: Path, token: SoftHSMToken, procs: int = 2) -> Minimal:
+    """Start ``bench.minimal`` (the ``ref-minimal`` server) on ``token``; wait for ``ready``."""
+    sock = tmp / "ref-minimal.sock"
+    audit = tmp / "ref-minimal-audit"
+    audit.mkdir(exist_ok=True)
+    log = tmp / "ref-minimal.log"
+    argv = [sys.executable, "-m", "bench.minimal", "--socket", str(sock), "--procs", str(procs)]
+    argv += ["--module", token.module, "--token-label", token.label, "--audit-dir", str(audit)]
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            env=dict(os.environ, REF_MINIMAL_PIN=token.pin, SOFTHSM2_CONF=str(token.conf)),
+            stdout=subprocess.PIPE,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+        )
+    stack.callback(_stop, proc)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 60)
+    line = proc.stdout.readline() if ready else b""  # "ready", or nothing when it failed
+    if line.strip() != b"ready":
+        _stop(proc)
+        raise ServiceError(f"ref-minimal did not start: {_tail(log)}")
+    return Minimal(str(sock), proc.pid)

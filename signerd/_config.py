@@ -8,6 +8,7 @@ the table's path in front of the module's message. A ``*_file`` value
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import tomllib
@@ -58,6 +59,7 @@ class Config:
     policy: Mapping[str, Any] = field(default_factory=dict)
     workers: int = field(default_factory=lambda: default_workers())
     on_loop: bool = True  # workers sign and write the audit trail on the loop's thread
+    event_loop: str = "auto"  # "auto" (uvloop when installed), "uvloop" or "asyncio"
     federation: FederationSettings = field(default_factory=FederationSettings)
     jwk_alg: str = DEFAULT_JWK_ALG  # the "alg" of the JWKs signerd serves
     metrics: bool = True  # GET /metrics collects and answers ([metrics] enabled)
@@ -120,6 +122,7 @@ _SERVER = {
     "workers",
     "on_loop",
     "jwk_alg",
+    "event_loop",
     *_LIMITS,
 }
 _KEYS = {
@@ -228,6 +231,11 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
     jwk_alg = _get(server, "server", "jwk_alg", str, DEFAULT_JWK_ALG)
     if jwk_alg not in JWK_ALGS:
         raise ConfigError(f"server.jwk_alg: one of {list(JWK_ALGS)}, got {jwk_alg!r}")
+    event_loop = _get(server, "server", "event_loop", str, "auto")
+    if event_loop not in ("auto", "uvloop", "asyncio"):
+        raise ConfigError("server.event_loop: must be auto, uvloop or asyncio")
+    if event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ConfigError("server.event_loop: uvloop is not installed (pip install uvloop)")
 
     keys = _table(doc, "keys", _KEYS)
     d = Settings()
@@ -336,6 +344,7 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
         policy=_table(doc, "policy", None),
         workers=workers,
         on_loop=on_loop,
+        event_loop=event_loop,
         federation=federation,
         jwk_alg=jwk_alg,
         metrics=_get(metrics, "metrics", "enabled", bool, True),

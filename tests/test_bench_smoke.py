@@ -21,7 +21,7 @@ TIMEOUT = 600  # --quick takes under 2 minutes; this leaves room for a loaded ma
 
 @pytest.mark.timeout(TIMEOUT + 120)
 def test_quick_run_measures_every_path_and_writes_json_and_chart(tmp_path: Path) -> None:
-    """`python -m bench.run --quick` exits 0 and writes a JSON and a PNG with a number for every path."""
+    """`python -m bench.run --quick` exits 0 and writes a JSON and a PNG with a number (and CPU notes) for every path."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)],
         cwd=REPO,
@@ -54,6 +54,16 @@ def test_quick_run_measures_every_path_and_writes_json_and_chart(tmp_path: Path)
         else:
             assert row["ops"] > 0 and row["p50_us"] > 0 and row["p99_us"] >= row["p50_us"], path
             assert row["throughput"] > 0, path
+        notes = row["notes"]
+        if path.startswith(("signerd-", "ref-minimal-")) and not row["unit"]:
+            assert notes["server_cpu_us"] > 0 and notes["client_cpu_us"] > 0, (path, notes)
+        elif path.startswith("inproc-"):
+            assert notes["cpu_us"] > 0, (path, notes)
+    assert {"ref-minimal-seq", "ref-minimal-32"} <= set(rows)
+    # the light callers cost less CPU per signature than the server they drive
+    for path in ("signerd-hsm-32", "ref-minimal-32"):
+        notes = rows[path]["notes"]
+        assert notes["client_cpu_us"] < notes["server_cpu_us"], (path, notes)
     assert len(doc["checks"]) == len(CHECKS)
     for check in doc["checks"]:
         assert check["status"] in {"met", "missed", "info"}, check

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from .._files import NotRegularFile, bounded_lines, open_regular
 from ._anchor import SECURITY_KINDS, Anchor, read_anchors
 from ._chain import GENESIS, MAX_REGION, VerifyReport, Walker, walk
+from ._intents import unfinished
 
 __all__ = [
     "audit_files",
@@ -125,6 +126,7 @@ def verify_trail(
         report = verify_file(files[0])  # one file, nothing to check it against
     else:
         report = verify_set(files, found)
+    notes += unfinished(files) if report.ok else []  # intents whose outcome never came
     return dataclasses.replace(report, notes=report.notes + tuple(notes)), len(files)
 
 

@@ -12,7 +12,14 @@ from typing import Protocol, runtime_checkable
 
 from ..authz import Peer
 
-__all__ = ["SECURITY_OUTCOMES", "AuditEvent", "AuditSink", "QueueingAuditSink"]
+__all__ = [
+    "SECURITY_OUTCOMES",
+    "AuditEvent",
+    "AuditSink",
+    "PendingRecord",
+    "QueueingAuditSink",
+    "WriteAheadAuditSink",
+]
 
 #: refusals for signature, mapping and replay: security events (journald warning priority)
 SECURITY_OUTCOMES = frozenset(
@@ -65,4 +72,25 @@ class QueueingAuditSink(AuditSink, Protocol):
 
     def submit(self, event: AuditEvent) -> bool:
         """Queue a record for the next group write; False when it cannot be taken now."""
+        ...
+
+
+class PendingRecord(Protocol):
+    """A record queued ahead of its operation (``WriteAheadAuditSink.ahead``)."""
+
+    async def durable(self) -> None:
+        """Return once the record is on disk; AuditUnavailable when it is not, in time."""
+        ...
+
+
+@runtime_checkable
+class WriteAheadAuditSink(QueueingAuditSink, Protocol):
+    """An audit sink that writes a record ahead of its operation while the caller works."""
+
+    def ahead(self, event: AuditEvent) -> PendingRecord:
+        """Queue ``event`` for the disk now (AuditUnavailable at once when it cannot be)."""
+        ...
+
+    def submit_later(self, event: AuditEvent) -> bool:
+        """``submit``, without a write of its own: it joins the next write (soon)."""
         ...

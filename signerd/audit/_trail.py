@@ -7,7 +7,9 @@ from a deletion in ``_trailfile``. On start-up
 the chain continues from the last record already in the file.
 
 Writes happen in batches (one write and one fsync for all the records that
-queued up meanwhile), in one writer thread. In a worker (``stall_guard``
+queued up meanwhile), in one writer thread. A record written ahead
+(``ahead``: a sign's ``intent``) goes to that thread at once, so that its
+fsync runs while the caller signs. In a worker (``stall_guard``
 set), a lone record of one loop turn (one caller) is written at the end of
 that turn on the event loop's own thread, without a hand-off to another
 thread and back; a group of records still goes to the writer thread, so that
@@ -38,19 +40,17 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AuditUnavailable
 from ._anchor import RUN
 from ._anchorer import Anchorer
-from ._chain import journal_fields
 from ._events import AuditEvent
-from ._settings import audit_settings
+from ._pending import Ahead, Job, expire, resolve
 from ._trailfile import Sink, TrailFile
 
-__all__ = ["AuditTrail", "audit_from_config"]
+__all__ = ["AuditTrail"]
 
 if TYPE_CHECKING:
     from ..workers import StallGuard
@@ -64,45 +64,8 @@ _MAX_BATCH = 256
 #: callers, the same latency for one)
 _MAX_HERE = 1
 _MAX_QUEUED = 8192  # records nobody waits for (``submit``), queued at most
+_LATER = 0.05  # s: a record ``submit_later`` queued waits at most this for the next write
 JournalSend = Callable[..., object]
-
-
-def audit_from_config(
-    table: Mapping[str, Any],
-    *,
-    worker: int | None = None,
-    workers: int | None = None,
-    stall_guard: StallGuard | None = None,
-) -> AuditTrail:
-    """Build an AuditTrail from the ``[audit]`` table; ValueError names the bad key.
-
-    With ``worker``, the trail is that worker's own file (``worker_path``) and, unless
-    ``anchor`` is set, its own anchor file; the payload key is shared by all workers.
-    ``workers``: how many there are, so that each anchor names every chain of the run.
-    """
-    s = audit_settings(table, worker=worker, workers=workers)
-    return AuditTrail(
-        s.path,
-        write_timeout=s.write_timeout,
-        fsync=s.fsync,
-        journal_send=s.journal_send,
-        anchor_path=s.anchor,
-        anchor_interval=s.anchor_interval,
-        key_path=s.key,
-        chains=s.chains,
-        stall_guard=stall_guard,
-    )
-
-
-@dataclass(eq=False)
-class _Job:
-    event: AuditEvent
-    loop: asyncio.AbstractEventLoop | None  # None for a record nobody waits for (``submit``)
-    future: asyncio.Future[None] | None
-    state: str = "queued"  # queued -> writing -> done; or queued -> abandoned
-    abandoned: bool = False  # the caller gave up while the record was being written
-    failed: bool = False
-    seq: int = 0
 
 
 class AuditTrail(TrailFile):
@@ -144,7 +107,7 @@ class AuditTrail(TrailFile):
             hmac_key if hmac_key is not None or key_path else secrets.token_bytes(32)
         )
         self._cond = threading.Condition()
-        self._queue: deque[_Job] = deque()
+        self._queue: deque[Job] = deque()
         self._thread: threading.Thread | None = None
         self._busy_since: float | None = None
         self._closed = False
@@ -156,16 +119,25 @@ class AuditTrail(TrailFile):
         self._io = threading.Lock()  # held by whichever thread uses the file and the chain
         self._journal_backlog: deque[bytes] = deque()  # written on the loop, for the journal
         self._flush_due = False
-        self._handed = False  # with a guard: queued records are the writer thread's to write
+        self._handed = False  # queued records are the writer thread's to write now
+        self._later_due: float | None = None  # when records queued ``submit_later`` are due
         #: a worker's guard: records are written on the loop's thread, bounded by it
         self.stall_guard = stall_guard
 
     async def record(self, event: AuditEvent) -> None:
         """Write one record durably, or raise AuditUnavailable within write_timeout."""
+        await self._wait(self._enqueue(event, self.stall_guard is not None), self.write_timeout)
+
+    def ahead(self, event: AuditEvent) -> Ahead:
+        """Queue a record for the writer thread now, ahead of the operation it announces:
+        it is written and fsync'd while the caller goes on (the token signs meanwhile).
+        AuditUnavailable at once when the trail is closed or its writer stuck."""
+        return Ahead(self._enqueue(event, False), self._wait, self.write_timeout)
+
+    def _enqueue(self, event: AuditEvent, here: bool) -> Job:
+        """Queue ``event`` for the loop's end of turn (``here``) or the writer thread."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        job = _Job(event, loop, future)
-        here = self.stall_guard is not None
+        job = Job(event, loop, loop.create_future())
         with self._cond:
             if self._closed:
                 raise AuditUnavailable()
@@ -174,12 +146,21 @@ class AuditTrail(TrailFile):
             self._start()
             self._queue.append(job)
             if not here:
+                self._handed = True
                 self._cond.notify()
         if here and not self._flush_due:
             self._flush_due = True
             loop.call_soon(self._write_here)  # after every request of this loop turn
+        return job
+
+    async def _wait(self, job: Job, timeout: float) -> None:
+        """Until ``job`` is written; AuditUnavailable when it failed or ``timeout`` passed."""
+        event, future = job.event, job.future
+        assert future is not None
+        # a timer that fails the future, not wait_for(shield()): a third of the loop's work
+        timer = asyncio.get_running_loop().call_later(timeout, expire, future)
         try:
-            await asyncio.wait_for(asyncio.shield(future), self.write_timeout)
+            await future
         except (TimeoutError, asyncio.CancelledError) as exc:
             with self._cond:
                 written = job.state == "done" and not job.failed
@@ -196,6 +177,8 @@ class AuditTrail(TrailFile):
                 )
                 raise AuditUnavailable() from None
             return
+        finally:
+            timer.cancel()
         if job.failed:
             raise AuditUnavailable()
 
@@ -209,18 +192,28 @@ class AuditTrail(TrailFile):
         busy = self._busy_since
         return busy is not None and time.monotonic() - busy > self.write_timeout
 
-    def submit(self, event: AuditEvent) -> bool:
+    def submit(self, event: AuditEvent, *, later: bool = False) -> bool:
         """Queue a record that nobody waits for (an operation that does not fail closed):
-        it goes out with the next group write. False, and nothing queued, when the writer
-        is closed or stuck or ``_MAX_QUEUED`` records already wait."""
+        it goes out with the next group write. ``later``: not a write of its own either; it
+        joins the next one, within ``_LATER`` s (a sign's outcome: its intent is on disk).
+        False, and nothing queued, when the writer is closed or stuck or ``_MAX_QUEUED``
+        records already wait."""
         with self._cond:
             if self._closed or len(self._queue) >= _MAX_QUEUED or self._stuck():
                 return False
             self._start()
-            self._queue.append(_Job(event, None, None))
-            self._handed = True
-            self._cond.notify()
+            self._queue.append(Job(event, None, None))
+            if not later:
+                self._handed = True
+                self._cond.notify()
+            elif self._later_due is None:
+                self._later_due = time.monotonic() + _LATER
+                self._cond.notify()  # the writer's next wake-up is due then, at the latest
         return True
+
+    def submit_later(self, event: AuditEvent) -> bool:
+        """``submit(event, later=True)``."""
+        return self.submit(event, later=True)
 
     def open(self) -> None:
         """Open the file and the anchors now (at start): the chain is anchored ``start`` and
@@ -264,7 +257,7 @@ class AuditTrail(TrailFile):
         Several records, or a file the writer thread has now: the writer thread's."""
         self._flush_due = False
         guard = self.stall_guard
-        batch: list[_Job] = []
+        batch: list[Job] = []
         lines: list[bytes] = []
         if guard is not None and len(self._queue) <= _MAX_HERE and self._io.acquire(False):
             try:
@@ -290,20 +283,21 @@ class AuditTrail(TrailFile):
                 self._cond.notify()  # what is left, and the journal, go to the writer thread
         for job in batch:
             if job.future is not None:
-                _resolve(job.future)
+                resolve(job.future)
 
     # --- the writer thread ---
 
-    def _take(self) -> list[_Job]:
+    def _take(self) -> list[Job]:
         """The next batch from the queue (hold ``_cond`` and ``_io``)."""
         batch = [self._queue.popleft() for _ in range(min(_MAX_BATCH, len(self._queue)))]
+        self._later_due = self._later_due if self._queue else None
         for job in batch:
             job.state = "writing"
         if batch:
             self._busy_since = time.monotonic()
         return batch
 
-    def _done(self, batch: list[_Job], lines: list[bytes]) -> None:
+    def _done(self, batch: list[Job], lines: list[bytes]) -> None:
         """The batch is written (``lines``) or failed (none) (hold ``_cond``)."""
         self._busy_since = None
         for job in batch:
@@ -311,7 +305,7 @@ class AuditTrail(TrailFile):
             if lines and job.abandoned:
                 self._sink.unacked.append(job.seq)
 
-    def _write_jobs(self, batch: list[_Job]) -> list[bytes]:
+    def _write_jobs(self, batch: list[Job]) -> list[bytes]:
         """Write a batch (hold ``_io``); its lines, or none when the write failed."""
         try:
             lines = self._write_batch(batch)
@@ -339,14 +333,14 @@ class AuditTrail(TrailFile):
         while True:
             with self._cond:
                 while (
-                    not (self._queue and (self._handed or self.stall_guard is None))
+                    not (self._queue and self._handed)
                     and not self._closed
                     and not self._reopen
                     and not self._journal_backlog
                 ):
-                    wait = (
-                        self._next_anchor - time.monotonic() if self._anchors is not None else None
-                    )
+                    due = [self._next_anchor] if self._anchors is not None else []
+                    due += [self._later_due] if self._later_due is not None else []
+                    wait = min(due) - time.monotonic() if due else None
                     if wait is not None and wait <= 0:
                         break
                     self._cond.wait(wait)
@@ -367,7 +361,7 @@ class AuditTrail(TrailFile):
             for job in batch:
                 if job.loop is not None and job.future is not None:
                     with contextlib.suppress(RuntimeError):  # the caller's loop is gone
-                        job.loop.call_soon_threadsafe(_resolve, job.future)
+                        job.loop.call_soon_threadsafe(resolve, job.future)
             backlog += lines
             if backlog and self._journal is not None:
                 self._busy(self._to_journal, backlog)  # a stuck journal is a stuck writer
@@ -381,20 +375,3 @@ class AuditTrail(TrailFile):
             self._close_fd()
         if self._anchors is not None:
             self._anchors.close()
-
-    def _to_journal(self, lines: list[bytes]) -> None:
-        assert self._journal is not None
-        try:
-            for line in lines:
-                self._journal(**journal_fields(line))
-        except Exception as exc:  # the file is the record of truth; say so once
-            if not self._journal_failing:
-                log.warning("signerd.audit_journal_failed error=%s", exc)
-            self._journal_failing = True
-        else:
-            self._journal_failing = False
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)

@@ -33,13 +33,21 @@ import json
 import logging
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from ._anchor import Anchor, load_or_create_key
 from ._anchorer import Anchorer, Head
-from ._chain import GENESIS, MAX_REGION, Walker, encode_record, line_hash, split_lines
+from ._chain import (
+    GENESIS,
+    MAX_REGION,
+    Walker,
+    encode_record,
+    journal_fields,
+    line_hash,
+    split_lines,
+)
 from ._events import AuditEvent
 
 __all__ = ["Pending", "Sink", "TrailFile"]
@@ -84,6 +92,8 @@ class TrailFile:
     _anchors: Anchorer | None
     _sink: Sink
     _started: bool
+    _journal: Callable[..., object] | None
+    _journal_failing: bool
 
     def _open(self) -> None:
         sink = self._sink
@@ -337,3 +347,15 @@ class TrailFile:
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+    def _to_journal(self, lines: list[bytes]) -> None:
+        assert self._journal is not None
+        try:
+            for line in lines:
+                self._journal(**journal_fields(line))
+        except Exception as exc:  # the file is the record of truth; say so once
+            if not self._journal_failing:
+                log.warning("signerd.audit_journal_failed error=%s", exc)
+            self._journal_failing = True
+        else:
+            self._journal_failing = False

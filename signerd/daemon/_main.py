@@ -20,7 +20,6 @@ settings, every backend table) and creates nothing.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from ..errors import SignerdError
 from ._assemble import check
 from ._forward import run_forwarder
 from ._journal import setup_logging
+from ._loop import run
 from ._single import serve
 from ._sockets import SocketError
 from ._supervised import supervise
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_forwarder(config)
         if config.workers > 1:
             return supervise(config, exit_code)
-        asyncio.run(serve(config))
+        run(serve(config), config.event_loop)
     except BaseException as exc:
         return exit_code(exc)
     return os.EX_OK

@@ -54,6 +54,7 @@ from ..workers import (
 )
 from ._assemble import AdminGuard, Daemon, TrustGuard, build_policy
 from ._forward import ForwarderProcess
+from ._loop import run
 from ._sockets import bind_unix_socket, unlink_own_socket
 from ._systemd import SystemdSession, activated_socket, notify
 
@@ -239,7 +240,7 @@ def worker_main(
     if connections is not None:
         connections.bind(index)
     try:
-        asyncio.run(_serve_worker(config, sock, channel, connections, table))
+        run(_serve_worker(config, sock, channel, connections, table), config.event_loop)
     except BaseException as exc:
         return exit_code(exc)
     return os.EX_OK

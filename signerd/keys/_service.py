@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("signerd.keys")
 _T = TypeVar("_T")
+Before = Callable[[str], object]  # runs with the kid about to sign (an intent record)
 
 #: seconds the first read of the whole keyring may take at start-up
 STARTUP_TIMEOUT = 60.0
@@ -94,12 +95,11 @@ class KeyService:
         self._admin_locks: dict[KeyName, asyncio.Lock] = {}
         #: wraps every admin operation: the workers' cross-process lock and change notice
         self.admin_guard = admin_guard
-        self._coalescer: Coalescer[_Group] = Coalescer(
-            self._sign_batch,
-            max_batch=self.settings.max_batch,
-            max_in_flight=self.settings.max_in_flight,
+        #: its ``observe`` hook times each batch (metrics)
+        s = self.settings
+        self.coalescer: Coalescer[_Group] = Coalescer(
+            self._sign_batch, max_batch=s.max_batch, max_in_flight=s.max_in_flight
         )
-        self.coalescer = self._coalescer  # its ``observe`` hook times each batch
         self._refresher: asyncio.Task[None] | None = None
         self._calls.stall_guard = stall_guard
 
@@ -151,7 +151,7 @@ class KeyService:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self._coalescer.aclose()
+        await self.coalescer.aclose()
         await self._calls.close()
         self._keyring.log_counters()
 
@@ -201,10 +201,13 @@ class KeyService:
 
     # --- signing and verifying ----------------------------------------------
 
-    async def sign(self, key: KeyName, data: bytes) -> tuple[str, bytes]:
-        """Sign with the active version (coalesced with concurrent signs of that version)."""
+    async def sign(
+        self, key: KeyName, data: bytes, before: Before | None = None
+    ) -> tuple[str, bytes]:
+        """Sign with the active version (coalesced with concurrent signs of that version);
+        ``before(kid)`` runs before each attempt with ``kid`` (an intent record; may raise)."""
         return await self._with_active(
-            key, lambda version: self._coalescer.submit((key, version), data)
+            key, lambda version: self.coalescer.submit((key, version), data), before
         )
 
     async def sign_many(
@@ -224,7 +227,7 @@ class KeyService:
         return await self._with_active(key, run)
 
     async def _with_active(
-        self, key: KeyName, sign: Callable[[int], Awaitable[_T]]
+        self, key: KeyName, sign: Callable[[int], Awaitable[_T]], before: Before | None = None
     ) -> tuple[str, _T]:
         """``sign(version)`` with the active version; after another daemon rotated or retired
         under us (InvalidState, UnknownVersion), learn the keyring again and retry once."""
@@ -234,6 +237,8 @@ class KeyService:
         active = info.active
         if active is None:
             raise InvalidState("key has no active version")
+        if before:
+            before(active.kid)
         try:
             return active.kid, await sign(active.version)
         except (InvalidState, UnknownVersion) as exc:
@@ -249,6 +254,8 @@ class KeyService:
                 raise BackendUnavailable("the active version cannot be read now") from exc
             if fresh is None or fresh.version == active.version:
                 raise
+            if before is not None:
+                before(fresh.kid)
             return fresh.kid, await sign(fresh.version)
 
     async def _sign_batch(

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..audit import AuditEvent, AuditSink
+from ..audit import AuditEvent, AuditSink, PendingRecord
 from ..authz import Call, Gate, Operation, Peer
 from ..errors import InvalidRequest, SignerdError, UnsupportedMediaType
 from ..wire import KeyName, parse_json, parse_object
@@ -69,6 +69,10 @@ class Services(Protocol):
     @property
     def audit(self) -> AuditSink: ...
 
+    def write_ahead(self, event: AuditEvent) -> PendingRecord | None:
+        """Queue ``event`` for the disk now, or None when the audit sink cannot."""
+        ...
+
     @property
     def limits(self) -> Limits: ...
 
@@ -87,6 +91,8 @@ class AuditNotes:
     extra_outcome: str | None = None
     item_codes: tuple[str, ...] = ()
     written: bool = False
+    #: the intent records written ahead of the operation (all durable before its answer)
+    ahead: list[PendingRecord] | None = None
 
 
 class RequestContext:
@@ -143,6 +149,35 @@ class RequestContext:
     async def admin(self, change: AdminChange) -> Response:
         """Run an admin change: intent record, ``Idempotency-Key``, outcome (``_idempotency``)."""
         return await self.server.admin_change(self, change)
+
+    def sign_intent(self, kid: str) -> None:
+        """Queue the intent record of a sign about to be made with ``kid`` (its fsync runs
+        while the token signs); ``durable`` waits for it. Without a write-ahead sink the
+        final record is written before the answer instead."""
+        notes = self.notes
+        pending = self.server.write_ahead(
+            AuditEvent(
+                time=time.time(),
+                request_id=self.rid,
+                peer=self.peer,
+                operation=notes.operation.value,
+                outcome="intent",
+                tenant=notes.tenant,
+                key=notes.key,
+                kid=kid,
+                payload_sha256=notes.hashes,
+                status=0,
+            )
+        )
+        if pending is not None:
+            if notes.ahead is None:
+                notes.ahead = []
+            notes.ahead.append(pending)
+
+    async def durable(self) -> None:
+        """Wait until every intent record of this request is on disk (AuditUnavailable)."""
+        for pending in self.notes.ahead or ():
+            await pending.durable()
 
     async def intent(self) -> None:
         """The record an admin operation writes before it acts (fails closed)."""

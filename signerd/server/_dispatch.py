@@ -31,7 +31,7 @@ import traceback
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from ..audit import AuditEvent, AuditSink, QueueingAuditSink
+from ..audit import AuditEvent, AuditSink, PendingRecord, QueueingAuditSink, WriteAheadAuditSink
 from ..authz import GRANTED, Gate, Operation, Peer
 from ..errors import (
     AuditUnavailable,
@@ -120,6 +120,8 @@ class Front:
         self.quieted = Throttled("signerd.audit_quieted reason=rate_limited", 10.0)
         self._queueing_of: object = None
         self._queueing_sink: QueueingAuditSink | None = None
+        self._ahead_of: object = None
+        self._ahead_sink: WriteAheadAuditSink | None = None
         self.admin_runs = AdminRuns(IdempotencyStore(None))
         self.observe: Observe | None = None  # the metrics' hook (signerd.metrics)
 
@@ -300,11 +302,16 @@ class Front:
             item_codes=audit.item_codes,
         )
         audit.written = True
-        if outcome == "ok" and audit.operation.fails_closed:
+        if outcome == "ok" and audit.operation.fails_closed and not audit.ahead:
             await self.audit.record(event)  # durable before the answer leaves, or a 503
             return
         # Nothing about the answer depends on this record: it goes out with the next group
-        # write, and the answer does not wait for its fsync.
+        # write, and the answer does not wait for its fsync. After intent records (durable
+        # already) it joins the next write rather than making one of its own.
+        if audit.ahead and self._ahead_sink is not None:
+            if not self._ahead_sink.submit_later(event):
+                log.error("signerd.audit_unavailable request_id=%s outcome=%s", ctx.rid, outcome)
+            return
         queueing = self._queueing()
         if queueing is not None:
             if queueing.submit(event):
@@ -314,6 +321,15 @@ class Front:
                 await self.audit.record(event)
                 return
         log.error("signerd.audit_unavailable request_id=%s outcome=%s", ctx.rid, outcome)
+
+    def write_ahead(self, event: AuditEvent) -> PendingRecord | None:
+        """``event`` queued for the disk now (``WriteAheadAuditSink``), or None when the
+        sink cannot write ahead (the checks run once per sink)."""
+        if self._ahead_of is not self.audit:
+            sink = self.audit
+            self._ahead_of = sink
+            self._ahead_sink = sink if isinstance(sink, WriteAheadAuditSink) else None
+        return None if self._ahead_sink is None else self._ahead_sink.ahead(event)
 
     def _queueing(self) -> QueueingAuditSink | None:
         """``audit`` when it queues (the protocol check costs microseconds: once per sink)."""

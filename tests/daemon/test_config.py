@@ -63,6 +63,8 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
         (lambda d: d["server"].update(on_loop="yes"), "server.on_loop"),
         (lambda d: d["server"].update(jwk_alg="ES256"), "server.jwk_alg"),
         (lambda d: d["server"].update(jwk_alg="eddsa"), "server.jwk_alg"),
+        (lambda d: d["server"].update(event_loop="trio"), "server.event_loop"),
+        (lambda d: d["server"].update(event_loop=1), "server.event_loop"),
         (
             lambda d: d["server"].update(max_connections_stranger=0),
             "server.max_connections_stranger",

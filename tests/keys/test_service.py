@@ -144,9 +144,9 @@ async def test_unknown_key_is_typed(svc: KeyService) -> None:
 async def test_concurrent_signs_are_coalesced(svc: KeyService, key: KeyName) -> None:
     """Many concurrent signs reach the token in fewer batch calls, each caller getting its own answer."""
     await svc.create(key)
-    before = svc._coalescer.batches
+    before = svc.coalescer.batches
     results = await asyncio.gather(*(svc.sign(key, f"m{i}".encode()) for i in range(200)))
-    batches = svc._coalescer.batches - before
+    batches = svc.coalescer.batches - before
     assert batches < 200
     for i, (kid, sig) in enumerate(results):
         await svc.verify(kid, f"m{i}".encode(), sig)
@@ -217,10 +217,10 @@ async def test_sign_many_signs_in_chunks_and_follows_a_rotation(key: KeyName) ->
     try:
         await svc.create(key)
         datas = [b"item-%d" % i for i in range(20)]
-        batches = svc._coalescer.batches
+        batches = svc.coalescer.batches
         kid, signed = await svc.sign_many(key, datas)
         assert kid == key.kid(1) and len(signed) == 20
-        assert svc._coalescer.batches == batches  # not through the per-item coalescer
+        assert svc.coalescer.batches == batches  # not through the per-item coalescer
         for data, sig in zip(datas, signed, strict=True):
             assert isinstance(sig, bytes)
             await svc.verify(kid, data, sig)
