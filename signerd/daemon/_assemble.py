@@ -20,12 +20,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from .._config import Config, ConfigError, load
-from ..audit import AuditSink, AuditTrail, audit_from_config, audit_settings
+from ..audit import (
+    AuditSink,
+    AuditTrail,
+    audit_from_config,
+    audit_settings,
+)
 from ..authz import Policy, peer_of, policy_from_config
 from ..backends import Backend, load_factory
 from ..errors import SignerdError
 from ..federation import Federation, attach
-from ..forwarding import GatedSink, LagGate
+from ..forwarding import GatedAheadSink, LagGate
 from ..keys import KeyService
 from ..metrics import Metrics, Sources, metrics_directory
 from ..server import (
@@ -159,7 +164,8 @@ def _gated(config: Config, audit: AuditTrail) -> AuditSink:
     """The sink the server writes to: past the forwarding bound, signs are refused."""
     if config.forwarding is None or config.forwarding.on_lag != "refuse":
         return audit
-    return GatedSink(audit, LagGate(flag_path(config), FORWARDER_SILENCE))
+    # a sign is refused at its intent record, before the token is asked
+    return GatedAheadSink(audit, LagGate(flag_path(config), FORWARDER_SILENCE))
 
 
 def _fitted(config: Config) -> Limits:

@@ -108,7 +108,9 @@ class ForwarderProcess:
         deadline = time.monotonic() + timeout
         while not gate.began() and time.monotonic() < deadline:
             if self.proc is None or self.proc.poll() is not None:
-                log.error("signerd.forwarder_start_failed detail=signs are refused until it runs")
+                log.error(
+                    "signerd.forwarder_start_failed detail=%s", "signs are refused until it runs"
+                )
                 return
             time.sleep(0.05)
 

@@ -18,7 +18,7 @@ from ._checkpoint import (
     sign_checkpoint,
 )
 from ._forwarder import Forwarder
-from ._gate import GatedSink, LagFlag, LagGate
+from ._gate import GatedAheadSink, GatedSink, LagFlag, LagGate
 from ._settings import ForwardingSettings, forwarding_settings
 from ._state import Position, load_state, save_state
 from ._syslog import Syslog, frame, message, parse
@@ -27,6 +27,7 @@ __all__ = [
     "Checkpoint",
     "Forwarder",
     "ForwardingSettings",
+    "GatedAheadSink",
     "GatedSink",
     "LagFlag",
     "LagGate",

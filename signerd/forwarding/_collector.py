@@ -61,7 +61,7 @@ class Collector:
         except OSError as exc:
             if self._backoff <= 0.1:
                 log.error(
-                    "signerd.forwarding_collector_down collector=%s:%d error=%s",
+                    "signerd.forwarding_collector_down host=%s port=%d error=%s",
                     self.s.host,
                     self.s.port,
                     exc.strerror or type(exc).__name__,
@@ -71,7 +71,7 @@ class Collector:
             return False
         sock.setblocking(False)
         self.sock, self._backoff = sock, 0.1
-        log.info("signerd.forwarding_connected collector=%s:%d", self.s.host, self.s.port)
+        log.info("signerd.forwarding_connected host=%s port=%d", self.s.host, self.s.port)
         return True
 
     def ended(self) -> bool | None:
@@ -139,7 +139,7 @@ class Collector:
                 return self._lost(None, acked, len(frames), reset=False)
             if time.monotonic() - progress > self.s.timeout:
                 log.warning(
-                    "signerd.forwarding_collector_stalled collector=%s:%d", self.s.host, self.s.port
+                    "signerd.forwarding_collector_stalled host=%s port=%d", self.s.host, self.s.port
                 )
                 self.disconnect()
                 return acked, False
@@ -152,7 +152,7 @@ class Collector:
         self, exc: BaseException | None, acked: int, of: int, *, reset: bool
     ) -> tuple[int, bool]:
         log.warning(
-            "signerd.forwarding_connection_lost collector=%s:%d how=%s error=%s acked=%d of=%d",
+            "signerd.forwarding_connection_lost host=%s port=%d how=%s error=%s acked=%d of=%d",
             self.s.host,
             self.s.port,
             "reset" if reset else "closed",

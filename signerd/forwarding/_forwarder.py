@@ -89,7 +89,7 @@ class Forwarder:
 
     def run(self) -> None:
         log.info(
-            "signerd.forwarding_started collector=%s:%d chains=%d",
+            "signerd.forwarding_started host=%s port=%d chains=%d",
             self.s.host,
             self.s.port,
             len(self.chains),
@@ -176,12 +176,11 @@ class Forwarder:
             if (back.dev, back.ino) != (pos.dev, pos.ino) or back.seq >= pos.seq:
                 continue
             log.warning(
-                "signerd.forwarding_replay chain=%s from_seq=%d to_seq=%d detail=the collector "
-                "reset the connection; records it acknowledged just before may be lost there "
-                "and are sent again",
+                "signerd.forwarding_replay chain=%s from_seq=%d to_seq=%d detail=%s",
                 name,
                 back.seq + 1,
                 pos.seq,
+                "the collector reset the connection; records it acknowledged just before may be lost there and are sent again",
             )
             c.tail.pos = dataclasses.replace(back)
             c.tail.rewind()
@@ -279,12 +278,11 @@ class Forwarder:
             if not first:
                 continue
             log.critical(
-                "signerd.forwarding_dropped chain=%s first_seq=%d last_seq=%d detail=the "
-                "collector was behind by more than forwarding.max_lag_bytes; these records "
-                "stay in the local trail but will not be forwarded",
+                "signerd.forwarding_dropped chain=%s first_seq=%d last_seq=%d detail=%s",
                 name,
                 first,
                 last,
+                "the collector was behind by more than forwarding.max_lag_bytes; these records stay in the local trail but will not be forwarded",
             )
             gap = {"v": 1, "gap": name, "first_seq": first, "last_seq": last}
             self._notices.append(

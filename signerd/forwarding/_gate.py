@@ -18,10 +18,10 @@ import os
 import struct
 import time
 
-from ..audit import AuditEvent, AuditSink
+from ..audit import AuditEvent, AuditSink, PendingRecord, WriteAheadAuditSink
 from ..errors import AuditUnavailable
 
-__all__ = ["GatedSink", "LagFlag", "LagGate"]
+__all__ = ["GatedAheadSink", "GatedSink", "LagFlag", "LagGate"]
 
 log = logging.getLogger("signerd.forwarding")
 
@@ -107,16 +107,24 @@ class GatedSink:
         self.sink, self.gate = sink, gate
         self._complained = 0.0
 
+    def _check(self, event: AuditEvent) -> None:
+        """AuditUnavailable for a sign (its intent or its record) while the gate refuses."""
+        if event.operation != "sign" or event.outcome not in ("ok", "intent"):
+            return
+        if not self.gate.refusing():
+            return
+        now = time.monotonic()
+        if now - self._complained > 10.0:
+            self._complained = now
+            log.error(
+                "signerd.forwarding_refusing detail=%s",
+                "audit forwarding is behind its bound (or silent); signs are refused until "
+                "the collector catches up",
+            )
+        raise AuditUnavailable("the audit trail is not being forwarded; sign refused")
+
     async def record(self, event: AuditEvent) -> None:
-        if event.operation == "sign" and event.outcome == "ok" and self.gate.refusing():
-            now = time.monotonic()
-            if now - self._complained > 10.0:
-                self._complained = now
-                log.error(
-                    "signerd.forwarding_refusing detail=audit forwarding is behind its bound "
-                    "(or silent); signs are refused until the collector catches up"
-                )
-            raise AuditUnavailable("the audit trail is not being forwarded; sign refused")
+        self._check(event)
         await self.sink.record(event)
 
     def submit(self, event: AuditEvent) -> bool:
@@ -124,3 +132,20 @@ class GatedSink:
         if submit is None:
             return False
         return bool(submit(event))
+
+
+class GatedAheadSink(GatedSink):
+    """``GatedSink`` over a sink that writes ahead: a sign is refused at its intent record,
+    before the token is asked, and the intent's write still overlaps the token call."""
+
+    sink: WriteAheadAuditSink
+
+    def __init__(self, sink: WriteAheadAuditSink, gate: LagGate) -> None:
+        super().__init__(sink, gate)
+
+    def ahead(self, event: AuditEvent) -> PendingRecord:
+        self._check(event)
+        return self.sink.ahead(event)
+
+    def submit_later(self, event: AuditEvent) -> bool:
+        return self.sink.submit_later(event)

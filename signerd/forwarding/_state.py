@@ -64,9 +64,9 @@ def load_state(path: str) -> dict[str, Position]:
         return found
     except (ValueError, TypeError):
         log.critical(
-            "signerd.forwarding_state_bad path=%s detail=not a forwarding state; every chain "
-            "is forwarded again from the start of its current file",
+            "signerd.forwarding_state_bad path=%s detail=%s",
             path,
+            "not a forwarding state; every chain is forwarded again from the start of its current file",
         )
         return {}
 

@@ -72,13 +72,12 @@ class ChainTail:
                     self._open(candidate, position.offset)
                     return
         log.critical(
-            "signerd.forwarding_gap chain=%s after_seq=%d detail=the trail file being "
-            "forwarded is gone (or shorter) and was not found beside %s; records after seq %d "
-            "in it that were not forwarded are lost to the collector",
+            "signerd.forwarding_gap chain=%s after_seq=%d path=%s detail=%s",
             self.chain,
             position.seq,
             self.path,
-            position.seq,
+            "the trail file being forwarded is gone (or shorter) and was not found beside it: "
+            "the records after after_seq in it that were not forwarded are lost to the collector",
         )
         self._open(self.path, 0)
 

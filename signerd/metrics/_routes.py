@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..audit import AuditEvent, AuditTrail
+from ..audit import AuditEvent, PendingRecord, WriteAheadAuditSink
 from ..authz import Operation
 from ..server import RequestContext, Response, Server, json_response
 from ._exposition import CONTENT_TYPE, render
@@ -33,22 +33,43 @@ ROUTES: tuple[tuple[str, str, str, Operation], ...] = (
 )
 
 
-class _TimedAudit:
-    """The audit trail, timing each record a request waits for (``submit`` is not timed)."""
+class _TimedPending:
+    """A record written ahead, timing the wait for it to be durable."""
 
-    def __init__(self, trail: AuditTrail, observe: Callable[[float], None]) -> None:
-        self._trail = trail
-        self._observe = observe
+    def __init__(self, pending: PendingRecord, observe: Callable[[float], None]) -> None:
+        self._pending, self._observe = pending, observe
+
+    async def durable(self) -> None:
+        started = time.perf_counter()
+        try:
+            await self._pending.durable()
+        finally:
+            self._observe(time.perf_counter() - started)
+
+
+class _TimedAudit:
+    """The server's audit sink (the trail, or the forwarding gate over it), timing each
+    record a request waits for: ``record`` and the durability of a record written ahead
+    (``submit`` and ``submit_later`` are not waited for, so not timed)."""
+
+    def __init__(self, sink: WriteAheadAuditSink, observe: Callable[[float], None]) -> None:
+        self._sink, self._observe = sink, observe
 
     async def record(self, event: AuditEvent) -> None:
         started = time.perf_counter()
         try:
-            await self._trail.record(event)
+            await self._sink.record(event)
         finally:
             self._observe(time.perf_counter() - started)
 
     def submit(self, event: AuditEvent) -> bool:
-        return self._trail.submit(event)
+        return self._sink.submit(event)
+
+    def submit_later(self, event: AuditEvent) -> bool:
+        return self._sink.submit_later(event)
+
+    def ahead(self, event: AuditEvent) -> _TimedPending:
+        return _TimedPending(self._sink.ahead(event), self._observe)
 
 
 class Metrics:
@@ -66,7 +87,8 @@ class Metrics:
             keys.coalescer.observe = lambda group, size, queued, took: rec.batch(
                 keys.backend_name(group[0].tenant), size, queued, took
             )
-            server.audit = _TimedAudit(sources.audit, rec.audit_written)
+            if isinstance(server.audit, WriteAheadAuditSink):  # keeps writing ahead
+                server.audit = _TimedAudit(server.audit, rec.audit_written)
             self._tick()
             self._ticker = asyncio.get_running_loop().create_task(self._ticking())
         server.add_routes((m, p, getattr(self, name), op) for m, p, name, op in served)
@@ -109,7 +131,7 @@ def status_doc(snap: Snapshot) -> dict[str, Any]:
         "status": "degraded" if problems else "healthy",
         "problems": problems,
         "version": VERSION,
-        "started_at": round(snap.started, 3),
+        "started_at": int(snap.started),
         "uptime_seconds": round(snap.now - snap.started, 3),
         "backends": [
             {"name": b.name, "type": b.type, "up": b.up, "code": b.code} for b in snap.backends

@@ -192,7 +192,7 @@ def test_readme_signs_from_stdin() -> None:
     uses = [line for line in lines if re.search(r"signerctl (--json )?sign \S", line)]
     assert uses, "README shows signerctl sign"
     for line in uses:
-        assert "--data-b64" not in line and "|" in line, line
+        assert "--data-b64" not in line and ("|" in line or " < " in line), line
 
 
 # --- the socket directory ---

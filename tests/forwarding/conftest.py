@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,24 @@ def trail_lines(d: SignerdProcess) -> dict[str, list[bytes]]:
     """Each chain's record lines, as the trail holds them (chains with a record)."""
     lines = {p.name: p.read_bytes().splitlines() for p in d.audit_files()}
     return {name: records for name, records in lines.items() if records}
+
+
+def settled_lines(
+    d: SignerdProcess, quiet: float = 0.3, timeout: float = 30
+) -> dict[str, list[bytes]]:
+    """``trail_lines`` once the trail has stopped growing for ``quiet`` seconds (an outcome
+    record follows its answer by a moment)."""
+    last: list[dict[str, list[bytes]]] = [trail_lines(d)]
+    since = [time.monotonic()]
+
+    def still() -> bool:
+        now = trail_lines(d)
+        if now != last[0]:
+            last[0], since[0] = now, time.monotonic()
+        return time.monotonic() - since[0] >= quiet
+
+    wait_until(still, timeout=timeout, interval=0.05, what="the trail to settle")
+    return last[0]
 
 
 def forwarded(collector: Rsyslog) -> dict[str, list[bytes]]:

@@ -17,7 +17,7 @@ from signerd.testing import wait_until
 
 from ..conftest import unique
 from ..support.rsyslog import Rsyslog, wait_for
-from .conftest import checkpointed_heads, forwarding_daemon, heads, sign_many, trail_lines
+from .conftest import checkpointed_heads, forwarding_daemon, heads, settled_lines, sign_many
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -74,7 +74,7 @@ def test_rewritten_trail_and_anchors_are_caught_by_forwarded_checkpoints(
             c.create_key(key)
             jwks = {"keys": c.jwks()}
         assert sign_many(d, key, 40) == 40
-        want = trail_lines(d)
+        want = settled_lines(d)
         wait_for(collector, sum(len(v) for v in want.values()))
         wait_until(
             lambda: checkpointed_heads(collector) == heads(want),

@@ -19,7 +19,7 @@ from signerd.testing import wait_until
 
 from ..conftest import unique
 from ..support.rsyslog import Rsyslog, wait_for
-from .conftest import forwarded, forwarding_daemon, sign_many, trail_lines
+from .conftest import forwarded, forwarding_daemon, settled_lines, sign_many
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -74,7 +74,7 @@ def test_records_arrive_over_tls(tmp_path: Path) -> None:
             with Client(d.socket_path) as c:
                 c.create_key(key)
             sign_many(d, key, 20)
-            want = trail_lines(d)
+            want = settled_lines(d)
             wait_for(collector, sum(len(v) for v in want.values()))
         assert dict(forwarded(collector)) == want
 

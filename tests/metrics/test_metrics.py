@@ -31,7 +31,9 @@ def d(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     daemon = start_daemon(
         tmp_path_factory.mktemp("metrics"),
         server={"workers": 2},
-        keys={"bootstrap": ["mt/a"], "max_active_age": {"mt/*": 1e9}},
+        # tenant "0mt" sorts before every other test key on the shared token: under the
+        # series cap (the first keys by name) it keeps its series
+        keys={"bootstrap": ["0mt/a"], "max_active_age": {"0mt/*": 1e9}},
         metrics={"max_key_series": MAX_KEY_SERIES},
     )
     yield daemon
@@ -44,7 +46,7 @@ def _signs(samples: Samples) -> float:
 
 def test_series_names_and_labels(d: DaemonProcess) -> None:
     """Every documented family is there with exactly its labels; latency buckets start at 100 µs."""
-    assert sign(d, "mt/a").status == 200
+    assert sign(d, "0mt/a").status == 200
     text, samples = scrape(d)
     labels: dict[str, set[str]] = {}
     for name, pairs in samples:
@@ -74,10 +76,12 @@ def test_series_names_and_labels(d: DaemonProcess) -> None:
     assert min(float(b) for b in buckets) == 0.0001
     assert value(samples, "signerd_backend_up", backend="hsm") == 1.0
     assert value(samples, "signerd_audit_healthy") == 1.0
-    assert value(samples, "signerd_key_versions", key="mt/a", state="active") == 1.0
-    assert value(samples, "signerd_key_rotation_overdue", key="mt/a") == 0.0
-    created = value(samples, "signerd_key_active_created_timestamp_seconds", key="mt/a")
-    assert value(samples, "signerd_key_rotation_due_timestamp_seconds", key="mt/a") == created + 1e9
+    assert value(samples, "signerd_key_versions", key="0mt/a", state="active") == 1.0
+    assert value(samples, "signerd_key_rotation_overdue", key="0mt/a") == 0.0
+    created = value(samples, "signerd_key_active_created_timestamp_seconds", key="0mt/a")
+    assert (
+        value(samples, "signerd_key_rotation_due_timestamp_seconds", key="0mt/a") == created + 1e9
+    )
     assert label_values(samples, "signerd_worker_restarts", "worker") == {"0", "1"}
     assert "# TYPE signerd_requests_total counter" in text
 
@@ -88,8 +92,8 @@ def test_a_sign_moves_its_series(d: DaemonProcess) -> None:
     metrics, never as sign."""
     _, before = scrape(d)
     for i in range(5):
-        assert sign(d, "mt/a", f"m{i}".encode()).status == 200
-    assert sign(d, f"mt/{unique('gone')}").code == "unknown_key"
+        assert sign(d, "0mt/a", f"m{i}".encode()).status == 200
+    assert sign(d, f"0mt/{unique('gone')}").code == "unknown_key"
     _, after = scrape(d)
 
     def delta(name: str, **labels: str) -> float:
@@ -118,7 +122,7 @@ def test_counts_are_summed_over_workers_and_survive_a_restart(d: DaemonProcess) 
     scrape; a worker killed with SIGKILL and restarted keeps its counts in the sum."""
     base = _signs(scrape(d)[1])
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        replies = list(pool.map(lambda i: sign(d, "mt/a", f"w{i}".encode()), range(64)))
+        replies = list(pool.map(lambda i: sign(d, "0mt/a", f"w{i}".encode()), range(64)))
     assert all(r.status == 200 for r in replies)
     assert all(n > 0 for n in _answered_by(d, "sign")), "both workers signed"
 
@@ -169,7 +173,7 @@ def test_key_series_are_capped_and_callers_make_no_series(d: DaemonProcess) -> N
     assert len(keyed) == MAX_KEY_SERIES
     assert value(samples, "signerd_metrics_keys_omitted") == total - MAX_KEY_SERIES
     due = label_values(samples, "signerd_key_rotation_due_timestamp_seconds", "key")
-    assert due <= {"mt/a"}, "only keys a max_active_age pattern matches have a due date"
+    assert due <= {"0mt/a"}, "only keys a max_active_age pattern matches have a due date"
     assert not any(name.split("/")[1] in text for name in names)
     series = {k for k in samples if k[0] == "signerd_requests_total"}
     grown = series - {k for k in before if k[0] == "signerd_requests_total"}

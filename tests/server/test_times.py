@@ -37,6 +37,7 @@ def test_openapi_states_unix_seconds_for_every_time() -> None:
         "retired_at",
         "timestamp",
         "signed_at",
+        "started_at",
     }
     for name, prop, spec in props:
         assert "Unix seconds" in spec.get("description", ""), (name, prop)
