@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..audit import AuditEvent, AuditTrail
+from ..audit import AuditEvent, AuditSink, PendingRecord, WriteAheadAuditSink
 from ..authz import Operation
 from ..server import RequestContext, Response, Server, json_response
 from ._exposition import CONTENT_TYPE, render
@@ -34,21 +34,61 @@ ROUTES: tuple[tuple[str, str, str, Operation], ...] = (
 
 
 class _TimedAudit:
-    """The audit trail, timing each record a request waits for (``submit`` is not timed)."""
+    """The server's audit sink, timing each record a request waits for: a record written
+    before the answer, and a sign's intent from its queueing until it is durable. What
+    the sink can do (write ahead, queue) it still does: ``_write_ahead`` gives the
+    intents' methods only when the sink has them (``submit`` is not timed)."""
 
-    def __init__(self, trail: AuditTrail, observe: Callable[[float], None]) -> None:
-        self._trail = trail
+    def __init__(self, sink: AuditSink, observe: Callable[[float], None]) -> None:
+        self._sink = sink
         self._observe = observe
 
     async def record(self, event: AuditEvent) -> None:
         started = time.perf_counter()
         try:
-            await self._trail.record(event)
+            await self._sink.record(event)
         finally:
             self._observe(time.perf_counter() - started)
 
     def submit(self, event: AuditEvent) -> bool:
-        return self._trail.submit(event)
+        submit = getattr(self._sink, "submit", None)
+        return False if submit is None else bool(submit(event))
+
+
+class _TimedAhead(_TimedAudit):
+    """``_TimedAudit`` of a sink that writes ahead (``WriteAheadAuditSink``)."""
+
+    def __init__(self, sink: WriteAheadAuditSink, observe: Callable[[float], None]) -> None:
+        super().__init__(sink, observe)
+        self._ahead = sink
+
+    def ahead(self, event: AuditEvent) -> PendingRecord:
+        return _TimedPending(self._ahead.ahead(event), self._observe)
+
+    def submit_later(self, event: AuditEvent) -> bool:
+        return self._ahead.submit_later(event)
+
+
+class _TimedPending:
+    """An intent record, timed from its queueing until its caller saw it durable."""
+
+    __slots__ = ("_observe", "_pending", "_started")
+
+    def __init__(self, pending: PendingRecord, observe: Callable[[float], None]) -> None:
+        self._pending, self._observe = pending, observe
+        self._started = time.perf_counter()
+
+    async def durable(self) -> None:
+        try:
+            await self._pending.durable()
+        finally:
+            self._observe(time.perf_counter() - self._started)
+
+
+def _timed(sink: AuditSink, observe: Callable[[float], None]) -> _TimedAudit:
+    if isinstance(sink, WriteAheadAuditSink):
+        return _TimedAhead(sink, observe)
+    return _TimedAudit(sink, observe)
 
 
 class Metrics:
@@ -66,7 +106,7 @@ class Metrics:
             keys.coalescer.observe = lambda group, size, queued, took: rec.batch(
                 keys.backend_name(group[0].tenant), size, queued, took
             )
-            server.audit = _TimedAudit(sources.audit, rec.audit_written)
+            server.audit = _timed(server.audit, rec.audit_written)
             self._tick()
             self._ticker = asyncio.get_running_loop().create_task(self._ticking())
         server.add_routes((m, p, getattr(self, name), op) for m, p, name, op in served)
