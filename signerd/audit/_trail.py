@@ -47,7 +47,7 @@ from ..errors import AuditUnavailable
 from ._anchor import RUN
 from ._anchorer import Anchorer
 from ._events import AuditEvent
-from ._pending import Ahead, Job, expire, resolve
+from ._pending import Ahead, Job, expire, resolve, resolve_all
 from ._trailfile import Sink, TrailFile
 
 __all__ = ["AuditTrail"]
@@ -358,10 +358,13 @@ class AuditTrail(TrailFile):
                 lines = self._write_jobs(batch) if batch else []
             with self._cond:
                 self._done(batch, lines)
+            waiting: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
             for job in batch:
                 if job.loop is not None and job.future is not None:
-                    with contextlib.suppress(RuntimeError):  # the caller's loop is gone
-                        job.loop.call_soon_threadsafe(resolve, job.future)
+                    waiting.setdefault(job.loop, []).append(job.future)
+            for loop, futures in waiting.items():  # one wake-up per loop, not per record
+                with contextlib.suppress(RuntimeError):  # the caller's loop is gone
+                    loop.call_soon_threadsafe(resolve_all, futures)
             backlog += lines
             if backlog and self._journal is not None:
                 self._busy(self._to_journal, backlog)  # a stuck journal is a stuck writer
