@@ -208,8 +208,25 @@ class AuditTrail(TrailFile):
                 self._cond.notify()
             elif self._later_due is None:
                 self._later_due = time.monotonic() + _LATER
-                self._cond.notify()  # the writer's next wake-up is due then, at the latest
+                self._remind_later()
         return True
+
+    def _remind_later(self) -> None:
+        """The writer is to write what ``submit_later`` queued by ``_later_due`` (hold
+        ``_cond``). On a loop, a timer of the loop hands it over then: waking the writer
+        thread now, only for it to sleep again, costs a thread switch per answer."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._cond.notify()  # its next wake-up is due then, at the latest
+            return
+        loop.call_later(_LATER, self._hand_later)
+
+    def _hand_later(self) -> None:
+        with self._cond:
+            if self._later_due is not None and self._queue and not self._handed:
+                self._handed = True  # unless a write took them meanwhile
+                self._cond.notify()
 
     def submit_later(self, event: AuditEvent) -> bool:
         """``submit(event, later=True)``."""
