@@ -65,6 +65,7 @@ _MAX_BATCH = 256
 _MAX_HERE = 1
 _MAX_QUEUED = 8192  # records nobody waits for (``submit``), queued at most
 _LATER = 0.05  # s: a record ``submit_later`` queued waits at most this for the next write
+_EARLY = 0.005  # s: how early a loop's timer may fire (uvloop's run in milliseconds)
 JournalSend = Callable[..., object]
 
 
@@ -212,9 +213,8 @@ class AuditTrail(TrailFile):
         return True
 
     def _remind_later(self) -> None:
-        """The writer is to write what ``submit_later`` queued by ``_later_due`` (hold
-        ``_cond``). On a loop, a timer of the loop hands it over then: waking the writer
-        thread now, only for it to sleep again, costs a thread switch per answer."""
+        """What ``submit_later`` queued goes to the writer by ``_later_due`` (hold ``_cond``): on a
+        loop, by a timer (waking the writer now to sleep again costs a thread switch)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -223,9 +223,12 @@ class AuditTrail(TrailFile):
         loop.call_later(_LATER, self._hand_later)
 
     def _hand_later(self) -> None:
+        """Records ``submit_later`` queued are due: to the writer, unless a write took them
+        meanwhile (a timer of a round already written finds a later round's due time)."""
         with self._cond:
-            if self._later_due is not None and self._queue and not self._handed:
-                self._handed = True  # unless a write took them meanwhile
+            due = self._later_due
+            if due is not None and due <= time.monotonic() + _EARLY and not self._handed:
+                self._handed = True
                 self._cond.notify()
 
     def submit_later(self, event: AuditEvent) -> bool:
