@@ -51,6 +51,19 @@ def trail_lines(d: SignerdProcess) -> dict[str, list[bytes]]:
     return {name: records for name, records in lines.items() if records}
 
 
+def settled_trail(d: SignerdProcess) -> dict[str, list[bytes]]:
+    """``trail_lines`` once every chain's last record is an outcome: a sign's outcome
+    follows its answer (within 50 ms), after its intent record."""
+
+    def settled() -> dict[str, list[bytes]]:
+        lines = trail_lines(d)
+        if any(b'"outcome":"intent"' in records[-1] for records in lines.values()):
+            return {}
+        return lines
+
+    return wait_until(settled, timeout=10, what="the last signs' outcome records")
+
+
 def forwarded(collector: Rsyslog) -> dict[str, list[bytes]]:
     """Each chain's record lines, as the collector got them (in arrival order)."""
     got: dict[str, list[bytes]] = collections.defaultdict(list)

@@ -23,6 +23,7 @@ from .conftest import (
     forwarded,
     forwarding_daemon,
     replayed,
+    settled_trail,
     sign_many,
     trail_lines,
     wait_all,
@@ -174,7 +175,7 @@ def test_drop_past_the_bound_keeps_signing_and_tells_the_collector(
             collector.start()
             wait_for(collector, 1, msgid="gap")
             c.sign(key, b"after the gap")
-        want = trail_lines(d)
+        want = settled_trail(d)
         last = {chain: json.loads(lines[-1])["seq"] for chain, lines in want.items()}
         wait_until(
             lambda: all(
