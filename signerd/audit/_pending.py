@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ._events import AuditEvent
 
-__all__ = ["Ahead", "Job", "expire", "resolve"]
+__all__ = ["Ahead", "Job", "expire", "resolve", "resolve_all"]
 
 
 @dataclass(eq=False)
@@ -33,6 +33,13 @@ class Job:
 def resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+def resolve_all(futures: list[asyncio.Future[None]]) -> None:
+    """Every future of a batch written, in one call on their loop."""
+    for future in futures:
+        if not future.done():
+            future.set_result(None)
 
 
 def expire(future: asyncio.Future[None]) -> None:

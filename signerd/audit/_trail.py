@@ -47,7 +47,7 @@ from ..errors import AuditUnavailable
 from ._anchor import RUN
 from ._anchorer import Anchorer
 from ._events import AuditEvent
-from ._pending import Ahead, Job, expire, resolve
+from ._pending import Ahead, Job, expire, resolve, resolve_all
 from ._trailfile import Sink, TrailFile
 
 __all__ = ["AuditTrail"]
@@ -65,6 +65,7 @@ _MAX_BATCH = 256
 _MAX_HERE = 1
 _MAX_QUEUED = 8192  # records nobody waits for (``submit``), queued at most
 _LATER = 0.05  # s: a record ``submit_later`` queued waits at most this for the next write
+_EARLY = 0.005  # s: how early a loop's timer may fire (uvloop's run in milliseconds)
 JournalSend = Callable[..., object]
 
 
@@ -208,8 +209,27 @@ class AuditTrail(TrailFile):
                 self._cond.notify()
             elif self._later_due is None:
                 self._later_due = time.monotonic() + _LATER
-                self._cond.notify()  # the writer's next wake-up is due then, at the latest
+                self._remind_later()
         return True
+
+    def _remind_later(self) -> None:
+        """What ``submit_later`` queued goes to the writer by ``_later_due`` (hold ``_cond``): on a
+        loop, by a timer (waking the writer now to sleep again costs a thread switch)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._cond.notify()  # its next wake-up is due then, at the latest
+            return
+        loop.call_later(_LATER, self._hand_later)
+
+    def _hand_later(self) -> None:
+        """Records ``submit_later`` queued are due: to the writer, unless a write took them
+        meanwhile (a timer of a round already written finds a later round's due time)."""
+        with self._cond:
+            due = self._later_due
+            if due is not None and due <= time.monotonic() + _EARLY and not self._handed:
+                self._handed = True
+                self._cond.notify()
 
     def submit_later(self, event: AuditEvent) -> bool:
         """``submit(event, later=True)``."""
@@ -358,10 +378,13 @@ class AuditTrail(TrailFile):
                 lines = self._write_jobs(batch) if batch else []
             with self._cond:
                 self._done(batch, lines)
+            waiting: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
             for job in batch:
                 if job.loop is not None and job.future is not None:
-                    with contextlib.suppress(RuntimeError):  # the caller's loop is gone
-                        job.loop.call_soon_threadsafe(resolve, job.future)
+                    waiting.setdefault(job.loop, []).append(job.future)
+            for loop, futures in waiting.items():  # one wake-up per loop, not per record
+                with contextlib.suppress(RuntimeError):  # the caller's loop is gone
+                    loop.call_soon_threadsafe(resolve_all, futures)
             backlog += lines
             if backlog and self._journal is not None:
                 self._busy(self._to_journal, backlog)  # a stuck journal is a stuck writer

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..audit import AuditEvent, PendingRecord, WriteAheadAuditSink
+from ..audit import AuditEvent, AuditSink, PendingRecord, WriteAheadAuditSink
 from ..authz import Operation
 from ..server import RequestContext, Response, Server, json_response
 from ._exposition import CONTENT_TYPE, render
@@ -33,27 +33,15 @@ ROUTES: tuple[tuple[str, str, str, Operation], ...] = (
 )
 
 
-class _TimedPending:
-    """A record written ahead, timing the wait for it to be durable."""
-
-    def __init__(self, pending: PendingRecord, observe: Callable[[float], None]) -> None:
-        self._pending, self._observe = pending, observe
-
-    async def durable(self) -> None:
-        started = time.perf_counter()
-        try:
-            await self._pending.durable()
-        finally:
-            self._observe(time.perf_counter() - started)
-
-
 class _TimedAudit:
-    """The server's audit sink (the trail, or the forwarding gate over it), timing each
-    record a request waits for: ``record`` and the durability of a record written ahead
-    (``submit`` and ``submit_later`` are not waited for, so not timed)."""
+    """The server's audit sink, timing each record a request waits for: a record written
+    before the answer, and a sign's intent from its queueing until it is durable. What
+    the sink can do (write ahead, queue) it still does: ``_write_ahead`` gives the
+    intents' methods only when the sink has them (``submit`` is not timed)."""
 
-    def __init__(self, sink: WriteAheadAuditSink, observe: Callable[[float], None]) -> None:
-        self._sink, self._observe = sink, observe
+    def __init__(self, sink: AuditSink, observe: Callable[[float], None]) -> None:
+        self._sink = sink
+        self._observe = observe
 
     async def record(self, event: AuditEvent) -> None:
         started = time.perf_counter()
@@ -63,13 +51,44 @@ class _TimedAudit:
             self._observe(time.perf_counter() - started)
 
     def submit(self, event: AuditEvent) -> bool:
-        return self._sink.submit(event)
+        submit = getattr(self._sink, "submit", None)
+        return False if submit is None else bool(submit(event))
+
+
+class _TimedAhead(_TimedAudit):
+    """``_TimedAudit`` of a sink that writes ahead (``WriteAheadAuditSink``)."""
+
+    def __init__(self, sink: WriteAheadAuditSink, observe: Callable[[float], None]) -> None:
+        super().__init__(sink, observe)
+        self._ahead = sink
+
+    def ahead(self, event: AuditEvent) -> PendingRecord:
+        return _TimedPending(self._ahead.ahead(event), self._observe)
 
     def submit_later(self, event: AuditEvent) -> bool:
-        return self._sink.submit_later(event)
+        return self._ahead.submit_later(event)
 
-    def ahead(self, event: AuditEvent) -> _TimedPending:
-        return _TimedPending(self._sink.ahead(event), self._observe)
+
+class _TimedPending:
+    """An intent record, timed from its queueing until its caller saw it durable."""
+
+    __slots__ = ("_observe", "_pending", "_started")
+
+    def __init__(self, pending: PendingRecord, observe: Callable[[float], None]) -> None:
+        self._pending, self._observe = pending, observe
+        self._started = time.perf_counter()
+
+    async def durable(self) -> None:
+        try:
+            await self._pending.durable()
+        finally:
+            self._observe(time.perf_counter() - self._started)
+
+
+def _timed(sink: AuditSink, observe: Callable[[float], None]) -> _TimedAudit:
+    if isinstance(sink, WriteAheadAuditSink):
+        return _TimedAhead(sink, observe)
+    return _TimedAudit(sink, observe)
 
 
 class Metrics:
@@ -87,8 +106,7 @@ class Metrics:
             keys.coalescer.observe = lambda group, size, queued, took: rec.batch(
                 keys.backend_name(group[0].tenant), size, queued, took
             )
-            if isinstance(server.audit, WriteAheadAuditSink):  # keeps writing ahead
-                server.audit = _TimedAudit(server.audit, rec.audit_written)
+            server.audit = _timed(server.audit, rec.audit_written)
             self._tick()
             self._ticker = asyncio.get_running_loop().create_task(self._ticking())
         server.add_routes((m, p, getattr(self, name), op) for m, p, name, op in served)

@@ -313,5 +313,44 @@ async def test_an_outcome_joins_the_next_write_or_goes_out_soon(
 
     monkeypatch.setattr(trail_module, "_LATER", 0.05)
     assert trail.submit_later(_event("third", "ok"))
-    wait_until(lambda: len(_records(path)) == 3, 5, "the outcome written on its own")
+    deadline = time.monotonic() + 5  # the loop runs meanwhile: its timer hands the record over
+    while len(_records(path)) < 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert len(_records(path)) == 3, "the outcome was not written on its own"
+    await trail.aclose()
+
+
+async def test_a_written_outcomes_timer_makes_no_write_for_a_later_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The timer of an outcome an intent's write took along does not write the outcome
+    queued after it before that one is due (one caller: no extra fsync per answer)."""
+    import signerd.audit._trail as trail_module
+
+    fsyncs: list[float] = []
+    real = os.fsync
+
+    def counting(fd: int) -> None:
+        fsyncs.append(time.monotonic())
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    monkeypatch.setattr(trail_module, "_LATER", 1.0)
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail(str(path))
+    trail.open()
+    before = len(fsyncs)
+    started = time.monotonic()
+    assert trail.submit_later(_event("a", "ok"))  # its timer fires at started + 1.0
+    await trail.ahead(_event("b", "intent")).durable()  # takes "a" along
+    await asyncio.sleep(0.5)
+    assert trail.submit_later(_event("c", "ok"))  # due at started + 1.5 or later
+    await asyncio.sleep(max(0.0, started + 1.2 - time.monotonic()))
+    assert [r["request_id"] for r in _records(path)] == ["a", "b"]
+    assert len(fsyncs) - before == 1
+    deadline = time.monotonic() + 10
+    while len(_records(path)) < 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert [r["request_id"] for r in _records(path)] == ["a", "b", "c"]
+    assert len(fsyncs) - before == 2
     await trail.aclose()

@@ -144,7 +144,8 @@ def test_concurrent_admin_operations_are_serialised(workers2: DaemonProcess) -> 
 def test_kill_9_of_a_worker_mid_load_loses_no_acknowledged_record(
     workers2: DaemonProcess,
 ) -> None:
-    """SIGKILL of a worker under load: it is replaced, others serve, every 200 is audited."""
+    """SIGKILL of a worker under load: it is replaced, others serve, every 200 has its
+    durable record (its intent, and its outcome unless the kill came first)."""
     d = workers2
     key = f"{unique('k9')}/k"
     assert request(str(d.socket_path), "POST", "/v1/keys", {"key": key}).status == 201
@@ -183,7 +184,10 @@ def test_kill_9_of_a_worker_mid_load_loses_no_acknowledged_record(
         lambda: len(d.worker_pids()) == 2 and victim not in d.worker_pids(), 30, "a new worker"
     )
     assert d.proc.poll() is None
-    audited = {r["request_id"] for r in d.audit_records() if r.get("outcome") == "ok"}
+    # a sign's intent record is durable before its answer leaves; its outcome follows with
+    # the next write, so the killed worker's last outcomes may be missing (an intent without
+    # an outcome reads "a signature may have been made")
+    audited = {r["request_id"] for r in d.audit_records() if r.get("outcome") in ("ok", "intent")}
     missing = [rid for rid in acknowledged if rid not in audited]
     assert not missing, missing[:10]
     assert "signerd.worker_exited" in d.log_text()
