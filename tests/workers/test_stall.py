@@ -222,6 +222,8 @@ def _sign(d: DaemonProcess, key: str) -> tuple[int, str | None, float]:
 def test_a_token_call_that_never_returns_gets_its_503_and_the_worker_is_replaced(
     stalling: DaemonProcess, tmp_path: Path
 ) -> None:
+    """A token call that never returns: 503 within the deadline, that 503 in the audit trail
+    (which still verifies), the worker replaced, signing again."""
     d = stalling
     key = f"{unique('stall')}/k"
     assert request(str(d.socket_path), "POST", "/v1/keys", {"key": key}).status == 201
@@ -253,6 +255,17 @@ def test_a_token_call_that_never_returns_gets_its_503_and_the_worker_is_replaced
     assert d.proc.poll() is None
     for _ in range(6):  # over fresh connections, so both workers sign
         assert _sign(d, key)[0] == 200
+    # the guard's 503 is in the audit trail, written before the worker ended
+    stalled = [r for r in d.audit_records() if r.get("reason") == "worker_stalled"]
+    assert len(stalled) == 1, stalled
+    assert (stalled[0]["outcome"], stalled[0]["status"], stalled[0]["key"]) == (
+        "backend_unavailable",
+        503,
+        key,
+    ), stalled
+    assert "signerd.worker_stalled_records written=1 of=1" in d.log_text()
+    for path in d.audit_files():
+        assert verify_file(str(path)).ok, path
 
 
 # --- an admin operation in flight when the guard fires ------------------------------------
