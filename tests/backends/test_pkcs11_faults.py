@@ -187,10 +187,12 @@ def test_a_library_that_keeps_failing_after_reinitialising_exits_for_a_new_worke
     assert rig.exits == [EXIT_TOKEN_WEDGED]
 
 
-def test_an_absent_token_never_ends_the_process(rig: Rig) -> None:
-    """A token that cannot be opened at all is answered 503 for as long as it lasts, no exit."""
+@pytest.mark.parametrize("where", ["open", "sign"])
+def test_an_absent_token_never_ends_the_process(rig: Rig, where: str) -> None:
+    """A token that cannot be opened, or says it is absent, is answered 503 for as long as it
+    lasts, with no exit."""
     rig.faults.fail("sign", p11e.TokenNotPresent)
-    rig.faults.fail("open", p11e.TokenNotPresent, times=100)
+    rig.faults.fail(where, p11e.TokenNotPresent, times=100)
     for _ in range(5):
         with pytest.raises(BackendUnavailable):
             rig.backend.sign(rig.key, 1, [b"data"])

@@ -49,6 +49,9 @@ _CONNECTION_ERRORS: tuple[type[Exception], ...] = (
 # Errors after which the cached object handles are not to be trusted.
 _HANDLE_ERRORS: tuple[type[Exception], ...] = (p11e.ObjectHandleInvalid, p11e.KeyHandleInvalid)
 
+# Errors that say the token is not there: waited out, never a reason to end the process.
+_ABSENT_ERRORS: tuple[type[Exception], ...] = (p11e.TokenNotPresent, p11e.DeviceRemoved)
+
 # Errors of this process, not of the token (EMFILE, ENOMEM): also worth a fresh start.
 _RESOURCE_ERRORS: tuple[type[Exception], ...] = (OSError, MemoryError)
 # A PIN the token refuses: a configuration error, not a moment's trouble.
@@ -232,7 +235,11 @@ class TokenSession:
                     else:
                         rung += 1
                     if rung >= len(STEPS):
-                        reachable = opened and isinstance(cause, _CONNECTION_ERRORS)
+                        reachable = (
+                            opened
+                            and isinstance(cause, _CONNECTION_ERRORS)
+                            and not isinstance(cause, _ABSENT_ERRORS)
+                        )
                         self.ladder.exhausted(error, reachable=reachable)
                         raise BackendUnavailable() from cause
                     self._step(self.ladder.take(rung, error))
