@@ -4,6 +4,8 @@ directory moved away and back, its object files made unreadable."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,11 +40,12 @@ def test_token_directory_moved_away_and_back(own: tuple[SignerdProcess, Path]) -
     call = KeepAlive(d.socket_path)
     try:
         assert call("POST", "/v1/keys", {"key": "acme/moved"}).status == 201
+        assert call("POST", "/v1/keys", {"key": "acme/cold"}).status == 201  # never signed yet
         assert _sign(call, "acme/moved").status == 200
         workers = d.worker_pids()
         os.rename(tokdir, tokdir.with_name("tokens.away"))
         try:
-            away = [_sign(call, "acme/moved") for _ in range(6)]
+            away = [_sign(call, k) for k in ("acme/cold", "acme/moved") * 3]
         finally:
             os.rename(tokdir.with_name("tokens.away"), tokdir)
         back = time.monotonic()
@@ -50,6 +53,7 @@ def test_token_directory_moved_away_and_back(own: tuple[SignerdProcess, Path]) -
             (r.status, r.body) for r in away
         ]
         wait_until(lambda: _sign(call, "acme/moved").status == 200, 5, "signing again", 0.1)
+        assert _sign(call, "acme/cold").status == 200
         recovered_in = time.monotonic() - back
         assert d.worker_pids() == workers, "a worker was restarted"
         assert "signerd.pkcs11.recovered" in d.log_text()
@@ -67,6 +71,7 @@ def test_unreadable_object_files_answer_503_then_recover(
     call = KeepAlive(d.socket_path)
     try:
         assert call("POST", "/v1/keys", {"key": "acme/perm"}).status == 201
+        assert call("POST", "/v1/keys", {"key": "acme/cold"}).status == 201  # never signed yet
         assert _sign(call, "acme/perm").status == 200
         files = list(tokdir.rglob("*.object"))
         assert files
@@ -75,7 +80,7 @@ def test_unreadable_object_files_answer_503_then_recover(
             p.rename(p.with_name(p.name + ".aside"))
             p.mkdir()
         try:
-            replies = [_sign(call, "acme/perm") for _ in range(4)]
+            replies = [_sign(call, k) for k in ("acme/cold", "acme/perm") * 2]
         finally:
             for p in files:
                 p.rmdir()
@@ -84,5 +89,53 @@ def test_unreadable_object_files_answer_503_then_recover(
             (r.status, r.body) for r in replies
         ]
         wait_until(lambda: _sign(call, "acme/perm").status == 200, 5, "signing again", 0.1)
+        assert _sign(call, "acme/cold").status == 200
     finally:
         call.close()
+
+
+_AWAY_AND_BACK = """
+import os, sys
+from signerd.backends.pkcs11 import from_config
+from signerd.errors import SignerdError
+from signerd.testing import make_token
+from signerd.wire import KeyName
+from pathlib import Path
+
+token = make_token(Path(sys.argv[1]), "away")
+os.environ["SOFTHSM2_CONF"] = str(token.conf)
+tokdir = Path(sys.argv[1]) / "tokens"
+backend = from_config(token.backend_config())
+key = KeyName("acme", "away")
+backend.create(key)
+backend.list_keys()
+tokdir.rename(tokdir.with_name("tokens.away"))
+answers = []
+for op in (lambda: backend.sign(key, 1, [b"x"]), lambda: backend.describe(key), backend.check):
+    try:
+        op()
+        answers.append("ok")
+    except SignerdError as exc:
+        answers.append(exc.code)
+tokdir.with_name("tokens.away").rename(tokdir)
+print(" ".join(answers))
+print(len(backend.sign(key, 1, [b"x"])[0]), backend.describe(key).versions[0].kid)
+"""
+
+
+def test_one_backend_through_its_token_directory_moved_away_and_back(tmp_path: Path) -> None:
+    """In one process (a handle never cached): sign, describe and check answer
+    backend_unavailable while the token directory is away, and work on its return."""
+    done = subprocess.run(
+        [sys.executable, "-c", _AWAY_AND_BACK, str(tmp_path / "softhsm")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    away, back = done.stdout.splitlines()
+    assert away == "backend_unavailable backend_unavailable backend_unavailable", away
+    assert back == "64 acme.away.v1", back

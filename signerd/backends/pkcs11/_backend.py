@@ -69,7 +69,9 @@ class Pkcs11Backend:
         self._private = self._token.private_keys  # kid -> private key object (this session's)
         self._public: dict[str, bytes] = {}  # kid -> raw public key (never changes)
         self._reported: set[str] = set()  # malformed objects already logged (by digest)
-        self._listed = 0  # keys in the last listing; a token that then shows none is suspect
+        # keys this process has seen on the token (the last listing's count, at least 1 once
+        # any key was read or made): a token that then shows none is blind, not empty
+        self._listed = 0
 
     def object_uri(self, kid: str) -> str:
         """The RFC 7512 URI of a version's private key (CKA_LABEL = CKA_ID = the kid)."""
@@ -118,6 +120,7 @@ class Pkcs11Backend:
         if not found:
             blind_check(session, key, listed=self._listed)
             raise UnknownKey()
+        self._listed = max(self._listed, 1)
         return found[-1][3], [obj for _, _, obj, _ in found]
 
     def _public_key(self, session: Any, kid: str) -> bytes:
@@ -229,6 +232,7 @@ class Pkcs11Backend:
             version = self._generate(session, key, 1)
             meta = KeyMeta(seq=1, versions={version: (VersionState.ACTIVE, int(time.time()))})
             self._write_meta(session, key, meta, [])
+            self._listed = max(self._listed, 1)
             return self._info(session, key, meta)
 
         return self._token.call(run)
