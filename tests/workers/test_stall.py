@@ -160,6 +160,32 @@ def test_a_lone_record_is_written_on_the_loop_thread_and_a_group_by_the_writer(
     assert not exits.codes
 
 
+def test_stall_records_are_written_from_another_thread_and_give_up_on_a_busy_file(
+    tmp_path: Path,
+) -> None:
+    """``write_now`` writes records durably from a thread other than the loop's, and returns
+    0 within its timeout, writing nothing, while another thread holds the file."""
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail(str(path), anchor_path=None)
+    trail.open()
+    assert trail.write_now([_event("s1"), _event("s2")], 1.0) == 2
+    out: list[tuple[int, float]] = []
+
+    def busy() -> None:
+        started = time.monotonic()
+        out.append((trail.write_now([_event("s3")], 0.2), time.monotonic() - started))
+
+    with trail._io:  # as the loop's thread does when it is stuck in a write of its own
+        other = threading.Thread(target=busy)
+        other.start()
+        other.join(5)
+    asyncio.run(trail.aclose())
+    [(written, took)] = out
+    assert written == 0 and 0.2 <= took < 1.5, out
+    report = verify_file(str(path))
+    assert report.ok and report.records == 2, report
+
+
 # --- a real token that stops answering -------------------------------------------
 
 
