@@ -168,6 +168,15 @@ CHECKS = [
         1.1,
         "p50, 10,000 versions vs 10",
     ),
+    Check(
+        "footprint-sign-large",
+        "p99_us",
+        "footprint-sign-small",
+        "p99_us",
+        "<=",
+        2.0,
+        "p99, 10,000 versions vs 10",
+    ),
     Check("footprint-ready-large", "value", None, "", "<", 5.0, "s to ready, 10,000 versions"),
 ]
 
@@ -183,7 +192,7 @@ def checks_for(profile: Profile) -> list[Check]:
         elif c.path == "footprint-ready-large" and large != 10_000:
             c = replace(c, op=None, limit=None, label=f"s to ready with {large} versions")
         elif c.path == "footprint-sign-large":
-            c = replace(c, label=f"p50, {large:,} versions vs {small}")
+            c = replace(c, label=f"{c.metric[:3]}, {large:,} versions vs {small}")
         out.append(c)
     return out
 

@@ -235,6 +235,18 @@ class AuditTrail(TrailFile):
         """``submit(event, later=True)``."""
         return self.submit(event, later=True)
 
+    def write_now(self, events: list[AuditEvent], timeout: float) -> int:
+        """From a thread other than the loop's (the stall guard's, whose worker ends next):
+        write ``events`` (the first ``_MAX_BATCH``) durably now; how many were written.
+        None when the file is not free within ``timeout`` (the loop's thread may be stuck in
+        a write of its own) or the write fails."""
+        if not events or not self._io.acquire(timeout=timeout):
+            return 0
+        try:
+            return len(self._write_jobs([Job(e, None, None) for e in events[:_MAX_BATCH]]))
+        finally:
+            self._io.release()
+
     def open(self) -> None:
         """Open the file and the anchors now (at start): the chain is anchored ``start`` and
         the anchor tick runs even before the first record. A failure is logged; the trail

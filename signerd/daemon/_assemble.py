@@ -20,15 +20,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from .._config import Config, ConfigError, load
-from ..audit import (
-    AuditSink,
-    AuditTrail,
-    audit_from_config,
-    audit_settings,
-)
+from ..audit import AuditEvent, AuditSink, AuditTrail, audit_from_config, audit_settings
 from ..authz import Policy, peer_of, policy_from_config
 from ..backends import Backend, load_factory
-from ..errors import SignerdError
+from ..errors import AuditUnavailable, SignerdError
 from ..federation import Federation, attach
 from ..forwarding import GatedAheadSink, LagGate
 from ..keys import KeyService
@@ -60,6 +55,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("signerd")
+
+_STALL_RECORD_SECONDS = 1.0  # the stall guard's records wait this long for the file, at most
 
 #: seconds without the audit forwarder's heartbeat (once it began) before signs are refused
 FORWARDER_SILENCE = 30.0
@@ -191,14 +188,27 @@ class _InFlight:
 
     The guard is built before the key service and the audit trail that use it,
     and so before the server and its listener; nothing it guards runs before
-    the listener exists.
+    the listener exists. The answers' audit records are written before the answers
+    (bounded: one write of at most 256 records, within one second), except when the
+    audit file is what is stuck (``audit_unavailable``).
     """
 
     listener: Listener | None = None
+    audit: AuditTrail | None = None
 
     def last_answers(self, exc: SignerdError) -> int:
         listener = self.listener
-        return 0 if listener is None else listener.last_answers(exc)
+        if listener is None:
+            return 0
+        audit = self.audit
+        if audit is None or isinstance(exc, AuditUnavailable):
+            return listener.last_answers(exc)
+        return listener.last_answers(exc, lambda events: self._record(audit, events))
+
+    @staticmethod
+    def _record(audit: AuditTrail, events: list[AuditEvent]) -> None:
+        written = audit.write_now(events, _STALL_RECORD_SECONDS)
+        log.warning("signerd.worker_stalled_records written=%d of=%d", written, len(events))
 
 
 @dataclass
@@ -232,6 +242,7 @@ class Daemon:
             if guard is not None:
                 undo.callback(guard.close)
             audit = _build_audit(config, role, guard)
+            in_flight.audit = audit
             undo.push_async_callback(audit.aclose)
             audit.open()  # anchored at start: every chain of the run has an anchor of it
             keys = KeyService(

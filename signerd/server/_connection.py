@@ -22,6 +22,7 @@ from typing import Any, Protocol, cast
 
 import httptools
 
+from ..audit import AuditEvent
 from ..authz._calls import Peer
 from ..errors import InvalidRequest, SignerdError
 from ._limits import Limits, Throttled
@@ -288,6 +289,14 @@ class Connection(asyncio.Protocol):
         if self.transport is not None and not self.busy:
             self.transport.write(render_error(InvalidRequest("malformed HTTP request")))
         self._close()
+
+    def stall_record(self, exc: SignerdError) -> AuditEvent | None:
+        """The audit record of the answer ``last_answer(exc)`` would give now, if any."""
+        req = self._active
+        if req is None or self.transport is None or self._closing or req.context is None:
+            return None
+        context = req.context
+        return context.stall_record(context.stall_answer or exc)
 
     def last_answer(self, exc: SignerdError) -> bool:
         """From another thread while the loop's thread is stuck in a call (the process ends

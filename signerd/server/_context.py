@@ -115,6 +115,26 @@ class RequestContext:
             None  # what any 5xx becomes (an admin change acting)
         )
 
+    def stall_record(self, answer: SignerdError) -> AuditEvent | None:
+        """The record of the last answer the stall guard gives this request (its worker
+        ends next): None for a request that has no record, or has written it already."""
+        notes = self.notes
+        if notes.operation is Operation.HEALTH or notes.written:
+            return None
+        return AuditEvent(
+            time=time.time(),
+            request_id=self.rid,
+            peer=self.peer,
+            operation=notes.operation.value,
+            outcome=answer.code,
+            tenant=notes.tenant,
+            key=notes.key,
+            kid=notes.kid,
+            payload_sha256=notes.hashes,
+            reason="worker_stalled",
+            status=answer.status,
+        )
+
     async def json(
         self,
         allowed: set[str],

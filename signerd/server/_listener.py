@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from ..audit import AuditEvent
 from ..authz._calls import Peer
 from ..errors import SignerdError, TooManyConnections
 from ._connection import Connection, Dispatch, Precheck
@@ -45,6 +46,9 @@ from ._limits import Limits, Throttled
 from ._request import json_response
 
 __all__ = ["Listener", "connection_cap", "raise_nofile_limit"]
+
+#: audit records of the stall guard's last answers, at most (one write)
+_MAX_STALL_RECORDS = 256
 
 log = logging.getLogger("signerd.server")
 
@@ -186,13 +190,20 @@ class Listener:
             os.close(self._reserve)
             self._reserve = None
 
-    def last_answers(self, exc: SignerdError) -> int:
+    def last_answers(
+        self, exc: SignerdError, record: Callable[[list[AuditEvent]], object] | None = None
+    ) -> int:
         """``exc`` to every request in progress, from a thread other than the loop's, which
-        is stuck in a call (``StallGuard``); how many were answered."""
+        is stuck in a call (``StallGuard``); how many were answered. ``record`` is given
+        those answers' audit records first (at most ``_MAX_STALL_RECORDS``)."""
         try:
             connections = list(self.connections)
         except RuntimeError:  # changed under us: the loop's thread was not stuck after all
             return 0
+        if record is not None:
+            events = [e for c in connections if (e := c.stall_record(exc)) is not None]
+            if events:
+                record(events[:_MAX_STALL_RECORDS])
         return sum(conn.last_answer(exc) for conn in connections)
 
     # --- accepting ---

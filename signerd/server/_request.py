@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl, unquote_to_bytes
 
 import httptools
 
+from ..audit import AuditEvent
 from ..authz._calls import Peer
 from ..errors import InvalidRequest, PayloadTooLarge, SignerdError
 
@@ -99,6 +100,10 @@ class Answering(Protocol):
 
     rid: str
     stall_answer: SignerdError | None  # the answer any 5xx becomes (an admin change acting)
+
+    def stall_record(self, answer: SignerdError) -> AuditEvent | None:
+        """The audit record of ``answer`` given by the stall guard (None: no record)."""
+        ...
 
 
 class Request:

@@ -273,7 +273,8 @@ def test_rate_limit_holds_across_workers(tmp_path: Path) -> None:
 
 
 def test_wrong_pin_in_a_worker_exits_78_without_restarts(tmp_path: Path) -> None:
-    """A PIN the token refuses: the worker exits 78 and so does the supervisor, no restart loop."""
+    """A PIN the token refuses: one login attempt, the worker exits 78 and so does the
+    supervisor, no restart loop."""
     pin = tmp_path / "wrong-pin"
     pin.write_text("999999\n")
     base = tmp_path / "d"
@@ -282,6 +283,8 @@ def test_wrong_pin_in_a_worker_exits_78_without_restarts(tmp_path: Path) -> None
     text = str(info.value)
     assert text.count("signerd.worker_started") == 1, text
     assert "configuration error" in text and "999999" not in text
+    # one login attempt, named in the log: never retried into a locked PIN
+    assert text.count("signerd.pkcs11.login_failed error=PinIncorrect") == 1, text
 
 
 def _backend(**changes: Any) -> dict[str, Any]:

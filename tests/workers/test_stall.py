@@ -160,6 +160,32 @@ def test_a_lone_record_is_written_on_the_loop_thread_and_a_group_by_the_writer(
     assert not exits.codes
 
 
+def test_stall_records_are_written_from_another_thread_and_give_up_on_a_busy_file(
+    tmp_path: Path,
+) -> None:
+    """``write_now`` writes records durably from a thread other than the loop's, and returns
+    0 within its timeout, writing nothing, while another thread holds the file."""
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail(str(path), anchor_path=None)
+    trail.open()
+    assert trail.write_now([_event("s1"), _event("s2")], 1.0) == 2
+    out: list[tuple[int, float]] = []
+
+    def busy() -> None:
+        started = time.monotonic()
+        out.append((trail.write_now([_event("s3")], 0.2), time.monotonic() - started))
+
+    with trail._io:  # as the loop's thread does when it is stuck in a write of its own
+        other = threading.Thread(target=busy)
+        other.start()
+        other.join(5)
+    asyncio.run(trail.aclose())
+    [(written, took)] = out
+    assert written == 0 and 0.2 <= took < 1.5, out
+    report = verify_file(str(path))
+    assert report.ok and report.records == 2, report
+
+
 # --- a real token that stops answering -------------------------------------------
 
 
@@ -222,6 +248,8 @@ def _sign(d: DaemonProcess, key: str) -> tuple[int, str | None, float]:
 def test_a_token_call_that_never_returns_gets_its_503_and_the_worker_is_replaced(
     stalling: DaemonProcess, tmp_path: Path
 ) -> None:
+    """A token call that never returns: 503 within the deadline, that 503 in the audit trail
+    (which still verifies), the worker replaced, signing again."""
     d = stalling
     key = f"{unique('stall')}/k"
     assert request(str(d.socket_path), "POST", "/v1/keys", {"key": key}).status == 201
@@ -253,6 +281,17 @@ def test_a_token_call_that_never_returns_gets_its_503_and_the_worker_is_replaced
     assert d.proc.poll() is None
     for _ in range(6):  # over fresh connections, so both workers sign
         assert _sign(d, key)[0] == 200
+    # the guard's 503 is in the audit trail, written before the worker ended
+    stalled = [r for r in d.audit_records() if r.get("reason") == "worker_stalled"]
+    assert len(stalled) == 1, stalled
+    assert (stalled[0]["outcome"], stalled[0]["status"], stalled[0]["key"]) == (
+        "backend_unavailable",
+        503,
+        key,
+    ), stalled
+    assert "signerd.worker_stalled_records written=1 of=1" in d.log_text()
+    for path in d.audit_files():
+        assert verify_file(str(path)).ok, path
 
 
 # --- an admin operation in flight when the guard fires ------------------------------------

@@ -27,6 +27,8 @@ from ...errors import (
 )
 from ...wire import KeyName, parse_kid
 from .. import KeyInfo, KeyVersion, VersionState
+from ._blind import blind_check, version_gone
+from ._ladder import Ladder, TokenVanished
 from ._objects import (
     APPLICATION,
     ED25519_OID,
@@ -50,14 +52,26 @@ class Pkcs11Backend:
 
     max_concurrency = 1
 
-    def __init__(self, config: TokenConfig) -> None:
+    def __init__(
+        self,
+        config: TokenConfig,
+        *,
+        open_lib: Callable[[str], Any] | None = None,
+        ladder: Ladder | None = None,
+    ) -> None:
         self._config = config
-        self._token = TokenSession(config)
+        self._token = (
+            TokenSession(config, ladder=ladder)
+            if open_lib is None
+            else TokenSession(config, open_lib=open_lib, ladder=ladder)
+        )
         self._lock = self._token.lock
         self._private = self._token.private_keys  # kid -> private key object (this session's)
         self._public: dict[str, bytes] = {}  # kid -> raw public key (never changes)
         self._reported: set[str] = set()  # malformed objects already logged (by digest)
-        self._listed = 0  # keys in the last listing; a token that then shows none is suspect
+        # keys this process has seen on the token (the last listing's count, at least 1 once
+        # any key was read or made): a token that then shows none is blind, not empty
+        self._listed = 0
 
     def object_uri(self, kid: str) -> str:
         """The RFC 7512 URI of a version's private key (CKA_LABEL = CKA_ID = the kid)."""
@@ -104,7 +118,9 @@ class Pkcs11Backend:
     def _current_meta(self, session: Any, key: KeyName) -> tuple[KeyMeta, list[Any]]:
         found = sorted(self._meta_objects(session, key), key=lambda t: t[1])
         if not found:
+            blind_check(session, key, listed=self._listed)
             raise UnknownKey()
+        self._listed = max(self._listed, 1)
         return found[-1][3], [obj for _, _, obj, _ in found]
 
     def _public_key(self, session: Any, kid: str) -> bytes:
@@ -212,9 +228,11 @@ class Pkcs11Backend:
         def run(session: Any) -> KeyInfo:
             if any(True for _ in self._meta_objects(session, key)):
                 raise KeyExists()
+            blind_check(session, key, listed=self._listed)  # never a second v1 on a blind token
             version = self._generate(session, key, 1)
             meta = KeyMeta(seq=1, versions={version: (VersionState.ACTIVE, int(time.time()))})
             self._write_meta(session, key, meta, [])
+            self._listed = max(self._listed, 1)
             return self._info(session, key, meta)
 
         return self._token.call(run)
@@ -278,7 +296,8 @@ class Pkcs11Backend:
                 try:
                     priv = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=kid)
                 except p11e.NoSuchKey as exc:
-                    raise UnknownVersion("version has no private key on the token") from exc
+                    version_gone(self._current_meta(session, key)[0], version)
+                    raise TokenVanished("a version's private key does not show") from exc
                 self._private[kid] = priv
             return [priv.sign(data, mechanism=Mechanism.EDDSA) for data in items]
 
@@ -292,8 +311,8 @@ class Pkcs11Backend:
                 {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: APPLICATION}
             ):
                 return
-            if self._listed:
-                raise BackendUnavailable("the token shows none of its keys")
+            if self._listed:  # climb the ladder: a new session sees a token that came back
+                raise TokenVanished("the token shows none of its keys")
 
         resources_available()
         self._token.call(run)

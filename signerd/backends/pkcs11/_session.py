@@ -18,6 +18,7 @@ from pkcs11 import exceptions as p11e
 
 from ...errors import BackendError, BackendUnavailable, SignerdError
 from .. import CredentialsRefused
+from ._ladder import REFIND, REOPEN, STEPS, Ladder, TokenVanished
 from ._settings import TokenConfig
 
 log = logging.getLogger("signerd.pkcs11")
@@ -45,6 +46,12 @@ _CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     p11e.CryptokiNotInitialized if hasattr(p11e, "CryptokiNotInitialized") else p11e.GeneralError,
 )
 
+# Errors after which the cached object handles are not to be trusted.
+_HANDLE_ERRORS: tuple[type[Exception], ...] = (p11e.ObjectHandleInvalid, p11e.KeyHandleInvalid)
+
+# Errors that say the token is not there: waited out, never a reason to end the process.
+_ABSENT_ERRORS: tuple[type[Exception], ...] = (p11e.TokenNotPresent, p11e.DeviceRemoved)
+
 # Errors of this process, not of the token (EMFILE, ENOMEM): also worth a fresh start.
 _RESOURCE_ERRORS: tuple[type[Exception], ...] = (OSError, MemoryError)
 # A PIN the token refuses: a configuration error, not a moment's trouble.
@@ -67,6 +74,23 @@ def _module_lock(path: str) -> threading.RLock:
         return _MODULE_LOCKS.setdefault(os.path.realpath(path), threading.RLock())
 
 
+class _ConnectFailed(Exception):
+    """Opening the library, token or session failed with an error worth another try."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(type(cause).__name__)
+        self.cause = cause
+
+
+# Failures the recovery ladder climbs out of.
+_CLIMB: tuple[type[Exception], ...] = (
+    _ConnectFailed,
+    TokenVanished,
+    *_CONNECTION_ERRORS,
+    *_RESOURCE_ERRORS,
+)
+
+
 def _read_pin(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as fh:
@@ -85,22 +109,33 @@ def _read_pin(path: str) -> str:
 class TokenSession:
     """One session on the configured token, opened (and logged in) on first use.
 
-    ``call`` runs a function on the session under the module lock; ``lock`` is
-    that lock, for callers that hold the library across calls (``Inline``).
+    ``call`` runs a function on the session under the module lock, climbing the
+    recovery ``Ladder`` when the token fails; ``lock`` is that lock, for callers
+    that hold the library across calls (``Inline``). ``open_lib`` loads the
+    library (``pkcs11.lib``; tests pass a fault-injecting double).
     """
 
-    def __init__(self, config: TokenConfig) -> None:
+    def __init__(
+        self,
+        config: TokenConfig,
+        *,
+        open_lib: Callable[[str], Any] = pkcs11.lib,
+        ladder: Ladder | None = None,
+    ) -> None:
         self._config = config
+        self._open_lib = open_lib
+        self.ladder = ladder or Ladder()
         self.lock = _module_lock(config.module)
         self._session: Any = None
-        #: kid -> private key object, valid for this session only (emptied with it)
+        #: kid -> private key object; kept across sessions (token objects' handles are the
+        #: application's), forgotten on the ladder's second rung and with the library
         self.private_keys: dict[str, Any] = {}
 
     def connect(self) -> Any:
         if self._session is not None:
             return self._session
         pin = _read_pin(self._config.pin_file)
-        lib = pkcs11.lib(self._config.module)
+        lib = self._open_lib(self._config.module)
         token = self._find_token(lib)
         try:
             session = token.open(rw=True, user_pin=pin)
@@ -108,7 +143,6 @@ class TokenSession:
             # Login is per application: another session of this process is logged in.
             session = token.open(rw=True)
         self._session = session
-        self.private_keys.clear()
         log.info("signerd.pkcs11.session_open token=%s", token.label)
         return session
 
@@ -127,65 +161,94 @@ class TokenSession:
             lib.reinitialize()
             return lib.get_token(**kwargs)
 
-    def reset(self) -> None:
+    def _close_session(self) -> None:
         session, self._session = self._session, None
-        self.private_keys.clear()
         if session is not None:
             try:
                 session.close()
             except Exception:  # the session is already unusable; nothing more to do
                 log.debug("signerd.pkcs11.session_close_failed", exc_info=True)
+
+    def reset(self) -> None:
+        """The last rung: no session, no handles, the library re-initialised."""
+        self._close_session()
+        self.private_keys.clear()
         try:
-            pkcs11.lib(self._config.module).reinitialize()
+            self._open_lib(self._config.module).reinitialize()
         except Exception:
             log.debug("signerd.pkcs11.reinitialize_failed", exc_info=True)
+
+    def _step(self, name: str) -> None:
+        if name == REOPEN:
+            self._close_session()
+        elif name == REFIND:
+            self._close_session()
+            self.private_keys.clear()
+        else:
+            self.reset()
+
+    def _open(self) -> Any:
+        """The session, or the wire error for a token that cannot be opened; a
+        ``_ConnectFailed`` for a failure the ladder may climb out of."""
+        try:
+            return self.connect()
+        except SignerdError:
+            self.reset()
+            raise
+        except _PIN_ERRORS as exc:  # one login attempt: never a retry, never a lockout
+            raise self._refused(exc) from exc
+        except p11e.NoSuchToken as exc:  # no token by the configured label or serial
+            log.warning("signerd.pkcs11.connect_failed error=%s", type(exc).__name__)
+            self.reset()
+            raise CredentialsRefused(reason=type(exc).__name__) from exc
+        except (p11e.PKCS11Error, OSError, RuntimeError) as exc:
+            # library load, C_Initialize, a token gone: "not now" (anything else is a
+            # bug of ours, an internal_error, never a token outage)
+            raise _ConnectFailed(exc) from exc
 
     def call(self, fn: Callable[[Any], _T]) -> _T:
         """Run fn(session) under the module lock, translating token errors.
 
-        A connection-class or resource error resets the session and the
-        library and retries once on a fresh one (with a new login), which is
-        how signerd recovers from a token that vanished and came back, or from
-        a moment without file descriptors or memory.
+        A lost session, token or handle, a resource error, or a token that shows
+        less than it holds (``TokenVanished``) climbs the ladder: a new session,
+        then handles found again, then the library re-initialised, each tried once
+        with a short pause between; when all fail the call is answered
+        ``BackendUnavailable`` (503), never a missing key.
         """
         with self.lock:
-            for attempt in (1, 2):
+            rung: int | None = None
+            while True:
+                opened = False
                 try:
-                    session = self.connect()
+                    session = self._open()
+                    opened = True
+                    result = fn(session)
                 except SignerdError:
-                    self.reset()
                     raise
                 except _PIN_ERRORS as exc:
                     raise self._refused(exc) from exc
-                except p11e.NoSuchToken as exc:  # no token by the configured label or serial
-                    log.warning("signerd.pkcs11.connect_failed error=%s", type(exc).__name__)
-                    self.reset()
-                    raise CredentialsRefused(reason=type(exc).__name__) from exc
-                except (p11e.PKCS11Error, OSError, RuntimeError) as exc:
-                    # library load, C_Initialize: "not now" (anything else is a bug of
-                    # ours, an internal_error, never a token outage)
-                    log.warning("signerd.pkcs11.connect_failed error=%s", type(exc).__name__)
-                    self.reset()
-                    raise BackendUnavailable() from exc
-                try:
-                    return fn(session)
-                except SignerdError:
-                    raise
-                except (*_CONNECTION_ERRORS, *_RESOURCE_ERRORS) as exc:
-                    log.warning(
-                        "signerd.pkcs11.token_error error=%s attempt=%d",
-                        type(exc).__name__,
-                        attempt,
-                    )
-                    self.reset()
-                    if attempt == 2:
-                        raise BackendUnavailable() from exc
-                except _PIN_ERRORS as exc:
-                    raise self._refused(exc) from exc
+                except _CLIMB as exc:
+                    cause = exc.cause if isinstance(exc, _ConnectFailed) else exc
+                    error = type(cause).__name__
+                    if rung is None:
+                        rung = self.ladder.first(isinstance(cause, _HANDLE_ERRORS))
+                    else:
+                        rung += 1
+                    if rung >= len(STEPS):
+                        reachable = (
+                            opened
+                            and isinstance(cause, _CONNECTION_ERRORS)
+                            and not isinstance(cause, _ABSENT_ERRORS)
+                        )
+                        self.ladder.exhausted(error, reachable=reachable)
+                        raise BackendUnavailable() from cause
+                    self._step(self.ladder.take(rung, error))
                 except p11e.PKCS11Error as exc:
                     log.error("signerd.pkcs11.error error=%s", type(exc).__name__)
                     raise BackendError() from exc
-            raise AssertionError("unreachable")
+                else:
+                    self.ladder.recovered()
+                    return result
 
     def _refused(self, exc: Exception) -> CredentialsRefused:
         log.error("signerd.pkcs11.login_failed error=%s", type(exc).__name__)
