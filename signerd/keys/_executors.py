@@ -2,8 +2,11 @@
 
 Backends block, so each has its own thread pool and the event loop never waits
 on one, except for an ``Inline`` backend's signatures in a worker, which run on
-the loop's thread under the worker's ``StallGuard``. A call that changes the
-keyring (``run_change``) is never abandoned once it has started.
+the loop's thread under the worker's ``StallGuard`` -- and only when the daemon
+has a single backend. With several (signing domains), a token call that hangs on
+the loop would stall every tenant of that worker, so every backend then runs in
+its own executor: a hung domain times out alone. A call that changes the keyring
+(``run_change``) is never abandoned once it has started.
 """
 
 from __future__ import annotations
@@ -53,9 +56,19 @@ class Executors:
             )
             for name, b in self.backends.items()
         }
-        self._inline = {n: b for n, b in self.backends.items() if isinstance(b, Inline)}
+        #: on the loop only with one domain: a hung call there would stall every domain
+        self._inline = (
+            {n: b for n, b in self.backends.items() if isinstance(b, Inline)}
+            if len(self.backends) == 1
+            else {}
+        )
         #: a worker's guard: ``Inline`` backends sign on the loop's thread under it
         self.stall_guard: StallGuard | None = None
+
+    @property
+    def inline(self) -> frozenset[str]:
+        """The backends whose signatures a worker may make on its loop's thread."""
+        return frozenset(self._inline)
 
     def backend_name(self, tenant: str) -> str:
         return self._routes.get(tenant, self._default)

@@ -181,10 +181,15 @@ class Keyring:
     # --- re-reads -----------------------------------------------------------
 
     async def refresh_all(self, timeout: float | None = None, only: str | None = None) -> None:
-        """Re-read the keyring from every backend (or only the named one)."""
-        for name in self._backends:
-            if only is None or name == only:
-                await self.reread(name, timeout)
+        """Re-read the keyring from every backend (or only the named one), side by side: a
+        backend that hangs delays no other's re-read. The first failure is raised."""
+        names = [name for name in self._backends if only is None or name == only]
+        results = await asyncio.gather(
+            *(self.reread(name, timeout) for name in names), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def reread(self, name: str, timeout: float | None = None) -> None:
         """Re-read one backend's keyring; never forget a key on an error's word.
