@@ -73,6 +73,18 @@ class Executors:
     def backend_name(self, tenant: str) -> str:
         return self._routes.get(tenant, self._default)
 
+    def remap(
+        self, default_backend: str, tenant_backends: Mapping[str, str]
+    ) -> Callable[[str], bool]:
+        """Route tenants by a new map over the same backends (ValueError, and nothing
+        changed, when it names another backend); whether a tenant moved to another one."""
+        for name in (default_backend, *tenant_backends.values()):
+            if name not in self.backends:
+                raise ValueError(f"no backend named {name!r}")
+        old_default, old_routes = self._default, self._routes
+        self._default, self._routes = default_backend, dict(tenant_backends)
+        return lambda tenant: old_routes.get(tenant, old_default) != self.backend_name(tenant)
+
     async def run(self, backend: str, fn: Callable[[], _T], timeout: float | None = None) -> _T:
         loop = asyncio.get_running_loop()
         try:
