@@ -4,7 +4,8 @@ A two-worker signerd serves two tenants, one on a SoftHSM token of this test's
 own and one on a real OpenBao dev server. The token is hung (another process
 holds locks on every file of its store, so ``C_Sign`` blocks inside the
 library); the token's tenant gets its 503 while the OpenBao tenant keeps
-signing at the speed it had before, with no error and no worker replaced. A
+signing at the speed it had before, with no error and no worker replaced, and
+the metrics show that domain's backend down and the other up. A
 tenant sending ten times the other's rate does not slow the other down.
 """
 
@@ -207,15 +208,19 @@ def _compare(
 def test_a_hung_domain_answers_503_while_the_other_signs_at_full_speed(domains: _Domains) -> None:
     """With the token hung, its tenant gets 503 backend_unavailable within the backend
     timeout; the OpenBao tenant's p50 stays within 1.2x of its p50 with the token well,
-    with 0 errors and no worker replaced."""
+    with 0 errors and no worker replaced; signerd_backend_up is 0 for the token only."""
     d = domains.d
     workers = d.worker_pids()
     loads: list[_Load] = []
+
+    metrics: list[str] = []
 
     @contextlib.contextmanager
     def hung() -> Iterator[None]:
         with _hung(domains.tokens), _Load(d, domains.hsm, threads=4, rate=8.0) as load:
             yield
+            if not metrics:  # once, after the round's measurement: up/down per domain
+                metrics.append(request(str(d.socket_path), "GET", "/metrics").body.decode())
         loads.append(load)
 
     well, during = _compare(d, domains.bao, hung)
@@ -229,6 +234,8 @@ def test_a_hung_domain_answers_503_while_the_other_signs_at_full_speed(domains: 
         assert load.slowest < 3.0  # backend_timeout is 1 s
     assert set(seen) == {"503 backend_unavailable"} and seen["503 backend_unavailable"] > 0
     assert p_during <= 1.2 * p_well, (p_well, p_during)
+    assert 'signerd_backend_up{backend="hsm"} 0.0' in metrics[0]
+    assert 'signerd_backend_up{backend="bao"} 1.0' in metrics[0]
     assert d.worker_pids() == workers
     assert "signerd.worker_stalled" not in d.log_text()
     wait_until(lambda: _sign(d, domains.hsm)[0] == 200, 30, "the token's tenant signing again")
