@@ -25,6 +25,7 @@ from ..authz import Policy, peer_of, policy_from_config
 from ..backends import Backend, load_factory
 from ..errors import AuditUnavailable, SignerdError
 from ..federation import Federation, attach
+from ..federation import check_reload as check_federation_reload
 from ..forwarding import GatedAheadSink, LagGate
 from ..keys import KeyService
 from ..metrics import Metrics, Sources, metrics_directory
@@ -124,6 +125,18 @@ def build_backends(config: Config) -> dict[str, Backend]:
 def build_policy(config: Config, buckets: SharedBuckets | None = None) -> Policy:
     try:
         return policy_from_config(config.policy, buckets)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def check_reload(old: Config, fresh: Config) -> None:
+    """ConfigError unless a reload may take ``fresh`` over ``old``: the domain map may route
+    tenants anew over the same backends, and ``[federation]`` may change all but its nonce
+    store; anything else of those needs a restart."""
+    if fresh.backends != old.backends:
+        raise ConfigError("backends: a backend added, removed or changed needs a restart")
+    try:
+        check_federation_reload(old.federation, fresh.federation)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
 
@@ -296,19 +309,28 @@ class Daemon:
         self.role.on_ready(self.keys)
 
     def reload(self) -> bool:
-        """SIGHUP: new policy from the file (kept only when valid) and reopen the audit file.
-
-        Whether the new policy was applied.
-        """
+        """SIGHUP: the policy, the domain map and ``[federation]`` from the file, all or none
+        (``check_reload``), and reopen the audit file. Whether the new ones were applied."""
         try:
             fresh = load(self.config.path)
             policy = build_policy(fresh, self.role.buckets)
+            check_reload(self.config, fresh)
         except ConfigError as exc:
             log.error("signerd.reload_refused error=%s", exc)
             applied = False
         else:
             self.policy = self.server.gate = policy.with_state_from(self.policy)
+            self.keys.remap(fresh.default_backend, fresh.tenant_backends)
+            self.federation.reconfigure(fresh.federation)
+            self.config = dataclasses.replace(
+                self.config,
+                policy=fresh.policy,
+                default_backend=fresh.default_backend,
+                tenant_backends=fresh.tenant_backends,
+                federation=fresh.federation,
+            )
             log.info("signerd.policy_reloaded")
+            log.info("signerd.domains_reloaded tenants=%d", len(fresh.tenant_backends))
             applied = True
         self.audit.reopen()
         return applied

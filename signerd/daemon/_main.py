@@ -3,11 +3,12 @@
     signerd --config /etc/signerd/signerd.toml [--check]
 
 SIGTERM/SIGINT stop it gracefully (in-flight requests finish). SIGHUP reloads
-the policy from the configuration file (an invalid policy is refused and the
-old one kept) and reopens the audit file (log rotation), without dropping
-connections. Under systemd (see ``_systemd``) it takes the activated socket,
-tells systemd STATUS=, READY=1, RELOADING=1 and STOPPING=1, pings the watchdog
-and logs to the journal. Configuration errors, including credentials the
+the policy, the tenants' backends and ``[federation]`` from the configuration
+file, all or nothing (an invalid file is refused and the old settings kept),
+and reopens the audit file (log rotation), without dropping connections.
+Under systemd (see ``_systemd``) it takes the activated socket, tells systemd
+STATUS=, READY=1, RELOADING=1 and STOPPING=1, pings the watchdog and logs to
+the journal. Configuration errors, including credentials the
 backend refuses at start (a wrong PIN), exit 78 (EX_CONFIG).
 
 With ``server.workers`` > 1 this process is the supervisor of that many

@@ -52,7 +52,7 @@ from ..workers import (
     WorkerTable,
     runtime_path,
 )
-from ._assemble import AdminGuard, Daemon, TrustGuard, build_policy
+from ._assemble import AdminGuard, Daemon, TrustGuard, build_policy, check_reload
 from ._forward import ForwarderProcess
 from ._loop import run
 from ._sockets import bind_unix_socket, unlink_own_socket
@@ -315,6 +315,7 @@ def supervise(config: Config, exit_code: ExitCode) -> int:
         try:
             fresh = load(old.path)
             build_policy(fresh)  # the workers build their own; refused here, refused there
+            check_reload(old, fresh)
         except ConfigError as exc:
             log.error("signerd.reload_refused error=%s", exc)
             session.reloaded(False)

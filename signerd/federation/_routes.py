@@ -145,6 +145,11 @@ class Federation:
         self.admin_guard = admin_guard
         self.trust = TrustRoutes(self.keys, settings, trusted, self._admin, max_body_bytes)
 
+    def reconfigure(self, settings: FederationSettings) -> None:
+        """A reload: new limits, skew, trusted keys; the nonce store stays (``check_reload``)."""
+        self.settings = self.trust.settings = settings
+        self.trusted.reconfigure(settings.trusted, allow_shared=settings.allow_shared_keys)
+
     def _admin(self) -> contextlib.AbstractAsyncContextManager[None]:
         return contextlib.nullcontext() if self.admin_guard is None else self.admin_guard()
 

@@ -12,7 +12,7 @@ from ..errors import SignerdError
 from ..wire import DEFAULT_MAX_BYTES, DEFAULT_MAX_DEPTH, valid_part
 from ._trust import PeerKey, jwk_public, pem_public, valid_peer_kid
 
-__all__ = ["FederationSettings", "parse_federation"]
+__all__ = ["FederationSettings", "check_reload", "parse_federation"]
 
 _TOP = {
     "state_dir",
@@ -54,6 +54,29 @@ class FederationSettings:
     redis_pool: int = 64
     trusted: tuple[PeerKey, ...] = ()
     allow_shared_keys: bool = False  # one public key trusted for several tenants
+
+
+#: the nonce store's settings: a reload that changes one is refused (restart signerd)
+_RESTART_ONLY = {
+    "state_dir": "federation.state_dir",
+    "store": "federation.nonces.store",
+    "sqlite_path": "federation.nonces.path",
+    "max_entries": "federation.nonces.max_entries",
+    "max_entries_per_tenant": "federation.nonces.max_entries_per_tenant",
+    "timeout": "federation.nonces.timeout",
+    "redis_url": "federation.nonces.url",
+    "redis_prefix": "federation.nonces.prefix",
+    "redis_pool": "federation.nonces.pool",
+}
+
+
+def check_reload(old: FederationSettings, new: FederationSettings) -> None:
+    """ValueError naming the keys when ``new`` changes what only a restart may change."""
+    changed = [
+        key for field, key in _RESTART_ONLY.items() if getattr(old, field) != getattr(new, field)
+    ]
+    if changed:
+        raise ValueError(f"{', '.join(changed)}: cannot change on reload (restart signerd)")
 
 
 def _number(table: Mapping[str, Any], path: str, key: str, kind: type, default: Any) -> Any:

@@ -282,6 +282,12 @@ class TrustedKeys:
             verifier = self._verifiers[ident] = key.verifier()
         return key, verifier
 
+    def reconfigure(self, configured: Iterable[PeerKey], *, allow_shared: bool) -> None:
+        """Take the configuration's keys and sharing rule anew (a reload)."""
+        with self._lock:
+            self._configured = {(k.tenant, k.kid): k for k in configured}
+            self.allow_shared, self._view = allow_shared, None
+
     def list(self, tenant: str | None) -> list[PeerKey]:
         with self._lock:
             view = self._current()

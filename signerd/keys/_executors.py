@@ -2,8 +2,13 @@
 
 Backends block, so each has its own thread pool and the event loop never waits
 on one, except for an ``Inline`` backend's signatures in a worker, which run on
-the loop's thread under the worker's ``StallGuard``. A call that changes the
-keyring (``run_change``) is never abandoned once it has started.
+the loop's thread under the worker's ``StallGuard`` -- and only when the daemon
+has a single backend. With several (signing domains), a token call that hangs on
+the loop would stall every tenant of that worker, so every backend then runs in
+its own executor: a hung domain times out alone. A backend's calls for tenants take
+turns tenant by tenant (``FairSlots``), so one tenant's flood does not queue
+ahead of another's call. A call that changes the keyring (``run_change``) is
+never abandoned once it has started.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import TYPE_CHECKING, TypeVar
 from ..backends import Backend, Inline
 from ..errors import BackendUnavailable, SignerdError
 from ..wire import KeyName
+from ._fair import FairSlots
 
 if TYPE_CHECKING:
     from ..workers import StallGuard
@@ -47,24 +53,60 @@ class Executors:
         self._default = default_backend
         self._routes = dict(tenant_backends or {})
         self._timeout = timeout
+        #: each backend's calls for tenants, shared out tenant by tenant (``FairSlots``)
+        self._slots = {name: FairSlots(b.max_concurrency) for name, b in self.backends.items()}
         self._executors = {
             name: ThreadPoolExecutor(
                 max_workers=b.max_concurrency, thread_name_prefix=f"signerd-{name}"
             )
             for name, b in self.backends.items()
         }
-        self._inline = {n: b for n, b in self.backends.items() if isinstance(b, Inline)}
+        #: on the loop only with one domain: a hung call there would stall every domain
+        self._inline = (
+            {n: b for n, b in self.backends.items() if isinstance(b, Inline)}
+            if len(self.backends) == 1
+            else {}
+        )
         #: a worker's guard: ``Inline`` backends sign on the loop's thread under it
         self.stall_guard: StallGuard | None = None
+
+    @property
+    def inline(self) -> frozenset[str]:
+        """The backends whose signatures a worker may make on its loop's thread."""
+        return frozenset(self._inline)
 
     def backend_name(self, tenant: str) -> str:
         return self._routes.get(tenant, self._default)
 
-    async def run(self, backend: str, fn: Callable[[], _T], timeout: float | None = None) -> _T:
+    def remap(
+        self, default_backend: str, tenant_backends: Mapping[str, str]
+    ) -> Callable[[str], bool]:
+        """Route tenants by a new map over the same backends (ValueError, and nothing
+        changed, when it names another backend); whether a tenant moved to another one."""
+        for name in (default_backend, *tenant_backends.values()):
+            if name not in self.backends:
+                raise ValueError(f"no backend named {name!r}")
+        old_default, old_routes = self._default, self._routes
+        self._default, self._routes = default_backend, dict(tenant_backends)
+        return lambda tenant: old_routes.get(tenant, old_default) != self.backend_name(tenant)
+
+    async def run(
+        self,
+        backend: str,
+        fn: Callable[[], _T],
+        timeout: float | None = None,
+        *,
+        tenant: str | None = None,
+    ) -> _T:
+        """``fn()`` in the backend's executor within the timeout; a ``tenant``'s call waits for
+        a slot first (its turn among the backend's tenants), within the same timeout."""
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout or self._timeout):
-                return await loop.run_in_executor(self._executors[backend], fn)
+                if tenant is None:
+                    return await loop.run_in_executor(self._executors[backend], fn)
+                async with self._slots[backend].slot(tenant):
+                    return await loop.run_in_executor(self._executors[backend], fn)
         except TimeoutError as exc:
             log.error("signerd.backend_timeout backend=%s", backend)
             raise BackendUnavailable("the key backend did not answer in time") from exc
@@ -92,7 +134,7 @@ class Executors:
                 )
             finally:
                 inline.leave()
-        return await self.run(name, lambda: call(backend))
+        return await self.run(name, lambda: call(backend), tenant=key.tenant)
 
     async def close(self) -> None:
         """Close every backend (within the timeout), then stop the executors."""

@@ -101,6 +101,7 @@ class Keyring:
         self._last_shared: dict[str, float] = {}
         self._suspects: set[str] = set()  # backends whose keyring could not be read consistently
         self._healers: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self._ready_task: asyncio.Task[None] | None = None
         self._ready_at = 0.0
 
@@ -122,6 +123,14 @@ class Keyring:
         if old is not None:
             for v in old.versions:
                 self.kids.pop(v.kid, None)
+
+    def rehome(self, moved: Callable[[str], bool]) -> set[str]:
+        """Forget every cached key of a tenant that ``moved`` to another backend (it is never
+        served from its old domain); the backends those tenants are routed to now."""
+        gone = [key for key in self.keys if moved(key.tenant)]
+        for key in gone:
+            self.forget(key)
+        return {self._route(key.tenant) for key in gone}
 
     async def describe(self, key: KeyName) -> KeyInfo:
         """Read a known key from its backend (the store is the truth) and update the cache.
@@ -181,10 +190,15 @@ class Keyring:
     # --- re-reads -----------------------------------------------------------
 
     async def refresh_all(self, timeout: float | None = None, only: str | None = None) -> None:
-        """Re-read the keyring from every backend (or only the named one)."""
-        for name in self._backends:
-            if only is None or name == only:
-                await self.reread(name, timeout)
+        """Re-read the keyring from every backend (or only the named one), side by side: a
+        backend that hangs delays no other's re-read. The first failure is raised."""
+        names = [name for name in self._backends if only is None or name == only]
+        results = await asyncio.gather(
+            *(self.reread(name, timeout) for name in names), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def reread(self, name: str, timeout: float | None = None) -> None:
         """Re-read one backend's keyring; never forget a key on an error's word.
@@ -222,7 +236,8 @@ class Keyring:
                 self._mark_suspect(name)
                 raise
             for info in listed.values():
-                self.store(info)
+                if self._route(info.key.tenant) == name:  # not moved meanwhile (``rehome``)
+                    self.store(info)
             for key in sorted(gone):
                 log.warning("signerd.key_gone key=%s backend=%s", key, name)
                 self.counters.forgotten.append(str(key))
@@ -312,9 +327,22 @@ class Keyring:
                 raise BackendUnavailable("the keyring is being re-read after a failed read")
             await self._run(name, backend.check)
 
+    def background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` (a re-read) in the background; a failure is logged, not raised."""
+
+        async def logged() -> None:
+            try:
+                await work
+            except SignerdError as exc:
+                log.warning("signerd.reread_failed code=%s", exc.code)
+
+        task = _spawn(logged())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def tasks(self) -> list[asyncio.Task[None]]:
-        """The background tasks (healing, shared re-reads, readiness), to cancel at close."""
-        tasks = [*self._healers.values(), *self._next_reread.values()]
+        """The background tasks (healing, re-reads, readiness), to cancel at close."""
+        tasks = [*self._healers.values(), *self._next_reread.values(), *self._background]
         if self._ready_task is not None:
             tasks.append(self._ready_task)
         return tasks

@@ -107,11 +107,6 @@ class KeyService:
         """Raise unless backend ``name`` answers its health check within ``timeout``."""
         await self._calls.run(name, self._calls.backends[name].check, timeout)
 
-    @property
-    def stall_guard(self) -> StallGuard | None:
-        """A worker's guard: ``Inline`` backends sign on the loop's thread under it."""
-        return self._calls.stall_guard
-
     # --- lifecycle of the service -------------------------------------------
 
     async def start(self, bootstrap: Sequence[KeyName] = ()) -> None:
@@ -166,9 +161,14 @@ class KeyService:
         name = self.backend_name(key.tenant)
         return name, self._calls.backends[name]
 
+    def remap(self, default_backend: str, tenant_backends: Mapping[str, str]) -> None:
+        """Route tenants anew (ValueError: a backend not here); a moved tenant's keys leave
+        the cache and its new backend is re-read in the background."""
+        for name in self._keyring.rehome(self._calls.remap(default_backend, tenant_backends)):
+            self._keyring.background(self.refresh_all(only=name))
+
     @property
     def key_count(self) -> int:
-        """Keys in the cache (no backend call)."""
         return len(self._keys)
 
     def cached(self) -> list[KeyInfo]:
