@@ -328,17 +328,15 @@ class KeyService:
             return None
 
     async def learn(self, key: KeyName) -> None:
-        """Another process changed ``key``: read it from its backend now.
-
-        A key this process does not know yet (created elsewhere) is read and
-        cached; one the backend no longer finds is left to a careful re-read.
-        """
-        async with self._admin_locks.setdefault(key, asyncio.Lock()):
-            try:
-                self._store(await self._on(key, lambda b: b.describe(key)))
-            except UnknownKey:
-                if key in self._keys:
-                    await self._keyring.reread(self.backend_name(key.tenant))
+        """Another process changed ``key``: read it now, never waiting for this process's own
+        admin operation on it (that one may wait for the lock the notifier holds); a read
+        older than one stored first is dropped; a key no longer found gets a careful re-read."""
+        ticket = self._keyring.ticket()
+        try:
+            self._keyring.store(await self._on(key, lambda b: b.describe(key)), ticket)
+        except UnknownKey:
+            if key in self._keys:
+                await self._keyring.reread(self.backend_name(key.tenant))
 
     async def create(self, key: KeyName) -> KeyInfo:
         async with self.admin(key):
