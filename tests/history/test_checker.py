@@ -198,3 +198,25 @@ def test_a_vanished_kid_is_found(tmp_path: Path) -> None:
         {"versions": [{"version": 2, "kid": "acme.release.v2", "state": "active"}]},
     )
     assert "state-regressed" in _kinds(h.anomalies(tmp_path))
+
+
+def test_a_lag_within_the_allowed_staleness_is_not_an_anomaly(tmp_path: Path) -> None:
+    """A sign 10 ns after v1 left active: stale-sign without lag, none with a 20 ns lag."""
+    h = H()
+    _rotated(h)
+    h.sign(40, 45, "acme.release.v1")
+    ops, keys = load([write_lines(tmp_path / "h.jsonl", h.lines)])
+    assert {a.kind for a in check(ops, keys)} == {"stale-sign"}
+    assert check(ops, keys, stale=20e-9) == []
+
+
+def test_transit_destroy_order_explains_invalid_state_only_on_transit(tmp_path: Path) -> None:
+    """Destroying v2 while v1 is not destroyed: explained on transit, not on a token."""
+    h = H()
+    _rotated(h)
+    h.listing("get", 40, 50, "verify-only", "verify-only", "active")
+    h.listing("retire", 60, 70, "verify-only", "retired", "active", version=2)
+    h.op("destroy", 80, 90, {"key": KEY, "version": 2}, code="invalid_state")
+    ops, keys = load([write_lines(tmp_path / "h.jsonl", h.lines)])
+    assert {a.kind for a in check(ops, keys)} == {"unexplained-failure"}
+    assert check(ops, keys, transit=True) == []

@@ -49,6 +49,8 @@ class Anomaly:
 
 
 def _b64(text: str) -> bytes:
+    """base64url or standard base64, padded or not (the wire uses both)."""
+    text = text.rstrip("=").replace("+", "-").replace("/", "_")
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
@@ -151,10 +153,23 @@ def _signed_message(op: Op) -> bytes | None:
     return None
 
 
-def _failure_explained(op: Op, obs: _Observations) -> bool:
+def _transit_refuses(op: Op, obs: _Observations) -> bool:
+    """OpenBao/Vault transit destroys from the oldest version up and never above the active
+    one (docs/backends.md): whether a lower version (the active one among them, when the
+    version is above it) may not have been destroyed yet while ``op`` ran."""
+    key, version = op.args["key"], op.args["version"]
+    return any(
+        _kid_of(kid)[1] < version and any(s != DESTROYED for s in obs.possible(kid, op))
+        for kid in obs.kids_of(key)
+    )
+
+
+def _failure_explained(op: Op, obs: _Observations, transit: bool) -> bool:
     """Whether the history explains ``op``'s failure code (EXPLAINED in the docs)."""
-    code, key = op.code, op.args.get("key")
-    kid = op.args.get("kid") or (op.args.get("envelope") or {}).get("kid")
+    code, key = op.code, str(op.args.get("key"))
+    if transit and op.f == "destroy" and code == "invalid_state" and _transit_refuses(op, obs):
+        return True
+    kid = str(op.args.get("kid") or (op.args.get("envelope") or {}).get("kid"))
     if op.f in ("promote", "retire", "destroy"):
         target = f"{key.replace('/', '.')}.v{op.args['version']}"
         if code == "unknown_version":
@@ -176,8 +191,14 @@ def _failure_explained(op: Op, obs: _Observations) -> bool:
     return False
 
 
-def check(ops: list[Op], pubkeys: dict[str, set[str]]) -> list[Anomaly]:
-    """Every anomaly in the history (an empty list: the history is consistent)."""
+def check(
+    ops: list[Op], pubkeys: dict[str, set[str]], *, transit: bool = False, stale: float = 0.0
+) -> list[Anomaly]:
+    """Every anomaly in the history (an empty list: the history is consistent). ``transit``:
+    the keys are on OpenBao/Vault transit, whose destroy has an order of its own. ``stale``:
+    seconds a sign or verify may lag a change made through another daemon (several daemons
+    on one store see each other's changes within ``keys.refresh_interval``)."""
+    lag = int(stale * 1e9)
     out: list[Anomaly] = []
     obs = _Observations(ops)
     owners: dict[str, str] = {}
@@ -193,7 +214,7 @@ def check(ops: list[Op], pubkeys: dict[str, set[str]]) -> list[Anomaly]:
     issued: dict[str, str] = {}
     for op in ops:
         if op.ok is False:
-            if not _failure_explained(op, obs):
+            if not _failure_explained(op, obs, transit):
                 out.append(Anomaly("unexplained-failure", op.id, f"{op.f} failed: {op.code}"))
             continue
         if not op.ok:
@@ -204,18 +225,18 @@ def check(ops: list[Op], pubkeys: dict[str, set[str]]) -> list[Anomaly]:
             sig = op.value.get("sig") or op.value["envelope"]["signature"]
             if not _verifies(pubkeys, kid, message, sig):
                 out.append(Anomaly("bad-signature", op.id, f"{op.f} under {kid}"))
-            _check_sign_state(op, kid, obs, out)
+            _check_sign_state(op, kid, obs, out, lag)
         nonce = op.value.get("nonce") or (op.value.get("envelope") or {}).get("nonce")
         if op.f in ("tsign", "fsign") and nonce is not None:
             if nonce in issued:
                 out.append(Anomaly("nonce-reused", op.id, f"also issued by {issued[nonce]}"))
             issued[nonce] = op.id
         if op.f in ("verify", "tverify", "fverify"):
-            _check_verify(op, obs, accepted, out)
+            _check_verify(op, obs, accepted, out, lag)
     return out
 
 
-def _check_sign_state(op: Op, kid: str, obs: _Observations, out: list[Anomaly]) -> None:
+def _check_sign_state(op: Op, kid: str, obs: _Observations, out: list[Anomaly], lag: int) -> None:
     key = op.args["key"]
     if _kid_of(kid)[0] != key:
         out.append(Anomaly("stale-sign", op.id, f"{kid} is not a version of {key}"))
@@ -223,17 +244,19 @@ def _check_sign_state(op: Op, kid: str, obs: _Observations, out: list[Anomaly]) 
         out.append(Anomaly("stale-sign", op.id, f"{kid} was never listed"))
     elif obs.made.get(kid, 0) > op.end:
         out.append(Anomaly("stale-sign", op.id, f"{kid} was made after the sign"))
-    elif obs.before(kid, op.inv) > ACTIVE:
+    elif obs.before(kid, op.inv - lag) > ACTIVE:
         out.append(Anomaly("stale-sign", op.id, f"{kid} had left active before the sign"))
     elif obs.after(kid, op.end) < ACTIVE:
         out.append(Anomaly("stale-sign", op.id, f"{kid} was still pending after the sign"))
 
 
-def _check_verify(op: Op, obs: _Observations, accepted: dict[str, str], out: list[Anomaly]) -> None:
+def _check_verify(
+    op: Op, obs: _Observations, accepted: dict[str, str], out: list[Anomaly], lag: int
+) -> None:
     kid = op.args.get("kid") or op.args["envelope"]["kid"]
     if op.args.get("genuine", True) is False:
         out.append(Anomaly("stale-verify", op.id, "accepted a signature over other data"))
-    if obs.before(kid, op.inv) >= RETIRED:
+    if obs.before(kid, op.inv - lag) >= RETIRED:
         out.append(Anomaly("stale-verify", op.id, f"accepted {kid} after it was retired"))
     if op.f != "verify":
         nonce = op.args.get("nonce") or op.args["envelope"]["nonce"]
