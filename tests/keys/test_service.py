@@ -284,3 +284,18 @@ async def test_learn_does_not_wait_for_an_admin_operation_of_its_own(
     _, new = await asyncio.wait_for(waiting, 10)
     assert new.kid == key.kid(3)
     assert (await svc.sign(key, b"m"))[0] == key.kid(3)
+
+
+async def test_an_older_read_never_overwrites_a_newer_one(svc: KeyService, key: KeyName) -> None:
+    """A read that started before one already stored is dropped: the cache keeps the newer."""
+    first = await svc.create(key)
+    older, newer = svc._keyring.ticket(), svc._keyring.ticket()
+    other = _service()
+    await other.start()
+    try:
+        rotated, _ = await other.rotate(key)
+    finally:
+        await other.close()
+    svc._keyring.store(rotated, newer)
+    svc._keyring.store(first, older)
+    assert (await svc.sign(key, b"m"))[0] == key.kid(2)
