@@ -54,9 +54,10 @@ class _Worker:
         self.envelopes: list[tuple[str, dict[str, Any]]] = []  # "t" or "f", what to verify
         self.accepted: list[tuple[str, dict[str, Any]]] = []
         self.versions: dict[str, list[dict[str, Any]]] = {}
+        self.daemon = 0  # which daemon the current operation goes to
 
     def call(self, f: str, args: dict[str, Any], fn: Any) -> Any:
-        op_id = self.rec.invoke(f, **args)
+        op_id = self.rec.invoke(f, daemon=self.daemon, **args)
         try:
             value, result = fn()
         except SignerdError as e:
@@ -83,7 +84,8 @@ class _Worker:
 
     def step(self) -> None:
         rng, key = self.rng, self.rng.choice(self.keys)
-        c = rng.choice(self.clients)
+        self.daemon = rng.randrange(len(self.clients))
+        c = self.clients[self.daemon]
         f = rng.choices(list(WEIGHTS), weights=list(WEIGHTS.values()))[0]
         if f == "sign":
             data = rng.randbytes(16)
