@@ -85,4 +85,3 @@ def test_history_through_two_daemons_on_one_openbao(tmp_path: Path, openbao_dev:
         assert a.stop() == 0, a.log_text()[-3000:]
         assert b.stop() == 0, b.log_text()[-3000:]
     _assert_busy(_checked(paths, transit=True, stale=LAG))
-
