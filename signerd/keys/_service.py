@@ -345,8 +345,9 @@ class KeyService:
     async def rotate(self, key: KeyName, *, pending: bool = False) -> tuple[KeyInfo, KeyVersion]:
         async with self.admin(key):
             info = self._store(await self._change(key, lambda b: b.rotate(key, pending=pending)))
+            made = info.made or info.latest  # not a version another daemon made meanwhile
             info = await self._apply_retention(info)
-            return info, info.versions[-1]
+            return info, info.version(made) or info.versions[-1]
 
     async def promote(self, key: KeyName, version: int) -> KeyInfo:
         async with self.admin(key):
