@@ -17,7 +17,7 @@ export SOFTHSM2_CONF := $(VAR)/softhsm/softhsm2.conf
 # what running needs; make test adds the test and benchmark tools
 RUN_EXTRAS := pkcs11,vault,systemd,redis,uvloop
 
-.PHONY: run test bench check docs dist system deps deps-run dev-token clean install generated
+.PHONY: run test history bench check docs dist system deps deps-run dev-token clean install generated
 
 system:
 	@missing=""; \
@@ -87,6 +87,10 @@ run: dev-token
 
 test: check
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q tests
+
+# the concurrent lifecycle histories at full length (make test runs them for 30 s each)
+history: deps
+	SIGNERD_HISTORY_SECONDS=60 PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q tests/history
 
 check: deps
 	$(VENV)/bin/ruff check signerd tests bench examples

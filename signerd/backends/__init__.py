@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import BackendUnavailable, NotSupported, SignerdError
@@ -42,6 +42,9 @@ class KeyVersion:
 class KeyInfo:
     key: KeyName
     versions: tuple[KeyVersion, ...]  # ascending by version
+    #: the version this call made (rotate), when the backend knows it: another process
+    #: on the same store may have made a later one meanwhile
+    made: int | None = field(default=None, compare=False)
 
     @property
     def active(self) -> KeyVersion | None:

@@ -241,9 +241,8 @@ class Federation:
         ctx.authorize(Operation.SIGN, key.tenant, key)
         kid, signature = await self.keys.sign(key, message)
         audit.kid = kid
-        return json_response(
-            {"kid": kid, "timestamp": timestamp, "nonce": nonce, "signature": b64encode(signature)}
-        )
+        signed = {"kid": kid, "timestamp": timestamp, "nonce": nonce}
+        return json_response({**signed, "signature": b64encode(signature), "tenant": key.tenant})
 
     async def telemetry_verify(self, ctx: RequestContext) -> Response:
         fields = {"tenant", "kid", "timestamp", "nonce", "body", "signature"}

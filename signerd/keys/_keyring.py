@@ -95,6 +95,8 @@ class Keyring:
         #: when an unknown kid last made each known key be read (the cache's own
         #: re-reads do not count: a version made elsewhere since is found at once)
         self._kid_lookups: dict[KeyName, float] = {}
+        self._tickets = 0  # reads of a key are stored in the order they started
+        self._stored_at: dict[KeyName, int] = {}
         self.counters = Counters()
         self._reread_locks: dict[str, asyncio.Lock] = {}
         self._next_reread: dict[str, asyncio.Task[None]] = {}  # a shared re-read not started yet
@@ -107,7 +109,18 @@ class Keyring:
 
     # --- the cache ----------------------------------------------------------
 
-    def store(self, info: KeyInfo) -> KeyInfo:
+    def ticket(self) -> int:
+        """A number for a read of a key about to start: ``store(info, ticket)`` keeps it
+        only if nothing read later was stored first."""
+        self._tickets += 1
+        return self._tickets
+
+    def store(self, info: KeyInfo, ticket: int | None = None) -> KeyInfo:
+        """Cache ``info``; an older read (``ticket`` below the stored one's) is dropped."""
+        ticket = self.ticket() if ticket is None else ticket
+        if ticket < self._stored_at.get(info.key, 0):
+            return self.keys.get(info.key, info)
+        self._stored_at[info.key] = ticket
         old = self.keys.get(info.key)
         self.keys[info.key] = info
         if old is not None:

@@ -328,17 +328,15 @@ class KeyService:
             return None
 
     async def learn(self, key: KeyName) -> None:
-        """Another process changed ``key``: read it from its backend now.
-
-        A key this process does not know yet (created elsewhere) is read and
-        cached; one the backend no longer finds is left to a careful re-read.
-        """
-        async with self._admin_locks.setdefault(key, asyncio.Lock()):
-            try:
-                self._store(await self._on(key, lambda b: b.describe(key)))
-            except UnknownKey:
-                if key in self._keys:
-                    await self._keyring.reread(self.backend_name(key.tenant))
+        """Another process changed ``key``: read it now, never waiting for this process's own
+        admin operation on it (that one may wait for the lock the notifier holds); a read
+        older than one stored first is dropped; a key no longer found gets a careful re-read."""
+        ticket = self._keyring.ticket()
+        try:
+            self._keyring.store(await self._on(key, lambda b: b.describe(key)), ticket)
+        except UnknownKey:
+            if key in self._keys:
+                await self._keyring.reread(self.backend_name(key.tenant))
 
     async def create(self, key: KeyName) -> KeyInfo:
         async with self.admin(key):
@@ -347,8 +345,9 @@ class KeyService:
     async def rotate(self, key: KeyName, *, pending: bool = False) -> tuple[KeyInfo, KeyVersion]:
         async with self.admin(key):
             info = self._store(await self._change(key, lambda b: b.rotate(key, pending=pending)))
+            made = info.made or info.latest  # not a version another daemon made meanwhile
             info = await self._apply_retention(info)
-            return info, info.versions[-1]
+            return info, info.version(made) or info.versions[-1]
 
     async def promote(self, key: KeyName, version: int) -> KeyInfo:
         async with self.admin(key):

@@ -366,6 +366,8 @@ def test_signature_parsing() -> None:
     assert len(causes) == len(bad_answers)
     refused = {"error": "requested version for signing is less than the minimum encryption"}
     assert isinstance(_signature(refused, 3, causes), InvalidState)
+    trimmed = {"error": "1 error occurred: * no such key version"}  # destroyed elsewhere
+    assert isinstance(_signature(trimmed, 3, causes), UnknownVersion)
 
 
 def test_batch_sign_answers_item_by_item(backend: VaultBackend, key: KeyName) -> None:

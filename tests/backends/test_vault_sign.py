@@ -222,3 +222,24 @@ def test_malformed_answer_is_backend_error(bao: BaoServer, make: Any, key: KeyNa
         proxy.rewrite(b'{"request_id"', b'["request_id"')
         with pytest.raises(BackendError):
             backend.sign(key, 1, [b"x"])
+
+
+def test_concurrent_rotates_through_two_backends_each_name_their_own_version(
+    make: Any, key: KeyName
+) -> None:
+    """Two processes rotating one transit key at once: each rotate names the version it made."""
+    first, second = make(), make()
+    first.create(key)
+    barrier = threading.Barrier(2)
+    made: list[int | None] = []
+
+    def rotate(backend: VaultBackend) -> None:
+        barrier.wait(10)
+        made.append(backend.rotate(key, pending=False).made)
+
+    threads = [threading.Thread(target=rotate, args=(b,)) for b in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(v for v in made if v is not None) == [2, 3], made

@@ -57,7 +57,8 @@ def test_telemetry_own_key_sign_verify_replay(api: Api, tenant: str) -> None:
     key = own_key(api, tenant, "telemetry")
     body = json.dumps({"cpu": 3, "attestation_measurement_hash": ATT}).encode()
     signed = api.ok("POST", "/v1/telemetry/sign", {"key": key, "body": b64(body)})
-    assert set(signed) == {"kid", "timestamp", "nonce", "signature"}
+    assert set(signed) == {"kid", "timestamp", "nonce", "signature", "tenant"}
+    assert signed["tenant"] == tenant
     assert abs(int(signed["timestamp"]) - time.time()) < 5 and len(signed["nonce"]) >= 22
     req = {"tenant": tenant, "body": b64(body), **{k: signed[k] for k in signed}}
     assert api.ok("POST", "/v1/telemetry/verify", {**req, "attestation": ATT}) == {
@@ -100,7 +101,7 @@ def test_own_kid_of_another_tenant_is_tenant_mismatch(api: Api, tenant: str) -> 
     """An own key's envelope claiming another tenant is 403 tenant_mismatch."""
     key = own_key(api, tenant, "telemetry")
     signed = api.ok("POST", "/v1/telemetry/sign", {"key": key, "body": b64(b"b")})
-    req = {"tenant": unique("fo"), "body": b64(b"b"), **signed}
+    req = {**signed, "tenant": unique("fo"), "body": b64(b"b")}
     expect(api, "/v1/telemetry/verify", req, 403, "tenant_mismatch")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -253,3 +254,48 @@ async def test_a_keyring_change_past_its_timeout_is_waited_for_or_never_started(
         with pytest.raises(BackendUnavailable):
             await queued
     assert ran == ["slow"]
+
+
+async def test_learn_does_not_wait_for_an_admin_operation_of_its_own(
+    svc: KeyService, key: KeyName
+) -> None:
+    """A change made elsewhere is learnt while this process's own rotate waits for the lock."""
+    await svc.create(key)
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def workers_lock(_key: KeyName) -> AsyncIterator[None]:
+        entered.set()  # held by the worker whose notice arrives next
+        await release.wait()
+        yield
+
+    svc.admin_guard = workers_lock
+    waiting = asyncio.create_task(svc.rotate(key))
+    await asyncio.wait_for(entered.wait(), 5)
+    other = _service()
+    await other.start()
+    try:
+        await other.rotate(key)
+    finally:
+        await other.close()
+    await asyncio.wait_for(svc.learn(key), 5)
+    assert (await svc.sign(key, b"m"))[0] == key.kid(2)
+    release.set()
+    _, new = await asyncio.wait_for(waiting, 10)
+    assert new.kid == key.kid(3)
+    assert (await svc.sign(key, b"m"))[0] == key.kid(3)
+
+
+async def test_an_older_read_never_overwrites_a_newer_one(svc: KeyService, key: KeyName) -> None:
+    """A read that started before one already stored is dropped: the cache keeps the newer."""
+    first = await svc.create(key)
+    older, newer = svc._keyring.ticket(), svc._keyring.ticket()
+    other = _service()
+    await other.start()
+    try:
+        rotated, _ = await other.rotate(key)
+    finally:
+        await other.close()
+    svc._keyring.store(rotated, newer)
+    svc._keyring.store(first, older)
+    assert (await svc.sign(key, b"m"))[0] == key.kid(2)

@@ -29,21 +29,24 @@ import pytest
 from ..conftest import ROOT, SOFTHSM_MODULE, policy_allow_all, start_daemon
 from ..support.rawhttp import request
 
-MIN_REQUESTS = 2000
-MAX_EXAMPLES = 150  # per operation: about 1,900 requests in coverage and fuzzing
-STATEFUL_SECONDS = 40  # stateful scenarios repeat for this long: 500-800 requests
+MIN_REQUESTS = 5000
+MAX_EXAMPLES = 150  # per operation: about 3,400 requests in coverage and fuzzing
+STATEFUL_SECONDS = 120  # stateful scenarios repeat for this long: 1,600-2,200 requests
 LABEL = "signerd-openapi"
 
 # Cross-field equalities JSON Schema cannot express, so a schema-valid request
 # may be a 400 on these operations only:
 # - destroy: confirm must equal the kid the path names (400 confirmation_required);
 # - addTrustedKey: the JWK's optional kid member must equal the request's kid
-#   (400 invalid_request).
+#   (400 invalid_request);
+# - verifyFeedback: the expected schema must equal the envelope's (422 schema_mismatch;
+#   the stateful phase varies the one a link supplies).
 # And one across requests: on the admin operations, an Idempotency-Key the caller
 # used for another request is 422 idempotency_key_reused.
 _STATUSES = {
     "destroyVersion": '["2xx", "400", "401", "403", "404", "409", "422", "429"]',
     "addTrustedKey": '["2xx", "400", "401", "403", "404", "409", "422", "429"]',
+    "verifyFeedback": '["2xx", "401", "403", "404", "409", "422", "429"]',
     **{
         op: '["2xx", "401", "403", "404", "409", "422", "429"]'
         for op in ["createKey", "rotateKey", "promoteVersion", "retireVersion", "retireTrustedKey"]
@@ -260,7 +263,8 @@ def _schemathesis(work: Path, port: int, name: str, *options: str) -> tuple[Any,
 
 @pytest.mark.timeout(600)
 def test_schemathesis_finds_nothing(served: Any) -> None:
-    """schemathesis --checks all, >= 2,000 requests in all phases with stateful links, finds nothing."""
+    """schemathesis --checks all, >= 5,000 requests in all phases with stateful links through the
+    key lifecycle and both envelopes, finds nothing."""
     base, _, bridge = served
     work = base / "schemathesis"
     work.mkdir()
@@ -295,3 +299,8 @@ def test_schemathesis_finds_nothing(served: Any) -> None:
         re.search(r"POST /v1/keys 201 -> POST /v1/keys/T/N/(rotate|versions/V/\w+) 200", c)
         for c in followed
     ), sorted(followed)
+    # and through both envelopes, from a created key: sign, then verify what was signed
+    for kind in ("telemetry", "feedback"):
+        assert any(
+            f"POST /v1/{kind}/sign 200 -> POST /v1/{kind}/verify 200" in c for c in followed
+        ), sorted(followed)

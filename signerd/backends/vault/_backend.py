@@ -209,19 +209,19 @@ class VaultBackend:
             if transit.min_encryption == 0:
                 # pin the active version first, so the new one arrives as pending
                 self._config(key, min_encryption_version=before)
-            self._rotate_once(key, before)
+            new = self._rotate_once(key, before)
         elif transit.min_encryption == 0:
-            self._rotate_once(key, before)  # latest becomes active: one step
+            new = self._rotate_once(key, before)  # latest becomes active: one step
         elif transit.min_encryption == before and transit.min_available == 0:
             # unpin (no visible change, the pinned version is the latest), then rotate
             self._config(key, min_encryption_version=0)
-            self._rotate_once(key, before)
+            new = self._rotate_once(key, before)
         else:
             # transit needs a pin here (trimmed key, or pending versions exist):
             # the new version is pending until the pin moves to it
             new = self._rotate_once(key, before)
             self._config(key, min_encryption_version=new)
-        info = self.describe(key)
+        info = replace(self.describe(key), made=new)  # transit answers its own
         log.debug("signerd.vault.rotate key=%s latest=%s pending=%s", key, info.latest, pending)
         return info
 

@@ -344,6 +344,7 @@ def _log_cause(exc: BaseException, code: str) -> None:
 _SIGN_REFUSALS: tuple[tuple[str, type[SignerdError], str], ...] = (
     ("less than the minimum encryption", InvalidState, "version no longer signs"),
     ("higher than the latest", UnknownVersion, ""),
+    ("no such key version", UnknownVersion, ""),  # trimmed (destroyed) through another host
     ("signing key not found", UnknownKey, ""),
 )
 
