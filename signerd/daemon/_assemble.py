@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from .._config import Config, ConfigError, load
-from ..audit import AuditSink, AuditTrail, audit_from_config, audit_settings
+from ..audit import AuditSink, AuditTrail, audit_from_config
 from ..authz import Policy, peer_of, policy_from_config
 from ..backends import Backend, load_factory
 from ..errors import SignerdError
@@ -51,7 +51,6 @@ __all__ = [
     "TrustGuard",
     "build_backends",
     "build_policy",
-    "check",
 ]
 
 log = logging.getLogger("signerd")
@@ -124,20 +123,6 @@ def build_policy(config: Config, buckets: SharedBuckets | None = None) -> Policy
         return policy_from_config(config.policy, buckets)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-
-
-def check(config: Config) -> None:
-    """Validate what start-up would build from ``config``, creating and opening nothing.
-
-    The policy, the audit settings and every backend table (built, never
-    connected); a ConfigError names the key at fault.
-    """
-    build_policy(config)
-    try:
-        audit_settings(config.audit)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
-    build_backends(config)
 
 
 def _build_audit(config: Config, role: ProcessRole, guard: StallGuard | None) -> AuditTrail:

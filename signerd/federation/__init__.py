@@ -14,5 +14,6 @@ The envelope grammar and canonical JSON are ``signerd.wire``'s.
 """
 
 from ._routes import Federation, attach
+from ._settings import trusted_key_errors
 
-__all__ = ["Federation", "attach"]
+__all__ = ["Federation", "attach", "trusted_key_errors"]
