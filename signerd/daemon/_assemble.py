@@ -25,7 +25,7 @@ from ..authz import Policy, peer_of, policy_from_config
 from ..backends import Backend, load_factory
 from ..errors import SignerdError
 from ..federation import Federation, attach
-from ..forwarding import GatedSink, LagGate
+from ..forwarding import LAG_PAGE, MAX_SILENCE, GatedSink, LagGate
 from ..keys import KeyService
 from ..metrics import Metrics, Sources, metrics_directory
 from ..server import (
@@ -54,9 +54,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("signerd")
-
-#: seconds without the audit forwarder's heartbeat (once it began) before signs are refused
-FORWARDER_SILENCE = 30.0
 
 #: held around one key administration operation (create, rotate, ...)
 AdminGuard = Callable[["KeyName"], contextlib.AbstractAsyncContextManager[None]]
@@ -137,14 +134,14 @@ def _build_audit(config: Config, role: ProcessRole, guard: StallGuard | None) ->
 
 def flag_path(config: Config) -> str:
     """The file the forwarder and the workers share: whether signs are refused."""
-    return runtime_path(config.socket, "forwarding.lag")
+    return runtime_path(config.socket, LAG_PAGE)
 
 
 def _gated(config: Config, audit: AuditTrail) -> AuditSink:
     """The sink the server writes to: past the forwarding bound, signs are refused."""
     if config.forwarding is None or config.forwarding.on_lag != "refuse":
         return audit
-    return GatedSink(audit, LagGate(flag_path(config), FORWARDER_SILENCE))
+    return GatedSink(audit, LagGate(flag_path(config), MAX_SILENCE))
 
 
 def _fitted(config: Config) -> Limits:
@@ -213,8 +210,9 @@ class Daemon:
             audit = _build_audit(config, role, guard)
             undo.push_async_callback(audit.aclose)
             audit.open()  # anchored at start: every chain of the run has an anchor of it
+            backends = build_backends(config)
             keys = KeyService(
-                build_backends(config),
+                backends,
                 default_backend=config.default_backend,
                 tenant_backends=config.tenant_backends,
                 settings=config.settings,
@@ -247,7 +245,8 @@ class Daemon:
             undo.push_async_callback(federation.close)
             attach(server, federation)
             role.worker_table.serving(role.audit_file[0] or 0, os.getpid())
-            sources = Sources(config, keys, audit, federation, role.worker_table)
+            lag = LagGate(flag_path(config), MAX_SILENCE) if config.forwarding else None
+            sources = Sources(config, keys, audit, federation, role.worker_table, backends, lag)
             metrics = Metrics(sources, server, metrics_directory(config))
             undo.push_async_callback(metrics.close)
             if sock is None:
