@@ -72,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.credentials_dir is not None and not args.check:
+        parser.error("--credentials-dir is used with --check only")
     if args.check:
         return run_check(args.config, args.credentials_dir)
     try:

@@ -145,6 +145,14 @@ def test_check_resolves_credentials_from_a_directory(tmp_path: Path) -> None:
     assert any("PinIncorrect" in line for line in _errors(wrong)), wrong.stderr
 
 
+def test_credentials_dir_is_refused_without_check(tmp_path: Path) -> None:
+    """--credentials-dir outside --check is a usage error (exit 2); the daemon does not start."""
+    result = _run(tmp_path, daemon_config(tmp_path), "--credentials-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert "--credentials-dir is used with --check only" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_unit_view_of_the_shipped_service() -> None:
     """The shipped unit gives --check its user, its environment and its credential files."""
     view = parse_unit((ROOT / "systemd" / "signerd.service").read_text())
