@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from signerd.daemon._unit import parse_unit
+import pytest
+
+from signerd.daemon._check import _environment
+from signerd.daemon._unit import UnitView, parse_unit
 
 from ..conftest import ROOT, daemon_config, pkcs11_backend_config, to_toml
 from ..support.openbao import BaoServer, vault_backend_config
@@ -173,3 +176,28 @@ def test_unit_view_follows_drop_ins_in_order() -> None:
     assert view.user == "other"
     assert view.environment == {"A": "1", "B": "two words"}
     assert view.credentials == {"pin": "/srv/pin"}
+
+
+def test_unit_environment_and_credentials_are_applied_for_the_check_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The unit's Environment= fills only what the shell left unset, its LoadCredential= files
+    appear in a private $CREDENTIALS_DIRECTORY, and all of it is undone after the check."""
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    monkeypatch.setenv("SIGNERD_TEST_SET", "shell")
+    monkeypatch.delenv("SIGNERD_TEST_UNSET", raising=False)
+    secret = tmp_path / "pin"
+    secret.write_text("1234\n")
+    view = UnitView(
+        environment={"SIGNERD_TEST_SET": "unit", "SIGNERD_TEST_UNSET": "unit"},
+        credentials={"pin": str(secret)},
+    )
+    with _environment(None, view) as (owner, errors):
+        assert owner == os.geteuid() and errors == []
+        assert os.environ["SIGNERD_TEST_SET"] == "shell"
+        assert os.environ["SIGNERD_TEST_UNSET"] == "unit"
+        directory = Path(os.environ["CREDENTIALS_DIRECTORY"])
+        assert (directory / "pin").read_text() == "1234\n"
+        assert directory.stat().st_mode & 0o777 == 0o700
+    assert "CREDENTIALS_DIRECTORY" not in os.environ and "SIGNERD_TEST_UNSET" not in os.environ
+    assert not directory.exists()
