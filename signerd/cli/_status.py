@@ -156,9 +156,15 @@ def render(doc: dict[str, Any]) -> str:
         f"  (since {_when(doc['started_at'])})",
         "",
     ]
-    rows = [["BACKEND", "TYPE", "HEALTH"]]
+    rows = [["BACKEND", "TYPE", "HEALTH", "NODE"]]
     rows += [
-        [b["name"], b["type"], "up" if b["up"] else f"DOWN ({b['code']})"] for b in doc["backends"]
+        [
+            b["name"],
+            b["type"],
+            "up" if b["up"] else f"DOWN ({b['code']})",
+            b.get("node") or "-",
+        ]
+        for b in doc["backends"]
     ]
     out += [table(rows), ""]
     keys = doc["keys"]
@@ -187,6 +193,7 @@ def render(doc: dict[str, Any]) -> str:
     out += [
         "",
         f"audit   {'healthy' if audit['healthy'] else 'STUCK OR CLOSED'}, {audit['queued']} queued",
+        *_forwarding_lines(audit.get("forwarding")),
         f"nonces  {nonces['store']}, {entries} entries",
         "",
     ]
@@ -199,3 +206,14 @@ def render(doc: dict[str, Any]) -> str:
     if doc["problems"]:
         out += ["", "problems:", *(f"  {p}" for p in doc["problems"])]
     return "\n".join(out)
+
+
+def _forwarding_lines(fwd: dict[str, Any] | None) -> list[str]:
+    """The audit forwarder's line (none without [forwarding])."""
+    if fwd is None:
+        return []
+    lag = "lag unknown" if fwd["lag_bytes"] is None else f"lag {fwd['lag_bytes']} bytes"
+    beat = fwd["heartbeat_age_seconds"]
+    seen = "never looked" if beat is None else f"looked {_span(beat)} ago"
+    health = "healthy" if fwd["healthy"] else "PAST ITS BOUND" if fwd["refusing"] else "SILENT"
+    return [f"forward {health}, {lag}, {seen}"]

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from .._config import Config, ConfigError, load
-from ..audit import AuditEvent, AuditSink, AuditTrail, audit_from_config, audit_settings
+from ..audit import AuditEvent, AuditSink, AuditTrail, audit_from_config
 from ..authz import Policy, peer_of, policy_from_config
 from ..backends import Backend, load_factory
 from ..errors import AuditUnavailable, SignerdError
 from ..federation import Federation, attach
 from ..federation import check_reload as check_federation_reload
-from ..forwarding import GatedAheadSink, LagGate
+from ..forwarding import LAG_PAGE, MAX_SILENCE, GatedAheadSink, LagGate
 from ..keys import KeyService
 from ..metrics import Metrics, Sources, metrics_directory
 from ..server import (
@@ -52,15 +52,11 @@ __all__ = [
     "TrustGuard",
     "build_backends",
     "build_policy",
-    "check",
 ]
 
 log = logging.getLogger("signerd")
 
 _STALL_RECORD_SECONDS = 1.0  # the stall guard's records wait this long for the file, at most
-
-#: seconds without the audit forwarder's heartbeat (once it began) before signs are refused
-FORWARDER_SILENCE = 30.0
 
 #: held around one key administration operation (create, rotate, ...)
 AdminGuard = Callable[["KeyName"], contextlib.AbstractAsyncContextManager[None]]
@@ -141,20 +137,6 @@ def check_reload(old: Config, fresh: Config) -> None:
         raise ConfigError(str(exc)) from exc
 
 
-def check(config: Config) -> None:
-    """Validate what start-up would build from ``config``, creating and opening nothing.
-
-    The policy, the audit settings and every backend table (built, never
-    connected); a ConfigError names the key at fault.
-    """
-    build_policy(config)
-    try:
-        audit_settings(config.audit)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
-    build_backends(config)
-
-
 def _build_audit(config: Config, role: ProcessRole, guard: StallGuard | None) -> AuditTrail:
     """The audit trail, in the file the role names; its directory is created if need be."""
     worker, workers = role.audit_file
@@ -167,7 +149,7 @@ def _build_audit(config: Config, role: ProcessRole, guard: StallGuard | None) ->
 
 def flag_path(config: Config) -> str:
     """The file the forwarder and the workers share: whether signs are refused."""
-    return runtime_path(config.socket, "forwarding.lag")
+    return runtime_path(config.socket, LAG_PAGE)
 
 
 def _gated(config: Config, audit: AuditTrail) -> AuditSink:
@@ -175,7 +157,7 @@ def _gated(config: Config, audit: AuditTrail) -> AuditSink:
     if config.forwarding is None or config.forwarding.on_lag != "refuse":
         return audit
     # a sign is refused at its intent record, before the token is asked
-    return GatedAheadSink(audit, LagGate(flag_path(config), FORWARDER_SILENCE))
+    return GatedAheadSink(audit, LagGate(flag_path(config), MAX_SILENCE))
 
 
 def _fitted(config: Config) -> Limits:
@@ -258,8 +240,9 @@ class Daemon:
             in_flight.audit = audit
             undo.push_async_callback(audit.aclose)
             audit.open()  # anchored at start: every chain of the run has an anchor of it
+            backends = build_backends(config)
             keys = KeyService(
-                build_backends(config),
+                backends,
                 default_backend=config.default_backend,
                 tenant_backends=config.tenant_backends,
                 settings=config.settings,
@@ -292,7 +275,8 @@ class Daemon:
             undo.push_async_callback(federation.close)
             attach(server, federation)
             role.worker_table.serving(role.audit_file[0] or 0, os.getpid())
-            sources = Sources(config, keys, audit, federation, role.worker_table)
+            lag = LagGate(flag_path(config), MAX_SILENCE) if config.forwarding else None
+            sources = Sources(config, keys, audit, federation, role.worker_table, backends, lag)
             metrics = Metrics(sources, server, metrics_directory(config))
             undo.push_async_callback(metrics.close)
             if sock is None:

@@ -1,6 +1,6 @@
 """The ``signerd`` process: configuration, backends, socket, signals.
 
-    signerd --config /etc/signerd/signerd.toml [--check]
+    signerd --config /etc/signerd/signerd.toml [--check [--credentials-dir DIR]]
 
 SIGTERM/SIGINT stop it gracefully (in-flight requests finish). SIGHUP reloads
 the policy, the tenants' backends and ``[federation]`` from the configuration
@@ -14,8 +14,8 @@ backend refuses at start (a wrong PIN), exit 78 (EX_CONFIG).
 With ``server.workers`` > 1 this process is the supervisor of that many
 worker processes, each running ``Daemon.start`` on the shared socket (see
 ``_supervised``); with 1 it serves in this process (``_single``). ``--check``
-validates the configuration as start-up would read it (the policy, the audit
-settings, every backend table) and creates nothing.
+checks the configuration as start-up would meet it and lists every error
+(``_check``); it creates nothing.
 """
 
 from __future__ import annotations
@@ -26,29 +26,17 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from .._config import ConfigError, load
-from ..backends import CredentialsRefused
-from ..errors import SignerdError
-from ._assemble import check
+from .._config import load
+from ._check import run_check
+from ._failures import describe
 from ._forward import run_forwarder
 from ._journal import setup_logging
 from ._loop import run
 from ._single import serve
-from ._sockets import SocketError
 from ._supervised import supervise
-from ._systemd import ActivationError, notify
+from ._systemd import notify
 
 __all__ = ["exit_code", "main"]
-
-
-def _credentials_refused(exc: BaseException) -> str | None:
-    """Why a start-up failure is the configuration's fault (a refused PIN/token), or None."""
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, CredentialsRefused):
-            return cause.reason
-        cause = cause.__cause__
-    return None
 
 
 def _fail(line: str) -> None:
@@ -67,19 +55,32 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("SIGNERD_CONFIG", "/etc/signerd/signerd.toml"),
         help="the configuration file (default: $SIGNERD_CONFIG, else /etc/signerd/signerd.toml)",
     )
-    parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check the configuration as start-up would (backends opened and logged in,"
+        " socket directory, policy users and groups, federation files), report every"
+        " error and exit: 0 when it passes, 78 otherwise",
+    )
+    parser.add_argument(
+        "--credentials-dir",
+        metavar="DIR",
+        help="with --check: where credential:NAME values are read (default:"
+        " $CREDENTIALS_DIRECTORY, else the LoadCredential= files of signerd.service)",
+    )
     parser.add_argument("--forward", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.credentials_dir is not None and not args.check:
+        parser.error("--credentials-dir is used with --check only")
+    if args.check:
+        return run_check(args.config, args.credentials_dir)
     try:
         config = load(args.config)
-        if args.check:
-            check(config)
-            print(f"signerd: {args.config}: ok")
-            return os.EX_OK
         setup_logging(config.log_level)
         if args.forward:  # the audit forwarder's own process, started by the daemon
             return run_forwarder(config)
@@ -93,23 +94,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def exit_code(exc: BaseException) -> int:
     """The exit status for an exception that ended start-up (re-raised when it is not ours)."""
-    if isinstance(exc, ConfigError | ActivationError):
-        _fail(f"configuration error: {exc}")
-        return os.EX_CONFIG
-    if isinstance(exc, SocketError):
-        _fail(f"cannot listen: {exc}")
-        return os.EX_CANTCREAT
-    if isinstance(exc, SignerdError):
-        cause = _credentials_refused(exc)
-        if cause is not None:
-            _fail(f"configuration error: {exc.message} ({cause}); not retrying")
-            return os.EX_CONFIG
-        _fail(f"cannot start: {exc.code}: {exc.message}")
-        return os.EX_UNAVAILABLE
-    if isinstance(exc, OSError):
-        _fail(f"cannot start: {exc}")
-        return os.EX_OSERR
-    raise exc
+    described = describe(exc)
+    if described is None:
+        raise exc
+    status, line = described
+    _fail(line)
+    return status
 
 
 if __name__ == "__main__":

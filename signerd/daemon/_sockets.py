@@ -28,7 +28,7 @@ import stat
 import struct
 import weakref
 
-__all__ = ["SocketError", "bind_unix_socket", "unlink_own_socket"]
+__all__ = ["SocketError", "bind_unix_socket", "socket_path_errors", "unlink_own_socket"]
 
 _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 _SHARED_WRITE = stat.S_IWGRP | stat.S_IWOTH
@@ -151,13 +151,17 @@ def _ensure_directory(directory: str, dir_mode: int, gid: int | None) -> None:
             parent = os.path.dirname(parent)
 
 
-def _check_private(directory: str, st: os.stat_result, what: str = "socket directory") -> None:
-    """Refuse a directory that someone other than root or us could rename entries in."""
-    if st.st_uid not in (0, os.geteuid()):
+def _check_private(
+    directory: str, st: os.stat_result, what: str = "socket directory", owner: int | None = None
+) -> None:
+    """Refuse a directory that someone other than root or us (or ``owner``) could rename
+    entries in."""
+    me = os.geteuid() if owner is None else owner
+    if st.st_uid not in (0, me):
         raise SocketError(f"{what} belongs to another user (uid {st.st_uid}): {directory}")
     if st.st_mode & stat.S_ISVTX and st.st_uid == 0:
         return  # sticky, like /tmp: others may add entries, not rename ours
-    writers = _acl_writers(directory)
+    writers = _acl_writers(directory, owner)
     if writers:
         who = ", ".join(writers)
         raise SocketError(f"{what} is writable by {who} (a POSIX ACL entry): {directory}")
@@ -166,7 +170,7 @@ def _check_private(directory: str, st: os.stat_result, what: str = "socket direc
         raise SocketError(f"{what} is writable by {who}: {directory}")
 
 
-def _acl_writers(path: str) -> list[str]:
+def _acl_writers(path: str, owner: int | None = None) -> list[str]:
     """Who, besides root and us, the access ACL of ``path`` lets write: ``user UID``,
     ``group GID``, ``its group``; empty without an ACL (or where ACLs are not supported)."""
     try:
@@ -186,13 +190,67 @@ def _acl_writers(path: str) -> list[str]:
     for tag, perm, ident in entries:
         if not perm & mask & _ACL_WRITE:
             continue
-        if tag == _ACL_USER and ident not in (0, os.geteuid()):
+        if tag == _ACL_USER and ident not in (0, os.geteuid() if owner is None else owner):
             writers.append(f"user {ident}")
         elif tag == _ACL_GROUP:
             writers.append(f"group {ident}")
         elif tag == _ACL_GROUP_OBJ:
             writers.append("its group")
     return writers
+
+
+def socket_path_errors(path: str, group: str | None, owner: int) -> list[str]:
+    """What ``bind_unix_socket`` would refuse about ``path`` for a daemon running as
+    ``owner``, read only: the path, the group, the socket directory and every directory
+    above it (the nearest existing one when it is still to be made). A socket already
+    there (systemd's, when activated) is not probed."""
+    errors: list[str] = []
+    checks: list[tuple[str, str]] = []
+    if not path or path.startswith("\0") or "\0" in path:
+        return ["socket path must be a file system path (abstract sockets are refused)"]
+    path = os.path.abspath(path)
+    if len(os.fsencode(path)) > _SUN_PATH_MAX:
+        errors.append(f"socket path is too long for a Unix socket: {path}")
+    try:
+        _group_id(group)
+    except SocketError as exc:
+        errors.append(str(exc))
+    directory = os.path.dirname(path)
+    try:
+        st = os.lstat(path)
+    except OSError:
+        pass
+    else:
+        if stat.S_ISLNK(st.st_mode):
+            errors.append(f"socket path is a symlink: {path}")
+        elif not stat.S_ISSOCK(st.st_mode):
+            errors.append(f"socket path exists and is not a socket: {path}")
+    what = "socket directory"
+    while not os.path.lexists(directory) and directory != os.path.dirname(directory):
+        directory, what = os.path.dirname(directory), "directory above the socket"
+    checks.append((directory, what))
+    for start in (directory, os.path.realpath(directory)):
+        parent = os.path.dirname(start)
+        while parent != start:
+            checks.append((parent, "directory above the socket"))
+            start, parent = parent, os.path.dirname(parent)
+    seen: set[str] = set()
+    for place, what in checks:
+        if place in seen:
+            continue
+        seen.add(place)
+        try:
+            st = os.lstat(place) if what == "socket directory" else os.stat(place)
+            if stat.S_ISLNK(st.st_mode):
+                raise SocketError(f"socket directory is a symlink: {place}")
+            if not stat.S_ISDIR(st.st_mode):
+                raise SocketError(f"{what} is not a directory: {place}")
+            _check_private(place, st, what, owner)
+        except SocketError as exc:
+            errors.append(str(exc))
+        except OSError as exc:
+            errors.append(f"cannot check directory {place}: {exc.strerror}")
+    return errors
 
 
 def _drop_acl(path: str) -> None:

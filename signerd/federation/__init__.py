@@ -14,6 +14,6 @@ The envelope grammar and canonical JSON are ``signerd.wire``'s.
 """
 
 from ._routes import Federation, attach
-from ._settings import check_reload
+from ._settings import check_reload, trusted_key_errors
 
-__all__ = ["Federation", "attach", "check_reload"]
+__all__ = ["Federation", "attach", "check_reload", "trusted_key_errors"]

@@ -12,7 +12,7 @@ from ..errors import SignerdError
 from ..wire import DEFAULT_MAX_BYTES, DEFAULT_MAX_DEPTH, valid_part
 from ._trust import PeerKey, jwk_public, pem_public, valid_peer_kid
 
-__all__ = ["FederationSettings", "check_reload", "parse_federation"]
+__all__ = ["FederationSettings", "check_reload", "parse_federation", "trusted_key_errors"]
 
 _TOP = {
     "state_dir",
@@ -160,35 +160,53 @@ def parse_federation(table: Mapping[str, Any], base: str) -> FederationSettings:
     )
 
 
+def trusted_key_errors(table: Mapping[str, Any], base: str) -> list[str]:
+    """Every ``federation.trusted_keys`` entry that cannot be read, one message each."""
+    items = table.get("trusted_keys", [])
+    if not isinstance(items, list):
+        return ["federation.trusted_keys: must be an array of tables"]
+    errors = []
+    for i, item in enumerate(items):
+        try:
+            _peer(f"federation.trusted_keys[{i}]", item, base)
+        except ValueError as exc:
+            errors.append(str(exc))
+    return errors
+
+
+def _peer(where: str, item: Any, base: str) -> PeerKey:
+    """One trusted key entry, its file read and checked; ValueError names the entry."""
+    if not isinstance(item, dict) or set(item) - _PEER:
+        raise ValueError(f"{where}: only tenant, kid and jwk_file or pem_file may be set")
+    tenant, kid = item.get("tenant"), item.get("kid")
+    if not isinstance(tenant, str) or not valid_part(tenant):
+        raise ValueError(f"{where}.tenant: not a valid tenant name: {tenant!r}")
+    if not valid_peer_kid(kid):
+        raise ValueError(f"{where}.kid: must match [A-Za-z0-9._:-]{{1,128}}, got {kid!r}")
+    assert isinstance(kid, str)
+    files = [k for k in ("jwk_file", "pem_file") if k in item]
+    if len(files) != 1 or not isinstance(item[files[0]], str):
+        raise ValueError(f"{where}: exactly one of jwk_file, pem_file")
+    path = _path(base, item[files[0]])
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(65536)
+        public = jwk_public(json.loads(data), kid) if files[0] == "jwk_file" else pem_public(data)
+    except OSError as exc:
+        raise ValueError(f"{where}.{files[0]}: cannot read {path}: {exc.strerror}") from exc
+    except (ValueError, SignerdError) as exc:
+        raise ValueError(f"{where}.{files[0]}: not an Ed25519 public key: {exc}") from exc
+    return PeerKey(tenant, kid, public, source="config")
+
+
 def _peers(items: Any, base: str, allow_shared: bool) -> tuple[PeerKey, ...]:
     if not isinstance(items, list):
         raise ValueError("federation.trusted_keys: must be an array of tables")
     peers: dict[tuple[str, str], PeerKey] = {}
     for i, item in enumerate(items):
         where = f"federation.trusted_keys[{i}]"
-        if not isinstance(item, dict) or set(item) - _PEER:
-            raise ValueError(f"{where}: only tenant, kid and jwk_file or pem_file may be set")
-        tenant, kid = item.get("tenant"), item.get("kid")
-        if not isinstance(tenant, str) or not valid_part(tenant):
-            raise ValueError(f"{where}.tenant: not a valid tenant name: {tenant!r}")
-        if not valid_peer_kid(kid):
-            raise ValueError(f"{where}.kid: must match [A-Za-z0-9._:-]{{1,128}}, got {kid!r}")
-        assert isinstance(kid, str)
-        files = [k for k in ("jwk_file", "pem_file") if k in item]
-        if len(files) != 1 or not isinstance(item[files[0]], str):
-            raise ValueError(f"{where}: exactly one of jwk_file, pem_file")
-        path = _path(base, item[files[0]])
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read(65536)
-            if files[0] == "jwk_file":
-                public = jwk_public(json.loads(data), kid)
-            else:
-                public = pem_public(data)
-        except OSError as exc:
-            raise ValueError(f"{where}.{files[0]}: cannot read {path}: {exc.strerror}") from exc
-        except (ValueError, SignerdError) as exc:
-            raise ValueError(f"{where}.{files[0]}: not an Ed25519 public key: {exc}") from exc
+        peer = _peer(where, item, base)
+        tenant, kid, public = peer.tenant, peer.kid, peer.public
         if (tenant, kid) in peers:
             raise ValueError(f"{where}: tenant {tenant!r} already trusts kid {kid!r}")
         others = sorted({p.tenant for p in peers.values() if p.public == public} - {tenant})
@@ -197,5 +215,5 @@ def _peers(items: Any, base: str, allow_shared: bool) -> tuple[PeerKey, ...]:
                 f"{where}: this public key is already trusted for tenant {others[0]!r};"
                 " one key for several tenants needs federation.allow_shared_keys = true"
             )
-        peers[(tenant, kid)] = PeerKey(tenant, kid, public, source="config")
+        peers[(tenant, kid)] = peer
     return tuple(peers.values())

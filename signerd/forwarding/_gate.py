@@ -21,7 +21,12 @@ import time
 from ..audit import AuditEvent, AuditSink, PendingRecord, WriteAheadAuditSink
 from ..errors import AuditUnavailable
 
-__all__ = ["GatedAheadSink", "GatedSink", "LagFlag", "LagGate"]
+__all__ = ["LAG_PAGE", "MAX_SILENCE", "GatedAheadSink", "GatedSink", "LagFlag", "LagGate"]
+
+#: the page's file name in the runtime directory
+LAG_PAGE = "forwarding.lag"
+#: seconds without the forwarder's heartbeat (once it began) before signs are refused
+MAX_SILENCE = 30.0
 
 log = logging.getLogger("signerd.forwarding")
 
@@ -82,6 +87,19 @@ class LagGate:
             return None
         _, beat, lag = _LAYOUT.unpack(view[:_SIZE])
         return int(lag) if beat > 0 else None
+
+    def heartbeat_age(self) -> float | None:
+        """Seconds since the forwarder last looked at the trail (None before it first did)."""
+        view = self._mapped()
+        if view is None:
+            return None
+        _, beat, _ = _LAYOUT.unpack(view[:_SIZE])
+        return max(0.0, time.monotonic() - beat) if beat > 0 else None
+
+    def flagged(self) -> bool:
+        """Whether the forwarder set the flag: the lag is past its bound."""
+        view = self._mapped()
+        return view is not None and bool(_LAYOUT.unpack(view[:_SIZE])[0])
 
     def began(self) -> bool:
         """Whether the forwarder has looked at the trail at least once."""

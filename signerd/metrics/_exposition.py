@@ -41,9 +41,18 @@ class _SnapshotCollector:
         up = GaugeMetricFamily(
             "signerd_backend_up", "1 when the backend answers its health check", labels=["backend"]
         )
+        node = GaugeMetricFamily(
+            "signerd_backend_node",
+            "1 for the configured node a cluster backend (OpenBao/Vault) sends requests to now",
+            labels=["backend", "node"],
+        )
         for b in snap.backends:
             up.add_metric([b.name], 1.0 if b.up else 0.0)
+            if b.node is not None:
+                node.add_metric([b.name, b.node], 1.0)
         yield up
+        yield node
+        yield from _forwarding(snap)
         created = GaugeMetricFamily(
             "signerd_key_active_created_timestamp_seconds",
             "When the key's active version was created (unix seconds)",
@@ -90,6 +99,30 @@ class _SnapshotCollector:
         for w in snap.workers:
             restarts.add_metric([str(w.index)], float(w.restarts))
         yield restarts
+
+
+def _forwarding(snap: Snapshot) -> Iterator[Metric]:
+    """The audit forwarder's gauges, from its shared page (none without [forwarding])."""
+    fwd = snap.forwarding
+    if fwd is None:
+        return
+    yield GaugeMetricFamily(
+        "signerd_audit_forwarding_healthy",
+        "1 when the audit forwarder looked at the trail lately and is within its bound",
+        1.0 if fwd.healthy else 0.0,
+    )
+    if fwd.lag_bytes is not None:
+        yield GaugeMetricFamily(
+            "signerd_audit_forwarding_lag_bytes",
+            "Audit trail bytes the collector has not acknowledged yet",
+            float(fwd.lag_bytes),
+        )
+    if fwd.heartbeat_age is not None:
+        yield GaugeMetricFamily(
+            "signerd_audit_forwarding_heartbeat_age_seconds",
+            "Seconds since the audit forwarder last looked at the trail",
+            fwd.heartbeat_age,
+        )
 
 
 def _forget_dead(path: str) -> None:

@@ -10,11 +10,10 @@ The hot path (``request``) costs one dict lookup for the cached label
 children, one counter increment and one histogram observation. Every label
 value is from a closed set: operations, wire codes, configured backend names.
 
-Extension points, not series yet (their owners' code is not in this tree, and
-no value stands in for them): ``signerd_backend_failovers_total{backend}``, to
-be counted where the OpenBao backend moves to its next address
-(``signerd/backends/vault``), and ``signerd_audit_forwarding_lag_seconds``, set
-by the audit forwarder (``signerd/forwarding/``) as a gauge of each worker.
+``signerd_backend_failovers_total{backend}`` counts the moves of a cluster
+backend (OpenBao/Vault) to another node: each worker's backend counts its own,
+and ``failed_over`` adds what it counted since the last tick, so the total is
+over all workers. The forwarding gauges are the snapshot's (``_exposition``).
 """
 
 from __future__ import annotations
@@ -152,6 +151,12 @@ class Recorder:
             registry=none,
             multiprocess_mode="livemin",
         )
+        self.failovers = Counter(
+            "signerd_backend_failovers",
+            "Times a cluster backend moved to another node, summed over the workers",
+            ["backend"],
+            registry=none,
+        )
         self._children: dict[tuple[Operation, int, str, str | None], tuple[Any, Any, Any]] = {}
         self._batches: dict[str, tuple[Any, Any, Any]] = {}
         #: series updates that raised (a full disk under the directory), logged once a minute
@@ -204,6 +209,15 @@ class Recorder:
             children[0].observe(size)
             children[1].observe(queued)
             children[2].observe(took)
+        except Exception as exc:
+            self._failed(exc)
+
+    def failed_over(self, backend: str, count: int) -> None:
+        """``count`` more moves of ``backend`` to another node (0: the series exists)."""
+        try:
+            child = self.failovers.labels(backend)
+            if count > 0:
+                child.inc(count)
         except Exception as exc:
             self._failed(exc)
 

@@ -97,6 +97,12 @@ class Metrics:
         self.directory = directory
         self.recorder: Recorder | None = None
         self._ticker: asyncio.Task[None] | None = None
+        #: each cluster backend's failovers as this worker last counted them
+        self._failovers = {
+            name: 0
+            for name, backend in sources.backends.items()
+            if isinstance(getattr(backend, "failovers", None), int)
+        }
         served = [r for r in ROUTES if sources.config.metrics or r[3] is not Operation.METRICS]
         if sources.config.metrics:
             use_directory(directory)
@@ -107,6 +113,8 @@ class Metrics:
                 keys.backend_name(group[0].tenant), size, queued, took
             )
             server.audit = _timed(server.audit, rec.audit_written)
+            for name in self._failovers:
+                rec.failed_over(name, 0)
             self._tick()
             self._ticker = asyncio.get_running_loop().create_task(self._ticking())
         server.add_routes((m, p, getattr(self, name), op) for m, p, name, op in served)
@@ -116,6 +124,11 @@ class Metrics:
             queued, stuck = self.sources.audit.backlog()
             self.recorder.audit_queue.set(queued)
             self.recorder.audit_healthy.set(0 if stuck else 1)
+            for name, seen in self._failovers.items():
+                count = getattr(self.sources.backends[name], "failovers", seen)
+                if isinstance(count, int) and count > seen:
+                    self.recorder.failed_over(name, count - seen)
+                    self._failovers[name] = count
 
     async def _ticking(self) -> None:
         while True:
@@ -152,7 +165,8 @@ def status_doc(snap: Snapshot) -> dict[str, Any]:
         "started_at": int(snap.started),
         "uptime_seconds": round(snap.now - snap.started, 3),
         "backends": [
-            {"name": b.name, "type": b.type, "up": b.up, "code": b.code} for b in snap.backends
+            {"name": b.name, "type": b.type, "up": b.up, "code": b.code, "node": b.node}
+            for b in snap.backends
         ],
         "keys": [
             {
@@ -171,7 +185,11 @@ def status_doc(snap: Snapshot) -> dict[str, Any]:
             for k in snap.keys
         ],
         "keys_total": snap.keys_total,
-        "audit": {"healthy": snap.audit_healthy, "queued": snap.audit_queued},
+        "audit": {
+            "healthy": snap.audit_healthy,
+            "queued": snap.audit_queued,
+            "forwarding": _forwarding_doc(snap),
+        },
         "nonces": {"store": snap.nonce_store, "entries": snap.nonce_entries},
         "workers": [
             {
@@ -182,4 +200,17 @@ def status_doc(snap: Snapshot) -> dict[str, Any]:
             }
             for w in snap.workers
         ],
+    }
+
+
+def _forwarding_doc(snap: Snapshot) -> dict[str, Any] | None:
+    """The audit forwarder's state, or None without [forwarding]."""
+    fwd = snap.forwarding
+    if fwd is None:
+        return None
+    return {
+        "healthy": fwd.healthy,
+        "refusing": fwd.refusing,
+        "lag_bytes": fwd.lag_bytes,
+        "heartbeat_age_seconds": None if fwd.heartbeat_age is None else round(fwd.heartbeat_age, 3),
     }

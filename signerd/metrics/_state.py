@@ -13,18 +13,29 @@ import importlib.metadata
 import os
 import sqlite3
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .._config import Config
 from ..audit import AuditTrail
+from ..backends import Backend
 from ..errors import SignerdError
 from ..federation import Federation
+from ..forwarding import MAX_SILENCE, LagGate
 from ..keys import KeyService
 from ..workers import WorkerSlot, WorkerTable
 from ._age import Due, due
 
-__all__ = ["VERSION", "BackendState", "KeyState", "Snapshot", "Sources", "snapshot"]
+__all__ = [
+    "VERSION",
+    "BackendState",
+    "ForwardingState",
+    "KeyState",
+    "Snapshot",
+    "Sources",
+    "snapshot",
+]
 
 try:
     VERSION = importlib.metadata.version("signerd")
@@ -44,6 +55,10 @@ class Sources:
     audit: AuditTrail
     federation: Federation
     table: WorkerTable
+    #: the backends by configured name (a cluster's node in use, its failovers)
+    backends: Mapping[str, Backend] = field(default_factory=dict)
+    #: the audit forwarder's shared page, when [forwarding] is configured
+    lag: LagGate | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +67,17 @@ class BackendState:
     type: str
     up: bool
     code: str | None  # the wire code of a failed check
+    node: str | None = None  # a cluster backend's node answering now (a configured address)
+
+
+@dataclass(frozen=True)
+class ForwardingState:
+    """The audit forwarder as its shared page shows it."""
+
+    lag_bytes: int | None  # trail bytes the collector has not acknowledged (None: not yet looked)
+    heartbeat_age: float | None  # seconds since the forwarder last looked (None: not yet)
+    refusing: bool  # past its bound (the forwarder's flag): signs are refused under on_lag=refuse
+    healthy: bool  # looked within MAX_SILENCE and not past its bound
 
 
 @dataclass(frozen=True)
@@ -76,6 +102,7 @@ class Snapshot:
     nonce_store: str
     nonce_entries: int | None  # None: the store cannot count (Redis)
     workers: list[WorkerSlot] = field(default_factory=list)
+    forwarding: ForwardingState | None = None
 
     @property
     def problems(self) -> list[str]:
@@ -83,6 +110,8 @@ class Snapshot:
         found = [f"backend {b.name} is down ({b.code})" for b in self.backends if not b.up]
         if not self.audit_healthy:
             found.append("the audit writer is stuck or closed")
+        if self.forwarding is not None and not self.forwarding.healthy:
+            found.append("audit forwarding is past its bound or silent")
         found += [f"key {k.key} has no active version" for k in self.keys if k.active_kid is None]
         found += [
             f"key {k.key} is past its max_active_age"
@@ -97,8 +126,22 @@ async def _check(sources: Sources, name: str) -> BackendState:
     try:
         await sources.keys.check_backend(name, CHECK_TIMEOUT)
     except SignerdError as exc:
-        return BackendState(name, kind, False, exc.code)
-    return BackendState(name, kind, True, None)
+        return BackendState(name, kind, False, exc.code, _node(sources, name))
+    return BackendState(name, kind, True, None, _node(sources, name))
+
+
+def _node(sources: Sources, name: str) -> str | None:
+    """The node a cluster backend sends requests to now (after the check: the one that answered)."""
+    node = getattr(sources.backends.get(name), "node", None)
+    return node if isinstance(node, str) else None
+
+
+def forwarding_state(gate: LagGate) -> ForwardingState:
+    """What the forwarder's page says now."""
+    age = gate.heartbeat_age()
+    refusing = gate.flagged()
+    healthy = age is not None and age <= MAX_SILENCE and not refusing
+    return ForwardingState(gate.lag(), age, refusing, healthy)
 
 
 def _nonce_entries(store: Any) -> int | None:
@@ -153,4 +196,5 @@ async def snapshot(sources: Sources, *, check: bool = True) -> Snapshot:
         nonce_store=config.federation.store,
         nonce_entries=counted,
         workers=sources.table.slots(),
+        forwarding=None if sources.lag is None else forwarding_state(sources.lag),
     )

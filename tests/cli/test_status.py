@@ -72,7 +72,10 @@ def test_json_is_the_status_document(healthy: DaemonProcess) -> None:
     assert key["rotation_due_at"] == key["active_created_at"] + 1e9 and not key["overdue"]
     assert [w["index"] for w in doc["workers"]] == [0, 1]
     assert all(w["restarts"] == 0 for w in doc["workers"])
-    assert doc["backends"] == [{"name": "hsm", "type": "pkcs11", "up": True, "code": None}]
+    assert doc["backends"] == [
+        {"name": "hsm", "type": "pkcs11", "up": True, "code": None, "node": None}
+    ]
+    assert doc["audit"]["forwarding"] is None
 
 
 def test_an_overdue_key_is_flagged_and_exits_1(overdue: DaemonProcess) -> None:

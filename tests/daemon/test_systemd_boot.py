@@ -193,6 +193,31 @@ def test_socket_listens_first_and_activates(box: Container) -> None:
     assert "activated=yes" in box.journal("-u", "signerd.service")
 
 
+def test_check_before_reload_uses_the_units_credentials(box: Container) -> None:
+    """As root before a reload, signerd --check on the shipped and the running configuration
+    passes with the unit's credential, user and environment, leaves no file of root's in the
+    state directory, and fails with 78 and the daemon's line on a wrong PIN."""
+    box.write("/root/shipped.toml", (REPO / "systemd" / "signerd.toml").read_text(), 0o600)
+    check = [f"{VENV}/bin/signerd", "--check"]
+    for config in ("/root/shipped.toml", "/etc/signerd/signerd.toml"):
+        done = box.run(*check, "--config", config, check=False, timeout=90)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == f"signerd: {config}: ok"
+    rooted = box.run("find", "/var/lib/signerd", "/run/signerd", "!", "-user", "signerd")
+    assert rooted.stdout.strip() == "", rooted.stdout
+    box.write("/etc/signerd/credentials/pin", WRONG_PIN + "\n", 0o600)
+    try:
+        wrong = box.run(*check, check=False, timeout=90)
+    finally:
+        box.write("/etc/signerd/credentials/pin", PIN + "\n", 0o600)
+    assert wrong.returncode == 78, wrong.stderr
+    said = "signerd: configuration error: the token refused the login (PinIncorrect); not retrying"
+    assert f"{said} [backends.hsm]" in wrong.stderr.splitlines(), wrong.stderr
+    assert WRONG_PIN not in wrong.stderr + wrong.stdout
+    box.run("systemctl", "reload", "signerd.service", timeout=90)
+    assert _sign(box)["kid"].startswith("acme.feedback.v")
+
+
 def test_audit_key_is_in_the_state_directory(box: Container) -> None:
     """The installed service keeps the audit payload key in /var/lib/signerd (0600, signerd's),
     none in the log directory; the installed docs are where the units point."""
