@@ -1,33 +1,25 @@
 """The audit trail: one hash-chained JSON line per request, written or refused.
 
-The chain's format lives in ``_chain`` and its verification in ``_check``; the
-anchors kept outside the file and the payload key in ``_anchor`` and
-``_anchorer``; opening, writing and recovering the file and telling a rotation
-from a deletion in ``_trailfile``. On start-up
-the chain continues from the last record already in the file.
+Format: ``_chain``; verification: ``_check``; anchors and the payload key: ``_anchor``,
+``_anchorer``; the file, its recovery, rotation versus deletion: ``_trailfile``. On
+start-up the chain continues from the last record already in the file.
 
-Writes happen in batches (one write and one fsync for all the records that
-queued up meanwhile), in one writer thread. A record written ahead
-(``ahead``: a sign's ``intent``) goes to that thread at once, so that its
-fsync runs while the caller signs. In a worker (``stall_guard``
-set), a lone record of one loop turn (one caller) is written at the end of
-that turn on the event loop's own thread, without a hand-off to another
-thread and back; a group of records still goes to the writer thread, so that
-the loop goes on signing while the disk works. The writer thread also keeps
-the anchors, reopening, the journal and the records nobody waits for.
-``record`` waits at most ``write_timeout``; when the write fails or is late
-it raises ``AuditUnavailable`` and the caller refuses the operation (a write
-on the loop's thread that is late is the stall guard's: the worker answers
-503 and ends). While the writer is stuck in a write, ``record`` fails at once.
-After a failure the file is reopened on the next attempt, so the trail
-recovers when the sink does.
+Writes are batched (one write and one fsync for the records queued meanwhile) on one
+writer thread. A record written ahead (``ahead``: a sign's ``intent``) goes to it at
+once, so its fsync runs while the caller signs. In a worker (``stall_guard`` set) a lone
+record of one loop turn is written at the end of that turn on the loop's own thread; a
+group still goes to the writer thread, so the loop signs on while the disk works. The
+writer thread also keeps the anchors, reopening, the journal and the records nobody
+waits for. ``record`` waits at most ``write_timeout``; a failed or late write raises
+``AuditUnavailable`` and the operation is refused (a late write on the loop's thread is
+the stall guard's: the worker answers 503 and ends); while the writer is stuck in a
+write, ``record`` fails at once. After a failure the file is reopened on the next try.
 
-The same thread writes the anchors: at start (``open``), every
-``anchor_interval`` seconds when the head moved, before leaving a file
-(rotation by rename, noticed on SIGHUP, before a batch or on the anchor tick),
-at shutdown, and at once when the live file shrank or was deleted under it
-(the security events ``signerd.audit_truncated`` and ``signerd.audit_deleted``).
-On the same tick it checks that the anchor file is still there.
+Anchors are written at start (``open``), every ``anchor_interval`` seconds when the head
+moved, before leaving a file (rotation by rename, noticed on SIGHUP, before a batch or on
+the anchor tick), at shutdown, and at once when the live file shrank or was deleted under
+it (``signerd.audit_truncated``, ``signerd.audit_deleted``); the same tick checks that
+the anchor file is still there.
 """
 
 from __future__ import annotations
@@ -58,10 +50,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("signerd.audit")
 
 _MAX_BATCH = 256
-#: records written on the loop's thread at most at once: one record is a lone caller,
-#: who waits for nothing else; a group goes to the writer thread, so that the loop
-#: signs the next requests while the disk works (measured: more throughput at 32
-#: callers, the same latency for one)
+#: records written on the loop's thread at most at once (a lone caller); a group goes to the
+#: writer thread, so the loop signs on while the disk works (measured: more throughput)
 _MAX_HERE = 1
 _MAX_QUEUED = 8192  # records nobody waits for (``submit``), queued at most
 _LATER = 0.05  # s: a record ``submit_later`` queued waits at most this for the next write
@@ -236,10 +226,8 @@ class AuditTrail(TrailFile):
         return self.submit(event, later=True)
 
     def write_now(self, events: list[AuditEvent], timeout: float) -> int:
-        """From a thread other than the loop's (the stall guard's, whose worker ends next):
-        write ``events`` (the first ``_MAX_BATCH``) durably now; how many were written.
-        None when the file is not free within ``timeout`` (the loop's thread may be stuck in
-        a write of its own) or the write fails."""
+        """From the stall guard's thread: write the first ``_MAX_BATCH`` of ``events`` durably
+        now; how many were written (0 when the file is not free within ``timeout``)."""
         if not events or not self._io.acquire(timeout=timeout):
             return 0
         try:

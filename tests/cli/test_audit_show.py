@@ -68,9 +68,10 @@ def test_show_merges_worker_files_in_time_order_and_filters(
     times = [r["time"] for r in every]
     assert times == sorted(times)
     assert len({r["file"] for r in every}) >= 2
-    code, out, _ = _ctl(
-        capsys, "audit", "show", trail, "--key", key, "--operation", "sign", "--json"
-    )
+    argv = ("audit", "show", trail, "--key", key, "--operation", "sign", "--outcome", "ok")
+    # a sign's outcome record follows its answer by a moment (its intent is written ahead)
+    wait_until(lambda: len(_json_lines(_ctl(capsys, *argv, "--json")[1])) == 6, what="6 signs")
+    code, out, _ = _ctl(capsys, *argv, "--json")
     signed = _json_lines(out)
     assert code == 0 and len(signed) == 6
     assert all(r["outcome"] == "ok" and r["kid"] == f"{tenant}.feedback.v1" for r in signed)
@@ -87,7 +88,8 @@ def test_show_merges_worker_files_in_time_order_and_filters(
     mine = _ctl(
         capsys, "audit", "show", trail, "--key", f"{tenant}/*", "--caller", str(os.getuid())
     )
-    assert len(mine[1].splitlines()) == 9  # create (intent, outcome), 6 signs, the refusal
+    # create (intent, outcome), 6 signs (intent, outcome), the refusal
+    assert len(mine[1].splitlines()) == 15
     assert _ctl(capsys, "audit", "show", trail, "--key", key, "--caller", "65534")[1] == ""
 
 
