@@ -104,6 +104,7 @@ def test_a_consistent_history_has_no_anomaly(tmp_path: Path) -> None:
     h.sign(12, 18, "acme.release.v1")
     h.sign(15, 35, "acme.release.v1")  # overlaps the rotate: either kid
     h.sign(25, 28, "acme.release.v2")
+    h.op("sign", 22, 26, {"key": KEY}, code="invalid_state")  # lost the race to the rotate
     h.sign(40, 50, "acme.release.v2")
     h.listing("retire", 60, 70, "retired", "active", version=1)
     h.op("promote", 65, 66, {"key": KEY, "version": 1}, code="invalid_state")
@@ -132,6 +133,10 @@ def test_a_consistent_history_has_no_anomaly(tmp_path: Path) -> None:
         (
             "unexplained-failure",
             lambda h: h.op("sign", 40, 50, {"key": KEY}, code="backend_unavailable"),
+        ),
+        (
+            "unexplained-failure",
+            lambda h: h.op("sign", 40, 50, {"key": KEY}, code="invalid_state"),
         ),
         (
             "unexplained-failure",

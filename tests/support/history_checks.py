@@ -61,6 +61,9 @@ def _kid_of(kid: str) -> tuple[str, int]:
     return f"{tenant}/{name}", int(version)
 
 
+_CHANGES = ("rotate", "promote", "retire", "destroy")
+
+
 class _Observations:
     """Each kid's states as seen by completed operations: the latest state a kid certainly
     had before a time, and the earliest it certainly had after one."""
@@ -69,7 +72,12 @@ class _Observations:
         seen: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
         self.listings: list[tuple[Op, str, dict[str, int]]] = []
         self.made: dict[str, int] = {}  # kid -> invocation of the create or rotate making it
+        #: key -> (invocation, completion) of each state change of its versions that took
+        self.changes: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        self.lag = 0  # ns a sign may lag another daemon's change (``check``'s ``stale``)
         for op in ops:
+            if op.ok and op.f in _CHANGES and op.cmp is not None:
+                self.changes[op.args["key"]].append((op.inv, op.cmp))
             if op.ok and op.f == "rotate":
                 self.made[op.value["kid"]] = op.inv
             if op.ok and op.f == "create" and op.value.get("versions"):
@@ -178,6 +186,11 @@ def _failure_explained(op: Op, obs: _Observations, transit: bool) -> bool:
         return code == "invalid_state" and any(
             s not in allowed[op.f] for s in obs.possible(target, op)
         )
+    if op.f in ("sign", "tsign", "fsign") and code == "invalid_state" and op.cmp is not None:
+        # the active version it tried was changed meanwhile, here or (within the lag) through
+        # another daemon, and the one retry after a re-read lost the race again
+        start = op.inv - obs.lag
+        return any(i <= op.cmp and c >= start for i, c in obs.changes.get(key, ()))
     if op.f == "rotate" and code == "invalid_state" and op.args.get("pending"):
         return any(PENDING in obs.possible(k, op) for k in obs.kids_of(key))
     if op.f in ("verify", "tverify", "fverify"):
@@ -201,6 +214,7 @@ def check(
     lag = int(stale * 1e9)
     out: list[Anomaly] = []
     obs = _Observations(ops)
+    obs.lag = lag
     owners: dict[str, str] = {}
     for kid, xs in pubkeys.items():
         if len(xs) > 1:
