@@ -50,6 +50,19 @@ def _traffic(d: DaemonProcess, capsys: pytest.CaptureFixture[str]) -> tuple[str,
     return key, tenant
 
 
+def _spread(d: DaemonProcess, capsys: pytest.CaptureFixture[str]) -> None:
+    """Signs with another tenant's key, a connection each, until two workers' files hold
+    records (which worker accepts a connection is the kernel's choice)."""
+    key = f"{unique('spr')}/feedback"
+    sock = ["--socket", str(d.socket_path)]
+    assert _ctl(capsys, *sock, "keys", "create", key)[0] == 0
+    for _ in range(200):
+        if len([p for p in d.audit_files() if p.stat().st_size > 0]) >= 2:
+            return
+        assert _ctl(capsys, *sock, "sign", key, "--data-b64", "aGk=")[0] == 0
+    raise AssertionError("200 connections all went to one worker")
+
+
 def _json_lines(out: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.splitlines()]
 
@@ -60,8 +73,8 @@ def test_show_merges_worker_files_in_time_order_and_filters(
     """audit show reads every worker's file, in time order; --key/--operation keep that key's
     signatures, --outcome refused --tenant the refusal, with its code."""
     key, tenant = _traffic(two_workers, capsys)
+    _spread(two_workers, capsys)
     trail = str(two_workers.audit_path.parent)
-    wait_until(lambda: len(two_workers.audit_files()) >= 2, what="a trail file per worker")
     code, out, err = _ctl(capsys, "audit", "show", trail, "--json")
     assert (code, err) == (0, "")
     every = _json_lines(out)

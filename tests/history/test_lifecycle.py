@@ -6,6 +6,7 @@ The run lasts SIGNERD_HISTORY_SECONDS (default 30; ``make history`` runs 60) per
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,20 @@ from ..support.openbao import vault_backend_config
 SECONDS = float(os.environ.get("SIGNERD_HISTORY_SECONDS", "30"))
 
 
-def _checked(paths: list[Path], *, transit: bool = False, stale: float = 0.0) -> dict[str, Any]:
+def _checked(
+    paths: list[Path], *, transit: bool = False, stale: float = 0.0, logs: str = ""
+) -> dict[str, Any]:
     ops, pubkeys = load(paths)
     anomalies = check(ops, pubkeys, transit=transit, stale=stale)
     counts = count_by(ops)
-    assert not anomalies, f"{summary(anomalies)}\n{counts}"
+    assert not anomalies, f"{summary(anomalies)}\n{counts}\n{_troubles(logs)}"
     return counts
+
+
+def _troubles(logs: str) -> str:
+    """The daemons' warnings and errors, the last 40, to say why an operation failed."""
+    lines = [line for line in logs.splitlines() if re.search(r"WARNING|ERROR|CRITICAL", line)]
+    return "\n".join(lines[-40:])
 
 
 def _keys() -> list[str]:
@@ -46,7 +55,7 @@ def test_history_on_softhsm_with_workers(tmp_path: Path) -> None:
         paths = run([str(d.socket_path)], _keys(), tmp_path / "h", SECONDS)
     finally:
         assert d.stop() == 0, d.log_text()[-3000:]
-    _assert_busy(_checked(paths))
+    _assert_busy(_checked(paths, logs=d.log_text()))
 
 
 def test_history_on_openbao_with_workers(tmp_path: Path, openbao_dev: Any) -> None:
@@ -61,7 +70,7 @@ def test_history_on_openbao_with_workers(tmp_path: Path, openbao_dev: Any) -> No
         paths = run([str(d.socket_path)], _keys(), tmp_path / "h", SECONDS)
     finally:
         assert d.stop() == 0, d.log_text()[-3000:]
-    _assert_busy(_checked(paths, transit=True))
+    _assert_busy(_checked(paths, transit=True, logs=d.log_text()))
 
 
 REFRESH = 1.0  # keys.refresh_interval of the two daemons
@@ -93,4 +102,4 @@ def test_history_through_two_daemons_on_one_openbao(tmp_path: Path, openbao_dev:
     finally:
         assert a.stop() == 0, a.log_text()[-3000:]
         assert b.stop() == 0, b.log_text()[-3000:]
-    _assert_busy(_checked(paths, transit=True, stale=LAG))
+    _assert_busy(_checked(paths, transit=True, stale=LAG, logs=a.log_text() + b.log_text()))

@@ -46,6 +46,9 @@ log = logging.getLogger("signerd.pkcs11")
 
 _T = TypeVar("_T")
 
+# pauses between searches for an object the metadata names (None: give up)
+_SHOW_PAUSES = (0.005, 0.02, None)
+
 
 class Pkcs11Backend:
     """Keys on one PKCS#11 token. Thread-safe: every token call holds the module lock."""
@@ -126,13 +129,26 @@ class Pkcs11Backend:
     def _public_key(self, session: Any, kid: str) -> bytes:
         raw = self._public.get(kid)
         if raw is None:
-            try:
-                obj = session.get_key(object_class=ObjectClass.PUBLIC_KEY, label=kid)
-            except p11e.NoSuchKey as exc:
-                raise BackendUnavailable("a version's public key cannot be read") from exc
+            for pause in _SHOW_PAUSES:
+                try:
+                    obj = session.get_key(object_class=ObjectClass.PUBLIC_KEY, label=kid)
+                    break
+                except p11e.NoSuchKey as exc:
+                    # SoftHSM can miss an object while another process writes the token
+                    if pause is None:
+                        raise TokenVanished("a version's public key does not show") from exc
+                    time.sleep(pause)
             raw = raw_public_key(obj[Attribute.EC_POINT])
             self._public[kid] = raw
         return raw
+
+    def _meta_for_change(self, session: Any, key: KeyName) -> tuple[KeyMeta, list[Any]]:
+        """The key's metadata before a change, with every version's public key read first:
+        what fails to read fails before anything is written, so the call can be tried again."""
+        meta, old = self._current_meta(session, key)
+        for version in meta.versions:
+            self._public_key(session, key.kid(version))
+        return meta, old
 
     def _prefetch_public(self, session: Any, kids: set[str]) -> None:
         """Read many public keys in one pass over the token (one search, not one per kid)."""
@@ -167,7 +183,7 @@ class Pkcs11Backend:
             for k, m in sorted(latest.items()):
                 try:
                     infos.append(self._info(session, k, m))
-                except (BackendUnavailable, BackendError):
+                except (BackendUnavailable, BackendError, TokenVanished):
                     # A version without a readable public key: skip the key, never the answer.
                     self._report(meta_label(k), "unreadable_public_key")
             if infos:  # an empty listing may be a token that cannot open its files
@@ -239,7 +255,7 @@ class Pkcs11Backend:
 
     def rotate(self, key: KeyName, *, pending: bool) -> KeyInfo:
         def run(session: Any) -> KeyInfo:
-            meta, old = self._current_meta(session, key)
+            meta, old = self._meta_for_change(session, key)
             version = self._generate(session, key, max(meta.versions, default=0) + 1)
             changes: dict[int, VersionState] = {}
             if pending:
@@ -254,7 +270,7 @@ class Pkcs11Backend:
 
     def set_state(self, key: KeyName, version: int, state: VersionState) -> KeyInfo:
         def run(session: Any) -> KeyInfo:
-            meta, old = self._current_meta(session, key)
+            meta, old = self._meta_for_change(session, key)
             if version not in meta.versions:
                 raise UnknownVersion()
             changes = meta.promotion(version) if state is VersionState.ACTIVE else {version: state}
@@ -266,7 +282,7 @@ class Pkcs11Backend:
 
     def destroy(self, key: KeyName, version: int) -> KeyInfo:
         def run(session: Any) -> KeyInfo:
-            meta, old = self._current_meta(session, key)
+            meta, old = self._meta_for_change(session, key)
             if version not in meta.versions:
                 raise UnknownVersion()
             kid = key.kid(version)
