@@ -37,6 +37,8 @@ from typing import Any
 
 import requests
 
+from signerd.testing import wait_until
+
 START_TIMEOUT = 30.0  # seconds for a server to answer after it is started
 STOP_TIMEOUT = 10.0
 
@@ -144,6 +146,21 @@ class BaoServer:
             self.api("POST", "sys/mounts/transit", {"type": "transit"})
         if "secret/" not in mounts:
             self.api("POST", "sys/mounts/secret", {"type": "kv", "options": {"version": "2"}})
+        self.wait_kv_ready()
+
+    def wait_kv_ready(self, mount: str = "secret") -> None:
+        """Wait out a new KV v2 mount's upgrade (it answers 400 to reads meanwhile)."""
+
+        def ready() -> bool:
+            answer = self._session.get(
+                f"{self.addr}/v1/{mount}/data/signerd-kv-ready",
+                headers={"X-Vault-Token": self.root_token},
+                timeout=10,
+                verify=str(self.ca_file) if self.ca_file else True,
+            )
+            return answer.status_code == 404
+
+        wait_until(ready, START_TIMEOUT, "the KV v2 mount to finish its upgrade")
 
     def enable_transit(self, mount: str, namespace: str | None = None) -> None:
         self.api("POST", f"sys/mounts/{mount}", {"type": "transit"}, namespace=namespace)

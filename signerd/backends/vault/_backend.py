@@ -2,7 +2,8 @@
 
 How transit versions and the metadata record map to version states is
 ``_states``; requests and their errors are ``_http``; signs take the fast path
-in ``_sign``.
+in ``_sign``. Changes of a key are made under its lease (``_lease``), so that
+several daemons on one Vault change one key at a time.
 
 The same configuration works against HashiCorp Vault (same transit, KV v2,
 token and AppRole API). The token needs: ``<mount>/keys/*`` (create, read,
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 
 from ...errors import (
@@ -33,14 +34,14 @@ from ...wire import KeyName, valid_part
 from .. import KeyInfo, VersionState
 from ._auth import Auth
 from ._http import Json, NotFoundInVault, Transport, connection_failed
+from ._lease import Held, Leases
 from ._nodes import Nodes
+from ._record import Records
 from ._settings import VaultSettings
 from ._sign import SignClient, parse_signature, sign_refusal
-from ._states import ForeignKey, Record, Transit, key_info, malformed, record_of, transit_of
+from ._states import ForeignKey, Record, Transit, key_info, malformed, transit_of
 
 log = logging.getLogger("signerd.vault")
-
-_CAS_ATTEMPTS = 5
 
 
 class VaultBackend:
@@ -58,6 +59,14 @@ class VaultBackend:
             self.nodes,
         )
         self.max_concurrency = settings.max_concurrency
+        self.records = Records(transport, self._meta_path)
+        # a holder's transit call (one retry at most) lands within 2 timeouts of its guard
+        self.leases = Leases(
+            self.records,
+            ttl=4 * settings.timeout,
+            wait=settings.timeout,
+            margin=2 * settings.timeout,
+        )
         self._reported: set[str] = set()  # keys skipped from listings, logged once each
 
     @property
@@ -103,51 +112,24 @@ class VaultBackend:
             raise UnknownKey() from exc
         return transit_of(key, answer)
 
-    def _read_meta(self, key: KeyName, *, for_write: bool = False) -> Record:
-        try:
-            answer = self.transport.request("GET", self._meta_path(key))
-        except NotFoundInVault:
-            return Record(cas=self._meta_version(key) if for_write else 0)
-        return record_of(answer)
-
-    def _meta_version(self, key: KeyName) -> int:
-        """The record's KV version for check-and-set when its data cannot be read."""
-        try:
-            answer = self.transport.request("GET", self._meta_path(key, "metadata"))
-            return int(answer["data"]["current_version"])
-        except NotFoundInVault:
-            return 0
-        except (KeyError, TypeError, ValueError) as exc:
-            raise malformed("metadata record", exc) from exc
-
     def _read(self, key: KeyName) -> tuple[Transit, Record, KeyInfo]:
         transit = self._read_transit(key)
-        meta = self._read_meta(key)
+        meta = self.records.read(key)
         return transit, meta, key_info(key, transit, meta)
+
+    def _under(self, held: Held) -> tuple[Transit, Record, KeyInfo]:
+        """The key read under its lease (the record is the one the lease was written in)."""
+        transit = self._read_transit(held.key)
+        return transit, held.record, key_info(held.key, transit, held.record)
 
     # --- writing ---
 
-    def _config(self, key: KeyName, **values: int) -> None:
+    def _config(self, held: Held, **values: int) -> None:
+        self.leases.guard(held)
         try:
-            self.transport.request("POST", self._key_path(key, "/config"), dict(values))
+            self.transport.request("POST", self._key_path(held.key, "/config"), dict(values))
         except NotFoundInVault as exc:
             raise UnknownKey() from exc
-
-    def _update_meta(self, key: KeyName, change: Callable[[Record], Record]) -> None:
-        """Read-modify-write the metadata record with check-and-set."""
-        for _ in range(_CAS_ATTEMPTS):
-            meta = self._read_meta(key, for_write=True)
-            body = {"options": {"cas": meta.cas}, "data": change(meta).to_json()}
-            try:
-                self.transport.request("POST", self._meta_path(key), body)
-                return
-            except BackendError as exc:
-                if "check-and-set" not in str(getattr(exc.__cause__, "errors", "")):
-                    raise
-                log.info("signerd.vault.record_conflict key=%s", key)
-            except NotFoundInVault as exc:
-                raise BackendError("the Vault metadata mount is missing") from exc
-        raise BackendError("the key's metadata record keeps changing")
 
     # --- Backend protocol ---
 
@@ -185,50 +167,55 @@ class VaultBackend:
         return self._read(key)[2]
 
     def create(self, key: KeyName) -> KeyInfo:
-        try:
-            self._read_transit(key)
-        except UnknownKey:
-            pass
-        else:
-            raise KeyExists()
-        body = {"type": "ed25519", "exportable": False, "allow_plaintext_backup": False}
-        # transit answers a create of an existing key with success, so a retry is safe
-        self.transport.request("POST", self._key_path(key), body)
-        meta = self._read_meta(key)
-        if meta.retired or meta.archived:
-            # left over from an earlier key of the same name deleted outside signerd
-            self._update_meta(key, lambda m: Record(cas=m.cas))
-        info = self.describe(key)
+        with self.leases.holding(key, "create") as held:
+            try:
+                self._read_transit(key)
+            except UnknownKey:
+                pass
+            else:
+                raise KeyExists()
+            body = {"type": "ed25519", "exportable": False, "allow_plaintext_backup": False}
+            self.leases.guard(held)
+            # transit answers a create of an existing key with success, so a retry is safe
+            self.transport.request("POST", self._key_path(key), body)
+            if held.record.retired or held.record.archived:
+                # left over from an earlier key of the same name deleted outside signerd
+                self.leases.update(held, lambda m: Record(cas=m.cas))
+            info = self._under(held)[2]
         log.debug("signerd.vault.create key=%s", key)
         return info
 
     def rotate(self, key: KeyName, *, pending: bool) -> KeyInfo:
-        transit = self._read_transit(key)
-        before = transit.latest
-        if pending:
-            if transit.min_encryption == 0:
-                # pin the active version first, so the new one arrives as pending
-                self._config(key, min_encryption_version=before)
-            new = self._rotate_once(key, before)
-        elif transit.min_encryption == 0:
-            new = self._rotate_once(key, before)  # latest becomes active: one step
-        elif transit.min_encryption == before and transit.min_available == 0:
-            # unpin (no visible change, the pinned version is the latest), then rotate
-            self._config(key, min_encryption_version=0)
-            new = self._rotate_once(key, before)
-        else:
-            # transit needs a pin here (trimmed key, or pending versions exist):
-            # the new version is pending until the pin moves to it
-            new = self._rotate_once(key, before)
-            self._config(key, min_encryption_version=new)
-        info = replace(self.describe(key), made=new)  # transit answers its own
+        with self.leases.holding(key, "rotate", exists=lambda: self._read_transit(key)) as held:
+            transit = self._read_transit(key)
+            before = transit.latest
+            if pending:
+                if transit.min_encryption == 0:
+                    # pin the active version first, so the new one arrives as pending
+                    self._config(held, min_encryption_version=before)
+                new = self._rotate_once(held, before)
+            elif transit.min_encryption == 0:
+                new = self._rotate_once(held, before)  # latest becomes active: one step
+            elif transit.min_encryption == before and transit.min_available == 0:
+                # unpin (no visible change, the pinned version is the latest), then rotate
+                self._config(held, min_encryption_version=0)
+                new = self._rotate_once(held, before)
+            else:
+                # transit needs a pin here (trimmed key, or pending versions exist):
+                # the new version is pending until the pin moves to it
+                new = self._rotate_once(held, before)
+                self._config(held, min_encryption_version=new)
+            info = replace(self._under(held)[2], made=new)
         log.debug("signerd.vault.rotate key=%s latest=%s pending=%s", key, info.latest, pending)
         return info
 
-    def _rotate_once(self, key: KeyName, before: int) -> int:
-        """Rotate; after a lost answer, look before trying again (never two versions)."""
+    def _rotate_once(self, held: Held, before: int) -> int:
+        """Rotate under the lease: the new version is ``before + 1``, confirmed; after
+        a lost answer, look before trying again (never two versions)."""
+        key, made = held.key, before + 1
         path = self._key_path(key, "/rotate")
         for attempt in (1, 2):
+            self.leases.guard(held)
             try:
                 answer = self.transport.request("POST", path, {}, retry=False)
             except NotFoundInVault as exc:
@@ -239,44 +226,53 @@ class VaultBackend:
                 latest = self._read_transit(key).latest
                 if latest > before:
                     log.info("signerd.vault.rotate_answer_lost key=%s done=yes", key)
-                    return latest
+                    return self._confirm(key, made, latest)
                 if attempt == 2 or not connection_failed(exc.__cause__):
                     raise
                 log.info("signerd.vault.rotate_answer_lost key=%s done=no retry=yes", key)
                 continue
             data = answer.get("data") or {}
-            if "latest_version" in data:
-                return int(data["latest_version"])
-            return self._read_transit(key).latest
+            if data.get("latest_version") == made:
+                return made
+            return self._confirm(key, made, self._read_transit(key).latest)
         raise AssertionError("unreachable")
 
+    def _confirm(self, key: KeyName, made: int, latest: int) -> int:
+        """The version a rotate under the lease made: ``made``, unless something that
+        does not take the lease rotated the key too (then which one is ours is unknown)."""
+        if latest == made:
+            return made
+        log.error("signerd.vault.rotated_elsewhere key=%s made=%s latest=%s", key, made, latest)
+        raise BackendError("the key was rotated by another writer at the same time")
+
     def set_state(self, key: KeyName, version: int, state: VersionState) -> KeyInfo:
-        transit, meta, info = self._read(key)
-        current = info.version(version)
-        if current is None:
-            raise UnknownVersion()
-        if current.state is state:
-            return info
-        if state is VersionState.ACTIVE and current.state is VersionState.PENDING:
-            self._config(key, min_encryption_version=version)
-        elif state is VersionState.RETIRED and current.state in (
-            VersionState.PENDING,
-            VersionState.VERIFY_ONLY,
-        ):
-            self._retire(key, transit, meta, version)
-        else:
-            raise InvalidState(f"cannot set a {current.state} version {state} on this backend")
-        info = self.describe(key)
+        with self.leases.holding(key, "set_state", exists=lambda: self._read_transit(key)) as held:
+            transit, _, info = self._under(held)
+            current = info.version(version)
+            if current is None:
+                raise UnknownVersion()
+            if current.state is state:
+                return info
+            if state is VersionState.ACTIVE and current.state is VersionState.PENDING:
+                self._config(held, min_encryption_version=version)
+            elif state is VersionState.RETIRED and current.state in (
+                VersionState.PENDING,
+                VersionState.VERIFY_ONLY,
+            ):
+                self._retire(held, transit, version)
+            else:
+                raise InvalidState(f"cannot set a {current.state} version {state} on this backend")
+            info = self._under(held)[2]
         log.debug("signerd.vault.set_state key=%s version=%s state=%s", key, version, state)
         return info
 
-    def _retire(self, key: KeyName, transit: Transit, meta: Record, version: int) -> None:
+    def _retire(self, held: Held, transit: Transit, version: int) -> None:
         if version == transit.min_decryption and version < transit.active:
-            self._raise_floor(key, transit, meta, version)
+            self._raise_floor(held, transit, version)
             return
-        self._update_meta(key, lambda m: replace(m, retired=m.retired | {version}))
+        self.leases.update(held, lambda m: replace(m, retired=m.retired | {version}))
 
-    def _raise_floor(self, key: KeyName, transit: Transit, meta: Record, version: int) -> int:
+    def _raise_floor(self, held: Held, transit: Transit, version: int) -> int:
         """Retire ``version`` (== min_decryption_version) by raising the floor past it.
 
         The floor also moves past versions already retired out of order just
@@ -284,7 +280,7 @@ class VaultBackend:
         transit stops returning keys below the floor.
         """
         floor = version + 1
-        while floor in meta.retired and floor < transit.active:
+        while floor in held.record.retired and floor < transit.active:
             floor += 1
         moving = {
             v: transit.keys[v] for v in range(transit.min_decryption, floor) if v in transit.keys
@@ -293,39 +289,43 @@ class VaultBackend:
         def archive(m: Record) -> Record:
             return replace(m, archived={**m.archived, **moving})
 
-        self._update_meta(key, archive)
-        self._config(key, min_decryption_version=floor)
+        self.leases.update(held, archive)
+        self._config(held, min_decryption_version=floor)
         return floor
 
     def destroy(self, key: KeyName, version: int) -> KeyInfo:
-        transit, meta, info = self._read(key)
-        current = info.version(version)
-        if current is None:
-            raise UnknownVersion()
-        if current.state is VersionState.DESTROYED:
-            return info
-        if current.state is not VersionState.RETIRED:
-            raise InvalidState("only a retired version can be destroyed")
-        oldest = max(transit.min_available, 1)
-        if version != oldest:
-            raise InvalidState(
-                f"Vault transit destroys versions from the oldest up: destroy v{oldest} first"
-            )
-        if version >= transit.active:
-            raise InvalidState("Vault transit cannot destroy a version newer than the active one")
-        if version >= transit.min_decryption:  # retired out of order, now at the floor
-            self._raise_floor(key, transit, meta, version)
-            transit = self._read_transit(key)
-        if transit.min_encryption == 0:
-            # trim needs an explicit pin; pin the version that is active anyway
-            self._config(key, min_encryption_version=transit.latest)
-        try:
-            self.transport.request(
-                "POST", self._key_path(key, "/trim"), {"min_available_version": version + 1}
-            )
-        except NotFoundInVault as exc:
-            raise UnknownKey() from exc
-        info = self.describe(key)
+        with self.leases.holding(key, "destroy", exists=lambda: self._read_transit(key)) as held:
+            transit, _, info = self._under(held)
+            current = info.version(version)
+            if current is None:
+                raise UnknownVersion()
+            if current.state is VersionState.DESTROYED:
+                return info
+            if current.state is not VersionState.RETIRED:
+                raise InvalidState("only a retired version can be destroyed")
+            oldest = max(transit.min_available, 1)
+            if version != oldest:
+                raise InvalidState(
+                    f"Vault transit destroys versions from the oldest up: destroy v{oldest} first"
+                )
+            if version >= transit.active:
+                raise InvalidState(
+                    "Vault transit cannot destroy a version newer than the active one"
+                )
+            if version >= transit.min_decryption:  # retired out of order, now at the floor
+                self._raise_floor(held, transit, version)
+                transit = self._read_transit(key)
+            if transit.min_encryption == 0:
+                # trim needs an explicit pin; pin the version that is active anyway
+                self._config(held, min_encryption_version=transit.latest)
+            self.leases.guard(held)
+            try:
+                self.transport.request(
+                    "POST", self._key_path(key, "/trim"), {"min_available_version": version + 1}
+                )
+            except NotFoundInVault as exc:
+                raise UnknownKey() from exc
+            info = self._under(held)[2]
         log.debug("signerd.vault.destroy key=%s version=%s", key, version)
         return info
 

@@ -28,6 +28,8 @@ log = logging.getLogger("signerd.vault")
 Json = dict[str, Any]
 ClientFactory = Callable[[], Any]  # -> hvac.Client
 
+_KV_UPGRADING = "Upgrading from non-versioned to versioned data"
+
 
 class NotFoundInVault(Exception):
     """Vault answered 404; callers turn it into UnknownKey or "nothing stored"."""
@@ -54,6 +56,10 @@ def translate(exc: BaseException, what: str) -> SignerdError:
         | hvac.exceptions.BadGateway,
     ):
         err = BackendUnavailable("Vault is not ready")
+    elif isinstance(exc, hvac.exceptions.InvalidRequest) and any(
+        _KV_UPGRADING in str(e) for e in exc.errors or ()
+    ):
+        err = BackendUnavailable("Vault is not ready")  # a new KV v2 mount, for a moment
     elif isinstance(exc, hvac.exceptions.Forbidden | hvac.exceptions.Unauthorized):
         err = CredentialsRefused("Vault refused signerd's token", reason=type(exc).__name__)
     else:

@@ -25,6 +25,10 @@ the public keys and creation times of versions below the floor, which transit
 stops returning once they are archived or trimmed. The record is read with
 each description; a missing record means "nothing out of order".
 
+The record also holds the lease of a state change in progress (see ``_lease``):
+every create, rotate, state change and destroy of a key takes it with
+check-and-set first, so changes through several daemons are serialised.
+
 Destroy trims with ``min_available_version``, which only cuts from the oldest
 version up: a version can be destroyed once every older one is destroyed.
 """
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -61,6 +66,31 @@ class Transit:
         return self.min_encryption or self.latest
 
 
+_HOLDER = re.compile(r"[A-Za-z0-9._:-]{1,100}")
+_NONCE = re.compile(r"[0-9a-f]{16,64}")
+MAX_LEASE_MS = 3_600_000  # a lease longer than an hour is read as one hour
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Who is changing the key now: a daemon's process, and a nonce per change."""
+
+    holder: str  # host:pid of the holder (for logs)
+    nonce: str  # unique to this change: the holder finds its own write by it
+    op: str  # what it is doing (create, rotate, set_state, destroy)
+    ttl_ms: int  # how long the holder may hold it
+    expires: int  # holder's wall clock, Unix milliseconds
+
+    def to_json(self) -> Json:
+        return {
+            "holder": self.holder,
+            "nonce": self.nonce,
+            "op": self.op,
+            "ttl_ms": self.ttl_ms,
+            "expires": self.expires,
+        }
+
+
 @dataclass(frozen=True)
 class Record:
     """The key's metadata record in KV v2 (what transit cannot hold)."""
@@ -68,9 +98,10 @@ class Record:
     retired: frozenset[int] = frozenset()
     archived: Mapping[int, tuple[bytes, int]] = field(default_factory=dict)
     cas: int = 0  # KV version the record was read at (0: no record)
+    lease: Lease | None = None
 
     def to_json(self) -> Json:
-        return {
+        data: Json = {
             "format": 1,
             "retired": sorted(self.retired),
             "archived": {
@@ -78,6 +109,9 @@ class Record:
                 for v, (pk, ts) in sorted(self.archived.items())
             },
         }
+        if self.lease is not None:
+            data["lease"] = self.lease.to_json()
+        return data
 
 
 def key_info(key: KeyName, transit: Transit, meta: Record) -> KeyInfo:
@@ -165,6 +199,20 @@ def record_of(answer: Json) -> Record:
                 for v, a in data.get("archived", {}).items()
             },
             cas=int(answer["data"]["metadata"]["version"]),
+            lease=lease_of(data.get("lease")),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise malformed("metadata record", exc) from exc
+
+
+def lease_of(data: Any) -> Lease | None:
+    """The lease a record holds (None: no change in progress); ValueError if malformed."""
+    if data is None:
+        return None
+    holder, nonce, op = (str(data[f]) for f in ("holder", "nonce", "op"))
+    ttl_ms, expires = int(data["ttl_ms"]), int(data["expires"])
+    if not (_HOLDER.fullmatch(holder) and _NONCE.fullmatch(nonce) and _HOLDER.fullmatch(op)):
+        raise ValueError("lease holder, nonce or operation")
+    if not 0 < ttl_ms <= MAX_LEASE_MS or not 0 <= expires < 2**53:
+        raise ValueError("lease times")
+    return Lease(holder, nonce, op, ttl_ms, expires)
