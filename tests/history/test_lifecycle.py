@@ -10,8 +10,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from ..conftest import start_daemon, unique
 from ..support.history import load
 from ..support.history_checks import check, count_by, summary
@@ -77,13 +75,6 @@ REFRESH = 1.0  # keys.refresh_interval of the two daemons
 LAG = 2 * REFRESH + 1.0  # a refresh period, and one re-read that may take as long, and slack
 
 
-# Known, open: two rotates of one transit key at once through two daemons can both answer
-# the same new kid (transit's rotate answer is read after the other rotate landed). The run
-# still checks everything else; when the race does not happen in its 30 s it passes.
-@pytest.mark.xfail(
-    reason="open: concurrent rotates through two daemons can name the same version",
-    strict=False,
-)
 def test_history_through_two_daemons_on_one_openbao(tmp_path: Path, openbao_dev: Any) -> None:
     """Two daemons on one OpenBao and one nonce store, clients on both: no anomaly, a sign or
     verify lagging a change made through the other daemon by at most LAG seconds."""
