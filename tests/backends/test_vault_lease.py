@@ -23,7 +23,7 @@ from signerd.testing import wait_until
 from signerd.wire import KeyName
 
 from ..conftest import unique
-from ..support.openbao import BaoServer, dev_server, vault_backend_config
+from ..support.openbao import BaoServer, FaultProxy, dev_server, vault_backend_config
 
 THREADS = 4  # per backend
 ROTATES = 3  # per thread
@@ -217,8 +217,10 @@ def test_holder_whose_lease_was_taken_over_cannot_write_the_record(
         a.leases.update(held, lambda m: m)
     a.leases.release(held)
     assert record(bao, key)["lease"]["nonce"] == "cd" * 16
-    with pytest.raises(BackendUnavailable):  # b waits for the live lease, then gives up
+    began = time.monotonic()
+    with pytest.raises(BackendUnavailable):  # b waits its timeout for the live lease
         b.rotate(key, pending=False)
+    assert 0.5 * 0.9 <= time.monotonic() - began < 5
 
 
 def test_rotation_outside_the_lease_is_not_named(bao: BaoServer, make: Any, key: KeyName) -> None:
@@ -240,6 +242,51 @@ def test_rotation_outside_the_lease_is_not_named(bao: BaoServer, make: Any, key:
     assert type(caught.value) is BackendError
     assert backend.describe(key).latest == 3
     assert "lease" not in record(bao, key)
+
+
+def test_holder_out_of_time_makes_no_transit_change(
+    bao: BaoServer, make: Any, key: KeyName
+) -> None:
+    """A holder whose lease has too little time left for a transit call answers 503, no change."""
+    backend = make(timeout=0.5)  # lease 2 s, a transit call needs 1 s of it left
+    backend.create(key)
+    read = backend._read_transit
+
+    def slow_read(k: KeyName) -> Any:
+        time.sleep(1.2)  # as slow as a loaded Vault
+        return read(k)
+
+    backend._read_transit = slow_read
+    with pytest.raises(BackendUnavailable):
+        backend.rotate(key, pending=False)
+    assert bao.transit_key(f"signerd-{key.tenant}.{key.name}")["latest_version"] == 1
+    assert "lease" not in record(bao, key)
+
+
+def test_rotate_costs_two_kv_writes_and_a_sign_none(
+    bao: BaoServer, make: Any, key: KeyName
+) -> None:
+    """A rotate adds two KV writes (lease taken, lease given back); a sign makes no KV call."""
+    make().create(key)
+    with FaultProxy(bao.addr) as proxy:
+        backend = make(addr=proxy.addr)
+        backend.describe(key)  # as a running daemon has: the record was read before
+        proxy.forwarded.clear()
+        backend.rotate(key, pending=False)
+        rotate = [line.split(b" ")[:2] for line in proxy.forwarded]
+        proxy.forwarded.clear()
+        assert isinstance(backend.sign(key, 2, [b"m"])[0], bytes)
+        sign = [line.split(b" ")[:2] for line in proxy.forwarded]
+    name = f"signerd-{key.tenant}.{key.name}".encode()
+    record_path = b"/v1/secret/data/transit/" + name
+    assert rotate == [
+        [b"POST", record_path],
+        [b"GET", b"/v1/transit/keys/" + name],
+        [b"POST", b"/v1/transit/keys/" + name + b"/rotate"],
+        [b"GET", b"/v1/transit/keys/" + name],
+        [b"POST", record_path],
+    ]
+    assert sign == [[b"POST", b"/v1/transit/sign/" + name]]
 
 
 def test_new_kv_mount_upgrading_is_unavailable() -> None:
