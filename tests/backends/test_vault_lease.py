@@ -300,3 +300,19 @@ def test_new_kv_mount_upgrading_is_unavailable() -> None:
     assert type(translate(upgrading, "request")) is BackendUnavailable
     other = hvac.exceptions.InvalidRequest(errors=["something else"])
     assert type(translate(other, "request")) is BackendError
+
+
+def test_malformed_lease_is_refused_not_trusted(bao: BaoServer, make: Any, key: KeyName) -> None:
+    """A record whose lease is malformed (bad nonce, or a time to live over an hour) is refused."""
+    backend = make()
+    backend.create(key)
+    good = {"holder": "h:1", "nonce": "ab" * 16, "op": "rotate", "ttl_ms": 20_000, "expires": 1}
+    for bad in ({"nonce": "x\n"}, {"ttl_ms": 3_600_001}, {"holder": "h 1"}):
+        data = {**record(bao, key), "lease": {**good, **bad}}
+        bao.api("POST", f"secret/data/transit/signerd-{key.tenant}.{key.name}", {"data": data})
+        with pytest.raises(BackendError) as caught:
+            backend.describe(key)
+        assert type(caught.value) is BackendError
+        with pytest.raises(BackendError):
+            backend.rotate(key, pending=False)
+    assert bao.transit_key(f"signerd-{key.tenant}.{key.name}")["latest_version"] == 1

@@ -68,7 +68,7 @@ class Transit:
 
 _HOLDER = re.compile(r"[A-Za-z0-9._:-]{1,100}")
 _NONCE = re.compile(r"[0-9a-f]{16,64}")
-MAX_LEASE_MS = 3_600_000  # a lease longer than an hour is read as one hour
+MAX_LEASE_MS = 3_600_000  # a record whose lease claims longer is malformed
 
 
 @dataclass(frozen=True)
