@@ -26,7 +26,7 @@ from ..backends import Backend, load_factory
 from ..errors import AuditUnavailable, SignerdError
 from ..federation import Federation, attach
 from ..federation import check_reload as check_federation_reload
-from ..forwarding import LAG_PAGE, MAX_SILENCE, GatedAheadSink, LagGate
+from ..forwarding import LAG_PAGE, MAX_SILENCE, GatedSink, LagGate
 from ..keys import KeyService
 from ..metrics import Metrics, Sources, metrics_directory
 from ..server import (
@@ -157,7 +157,7 @@ def _gated(config: Config, audit: AuditTrail) -> AuditSink:
     if config.forwarding is None or config.forwarding.on_lag != "refuse":
         return audit
     # a sign is refused at its intent record, before the token is asked
-    return GatedAheadSink(audit, LagGate(flag_path(config), MAX_SILENCE))
+    return GatedSink(audit, LagGate(flag_path(config), MAX_SILENCE))
 
 
 def _fitted(config: Config) -> Limits:

@@ -18,7 +18,7 @@ from ._checkpoint import (
     sign_checkpoint,
 )
 from ._forwarder import Forwarder
-from ._gate import LAG_PAGE, MAX_SILENCE, GatedAheadSink, GatedSink, LagFlag, LagGate
+from ._gate import LAG_PAGE, MAX_SILENCE, GatedSink, LagFlag, LagGate
 from ._settings import ForwardingSettings, forwarding_settings
 from ._state import Position, load_state, save_state
 from ._syslog import Syslog, frame, message, parse
@@ -29,7 +29,6 @@ __all__ = [
     "Checkpoint",
     "Forwarder",
     "ForwardingSettings",
-    "GatedAheadSink",
     "GatedSink",
     "LagFlag",
     "LagGate",
