@@ -13,24 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from signerd.wire import from_jwk
 
 from ..conftest import DaemonProcess, unique
-from ..support.rawhttp import Reply, request
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-class Api:
-    def __init__(self, d: DaemonProcess) -> None:
-        self.sock = str(d.socket_path)
-
-    def __call__(self, method: str, url: str, body: Any = None, **kw: Any) -> Reply:
-        return request(self.sock, method, url, body, **kw)
-
-    def ok(self, method: str, url: str, body: Any = None, status: int = 200) -> Any:
-        reply = self(method, url, body)
-        assert reply.status == status, reply.body
-        return reply.json
+from ..support.federation import Api, b64
 
 
 @pytest.fixture(scope="module")
