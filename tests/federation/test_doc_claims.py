@@ -93,7 +93,8 @@ def test_attestation_parses_the_telemetry_body_strictly() -> None:
     assert attestation_of_body(good, max_depth=32) == ATT
     duplicate = b'{"attestation_measurement_hash":"' + ATT.encode() + b'","n":1,"n":2}'
     unsafe = b'{"attestation_measurement_hash":"' + ATT.encode() + b'","n":1e16}'
-    for body in (duplicate, unsafe):
+    large = b'{"attestation_measurement_hash":"' + ATT.encode() + b'","n":[{"m":1E+21}]}'
+    for body in (duplicate, unsafe, large):
         assert attestation_of_body(body, max_depth=32) is None
     assert "is answered 403 `attestation_mismatch`" in " ".join(DOC.split())
 
