@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +18,7 @@ from signerd.testing import SignerdProcess, wait_until
 from ..conftest import unique
 from ..support.rsyslog import Rsyslog, wait_for
 from .conftest import forwarded, forwarding_daemon, settled_lines, sign_many
+from .test_tls import self_signed
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -115,3 +117,59 @@ def test_relp_collector_down_for_30s_under_load_gets_every_record_once(
     assert "signerd.forwarding_replay" not in log
     assert "signerd.forwarding_connection_lost" in log  # the outage was seen
     print(f"relp outage: {during} signs during 30 s down, {len(ids)} records, {elapsed:.1f} s")
+
+
+def _relp_tls(tmp_path: Path, sender_name: str) -> tuple[Rsyslog, dict[str, Any]]:
+    """An imrelp collector in TLS that takes only senders named signer.test, and the
+    [forwarding] settings of a sender whose certificate names ``sender_name``."""
+    server_cert, server_key = self_signed(tmp_path / "pki-collector")
+    sender_cert, sender_key = self_signed(tmp_path / "pki-sender", name=sender_name)
+    collector = Rsyslog(
+        tmp_path / "collector",
+        tls=(server_cert, server_key),
+        relp=True,
+        peer=(sender_cert, "signer.test"),
+    )
+    settings: dict[str, Any] = {
+        "transport": "relp",
+        "tls": True,
+        "tls_ca_file": str(server_cert),
+        "tls_server_name": "collector.test",
+        "tls_cert_file": str(sender_cert),
+        "tls_key_file": str(sender_key),
+    }
+    return collector, settings
+
+
+def test_records_arrive_over_relp_in_tls(tmp_path: Path) -> None:
+    """RELP over TLS, each side checking the other's certificate: every record arrives
+    in order, once."""
+    key = f"{unique('relp')}/k"
+    collector, settings = _relp_tls(tmp_path, "signer.test")
+    with collector, forwarding_daemon(tmp_path / "d", collector, **settings) as d:
+        with Client(d.socket_path) as c:
+            c.create_key(key)
+        sign_many(d, key, 20)
+        want = settled_lines(d)
+        wait_until(
+            lambda: dict(forwarded(collector)) == want,
+            timeout=60,
+            what="every record of the trail at the collector",
+        )
+
+
+def test_a_sender_the_relp_collector_does_not_permit_delivers_nothing(tmp_path: Path) -> None:
+    """A sender whose certificate names another host is turned away by imrelp: nothing
+    arrives and the forwarder logs the collector as down."""
+    key = f"{unique('relp')}/k"
+    collector, settings = _relp_tls(tmp_path, "intruder.test")
+    with collector, forwarding_daemon(tmp_path / "d", collector, **settings) as d:
+        with Client(d.socket_path) as c:
+            c.create_key(key)
+        sign_many(d, key, 5)
+        wait_until(
+            lambda: "signerd.forwarding_collector_down" in d.log_text(),
+            timeout=30,
+            what="the refused session",
+        )
+    assert collector.messages() == []
