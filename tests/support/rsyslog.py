@@ -65,8 +65,9 @@ class Rsyslog:
         peer: tuple[Path, str] | None = None,
     ) -> None:
         """``tls``: (certificate, key) files: TLS (rsyslog's ossl driver, or imrelp's)
-        instead of TCP. ``relp``: imrelp instead of imtcp; with ``tls`` it takes only
-        senders whose certificate ``peer`` (CA file, name) names."""
+        instead of TCP. ``relp``: imrelp instead of imtcp. ``peer`` (CA file, name): with
+        ``tls``, only senders whose certificate that CA issued for that name are taken
+        (without it, imtcp asks for none, and imrelp takes any its own CA issued)."""
         if relp and not _imrelp():
             raise RuntimeError("rsyslog's imrelp is not installed (apt-get install rsyslog-relp)")
         self.relp = relp
@@ -116,24 +117,29 @@ class Rsyslog:
         tls = ""
         if self.tls is not None:
             cert, key = self.tls
-            ca, name = self.peer if self.peer is not None else (cert, "*")
-            tls = (
-                f' tls="on" tls.caCert="{ca}" tls.myCert="{cert}" tls.myPrivKey="{key}"'
-                f' tls.authMode="name" tls.permittedPeer=["{name}"]'
-            )
+            tls = f' tls="on" tls.myCert="{cert}" tls.myPrivKey="{key}"'
+            if self.peer is None:
+                tls += f' tls.caCert="{cert}" tls.authMode="certvalid"'
+            else:
+                ca, name = self.peer
+                tls += f' tls.caCert="{ca}" tls.authMode="name" tls.permittedPeer=["{name}"]'
+
         conf.write_text(_RELP_CONF.format(dir=self.dir, port=self.port, out=self.out, tls=tls))
 
     def _write_tcp(self, conf: Path) -> None:
         tls_global = tls_module = ""
         if self.tls is not None:
             cert, key = self.tls
+            ca, auth = cert, 'streamDriver.authMode="anon"'
+            if self.peer is not None:  # the senders' CA beside our own certificate
+                ca = self.dir / "ca.pem"
+                ca.write_bytes(cert.read_bytes() + self.peer[0].read_bytes())
+                auth = f'streamDriver.authMode="x509/name" permittedPeer=["{self.peer[1]}"]'
             tls_global = (
-                f' defaultNetstreamDriver="ossl" defaultNetstreamDriverCAFile="{cert}"'
+                f' defaultNetstreamDriver="ossl" defaultNetstreamDriverCAFile="{ca}"'
                 f' defaultNetstreamDriverCertFile="{cert}" defaultNetstreamDriverKeyFile="{key}"'
             )
-            tls_module = (
-                ' streamDriver.name="ossl" streamDriver.mode="1" streamDriver.authMode="anon"'
-            )
+            tls_module = f' streamDriver.name="ossl" streamDriver.mode="1" {auth}'
         conf.write_text(
             _CONF.format(
                 dir=self.dir,
