@@ -178,7 +178,7 @@ class Pkcs11Backend:
             for name, seq, _, meta in self._meta_objects(session, None):
                 if name not in latest or latest[name].seq < seq:
                     latest[name] = meta
-            if not self._swept:  # a destroy cut short by a crash left its private key
+            if latest and not self._swept:  # a destroy cut short by a crash left its key
                 sweep(session, latest)
                 self._swept = True
             wanted = {k.kid(v) for k, m in latest.items() for v in m.versions} - set(self._public)
