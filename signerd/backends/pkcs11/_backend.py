@@ -29,6 +29,7 @@ from ...wire import KeyName, parse_kid
 from .. import KeyInfo, KeyVersion, VersionState
 from ._blind import blind_check, version_gone
 from ._ladder import Ladder, TokenVanished
+from ._leftovers import remove_private, sweep
 from ._objects import (
     APPLICATION,
     ED25519_OID,
@@ -75,6 +76,7 @@ class Pkcs11Backend:
         # keys this process has seen on the token (the last listing's count, at least 1 once
         # any key was read or made): a token that then shows none is blind, not empty
         self._listed = 0
+        self._swept = False  # destroyed versions' leftover private keys removed (once)
 
     def object_uri(self, kid: str) -> str:
         """The RFC 7512 URI of a version's private key (CKA_LABEL = CKA_ID = the kid)."""
@@ -176,6 +178,9 @@ class Pkcs11Backend:
             for name, seq, _, meta in self._meta_objects(session, None):
                 if name not in latest or latest[name].seq < seq:
                     latest[name] = meta
+            if latest and not self._swept:  # a destroy cut short by a crash left its key
+                sweep(session, latest)
+                self._swept = True
             wanted = {k.kid(v) for k, m in latest.items() for v in m.versions} - set(self._public)
             if wanted:
                 self._prefetch_public(session, wanted)
@@ -285,16 +290,10 @@ class Pkcs11Backend:
             meta, old = self._meta_for_change(session, key)
             if version not in meta.versions:
                 raise UnknownVersion()
-            kid = key.kid(version)
-            for obj in list(
-                session.get_objects(
-                    {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: kid}
-                )
-            ):
-                obj.destroy()
-            self._private.pop(kid, None)
             new = meta.with_states({version: VersionState.DESTROYED})
-            self._write_meta(session, key, new, old)
+            self._write_meta(session, key, new, old)  # the change; a crash next: ``sweep``
+            self._private.pop(key.kid(version), None)
+            remove_private(session, key.kid(version))
             return self._info(session, key, new)
 
         return self._token.call(run)
