@@ -291,7 +291,7 @@ class Front:
             time=time.time(),
             request_id=ctx.rid,
             peer=ctx.peer,
-            operation=audit.operation.value,
+            operation=audit.action or audit.operation.value,
             outcome=audit.extra_outcome if outcome == "ok" and audit.extra_outcome else outcome,
             tenant=audit.tenant,
             key=audit.key,
