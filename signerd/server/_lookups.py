@@ -81,8 +81,8 @@ class Lookups:
 
 
 def described(keys: KeyService, info: KeyInfo) -> dict[str, Any]:
-    """A key's description with where it lives: its algorithm, the name of its backend, when
-    its rotation is due (``keys.max_active_age``; null when no rule names it or it has no
+    """A key's description with where it lives: its algorithm, the name of its backend, the
+    seconds a destroy would wait (``keys.deletion_wait``), when its rotation is due (``keys.max_active_age``; null when no rule names it or it has no
     active version), and for a backend whose objects other tools can find, each version's
     RFC 7512 URI."""
     doc = key_json(info)
@@ -90,6 +90,7 @@ def described(keys: KeyService, info: KeyInfo) -> dict[str, Any]:
     doc["algorithm"] = "Ed25519"
     doc["backend"] = name
     due = rotation_due(keys.settings, info, time.time())
+    doc["deletion_wait"] = keys.settings.deletion_wait  # what a destroy would wait now
     doc["rotation_due"] = (
         None
         if due is None
