@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -127,11 +128,17 @@ def test_dry_runs_show_the_change_and_change_nothing(ctl: Ctl, key: str) -> None
         {"version": 1, "kid": kid_of(key, 1), "from": "verify-only", "to": "retired"}
     ]
     ctl.ok("keys", "retire", key, "1")
-    plan = ctl.json("keys", "destroy", key, "1", "--dry-run")
+    plan = ctl.json("keys", "destroy", key, "1", "--now", "--dry-run")
     assert plan["changes"] == [
         {"version": 1, "kid": kid_of(key, 1), "from": "retired", "to": "destroyed"}
     ]
-    assert plan["notes"] == [f"to destroy it: keys destroy {key} 1 --confirm {kid_of(key, 1)}"]
+    note = f"to destroy it: keys destroy {key} 1 --now --confirm {kid_of(key, 1)}"
+    assert plan["notes"] == [note]
+    started = time.time()
+    (change,) = ctl.json("keys", "destroy", key, "1", "--dry-run")["changes"]
+    wait = ctl.json("keys", "show", key)["deletion_wait"]
+    assert change["to"] == "pending_deletion" and change["from"] == "retired"
+    assert int(started + wait) <= change["deletion_at"] <= time.time() + wait
     assert ctl.json("kid", kid_of(key, 1))["state"] == "retired"
 
 
