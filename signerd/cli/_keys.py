@@ -66,7 +66,7 @@ def _describe(desc: KeyDescription) -> str:
     head += f"active kid    {desc.active_kid or '-'}\n"
     head += f"rotation due  {_due(desc)}\n\n"
     columns = "VERSION KID STATE CREATED AGE STATE_CHANGED DELETION_AT"
-    rows = [[*columns.replace("_", " ").split(" "), "THUMBPRINT (RFC 7638)"]]
+    rows = [[*(c.replace("_", " ") for c in columns.split()), "THUMBPRINT (RFC 7638)"]]
     rows += [
         [
             str(v.version),

@@ -66,11 +66,13 @@ def test_keys_show_has_algorithm_backend_ages_thumbprints_and_pkcs11_uris(
         }
         assert re.fullmatch(r"id=(%[0-9a-f]{2})+", v["pkcs11_uri"].split(";")[1])
     text = ctl.ok("keys", "show", key)
-    assert "algorithm   Ed25519" in text and "backend     hsm" in text
+    assert "algorithm     Ed25519" in text and "backend       hsm" in text
     assert doc["versions"][0]["thumbprint"] in text and "PKCS#11 objects (RFC 7512)" in text
     assert re.search(rf"{re.escape(kid_of(key, 1))}\s+active\s+\S+Z\s+\d+s\s", text)
     listed = ctl.ok("keys", "list", "--tenant", key.split("/")[0])
-    assert re.search(rf"{re.escape(key)}\s+hsm\s+{re.escape(kid_of(key, 1))}\s+\d+s\s+2", listed)
+    assert re.search(
+        rf"{re.escape(key)}\s+hsm\s+{re.escape(kid_of(key, 1))}\s+\d+s\s+-\s+2", listed
+    )
 
 
 def test_the_pkcs11_uri_finds_the_private_key_on_the_token(ctl: Ctl, key: str) -> None:

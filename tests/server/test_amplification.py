@@ -416,7 +416,7 @@ def test_a_record_is_at_most_2_kib() -> None:
     from signerd.audit._chain import encode_record as _encode
     from signerd.authz import Peer
     from signerd.server import AuditNotes
-    from signerd.server._v1 import _note_batch
+    from signerd.server._batchnotes import note_batch as _note_batch
     from signerd.wire import KeyName
 
     key = KeyName("t" * 63, "n" * 63)

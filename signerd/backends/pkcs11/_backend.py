@@ -226,7 +226,8 @@ class Pkcs11Backend:
                 raise KeyExists()
             blind_check(session, key, listed=self._listed)  # never a second v1 on a blind token
             version = self._generate(session, key, 1)
-            meta = KeyMeta(seq=1, versions={version: (VersionState.ACTIVE, int(time.time()))})
+            now = int(time.time())
+            meta = KeyMeta(1, {version: (VersionState.ACTIVE, now)}, {version: now})
             self._write_meta(session, key, meta, [])
             self._listed = max(self._listed, 1)
             return self._info(session, key, meta)
