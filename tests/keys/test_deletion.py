@@ -9,6 +9,7 @@ with the kid as confirmation only. Each step leaves its audit record.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +51,10 @@ def _retired_key(c: Client, tenant: str) -> tuple[str, str, bytes]:
     c.rotate(key)
     c.retire(key, 1)
     return key, sig.kid, sig.signature
+
+
+def _destroyed(c: Client, key: str) -> bool:
+    return _version(c.get_key(key), 1).state.value == "destroyed"
 
 
 def _records(d: DaemonProcess, kid: str) -> list[tuple[str, str]]:
@@ -165,3 +170,48 @@ def test_the_daemon_destroys_a_due_version_once(
     assert [r["outcome"] for r in due] == ["intent", "ok"]
     assert {r["reason"] for r in due} == {"deletion due"}
     assert due[0]["request_id"] == due[1]["request_id"]
+
+
+def test_two_daemons_on_one_openbao_destroy_a_due_version_without_a_failure(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Two daemons on one OpenBao both look for due versions: the version is destroyed, and
+    neither records a failed destroy (the second finds it destroyed, or repeats a no-op)."""
+    overrides = _overrides("bao", request, deletion_wait=2, refresh_interval=0.5)
+    one = start_daemon(tmp_path / "one", server={"workers": 1}, **overrides)
+    try:
+        two = start_daemon(tmp_path / "two", server={"workers": 1}, **overrides)
+        try:
+            tenant = unique("race")
+            with Client(one.socket_path, timeout=30) as c1, Client(two.socket_path) as c2:
+                key, kid, _ = _retired_key(c1, tenant)
+                c1.destroy(key, 1)
+                wait_until(
+                    lambda: c2.get_key(key).versions[0].state.value == "pending_deletion",
+                    timeout=30,
+                    what="the second daemon to see the schedule",
+                )
+                for c in (c1, c2):
+                    wait_until(
+                        functools.partial(_destroyed, c, key),
+                        timeout=DUE_TIMEOUT,
+                        what="both daemons to see the version destroyed",
+                        interval=0.1,
+                    )
+                assert [v.state.value for v in c2.get_key(key).versions] == [
+                    "destroyed",
+                    "active",
+                ]
+        finally:
+            two.stop()
+    finally:
+        one.stop()
+    done = [
+        (r["outcome"], r["reason"])
+        for d in (one, two)
+        for r in d.audit_records()
+        if r.get("kid") == kid and r.get("operation") == "destroy"
+    ]
+    assert ("ok", "deletion due") in done
+    assert {outcome for outcome, _ in done} <= {"intent", "ok"}
+    assert "deletion_blocked" not in one.log_text() + two.log_text()
