@@ -7,8 +7,10 @@ same version a no-op. Each pass reads the cached keyring (no backend call
 unless something is due). A destroy is written to the audit trail before it
 is made (outcome ``intent``) and after (``ok`` or the error code), as
 operation ``destroy`` by the daemon's own process, reason ``deletion due``;
-when the intent record cannot be written, nothing is destroyed and the next
-pass tries again.
+when the intent record cannot be written, nothing is destroyed. A version
+whose due destroy fails (an OpenBao version with an older one not destroyed
+yet, the audit trail or the store unavailable) is tried again after 30 s,
+then after twice as long each time, up to an hour: its records stay bounded.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ log = logging.getLogger("signerd.keys")
 
 #: seconds between two looks at the cached keyring for due deletions
 PERIOD = 1.0
+#: a version whose due destroy failed is tried again after this long, doubling up to MAX
+RETRY, MAX_RETRY = 30.0, 3600.0
 _REASON = "deletion due"
 
 
@@ -40,7 +44,8 @@ class DeletionReaper:
     def __init__(self, keys: KeyService, audit: AuditSink, period: float = PERIOD) -> None:
         self.keys, self.audit, self.period = keys, audit, period
         self._task: asyncio.Task[None] | None = None
-        self._blocked: set[str] = set()  # kids whose due destroy failed (logged once each)
+        #: kids whose due destroy failed: (when to try again, the wait before that)
+        self._blocked: dict[str, tuple[float, float]] = {}
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -53,8 +58,14 @@ class DeletionReaper:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.period)
-            for key, version in self.keys.deletions.due(self.keys.cached(), time.time()):
-                await self.reap(key, version)
+            now = time.time()
+            for key, version in self.keys.deletions.due(self.keys.cached(), now):
+                if self._blocked.get(key.kid(version), (0.0, 0.0))[0] > now:
+                    continue
+                try:
+                    await self.reap(key, version)
+                except Exception:  # the task must go on; the next pass tries again
+                    log.exception("signerd.deletion_failed kid=%s", key.kid(version))
 
     async def reap(self, key: KeyName, version: int) -> bool:
         """Destroy ``version`` of ``key`` if it is due; whether it was destroyed here."""
@@ -67,14 +78,16 @@ class DeletionReaper:
         try:
             info = await self.keys.deletions.destroy_due(key, version, before)
         except SignerdError as exc:
-            if kid not in self._blocked:
-                self._blocked.add(kid)
+            _, wait = self._blocked.get(kid, (0.0, 0.0))
+            if not wait:
                 log.warning("signerd.deletion_blocked kid=%s code=%s", kid, exc.code)
-                await self._final(rid, key, kid, exc.code, exc.message)
+            wait = min(MAX_RETRY, wait * 2 or RETRY)
+            self._blocked[kid] = (time.time() + wait, wait)
+            await self._final(rid, key, kid, exc.code, exc.message)
             return False
+        self._blocked.pop(kid, None)
         if info is None:
             return False
-        self._blocked.discard(kid)
         log.info("signerd.deletion_done kid=%s", kid)
         await self._final(rid, key, kid, "ok", _REASON)
         return True

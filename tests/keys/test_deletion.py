@@ -215,3 +215,37 @@ def test_two_daemons_on_one_openbao_destroy_a_due_version_without_a_failure(
     assert ("ok", "deletion due") in done
     assert {outcome for outcome, _ in done} <= {"intent", "ok"}
     assert "deletion_blocked" not in one.log_text() + two.log_text()
+
+
+def test_a_blocked_due_destroy_is_recorded_once_and_left_pending(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """On OpenBao a due version above an undestroyed one cannot be destroyed: the daemon
+    records the refusal (intent, invalid_state) once, logs it, and backs off; the version
+    stays pending_deletion."""
+    d = start_daemon(tmp_path, server={"workers": 1}, **_overrides("bao", request, deletion_wait=1))
+    try:
+        tenant = unique("blk")
+        with Client(d.socket_path, timeout=30) as c:
+            key, _, _ = _retired_key(c, tenant)  # v1 retired, v2 active
+            c.rotate(key)  # v3 active, v2 verify-only
+            c.retire(key, 2)
+            kid2 = f"{tenant}.k.v2"
+            c.destroy(key, 2)
+
+            def outcomes() -> list[str]:
+                return [
+                    r["outcome"]
+                    for r in d.audit_records()
+                    if r.get("kid") == kid2 and r.get("operation") == "destroy"
+                ]
+
+            wait_until(
+                lambda: "invalid_state" in outcomes(), timeout=DUE_TIMEOUT, what="the refusal"
+            )
+            time.sleep(3)  # not a synchronisation: three more passes find nothing to do
+            assert outcomes() == ["intent", "invalid_state"]
+            assert _version(c.get_key(key), 2).state.value == "pending_deletion"
+            assert d.log_text().count(f"signerd.deletion_blocked kid={kid2}") == 1
+    finally:
+        d.stop()
