@@ -444,7 +444,7 @@ def test_a_record_is_at_most_2_kib() -> None:
         peer = Peer(2**22, 2**32 - 2, 2**32 - 2, "u" * 255, "x" * 32, (2**32 - 2,) * groups)
         for reason in reasons:
             event = AuditEvent(
-                time=9e9, request_id="r" * 64, peer=peer, operation="destroy",
+                time=9e9, request_id="r" * 64, peer=peer, operation="schedule-deletion",
                 outcome="attestation_mismatch", tenant=key.tenant, key=str(key), kid=kid,
                 payload_sha256=("a" * 64,), reason=reason, status=429,
             )  # fmt: skip
