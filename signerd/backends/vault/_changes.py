@@ -18,7 +18,7 @@ from ...errors import InvalidState, UnknownKey, UnknownVersion
 from ...wire import KeyName
 from .. import KeyInfo, VersionState
 from ._http import NotFoundInVault
-from ._states import Record, Transit
+from ._states import Record, Transit, key_info
 from ._store import VaultStore
 
 log = logging.getLogger("signerd.vault")
@@ -31,7 +31,7 @@ class VaultChanges(VaultStore):
 
     def _stamped(self, key: KeyName, before: KeyInfo) -> KeyInfo:
         """The key after a change, each version the change made or moved stamped now."""
-        after = self.describe(key)
+        transit, _, after = self._read(key)
         was = {v.version: v.state for v in before.versions}
         moved = {v.version for v in after.versions if was.get(v.version) is not v.state}
         if not moved:
@@ -43,8 +43,7 @@ class VaultChanges(VaultStore):
             deletion = {v: at for v, at in m.deletion.items() if v not in moved}
             return replace(m, changed=changed, deletion=deletion)
 
-        self._update_meta(key, stamp)
-        return self.describe(key)
+        return key_info(key, transit, self._update_meta(key, stamp))
 
     def set_state(self, key: KeyName, version: int, state: VersionState) -> KeyInfo:
         transit, meta, info = self._read(key)
@@ -115,8 +114,7 @@ class VaultChanges(VaultStore):
                 deletion[version] = at
             return replace(m, changed={**m.changed, version: now}, deletion=deletion)
 
-        self._update_meta(key, change)
-        return self.describe(key)
+        return key_info(key, self._read_transit(key), self._update_meta(key, change))
 
     def destroy(self, key: KeyName, version: int) -> KeyInfo:
         transit, meta, info = self._read(key)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 from ...errors import BackendError, UnknownKey
 from ...wire import KeyName, valid_part
@@ -92,14 +93,15 @@ class VaultStore:
         except NotFoundInVault as exc:
             raise UnknownKey() from exc
 
-    def _update_meta(self, key: KeyName, change: Callable[[Record], Record]) -> None:
-        """Read-modify-write the metadata record with check-and-set."""
+    def _update_meta(self, key: KeyName, change: Callable[[Record], Record]) -> Record:
+        """Read-modify-write the metadata record with check-and-set; the record written."""
         for _ in range(_CAS_ATTEMPTS):
             meta = self._read_meta(key, for_write=True)
-            body = {"options": {"cas": meta.cas}, "data": change(meta).to_json()}
+            written = replace(change(meta), cas=meta.cas + 1)
+            body = {"options": {"cas": meta.cas}, "data": written.to_json()}
             try:
                 self.transport.request("POST", self._meta_path(key), body)
-                return
+                return written
             except BackendError as exc:
                 if "check-and-set" not in str(getattr(exc.__cause__, "errors", "")):
                     raise
