@@ -39,6 +39,7 @@ from ..server import (
     raise_nofile_limit,
 )
 from ..workers import runtime_path
+from ._deletions import DeletionReaper
 from ._sockets import bind_unix_socket, unlink_own_socket
 
 if TYPE_CHECKING:
@@ -220,6 +221,7 @@ class Daemon:
     sock: socket.socket
     metrics: Metrics
     guard: StallGuard | None = None
+    reaper: DeletionReaper | None = None  # due deletions: in one process only
 
     @classmethod
     async def start(
@@ -285,8 +287,14 @@ class Daemon:
                 )
             # accepts on sock as it is: listen(SOMAXCONN) stays
             in_flight.listener = await server.serve(sock, role.uid_counter)
+            reaper = None
+            if role.audit_file[0] in (None, 0):  # the single process, or worker 0
+                reaper = DeletionReaper(keys, audit)
+                reaper.start()
             undo.pop_all()
-        return cls(config, role, keys, policy, audit, server, federation, sock, metrics, guard)
+        return cls(
+            config, role, keys, policy, audit, server, federation, sock, metrics, guard, reaper
+        )
 
     def ready(self) -> None:
         """Tell the role that this process serves (its signal handlers are in place)."""
@@ -320,6 +328,8 @@ class Daemon:
         return applied
 
     async def stop(self) -> None:
+        if self.reaper is not None:
+            await self.reaper.close()
         await self.server.close()
         await self.metrics.close()
         if self.role.owns_socket:

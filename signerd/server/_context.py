@@ -84,6 +84,8 @@ class AuditNotes:
     """What a handler learned about its request, for the audit record."""
 
     operation: Operation = Operation.HEALTH
+    #: the audit record's operation when it is not the route's (e.g. schedule-deletion)
+    action: str | None = None
     tenant: str | None = None
     key: str | None = None
     kid: str | None = None
@@ -138,7 +140,7 @@ class RequestContext:
             time=time.time(),
             request_id=self.rid,
             peer=self.peer,
-            operation=notes.operation.value,
+            operation=notes.action or notes.operation.value,
             outcome=outcome,
             tenant=notes.tenant,
             key=notes.key,

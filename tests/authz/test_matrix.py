@@ -313,7 +313,7 @@ def test_callers_tenants_operations(matrix: Matrix) -> None:
             ("rotate", "POST", f"/v1/keys/{key}/rotate", {"pending": True}, 200),
             ("promote", "POST", f"/v1/keys/{key}/versions/2/promote", {}, 200),
             ("retire", "POST", f"/v1/keys/{key}/versions/1/retire", {}, 200),
-            ("destroy", "POST", f"/v1/keys/{key}/versions/1/destroy", {"confirm": f"{tenant}.{name}.v1"}, 200),
+            ("destroy", "POST", f"/v1/keys/{key}/versions/1/destroy", {"confirm": f"{tenant}.{name}.v1", "now": True}, 200),
         ]  # fmt: skip
         for op, method, url, body, ok in steps:
             for who in ("gateway", "globex-gw", "stranger", "operator"):

@@ -407,7 +407,7 @@ def test_a_record_is_at_most_2_kib() -> None:
     from signerd.audit._chain import encode_record as _encode
     from signerd.authz import Peer
     from signerd.server import AuditNotes
-    from signerd.server._v1 import _note_batch
+    from signerd.server._batchnotes import note_batch as _note_batch
     from signerd.wire import KeyName
 
     key = KeyName("t" * 63, "n" * 63)
@@ -435,7 +435,7 @@ def test_a_record_is_at_most_2_kib() -> None:
         peer = Peer(2**22, 2**32 - 2, 2**32 - 2, "u" * 255, "x" * 32, (2**32 - 2,) * groups)
         for reason in reasons:
             event = AuditEvent(
-                time=9e9, request_id="r" * 64, peer=peer, operation="destroy",
+                time=9e9, request_id="r" * 64, peer=peer, operation="schedule-deletion",
                 outcome="attestation_mismatch", tenant=key.tenant, key=str(key), kid=kid,
                 payload_sha256=("a" * 64,), reason=reason, status=429,
             )  # fmt: skip

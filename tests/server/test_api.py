@@ -59,9 +59,9 @@ def test_full_lifecycle_over_http(api: Api, key: str) -> None:
     )
     assert (r.status, r.code) == (401, "retired_kid")
 
-    r = api("POST", f"/v1/keys/{key}/versions/1/destroy", {})
+    r = api("POST", f"/v1/keys/{key}/versions/1/destroy", {"now": True})
     assert (r.status, r.code) == (400, "confirmation_required")
-    desc = api.ok("POST", f"/v1/keys/{key}/versions/1/destroy", {"confirm": s1["kid"]})
+    desc = api.ok("POST", f"/v1/keys/{key}/versions/1/destroy", {"confirm": s1["kid"], "now": True})
     assert desc["versions"][0]["state"] == "destroyed"
     r = api(
         "POST",
@@ -351,7 +351,11 @@ def test_every_admin_operation_replays_its_answer(api: Api) -> None:
         (f"/v1/keys/{key}/rotate", {"pending": True}, 200),
         (f"/v1/keys/{key}/versions/2/promote", {}, 200),
         (f"/v1/keys/{key}/versions/1/retire", {}, 200),
-        (f"/v1/keys/{key}/versions/1/destroy", {"confirm": f"{tenant}.{name}.v1"}, 200),
+        (
+            f"/v1/keys/{key}/versions/1/destroy",
+            {"confirm": f"{tenant}.{name}.v1", "now": True},
+            200,
+        ),
     ]
     for url, body, status in steps:
         headers = {"Idempotency-Key": unique("step")}

@@ -1,8 +1,9 @@
 """Vault / OpenBao transit backend: the ``Backend`` protocol over transit and KV v2.
 
 How transit versions and the metadata record map to version states is
-``_states``; requests and their errors are ``_http``; signs take the fast path
-in ``_sign``.
+``_states``; reads and writes of both are ``_store``, state changes
+``_changes``; requests and their errors are ``_http``; signs take the fast
+path in ``_sign``.
 
 The same configuration works against HashiCorp Vault (same transit, KV v2,
 token and AppRole API). The token needs: ``<mount>/keys/*`` (create, read,
@@ -16,34 +17,32 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 
 from ...errors import (
     BackendError,
     BackendSealed,
     BackendUnavailable,
-    InvalidState,
     KeyExists,
     SignerdError,
     UnknownKey,
     UnknownVersion,
 )
-from ...wire import KeyName, valid_part
-from .. import KeyInfo, VersionState
+from ...wire import KeyName
+from .. import KeyInfo
 from ._auth import Auth
+from ._changes import VaultChanges
 from ._http import Json, NotFoundInVault, Transport, connection_failed
 from ._nodes import Nodes
 from ._settings import VaultSettings
 from ._sign import SignClient, parse_signature, sign_refusal
-from ._states import ForeignKey, Record, Transit, key_info, malformed, record_of, transit_of
+from ._states import ForeignKey, Record, malformed
 
 log = logging.getLogger("signerd.vault")
 
-_CAS_ATTEMPTS = 5
 
-
-class VaultBackend:
+class VaultBackend(VaultChanges):
     """Keys in Vault / OpenBao transit; see the module docstring for the mapping."""
 
     def __init__(self, settings: VaultSettings, transport: Transport[Auth]) -> None:
@@ -69,85 +68,6 @@ class VaultBackend:
     def node(self) -> str:
         """The address of the node requests go to now."""
         return self.nodes.current
-
-    # --- names and paths ---
-
-    def _mount(self, key: KeyName) -> str:
-        return self.settings.tenant_mounts.get(key.tenant, self.settings.mount)
-
-    def _transit_name(self, key: KeyName) -> str:
-        return f"{self.settings.key_prefix}{key.tenant}.{key.name}"
-
-    def _key_path(self, key: KeyName, suffix: str = "") -> str:
-        return f"{self._mount(key)}/keys/{self._transit_name(key)}{suffix}"
-
-    def _meta_path(self, key: KeyName, kind: str = "data") -> str:
-        m = self.settings.metadata_mount
-        return f"{m}/{kind}/{self._mount(key)}/{self._transit_name(key)}"
-
-    def _parse_name(self, transit_name: str) -> KeyName | None:
-        prefix = self.settings.key_prefix
-        if not transit_name.startswith(prefix):
-            return None
-        tenant, dot, name = transit_name[len(prefix) :].partition(".")
-        if not dot or not all(valid_part(p) and p.isprintable() for p in (tenant, name)):
-            return None
-        return KeyName(tenant, name)
-
-    # --- reading ---
-
-    def _read_transit(self, key: KeyName) -> Transit:
-        try:
-            answer = self.transport.request("GET", self._key_path(key))
-        except NotFoundInVault as exc:
-            raise UnknownKey() from exc
-        return transit_of(key, answer)
-
-    def _read_meta(self, key: KeyName, *, for_write: bool = False) -> Record:
-        try:
-            answer = self.transport.request("GET", self._meta_path(key))
-        except NotFoundInVault:
-            return Record(cas=self._meta_version(key) if for_write else 0)
-        return record_of(answer)
-
-    def _meta_version(self, key: KeyName) -> int:
-        """The record's KV version for check-and-set when its data cannot be read."""
-        try:
-            answer = self.transport.request("GET", self._meta_path(key, "metadata"))
-            return int(answer["data"]["current_version"])
-        except NotFoundInVault:
-            return 0
-        except (KeyError, TypeError, ValueError) as exc:
-            raise malformed("metadata record", exc) from exc
-
-    def _read(self, key: KeyName) -> tuple[Transit, Record, KeyInfo]:
-        transit = self._read_transit(key)
-        meta = self._read_meta(key)
-        return transit, meta, key_info(key, transit, meta)
-
-    # --- writing ---
-
-    def _config(self, key: KeyName, **values: int) -> None:
-        try:
-            self.transport.request("POST", self._key_path(key, "/config"), dict(values))
-        except NotFoundInVault as exc:
-            raise UnknownKey() from exc
-
-    def _update_meta(self, key: KeyName, change: Callable[[Record], Record]) -> None:
-        """Read-modify-write the metadata record with check-and-set."""
-        for _ in range(_CAS_ATTEMPTS):
-            meta = self._read_meta(key, for_write=True)
-            body = {"options": {"cas": meta.cas}, "data": change(meta).to_json()}
-            try:
-                self.transport.request("POST", self._meta_path(key), body)
-                return
-            except BackendError as exc:
-                if "check-and-set" not in str(getattr(exc.__cause__, "errors", "")):
-                    raise
-                log.info("signerd.vault.record_conflict key=%s", key)
-            except NotFoundInVault as exc:
-                raise BackendError("the Vault metadata mount is missing") from exc
-        raise BackendError("the key's metadata record keeps changing")
 
     # --- Backend protocol ---
 
@@ -181,9 +101,6 @@ class VaultBackend:
                 continue
         return infos
 
-    def describe(self, key: KeyName) -> KeyInfo:
-        return self._read(key)[2]
-
     def create(self, key: KeyName) -> KeyInfo:
         try:
             self._read_transit(key)
@@ -195,15 +112,15 @@ class VaultBackend:
         # transit answers a create of an existing key with success, so a retry is safe
         self.transport.request("POST", self._key_path(key), body)
         meta = self._read_meta(key)
-        if meta.retired or meta.archived:
+        if meta.retired or meta.archived or meta.changed or meta.deletion:
             # left over from an earlier key of the same name deleted outside signerd
             self._update_meta(key, lambda m: Record(cas=m.cas))
-        info = self.describe(key)
+        info = self._stamped(key, KeyInfo(key, ()))
         log.debug("signerd.vault.create key=%s", key)
         return info
 
     def rotate(self, key: KeyName, *, pending: bool) -> KeyInfo:
-        transit = self._read_transit(key)
+        transit, _, was = self._read(key)
         before = transit.latest
         if pending:
             if transit.min_encryption == 0:
@@ -221,7 +138,7 @@ class VaultBackend:
             # the new version is pending until the pin moves to it
             new = self._rotate_once(key, before)
             self._config(key, min_encryption_version=new)
-        info = replace(self.describe(key), made=new)  # transit answers its own
+        info = replace(self._stamped(key, was), made=new)  # transit answers its own
         log.debug("signerd.vault.rotate key=%s latest=%s pending=%s", key, info.latest, pending)
         return info
 
@@ -249,85 +166,6 @@ class VaultBackend:
                 return int(data["latest_version"])
             return self._read_transit(key).latest
         raise AssertionError("unreachable")
-
-    def set_state(self, key: KeyName, version: int, state: VersionState) -> KeyInfo:
-        transit, meta, info = self._read(key)
-        current = info.version(version)
-        if current is None:
-            raise UnknownVersion()
-        if current.state is state:
-            return info
-        if state is VersionState.ACTIVE and current.state is VersionState.PENDING:
-            self._config(key, min_encryption_version=version)
-        elif state is VersionState.RETIRED and current.state in (
-            VersionState.PENDING,
-            VersionState.VERIFY_ONLY,
-        ):
-            self._retire(key, transit, meta, version)
-        else:
-            raise InvalidState(f"cannot set a {current.state} version {state} on this backend")
-        info = self.describe(key)
-        log.debug("signerd.vault.set_state key=%s version=%s state=%s", key, version, state)
-        return info
-
-    def _retire(self, key: KeyName, transit: Transit, meta: Record, version: int) -> None:
-        if version == transit.min_decryption and version < transit.active:
-            self._raise_floor(key, transit, meta, version)
-            return
-        self._update_meta(key, lambda m: replace(m, retired=m.retired | {version}))
-
-    def _raise_floor(self, key: KeyName, transit: Transit, meta: Record, version: int) -> int:
-        """Retire ``version`` (== min_decryption_version) by raising the floor past it.
-
-        The floor also moves past versions already retired out of order just
-        above it. Their public keys go to the metadata record first, since
-        transit stops returning keys below the floor.
-        """
-        floor = version + 1
-        while floor in meta.retired and floor < transit.active:
-            floor += 1
-        moving = {
-            v: transit.keys[v] for v in range(transit.min_decryption, floor) if v in transit.keys
-        }
-
-        def archive(m: Record) -> Record:
-            return replace(m, archived={**m.archived, **moving})
-
-        self._update_meta(key, archive)
-        self._config(key, min_decryption_version=floor)
-        return floor
-
-    def destroy(self, key: KeyName, version: int) -> KeyInfo:
-        transit, meta, info = self._read(key)
-        current = info.version(version)
-        if current is None:
-            raise UnknownVersion()
-        if current.state is VersionState.DESTROYED:
-            return info
-        if current.state is not VersionState.RETIRED:
-            raise InvalidState("only a retired version can be destroyed")
-        oldest = max(transit.min_available, 1)
-        if version != oldest:
-            raise InvalidState(
-                f"Vault transit destroys versions from the oldest up: destroy v{oldest} first"
-            )
-        if version >= transit.active:
-            raise InvalidState("Vault transit cannot destroy a version newer than the active one")
-        if version >= transit.min_decryption:  # retired out of order, now at the floor
-            self._raise_floor(key, transit, meta, version)
-            transit = self._read_transit(key)
-        if transit.min_encryption == 0:
-            # trim needs an explicit pin; pin the version that is active anyway
-            self._config(key, min_encryption_version=transit.latest)
-        try:
-            self.transport.request(
-                "POST", self._key_path(key, "/trim"), {"min_available_version": version + 1}
-            )
-        except NotFoundInVault as exc:
-            raise UnknownKey() from exc
-        info = self.describe(key)
-        log.debug("signerd.vault.destroy key=%s version=%s", key, version)
-        return info
 
     def sign(
         self, key: KeyName, version: int, items: Sequence[bytes]
