@@ -29,6 +29,7 @@ system:
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v rsyslogd >/dev/null || missing="$$missing rsyslog"; \
 	ls /usr/lib/*/rsyslog/lmnsd_ossl.so >/dev/null 2>&1 || missing="$$missing rsyslog-openssl"; \
+	ls /usr/lib/*/rsyslog/imrelp.so >/dev/null 2>&1 || missing="$$missing rsyslog-relp"; \
 	pkg-config --exists libsystemd 2>/dev/null || missing="$$missing libsystemd-dev"; \
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	command -v systemd-nspawn >/dev/null || missing="$$missing systemd-container"; \

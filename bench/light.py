@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .load import CallerResult, Run
+from .load import CallerResult, Run, collect
 
 
 @dataclass(frozen=True)
@@ -191,23 +191,7 @@ def drive_light(
             during(run.t0, duration)
     except threading.BrokenBarrierError:
         run.failure = "callers failed to start"
-    deadline = time.monotonic() + duration + 120
-    for _ in workers:
-        try:
-            results, cpu = queue.get(timeout=max(1.0, deadline - time.monotonic()))
-        except Exception:
-            run.failure = run.failure or "a caller process did not report"
-            break
-        run.results.extend(results)
-        run.client_cpu += cpu
-    for w in workers:
-        w.join(timeout=10)
-        if w.is_alive():
-            w.kill()
-            w.join()
-    for r in run.results:
-        if r.failure and not run.failure:
-            run.failure = r.failure
+    collect(run, queue, workers)
     return run
 
 

@@ -187,6 +187,28 @@ def _line_up(barrier: Any, callers: int, workers: list[Any], limit: float) -> No
     barrier.wait(timeout=30)
 
 
+def collect(run: Run, queue: Any, workers: list[Any]) -> None:
+    """Gather each caller process's results and CPU seconds into ``run``, then reap the
+    processes; the first failure any caller reported becomes the run's."""
+    deadline = time.monotonic() + run.duration + 120
+    for _ in workers:
+        try:
+            results, cpu = queue.get(timeout=max(1.0, deadline - time.monotonic()))
+        except Exception:
+            run.failure = run.failure or "a caller process did not report"
+            break
+        run.results.extend(results)
+        run.client_cpu += cpu
+    for w in workers:
+        w.join(timeout=10)
+        if w.is_alive():
+            w.kill()
+            w.join()
+    for r in run.results:
+        if r.failure and not run.failure:
+            run.failure = r.failure
+
+
 def drive(
     target: Target,
     callers: int,
@@ -227,21 +249,5 @@ def drive(
         run.failure = "callers failed to start"
     except Exception:
         run.failure = traceback.format_exc(limit=3)
-    deadline = time.monotonic() + duration + 120
-    for _ in workers:
-        try:
-            results, cpu = queue.get(timeout=max(1.0, deadline - time.monotonic()))
-        except Exception:
-            run.failure = run.failure or "a caller process did not report"
-            break
-        run.results.extend(results)
-        run.client_cpu += cpu
-    for w in workers:
-        w.join(timeout=10)
-        if w.is_alive():
-            w.kill()
-            w.join()
-    for r in run.results:
-        if r.failure and not run.failure:
-            run.failure = r.failure
+    collect(run, queue, workers)
     return run

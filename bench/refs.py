@@ -53,6 +53,33 @@ class CryptoVerify:
         return lambda i: public.verify(signature, data)
 
 
+def token_keypair(
+    module: str, token_label: str, pin: str, prefix: str
+) -> tuple[Any, Any, Any, str]:
+    """A session on the token and a new Ed25519 key pair in it: (session, public, private,
+    label). The private key is a token object, private, sensitive and not extractable, as
+    signerd keeps its keys."""
+    import pkcs11
+    from pkcs11 import Attribute, KeyType, Mechanism
+    from pkcs11.util.ec import encode_named_curve_parameters
+
+    session = pkcs11.lib(module).get_token(token_label=token_label).open(user_pin=pin, rw=True)
+    label = prefix + os.urandom(4).hex()
+    public, private = session.generate_keypair(
+        KeyType.EC_EDWARDS,
+        mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
+        store=True,
+        label=label,
+        public_template={Attribute.EC_PARAMS: encode_named_curve_parameters("1.3.101.112")},
+        private_template={
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False,
+        },
+    )
+    return session, public, private, label
+
+
 @dataclass(frozen=True)
 class SoftHSMSign:
     """Ed25519 on a SoftHSM2 token through python-pkcs11, in the caller's process.
@@ -66,25 +93,10 @@ class SoftHSMSign:
     pin: str
 
     def open(self) -> Op:
-        import pkcs11
-        from pkcs11 import Attribute, KeyType, Mechanism
-        from pkcs11.util.ec import encode_named_curve_parameters
+        from pkcs11 import Mechanism
 
-        lib = pkcs11.lib(self.module)
-        session = lib.get_token(token_label=self.token_label).open(user_pin=self.pin, rw=True)
-        label = "bench-ref-" + os.urandom(4).hex()
-        private: Any
-        _, private = session.generate_keypair(
-            KeyType.EC_EDWARDS,
-            mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
-            store=True,
-            label=label,
-            public_template={Attribute.EC_PARAMS: encode_named_curve_parameters("1.3.101.112")},
-            private_template={
-                Attribute.PRIVATE: True,
-                Attribute.SENSITIVE: True,
-                Attribute.EXTRACTABLE: False,
-            },
+        session, _, private, _ = token_keypair(
+            self.module, self.token_label, self.pin, "bench-ref-"
         )
 
         def op(i: int) -> object:
@@ -116,27 +128,11 @@ class SoftHSMFloor:
     audit_dir: str | None = None
 
     def open(self) -> Op:
-        import pkcs11
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-        from pkcs11 import Attribute, KeyType, Mechanism
-        from pkcs11.util.ec import encode_named_curve_parameters
+        from pkcs11 import Attribute, Mechanism
 
-        lib = pkcs11.lib(self.module)
-        session = lib.get_token(token_label=self.token_label).open(user_pin=self.pin, rw=True)
-        label = "bench-floor-" + os.urandom(4).hex()
-        public: Any
-        private: Any
-        public, private = session.generate_keypair(
-            KeyType.EC_EDWARDS,
-            mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
-            store=True,
-            label=label,
-            public_template={Attribute.EC_PARAMS: encode_named_curve_parameters("1.3.101.112")},
-            private_template={
-                Attribute.PRIVATE: True,
-                Attribute.SENSITIVE: True,
-                Attribute.EXTRACTABLE: False,
-            },
+        session, public, private, label = token_keypair(
+            self.module, self.token_label, self.pin, "bench-floor-"
         )
         point = bytes(public[Attribute.EC_POINT])
         raw = point[2:] if len(point) == 34 else point

@@ -129,25 +129,8 @@ __all__ = [
 ]
 
 
-_LAZY = frozenset(
-    {
-        "AsyncClient",
-        "Client",
-        "ConnectionFailed",
-        "FeedbackEnvelope",
-        "FeedbackVerified",
-        "KeyDescription",
-        "KeyVersion",
-        "KidInfo",
-        "RequestTimeout",
-        "Signature",
-        "TelemetrySignature",
-        "TelemetryVerified",
-        "TrustedKey",
-        "VerifyResult",
-        "VersionState",
-    }
-)
+# The client API's names are those of __all__ not bound above: imported on first use.
+_LAZY = frozenset(__all__).difference(globals())
 
 
 def __getattr__(name: str) -> _typing.Any:

@@ -137,10 +137,12 @@ _KEYS = {
     "idempotency_ttl",
     "idempotency_max_entries",
     "max_active_age",
+    "deletion_wait",
 }
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
 _MODE_RE = re.compile(r"0?[0-7]{3}")  # ASCII octal permission bits: no 0o, no "_", no setuid
 _MAX_WORKERS = 64
+_MAX_DELETION_WAIT = 10 * 366 * 86400
 
 
 def default_workers() -> int:
@@ -251,6 +253,7 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
             keys, "keys", "idempotency_max_entries", int, d.idempotency_max_entries
         ),
         max_active_age=_age_rules(keys.get("max_active_age", {})),
+        deletion_wait=_get(keys, "keys", "deletion_wait", float, d.deletion_wait),
     )
     _positive("keys.backend_timeout", settings.backend_timeout)
     _positive("keys.max_batch", settings.max_batch)
@@ -260,6 +263,11 @@ def parse(doc: Mapping[str, Any], *, path: str = "<config>") -> Config:
     _positive("keys.retain_verify_only", settings.retain_verify_only, zero_ok=True)
     _positive("keys.idempotency_ttl", settings.idempotency_ttl)
     _positive("keys.idempotency_max_entries", settings.idempotency_max_entries)
+    if not 0 <= settings.deletion_wait <= _MAX_DELETION_WAIT:  # also refuses nan
+        raise ConfigError(
+            f"keys.deletion_wait: seconds from 0 to {_MAX_DELETION_WAIT} (10 years), "
+            f"got {settings.deletion_wait!r}"
+        )
 
     backends = _table(doc, "backends", None)
     if not backends:

@@ -7,6 +7,7 @@ PKCS#11 library; tests keep apart by using their own tenants and keys.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -66,6 +67,33 @@ PIN_FILE = _BASE / "softhsm" / "pin"
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(_BASE, ignore_errors=True)
+
+
+# Clients that run as other users need an interpreter they may execute (the test
+# virtualenv usually lives under /root); they only use the standard library.
+CHILD_PYTHON = "/usr/bin/python3"
+NOBODY, NOGROUP, USERS_GID = 65534, 65534, 100
+
+
+@contextlib.contextmanager
+def shared_tmp_dir(prefix: str = "signerd-") -> Iterator[Path]:
+    """A fresh directory under /tmp that other users can traverse (pytest's tmp_path is
+    private to root), removed afterwards."""
+    if not os.access(CHILD_PYTHON, os.X_OK):
+        pytest.fail(f"{CHILD_PYTHON} is needed to run code as other users")
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """``shared_tmp_dir`` as a fixture."""
+    with shared_tmp_dir() as base:
+        yield base
 
 
 def unique(prefix: str = "t") -> str:

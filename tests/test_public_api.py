@@ -184,3 +184,10 @@ def test_every_module_is_declared_public_or_internal() -> None:
     assert sorted(undeclared) == ["signerd.__main__", "signerd.cli.__main__"]
     for name in PUBLIC_MODULES:
         assert importlib.import_module(name).__doc__
+
+
+def test_lazy_names_are_the_client_api() -> None:
+    """The names signerd imports on first use are exactly signerd.client's public API."""
+    lazy = getattr(signerd, "_LAZY")  # noqa: B009
+    assert lazy == set(client.__all__) - {"default_socket_path"}
+    assert lazy == set(EXPECTED) - set(errors.__all__)

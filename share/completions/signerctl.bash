@@ -5,7 +5,7 @@
 #    source ~/.local/share/bash_completion/signerctl
 # See also: https://github.com/scop/bash-completion/blob/main/doc/configuration.md
 
-_shtab_signerctl_keys_subparsers=(list show create rotate promote retire destroy purge-invalid)
+_shtab_signerctl_keys_subparsers=(list show create rotate promote retire destroy cancel-deletion purge-invalid)
 _shtab_signerctl_telemetry_subparsers=(sign verify)
 _shtab_signerctl_feedback_subparsers=(sign verify)
 _shtab_signerctl_trust_subparsers=(list add remove)
@@ -18,7 +18,8 @@ _shtab_signerctl_keys_create_option_strings=(-h --help --socket --json --timeout
 _shtab_signerctl_keys_rotate_option_strings=(-h --help --pending --dry-run --socket --json --timeout --field)
 _shtab_signerctl_keys_promote_option_strings=(-h --help --pending --if-any --socket --json --timeout --field)
 _shtab_signerctl_keys_retire_option_strings=(-h --help --dry-run --socket --json --timeout --field)
-_shtab_signerctl_keys_destroy_option_strings=(-h --help --dry-run --confirm --socket --json --timeout --field)
+_shtab_signerctl_keys_destroy_option_strings=(-h --help --dry-run --now --confirm --socket --json --timeout --field)
+_shtab_signerctl_keys_cancel_deletion_option_strings=(-h --help --dry-run --socket --json --timeout --field)
 _shtab_signerctl_keys_purge_invalid_option_strings=(-h --help --config --dry-run --socket --json --timeout --field)
 _shtab_signerctl_keys_option_strings=(-h --help --socket --json --timeout --field)
 _shtab_signerctl_sign_option_strings=(-h --help --data-file --data-b64 --socket --json --timeout --field)
@@ -48,7 +49,7 @@ _shtab_signerctl_option_strings=(-h --help --version --socket --json --timeout -
 
 
 
-_shtab_signerctl_keys_pos_0_choices=(list show create rotate promote retire destroy purge-invalid)
+_shtab_signerctl_keys_pos_0_choices=(list show create rotate promote retire destroy cancel-deletion purge-invalid)
 _shtab_signerctl_telemetry_pos_0_choices=(sign verify)
 _shtab_signerctl_feedback_pos_0_choices=(sign verify)
 _shtab_signerctl_trust_pos_0_choices=(list add remove)
@@ -81,7 +82,12 @@ _shtab_signerctl_keys_retire___json_nargs=0
 _shtab_signerctl_keys_destroy__h_nargs=0
 _shtab_signerctl_keys_destroy___help_nargs=0
 _shtab_signerctl_keys_destroy___dry_run_nargs=0
+_shtab_signerctl_keys_destroy___now_nargs=0
 _shtab_signerctl_keys_destroy___json_nargs=0
+_shtab_signerctl_keys_cancel_deletion__h_nargs=0
+_shtab_signerctl_keys_cancel_deletion___help_nargs=0
+_shtab_signerctl_keys_cancel_deletion___dry_run_nargs=0
+_shtab_signerctl_keys_cancel_deletion___json_nargs=0
 _shtab_signerctl_keys_purge_invalid__h_nargs=0
 _shtab_signerctl_keys_purge_invalid___help_nargs=0
 _shtab_signerctl_keys_purge_invalid___dry_run_nargs=0

@@ -50,7 +50,7 @@ function _shtab_signerctl_using
   test "$_shtab_signerctl_cmdpath" = "$argv"
 end
 
-set -g _shtab_signerctl_commands keys 'keys list' 'keys show' 'keys create' 'keys rotate' 'keys promote' 'keys retire' 'keys destroy' 'keys purge-invalid' sign verify telemetry 'telemetry sign' 'telemetry verify' feedback 'feedback sign' 'feedback verify' jwks kid health ready whoami trust 'trust list' 'trust add' 'trust remove' audit 'audit verify' 'audit payload-hash' 'audit show' 'audit tail' status
+set -g _shtab_signerctl_commands keys 'keys list' 'keys show' 'keys create' 'keys rotate' 'keys promote' 'keys retire' 'keys destroy' 'keys cancel-deletion' 'keys purge-invalid' sign verify telemetry 'telemetry sign' 'telemetry verify' feedback 'feedback sign' 'feedback verify' jwks kid health ready whoami trust 'trust list' 'trust add' 'trust remove' audit 'audit verify' 'audit payload-hash' 'audit show' 'audit tail' status
 set -g _shtab_signerctl_opts_with_value --anchor --attestation --caller --code --config --confirm --count --data-b64 --data-file --envelope-file --field --forwarded --host --interval --jwk-file --jwks --key --kid --lines --nonce --operation --outcome --schema --sha256 --signature --since --socket --tenant --timeout --timestamp --unit --until -n
 
 complete -c signerctl -e
@@ -110,14 +110,22 @@ complete -c signerctl -n '_shtab_signerctl_using keys retire' -l socket -x -d 's
 complete -c signerctl -n '_shtab_signerctl_using keys retire' -l json -d 'print JSON on stdout'
 complete -c signerctl -n '_shtab_signerctl_using keys retire' -l timeout -x -d 'how long to wait for signerd'"'"'s whole answer, connecting included, before giving up with exit 75 (0 < SECONDS <= 3600; default 10)'
 complete -c signerctl -n '_shtab_signerctl_using keys retire' -l field -x -d 'print only this field of the JSON answer, raw (a string without quotes); NAME.SUB for a nested one, NAME.0 for a list item'
-complete -c signerctl -n '_shtab_signerctl_using keys; and test $_shtab_signerctl_npos -eq 0' -a destroy -d 'remove a retired version'"'"'s private key for good'
+complete -c signerctl -n '_shtab_signerctl_using keys; and test $_shtab_signerctl_npos -eq 0' -a destroy -d 'schedule a retired version'"'"'s deletion (--now: at once)'
 complete -c signerctl -n '_shtab_signerctl_using keys destroy' -s h -l help -d 'show this help message and exit'
 complete -c signerctl -n '_shtab_signerctl_using keys destroy' -l dry-run -d 'show what would change; change nothing'
-complete -c signerctl -n '_shtab_signerctl_using keys destroy' -l confirm -x -d 'the kid being destroyed (required)'
+complete -c signerctl -n '_shtab_signerctl_using keys destroy' -l now -d 'destroy at once, no waiting period (needs --confirm)'
+complete -c signerctl -n '_shtab_signerctl_using keys destroy' -l confirm -x -d 'the kid being destroyed (with --now)'
 complete -c signerctl -n '_shtab_signerctl_using keys destroy' -l socket -x -d 'signerd'"'"'s socket (default: $SIGNERD_SOCKET, else /run/signerd/signerd.sock)'
 complete -c signerctl -n '_shtab_signerctl_using keys destroy' -l json -d 'print JSON on stdout'
 complete -c signerctl -n '_shtab_signerctl_using keys destroy' -l timeout -x -d 'how long to wait for signerd'"'"'s whole answer, connecting included, before giving up with exit 75 (0 < SECONDS <= 3600; default 10)'
 complete -c signerctl -n '_shtab_signerctl_using keys destroy' -l field -x -d 'print only this field of the JSON answer, raw (a string without quotes); NAME.SUB for a nested one, NAME.0 for a list item'
+complete -c signerctl -n '_shtab_signerctl_using keys; and test $_shtab_signerctl_npos -eq 0' -a cancel-deletion -d 'put a version pending deletion back'
+complete -c signerctl -n '_shtab_signerctl_using keys cancel-deletion' -s h -l help -d 'show this help message and exit'
+complete -c signerctl -n '_shtab_signerctl_using keys cancel-deletion' -l dry-run -d 'show what would change; change nothing'
+complete -c signerctl -n '_shtab_signerctl_using keys cancel-deletion' -l socket -x -d 'signerd'"'"'s socket (default: $SIGNERD_SOCKET, else /run/signerd/signerd.sock)'
+complete -c signerctl -n '_shtab_signerctl_using keys cancel-deletion' -l json -d 'print JSON on stdout'
+complete -c signerctl -n '_shtab_signerctl_using keys cancel-deletion' -l timeout -x -d 'how long to wait for signerd'"'"'s whole answer, connecting included, before giving up with exit 75 (0 < SECONDS <= 3600; default 10)'
+complete -c signerctl -n '_shtab_signerctl_using keys cancel-deletion' -l field -x -d 'print only this field of the JSON answer, raw (a string without quotes); NAME.SUB for a nested one, NAME.0 for a list item'
 complete -c signerctl -n '_shtab_signerctl_using keys; and test $_shtab_signerctl_npos -eq 0' -a purge-invalid -d 'offline: remove keys whose names are invalid from the token (uses the configured PIN)'
 complete -c signerctl -n '_shtab_signerctl_using keys purge-invalid' -s h -l help -d 'show this help message and exit'
 complete -c signerctl -n '_shtab_signerctl_using keys purge-invalid' -l config -x -d 'signerd'"'"'s configuration file'

@@ -36,6 +36,10 @@ class KeyVersion:
     state: VersionState
     public_key: bytes  # raw 32-byte Ed25519 public key
     created_at: int  # unix seconds
+    #: unix seconds of the last state change (None: written before it was recorded)
+    state_changed_at: int | None = None
+    #: pending_deletion: unix seconds at which the daemon destroys the version
+    deletion_at: int | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,23 @@ class Destroyer(Protocol):
     """Optional: remove a version's private material for good."""
 
     def destroy(self, key: KeyName, version: int) -> KeyInfo: ...
+
+
+@runtime_checkable
+class DeletionScheduler(Protocol):
+    """Optional: a retired version's deletion scheduled and cancelled (``pending_deletion``).
+
+    The store keeps the time (``deletion_at``), so every daemon on it agrees;
+    the destroy itself, when it is due, is ``Destroyer.destroy``.
+    """
+
+    def schedule_deletion(self, key: KeyName, version: int, at: int) -> KeyInfo:
+        """Move a retired version to pending_deletion, to be destroyed at ``at``."""
+        ...
+
+    def cancel_deletion(self, key: KeyName, version: int) -> KeyInfo:
+        """Move a pending_deletion version back to retired."""
+        ...
 
 
 @runtime_checkable

@@ -9,7 +9,8 @@
     keys rotate KEY [--pending] [--dry-run]
     keys promote KEY (VERSION | --pending [--if-any])
     keys retire KEY VERSION [--dry-run]
-    keys destroy KEY VERSION (--confirm KID | --dry-run)
+    keys destroy KEY VERSION [--now --confirm KID] [--dry-run]   (schedules; --now: at once)
+    keys cancel-deletion KEY VERSION [--dry-run]
     sign KEY [--data-file F | --data-b64 B]          (else data from stdin)
     verify KID --signature B64 [--data-file F | --data-b64 B]
     jwks [--tenant T]    kid KID    health    ready    whoami

@@ -10,7 +10,7 @@
 
 ``feedback sign`` prints the envelope as JSON (it is what a gateway sends);
 ``feedback verify`` reads one. JSON read here is parsed strictly (duplicate
-members, NaN, integers beyond 2^53: ``malformed_json``). Verification exits 0
+members, NaN, numbers beyond +-(2^53 - 1) however written: ``malformed_json``). Verification exits 0
 only for an accepted envelope, whose nonce is then spent.
 """
 

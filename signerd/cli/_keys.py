@@ -4,7 +4,8 @@
 
     keys list [--tenant T]            keys show KEY           keys create KEY
     keys rotate KEY [--pending]       keys promote KEY (VERSION | --pending [--if-any])
-    keys retire KEY VERSION           keys destroy KEY VERSION --confirm KID
+    keys retire KEY VERSION           keys destroy KEY VERSION [--now --confirm KID]
+    keys cancel-deletion KEY VERSION
     keys purge-invalid --config FILE [--dry-run]              (offline, on the token)
     sign KEY [--data-file F | --data-b64 B]          (else data from stdin)
     verify KID --signature B64 [--data-file F | --data-b64 B]
@@ -43,15 +44,29 @@ def age(seconds: float) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
+def _maybe(ts: int | None) -> str:
+    return "-" if ts is None else _when(ts)
+
+
+def _due(desc: KeyDescription) -> str:
+    """When the key's rotation is due (``keys.max_active_age``), flagged when overdue."""
+    due = desc.rotation_due
+    if due is None:
+        return "-"
+    return _when(due.at) + (" OVERDUE" if due.overdue else "")
+
+
 def _describe(desc: KeyDescription) -> str:
     now = time.time()
-    head = f"key         {desc.key}\n"
+    head = f"key           {desc.key}\n"
     if desc.algorithm:
-        head += f"algorithm   {desc.algorithm}\n"
+        head += f"algorithm     {desc.algorithm}\n"
     if desc.backend:
-        head += f"backend     {desc.backend}\n"
-    head += f"active kid  {desc.active_kid or '-'}\n\n"
-    rows = [["VERSION", "KID", "STATE", "CREATED", "AGE", "THUMBPRINT (RFC 7638)"]]
+        head += f"backend       {desc.backend}\n"
+    head += f"active kid    {desc.active_kid or '-'}\n"
+    head += f"rotation due  {_due(desc)}\n\n"
+    columns = "VERSION KID STATE CREATED AGE STATE_CHANGED DELETION_AT"
+    rows = [[*(c.replace("_", " ") for c in columns.split()), "THUMBPRINT (RFC 7638)"]]
     rows += [
         [
             str(v.version),
@@ -59,6 +74,8 @@ def _describe(desc: KeyDescription) -> str:
             v.state.value,
             _when(v.created_at),
             age(now - v.created_at),
+            _maybe(v.state_changed_at),
+            _maybe(v.deletion_at),
             v.thumbprint or "-",
         ]
         for v in desc.versions
@@ -74,11 +91,12 @@ def _describe(desc: KeyDescription) -> str:
 def _keys_list(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
     keys = c.list_keys(a.tenant)
     now = time.time()
-    rows = [["KEY", "BACKEND", "ACTIVE KID", "ACTIVE AGE", "VERSIONS"]]
+    rows = [["KEY", "BACKEND", "ACTIVE KID", "ACTIVE AGE", "ROTATION DUE", "VERSIONS"]]
     for d in keys:
         active = [v for v in d.versions if v.kid == d.active_kid]
         since = age(now - active[0].created_at) if active else "-"
-        rows.append([d.key, d.backend or "-", d.active_kid or "-", since, str(len(d.versions))])
+        count = str(len(d.versions))
+        rows.append([d.key, d.backend or "-", d.active_kid or "-", since, _due(d), count])
     return {"keys": plain(keys)}, table(rows) if keys else "no keys"
 
 
@@ -98,12 +116,13 @@ def _dry(desc: KeyDescription, changes: list[dict[str, Any]], notes: list[str]) 
     lines = [f"dry run: nothing changed on {desc.key}"]
     for ch in changes:
         before = ch["from"] or "(new)"
-        lines.append(f"  version {ch['version']}  {ch['kid']}  {before} -> {ch['to']}")
+        at = f" at {_when(ch['deletion_at'])}" if ch.get("deletion_at") is not None else ""
+        lines.append(f"  version {ch['version']}  {ch['kid']}  {before} -> {ch['to']}{at}")
     return doc, "\n".join(lines + [f"note: {n}" for n in notes])
 
 
-def _change(v: int, kid: str, old: str | None, new: str) -> dict[str, Any]:
-    return {"version": v, "kid": kid, "from": old, "to": new}
+def _change(v: int, kid: str, old: str | None, new: str, **more: Any) -> dict[str, Any]:
+    return {"version": v, "kid": kid, "from": old, "to": new, **more}
 
 
 def _version_of(desc: KeyDescription, version: int, allowed: set[str], why: str) -> Any:
@@ -177,14 +196,42 @@ def _keys_retire(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
 
 def _keys_destroy(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
     if a.dry_run:
+        return _destroy_dry(c.get_key(a.key), a)
+    if a.now and a.confirm is None:
+        raise Failure(os.EX_USAGE, "usage", "keys destroy --now: give --confirm KID (or --dry-run)")
+    desc = c.destroy(a.key, a.version, a.confirm, now=a.now)
+    if a.now:
+        return plain(desc), _describe(desc)
+    found = [v for v in desc.versions if v.version == a.version]
+    when = _maybe(found[0].deletion_at if found else None)
+    return plain(desc), f"deletion scheduled at {when}\n\n{_describe(desc)}"
+
+
+def _destroy_dry(desc: KeyDescription, a: argparse.Namespace) -> tuple[Any, str]:
+    if a.now:
+        why = "only a retired or pending_deletion version can be destroyed"
+        v = _version_of(desc, a.version, {"retired", "pending_deletion"}, why)
+        note = f"to destroy it: keys destroy {desc.key} {v.version} --now --confirm {v.kid}"
+        return _dry(desc, [_change(v.version, v.kid, v.state.value, "destroyed")], [note])
+    why = "only a retired version can be scheduled for deletion"
+    v = _version_of(desc, a.version, {"retired"}, why)
+    wait = desc.deletion_wait
+    at = None if wait is None else int(time.time() + wait)
+    notes = ["the daemon destroys it then; keys cancel-deletion puts it back to retired"]
+    if at is None:
+        notes.insert(0, "the daemon does not say its keys.deletion_wait: time unknown")
+    return _dry(
+        desc, [_change(v.version, v.kid, "retired", "pending_deletion", deletion_at=at)], notes
+    )
+
+
+def _keys_cancel_deletion(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
+    if a.dry_run:
         desc = c.get_key(a.key)
-        why = "only a retired version can be destroyed"
-        v = _version_of(desc, a.version, {"retired"}, why)
-        note = f"to destroy it: keys destroy {desc.key} {v.version} --confirm {v.kid}"
-        return _dry(desc, [_change(v.version, v.kid, "retired", "destroyed")], [note])
-    if a.confirm is None:
-        raise Failure(os.EX_USAGE, "usage", "keys destroy: give --confirm KID (or --dry-run)")
-    desc = c.destroy(a.key, a.version, a.confirm)
+        why = "only a version pending deletion can have its deletion cancelled"
+        v = _version_of(desc, a.version, {"pending_deletion"}, why)
+        return _dry(desc, [_change(v.version, v.kid, "pending_deletion", "retired")], [])
+    desc = c.cancel_deletion(a.key, a.version)
     return plain(desc), _describe(desc)
 
 
@@ -274,7 +321,8 @@ def add_commands(sub: Any) -> None:
     )
     for name, run, help_text in (
         ("retire", _keys_retire, "stop a version from verifying"),
-        ("destroy", _keys_destroy, "remove a retired version's private key for good"),
+        ("destroy", _keys_destroy, "schedule a retired version's deletion (--now: at once)"),
+        ("cancel-deletion", _keys_cancel_deletion, "put a version pending deletion back"),
     ):
         p = register(ksub, name, run, help_text)
         p.add_argument("key", metavar="KEY")
@@ -283,7 +331,12 @@ def add_commands(sub: Any) -> None:
             "--dry-run", action="store_true", help="show what would change; change nothing"
         )
         if name == "destroy":
-            p.add_argument("--confirm", metavar="KID", help="the kid being destroyed (required)")
+            p.add_argument(
+                "--now",
+                action="store_true",
+                help="destroy at once, no waiting period (needs --confirm)",
+            )
+            p.add_argument("--confirm", metavar="KID", help="the kid being destroyed (with --now)")
 
     p = ksub.add_parser(
         "purge-invalid",

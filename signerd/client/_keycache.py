@@ -52,7 +52,7 @@ class KeyCache:
 
     def admit(self, tenant: str, info: KidInfo) -> Ed25519PublicKey:
         """The key of a kid the JWKS did not list, when its state still verifies."""
-        if info.state is VersionState.RETIRED:
+        if info.state in (VersionState.RETIRED, VersionState.PENDING_DELETION):
             raise RetiredKid()
         if info.state is VersionState.DESTROYED:
             raise DestroyedKid()

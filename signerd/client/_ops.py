@@ -15,8 +15,6 @@ which fails closed. The trusted-key changes are admin calls.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,17 +28,29 @@ from ..errors import (
     SignerdError,
     error_for_code,
 )
-from ..wire import KeyName, VersionState, decimal_seconds, parse_kid, valid_part
+from ..wire import KeyName, decimal_seconds, parse_kid, valid_part
+from ._fields import (
+    _b64,
+    _enc,
+    _field,
+    _jwk,
+    _number,
+    _optional,
+    _optional_int,
+    _optional_str,
+    _seconds,
+    _state,
+)
 from ._results import (
     FeedbackEnvelope,
     FeedbackVerified,
     KeyDescription,
     KeyVersion,
     KidInfo,
+    RotationDue,
     Signature,
     TelemetrySignature,
     TelemetryVerified,
-    TrustedKey,
     VerifyResult,
 )
 
@@ -83,51 +93,6 @@ def decode_answer(status: int, request_id: str | None, body: bytes) -> tuple[Any
     raise InternalError(f"answer outside the protocol (HTTP {status})", request_id=request_id)
 
 
-# --- reading answer fields; anything off-contract is InternalError ---
-
-
-def _field(doc: Any, name: str, kind: type[T]) -> T:
-    value = doc.get(name) if isinstance(doc, dict) else None
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise InternalError(f"answer outside the protocol: field {name!r}")
-    return value
-
-
-def _optional_str(doc: Any, name: str) -> str | None:
-    value = doc.get(name) if isinstance(doc, dict) else None
-    return value if isinstance(value, str) else None
-
-
-def _state(doc: Any) -> VersionState:
-    try:
-        return VersionState(_field(doc, "state", str))
-    except ValueError:
-        raise InternalError("answer outside the protocol: field 'state'") from None
-
-
-def _seconds(doc: Any, name: str) -> int:
-    value = doc.get(name) if isinstance(doc, dict) else None
-    try:
-        return decimal_seconds(value)
-    except ValueError:
-        raise InternalError(f"answer outside the protocol: field {name!r}") from None
-
-
-def _b64(text: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise InternalError("answer outside the protocol: base64") from None
-
-
-def _enc(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _jwk(doc: Any) -> dict[str, str]:
-    return {str(k): str(v) for k, v in _field(doc, "jwk", dict).items()}
-
-
 # --- answers ---
 
 
@@ -141,9 +106,12 @@ def _description(doc: Any, _rid: str | None = None) -> KeyDescription:
             _field(v, "created_at", int),
             _optional(v, "thumbprint"),
             _optional(v, "pkcs11_uri"),
+            _optional_int(v, "state_changed_at"),
+            _optional_int(v, "deletion_at"),
         )
         for v in _field(doc, "versions", list)
     )
+
     return KeyDescription(
         key=_field(doc, "key", str),
         tenant=_field(doc, "tenant", str),
@@ -152,11 +120,18 @@ def _description(doc: Any, _rid: str | None = None) -> KeyDescription:
         versions=versions,
         algorithm=_optional(doc, "algorithm"),
         backend=_optional(doc, "backend"),
+        rotation_due=_rotation_due(doc.get("rotation_due")),
+        deletion_wait=_number(doc, "deletion_wait"),
     )
 
 
-def _optional(doc: Any, name: str) -> str | None:
-    return _field(doc, name, str) if isinstance(doc, dict) and name in doc else None
+def _rotation_due(due: Any) -> RotationDue | None:
+    if due is None:
+        return None
+    age = _number(due, "max_active_age")
+    if age is None:
+        raise InternalError("answer outside the protocol: field 'max_active_age'")
+    return RotationDue(age, _field(due, "at", int), _field(due, "overdue", bool))
 
 
 def _signature(doc: Any, _rid: str | None = None) -> Signature:
@@ -244,21 +219,6 @@ def _feedback_verified(doc: Any, rid: str | None = None) -> FeedbackVerified:
     )
 
 
-def _trusted_key(doc: Any, _rid: str | None = None) -> TrustedKey:
-    jwk = _jwk(doc)
-    return TrustedKey(
-        tenant=_field(doc, "tenant", str),
-        kid=_field(doc, "kid", str),
-        state=_field(doc, "state", str),
-        source=_field(doc, "source", str),
-        jwk=jwk,
-    )
-
-
-def _trusted_keys(doc: Any, _rid: str | None = None) -> list[TrustedKey]:
-    return [_trusted_key(item) for item in _field(doc, "keys", list)]
-
-
 def _status(doc: Any, _rid: str | None = None) -> str:
     return _field(doc, "status", str)
 
@@ -305,7 +265,7 @@ def op_rotate(key: str, pending: bool) -> Op[tuple[str, KeyDescription]]:
 
 
 def op_version(key: str, version: int, action: str, body: dict[str, Any]) -> Op[KeyDescription]:
-    """promote, retire or destroy one version."""
+    """promote, retire, destroy or cancel-deletion of one version."""
     path = f"{_key_path(key)}/versions/{int(version)}/{action}"
     return Op("POST", path, body, _description, False, admin=True)
 

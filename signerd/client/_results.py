@@ -14,6 +14,7 @@ __all__ = [
     "KeyDescription",
     "KeyVersion",
     "KidInfo",
+    "RotationDue",
     "Signature",
     "TelemetrySignature",
     "TelemetryVerified",
@@ -33,6 +34,17 @@ class KeyVersion:
     created_at: int  # unix seconds
     thumbprint: str | None = None  # RFC 7638 JWK thumbprint of its public key
     pkcs11_uri: str | None = None  # RFC 7512 URI of its private key (keys list/show, PKCS#11)
+    state_changed_at: int | None = None  # unix seconds; None: not recorded (older versions)
+    deletion_at: int | None = None  # pending_deletion: when the daemon destroys it
+
+
+@dataclass(frozen=True)
+class RotationDue:
+    """When a key's active version is due for rotation (``keys.max_active_age``)."""
+
+    max_active_age: float  # seconds
+    at: int  # unix seconds
+    overdue: bool
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,8 @@ class KeyDescription:
     versions: tuple[KeyVersion, ...]  # ascending by version
     algorithm: str | None = None  # "Ed25519" (keys list/show)
     backend: str | None = None  # the configured name of its backend (keys list/show)
+    rotation_due: RotationDue | None = None  # None: no rule names the key, or no active version
+    deletion_wait: float | None = None  # seconds a destroy would wait (keys.deletion_wait)
 
 
 @dataclass(frozen=True)

@@ -116,10 +116,27 @@ class Client:
         return self._run(op_version(key, version, "retire", {}), timeout)
 
     def destroy(
-        self, key: str, version: int, confirm: str, *, timeout: float | None = None
+        self,
+        key: str,
+        version: int,
+        confirm: str | None = None,
+        *,
+        now: bool = False,
+        timeout: float | None = None,
     ) -> KeyDescription:
-        """Remove a retired version's private key for good; ``confirm`` must be its kid."""
-        return self._run(op_version(key, version, "destroy", {"confirm": confirm}), timeout)
+        """Schedule a retired version's deletion (``pending_deletion``; the daemon destroys
+        it after ``keys.deletion_wait``). ``now=True``: remove a retired or pending_deletion
+        version's private key for good at once; ``confirm`` must then be its kid."""
+        body: dict[str, Any] = {} if confirm is None else {"confirm": confirm}
+        if now:
+            body["now"] = True
+        return self._run(op_version(key, version, "destroy", body), timeout)
+
+    def cancel_deletion(
+        self, key: str, version: int, *, timeout: float | None = None
+    ) -> KeyDescription:
+        """Put a version pending deletion back to retired."""
+        return self._run(op_version(key, version, "cancel-deletion", {}), timeout)
 
     # --- signatures and public keys ---
 

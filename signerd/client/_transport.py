@@ -22,9 +22,7 @@ still in doubt at the end, the call raises ``OutcomeUnknown``.
 
 from __future__ import annotations
 
-import errno
 import http.client
-import io
 import os
 import secrets
 import select
@@ -35,6 +33,7 @@ from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from ..errors import BackendUnavailable, OutcomeUnknown, SignerdError
 from ._ops import Op, decode_answer
+from ._refusal import answer_before_close, closed_on_us, refusal
 
 if TYPE_CHECKING:  # aiohttp is imported by AsyncTransport when used (signerctl never is)
     import aiohttp
@@ -44,10 +43,6 @@ DEFAULT_TIMEOUT = 10.0
 _ADMIN_PAUSES = (0.2, 0.5)  # seconds between the (at most three) sends of an admin request
 _READ_CHUNK = 65536
 T = TypeVar("T")
-# a refusal's answer is read from a fresh connection within this, and is at most this long
-_REFUSAL_WAIT = 0.5
-_REFUSAL_MAX = 8192
-_CLOSED = (errno.EPIPE, errno.ECONNRESET)
 
 
 class ConnectionFailed(BackendUnavailable):
@@ -203,7 +198,7 @@ class SyncTransport:
         try:
             conn.request(method, path, body=body, headers=_headers(body, key))
         except (BrokenPipeError, ConnectionResetError):
-            answer = _answer_before_close(sock, method)  # e.g. 503 over the connection cap
+            answer = answer_before_close(sock, method)  # e.g. 503 over the connection cap
             conn.close()
             if answer is None:
                 raise
@@ -312,7 +307,7 @@ class AsyncTransport:
                     if left > 0:
                         client_timeout = aiohttp.ClientTimeout(total=left)
                         continue
-                refused = await _refusal(self.socket_path) if _closed_on_us(exc) else None
+                refused = await refusal(self.socket_path) if closed_on_us(exc) else None
                 if refused is not None:  # e.g. 503 over the connection cap
                     return op.parse(*decode_answer(*refused))
                 raise _unreachable(self.socket_path, exc) from exc
@@ -324,70 +319,10 @@ class AsyncTransport:
             self._session = None
 
 
-def _closed_on_us(exc: BaseException) -> bool:
-    """Whether the daemon closed the connection before answering (EPIPE, a reset, EOF)."""
-    import aiohttp
-
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return True
-    errors = (getattr(exc, "os_error", None), exc.__cause__, exc)
-    return any(isinstance(e, OSError) and e.errno in _CLOSED for e in errors)
-
-
-async def _refusal(socket_path: str) -> tuple[int, str | None, bytes] | None:
-    """What signerd writes at once to a new connection it refuses (then closes), read from a
-    fresh connection that sends nothing; None when a new connection is not refused so.
-
-    aiohttp has dropped the refused connection with its answer by the time it reports the
-    broken pipe, so the answer is asked for again."""
-    import asyncio
-
-    try:
-        async with asyncio.timeout(_REFUSAL_WAIT):
-            reader, writer = await asyncio.open_unix_connection(socket_path)
-            try:
-                data = b""
-                while chunk := await reader.read(_READ_CHUNK):
-                    data += chunk
-                    if len(data) > _REFUSAL_MAX:
-                        return None
-            finally:
-                writer.close()
-    except (TimeoutError, OSError):
-        return None
-    return _answer_before_close(_Received(data), "GET") if data else None
-
-
-class _Received:
-    """Bytes already read, in the shape http.client reads a response from."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-
-    def makefile(self, mode: str) -> io.BytesIO:
-        return io.BytesIO(self._data)
-
-
 async def _asyncio_sleep(seconds: float) -> None:
     import asyncio
 
     await asyncio.sleep(seconds)
-
-
-def _answer_before_close(
-    sock: socket.socket | _Received, method: str
-) -> tuple[int, str | None, bytes] | None:
-    """The answer signerd wrote before closing a connection it refused (its connection cap),
-    which the request then found closed; None when there is none."""
-    resp = http.client.HTTPResponse(sock, method=method)  # type: ignore[arg-type]
-    try:
-        resp.begin()
-        data = resp.read()
-    except (OSError, http.client.HTTPException):
-        return None
-    finally:
-        resp.close()
-    return resp.status, resp.getheader("X-Request-Id"), data
 
 
 def _headers(body: bytes | None, key: str | None = None) -> dict[str, str]:

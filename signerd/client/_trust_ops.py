@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from ..errors import UnknownKid
 from ..wire import PEER_KID_RE
-from ._ops import Op, _tenant, _trusted_key, _trusted_keys
+from ._fields import _field, _jwk
+from ._ops import Op, _tenant
 from ._results import TrustedKey
 
 
@@ -25,3 +27,18 @@ def op_trust_retire(tenant: str, kid: str) -> Op[TrustedKey]:
         raise UnknownKid()
     path = f"/v1/trusted-keys/{_tenant(tenant)}/{kid}/retire"
     return Op("POST", path, {}, _trusted_key, False, admin=True)
+
+
+def _trusted_key(doc: Any, _rid: str | None = None) -> TrustedKey:
+    jwk = _jwk(doc)
+    return TrustedKey(
+        tenant=_field(doc, "tenant", str),
+        kid=_field(doc, "kid", str),
+        state=_field(doc, "state", str),
+        source=_field(doc, "source", str),
+        jwk=jwk,
+    )
+
+
+def _trusted_keys(doc: Any, _rid: str | None = None) -> list[TrustedKey]:
+    return [_trusted_key(item) for item in _field(doc, "keys", list)]

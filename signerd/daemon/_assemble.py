@@ -26,7 +26,7 @@ from ..backends import Backend, load_factory
 from ..errors import AuditUnavailable, SignerdError
 from ..federation import Federation, attach
 from ..federation import check_reload as check_federation_reload
-from ..forwarding import LAG_PAGE, MAX_SILENCE, GatedAheadSink, LagGate
+from ..forwarding import LAG_PAGE, MAX_SILENCE, GatedSink, LagGate
 from ..keys import KeyService
 from ..metrics import Metrics, Sources, metrics_directory
 from ..server import (
@@ -39,6 +39,7 @@ from ..server import (
     raise_nofile_limit,
 )
 from ..workers import runtime_path
+from ._deletions import DeletionReaper
 from ._sockets import bind_unix_socket, unlink_own_socket
 
 if TYPE_CHECKING:
@@ -157,7 +158,7 @@ def _gated(config: Config, audit: AuditTrail) -> AuditSink:
     if config.forwarding is None or config.forwarding.on_lag != "refuse":
         return audit
     # a sign is refused at its intent record, before the token is asked
-    return GatedAheadSink(audit, LagGate(flag_path(config), MAX_SILENCE))
+    return GatedSink(audit, LagGate(flag_path(config), MAX_SILENCE))
 
 
 def _fitted(config: Config) -> Limits:
@@ -220,6 +221,7 @@ class Daemon:
     sock: socket.socket
     metrics: Metrics
     guard: StallGuard | None = None
+    reaper: DeletionReaper | None = None  # due deletions: in one process only
 
     @classmethod
     async def start(
@@ -285,8 +287,14 @@ class Daemon:
                 )
             # accepts on sock as it is: listen(SOMAXCONN) stays
             in_flight.listener = await server.serve(sock, role.uid_counter)
+            reaper = None
+            if role.audit_file[0] in (None, 0):  # the single process, or worker 0
+                reaper = DeletionReaper(keys, audit)
+                reaper.start()
             undo.pop_all()
-        return cls(config, role, keys, policy, audit, server, federation, sock, metrics, guard)
+        return cls(
+            config, role, keys, policy, audit, server, federation, sock, metrics, guard, reaper
+        )
 
     def ready(self) -> None:
         """Tell the role that this process serves (its signal handlers are in place)."""
@@ -320,6 +328,8 @@ class Daemon:
         return applied
 
     async def stop(self) -> None:
+        if self.reaper is not None:
+            await self.reaper.close()
         await self.server.close()
         await self.metrics.close()
         if self.role.owns_socket:

@@ -24,8 +24,9 @@ import time
 from collections.abc import Callable
 
 from ._settings import ForwardingSettings
+from ._syslog import frame
 
-__all__ = ["Collector"]
+__all__ = ["Collector", "open_connection"]
 
 log = logging.getLogger("signerd.forwarding")
 
@@ -52,12 +53,7 @@ class Collector:
         if now < self._retry_at:
             return False
         try:
-            sock = socket.create_connection((self.s.host, self.s.port), timeout=self.s.timeout)
-            if self.s.tls:
-                context = ssl.create_default_context(cafile=self.s.tls_ca_file)
-                sock = context.wrap_socket(
-                    sock, server_hostname=self.s.tls_server_name or self.s.host
-                )
+            sock = open_connection(self.s)
         except OSError as exc:
             if self._backoff <= 0.1:
                 log.error(
@@ -95,11 +91,15 @@ class Collector:
         if sock is not None:
             sock.close()
 
-    def send(self, frames: list[bytes], tick: Callable[[], None] | None = None) -> tuple[int, bool]:
-        """Send ``frames``; how many of them (from the first) the collector acknowledged,
-        and whether the connection ended by a reset (not a clean close: see ``_replay``)."""
+    def send(
+        self, messages: list[bytes], tick: Callable[[], None] | None = None
+    ) -> tuple[int, bool]:
+        """Send ``messages`` (octet-counted); how many of them (from the first) the
+        collector acknowledged, and whether the connection ended by a reset (not a clean
+        close: see ``_replay``)."""
         sock = self.sock
         assert sock is not None
+        frames = [frame(m) for m in messages]
         ends, total = [], 0
         for f in frames:
             total += len(f)
@@ -162,6 +162,23 @@ class Collector:
         )
         self.disconnect()
         return acked, reset
+
+
+def open_connection(settings: ForwardingSettings) -> socket.socket:
+    """A connection to the collector, in TLS when configured (the collector's certificate
+    checked against ``tls_ca_file`` and the name; this host's shown when it asks)."""
+    s = settings
+    sock = socket.create_connection((s.host, s.port), timeout=s.timeout)
+    if not s.tls:
+        return sock
+    try:
+        context = ssl.create_default_context(cafile=s.tls_ca_file)
+        if s.tls_cert_file is not None:
+            context.load_cert_chain(s.tls_cert_file, s.tls_key_file)
+        return context.wrap_socket(sock, server_hostname=s.tls_server_name or s.host)
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _was_reset(sock: socket.socket, exc: BaseException | None) -> bool:

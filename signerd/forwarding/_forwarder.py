@@ -2,10 +2,12 @@
 
 One loop in its own process (the supervisor starts it): it reads each chain from its
 acknowledged position (``_tail``), sends the records as RFC 5424 messages over one
-TCP (or TLS) connection with octet-counted framing, and counts a record delivered
-once the collector acknowledged it (``_collector``); then the position is saved
-(``_state``). What was not acknowledged is read again and sent on the next
-connection. When the collector resets the connection (it closed with bytes unread),
+connection, and counts a record delivered once the collector acknowledged it; then
+the position is saved (``_state``). What was not acknowledged is read again and sent
+on the next connection. With ``transport = "relp"`` (``_relp``) the collector itself
+answers each message, and nothing else is needed. Over plain TCP (or TLS) with
+octet-counted framing (``_collector``) an acknowledgement is its TCP stack's; when
+the collector resets the connection (it closed with bytes unread),
 what it acknowledged in the last ``REPLAY_WINDOW`` seconds is sent again too: nothing
 is lost; copies can only follow a reset, and carry the same chain, seq and record id. A collector
 that is down or slow never blocks signing: the trail is the buffer. The bound is
@@ -28,9 +30,10 @@ from dataclasses import dataclass
 from ._checkpoint import Checkpoint, Signer, sign_checkpoint
 from ._collector import Collector
 from ._gate import LagFlag
+from ._relp import RelpCollector
 from ._settings import ForwardingSettings
 from ._state import Position, load_state, save_state
-from ._syslog import frame, message
+from ._syslog import message
 from ._tail import ChainTail, Item
 
 __all__ = ["Forwarder"]
@@ -79,7 +82,11 @@ class Forwarder:
             for name, (path, worker) in chains.items()
         }
         self.stopping = threading.Event()
-        self.collector = Collector(settings, self.stopping)
+        self.collector: Collector | RelpCollector = (
+            RelpCollector(settings, self.stopping)
+            if settings.transport == "relp"
+            else Collector(settings, self.stopping)
+        )
         self._replay_of: object = None
         self._notices: list[bytes] = []  # gap messages not yet delivered
         self.lag = 0
@@ -89,9 +96,10 @@ class Forwarder:
 
     def run(self) -> None:
         log.info(
-            "signerd.forwarding_started host=%s port=%d chains=%d",
+            "signerd.forwarding_started host=%s port=%d transport=%s chains=%d",
             self.s.host,
             self.s.port,
+            self.s.transport,
             len(self.chains),
         )
         try:
@@ -131,8 +139,7 @@ class Forwarder:
         checkpoints = self._due_checkpoints()
         if not items and not notices and not checkpoints:
             return False
-        frames = [frame(n) for n in notices] + [frame(self._message(i)) for i in items]
-        frames += [frame(cp) for _, cp in checkpoints]
+        frames = notices + [self._message(i) for i in items] + [cp for _, cp in checkpoints]
         acked, reset = self.collector.send(frames, self._beat)
         done_notices = min(acked, len(notices))
         del self._notices[:done_notices]

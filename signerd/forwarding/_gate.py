@@ -18,10 +18,10 @@ import os
 import struct
 import time
 
-from ..audit import AuditEvent, AuditSink, PendingRecord, WriteAheadAuditSink
+from ..audit import AuditEvent, PendingRecord, WriteAheadAuditSink
 from ..errors import AuditUnavailable
 
-__all__ = ["LAG_PAGE", "MAX_SILENCE", "GatedAheadSink", "GatedSink", "LagFlag", "LagGate"]
+__all__ = ["LAG_PAGE", "MAX_SILENCE", "GatedSink", "LagFlag", "LagGate"]
 
 #: the page's file name in the runtime directory
 LAG_PAGE = "forwarding.lag"
@@ -119,9 +119,12 @@ class LagGate:
 
 
 class GatedSink:
-    """An audit sink that refuses the records of signs while ``gate`` refuses."""
+    """An audit sink that refuses the records of signs while ``gate`` refuses.
 
-    def __init__(self, sink: AuditSink, gate: LagGate) -> None:
+    It wraps a sink that writes ahead, so a sign is refused at its intent record,
+    before the token is asked, and the intent's write still overlaps the token call."""
+
+    def __init__(self, sink: WriteAheadAuditSink, gate: LagGate) -> None:
         self.sink, self.gate = sink, gate
         self._complained = 0.0
 
@@ -146,20 +149,7 @@ class GatedSink:
         await self.sink.record(event)
 
     def submit(self, event: AuditEvent) -> bool:
-        submit = getattr(self.sink, "submit", None)
-        if submit is None:
-            return False
-        return bool(submit(event))
-
-
-class GatedAheadSink(GatedSink):
-    """``GatedSink`` over a sink that writes ahead: a sign is refused at its intent record,
-    before the token is asked, and the intent's write still overlaps the token call."""
-
-    sink: WriteAheadAuditSink
-
-    def __init__(self, sink: WriteAheadAuditSink, gate: LagGate) -> None:
-        super().__init__(sink, gate)
+        return self.sink.submit(event)
 
     def ahead(self, event: AuditEvent) -> PendingRecord:
         self._check(event)

@@ -17,8 +17,11 @@ __all__ = ["ForwardingSettings", "forwarding_settings"]
 _KNOWN = {
     "host",
     "port",
+    "transport",
     "tls",
     "tls_ca_file",
+    "tls_cert_file",
+    "tls_key_file",
     "tls_server_name",
     "max_lag_bytes",
     "on_lag",
@@ -47,6 +50,9 @@ class ForwardingSettings:
     checkpoint_records: int = 1000
     hostname: str = "-"
     timeout: float = 10.0  # seconds without progress before the connection is dropped
+    transport: str = "tcp"  # or "relp": acknowledged by the collector itself
+    tls_cert_file: str | None = None  # this host's certificate, shown when asked (RELP: always)
+    tls_key_file: str | None = None
 
 
 def _number(table: Mapping[str, Any], name: str, default: float, low: float, high: float) -> float:
@@ -83,11 +89,23 @@ def forwarding_settings(table: Mapping[str, Any], audit_path: str) -> Forwarding
     if not isinstance(tls, bool):
         raise ValueError(f"forwarding.tls: must be true or false, got {tls!r}")
     files: dict[str, str | None] = {}
-    for name in ("tls_ca_file", "tls_server_name", "state"):
+    for name in ("tls_ca_file", "tls_server_name", "tls_cert_file", "tls_key_file", "state"):
         value = table.get(name)
         if value is not None and (not isinstance(value, str) or not value or "\0" in value):
             raise ValueError(f"forwarding.{name}: must be a non-empty string, got {value!r}")
         files[name] = value
+    transport = table.get("transport", "tcp")
+    if transport not in ("tcp", "relp"):
+        raise ValueError(f'forwarding.transport: "tcp" or "relp", got {transport!r}')
+    if (files["tls_cert_file"] is None) != (files["tls_key_file"] is None):
+        raise ValueError("forwarding.tls_cert_file and forwarding.tls_key_file: both or neither")
+    if files["tls_cert_file"] is not None and not tls:
+        raise ValueError("forwarding.tls_cert_file: needs tls = true")
+    if transport == "relp" and tls and files["tls_cert_file"] is None:
+        raise ValueError(
+            'forwarding.tls_cert_file: required with transport = "relp" and tls = true'
+            " (imrelp's TLS asks every sender for its certificate)"
+        )
     on_lag = table.get("on_lag", "refuse")
     if on_lag not in ("refuse", "drop"):
         raise ValueError(f'forwarding.on_lag: "refuse" or "drop", got {on_lag!r}')
@@ -115,4 +133,7 @@ def forwarding_settings(table: Mapping[str, Any], audit_path: str) -> Forwarding
         records,
         hostname,
         _number(table, "timeout", 10.0, 0.5, 300),
+        str(transport),
+        files["tls_cert_file"],
+        files["tls_key_file"],
     )

@@ -11,8 +11,8 @@ start), running the same checks as signerd's
 (``signerd.wire``: the envelope grammar and strict JSON, one copy for both):
 
 1. parse and bound the envelope (unknown or missing fields, patterns,
-   JSON that cannot be canonicalised without ambiguity, such as an integer
-   beyond 2**53 - 1 or a number that does not round-trip through a double,
+   JSON that cannot be canonicalised without ambiguity, such as a number
+   beyond 2**53 - 1 however written or one that does not round-trip through a double,
    nesting deeper than ``max_depth``);
 2. look up the kid (``unknown_kid``);
 3. the kid's tenant and the envelope's tenant are the producer's

@@ -1,5 +1,6 @@
 """The key service: a cached keyring over the backends, signing, verifying and key lifecycle."""
 
+from ._age import Due, due, rotation_due
 from ._executors import CHANGE_GRACE, run_change
 from ._keyring import READY_TTL, Counters
 from ._service import PUBLISHED, STARTUP_TIMEOUT, KeyService
@@ -11,7 +12,10 @@ __all__ = [
     "READY_TTL",
     "STARTUP_TIMEOUT",
     "Counters",
+    "Due",
     "KeyService",
     "Settings",
+    "due",
+    "rotation_due",
     "run_change",
 ]

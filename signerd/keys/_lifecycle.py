@@ -4,9 +4,9 @@
 keyring changes: after each one, the key as it was (``cached``) and as it is
 are compared, and each difference is one event on the ``signerd.keys`` logger:
 ``signerd.key_created``, ``key_rotated``, ``key_promoted``, ``key_retired``,
-``key_destroyed`` with ``key``, ``kid``, ``state`` and ``backend``; under the
-journal a MESSAGE_ID per event type and SIGNERD_KEY, SIGNERD_KID,
-SIGNERD_STATE, SIGNERD_BACKEND fields. Refused lifecycle requests are logged
+``key_deletion_scheduled``, ``key_destroyed`` with ``key``, ``kid``, ``state``
+and ``backend``; under the journal a MESSAGE_ID per event type and
+SIGNERD_KEY, SIGNERD_KID, SIGNERD_STATE, SIGNERD_BACKEND fields. Refused lifecycle requests are logged
 with the request log (``server.log_request``).
 """
 
@@ -28,7 +28,8 @@ Change = Callable[[KeyName, Callable[[Backend], _T]], Awaitable[_T]]
 
 _BY_STATE = {
     VersionState.ACTIVE: "key_promoted",
-    VersionState.RETIRED: "key_retired",
+    VersionState.RETIRED: "key_retired",  # also a cancelled deletion
+    VersionState.PENDING_DELETION: "key_deletion_scheduled",
     VersionState.DESTROYED: "key_destroyed",
 }
 

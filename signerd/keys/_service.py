@@ -18,16 +18,14 @@ from typing import TYPE_CHECKING, TypeVar
 
 from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
 
-from ..backends import Backend, Destroyer, KeyInfo, KeyVersion, VersionState
+from ..backends import Backend, KeyInfo, KeyVersion, VersionState
 from ..errors import (
     BackendError,
     BackendUnavailable,
-    ConfirmationRequired,
     DestroyedKid,
     InvalidSignature,
     InvalidState,
     KeyExists,
-    NotSupported,
     RetiredKid,
     SignerdError,
     UnknownKey,
@@ -35,6 +33,7 @@ from ..errors import (
 )
 from ..wire import KeyName
 from ._coalesce import Coalescer
+from ._deletion import Deletions
 from ._executors import Executors
 from ._keyring import Entry, Keyring
 from ._lifecycle import logged_changes, require, retire_call
@@ -102,6 +101,11 @@ class KeyService:
         )
         self._refresher: asyncio.Task[None] | None = None
         self._calls.stall_guard = stall_guard
+
+        async def stored(key: KeyName, call: Callable[[Backend], KeyInfo]) -> KeyInfo:
+            return self._store(await self._change(key, call))
+
+        self.deletions = Deletions(self.admin, self.describe, stored, self.settings.deletion_wait)
 
     async def check_backend(self, name: str, timeout: float) -> None:
         """Raise unless backend ``name`` answers its health check within ``timeout``."""
@@ -287,8 +291,8 @@ class KeyService:
         """Return the key and version when the signature is valid; raise otherwise."""
         entry = await self._entry(kid)
         state = entry.version.state
-        if state is VersionState.RETIRED:
-            raise RetiredKid()
+        if state is VersionState.RETIRED or state is VersionState.PENDING_DELETION:
+            raise RetiredKid()  # pending deletion is disabled, as retired
         if state is VersionState.DESTROYED:
             raise DestroyedKid()
         try:
@@ -371,21 +375,14 @@ class KeyService:
                 await self._change(key, lambda b: b.set_state(key, version, VersionState.RETIRED))
             )
 
-    async def destroy(self, key: KeyName, version: int, confirm: str | None) -> KeyInfo:
-        if confirm != key.kid(version):
-            raise ConfirmationRequired()
-        async with self.admin(key):
-            current = await self.describe(key)
-            require(
-                current, version, {VersionState.RETIRED}, "only a retired version can be destroyed"
-            )
+    async def destroy(
+        self, key: KeyName, version: int, confirm: str | None, *, now: bool = False
+    ) -> KeyInfo:
+        """Schedule a retired version's deletion; ``now``: destroy at once (``_deletion``)."""
+        return await self.deletions.destroy(key, version, confirm, now)
 
-            def run(backend: Backend) -> KeyInfo:
-                if not isinstance(backend, Destroyer):
-                    raise NotSupported("this backend cannot destroy key versions")
-                return backend.destroy(key, version)
-
-            return self._store(await self._change(key, run))
+    async def cancel_deletion(self, key: KeyName, version: int) -> KeyInfo:
+        return await self.deletions.cancel(key, version)
 
     async def _apply_retention(self, info: KeyInfo) -> KeyInfo:
         keep = self.settings.retain_verify_only

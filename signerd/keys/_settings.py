@@ -19,3 +19,4 @@ class Settings:
     idempotency_ttl: float = 86400.0  # seconds an admin request's Idempotency-Key is kept
     idempotency_max_entries: int = 1000  # Idempotency-Keys kept at most (the oldest go)
     max_active_age: AgeRules = ()  # an active version older than its first match is due
+    deletion_wait: float = 7 * 86400.0  # seconds from a scheduled deletion to the destroy

@@ -23,9 +23,8 @@ from ..backends import Backend
 from ..errors import SignerdError
 from ..federation import Federation
 from ..forwarding import MAX_SILENCE, LagGate
-from ..keys import KeyService
+from ..keys import Due, KeyService, rotation_due
 from ..workers import WorkerSlot, WorkerTable
-from ._age import Due, due
 
 __all__ = [
     "VERSION",
@@ -180,7 +179,7 @@ async def snapshot(sources: Sources, *, check: bool = True) -> Snapshot:
                 active_kid=None if active is None else active.kid,
                 active_created=None if active is None else float(active.created_at),
                 versions=counts,
-                due=None if active is None else due(config.settings, name, active.created_at, now),
+                due=rotation_due(config.settings, info, now),
             )
         )
     queued, stuck = sources.audit.backlog()

@@ -84,6 +84,8 @@ class AuditNotes:
     """What a handler learned about its request, for the audit record."""
 
     operation: Operation = Operation.HEALTH
+    #: the audit record's operation when it is not the route's (e.g. schedule-deletion)
+    action: str | None = None
     tenant: str | None = None
     key: str | None = None
     kid: str | None = None
@@ -121,18 +123,32 @@ class RequestContext:
         notes = self.notes
         if notes.operation is Operation.HEALTH or notes.written:
             return None
+        return self.event(answer.code, answer.status, notes.kid, notes.hashes, "worker_stalled")
+
+    def event(
+        self,
+        outcome: str,
+        status: int,
+        kid: str | None,
+        hashes: tuple[str, ...] = (),
+        reason: str | None = None,
+        item_codes: tuple[str, ...] = (),
+    ) -> AuditEvent:
+        """A record of this request (its time, id, peer, operation, tenant and key now)."""
+        notes = self.notes
         return AuditEvent(
             time=time.time(),
             request_id=self.rid,
             peer=self.peer,
-            operation=notes.operation.value,
-            outcome=answer.code,
+            operation=notes.action or notes.operation.value,
+            outcome=outcome,
             tenant=notes.tenant,
             key=notes.key,
-            kid=notes.kid,
-            payload_sha256=notes.hashes,
-            reason="worker_stalled",
-            status=answer.status,
+            kid=kid,
+            payload_sha256=hashes,
+            reason=reason,
+            status=status,
+            item_codes=item_codes,
         )
 
     async def json(
@@ -175,20 +191,7 @@ class RequestContext:
         while the token signs); ``durable`` waits for it. Without a write-ahead sink the
         final record is written before the answer instead."""
         notes = self.notes
-        pending = self.server.write_ahead(
-            AuditEvent(
-                time=time.time(),
-                request_id=self.rid,
-                peer=self.peer,
-                operation=notes.operation.value,
-                outcome="intent",
-                tenant=notes.tenant,
-                key=notes.key,
-                kid=kid,
-                payload_sha256=notes.hashes,
-                status=0,
-            )
-        )
+        pending = self.server.write_ahead(self.event("intent", 0, kid, notes.hashes))
         if pending is not None:
             if notes.ahead is None:
                 notes.ahead = []
@@ -201,20 +204,7 @@ class RequestContext:
 
     async def intent(self) -> None:
         """The record an admin operation writes before it acts (fails closed)."""
-        notes = self.notes
-        await self.server.audit.record(
-            AuditEvent(
-                time=time.time(),
-                request_id=self.rid,
-                peer=self.peer,
-                operation=notes.operation.value,
-                outcome="intent",
-                tenant=notes.tenant,
-                key=notes.key,
-                kid=notes.kid,
-                status=0,
-            )
-        )
+        await self.server.audit.record(self.event("intent", 0, self.notes.kid))
 
 
 Handler = Callable[[RequestContext], Awaitable[Response]]

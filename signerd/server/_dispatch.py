@@ -287,19 +287,13 @@ class Front:
         audit = ctx.notes
         if audit.operation is Operation.HEALTH or audit.written:
             return
-        event = AuditEvent(
-            time=time.time(),
-            request_id=ctx.rid,
-            peer=ctx.peer,
-            operation=audit.operation.value,
-            outcome=audit.extra_outcome if outcome == "ok" and audit.extra_outcome else outcome,
-            tenant=audit.tenant,
-            key=audit.key,
-            kid=audit.kid,
-            payload_sha256=audit.hashes,
-            reason=reason,
-            status=status,
-            item_codes=audit.item_codes,
+        event = ctx.event(
+            audit.extra_outcome if outcome == "ok" and audit.extra_outcome else outcome,
+            status,
+            audit.kid,
+            audit.hashes,
+            reason,
+            audit.item_codes,
         )
         audit.written = True
         if outcome == "ok" and audit.operation.fails_closed and not audit.ahead:

@@ -7,11 +7,13 @@ does not exist); in a verification it stays 401, the refusal of a signature.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from ..authz import Operation, Peer, Policy
 from ..backends import KeyInfo, Locator
 from ..errors import UnknownKid
+from ..keys import rotation_due
 from ..wire import KeyName, key_json, kid_json, parse_kid, to_jwk
 from ._request import Response, json_response
 
@@ -79,12 +81,21 @@ class Lookups:
 
 
 def described(keys: KeyService, info: KeyInfo) -> dict[str, Any]:
-    """A key's description with where it lives: its algorithm, the name of its backend, and
-    for a backend whose objects other tools can find, each version's RFC 7512 URI."""
+    """A key's description with where it lives: its algorithm, the name of its backend, the
+    seconds a destroy would wait (``keys.deletion_wait``), when its rotation is due (``keys.max_active_age``; null when no rule names it or it has no
+    active version), and for a backend whose objects other tools can find, each version's
+    RFC 7512 URI."""
     doc = key_json(info)
     name, backend = keys.backend_of(info.key)
     doc["algorithm"] = "Ed25519"
     doc["backend"] = name
+    due = rotation_due(keys.settings, info, time.time())
+    doc["deletion_wait"] = keys.settings.deletion_wait  # what a destroy would wait now
+    doc["rotation_due"] = (
+        None
+        if due is None
+        else {"max_active_age": due.max_age, "at": int(due.at), "overdue": due.overdue}
+    )
     if isinstance(backend, Locator):
         for v in doc["versions"]:
             v["pkcs11_uri"] = backend.object_uri(v["kid"])

@@ -36,7 +36,8 @@ from ..wire import (
     parse_kid,
     parse_version,
 )
-from ._context import AdminChange, AuditNotes, RequestContext
+from ._batchnotes import note_batch as _note_batch
+from ._context import AdminChange, RequestContext
 from ._context import sha256_hex as _sha256
 from ._dispatch import Front, PeerLookup, VisibilityGate
 from ._limits import Limits
@@ -47,8 +48,6 @@ if TYPE_CHECKING:
     from ..keys._service import KeyService
 
 __all__ = ["ROUTES", "Server"]
-
-_MAX_ITEM_CODES = 8  # refused batch items whose index and code the audit record lists
 
 
 def _item_error(exc: SignerdError) -> dict[str, Any]:
@@ -69,6 +68,7 @@ ROUTES: tuple[tuple[str, str, str, Operation], ...] = (
     ("POST", f"{_VERSION}/promote", "promote", Operation.PROMOTE),
     ("POST", f"{_VERSION}/retire", "retire", Operation.RETIRE),
     ("POST", f"{_VERSION}/destroy", "destroy", Operation.DESTROY),
+    ("POST", f"{_VERSION}/cancel-deletion", "cancel_deletion", Operation.DESTROY),
     ("POST", "/v1/sign", "sign", Operation.SIGN),
     ("POST", "/v1/verify", "verify", Operation.VERIFY),
     ("GET", "/v1/jwks", "jwks", Operation.JWKS),
@@ -166,10 +166,33 @@ class Server(Front, Lookups):
         )
 
     async def destroy(self, ctx: RequestContext) -> Response:
-        key, version, body = await self._version_request(ctx, Operation.DESTROY, {"confirm"})
+        """Schedule a retired version's deletion (audited as ``schedule-deletion``); with
+        ``"now": true`` and the kid as ``confirm``, destroy it at once."""
+        key, version, body = await self._version_request(ctx, Operation.DESTROY, {"confirm", "now"})
         confirm = field_str(body, "confirm") if "confirm" in body else None
+        now = field_bool(body, "now", False)
+        kind = "destroy" if now else "schedule-deletion"
+        ctx.notes.action = kind
         return await self._version_change(
-            ctx, "destroy", key, version, confirm, lambda: self.keys.destroy(key, version, confirm)
+            ctx,
+            kind,
+            key,
+            version,
+            confirm,
+            lambda: self.keys.destroy(key, version, confirm, now=now),
+        )
+
+    async def cancel_deletion(self, ctx: RequestContext) -> Response:
+        """Put a version pending deletion back to retired (granted as ``destroy``)."""
+        key, version, _ = await self._version_request(ctx, Operation.DESTROY, set())
+        ctx.notes.action = "cancel-deletion"
+        return await self._version_change(
+            ctx,
+            "cancel-deletion",
+            key,
+            version,
+            None,
+            lambda: self.keys.cancel_deletion(key, version),
         )
 
     async def _version_request(
@@ -330,42 +353,6 @@ class Server(Front, Lookups):
         ctx.authorize(Operation.VERIFY, key.tenant, key)
         key, version = await self.keys.verify(kid, data, signature)
         return json_response({"kid": kid, "key": str(key), "state": version.state.value})
-
-
-def _note_batch(
-    audit: AuditNotes, parsed: list[tuple[KeyName, bytes]], results: list[dict[str, Any]]
-) -> str | None:
-    """What a batch's record holds, bounded by what was signed: the keyed hash, key, tenant
-    and kid of each signed item (each cost a token of the caller's rate); of the refused
-    items only their count, the count of each of the 8 most frequent codes, the first 8
-    indexes with their code, and one SHA-256 over their key names (in item order, one per
-    line)."""
-    signed = [i for i, r in enumerate(results) if "signature" in r]
-    audit.hashes = tuple(_sha256(parsed[i][1]) for i in signed)
-    audit.tenant = ",".join(sorted({parsed[i][0].tenant for i in signed})) or None
-    audit.key = ",".join(sorted({str(parsed[i][0]) for i in signed})) or None
-    audit.kid = ",".join(sorted({results[i]["kid"] for i in signed})) or None
-    refused = [(i, r["error"]["code"]) for i, r in enumerate(results) if "error" in r]
-    if not refused:
-        return None
-    audit.extra_outcome = f"partial:{len(refused)}/{len(results)}"
-    audit.item_codes = tuple(f"{i}:{code}" for i, code in refused[:_MAX_ITEM_CODES])
-    counts: dict[str, int] = {}
-    for _, code in refused:
-        counts[code] = counts.get(code, 0) + 1
-    common = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:_MAX_ITEM_CODES]
-    others = len(counts) - len(common)
-    names = "\n".join(str(parsed[i][0]) for i, _ in refused).encode()
-    more = len(refused) - len(audit.item_codes)
-    return (
-        f"refused {len(refused)} of {len(results)} items ("
-        + ",".join(f"{code}={n}" for code, n in sorted(common))
-        + (f",+{others} other codes" if others else "")
-        + "): "
-        + ",".join(audit.item_codes)
-        + (f",+{more} more" if more else "")
-        + f"; names sha256:{_sha256(names)}"
-    )
 
 
 def _path_key(ctx: RequestContext) -> KeyName:

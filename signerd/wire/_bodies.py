@@ -94,6 +94,10 @@ class Version(Protocol):
     def public_key(self) -> bytes: ...
     @property
     def created_at(self) -> int: ...
+    @property
+    def state_changed_at(self) -> int | None: ...
+    @property
+    def deletion_at(self) -> int | None: ...
 
 
 class Key(Protocol):
@@ -114,6 +118,8 @@ def version_json(v: Version) -> dict[str, Any]:
         "kid": v.kid,
         "state": v.state.value,
         "created_at": v.created_at,
+        "state_changed_at": v.state_changed_at,
+        "deletion_at": v.deletion_at,
         "thumbprint": thumbprint(v.public_key),
     }
 

@@ -15,6 +15,7 @@ MESSAGE_IDS: dict[str, str] = {
     "key_promoted": "5065754ce4544e12968a6405525039b6",
     "key_retired": "78d7e49193354d6cbce8e50da66e7584",
     "key_destroyed": "02888035c85d4814914abbf06d18045f",
+    "key_deletion_scheduled": "10380affb30b4944a8382aaba39e531a",
     "key_refused": "126f070bf7d84a26ba34dc6eaede5901",  # a lifecycle request refused
     "audit_record": "ccfcabeda1644002b5bc4379aac5227e",  # an audit record, copied to the journal
     "audit_anchor": "570b2f086ccc4eaf9055ae296ed331ce",  # an audit anchor, copied to the journal

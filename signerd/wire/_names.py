@@ -41,6 +41,7 @@ class VersionState(enum.StrEnum):
     ACTIVE = "active"  # the one version that signs (exactly one per key)
     VERIFY_ONLY = "verify-only"  # verifies, no longer signs
     RETIRED = "retired"  # kid known, verify refused, material still held
+    PENDING_DELETION = "pending_deletion"  # retired, destroyed by the daemon at deletion_at
     DESTROYED = "destroyed"  # material gone, kid still known
 
 

@@ -5,18 +5,21 @@ value; everything else is refused with a documented code:
 
 * ``payload_too_large``: the text is longer than the given limit (``parse_json``);
 * ``malformed_json``: not UTF-8 or not JSON; a duplicate member name; NaN,
-  Infinity or -Infinity; an integer beyond the I-JSON safe range
-  (``|n| > 2**53 - 1``, also when written with a fraction or an exponent,
-  like ``1e16``, up to ``1e21`` from where JCS writes an exponent); a
-  non-integral number whose shortest IEEE 754 double form is not the number
-  written (``0.10000000000000001``, ``1e400``); a string or member name
+  Infinity or -Infinity; a number whose magnitude is beyond the I-JSON safe
+  range (``|n| > 2**53 - 1``), however it is written (``9007199254740992``,
+  ``1e16``, ``1E+21``, ``1000000000000000000000``, ``1e400`` are all refused);
+  a non-integral number whose shortest IEEE 754 double form is not the number
+  written (``0.10000000000000001``, ``1e-400``); a string or member name
   holding a lone surrogate (``"\\ud800"``); nesting deeper than the limit.
+
+The verdict on a number depends only on its value, never on its spelling:
+``1e2``, ``1E+2``, ``100.0`` and ``100`` are one number, accepted alike.
 
 ``parse_json`` applies all of them with a byte and a depth limit (the
 federation's bodies); ``loads_strict`` applies the same rules to request
 bodies whose size the server already bounds. ``check_json`` applies the rules
-that can still be seen on an already-built value (safe integers, the double
-range, lone surrogates, depth); a double that does not round-trip is visible
+that can still be seen on an already-built value (the safe range of numbers,
+lone surrogates, depth); a double that does not round-trip is visible
 only in the text.
 
 ``canonicalize`` then hands the value to the ``rfc8785`` package. Numbers that
@@ -27,7 +30,6 @@ denote the same value are written one way (``-0`` and ``0.0`` become ``0``,
 from __future__ import annotations
 
 import json
-import math
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -50,8 +52,7 @@ __all__ = [
 MAX_SAFE_INT = 2**53 - 1
 DEFAULT_MAX_DEPTH = 32
 DEFAULT_MAX_BYTES = 256 * 1024
-_EXPONENT_FROM = 1e21  # from here on, JCS (ECMAScript) writes numbers with an exponent
-_UNSAFE = "integer outside the safe range (|n| <= 2^53 - 1)"
+_UNSAFE = "number outside the safe range (|n| <= 2^53 - 1)"
 
 # --- the rules, one copy: hooks for the parser, and the same checks on a value ---
 
@@ -76,10 +77,8 @@ def _safe_int(value: int) -> int:
 
 
 def _safe_float(value: float) -> float:
-    if not math.isfinite(value):
-        raise MalformedJson("number out of the IEEE 754 double range")
-    if MAX_SAFE_INT < abs(value) < _EXPONENT_FROM:
-        # JCS writes these as integer digits, which are beyond the safe integer range
+    # one bound for every number, however written: also refuses NaN and the infinities
+    if not abs(value) <= MAX_SAFE_INT:
         raise MalformedJson(_UNSAFE)
     return value
 

@@ -11,9 +11,9 @@ nothing of HTTP or keys. It
   PKCS#11 token at the same instant once saw no token), died, or ran out of
   ``start_timeout``;
 - restarts a worker that dies: at once if it had been up ``min_uptime``,
-  otherwise after a doubling backoff; ``start_limit`` failed starts in a row
-  in one slot (or one start failing with EX_CONFIG) stop everything and
-  ``run()`` returns non-zero;
+  otherwise after a doubling backoff; ``start_limit`` deaths before
+  "initialised" in a row in one slot (or one with EX_CONFIG) stop everything
+  and ``run()`` returns non-zero (a worker that was up is always restarted);
 - passes SIGHUP to every worker (a worker still starting gets it once it is
   up) after ``reload_config``; SIGTERM/SIGINT stop all workers with SIGTERM,
   and SIGKILL whatever is left after ``graceful_timeout`` (a second signal
@@ -96,7 +96,8 @@ class Supervisor:
         self._by_pid: dict[int, Child] = {}
         self._slots: list[Child | None] = [None] * self.workers
         self._due = [0.0] * self.workers  # when an empty slot may start
-        self._failures = [0] * self.workers  # failed starts in a row, per slot
+        self._failures = [0] * self.workers  # deaths within min_uptime in a row (backoff)
+        self._failed_starts = [0] * self.workers  # deaths before "initialised" in a row
         self._starting: Child | None = None
         self._signals: deque[int] = deque()
         self._stopping = False
@@ -346,20 +347,16 @@ class Supervisor:
             self._failures[i] += 1
             backoff = self.timing.backoff_initial * 2 ** (self._failures[i] - 1)
             self._due[i] = now + min(self.timing.backoff_max, backoff)
-        log.warning(
-            "signerd.worker_exited index=%d pid=%d code=%d ready=%s failures=%d",
-            i,
-            worker.pid,
-            code,
-            worker.ready_at is not None,
-            self._failures[i],
-        )
+        ready, failures = worker.ready_at is not None, self._failures[i]
+        msg = "signerd.worker_exited index=%d pid=%d code=%d ready=%s failures=%d"
+        log.warning(msg, i, worker.pid, code, ready, failures)
+        self._failed_starts[i] = 0 if ready else self._failed_starts[i] + 1
         failed_code = code if code > 0 else 1
         if worker.ready_at is None and code == os.EX_CONFIG:
             log.error("signerd.worker_configuration_error index=%d", i)
             self._stop(failed_code)
-        elif self._failures[i] >= self.timing.start_limit:
-            log.error("signerd.worker_start_limit index=%d failures=%d", i, self._failures[i])
+        elif self._failed_starts[i] >= self.timing.start_limit:
+            log.error("signerd.worker_start_limit index=%d failures=%d", i, self._failed_starts[i])
             self._stop(failed_code)
 
     def _forget_pipe(self, worker: Child) -> None:

@@ -10,7 +10,6 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,21 +44,6 @@ def _event(rid: str, outcome: str, kid: str = "t.k.v1") -> AuditEvent:
 
 def _records(*paths: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for p in paths for line in p.read_bytes().splitlines()]
-
-
-@pytest.fixture
-def blocked_fsync(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
-    """os.fsync hangs until the event is set."""
-    release = threading.Event()
-    real = os.fsync
-
-    def fsync(fd: int) -> None:
-        release.wait(10)
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    yield release
-    release.set()
 
 
 async def test_intent_is_durable_only_after_its_fsync(

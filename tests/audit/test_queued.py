@@ -8,7 +8,6 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,21 +28,6 @@ def _event(rid: str) -> AuditEvent:
 
 def _records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_bytes().splitlines()]
-
-
-@pytest.fixture
-def blocked_fsync(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
-    """os.fsync hangs until the event is set (a sink that stopped answering)."""
-    release = threading.Event()
-    real = os.fsync
-
-    def fsync(fd: int) -> None:
-        release.wait(10)
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    yield release
-    release.set()
 
 
 async def test_submitted_records_go_out_with_the_next_group(tmp_path: Path) -> None:

@@ -13,9 +13,7 @@ import hashlib
 import hmac
 import json
 import os
-import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,9 +26,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from signerd.audit import verify_file, verify_files
 from signerd.wire import from_jwk
 
-from ..conftest import PIN_FILE, DaemonProcess, start_daemon, unique
+from ..conftest import CHILD_PYTHON, PIN_FILE, DaemonProcess, start_daemon, unique
 from ..support.rawhttp import Reply, request
-from .test_peer import CHILD_PYTHON
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -119,19 +116,6 @@ class Caller:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-
-
-@pytest.fixture
-def shared_base() -> Iterator[Path]:
-    """A daemon directory other users can traverse (the socket directory itself is 0750)."""
-    if not os.access(CHILD_PYTHON, os.X_OK):
-        pytest.fail(f"{CHILD_PYTHON} is needed to run clients as other users")
-    base = Path(tempfile.mkdtemp(prefix="signerd-matrix-", dir="/tmp"))
-    base.chmod(0o755)
-    try:
-        yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 # --- the matrix ---------------------------------------------------------------------
@@ -241,12 +225,12 @@ def matrix_policy(acme: str, globex: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-def matrix(shared_base: Path) -> Iterator[Matrix]:
+def matrix(shared_tmp: Path) -> Iterator[Matrix]:
     acme, globex = unique("acme"), unique("glob")
     d = start_daemon(
-        shared_base / "d",
+        shared_tmp / "d",
         server={"socket_group": "staff", "socket_mode": "0660"},
-        audit={"path": str(shared_base / "d" / "audit" / "audit.jsonl"), "fsync": True},
+        audit={"path": str(shared_tmp / "d" / "audit" / "audit.jsonl"), "fsync": True},
         policy=matrix_policy(acme, globex),
     )
     m = Matrix(d, acme, globex)
@@ -329,7 +313,7 @@ def test_callers_tenants_operations(matrix: Matrix) -> None:
             ("rotate", "POST", f"/v1/keys/{key}/rotate", {"pending": True}, 200),
             ("promote", "POST", f"/v1/keys/{key}/versions/2/promote", {}, 200),
             ("retire", "POST", f"/v1/keys/{key}/versions/1/retire", {}, 200),
-            ("destroy", "POST", f"/v1/keys/{key}/versions/1/destroy", {"confirm": f"{tenant}.{name}.v1"}, 200),
+            ("destroy", "POST", f"/v1/keys/{key}/versions/1/destroy", {"confirm": f"{tenant}.{name}.v1", "now": True}, 200),
         ]  # fmt: skip
         for op, method, url, body, ok in steps:
             for who in ("gateway", "globex-gw", "stranger", "operator"):

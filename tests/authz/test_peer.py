@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,12 +15,10 @@ import pytest
 from signerd.authz import peer_of, unit_from_cgroup
 from signerd.daemon._sockets import bind_unix_socket
 
+from ..conftest import CHILD_PYTHON, NOBODY, NOGROUP, USERS_GID
+
 pytestmark = pytest.mark.timeout(60)
 
-# Clients that run as other users need an interpreter they may execute (the
-# test virtualenv usually lives under /root); they only use the standard library.
-CHILD_PYTHON = "/usr/bin/python3"
-NOBODY, NOGROUP, USERS_GID = 65534, 65534, 100
 
 CLIENT = r"""
 import socket, sys
@@ -77,21 +73,8 @@ class Client:
 
 
 @pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory other users can traverse (pytest's tmp_path is private to root)."""
-    if not os.access(CHILD_PYTHON, os.X_OK):
-        pytest.fail(f"{CHILD_PYTHON} is needed to run clients as other users")
-    base = Path(tempfile.mkdtemp(prefix="signerd-peer-", dir="/tmp"))
-    base.chmod(0o755)
-    try:
-        yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-
-
-@pytest.fixture
-def listener(shared_dir: Path) -> Iterator[tuple[str, socket.socket]]:
-    path = str(shared_dir / "run" / "s.sock")
+def listener(shared_tmp: Path) -> Iterator[tuple[str, socket.socket]]:
+    path = str(shared_tmp / "run" / "s.sock")
     sock = bind_unix_socket(path, mode=0o666, dir_mode=0o755)
     sock.settimeout(10)
     try:

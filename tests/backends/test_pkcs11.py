@@ -6,10 +6,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pkcs11 import KeyType
+from pkcs11 import Attribute, KeyType, ObjectClass
 
-from signerd.backends import CredentialsRefused
-from signerd.backends.pkcs11 import Pkcs11Backend, from_config
+from signerd.backends import CredentialsRefused, VersionState
+from signerd.backends.pkcs11 import Pkcs11Backend, _backend, from_config
 from signerd.backends.pkcs11._session import TokenSession
 from signerd.errors import BackendUnavailable
 from signerd.wire import KeyName
@@ -96,3 +96,40 @@ def test_object_uri_is_rfc7512_with_escaped_attributes() -> None:
     assert object_uri(TokenConfig("/lib/x.so", "/pin", token_serial="s"), "a.b.v1").startswith(
         "pkcs11:serial=s;id=%61%2e%62%2e%76%31;"
     )
+
+
+def _private_keys(backend: Pkcs11Backend, kid: str) -> list[object]:
+    template = {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: kid}
+    return backend.on_token(lambda s: list(s.get_objects(template)))
+
+
+class _Killed(BaseException):
+    """Stands for the process dying at this point."""
+
+
+def test_a_destroy_cut_short_after_its_state_leaves_no_private_key_behind(
+    backend: Pkcs11Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A destroy killed between its state and the key's removal: the state says destroyed,
+    and the next process to list the token removes the leftover private key."""
+    key = KeyName(unique("p11"), "cut")
+    backend.create(key)
+    backend.rotate(key, pending=False)
+    backend.set_state(key, 1, VersionState.RETIRED)
+
+    def killed(session: object, kid: str) -> int:
+        raise _Killed()
+
+    monkeypatch.setattr(_backend, "remove_private", killed)
+    with pytest.raises(_Killed):
+        backend.destroy(key, 1)
+    monkeypatch.undo()
+    assert backend.describe(key).versions[0].state is VersionState.DESTROYED
+    assert backend.private_key_attributes(key.kid(1))  # still there: the kill came first
+    after = from_config(pkcs11_backend_config())  # the next process
+    try:
+        assert key in {i.key for i in after.list_keys()}
+        assert not _private_keys(after, key.kid(1))
+        assert len(_private_keys(after, key.kid(2))) == 1  # only the destroyed one went
+    finally:
+        after.close()

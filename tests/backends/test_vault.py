@@ -6,7 +6,6 @@ import base64
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,27 +41,6 @@ A, V, P, R, D = (
     VersionState.RETIRED,
     VersionState.DESTROYED,
 )
-
-
-@pytest.fixture(scope="module")
-def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BaoServer]:
-    with dev_server(tmp_path_factory.mktemp("bao-dev")) as server:
-        yield server
-
-
-@pytest.fixture
-def make(bao: BaoServer) -> Iterator[Any]:
-    """Backends on the dev server (root token unless overridden); closed after the test."""
-    made: list[VaultBackend] = []
-
-    def make_backend(server: BaoServer | None = None, **overrides: Any) -> VaultBackend:
-        backend = from_config(vault_backend_config(server or bao, **overrides))
-        made.append(backend)
-        return backend
-
-    yield make_backend
-    for backend in made:
-        backend.close()
 
 
 @pytest.fixture

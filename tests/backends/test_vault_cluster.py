@@ -31,7 +31,7 @@ from ..support.cluster import (
     transit_name,
     version_of,
 )
-from ..support.federation import Api, Producer, redis_server
+from ..support.federation import assert_replays_across, redis_server
 from ..support.openbao import RaftCluster, free_port_pair, raft_cluster, vault_backend_config
 from ..support.rawhttp import request
 
@@ -411,14 +411,7 @@ def test_two_hosts_on_the_cluster_share_one_redis_for_nonces(
         a = start_host(tmp_path / "a", cluster, federation={"nonces": nonces})
         b = start_host(tmp_path / "b", cluster, federation={"nonces": nonces})
         try:
-            tenant, producer = unique("cf"), Producer.new("p-cluster")
-            for host in (a, b):
-                Api(host).trust(tenant, producer)
-            for _ in range(10):
-                env = producer.telemetry(tenant, b'{"n":1}')
-                Api(a).ok("POST", "/v1/telemetry/verify", env)
-                reply = Api(b)("POST", "/v1/telemetry/verify", env)
-                assert (reply.status, reply.code) == (409, "replayed_nonce")
+            assert_replays_across(a, b, unique("cf"), "p-cluster", rounds=10)
         finally:
             assert a.stop() == 0, a.log_text()[-2000:]
             assert b.stop() == 0, b.log_text()[-2000:]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.server
 import socket
 import threading
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,26 +18,6 @@ from signerd.wire import KeyName
 
 from ..conftest import unique
 from ..support.openbao import BaoServer, FaultProxy, dev_server, vault_backend_config
-
-
-@pytest.fixture(scope="module")
-def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BaoServer]:
-    with dev_server(tmp_path_factory.mktemp("bao-sign")) as server:
-        yield server
-
-
-@pytest.fixture
-def make(bao: BaoServer) -> Iterator[Any]:
-    made: list[VaultBackend] = []
-
-    def make_backend(server: BaoServer | None = None, **overrides: Any) -> VaultBackend:
-        backend = from_config(vault_backend_config(server or bao, **overrides))
-        made.append(backend)
-        return backend
-
-    yield make_backend
-    for backend in made:
-        backend.close()
 
 
 @pytest.fixture

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,18 +124,13 @@ def test_show_is_tolerant_of_unknown_kinds_and_garbage(
     assert "1 lines are not records" in err and "line " in err and "\x1b" not in out + err
 
 
-def test_tail_prints_the_last_records_and_follows_new_ones(
-    two_workers: DaemonProcess, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """audit tail -n 2 prints the last two matching records; --follow then prints a record
-    written after it started, within a few seconds."""
-    key, _ = _traffic(two_workers, capsys)
-    trail = str(two_workers.audit_path.parent)
-    code, out, _ = _ctl(capsys, "audit", "tail", trail, "-n", "2", "--key", key, "--json")
-    assert code == 0 and [r["operation"] for r in _json_lines(out)] == ["sign", "sign"]
-    argv = ["audit", "tail", trail, "-n", "1", "--follow", "--interval", "0.1", "--json"]
+@contextlib.contextmanager
+def _following(trail: str, *more: str) -> Iterator[list[bytes]]:
+    """`signerctl audit tail TRAIL -n 1 --follow --json MORE` running; the lines it printed
+    so far (a list that grows), until the block ends and it is stopped."""
+    argv = ["audit", "tail", trail, "-n", "1", "--follow", "--interval", "0.1", "--json", *more]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "signerd.cli", *argv, "--key", key],
+        [sys.executable, "-m", "signerd.cli", *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         cwd=str(ROOT),
@@ -144,6 +141,24 @@ def test_tail_prints_the_last_records_and_follows_new_ones(
     reader = threading.Thread(target=lambda: lines.extend(iter(out_pipe.readline, b"")))
     reader.start()
     try:
+        yield lines
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        reader.join(timeout=10)
+        out_pipe.close()
+
+
+def test_tail_prints_the_last_records_and_follows_new_ones(
+    two_workers: DaemonProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """audit tail -n 2 prints the last two matching records; --follow then prints a record
+    written after it started, within a few seconds."""
+    key, _ = _traffic(two_workers, capsys)
+    trail = str(two_workers.audit_path.parent)
+    code, out, _ = _ctl(capsys, "audit", "tail", trail, "-n", "2", "--key", key, "--json")
+    assert code == 0 and [r["operation"] for r in _json_lines(out)] == ["sign", "sign"]
+    with _following(trail, "--key", key) as lines:
         # its first line (the last sign) says it has read the files to their ends
         first = wait_until(lambda: list(lines), timeout=20.0, what="the last record")
         assert json.loads(first[0])["operation"] == "sign"
@@ -156,11 +171,6 @@ def test_tail_prints_the_last_records_and_follows_new_ones(
 
         record = wait_until(rotated, timeout=20.0, what="the followed rotate record")[0]
         assert record["key"] == key and record["kid"] == kid_of(key, 2)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        reader.join(timeout=10)
-        out_pipe.close()
 
 
 @pytest.mark.parametrize(
@@ -225,25 +235,8 @@ def test_follow_picks_up_a_new_file_in_a_directory(tmp_path: Path) -> None:
     trail = tmp_path / "audit"
     trail.mkdir()
     (trail / "audit.w0.jsonl").write_text(_record(1) + "\n")
-    argv = ["audit", "tail", str(trail), "-n", "1", "--follow", "--interval", "0.1", "--json"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "signerd.cli", *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        cwd=str(ROOT),
-    )
-    assert proc.stdout is not None
-    out_pipe = proc.stdout
-    lines: list[bytes] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(out_pipe.readline, b"")))
-    reader.start()
-    try:
+    with _following(str(trail)) as lines:
         wait_until(lambda: list(lines), timeout=20.0, what="the last record")
         (trail / "audit.w1.jsonl").write_text(_record(2) + "\n" + _record(3) + "\n")
         wait_until(lambda: len(lines) >= 3, timeout=20.0, what="the new file's records")
         assert [json.loads(line)["seq"] for line in lines] == [1, 2, 3]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        reader.join(timeout=10)
-        out_pipe.close()

@@ -110,9 +110,9 @@ def test_operator_lifecycle(ctl: Ctl, key: str) -> None:
     )
     assert code == os.EX_DATAERR and out == ""
     assert err.startswith("signerctl: retired_kid: ") and "(request " in err
-    code, _, err = ctl("keys", "destroy", key, "1", "--confirm", kid_of(key, 2))
+    code, _, err = ctl("keys", "destroy", key, "1", "--now", "--confirm", kid_of(key, 2))
     assert code == os.EX_DATAERR and "confirmation_required" in err
-    ctl.ok("keys", "destroy", key, "1", "--confirm", kid_of(key, 1))
+    ctl.ok("keys", "destroy", key, "1", "--now", "--confirm", kid_of(key, 1))
     code, _, err = ctl(
         "verify", kid_of(key, 1), "--signature", signed["signature"], "--data-b64", b64(b"hello")
     )
@@ -217,7 +217,7 @@ def test_unreachable_daemon_is_unavailable(
         ["keys", "promote", "a/b"],
         ["keys", "promote", "a/b", "2", "--pending"],
         ["keys", "promote", "a/b", "2", "--if-any"],
-        ["keys", "destroy", "a/b", "1"],
+        ["keys", "destroy", "a/b", "1", "--now"],
         ["--timeout", "0", "health"],
         ["sign", "a/b", "--data-file", "f", "--data-b64", "aGk="],
         ["verify", "a.b.v1"],

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -65,11 +66,13 @@ def test_keys_show_has_algorithm_backend_ages_thumbprints_and_pkcs11_uris(
         }
         assert re.fullmatch(r"id=(%[0-9a-f]{2})+", v["pkcs11_uri"].split(";")[1])
     text = ctl.ok("keys", "show", key)
-    assert "algorithm   Ed25519" in text and "backend     hsm" in text
+    assert "algorithm     Ed25519" in text and "backend       hsm" in text
     assert doc["versions"][0]["thumbprint"] in text and "PKCS#11 objects (RFC 7512)" in text
     assert re.search(rf"{re.escape(kid_of(key, 1))}\s+active\s+\S+Z\s+\d+s\s", text)
     listed = ctl.ok("keys", "list", "--tenant", key.split("/")[0])
-    assert re.search(rf"{re.escape(key)}\s+hsm\s+{re.escape(kid_of(key, 1))}\s+\d+s\s+2", listed)
+    assert re.search(
+        rf"{re.escape(key)}\s+hsm\s+{re.escape(kid_of(key, 1))}\s+\d+s\s+-\s+2", listed
+    )
 
 
 def test_the_pkcs11_uri_finds_the_private_key_on_the_token(ctl: Ctl, key: str) -> None:
@@ -127,11 +130,17 @@ def test_dry_runs_show_the_change_and_change_nothing(ctl: Ctl, key: str) -> None
         {"version": 1, "kid": kid_of(key, 1), "from": "verify-only", "to": "retired"}
     ]
     ctl.ok("keys", "retire", key, "1")
-    plan = ctl.json("keys", "destroy", key, "1", "--dry-run")
+    plan = ctl.json("keys", "destroy", key, "1", "--now", "--dry-run")
     assert plan["changes"] == [
         {"version": 1, "kid": kid_of(key, 1), "from": "retired", "to": "destroyed"}
     ]
-    assert plan["notes"] == [f"to destroy it: keys destroy {key} 1 --confirm {kid_of(key, 1)}"]
+    note = f"to destroy it: keys destroy {key} 1 --now --confirm {kid_of(key, 1)}"
+    assert plan["notes"] == [note]
+    started = time.time()
+    (change,) = ctl.json("keys", "destroy", key, "1", "--dry-run")["changes"]
+    wait = ctl.json("keys", "show", key)["deletion_wait"]
+    assert change["to"] == "pending_deletion" and change["from"] == "retired"
+    assert int(started + wait) <= change["deletion_at"] <= time.time() + wait
     assert ctl.json("kid", kid_of(key, 1))["state"] == "retired"
 
 

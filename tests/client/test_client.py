@@ -77,8 +77,8 @@ def test_lifecycle_sign_rotate_retire_destroy(client: Client, key: str) -> None:
     with pytest.raises(errors.RetiredKid):
         client.verify(old.kid, b"hello", old.signature)
     with pytest.raises(errors.ConfirmationRequired):
-        client.destroy(key, 1, confirm=new_kid)
-    desc = client.destroy(key, 1, confirm=old.kid)
+        client.destroy(key, 1, confirm=new_kid, now=True)
+    desc = client.destroy(key, 1, confirm=old.kid, now=True)
     assert states(desc)[1] is VersionState.DESTROYED
     with pytest.raises(errors.DestroyedKid):
         client.verify(old.kid, b"hello", old.signature)

@@ -90,6 +90,10 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
             lambda d: d.update(keys={"max_active_age": {f"a/k{i}": 1.0 for i in range(65)}}),
             "keys.max_active_age",
         ),
+        (lambda d: d.update(keys={"deletion_wait": -1}), "keys.deletion_wait"),
+        (lambda d: d.update(keys={"deletion_wait": float("nan")}), "keys.deletion_wait"),
+        (lambda d: d.update(keys={"deletion_wait": float("inf")}), "keys.deletion_wait"),
+        (lambda d: d.update(keys={"deletion_wait": "7d"}), "keys.deletion_wait"),
         (lambda d: d.update(metrics={"enabled": "yes"}), "metrics.enabled"),
         (lambda d: d.update(metrics={"max_key_series": 0}), "metrics.max_key_series"),
         (lambda d: d.update(metrics={"series": 1}), "metrics.series"),
@@ -111,6 +115,14 @@ def test_max_active_age_keeps_the_order_of_the_file() -> None:
     config = parse(doc)
     assert config.settings.max_active_age == (("acme/tel-*", 86400.0), ("*/*", 7776000.0))
     assert (config.metrics, config.max_key_series) == (True, 1000)
+
+
+def test_deletion_wait_defaults_to_seven_days_and_takes_zero_when_written() -> None:
+    """keys.deletion_wait: 7 days unless set; 0 is allowed only when written out."""
+    assert parse(_base()).settings.deletion_wait == 7 * 86400
+    doc = _base()
+    doc["keys"] = {"deletion_wait": 0}
+    assert parse(doc).settings.deletion_wait == 0.0
 
 
 def test_unreadable_or_invalid_file(tmp_path: Path) -> None:

@@ -49,7 +49,8 @@ def _info(key: KeyName, states: tuple[VersionState, ...]) -> KeyInfo:
 
 
 def test_each_lifecycle_event_has_its_message_id_and_signerd_fields(sent: Sent) -> None:
-    """create, rotate, promote, retire and destroy each send their own MESSAGE_ID and SIGNERD_* fields."""
+    """create, rotate, promote, retire, a scheduled deletion and destroy each send their own
+    MESSAGE_ID and SIGNERD_* fields."""
     key = KeyName("acme", "k")
     steps = [
         (None, (VersionState.ACTIVE,)),
@@ -64,13 +65,18 @@ def test_each_lifecycle_event_has_its_message_id_and_signerd_fields(sent: Sent) 
         ),
         (
             (VersionState.RETIRED, VersionState.ACTIVE),
+            (VersionState.PENDING_DELETION, VersionState.ACTIVE),
+        ),
+        (
+            (VersionState.PENDING_DELETION, VersionState.ACTIVE),
             (VersionState.DESTROYED, VersionState.ACTIVE),
         ),
     ]
     for before, after in steps:
         old = None if before is None else _info(key, before)
         log_lifecycle(old, _info(key, after), "hsm")
-    events = ["key_created", "key_rotated", "key_promoted", "key_retired", "key_destroyed"]
+    events = ["key_created", "key_rotated", "key_promoted", "key_retired"]
+    events += ["key_deletion_scheduled", "key_destroyed"]
     assert [fields["MESSAGE_ID"] for _, fields in sent] == [MESSAGE_IDS[e] for e in events]
     assert [fields["SIGNERD_EVENT"] for _, fields in sent] == events
     for msg, fields in sent:

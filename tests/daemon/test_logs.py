@@ -90,7 +90,7 @@ def _lifecycle(d: DaemonProcess, backend: str) -> None:
         (f"{version}/2/promote", {}, 200),
         (f"{version}/2/promote", {}, 409),  # refused: v2 is active already
         (f"{version}/1/retire", {}, 200),
-        (f"{version}/1/destroy", {"confirm": kid1}, 200),
+        (f"{version}/1/destroy", {"confirm": kid1, "now": True}, 200),
     ]
     for path, body, status in steps:
         reply = request(sock, "POST", path, body)

@@ -16,11 +16,9 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,8 +26,7 @@ import pytest
 from signerd.cli import build_parser
 from signerd.daemon._sockets import SocketError, bind_unix_socket
 
-from ..authz.test_peer import CHILD_PYTHON, NOBODY, NOGROUP, USERS_GID
-from ..conftest import ROOT, SOFTHSM_MODULE
+from ..conftest import CHILD_PYTHON, NOBODY, NOGROUP, ROOT, SOFTHSM_MODULE, USERS_GID
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -204,19 +201,6 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
 
 
-@pytest.fixture
-def shared() -> Iterator[Path]:
-    """A directory other users can traverse (pytest's tmp_path is private to root)."""
-    if not os.access(CHILD_PYTHON, os.X_OK):
-        pytest.fail(f"{CHILD_PYTHON} is needed to run code as other users")
-    base = Path(tempfile.mkdtemp(prefix="signerd-setup-", dir="/tmp"))
-    base.chmod(0o755)
-    try:
-        yield base
-    finally:
-        subprocess.run(["rm", "-rf", str(base)], check=False, timeout=30)
-
-
 @pytest.mark.parametrize(
     ("mode", "owner", "refused"),
     [
@@ -230,10 +214,10 @@ def shared() -> Iterator[Path]:
     ],
 )
 def test_refuses_a_socket_directory_others_can_write(
-    shared: Path, mode: int, owner: int, refused: str
+    shared_tmp: Path, mode: int, owner: int, refused: str
 ) -> None:
     """A group- or world-writable socket directory, or one another user owns, is refused."""
-    directory = shared / "run"
+    directory = shared_tmp / "run"
     directory.mkdir()
     os.chown(directory, owner, USERS_GID)
     directory.chmod(mode)
@@ -243,9 +227,9 @@ def test_refuses_a_socket_directory_others_can_write(
 
 
 @pytest.mark.parametrize("mode", [0o1777, 0o1770, 0o750, 0o700])
-def test_accepts_private_or_sticky_root_directories(shared: Path, mode: int) -> None:
+def test_accepts_private_or_sticky_root_directories(shared_tmp: Path, mode: int) -> None:
     """0750/0700 directories, and sticky ones owned by root (like /tmp), are accepted."""
-    directory = shared / "run"
+    directory = shared_tmp / "run"
     directory.mkdir()
     directory.chmod(mode)
     sock = bind_unix_socket(str(directory / "s.sock"))
@@ -253,9 +237,9 @@ def test_accepts_private_or_sticky_root_directories(shared: Path, mode: int) -> 
     assert _mode(directory) == mode
 
 
-def test_refuses_a_writable_directory_above_the_socket(shared: Path) -> None:
+def test_refuses_a_writable_directory_above_the_socket(shared_tmp: Path) -> None:
     """A group-writable directory above the socket's (it could rename the whole run/) is refused."""
-    parent = shared / "srv"
+    parent = shared_tmp / "srv"
     (parent / "run").mkdir(parents=True)
     (parent / "run").chmod(0o750)
     parent.chmod(0o775)
@@ -308,9 +292,9 @@ def _group_member(path: Path) -> str:
     return proc.stdout.strip() or proc.stderr.strip()
 
 
-def test_group_member_can_hijack_a_socket_in_a_group_writable_directory(shared: Path) -> None:
+def test_group_member_can_hijack_a_socket_in_a_group_writable_directory(shared_tmp: Path) -> None:
     """The attack is real: in a 0770 directory a group member renames a socket and takes its place."""
-    directory = shared / "run"
+    directory = shared_tmp / "run"
     directory.mkdir()
     os.chown(directory, 0, USERS_GID)
     directory.chmod(0o770)
@@ -345,9 +329,9 @@ def test_group_member_can_hijack_a_socket_in_a_group_writable_directory(shared: 
         bind_unix_socket(str(directory / "signerd.sock"), group="users")
 
 
-def test_group_member_cannot_rename_the_socket_in_a_0750_directory(shared: Path) -> None:
+def test_group_member_cannot_rename_the_socket_in_a_0750_directory(shared_tmp: Path) -> None:
     """With the socket in a 0750 directory, a member of its group cannot rename it; it still answers."""
-    path = shared / "run" / "signerd.sock"
+    path = shared_tmp / "run" / "signerd.sock"
     sock = bind_unix_socket(str(path), group="users")
     try:
         assert _mode(path.parent) == 0o750 and os.stat(path.parent).st_gid == USERS_GID

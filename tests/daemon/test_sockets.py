@@ -17,9 +17,8 @@ import pytest
 
 from signerd.daemon._sockets import SocketError, bind_unix_socket, unlink_own_socket
 
-from ..authz.test_peer import NOGROUP, Client, shared_dir
-
-__all__ = ["shared_dir"]  # the fixture, re-used from test_peer
+from ..authz.test_peer import Client
+from ..conftest import NOGROUP
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -60,10 +59,10 @@ def test_mode_and_numeric_group(tmp_path: Path, bound: list[socket.socket]) -> N
     assert mode_of(tmp_path / "run") == 0o700
 
 
-def test_group_members_connect_others_do_not(shared_dir: Path, bound: list[socket.socket]) -> None:
+def test_group_members_connect_others_do_not(shared_tmp: Path, bound: list[socket.socket]) -> None:
     """With mode 0660 and group users, nobody can connect only while it is in that group."""
-    (shared_dir / "run").mkdir(mode=0o755)
-    path = shared_dir / "run" / "s.sock"
+    (shared_tmp / "run").mkdir(mode=0o755)
+    path = shared_tmp / "run" / "s.sock"
     bound.append(bind_unix_socket(str(path), group="users"))
     member = Client(str(path), user="nobody", group="nogroup", extra_groups=["users"])
     outsider = Client(str(path), user="nobody", group="nogroup")
@@ -132,10 +131,10 @@ def test_an_acl_entry_the_mask_takes_write_from_is_accepted(
 
 
 def test_socket_takes_no_acl_from_the_directory(
-    shared_dir: Path, bound: list[socket.socket]
+    shared_tmp: Path, bound: list[socket.socket]
 ) -> None:
     """A default ACL naming nobody on the directory does not let nobody connect: the mode decides."""
-    directory = shared_dir / "run"
+    directory = shared_tmp / "run"
     directory.mkdir(mode=0o755)
     setfacl("-d", "-m", "u:nobody:rwx", str(directory))
     path = directory / "s.sock"

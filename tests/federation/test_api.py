@@ -144,6 +144,21 @@ def test_telemetry_attestation(api: Api, tenant: str, producer: Producer) -> Non
     api.ok("POST", "/v1/telemetry/verify", {**producer.telemetry(tenant, body), "attestation": ATT})
 
 
+@pytest.mark.parametrize("number", ["1e21", "1E+21", "1000000000000000000000", "9007199254740992"])
+def test_numbers_beyond_the_safe_range_are_refused_however_written(
+    api: Api, tenant: str, producer: Producer, number: str
+) -> None:
+    """A number beyond 2^53 - 1, nested and in any spelling: feedback sign is 400 malformed_json,
+    and a telemetry body checked for attestation is 403 attestation_mismatch."""
+    key = own_key(api, tenant, "feedback")
+    raw = '{"key": "' + key + '", "schema": "s", "data": {"a": [{"n": ' + number + "}]}}"
+    reply = api("POST", "/v1/feedback/sign", raw=raw.encode())
+    assert (reply.status, reply.code) == (400, "malformed_json"), reply.body
+    body = b'{"attestation_measurement_hash":"%s","a":[{"n":%s}]}' % (ATT.encode(), number.encode())
+    env = {**producer.telemetry(tenant, body), "attestation": ATT}
+    expect(api, "/v1/telemetry/verify", env, 403, "attestation_mismatch")
+
+
 def test_signature_moved_between_flows_is_refused(api: Api, tenant: str) -> None:
     """A telemetry signature presented as feedback (and back) is 401 invalid_signature."""
     key = own_key(api, tenant, "both")

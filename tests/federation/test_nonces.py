@@ -105,6 +105,33 @@ def _by_worker(d: DaemonProcess, operation: str) -> dict[str, int]:
     }
 
 
+def _fill_to_the_bounds(d: DaemonProcess, prefix: str) -> list[str]:
+    """Four tenants' envelopes against max_entries 40 and max_entries_per_tenant 15: the first
+    tenant fills its share, the next still gets its own, the third the rest of the total, the
+    fourth none (503 with Retry-After); an accepted nonce stays a replay (409). The tenants."""
+    api = Api(d)
+    tenants = [unique(prefix) for _ in range(4)]
+    producers = [Producer.new(f"p-{t}") for t in tenants]
+    for tenant, p in zip(tenants, producers, strict=True):
+        api.trust(tenant, p)
+
+    def flood(i: int, n: int) -> Counter[tuple[int, str | None]]:
+        return _verify_each(api, [producers[i].telemetry(tenants[i], b"{}") for _ in range(n)])
+
+    full = (503, "nonce_store_unavailable")
+    accepted = producers[0].telemetry(tenants[0], b"{}")
+    api.ok("POST", "/v1/telemetry/verify", accepted)
+    assert flood(0, 59) == {(200, None): 14, full: 45}  # the first tenant fills its share
+    assert flood(1, 30) == {(200, None): 15, full: 15}  # the next one still gets its own
+    assert flood(2, 30) == {(200, None): 10, full: 20}  # 40 in all: the total bound
+    assert flood(3, 5) == {full: 5}
+    reply = api("POST", "/v1/telemetry/verify", producers[3].telemetry(tenants[3], b"{}"))
+    assert (reply.status, reply.code, reply.headers.get("retry-after")) == (*full, "1")
+    reply = api("POST", "/v1/telemetry/verify", accepted)
+    assert (reply.status, reply.code) == (409, "replayed_nonce")
+    return tenants
+
+
 @pytest.mark.timeout(180)
 def test_sqlite_bounds_hold_for_the_daemon_as_a_whole(tmp_path: Path) -> None:
     """Two workers: at most max_entries live nonces in all and max_entries_per_tenant for each
@@ -113,26 +140,7 @@ def test_sqlite_bounds_hold_for_the_daemon_as_a_whole(tmp_path: Path) -> None:
     nonces = {"max_entries": 40, "max_entries_per_tenant": 15}
     d = federation_daemon(tmp_path / "d", {"nonces": nonces}, server={"workers": 2})
     try:
-        api = Api(d)
-        tenants = [unique("nb") for _ in range(4)]
-        producers = [Producer.new(f"p-{t}") for t in tenants]
-        for tenant, p in zip(tenants, producers, strict=True):
-            api.trust(tenant, p)
-
-        def flood(i: int, n: int) -> Counter[tuple[int, str | None]]:
-            return _verify_each(api, [producers[i].telemetry(tenants[i], b"{}") for _ in range(n)])
-
-        full = (503, "nonce_store_unavailable")
-        accepted = producers[0].telemetry(tenants[0], b"{}")
-        api.ok("POST", "/v1/telemetry/verify", accepted)
-        assert flood(0, 59) == {(200, None): 14, full: 45}  # the first tenant fills its share
-        assert flood(1, 30) == {(200, None): 15, full: 15}  # the next one still gets its own
-        assert flood(2, 30) == {(200, None): 10, full: 20}  # 40 in all: the total bound
-        assert flood(3, 5) == {full: 5}
-        reply = api("POST", "/v1/telemetry/verify", producers[3].telemetry(tenants[3], b"{}"))
-        assert (reply.status, reply.code, reply.headers.get("retry-after")) == (*full, "1")
-        reply = api("POST", "/v1/telemetry/verify", accepted)
-        assert (reply.status, reply.code) == (409, "replayed_nonce")
+        tenants = _fill_to_the_bounds(d, "nb")
         path = tmp_path / "d" / "state" / "nonces.sqlite3"
         with contextlib.closing(sqlite3.connect(path)) as conn:
             rows = dict(conn.execute("SELECT tenant, COUNT(*) FROM seen GROUP BY tenant"))
@@ -213,24 +221,7 @@ def test_redis_bounds_hold_for_the_daemon_as_a_whole(tmp_path: Path, redis: Redi
     }
     d = federation_daemon(tmp_path / "d", {"nonces": nonces}, server={"workers": 2})
     try:
-        api = Api(d)
-        tenants = [unique("rb") for _ in range(4)]
-        producers = [Producer.new(f"p-{t}") for t in tenants]
-        for tenant, p in zip(tenants, producers, strict=True):
-            api.trust(tenant, p)
-
-        def flood(i: int, n: int) -> Counter[tuple[int, str | None]]:
-            return _verify_each(api, [producers[i].telemetry(tenants[i], b"{}") for _ in range(n)])
-
-        full = (503, "nonce_store_unavailable")
-        accepted = producers[0].telemetry(tenants[0], b"{}")
-        api.ok("POST", "/v1/telemetry/verify", accepted)
-        assert flood(0, 59) == {(200, None): 14, full: 45}
-        assert flood(1, 30) == {(200, None): 15, full: 15}
-        assert flood(2, 30) == {(200, None): 10, full: 20}  # 40 in all: the total bound
-        assert flood(3, 5) == {full: 5}
-        reply = api("POST", "/v1/telemetry/verify", accepted)
-        assert (reply.status, reply.code) == (409, "replayed_nonce")
+        _fill_to_the_bounds(d, "rb")
         assert redis.cli("ZCARD", f"{prefix}all") == "40"
         served = _by_worker(d, "verify")
         assert len(served) == 2 and all(served.values()), served  # both workers counted

@@ -12,7 +12,14 @@ from typing import Any
 import pytest
 
 from ..conftest import DaemonProcess, unique, wait_until
-from ..support.federation import Api, Producer, RedisServer, federation_daemon, redis_server
+from ..support.federation import (
+    Api,
+    Producer,
+    RedisServer,
+    assert_replays_across,
+    federation_daemon,
+    redis_server,
+)
 
 #: the persistence docs/many-hosts.md recommends: every acknowledged nonce fsynced
 DURABLE = ("--appendonly", "yes", "--appendfsync", "always")
@@ -33,14 +40,7 @@ def test_an_envelope_accepted_through_one_host_is_a_replay_through_the_other(
     with redis_server(tmp_path / "redis", *DURABLE) as redis:
         a, b = _hosts(tmp_path, redis)
         try:
-            tenant, p = unique("sr"), Producer.new("p-shared")
-            for host in (a, b):
-                Api(host).trust(tenant, p)
-            for _ in range(20):
-                env = p.telemetry(tenant, b'{"n":1}')
-                Api(a).ok("POST", "/v1/telemetry/verify", env)
-                reply = Api(b)("POST", "/v1/telemetry/verify", env)
-                assert (reply.status, reply.code) == (409, "replayed_nonce")
+            assert_replays_across(a, b, unique("sr"), "p-shared", rounds=20)
         finally:
             assert a.stop() == 0, a.log_text()[-2000:]
             assert b.stop() == 0, b.log_text()[-2000:]

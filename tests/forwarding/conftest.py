@@ -27,6 +27,13 @@ def collector(tmp_path: Path) -> Iterator[Rsyslog]:
         yield c
 
 
+@pytest.fixture
+def relp_collector(tmp_path: Path) -> Iterator[Rsyslog]:
+    """A real rsyslogd that takes RELP (imrelp) only."""
+    with Rsyslog(tmp_path / "collector", relp=True) as c:
+        yield c
+
+
 def forwarding_daemon(
     base: Path, collector: Rsyslog, *, workers: int = 2, **forwarding: Any
 ) -> SignerdProcess:

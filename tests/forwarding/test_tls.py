@@ -100,3 +100,37 @@ def test_a_collector_with_another_name_gets_nothing(tmp_path: Path) -> None:
                 what="the refused connection",
             )
         assert collector.messages() == []
+
+
+def test_this_hosts_certificate_is_shown_to_a_collector_that_asks(tmp_path: Path) -> None:
+    """Over TCP in TLS, tls_cert_file/tls_key_file are shown to a collector that takes
+    only senders named signer.test: records arrive; without them nothing does."""
+    cert, key_file = self_signed(tmp_path / "pki")
+    sender_cert, sender_key = self_signed(tmp_path / "pki-sender", name="signer.test")
+    key = f"{unique('tls')}/k"
+    tls: dict[str, Any] = {
+        "tls": True,
+        "tls_ca_file": str(cert),
+        "tls_server_name": "collector.test",
+    }
+    peer = (sender_cert, "signer.test")
+    with Rsyslog(tmp_path / "collector", tls=(cert, key_file), peer=peer) as collector:
+        with forwarding_daemon(tmp_path / "anonymous", collector, **tls) as d:
+            with Client(d.socket_path) as c:
+                c.create_key(key)
+            sign_many(d, key, 3)
+            wait_until(
+                lambda: (
+                    "signerd.forwarding_connection_lost" in d.log_text()
+                    or "signerd.forwarding_collector_down" in d.log_text()
+                ),
+                timeout=30,
+                what="the collector turning the sender away",
+            )
+        assert collector.messages() == []
+        tls |= {"tls_cert_file": str(sender_cert), "tls_key_file": str(sender_key)}
+        with forwarding_daemon(tmp_path / "d", collector, **tls) as d:
+            assert sign_many(d, key, 10) == 10  # the key made through the first daemon
+            want = settled_lines(d)
+            wait_for(collector, sum(len(v) for v in want.values()))
+        assert dict(forwarded(collector)) == want

@@ -166,10 +166,10 @@ def test_nonce_memory_shorter_than_the_skew_window_is_refused() -> None:
 
 def test_signing_input_is_the_documented_concatenation() -> None:
     """The feedback signing input is tenant|signed_at|nonce|schema|kid|RFC8785(data)."""
-    data = {"b": [1.0, -0.0, 1e21], "a": "\u00e9"}
+    data = {"b": [1.0, -0.0, 1.5e-7], "a": "\u00e9"}
     got = feedback_signing_input("acme", NOW, NONCE, "ingest.v1", KID, canonical_data(data))
     assert got == (
-        f"acme|{NOW}|{NONCE}|ingest.v1|{KID}|".encode() + '{"a":"\u00e9","b":[1,0,1e+21]}'.encode()
+        f"acme|{NOW}|{NONCE}|ingest.v1|{KID}|".encode() + '{"a":"\u00e9","b":[1,0,1.5e-7]}'.encode()
     )
     assert b64url(b"\xff") == "_w"
 

@@ -29,22 +29,11 @@ from typing import Any
 import pytest
 
 from ..conftest import ROOT, SOFTHSM_MODULE, DaemonProcess, start_daemon, unique, wait_until
+from ..support.pkcs11_faults import held_token
 from ..support.rawhttp import request
 
 pytestmark = pytest.mark.timeout(240)
 
-_HOLD = """
-import fcntl, os, sys
-fds = []
-for root, _, names in os.walk(sys.argv[1]):
-    for name in names:
-        if name.endswith((".object", ".lock")):
-            fd = os.open(os.path.join(root, name), os.O_RDWR)
-            fcntl.lockf(fd, fcntl.LOCK_EX)
-            fds.append(fd)
-print(len(fds), flush=True)
-sys.stdin.read()
-"""
 
 SAMPLES = 160  # signs per p50
 ROUNDS = 8  # alternating rounds alone / under the condition
@@ -180,24 +169,6 @@ class _Load:
         self.seen, self.slowest = result["seen"], result["slowest"]
 
 
-@contextlib.contextmanager
-def _hung(tokens: Path) -> Iterator[None]:
-    """The token's store locked by another process: every call into it blocks."""
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLD, str(tokens)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and int(holder.stdout.readline()) > 0
-        yield
-    finally:
-        assert holder.stdin is not None
-        holder.stdin.close()
-        holder.wait(10)
-
-
 def _compare(
     d: DaemonProcess, key: str, condition: Callable[[], contextlib.AbstractContextManager[Any]]
 ) -> tuple[list[Signed], list[Signed]]:
@@ -226,7 +197,7 @@ def test_a_hung_domain_answers_503_while_the_other_signs_at_full_speed(domains: 
 
     @contextlib.contextmanager
     def hung() -> Iterator[None]:
-        with _hung(domains.tokens), _Load(d, domains.hsm, threads=4, rate=8.0) as load:
+        with held_token(domains.tokens), _Load(d, domains.hsm, threads=4, rate=8.0) as load:
             yield
             if not metrics:  # once, after the round's measurement: up/down per domain
                 metrics.append(request(str(d.socket_path), "GET", "/metrics").body.decode())

@@ -44,7 +44,7 @@ async def _replace_active_elsewhere(key: KeyName) -> None:
     try:
         await other.rotate(key)
         await other.retire(key, 1)
-        await other.destroy(key, 1, confirm=key.kid(1))
+        await other.destroy(key, 1, confirm=key.kid(1), now=True)
     finally:
         await other.close()
 
@@ -83,7 +83,7 @@ async def test_retire_then_destroy_refuses_with_typed_errors(svc: KeyService, ke
     await svc.retire(key, 1)
     with pytest.raises(RetiredKid):
         await svc.verify(kid1, b"m", sig1)
-    await svc.destroy(key, 1, confirm=kid1)
+    await svc.destroy(key, 1, confirm=kid1, now=True)
     with pytest.raises(DestroyedKid):
         await svc.verify(kid1, b"m", sig1)
     _, v = await svc.lookup_kid(kid1)
@@ -112,9 +112,11 @@ async def test_lifecycle_rules(svc: KeyService, key: KeyName) -> None:
     with pytest.raises(InvalidState):
         await svc.promote(key, 1)
     with pytest.raises(ConfirmationRequired):
-        await svc.destroy(key, 1, confirm=None)
+        await svc.destroy(key, 1, confirm=None, now=True)
     with pytest.raises(InvalidState):
-        await svc.destroy(key, 1, confirm=key.kid(1))
+        await svc.destroy(key, 1, confirm=key.kid(1), now=True)
+    with pytest.raises(InvalidState):
+        await svc.destroy(key, 1, confirm=None)  # a schedule: the active version neither
     with pytest.raises(UnknownVersion):
         await svc.retire(key, 5)
     info, pending = await svc.rotate(key, pending=True)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,12 +17,11 @@ from typing import Any
 
 import pytest
 
-from ..conftest import DaemonProcess, policy_allow_all, start_daemon, unique
+from ..conftest import CHILD_PYTHON, DaemonProcess, policy_allow_all, start_daemon, unique
 from ..support.rawhttp import request
 
 pytestmark = pytest.mark.timeout(180)
 
-CHILD_PYTHON = "/usr/bin/python3"
 STRANGER = {"user": "nobody", "group": "nogroup", "extra_groups": ["staff"]}
 
 # Sends each request (base64 of raw bytes) on one keep-alive connection; reads one
@@ -80,9 +77,8 @@ def as_stranger(d: DaemonProcess, reqs: list[bytes]) -> list[tuple[int, str, flo
 
 
 @pytest.fixture
-def daemon() -> Iterator[DaemonProcess]:
-    base = Path(tempfile.mkdtemp(prefix="signerd-amp-", dir="/tmp"))
-    base.chmod(0o755)
+def daemon(shared_tmp: Path) -> Iterator[DaemonProcess]:
+    base = shared_tmp
     policy: dict[str, Any] = {**policy_allow_all(), "unmatched_rate": 0.5, "unmatched_burst": 10}
     d = start_daemon(
         base / "d",
@@ -93,7 +89,6 @@ def daemon() -> Iterator[DaemonProcess]:
         yield d
     finally:
         assert d.stop() == 0, d.log_text()[-2000:]
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _records(d: DaemonProcess) -> list[dict[str, Any]]:
@@ -293,13 +288,12 @@ def _flood(d: DaemonProcess, who: dict[str, Any], seconds: float) -> Any:
     )
 
 
-def test_refusal_floods_from_matched_callers_are_bounded(tmp_path: Path) -> None:
+def test_refusal_floods_from_matched_callers_are_bounded(shared_tmp: Path) -> None:
     """256-item refused batches and bad bodies for 5 s from a rate-limited uid and a uid that only
     a users=["*"] rule matches (2 workers): 429s, and each uid's records stay within the bound."""
     from signerd.authz import DEFAULT_REFUSAL_BURST, DEFAULT_REFUSAL_RATE
 
-    base = Path(tempfile.mkdtemp(prefix="signerd-flood-", dir="/tmp"))
-    base.chmod(0o755)
+    base = shared_tmp
     mine, other = unique("mine"), unique("othr")
     policy: dict[str, Any] = policy_allow_all()
     policy["rules"] += [
@@ -359,10 +353,9 @@ def test_refusal_floods_from_matched_callers_are_bounded(tmp_path: Path) -> None
                   f"{len(lines)} records, {grown} bytes (bound {bound:.0f})")  # fmt: skip
     finally:
         d.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
-def test_429s_over_a_rule_rate_are_recorded_once_a_second(tmp_path: Path) -> None:
+def test_429s_over_a_rule_rate_are_recorded_once_a_second(shared_tmp: Path) -> None:
     """A uid over its rule's rate gets 429s recorded at most once a second (2 workers); failures
     after a grant (401 from a rule without rate) are not refusals: 70 stay 401, none is 429."""
     from signerd import Client
@@ -374,8 +367,7 @@ def test_429s_over_a_rule_rate_are_recorded_once_a_second(tmp_path: Path) -> Non
          "operations": ["sign"], "rate": 5, "burst": 5},
         {"name": "checker", "uids": [65534], "tenants": ["*"], "operations": ["verify"]},
     ]  # fmt: skip
-    base = Path(tempfile.mkdtemp(prefix="signerd-rl-", dir="/tmp"))
-    base.chmod(0o755)
+    base = shared_tmp
     d = start_daemon(
         base / "d",
         server={"socket_group": "staff", "socket_mode": "0660", "workers": 2},
@@ -403,7 +395,6 @@ def test_429s_over_a_rule_rate_are_recorded_once_a_second(tmp_path: Path) -> Non
         assert len([r for r in ours if r["outcome"] == "invalid_signature"]) == 70
     finally:
         d.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_a_record_is_at_most_2_kib() -> None:
@@ -416,7 +407,7 @@ def test_a_record_is_at_most_2_kib() -> None:
     from signerd.audit._chain import encode_record as _encode
     from signerd.authz import Peer
     from signerd.server import AuditNotes
-    from signerd.server._v1 import _note_batch
+    from signerd.server._batchnotes import note_batch as _note_batch
     from signerd.wire import KeyName
 
     key = KeyName("t" * 63, "n" * 63)
@@ -444,7 +435,7 @@ def test_a_record_is_at_most_2_kib() -> None:
         peer = Peer(2**22, 2**32 - 2, 2**32 - 2, "u" * 255, "x" * 32, (2**32 - 2,) * groups)
         for reason in reasons:
             event = AuditEvent(
-                time=9e9, request_id="r" * 64, peer=peer, operation="destroy",
+                time=9e9, request_id="r" * 64, peer=peer, operation="schedule-deletion",
                 outcome="attestation_mismatch", tenant=key.tenant, key=str(key), kid=kid,
                 payload_sha256=("a" * 64,), reason=reason, status=429,
             )  # fmt: skip

@@ -13,24 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from signerd.wire import from_jwk
 
 from ..conftest import DaemonProcess, unique
-from ..support.rawhttp import Reply, request
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-class Api:
-    def __init__(self, d: DaemonProcess) -> None:
-        self.sock = str(d.socket_path)
-
-    def __call__(self, method: str, url: str, body: Any = None, **kw: Any) -> Reply:
-        return request(self.sock, method, url, body, **kw)
-
-    def ok(self, method: str, url: str, body: Any = None, status: int = 200) -> Any:
-        reply = self(method, url, body)
-        assert reply.status == status, reply.body
-        return reply.json
+from ..support.federation import Api, b64
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +59,9 @@ def test_full_lifecycle_over_http(api: Api, key: str) -> None:
     )
     assert (r.status, r.code) == (401, "retired_kid")
 
-    r = api("POST", f"/v1/keys/{key}/versions/1/destroy", {})
+    r = api("POST", f"/v1/keys/{key}/versions/1/destroy", {"now": True})
     assert (r.status, r.code) == (400, "confirmation_required")
-    desc = api.ok("POST", f"/v1/keys/{key}/versions/1/destroy", {"confirm": s1["kid"]})
+    desc = api.ok("POST", f"/v1/keys/{key}/versions/1/destroy", {"confirm": s1["kid"], "now": True})
     assert desc["versions"][0]["state"] == "destroyed"
     r = api(
         "POST",
@@ -368,7 +351,11 @@ def test_every_admin_operation_replays_its_answer(api: Api) -> None:
         (f"/v1/keys/{key}/rotate", {"pending": True}, 200),
         (f"/v1/keys/{key}/versions/2/promote", {}, 200),
         (f"/v1/keys/{key}/versions/1/retire", {}, 200),
-        (f"/v1/keys/{key}/versions/1/destroy", {"confirm": f"{tenant}.{name}.v1"}, 200),
+        (
+            f"/v1/keys/{key}/versions/1/destroy",
+            {"confirm": f"{tenant}.{name}.v1", "now": True},
+            200,
+        ),
     ]
     for url, body, status in steps:
         headers = {"Idempotency-Key": unique("step")}

@@ -10,8 +10,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,9 +23,8 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def setup() -> Iterator[tuple[DaemonProcess, str, str]]:
-    base = Path(tempfile.mkdtemp(prefix="signerd-batch-", dir="/tmp"))
-    base.chmod(0o755)
+def setup(shared_tmp: Path) -> Iterator[tuple[DaemonProcess, str, str]]:
+    base = shared_tmp
     mine, other = unique("mine"), unique("othr")
     policy: dict[str, Any] = policy_allow_all()
     policy["rules"].append(
@@ -52,7 +49,6 @@ def setup() -> Iterator[tuple[DaemonProcess, str, str]]:
         yield d, mine, other
     finally:
         assert d.stop() == 0, d.log_text()[-2000:]
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _batch(keys: list[str]) -> bytes:

@@ -13,11 +13,9 @@ import base64
 import json
 import os
 import resource
-import shutil
 import socket
 import statistics
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -31,11 +29,10 @@ from signerd.daemon._sockets import bind_unix_socket
 from signerd.errors import SignerdError
 from signerd.server import Limits, Listener, Request, Response, json_response
 
-from ..conftest import DaemonProcess, policy_allow_all, start_daemon, unique
+from ..conftest import CHILD_PYTHON, DaemonProcess, policy_allow_all, start_daemon, unique
 
 pytestmark = pytest.mark.timeout(240)
 
-CHILD_PYTHON = "/usr/bin/python3"
 STRANGER = {"user": "nobody", "group": "nogroup", "extra_groups": ["staff"]}
 SHARED_SOCKET = {"socket_group": "staff", "socket_mode": "0660"}  # strangers in staff connect
 LIMITS = {
@@ -133,21 +130,8 @@ print(json.dumps({"opened": opened, "life": life, "at_once": at_once, "refused":
 
 
 @pytest.fixture
-def shared_base() -> Iterator[Path]:
-    """A daemon directory other users can traverse (the socket directory itself is 0750)."""
-    if not os.access(CHILD_PYTHON, os.X_OK):
-        pytest.fail(f"{CHILD_PYTHON} is needed to run clients as other users")
-    base = Path(tempfile.mkdtemp(prefix="signerd-conn-", dir="/tmp"))
-    base.chmod(0o755)
-    try:
-        yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-
-
-@pytest.fixture
-def daemon(shared_base: Path) -> Iterator[DaemonProcess]:
-    d = start_daemon(shared_base / "d", server=dict(LIMITS))
+def daemon(shared_tmp: Path) -> Iterator[DaemonProcess]:
+    d = start_daemon(shared_tmp / "d", server=dict(LIMITS))
     try:
         yield d
     finally:
@@ -294,12 +278,12 @@ def test_deadlines_close_slow_connections(daemon: DaemonProcess) -> None:
         assert deadline - 0.2 <= results[name] <= deadline + 1.5, (name, results[name])
 
 
-def test_malformed_http_flood_keeps_the_log_small(shared_base: Path) -> None:
+def test_malformed_http_flood_keeps_the_log_small(shared_tmp: Path) -> None:
     """2,000 malformed requests from a stranger: one short log line per interval, no caller bytes."""
     # a stranger may open as many connections a second as its cap: raised, so that the 2,000
     # malformed requests reach the parser rather than the connection-rate refusal
     server = {**LIMITS, "max_connections_stranger": 2000, "max_connections_strangers": 512}
-    d = start_daemon(shared_base / "m", server=server)
+    d = start_daemon(shared_tmp / "m", server=server)
     try:
         before = d.log_path.stat().st_size
         mark = "BADHTTPMARK" + unique()
@@ -476,9 +460,9 @@ def reconnecting(d: DaemonProcess, uid: int, mode: str, seconds: float) -> subpr
     return proc
 
 
-def test_strangers_and_a_reconnect_storm_leave_a_named_caller_signing(shared_base: Path) -> None:
+def test_strangers_and_a_reconnect_storm_leave_a_named_caller_signing(shared_tmp: Path) -> None:
     """12 stranger uids reconnecting past their cap of 4 and one uid's connect-close storm, 10 s: a named caller's sign p50 stays within 2x, nothing fails, and its new connections are let in."""
-    d = start_daemon(shared_base / "s", server=SHARED_SOCKET)
+    d = start_daemon(shared_tmp / "s", server=SHARED_SOCKET)
     seconds = 10.0
     procs: list[subprocess.Popen[str]] = []
     try:
@@ -558,10 +542,10 @@ sys.stdin.read()
 """
 
 
-def test_strangers_get_four_connections_each_and_a_share_of_the_total(shared_base: Path) -> None:
+def test_strangers_get_four_connections_each_and_a_share_of_the_total(shared_tmp: Path) -> None:
     """A stranger uid holds 4 connections, strangers together 16 of 64: a named uid still opens the other 48, and then is refused."""
     limits = {"max_connections": 64, "max_connections_strangers": 16, "workers": 1}
-    d = start_daemon(shared_base / "f", server={**SHARED_SOCKET, **limits})
+    d = start_daemon(shared_tmp / "f", server={**SHARED_SOCKET, **limits})
     holders = [
         subprocess.Popen(
             [CHILD_PYTHON, "-c", HOLDER, str(d.socket_path), "6"],
@@ -603,12 +587,12 @@ def test_strangers_get_four_connections_each_and_a_share_of_the_total(shared_bas
         assert f"reason={reason}" in log, reason
 
 
-def test_a_caller_named_by_a_supplementary_group_is_no_stranger(shared_base: Path) -> None:
+def test_a_caller_named_by_a_supplementary_group_is_no_stranger(shared_tmp: Path) -> None:
     """A uid a rule names only through a supplementary group (SO_PEERGROUPS) holds more than a stranger's 4 connections; the same uid outside the group does not."""
     ops = {"name": "ops", "groups": ["users"], "tenants": ["*"], "operations": ["list"]}
     policy = policy_allow_all()
     policy["rules"].append(ops)
-    d = start_daemon(shared_base / "g", server=SHARED_SOCKET, policy=policy)
+    d = start_daemon(shared_tmp / "g", server=SHARED_SOCKET, policy=policy)
     held = {}
     try:
         for groups in (["staff", "users"], ["staff"]):
@@ -629,9 +613,9 @@ def test_a_caller_named_by_a_supplementary_group_is_no_stranger(shared_base: Pat
     assert held == {2: 6, 1: 4}, held
 
 
-def test_body_memory_goes_back_after_release(shared_base: Path) -> None:
+def test_body_memory_goes_back_after_release(shared_tmp: Path) -> None:
     """128 held 1 MiB bodies of a named caller: RSS grows by about their size and returns near its start once they are answered, and again once abandoned."""
-    d = start_daemon(shared_base / "b", server={"max_connections_per_uid": 256})
+    d = start_daemon(shared_tmp / "b", server={"max_connections_per_uid": 256})
     pids = d.worker_pids() or {d.proc.pid}
 
     def rss() -> int:

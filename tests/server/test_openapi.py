@@ -6,7 +6,7 @@ schemathesis runs every check (status codes, schemas, headers such as 405
 Allow, positive and negative data, unsupported methods) in its coverage,
 fuzzing and stateful phases, the last following the document's links
 (create -> rotate -> sign -> verify, staged rotation -> promote, retire ->
-destroy).
+destroy -> cancel-deletion).
 """
 
 from __future__ import annotations
@@ -49,7 +49,14 @@ _STATUSES = {
     "verifyFeedback": '["2xx", "401", "403", "404", "409", "422", "429"]',
     **{
         op: '["2xx", "401", "403", "404", "409", "422", "429"]'
-        for op in ["createKey", "rotateKey", "promoteVersion", "retireVersion", "retireTrustedKey"]
+        for op in [
+            "createKey",
+            "rotateKey",
+            "promoteVersion",
+            "retireVersion",
+            "cancelDeletion",
+            "retireTrustedKey",
+        ]
     },
 }
 CONFIG = """

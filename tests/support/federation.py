@@ -147,18 +147,24 @@ class Api:
         )
 
 
+def assert_replays_across(
+    a: DaemonProcess, b: DaemonProcess, tenant: str, kid: str, rounds: int
+) -> None:
+    """With a fresh producer trusted on both, each of ``rounds`` envelopes is accepted through
+    ``a`` and then refused 409 replayed_nonce through ``b``."""
+    producer = Producer.new(kid)
+    for host in (a, b):
+        Api(host).trust(tenant, producer)
+    for _ in range(rounds):
+        env = producer.telemetry(tenant, b'{"n":1}')
+        Api(a).ok("POST", "/v1/telemetry/verify", env)
+        reply = Api(b)("POST", "/v1/telemetry/verify", env)
+        assert (reply.status, reply.code) == (409, "replayed_nonce")
+
+
 async def post_many(sock: str, url: str, body: Any, count: int) -> list[tuple[int, str | None]]:
     """``count`` concurrent POSTs of one body over 100 connections (under the per-uid cap); (status, code) of each."""
-    connector = aiohttp.UnixConnector(path=sock, limit=100)
-    timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-
-        async def one() -> tuple[int, str | None]:
-            async with session.post(f"http://signerd{url}", json=body) as resp:
-                doc = await resp.json()
-                return resp.status, (doc.get("error") or {}).get("code")
-
-        return list(await asyncio.gather(*(one() for _ in range(count))))
+    return await post_each(sock, url, [body] * count)
 
 
 async def post_each(sock: str, url: str, bodies: list[Any]) -> list[tuple[int, str | None]]:

@@ -132,7 +132,7 @@ class _Worker:
                 elif f == "retire":
                     d = c.retire(key, number)
                 else:
-                    d = c.destroy(key, number, kid)
+                    d = c.destroy(key, number, kid, now=True)
                 return self.listing(key, d), None
 
             self.call(f, {"key": key, "version": number}, change)

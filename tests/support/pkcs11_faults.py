@@ -10,11 +10,47 @@ cannot open its files.
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pkcs11
+
+_HOLD = """
+import fcntl, os, sys
+fds = []
+for root, _, names in os.walk(sys.argv[1]):
+    for name in names:
+        if name.endswith((".object", ".lock")):
+            fd = os.open(os.path.join(root, name), os.O_RDWR)
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            fds.append(fd)
+print(len(fds), flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def held_token(tokens: Path) -> Iterator[None]:
+    """SoftHSM's token store (``tokens``) locked by another process: every call into it
+    blocks until the block ends. A real hang, not a double."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(tokens)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and int(holder.stdout.readline()) > 0
+        yield
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(10)
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """A real rsyslogd for the tests: unprivileged, on loopback, with its own configuration.
 
-imtcp on 127.0.0.1 (port 0 the first time, the port it got on each later start),
-every message written to one file with ``%rawmsg%`` (the RFC 5424 message as sent),
-its own work directory and pid file, no system configuration. A missing rsyslogd
-is an error, never a skip.
+imtcp on 127.0.0.1 (port 0 the first time, the port it got on each later start), or
+imrelp (RELP, on a free port chosen the first time: imrelp cannot tell the port it
+got), every message written to one file with ``%rawmsg%`` (the RFC 5424 message as
+sent), its own work directory and pid file, no system configuration. A missing
+rsyslogd or imrelp is an error, never a skip.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -29,11 +31,47 @@ ruleset(name="collect") {{
 """
 
 
+_RELP_CONF = """\
+global(workDirectory="{dir}" maxMessageSize="64k")
+module(load="imrelp")
+template(name="raw" type="string" string="%rawmsg%\\n")
+input(type="imrelp" address="127.0.0.1" port="{port}" maxDataSize="64k" ruleset="collect"{tls})
+ruleset(name="collect") {{
+  action(type="omfile" file="{out}" template="raw")
+}}
+"""
+
+
+def _imrelp() -> bool:
+    """Whether rsyslog's imrelp module is installed (Debian: rsyslog-relp)."""
+    return any(Path("/usr/lib").glob("*/rsyslog/imrelp.so"))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 class Rsyslog:
     """One collector in ``directory``; ``start``/``stop`` as often as a test needs."""
 
-    def __init__(self, directory: Path, tls: tuple[Path, Path] | None = None) -> None:
-        """``tls``: (certificate, key) files: TLS (rsyslog's ossl driver) instead of TCP."""
+    def __init__(
+        self,
+        directory: Path,
+        tls: tuple[Path, Path] | None = None,
+        *,
+        relp: bool = False,
+        peer: tuple[Path, str] | None = None,
+    ) -> None:
+        """``tls``: (certificate, key) files: TLS (rsyslog's ossl driver, or imrelp's)
+        instead of TCP. ``relp``: imrelp instead of imtcp. ``peer`` (CA file, name): with
+        ``tls``, only senders whose certificate that CA issued for that name are taken
+        (without it, imtcp asks for none, and imrelp takes any its own CA issued)."""
+        if relp and not _imrelp():
+            raise RuntimeError("rsyslog's imrelp is not installed (apt-get install rsyslog-relp)")
+        self.relp = relp
+        self.peer = peer
         binary = shutil.which("rsyslogd") or (
             "/usr/sbin/rsyslogd" if Path("/usr/sbin/rsyslogd").exists() else None
         )
@@ -51,25 +89,10 @@ class Rsyslog:
         port_file = self.dir / "port"
         port_file.unlink(missing_ok=True)
         conf = self.dir / "rsyslog.conf"
-        tls_global = tls_module = ""
-        if self.tls is not None:
-            cert, key = self.tls
-            tls_global = (
-                f' defaultNetstreamDriver="ossl" defaultNetstreamDriverCAFile="{cert}"'
-                f' defaultNetstreamDriverCertFile="{cert}" defaultNetstreamDriverKeyFile="{key}"'
-            )
-            tls_module = (
-                ' streamDriver.name="ossl" streamDriver.mode="1" streamDriver.authMode="anon"'
-            )
-        conf.write_text(
-            _CONF.format(
-                dir=self.dir,
-                port=self.port,
-                out=self.out,
-                tls_global=tls_global,
-                tls_module=tls_module,
-            )
-        )
+        if self.relp:
+            self._write_relp(conf)
+        else:
+            self._write_tcp(conf)
         with open(self.dir / "rsyslogd.log", "ab") as log:
             self.proc = subprocess.Popen(
                 [self.binary, "-n", "-f", str(conf), "-i", str(self.dir / "rsyslogd.pid")],
@@ -85,7 +108,47 @@ class Rsyslog:
             )
             self.port = int(port_file.read_text().strip())
         else:
-            wait_until(lambda: _listening(self.port), timeout=timeout, what="rsyslogd to listen")
+            port = self.port
+            wait_until(lambda: _listening(port), timeout=timeout, what="rsyslogd to listen")
+
+    def _write_relp(self, conf: Path) -> None:
+        if self.port == 0:
+            self.port = _free_port()
+        tls = ""
+        if self.tls is not None:
+            cert, key = self.tls
+            tls = f' tls="on" tls.myCert="{cert}" tls.myPrivKey="{key}"'
+            if self.peer is None:
+                tls += f' tls.caCert="{cert}" tls.authMode="certvalid"'
+            else:
+                ca, name = self.peer
+                tls += f' tls.caCert="{ca}" tls.authMode="name" tls.permittedPeer=["{name}"]'
+
+        conf.write_text(_RELP_CONF.format(dir=self.dir, port=self.port, out=self.out, tls=tls))
+
+    def _write_tcp(self, conf: Path) -> None:
+        tls_global = tls_module = ""
+        if self.tls is not None:
+            cert, key = self.tls
+            ca, auth = cert, 'streamDriver.authMode="anon"'
+            if self.peer is not None:  # the senders' CA beside our own certificate
+                ca = self.dir / "ca.pem"
+                ca.write_bytes(cert.read_bytes() + self.peer[0].read_bytes())
+                auth = f'streamDriver.authMode="x509/name" permittedPeer=["{self.peer[1]}"]'
+            tls_global = (
+                f' defaultNetstreamDriver="ossl" defaultNetstreamDriverCAFile="{ca}"'
+                f' defaultNetstreamDriverCertFile="{cert}" defaultNetstreamDriverKeyFile="{key}"'
+            )
+            tls_module = f' streamDriver.name="ossl" streamDriver.mode="1" {auth}'
+        conf.write_text(
+            _CONF.format(
+                dir=self.dir,
+                port=self.port,
+                out=self.out,
+                tls_global=tls_global,
+                tls_module=tls_module,
+            )
+        )
 
     def stop(self, timeout: float = 15.0) -> None:
         proc, self.proc = self.proc, None

@@ -30,6 +30,12 @@ REFUSALS = (MalformedJson, PayloadTooLarge)
         b"123456789012345678901234567890",
         b"1e16",
         b"9007199254740992.0",
+        b"1e21",
+        b"1E+21",
+        b"-1e21",
+        b"1000000000000000000000",
+        b"1.5e300",
+        b'{"a": [{"b": 1e21}]}',
         b"0.10000000000000001",
         b"1.00000000000000001",
         b"1e400",
@@ -101,8 +107,8 @@ def test_member_order_is_by_utf16_code_units() -> None:
         (b"1.0", b"1"),
         (b"1E2", b"100"),
         (b"1e+2", b"100"),
-        (b"1.5e300", b"1.5e+300"),
-        (b"1e21", b"1e+21"),
+        (b"1.5E-7", b"1.5e-7"),
+        (b"9.007199254740991e15", b"9007199254740991"),
         (b"1e-7", b"1e-7"),
         (b"0.000001", b"0.000001"),
         (b"123e-2", b"1.23"),
@@ -121,8 +127,8 @@ def test_number_and_string_forms(text: bytes, expected: bytes) -> None:
 # --- properties --------------------------------------------------------------
 
 _safe_ints = st.integers(min_value=-MAX_SAFE_INT, max_value=MAX_SAFE_INT)
-_floats = st.floats(allow_nan=False, allow_infinity=False).filter(
-    lambda f: not (MAX_SAFE_INT < abs(f) < 1e21)
+_floats = st.floats(
+    allow_nan=False, allow_infinity=False, min_value=-MAX_SAFE_INT, max_value=MAX_SAFE_INT
 )
 _scalars = st.none() | st.booleans() | _safe_ints | _floats | st.text()
 _values = st.recursive(

@@ -15,7 +15,6 @@ import base64
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from signerd.errors import AuditUnavailable, BackendUnavailable, SignerdError
 from signerd.workers import EXIT_STALLED, StallGuard
 
 from ..conftest import ROOT, SOFTHSM_MODULE, DaemonProcess, start_daemon, unique, wait_until
+from ..support.pkcs11_faults import held_token
 from ..support.rawhttp import Reply, request
 
 pytestmark = pytest.mark.timeout(120)
@@ -200,20 +200,6 @@ def _token(base: Path) -> str:
     return out.stdout.strip().split("=", 1)[1]
 
 
-_HOLD = """
-import fcntl, os, sys
-fds = []
-for root, _, names in os.walk(sys.argv[1]):
-    for name in names:
-        if name.endswith((".object", ".lock")):
-            fd = os.open(os.path.join(root, name), os.O_RDWR)
-            fcntl.lockf(fd, fcntl.LOCK_EX)
-            fds.append(fd)
-print(len(fds), flush=True)
-sys.stdin.read()
-"""
-
-
 @pytest.fixture
 def stalling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[DaemonProcess]:
     monkeypatch.setenv("SOFTHSM2_CONF", _token(tmp_path / "softhsm"))
@@ -255,14 +241,7 @@ def test_a_token_call_that_never_returns_gets_its_503_and_the_worker_is_replaced
     assert request(str(d.socket_path), "POST", "/v1/keys", {"key": key}).status == 201
     assert _sign(d, key)[0] == 200
     before = d.worker_pids()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLD, str(tmp_path / "softhsm" / "tokens")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and int(holder.stdout.readline()) > 0
+    with held_token(tmp_path / "softhsm" / "tokens"):
         status, code, took = _sign(d, key)
         assert (status, code) == (503, "backend_unavailable")
         assert 0.9 <= took < 3.0, took  # backend_timeout is 1 s
@@ -270,10 +249,6 @@ def test_a_token_call_that_never_returns_gets_its_503_and_the_worker_is_replaced
         health = request(str(d.socket_path), "GET", "/v1/health", timeout=5)
         assert health.status == 200
         wait_until(lambda: "signerd.worker_stalled call=token" in d.log_text(), 10, "the log line")
-    finally:
-        assert holder.stdin is not None
-        holder.stdin.close()
-        holder.wait(10)
     wait_until(
         lambda: len(d.worker_pids() - before) >= 1 and len(d.worker_pids()) == 2, 30, "a new worker"
     )
@@ -446,28 +421,17 @@ def test_a_change_whose_outcome_record_fails_is_outcome_unknown(tmp_path: Path) 
 def _outcome_record_fails(d: DaemonProcess, mnt: Path, tmp_path: Path) -> None:
     key = f"{unique('recfail')}/k"
     assert request(str(d.socket_path), "POST", "/v1/keys", {"key": key}).status == 201
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLD, str(tmp_path / "softhsm" / "tokens")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
     results: list[Reply] = []
     caller = threading.Thread(
         target=lambda: results.append(
             request(str(d.socket_path), "POST", f"/v1/keys/{key}/rotate", {}, timeout=30)
         )
     )
-    try:
-        assert holder.stdout is not None and int(holder.stdout.readline()) > 0
+    with held_token(tmp_path / "softhsm" / "tokens"):
         caller.start()
         wait_until(lambda: _rotate_intent(d, key), 10, "the intent record")
         time.sleep(0.2)  # the rotate is waiting for the token
         _freeze(mnt, True)
-    finally:
-        assert holder.stdin is not None
-        holder.stdin.close()
-        holder.wait(10)
     caller.join(30)
     _freeze(mnt, False)
     assert (results[0].status, results[0].code) == (500, "outcome_unknown"), results[0].body

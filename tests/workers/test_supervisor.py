@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import signal
@@ -153,6 +154,23 @@ def test_a_killed_worker_is_restarted_and_serving_goes_on(start: Callable[..., E
     assert not _alive(victim)
     assert echo.live_workers() == (first - {victim}) | {new}
     assert _serving_pids(echo, {new}) >= {new}
+
+
+def test_a_worker_killed_soon_after_each_start_is_always_restarted(
+    start: Callable[..., Echo],
+) -> None:
+    """A worker that was up, killed within min_uptime more often than start_limit, is restarted."""
+    echo = start(2)
+    for _ in range(5):  # start_limit is 3
+        before = echo.pids()
+        victim = min(before & echo.live_workers())
+        os.kill(victim, signal.SIGKILL)
+        replaced = functools.partial(lambda b: len(echo.pids() - b) == 1, before)
+        wait_until(replaced, 10, "a new worker", interval=0.02)
+        assert echo.proc.poll() is None, echo.log()
+    assert "signerd.worker_start_limit" not in echo.log()
+    assert len(echo.live_workers()) == 2
+    assert echo.ask("ping") == "ping"
 
 
 def test_sighup_reaches_every_worker_and_restarts_get_the_new_config(

@@ -13,13 +13,13 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
-from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11 import Attribute, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11e
-from pkcs11.util.ec import encode_named_curve_parameters
 
 from ...errors import (
     BackendError,
     BackendUnavailable,
+    InvalidState,
     KeyExists,
     SignerdError,
     UnknownKey,
@@ -27,11 +27,12 @@ from ...errors import (
 )
 from ...wire import KeyName, parse_kid
 from .. import KeyInfo, KeyVersion, VersionState
-from ._blind import blind_check, version_gone
+from ._blind import absent_keys, blind_check, version_gone
+from ._generate import generate_pair, key_attributes
 from ._ladder import Ladder, TokenVanished
+from ._leftovers import remove_private, sweep
 from ._objects import (
     APPLICATION,
-    ED25519_OID,
     KeyMeta,
     key_of_label,
     label_digest,
@@ -75,6 +76,7 @@ class Pkcs11Backend:
         # keys this process has seen on the token (the last listing's count, at least 1 once
         # any key was read or made): a token that then shows none is blind, not empty
         self._listed = 0
+        self._swept = False  # destroyed versions' leftover private keys removed (once)
 
     def object_uri(self, kid: str) -> str:
         """The RFC 7512 URI of a version's private key (CKA_LABEL = CKA_ID = the kid)."""
@@ -165,6 +167,8 @@ class Pkcs11Backend:
                 state=state,
                 public_key=self._public_key(session, key.kid(v)),
                 created_at=created,
+                state_changed_at=meta.changed.get(v),
+                deletion_at=meta.deletion.get(v),
             )
             for v, (state, created) in sorted(meta.versions.items())
         )
@@ -176,6 +180,9 @@ class Pkcs11Backend:
             for name, seq, _, meta in self._meta_objects(session, None):
                 if name not in latest or latest[name].seq < seq:
                     latest[name] = meta
+            if latest and not self._swept:  # a destroy cut short by a crash left its key
+                sweep(session, latest)
+                self._swept = True
             wanted = {k.kid(v) for k, m in latest.items() for v in m.versions} - set(self._public)
             if wanted:
                 self._prefetch_public(session, wanted)
@@ -214,31 +221,9 @@ class Pkcs11Backend:
 
     def _generate(self, session: Any, key: KeyName, version: int) -> int:
         """Generate the key pair for version (or the next free one); return its number."""
-        while any(True for _ in session.get_objects({Attribute.LABEL: key.kid(version)})):
-            # Left over from an interrupted rotation: that kid is burnt, never reused.
-            log.warning("signerd.pkcs11.skip_orphan kid=%s", key.kid(version))
-            version += 1
-        kid = key.kid(version)
-        params = session.create_domain_parameters(
-            KeyType.EC_EDWARDS,
-            {Attribute.EC_PARAMS: encode_named_curve_parameters(ED25519_OID)},
-            local=True,
-        )
-        pub, _ = params.generate_keypair(
-            mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
-            store=True,
-            label=kid,
-            id=kid.encode(),
-            public_template={Attribute.VERIFY: True, Attribute.PRIVATE: False},
-            private_template={
-                Attribute.SIGN: True,
-                Attribute.PRIVATE: True,
-                Attribute.SENSITIVE: True,
-                Attribute.EXTRACTABLE: False,
-            },
-        )
-        self._public[kid] = raw_public_key(pub[Attribute.EC_POINT])
-        return version
+        made, public = generate_pair(session, key, version)
+        self._public[key.kid(made)] = public
+        return made
 
     def create(self, key: KeyName) -> KeyInfo:
         def run(session: Any) -> KeyInfo:
@@ -246,7 +231,8 @@ class Pkcs11Backend:
                 raise KeyExists()
             blind_check(session, key, listed=self._listed)  # never a second v1 on a blind token
             version = self._generate(session, key, 1)
-            meta = KeyMeta(seq=1, versions={version: (VersionState.ACTIVE, int(time.time()))})
+            now = int(time.time())
+            meta = KeyMeta(1, {version: (VersionState.ACTIVE, now)}, {version: now})
             self._write_meta(session, key, meta, [])
             self._listed = max(self._listed, 1)
             return self._info(session, key, meta)
@@ -280,21 +266,38 @@ class Pkcs11Backend:
 
         return self._token.call(run)
 
+    def schedule_deletion(self, key: KeyName, version: int, at: int) -> KeyInfo:
+        return self._deletion(key, version, VersionState.RETIRED, VersionState.PENDING_DELETION, at)
+
+    def cancel_deletion(self, key: KeyName, version: int) -> KeyInfo:
+        return self._deletion(key, version, VersionState.PENDING_DELETION, VersionState.RETIRED)
+
+    def _deletion(
+        self, key: KeyName, version: int, was: VersionState, to: VersionState, at: int | None = None
+    ) -> KeyInfo:
+        def run(session: Any) -> KeyInfo:
+            meta, old = self._meta_for_change(session, key)
+            if version not in meta.versions:
+                raise UnknownVersion()
+            if meta.versions[version][0] is not was:
+                raise InvalidState(f"only a {was} version can be made {to}")
+            new = meta.with_states({version: to}, deletion_at=at)
+            self._write_meta(session, key, new, old)
+            return self._info(session, key, new)
+
+        return self._token.call(run)
+
     def destroy(self, key: KeyName, version: int) -> KeyInfo:
         def run(session: Any) -> KeyInfo:
             meta, old = self._meta_for_change(session, key)
             if version not in meta.versions:
                 raise UnknownVersion()
-            kid = key.kid(version)
-            for obj in list(
-                session.get_objects(
-                    {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: kid}
-                )
-            ):
-                obj.destroy()
-            self._private.pop(kid, None)
+            if meta.versions[version][0] is VersionState.DESTROYED:
+                return self._info(session, key, meta)  # destroyed already (another daemon)
             new = meta.with_states({version: VersionState.DESTROYED})
-            self._write_meta(session, key, new, old)
+            self._write_meta(session, key, new, old)  # the change; a crash next: ``sweep``
+            self._private.pop(key.kid(version), None)
+            remove_private(session, key.kid(version))
             return self._info(session, key, new)
 
         return self._token.call(run)
@@ -355,21 +358,9 @@ class Pkcs11Backend:
             return frozenset()
 
         def run(session: Any) -> frozenset[KeyName]:
-            control = present[0]
-            meta = self._current_meta(session, control)[0]  # UnknownKey: not healthy
-            for version in meta.versions:
-                kid = control.kid(version)
-                if not any(True for _ in session.get_objects({Attribute.LABEL: kid})):
-                    raise BackendUnavailable("a listed key's objects cannot be read")
-            gone = set()
-            for info in missing:
-                labels = [meta_label(info.key)] + [v.kid for v in info.versions]
-                if not any(
-                    any(True for _ in session.get_objects({Attribute.LABEL: label}))
-                    for label in labels
-                ):
-                    gone.add(info.key)
-            return frozenset(gone)
+            return absent_keys(
+                session, self._current_meta(session, present[0])[0], present[0], missing
+            )
 
         try:
             return self._token.call(run)
@@ -388,22 +379,7 @@ class Pkcs11Backend:
     def private_key_attributes(self, kid: str) -> dict[str, Any]:
         """The security attributes of a version's private key, read back from the token."""
         parse_kid(kid)
-        attrs = (
-            Attribute.TOKEN,
-            Attribute.PRIVATE,
-            Attribute.SENSITIVE,
-            Attribute.EXTRACTABLE,
-            Attribute.KEY_TYPE,
-            Attribute.LOCAL,
-            Attribute.NEVER_EXTRACTABLE,
-            Attribute.ALWAYS_SENSITIVE,
-        )
-
-        def run(session: Any) -> dict[str, Any]:
-            obj = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=kid)
-            return {a.name: obj[a] for a in attrs}
-
-        return self._token.call(run)
+        return self._token.call(lambda session: key_attributes(session, kid))
 
 
 def build(settings: TokenConfig) -> Pkcs11Backend:

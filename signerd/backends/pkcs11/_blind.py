@@ -11,15 +11,16 @@ fails) instead of letting an empty answer become ``unknown_key`` or
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pkcs11 import Attribute, ObjectClass
 
-from ...errors import UnknownVersion
+from ...errors import BackendUnavailable, UnknownVersion
 from ...wire import KeyName
-from .. import VersionState
+from .. import KeyInfo, VersionState
 from ._ladder import TokenVanished
-from ._objects import APPLICATION, KeyMeta
+from ._objects import APPLICATION, KeyMeta, meta_label
 
 
 def _shows(session: Any, template: dict[Attribute, Any]) -> bool:
@@ -44,3 +45,20 @@ def version_gone(meta: KeyMeta, version: int) -> None:
     state = meta.versions.get(version)
     if state is None or state[0] is VersionState.DESTROYED:
         raise UnknownVersion("version has no private key on the token")
+
+
+def absent_keys(
+    session: Any, meta: KeyMeta, control: KeyName, missing: Sequence[KeyInfo]
+) -> frozenset[KeyName]:
+    """Of ``missing``, the keys nothing on the token is labelled for (their metadata or
+    any of their kids), once ``control`` (a listed key, whose metadata is ``meta``) shows
+    every one of its objects; BackendUnavailable when it does not."""
+    for version in meta.versions:
+        if not _shows(session, {Attribute.LABEL: control.kid(version)}):
+            raise BackendUnavailable("a listed key's objects cannot be read")
+    gone = set()
+    for info in missing:
+        labels = [meta_label(info.key)] + [v.kid for v in info.versions]
+        if not any(_shows(session, {Attribute.LABEL: label}) for label in labels):
+            gone.add(info.key)
+    return frozenset(gone)

@@ -20,7 +20,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ...errors import BackendError, BackendUnavailable
 from ...wire import KeyName, valid_part
@@ -89,19 +89,28 @@ def resources_available() -> None:
 
 @dataclass(frozen=True)
 class KeyMeta:
-    """The value of a key's metadata object: its versions' states, with a sequence number."""
+    """The value of a key's metadata object: its versions' states, with a sequence number.
+
+    Per version, optionally (absent in metadata written before they were kept):
+    ``changed_at``, when its state last changed, and for ``pending_deletion``
+    ``deletion_at``, when the daemon destroys it.
+    """
 
     seq: int
     versions: dict[int, tuple[VersionState, int]]  # version -> (state, created_at)
+    changed: Mapping[int, int] = field(default_factory=dict)  # version -> changed_at
+    deletion: Mapping[int, int] = field(default_factory=dict)  # version -> deletion_at
 
     def encode(self) -> bytes:
-        body = {
-            "format": _META_FORMAT,
-            "seq": self.seq,
-            "versions": {
-                str(v): {"state": s.value, "created_at": c} for v, (s, c) in self.versions.items()
-            },
-        }
+        versions: dict[str, dict[str, object]] = {}
+        for v, (s, c) in self.versions.items():
+            entry: dict[str, object] = {"state": s.value, "created_at": c}
+            if v in self.changed:
+                entry["changed_at"] = self.changed[v]
+            if v in self.deletion:
+                entry["deletion_at"] = self.deletion[v]
+            versions[str(v)] = entry
+        body = {"format": _META_FORMAT, "seq": self.seq, "versions": versions}
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -109,22 +118,35 @@ class KeyMeta:
         body = json.loads(raw)
         if body.get("format") != _META_FORMAT:
             raise ValueError("unknown metadata format")
-        versions = {
-            int(v): (VersionState(d["state"]), int(d["created_at"]))
-            for v, d in body["versions"].items()
-        }
-        return cls(seq=int(body["seq"]), versions=versions)
+        items = {int(v): d for v, d in body["versions"].items()}
+        versions = {v: (VersionState(d["state"]), int(d["created_at"])) for v, d in items.items()}
+        changed = {v: int(d["changed_at"]) for v, d in items.items() if "changed_at" in d}
+        deletion = {v: int(d["deletion_at"]) for v, d in items.items() if "deletion_at" in d}
+        return cls(int(body["seq"]), versions, changed, deletion)
 
     def with_states(
-        self, changes: Mapping[int, VersionState], created_at: int | None = None
+        self,
+        changes: Mapping[int, VersionState],
+        created_at: int | None = None,
+        deletion_at: int | None = None,
     ) -> KeyMeta:
+        """The next metadata: ``changes`` applied, each version whose state changes stamped
+        with the time now; ``deletion_at`` is kept for the versions changed to
+        pending_deletion (a version leaving that state loses its time)."""
+        now = int(time.time())
         versions = dict(self.versions)
+        changed = dict(self.changed)
+        deletion = dict(self.deletion)
         for version, state in changes.items():
-            created = (
-                versions[version][1] if version in versions else (created_at or int(time.time()))
-            )
+            created = versions[version][1] if version in versions else (created_at or now)
+            if version not in versions or versions[version][0] is not state:
+                changed[version] = now
             versions[version] = (state, created)
-        return KeyMeta(seq=self.seq + 1, versions=versions)
+            if state is VersionState.PENDING_DELETION and deletion_at is not None:
+                deletion[version] = deletion_at
+            else:
+                deletion.pop(version, None)
+        return KeyMeta(self.seq + 1, versions, changed, deletion)
 
     def promotion(self, version: int) -> dict[int, VersionState]:
         """Make version active and the current active verify-only, as one change."""

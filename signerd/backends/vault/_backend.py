@@ -1,9 +1,9 @@
 """Vault / OpenBao transit backend: the ``Backend`` protocol over transit and KV v2.
 
 How transit versions and the metadata record map to version states is
-``_states``; requests and their errors are ``_http``; signs take the fast path
-in ``_sign``. Changes of a key are made under its lease (``_lease``), so that
-several daemons on one Vault change one key at a time.
+``_states``; reads and writes of both are ``_store``, state changes
+``_changes``; requests and their errors are ``_http``; signs take the fast
+path in ``_sign``. Every change of a key is made under its lease (``_lease``).
 
 The same configuration works against HashiCorp Vault (same transit, KV v2,
 token and AppRole API). The token needs: ``<mount>/keys/*`` (create, read,
@@ -24,27 +24,26 @@ from ...errors import (
     BackendError,
     BackendSealed,
     BackendUnavailable,
-    InvalidState,
     KeyExists,
     SignerdError,
     UnknownKey,
     UnknownVersion,
 )
-from ...wire import KeyName, valid_part
-from .. import KeyInfo, VersionState
+from ...wire import KeyName
+from .. import KeyInfo
 from ._auth import Auth
+from ._changes import VaultChanges
 from ._http import Json, NotFoundInVault, Transport, connection_failed
-from ._lease import Held, Leases
+from ._lease import Held
 from ._nodes import Nodes
-from ._record import Records
 from ._settings import VaultSettings
 from ._sign import SignClient, parse_signature, sign_refusal
-from ._states import ForeignKey, Record, Transit, key_info, malformed, transit_of
+from ._states import ForeignKey, Record, malformed
 
 log = logging.getLogger("signerd.vault")
 
 
-class VaultBackend:
+class VaultBackend(VaultChanges):
     """Keys in Vault / OpenBao transit; see the module docstring for the mapping."""
 
     def __init__(self, settings: VaultSettings, transport: Transport[Auth]) -> None:
@@ -59,14 +58,7 @@ class VaultBackend:
             self.nodes,
         )
         self.max_concurrency = settings.max_concurrency
-        self.records = Records(transport, self._meta_path)
-        # a holder's transit call (one retry at most) lands within 2 timeouts of its guard
-        self.leases = Leases(
-            self.records,
-            ttl=4 * settings.timeout,
-            wait=settings.timeout,
-            margin=2 * settings.timeout,
-        )
+        self._init_store()
         self._reported: set[str] = set()  # keys skipped from listings, logged once each
 
     @property
@@ -78,58 +70,6 @@ class VaultBackend:
     def node(self) -> str:
         """The address of the node requests go to now."""
         return self.nodes.current
-
-    # --- names and paths ---
-
-    def _mount(self, key: KeyName) -> str:
-        return self.settings.tenant_mounts.get(key.tenant, self.settings.mount)
-
-    def _transit_name(self, key: KeyName) -> str:
-        return f"{self.settings.key_prefix}{key.tenant}.{key.name}"
-
-    def _key_path(self, key: KeyName, suffix: str = "") -> str:
-        return f"{self._mount(key)}/keys/{self._transit_name(key)}{suffix}"
-
-    def _meta_path(self, key: KeyName, kind: str = "data") -> str:
-        m = self.settings.metadata_mount
-        return f"{m}/{kind}/{self._mount(key)}/{self._transit_name(key)}"
-
-    def _parse_name(self, transit_name: str) -> KeyName | None:
-        prefix = self.settings.key_prefix
-        if not transit_name.startswith(prefix):
-            return None
-        tenant, dot, name = transit_name[len(prefix) :].partition(".")
-        if not dot or not all(valid_part(p) and p.isprintable() for p in (tenant, name)):
-            return None
-        return KeyName(tenant, name)
-
-    # --- reading ---
-
-    def _read_transit(self, key: KeyName) -> Transit:
-        try:
-            answer = self.transport.request("GET", self._key_path(key))
-        except NotFoundInVault as exc:
-            raise UnknownKey() from exc
-        return transit_of(key, answer)
-
-    def _read(self, key: KeyName) -> tuple[Transit, Record, KeyInfo]:
-        transit = self._read_transit(key)
-        meta = self.records.read(key)
-        return transit, meta, key_info(key, transit, meta)
-
-    def _under(self, held: Held) -> tuple[Transit, Record, KeyInfo]:
-        """The key read under its lease (the record is the one the lease was written in)."""
-        transit = self._read_transit(held.key)
-        return transit, held.record, key_info(held.key, transit, held.record)
-
-    # --- writing ---
-
-    def _config(self, held: Held, **values: int) -> None:
-        self.leases.guard(held)
-        try:
-            self.transport.request("POST", self._key_path(held.key, "/config"), dict(values))
-        except NotFoundInVault as exc:
-            raise UnknownKey() from exc
 
     # --- Backend protocol ---
 
@@ -163,9 +103,6 @@ class VaultBackend:
                 continue
         return infos
 
-    def describe(self, key: KeyName) -> KeyInfo:
-        return self._read(key)[2]
-
     def create(self, key: KeyName) -> KeyInfo:
         with self.leases.holding(key, "create") as held:
             try:
@@ -178,16 +115,17 @@ class VaultBackend:
             self.leases.guard(held)
             # transit answers a create of an existing key with success, so a retry is safe
             self.transport.request("POST", self._key_path(key), body)
-            if held.record.retired or held.record.archived:
+            meta = held.record
+            if meta.retired or meta.archived or meta.changed or meta.deletion:
                 # left over from an earlier key of the same name deleted outside signerd
-                self.leases.update(held, lambda m: Record(cas=m.cas))
-            info = self._under(held)[2]
+                self._update_meta(held, lambda m: Record(cas=m.cas))
+            info = self._stamped(held, KeyInfo(key, ()))
         log.debug("signerd.vault.create key=%s", key)
         return info
 
     def rotate(self, key: KeyName, *, pending: bool) -> KeyInfo:
-        with self.leases.holding(key, "rotate", exists=lambda: self._read_transit(key)) as held:
-            transit = self._read_transit(key)
+        with self.leases.holding(key, "rotate", exists=lambda: self._exists(key)) as held:
+            transit, _, was = self._under(held)
             before = transit.latest
             if pending:
                 if transit.min_encryption == 0:
@@ -205,7 +143,7 @@ class VaultBackend:
                 # the new version is pending until the pin moves to it
                 new = self._rotate_once(held, before)
                 self._config(held, min_encryption_version=new)
-            info = replace(self._under(held)[2], made=new)
+            info = replace(self._stamped(held, was), made=new)
         log.debug("signerd.vault.rotate key=%s latest=%s pending=%s", key, info.latest, pending)
         return info
 
@@ -244,90 +182,6 @@ class VaultBackend:
             return made
         log.error("signerd.vault.rotated_elsewhere key=%s made=%s latest=%s", key, made, latest)
         raise BackendError("the key was rotated by another writer at the same time")
-
-    def set_state(self, key: KeyName, version: int, state: VersionState) -> KeyInfo:
-        with self.leases.holding(key, "set_state", exists=lambda: self._read_transit(key)) as held:
-            transit, _, info = self._under(held)
-            current = info.version(version)
-            if current is None:
-                raise UnknownVersion()
-            if current.state is state:
-                return info
-            if state is VersionState.ACTIVE and current.state is VersionState.PENDING:
-                self._config(held, min_encryption_version=version)
-            elif state is VersionState.RETIRED and current.state in (
-                VersionState.PENDING,
-                VersionState.VERIFY_ONLY,
-            ):
-                self._retire(held, transit, version)
-            else:
-                raise InvalidState(f"cannot set a {current.state} version {state} on this backend")
-            info = self._under(held)[2]
-        log.debug("signerd.vault.set_state key=%s version=%s state=%s", key, version, state)
-        return info
-
-    def _retire(self, held: Held, transit: Transit, version: int) -> None:
-        if version == transit.min_decryption and version < transit.active:
-            self._raise_floor(held, transit, version)
-            return
-        self.leases.update(held, lambda m: replace(m, retired=m.retired | {version}))
-
-    def _raise_floor(self, held: Held, transit: Transit, version: int) -> int:
-        """Retire ``version`` (== min_decryption_version) by raising the floor past it.
-
-        The floor also moves past versions already retired out of order just
-        above it. Their public keys go to the metadata record first, since
-        transit stops returning keys below the floor.
-        """
-        floor = version + 1
-        while floor in held.record.retired and floor < transit.active:
-            floor += 1
-        moving = {
-            v: transit.keys[v] for v in range(transit.min_decryption, floor) if v in transit.keys
-        }
-
-        def archive(m: Record) -> Record:
-            return replace(m, archived={**m.archived, **moving})
-
-        self.leases.update(held, archive)
-        self._config(held, min_decryption_version=floor)
-        return floor
-
-    def destroy(self, key: KeyName, version: int) -> KeyInfo:
-        with self.leases.holding(key, "destroy", exists=lambda: self._read_transit(key)) as held:
-            transit, _, info = self._under(held)
-            current = info.version(version)
-            if current is None:
-                raise UnknownVersion()
-            if current.state is VersionState.DESTROYED:
-                return info
-            if current.state is not VersionState.RETIRED:
-                raise InvalidState("only a retired version can be destroyed")
-            oldest = max(transit.min_available, 1)
-            if version != oldest:
-                raise InvalidState(
-                    f"Vault transit destroys versions from the oldest up: destroy v{oldest} first"
-                )
-            if version >= transit.active:
-                raise InvalidState(
-                    "Vault transit cannot destroy a version newer than the active one"
-                )
-            if version >= transit.min_decryption:  # retired out of order, now at the floor
-                self._raise_floor(held, transit, version)
-                transit = self._read_transit(key)
-            if transit.min_encryption == 0:
-                # trim needs an explicit pin; pin the version that is active anyway
-                self._config(held, min_encryption_version=transit.latest)
-            self.leases.guard(held)
-            try:
-                self.transport.request(
-                    "POST", self._key_path(key, "/trim"), {"min_available_version": version + 1}
-                )
-            except NotFoundInVault as exc:
-                raise UnknownKey() from exc
-            info = self._under(held)[2]
-        log.debug("signerd.vault.destroy key=%s version=%s", key, version)
-        return info
 
     def sign(
         self, key: KeyName, version: int, items: Sequence[bytes]

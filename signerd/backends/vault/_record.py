@@ -87,12 +87,3 @@ class Records:
         except (KeyError, TypeError, ValueError) as exc:
             raise malformed("metadata write", exc) from exc
         return self._learn(key, replace(record, cas=version))
-
-    def update(self, key: KeyName, change: Callable[[Record], Record]) -> Record:
-        """Read-modify-write with check-and-set, a few times over if others write too."""
-        for _ in range(CAS_ATTEMPTS):
-            try:
-                return self.write(key, change(self.read(key, for_write=True)))
-            except Conflict:
-                continue
-        raise BackendError("the key's metadata record keeps changing")

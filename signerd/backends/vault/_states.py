@@ -11,7 +11,8 @@ that several daemons pointed at the same Vault agree:
 
 - ``destroyed``: below ``min_available_version`` (trimmed from transit);
 - ``retired``: below ``min_decryption_version``, or listed as retired in the
-  key's metadata record (see below);
+  key's metadata record (see below); ``pending_deletion`` instead when the
+  record holds a deletion time for it;
 - ``active``: ``min_encryption_version`` when it is set, else the latest
   version (Vault itself then refuses to sign with anything older);
 - ``pending``: above the active version;
@@ -22,7 +23,8 @@ Transit cannot hold two things, kept in a KV v2 record per key at
 check-and-set: versions retired out of order (a pending version, or a version
 above one still verify-only, since ``min_decryption_version`` is a floor), and
 the public keys and creation times of versions below the floor, which transit
-stops returning once they are archived or trimmed. The record is read with
+stops returning once they are archived or trimmed; and per version the time
+of its last state change and a scheduled deletion's time. The record is read with
 each description; a missing record means "nothing out of order".
 
 The record also holds the lease of a state change in progress (see ``_lease``):
@@ -97,6 +99,8 @@ class Record:
 
     retired: frozenset[int] = frozenset()
     archived: Mapping[int, tuple[bytes, int]] = field(default_factory=dict)
+    changed: Mapping[int, int] = field(default_factory=dict)  # version -> state_changed_at
+    deletion: Mapping[int, int] = field(default_factory=dict)  # version -> deletion_at
     cas: int = 0  # KV version the record was read at (0: no record)
     lease: Lease | None = None
 
@@ -104,6 +108,8 @@ class Record:
         data: Json = {
             "format": 1,
             "retired": sorted(self.retired),
+            "changed": {str(v): t for v, t in sorted(self.changed.items())},
+            "deletion": {str(v): t for v, t in sorted(self.deletion.items())},
             "archived": {
                 str(v): {"public_key": base64.b64encode(pk).decode("ascii"), "created_at": ts}
                 for v, (pk, ts) in sorted(self.archived.items())
@@ -130,10 +136,18 @@ def key_info(key: KeyName, transit: Transit, meta: Record) -> KeyInfo:
             state = VersionState.PENDING
         else:
             state = VersionState.VERIFY_ONLY
+        deletion_at = meta.deletion.get(v)
+        if state is VersionState.RETIRED and deletion_at is not None:
+            state = VersionState.PENDING_DELETION
+        elif state is not VersionState.PENDING_DELETION:
+            deletion_at = None
         public_key, created_at = transit.keys.get(v) or meta.archived.get(v) or (b"", 0)
         if not public_key:
             log.warning("signerd.vault.public_key_missing key=%s version=%s", key, v)
-        versions.append(KeyVersion(v, key.kid(v), state, public_key, created_at))
+        changed_at = meta.changed.get(v)
+        versions.append(
+            KeyVersion(v, key.kid(v), state, public_key, created_at, changed_at, deletion_at)
+        )
     return KeyInfo(key, tuple(versions))
 
 
@@ -198,6 +212,8 @@ def record_of(answer: Json) -> Record:
                 int(v): (raw_public_key(a["public_key"]), int(a["created_at"]))
                 for v, a in data.get("archived", {}).items()
             },
+            changed={int(v): int(t) for v, t in data.get("changed", {}).items()},
+            deletion={int(v): int(t) for v, t in data.get("deletion", {}).items()},
             cas=int(answer["data"]["metadata"]["version"]),
             lease=lease_of(data.get("lease")),
         )

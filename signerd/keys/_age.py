@@ -3,8 +3,8 @@
 Each rule is a ``TENANT/NAME`` pattern (``*`` and ``?``) and a number of
 seconds; the first rule in the file whose pattern matches a key gives its
 maximum age. An active version older than that is past its rotation due
-date: flagged in ``GET /metrics`` and ``signerctl status`` (readiness is not
-affected).
+date: flagged in ``GET /metrics``, ``signerctl status`` and each key's
+description (``rotation_due``; readiness is not affected).
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-from ..keys import Settings
+from ..backends import KeyInfo
+from ._settings import Settings
 
-__all__ = ["Due", "due"]
+__all__ = ["Due", "due", "rotation_due"]
 
 
 @dataclass(frozen=True)
@@ -32,3 +33,11 @@ def due(settings: Settings, key: str, created_at: float, now: float) -> Due | No
             at = created_at + seconds
             return Due(seconds, at, now >= at)
     return None
+
+
+def rotation_due(settings: Settings, info: KeyInfo, now: float) -> Due | None:
+    """``due`` for ``info``'s active version; None without one or without a rule."""
+    active = info.active
+    if active is None:
+        return None
+    return due(settings, str(info.key), active.created_at, now)
