@@ -92,8 +92,12 @@ def test_soak_mixed_load_with_rotations_and_reloads(tmp_path: Path) -> None:
     assert m.p99_last <= P99_RATIO * m.p99_first, summary
 
     directory = d.audit_path.parent
+    files = sorted(p.name for p in directory.glob("*.jsonl*") if ".anchor" not in p.name)
+    assert len(files) == 2 * (chores.rotations + 1), files  # each worker's live and rotated
+    records = audit_records(directory)
     code, out = verify_trail(directory)
     assert code == 0, out[-3000:]
+    assert out.startswith(f"ok: {len(records)} records, chain intact"), out[-3000:]
     assert "no outcome record" not in out, out[-3000:]
-    problems = audit_pairs(requests, audit_records(directory))
+    problems = audit_pairs(requests, records)
     assert not problems, problems[:20]
