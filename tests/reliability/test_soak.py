@@ -58,7 +58,7 @@ def test_soak_mixed_load_with_rotations_and_reloads(tmp_path: Path) -> None:
     rotating = keys[0]
     setup_log = tmp_path / "requests.0.jsonl"
     monitor = Monitor(d, base / "state" / "nonces.sqlite3")
-    chores = Chores(d, every=SECONDS / 10)
+    chores = Chores(d, every=SECONDS / 10, tenant=tenant)
     try:
         create_keys(str(d.socket_path), keys, setup_log)
         monitor.start()

@@ -103,6 +103,7 @@ class Chores:
 
     daemon: SignerdProcess
     every: float
+    tenant: str  # the clients' tenant
     rotations: int = 0
     reloads: int = 0
     hups: int = 0
@@ -146,16 +147,19 @@ class Chores:
         wait_until(lambda: all(p.exists() for p in live), 20, "the new trail files")
 
     def reload_policy(self) -> None:
-        """Add (or change) a second policy rule in the configuration file, then SIGHUP."""
+        """Edit the policy in the configuration file, then SIGHUP: the clients' rule is narrowed
+        to the soak's tenant (or widened to every tenant again), and a second rule is added
+        (or changed). The clients keep every grant they use, so none may be refused."""
         self.reloads += 1
         config: dict[str, Any] = self.daemon.config
-        rules = [r for r in config["policy"]["rules"] if not r["name"].startswith("soak-")]
+        ours = {**config["policy"]["rules"][0]}
+        ours["tenants"] = [self.tenant] if self.reloads % 2 else ["*"]
         extra = {
             "name": f"soak-{self.reloads}",
             "uids": [os.getuid() + 1 + self.reloads % 7],
             "tenants": ["*"],
             "operations": ["verify"],
         }
-        config["policy"] = {**config["policy"], "rules": [*rules, extra]}
+        config["policy"] = {**config["policy"], "rules": [ours, extra]}
         self.daemon.config_path.write_text(to_toml(config))
         self._hup("policy reload")
