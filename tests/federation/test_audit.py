@@ -85,8 +85,7 @@ def test_damaged_trusted_keys_file_through_the_daemon(tmp_path: Path) -> None:
 
 
 def test_envelope_signs_write_an_intent_record_before_their_outcome(tmp_path: Path) -> None:
-    """A telemetry sign and a feedback sign each leave an intent record (the kid about to sign,
-    the signing input's keyed hash) before their ok record, under one request id."""
+    """Telemetry and feedback signs write an intent record (kid, hash) before their outcome."""
     d = federation_daemon(tmp_path / "d")
     try:
         key = f"{unique('in')}/k"

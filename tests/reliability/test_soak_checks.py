@@ -26,14 +26,12 @@ def _good() -> tuple[list[Request], list[dict[str, Any]]]:
 
 
 def test_audit_pairs_accepts_one_intent_and_one_outcome_per_request() -> None:
-    """A trail with an intent and an outcome per signing request, one outcome per verify: no
-    problem."""
+    """An intent and an outcome per signing request, one outcome per verify: no problem."""
     assert audit_pairs(*_good()) == []
 
 
 def test_audit_pairs_reports_each_kind_of_mismatch() -> None:
-    """A missing intent, a second outcome, an outcome whose status differs from the answer, an
-    intent on a verify and a record of a request nobody sent are each reported."""
+    """Missing intent, extra outcome, wrong status, verify intent, stray record: each reported."""
     reqs, recs = _good()
     assert audit_pairs(reqs, [r for r in recs if r != _rec("a", "intent")]) == [
         "a (sign): 0 intent records"
@@ -46,8 +44,7 @@ def test_audit_pairs_reports_each_kind_of_mismatch() -> None:
 
 
 def test_expected_errors_are_only_the_provoked_ones() -> None:
-    """A tampered verify may answer invalid_signature, a verify under the rotating key's kid
-    retired_kid or destroyed_kid; any other error, or those codes elsewhere, are unexpected."""
+    """Only the provoked refusals are expected: tampered verifies, retired rotating kids."""
     assert expected(_req("a", "verify!", 401, "invalid_signature"), ROT)
     assert expected(_req("a", "tverify", 401, "retired_kid", "t.k0.v3"), ROT)
     assert expected(_req("a", "fverify", 401, "destroyed_kid", "t.k0.v3"), ROT)
@@ -62,8 +59,7 @@ def _sample(t: float, rss: int, fds: int, nonces: int) -> Sample:
 
 
 def test_measure_sees_growth_drift_and_unexpired_nonces() -> None:
-    """RSS growth and fd drift are measured after warm-up (the first 20%), and nonces kept
-    beyond their ttl show as unexpired."""
+    """RSS growth and fd drift after warm-up, and nonces kept past their ttl, are measured."""
     samples = [_sample(float(t), 1000 + 10 * t, 50 + t // 20, 5 * t) for t in range(101)]
     accepted = [Request(f"v{t}", "tverify", float(t), 0.01, 200, "", "t.k1.v1") for t in range(100)]
     m = measure(accepted, samples, ROT, 0.0, 100.0, nonce_ttl=10)
