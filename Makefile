@@ -2,6 +2,7 @@
 #   make run    install what running needs, make a dev SoftHSM token under var/, run signerd in the foreground
 #   make test   install the test and benchmark tools too and run the whole suite against real SoftHSM and OpenBao
 #   make bench  the benchmark harness (make bench BENCH_ARGS=--quick for a short run)
+#   make soak   10 minutes of mixed load on a daemon with two workers, checked; build/soak.png
 #   make dist   build a wheel and an sdist into dist/ (what operators install)
 #   make docs   build the documentation site into build/site (mkdocs build --strict)
 #   make install DESTDIR=... PREFIX=/usr   units, sysusers.d/tmpfiles.d snippets, configuration, docs,
@@ -17,7 +18,7 @@ export SOFTHSM2_CONF := $(VAR)/softhsm/softhsm2.conf
 # what running needs; make test adds the test and benchmark tools
 RUN_EXTRAS := pkcs11,vault,systemd,redis,uvloop
 
-.PHONY: run test history bench check docs dist system deps deps-run dev-token clean install generated
+.PHONY: run test history soak bench check docs dist system deps deps-run dev-token clean install generated
 
 system:
 	@missing=""; \
@@ -92,6 +93,13 @@ test: check
 # the concurrent lifecycle histories at full length (make test runs them for 30 s each)
 history: deps
 	SIGNERD_HISTORY_SECONDS=60 PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q tests/history
+
+# the soak at full length (make test runs it for 2 minutes): its PNG and numbers in build/
+SOAK_SECONDS ?= 600
+soak: deps
+	mkdir -p build
+	SIGNERD_SOAK_SECONDS=$(SOAK_SECONDS) SIGNERD_SOAK_PNG=$(CURDIR)/build/soak.png \
+	  PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -s tests/reliability/test_soak.py
 
 check: deps
 	$(VENV)/bin/ruff check signerd tests bench examples

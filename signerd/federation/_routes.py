@@ -239,8 +239,9 @@ class Federation:
         message = telemetry_input(timestamp, nonce, payload)
         audit.hashes = (sha256_hex(message),)
         ctx.authorize(Operation.SIGN, key.tenant, key)
-        kid, signature = await self.keys.sign(key, message)
+        kid, signature = await self.keys.sign(key, message, ctx.sign_intent)
         audit.kid = kid
+        await ctx.durable()  # the intent record: written while the token signed
         signed = {"kid": kid, "timestamp": timestamp, "nonce": nonce}
         return json_response({**signed, "signature": b64encode(signature), "tenant": key.tenant})
 
@@ -282,8 +283,9 @@ class Federation:
         for _ in range(3):  # the active version may change under us: sign again with the new kid
             message = feedback_input(key.tenant, signed_at, nonce, schema, kid, canonical_data)
             audit.hashes = (sha256_hex(message),)
-            used, signature = await self.keys.sign(key, message)
+            used, signature = await self.keys.sign(key, message, ctx.sign_intent)
             audit.kid = used
+            await ctx.durable()  # the intent records: written while the token signed
             if used == kid:
                 envelope = {
                     "tenant": key.tenant,

@@ -11,6 +11,7 @@ from signerd.audit import AuditEvent
 from signerd.audit._chain import encode_record as _encode
 from signerd.audit._chain import journal_fields as _journal_fields
 from signerd.authz import Peer
+from signerd.client import Client
 from signerd.errors import BackendUnavailable
 from signerd.federation._trust import TrustedKeys
 
@@ -81,3 +82,22 @@ def test_damaged_trusted_keys_file_through_the_daemon(tmp_path: Path) -> None:
         assert (reply.status, reply.code) == (503, "backend_unavailable")
     finally:
         d.stop()
+
+
+def test_envelope_signs_write_an_intent_record_before_their_outcome(tmp_path: Path) -> None:
+    """Telemetry and feedback signs write an intent record (kid, hash) before their outcome."""
+    d = federation_daemon(tmp_path / "d")
+    try:
+        key = f"{unique('in')}/k"
+        client = Client(str(d.socket_path))
+        client.create_key(key)
+        signed = client.telemetry_sign(key, b'{"a":1}')
+        envelope = client.feedback_sign(key, "s.v1", {"a": 1})
+    finally:
+        assert d.stop() == 0, d.log_text()[-3000:]
+    signs = [r for r in d.audit_records() if r["operation"] == "sign"]
+    assert [r["outcome"] for r in signs] == ["intent", "ok", "intent", "ok"], signs
+    for intent, ok, kid in ((signs[0], signs[1], signed.kid), (signs[2], signs[3], envelope.kid)):
+        assert intent["request_id"] == ok["request_id"]
+        assert intent["kid"] == ok["kid"] == kid
+        assert intent["payload_hmac"] == ok["payload_hmac"] and len(ok["payload_hmac"]) == 1
