@@ -263,10 +263,10 @@ def test_holder_out_of_time_makes_no_transit_change(
     assert "lease" not in record(bao, key)
 
 
-def test_rotate_costs_two_kv_writes_and_a_sign_none(
+def test_rotate_reads_no_record_and_a_sign_makes_no_kv_call(
     bao: BaoServer, make: Any, key: KeyName
 ) -> None:
-    """A rotate adds two KV writes (lease taken, lease given back); a sign makes no KV call."""
+    """A rotate writes the record three times (lease, times, release) and reads it never."""
     make().create(key)
     with FaultProxy(bao.addr) as proxy:
         backend = make(addr=proxy.addr)
@@ -284,6 +284,7 @@ def test_rotate_costs_two_kv_writes_and_a_sign_none(
         [b"GET", b"/v1/transit/keys/" + name],
         [b"POST", b"/v1/transit/keys/" + name + b"/rotate"],
         [b"GET", b"/v1/transit/keys/" + name],
+        [b"POST", record_path],  # the versions' state-change times
         [b"POST", record_path],
     ]
     assert sign == [[b"POST", b"/v1/transit/sign/" + name]]
