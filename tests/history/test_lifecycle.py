@@ -31,7 +31,7 @@ def _checked(
 
 def _troubles(logs: str) -> str:
     """The daemons' warnings and errors, the last 40, to say why an operation failed."""
-    lines = [line for line in logs.splitlines() if re.search(r"WARNING|ERROR|CRITICAL", line)]
+    lines = [line for line in logs.splitlines() if re.search(r"level=(warn|error|crit)", line)]
     return "\n".join(lines[-40:])
 
 

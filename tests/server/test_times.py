@@ -38,6 +38,8 @@ def test_openapi_states_unix_seconds_for_every_time() -> None:
         "timestamp",
         "signed_at",
         "started_at",
+        "state_changed_at",
+        "deletion_at",
     }
     for name, prop, spec in props:
         assert "Unix seconds" in spec.get("description", ""), (name, prop)
