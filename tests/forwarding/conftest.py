@@ -5,8 +5,10 @@ from __future__ import annotations
 import collections
 import json
 import re
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from signerd.client import Client
 from signerd.testing import SignerdProcess, wait_until
 
 from ..conftest import start_daemon
-from ..support.rsyslog import Rsyslog
+from ..support.rsyslog import Rsyslog, wait_for
 
 CHECKPOINT_KEY = "auditfwd/checkpoints"
 
@@ -152,3 +154,62 @@ def wait_all(collector: Rsyslog, want: dict[str, list[bytes]], timeout: float = 
         return all(seqs[c] <= {json.loads(x)["seq"] for x in got.get(c, [])} for c in seqs)
 
     wait_until(done, timeout=timeout, what="every record at the collector")
+
+
+@dataclass
+class Outage:
+    """What two steady signers saw around a collector's outage."""
+
+    signed: int = 0
+    failed: int = 0
+    during: int = 0  # signs made while the collector was down
+    restarted: float = 0.0  # monotonic time of the collector's restart
+
+
+def sign_through_an_outage(
+    d: SignerdProcess, key: str, collector: Rsyslog, resume_timeout: float
+) -> Outage:
+    """Two threads sign with ``key`` (created here) all along; once 50 signs were made and
+    forwarded the collector is stopped for 30 s and started again; returns once 50 more
+    signs were made after it."""
+    seen = Outage()
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def load() -> None:
+        with Client(d.socket_path) as c:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                try:
+                    c.sign(key, f"steady {i}".encode())
+                    ok = True
+                except Exception:
+                    ok = False
+                with lock:
+                    seen.signed += ok
+                    seen.failed += not ok
+                time.sleep(0.005)
+
+    with Client(d.socket_path) as c:
+        c.create_key(key)
+    loaders = [threading.Thread(target=load, daemon=True) for _ in range(2)]
+    for t in loaders:
+        t.start()
+    try:
+        wait_until(lambda: seen.signed >= 50, timeout=30, what="signs before the outage")
+        wait_for(collector, 20)
+        collector.stop()
+        before = seen.signed
+        time.sleep(30)  # the outage itself, not a synchronisation
+        seen.during = seen.signed - before
+        collector.start()
+        seen.restarted = time.monotonic()
+        wait_until(
+            lambda: seen.signed >= before + seen.during + 50, timeout=resume_timeout, what="signs"
+        )
+    finally:
+        stop.set()
+        for t in loaders:
+            t.join(30)
+    return seen

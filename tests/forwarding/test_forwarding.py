@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from .conftest import (
     replayed,
     settled_lines,
     sign_many,
+    sign_through_an_outage,
     trail_lines,
     wait_all,
 )
@@ -66,47 +66,12 @@ def test_collector_down_for_30s_under_load_gets_every_record(
     the collector reset the connection and the forwarder logged sending it again; no
     sign failed."""
     key = f"{unique('fw')}/k"
-    stop = threading.Event()
-    counts = {"signed": 0, "failed": 0}
-    lock = threading.Lock()
-
-    def load(d: SignerdProcess) -> None:
-        with Client(d.socket_path) as c:
-            i = 0
-            while not stop.is_set():
-                i += 1
-                try:
-                    c.sign(key, f"steady {i}".encode())
-                    outcome = "signed"
-                except Exception:
-                    outcome = "failed"
-                with lock:
-                    counts[outcome] += 1
-                time.sleep(0.005)
-
     with forwarding_daemon(tmp_path / "d", collector) as d:
-        with Client(d.socket_path) as c:
-            c.create_key(key)
-        loaders = [threading.Thread(target=load, args=(d,), daemon=True) for _ in range(2)]
-        for t in loaders:
-            t.start()
-        try:
-            wait_until(lambda: counts["signed"] >= 50, timeout=30, what="signs before the outage")
-            wait_for(collector, 20)
-            collector.stop()
-            before = counts["signed"]
-            time.sleep(30)  # the outage itself, not a synchronisation
-            during = counts["signed"] - before
-            collector.start()
-            wait_until(lambda: counts["signed"] >= before + during + 50, timeout=60, what="signs")
-        finally:
-            stop.set()
-            for t in loaders:
-                t.join(30)
+        seen = sign_through_an_outage(d, key, collector, resume_timeout=60)
         want = settled_lines(d)
         wait_all(collector, want, timeout=120)
-    assert counts["failed"] == 0
-    assert during > 100  # signing went on while the collector was down
+    assert seen.failed == 0
+    assert seen.during > 100  # signing went on while the collector was down
     assert_all_once_but_replays(dict(forwarded(collector)), want, replayed(d))
 
 

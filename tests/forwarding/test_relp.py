@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -13,11 +12,17 @@ from typing import Any
 import pytest
 
 from signerd.client import Client
-from signerd.testing import SignerdProcess, wait_until
+from signerd.testing import wait_until
 
 from ..conftest import unique
 from ..support.rsyslog import Rsyslog, wait_for
-from .conftest import forwarded, forwarding_daemon, settled_lines, sign_many
+from .conftest import (
+    forwarded,
+    forwarding_daemon,
+    settled_lines,
+    sign_many,
+    sign_through_an_outage,
+)
 from .test_tls import self_signed
 
 pytestmark = pytest.mark.timeout(150)
@@ -58,45 +63,9 @@ def test_relp_collector_down_for_30s_under_load_gets_every_record_once(
     with every record of every chain exactly once (by record id) and in order; no sign
     failed."""
     key = f"{unique('relp')}/k"
-    stop = threading.Event()
-    counts = {"signed": 0, "failed": 0}
-    lock = threading.Lock()
-
-    def load(d: SignerdProcess) -> None:
-        with Client(d.socket_path) as c:
-            i = 0
-            while not stop.is_set():
-                i += 1
-                try:
-                    c.sign(key, f"steady {i}".encode())
-                    outcome = "signed"
-                except Exception:
-                    outcome = "failed"
-                with lock:
-                    counts[outcome] += 1
-                time.sleep(0.005)
-
     started = time.monotonic()
     with forwarding_daemon(tmp_path / "d", relp_collector, transport="relp") as d:
-        with Client(d.socket_path) as c:
-            c.create_key(key)
-        loaders = [threading.Thread(target=load, args=(d,), daemon=True) for _ in range(2)]
-        for t in loaders:
-            t.start()
-        try:
-            wait_until(lambda: counts["signed"] >= 50, timeout=30, what="signs before the outage")
-            wait_for(relp_collector, 20)
-            relp_collector.stop()
-            before = counts["signed"]
-            time.sleep(30)  # the outage itself, not a synchronisation
-            during = counts["signed"] - before
-            relp_collector.start()
-            restarted = time.monotonic()
-            wait_until(lambda: counts["signed"] >= before + during + 50, timeout=30, what="signs")
-        finally:
-            stop.set()
-            for t in loaders:
-                t.join(30)
+        seen = sign_through_an_outage(d, key, relp_collector, resume_timeout=30)
         want = settled_lines(d)
         wait_until(
             lambda: (
@@ -106,11 +75,11 @@ def test_relp_collector_down_for_30s_under_load_gets_every_record_once(
             timeout=60,
             what="every record at the collector",
         )
-        caught_up = time.monotonic() - restarted
+        caught_up = time.monotonic() - seen.restarted
     log = d.log_text()  # the daemon stopped: its forwarder sends nothing more
     elapsed = time.monotonic() - started
-    assert counts["failed"] == 0
-    assert during > 100  # signing went on while the collector was down
+    assert seen.failed == 0
+    assert seen.during > 100  # signing went on while the collector was down
     ids = record_ids(relp_collector)
     twice = [rid for rid, n in collections.Counter(ids).items() if n > 1]
     assert twice == []
@@ -119,7 +88,7 @@ def test_relp_collector_down_for_30s_under_load_gets_every_record_once(
     assert "signerd.forwarding_replay" not in log
     assert "signerd.forwarding_connection_lost" in log  # the outage was seen
     print(
-        f"relp outage: {during} signs while down, {len(ids)} records in all, every one at the"
+        f"relp outage: {seen.during} signs while down, {len(ids)} records in all, every one at the"
         f" collector {caught_up:.1f} s after its restart, test {elapsed:.1f} s"
     )
 
