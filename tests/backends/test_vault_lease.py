@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,38 +16,18 @@ import hvac.exceptions
 import pytest
 
 from signerd.backends import VersionState
-from signerd.backends.vault import VaultBackend, from_config, translate
+from signerd.backends.vault import VaultBackend, translate
 from signerd.errors import BackendError, BackendUnavailable, InvalidState
 from signerd.testing import wait_until
 from signerd.wire import KeyName
 
 from ..conftest import unique
-from ..support.openbao import BaoServer, FaultProxy, dev_server, vault_backend_config
+from ..support.openbao import BaoServer, FaultProxy, vault_backend_config
 
 THREADS = 4  # per backend
 ROTATES = 3  # per thread
 A, R = VersionState.ACTIVE, VersionState.RETIRED
 RUN_LIMIT = 120.0  # seconds the concurrent rotations may take on a loaded machine
-
-
-@pytest.fixture(scope="module")
-def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BaoServer]:
-    with dev_server(tmp_path_factory.mktemp("bao-lease")) as server:
-        yield server
-
-
-@pytest.fixture
-def make(bao: BaoServer) -> Iterator[Any]:
-    made: list[VaultBackend] = []
-
-    def make_backend(**overrides: Any) -> VaultBackend:
-        backend = from_config(vault_backend_config(bao, **overrides))
-        made.append(backend)
-        return backend
-
-    yield make_backend
-    for backend in made:
-        backend.close()
 
 
 @pytest.fixture
