@@ -275,39 +275,23 @@ def seed_token(
     ``signerd.backends.pkcs11`` itself, and the daemon must then list every version.
     """
     import pkcs11
-    from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
-    from pkcs11.util.ec import encode_named_curve_parameters
+    from pkcs11 import Attribute, ObjectClass
 
     from signerd.backends import VersionState
-    from signerd.backends.pkcs11 import APPLICATION, ED25519_OID, KeyMeta, meta_label
+    from signerd.backends.pkcs11 import APPLICATION, KeyMeta, meta_label
+    from signerd.backends.pkcs11._generate import ed25519_parameters, make_pair
     from signerd.wire import KeyName
 
     session = pkcs11.lib(module).get_token(token_label=label).open(user_pin=pin, rw=True)
     if opened is not None:
         opened.set()  # the next seeder may initialise the library now
     part, parts = share
-    params = session.create_domain_parameters(
-        KeyType.EC_EDWARDS,
-        {Attribute.EC_PARAMS: encode_named_curve_parameters(ED25519_OID)},
-        local=True,
-    )
+    params = ed25519_parameters(session)
     now = int(time.time())
     for k in range(part, keys, parts):
         key = KeyName(tenant, f"k{k:02d}")
         for v in range(1, versions + 1):
-            params.generate_keypair(
-                mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
-                store=True,
-                label=key.kid(v),
-                id=key.kid(v).encode(),
-                public_template={Attribute.VERIFY: True, Attribute.PRIVATE: False},
-                private_template={
-                    Attribute.SIGN: True,
-                    Attribute.PRIVATE: True,
-                    Attribute.SENSITIVE: True,
-                    Attribute.EXTRACTABLE: False,
-                },
-            )
+            make_pair(params, key.kid(v))
         states = {
             v: (VersionState.ACTIVE if v == versions else VersionState.VERIFY_ONLY, now)
             for v in range(1, versions + 1)

@@ -21,12 +21,22 @@ def generate_pair(session: Any, key: KeyName, version: int) -> tuple[int, bytes]
         # Left over from an interrupted rotation: that kid is burnt, never reused.
         log.warning("signerd.pkcs11.skip_orphan kid=%s", key.kid(version))
         version += 1
-    kid = key.kid(version)
-    params = session.create_domain_parameters(
+    pub = make_pair(ed25519_parameters(session), key.kid(version))
+    return version, raw_public_key(pub[Attribute.EC_POINT])
+
+
+def ed25519_parameters(session: Any) -> Any:
+    """The token's Ed25519 domain parameters, to make key pairs with."""
+    return session.create_domain_parameters(
         KeyType.EC_EDWARDS,
         {Attribute.EC_PARAMS: encode_named_curve_parameters(ED25519_OID)},
         local=True,
     )
+
+
+def make_pair(params: Any, kid: str) -> Any:
+    """A key pair labelled (and identified) by ``kid``, kept on the token; its public half.
+    The private half signs, is sensitive and never extractable."""
     pub, _ = params.generate_keypair(
         mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
         store=True,
@@ -40,7 +50,7 @@ def generate_pair(session: Any, key: KeyName, version: int) -> tuple[int, bytes]
             Attribute.EXTRACTABLE: False,
         },
     )
-    return version, raw_public_key(pub[Attribute.EC_POINT])
+    return pub
 
 
 def key_attributes(session: Any, kid: str) -> dict[str, Any]:
