@@ -7,13 +7,16 @@ has a single backend. With several (signing domains), a token call that hangs on
 the loop would stall every tenant of that worker, so every backend then runs in
 its own executor: a hung domain times out alone. A backend's calls for tenants take
 turns tenant by tenant (``FairSlots``), so one tenant's flood does not queue
-ahead of another's call. A call that changes the keyring (``run_change``) is
+ahead of another's call; a call given up on at its timeout keeps its slot until
+its thread returns, so calls wait (boundedly, for their own timeout) for a slot
+rather than pile up in the executor behind threads stuck in a hung token. A call that changes the keyring (``run_change``) is
 never abandoned once it has started.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -105,8 +108,17 @@ class Executors:
             async with asyncio.timeout(timeout or self._timeout):
                 if tenant is None:
                     return await loop.run_in_executor(self._executors[backend], fn)
-                async with self._slots[backend].slot(tenant):
-                    return await loop.run_in_executor(self._executors[backend], fn)
+                slots = self._slots[backend]
+                await slots.acquire(tenant)
+                try:
+                    running = self._executors[backend].submit(fn)
+                except BaseException:
+                    slots.release()
+                    raise
+                # the slot is the thread's until the call returns, even one given up on
+                # (a hung token): no call queues behind a thread that is not coming back
+                running.add_done_callback(lambda _: _soon(loop, slots.release))
+                return await asyncio.wrap_future(running)
         except TimeoutError as exc:
             log.error("signerd.backend_timeout backend=%s", backend)
             raise BackendUnavailable("the key backend did not answer in time") from exc
@@ -145,6 +157,12 @@ class Executors:
                 log.warning("signerd.backend_close_failed backend=%s", name)
         for executor in self._executors.values():
             executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], object]) -> None:
+    """``fn()`` on ``loop``'s thread (from an executor's thread); nothing once it is closed."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn)
 
 
 async def run_change(executor: Executor, fn: Callable[[], _T], timeout: float) -> _T:

@@ -95,10 +95,10 @@ class KeyService:
         self._admin_locks: dict[KeyName, asyncio.Lock] = {}
         #: wraps every admin operation: the workers' cross-process lock and change notice
         self.admin_guard = admin_guard
-        #: its ``observe`` hook times each batch (metrics)
-        s = self.settings
+        #: its ``observe`` hook times each batch (metrics); a caller waits backend_timeout
+        s, wait = self.settings, self.settings.backend_timeout
         self.coalescer: Coalescer[_Group] = Coalescer(
-            self._sign_batch, max_batch=s.max_batch, max_in_flight=s.max_in_flight
+            self._sign_batch, max_batch=s.max_batch, max_in_flight=s.max_in_flight, max_wait=wait
         )
         self._refresher: asyncio.Task[None] | None = None
         self._calls.stall_guard = stall_guard

@@ -14,8 +14,11 @@ what a handler sees is ``_request``'s.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
+import sys
+import termios
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, cast
@@ -301,12 +304,15 @@ class Connection(asyncio.Protocol):
     def last_answer(self, exc: SignerdError) -> bool:
         """From another thread while the loop's thread is stuck in a call (the process ends
         next): ``exc`` as the answer to the request in progress, written to the socket
-        directly. Nothing when no request is being answered or an answer is half sent. A
-        request may name its own answer (``stall_answer``: an admin change under way)."""
+        directly. Nothing for an idle connection, or when an answer is half sent. A
+        request may name its own answer (``stall_answer``: an admin change under way). A
+        request not yet read, or not read whole, gets ``exc`` too: it was never acted on."""
         req, transport = self._active, self.transport
-        if req is None or transport is None or self._closing:
+        if transport is None or self._closing:
             return False
-        context = req.context
+        if req is None and not (self._in_message or self._queue or _unread(self.sock)):
+            return False  # idle: it closes with the process, as a kept-alive one may
+        context = req.context if req is not None else None
         rid = "-"
         if context is not None:
             rid = context.rid
@@ -380,3 +386,12 @@ class _HeadTooLarge(_Refused):
 
 class _TooManyPipelined(_Refused):
     why = "pipelined"
+
+
+def _unread(sock: Any) -> bool:
+    """Whether bytes the peer sent wait in ``sock``'s receive queue (FIONREAD)."""
+    try:
+        pending = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return int.from_bytes(pending, sys.byteorder) > 0
