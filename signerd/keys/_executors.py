@@ -131,21 +131,22 @@ class Executors:
 
     async def on(self, key: KeyName, call: Callable[[Backend], _T], *, on_loop: bool = False) -> _T:
         """``call(backend)`` for ``key``'s backend, in its executor; with ``on_loop`` (signing),
-        on this thread under the worker's ``StallGuard`` when the backend is ``Inline`` and
-        no other thread is in its library."""
+        on this thread under the worker's ``StallGuard`` when the backend is ``Inline``, no
+        other thread is in its library and the token is not taken for hung (``clear``)."""
         name = self.backend_name(key.tenant)
         backend = self.backends[name]
         inline, guard = self._inline.get(name), self.stall_guard
-        if on_loop and inline is not None and guard is not None and inline.try_enter():
-            try:
-                return guard.call(
-                    lambda: call(backend),
-                    self._timeout,
-                    "token",
-                    BackendUnavailable,
-                )
-            finally:
-                inline.leave()
+        if on_loop and inline is not None and guard is not None:
+            if guard.clear() and inline.try_enter():
+                try:
+                    return guard.call(
+                        lambda: call(backend), self._timeout, "token", BackendUnavailable
+                    )
+                finally:
+                    inline.leave()
+            result = await self.run(name, lambda: call(backend), tenant=key.tenant)
+            guard.answered()  # the token answers: the loops may sign again
+            return result
         return await self.run(name, lambda: call(backend), tenant=key.tenant)
 
     async def close(self) -> None:
