@@ -9,7 +9,6 @@ from collections.abc import Sequence
 
 import pytest
 
-from signerd.backends import Backend
 from signerd.errors import BackendUnavailable, SignerdError
 from signerd.keys._coalesce import Coalescer
 from signerd.keys._executors import Executors
@@ -113,10 +112,9 @@ async def test_a_call_given_up_on_keeps_its_slot_until_its_thread_returns() -> N
         tenant_backends=None,
         timeout=0.2,
     )
-    backend: Backend = calls.backends["b"]
 
-    async def call() -> object:
-        return await calls.run("b", lambda: backend.describe(None), tenant="t")  # type: ignore[arg-type]
+    async def call() -> str:
+        return await calls.run("b", lambda: hung.describe(None), tenant="t")
 
     with pytest.raises(BackendUnavailable):
         await call()
@@ -129,6 +127,5 @@ async def test_a_call_given_up_on_keeps_its_slot_until_its_thread_returns() -> N
     assert time.monotonic() - started < 1.5
     assert hung.calls == 1 and calls._slots["b"].waiting == 0
     hung.release.set()
-    got = await calls.run("b", lambda: backend.describe(None), tenant="t")  # type: ignore[arg-type]
-    assert got == "answered" and hung.calls == 2
+    assert await call() == "answered" and hung.calls == 2
     await calls.close()
