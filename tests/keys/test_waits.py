@@ -129,3 +129,13 @@ async def test_a_call_given_up_on_keeps_its_slot_until_its_thread_returns() -> N
     hung.release.set()
     assert await call() == "answered" and hung.calls == 2
     await calls.close()
+
+
+def test_the_default_bounds_are_the_documented_ones() -> None:
+    """By default 1,024 signs wait per key version and 1,024 calls per backend, at most."""
+
+    async def run(group: str, items: Sequence[bytes]) -> list[bytes | SignerdError]:
+        return list(items)
+
+    assert Coalescer(run, max_batch=64, max_in_flight=2)._max_waiting == 1024
+    assert FairSlots(1)._max_waiting == 1024
