@@ -38,6 +38,7 @@ from ._coalesce import Coalescer
 from ._executors import Executors
 from ._keyring import Entry, Keyring
 from ._lifecycle import logged_changes, require, retire_call
+from ._periodic import refresh_periodically
 from ._settings import Settings
 
 if TYPE_CHECKING:
@@ -123,12 +124,10 @@ class KeyService:
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
 
     async def _refresh_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.refresh_interval)
-            try:
-                await self.refresh_all()
-            except SignerdError as exc:
-                log.warning("signerd.refresh_failed code=%s", exc.code)
+        s = self.settings
+        await refresh_periodically(
+            s.refresh_interval, self._calls.backends, self._calls.run, self._keyring.reread
+        )
 
     async def refresh_all(self, timeout: float | None = None, only: str | None = None) -> None:
         """Re-read the keyring from every backend (or only the named one)."""

@@ -39,6 +39,7 @@ from ._objects import (
     raw_public_key,
     resources_available,
 )
+from ._revalidate import unchanged
 from ._session import TokenSession
 from ._settings import TokenConfig, object_uri, parse_settings
 
@@ -173,9 +174,11 @@ class Pkcs11Backend:
     def list_keys(self) -> list[KeyInfo]:
         def run(session: Any) -> list[KeyInfo]:
             latest: dict[KeyName, KeyMeta] = {}
-            for name, seq, _, meta in self._meta_objects(session, None):
+            handles = self._token.meta_handles
+            handles.clear()
+            for name, seq, obj, meta in self._meta_objects(session, None):
                 if name not in latest or latest[name].seq < seq:
-                    latest[name] = meta
+                    latest[name], handles[name] = meta, obj
             wanted = {k.kid(v) for k, m in latest.items() for v in m.versions} - set(self._public)
             if wanted:
                 self._prefetch_public(session, wanted)
@@ -191,6 +194,9 @@ class Pkcs11Backend:
             return infos
 
         return self._token.call(run)
+
+    def unchanged(self) -> bool:
+        return unchanged(self._token)  # ``Revalidating``: no search
 
     def describe(self, key: KeyName) -> KeyInfo:
         return self._token.call(lambda s: self._info(s, key, self._current_meta(s, key)[0]))
