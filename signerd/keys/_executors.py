@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
 from ..backends import Backend, Inline
@@ -110,15 +110,19 @@ class Executors:
                     return await loop.run_in_executor(self._executors[backend], fn)
                 slots = self._slots[backend]
                 await slots.acquire(tenant)
+                running: Future[_T] | None = None
                 try:
                     running = self._executors[backend].submit(fn)
+                    result = await asyncio.wrap_future(running)
                 except BaseException:
-                    slots.release()
+                    if running is None or running.done():
+                        slots.release()
+                    else:  # given up on (a hung token): the slot is the thread's until it
+                        # returns, so no call queues behind a thread that is not coming back
+                        running.add_done_callback(lambda _: _soon(loop, slots.release))
                     raise
-                # the slot is the thread's until the call returns, even one given up on
-                # (a hung token): no call queues behind a thread that is not coming back
-                running.add_done_callback(lambda _: _soon(loop, slots.release))
-                return await asyncio.wrap_future(running)
+                slots.release()
+                return result
         except TimeoutError as exc:
             log.error("signerd.backend_timeout backend=%s", backend)
             raise BackendUnavailable("the key backend did not answer in time") from exc

@@ -7,9 +7,12 @@ with it the verifications and readiness answers it could still give from its
 cache. So each worker publishes, in a mapping the supervisor shares before
 forking, when its loop's token call began (0: none), and the daemon publishes
 that the token hung (a guard fired) until a token call answers again. Before
-signing on its loop, a worker asks ``clear()``: while another worker's call has
-been in the token longer than ``SUSPECT_SECONDS`` or a guard fired, it signs in
-its backend's executor instead, under the backend timeout, its loop free.
+signing on its loop, a worker asks ``clear()``: while another worker's loop is
+in the token (longer than ``SUSPECT_SECONDS``, 0: at all) or a guard fired, it
+signs in its backend's executor instead, under the backend timeout, its loop
+free. One loop at a time in the token: a hang that begins under load takes the
+loop of the worker inside at that moment, not every worker's loop after it
+(their replacements cannot start until the token answers).
 
 Each slot is one aligned 8-byte double written by one process only (stores and
 loads of it are whole); the times are ``time.monotonic()``, one clock for the
@@ -25,7 +28,7 @@ import time
 
 __all__ = ["SUSPECT_SECONDS", "SharedInline"]
 
-SUSPECT_SECONDS = 0.05  # a token call on a loop this long is taken for a hung token
+SUSPECT_SECONDS = 0.0  # another loop in the token this long keeps this one out (0: at all)
 _SLOT = struct.Struct("=d")
 
 
@@ -64,9 +67,9 @@ class SharedInline:
 
     def clear(self) -> bool:
         """Whether this worker may sign on its loop: no guard fired since the last answer,
-        and no other worker's loop has been in the token over ``SUSPECT_SECONDS``."""
+        and no other worker's loop is in the token (over ``SUSPECT_SECONDS``)."""
         values = struct.unpack_from(f"={self.workers + 1}d", self._map)
         if values[self.workers]:
             return False
         since = time.monotonic() - SUSPECT_SECONDS
-        return not any(0.0 < v < since for i, v in enumerate(values[:-1]) if i != self.worker)
+        return not any(0.0 < v <= since for i, v in enumerate(values[:-1]) if i != self.worker)

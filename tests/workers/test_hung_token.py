@@ -174,10 +174,12 @@ def test_a_token_hung_for_30_s_answers_every_caller_in_time_and_loses_no_signatu
     try:
         assert holder.stdout is not None and int(holder.stdout.readline()) > 0
         hung_at = time.monotonic()
-        wait_until(lambda: "signerd.worker_stalled call=token" in d.log_text(), 20, "a stall")
         usage = _usage(d)
+        # at once: the flood meets a worker whose loop is stuck in the token, and the
+        # connections it accepted but had not read yet are answered by its guard too
         flood = asyncio.run(_flood(sock, key, check))
         after = _usage(d)
+        wait_until(lambda: "signerd.worker_stalled call=token" in d.log_text(), 20, "a stall")
         readiness = asyncio.run(_call(sock, "GET", "/v1/ready"))
         verified = asyncio.run(_call(sock, "POST", "/v1/verify", check))
         assert time.monotonic() - hung_at < HANG - 2, "the checks must end within the hang"
@@ -220,16 +222,20 @@ async def _flood(sock: str, key: str, check: dict[str, str]) -> list[tuple[str, 
 
 def _flood_answered(flood: list[tuple[str, Answer]]) -> None:
     """Every flooding caller has a typed answer within its deadline; refusals say when to
-    retry; the verifications the connection cap let in succeed."""
+    retry; most verifications the connection cap let in succeed (those the stuck worker
+    had taken get its guard's 503)."""
     seen = Counter((op, a.status, a.code) for op, a in flood)
     allowed = {
         ("sign", 503, "backend_unavailable"),
         ("sign", 503, "too_many_connections"),
         ("verify", 200, None),
+        ("verify", 503, "backend_unavailable"),
         ("verify", 503, "too_many_connections"),
     }
     assert set(seen) <= allowed, seen
-    assert seen[("verify", 200, None)] >= 50 and seen[("sign", 503, "backend_unavailable")], seen
+    assert seen[("verify", 200, None)] >= 50, seen
+    assert seen[("verify", 200, None)] > 2 * seen[("verify", 503, "backend_unavailable")], seen
+    assert seen[("sign", 503, "backend_unavailable")], seen
     for op, a in flood:
         assert a.seconds < TIMEOUT + 3.0, (op, a)
         assert a.retry_after == (a.status == 503), (op, a)
@@ -245,8 +251,9 @@ def _steady_lost_nothing(d: DaemonProcess, sock: str, answers: list[tuple[Answer
     }
     ok = 0
     for a, data in answers:
-        if a.status != 200:
-            assert (a.status, a.code, a.retry_after) == (503, "backend_unavailable", True), a
+        if a.status != 200:  # the token, or the flood's share of the connection cap
+            assert a.status == 503 and a.retry_after, a
+            assert a.code in ("backend_unavailable", "too_many_connections"), a
             assert a.seconds < TIMEOUT + 3.0, a
             continue
         ok += 1
