@@ -14,11 +14,8 @@ what a handler sees is ``_request``'s.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import os
-import sys
-import termios
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, cast
@@ -304,14 +301,14 @@ class Connection(asyncio.Protocol):
     def last_answer(self, exc: SignerdError) -> bool:
         """From another thread while the loop's thread is stuck in a call (the process ends
         next): ``exc`` as the answer to the request in progress, written to the socket
-        directly. Nothing for an idle connection, or when an answer is half sent. A
-        request may name its own answer (``stall_answer``: an admin change under way). A
-        request not yet read, or not read whole, gets ``exc`` too: it was never acted on."""
+        directly. Nothing when an answer is half sent. A request may name its own answer
+        (``stall_answer``: an admin change under way). A connection with no request in
+        progress gets ``exc`` too (its request may be unread, or still on its way): the
+        process ends next, so whatever it sends was never acted on, and the caller is
+        told so rather than finding its connection closed under its request."""
         req, transport = self._active, self.transport
         if transport is None or self._closing:
             return False
-        if req is None and not (self._in_message or self._queue or _unread(self.sock)):
-            return False  # idle: it closes with the process, as a kept-alive one may
         context = req.context if req is not None else None
         rid = "-"
         if context is not None:
@@ -386,12 +383,3 @@ class _HeadTooLarge(_Refused):
 
 class _TooManyPipelined(_Refused):
     why = "pipelined"
-
-
-def _unread(sock: Any) -> bool:
-    """Whether bytes the peer sent wait in ``sock``'s receive queue (FIONREAD)."""
-    try:
-        pending = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
-    except (OSError, ValueError, AttributeError):
-        return False
-    return int.from_bytes(pending, sys.byteorder) > 0
