@@ -337,7 +337,8 @@ class Pkcs11Backend:
                 raise TokenVanished("the token shows none of its keys")
 
         resources_available()
-        self._token.call(run)
+        if not unchanged(self._token):  # what was listed reads back: no search needed
+            self._token.call(run)
 
     # --- recovery ---------------------------------------------------------
 
