@@ -173,6 +173,15 @@ class Recoverable(Protocol):
 
 
 @runtime_checkable
+class Revalidating(Protocol):
+    """Optional: tell cheaply (no search) whether the keys listed last are unchanged."""
+
+    def unchanged(self) -> bool:
+        """True when no key of the last listing changed; False on any doubt."""
+        ...
+
+
+@runtime_checkable
 class Inline(Protocol):
     """Optional: calls are short calls into a local library, which a worker may make on
     its event loop's thread (no hand-off to the executor and back) while no other thread

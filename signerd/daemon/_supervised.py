@@ -46,6 +46,7 @@ from ..workers import (
     LockTimeout,
     SharedBuckets,
     SharedConnections,
+    SharedInline,
     StallGuard,
     Supervisor,
     WorkerChannel,
@@ -82,6 +83,7 @@ class WorkerRole:
     lock: AdminLock
     connections: SharedConnections | None = None  # open connections per uid, all workers
     table: WorkerTable | None = None  # the supervisor's; a worker writes its own slot
+    inline: SharedInline | None = None  # every worker's token call on its loop
     keys: KeyService | None = None  # once started: its key count goes to the supervisor
     _seq: int = 0
     _waiting: dict[str, tuple[asyncio.Future[None], list[int]]] = field(default_factory=dict)
@@ -121,8 +123,10 @@ class WorkerRole:
     def stall_guard(
         self, config: Config, last_answers: Callable[[SignerdError], int]
     ) -> StallGuard | None:
-        """With ``on_loop``: the supervisor replaces a worker whose call never returns."""
-        return StallGuard(last_answers) if config.on_loop else None
+        """With ``on_loop``: a worker whose call never returns is replaced (``SharedInline``)."""
+        if self.inline is not None:
+            self.inline.bind(self.index)
+        return StallGuard(last_answers, shared=self.inline) if config.on_loop else None
 
     def on_ready(self, keys: KeyService) -> None:
         """Take the other workers' notices, then tell the supervisor this worker serves."""
@@ -232,6 +236,7 @@ def worker_main(
     connections: SharedConnections | None,
     exit_code: ExitCode,
     table: WorkerTable | None = None,
+    inline: SharedInline | None = None,
 ) -> int:
     """The body of worker ``index``: serve ``sock`` until SIGTERM; the exit status."""
     for name in _SYSTEMD_ENV:  # only the supervisor speaks to systemd (NotifyAccess=main)
@@ -240,7 +245,7 @@ def worker_main(
     if connections is not None:
         connections.bind(index)
     try:
-        run(_serve_worker(config, sock, channel, connections, table), config.event_loop)
+        run(_serve_worker(config, sock, channel, connections, table, inline), config.event_loop)
     except BaseException as exc:
         return exit_code(exc)
     return os.EX_OK
@@ -252,10 +257,11 @@ async def _serve_worker(
     channel: WorkerChannel,
     connections: SharedConnections | None,
     table: WorkerTable | None = None,
+    inline: SharedInline | None = None,
 ) -> None:
     started = time.monotonic()
     lock = AdminLock(runtime_path(config.socket, "admin.lock"))
-    role = WorkerRole(channel, lock, connections, table=table)
+    role = WorkerRole(channel, lock, connections, table=table, inline=inline)
     daemon = await Daemon.start(config, role, sock)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -329,6 +335,7 @@ def supervise(config: Config, exit_code: ExitCode) -> int:
 
     connections = SharedConnections(config.workers)  # before any fork: every worker maps it
     table = WorkerTable(config.workers)
+    inline = SharedInline(config.workers)
     if config.metrics:
         reset_directory(metrics_directory(config))
     forwarder = ForwarderProcess(config) if config.forwarding is not None else None
@@ -344,7 +351,7 @@ def supervise(config: Config, exit_code: ExitCode) -> int:
         config,
         sock,
         lambda index, listen, channel: worker_main(
-            index, listen, channel, connections, exit_code, table
+            index, listen, channel, connections, exit_code, table, inline
         ),
         reload_config=reload_config,
         on_ready=on_ready,

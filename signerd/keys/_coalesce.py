@@ -6,6 +6,13 @@ it is in flight wait for the next batch, which takes everything queued (up to
 its request goes out at once. Under load, batches form by themselves, which is
 what makes Vault's ``batch_input`` pay and saves executor hops on a token.
 Each caller gets its own result or its own error.
+
+Waiting is bounded in time and number: a caller whose signature has not come
+back ``max_wait`` seconds after it asked is answered 503
+``backend_unavailable`` (its item, if still queued, is dropped; if already in a
+batch, its signature is discarded), and past ``max_waiting`` callers queued for
+one version a new one is refused at once with the same code. A hung backend
+therefore holds no caller past its deadline and no queue past its size.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from ..errors import InternalError, SignerdError
+from ..errors import BackendUnavailable, InternalError, SignerdError
 
 G = TypeVar("G", bound=Hashable)
 
@@ -33,12 +40,23 @@ class _Queue:
 
 
 class Coalescer(Generic[G]):
-    def __init__(self, run: BatchRunner[G], *, max_batch: int, max_in_flight: int) -> None:
+    def __init__(
+        self,
+        run: BatchRunner[G],
+        *,
+        max_batch: int,
+        max_in_flight: int,
+        max_wait: float | None = None,
+        max_waiting: int | None = None,
+    ) -> None:
         if max_batch < 1 or max_in_flight < 1:
             raise ValueError("max_batch and max_in_flight must be at least 1")
         self._run = run
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
+        self._max_wait = max_wait
+        #: callers queued per group at most (by default, eight full rounds of batches)
+        self._max_waiting = max_waiting or 8 * max_batch * max_in_flight
         self._queues: dict[G, _Queue] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.batches = 0  # counters, for metrics and tests
@@ -46,8 +64,12 @@ class Coalescer(Generic[G]):
         self.observe: BatchObserver[G] | None = None  # the metrics' hook
 
     async def submit(self, group: G, item: bytes) -> bytes:
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        deadline = None if self._max_wait is None else loop.time() + self._max_wait
+        future: asyncio.Future[bytes] = loop.create_future()
         queue = self._queues.setdefault(group, _Queue())
+        if len(queue.waiting) >= self._max_waiting:
+            raise BackendUnavailable("too many signatures are waiting for the key backend")
         queue.waiting.append((item, future, time.perf_counter()))
         if queue.in_flight < self._max_in_flight:
             # This caller leads a batch itself (no task, no extra hop when idle);
@@ -62,7 +84,13 @@ class Coalescer(Generic[G]):
                     task.add_done_callback(self._tasks.discard)
                 else:
                     self._release(group, queue)
-        return await future
+        if future.done() or deadline is None:
+            return await future
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await future  # cancelled at the deadline: dropped from its queue,
+        except TimeoutError:  # or its signature discarded
+            raise BackendUnavailable("the key backend did not answer in time") from None
 
     async def _drain(self, group: G, queue: _Queue) -> None:
         try:

@@ -7,16 +7,19 @@ has a single backend. With several (signing domains), a token call that hangs on
 the loop would stall every tenant of that worker, so every backend then runs in
 its own executor: a hung domain times out alone. A backend's calls for tenants take
 turns tenant by tenant (``FairSlots``), so one tenant's flood does not queue
-ahead of another's call. A call that changes the keyring (``run_change``) is
+ahead of another's call; a call given up on at its timeout keeps its slot until
+its thread returns, so calls wait (boundedly, for their own timeout) for a slot
+rather than pile up in the executor behind threads stuck in a hung token. A call that changes the keyring (``run_change``) is
 never abandoned once it has started.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
 from ..backends import Backend, Inline
@@ -105,8 +108,21 @@ class Executors:
             async with asyncio.timeout(timeout or self._timeout):
                 if tenant is None:
                     return await loop.run_in_executor(self._executors[backend], fn)
-                async with self._slots[backend].slot(tenant):
-                    return await loop.run_in_executor(self._executors[backend], fn)
+                slots = self._slots[backend]
+                await slots.acquire(tenant)
+                running: Future[_T] | None = None
+                try:
+                    running = self._executors[backend].submit(fn)
+                    result = await asyncio.wrap_future(running)
+                except BaseException:
+                    if running is None or running.done():
+                        slots.release()
+                    else:  # given up on (a hung token): the slot is the thread's until it
+                        # returns, so no call queues behind a thread that is not coming back
+                        running.add_done_callback(lambda _: _soon(loop, slots.release))
+                    raise
+                slots.release()
+                return result
         except TimeoutError as exc:
             log.error("signerd.backend_timeout backend=%s", backend)
             raise BackendUnavailable("the key backend did not answer in time") from exc
@@ -119,21 +135,22 @@ class Executors:
 
     async def on(self, key: KeyName, call: Callable[[Backend], _T], *, on_loop: bool = False) -> _T:
         """``call(backend)`` for ``key``'s backend, in its executor; with ``on_loop`` (signing),
-        on this thread under the worker's ``StallGuard`` when the backend is ``Inline`` and
-        no other thread is in its library."""
+        on this thread under the worker's ``StallGuard`` when the backend is ``Inline``, no
+        other thread is in its library and the token is not taken for hung (``clear``)."""
         name = self.backend_name(key.tenant)
         backend = self.backends[name]
         inline, guard = self._inline.get(name), self.stall_guard
-        if on_loop and inline is not None and guard is not None and inline.try_enter():
-            try:
-                return guard.call(
-                    lambda: call(backend),
-                    self._timeout,
-                    "token",
-                    BackendUnavailable,
-                )
-            finally:
-                inline.leave()
+        if on_loop and inline is not None and guard is not None:
+            if guard.clear() and inline.try_enter():
+                try:
+                    return guard.call(
+                        lambda: call(backend), self._timeout, "token", BackendUnavailable
+                    )
+                finally:
+                    inline.leave()
+            result = await self.run(name, lambda: call(backend), tenant=key.tenant)
+            guard.answered()  # the token answers: the loops may sign again
+            return result
         return await self.run(name, lambda: call(backend), tenant=key.tenant)
 
     async def close(self) -> None:
@@ -145,6 +162,12 @@ class Executors:
                 log.warning("signerd.backend_close_failed backend=%s", name)
         for executor in self._executors.values():
             executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], object]) -> None:
+    """``fn()`` on ``loop``'s thread (from an executor's thread); nothing once it is closed."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn)
 
 
 async def run_change(executor: Executor, fn: Callable[[], _T], timeout: float) -> _T:

@@ -37,6 +37,7 @@ from ._deletion import Deletions
 from ._executors import Executors
 from ._keyring import Entry, Keyring
 from ._lifecycle import logged_changes, require, retire_call
+from ._periodic import refresh_periodically
 from ._settings import Settings
 
 if TYPE_CHECKING:
@@ -94,10 +95,10 @@ class KeyService:
         self._admin_locks: dict[KeyName, asyncio.Lock] = {}
         #: wraps every admin operation: the workers' cross-process lock and change notice
         self.admin_guard = admin_guard
-        #: its ``observe`` hook times each batch (metrics)
-        s = self.settings
+        #: its ``observe`` hook times each batch (metrics); a caller waits backend_timeout
+        s, wait = self.settings, self.settings.backend_timeout
         self.coalescer: Coalescer[_Group] = Coalescer(
-            self._sign_batch, max_batch=s.max_batch, max_in_flight=s.max_in_flight
+            self._sign_batch, max_batch=s.max_batch, max_in_flight=s.max_in_flight, max_wait=wait
         )
         self._refresher: asyncio.Task[None] | None = None
         self._calls.stall_guard = stall_guard
@@ -127,12 +128,10 @@ class KeyService:
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
 
     async def _refresh_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.refresh_interval)
-            try:
-                await self.refresh_all()
-            except SignerdError as exc:
-                log.warning("signerd.refresh_failed code=%s", exc.code)
+        s = self.settings
+        await refresh_periodically(
+            s.refresh_interval, self._calls.backends, self._calls.run, self._keyring.reread
+        )
 
     async def refresh_all(self, timeout: float | None = None, only: str | None = None) -> None:
         """Re-read the keyring from every backend (or only the named one)."""

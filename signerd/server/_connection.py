@@ -301,19 +301,28 @@ class Connection(asyncio.Protocol):
     def last_answer(self, exc: SignerdError) -> bool:
         """From another thread while the loop's thread is stuck in a call (the process ends
         next): ``exc`` as the answer to the request in progress, written to the socket
-        directly. Nothing when no request is being answered or an answer is half sent. A
-        request may name its own answer (``stall_answer``: an admin change under way)."""
+        directly. Nothing when an answer is half sent. A request may name its own answer
+        (``stall_answer``: an admin change under way). A connection with no request in
+        progress gets ``exc`` too (its request may be unread, or still on its way): the
+        process ends next, so whatever it sends was never acted on, and the caller is
+        told so rather than finding its connection closed under its request. So does one
+        accepted whose transport the stuck loop never attached (its socket from ``_admit``)."""
         req, transport = self._active, self.transport
-        if req is None or transport is None or self._closing:
+        if self._closing:
             return False
-        context = req.context
+        context = req.context if req is not None else None
         rid = "-"
         if context is not None:
             rid = context.rid
             if context.stall_answer is not None:
                 exc = context.stall_answer
-        sock = transport.get_extra_info("socket")
-        if sock is None or transport.get_write_buffer_size():
+        if transport is None:
+            sock = self.sock
+        elif transport.get_write_buffer_size():
+            return False
+        else:
+            sock = transport.get_extra_info("socket")
+        if sock is None:
             return False
         try:
             os.write(sock.fileno(), render_error(exc, rid))

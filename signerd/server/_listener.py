@@ -299,6 +299,7 @@ class Listener:
         proto = Connection(self, self._loop, uid)
         proto.stranger = stranger
         proto.peer = peer
+        proto.sock = conn  # until its transport is attached (``Connection.last_answer``)
         self.connections.add(proto)
         self.per_uid[uid] = count + 1
         self.stranger_count += stranger

@@ -286,5 +286,9 @@ def json_response(
 
 
 def render_error(exc: SignerdError, rid: str = "-") -> bytes:
-    """A whole error answer for a connection about to close (malformed HTTP)."""
-    return json_response(exc.to_wire(rid), status=exc.status).encode(keep_alive=False)
+    """A whole error answer for a connection about to close (malformed HTTP, or the stall
+    guard's last answer); a retryable one says when to retry, as every other answer does."""
+    headers = {"Retry-After": "1"} if exc.retryable else None
+    return json_response(exc.to_wire(rid), status=exc.status, headers=headers).encode(
+        keep_alive=False
+    )

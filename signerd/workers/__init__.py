@@ -6,6 +6,7 @@
 - ``SharedBuckets``: rate-limit token buckets shared by the workers.
 - ``SharedConnections``: open connections per uid, counted across the workers.
 - ``WorkerTable``: each worker slot's pid, start time and restarts, for the status.
+- ``SharedInline``: the token calls on every worker's loop, and whether the token hung.
 - ``StallGuard``: deadlines for the token calls and audit writes a worker makes on
   its event loop's thread; a call past its deadline ends the worker (503s first).
 
@@ -26,6 +27,7 @@ from ._buckets import SharedBuckets
 from ._channel import WorkerChannel
 from ._child import set_parent_death_signal
 from ._conns import SharedConnections
+from ._inline import SharedInline
 from ._lock import AdminLock, LockTimeout, runtime_path
 from ._settings import SupervisorTiming, WorkerMain
 from ._stall import EXIT_STALLED, StallGuard
@@ -38,6 +40,7 @@ __all__ = [
     "LockTimeout",
     "SharedBuckets",
     "SharedConnections",
+    "SharedInline",
     "StallGuard",
     "Supervisor",
     "SupervisorTiming",

@@ -15,6 +15,10 @@ under way is answered 500 ``outcome_unknown``, never a refusal, since it may
 have happened (``_idempotency``); its retry with the same Idempotency-Key, on
 another worker, learns which.
 
+With ``shared`` (``SharedInline``), the workers see each other's token calls on
+their loops: a worker signs in its executor instead while another's loop is
+stuck in the token, or after a guard fired until the token answers again.
+
 Arming and disarming cost an attribute store and an uncontended lock (no
 wake-up of another thread); the guard's thread looks at the deadline every
 ``poll`` seconds.
@@ -30,6 +34,7 @@ from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
 from ..errors import SignerdError
+from ._inline import SharedInline
 
 __all__ = ["EXIT_STALLED", "StallGuard"]
 
@@ -50,8 +55,10 @@ class StallGuard:
         *,
         poll: float = 0.05,
         exit: Callable[[int], object] = os._exit,
+        shared: SharedInline | None = None,
     ) -> None:
         self._last_answers = last_answers
+        self._shared = shared
         self._poll = poll
         self._exit = exit
         self._armed: tuple[float, str, type[SignerdError]] | None = None
@@ -68,6 +75,9 @@ class StallGuard:
         """``fn()`` on this thread; if it has not returned after ``seconds``, the worker ends
         (its requests answered with ``error``) and this call never returns."""
         self._armed = (time.monotonic() + seconds, what, error)
+        shared = self._shared
+        if shared is not None:
+            shared.begin()
         try:
             return fn()
         finally:
@@ -76,6 +86,17 @@ class StallGuard:
                 fired = self.fired
             if fired:
                 self._hold(error)
+            if shared is not None:
+                shared.end()
+
+    def clear(self) -> bool:
+        """Whether a token call may be made on the loop now (``SharedInline.clear``)."""
+        return self._shared is None or self._shared.clear()
+
+    def answered(self) -> None:
+        """A token call answered (elsewhere than on the loop): the token is not hung."""
+        if self._shared is not None:
+            self._shared.answered()
 
     def _hold(self, error: type[SignerdError]) -> NoReturn:
         """The guard has answered for this call: nothing more may leave this process."""
@@ -98,6 +119,8 @@ class StallGuard:
 
     def _fire(self, what: str, error: type[SignerdError]) -> None:
         answered = 0
+        if self._shared is not None and what == "token":
+            self._shared.hung()  # first: the other workers keep their loops out of it
         try:
             answered = self._last_answers(error())
         finally:

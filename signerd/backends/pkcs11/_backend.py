@@ -40,6 +40,7 @@ from ._objects import (
     raw_public_key,
     resources_available,
 )
+from ._revalidate import unchanged
 from ._session import TokenSession
 from ._settings import TokenConfig, object_uri, parse_settings
 
@@ -177,9 +178,11 @@ class Pkcs11Backend:
     def list_keys(self) -> list[KeyInfo]:
         def run(session: Any) -> list[KeyInfo]:
             latest: dict[KeyName, KeyMeta] = {}
-            for name, seq, _, meta in self._meta_objects(session, None):
+            handles = self._token.meta_handles
+            handles.clear()
+            for name, seq, obj, meta in self._meta_objects(session, None):
                 if name not in latest or latest[name].seq < seq:
-                    latest[name] = meta
+                    latest[name], handles[name] = meta, obj
             if latest and not self._swept:  # a destroy cut short by a crash left its key
                 sweep(session, latest)
                 self._swept = True
@@ -198,6 +201,9 @@ class Pkcs11Backend:
             return infos
 
         return self._token.call(run)
+
+    def unchanged(self) -> bool:
+        return unchanged(self._token)  # ``Revalidating``: no search
 
     def describe(self, key: KeyName) -> KeyInfo:
         return self._token.call(lambda s: self._info(s, key, self._current_meta(s, key)[0]))
@@ -334,7 +340,8 @@ class Pkcs11Backend:
                 raise TokenVanished("the token shows none of its keys")
 
         resources_available()
-        self._token.call(run)
+        if not unchanged(self._token):  # what was listed reads back: no search needed
+            self._token.call(run)
 
     # --- recovery ---------------------------------------------------------
 

@@ -130,6 +130,8 @@ class TokenSession:
         #: kid -> private key object; kept across sessions (token objects' handles are the
         #: application's), forgotten on the ladder's second rung and with the library
         self.private_keys: dict[str, Any] = {}
+        #: key -> its metadata object in the last full listing (``_revalidate``); the same
+        self.meta_handles: dict[Any, Any] = {}
 
     def connect(self) -> Any:
         if self._session is not None:
@@ -173,6 +175,7 @@ class TokenSession:
         """The last rung: no session, no handles, the library re-initialised."""
         self._close_session()
         self.private_keys.clear()
+        self.meta_handles.clear()
         try:
             self._open_lib(self._config.module).reinitialize()
         except Exception:
@@ -184,6 +187,7 @@ class TokenSession:
         elif name == REFIND:
             self._close_session()
             self.private_keys.clear()
+            self.meta_handles.clear()
         else:
             self.reset()
 
@@ -265,6 +269,7 @@ class TokenSession:
         with self.lock:
             session, self._session = self._session, None
             self.private_keys.clear()
+            self.meta_handles.clear()
             if session is not None:
                 try:
                     session.close()
