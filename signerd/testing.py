@@ -281,13 +281,27 @@ class SignerdProcess:
         ]
         return sorted(records, key=lambda r: float(r.get("time", 0.0)))
 
-    def worker_pids(self) -> set[int]:
-        """The pids of the daemon's worker processes (empty when it runs as one process)."""
+    def _children(self) -> dict[int, list[bytes]]:
+        """The daemon's child processes: pid -> command line (empty if it already ended)."""
         pids: set[int] = set()
         for task in Path(f"/proc/{self.proc.pid}/task").glob("*/children"):
             with contextlib.suppress(OSError):
                 pids.update(int(x) for x in task.read_text().split())
-        return pids
+        found: dict[int, list[bytes]] = {}
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return found
+
+    def worker_pids(self) -> set[int]:
+        """The pids of the daemon's worker processes (empty when it runs as one process);
+        the audit forwarder (``forwarder_pid``) is not one of them."""
+        return {pid for pid, argv in self._children().items() if b"--forward" not in argv}
+
+    def forwarder_pid(self) -> int | None:
+        """The pid of the daemon's audit forwarder process (``signerd ... --forward``), if
+        one runs."""
+        return next((p for p, argv in self._children().items() if b"--forward" in argv), None)
 
     def sighup(self) -> None:
         self.proc.send_signal(signal.SIGHUP)

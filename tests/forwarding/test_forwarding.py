@@ -249,11 +249,4 @@ def test_a_killed_forwarder_resumes_from_its_saved_position(
 
 def _forwarder_pid(d: SignerdProcess) -> int | None:
     """The pid of the daemon's forwarder process (``signerd ... --forward``), if running."""
-    for pid in d.worker_pids():
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"--forward" in argv:
-            return pid
-    return None
+    return d.forwarder_pid()

@@ -6,13 +6,19 @@ to every answer callers were given before (tests/support/crash.py): one active v
 key, every version answered still there with the same public key, the JWKS exactly the
 versions that verify, new versions above all of them, every acknowledged signature with its
 record in the trail and still verifying unless its version was retired or destroyed since,
-and the whole trail (every worker's file) verifying against its anchors. Kill times are
+and the whole trail (every worker's file) verifying against its anchors. Each kind also
+forwards its trail over RELP to a real rsyslogd (imrelp, started here): after the last
+round and a clean stop, ``signerctl audit verify --forwarded`` checks the trail against the
+signed checkpoints the collector wrote, and the collector holds every record of the trail
+(copies only as docs/audit-forwarding.md allows them, byte for byte). Kill times are
 random within the load window; the seed is in every failure's message
 (``SIGNERD_CRASH_SEED=N`` replays one).
 """
 
 from __future__ import annotations
 
+import collections
+import json
 import os
 import random
 import signal
@@ -30,10 +36,16 @@ from signerd.testing import SignerdProcess, SoftHSMToken, allow_all, make_token,
 
 from ..conftest import ROOT, unique
 from ..support.crash import Ledger, check_restart, run_load, token_objects
+from ..support.rsyslog import Rsyslog
 
 ROUNDS = 20
 LOAD_SECONDS = 1.0
 KEYS = 2
+CHECKPOINT_KEY = "crashfwd/checkpoints"
+HOST = "crash-host"
+#: records a forwarder killed between an answer and saving its position sends again
+#: (one batch: docs/audit-forwarding.md, "If the forwarder itself is killed")
+BATCH_RECORDS = 512
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -46,8 +58,8 @@ def seed() -> int:
 class Crashes:
     """One daemon configuration, started again after each crash, on one token and trail."""
 
-    def __init__(self, base: Path, token: SoftHSMToken, seed: int) -> None:
-        self.base, self.token, self.seed = base, token, seed
+    def __init__(self, base: Path, token: SoftHSMToken, seed: int, collector: Rsyslog) -> None:
+        self.base, self.token, self.seed, self.collector = base, token, seed, collector
         self.rng = random.Random(seed)
         self.config: dict[str, Any] = {
             "server": {
@@ -55,9 +67,21 @@ class Crashes:
                 "workers": 2,
                 "log_level": "info",
             },
-            "keys": {"default_backend": "hsm", "refresh_interval": 0},
+            "keys": {
+                "default_backend": "hsm",
+                "refresh_interval": 0,
+                "bootstrap": [CHECKPOINT_KEY],
+            },
             "backends": {"hsm": token.backend_config()},
             "audit": {"path": str(base / "audit" / "audit.jsonl"), "anchor_interval": 0.2},
+            "forwarding": {
+                "host": "127.0.0.1",
+                "port": collector.port,
+                "transport": "relp",
+                "checkpoint_key": CHECKPOINT_KEY,
+                "checkpoint_interval": 0.5,
+                "hostname": HOST,
+            },
             "policy": allow_all(),
         }
         self.keys = [f"{unique('cr')}/k{i}" for i in range(KEYS)]
@@ -66,6 +90,8 @@ class Crashes:
         self.out = base / "answers" / "load"
         self.out.parent.mkdir(parents=True)
         self.starts = 0
+        self.forwarder_kills = 0  # kills that took the forwarder down with the daemon
+        self.copies = 0  # records the collector got twice so far
         self.daemon = self.start()
         c = Client(self.daemon.socket_path)
         for key in self.keys:
@@ -87,6 +113,7 @@ class Crashes:
         """Load, a kill at a random moment of it (``kill`` also restarts), and the checks."""
         at = self.rng.uniform(0.15, LOAD_SECONDS - 0.15)
         sock = str(self.daemon.socket_path)
+        kills = self.forwarder_kills
         try:
             with run_load(sock, self.keys, self.out, self.seed + n, LOAD_SECONDS) as until:
                 time.sleep(max(0.0, until - LOAD_SECONDS + at - time.time()))
@@ -94,6 +121,13 @@ class Crashes:
             self.ledger.read(self.out)
             c = Client(self.daemon.socket_path, timeout=30.0)
             got = check_restart(c, self.keys, self.ledger, self.daemon.audit_path.parent)
+            wait_until(lambda: self.caught_up(heads=False), 60, "the collector to catch up")
+            copies = self.check_forwarded()  # the copies a kill causes come first after it
+            assert copies - self.copies <= BATCH_RECORDS * (self.forwarder_kills - kills), (
+                f"{copies - self.copies} copies after a round with "
+                f"{self.forwarder_kills - kills} kills of the forwarder"
+            )
+            self.copies = copies
         except (
             Exception
         ) as exc:  # InvalidSignature, a refused call, a failed start: all with the seed
@@ -107,8 +141,11 @@ class Crashes:
         """A clean stop; then signerctl verifies the trail, and the token holds a private key
         for every version that is not destroyed and none for those that are."""
         final = {key: Client(self.daemon.socket_path).get_key(key).versions for key in self.keys}
-        assert self.daemon.stop() == 0, self.logs()
+        jwks = self.base / "jwks.json"
+        jwks.write_text(json.dumps({"keys": Client(self.daemon.socket_path).jwks()}))
         audit_dir = str(self.daemon.audit_path.parent)
+        wait_until(self.caught_up, 60, "the collector to hold the whole trail and its heads")
+        assert self.daemon.stop() == 0, self.logs()
         done = subprocess.run(
             [sys.executable, "-m", "signerd.cli", "audit", "verify", audit_dir],
             cwd=ROOT,
@@ -118,6 +155,18 @@ class Crashes:
             check=False,
         )
         assert done.returncode == 0, f"SIGNERD_CRASH_SEED={self.seed}: {done.stdout}{done.stderr}"
+        forwarded = [*("--forwarded", str(self.collector.out), "--jwks", str(jwks))]
+        done = subprocess.run(
+            [sys.executable, "-m", "signerd.cli", "audit", "verify", audit_dir, *forwarded],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, f"SIGNERD_CRASH_SEED={self.seed}: {done.stdout}{done.stderr}"
+        assert "signed checkpoints" in done.stdout, done.stdout
+        copies = self.check_forwarded()
         private = set(token_objects(self.token)["private"])
         for versions in final.values():
             for v in versions:
@@ -128,8 +177,57 @@ class Crashes:
             f"{len(self.ledger.signed)}, versions {sum(len(v) for v in final.values())}, "
             f"intents left unpaired by the kills {self.totals['unpaired']}, "
             f"orphan kids skipped {self.logs_all().count('signerd.pkcs11.skip_orphan')}, "
-            f"destroyed keys' leftovers removed {self.logs_all().count('destroyed_leftover')}"
+            f"destroyed keys' leftovers removed {self.logs_all().count('destroyed_leftover')}, "
+            f"records forwarded {len(self.trail())}, copies at the collector {copies}"
         )
+
+    def trail(self) -> dict[str, bytes]:
+        """Every record of the trail (every worker's file), by record id: its line."""
+        lines: dict[str, bytes] = {}
+        for path in sorted(self.daemon.audit_path.parent.glob("audit*.jsonl")):
+            for line in path.read_bytes().splitlines():
+                rid = str(json.loads(line)["record_id"])
+                assert rid not in lines, f"record id {rid} twice in the trail"
+                lines[rid] = line
+        return lines
+
+    def caught_up(self, heads: bool = True) -> bool:
+        """Whether the collector holds every record of the trail (and, with ``heads``, a
+        checkpoint of each chain's head)."""
+        trail = self.trail()
+        last = {
+            path.name: int(json.loads(path.read_bytes().splitlines()[-1])["seq"])
+            for path in self.daemon.audit_path.parent.glob("audit*.jsonl")
+            if path.stat().st_size
+        }
+        got: set[str] = set()
+        checkpointed = dict.fromkeys(last, 0)
+        for m in self.collector.messages():
+            if m.msgid == "audit":
+                got.add(m.params["rid"])
+            elif m.msgid == "checkpoint" and m.params["chain"] in last:
+                chain = m.params["chain"]
+                checkpointed[chain] = max(checkpointed[chain], int(m.params["seq"]))
+        return set(trail) <= got and (not heads or checkpointed == last)
+
+    def check_forwarded(self) -> int:
+        """The collector holds every record of the trail, as the trail holds it, and nothing
+        else; a record arrives twice only as docs/audit-forwarding.md allows: a forwarder
+        killed with a batch answered but its position not yet saved sends that batch again
+        (at most one batch per kill, identical copies). Returns how many copies arrived."""
+        trail = self.trail()
+        got = [m for m in self.collector.messages() if m.msgid == "audit"]
+        assert {m.hostname for m in got} == {HOST}
+        for m in got:
+            assert m.msg == trail[m.params["rid"]], f"record {m.params['rid']} differs"
+        counts = collections.Counter(m.params["rid"] for m in got)
+        assert set(counts) == set(trail), "records the collector holds are not the trail's"
+        copies = sum(n - 1 for n in counts.values())
+        assert copies <= BATCH_RECORDS * self.forwarder_kills, (
+            f"SIGNERD_CRASH_SEED={self.seed}: {copies} copies after "
+            f"{self.forwarder_kills} kills of the forwarder"
+        )
+        return copies
 
     def logs_all(self) -> str:
         return "".join(
@@ -140,11 +238,12 @@ class Crashes:
 
 @pytest.fixture
 def crashes(tmp_path: Path, seed: int) -> Iterator[Crashes]:
-    c = Crashes(tmp_path, make_token(tmp_path / "softhsm", "crash"), seed)
-    try:
-        yield c
-    finally:
-        c.daemon.stop(grace=5.0)
+    with Rsyslog(tmp_path / "collector", relp=True) as collector:
+        c = Crashes(tmp_path, make_token(tmp_path / "softhsm", "crash"), seed, collector)
+        try:
+            yield c
+        finally:
+            c.daemon.stop(grace=5.0)
 
 
 def _started_at(pid: int) -> int:
@@ -180,7 +279,7 @@ def _restart_after(crashes: Crashes, kill: Callable[[SignerdProcess], None]) -> 
     """Each round: ``kill``, wait for every process of the daemon to end, start it again."""
 
     def then_restart(d: SignerdProcess) -> None:
-        pids = d.worker_pids() | {d.pid}
+        pids = d.worker_pids() | {d.pid, d.forwarder_pid() or d.pid}
         kill(d)
         d.proc.wait(timeout=30)
         wait_until(lambda: not any(_alive(p) for p in pids), 30, "the daemon's processes to end")
@@ -199,4 +298,9 @@ def test_kill_9_of_the_supervisor_mid_load_20_times(crashes: Crashes) -> None:
 
 def test_kill_9_of_the_whole_daemon_mid_load_20_times(crashes: Crashes) -> None:
     """Every process of the daemon killed at once mid-load: the next start loses no answer."""
-    _restart_after(crashes, lambda d: os.killpg(d.pid, signal.SIGKILL))
+
+    def kill(d: SignerdProcess) -> None:
+        os.killpg(d.pid, signal.SIGKILL)  # the forwarder too: it is in the daemon's group
+        crashes.forwarder_kills += 1
+
+    _restart_after(crashes, kill)
