@@ -47,6 +47,7 @@ EXPECTED = [
     "ReplayedNonce",
     "RequestTimeout",
     "RetiredKid",
+    "RotationDue",
     "SchemaMismatch",
     "SharedPeerKey",
     "Signature",

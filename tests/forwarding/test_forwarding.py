@@ -19,12 +19,14 @@ from ..conftest import unique
 from ..support.rsyslog import Rsyslog, wait_for
 from .conftest import (
     assert_all_once_but_replays,
+    assert_torn_only_at_a_loss,
     forwarded,
     forwarding_daemon,
     replayed,
     settled_lines,
     sign_many,
     sign_through_an_outage,
+    torn_apart,
     trail_lines,
     wait_all,
 )
@@ -72,7 +74,9 @@ def test_collector_down_for_30s_under_load_gets_every_record(
         wait_all(collector, want, timeout=120)
     assert seen.failed == 0
     assert seen.during > 100  # signing went on while the collector was down
-    assert_all_once_but_replays(dict(forwarded(collector)), want, replayed(d))
+    whole, torn = torn_apart(forwarded(collector))
+    assert_torn_only_at_a_loss(torn, want, d.log_text())
+    assert_all_once_but_replays(whole, want, replayed(d))
 
 
 def test_past_the_bound_signs_are_refused_until_the_collector_catches_up(
