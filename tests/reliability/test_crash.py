@@ -146,26 +146,11 @@ class Crashes:
         audit_dir = str(self.daemon.audit_path.parent)
         wait_until(self.caught_up, 60, "the collector to hold the whole trail and its heads")
         assert self.daemon.stop() == 0, self.logs()
-        done = subprocess.run(
-            [sys.executable, "-m", "signerd.cli", "audit", "verify", audit_dir],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
+        self.verify(audit_dir)
+        forwarded = self.verify(
+            audit_dir, "--forwarded", str(self.collector.out), "--jwks", str(jwks)
         )
-        assert done.returncode == 0, f"SIGNERD_CRASH_SEED={self.seed}: {done.stdout}{done.stderr}"
-        forwarded = [*("--forwarded", str(self.collector.out), "--jwks", str(jwks))]
-        done = subprocess.run(
-            [sys.executable, "-m", "signerd.cli", "audit", "verify", audit_dir, *forwarded],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert done.returncode == 0, f"SIGNERD_CRASH_SEED={self.seed}: {done.stdout}{done.stderr}"
-        assert "signed checkpoints" in done.stdout, done.stdout
+        assert "signed checkpoints" in forwarded, forwarded
         copies = self.check_forwarded()
         private = set(token_objects(self.token)["private"])
         for versions in final.values():
@@ -190,6 +175,19 @@ class Crashes:
                 assert rid not in lines, f"record id {rid} twice in the trail"
                 lines[rid] = line
         return lines
+
+    def verify(self, audit_dir: str, *more: str) -> str:
+        """``signerctl audit verify`` over the trail (and ``more``) passes; its output."""
+        done = subprocess.run(
+            [sys.executable, "-m", "signerd.cli", "audit", "verify", audit_dir, *more],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, f"SIGNERD_CRASH_SEED={self.seed}: {done.stdout}{done.stderr}"
+        return done.stdout
 
     def caught_up(self, heads: bool = True) -> bool:
         """Whether the collector holds every record of the trail (and, with ``heads``, a

@@ -31,10 +31,10 @@ import pytest
 
 from signerd.audit import verify_file
 
-from ..conftest import SOFTHSM_MODULE, DaemonProcess, start_daemon, unique, wait_until
+from ..conftest import DaemonProcess, unique, wait_until
 from ..support.pkcs11_faults import held_token
 from ..support.rawhttp import request
-from .test_stall import _token
+from .test_stall import token_daemon
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -150,19 +150,7 @@ class _Signer(threading.Thread):
 
 @pytest.fixture
 def hung(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[DaemonProcess, Path]]:
-    monkeypatch.setenv("SOFTHSM2_CONF", _token(tmp_path / "softhsm"))
-    backend = {
-        "type": "pkcs11",
-        "module": SOFTHSM_MODULE,
-        "token_label": "stall",
-        "pin_file": str(tmp_path / "softhsm" / "pin"),
-    }
-    d = start_daemon(
-        tmp_path / "d",
-        server={"workers": 2},
-        keys={"default_backend": "hsm", "refresh_interval": 0, "backend_timeout": TIMEOUT},
-        backends={"hsm": backend},
-    )
+    d = token_daemon(tmp_path, monkeypatch, TIMEOUT)
     yield d, tmp_path / "softhsm" / "tokens"
     d.stop()
 

@@ -200,8 +200,9 @@ def _token(base: Path) -> str:
     return out.stdout.strip().split("=", 1)[1]
 
 
-@pytest.fixture
-def stalling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[DaemonProcess]:
+def token_daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, timeout: float) -> DaemonProcess:
+    """A daemon with 2 workers on a SoftHSM token of this test's own (its store under
+    tmp_path/softhsm/tokens, for ``held_token``), with ``timeout`` as the backend timeout."""
     monkeypatch.setenv("SOFTHSM2_CONF", _token(tmp_path / "softhsm"))
     backend = {
         "type": "pkcs11",
@@ -209,12 +210,17 @@ def stalling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon
         "token_label": "stall",
         "pin_file": str(tmp_path / "softhsm" / "pin"),
     }
-    d = start_daemon(
+    return start_daemon(
         tmp_path / "d",
         server={"workers": 2},
-        keys={"default_backend": "hsm", "refresh_interval": 0, "backend_timeout": 1.0},
+        keys={"default_backend": "hsm", "refresh_interval": 0, "backend_timeout": timeout},
         backends={"hsm": backend},
     )
+
+
+@pytest.fixture
+def stalling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[DaemonProcess]:
+    d = token_daemon(tmp_path, monkeypatch, 1.0)
     yield d
     d.stop()
 
