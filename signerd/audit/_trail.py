@@ -110,6 +110,7 @@ class AuditTrail(TrailFile):
         self._io = threading.Lock()  # held by whichever thread uses the file and the chain
         self._journal_backlog: deque[bytes] = deque()  # written on the loop, for the journal
         self._flush_due = False
+        self._hand_due = False  # a hand-over of records written ahead is scheduled
         self._handed = False  # queued records are the writer thread's to write now
         self._later_due: float | None = None  # when records queued ``submit_later`` are due
         #: a worker's guard: records are written on the loop's thread, bounded by it
@@ -136,13 +137,22 @@ class AuditTrail(TrailFile):
                 raise AuditUnavailable()  # the writer is stuck: do not queue behind it
             self._start()
             self._queue.append(job)
-            if not here:
-                self._handed = True
-                self._cond.notify()
+            if not here and not self._hand_due:
+                # to the writer once the rest of this loop turn has queued its records too:
+                # one write and one fsync for the group, while its signatures are made
+                self._hand_due = True
+                loop.call_soon(self._hand_ahead)
         if here and not self._flush_due:
             self._flush_due = True
             loop.call_soon(self._write_here)  # after every request of this loop turn
         return job
+
+    def _hand_ahead(self) -> None:
+        """What ``ahead`` queued in the last loop turn: to the writer thread now."""
+        with self._cond:
+            self._hand_due = False
+            self._handed = True
+            self._cond.notify()
 
     async def _wait(self, job: Job, timeout: float) -> None:
         """Until ``job`` is written; AuditUnavailable when it failed or ``timeout`` passed."""

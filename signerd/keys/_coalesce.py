@@ -3,7 +3,8 @@
 Requests for the same (backend, key, version) that arrive while a batch for
 it is in flight wait for the next batch, which takes everything queued (up to
 ``max_batch``). A lone caller is never held back: when nothing is in flight,
-its request goes out at once. Under load, batches form by themselves, which is
+its request goes out in the same loop turn, after the other requests that
+turn read (they join it: one group, one backend call). Under load, batches form by themselves, which is
 what makes Vault's ``batch_input`` pay and saves executor hops on a token.
 Each caller gets its own result or its own error.
 
@@ -37,6 +38,7 @@ BatchObserver = Callable[[G, int, float, float], None]
 class _Queue:
     waiting: deque[tuple[bytes, asyncio.Future[bytes], float]] = field(default_factory=deque)
     in_flight: int = 0
+    gathering: bool = False  # a leader waits for the rest of its loop turn
 
 
 class Coalescer(Generic[G]):
@@ -71,11 +73,17 @@ class Coalescer(Generic[G]):
         if len(queue.waiting) >= self._max_waiting:
             raise BackendUnavailable("too many signatures are waiting for the key backend")
         queue.waiting.append((item, future, time.perf_counter()))
-        if queue.in_flight < self._max_in_flight:
-            # This caller leads a batch itself (no task, no extra hop when idle);
-            # whatever queues up meanwhile is drained by a task afterwards.
+        if queue.in_flight < self._max_in_flight and not queue.gathering:
+            # This caller leads a batch itself (no task); whatever queues up meanwhile is
+            # drained by a task afterwards. It lets the rest of this loop turn run first,
+            # so the requests that arrived together go out in one call, as one group.
             queue.in_flight += 1
             try:
+                queue.gathering = True
+                try:
+                    await asyncio.sleep(0)
+                finally:
+                    queue.gathering = False
                 await self._run_batch(group, queue)
             finally:
                 if queue.waiting:
