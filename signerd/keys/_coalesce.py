@@ -3,8 +3,9 @@
 Requests for the same (backend, key, version) that arrive while a batch for
 it is in flight wait for the next batch, which takes everything queued (up to
 ``max_batch``). A lone caller is never held back: when nothing is in flight,
-its request goes out in the same loop turn, after the other requests that
-turn read (they join it: one group, one backend call). Under load, batches form by themselves, which is
+its request goes out at once; when the server is answering others too, after
+the rest of the requests that loop turn read (they join it: one group, one
+backend call). Under load, batches form by themselves, which is
 what makes Vault's ``batch_input`` pay and saves executor hops on a token.
 Each caller gets its own result or its own error.
 
@@ -65,7 +66,9 @@ class Coalescer(Generic[G]):
         self.items = 0
         self.observe: BatchObserver[G] | None = None  # the metrics' hook
 
-    async def submit(self, group: G, item: bytes) -> bytes:
+    async def submit(self, group: G, item: bytes, gather: bool = True) -> bytes:
+        """``item``'s signature. ``gather``: other requests may be arriving in this loop turn
+        (the server answers several), so a leader lets them join its batch first."""
         loop = asyncio.get_running_loop()
         deadline = None if self._max_wait is None else loop.time() + self._max_wait
         future: asyncio.Future[bytes] = loop.create_future()
@@ -75,15 +78,16 @@ class Coalescer(Generic[G]):
         queue.waiting.append((item, future, time.perf_counter()))
         if queue.in_flight < self._max_in_flight and not queue.gathering:
             # This caller leads a batch itself (no task); whatever queues up meanwhile is
-            # drained by a task afterwards. It lets the rest of this loop turn run first,
-            # so the requests that arrived together go out in one call, as one group.
+            # drained by a task afterwards. With ``gather`` it lets the rest of this loop
+            # turn run first, so the requests that arrived together go out in one call.
             queue.in_flight += 1
             try:
-                queue.gathering = True
-                try:
-                    await asyncio.sleep(0)
-                finally:
-                    queue.gathering = False
+                if gather:
+                    queue.gathering = True
+                    try:
+                        await asyncio.sleep(0)
+                    finally:
+                        queue.gathering = False
                 await self._run_batch(group, queue)
             finally:
                 if queue.waiting:

@@ -124,6 +124,7 @@ class Front:
         self._ahead_sink: WriteAheadAuditSink | None = None
         self.admin_runs = AdminRuns(IdempotencyStore(None))
         self.observe: Observe | None = None  # the metrics' hook (signerd.metrics)
+        self.answering = 0  # requests being answered now (more than one: let signs group)
 
     @property
     def idempotency(self) -> IdempotencyStore:
@@ -197,6 +198,13 @@ class Front:
         return PermissionDenied()
 
     async def dispatch(self, request: Request) -> Response:
+        self.answering += 1
+        try:
+            return await self._dispatch(request)
+        finally:
+            self.answering -= 1
+
+    async def _dispatch(self, request: Request) -> Response:
         started = time.perf_counter()
         given = request.headers.get("X-Request-Id")
         rid = request_id_from(given, "") or _fresh_request_id()
