@@ -120,14 +120,17 @@ class AuditTrail(TrailFile):
         """Write one record durably, or raise AuditUnavailable within write_timeout."""
         await self._wait(self._enqueue(event, self.stall_guard is not None), self.write_timeout)
 
-    def ahead(self, event: AuditEvent) -> Ahead:
+    def ahead(self, event: AuditEvent, group: bool = False) -> Ahead:
         """Queue a record for the writer thread now, ahead of the operation it announces:
         it is written and fsync'd while the caller goes on (the token signs meanwhile).
-        AuditUnavailable at once when the trail is closed or its writer stuck."""
-        return Ahead(self._enqueue(event, False), self._wait, self.write_timeout)
+        ``group``: at the end of this loop turn, with the records the turn's other requests
+        queue (one write, one fsync). AuditUnavailable at once when the trail is closed or
+        its writer stuck."""
+        return Ahead(self._enqueue(event, False, group), self._wait, self.write_timeout)
 
-    def _enqueue(self, event: AuditEvent, here: bool) -> Job:
-        """Queue ``event`` for the loop's end of turn (``here``) or the writer thread."""
+    def _enqueue(self, event: AuditEvent, here: bool, group: bool = False) -> Job:
+        """Queue ``event`` for the loop's end of turn (``here``) or the writer thread (at
+        once, or with ``group`` at the end of this turn)."""
         loop = asyncio.get_running_loop()
         job = Job(event, loop, loop.create_future())
         with self._cond:
@@ -137,7 +140,10 @@ class AuditTrail(TrailFile):
                 raise AuditUnavailable()  # the writer is stuck: do not queue behind it
             self._start()
             self._queue.append(job)
-            if not here and not self._hand_due:
+            if not here and not group:
+                self._handed = True
+                self._cond.notify()
+            elif not here and not self._hand_due:
                 # to the writer once the rest of this loop turn has queued its records too:
                 # one write and one fsync for the group, while its signatures are made
                 self._hand_due = True
