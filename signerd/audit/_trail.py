@@ -113,6 +113,8 @@ class AuditTrail(TrailFile):
         self._hand_due = False  # a hand-over of records written ahead is scheduled
         self._handed = False  # queued records are the writer thread's to write now
         self._later_due: float | None = None  # when records queued ``submit_later`` are due
+        #: the loop whose timer will hand them over (one timer at a time, not one a request)
+        self._later_timer: asyncio.AbstractEventLoop | None = None
         #: a worker's guard: records are written on the loop's thread, bounded by it
         self.stall_guard = stall_guard
 
@@ -226,16 +228,27 @@ class AuditTrail(TrailFile):
         except RuntimeError:
             self._cond.notify()  # its next wake-up is due then, at the latest
             return
+        if self._later_timer is loop:
+            return  # the timer set for an earlier round is still to come: it looks again
+        self._later_timer = loop
         loop.call_later(_LATER, self._hand_later)
 
     def _hand_later(self) -> None:
         """Records ``submit_later`` queued are due: to the writer, unless a write took them
-        meanwhile (a timer of a round already written finds a later round's due time)."""
+        meanwhile; a later round's, not due yet, get the timer again for their due time."""
         with self._cond:
+            self._later_timer = None
             due = self._later_due
-            if due is not None and due <= time.monotonic() + _EARLY and not self._handed:
+            if due is None or self._handed:
+                return
+            wait = due - time.monotonic()
+            if wait <= _EARLY:
                 self._handed = True
                 self._cond.notify()
+                return
+            loop = asyncio.get_running_loop()
+            self._later_timer = loop
+            loop.call_later(wait, self._hand_later)
 
     def submit_later(self, event: AuditEvent) -> bool:
         """``submit(event, later=True)``."""
