@@ -98,11 +98,13 @@ class Coalescer(Generic[G]):
                     self._release(group, queue)
         if future.done() or deadline is None:
             return await future
+        # at the deadline the future fails: its item is dropped from its queue, or its
+        # signature discarded (a timer, not asyncio.timeout: this is every waiter's path)
+        timer = loop.call_at(deadline, _late, future)
         try:
-            async with asyncio.timeout_at(deadline):
-                return await future  # cancelled at the deadline: dropped from its queue,
-        except TimeoutError:  # or its signature discarded
-            raise BackendUnavailable("the key backend did not answer in time") from None
+            return await future
+        finally:
+            timer.cancel()
 
     async def _drain(self, group: G, queue: _Queue) -> None:
         try:
@@ -118,7 +120,7 @@ class Coalescer(Generic[G]):
 
     async def _run_batch(self, group: G, queue: _Queue) -> None:
         batch = [queue.waiting.popleft() for _ in range(min(self._max_batch, len(queue.waiting)))]
-        batch = [job for job in batch if not job[1].cancelled()]
+        batch = [job for job in batch if not job[1].done()]  # given up on: not signed
         if not batch:
             return
         self.batches += 1
@@ -150,6 +152,13 @@ class Coalescer(Generic[G]):
             observe(group, len(batch), started - batch[0][2], took)
 
     async def aclose(self) -> None:
+        """Stop the tasks draining queues."""
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _late(future: asyncio.Future[bytes]) -> None:
+    """A waiter's deadline passed before its signature came."""
+    if not future.done():
+        future.set_exception(BackendUnavailable("the key backend did not answer in time"))
