@@ -87,8 +87,10 @@ class PendingRecord(Protocol):
 class WriteAheadAuditSink(QueueingAuditSink, Protocol):
     """An audit sink that writes a record ahead of its operation while the caller works."""
 
-    def ahead(self, event: AuditEvent) -> PendingRecord:
-        """Queue ``event`` for the disk now (AuditUnavailable at once when it cannot be)."""
+    def ahead(self, event: AuditEvent, group: bool = False) -> PendingRecord:
+        """Queue ``event`` for the disk now (AuditUnavailable at once when it cannot be).
+        ``group``: other records may be queued in this loop turn; they go to the disk together,
+        at the end of the turn."""
         ...
 
     def submit_later(self, event: AuditEvent) -> bool:

@@ -110,8 +110,11 @@ class AuditTrail(TrailFile):
         self._io = threading.Lock()  # held by whichever thread uses the file and the chain
         self._journal_backlog: deque[bytes] = deque()  # written on the loop, for the journal
         self._flush_due = False
+        self._hand_due = False  # a hand-over of records written ahead is scheduled
         self._handed = False  # queued records are the writer thread's to write now
         self._later_due: float | None = None  # when records queued ``submit_later`` are due
+        #: the loop whose timer will hand them over (one timer at a time, not one a request)
+        self._later_timer: asyncio.AbstractEventLoop | None = None
         #: a worker's guard: records are written on the loop's thread, bounded by it
         self.stall_guard = stall_guard
 
@@ -119,14 +122,17 @@ class AuditTrail(TrailFile):
         """Write one record durably, or raise AuditUnavailable within write_timeout."""
         await self._wait(self._enqueue(event, self.stall_guard is not None), self.write_timeout)
 
-    def ahead(self, event: AuditEvent) -> Ahead:
+    def ahead(self, event: AuditEvent, group: bool = False) -> Ahead:
         """Queue a record for the writer thread now, ahead of the operation it announces:
         it is written and fsync'd while the caller goes on (the token signs meanwhile).
-        AuditUnavailable at once when the trail is closed or its writer stuck."""
-        return Ahead(self._enqueue(event, False), self._wait, self.write_timeout)
+        ``group``: at the end of this loop turn, with the records the turn's other requests
+        queue (one write, one fsync). AuditUnavailable at once when the trail is closed or
+        its writer stuck."""
+        return Ahead(self._enqueue(event, False, group), self._wait, self.write_timeout)
 
-    def _enqueue(self, event: AuditEvent, here: bool) -> Job:
-        """Queue ``event`` for the loop's end of turn (``here``) or the writer thread."""
+    def _enqueue(self, event: AuditEvent, here: bool, group: bool = False) -> Job:
+        """Queue ``event`` for the loop's end of turn (``here``) or the writer thread (at
+        once, or with ``group`` at the end of this turn)."""
         loop = asyncio.get_running_loop()
         job = Job(event, loop, loop.create_future())
         with self._cond:
@@ -136,13 +142,25 @@ class AuditTrail(TrailFile):
                 raise AuditUnavailable()  # the writer is stuck: do not queue behind it
             self._start()
             self._queue.append(job)
-            if not here:
+            if not here and not group:
                 self._handed = True
                 self._cond.notify()
+            elif not here and not self._hand_due:
+                # to the writer once the rest of this loop turn has queued its records too:
+                # one write and one fsync for the group, while its signatures are made
+                self._hand_due = True
+                loop.call_soon(self._hand_ahead)
         if here and not self._flush_due:
             self._flush_due = True
             loop.call_soon(self._write_here)  # after every request of this loop turn
         return job
+
+    def _hand_ahead(self) -> None:
+        """What ``ahead`` queued in the last loop turn: to the writer thread now."""
+        with self._cond:
+            self._hand_due = False
+            self._handed = True
+            self._cond.notify()
 
     async def _wait(self, job: Job, timeout: float) -> None:
         """Until ``job`` is written; AuditUnavailable when it failed or ``timeout`` passed."""
@@ -210,16 +228,27 @@ class AuditTrail(TrailFile):
         except RuntimeError:
             self._cond.notify()  # its next wake-up is due then, at the latest
             return
+        if self._later_timer is loop:
+            return  # the timer set for an earlier round is still to come: it looks again
+        self._later_timer = loop
         loop.call_later(_LATER, self._hand_later)
 
     def _hand_later(self) -> None:
         """Records ``submit_later`` queued are due: to the writer, unless a write took them
-        meanwhile (a timer of a round already written finds a later round's due time)."""
+        meanwhile; a later round's, not due yet, get the timer again for their due time."""
         with self._cond:
+            self._later_timer = None
             due = self._later_due
-            if due is not None and due <= time.monotonic() + _EARLY and not self._handed:
+            if due is None or self._handed:
+                return
+            wait = due - time.monotonic()
+            if wait <= _EARLY:
                 self._handed = True
                 self._cond.notify()
+                return
+            loop = asyncio.get_running_loop()
+            self._later_timer = loop
+            loop.call_later(wait, self._hand_later)
 
     def submit_later(self, event: AuditEvent) -> bool:
         """``submit(event, later=True)``."""

@@ -151,9 +151,9 @@ class GatedSink:
     def submit(self, event: AuditEvent) -> bool:
         return self.sink.submit(event)
 
-    def ahead(self, event: AuditEvent) -> PendingRecord:
+    def ahead(self, event: AuditEvent, group: bool = False) -> PendingRecord:
         self._check(event)
-        return self.sink.ahead(event)
+        return self.sink.ahead(event, group)
 
     def submit_later(self, event: AuditEvent) -> bool:
         return self.sink.submit_later(event)

@@ -3,7 +3,9 @@
 Requests for the same (backend, key, version) that arrive while a batch for
 it is in flight wait for the next batch, which takes everything queued (up to
 ``max_batch``). A lone caller is never held back: when nothing is in flight,
-its request goes out at once. Under load, batches form by themselves, which is
+its request goes out at once; when the server is answering others too, after
+the rest of the requests that loop turn read (they join it: one group, one
+backend call). Under load, batches form by themselves, which is
 what makes Vault's ``batch_input`` pay and saves executor hops on a token.
 Each caller gets its own result or its own error.
 
@@ -37,6 +39,7 @@ BatchObserver = Callable[[G, int, float, float], None]
 class _Queue:
     waiting: deque[tuple[bytes, asyncio.Future[bytes], float]] = field(default_factory=deque)
     in_flight: int = 0
+    gathering: bool = False  # a leader waits for the rest of its loop turn
 
 
 class Coalescer(Generic[G]):
@@ -63,7 +66,9 @@ class Coalescer(Generic[G]):
         self.items = 0
         self.observe: BatchObserver[G] | None = None  # the metrics' hook
 
-    async def submit(self, group: G, item: bytes) -> bytes:
+    async def submit(self, group: G, item: bytes, gather: bool = True) -> bytes:
+        """``item``'s signature. ``gather``: other requests may be arriving in this loop turn
+        (the server answers several), so a leader lets them join its batch first."""
         loop = asyncio.get_running_loop()
         deadline = None if self._max_wait is None else loop.time() + self._max_wait
         future: asyncio.Future[bytes] = loop.create_future()
@@ -71,11 +76,18 @@ class Coalescer(Generic[G]):
         if len(queue.waiting) >= self._max_waiting:
             raise BackendUnavailable("too many signatures are waiting for the key backend")
         queue.waiting.append((item, future, time.perf_counter()))
-        if queue.in_flight < self._max_in_flight:
-            # This caller leads a batch itself (no task, no extra hop when idle);
-            # whatever queues up meanwhile is drained by a task afterwards.
+        if queue.in_flight < self._max_in_flight and not queue.gathering:
+            # This caller leads a batch itself (no task); whatever queues up meanwhile is
+            # drained by a task afterwards. With ``gather`` it lets the rest of this loop
+            # turn run first, so the requests that arrived together go out in one call.
             queue.in_flight += 1
             try:
+                if gather:
+                    queue.gathering = True
+                    try:
+                        await asyncio.sleep(0)
+                    finally:
+                        queue.gathering = False
                 await self._run_batch(group, queue)
             finally:
                 if queue.waiting:
@@ -86,11 +98,13 @@ class Coalescer(Generic[G]):
                     self._release(group, queue)
         if future.done() or deadline is None:
             return await future
+        # at the deadline the future fails: its item is dropped from its queue, or its
+        # signature discarded (a timer, not asyncio.timeout: this is every waiter's path)
+        timer = loop.call_at(deadline, _late, future)
         try:
-            async with asyncio.timeout_at(deadline):
-                return await future  # cancelled at the deadline: dropped from its queue,
-        except TimeoutError:  # or its signature discarded
-            raise BackendUnavailable("the key backend did not answer in time") from None
+            return await future
+        finally:
+            timer.cancel()
 
     async def _drain(self, group: G, queue: _Queue) -> None:
         try:
@@ -106,7 +120,7 @@ class Coalescer(Generic[G]):
 
     async def _run_batch(self, group: G, queue: _Queue) -> None:
         batch = [queue.waiting.popleft() for _ in range(min(self._max_batch, len(queue.waiting)))]
-        batch = [job for job in batch if not job[1].cancelled()]
+        batch = [job for job in batch if not job[1].done()]  # given up on: not signed
         if not batch:
             return
         self.batches += 1
@@ -138,6 +152,13 @@ class Coalescer(Generic[G]):
             observe(group, len(batch), started - batch[0][2], took)
 
     async def aclose(self) -> None:
+        """Stop the tasks draining queues."""
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _late(future: asyncio.Future[bytes]) -> None:
+    """A waiter's deadline passed before its signature came."""
+    if not future.done():
+        future.set_exception(BackendUnavailable("the key backend did not answer in time"))

@@ -205,12 +205,13 @@ class KeyService:
     # --- signing and verifying ----------------------------------------------
 
     async def sign(
-        self, key: KeyName, data: bytes, before: Before | None = None
+        self, key: KeyName, data: bytes, before: Before | None = None, gather: bool = True
     ) -> tuple[str, bytes]:
         """Sign with the active version (coalesced with concurrent signs of that version);
-        ``before(kid)`` runs before each attempt with ``kid`` (an intent record; may raise)."""
+        ``before(kid)`` runs before each attempt with ``kid`` (an intent record; may raise).
+        ``gather``: other requests may join this one's batch (``Coalescer.submit``)."""
         return await self._with_active(
-            key, lambda version: self.coalescer.submit((key, version), data), before
+            key, lambda version: self.coalescer.submit((key, version), data, gather), before
         )
 
     async def sign_many(

@@ -27,6 +27,7 @@ from prometheus_client import Counter, Gauge, Histogram, values
 
 from ..authz import Operation
 from ..server import AuditNotes, Throttled
+from . import _fast as fast
 
 __all__ = ["LATENCY_BUCKETS", "Recorder", "reset_directory", "use_directory"]
 
@@ -167,6 +168,7 @@ class Recorder:
             self.nonce_refusals.labels(reason)
         for backend in backends:
             self._batch_children(backend)
+        self._audit_write = fast.histogram(self.audit_write)
 
     def request(self, notes: AuditNotes, outcome: str, status: int, seconds: float) -> None:
         """``Front.observe``: one answered request."""
@@ -197,9 +199,9 @@ class Recorder:
             backend = self._backend_of(tenant)
         reason = _NONCE_CODES.get(code)
         return (
-            self.requests.labels(op, kind, code),
-            self.duration.labels(op, backend),
-            None if reason is None else self.nonce_refusals.labels(reason),
+            fast.counter(self.requests.labels(op, kind, code)),
+            fast.histogram(self.duration.labels(op, backend)),
+            None if reason is None else fast.counter(self.nonce_refusals.labels(reason)),
         )
 
     def batch(self, backend: str, size: int, queued: float, took: float) -> None:
@@ -224,7 +226,7 @@ class Recorder:
     def audit_written(self, seconds: float) -> None:
         """One durable audit record a request waited for."""
         try:
-            self.audit_write.observe(seconds)
+            self._audit_write.observe(seconds)
         except Exception as exc:
             self._failed(exc)
 
@@ -233,8 +235,8 @@ class Recorder:
 
     def _batch_children(self, backend: str) -> tuple[Any, Any, Any]:
         children = self._batches[backend] = (
-            self.batch_size.labels(backend),
-            self.queued.labels(backend),
-            self.in_backend.labels(backend),
+            fast.histogram(self.batch_size.labels(backend)),
+            fast.histogram(self.queued.labels(backend)),
+            fast.histogram(self.in_backend.labels(backend)),
         )
         return children

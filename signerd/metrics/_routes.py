@@ -62,8 +62,8 @@ class _TimedAhead(_TimedAudit):
         super().__init__(sink, observe)
         self._ahead = sink
 
-    def ahead(self, event: AuditEvent) -> PendingRecord:
-        return _TimedPending(self._ahead.ahead(event), self._observe)
+    def ahead(self, event: AuditEvent, group: bool = False) -> PendingRecord:
+        return _TimedPending(self._ahead.ahead(event, group), self._observe)
 
     def submit_later(self, event: AuditEvent) -> bool:
         return self._ahead.submit_later(event)

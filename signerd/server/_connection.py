@@ -44,6 +44,7 @@ class ConnectionOwner(Protocol):
     """What a connection needs of the server that accepted it (the ``Listener``)."""
 
     limits: Limits
+    answering: int  # requests handed over and not answered yet (all connections)
     bad_http: Throttled  # malformed requests, counted
     timed_out: Throttled  # connections cut at a deadline, counted
     dispatch: Dispatch  # the answer to a request whose body has arrived (or refused early)
@@ -234,12 +235,14 @@ class Connection(asyncio.Protocol):
             self._disarm()
         else:
             self._arm(self.limits.body_timeout)  # answered early: the rest is read and dropped
+        self.owner.answering += 1  # from now: a request that arrived with others sees them
         self.loop.create_task(self._answer(req))
 
     async def _answer(self, req: Request) -> None:
         try:
             response = await self.owner.dispatch(req)
         finally:
+            self.owner.answering -= 1
             self._active = None
             req.release()  # answered: its body's memory goes back now
         if self._closing or self.transport is None:

@@ -69,8 +69,14 @@ class Services(Protocol):
     @property
     def audit(self) -> AuditSink: ...
 
-    def write_ahead(self, event: AuditEvent) -> PendingRecord | None:
-        """Queue ``event`` for the disk now, or None when the audit sink cannot."""
+    @property
+    def answering(self) -> int:
+        """Requests being answered now (more than one: their records and signs may group)."""
+        ...
+
+    def write_ahead(self, event: AuditEvent, group: bool = False) -> PendingRecord | None:
+        """Queue ``event`` for the disk now (``group``: at the end of this loop turn), or
+        None when the audit sink cannot."""
         ...
 
     @property
@@ -191,7 +197,10 @@ class RequestContext:
         while the token signs); ``durable`` waits for it. Without a write-ahead sink the
         final record is written before the answer instead."""
         notes = self.notes
-        pending = self.server.write_ahead(self.event("intent", 0, kid, notes.hashes))
+        server = self.server
+        pending = server.write_ahead(
+            self.event("intent", 0, kid, notes.hashes), server.answering > 1
+        )
         if pending is not None:
             if notes.ahead is None:
                 notes.ahead = []

@@ -196,6 +196,13 @@ class Front:
             return exc
         return PermissionDenied()
 
+    @property
+    def answering(self) -> int:
+        """Requests this process has read and not answered yet (more than one: the signs and
+        intent records of those that arrived together are grouped)."""
+        listener = self.listener
+        return 0 if listener is None else listener.answering
+
     async def dispatch(self, request: Request) -> Response:
         started = time.perf_counter()
         given = request.headers.get("X-Request-Id")
@@ -316,14 +323,14 @@ class Front:
                 return
         log.error("signerd.audit_unavailable request_id=%s outcome=%s", ctx.rid, outcome)
 
-    def write_ahead(self, event: AuditEvent) -> PendingRecord | None:
+    def write_ahead(self, event: AuditEvent, group: bool = False) -> PendingRecord | None:
         """``event`` queued for the disk now (``WriteAheadAuditSink``), or None when the
         sink cannot write ahead (the checks run once per sink)."""
         if self._ahead_of is not self.audit:
             sink = self.audit
             self._ahead_of = sink
             self._ahead_sink = sink if isinstance(sink, WriteAheadAuditSink) else None
-        return None if self._ahead_sink is None else self._ahead_sink.ahead(event)
+        return None if self._ahead_sink is None else self._ahead_sink.ahead(event, group)
 
     def _queueing(self) -> QueueingAuditSink | None:
         """``audit`` when it queues (the protocol check costs microseconds: once per sink)."""

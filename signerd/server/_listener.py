@@ -122,6 +122,7 @@ class Listener:
         self.connections: set[Connection] = set()
         self.per_uid: dict[int, int] = {}
         self.stranger_count = 0  # this process's connections of strangers
+        self.answering = 0  # requests handed to the loop and not answered yet
         # what strangers may hold together; the rest of the total is kept for named callers
         self.strangers_share = min(limits.max_connections_strangers, limits.max_connections // 2)
         self.shared_uids = shared_uids  # the per-uid cap across worker processes

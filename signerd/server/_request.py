@@ -265,17 +265,24 @@ class Response:
             self.headers.update(headers)
 
     def encode(self, *, keep_alive: bool, head: bool = False) -> bytes:
-        try:
-            reason = http.HTTPStatus(self.status).phrase
-        except ValueError:
-            reason = "Unknown"
-        lines = [f"HTTP/1.1 {self.status} {reason}"]
-        lines.extend(f"{k}: {v}" for k, v in self.headers.items())
-        lines.append(f"Content-Length: {len(self.body)}")
-        if not keep_alive:
-            lines.append("Connection: close")
-        head_bytes = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        status = _STATUS_LINES.get(self.status) or _status_line(self.status)
+        lines = "".join([f"{k}: {v}\r\n" for k, v in self.headers.items()])
+        close = "" if keep_alive else "Connection: close\r\n"
+        head_bytes = f"{status}{lines}Content-Length: {len(self.body)}\r\n{close}\r\n".encode(
+            "latin-1"
+        )
         return head_bytes if head else head_bytes + self.body
+
+
+def _status_line(status: int) -> str:
+    try:
+        reason = http.HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Unknown"
+    return f"HTTP/1.1 {status} {reason}\r\n"
+
+
+_STATUS_LINES = {int(s): _status_line(int(s)) for s in http.HTTPStatus}
 
 
 def json_response(

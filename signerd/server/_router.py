@@ -35,6 +35,9 @@ class Route:
 class Router:
     def __init__(self) -> None:
         self._by_length: dict[int, list[Route]] = {}
+        #: routes without parameters by (method, path as sent): a request whose target is
+        #: exactly one of them (no query, no escapes) needs no parsing
+        self._exact: dict[tuple[str, bytes], Route] = {}
 
     def add(
         self,
@@ -69,6 +72,8 @@ class Router:
             ):
                 raise ValueError(f"route registered twice: {method} {path}")
         self._by_length.setdefault(len(segments), []).append(route)
+        if not any(params):
+            self._exact[(route.method, path.encode())] = route
         return route
 
     def routes(self) -> list[Route]:
@@ -76,6 +81,11 @@ class Router:
 
     def resolve(self, request: Request) -> tuple[Route | None, tuple[str, ...]]:
         """The route and its parameters (set on the request), or None and the allowed methods."""
+        exact = self._exact.get((request.method, request.raw_url))
+        if exact is not None:
+            request.match_info = {}
+            request.route = exact
+            return exact, ()
         segments = request.raw_segments()
         if segments is None:
             return None, ()

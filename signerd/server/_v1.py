@@ -291,7 +291,7 @@ class Server(Front, Lookups):
         notes = ctx.notes
         notes.hashes = (_sha256(data),)
         ctx.authorize(Operation.SIGN, key.tenant, key)
-        kid, signature = await self.keys.sign(key, data, ctx.sign_intent)
+        kid, signature = await self.keys.sign(key, data, ctx.sign_intent, self.answering > 1)
         notes.kid = kid
         await ctx.durable()  # the intent records: written while the token signed
         return json_response({"kid": kid, "signature": b64encode(signature)})
