@@ -1,7 +1,8 @@
 """The audit trail: one hash-chained JSON line per request, written or refused.
 
 Format: ``_chain``; verification: ``_check``; anchors and the payload key: ``_anchor``,
-``_anchorer``; the file, its recovery, rotation versus deletion: ``_trailfile``. On
+``_anchorer``; the file, its recovery, rotation versus deletion: ``_trailfile``; handing
+records over on the event loop and waiting for them: ``_loopside``. On
 start-up the chain continues from the last record already in the file.
 
 Writes are batched (one write and one fsync for the records queued meanwhile) on one
@@ -39,7 +40,8 @@ from ..errors import AuditUnavailable
 from ._anchor import RUN
 from ._anchorer import Anchorer
 from ._events import AuditEvent
-from ._pending import Ahead, Job, expire, resolve, resolve_all
+from ._loopside import LoopSide
+from ._pending import Ahead, Job, resolve, resolve_all
 from ._trailfile import Sink, TrailFile
 
 __all__ = ["AuditTrail"]
@@ -54,12 +56,10 @@ _MAX_BATCH = 256
 #: writer thread, so the loop signs on while the disk works (measured: more throughput)
 _MAX_HERE = 1
 _MAX_QUEUED = 8192  # records nobody waits for (``submit``), queued at most
-_LATER = 0.05  # s: a record ``submit_later`` queued waits at most this for the next write
-_EARLY = 0.005  # s: how early a loop's timer may fire (uvloop's run in milliseconds)
 JournalSend = Callable[..., object]
 
 
-class AuditTrail(TrailFile):
+class AuditTrail(TrailFile, LoopSide):
     """Hash-chained JSON-lines audit file; implements the ``AuditSink`` protocol."""
 
     def __init__(
@@ -155,42 +155,6 @@ class AuditTrail(TrailFile):
             loop.call_soon(self._write_here)  # after every request of this loop turn
         return job
 
-    def _hand_ahead(self) -> None:
-        """What ``ahead`` queued in the last loop turn: to the writer thread now."""
-        with self._cond:
-            self._hand_due = False
-            self._handed = True
-            self._cond.notify()
-
-    async def _wait(self, job: Job, timeout: float) -> None:
-        """Until ``job`` is written; AuditUnavailable when it failed or ``timeout`` passed."""
-        event, future = job.event, job.future
-        assert future is not None
-        # a timer that fails the future, not wait_for(shield()): a third of the loop's work
-        timer = asyncio.get_running_loop().call_later(timeout, expire, future)
-        try:
-            await future
-        except (TimeoutError, asyncio.CancelledError) as exc:
-            with self._cond:
-                written = job.state == "done" and not job.failed
-                if job.state == "queued":
-                    self._queue.remove(job)
-                    job.state = "abandoned"
-                elif job.state == "writing":
-                    job.abandoned = True
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            if not written:
-                log.error(
-                    "signerd.audit_unavailable reason=timeout request_id=%s", event.request_id
-                )
-                raise AuditUnavailable() from None
-            return
-        finally:
-            timer.cancel()
-        if job.failed:
-            raise AuditUnavailable()
-
     def backlog(self) -> tuple[int, bool]:
         """(records waiting to be written, whether the writer is stuck or closed)."""
         with self._cond:
@@ -204,7 +168,7 @@ class AuditTrail(TrailFile):
     def submit(self, event: AuditEvent, *, later: bool = False) -> bool:
         """Queue a record that nobody waits for (an operation that does not fail closed):
         it goes out with the next group write. ``later``: not a write of its own either; it
-        joins the next one, within ``_LATER`` s (a sign's outcome: its intent is on disk).
+        joins the next one, within ``_loopside.LATER`` s (a sign's outcome: its intent is on disk).
         False, and nothing queued, when the writer is closed or stuck or ``_MAX_QUEUED``
         records already wait."""
         with self._cond:
@@ -216,39 +180,8 @@ class AuditTrail(TrailFile):
                 self._handed = True
                 self._cond.notify()
             elif self._later_due is None:
-                self._later_due = time.monotonic() + _LATER
                 self._remind_later()
         return True
-
-    def _remind_later(self) -> None:
-        """What ``submit_later`` queued goes to the writer by ``_later_due`` (hold ``_cond``): on a
-        loop, by a timer (waking the writer now to sleep again costs a thread switch)."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._cond.notify()  # its next wake-up is due then, at the latest
-            return
-        if self._later_timer is loop:
-            return  # the timer set for an earlier round is still to come: it looks again
-        self._later_timer = loop
-        loop.call_later(_LATER, self._hand_later)
-
-    def _hand_later(self) -> None:
-        """Records ``submit_later`` queued are due: to the writer, unless a write took them
-        meanwhile; a later round's, not due yet, get the timer again for their due time."""
-        with self._cond:
-            self._later_timer = None
-            due = self._later_due
-            if due is None or self._handed:
-                return
-            wait = due - time.monotonic()
-            if wait <= _EARLY:
-                self._handed = True
-                self._cond.notify()
-                return
-            loop = asyncio.get_running_loop()
-            self._later_timer = loop
-            loop.call_later(wait, self._hand_later)
 
     def submit_later(self, event: AuditEvent) -> bool:
         """``submit(event, later=True)``."""

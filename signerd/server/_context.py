@@ -69,11 +69,6 @@ class Services(Protocol):
     @property
     def audit(self) -> AuditSink: ...
 
-    @property
-    def answering(self) -> int:
-        """Requests being answered now (more than one: their records and signs may group)."""
-        ...
-
     def write_ahead(self, event: AuditEvent, group: bool = False) -> PendingRecord | None:
         """Queue ``event`` for the disk now (``group``: at the end of this loop turn), or
         None when the audit sink cannot."""
@@ -106,7 +101,7 @@ class AuditNotes:
 class RequestContext:
     """One request being answered: its id, its caller, what the audit record will say."""
 
-    __slots__ = ("notes", "peer", "reason", "request", "rid", "server", "stall_answer")
+    __slots__ = ("group", "notes", "peer", "reason", "request", "rid", "server", "stall_answer")
 
     def __init__(
         self, server: Services, request: Request, rid: str, peer: Peer, operation: Operation
@@ -122,6 +117,8 @@ class RequestContext:
         self.stall_answer: SignerdError | None = (
             None  # what any 5xx becomes (an admin change acting)
         )
+        #: this request's sign and intent record may wait for the rest of the loop turn's
+        self.group = False
 
     def stall_record(self, answer: SignerdError) -> AuditEvent | None:
         """The record of the last answer the stall guard gives this request (its worker
@@ -197,10 +194,7 @@ class RequestContext:
         while the token signs); ``durable`` waits for it. Without a write-ahead sink the
         final record is written before the answer instead."""
         notes = self.notes
-        server = self.server
-        pending = server.write_ahead(
-            self.event("intent", 0, kid, notes.hashes), server.answering > 1
-        )
+        pending = self.server.write_ahead(self.event("intent", 0, kid, notes.hashes), self.group)
         if pending is not None:
             if notes.ahead is None:
                 notes.ahead = []

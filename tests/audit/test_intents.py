@@ -273,7 +273,7 @@ async def test_an_outcome_joins_the_next_write_or_goes_out_soon(
 ) -> None:
     """A record queued ``submit_later`` makes no write of its own: it goes out with the next
     intent (one fsync for both) or, when none comes, on its own shortly after."""
-    import signerd.audit._trail as trail_module
+    import signerd.audit._loopside as trail_module
 
     fsyncs: list[int] = []
     real = os.fsync
@@ -283,7 +283,7 @@ async def test_an_outcome_joins_the_next_write_or_goes_out_soon(
         real(fd)
 
     monkeypatch.setattr(os, "fsync", counting)
-    monkeypatch.setattr(trail_module, "_LATER", 30.0)
+    monkeypatch.setattr(trail_module, "LATER", 30.0)
     path = tmp_path / "audit.jsonl"
     trail = AuditTrail(str(path))
     trail.open()
@@ -295,7 +295,7 @@ async def test_an_outcome_joins_the_next_write_or_goes_out_soon(
     assert [r["request_id"] for r in _records(path)] == ["first", "second"]
     assert len(fsyncs) - before == 1
 
-    monkeypatch.setattr(trail_module, "_LATER", 0.05)
+    monkeypatch.setattr(trail_module, "LATER", 0.05)
     assert trail.submit_later(_event("third", "ok"))
     deadline = time.monotonic() + 5  # the loop runs meanwhile: its timer hands the record over
     while len(_records(path)) < 3 and time.monotonic() < deadline:
@@ -309,7 +309,7 @@ async def test_a_written_outcomes_timer_makes_no_write_for_a_later_one(
 ) -> None:
     """The timer of an outcome an intent's write took along does not write the outcome
     queued after it before that one is due (one caller: no extra fsync per answer)."""
-    import signerd.audit._trail as trail_module
+    import signerd.audit._loopside as trail_module
 
     fsyncs: list[float] = []
     real = os.fsync
@@ -319,7 +319,7 @@ async def test_a_written_outcomes_timer_makes_no_write_for_a_later_one(
         real(fd)
 
     monkeypatch.setattr(os, "fsync", counting)
-    monkeypatch.setattr(trail_module, "_LATER", 1.0)
+    monkeypatch.setattr(trail_module, "LATER", 1.0)
     path = tmp_path / "audit.jsonl"
     trail = AuditTrail(str(path))
     trail.open()
