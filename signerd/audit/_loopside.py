@@ -34,8 +34,8 @@ class LoopSide:
     _handed: bool  # queued records are the writer thread's to write now
     _hand_due: bool  # a hand-over of records written ahead is scheduled
     _later_due: float | None  # when records queued ``submit_later`` are due
-    #: the loop whose timer will hand them over (one timer at a time, not one a request)
-    _later_timer: asyncio.AbstractEventLoop | None
+    #: the timer that hands them over (its loop, when, handle): one at a time, not one a request
+    _later_timer: tuple[asyncio.AbstractEventLoop, float, asyncio.TimerHandle] | None
 
     def _hand_ahead(self) -> None:
         """What ``ahead`` queued in the last loop turn: to the writer thread now."""
@@ -76,16 +76,24 @@ class LoopSide:
     def _remind_later(self) -> None:
         """What ``submit_later`` queued goes to the writer within ``LATER`` s (hold ``_cond``):
         on a loop, by a timer (waking the writer now to sleep again costs a thread switch)."""
-        self._later_due = time.monotonic() + LATER
+        due = self._later_due = time.monotonic() + LATER
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self._cond.notify()  # its next wake-up is due then, at the latest
             return
-        if self._later_timer is loop:
-            return  # the timer set for an earlier round is still to come: it looks again
-        self._later_timer = loop
-        loop.call_later(LATER, self._hand_later)
+        self._later_at(loop, due)
+
+    def _later_at(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
+        """A timer of ``loop`` hands the records over at ``due`` (hold ``_cond``), unless
+        one set earlier fires before then (it looks again when it fires)."""
+        timer = self._later_timer
+        if timer is not None and timer[0] is loop:
+            if timer[1] <= due + EARLY:
+                return
+            timer[2].cancel()
+        handle = loop.call_later(max(0.0, due - time.monotonic()), self._hand_later)
+        self._later_timer = (loop, due, handle)
 
     def _hand_later(self) -> None:
         """Records ``submit_later`` queued are due: to the writer, unless a write took them
@@ -95,11 +103,8 @@ class LoopSide:
             due = self._later_due
             if due is None or self._handed:
                 return
-            wait = due - time.monotonic()
-            if wait <= EARLY:
+            if due - time.monotonic() <= EARLY:
                 self._handed = True
                 self._cond.notify()
                 return
-            loop = asyncio.get_running_loop()
-            self._later_timer = loop
-            loop.call_later(wait, self._hand_later)
+            self._later_at(asyncio.get_running_loop(), due)

@@ -113,8 +113,10 @@ class AuditTrail(TrailFile, LoopSide):
         self._hand_due = False  # a hand-over of records written ahead is scheduled
         self._handed = False  # queued records are the writer thread's to write now
         self._later_due: float | None = None  # when records queued ``submit_later`` are due
-        #: the loop whose timer will hand them over (one timer at a time, not one a request)
-        self._later_timer: asyncio.AbstractEventLoop | None = None
+        #: the timer that hands them over (its loop, when, handle): one at a time
+        self._later_timer: tuple[asyncio.AbstractEventLoop, float, asyncio.TimerHandle] | None = (
+            None
+        )
         #: a worker's guard: records are written on the loop's thread, bounded by it
         self.stall_guard = stall_guard
 
