@@ -56,14 +56,27 @@ def _kids(call: Any, tenant: str) -> set[str]:
 
 @contextmanager
 def starved(pid: int) -> Iterator[None]:
-    """Lower the daemon's RLIMIT_NOFILE to the fds it holds now: no file can be opened."""
+    """Lower the daemon's RLIMIT_NOFILE to its lowest free fd, once the connections it was
+    closing are closed: no file can be opened (a new fd is always the lowest free one)."""
     soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-    in_use = len(os.listdir(f"/proc/{pid}/fd"))
-    subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={in_use}:{hard}"], check=True)
+    lowest = _lowest_free_fd(pid)
+    subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={lowest}:{hard}"], check=True)
     try:
         yield
     finally:
         subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={soft}:{hard}"], check=True)
+
+
+def _lowest_free_fd(pid: int) -> int:
+    """The lowest fd number ``pid`` has free, once its fds stayed the same for 0.3 s."""
+    seen: set[int] | None = None
+    deadline = time.monotonic() + 5.0
+    while True:
+        fds = {int(n) for n in os.listdir(f"/proc/{pid}/fd")}
+        if fds == seen or time.monotonic() > deadline:
+            return min(set(range(len(fds) + 1)) - fds)
+        seen = fds
+        time.sleep(0.3)
 
 
 def _touch_token(tenant: str) -> None:
