@@ -338,3 +338,32 @@ async def test_a_written_outcomes_timer_makes_no_write_for_a_later_one(
     assert [r["request_id"] for r in _records(path)] == ["a", "b", "c"]
     assert len(fsyncs) - before == 2
     await trail.aclose()
+
+
+async def test_grouped_intents_share_one_fsync_and_a_lone_one_is_handed_over_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Intents queued with ``group`` in one loop turn go to the disk in one write and one
+    fsync; one queued without goes to the writer thread before the loop turns."""
+    fsyncs: list[int] = []
+    real = os.fsync
+
+    def counting(fd: int) -> None:
+        fsyncs.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail(str(path))
+    trail.open()
+    before = len(fsyncs)
+    pending = [trail.ahead(_event(f"g{i}", "intent"), group=True) for i in range(6)]
+    for p in pending:
+        await p.durable()
+    assert len(fsyncs) - before == 1
+    assert [r["request_id"] for r in _records(path)] == [f"g{i}" for i in range(6)]
+
+    lone = trail.ahead(_event("lone", "intent"))
+    assert trail._handed  # the writer may take it now, while the caller signs
+    await lone.durable()
+    await trail.aclose()

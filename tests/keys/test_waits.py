@@ -139,3 +139,23 @@ def test_the_default_bounds_are_the_documented_ones() -> None:
 
     assert Coalescer(run, max_batch=64, max_in_flight=2)._max_waiting == 1024
     assert FairSlots(1)._max_waiting == 1024
+
+
+async def test_signs_of_one_loop_turn_go_out_as_one_batch_and_a_lone_one_at_once() -> None:
+    """With ``gather``, the signs submitted in one loop turn make one backend call; without,
+    a lone sign's call is made before its submit yields to the loop."""
+    calls: list[int] = []
+
+    async def run(group: str, items: Sequence[bytes]) -> list[bytes | SignerdError]:
+        calls.append(len(items))
+        return [b"sig-" + i for i in items]
+
+    coalescer: Coalescer[str] = Coalescer(run, max_batch=64, max_in_flight=2, max_wait=5.0)
+    got = await asyncio.gather(*(coalescer.submit("g", b"%d" % i, True) for i in range(8)))
+    assert got == [b"sig-%d" % i for i in range(8)] and calls == [8]
+
+    calls.clear()
+    lone = asyncio.ensure_future(coalescer.submit("g", b"x", False))
+    await asyncio.sleep(0)  # one step of the task: its call is made in it
+    assert calls == [1]
+    assert await lone == b"sig-x"
