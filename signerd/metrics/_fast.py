@@ -21,7 +21,8 @@ _PACK = struct.Struct("dd").pack_into  # value, timestamp: the file's slot layou
 
 
 class _Slot:
-    """One multiprocess value (``MmapedValue``) and its place in its file."""
+    """One multiprocess value (``MmapedValue``) and its place in its file (a counter's
+    child, wrapped, is one of these)."""
 
     __slots__ = ("_file", "_pos", "_value")
 
@@ -30,20 +31,10 @@ class _Slot:
         self._file = value._file
         self._pos = value._file._positions[value._key]
 
-    def inc(self, amount: float) -> None:
+    def inc(self, amount: float = 1.0) -> None:
         value = self._value
         value._value += amount
         _PACK(self._file._m, self._pos, value._value, 0.0)
-
-
-class _Counter:
-    __slots__ = ("_slot",)
-
-    def __init__(self, slot: _Slot) -> None:
-        self._slot = slot
-
-    def inc(self, amount: float = 1.0) -> None:
-        self._slot.inc(amount)
 
 
 class _Histogram:
@@ -66,7 +57,7 @@ def counter(child: Any) -> Any:
     """``child`` (a counter's) with a cheaper ``inc``, or itself."""
     try:
         if _multiprocess(child._value):
-            return _Counter(_Slot(child._value))
+            return _Slot(child._value)
     except (AttributeError, KeyError):
         pass
     return child
