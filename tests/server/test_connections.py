@@ -514,9 +514,10 @@ def test_strangers_and_a_reconnect_storm_leave_a_named_caller_signing(shared_tmp
     assert p50 <= 2 * unloaded, (p50, before, after)
     # each new connection waited its turn behind the storm in the backlog, and signed
     assert not failed and len(fresh) >= 3 and max(fresh) < 10.0, (failed, fresh)
-    # the storm was real: thousands of connections, and the holders were refused again and again
+    # the storm was real: thousands of connections, and every holder was refused again and again
+    # (a stranger's new connections are let in about 4 a second, so ~40 refusals each in 10 s)
     assert counts[-1]["connects"] >= 2000, counts[-1]
-    assert sum(c["refused"] for c in counts[:-1]) >= 500, counts
+    assert all(c["refused"] >= 2 * seconds for c in counts[:-1]), counts
     log = d.log_text()
     assert "Traceback" not in log
     refusals = [line for line in log.splitlines() if "signerd.connection_refused" in line]
