@@ -167,11 +167,13 @@ class Rsyslog:
         return ""
 
     def messages(self) -> list[Syslog]:
-        """What the collector wrote so far, one message a line (unparseable lines fail)."""
+        """What the collector wrote so far, one message a line (unparseable lines fail); a
+        last line rsyslog is still writing (no newline yet) is not read."""
         if not self.out.exists():
             return []
         out = []
-        for line in self.out.read_bytes().splitlines():
+        written = self.out.read_bytes()
+        for line in written[: written.rfind(b"\n") + 1].splitlines():
             parsed = parse(line)
             assert parsed is not None, line[:200]
             out.append(parsed)
