@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -44,6 +46,13 @@ class Rule:
     operations: frozenset[Operation]
     rate: float | None = None
     burst: int = 0
+    #: ``keys`` and ``units`` as one compiled match each (``fnmatchcase`` of any pattern)
+    _key_match: Callable[[str], object] = field(init=False, repr=False, compare=False)
+    _unit_match: Callable[[str], object] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_key_match", _any_of(self.keys))
+        object.__setattr__(self, "_unit_match", _any_of(self.units or ()))
 
     def matches(self, peer: Peer) -> bool:
         if self.uids is not None and peer.uid not in self.uids:
@@ -56,7 +65,7 @@ class Rule:
             return False
         if self.units is not None:
             unit = peer.unit
-            if unit is None or not any(fnmatch.fnmatchcase(unit, p) for p in self.units):
+            if unit is None or not self._unit_match(unit):
                 return False
         return True
 
@@ -67,7 +76,15 @@ class Rule:
             return self.tenants is None
         if self.tenants is not None and tenant not in self.tenants:
             return False
-        return key is None or any(fnmatch.fnmatchcase(key.name, p) for p in self.keys)
+        return key is None or self._key_match(key.name) is not None
+
+
+def _any_of(patterns: tuple[str, ...]) -> Callable[[str], object]:
+    """A match of a whole text against any of ``patterns`` (``fnmatchcase``'s translation):
+    a match object, or None."""
+    if not patterns:
+        return lambda text: None
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)).match
 
 
 @dataclass

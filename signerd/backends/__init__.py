@@ -19,6 +19,7 @@ registry imports it only when a configuration names it.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,8 +51,9 @@ class KeyInfo:
     #: on the same store may have made a later one meanwhile
     made: int | None = field(default=None, compare=False)
 
-    @property
+    @functools.cached_property
     def active(self) -> KeyVersion | None:
+        """The active version (found once: a sign asks for it every time)."""
         for v in self.versions:
             if v.state is VersionState.ACTIVE:
                 return v

@@ -206,7 +206,7 @@ class Federation:
     async def _body(
         self, ctx: RequestContext, allowed: set[str], required: set[str], depth: int
     ) -> dict[str, Any]:
-        return await ctx.json(allowed, required, depth=depth, max_bytes=self.max_body_bytes)
+        return ctx.json(allowed, required, depth=depth, max_bytes=self.max_body_bytes)
 
     def _canonical_data(self, data: Any) -> bytes:
         check_json(data, self.settings.max_depth)

@@ -56,7 +56,7 @@ class TrustRoutes:
 
     async def add(self, ctx: RequestContext) -> Response:
         fields = {"tenant", "kid", "jwk"}
-        body = await ctx.json(fields, fields, depth=3, max_bytes=self.max_body_bytes)
+        body = ctx.json(fields, fields, depth=3, max_bytes=self.max_body_bytes)
         tenant = check_tenant(body["tenant"])
         kid = peer_kid(body["kid"])
         public = jwk_public(body["jwk"], kid)

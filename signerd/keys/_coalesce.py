@@ -72,7 +72,9 @@ class Coalescer(Generic[G]):
         loop = asyncio.get_running_loop()
         deadline = None if self._max_wait is None else loop.time() + self._max_wait
         future: asyncio.Future[bytes] = loop.create_future()
-        queue = self._queues.setdefault(group, _Queue())
+        queue = self._queues.get(group)
+        if queue is None:
+            queue = self._queues[group] = _Queue()
         if len(queue.waiting) >= self._max_waiting:
             raise BackendUnavailable("too many signatures are waiting for the key backend")
         queue.waiting.append((item, future, time.perf_counter()))
@@ -119,7 +121,8 @@ class Coalescer(Generic[G]):
             self._queues.pop(group, None)
 
     async def _run_batch(self, group: G, queue: _Queue) -> None:
-        batch = [queue.waiting.popleft() for _ in range(min(self._max_batch, len(queue.waiting)))]
+        waiting = queue.waiting
+        batch = [waiting.popleft() for _ in range(min(self._max_batch, len(waiting)))]
         batch = [job for job in batch if not job[1].done()]  # given up on: not signed
         if not batch:
             return
@@ -127,7 +130,8 @@ class Coalescer(Generic[G]):
         self.items += len(batch)
         observe, started = self.observe, time.perf_counter()
         try:
-            results = await self._run(group, [item for item, _, _ in batch])
+            items = [batch[0][0]] if len(batch) == 1 else [item for item, _, _ in batch]
+            results = await self._run(group, items)
             took = time.perf_counter() - started
             if len(results) != len(batch):
                 raise InternalError("backend answered a batch with the wrong number of results")

@@ -153,12 +153,14 @@ class Connection(asyncio.Protocol):
             self._arm(self.limits.header_timeout, head=True)
 
     def on_url(self, url: bytes) -> None:
-        self._count(len(url))
+        self._head_bytes += len(url)
+        if self._head_bytes > _MAX_HEAD_BYTES:
+            raise _HeadTooLarge()
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value))
-        if len(self._headers) >= _MAX_HEADERS:
+        self._head_bytes += len(name) + len(value)
+        if self._head_bytes > _MAX_HEAD_BYTES or len(self._headers) >= _MAX_HEADERS:
             raise _HeadTooLarge()
         self._headers.append((name, value))
 
@@ -246,10 +248,12 @@ class Connection(asyncio.Protocol):
             self._active = None
             req.release()  # answered: its body's memory goes back now
         if self._closing or self.transport is None:
+            response.written()
             return
         keep = req.keep_alive and not self._idle_close and not req.too_large
         keep = keep and (req.complete or req.refused is None)
         self.transport.write(response.encode(keep_alive=keep, head=req.method == "HEAD"))
+        response.written()
         if not keep:
             if req.complete:
                 self._close()
@@ -280,11 +284,6 @@ class Connection(asyncio.Protocol):
         self._reading()
 
     # --- limits and errors ---
-
-    def _count(self, n: int) -> None:
-        self._head_bytes += n
-        if self._head_bytes > _MAX_HEAD_BYTES:
-            raise _HeadTooLarge()
 
     def _reject(self, why: str) -> None:
         """Malformed HTTP: one 400 answer, one throttled log line (no peer bytes), then close."""

@@ -5,7 +5,7 @@ kernel) and the audit notes, whose operation is the route's, and hands it to
 the handler. Every handler (v1 and federation) reads its body, authorizes
 and runs its admin change through it, so each of those rules exists once:
 
-- ``await ctx.json(allowed, required)``: the body as a JSON object with only
+- ``ctx.json(allowed, required)``: the body as a JSON object with only
   ``allowed`` fields and every ``required`` one (``application/json`` unless
   the request has no body and nothing is required); with ``depth``, parsed
   as the federation's canonical JSON, bounded in size and depth;
@@ -33,6 +33,7 @@ from ._limits import Limits
 from ._request import Request, Response
 
 __all__ = [
+    "OPERATION_NAMES",
     "AdminChange",
     "AuditNotes",
     "Handler",
@@ -44,6 +45,8 @@ __all__ = [
 ]
 
 
+#: each operation's name (``.value`` is a Python-level property; this is a dict lookup)
+OPERATION_NAMES = {op: op.value for op in Operation}
 Made = tuple[Response, str | None]  # the answer of a change found made, and the kid it names
 
 
@@ -143,7 +146,7 @@ class RequestContext:
             time=time.time(),
             request_id=self.rid,
             peer=self.peer,
-            operation=notes.action or notes.operation.value,
+            operation=notes.action or OPERATION_NAMES[notes.operation],
             outcome=outcome,
             tenant=notes.tenant,
             key=notes.key,
@@ -154,7 +157,7 @@ class RequestContext:
             item_codes=item_codes,
         )
 
-    async def json(
+    def json(
         self,
         allowed: set[str],
         required: set[str],
@@ -169,7 +172,7 @@ class RequestContext:
             depth is not None or request.can_read_body or required
         ):
             raise UnsupportedMediaType()
-        raw = await request.read()
+        raw = request.body()
         if depth is None:
             return parse_object(raw, allowed, required)
         body = parse_json(raw, max_bytes=max_bytes, max_depth=depth)

@@ -21,6 +21,7 @@ of the 429s, at most one per uid per second is recorded.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -44,7 +45,7 @@ from ..errors import (
     SignerdError,
 )
 from ..wire import KeyName, request_id_from
-from ._context import AdminChange, AuditNotes, Handler, RequestContext
+from ._context import OPERATION_NAMES, AdminChange, AuditNotes, Handler, RequestContext
 from ._idempotency import AdminRuns, unknown
 from ._idemstore import IdempotencyStore
 from ._limits import Limits, Throttled
@@ -228,6 +229,13 @@ class Front:
                 raise request.refused
             response = await route.handler(ctx)
             outcome = "ok"
+            if notes.ahead and self._ahead_sink is not None and not notes.written:
+                # its intent records are durable: the outcome record, the request log and
+                # the metrics follow the answer (``Response.then``), not precede it
+                notes.written = True
+                response.headers.update(headers)
+                response.then = functools.partial(self._answered, ctx, response.status, started)
+                return response
             await self._record(ctx, "ok", response.status, ctx.reason)
         except SignerdError as refusal:
             exc = self._over_refusals(ctx, _after_acting(ctx, refusal))
@@ -245,10 +253,21 @@ class Front:
             response, outcome = self._error(rid, InternalError()), "internal_error"
             await self._record(ctx, "internal_error", 500, None)
         response.headers.update(headers)
-        log_request(rid, notes.operation.value, outcome, response.status)
-        if self.observe is not None:
-            self.observe(notes, outcome, response.status, time.perf_counter() - started)
+        self._done(ctx, outcome, response.status, started)
         return response
+
+    def _answered(self, ctx: RequestContext, status: int, started: float) -> None:
+        """After the answer to an operation whose intent records are durable: its outcome
+        record (with the next write), its request log event and its metrics."""
+        self._later(ctx, self._event(ctx, "ok", status, ctx.reason))
+        self._done(ctx, "ok", status, started)
+
+    def _done(self, ctx: RequestContext, outcome: str, status: int, started: float) -> None:
+        """The request log event and the metrics of an answered request."""
+        notes = ctx.notes
+        log_request(ctx.rid, OPERATION_NAMES[notes.operation], outcome, status)
+        if self.observe is not None:
+            self.observe(notes, outcome, status, time.perf_counter() - started)
 
     def _over_refusals(self, ctx: RequestContext, exc: SignerdError) -> SignerdError:
         """A caller some rule matches, refused before anything was granted to its request:
@@ -294,14 +313,7 @@ class Front:
         audit = ctx.notes
         if audit.operation is Operation.HEALTH or audit.written:
             return
-        event = ctx.event(
-            audit.extra_outcome if outcome == "ok" and audit.extra_outcome else outcome,
-            status,
-            audit.kid,
-            audit.hashes,
-            reason,
-            audit.item_codes,
-        )
+        event = self._event(ctx, outcome, status, reason)
         audit.written = True
         if outcome == "ok" and audit.operation.fails_closed and not audit.ahead:
             await self.audit.record(event)  # durable before the answer leaves, or a 503
@@ -310,8 +322,7 @@ class Front:
         # write, and the answer does not wait for its fsync. After intent records (durable
         # already) it joins the next write rather than making one of its own.
         if audit.ahead and self._ahead_sink is not None:
-            if not self._ahead_sink.submit_later(event):
-                log.error("signerd.audit_unavailable request_id=%s outcome=%s", ctx.rid, outcome)
+            self._later(ctx, event)
             return
         queueing = self._queueing()
         if queueing is not None:
@@ -322,6 +333,25 @@ class Front:
                 await self.audit.record(event)
                 return
         log.error("signerd.audit_unavailable request_id=%s outcome=%s", ctx.rid, outcome)
+
+    def _event(
+        self, ctx: RequestContext, outcome: str, status: int, reason: str | None
+    ) -> AuditEvent:
+        notes = ctx.notes
+        return ctx.event(
+            notes.extra_outcome if outcome == "ok" and notes.extra_outcome else outcome,
+            status,
+            notes.kid,
+            notes.hashes,
+            reason,
+            notes.item_codes,
+        )
+
+    def _later(self, ctx: RequestContext, event: AuditEvent) -> None:
+        """An outcome record after intent records: it joins the next write."""
+        assert self._ahead_sink is not None
+        if not self._ahead_sink.submit_later(event):
+            log.error("signerd.audit_unavailable request_id=%s outcome=%s", ctx.rid, event.outcome)
 
     def write_ahead(self, event: AuditEvent, group: bool = False) -> PendingRecord | None:
         """``event`` queued for the disk now (``WriteAheadAuditSink``), or None when the

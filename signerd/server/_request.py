@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import http
 import json
+import logging
 import mmap
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, unquote_to_bytes
 
@@ -34,6 +35,8 @@ __all__ = [
     "json_response",
     "render_error",
 ]
+
+log = logging.getLogger("signerd.server")
 
 MAPPED_BODY = 65536  # declared bodies this large are held in a mapping of their own
 
@@ -108,6 +111,28 @@ class Answering(Protocol):
 
 class Request:
     """One parsed request head plus (at most ``max_body_bytes`` of) its body."""
+
+    __slots__ = (
+        "_filled",
+        "_mapped",
+        "_path",
+        "_query",
+        "_query_error",
+        "buffer",
+        "complete",
+        "context",
+        "has_body",
+        "headers",
+        "keep_alive",
+        "match_info",
+        "method",
+        "raw_url",
+        "refused",
+        "route",
+        "slot",
+        "started",
+        "too_large",
+    )
 
     def __init__(
         self,
@@ -240,6 +265,10 @@ class Request:
 
     async def read(self) -> bytes:
         """The whole body (the server hands a request over only once it has arrived)."""
+        return self.body()
+
+    def body(self) -> bytes:
+        """``read()``, for a caller that does not await."""
         if self.too_large:
             raise PayloadTooLarge()
         if self._mapped is not None:
@@ -260,9 +289,21 @@ class Response:
     ) -> None:
         self.status = status
         self.body = body
+        #: called once the answer is written (or its connection is gone): what follows it
+        self.then: Callable[[], None] | None = None
         self.headers: dict[str, str] = {"Content-Type": content_type}
         if headers:
             self.headers.update(headers)
+
+    def written(self) -> None:
+        """The answer is written (or its connection is gone): run ``then``, which never
+        fails the connection."""
+        then = self.then
+        if then is not None:
+            try:
+                then()
+            except Exception as exc:
+                log.error("signerd.internal_error where=after_answer error=%s", type(exc).__name__)
 
     def encode(self, *, keep_alive: bool, head: bool = False) -> bytes:
         status = _STATUS_LINES.get(self.status) or _status_line(self.status)
@@ -285,10 +326,13 @@ def _status_line(status: int) -> str:
 _STATUS_LINES = {int(s): _status_line(int(s)) for s in http.HTTPStatus}
 
 
+_encode = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps builds one per call
+
+
 def json_response(
     obj: Any, *, status: int = 200, headers: Mapping[str, str] | None = None
 ) -> Response:
-    body = json.dumps(obj, separators=(",", ":")).encode()
+    body = _encode(obj).encode()
     return Response(body=body, status=status, headers=headers)
 
 

@@ -112,7 +112,7 @@ class Server(Front, Lookups):
     # --- keys -----------------------------------------------------------------
 
     async def create_key(self, ctx: RequestContext) -> Response:
-        body = await ctx.json({"key"}, {"key"})
+        body = ctx.json({"key"}, {"key"})
         key = KeyName.parse(body["key"])
         ctx.authorize(Operation.CREATE, key.tenant, key)
 
@@ -143,7 +143,7 @@ class Server(Front, Lookups):
 
     async def rotate(self, ctx: RequestContext) -> Response:
         key = _path_key(ctx)
-        body = await ctx.json({"pending"}, set())
+        body = ctx.json({"pending"}, set())
         pending = field_bool(body, "pending", False)
         ctx.authorize(Operation.ROTATE, key.tenant, key)
 
@@ -201,7 +201,7 @@ class Server(Front, Lookups):
     ) -> tuple[KeyName, int, dict[str, Any]]:
         key = _path_key(ctx)
         version = parse_version(ctx.request.match_info["version"])
-        body = await ctx.json(allowed, set())
+        body = ctx.json(allowed, set())
         ctx.authorize(op, key.tenant, key)
         ctx.notes.kid = key.kid(version)
         return key, version, body
@@ -280,7 +280,7 @@ class Server(Front, Lookups):
     # --- sign and verify --------------------------------------------------------
 
     async def sign(self, ctx: RequestContext) -> Response:
-        body = await ctx.json({"key", "data", "items"}, set())
+        body = ctx.json({"key", "data", "items"}, set())
         if "items" in body:
             if "key" in body or "data" in body:
                 raise InvalidRequest("use either key and data, or items")
@@ -348,7 +348,7 @@ class Server(Front, Lookups):
         return json_response({"results": results})
 
     async def verify(self, ctx: RequestContext) -> Response:
-        body = await ctx.json({"kid", "data", "signature"}, {"kid", "data", "signature"})
+        body = ctx.json({"kid", "data", "signature"}, {"kid", "data", "signature"})
         kid = field_str(body, "kid")
         data = b64decode(body, "data")
         signature = b64decode(body, "signature")

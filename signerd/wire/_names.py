@@ -55,10 +55,17 @@ class KeyName:
         """Parse ``TENANT/NAME``; raise InvalidKeyName otherwise."""
         if not isinstance(text, str):
             raise InvalidKeyName()
+        known = _PARSED.get(text)
+        if known is not None and cls is KeyName:
+            return known
         tenant, sep, name = text.partition("/")
         if not sep:
             raise InvalidKeyName()
-        return cls.of(tenant, name)
+        key = cls.of(tenant, name)
+        if len(_PARSED) >= _MAX_PARSED:
+            _PARSED.clear()
+        _PARSED[text] = key
+        return key
 
     @classmethod
     def of(cls, tenant: str, name: str) -> KeyName:
@@ -73,6 +80,10 @@ class KeyName:
 
     def __str__(self) -> str:
         return f"{self.tenant}/{self.name}"
+
+
+_PARSED: dict[str, KeyName] = {}  # names parsed lately (a sign request parses one)
+_MAX_PARSED = 4096
 
 
 def valid_part(text: object) -> bool:

@@ -30,6 +30,7 @@ denote the same value are written one way (``-0`` and ``0.0`` become ``0``,
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -135,15 +136,29 @@ def check_json(value: Any, max_depth: int | None = DEFAULT_MAX_DEPTH) -> None:
             stack.extend((member, depth + 1) for member in item)
 
 
+# one scanner for every text (``json.loads`` with hooks builds a decoder per call)
+_scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder(
+    object_pairs_hook=_pairs, parse_constant=_constant, parse_int=_int, parse_float=_float
+).scan_once  # type: ignore[attr-defined]
+_SPACE = " \t\n\r"  # JSON's whitespace (``json.decoder.WHITESPACE``)
+
+
+def _decoded(text: str) -> Any:
+    """``json.loads(text, ...)`` with the hooks above: what ``JSONDecoder.decode`` does."""
+    if text.startswith("\ufeff"):  # refused by ``json.loads`` before decoding
+        raise ValueError("a byte order mark")
+    try:
+        value, end = _scan(text, len(text) - len(text.lstrip(_SPACE)))
+    except StopIteration:
+        raise ValueError("no JSON value") from None
+    if len(text.rstrip(_SPACE)) > end:
+        raise ValueError("extra data")
+    return value
+
+
 def _loads(text: str, max_depth: int | None) -> Any:
     try:
-        return json.loads(
-            text,
-            object_pairs_hook=_pairs,
-            parse_constant=_constant,
-            parse_int=_int,
-            parse_float=_float,
-        )
+        return _decoded(text)
     except MalformedJson:
         raise
     except RecursionError as exc:
