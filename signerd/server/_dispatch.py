@@ -8,6 +8,9 @@ and admin operations the record is written before the answer leaves: when it
 cannot be written, the answer is replaced by 503 ``audit_unavailable`` (or,
 for an admin operation that has acted, 500 ``outcome_unknown``: see
 ``_idempotency``, which runs admin changes with their ``intent`` record).
+A record the answer does not wait for (a queued one; a sign's outcome after its
+durable intent) is queued once the answer is written, with the request log
+event and the metrics (``Response.then``).
 Each request gets a ``RequestContext`` (``_context``) whose audit operation is
 its route's; the handler takes that context.
 A refusal of a caller some rule matches, answered before the gate granted the
@@ -229,10 +232,9 @@ class Front:
                 raise request.refused
             response = await route.handler(ctx)
             outcome = "ok"
-            if notes.ahead and self._ahead_sink is not None and not notes.written:
-                # its intent records are durable: the outcome record, the request log and
-                # the metrics follow the answer (``Response.then``), not precede it
-                notes.written = True
+            if self._follows(ctx, outcome):
+                # the answer waits for no record: the record (queued), the request log
+                # and the metrics follow the answer (``Response.then``), not precede it
                 response.headers.update(headers)
                 response.then = functools.partial(self._answered, ctx, response.status, started)
                 return response
@@ -257,9 +259,9 @@ class Front:
         return response
 
     def _answered(self, ctx: RequestContext, status: int, started: float) -> None:
-        """After the answer to an operation whose intent records are durable: its outcome
-        record (with the next write), its request log event and its metrics."""
-        self._later(ctx, self._event(ctx, "ok", status, ctx.reason))
+        """After an answer that waited for no record (``_follows``): its record, request log
+        event and metrics."""
+        self._queued(ctx, "ok", status, ctx.reason)
         self._done(ctx, "ok", status, started)
 
     def _done(self, ctx: RequestContext, outcome: str, status: int, started: float) -> None:
@@ -310,29 +312,50 @@ class Front:
         self, ctx: RequestContext, outcome: str, status: int, reason: str | None
     ) -> None:
         """Write the final record. For fail-closed operations a failure propagates."""
-        audit = ctx.notes
-        if audit.operation is Operation.HEALTH or audit.written:
+        if self._queued(ctx, outcome, status, reason):
             return
+        audit = ctx.notes
         event = self._event(ctx, outcome, status, reason)
         audit.written = True
-        if outcome == "ok" and audit.operation.fails_closed and not audit.ahead:
+        if outcome == "ok" and audit.operation.fails_closed:
             await self.audit.record(event)  # durable before the answer leaves, or a 503
             return
-        # Nothing about the answer depends on this record: it goes out with the next group
-        # write, and the answer does not wait for its fsync. After intent records (durable
-        # already) it joins the next write rather than making one of its own.
-        if audit.ahead and self._ahead_sink is not None:
-            self._later(ctx, event)
+        with contextlib.suppress(AuditUnavailable):
+            await self.audit.record(event)
             return
-        queueing = self._queueing()
-        if queueing is not None:
-            if queueing.submit(event):
-                return
-        else:
-            with contextlib.suppress(AuditUnavailable):
-                await self.audit.record(event)
-                return
         log.error("signerd.audit_unavailable request_id=%s outcome=%s", ctx.rid, outcome)
+
+    def _follows(self, ctx: RequestContext, outcome: str) -> bool:
+        """Whether the answer waits for no record: none is due, or it is queued (``_queued``).
+        Only an operation that fails closed and wrote no intent record waits for its own."""
+        notes = ctx.notes
+        if notes.operation is Operation.HEALTH or notes.written:
+            return True
+        if notes.ahead:
+            return self._ahead_sink is not None
+        if outcome == "ok" and notes.operation.fails_closed:
+            return False
+        return self._queueing() is not None
+
+    def _queued(self, ctx: RequestContext, outcome: str, status: int, reason: str | None) -> bool:
+        """The record of an answer that waits for none (``_follows``), queued: it goes out
+        with the next group write, and the answer does not wait for its fsync. After intent
+        records (durable already) it joins the next write rather than making one of its own.
+        False, and nothing done, for a record the answer waits for."""
+        if not self._follows(ctx, outcome):
+            return False
+        notes = ctx.notes
+        if notes.operation is Operation.HEALTH or notes.written:
+            return True
+        event = self._event(ctx, outcome, status, reason)
+        notes.written = True
+        if notes.ahead and self._ahead_sink is not None:
+            queued = self._ahead_sink.submit_later(event)
+        else:
+            queued = (queueing := self._queueing()) is not None and queueing.submit(event)
+        if not queued:
+            log.error("signerd.audit_unavailable request_id=%s outcome=%s", ctx.rid, outcome)
+        return True
 
     def _event(
         self, ctx: RequestContext, outcome: str, status: int, reason: str | None
@@ -346,12 +369,6 @@ class Front:
             reason,
             notes.item_codes,
         )
-
-    def _later(self, ctx: RequestContext, event: AuditEvent) -> None:
-        """An outcome record after intent records: it joins the next write."""
-        assert self._ahead_sink is not None
-        if not self._ahead_sink.submit_later(event):
-            log.error("signerd.audit_unavailable request_id=%s outcome=%s", ctx.rid, event.outcome)
 
     def write_ahead(self, event: AuditEvent, group: bool = False) -> PendingRecord | None:
         """``event`` queued for the disk now (``WriteAheadAuditSink``), or None when the
