@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -122,14 +123,24 @@ def test_forwarding_lag_and_health_in_metrics_and_status(tmp_path: Path) -> None
                 return None
             return value(samples, "signerd_audit_forwarding_lag_bytes")
 
+        # each scrape and status request has its own record, queued once it is answered: the
+        # next request may find it not yet forwarded, so each view is asked until it is at 0
         wait_until(lambda: lag() == 0.0, 60, "forwarding caught up", 0.25)
         _, samples = scrape(d)
         assert value(samples, "signerd_audit_forwarding_healthy") == 1.0
         assert 0 <= value(samples, "signerd_audit_forwarding_heartbeat_age_seconds") < 30
-        fwd = status(d)["audit"]["forwarding"]
-        assert fwd["healthy"] and not fwd["refusing"] and fwd["lag_bytes"] == 0, fwd
-        shown = run_ctl("--socket", str(d.socket_path), "status").stdout.decode()
-        assert "forward healthy, lag 0 bytes, looked" in shown, shown
+
+        def status_at_zero() -> dict[str, Any] | None:
+            fwd = status(d)["audit"]["forwarding"]
+            return fwd if fwd["lag_bytes"] == 0 else None
+
+        def shown_at_zero() -> str | None:
+            shown = run_ctl("--socket", str(d.socket_path), "status").stdout.decode()
+            return shown if "forward healthy, lag 0 bytes, looked" in shown else None
+
+        fwd = wait_until(status_at_zero, 60, "status says caught up", 0.25)
+        assert fwd is not None and fwd["healthy"] and not fwd["refusing"], fwd
+        wait_until(shown_at_zero, 60, "signerctl status says caught up", 0.25)
         collector.stop()
 
         def lagging() -> bool:
