@@ -130,8 +130,7 @@ class Coalescer(Generic[G]):
         self.items += len(batch)
         observe, started = self.observe, time.perf_counter()
         try:
-            items = [batch[0][0]] if len(batch) == 1 else [item for item, _, _ in batch]
-            results = await self._run(group, items)
+            results = await self._run(group, [item for item, _, _ in batch])
             took = time.perf_counter() - started
             if len(results) != len(batch):
                 raise InternalError("backend answered a batch with the wrong number of results")

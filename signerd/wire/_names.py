@@ -62,9 +62,10 @@ class KeyName:
         if not sep:
             raise InvalidKeyName()
         key = cls.of(tenant, name)
-        if len(_PARSED) >= _MAX_PARSED:
-            _PARSED.clear()
-        _PARSED[text] = key
+        if cls is KeyName:
+            if len(_PARSED) >= _MAX_PARSED:
+                _PARSED.clear()
+            _PARSED[text] = key
         return key
 
     @classmethod

@@ -275,14 +275,7 @@ async def test_an_outcome_joins_the_next_write_or_goes_out_soon(
     intent (one fsync for both) or, when none comes, on its own shortly after."""
     import signerd.audit._loopside as trail_module
 
-    fsyncs: list[int] = []
-    real = os.fsync
-
-    def counting(fd: int) -> None:
-        fsyncs.append(fd)
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", counting)
+    fsyncs = _count_fsyncs(monkeypatch)
     monkeypatch.setattr(trail_module, "LATER", 30.0)
     path = tmp_path / "audit.jsonl"
     trail = AuditTrail(str(path))
@@ -345,14 +338,7 @@ async def test_grouped_intents_share_one_fsync_and_a_lone_one_is_handed_over_at_
 ) -> None:
     """Intents queued with ``group`` in one loop turn go to the disk in one write and one
     fsync; one queued without goes to the writer thread before the loop turns."""
-    fsyncs: list[int] = []
-    real = os.fsync
-
-    def counting(fd: int) -> None:
-        fsyncs.append(fd)
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", counting)
+    fsyncs = _count_fsyncs(monkeypatch)
     path = tmp_path / "audit.jsonl"
     trail = AuditTrail(str(path))
     trail.open()
@@ -367,3 +353,16 @@ async def test_grouped_intents_share_one_fsync_and_a_lone_one_is_handed_over_at_
     assert trail._handed  # the writer may take it now, while the caller signs
     await lone.durable()
     await trail.aclose()
+
+
+def _count_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The fds ``os.fsync`` is called on from now, in order (each call still fsyncs)."""
+    fsyncs: list[int] = []
+    real = os.fsync
+
+    def counting(fd: int) -> None:
+        fsyncs.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    return fsyncs
