@@ -330,7 +330,12 @@ def test_reload_applies_policy_while_8_callers_sign(box: Container) -> None:
     )
     assert "signerd.reload_refused" in box.journal("-u", "signerd.service")
     assert box.run("runuser", "-u", "gateway", "--", *verify).returncode == 0
-    box.write("/etc/signerd/signerd.toml", _config(verify=True), 0o640)
+    # the starting policy again: a grant taken away applies too, and the test can run again
+    box.write("/etc/signerd/signerd.toml", _config(), 0o640)
+    box.run("systemctl", "reload", "signerd.service")
+    assert box.show("signerd.service", "StatusText")["StatusText"].endswith("(reloaded)")
+    denied = box.run("runuser", "-u", "gateway", "--", *verify, check=False)
+    assert denied.returncode != 0 and "permission_denied" in denied.stdout + denied.stderr
 
 
 def test_kill_9_restarts_and_queued_requests_are_answered(box: Container) -> None:
