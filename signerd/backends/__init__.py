@@ -184,6 +184,16 @@ class Revalidating(Protocol):
 
 
 @runtime_checkable
+class Opening(Protocol):
+    """Optional: a library and a session that the first call would open, opened ahead of
+    it (a worker tells its supervisor once it has, and the next worker starts its own)."""
+
+    def open(self) -> None:
+        """Open what the first call would; raise what it would."""
+        ...
+
+
+@runtime_checkable
 class Inline(Protocol):
     """Optional: calls are short calls into a local library, which a worker may make on
     its event loop's thread (no hand-off to the executor and back) while no other thread

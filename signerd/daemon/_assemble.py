@@ -105,6 +105,10 @@ class ProcessRole(Protocol):
         """The guard of blocking calls made on the loop's thread, or None when there are none."""
         ...
 
+    def initialised(self) -> None:
+        """The backends' libraries are open; the keys are read next."""
+        ...
+
     def on_ready(self, keys: KeyService) -> None:
         """Serving: the process's signals are handled, requests are answered."""
         ...
@@ -255,7 +259,7 @@ class Daemon:
                 stall_guard=guard,
             )
             undo.push_async_callback(keys.close)
-            await keys.start(config.bootstrap)
+            await keys.start(config.bootstrap, opened=role.initialised)
             limits = _fitted(config)
             server = Server(
                 keys,

@@ -54,6 +54,9 @@ class Solo:
     ) -> StallGuard | None:
         return None
 
+    def initialised(self) -> None:
+        pass
+
     def on_ready(self, keys: KeyService) -> None:
         pass
 

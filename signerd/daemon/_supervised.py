@@ -128,6 +128,10 @@ class WorkerRole:
             self.inline.bind(self.index)
         return StallGuard(last_answers, shared=self.inline) if config.on_loop else None
 
+    def initialised(self) -> None:
+        """The next worker may initialise its libraries while this one reads its keys."""
+        self.channel.initialised()
+
     def on_ready(self, keys: KeyService) -> None:
         """Take the other workers' notices, then tell the supervisor this worker serves."""
         self.channel.on_message(lambda text: self.on_message(keys, text))

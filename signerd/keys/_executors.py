@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
-from ..backends import Backend, Inline
+from ..backends import Backend, Inline, Opening
 from ..errors import BackendUnavailable, SignerdError
 from ..wire import KeyName
 from ._fair import FairSlots
@@ -126,6 +126,13 @@ class Executors:
         except TimeoutError as exc:
             log.error("signerd.backend_timeout backend=%s", backend)
             raise BackendUnavailable("the key backend did not answer in time") from exc
+
+    async def open(self, timeout: float) -> None:
+        """Open each ``Opening`` backend's library and session, one after another. A failure
+        fails the start, as the first listing would: a refused login is tried once."""
+        for name, backend in self.backends.items():
+            if isinstance(backend, Opening):
+                await self.run(name, backend.open, timeout)
 
     async def change(self, key: KeyName, call: Callable[[Backend], _T]) -> _T:
         """``call(backend)``, a keyring change, for ``key``'s backend (``run_change``)."""

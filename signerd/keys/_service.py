@@ -114,9 +114,13 @@ class KeyService:
 
     # --- lifecycle of the service -------------------------------------------
 
-    async def start(self, bootstrap: Sequence[KeyName] = ()) -> None:
-        # Reading a large keyring the first time may take longer than one request may.
-        await self.refresh_all(timeout=max(STARTUP_TIMEOUT, self.settings.backend_timeout))
+    async def start(
+        self, bootstrap: Sequence[KeyName] = (), *, opened: Callable[[], object] = lambda: None
+    ) -> None:
+        """Open the backends, call ``opened``, read the keyrings, create ``bootstrap``."""
+        await self._calls.open(timeout := max(STARTUP_TIMEOUT, self.settings.backend_timeout))
+        opened()
+        await self.refresh_all(timeout=timeout)
         for key in bootstrap:
             if key not in self._keys:
                 try:

@@ -4,8 +4,10 @@ Each worker has one ``SOCK_SEQPACKET`` socket pair with the supervisor, so a
 packet is one message and never a fragment. A packet is one kind byte and a
 short ASCII body:
 
-- ``R`` (worker to supervisor): the worker has initialised its libraries; the
-  supervisor may start the next one.
+- ``I`` (worker to supervisor): the worker has initialised its libraries; the
+  supervisor may start the next one while this one reads its keys.
+- ``R`` (worker to supervisor): the worker serves (its libraries are
+  initialised too, if it never said ``I``).
 - ``M`` + text (both ways): a notification. A worker sends it to the
   supervisor, which passes it on to every other worker at once.
 - ``H`` (worker to supervisor): a heartbeat, sent from the worker's event
@@ -28,11 +30,12 @@ from typing import Any
 
 from ._buckets import SharedBuckets
 
-__all__ = ["MAX_MESSAGE", "WorkerChannel", "valid_message"]
+__all__ = ["INITIALISED", "MAX_MESSAGE", "WorkerChannel", "valid_message"]
 
 log = logging.getLogger("signerd.workers")
 
 MAX_MESSAGE = 256
+INITIALISED = b"I"
 READY = b"R"
 MESSAGE = b"M"
 HEARTBEAT = b"H"
@@ -80,6 +83,7 @@ class WorkerChannel:
         self._queues: list[asyncio.Queue[str | None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._initialised = False
         self._announced = False
         self._beat: asyncio.TimerHandle | None = None
 
@@ -88,8 +92,15 @@ class WorkerChannel:
 
     # --- to the supervisor ---
 
+    def initialised(self) -> None:
+        """Tell the supervisor this worker's libraries are initialised (once, before ``ready``)."""
+        if self._initialised or self._announced:
+            return
+        self._initialised = True
+        self._sock.sendall(INITIALISED)
+
     def ready(self) -> None:
-        """Tell the supervisor this worker's libraries are initialised (once)."""
+        """Tell the supervisor this worker serves (once)."""
         if self._announced:
             return
         self._announced = True

@@ -46,6 +46,18 @@ class Child:
     beat_at: float | None = None  # last heartbeat; None: the worker sends none
     killed: bool = False
 
+    def overdue(self, now: float, start_timeout: float, heartbeat_timeout: float) -> str | None:
+        """Why the worker must be killed now (a log event), or None: not "ready" within
+        ``start_timeout``, or its heartbeats stopped for ``heartbeat_timeout`` (0: never)."""
+        if self.killed:
+            return None
+        if self.ready_at is None and now - self.started > start_timeout:
+            return f"signerd.worker_start_timeout index={self.index} pid={self.pid}"
+        beat, limit = self.beat_at, heartbeat_timeout
+        if limit > 0 and beat is not None and now - beat > limit:
+            return f"signerd.worker_unresponsive index={self.index} pid={self.pid} silent={now - beat:.1f}"
+        return None
+
 
 def set_parent_death_signal(signum: int) -> None:
     """prctl(PR_SET_PDEATHSIG): the kernel sends ``signum`` when the parent exits."""

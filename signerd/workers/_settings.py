@@ -22,7 +22,7 @@ class SupervisedConfig(Protocol):
 
 @dataclass(frozen=True)
 class SupervisorTiming:
-    start_timeout: float = 120.0  # seconds a worker may take to report "initialised"
+    start_timeout: float = 120.0  # seconds a worker may take to report "ready"
     graceful_timeout: float = 30.0  # SIGTERM to SIGKILL when stopping
     min_uptime: float = 5.0  # a worker that dies sooner after its start failed to start
     backoff_initial: float = 0.1  # first delay before restarting a failed slot

@@ -7,18 +7,18 @@ nothing of HTTP or keys. It
   ``worker_main(index, sock, channel)``, whose return value is the worker's
   exit status;
 - starts them one after another: the next fork waits until the previous
-  worker reported "initialised" over its pipe (two processes initialising a
-  PKCS#11 token at the same instant once saw no token), died, or ran out of
-  ``start_timeout``;
+  worker reported "initialised" (or "ready") over its pipe (two processes
+  initialising a PKCS#11 token at the same instant once saw no token), or
+  died; a worker that is not "ready" within ``start_timeout`` is killed;
 - restarts a worker that dies: at once if it had been up ``min_uptime``,
   otherwise after a doubling backoff; ``start_limit`` deaths before
-  "initialised" in a row in one slot (or one with EX_CONFIG) stop everything
+  "ready" in a row in one slot (or one with EX_CONFIG) stop everything
   and ``run()`` returns non-zero (a worker that was up is always restarted);
 - passes SIGHUP to every worker (a worker still starting gets it once it is
   up) after ``reload_config``; SIGTERM/SIGINT stop all workers with SIGTERM,
   and SIGKILL whatever is left after ``graceful_timeout`` (a second signal
   kills at once);
-- calls ``on_ready`` once every worker reported "initialised" the first time
+- calls ``on_ready`` once every worker reported "ready" the first time
   (systemd's READY=1), ``on_tick`` on each turn of its loop (at least once a
   second: systemd's watchdog) and ``on_stop`` when it starts stopping;
   ``on_message(index, text)`` sees each notification first and keeps it
@@ -49,7 +49,7 @@ from types import FrameType
 from typing import Any
 
 from ._buckets import SharedBuckets
-from ._channel import HEARTBEAT, MESSAGE, READY, RECV_BUFFER, WorkerChannel, decode
+from ._channel import HEARTBEAT, INITIALISED, MESSAGE, READY, RECV_BUFFER, WorkerChannel, decode
 from ._child import STOP_SIGNALS, Child, flush_std, reset_signals, run_child
 from ._settings import SupervisedConfig, SupervisorTiming, WorkerMain
 
@@ -97,8 +97,8 @@ class Supervisor:
         self._slots: list[Child | None] = [None] * self.workers
         self._due = [0.0] * self.workers  # when an empty slot may start
         self._failures = [0] * self.workers  # deaths within min_uptime in a row (backoff)
-        self._failed_starts = [0] * self.workers  # deaths before "initialised" in a row
-        self._starting: Child | None = None
+        self._failed_starts = [0] * self.workers  # deaths before "ready" in a row
+        self._starting: Child | None = None  # initialising its libraries: the next waits
         self._signals: deque[int] = deque()
         self._stopping = False
         self._deadline = 0.0
@@ -152,11 +152,7 @@ class Supervisor:
                 self._stop(0)
         self._reap()
         now = time.monotonic()
-        starting = self._starting
-        if starting is not None and now - starting.started > self.timing.start_timeout:
-            log.error("signerd.worker_start_timeout index=%d pid=%d", starting.index, starting.pid)
-            self._kill(starting.pid, signal.SIGKILL)
-        self._check_heartbeats(now)
+        self._kill_stuck(now)
         if self._on_tick is not None:
             try:
                 self._on_tick()
@@ -179,10 +175,12 @@ class Supervisor:
         until = [now + min(1.0, self.timing.heartbeat_timeout or 1.0)]
         if self._stopping:
             until.append(self._deadline)
-        elif self._starting is not None:
-            until.append(self._starting.started + self.timing.start_timeout)
         else:
-            until += [self._due[i] for i, w in enumerate(self._slots) if w is None]
+            limit = self.timing.start_timeout
+            starting = (w for w in self._by_pid.values() if w.ready_at is None and not w.killed)
+            until += [w.started + limit for w in starting]
+            if self._starting is None:
+                until += [self._due[i] for i, w in enumerate(self._slots) if w is None]
         return max(0.0, min(until) - now)
 
     # --- workers ---
@@ -242,11 +240,17 @@ class Supervisor:
                 worker.beat_at = time.monotonic()
             elif packet == READY:
                 self._ready(worker)
+            elif packet == INITIALISED:
+                self._initialised(worker)
             elif (text := decode(packet)) is not None:
                 if not self._consumed(worker, text):
                     self._broadcast(worker, text)
             else:
                 log.warning("signerd.worker_bad_packet index=%d pid=%d", worker.index, worker.pid)
+
+    def _initialised(self, worker: Child) -> None:
+        if self._starting is worker:  # the next may initialise its libraries
+            self._starting = None
 
     def _ready(self, worker: Child) -> None:
         if worker.ready_at is not None:
@@ -282,20 +286,13 @@ class Supervisor:
             log.exception("signerd.supervisor_on_message_failed")
             return False
 
-    def _check_heartbeats(self, now: float) -> None:
-        limit = self.timing.heartbeat_timeout
-        if limit <= 0:
-            return
-        for worker in list(self._by_pid.values()):
-            if worker.beat_at is not None and not worker.killed and now - worker.beat_at > limit:
-                log.error(
-                    "signerd.worker_unresponsive index=%d pid=%d silent=%.1f",
-                    worker.index,
-                    worker.pid,
-                    now - worker.beat_at,
-                )
-                worker.killed = True
-                self._kill(worker.pid, signal.SIGKILL)
+    def _kill_stuck(self, now: float) -> None:
+        t = self.timing
+        for w in list(self._by_pid.values()):
+            if (event := w.overdue(now, t.start_timeout, t.heartbeat_timeout)) is not None:
+                log.error("%s", event)
+                w.killed = True
+                self._kill(w.pid, signal.SIGKILL)
 
     def _broadcast(self, sender: Child, text: str) -> None:
         packet = MESSAGE + text.encode("ascii")

@@ -9,7 +9,9 @@ it as files in DIR (``start-PID``, ``ready-PID``, ``hup-PID``, ``msg-PID``),
 and the supervisor writes ``supervisor-ready`` once a worker is up.
 
 MODE: ``ok``; ``fail`` (exit 3 before initialised); ``config`` (exit 78, EX_CONFIG,
-before initialised); ``hang`` (never initialised); ``stubborn`` (ignores SIGTERM).
+before initialised); ``hang`` (never initialised); ``stubborn`` (ignores SIGTERM);
+``keys`` (says "initialised", writes ``init-PID``, then takes KEYS_SECONDS to be
+ready); ``hangkeys`` (says "initialised", then is never ready).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from signerd.workers import Supervisor, SupervisorTiming, WorkerChannel
 
 INIT_SECONDS = 0.15
+KEYS_SECONDS = 0.5  # "reading the keys", after "initialised"
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,10 @@ def make_worker(directory: Path, mode: str):  # type: ignore[no-untyped-def]
         time.sleep(INIT_SECONDS)  # "initialising the token"
         if mode == "hang":
             time.sleep(3600)
+        if mode in ("keys", "hangkeys"):
+            _note(directory, f"init-{pid}", f"{time.monotonic()} {index}")
+            channel.initialised()
+            time.sleep(3600 if mode == "hangkeys" else KEYS_SECONDS)
         _note(directory, f"ready-{pid}", f"{time.monotonic()} {index}")
         return asyncio.run(serve(directory, mode, index, listen, channel))
 

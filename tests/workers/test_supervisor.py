@@ -18,6 +18,8 @@ import pytest
 
 from signerd.testing import wait_until
 
+from ..support import workers_echo
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(60)
 
@@ -139,6 +141,39 @@ def test_workers_initialise_one_after_another(start: Callable[..., Echo]) -> Non
         assert started >= ready_at
 
 
+def test_the_next_worker_starts_while_the_previous_reads_its_keys(
+    start: Callable[..., Echo],
+) -> None:
+    """A worker that said "initialised" reads its keys while the next one starts: each is forked after the previous one's "initialised" and before its "ready"; the supervisor is ready once all are."""
+    echo = start(3, "keys")
+    wait_until(lambda: (echo.dir / "supervisor-ready").exists(), 10, interval=0.02)
+
+    def at(kind: str, pid: int) -> float:
+        return float((echo.dir / f"{kind}-{pid}").read_text().split()[0])
+
+    times = sorted((at("start", p), p) for p in echo.pids())
+    assert len(times) == 3
+    for (_, before), (started, _) in itertools.pairwise(times):
+        assert at("init", before) <= started < at("ready", before)
+    last_ready = max(at("ready", p) for _, p in times)
+    first_start = times[0][0]
+    keys = workers_echo.KEYS_SECONDS
+    assert last_ready - first_start < 3 * keys, (last_ready - first_start, keys)
+
+
+def test_a_worker_that_never_reads_its_keys_is_killed_and_counted(
+    start: Callable[..., Echo],
+) -> None:
+    """start_timeout (1 s) holds after "initialised" too: a worker never ready is killed; three in a row make the supervisor exit non-zero."""
+    echo = start(2, "hangkeys", wait_ready=False)
+    code = echo.proc.wait(timeout=30)
+    assert code != 0
+    slots = [(echo.dir / f"start-{p}").read_text().split()[1] for p in echo.pids("start")]
+    assert max(slots.count("0"), slots.count("1")) == 3
+    assert "signerd.worker_start_timeout" in echo.log()
+    assert not echo.live_workers()
+
+
 def test_a_killed_worker_is_restarted_and_serving_goes_on(start: Callable[..., Echo]) -> None:
     """SIGKILL of a worker: the other keeps answering, a new worker takes the dead one's slot."""
     echo = start(2)
@@ -252,9 +287,14 @@ def test_a_notification_reaches_every_other_worker(start: Callable[..., Echo]) -
     sender = int(who.split()[0])
     assert sent == "sent"
     others = echo.pids() - {sender}
-    wait_until(lambda: echo.pids("msg") >= others, 2, interval=0.02)
+
+    def got(pid: int) -> str:  # a file being written may be there and still empty
+        path = echo.dir / f"msg-{pid}"
+        return path.read_text() if path.exists() else ""
+
+    wait_until(lambda: all(got(p).endswith("\n") for p in others), 2, interval=0.02)
     for pid in others:
-        assert (echo.dir / f"msg-{pid}").read_text() == "keyring-changed acme/feedback\n"
+        assert got(pid) == "keyring-changed acme/feedback\n"
     time.sleep(0.1)
     assert sender not in echo.pids("msg")
 

@@ -202,6 +202,9 @@ class Pkcs11Backend:
 
         return self._token.call(run)
 
+    def open(self) -> None:
+        self._token.call(lambda session: None)  # ``Opening``: the library, a logged-in session
+
     def unchanged(self) -> bool:
         return unchanged(self._token)  # ``Revalidating``: no search
 
