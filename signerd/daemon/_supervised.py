@@ -2,23 +2,23 @@
 
 The main process is the supervisor (``signerd.workers.Supervisor``): it binds
 the listening socket (or takes systemd's), never loads a backend library,
-forks the workers one after another and speaks to systemd for all of them:
-``READY=1`` and the ``signerd.ready`` log line once every worker is ready,
-``STATUS=``, ``RELOADING=1``/``READY=1`` around SIGHUP, ``STOPPING=1``, and
-the watchdog pings from its own loop (a worker whose loop stalls stops its
-heartbeats and is killed and replaced while the others serve). Only the
-supervisor removes the socket when it stops.
+forks the workers one after another (the next once the previous is logged in
+to its backends) and speaks to systemd for all of them: ``READY=1`` and the
+``signerd.ready`` log line once every worker is ready, ``STATUS=``,
+``RELOADING=1``/``READY=1`` around SIGHUP, ``STOPPING=1``, and the watchdog
+pings from its own loop (a worker whose loop stalls stops its heartbeats and
+is killed and replaced while the others serve). Only the supervisor removes
+the socket when it stops.
 
 Each worker runs ``Daemon.start`` on the inherited socket with its own
 backends (its own token session and login), its own audit file
 (``audit.wN.jsonl``) and its own federation state, the rate-limit buckets all
-workers share, and the admin lock: create, rotate, promote, retire and
-destroy take it (their Idempotency-Keys are looked up and stored under it, in
-a file every worker opens: ``_idemstore``), and after each the worker sends
+workers share, and the admin lock: create, rotate, promote, retire and destroy
+take it (their Idempotency-Keys are looked up and stored under it, in a file
+every worker opens: ``_idemstore``), and after each the worker sends
 ``keyring-changed TENANT/NAME`` so that every other worker re-reads that key
-at once. A worker
-that cannot start for a configuration reason (a wrong PIN) exits 78 and the
-supervisor stops with 78, without a restart loop.
+at once. A worker that cannot start for a configuration reason (a wrong PIN)
+exits 78 and the supervisor stops with 78, without a restart loop.
 
 ``server.workers = 1`` keeps the single process of ``_single.serve`` (no
 supervisor), one audit file.
@@ -61,8 +61,7 @@ from ._systemd import SystemdSession, activated_socket, notify
 
 __all__ = ["CHANGED", "WorkerRole", "supervise"]
 
-#: the exit status for an exception that ended a process's start (``_main.exit_code``)
-ExitCode = Callable[[BaseException], int]
+ExitCode = Callable[[BaseException], int]  # a failed start's exit status (``_main.exit_code``)
 
 log = logging.getLogger("signerd")
 
@@ -76,8 +75,7 @@ _SYSTEMD_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 @dataclass
 class WorkerRole:
-    """The role of one worker among several: its own audit file, the shared buckets and
-    connection counts, the admin lock, the stall guard; it tells the supervisor when it serves."""
+    """One worker's role: its audit file, shared buckets and counts, admin lock, stall guard."""
 
     channel: WorkerChannel
     lock: AdminLock
@@ -87,7 +85,6 @@ class WorkerRole:
     keys: KeyService | None = None  # once started: its key count goes to the supervisor
     _seq: int = 0
     _waiting: dict[str, tuple[asyncio.Future[None], list[int]]] = field(default_factory=dict)
-
     owns_socket = False  # the socket is the supervisor's to remove
 
     @property
@@ -128,8 +125,7 @@ class WorkerRole:
             self.inline.bind(self.index)
         return StallGuard(last_answers, shared=self.inline) if config.on_loop else None
 
-    def initialised(self) -> None:
-        """The next worker may initialise its libraries while this one reads its keys."""
+    def initialised(self) -> None:  # the next worker may start while this one reads its keys
         self.channel.initialised()
 
     def on_ready(self, keys: KeyService) -> None:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
+import pkcs11
 from pkcs11 import Attribute, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11e
 
@@ -65,11 +66,7 @@ class Pkcs11Backend:
         ladder: Ladder | None = None,
     ) -> None:
         self._config = config
-        self._token = (
-            TokenSession(config, ladder=ladder)
-            if open_lib is None
-            else TokenSession(config, open_lib=open_lib, ladder=ladder)
-        )
+        self._token = TokenSession(config, open_lib=open_lib or pkcs11.lib, ladder=ladder)
         self._lock = self._token.lock
         self._private = self._token.private_keys  # kid -> private key object (this session's)
         self._public: dict[str, bytes] = {}  # kid -> raw public key (never changes)
