@@ -46,12 +46,16 @@ class Child:
     beat_at: float | None = None  # last heartbeat; None: the worker sends none
     killed: bool = False
 
+    def start_deadline(self, start_timeout: float) -> float | None:
+        """When the worker is killed unless "ready" by then; None once ready or killed."""
+        return None if self.ready_at is not None or self.killed else self.started + start_timeout
+
     def overdue(self, now: float, start_timeout: float, heartbeat_timeout: float) -> str | None:
         """Why the worker must be killed now (a log event), or None: not "ready" within
         ``start_timeout``, or its heartbeats stopped for ``heartbeat_timeout`` (0: never)."""
         if self.killed:
             return None
-        if self.ready_at is None and now - self.started > start_timeout:
+        if (deadline := self.start_deadline(start_timeout)) is not None and now > deadline:
             return f"signerd.worker_start_timeout index={self.index} pid={self.pid}"
         beat, limit = self.beat_at, heartbeat_timeout
         if limit > 0 and beat is not None and now - beat > limit:

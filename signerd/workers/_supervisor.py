@@ -176,9 +176,8 @@ class Supervisor:
         if self._stopping:
             until.append(self._deadline)
         else:
-            limit = self.timing.start_timeout
-            starting = (w for w in self._by_pid.values() if w.ready_at is None and not w.killed)
-            until += [w.started + limit for w in starting]
+            deadlines = (w.start_deadline(self.timing.start_timeout) for w in self._by_pid.values())
+            until += [d for d in deadlines if d is not None]
             if self._starting is None:
                 until += [self._due[i] for i, w in enumerate(self._slots) if w is None]
         return max(0.0, min(until) - now)
