@@ -99,6 +99,7 @@ class BaoServer:
         token: str | None = None,
         namespace: str | None = None,
         ok: tuple[int, ...] = (200, 204),
+        timeout: float = 10,
     ) -> dict[str, Any]:
         """Call the HTTP API (as root unless ``token``); assert the status."""
         headers = {"X-Vault-Token": token if token is not None else self.root_token}
@@ -109,7 +110,7 @@ class BaoServer:
             f"{self.addr}/v1/{path}",
             json=body,
             headers=headers,
-            timeout=10,
+            timeout=timeout,
             verify=str(self.ca_file) if self.ca_file else True,
         )
         if answer.status_code not in ok:
@@ -355,8 +356,9 @@ def file_server(tmp_path: Path) -> Iterator[FileServer]:
     (work / "bao.hcl").write_text(
         f"""
 storage "raft" {{
-  path    = "{work / "data"}"
-  node_id = "signerd-test"
+  path                   = "{work / "data"}"
+  node_id                = "signerd-test"
+  performance_multiplier = 1
 }}
 listener "tcp" {{
   address         = "127.0.0.1:{port}"
@@ -376,7 +378,10 @@ ui           = false
     try:
         server._spawn(["server", f"-config={work / 'bao.hcl'}"])
         server.wait_answering()
-        init = server.api("PUT", "sys/init", {"secret_shares": 1, "secret_threshold": 1}, token="")
+        # raft bootstraps and elects itself within the call: slow when the disk is
+        init = server.api(
+            "PUT", "sys/init", {"secret_shares": 1, "secret_threshold": 1}, token="", timeout=60
+        )
         server.root_token = str(init["root_token"])
         server.unseal_key = str(init["keys_base64"][0])
         server.unseal()
@@ -540,7 +545,9 @@ def raft_cluster(tmp_path: Path, size: int = 3) -> Iterator[RaftCluster]:
         for node in nodes:
             node.wait_answering()
         first = nodes[0]
-        init = first.api("PUT", "sys/init", {"secret_shares": 1, "secret_threshold": 1}, token="")
+        init = first.api(
+            "PUT", "sys/init", {"secret_shares": 1, "secret_threshold": 1}, token="", timeout=60
+        )
         for node in nodes:
             node.root_token = str(init["root_token"])
             node.unseal_key = str(init["keys_base64"][0])
