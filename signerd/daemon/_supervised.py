@@ -51,7 +51,6 @@ from ..workers import (
     Supervisor,
     WorkerChannel,
     WorkerTable,
-    runtime_path,
 )
 from ._assemble import AdminGuard, Daemon, TrustGuard, build_policy, check_reload
 from ._forward import ForwarderProcess
@@ -260,7 +259,7 @@ async def _serve_worker(
     inline: SharedInline | None = None,
 ) -> None:
     started = time.monotonic()
-    lock = AdminLock(runtime_path(config.socket, "admin.lock"))
+    lock = AdminLock.of_worker(config.socket, channel.index, config.workers)
     role = WorkerRole(channel, lock, connections, table=table, inline=inline)
     daemon = await Daemon.start(config, role, sock)
     loop = asyncio.get_running_loop()

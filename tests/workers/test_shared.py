@@ -169,6 +169,71 @@ def test_admin_lock_used_before_a_fork_still_excludes_the_child(tmp_path: Path) 
     lock.close()
 
 
+def _contend(path: str, slots: int, seconds: float, out: Path) -> list[int]:
+    """Two processes, three callers each, taking the lock over and over for ``seconds``
+    (holding it 5 ms); the pids. Each writes "turns longest-wait-ms" to out/<index>."""
+    go_r, go_w = os.pipe()
+
+    def child(index: int) -> None:
+        lock = AdminLock(path, slot=index, slots=slots)
+        turns, longest = [0], [0.0]
+
+        async def caller() -> None:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                asked = time.monotonic()
+                async with lock.hold(timeout=10):
+                    longest[0] = max(longest[0], time.monotonic() - asked)
+                    turns[0] += 1
+                    await asyncio.sleep(0.005)
+
+        async def callers() -> None:
+            await asyncio.gather(caller(), caller(), caller())
+
+        os.read(go_r, 1)
+        asyncio.run(callers())
+        (out / str(index)).write_text(f"{turns[0]} {longest[0] * 1000:.0f}")
+
+    pids = [_fork(lambda i=i: child(i)) for i in range(2)]  # type: ignore[misc]
+    os.write(go_w, b"xx")
+    assert [_join(p, 30) for p in pids] == [0, 0]
+    return pids
+
+
+def test_admin_lock_takes_turns_between_workers(tmp_path: Path) -> None:
+    """Two workers whose callers queue for the lock without a pause each get turns: the
+    one that releases lets a waiting worker in before its own next caller."""
+    _contend(str(tmp_path / "admin.lock"), 2, 2.0, tmp_path)
+    results = [tuple(map(int, (tmp_path / str(i)).read_text().split())) for i in range(2)]
+    turns = [t for t, _ in results]
+    assert min(turns) >= 0.6 * max(turns), results  # about one turn each, in turn
+    assert sum(turns) >= 100, results  # 2 s at 5 ms a turn, whatever the polls cost
+    assert max(ms for _, ms in results) < 1000, results  # nobody waits for long
+
+
+def test_admin_lock_gives_way_only_to_a_worker_still_waiting(tmp_path: Path) -> None:
+    """A slot left showing waiters (a worker killed while waiting) delays the others'
+    turns by the bounded give-way at most, and a new worker in that slot clears it."""
+    path = str(tmp_path / "admin.lock")
+    ghost = AdminLock(path, slot=1, slots=2)
+    ghost._publish(waiting=+5)  # as a worker killed while five callers waited
+    lock = AdminLock(path, slot=0, slots=2)
+
+    async def twice() -> float:
+        started = time.monotonic()
+        await asyncio.gather(*(once() for _ in range(4)))
+        return time.monotonic() - started
+
+    async def once() -> None:
+        async with lock.hold(timeout=5):
+            await asyncio.sleep(0.001)
+
+    took = asyncio.run(twice())
+    assert took < 4 * 0.25 + 0.5, took  # each turn gives way for 0.25 s at most
+    AdminLock(path, slot=1, slots=2)  # the replacement worker clears its slot
+    assert asyncio.run(twice()) < 0.2
+
+
 def test_runtime_path_prefers_systemds_runtime_directory(monkeypatch: pytest.MonkeyPatch) -> None:
     """The lock lives in $RUNTIME_DIRECTORY (first entry) when systemd sets it, else beside the socket."""
     monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
