@@ -278,7 +278,7 @@ def seed_token(
     from pkcs11 import Attribute, ObjectClass
 
     from signerd.backends import VersionState
-    from signerd.backends.pkcs11 import APPLICATION, KeyMeta, meta_label
+    from signerd.backends.pkcs11 import APPLICATION, KeyMeta, meta_label, raw_public_key
     from signerd.backends.pkcs11._generate import ed25519_parameters, make_pair
     from signerd.wire import KeyName
 
@@ -290,8 +290,9 @@ def seed_token(
     now = int(time.time())
     for k in range(part, keys, parts):
         key = KeyName(tenant, f"k{k:02d}")
+        public = {}
         for v in range(1, versions + 1):
-            make_pair(params, key.kid(v))
+            public[v] = raw_public_key(make_pair(params, key.kid(v))[Attribute.EC_POINT])
         states = {
             v: (VersionState.ACTIVE if v == versions else VersionState.VERIFY_ONLY, now)
             for v in range(1, versions + 1)
@@ -304,7 +305,7 @@ def seed_token(
                 Attribute.MODIFIABLE: False,
                 Attribute.APPLICATION: APPLICATION,
                 Attribute.LABEL: meta_label(key),
-                Attribute.VALUE: KeyMeta(seq=1, versions=states).encode(),
+                Attribute.VALUE: KeyMeta(seq=1, versions=states, public=public).encode(),
             }
         )
     session.close()

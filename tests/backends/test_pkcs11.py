@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pkcs11 import Attribute, KeyType, ObjectClass
 
 from signerd.backends import CredentialsRefused, VersionState
 from signerd.backends.pkcs11 import Pkcs11Backend, _backend, from_config
+from signerd.backends.pkcs11._objects import KeyMeta, raw_public_key
 from signerd.backends.pkcs11._session import TokenSession
 from signerd.errors import BackendUnavailable
 from signerd.wire import KeyName
@@ -133,3 +137,106 @@ def test_a_destroy_cut_short_after_its_state_leaves_no_private_key_behind(
         assert len(_private_keys(after, key.kid(2))) == 1  # only the destroyed one went
     finally:
         after.close()
+
+
+def _meta_values(backend: Pkcs11Backend, key: KeyName) -> list[dict[str, Any]]:
+    """The key's metadata objects' values, as JSON, straight from the token."""
+    template = {
+        Attribute.CLASS: ObjectClass.DATA,
+        Attribute.LABEL: f"signerd/{key.tenant}/{key.name}",
+    }
+    return backend.on_token(
+        lambda s: [json.loads(o[Attribute.VALUE]) for o in s.get_objects(template)]
+    )
+
+
+def _public_objects(backend: Pkcs11Backend, kid: str) -> list[bytes]:
+    template = {Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.LABEL: kid}
+    return backend.on_token(lambda s: [o[Attribute.EC_POINT] for o in s.get_objects(template)])
+
+
+def test_the_keyring_is_read_from_metadata_that_keeps_each_versions_public_key(
+    backend: Pkcs11Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every metadata write keeps each version's public key, equal to its public-key object
+    on the token; a new process lists the keyring without a search for public-key objects,
+    and its keys are those objects' keys."""
+    key = KeyName(unique("p11"), "meta")
+    backend.create(key)
+    backend.rotate(key, pending=False)
+    info = backend.rotate(key, pending=True)
+    (value,) = _meta_values(backend, key)
+    versions = value["versions"]
+    assert isinstance(versions, dict) and sorted(versions) == ["1", "2", "3"]
+    for v in info.versions:
+        kept = base64.b64decode(versions[str(v.version)]["public_key"])
+        (point,) = _public_objects(backend, v.kid)
+        assert kept == v.public_key == raw_public_key(point), v.kid
+    searched: set[str] = set()
+    monkeypatch.setattr(
+        _backend.Pkcs11Backend, "_prefetch_public", lambda self, s, kids: searched.update(kids)
+    )
+    after = from_config(pkcs11_backend_config())  # the next process
+    try:
+        listed = {i.key: i for i in after.list_keys()}
+        assert [v.public_key for v in listed[key].versions] == [v.public_key for v in info.versions]
+        assert not searched & {v.kid for v in info.versions}, searched  # none of its versions
+    finally:
+        after.close()
+
+
+def test_metadata_written_before_public_keys_were_kept_still_lists_and_gains_them(
+    backend: Pkcs11Backend,
+) -> None:
+    """A key whose metadata has no public keys (written by an older signerd) lists with its
+    public keys read from the token's objects, and its next change writes them in."""
+    key = KeyName(unique("p11"), "old")
+    made = backend.create(key)
+    label = f"signerd/{key.tenant}/{key.name}"
+    (value,) = _meta_values(backend, key)
+    for entry in value["versions"].values():
+        del entry["public_key"]
+    old = json.dumps({**value, "seq": int(value["seq"]) + 1}).encode()
+
+    def rewrite(s: Any) -> None:
+        s.create_object(
+            {
+                Attribute.CLASS: ObjectClass.DATA,
+                Attribute.TOKEN: True,
+                Attribute.PRIVATE: True,
+                Attribute.APPLICATION: "signerd",
+                Attribute.LABEL: label,
+                Attribute.VALUE: old,
+            }
+        )
+
+    backend.on_token(rewrite)
+    after = from_config(pkcs11_backend_config())
+    try:
+        listed = {i.key: i for i in after.list_keys()}
+        assert [v.public_key for v in listed[key].versions] == [made.versions[0].public_key]
+        after.rotate(key, pending=True)
+        newest = max(_meta_values(after, key), key=lambda v: int(v["seq"]))
+        assert all("public_key" in e for e in newest["versions"].values())
+    finally:
+        after.close()
+
+
+def test_a_malformed_kept_public_key_makes_the_metadata_unreadable() -> None:
+    """A kept public key must be canonical base64 of 32 bytes; anything else is refused as
+    malformed metadata (the key is skipped and logged, never signed with a wrong key)."""
+    good = base64.b64encode(bytes(range(32))).decode()
+    entry: dict[str, Any] = {"state": "active", "created_at": 1, "public_key": good}
+    body = {"format": 1, "seq": 1, "versions": {"1": entry}}
+    assert KeyMeta.decode(json.dumps(body).encode()).public == {1: bytes(range(32))}
+    for bad in (
+        good[:-4],
+        good.rstrip("="),
+        good + "AAAA",
+        32,
+        "not base64 at all!!",
+        good[:-2] + "x=",
+    ):
+        entry["public_key"] = bad
+        with pytest.raises(ValueError):
+            KeyMeta.decode(json.dumps(body).encode())

@@ -49,8 +49,7 @@ log = logging.getLogger("signerd.pkcs11")
 
 _T = TypeVar("_T")
 
-# pauses between searches for an object the metadata names (None: give up)
-_SHOW_PAUSES = (0.005, 0.02, None)
+_SHOW_PAUSES = (0.005, 0.02, None)  # between searches for a named object (None: give up)
 
 
 class Pkcs11Backend:
@@ -183,6 +182,8 @@ class Pkcs11Backend:
             if latest and not self._swept:  # a destroy cut short by a crash left its key
                 sweep(session, latest)
                 self._swept = True
+            for k, m in latest.items():  # those the metadata keeps need no search
+                self._public.update(m.public_keys(k))
             wanted = {k.kid(v) for k, m in latest.items() for v in m.versions} - set(self._public)
             if wanted:
                 self._prefetch_public(session, wanted)
@@ -219,7 +220,7 @@ class Pkcs11Backend:
                 Attribute.MODIFIABLE: False,
                 Attribute.APPLICATION: APPLICATION,
                 Attribute.LABEL: meta_label(key),
-                Attribute.VALUE: meta.encode(),
+                Attribute.VALUE: meta.with_public(key, self._public).encode(),
             }
         )
         for obj in old:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -44,6 +45,16 @@ def raw_public_key(ec_point: bytes) -> bytes:
     if len(ec_point) == 34 and ec_point[0] == 0x04 and ec_point[1] == 0x20:
         return ec_point[2:]
     raise BackendError("token returned an Ed25519 public key of unexpected form")
+
+
+def _public_key(text: object) -> bytes:
+    """A public key kept in metadata: canonical base64 of 32 bytes, else ValueError."""
+    if not isinstance(text, str):
+        raise ValueError("public_key is not a string")
+    raw = base64.b64decode(text, validate=True)
+    if len(raw) != 32 or base64.b64encode(raw).decode() != text:
+        raise ValueError("public_key is not 32 bytes in canonical base64")
+    return raw
 
 
 def meta_label(key: KeyName) -> str:
@@ -93,13 +104,16 @@ class KeyMeta:
 
     Per version, optionally (absent in metadata written before they were kept):
     ``changed_at``, when its state last changed, and for ``pending_deletion``
-    ``deletion_at``, when the daemon destroys it.
+    ``deletion_at``, when the daemon destroys it; ``public_key``, the version's
+    public key (base64), so that reading the keyring reads one object per key,
+    not one per version. The public-key objects stay on the token as before.
     """
 
     seq: int
     versions: dict[int, tuple[VersionState, int]]  # version -> (state, created_at)
     changed: Mapping[int, int] = field(default_factory=dict)  # version -> changed_at
     deletion: Mapping[int, int] = field(default_factory=dict)  # version -> deletion_at
+    public: Mapping[int, bytes] = field(default_factory=dict)  # version -> raw public key
 
     def encode(self) -> bytes:
         versions: dict[str, dict[str, object]] = {}
@@ -109,6 +123,8 @@ class KeyMeta:
                 entry["changed_at"] = self.changed[v]
             if v in self.deletion:
                 entry["deletion_at"] = self.deletion[v]
+            if v in self.public:
+                entry["public_key"] = base64.b64encode(self.public[v]).decode()
             versions[str(v)] = entry
         body = {"format": _META_FORMAT, "seq": self.seq, "versions": versions}
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
@@ -122,7 +138,20 @@ class KeyMeta:
         versions = {v: (VersionState(d["state"]), int(d["created_at"])) for v, d in items.items()}
         changed = {v: int(d["changed_at"]) for v, d in items.items() if "changed_at" in d}
         deletion = {v: int(d["deletion_at"]) for v, d in items.items() if "deletion_at" in d}
-        return cls(int(body["seq"]), versions, changed, deletion)
+        public = {v: _public_key(d["public_key"]) for v, d in items.items() if "public_key" in d}
+        return cls(int(body["seq"]), versions, changed, deletion, public)
+
+    def public_keys(self, key: KeyName) -> dict[str, bytes]:
+        """The public keys kept in this metadata, by kid."""
+        return {key.kid(v): raw for v, raw in self.public.items()}
+
+    def with_public(self, key: KeyName, known: Mapping[str, bytes]) -> KeyMeta:
+        """This metadata with each version's public key that ``known`` (by kid) holds."""
+        public = dict(self.public)
+        for v in self.versions:
+            if (raw := known.get(key.kid(v))) is not None:
+                public[v] = raw
+        return KeyMeta(self.seq, self.versions, self.changed, self.deletion, public)
 
     def with_states(
         self,
@@ -146,7 +175,7 @@ class KeyMeta:
                 deletion[version] = deletion_at
             else:
                 deletion.pop(version, None)
-        return KeyMeta(self.seq + 1, versions, changed, deletion)
+        return KeyMeta(self.seq + 1, versions, changed, deletion, self.public)
 
     def promotion(self, version: int) -> dict[int, VersionState]:
         """Make version active and the current active verify-only, as one change."""
