@@ -41,7 +41,6 @@ from ..server import (
 )
 from ..workers import runtime_path
 from ._deletions import DeletionReaper
-from ._memory import return_large_blocks
 from ._sockets import bind_unix_socket, unlink_own_socket
 
 if TYPE_CHECKING:
@@ -238,7 +237,6 @@ class Daemon:
         The socket is bound only once the backends are up, so a caller that
         finds it finds a signerd that answers.
         """
-        return_large_blocks()
         policy = build_policy(config, role.buckets)
         in_flight = _InFlight()
         async with contextlib.AsyncExitStack() as undo:  # a failed start closes what it opened

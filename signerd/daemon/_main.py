@@ -32,6 +32,7 @@ from ._failures import describe
 from ._forward import run_forwarder
 from ._journal import setup_logging
 from ._loop import run
+from ._memory import return_large_blocks
 from ._single import serve
 from ._supervised import supervise
 from ._systemd import notify
@@ -84,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(config.log_level)
         if args.forward:  # the audit forwarder's own process, started by the daemon
             return run_forwarder(config)
+        return_large_blocks()  # before the workers fork: they inherit it
         if config.workers > 1:
             return supervise(config, exit_code)
         run(serve(config), config.event_loop)
