@@ -3,7 +3,8 @@
 A reference for the benchmark, not part of signerd: HTTP/1.1 over a Unix
 socket with httptools on a uvloop loop, in ``--procs`` pre-forked processes
 sharing one listening socket. Each process has its own token session and
-Ed25519 key (SoftHSM2 through python-pkcs11) and its own audit file.
+Ed25519 key (SoftHSM2 through python-pkcs11) and its own audit file; with
+``--bao-addr`` it signs on OpenBao transit instead (``minimal_bao``).
 
 Per loop turn, the requests that arrived form a group. For the group, an
 intent record per request (request id, key, kid, keyed hash of the payload)
@@ -103,13 +104,11 @@ class _Group:
 
 
 class Signer:
-    """One process's token key, its checker, its audit writer and the current group."""
+    """One process's key, its audit writer and the current group. ``sign_group`` signs a
+    group's payloads and checks each signature; this class signs on the token."""
 
-    def __init__(self, private: Any, public: Any, kid: str, writer: Writer) -> None:
-        from pkcs11 import Mechanism
-
-        self.private, self.public, self.kid, self.writer = private, public, kid, writer
-        self.mechanism = Mechanism.EDDSA
+    def __init__(self, kid: str, writer: Writer) -> None:
+        self.kid, self.writer = kid, writer
         self.mac_key = secrets.token_bytes(32)
         self.prefix = secrets.token_hex(8)
         self.seq = 0
@@ -145,8 +144,8 @@ class Signer:
             items.append((conn, data, rid, key))
         if not items:
             return
-        answers: list[bytes] = []
         state = _Group()
+        answers: list[bytes] = []
 
         def finish() -> None:
             ok = state.durable
@@ -166,22 +165,45 @@ class Signer:
             if state.signed:
                 finish()
 
-        self.writer.commit(intents, durable)  # the disk works while the token signs
-        for _, data, _, _ in items:
+        def signed(signatures: list[bytes | None]) -> None:
+            answers.extend(self.answer(s) for s in signatures)
+            state.signed = True
+            if state.durable is not None:
+                finish()
+
+        self.writer.commit(intents, durable)  # the disk works while the key signs
+        self.sign_group([data for _, data, _, _ in items], signed)
+
+    def answer(self, signature: bytes | None) -> bytes:
+        if signature is None:
+            return _FAILED
+        body = b'{"kid":"%s","signature":"%s"}' % (self.kid.encode(), base64.b64encode(signature))
+        return _OK_HEAD + str(len(body)).encode() + b"\r\n\r\n" + body
+
+    def sign_group(self, datas: list[bytes], signed: Callable[[list[bytes | None]], None]) -> None:
+        raise NotImplementedError
+
+
+class TokenSigner(Signer):
+    """Signs on the loop, on the token, one payload after another."""
+
+    def __init__(self, private: Any, public: Any, kid: str, writer: Writer) -> None:
+        from pkcs11 import Mechanism
+
+        super().__init__(kid, writer)
+        self.private, self.public = private, public
+        self.mechanism = Mechanism.EDDSA
+
+    def sign_group(self, datas: list[bytes], signed: Callable[[list[bytes | None]], None]) -> None:
+        out: list[bytes | None] = []
+        for data in datas:
             try:
                 signature = self.private.sign(data, mechanism=self.mechanism)
                 self.public.verify(signature, data)  # raises InvalidSignature
+                out.append(signature)
             except Exception:
-                answers.append(_FAILED)
-                continue
-            body = b'{"kid":"%s","signature":"%s"}' % (
-                self.kid.encode(),
-                base64.b64encode(signature),
-            )
-            answers.append(_OK_HEAD + str(len(body)).encode() + b"\r\n\r\n" + body)
-        state.signed = True
-        if state.durable is not None:
-            finish()
+                out.append(None)
+        signed(out)
 
 
 class Conn(asyncio.Protocol):
@@ -264,15 +286,23 @@ def _child(listener: socket.socket, args: argparse.Namespace, number: int, ready
     import uvloop
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    # one process at a time on the token's file store (concurrent key generation in
-    # SoftHSM2 fails now and then with CKR_GENERAL_ERROR)
-    with open(os.path.join(args.audit_dir, "keygen.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        session, private, public = _open_key(args.module, args.token_label, args.pin)
+    session: Any = None
+    if args.bao_addr is None:
+        # one process at a time on the token's file store (concurrent key generation in
+        # SoftHSM2 fails now and then with CKR_GENERAL_ERROR)
+        with open(os.path.join(args.audit_dir, "keygen.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            session, private, public = _open_key(args.module, args.token_label, args.pin)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     writer = Writer(os.path.join(args.audit_dir, f"ref-minimal-{number}.jsonl"), loop)
-    signer = Signer(private, public, f"ref/minimal#{number}", writer)
+    signer: Signer
+    if args.bao_addr is None:
+        signer = TokenSigner(private, public, f"ref/minimal#{number}", writer)
+    else:
+        from .minimal_bao import bao_signer
+
+        signer = bao_signer(args.bao_addr, args.bao_token, args.bao_key, writer)
     loop.run_until_complete(loop.create_unix_server(lambda: Conn(signer), sock=listener))
     os.write(ready, b"r")
     os.close(ready)
@@ -283,12 +313,19 @@ def _child(listener: socket.socket, args: argparse.Namespace, number: int, ready
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.minimal", description=__doc__)
     parser.add_argument("--socket", required=True)
-    parser.add_argument("--module", required=True, help="the PKCS#11 module (SoftHSM2)")
-    parser.add_argument("--token-label", required=True)
+    parser.add_argument("--module", help="the PKCS#11 module (SoftHSM2)")
+    parser.add_argument("--token-label")
+    parser.add_argument("--bao-addr", help="sign on OpenBao transit at this address instead")
+    parser.add_argument("--bao-key", default="ref-minimal", help="the transit key (ed25519)")
     parser.add_argument("--audit-dir", required=True)
     parser.add_argument("--procs", type=int, default=2)
     args = parser.parse_args(argv)
-    args.pin = os.environ["REF_MINIMAL_PIN"]  # never in argv
+    if args.bao_addr is None:
+        if args.module is None or args.token_label is None:
+            parser.error("--module and --token-label, or --bao-addr")
+        args.pin = os.environ["REF_MINIMAL_PIN"]  # never in argv
+    else:
+        args.bao_token = os.environ["REF_MINIMAL_BAO_TOKEN"]
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(args.socket)
     listener.listen(1024)

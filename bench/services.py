@@ -320,17 +320,36 @@ class Minimal:
 
 def start_minimal(stack: ExitStack, tmp: Path, token: SoftHSMToken, procs: int = 2) -> Minimal:
     """Start ``bench.minimal`` (the ``ref-minimal`` server) on ``token``; wait for ``ready``."""
-    sock = tmp / "ref-minimal.sock"
-    audit = tmp / "ref-minimal-audit"
+    args = ["--module", token.module, "--token-label", token.label]
+    env = {"REF_MINIMAL_PIN": token.pin, "SOFTHSM2_CONF": str(token.conf)}
+    return _start_minimal(stack, tmp / "ref-minimal", args, env, procs)
+
+
+def start_minimal_bao(
+    stack: ExitStack, tmp: Path, bao: OpenBao, key: str, procs: int = 2
+) -> Minimal:
+    """Start ``bench.minimal`` on OpenBao transit key ``key`` (made here); wait for ``ready``."""
+    bao.call("POST", f"/v1/transit/keys/{key}", {"type": "ed25519"})
+    args = ["--bao-addr", bao.url, "--bao-key", key]
+    return _start_minimal(
+        stack, tmp / "ref-minimal-bao", args, {"REF_MINIMAL_BAO_TOKEN": bao.token}, procs
+    )
+
+
+def _start_minimal(
+    stack: ExitStack, base: Path, args: list[str], env: dict[str, str], procs: int
+) -> Minimal:
+    sock = base.with_suffix(".sock")
+    audit = base.parent / f"{base.name}-audit"
     audit.mkdir(exist_ok=True)
-    log = tmp / "ref-minimal.log"
+    log = base.with_suffix(".log")
     argv = [sys.executable, "-m", "bench.minimal", "--socket", str(sock), "--procs", str(procs)]
-    argv += ["--module", token.module, "--token-label", token.label, "--audit-dir", str(audit)]
+    argv += [*args, "--audit-dir", str(audit)]
     with log.open("wb") as err:
         proc = subprocess.Popen(
             argv,
             cwd=REPO,
-            env=dict(os.environ, REF_MINIMAL_PIN=token.pin, SOFTHSM2_CONF=str(token.conf)),
+            env=dict(os.environ, **env),
             stdout=subprocess.PIPE,
             stderr=err,
             stdin=subprocess.DEVNULL,
@@ -341,5 +360,5 @@ def start_minimal(stack: ExitStack, tmp: Path, token: SoftHSMToken, procs: int =
     line = proc.stdout.readline() if ready else b""  # "ready", or nothing when it failed
     if line.strip() != b"ready":
         _stop(proc)
-        raise ServiceError(f"ref-minimal did not start: {_tail(log)}")
+        raise ServiceError(f"{base.name} did not start: {_tail(log)}")
     return Minimal(str(sock), proc.pid)
