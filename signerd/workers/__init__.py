@@ -2,7 +2,7 @@
 
 - ``Supervisor``: the pre-fork supervisor (start, restart, reload, stop).
 - ``WorkerChannel``: a worker's pipe to the supervisor (initialised, notifications).
-- ``AdminLock``: admin operations one at a time across the workers.
+- ``AdminLock``: admin operations one at a time across the workers, in fair turns.
 - ``SharedBuckets``: rate-limit token buckets shared by the workers.
 - ``SharedConnections``: open connections per uid, counted across the workers.
 - ``WorkerTable``: each worker slot's pid, start time and restarts, for the status.
@@ -17,7 +17,7 @@ as its exit status, without touching a backend library. ``worker_main`` builds
 the backends, the key service and the policy (its limiter on
 ``channel.buckets``), calls ``channel.ready()`` once the keyring is loaded,
 serves ``sock`` (never unlinking it: the socket is the supervisor's), takes
-``AdminLock(runtime_path(config.socket, "admin.lock"))`` around admin
+``AdminLock.of_worker(config.socket, index, config.workers)`` around admin
 operations and sends ``keyring-changed TENANT/NAME`` after them, re-reading a
 key when another worker's notice arrives, and keeps ``channel.heartbeat()``
 beating from its event loop.
