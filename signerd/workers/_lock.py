@@ -10,13 +10,14 @@ Taking it never blocks the event loop: it polls with ``LOCK_NB``, a few
 milliseconds apart, until its timeout (admin operations are rare and short;
 a poll is cancellable where a blocked executor thread is not).
 
-Turns are fair between workers. A worker whose callers queue for the lock
-would otherwise keep it: its next caller takes the free lock at once, while
-another worker only looks every few milliseconds. So each worker publishes,
-in its own slot of the lock file (mapped by all), how many of its callers
-wait and how many turns it has had. A worker that releases the lock while
-another one waits lets that one have a turn before it takes the lock again,
-or waits ``_YIELD_MAX`` at most (a waiter that died or stopped waiting).
+Turns are fair between workers. A worker whose callers keep asking would
+otherwise keep the lock: its next caller, queued already or sent by a client
+the moment it had its answer, takes the free lock at once, while another
+worker only looks every few milliseconds. So each worker publishes, in its
+own slot of the lock file (mapped by all), how many of its callers wait and
+how many turns it has had. A worker that releases the lock while another one
+waits lets that one have a turn before it takes the lock again, or waits
+``_YIELD_MAX`` at most (a waiter that died or stopped waiting).
 """
 
 from __future__ import annotations
@@ -158,10 +159,10 @@ class AdminLock:
         }
 
     def _note_waiters(self) -> None:
-        """On release: the workers that wait now get a turn before this one's next."""
-        if self._waiting:
-            self._give_way = {i: t for i, (w, t) in self._others().items() if w}
-            self._give_way_until = time.monotonic() + _YIELD_MAX
+        """On release: the workers that wait now get a turn before this one's next, whether
+        that caller waits already or comes a moment later (a client's next request)."""
+        self._give_way = {i: t for i, (w, t) in self._others().items() if w}
+        self._give_way_until = time.monotonic() + _YIELD_MAX
 
     def _giving_way(self) -> bool:
         if not self._give_way:
