@@ -185,6 +185,34 @@ def test_the_keyring_is_read_from_metadata_that_keeps_each_versions_public_key(
         after.close()
 
 
+def test_a_version_made_by_another_process_is_described_from_its_metadata(
+    backend: Pkcs11Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that re-reads a key another process rotated takes the new version's public
+    key from the metadata it has just read: no search of the token for it."""
+    key = KeyName(unique("p11"), "other")
+    backend.create(key)
+    after = from_config(pkcs11_backend_config())  # the other process
+    try:
+        after.list_keys()
+        made = backend.rotate(key, pending=False).versions[-1]
+        asked: list[str] = []
+        look_up = _backend.Pkcs11Backend._public_key
+
+        def counted(self: Pkcs11Backend, session: Any, kid: str) -> bytes:
+            if kid not in self._public:
+                asked.append(kid)
+            return look_up(self, session, kid)
+
+        monkeypatch.setattr(_backend.Pkcs11Backend, "_public_key", counted)
+        info = after.describe(key)
+        assert [v.kid for v in info.versions] == [key.kid(1), made.kid]
+        assert info.versions[-1].public_key == made.public_key
+        assert asked == []
+    finally:
+        after.close()
+
+
 def test_metadata_written_before_public_keys_were_kept_still_lists_and_gains_them(
     backend: Pkcs11Backend,
 ) -> None:

@@ -157,6 +157,7 @@ class Pkcs11Backend:
                 self._public[label] = raw_public_key(obj[Attribute.EC_POINT])
 
     def _info(self, session: Any, key: KeyName, meta: KeyMeta) -> KeyInfo:
+        self._public.update(meta.public_keys(key))  # those the metadata keeps need no search
         versions = tuple(
             KeyVersion(
                 version=v,
@@ -182,9 +183,8 @@ class Pkcs11Backend:
             if latest and not self._swept:  # a destroy cut short by a crash left its key
                 sweep(session, latest)
                 self._swept = True
-            for k, m in latest.items():  # those the metadata keeps need no search
-                self._public.update(m.public_keys(k))
-            wanted = {k.kid(v) for k, m in latest.items() for v in m.versions} - set(self._public)
+            wanted = {k.kid(v) for k, m in latest.items() for v in m.versions if v not in m.public}
+            wanted -= set(self._public)
             if wanted:
                 self._prefetch_public(session, wanted)
             infos = []
