@@ -170,7 +170,7 @@ class AuditTrail(TrailFile, LoopSide):
     def submit(self, event: AuditEvent, *, later: bool = False) -> bool:
         """Queue a record that nobody waits for (an operation that does not fail closed):
         it goes out with the next group write. ``later``: not a write of its own either; it
-        joins the next one, within ``_loopside.LATER`` s (a sign's outcome: its intent is on disk).
+        joins the next one, within ``_loopside.LATER`` s, or at once when a full batch waits.
         False, and nothing queued, when the writer is closed or stuck or ``_MAX_QUEUED``
         records already wait."""
         with self._cond:
@@ -178,7 +178,7 @@ class AuditTrail(TrailFile, LoopSide):
                 return False
             self._start()
             self._queue.append(Job(event, None, None))
-            if not later:
+            if not later or len(self._queue) >= _MAX_BATCH:  # a full batch goes now
                 self._handed = True
                 self._cond.notify()
             elif self._later_due is None:
@@ -190,12 +190,20 @@ class AuditTrail(TrailFile, LoopSide):
         return self.submit(event, later=True)
 
     def write_now(self, events: list[AuditEvent], timeout: float) -> int:
-        """From the stall guard's thread: write the first ``_MAX_BATCH`` of ``events`` durably
-        now; how many were written (0 when the file is not free within ``timeout``)."""
+        """From the stall guard's thread (the process ends next): the first ``_MAX_BATCH`` of
+        ``events`` written durably now, after what is queued and not written yet (records
+        ``submit_later`` holds back for a loop timer that a stuck loop never runs); how many
+        of ``events`` were written (0 when the file is not free within ``timeout``)."""
         if not events or not self._io.acquire(timeout=timeout):
             return 0
         try:
-            return len(self._write_jobs([Job(e, None, None) for e in events[:_MAX_BATCH]]))
+            with self._cond:
+                queued = [] if self._reopen else self._take()
+            jobs = [Job(e, None, None) for e in events[:_MAX_BATCH]]
+            lines = self._write_jobs(queued + jobs)
+            with self._cond:
+                self._done(queued, lines)
+            return len(jobs) if lines else 0
         finally:
             self._io.release()
 

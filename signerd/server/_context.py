@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
+import os
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -41,8 +44,26 @@ __all__ = [
     "RequestContext",
     "Services",
     "check_fields",
+    "fresh_request_id",
     "sha256_hex",
 ]
+
+_ids: tuple[str, itertools.count[int]] = (secrets.token_hex(8), itertools.count())
+
+
+def _new_ids() -> None:
+    global _ids
+    _ids = (secrets.token_hex(8), itertools.count())
+
+
+os.register_at_fork(after_in_child=_new_ids)  # each worker draws its own prefix
+
+
+def fresh_request_id() -> str:
+    """32 hex digits, unique across processes and restarts: a random prefix per process
+    and a counter (uuid4 costs a getrandom call and an object per request)."""
+    prefix, counter = _ids
+    return f"{prefix}{next(counter) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 #: each operation's name (``.value`` is a Python-level property; this is a dict lookup)

@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import logging
-import os
-import secrets
 import socket
 import time
 import traceback
@@ -48,7 +45,14 @@ from ..errors import (
     SignerdError,
 )
 from ..wire import KeyName, request_id_from
-from ._context import OPERATION_NAMES, AdminChange, AuditNotes, Handler, RequestContext
+from ._context import (
+    OPERATION_NAMES,
+    AdminChange,
+    AuditNotes,
+    Handler,
+    RequestContext,
+    fresh_request_id,
+)
 from ._idempotency import AdminRuns, unknown
 from ._idemstore import IdempotencyStore
 from ._limits import Limits, Throttled
@@ -67,24 +71,6 @@ PeerLookup = Callable[[Any], Peer]  # a connected socket -> its peer
 Observe = Callable[[AuditNotes, str, int, float], None]
 UNKNOWN_PEER = Peer(pid=0, uid=-1, gid=-1)
 _MAX_QUIET = 4096  # uids whose unrecorded 429s are counted
-
-
-_ids: tuple[str, itertools.count[int]] = (secrets.token_hex(8), itertools.count())
-
-
-def _new_ids() -> None:
-    global _ids
-    _ids = (secrets.token_hex(8), itertools.count())
-
-
-os.register_at_fork(after_in_child=_new_ids)  # each worker draws its own prefix
-
-
-def _fresh_request_id() -> str:
-    """32 hex digits, unique across processes and restarts: a random prefix per process
-    and a counter (uuid4 costs a getrandom call and an object per request)."""
-    prefix, counter = _ids
-    return f"{prefix}{next(counter) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 class VisibilityGate(Gate, Protocol):
@@ -210,7 +196,7 @@ class Front:
     async def dispatch(self, request: Request) -> Response:
         started = time.perf_counter()
         given = request.headers.get("X-Request-Id")
-        rid = request_id_from(given, "") or _fresh_request_id()
+        rid = request_id_from(given, "") or fresh_request_id()
         ctx = request.context = RequestContext(self, request, rid, UNKNOWN_PEER, Operation.HEALTH)
         notes = ctx.notes
         headers: dict[str, str] = {"X-Request-Id": rid}
@@ -338,10 +324,9 @@ class Front:
         return self._queueing() is not None
 
     def _queued(self, ctx: RequestContext, outcome: str, status: int, reason: str | None) -> bool:
-        """The record of an answer that waits for none (``_follows``), queued: it goes out
-        with the next group write, and the answer does not wait for its fsync. After intent
-        records (durable already) it joins the next write rather than making one of its own.
-        False, and nothing done, for a record the answer waits for."""
+        """The record of an answer that waits for none (``_follows``), queued for the next group
+        write; a success or a sign's outcome joins one within 50 ms (``submit_later``), making
+        no write of its own. False, and nothing done, for a record the answer waits for."""
         if not self._follows(ctx, outcome):
             return False
         notes = ctx.notes
@@ -349,9 +334,9 @@ class Front:
             return True
         event = self._event(ctx, outcome, status, reason)
         notes.written = True
-        if notes.ahead and self._ahead_sink is not None:
-            queued = self._ahead_sink.submit_later(event)
-        else:
+        if (notes.ahead or outcome == "ok") and (ahead := self._writing_ahead()) is not None:
+            queued = ahead.submit_later(event)  # no write of its own: it joins the next one
+        else:  # a refusal or an error: written at once
             queued = (queueing := self._queueing()) is not None and queueing.submit(event)
         if not queued:
             log.error("signerd.audit_unavailable request_id=%s outcome=%s", ctx.rid, outcome)
@@ -373,11 +358,16 @@ class Front:
     def write_ahead(self, event: AuditEvent, group: bool = False) -> PendingRecord | None:
         """``event`` queued for the disk now (``WriteAheadAuditSink``), or None when the
         sink cannot write ahead (the checks run once per sink)."""
+        sink = self._writing_ahead()
+        return None if sink is None else sink.ahead(event, group)
+
+    def _writing_ahead(self) -> WriteAheadAuditSink | None:
+        """``audit`` when it writes ahead (the protocol check runs once per sink)."""
         if self._ahead_of is not self.audit:
             sink = self.audit
             self._ahead_of = sink
             self._ahead_sink = sink if isinstance(sink, WriteAheadAuditSink) else None
-        return None if self._ahead_sink is None else self._ahead_sink.ahead(event, group)
+        return self._ahead_sink
 
     def _queueing(self) -> QueueingAuditSink | None:
         """``audit`` when it queues (the protocol check costs microseconds: once per sink)."""

@@ -297,6 +297,55 @@ async def test_an_outcome_joins_the_next_write_or_goes_out_soon(
     await trail.aclose()
 
 
+async def test_a_full_batch_of_later_records_goes_out_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records queued ``submit_later`` (a caller verifying in a loop) wait for a timer, up to
+    a full batch: the one that fills it hands them all to the writer at once."""
+    import signerd.audit._loopside as trail_module
+    import signerd.audit._trail as trail_impl
+
+    monkeypatch.setattr(trail_module, "LATER", 30.0)
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail(str(path))
+    trail.open()
+    full = trail_impl._MAX_BATCH
+    for i in range(full - 1):
+        assert trail.submit_later(_event(f"v{i}", "ok"))
+    await asyncio.sleep(0.3)
+    assert _records(path) == []  # held back for the timer
+    assert trail.submit_later(_event("last", "ok"))
+    deadline = time.monotonic() + 5
+    while len(_records(path)) < full and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert [r["request_id"] for r in _records(path)][-1] == "last"
+    assert len(_records(path)) == full
+    await trail.aclose()
+
+
+def test_every_verification_in_a_row_is_in_the_trail(tmp_path: Path) -> None:
+    """On the daemon: the records of 50 verifications in a row (which join group writes
+    rather than making one each) and of a refused one all reach the trail."""
+    d = start_daemon(tmp_path / "d", keys={"bootstrap": ["t/k"]})
+    try:
+        sock = str(d.socket_path)
+        signed = request(sock, "POST", "/v1/sign", {"key": "t/k", "data": "aGk="})
+        body = {"kid": signed.json["kid"], "data": "aGk=", "signature": signed.json["signature"]}
+        for _ in range(50):
+            assert request(sock, "POST", "/v1/verify", body).status == 200
+        refused = request(sock, "POST", "/v1/verify", {**body, "kid": "t.nope.v1"})
+        assert (refused.status, refused.code) == (401, "unknown_kid")
+
+        def verifications() -> list[str]:
+            found = [r["outcome"] for r in d.audit_records() if r["operation"] == "verify"]
+            return found if len(found) == 51 else []
+
+        outcomes = wait_until(verifications, 10, "every verify's record")
+        assert sorted(outcomes) == ["ok"] * 50 + ["unknown_kid"]
+    finally:
+        d.stop()
+
+
 async def test_a_written_outcomes_timer_makes_no_write_for_a_later_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

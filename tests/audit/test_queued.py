@@ -126,3 +126,50 @@ async def test_only_fail_closed_answers_wait_for_the_fsync(
     await trail.aclose()
     assert [r["operation"] for r in _records(path)] == ["sign", "verify"]
     assert verify_file(str(path)).ok
+
+
+async def test_a_success_record_waits_for_the_next_write_and_a_refusal_goes_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through Front: a verify's success record makes no write of its own (it joins the next
+    one, here the trail's close); a refusal's record is handed to the writer at once."""
+    import signerd.audit._loopside as loopside
+    from signerd.authz import Operation
+    from signerd.errors import InvalidSignature
+    from signerd.server import Front, Request, RequestContext, Response, json_response
+
+    monkeypatch.setattr(loopside, "LATER", 30.0)
+
+    async def good(ctx: RequestContext) -> Response:
+        return json_response({"ok": True})
+
+    async def bad(ctx: RequestContext) -> Response:
+        raise InvalidSignature()
+
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail(str(path), write_timeout=2.0)
+    front = Front(gate=OpenGate(), audit=trail, peer_lookup=lambda sock: PEER)
+    front.add_routes(
+        [
+            ("POST", "/v1/x/good", good, Operation.VERIFY),
+            ("POST", "/v1/x/bad", bad, Operation.VERIFY),
+        ]
+    )
+
+    async def answer(url: bytes) -> int:
+        r = Request(method="POST", raw_url=url, raw_headers=[], keep_alive=True)
+        r.complete = True
+        response = await front.dispatch(r)
+        response.written()
+        return response.status
+
+    assert await answer(b"/v1/x/good") == 200
+    await asyncio.sleep(0.3)
+    assert not path.exists() or _records(path) == []  # waits for a write to join
+    assert await answer(b"/v1/x/bad") == 401
+    deadline = time.monotonic() + 5
+    while (not path.exists() or len(_records(path)) < 2) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert [r["outcome"] for r in _records(path)] == ["ok", "invalid_signature"]
+    await trail.aclose()
+    assert verify_file(str(path)).ok

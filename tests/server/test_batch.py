@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from ..conftest import DaemonProcess, policy_allow_all, start_daemon, unique
+from ..conftest import DaemonProcess, policy_allow_all, start_daemon, unique, wait_until
 from .test_amplification import as_stranger, http_post
 
 pytestmark = pytest.mark.timeout(120)
@@ -58,10 +58,20 @@ def _batch(keys: list[str]) -> bytes:
     )
 
 
-def _last_record(d: DaemonProcess) -> dict[str, Any]:
-    lines = d.audit_records()
-    record: dict[str, Any] = [r for r in lines if r["peer"]["uid"] == 65534][-1]
-    return record
+def _stranger_records(d: DaemonProcess) -> list[dict[str, Any]]:
+    return [r for r in d.audit_records() if r["peer"]["uid"] == 65534]
+
+
+def _batch_record(d: DaemonProcess, reqs: list[bytes]) -> tuple[tuple[int, str, float], Any]:
+    """The answer to one batch sent as the stranger, and its audit record: a record nobody
+    waits for joins the next write, within 50 ms, so it is waited for here."""
+    before = len(_stranger_records(d))
+    (answer,) = as_stranger(d, reqs)
+
+    def final() -> list[dict[str, Any]]:
+        return [r for r in _stranger_records(d)[before:] if r["outcome"] != "intent"]
+
+    return answer, wait_until(final, 5.0, "the batch's record")[-1]
 
 
 def _names_digest(names: list[str]) -> str:
@@ -74,9 +84,8 @@ def test_batch_refused_for_permission_everywhere_is_403(
     """Every item in another tenant: 403, audited with counts, item codes and a names digest."""
     d, _, other = setup
     names = [f"{other}/k", f"{other}/k", f"{other}/nope"]
-    ((status, body, _),) = as_stranger(d, [_batch(names)])
+    (status, body, _), record = _batch_record(d, [_batch(names)])
     assert (status, json.loads(body)["error"]["code"]) == (403, "permission_denied")
-    record = _last_record(d)
     assert (record["outcome"], record["status"]) == ("permission_denied", 403)
     assert record["reason"] == (
         "every item was refused: refused 3 of 3 items (permission_denied=3): "
@@ -89,12 +98,13 @@ def test_batch_refused_for_permission_everywhere_is_403(
 def test_partly_refused_batch_records_item_codes(setup: tuple[DaemonProcess, str, str]) -> None:
     """A mixed batch answers 200 per item; its record holds the signed item and summarises the rest."""
     d, mine, other = setup
-    ((status, body, _),) = as_stranger(d, [_batch([f"{mine}/k", f"{other}/k", f"{mine}/nope"])])
+    (status, body, _), record = _batch_record(
+        d, [_batch([f"{mine}/k", f"{other}/k", f"{mine}/nope"])]
+    )
     assert status == 200
     results = json.loads(body)["results"]
     assert "signature" in results[0]
     assert [r["error"]["code"] for r in results[1:]] == ["permission_denied", "unknown_key"]
-    record = _last_record(d)
     assert (record["outcome"], record["status"]) == ("partial:2/3", 200)
     assert record["reason"] == (
         "refused 2 of 3 items (permission_denied=1,unknown_key=1): "
@@ -112,23 +122,23 @@ def test_partly_refused_batch_records_item_codes(setup: tuple[DaemonProcess, str
 def test_batch_refused_for_other_reasons_stays_200(setup: tuple[DaemonProcess, str, str]) -> None:
     """All items refused, not all for permission: 200 with per-item errors (only permission is 403)."""
     d, mine, other = setup
-    ((status, body, _),) = as_stranger(d, [_batch([f"{mine}/nope", f"{other}/k"])])
+    (status, body, _), record = _batch_record(d, [_batch([f"{mine}/nope", f"{other}/k"])])
     assert status == 200
     assert [r["error"]["code"] for r in json.loads(body)["results"]] == [
         "unknown_key",
         "permission_denied",
     ]
-    assert _last_record(d)["outcome"] == "partial:2/2"
+    assert record["outcome"] == "partial:2/2"
 
 
 def test_refused_batch_record_is_bounded(setup: tuple[DaemonProcess, str, str]) -> None:
     """256 refused items of 256 names: one record under 1.5 KiB (8 codes listed, a count, a digest)."""
     d, _, other = setup
     names = [f"{other}/k{i:03d}-{'x' * 50}" for i in range(256)]
-    ((status, _, _),) = as_stranger(d, [_batch(names)])
+    (status, _, _), record = _batch_record(d, [_batch(names)])
     assert status == 403
     lines = [x for p in d.audit_files() for x in p.read_bytes().splitlines()]
-    line = [x for x in lines if b'"uid":65534' in x][-1]
+    (line,) = [x for x in lines if json.loads(x)["record_id"] == record["record_id"]]
     assert len(line) < 1536, len(line)
     reason = json.loads(line)["reason"]
     assert reason.count(":permission_denied") == 8 and "+248 more" in reason

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import signal
 import subprocess
@@ -184,6 +185,26 @@ def test_stall_records_are_written_from_another_thread_and_give_up_on_a_busy_fil
     assert written == 0 and 0.2 <= took < 1.5, out
     report = verify_file(str(path))
     assert report.ok and report.records == 2, report
+
+
+def test_stall_records_take_along_the_records_queued_for_a_later_write(tmp_path: Path) -> None:
+    """A record queued to join a later write (``submit_later``: a verify's, a sign's outcome)
+    waits for a timer of the loop; a loop stuck in a call never runs it, so ``write_now``
+    writes what is queued before the stall records, in one write."""
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail(str(path), anchor_path=None)
+    trail.open()
+
+    async def stuck() -> int:
+        assert trail.submit_later(_event("q1")) and trail.submit_later(_event("q2"))
+        return trail.write_now([_event("s1")], 1.0)  # the loop is "stuck" here: no timer ran
+
+    assert asyncio.run(stuck()) == 1
+    ids = [json.loads(line)["request_id"] for line in path.read_text().splitlines()]
+    assert ids == ["q1", "q2", "s1"]
+    asyncio.run(trail.aclose())
+    report = verify_file(str(path))
+    assert report.ok and report.records == 3, report
 
 
 # --- a real token that stops answering -------------------------------------------
