@@ -16,6 +16,7 @@ import pytest
 from signerd.audit import AuditEvent, AuditTrail, verify_file
 from signerd.authz import Peer
 from signerd.errors import AuditUnavailable
+from signerd.server import Front
 
 from ..conftest import OpenGate
 
@@ -24,6 +25,14 @@ PEER = Peer(pid=1, uid=1000, gid=1000)
 
 def _event(rid: str) -> AuditEvent:
     return AuditEvent(time=time.time(), request_id=rid, peer=PEER, operation="sign", outcome="ok")
+
+
+def _front(path: Path, routes: list[tuple[str, Any, Any]]) -> tuple[AuditTrail, Front]:
+    """A trail at ``path`` and a ``Front`` answering POST on ``routes`` (path, handler, op)."""
+    trail = AuditTrail(str(path), write_timeout=2.0)
+    front = Front(gate=OpenGate(), audit=trail, peer_lookup=lambda sock: PEER)
+    front.add_routes([("POST", url, handler, op) for url, handler, op in routes])
+    return trail, front
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -86,7 +95,7 @@ async def test_only_fail_closed_answers_wait_for_the_fsync(
     """Through Front: a verify's answer does not wait for a slow fsync, a sign's does; both
     records end up in the chain."""
     from signerd.authz import Operation
-    from signerd.server import Front, Request, RequestContext, Response, json_response
+    from signerd.server import Request, RequestContext, Response, json_response
 
     real = os.fsync
 
@@ -100,13 +109,8 @@ async def test_only_fail_closed_answers_wait_for_the_fsync(
         return json_response({"ok": True})
 
     path = tmp_path / "audit.jsonl"
-    trail = AuditTrail(str(path), write_timeout=2.0)
-    front = Front(gate=OpenGate(), audit=trail, peer_lookup=lambda sock: PEER)
-    front.add_routes(
-        [
-            ("POST", "/v1/x/verify", handle, Operation.VERIFY),
-            ("POST", "/v1/x/sign", handle, Operation.SIGN),
-        ]
+    trail, front = _front(
+        path, [("/v1/x/verify", handle, Operation.VERIFY), ("/v1/x/sign", handle, Operation.SIGN)]
     )
 
     def req(url: bytes) -> Request:
@@ -136,7 +140,7 @@ async def test_a_success_record_waits_for_the_next_write_and_a_refusal_goes_at_o
     import signerd.audit._loopside as loopside
     from signerd.authz import Operation
     from signerd.errors import InvalidSignature
-    from signerd.server import Front, Request, RequestContext, Response, json_response
+    from signerd.server import Request, RequestContext, Response, json_response
 
     monkeypatch.setattr(loopside, "LATER", 30.0)
 
@@ -147,13 +151,8 @@ async def test_a_success_record_waits_for_the_next_write_and_a_refusal_goes_at_o
         raise InvalidSignature()
 
     path = tmp_path / "audit.jsonl"
-    trail = AuditTrail(str(path), write_timeout=2.0)
-    front = Front(gate=OpenGate(), audit=trail, peer_lookup=lambda sock: PEER)
-    front.add_routes(
-        [
-            ("POST", "/v1/x/good", good, Operation.VERIFY),
-            ("POST", "/v1/x/bad", bad, Operation.VERIFY),
-        ]
+    trail, front = _front(
+        path, [("/v1/x/good", good, Operation.VERIFY), ("/v1/x/bad", bad, Operation.VERIFY)]
     )
 
     async def answer(url: bytes) -> int:
