@@ -121,6 +121,7 @@ class Crashes:
             self.ledger.read(self.out)
             c = Client(self.daemon.socket_path, timeout=30.0)
             got = check_restart(c, self.keys, self.ledger, self.daemon.audit_path.parent)
+            self.settled()
             wait_until(lambda: self.caught_up(heads=False), 60, "the collector to catch up")
             copies = self.check_forwarded()  # the copies a kill causes come first after it
             assert copies - self.copies <= BATCH_RECORDS * (self.forwarder_kills - kills), (
@@ -144,6 +145,7 @@ class Crashes:
         jwks = self.base / "jwks.json"
         jwks.write_text(json.dumps({"keys": Client(self.daemon.socket_path).jwks()}))
         audit_dir = str(self.daemon.audit_path.parent)
+        self.settled()
         wait_until(self.caught_up, 60, "the collector to hold the whole trail and its heads")
         assert self.daemon.stop() == 0, self.logs()
         self.verify(audit_dir)
@@ -188,6 +190,20 @@ class Crashes:
         )
         assert done.returncode == 0, f"SIGNERD_CRASH_SEED={self.seed}: {done.stdout}{done.stderr}"
         return done.stdout
+
+    def settled(self, quiet: float = 0.3) -> None:
+        """Until the trail has not grown for ``quiet`` seconds: the record of a success
+        (a verify, a read) joins a write up to 50 ms after its answer."""
+        last, since = set(self.trail()), time.monotonic()
+
+        def still() -> bool:
+            nonlocal last, since
+            now = set(self.trail())
+            if now != last:
+                last, since = now, time.monotonic()
+            return time.monotonic() - since >= quiet
+
+        wait_until(still, 30, "the trail to settle", interval=0.05)
 
     def caught_up(self, heads: bool = True) -> bool:
         """Whether the collector holds every record of the trail (and, with ``heads``, a
