@@ -318,7 +318,7 @@ class Front:
         if notes.operation is Operation.HEALTH or notes.written:
             return True
         if notes.ahead:
-            return self._ahead_sink is not None
+            return self._writing_ahead() is not None
         if outcome == "ok" and notes.operation.fails_closed:
             return False
         return self._queueing() is not None
