@@ -226,19 +226,17 @@ class Keyring:
             backend = self._backends[name]
             gone: frozenset[KeyName] = frozenset()
             try:
-                listed = await self._listing(name, timeout)
+                ticket, listed = await self._listing(name, timeout)
                 missing = self._known(name) - listed.keys()
                 if missing:
                     self.counters.recoveries += 1
                     log.warning(
                         "signerd.keyring_suspect backend=%s missing=%d listed=%d",
-                        name,
-                        len(missing),
-                        len(listed),
+                        *(name, len(missing), len(listed)),
                     )
                     if isinstance(backend, Recoverable):
                         await self._run(name, backend.recover, timeout)
-                    listed = await self._listing(name, timeout)
+                    ticket, listed = await self._listing(name, timeout)
                     missing = self._known(name) - listed.keys()
                 if missing:
                     known = [self.keys[k] for k in sorted(missing)]
@@ -250,7 +248,7 @@ class Keyring:
                 raise
             for info in listed.values():
                 if self._route(info.key.tenant) == name:  # not moved meanwhile (``rehome``)
-                    self.store(info)
+                    self.store(info, ticket)
             for key in sorted(gone):
                 log.warning("signerd.key_gone key=%s backend=%s", key, name)
                 self.counters.forgotten.append(str(key))
@@ -262,10 +260,14 @@ class Keyring:
                 self._suspects.discard(name)
                 log.warning("signerd.keyring_recovered backend=%s keys=%d", name, len(listed))
 
-    async def _listing(self, name: str, timeout: float | None) -> dict[KeyName, KeyInfo]:
-        self.counters.keyring_reads += 1
+    async def _listing(
+        self, name: str, timeout: float | None
+    ) -> tuple[int, dict[KeyName, KeyInfo]]:
+        """The keyring, with a ticket taken before it is read: a key read after the listing
+        started and stored first is not overwritten by it (``store``)."""
+        ticket, self.counters.keyring_reads = self.ticket(), self.counters.keyring_reads + 1
         infos = await self._run(name, self._backends[name].list_keys, timeout)
-        return {i.key: i for i in infos if self._route(i.key.tenant) == name}
+        return ticket, {i.key: i for i in infos if self._route(i.key.tenant) == name}
 
     def _known(self, name: str) -> set[KeyName]:
         return {k for k in self.keys if self._route(k.tenant) == name}
@@ -273,11 +275,7 @@ class Keyring:
     def _mark_suspect(self, name: str) -> None:
         if name not in self._suspects:
             self._suspects.add(name)
-            log.error(
-                "signerd.keyring_kept backend=%s keys=%d",
-                name,
-                len(self._known(name)),
-            )
+            log.error("signerd.keyring_kept backend=%s keys=%d", name, len(self._known(name)))
         healer = self._healers.get(name)
         if healer is None or healer.done():
             self._healers[name] = _spawn(self._heal(name))

@@ -37,6 +37,7 @@ from ._deletion import Deletions
 from ._executors import Executors
 from ._keyring import Entry, Keyring
 from ._lifecycle import logged_changes, require, retire_call
+from ._notices import Notices
 from ._periodic import refresh_periodically
 from ._settings import Settings
 
@@ -91,6 +92,11 @@ class KeyService:
         self._change = logged_changes(self._calls.change, self._keys, self.backend_name)
         self._kids = self._keyring.kids
         self._store = self._keyring.store
+        #: changes other workers announced; ``learn`` is what a notice calls
+        self._notices = Notices(
+            self._keyring, lambda key: self._on(key, lambda b: b.describe(key)), self.backend_name
+        )
+        self.learn = self._notices.learn
         self.counters = self._keyring.counters
         self._admin_locks: dict[KeyName, asyncio.Lock] = {}
         #: wraps every admin operation: the workers' cross-process lock and change notice
@@ -240,8 +246,8 @@ class KeyService:
         """``sign(version)`` with the active version; after another daemon rotated or retired
         under us (InvalidState, UnknownVersion), learn the keyring again and retry once."""
         info = self._keys.get(key)
-        if info is None:
-            info = await self._keyring.cached(key)
+        if info is None or key in self._notices:
+            info = await self._notices.current(key)
         active = info.active
         if active is None:
             raise InvalidState("key has no active version")
@@ -294,6 +300,9 @@ class KeyService:
     async def verify(self, kid: str, data: bytes, signature: bytes) -> tuple[KeyName, KeyVersion]:
         """Return the key and version when the signature is valid; raise otherwise."""
         entry = await self._entry(kid)
+        if entry.key in self._notices:  # changed by another worker, not read here yet
+            await self._notices.current(entry.key)
+            entry = await self._entry(kid)
         state = entry.version.state
         if state is VersionState.RETIRED or state is VersionState.PENDING_DELETION:
             raise RetiredKid()  # pending deletion is disabled, as retired
@@ -334,17 +343,6 @@ class KeyService:
             )
         except UnknownKey:
             return None
-
-    async def learn(self, key: KeyName) -> None:
-        """Another process changed ``key``: read it now, never waiting for this process's own
-        admin operation on it (that one may wait for the lock the notifier holds); a read
-        older than one stored first is dropped; a key no longer found gets a careful re-read."""
-        ticket = self._keyring.ticket()
-        try:
-            self._keyring.store(await self._on(key, lambda b: b.describe(key)), ticket)
-        except UnknownKey:
-            if key in self._keys:
-                await self._keyring.reread(self.backend_name(key.tenant))
 
     async def create(self, key: KeyName) -> KeyInfo:
         async with self.admin(key):

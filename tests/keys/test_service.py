@@ -288,6 +288,33 @@ async def test_learn_does_not_wait_for_an_admin_operation_of_its_own(
     assert (await svc.sign(key, b"m"))[0] == key.kid(3)
 
 
+async def test_after_a_notice_signs_and_verifies_read_the_key_first(
+    svc: KeyService, key: KeyName
+) -> None:
+    """A change announced by another worker whose re-read has not run (slow, or failed): a
+    sign reads the key before signing, never with the version the change replaced, and a
+    verify reads it before accepting a kid the change retired."""
+    await svc.create(key)
+    kid1, sig1 = await svc.sign(key, b"m")
+    other = _service()
+    await other.start()
+    try:
+        await other.rotate(key)
+        await other.retire(key, 1)
+    finally:
+        await other.close()
+    svc.learn(key).close()  # announced; its re-read never runs
+    reads = svc.counters.key_reads
+    assert (await svc.sign(key, b"m"))[0] == key.kid(2)
+    assert svc.counters.key_reads == reads + 1
+    await svc.sign(key, b"m")  # read once: the next sign is served from the cache
+    assert svc.counters.key_reads == reads + 1
+    svc.learn(key).close()
+    with pytest.raises(RetiredKid):
+        await svc.verify(kid1, b"m", sig1)
+    assert svc.counters.key_reads == reads + 2
+
+
 async def test_an_older_read_never_overwrites_a_newer_one(svc: KeyService, key: KeyName) -> None:
     """A read that started before one already stored is dropped: the cache keeps the newer."""
     first = await svc.create(key)
