@@ -8,8 +8,9 @@ alone does not keep a worker from signing with what its cache held before.
 
 ``Notices`` does: from the moment a notice arrives until a read of the key
 that started after it has been stored, a sign or verify with the key reads
-it first (``current``). When that read fails, the caller gets the read's
-error (503), never a signature by a version the change replaced.
+it first (``current``). When that read fails, a sign gets the read's error
+(503), never a signature by a version the change replaced; a verify answers
+from the cache, as it does whenever the backend is down.
 """
 
 from __future__ import annotations

@@ -301,7 +301,8 @@ class KeyService:
         """Return the key and version when the signature is valid; raise otherwise."""
         entry = await self._entry(kid)
         if entry.key in self._notices:  # changed by another worker, not read here yet
-            await self._notices.current(entry.key)
+            with contextlib.suppress(SignerdError):  # unreadable: the cache answers
+                await self._notices.current(entry.key)
             entry = await self._entry(kid)
         state = entry.version.state
         if state is VersionState.RETIRED or state is VersionState.PENDING_DELETION:

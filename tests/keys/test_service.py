@@ -315,6 +315,29 @@ async def test_after_a_notice_signs_and_verifies_read_the_key_first(
     assert svc.counters.key_reads == reads + 2
 
 
+async def test_after_a_notice_an_unreadable_key_is_not_signed_with_but_verifies(
+    svc: KeyService, key: KeyName, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change announced while the backend cannot be read: a sign answers 503 rather than
+    sign with what the cache held; a verify answers from the cache; once the key can be
+    read again, signs go on."""
+    await svc.create(key)
+    kid1, sig1 = await svc.sign(key, b"m")
+    _, backend = svc.backend_of(key)
+
+    def unreadable(_key: KeyName) -> None:
+        raise BackendUnavailable("down")
+
+    monkeypatch.setattr(backend, "describe", unreadable)
+    with pytest.raises(BackendUnavailable):
+        await svc.learn(key)
+    with pytest.raises(BackendUnavailable):
+        await svc.sign(key, b"m")
+    await svc.verify(kid1, b"m", sig1)
+    monkeypatch.undo()
+    assert (await svc.sign(key, b"m"))[0] == kid1
+
+
 async def test_an_older_read_never_overwrites_a_newer_one(svc: KeyService, key: KeyName) -> None:
     """A read that started before one already stored is dropped: the cache keeps the newer."""
     first = await svc.create(key)
