@@ -157,8 +157,9 @@ class Keyring:
         self.counters.key_reads += 1
         name = self._route(key.tenant)
         backend = self._backends[name]
+        ticket = self.ticket()  # taken before the read: a read that started later wins
         try:
-            return self.store(await self._run(name, lambda: backend.describe(key)))
+            return self.store(await self._run(name, lambda: backend.describe(key)), ticket)
         except UnknownKey:
             if name in self._suspects:
                 raise BackendUnavailable("the keyring is being re-read") from None

@@ -338,10 +338,9 @@ class KeyService:
 
     async def read(self, key: KeyName) -> KeyInfo | None:
         """``key`` from the cache, else one lookup in its backend (no re-read); None if absent."""
+        info, ticket = self._keys.get(key), self._keyring.ticket()  # before the read
         try:
-            return self._keys.get(key) or self._store(
-                await self._on(key, lambda b: b.describe(key))
-            )
+            return info or self._store(await self._on(key, lambda b: b.describe(key)), ticket)
         except UnknownKey:
             return None
 

@@ -206,8 +206,9 @@ async def test_sign_follows_a_rotation_made_elsewhere(svc: KeyService, key: KeyN
     """When another daemon destroyed the cached active version, sign re-reads and uses the new one."""
     await svc.create(key)
     await _replace_active_elsewhere(key)
-    kid, sig = await svc.sign(key, b"after")
-    assert kid == key.kid(2)
+    intents: list[str] = []  # the kid of each attempt's intent record
+    kid, sig = await svc.sign(key, b"after", intents.append)
+    assert kid == key.kid(2) and intents == [key.kid(1), key.kid(2)]
     await svc.verify(kid, b"after", sig)
 
 

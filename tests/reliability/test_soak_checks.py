@@ -15,8 +15,9 @@ def _req(rid: str, what: str, status: int = 200, code: str = "", kid: str = "t.k
     return Request(rid, what, 1.0, 0.01, status, code, kid)
 
 
-def _rec(rid: str, outcome: str, status: int = 200) -> dict[str, Any]:
-    return {"request_id": rid, "outcome": outcome, "status": 0 if outcome == "intent" else status}
+def _rec(rid: str, outcome: str, status: int = 200, kid: str = "t.k1.v1") -> dict[str, Any]:
+    status = 0 if outcome == "intent" else status
+    return {"request_id": rid, "outcome": outcome, "status": status, "kid": kid}
 
 
 def _good() -> tuple[list[Request], list[dict[str, Any]]]:
@@ -34,13 +35,24 @@ def test_audit_pairs_reports_each_kind_of_mismatch() -> None:
     """Missing intent, extra outcome, wrong status, verify intent, stray record: each reported."""
     reqs, recs = _good()
     assert audit_pairs(reqs, [r for r in recs if r != _rec("a", "intent")]) == [
-        "a (sign): 0 intent records"
+        "a (sign): no intent record"
     ]
     assert audit_pairs(reqs, [*recs, _rec("d", "ok")]) == ["d (tsign): 2 outcome records"]
     changed = [_rec("b", "ok", 503) if r == _rec("b", "ok") else r for r in recs]
     assert audit_pairs(reqs, changed) == ["b (verify): outcome 503"]
     assert audit_pairs(reqs, [*recs, _rec("b", "intent")]) == ["b (verify): an intent record"]
     assert audit_pairs(reqs, [*recs, _rec("z", "ok")]) == ["record of request z no client sent"]
+    assert audit_pairs(reqs, [*recs, _rec("c", "intent")]) == ["c (rotate): 2 intents"]
+    other = [_rec("d", "intent", kid="t.k1.v2") if r == _rec("d", "intent") else r for r in recs]
+    assert audit_pairs(reqs, other) == ["d (tsign): no intent names the kid that signed"]
+
+
+def test_audit_pairs_accepts_a_sign_made_again_with_the_new_version() -> None:
+    """A sign whose first attempt met a rotation made elsewhere signs again with the new
+    version: an intent per attempt, the outcome naming the second's kid."""
+    reqs, recs = _good()
+    again = [_rec("a", "intent", kid="t.k1.v2") if r == _rec("a", "ok") else r for r in recs]
+    assert audit_pairs(reqs, [*again, _rec("a", "ok", kid="t.k1.v2")]) == []
 
 
 def test_expected_errors_are_only_the_provoked_ones() -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .soak import INTENT_OPS, Request, expected
+from .soak import ADMIN, INTENT_OPS, Request, expected
 from .soak_watch import Sample
 
 __all__ = ["WARMUP", "Measured", "audit_pairs", "measure", "plot", "verify_trail"]
@@ -133,9 +133,11 @@ def audit_records(directory: Path) -> list[dict[str, Any]]:
 
 def audit_pairs(requests: list[Request], records: list[dict[str, Any]]) -> list[str]:
     """Problems matching the trail to what the clients saw: every answered request has
-    exactly one outcome record with the status the client got, and exactly one intent
-    record before it when it signs or administers (none otherwise); no record names a
-    request no client sent. Requests with no answer must have no outcome."""
+    exactly one outcome record with the status the client got; an admin operation has
+    exactly one intent record, and a sign at least one, one of them naming the kid that
+    signed (a sign made again with a new version after a rotation elsewhere has one per
+    attempt); other requests none. No record names a request no client sent. Requests
+    with no answer must have no outcome."""
     by_rid: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for rec in records:
         by_rid[str(rec.get("request_id"))].append(rec)
@@ -146,20 +148,31 @@ def audit_pairs(requests: list[Request], records: list[dict[str, Any]]) -> list[
         got = by_rid.get(req.rid, [])
         intents = [r for r in got if r["outcome"] == "intent"]
         outcomes = [r for r in got if r["outcome"] != "intent"]
-        want_intents = 1 if req.what in INTENT_OPS and req.status == 200 else None
         if req.status == 0:
             continue  # no answer: nothing to match (counted as an unexpected error)
         if len(outcomes) != 1:
             problems.append(f"{req.rid} ({req.what}): {len(outcomes)} outcome records")
         elif outcomes[0]["status"] != req.status:
             problems.append(f"{req.rid} ({req.what}): outcome {outcomes[0]['status']}")
-        if want_intents is not None and len(intents) != want_intents:
-            problems.append(f"{req.rid} ({req.what}): {len(intents)} intent records")
+        if req.what in INTENT_OPS and req.status == 200:
+            problems += _intent_problems(req, intents, outcomes)
         if req.what not in INTENT_OPS and intents:
             problems.append(f"{req.rid} ({req.what}): an intent record")
     stray = sorted(set(by_rid) - sent)
     problems += [f"record of request {rid} no client sent" for rid in stray[:10]]
     return problems
+
+
+def _intent_problems(
+    req: Request, intents: list[dict[str, Any]], outcomes: list[dict[str, Any]]
+) -> list[str]:
+    if req.what in ADMIN:
+        return [] if len(intents) == 1 else [f"{req.rid} ({req.what}): {len(intents)} intents"]
+    if not intents:
+        return [f"{req.rid} ({req.what}): no intent record"]
+    if len(outcomes) == 1 and outcomes[0].get("kid") not in {i.get("kid") for i in intents}:
+        return [f"{req.rid} ({req.what}): no intent names the kid that signed"]
+    return []
 
 
 def verify_trail(directory: Path) -> tuple[int, str]:
