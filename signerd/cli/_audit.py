@@ -62,7 +62,9 @@ def _audit_verify(c: Client, a: argparse.Namespace) -> tuple[Any, str]:
         raise AuditBroken(doc, f"incomplete: {report.problem}")
     text = f"ok: {report.records} records, chain intact"
     if report.anchors:
-        text += f"; anchored at seq {report.head_seq} ({report.anchors} anchors checked)"
+        head = report.head_seq
+        at = "no record anchored yet" if head is None else f"anchored at seq {head}"
+        text += f"; {at} ({report.anchors} anchors checked)"
     return doc, "\n".join([text, *(f"note: {n}" for n in report.notes)])
 
 

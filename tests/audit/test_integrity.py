@@ -112,6 +112,21 @@ async def test_intact_trail_verifies_with_its_shutdown_anchor(
     assert code == os.EX_OK and "anchored at seq 5" in out
 
 
+async def test_a_running_trail_anchored_only_at_its_start(tmp_path: Path, verify: Verify) -> None:
+    """Records written since the start anchor and none anchored yet (a running daemon's
+    trail): ok, and the output says no record is anchored yet."""
+    path = tmp_path / "audit.jsonl"
+    t = trail(path)
+    try:
+        for i in range(3):
+            await t.record(event(i))
+        code, out = verify(str(path))
+    finally:
+        await t.aclose()
+    assert code == os.EX_OK, out
+    assert out.startswith("ok: 3 records, chain intact; no record anchored yet ("), out
+
+
 async def test_empty_file_against_its_anchor(tmp_path: Path, verify: Verify) -> None:
     """An emptied file verifies alone but not against the anchor: the chain is missing."""
     path = tmp_path / "audit.jsonl"
