@@ -266,7 +266,8 @@ class Keyring:
     ) -> tuple[int, dict[KeyName, KeyInfo]]:
         """The keyring, with a ticket taken before it is read: a key read after the listing
         started and stored first is not overwritten by it (``store``)."""
-        ticket, self.counters.keyring_reads = self.ticket(), self.counters.keyring_reads + 1
+        self.counters.keyring_reads += 1
+        ticket = self.ticket()
         infos = await self._run(name, self._backends[name].list_keys, timeout)
         return ticket, {i.key: i for i in infos if self._route(i.key.tenant) == name}
 

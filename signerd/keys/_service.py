@@ -338,9 +338,11 @@ class KeyService:
 
     async def read(self, key: KeyName) -> KeyInfo | None:
         """``key`` from the cache, else one lookup in its backend (no re-read); None if absent."""
-        info, ticket = self._keys.get(key), self._keyring.ticket()  # before the read
+        if (info := self._keys.get(key)) is not None:
+            return info
+        ticket = self._keyring.ticket()  # taken before the read (``Keyring.store``)
         try:
-            return info or self._store(await self._on(key, lambda b: b.describe(key)), ticket)
+            return self._store(await self._on(key, lambda b: b.describe(key)), ticket)
         except UnknownKey:
             return None
 
