@@ -16,7 +16,7 @@ VAR := $(CURDIR)/var
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export SOFTHSM2_CONF := $(VAR)/softhsm/softhsm2.conf
 # what running needs; make test adds the test and benchmark tools
-RUN_EXTRAS := pkcs11,vault,systemd,redis,uvloop
+RUN_EXTRAS := pkcs11,vault,systemd,redis,uvloop,sodium
 
 .PHONY: run test history soak bench check docs dist system deps deps-run dev-token clean install generated
 

@@ -66,10 +66,10 @@ def test_make_run_installs_only_what_running_needs() -> None:
     run = _dry_run("run")
     installs = [line for line in run.splitlines() if "pip install" in line and "-e" in line]
     assert installs == [
-        "/nonexistent/venv/bin/python -m pip install -q -e '.[pkcs11,vault,systemd,redis,uvloop]'"
+        "/nonexistent/venv/bin/python -m pip install -q -e '.[pkcs11,vault,systemd,redis,uvloop,sodium]'"
     ]
     test = _dry_run("test")
-    assert "-e '.[pkcs11,vault,systemd,redis,uvloop,test,bench]'" in test
+    assert "-e '.[pkcs11,vault,systemd,redis,uvloop,sodium,test,bench]'" in test
     extras = PYPROJECT["project"]["optional-dependencies"]
     assert any(d.startswith("mkdocs") for d in extras["test"])  # make test builds the docs
     assert any(d.startswith("build") for d in extras["test"])  # and make dist needs build

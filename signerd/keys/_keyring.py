@@ -26,12 +26,11 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from ..backends import Backend, KeyInfo, KeyVersion, Recoverable
 from ..errors import BackendUnavailable, SignerdError, UnknownKey, UnknownKid
 from ..wire import KeyName, parse_kid
 from ._settings import Settings
+from ._verifier import Verifier, verifier
 
 log = logging.getLogger("signerd.keys")
 _T = TypeVar("_T")
@@ -61,7 +60,7 @@ class Entry:
 
     key: KeyName
     version: KeyVersion
-    public: Ed25519PublicKey
+    public: Verifier  # checks signatures (``_verifier``)
 
 
 class Run(Protocol):
@@ -127,7 +126,7 @@ class Keyring:
             for v in old.versions:
                 self.kids.pop(v.kid, None)
         for v in info.versions:
-            self.kids[v.kid] = Entry(info.key, v, Ed25519PublicKey.from_public_bytes(v.public_key))
+            self.kids[v.kid] = Entry(info.key, v, verifier(v.public_key))
         return info
 
     def forget(self, key: KeyName) -> None:
