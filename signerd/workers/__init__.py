@@ -4,7 +4,8 @@
 - ``WorkerChannel``: a worker's pipe to the supervisor (initialised, notifications).
 - ``AdminLock``: admin operations one at a time across the workers, in fair turns.
 - ``SharedBuckets``: rate-limit token buckets shared by the workers.
-- ``SharedConnections``: open connections per uid, counted across the workers.
+- ``SharedConnections``: open connections per uid and per worker, counted across the
+  workers (new connections are spread by them).
 - ``WorkerTable``: each worker slot's pid, start time and restarts, for the status.
 - ``SharedInline``: the token calls on every worker's loop, and whether the token hung.
 - ``StallGuard``: deadlines for the token calls and audit writes a worker makes on

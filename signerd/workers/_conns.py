@@ -14,6 +14,11 @@ Uids are placed by open addressing; a slot whose counts are all zero is
 reused, so a stream of distinct uids does not fill the table. When every slot
 holds a uid with open connections, a new uid is admitted uncounted (the
 per-process caps still hold).
+
+Each worker's whole count is kept too, one 4-byte total per worker slot after
+the mutex (written under it, read without it: aligned stores are whole; -1
+while the slot's worker does not accept yet), so that new connections can be
+spread over the workers (``ahead``).
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ __all__ = ["SharedConnections"]
 
 _UID = struct.Struct("=q")
 _FREE = -1
+_TOTAL = struct.Struct("=i")
+#: a worker this many connections past the least loaded one lets that one accept first
+SPREAD_SLACK = 2
 
 
 class SharedConnections:
@@ -40,22 +48,27 @@ class SharedConnections:
         self.slots = slots
         self.worker = 0  # the slot of the process using it (set by ``bind`` in a worker)
         self._row = _UID.size + 4 * workers
-        self._map = mmap.mmap(-1, MUTEX_BYTES + slots * self._row)
+        self._rows = MUTEX_BYTES + 8 * ((4 * workers + 7) // 8)  # after the totals, aligned
+        self._map = mmap.mmap(-1, self._rows + slots * self._row)
         self._view = (ctypes.c_char * len(self._map)).from_buffer(self._map)
         self._base = ctypes.addressof(self._view)
         self._counts = struct.Struct(f"={workers}i")
         init_mutexes(self._base, 1)
+        self._totals = struct.Struct(f"={workers}i")
+        self._totals.pack_into(self._map, MUTEX_BYTES, *([-1] * workers))
         for s in range(slots):
-            _UID.pack_into(self._map, MUTEX_BYTES + s * self._row, _FREE)
+            _UID.pack_into(self._map, self._rows + s * self._row, _FREE)
 
     def bind(self, worker: int) -> None:
-        """This process is worker ``worker``: forget whatever that slot counted before."""
+        """This process is worker ``worker``: forget whatever that slot counted before; it
+        accepts nothing until ``serving``."""
         if not 0 <= worker < self.workers:
             raise ValueError("worker: out of range")
         self.worker = worker
-        at = MUTEX_BYTES + _UID.size + 4 * worker
+        at = self._rows + _UID.size + 4 * worker
         mutex = acquire(self._base)
         try:
+            _TOTAL.pack_into(self._map, MUTEX_BYTES + 4 * worker, -1)
             for s in range(self.slots):
                 struct.pack_into("=i", self._map, at + s * self._row, 0)
         finally:
@@ -66,13 +79,13 @@ class SharedConnections:
         mutex = acquire(self._base)
         try:
             at = self._find(uid, insert=True)
-            if at < 0:
-                return True  # the table is full of live uids: the per-process cap decides
-            counts = self._counts.unpack_from(self._map, at + _UID.size)
-            if sum(counts) >= cap:
-                return False
-            mine = at + _UID.size + 4 * self.worker
-            struct.pack_into("=i", self._map, mine, counts[self.worker] + 1)
+            if at >= 0:  # else the table is full of live uids: the per-process cap decides
+                counts = self._counts.unpack_from(self._map, at + _UID.size)
+                if sum(counts) >= cap:
+                    return False
+                mine = at + _UID.size + 4 * self.worker
+                struct.pack_into("=i", self._map, mine, counts[self.worker] + 1)
+            self._add_total(1)
             return True
         finally:
             release(mutex)
@@ -86,8 +99,40 @@ class SharedConnections:
                 mine = at + _UID.size + 4 * self.worker
                 (count,) = struct.unpack_from("=i", self._map, mine)
                 struct.pack_into("=i", self._map, mine, max(0, count - 1))
+            self._add_total(-1)
         finally:
             release(mutex)
+
+    def serving(self, accepting: bool = True) -> None:
+        """This worker accepts connections from now (its total counts from 0), or no more
+        (closing: left out of the spread, as a worker that has not started)."""
+        at = MUTEX_BYTES + 4 * self.worker
+        mutex = acquire(self._base)
+        try:
+            (total,) = _TOTAL.unpack_from(self._map, at)
+            if not accepting or total < 0:
+                _TOTAL.pack_into(self._map, at, 0 if accepting else -1)
+        finally:
+            release(mutex)
+
+    def _add_total(self, step: int) -> None:
+        """This worker's whole count, one more or one less (hold the mutex); none while it
+        is left out."""
+        at = MUTEX_BYTES + 4 * self.worker
+        (total,) = _TOTAL.unpack_from(self._map, at)
+        if total >= 0:
+            _TOTAL.pack_into(self._map, at, max(0, total + step))
+
+    def totals(self) -> tuple[int, ...]:
+        """Each worker slot's open connections (read without the mutex)."""
+        return self._totals.unpack_from(self._map, MUTEX_BYTES)
+
+    def ahead(self) -> bool:
+        """Whether this worker holds ``SPREAD_SLACK`` or more connections than another one:
+        it then lets that one accept the next connection first (``Listener``)."""
+        totals = self.totals()
+        least = min(t for t in totals if t >= 0) if max(totals) >= 0 else 0
+        return totals[self.worker] >= least + SPREAD_SLACK
 
     def total(self, uid: int) -> int:
         """The open connections of ``uid`` over every worker (for tests and debugging)."""
@@ -104,7 +149,7 @@ class SharedConnections:
         start = uid % self.slots
         reuse = -1
         for i in range(self.slots):
-            at = MUTEX_BYTES + ((start + i) % self.slots) * self._row
+            at = self._rows + ((start + i) % self.slots) * self._row
             (held,) = _UID.unpack_from(m, at)
             if held == uid:
                 return at

@@ -741,3 +741,55 @@ async def test_refusals_are_answered_and_paid_for_with_rest(tmp_path: Path) -> N
     finally:
         await listener.close(0)
         listening.close()
+
+
+async def test_a_connection_left_to_another_worker_that_never_takes_it_is_taken(
+    tmp_path: Path,
+) -> None:
+    """A worker ahead of another leaves each new connection to it for one pause; when that
+    worker does not take it (busy, stuck), this one does: one at a time, none lost."""
+
+    class AlwaysAhead:  # the other worker holds fewer connections and never accepts
+        def __init__(self) -> None:
+            self.serving_calls: list[bool] = []
+
+        def admit(self, uid: int, cap: int) -> bool:
+            return True
+
+        def release(self, uid: int) -> None:
+            pass
+
+        def serving(self, accepting: bool = True) -> None:
+            self.serving_calls.append(accepting)
+
+        def ahead(self) -> bool:
+            return True
+
+    async def dispatch(request: Request) -> Response:
+        return json_response({})
+
+    path = str(tmp_path / "run" / "s.sock")
+    listening = bind_unix_socket(path)
+    shared = AlwaysAhead()
+    listener = Listener(listening, dispatch, lambda request: None, Limits(), None, shared)
+    listener.start()
+    assert shared.serving_calls == [True]
+    loop = asyncio.get_running_loop()
+    socks = []
+    try:
+        started = time.monotonic()
+        for _ in range(5):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            await loop.sock_connect(s, path)
+            socks.append(s)
+        while len(listener.connections) < 5 and time.monotonic() - started < 5:
+            await asyncio.sleep(0.002)
+        assert len(listener.connections) == 5
+        assert listener.left_to_others >= 5  # each was left once first
+    finally:
+        for s in socks:
+            s.close()
+        await listener.close(0)
+        listening.close()
+    assert shared.serving_calls == [True, False]  # closing: out of the spread

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -93,6 +94,67 @@ def test_every_worker_serves_and_ready_comes_last(workers2: DaemonProcess) -> No
         if len([c for c in counts.values() if c]) == 2:
             break
     assert sorted(counts) == ["audit.w0.jsonl", "audit.w1.jsonl"] and all(counts.values()), counts
+
+
+def test_connections_opened_at_once_are_spread_over_the_workers(workers2: DaemonProcess) -> None:
+    """32 connections opened at once, as a client's pool opens them, end up about half on
+    each worker, not all on whichever woke first: each signs once on its connection, and
+    each worker's audit file holds its share of the records."""
+    d = workers2
+    key = f"{unique('spread')}/k"
+    assert request(str(d.socket_path), "POST", "/v1/keys", {"key": key}).status == 201
+    before = _intents(d)
+    socks = []
+    try:
+        for _ in range(32):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(10)
+            sock.connect(str(d.socket_path))
+            socks.append(sock)
+        for i, sock in enumerate(socks):  # all open before any request: no reuse, no luck
+            body = json.dumps({"key": key, "data": b64(f"c{i}".encode())}).encode()
+            head = (
+                "POST /v1/sign HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            )
+            sock.sendall(head.encode() + body)
+        assert all(_status(sock) == 200 for sock in socks)
+    finally:
+        for sock in socks:
+            sock.close()
+    after = _intents(d)
+    shares = sorted(after[name] - before.get(name, 0) for name in after)
+    assert sum(shares) == 32 and shares[0] >= 10, shares
+
+
+def _intents(d: DaemonProcess) -> dict[str, int]:
+    """How many sign intent records (durable before each answer) each worker's file holds."""
+    return {
+        path.name: sum(
+            1
+            for x in path.read_bytes().splitlines()
+            if b'"operation":"sign"' in x and b'"outcome":"intent"' in x
+        )
+        for path in d.audit_files()
+    }
+
+
+def _status(sock: socket.socket) -> int:
+    """The status of the one answer on ``sock`` (read whole)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed before an answer"
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int(
+        next(x for x in head.split(b"\r\n") if x.lower().startswith(b"content-length:"))[15:]
+    )
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed inside an answer"
+        rest += chunk
+    return int(head.split(b" ", 2)[1])
 
 
 def _indices(text: str, needle: str) -> list[int]:
