@@ -50,7 +50,7 @@ class _Sodium:
         if len(signature) != 64:
             raise InvalidSignature()
         try:
-            crypto_sign_open(signature + data, self._key)
+            crypto_sign_open(b"".join((signature, data)), self._key)  # any bytes-like
         except BadSignatureError:
             raise InvalidSignature() from None
 
