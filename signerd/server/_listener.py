@@ -25,7 +25,7 @@ backlog (where a named caller's new connection waits its turn behind it).
 
 Workers share the socket, and whichever wakes first would take every waiting
 connection (32 opened at once could all land on one worker: measured, 3,850
-against 5,100 signatures a second). A worker holding more connections than
+against 4,900-5,200 signatures a second). A worker holding more connections than
 the least loaded one (``UidCounter.ahead``) leaves the socket alone for
 ``_SPREAD_PAUSE`` for that one to accept; a connection still waiting then is
 taken, one at a time: a busy or stuck worker delays one by the pause at most.
