@@ -43,7 +43,14 @@ def _event(rid: str, outcome: str, kid: str = "t.k.v1") -> AuditEvent:
 
 
 def _records(*paths: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for p in paths for line in p.read_bytes().splitlines()]
+    """The whole records in ``paths``: a line the writer is still writing (no newline yet)
+    is not one."""
+    return [
+        json.loads(line)
+        for p in paths
+        for line in p.read_bytes().splitlines(keepends=True)
+        if line.endswith(b"\n")
+    ]
 
 
 async def test_intent_is_durable_only_after_its_fsync(
