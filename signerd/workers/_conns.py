@@ -33,7 +33,7 @@ __all__ = ["SharedConnections"]
 
 _UID = struct.Struct("=q")
 _FREE = -1
-_TOTAL = struct.Struct("=i")
+_COUNT = struct.Struct("=i")  # one count: a uid's in one worker, or a worker's total
 #: a worker this many connections past the least loaded one lets that one accept first
 SPREAD_SLACK = 2
 
@@ -52,10 +52,9 @@ class SharedConnections:
         self._map = mmap.mmap(-1, self._rows + slots * self._row)
         self._view = (ctypes.c_char * len(self._map)).from_buffer(self._map)
         self._base = ctypes.addressof(self._view)
-        self._counts = struct.Struct(f"={workers}i")
+        self._counts = struct.Struct(f"={workers}i")  # a uid's row, or the workers' totals
         init_mutexes(self._base, 1)
-        self._totals = struct.Struct(f"={workers}i")
-        self._totals.pack_into(self._map, MUTEX_BYTES, *([-1] * workers))
+        self._counts.pack_into(self._map, MUTEX_BYTES, *([-1] * workers))
         for s in range(slots):
             _UID.pack_into(self._map, self._rows + s * self._row, _FREE)
 
@@ -68,9 +67,9 @@ class SharedConnections:
         at = self._rows + _UID.size + 4 * worker
         mutex = acquire(self._base)
         try:
-            _TOTAL.pack_into(self._map, MUTEX_BYTES + 4 * worker, -1)
+            _COUNT.pack_into(self._map, MUTEX_BYTES + 4 * worker, -1)
             for s in range(self.slots):
-                struct.pack_into("=i", self._map, at + s * self._row, 0)
+                _COUNT.pack_into(self._map, at + s * self._row, 0)
         finally:
             release(mutex)
 
@@ -84,7 +83,7 @@ class SharedConnections:
                 if sum(counts) >= cap:
                     return False
                 mine = at + _UID.size + 4 * self.worker
-                struct.pack_into("=i", self._map, mine, counts[self.worker] + 1)
+                _COUNT.pack_into(self._map, mine, counts[self.worker] + 1)
             self._add_total(1)
             return True
         finally:
@@ -97,8 +96,8 @@ class SharedConnections:
             at = self._find(uid, insert=False)
             if at >= 0:
                 mine = at + _UID.size + 4 * self.worker
-                (count,) = struct.unpack_from("=i", self._map, mine)
-                struct.pack_into("=i", self._map, mine, max(0, count - 1))
+                (count,) = _COUNT.unpack_from(self._map, mine)
+                _COUNT.pack_into(self._map, mine, max(0, count - 1))
             self._add_total(-1)
         finally:
             release(mutex)
@@ -109,9 +108,9 @@ class SharedConnections:
         at = MUTEX_BYTES + 4 * self.worker
         mutex = acquire(self._base)
         try:
-            (total,) = _TOTAL.unpack_from(self._map, at)
+            (total,) = _COUNT.unpack_from(self._map, at)
             if not accepting or total < 0:
-                _TOTAL.pack_into(self._map, at, 0 if accepting else -1)
+                _COUNT.pack_into(self._map, at, 0 if accepting else -1)
         finally:
             release(mutex)
 
@@ -119,13 +118,13 @@ class SharedConnections:
         """This worker's whole count, one more or one less (hold the mutex); none while it
         is left out."""
         at = MUTEX_BYTES + 4 * self.worker
-        (total,) = _TOTAL.unpack_from(self._map, at)
+        (total,) = _COUNT.unpack_from(self._map, at)
         if total >= 0:
-            _TOTAL.pack_into(self._map, at, max(0, total + step))
+            _COUNT.pack_into(self._map, at, max(0, total + step))
 
     def totals(self) -> tuple[int, ...]:
         """Each worker slot's open connections (read without the mutex)."""
-        return self._totals.unpack_from(self._map, MUTEX_BYTES)
+        return self._counts.unpack_from(self._map, MUTEX_BYTES)
 
     def ahead(self) -> bool:
         """Whether this worker holds ``SPREAD_SLACK`` or more connections than another one:
