@@ -65,7 +65,7 @@ _REFUSAL_BATCH = 16  # ... or refused: then the listener rests
 _REST_FACTOR = 7.0  # rest this many times the CPU time refusing took: refusals get <= 1/8
 _MAX_BUCKETS = 4096  # stranger uids whose new connections are counted
 _SWEEP = 0.2  # seconds between checks of the connections' deadlines
-_SPREAD_PAUSE = 0.001  # s a worker ahead of another leaves a new connection to it
+_SPREAD_PAUSE = 0.005  # s a worker ahead of another leaves a new connection to it
 _FD_HEADROOM = 128  # descriptors kept for the token, the audit file, executors
 _ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
