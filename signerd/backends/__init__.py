@@ -208,6 +208,20 @@ class Inline(Protocol):
         ...
 
 
+@runtime_checkable
+class LoopSigning(Protocol):
+    """Optional: signs over the network from the event loop itself, without a thread.
+
+    ``sign_on_loop`` never blocks the loop. It returns None when this call has to go
+    the blocking way (``sign`` in the executor): a login or a check due, no connection
+    to spare, or any answer but a good one, which ``sign`` then retries, fails over and
+    translates. A store that does not answer in time raises BackendUnavailable."""
+
+    async def sign_on_loop(
+        self, key: KeyName, version: int, items: Sequence[bytes]
+    ) -> list[bytes | SignerdError] | None: ...
+
+
 class CredentialsRefused(BackendUnavailable):
     """The store refused signerd's credentials (a PIN, a Vault token), or has no token by
     the configured name: at start-up a configuration error (exit 78), not an outage to

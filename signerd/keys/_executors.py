@@ -3,7 +3,8 @@
 Backends block, so each has its own thread pool and the event loop never waits
 on one, except for an ``Inline`` backend's signatures in a worker, which run on
 the loop's thread under the worker's ``StallGuard`` -- and only when the daemon
-has a single backend. With several (signing domains), a token call that hangs on
+has a single backend -- and a ``LoopSigning`` backend's signatures, which it sends
+from the loop itself (a network call the loop waits on without blocking). With several (signing domains), a token call that hangs on
 the loop would stall every tenant of that worker, so every backend then runs in
 its own executor: a hung domain times out alone. A backend's calls for tenants take
 turns tenant by tenant (``FairSlots``), so one tenant's flood does not queue
@@ -18,11 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
-from ..backends import Backend, Inline, Opening
+from ..backends import Backend, Inline, LoopSigning, Opening
 from ..errors import BackendUnavailable, SignerdError
 from ..wire import KeyName
 from ._fair import FairSlots
@@ -70,6 +71,8 @@ class Executors:
             if len(self.backends) == 1
             else {}
         )
+        #: the backends that send their signs from the loop themselves
+        self._loop_signing = {n: b for n, b in self.backends.items() if isinstance(b, LoopSigning)}
         #: a worker's guard: ``Inline`` backends sign on the loop's thread under it
         self.stall_guard: StallGuard | None = None
 
@@ -159,6 +162,22 @@ class Executors:
             guard.answered()  # the token answers: the loops may sign again
             return result
         return await self.run(name, lambda: call(backend), tenant=key.tenant)
+
+    async def sign_on_loop(
+        self, key: KeyName, version: int, items: Sequence[bytes]
+    ) -> list[bytes | SignerdError] | None:
+        """``key``'s backend's ``sign_on_loop`` within the timeout, when it has one; None:
+        sign the blocking way (``on``)."""
+        name = self.backend_name(key.tenant)
+        backend = self._loop_signing.get(name)
+        if backend is None:
+            return None
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await backend.sign_on_loop(key, version, items)
+        except TimeoutError as exc:
+            log.error("signerd.backend_timeout backend=%s", name)
+            raise BackendUnavailable("the key backend did not answer in time") from exc
 
     async def close(self) -> None:
         """Close every backend (within the timeout), then stop the executors."""

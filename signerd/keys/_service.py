@@ -20,7 +20,6 @@ from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
 
 from ..backends import Backend, KeyInfo, KeyVersion, VersionState
 from ..errors import (
-    BackendError,
     BackendUnavailable,
     DestroyedKid,
     InvalidSignature,
@@ -40,6 +39,7 @@ from ._lifecycle import logged_changes, require, retire_call
 from ._notices import Notices
 from ._periodic import refresh_periodically
 from ._settings import Settings
+from ._verifier import checked_signatures
 
 if TYPE_CHECKING:
     from ..workers import StallGuard
@@ -280,22 +280,13 @@ class KeyService:
         if entry is None:  # forgotten by a refresh meanwhile; sign() re-reads and retries
             raise UnknownVersion()
 
-        def run(backend: Backend) -> list[bytes | SignerdError]:
-            results = backend.sign(key, version, items)
-            checked: list[bytes | SignerdError] = []
-            for data, result in zip(items, results, strict=True):
-                if isinstance(result, bytes):
-                    try:
-                        entry.public.verify(result, data)
-                    except _CryptoInvalidSignature:
-                        log.error("signerd.signature_check_failed kid=%s", entry.version.kid)
-                        result = BackendError(
-                            "the backend produced a signature that does not verify"
-                        )
-                checked.append(result)
-            return checked
+        def checked(results: list[bytes | SignerdError]) -> list[bytes | SignerdError]:
+            return checked_signatures(entry.public, entry.version.kid, items, results)
 
-        return await self._on(key, run, on_loop=True)
+        signed = await self._calls.sign_on_loop(key, version, items)  # None: not this way
+        if signed is not None:
+            return checked(signed)
+        return await self._on(key, lambda b: checked(b.sign(key, version, items)), on_loop=True)
 
     async def verify(self, kid: str, data: bytes, signature: bytes) -> tuple[KeyName, KeyVersion]:
         """Return the key and version when the signature is valid; raise otherwise."""

@@ -15,12 +15,16 @@ not verify, so callers handle one exception whichever checks.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from typing import Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-__all__ = ["SODIUM", "Verifier", "verifier"]
+from ..errors import BackendError, SignerdError
+
+__all__ = ["SODIUM", "Verifier", "checked_signatures", "verifier"]
 
 try:
     from nacl.bindings import crypto_sign_open
@@ -29,6 +33,8 @@ except ImportError:  # the sodium extra is not installed: cryptography checks
     SODIUM = False
 else:
     SODIUM = True
+
+log = logging.getLogger("signerd.keys")
 
 
 class Verifier(Protocol):
@@ -60,3 +66,20 @@ def verifier(raw: bytes, *, sodium: bool = SODIUM) -> Verifier:
     if sodium:
         return _Sodium(raw)
     return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def checked_signatures(
+    public: Verifier, kid: str, items: Sequence[bytes], results: Sequence[bytes | SignerdError]
+) -> list[bytes | SignerdError]:
+    """``results`` (a backend's signatures of ``items`` with ``kid``, or errors in place),
+    each signature checked: one that does not verify becomes a BackendError (logged)."""
+    out: list[bytes | SignerdError] = []
+    for data, result in zip(items, results, strict=True):
+        if isinstance(result, bytes):
+            try:
+                public.verify(result, data)
+            except InvalidSignature:
+                log.error("signerd.signature_check_failed kid=%s", kid)
+                result = BackendError("the backend produced a signature that does not verify")
+        out.append(result)
+    return out

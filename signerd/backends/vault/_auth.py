@@ -121,14 +121,21 @@ class Auth:
 
     def token(self) -> tuple[str, int]:
         """The current token and its generation, logging in or renewing when due."""
-        token = self._token
-        if token is not None and time.monotonic() < self._expires_at:
-            return token, self._generation  # renewal is the background thread's job
+        found = self.cached()
+        if found is not None:
+            return found  # renewal is the background thread's job
         with self._lock:
             if self._token is None or time.monotonic() >= self._expires_at:
                 self._login_locked(raising=True)
             assert self._token is not None
             return self._token, self._generation
+
+    def cached(self) -> tuple[str, int] | None:
+        """The current token and its generation, when no login is due (never blocks)."""
+        token = self._token
+        if token is not None and time.monotonic() < self._expires_at:
+            return token, self._generation
+        return None
 
     def relogin(self, generation: int) -> None:
         """Log in again after a 403, unless another thread already did."""

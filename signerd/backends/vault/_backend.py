@@ -3,7 +3,8 @@
 How transit versions and the metadata record map to version states is
 ``_states``; reads and writes of both are ``_store``, state changes
 ``_changes``; requests and their errors are ``_http``; signs take the fast
-path in ``_sign``. Every change of a key is made under its lease (``_lease``).
+path in ``_sign`` (from an executor thread) or ``_loopsign`` (from a worker's
+loop). Every change of a key is made under its lease (``_lease``).
 
 The same configuration works against HashiCorp Vault (same transit, KV v2,
 token and AppRole API). The token needs: ``<mount>/keys/*`` (create, read,
@@ -35,6 +36,7 @@ from ._auth import Auth
 from ._changes import VaultChanges
 from ._http import Json, NotFoundInVault, Transport, connection_failed
 from ._lease import Held
+from ._loopsign import LoopSigner
 from ._nodes import Nodes
 from ._settings import VaultSettings
 from ._sign import SignClient, parse_signature, sign_refusal
@@ -49,7 +51,8 @@ class VaultBackend(VaultChanges):
     def __init__(self, settings: VaultSettings, transport: Transport[Auth]) -> None:
         self.settings = settings
         self.transport = transport
-        # signs skip hvac: kept-alive http.client connections, hvac's token (see _vault_sign)
+        # signs skip hvac: kept-alive connections of their own, hvac's token (``_sign``), and
+        # from a worker, the loop's own connections (``_loopsign``)
         self.nodes = transport.nodes or Nodes(settings.nodes)
         self.signer = SignClient(
             settings,
@@ -57,6 +60,7 @@ class VaultBackend(VaultChanges):
             lambda path, body: transport.request("POST", path, body),
             self.nodes,
         )
+        self.loop_signer = LoopSigner(self.signer, settings.max_concurrency)
         self.max_concurrency = settings.max_concurrency
         self._init_store()
         self._reported: set[str] = set()  # keys skipped from listings, logged once each
@@ -188,17 +192,34 @@ class VaultBackend(VaultChanges):
     ) -> list[bytes | SignerdError]:
         if not items:
             return []
+        path, body = self._sign_request(key, version, items)
+        return self._signatures(key, version, items, self._post_sign(path, body))
+
+    async def sign_on_loop(
+        self, key: KeyName, version: int, items: Sequence[bytes]
+    ) -> list[bytes | SignerdError] | None:
+        """``sign`` from the running loop (``LoopSigner``), or None: go the blocking way."""
+        if not items:
+            return []
+        path, body = self._sign_request(key, version, items)
+        answer = await self.loop_signer.post(path, body)
+        return None if answer is None else self._signatures(key, version, items, answer)
+
+    def _sign_request(self, key: KeyName, version: int, items: Sequence[bytes]) -> tuple[str, Json]:
         encoded = [base64.b64encode(item).decode("ascii") for item in items]
         body: Json = {"key_version": version}
         if len(encoded) == 1:
             body["input"] = encoded[0]
         else:
             body["batch_input"] = [{"input": e} for e in encoded]
-        path = f"{self._mount(key)}/sign/{self._transit_name(key)}"
-        answer = self._post_sign(path, body)
+        return f"{self._mount(key)}/sign/{self._transit_name(key)}", body
+
+    def _signatures(
+        self, key: KeyName, version: int, items: Sequence[bytes], answer: Json
+    ) -> list[bytes | SignerdError]:
         try:
             data = answer["data"]
-            results = data["batch_results"] if len(encoded) > 1 else [data]
+            results = data["batch_results"] if len(items) > 1 else [data]
             if len(results) != len(items):
                 raise ValueError(f"{len(results)} results for {len(items)} items")
         except (KeyError, TypeError, ValueError) as exc:
@@ -247,6 +268,7 @@ class VaultBackend(VaultChanges):
             raise BackendUnavailable("Vault is not usable") from exc
 
     def close(self) -> None:
+        self.loop_signer.close()
         self.signer.close()
         self.transport.close()
         self.nodes.close()

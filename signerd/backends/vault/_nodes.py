@@ -124,6 +124,14 @@ class Nodes:
             log.warning("signerd.vault.node_not_active addr=%s", self.current)
             self.failover(seen)
 
+    def due(self) -> bool:
+        """Whether the node in use is due for its health check (``check_due`` would probe)."""
+        return self.clustered and time.monotonic() - self._checked >= self.health_interval
+
+    def check_soon(self) -> None:
+        """The node in use did not answer: check it at the next ``check_due``."""
+        self._checked = min(self._checked, time.monotonic() - self.health_interval)
+
     def ensure_active(self) -> None:
         """Probe the node in use now (readiness); fail over if it is not active."""
         if not self.clustered:

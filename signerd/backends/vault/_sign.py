@@ -18,6 +18,9 @@ through the same hvac exception classes, so that a sealed Vault is
 ``BackendSealed``, a refusal keeps its ``errors`` for classification, and a 404
 is ``NotFoundInVault``. The token is never logged.
 
+A worker sends most signs from its event loop instead (``_loopsign``), over
+connections of the loop's own; what that path does not take comes here.
+
 The answers are read here too: each item's signature, or its error in place
 (``parse_signature``), and a refused sign mapped to the precise error
 (``sign_refusal``).
@@ -61,11 +64,11 @@ log = logging.getLogger("signerd.vault")
 Fallback = Callable[[str, Json], Json]
 
 #: paths sent as they are (signerd's names and mounts never need quoting)
-_PATH_RE = re.compile(r"[A-Za-z0-9_./-]+")
-_TOKEN_RE = re.compile(r"[\x21-\x7e]+")
+PATH_RE = re.compile(r"[A-Za-z0-9_./-]+")
+TOKEN_RE = re.compile(r"[\x21-\x7e]+")
 
 #: an answer larger than this is not a sign answer (a batch of 1,000 is ~120 kB)
-_MAX_ANSWER = 16 * 1024 * 1024
+MAX_ANSWER = 16 * 1024 * 1024
 
 
 def _tls_context(ca_file: str | None) -> ssl.SSLContext:
@@ -98,7 +101,7 @@ class _Answer:
 
     def on_body(self, chunk: bytes) -> None:
         self.size += len(chunk)
-        if self.size <= _MAX_ANSWER:
+        if self.size <= MAX_ANSWER:
             self.body.append(chunk)
 
     def on_message_complete(self) -> None:
@@ -112,17 +115,17 @@ class _Connection:
         self, addr: str, host: str, port: int, timeout: float, context: ssl.SSLContext | None
     ) -> None:
         self.addr = addr
-        self._host, self._port, self._timeout, self._context = host, port, timeout, context
+        self._host, self._port, self.timeout, self.tls_context = host, port, timeout, context
         self._sock: socket.socket | None = None
 
     def exchange(self, request: bytes) -> tuple[int, bytes]:
         """Send one request, read its answer: (status, body)."""
         sock = self._sock
         if sock is None:
-            sock = socket.create_connection((self._host, self._port), timeout=self._timeout)
+            sock = socket.create_connection((self._host, self._port), timeout=self.timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._context is not None:
-                sock = self._context.wrap_socket(sock, server_hostname=self._host)
+            if self.tls_context is not None:
+                sock = self.tls_context.wrap_socket(sock, server_hostname=self._host)
             self._sock = sock
         sock.sendall(request)
         answer = _Answer()
@@ -132,7 +135,7 @@ class _Connection:
             if not chunk:
                 raise ConnectionResetError("Vault closed the connection")
             parser.feed_data(chunk)
-            if answer.size > _MAX_ANSWER:
+            if answer.size > MAX_ANSWER:
                 raise _TooLarge("answer too large")
         if not answer.keep_alive:
             self.close()
@@ -162,10 +165,10 @@ class SignClient:
         fallback: Fallback,
         nodes: Nodes | None = None,
     ) -> None:
-        self._timeout = settings.timeout
+        self.timeout = settings.timeout
         self._namespace = settings.namespace
         tls = urlsplit(settings.addr).scheme == "https"
-        self._context = _tls_context(settings.ca_file) if tls else None
+        self.tls_context = _tls_context(settings.ca_file) if tls else None
         #: where to send: the cluster's node in use (``settings.addr`` alone by default)
         self.nodes = nodes if nodes is not None else Nodes((settings.addr,))
         self._endpoints: dict[str, tuple[str, int, str]] = {}
@@ -175,7 +178,7 @@ class SignClient:
         self._connections: list[_Connection] = []
         self._lock = threading.Lock()
 
-    def _endpoint(self, addr: str) -> tuple[str, int, str]:
+    def endpoint(self, addr: str) -> tuple[str, int, str]:
         """(host, port, header lines) for one node's address."""
         found = self._endpoints.get(addr)
         if found is None:
@@ -196,8 +199,8 @@ class SignClient:
             conn.close()  # the cluster failed over: this thread's next request goes there
             conn = None
         if conn is None:
-            host, port, _ = self._endpoint(addr)
-            conn = _Connection(addr, host, port, self._timeout, self._context)
+            host, port, _ = self.endpoint(addr)
+            conn = _Connection(addr, host, port, self.timeout, self.tls_context)
             self._local.conn = conn
             with self._lock:
                 self._connections = [c for c in self._connections if c.addr == addr or c.is_open]
@@ -213,7 +216,7 @@ class SignClient:
     def _exchange(self, path: str, payload: bytes, token: str) -> tuple[int, bytes]:
         addr = self.nodes.current
         request = (
-            f"POST /v1/{path} HTTP/1.1\r\n{self._endpoint(addr)[2]}X-Vault-Token: {token}\r\n"
+            f"POST /v1/{path} HTTP/1.1\r\n{self.endpoint(addr)[2]}X-Vault-Token: {token}\r\n"
             f"Content-Length: {len(payload)}\r\n\r\n"
         ).encode("ascii")
         return self._connection(addr).exchange(request + payload)
@@ -224,7 +227,7 @@ class SignClient:
         Raises NotFoundInVault on 404 and a SignerdError for anything else
         that goes wrong, as ``Transport.request`` does.
         """
-        if not _PATH_RE.fullmatch(path):
+        if not PATH_RE.fullmatch(path):
             return self._fallback(path, body)  # needs quoting: leave it to requests
         payload = json.dumps(body, separators=(",", ":")).encode()
         nodes = self.nodes
@@ -232,7 +235,7 @@ class SignClient:
         relogged = retried = False
         while True:
             token, generation = self.auth.token()
-            if not _TOKEN_RE.fullmatch(token):
+            if not TOKEN_RE.fullmatch(token):
                 raise BackendUnavailable("the Vault token cannot be sent in a header")
             seen = nodes.generation
             try:
@@ -264,7 +267,7 @@ class SignClient:
                 _log_cause(exc, BackendUnavailable.code)
                 raise BackendUnavailable("cannot reach Vault") from exc
             if status == 200:
-                return _json_object(answer, path, status)
+                return json_object(answer, path, status)
             if status == 204:
                 return {}
             if 300 <= status < 400:
@@ -297,7 +300,7 @@ class SignClient:
             self._connections.clear()
 
 
-def _json_object(answer: bytes, path: str, status: int) -> Json:
+def json_object(answer: bytes, path: str, status: int) -> Json:
     try:
         parsed = json.loads(answer)
     except ValueError:
