@@ -3,10 +3,11 @@
 Backends block, so each has its own thread pool and the event loop never waits
 on one, except for an ``Inline`` backend's signatures in a worker, which run on
 the loop's thread under the worker's ``StallGuard`` -- and only when the daemon
-has a single backend -- and a ``LoopSigning`` backend's signatures, which it sends
-from the loop itself (a network call the loop waits on without blocking). With several (signing domains), a token call that hangs on
+has a single backend. With several (signing domains), a token call that hangs on
 the loop would stall every tenant of that worker, so every backend then runs in
-its own executor: a hung domain times out alone. A backend's calls for tenants take
+its own executor: a hung domain times out alone. A ``LoopSigning`` backend sends
+its signatures from the loop itself, a network exchange the loop awaits without
+blocking, within the same timeout. A backend's calls for tenants take
 turns tenant by tenant (``FairSlots``), so one tenant's flood does not queue
 ahead of another's call; a call given up on at its timeout keeps its slot until
 its thread returns, so calls wait (boundedly, for their own timeout) for a slot

@@ -166,7 +166,7 @@ class LoopSigner:
             link.close()  # cancelled: its answer may still come, to nobody
             raise
         finally:
-            self._busy -= 1
+            self._busy = max(0, self._busy - 1)  # (0 again if another loop took over)
             if link.open and link.addr == nodes.current:
                 self._idle.append(link)
             elif link.open:
