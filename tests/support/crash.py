@@ -192,6 +192,37 @@ def _sign_records(ledger: Ledger, audit_dir: Path) -> None:
                     ledger.recorded.add((str(rec.get("kid")), str(h)))
 
 
+def _unfinished(audit_dir: Path) -> list[str]:
+    """The live audit files whose last line is unfinished: a write in progress, or one the
+    kill cut short, which that worker's next record accounts for (its ``discarded``)."""
+    out = []
+    for path in sorted(audit_dir.glob("audit*.jsonl")):
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            if f.tell() > 0:
+                f.seek(-1, 2)
+                if f.read(1) != b"\n":
+                    out.append(path.name)
+    return out
+
+
+def _until_every_file_ends_whole(socket: str, audit_dir: Path, tenant: str) -> None:
+    """Read the JWKS on fresh connections (each lands on either worker, whose record follows
+    within 50 ms) until every live file ends with a whole record twice in a row, so that
+    the trail is judged once each worker has written after the restart, not in between."""
+    deadline, whole = time.monotonic() + 20.0, 0
+    while whole < 2:
+        unfinished = _unfinished(audit_dir)
+        assert time.monotonic() < deadline, f"audit files still unfinished: {unfinished}"
+        if unfinished:
+            whole = 0
+            with Client(socket, timeout=10.0) as fresh:
+                fresh.jwks(tenant)
+        else:
+            whole += 1
+        time.sleep(0.15)
+
+
 def check_restart(c: Client, keys: list[str], ledger: Ledger, audit_dir: Path) -> dict[str, int]:
     """Hold a restarted daemon to every answer given before; AssertionError says what broke.
     Returns counts of what was checked."""
@@ -240,6 +271,7 @@ def check_restart(c: Client, keys: list[str], ledger: Ledger, audit_dir: Path) -
         else:
             with pytest.raises(SignerdError):
                 c.verify(*args)
+    _until_every_file_ends_whole(c.socket_path, audit_dir, keys[0].split("/")[0])
     report, _ = verify_trail([str(audit_dir)])
     assert report.ok, f"audit trail: {report}"
     unpaired = 0  # intents whose outcome the crash cut off: "a signature may have been made"
