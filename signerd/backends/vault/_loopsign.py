@@ -24,35 +24,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import ssl
-from typing import Any
 
 import httptools
 
 from ...errors import BackendUnavailable
 from ._http import Json
-from ._sign import MAX_ANSWER, PATH_RE, TOKEN_RE, SignClient, json_object
+from ._sign import MAX_ANSWER, PATH_RE, TOKEN_RE, Answer, SignClient, json_object, log_cause
 
 __all__ = ["LoopSigner"]
-
-log = logging.getLogger("signerd.vault")
 
 
 class _Link(asyncio.Protocol):
     """One kept-alive connection to a node: one request at a time, its answer parsed as
-    it arrives. Anything wrong (a dropped connection, a malformed or oversized answer,
-    bytes nobody asked for) ends the connection and fails the request in progress."""
+    it arrives (``Answer``, as the blocking path's). Anything wrong (a dropped connection,
+    a malformed or oversized answer, bytes nobody asked for) ends the connection and fails
+    the request in progress."""
 
     def __init__(self, addr: str) -> None:
         self.addr = addr
         self.transport: asyncio.Transport | None = None
         self.open = True
-        self.keep_alive = False
         self._waiter: asyncio.Future[tuple[int, bytes]] | None = None
-        self._body: list[bytes] = []
-        self._size = 0
-        self._parser: Any = None
+        self._answer: Answer | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
@@ -61,37 +55,29 @@ class _Link(asyncio.Protocol):
         self._fail(ConnectionResetError("Vault closed the connection"))
 
     def data_received(self, data: bytes) -> None:
-        if self._parser is None:
+        answer = self._answer
+        if answer is None:
             self._fail(ConnectionError("Vault sent what nobody asked for"))
             return
         try:
-            self._parser.feed_data(data)
+            answer.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(exc)
-
-    def on_headers_complete(self) -> None:
-        self.keep_alive = self._parser.should_keep_alive()
-
-    def on_body(self, chunk: bytes) -> None:
-        self._size += len(chunk)
-        if self._size > MAX_ANSWER:
-            raise ConnectionError("answer too large")  # llhttp hands it back wrapped
-        self._body.append(chunk)
-
-    def on_message_complete(self) -> None:
-        waiter, self._waiter = self._waiter, None
-        status, body = self._parser.get_status_code(), b"".join(self._body)
-        self._parser, self._body, self._size = None, [], 0
-        if not self.keep_alive:
-            self.close()
-        if waiter is not None and not waiter.done():
-            waiter.set_result((status, body))
+            return
+        if answer.size > MAX_ANSWER:
+            self._fail(ConnectionError("answer too large"))
+        elif answer.complete:
+            waiter, self._waiter, self._answer = self._waiter, None, None
+            if not answer.keep_alive:
+                self.close()
+            if waiter is not None and not waiter.done():
+                waiter.set_result((answer.parser.get_status_code(), b"".join(answer.body)))
 
     def exchange(self, request: bytes) -> asyncio.Future[tuple[int, bytes]]:
         """Send ``request``; its answer: (status, body)."""
         assert self.transport is not None and self._waiter is None
         self._waiter = asyncio.get_running_loop().create_future()
-        self._parser = httptools.HttpResponseParser(self)
+        self._answer = Answer()
         self.transport.write(request)
         return self._waiter
 
@@ -103,7 +89,7 @@ class _Link(asyncio.Protocol):
 
     def close(self) -> None:
         self.open = False
-        self._parser = None
+        self._answer = None
         if self.transport is not None:
             self.transport.close()
 
@@ -147,17 +133,14 @@ class LoopSigner:
         if link is None:
             return None
         payload = json.dumps(body, separators=(",", ":")).encode()
-        request = (
-            f"POST /v1/{path} HTTP/1.1\r\n{client.endpoint(addr)[2]}X-Vault-Token: {token[0]}"
-            f"\r\nContent-Length: {len(payload)}\r\n\r\n"
-        ).encode("ascii") + payload
+        request = client.request(addr, path, payload, token[0])
         try:
             async with asyncio.timeout(client.timeout):
                 status, answer = await link.exchange(request)
         except TimeoutError as exc:
             link.close()
             nodes.check_soon()  # the blocking path probes it before the next sign
-            log.warning("signerd.vault.request_failed code=%s cause=timeout", "backend_unavailable")
+            log_cause(exc, BackendUnavailable.code)
             raise BackendUnavailable("Vault did not answer in time") from exc
         except (ConnectionError, httptools.HttpParserError):
             link.close()

@@ -83,7 +83,7 @@ def _tls_context(ca_file: str | None) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=ca_file)
 
 
-class _Answer:
+class Answer:
     """httptools callbacks for one answer: its body, and whether it is complete."""
 
     __slots__ = ("body", "complete", "keep_alive", "parser", "size")
@@ -128,7 +128,7 @@ class _Connection:
                 sock = self.tls_context.wrap_socket(sock, server_hostname=self._host)
             self._sock = sock
         sock.sendall(request)
-        answer = _Answer()
+        answer = Answer()
         parser = answer.parser
         while not answer.complete:
             chunk = sock.recv(65536)
@@ -213,13 +213,17 @@ class SignClient:
         if conn is not None:
             conn.close()
 
-    def _exchange(self, path: str, payload: bytes, token: str) -> tuple[int, bytes]:
-        addr = self.nodes.current
-        request = (
+    def request(self, addr: str, path: str, payload: bytes, token: str) -> bytes:
+        """The whole POST of ``payload`` to ``v1/<path>`` on node ``addr``."""
+        head = (
             f"POST /v1/{path} HTTP/1.1\r\n{self.endpoint(addr)[2]}X-Vault-Token: {token}\r\n"
             f"Content-Length: {len(payload)}\r\n\r\n"
-        ).encode("ascii")
-        return self._connection(addr).exchange(request + payload)
+        )
+        return head.encode("ascii") + payload
+
+    def _exchange(self, path: str, payload: bytes, token: str) -> tuple[int, bytes]:
+        addr = self.nodes.current
+        return self._connection(addr).exchange(self.request(addr, path, payload, token))
 
     def post(self, path: str, body: Json) -> Json:
         """POST ``body`` to ``v1/<path>``; the JSON answer.
@@ -242,7 +246,7 @@ class SignClient:
                 status, answer = self._exchange(path, payload, token)
             except TimeoutError as exc:
                 self._drop()
-                _log_cause(exc, BackendUnavailable.code)
+                log_cause(exc, BackendUnavailable.code)
                 nodes.failover(seen)  # the next request goes to an active node
                 raise BackendUnavailable("Vault did not answer in time") from exc
             except ssl.SSLError as exc:
@@ -250,11 +254,11 @@ class SignClient:
                 if not retried and not isinstance(exc, ssl.SSLCertVerificationError):
                     retried = True  # a kept-alive TLS connection Vault closed
                     continue
-                _log_cause(exc, BackendUnavailable.code)
+                log_cause(exc, BackendUnavailable.code)
                 raise BackendUnavailable("TLS connection to Vault failed") from exc
             except _TooLarge as exc:
                 self._drop()
-                _log_cause(exc, BackendError.code)
+                log_cause(exc, BackendError.code)
                 raise BackendError("Vault answered something signerd does not understand") from exc
             except (OSError, httptools.HttpParserError) as exc:
                 # refused, reset, or a kept-alive connection Vault closed
@@ -264,7 +268,7 @@ class SignClient:
                     log.info("signerd.vault.retry path=%s cause=%s", path, type(exc).__name__)
                     retried = True
                     continue
-                _log_cause(exc, BackendUnavailable.code)
+                log_cause(exc, BackendUnavailable.code)
                 raise BackendUnavailable("cannot reach Vault") from exc
             if status == 200:
                 return json_object(answer, path, status)
@@ -337,7 +341,7 @@ def _vault_error(status: int, answer: bytes, path: str) -> hvac.exceptions.Vault
     raise AssertionError("raise_for_error returned")  # pragma: no cover
 
 
-def _log_cause(exc: BaseException, code: str) -> None:
+def log_cause(exc: BaseException, code: str) -> None:
     cause = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
     log.warning("signerd.vault.request_failed code=%s cause=%s", code, cause)
 
